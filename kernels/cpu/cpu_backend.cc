@@ -1,0 +1,300 @@
+// The exact CPU reference backend. Arithmetic follows the official DeepSeek-V4 reference
+// (model.py + its kernels) rounding point by rounding point; only the summation order inside
+// dot products differs. OpenMP spreads the big loops over the cores.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "kernels/numerics.h"
+#include "kernels/ops.h"
+
+namespace flashmem::kernels {
+namespace {
+
+// fp32 dot product with 8 independent accumulators (vectorizes without fast-math; the order is
+// fixed, so results are reproducible).
+inline float Dot(const float* a, const float* b, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
+  float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline float Sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+
+// act_quant(x, 128): e4m3 grid values and one pow2 scale per 128 block of each row.
+void QuantizeActivations(const float* x, int64_t n, int64_t k, std::vector<float>* q,
+                         std::vector<float>* s) {
+  const int64_t nb = k / 128;
+  q->resize(n * k);
+  s->resize(n * nb);
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = x + r * k + b * 128;
+      float amax = 0.0f;
+      for (int i = 0; i < 128; ++i) amax = std::max(amax, std::fabs(xb[i]));
+      const float scale = num::Fp8BlockScale(amax);
+      (*s)[r * nb + b] = scale;
+      float* qb = q->data() + r * k + b * 128;
+      for (int i = 0; i < 128; ++i) {
+        const float v = std::clamp(xb[i] / scale, -num::kE4m3Max, num::kE4m3Max);
+        qb[i] = num::RoundE4m3(v);
+      }
+    }
+  }
+}
+
+class CpuBackendImpl final : public Backend {
+ public:
+  const char* name() const override { return "cpu"; }
+
+  void Linear(const WeightMatrix& w, const float* x, int64_t n, float* y,
+              Rounding out) const override {
+    const int64_t k = w.cols, m = w.rows;
+    const bool round = out == Rounding::kBf16;
+    if (w.format == WeightFormat::kDense) {
+#pragma omp parallel for schedule(static) if (m * n * k > 65536)
+      for (int64_t o = 0; o < m; ++o) {
+        const float* wr = w.values.data() + o * k;
+        for (int64_t t = 0; t < n; ++t) {
+          const float v = Dot(x + t * k, wr, k);
+          y[t * m + o] = round ? num::RoundBf16(v) : v;
+        }
+      }
+      return;
+    }
+    std::vector<float> xq, xs;
+    QuantizeActivations(x, n, k, &xq, &xs);
+    const int64_t nb = k / 128;
+    const int64_t sc = w.scale_cols();
+    const bool fp8 = w.format == WeightFormat::kFp8Block128;
+    const int64_t kblock = fp8 ? 128 : 32;
+#pragma omp parallel for schedule(static) if (m * n * k > 65536)
+    for (int64_t o = 0; o < m; ++o) {
+      const float* wr = w.values.data() + o * k;
+      const float* ws = fp8 ? w.scales.data() + (o / 128) * sc : w.scales.data() + o * sc;
+      for (int64_t t = 0; t < n; ++t) {
+        const float* xr = xq.data() + t * k;
+        const float* xsr = xs.data() + t * nb;
+        float acc = 0.0f;
+        for (int64_t kb = 0; kb < k / kblock; ++kb) {
+          const float partial = Dot(xr + kb * kblock, wr + kb * kblock, kblock);
+          const float s_x = xsr[(kb * kblock) / 128];
+          acc += partial * s_x * ws[kb];
+        }
+        y[t * m + o] = round ? num::RoundBf16(acc) : acc;
+      }
+    }
+  }
+
+  void RmsNorm(const float* x, const float* weight, int64_t n, int64_t dim, float eps,
+               float* y) const override {
+    for (int64_t r = 0; r < n; ++r) {
+      const float* xr = x + r * dim;
+      const float ms = Dot(xr, xr, dim) / static_cast<float>(dim);
+      const float inv = 1.0f / std::sqrt(ms + eps);
+      for (int64_t i = 0; i < dim; ++i) y[r * dim + i] = num::RoundBf16(weight[i] * (xr[i] * inv));
+    }
+  }
+
+  void HeadRmsNormBf16(float* q, int64_t heads, int64_t dim, float eps) const override {
+    using num::RoundBf16;
+    for (int64_t h = 0; h < heads; ++h) {
+      float* qh = q + h * dim;
+      float sum = 0.0f;  // q.square() is a bf16 tensor; mean accumulates in fp32
+      for (int64_t i = 0; i < dim; ++i) sum += RoundBf16(qh[i] * qh[i]);
+      const float mean = RoundBf16(sum / static_cast<float>(dim));
+      const float r = RoundBf16(1.0f / std::sqrt(RoundBf16(mean + eps)));
+      for (int64_t i = 0; i < dim; ++i) qh[i] = RoundBf16(qh[i] * r);
+    }
+  }
+
+  void Rope(float* x, int64_t rows, int64_t stride, int64_t offset, int64_t rope_dims,
+            const float* cos, const float* sin, bool inverse) const override {
+    for (int64_t r = 0; r < rows; ++r) {
+      float* p = x + r * stride + offset;
+      for (int64_t i = 0; i < rope_dims / 2; ++i) {
+        const float a = p[2 * i], b = p[2 * i + 1];
+        const float c = cos[i], s = inverse ? -sin[i] : sin[i];
+        p[2 * i] = num::RoundBf16(a * c - b * s);
+        p[2 * i + 1] = num::RoundBf16(a * s + b * c);
+      }
+    }
+  }
+
+  void Fp8RoundTrip(float* x, int64_t n, int64_t block) const override {
+    for (int64_t b = 0; b < n / block; ++b) {
+      float* xb = x + b * block;
+      float amax = 0.0f;
+      for (int64_t i = 0; i < block; ++i) amax = std::max(amax, std::fabs(xb[i]));
+      const float scale = num::Fp8BlockScale(amax);
+      for (int64_t i = 0; i < block; ++i) {
+        const float v = std::clamp(xb[i] / scale, -num::kE4m3Max, num::kE4m3Max);
+        xb[i] = num::RoundBf16(num::RoundE4m3(v) * scale);
+      }
+    }
+  }
+
+  void Fp4RoundTrip(float* x, int64_t n, int64_t block) const override {
+    for (int64_t b = 0; b < n / block; ++b) {
+      float* xb = x + b * block;
+      float amax = 0.0f;
+      for (int64_t i = 0; i < block; ++i) amax = std::max(amax, std::fabs(xb[i]));
+      const float scale = num::Fp4BlockScale(amax);
+      for (int64_t i = 0; i < block; ++i) {
+        const float v = std::clamp(xb[i] / scale, -num::kE2m1Max, num::kE2m1Max);
+        xb[i] = num::RoundBf16(num::RoundE2m1(v) * scale);
+      }
+    }
+  }
+
+  void Hadamard(float* x, int64_t rows, int64_t dim) const override {
+    const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
+    for (int64_t r = 0; r < rows; ++r) {
+      float* v = x + r * dim;
+      for (int64_t len = 1; len < dim; len <<= 1)
+        for (int64_t i = 0; i < dim; i += 2 * len)
+          for (int64_t j = i; j < i + len; ++j) {
+            const float a = v[j], b = v[j + len];
+            v[j] = a + b;
+            v[j + len] = a - b;
+          }
+      for (int64_t i = 0; i < dim; ++i) v[i] = num::RoundBf16(v[i] * scale);
+    }
+  }
+
+  void SparseAttention(const float* q, int64_t heads, int64_t dim,
+                       std::span<const float* const> kv_rows, const float* sink,
+                       float softmax_scale, float* out) const override {
+    const int64_t n = static_cast<int64_t>(kv_rows.size());
+    constexpr int64_t kBlock = 64;
+    std::vector<float> acc(dim);
+    float z[kBlock];
+    for (int64_t h = 0; h < heads; ++h) {
+      const float* qh = q + h * dim;
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      float m = -std::numeric_limits<float>::infinity();  // running max of raw q·k
+      float l = 0.0f;
+      for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+        const int64_t b1 = std::min(n, b0 + kBlock);
+        float bmax = m;
+        for (int64_t j = b0; j < b1; ++j) {
+          const float* k = kv_rows[j];
+          z[j - b0] = k ? Dot(qh, k, dim) : -std::numeric_limits<float>::infinity();
+          bmax = std::max(bmax, z[j - b0]);
+        }
+        if (bmax == -std::numeric_limits<float>::infinity()) continue;  // fully masked block
+        const float alpha = std::exp((m - bmax) * softmax_scale);
+        l *= alpha;
+        for (int64_t d = 0; d < dim; ++d) acc[d] *= alpha;
+        for (int64_t j = b0; j < b1; ++j) {
+          if (!kv_rows[j]) continue;
+          const float p = std::exp((z[j - b0] - bmax) * softmax_scale);
+          l += p;
+          const float pb = num::RoundBf16(p);  // P is cast to bf16 before P·V
+          const float* k = kv_rows[j];
+          for (int64_t d = 0; d < dim; ++d) acc[d] += pb * k[d];
+        }
+        m = bmax;
+      }
+      l += std::exp(sink[h] - m * softmax_scale);
+      for (int64_t d = 0; d < dim; ++d) out[h * dim + d] = num::RoundBf16(acc[d] / l);
+    }
+  }
+
+  void IndexScores(const float* q, const float* w, int64_t heads, int64_t dim,
+                   std::span<const float* const> keys, float* scores) const override {
+    const int64_t n = static_cast<int64_t>(keys.size());
+    for (int64_t t = 0; t < n; ++t) {
+      float sum = 0.0f;
+      for (int64_t h = 0; h < heads; ++h) {
+        const float d = num::RoundBf16(Dot(q + h * dim, keys[t], dim));
+        sum += num::RoundBf16(std::max(d, 0.0f) * w[h]);
+      }
+      scores[t] = num::RoundBf16(sum);
+    }
+  }
+
+  void HcPre(const float* x, const float* fn, const float* base, const float* scale, int hc,
+             int64_t dim, int iters, float norm_eps, float hc_eps, float* y, float* post,
+             float* comb) const override {
+    const int64_t k = hc * dim;
+    const int mix = (2 + hc) * hc;
+    const float rs = 1.0f / std::sqrt(Dot(x, x, k) / static_cast<float>(k) + norm_eps);
+    std::vector<float> mixes(mix);
+    for (int m = 0; m < mix; ++m) mixes[m] = Dot(fn + m * k, x, k) * rs;
+    std::vector<float> pre(hc);
+    for (int i = 0; i < hc; ++i) {
+      pre[i] = Sigmoid(mixes[i] * scale[0] + base[i]) + hc_eps;
+      post[i] = 2.0f * Sigmoid(mixes[hc + i] * scale[1] + base[hc + i]);
+    }
+    for (int i = 0; i < hc; ++i) {  // row softmax + eps
+      float* row = comb + i * hc;
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int j = 0; j < hc; ++j) {
+        row[j] = mixes[2 * hc + i * hc + j] * scale[2] + base[2 * hc + i * hc + j];
+        mx = std::max(mx, row[j]);
+      }
+      float sum = 0.0f;
+      for (int j = 0; j < hc; ++j) sum += (row[j] = std::exp(row[j] - mx));
+      for (int j = 0; j < hc; ++j) row[j] = row[j] / sum + hc_eps;
+    }
+    auto normalize_cols = [&] {
+      for (int j = 0; j < hc; ++j) {
+        float s = 0.0f;
+        for (int i = 0; i < hc; ++i) s += comb[i * hc + j];
+        for (int i = 0; i < hc; ++i) comb[i * hc + j] /= (s + hc_eps);
+      }
+    };
+    normalize_cols();
+    for (int it = 1; it < iters; ++it) {
+      for (int i = 0; i < hc; ++i) {
+        float s = 0.0f;
+        for (int j = 0; j < hc; ++j) s += comb[i * hc + j];
+        for (int j = 0; j < hc; ++j) comb[i * hc + j] /= (s + hc_eps);
+      }
+      normalize_cols();
+    }
+    for (int64_t d = 0; d < dim; ++d) {
+      float s = 0.0f;
+      for (int i = 0; i < hc; ++i) s += pre[i] * x[i * dim + d];
+      y[d] = num::RoundBf16(s);
+    }
+  }
+
+  void HcPost(const float* f, const float* residual, const float* post, const float* comb,
+              int hc, int64_t dim, float* out) const override {
+    for (int j = 0; j < hc; ++j)
+      for (int64_t d = 0; d < dim; ++d) {
+        float s = post[j] * f[d];
+        for (int i = 0; i < hc; ++i) s += comb[i * hc + j] * residual[i * dim + d];
+        out[j * dim + d] = num::RoundBf16(s);
+      }
+  }
+
+  void HcHead(const float* x, const float* fn, const float* base, float scale, int hc,
+              int64_t dim, float norm_eps, float hc_eps, float* y) const override {
+    const int64_t k = hc * dim;
+    const float rs = 1.0f / std::sqrt(Dot(x, x, k) / static_cast<float>(k) + norm_eps);
+    std::vector<float> pre(hc);
+    for (int i = 0; i < hc; ++i) pre[i] = Sigmoid(Dot(fn + i * k, x, k) * rs * scale + base[i]) + hc_eps;
+    for (int64_t d = 0; d < dim; ++d) {
+      float s = 0.0f;
+      for (int i = 0; i < hc; ++i) s += pre[i] * x[i * dim + d];
+      y[d] = num::RoundBf16(s);
+    }
+  }
+};
+
+}  // namespace
+
+const Backend& CpuBackend() {
+  static const CpuBackendImpl backend;
+  return backend;
+}
+
+}  // namespace flashmem::kernels

@@ -1,0 +1,102 @@
+// Backend-neutral compute ops of the DeepSeek-V4 decode path.
+//
+// Model code (worker/model) calls only this interface; backends live apart (kernels/cpu is the
+// exact reference, kernels/cuda the sm_90 one) and are tested against each other.
+// Activations are fp32 arrays whose values sit where the reference rounds them: every op
+// documents whether its output is rounded to bf16, as the reference's bf16 tensors are.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+namespace flashmem::kernels {
+
+// How a weight matrix is stored, mirroring the dispatch of the reference's linear().
+enum class WeightFormat {
+  kDense,        // bf16/f32 checkpoint tensor upcast to fp32; plain fp32 dot products
+  kFp8Block128,  // e4m3 values, one power-of-two scale per 128x128 block
+  kFp4Group32,   // e2m1 values, one power-of-two scale per 32 input elements of a row
+};
+
+// A [rows, cols] weight (y = x · Wᵀ) with its values decoded to fp32 (exact: the grids of
+// e4m3/e2m1/bf16 are subsets of fp32) and its block scales.
+struct WeightMatrix {
+  WeightFormat format = WeightFormat::kDense;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  std::vector<float> values;  // rows * cols
+  std::vector<float> scales;  // kFp8Block128: ceil(rows/128) x ceil(cols/128); kFp4Group32: rows x cols/32
+  int64_t scale_cols() const {
+    return format == WeightFormat::kFp8Block128 ? (cols + 127) / 128 : cols / 32;
+  }
+};
+
+enum class Rounding { kNone, kBf16 };
+
+// One slot of sparse attention: -1 means masked (the reference pads candidate lists with -1).
+using CandidateIndex = int32_t;
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual const char* name() const = 0;
+
+  // y[n, w.rows] = x[n, w.cols] · Wᵀ. Quantized formats first quantize x to e4m3 per 1x128
+  // block with pow2 scales (act_quant), then accumulate per K block in fp32:
+  // acc += dot_block · s_x · s_w (K blocks of 128 for FP8, 32 for FP4). Dense: fp32 dot.
+  virtual void Linear(const WeightMatrix& w, const float* x, int64_t n, float* y,
+                      Rounding out) const = 0;
+
+  // y = bf16(weight * x / sqrt(mean(x^2) + eps)) per row of `dim` (reference RMSNorm).
+  virtual void RmsNorm(const float* x, const float* weight, int64_t n, int64_t dim, float eps,
+                       float* y) const = 0;
+
+  // In place, per head of `dim`: q *= rsqrt(mean(q^2) + eps) evaluated in bf16 arithmetic, as the
+  // reference does on its bf16 query tensor.
+  virtual void HeadRmsNormBf16(float* q, int64_t heads, int64_t dim, float eps) const = 0;
+
+  // In place interleaved RoPE on `rope_dims` dims starting at x + offset, for `rows` rows of
+  // `stride`: pairs (2i, 2i+1) rotate by cos/sin[i]; inverse rotates by -angle. bf16 output.
+  virtual void Rope(float* x, int64_t rows, int64_t stride, int64_t offset, int64_t rope_dims,
+                    const float* cos, const float* sin, bool inverse) const = 0;
+
+  // In place quantize-dequantize round trips (QAT simulation), bf16 output:
+  // e4m3 with pow2 scale per `block` (amax floor 1e-4), e2m1 with pow2 scale per `block`.
+  virtual void Fp8RoundTrip(float* x, int64_t n, int64_t block) const = 0;
+  virtual void Fp4RoundTrip(float* x, int64_t n, int64_t block) const = 0;
+
+  // In place normalized Walsh-Hadamard transform (Sylvester order, scale dim^-1/2) over rows of
+  // `dim` (a power of two); fp32 inside, bf16 output.
+  virtual void Hadamard(float* x, int64_t rows, int64_t dim) const = 0;
+
+  // Sparse MQA with a per-head sink for one query token: q [heads, dim] (bf16 values), candidate
+  // rows kv(idx) of `dim`; visits `idx` in blocks of 64 with an online fp32 softmax, P rounded to
+  // bf16 for P·V, sink exp(sink_h - max) added to the denominator at the end. bf16 output.
+  virtual void SparseAttention(const float* q, int64_t heads, int64_t dim,
+                               std::span<const float* const> kv_rows, const float* sink,
+                               float softmax_scale, float* out) const = 0;
+
+  // Lightning-indexer scores: s_t = bf16(sum_h bf16(relu(bf16(q_h·k_t)) * w_h)) for n keys.
+  virtual void IndexScores(const float* q, const float* w, int64_t heads, int64_t dim,
+                           std::span<const float* const> keys, float* scores) const = 0;
+
+  // Hyper-connections (mHC), all fp32 inside. x is the [hc, dim] residual (bf16 values).
+  // hc_pre: mixes = (fn · x) * rsqrt(mean(x^2) + norm_eps); pre = sigmoid(.)+hc_eps;
+  // post = 2 sigmoid(.); comb = Sinkhorn(row softmax + hc_eps, then `iters` column/row
+  // normalisations); y = bf16(sum_i pre_i x_i). fn is [(2+hc)*hc, hc*dim].
+  virtual void HcPre(const float* x, const float* fn, const float* base, const float* scale,
+                     int hc, int64_t dim, int iters, float norm_eps, float hc_eps, float* y,
+                     float* post, float* comb) const = 0;
+  // out_j = bf16(post_j * f + sum_i comb[i][j] * residual_i).
+  virtual void HcPost(const float* f, const float* residual, const float* post,
+                      const float* comb, int hc, int64_t dim, float* out) const = 0;
+  // hc_head: pre = sigmoid(mixes * scale + base) + hc_eps; y = bf16(sum_i pre_i x_i).
+  virtual void HcHead(const float* x, const float* fn, const float* base, float scale, int hc,
+                      int64_t dim, float norm_eps, float hc_eps, float* y) const = 0;
+};
+
+// The exact CPU reference backend (kernels/cpu).
+const Backend& CpuBackend();
+
+}  // namespace flashmem::kernels

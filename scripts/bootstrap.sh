@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# One entry point for a fresh Debian 12 machine:
+#   scripts/bootstrap.sh demo   install deps, build, make the embedded tiny model, run `flashmem generate`
+#   scripts/bootstrap.sh test   install deps, build, run every test (ctest)
+#   scripts/bootstrap.sh build  install deps, build
+#   scripts/bootstrap.sh deps   install deps only
+# Environment: BUILD_DIR (default build), JOBS (default nproc), SKIP_DEPS=1 to skip apt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+BUILD_DIR=${BUILD_DIR:-build}
+JOBS=${JOBS:-$(nproc)}
+mode=${1:-test}
+
+# The apt line of DESIGN.md §6, plus the compilers CMake needs.
+PKGS="libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libucx-dev ucx-utils \
+libabsl-dev librocksdb-dev libgtest-dev libgmock-dev libbenchmark-dev libcli11-dev libspdlog-dev \
+libfmt-dev prometheus-cpp-dev nlohmann-json3-dev libyaml-cpp-dev libxxhash-dev libgloo-dev \
+libpcre2-dev ninja-build pkg-config cmake g++"
+
+install_deps() {
+  [ "${SKIP_DEPS:-0}" = 1 ] && return 0
+  local missing=""
+  for p in $PKGS; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+  done
+  if [ -z "$missing" ]; then echo "[bootstrap] dependencies present"; return 0; fi
+  echo "[bootstrap] installing:$missing"
+  local SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends $missing
+}
+
+build() {
+  local cuda_args=()
+  if [ -x /usr/local/cuda/bin/nvcc ]; then
+    cuda_args=(-DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc "-DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHS:-90}")
+  fi
+  cmake -S "$ROOT" -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=${BUILD_TYPE:-RelWithDebInfo} "${cuda_args[@]}"
+  cmake --build "$BUILD_DIR" -j "$JOBS"
+}
+
+tiny_model() {
+  local dir=${TINY_DIR:-$BUILD_DIR/models/tiny}
+  if [ ! -f "$dir/model.safetensors" ]; then
+    "$BUILD_DIR/worker/cli/flashmem" ckpt random --preset tiny --seed 1 --out "$dir"
+  fi
+  echo "$dir"
+}
+
+case "$mode" in
+  deps) install_deps ;;
+  build) install_deps; build ;;
+  demo)
+    install_deps; build
+    dir=$(tiny_model | tail -1)
+    "$BUILD_DIR/worker/cli/flashmem" ckpt inspect "$dir" | head -20
+    "$BUILD_DIR/worker/cli/flashmem" generate --model "$dir" --prompt-ids "0,3921,77,1024,5,60000" --max-new-tokens 24
+    ;;
+  test)
+    install_deps; build
+    cd "$BUILD_DIR" && ctest --output-on-failure -j "$JOBS" --timeout 1500
+    ;;
+  *) echo "usage: $0 demo|test|build|deps" >&2; exit 2 ;;
+esac

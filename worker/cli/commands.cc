@@ -1,0 +1,171 @@
+#include "worker/cli/commands.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <sstream>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "common/status.h"
+#include "kernels/ops.h"
+#include "worker/model/random_checkpoint.h"
+#include "worker/model/safetensors.h"
+#include "worker/model/transformer.h"
+
+namespace flashmem::cli {
+
+using model::BatchItem;
+
+absl::StatusOr<std::vector<int32_t>> ParseTokenIds(const std::string& text, const std::string& what) {
+  std::vector<int32_t> ids;
+  for (absl::string_view piece : absl::StrSplit(text, absl::ByAnyChar(", \t\r\n"), absl::SkipEmpty())) {
+    int32_t v;
+    if (!absl::SimpleAtoi(piece, &v) || v < 0)
+      return absl::InvalidArgumentError(absl::StrCat(what, ": '", piece, "' is not a non-negative token id"));
+    ids.push_back(v);
+  }
+  return ids;
+}
+
+absl::StatusOr<std::vector<int32_t>> ReadTokenFile(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot open ", path));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ParseTokenIds(ss.str(), path);
+}
+
+namespace {
+
+int32_t Argmax(const std::vector<float>& v) {
+  return static_cast<int32_t>(std::max_element(v.begin(), v.end()) - v.begin());
+}
+
+double Seconds(std::chrono::steady_clock::time_point a, std::chrono::steady_clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+}  // namespace
+
+absl::Status Generate(const GenerateOptions& opt) {
+  if (opt.prompt.empty()) return absl::InvalidArgumentError("--prompt-ids/--prompt-file: the prompt is empty");
+  if (opt.prefill_split == 0 || opt.prefill_split > static_cast<int64_t>(opt.prompt.size()))
+    return absl::InvalidArgumentError(absl::StrCat("--prefill-split ", opt.prefill_split, " must be in [1, ", opt.prompt.size(), "]"));
+  const auto t0 = std::chrono::steady_clock::now();
+  FM_ASSIGN_OR_RETURN(auto tf, model::Transformer::Load(opt.model_dir, kernels::CpuBackend()));
+  const auto t1 = std::chrono::steady_clock::now();
+  for (size_t i = 0; i < opt.prompt.size(); ++i)
+    if (opt.prompt[i] >= tf->args().vocab_size)
+      return absl::InvalidArgumentError(absl::StrCat("prompt[", i, "] = ", opt.prompt[i], " is outside the vocabulary (", tf->args().vocab_size, ")"));
+  for (size_t i = 0; i < opt.force.size(); ++i)
+    if (opt.force[i] >= tf->args().vocab_size)
+      return absl::InvalidArgumentError(absl::StrCat("--force-tokens[", i, "] = ", opt.force[i], " is outside the vocabulary (", tf->args().vocab_size, ")"));
+  auto session = tf->NewSession();
+  std::vector<std::vector<float>> rows;  // dumped logits rows
+  std::vector<float> logits;
+  auto step = [&](std::span<const int32_t> tokens) -> absl::Status {
+    BatchItem item{session.get(), tokens, &logits, nullptr};
+    FM_RETURN_IF_ERROR(tf->Forward(std::span<BatchItem>(&item, 1)));
+    if (!opt.dump_path.empty()) rows.push_back(logits);
+    return absl::OkStatus();
+  };
+  const int64_t split = opt.prefill_split > 0 ? opt.prefill_split : static_cast<int64_t>(opt.prompt.size());
+  FM_RETURN_IF_ERROR(step(std::span<const int32_t>(opt.prompt.data(), split)));
+  for (size_t i = split; i < opt.prompt.size(); ++i) FM_RETURN_IF_ERROR(step(std::span<const int32_t>(&opt.prompt[i], 1)));
+  const auto t2 = std::chrono::steady_clock::now();
+  const int64_t n = opt.force.empty() ? opt.max_new_tokens : static_cast<int64_t>(opt.force.size());
+  std::vector<int32_t> fed;
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t next = opt.force.empty() ? Argmax(logits) : opt.force[i];
+    fed.push_back(next);
+    if (!opt.quiet) { std::printf("%d ", next); std::fflush(stdout); }
+    FM_RETURN_IF_ERROR(step(std::span<const int32_t>(&next, 1)));
+  }
+  const auto t3 = std::chrono::steady_clock::now();
+  if (!opt.quiet) std::printf("\n");
+  std::printf("prompt: %zu tokens in %.3f s (%.1f tok/s); decode: %lld tokens in %.3f s (%.2f tok/s); load %.2f s\n",
+              opt.prompt.size(), Seconds(t1, t2), opt.prompt.size() / std::max(1e-9, Seconds(t1, t2)),
+              static_cast<long long>(n), Seconds(t2, t3), n / std::max(1e-9, Seconds(t2, t3)), Seconds(t0, t1));
+  if (!opt.dump_path.empty()) {
+    const int64_t vocab = static_cast<int64_t>(rows[0].size()), steps = static_cast<int64_t>(rows.size());
+    model::TensorToWrite lt{"logits", model::DType::kF32, {steps, vocab}, {}};
+    model::TensorToWrite tt{"tokens", model::DType::kI64, {steps}, {}};
+    lt.bytes.resize(steps * vocab * 4);
+    tt.bytes.resize(steps * 8);
+    for (int64_t r = 0; r < steps; ++r) {
+      std::memcpy(lt.bytes.data() + r * vocab * 4, rows[r].data(), vocab * 4);
+      const int64_t am = Argmax(rows[r]);
+      std::memcpy(tt.bytes.data() + r * 8, &am, 8);
+    }
+    FM_RETURN_IF_ERROR(model::WriteSafetensors(opt.dump_path, {lt, tt}));
+    std::printf("dumped %lld rows to %s\n", static_cast<long long>(steps), opt.dump_path.c_str());
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CkptRandom(const std::string& preset, int64_t layers, int64_t experts, uint64_t seed,
+                        const std::string& out_dir) {
+  FM_ASSIGN_OR_RETURN(model::ModelArgs args, model::PresetArgs(preset, layers, experts));
+  FM_ASSIGN_OR_RETURN(auto stats, model::WriteRandomCheckpoint(args, seed, out_dir));
+  std::printf("wrote %s: preset %s, %lld layers, %lld tensors, %.1f MB (seed %llu)\n", out_dir.c_str(),
+              preset.c_str(), static_cast<long long>(args.n_layers), static_cast<long long>(stats.tensors),
+              stats.bytes / 1e6, static_cast<unsigned long long>(seed));
+  return absl::OkStatus();
+}
+
+absl::Status CkptInspect(const std::string& dir, bool all_tensors) {
+  FM_ASSIGN_OR_RETURN(model::ModelArgs a, model::LoadModelArgs(dir));
+  FM_ASSIGN_OR_RETURN(auto ckpt, model::Checkpoint::Open(dir));
+  FM_RETURN_IF_ERROR(model::ValidateCheckpoint(*ckpt, a));
+  std::map<std::string, std::pair<int64_t, int64_t>> by_dtype;  // dtype -> (tensors, bytes)
+  int64_t params = 0, mtp_params = 0;
+  for (const auto& [name, v] : ckpt->tensors()) {
+    auto& e = by_dtype[model::DTypeName(v->dtype)];
+    e.first++;
+    e.second += static_cast<int64_t>(v->bytes.size());
+    if (v->dtype == model::DType::kF8E8M0) continue;  // scales are not parameters
+    const int64_t p = v->dtype == model::DType::kI8 ? 2 * v->numel : v->numel;  // packed FP4
+    (name.rfind("mtp.", 0) == 0 ? mtp_params : params) += p;
+    if (all_tensors) {
+      std::string shape;
+      for (int64_t d : v->shape) shape += absl::StrCat(shape.empty() ? "" : ",", d);
+      std::printf("%-60s %-8s [%s] %lld B\n", name.c_str(), model::DTypeName(v->dtype), shape.c_str(),
+                  static_cast<long long>(v->bytes.size()));
+    }
+  }
+  std::printf("checkpoint %s: %zu tensors, %.2f MB\n", dir.c_str(), ckpt->tensors().size(), ckpt->total_bytes() / 1e6);
+  for (const auto& [dt, e] : by_dtype)
+    std::printf("  %-8s %6lld tensors %12lld bytes\n", dt.c_str(), static_cast<long long>(e.first), static_cast<long long>(e.second));
+  std::printf("parameters: %.3f M (+ %.3f M MTP)\n", params / 1e6, mtp_params / 1e6);
+  int n_swa = 0, n_csa = 0, n_hca = 0;
+  for (int64_t l = 0; l < a.n_layers; ++l) (a.ratio(l) == 0 ? n_swa : a.ratio(l) == 4 ? n_csa : n_hca)++;
+  std::printf("layers: %lld (SWA %d, CSA %d, HCA %d) + %lld MTP; dim %lld, heads %lld x %lld, experts %lld (%lld active)\n",
+              static_cast<long long>(a.n_layers), n_swa, n_csa, n_hca, static_cast<long long>(a.n_mtp_layers),
+              static_cast<long long>(a.dim), static_cast<long long>(a.n_heads), static_cast<long long>(a.head_dim),
+              static_cast<long long>(a.n_routed_experts), static_cast<long long>(a.n_activated_experts));
+  // KV bytes (spec §4): FP8 "MODEL1" record = nope e4m3 + rope bf16 + one UE8M0 per 64 nope dims,
+  // padded to 8 bytes (584 B at head_dim 512); index key = e4m3 dims + fp32 scale (132 B).
+  const int64_t nope = a.nope_head_dim();
+  const int64_t record = (nope + 2 * a.rope_head_dim + nope / 64 + 7) / 8 * 8;
+  const int64_t index_record = a.index_head_dim + 4;
+  double growth = 0, growth_bf16 = 0;
+  for (int64_t l = 0; l < a.n_layers; ++l) {
+    const int r = a.ratio(l);
+    if (r == 0) continue;
+    growth += static_cast<double>(record) / r + (r == 4 ? static_cast<double>(index_record) / r : 0.0);
+    growth_bf16 += 2.0 * a.head_dim / r + (r == 4 ? 2.0 * a.index_head_dim / r : 0.0);
+  }
+  const int64_t window_bytes = (a.n_layers + a.n_mtp_layers) * a.window_size * record;
+  std::printf("KV per token: %.4f B (FP8 %lld-B records + %lld-B index keys; reference bf16: %.2f B); "
+              "fixed windows per sequence: %lld B\n",
+              growth, static_cast<long long>(record), static_cast<long long>(index_record), growth_bf16,
+              static_cast<long long>(window_bytes));
+  return absl::OkStatus();
+}
+
+}  // namespace flashmem::cli

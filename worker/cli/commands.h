@@ -1,0 +1,32 @@
+// The subcommands of the `flashmem` binary, apart from main.cc so that CLI11 stays there.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace flashmem::cli {
+
+// Token ids separated by commas and/or whitespace.
+absl::StatusOr<std::vector<int32_t>> ParseTokenIds(const std::string& text, const std::string& what);
+absl::StatusOr<std::vector<int32_t>> ReadTokenFile(const std::string& path);
+
+struct GenerateOptions {
+  std::string model_dir;
+  std::vector<int32_t> prompt;
+  int64_t max_new_tokens = 16;
+  std::vector<int32_t> force;    // teacher forcing: fed instead of the argmax
+  int64_t prefill_split = -1;    // prefill this many prompt tokens, feed the rest one by one
+  std::string dump_path;         // F32 logits [n_steps, vocab] + I64 tokens [n_steps]
+  bool quiet = false;
+};
+absl::Status Generate(const GenerateOptions& opt);
+
+absl::Status CkptRandom(const std::string& preset, int64_t layers, int64_t experts, uint64_t seed,
+                        const std::string& out_dir);
+absl::Status CkptInspect(const std::string& dir, bool all_tensors);
+
+}  // namespace flashmem::cli

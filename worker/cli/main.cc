@@ -1,0 +1,69 @@
+// flashmem: one binary, subcommands (CLI11 lives here only).
+//   flashmem generate --model DIR (--prompt-ids "1,2,3" | --prompt-file F) --max-new-tokens N
+//            [--force-tokens "a,b" | --force-file F] [--prefill-split K] [--dump OUT.safetensors]
+//   flashmem ckpt random --preset tiny|small|flash-shape [--layers L] --seed S --out DIR
+//   flashmem ckpt inspect DIR
+#include <cstdio>
+
+#include "CLI/CLI.hpp"
+#include "worker/cli/commands.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"flashmem: DeepSeek-V4 decode with Lookahead Sparse Attention"};
+  app.require_subcommand(1);
+
+  flashmem::cli::GenerateOptions gen;
+  std::string prompt_ids, prompt_file, force_tokens, force_file;
+  auto* g = app.add_subcommand("generate", "greedy decode on the CPU reference backend");
+  g->add_option("--model", gen.model_dir, "model directory (config.json + safetensors)")->required();
+  auto* pi = g->add_option("--prompt-ids", prompt_ids, "prompt token ids, e.g. \"1,2,3\"");
+  auto* pf = g->add_option("--prompt-file", prompt_file, "file of prompt ids (whitespace or commas)");
+  pi->excludes(pf);
+  g->add_option("--max-new-tokens", gen.max_new_tokens, "tokens to generate")->check(CLI::NonNegativeNumber);
+  auto* ft = g->add_option("--force-tokens", force_tokens, "teacher forcing: feed these ids instead of the argmax");
+  auto* ff = g->add_option("--force-file", force_file, "teacher forcing ids from a file");
+  ft->excludes(ff);
+  g->add_option("--prefill-split", gen.prefill_split, "prefill the first K prompt tokens, feed the rest one at a time");
+  g->add_option("--dump", gen.dump_path, "write F32 logits [n_steps, vocab] and I64 tokens [n_steps]");
+  g->add_flag("--quiet", gen.quiet, "do not print tokens as they are generated");
+
+  std::string preset = "tiny", out_dir;
+  int64_t layers = 0, experts = 0;
+  uint64_t seed = 0;
+  std::string inspect_dir;
+  bool all_tensors = false;
+  auto* ck = app.add_subcommand("ckpt", "checkpoint tools");
+  ck->require_subcommand(1);
+  auto* rnd = ck->add_subcommand("random", "write a random HF-format checkpoint");
+  rnd->add_option("--preset", preset, "tiny | small | flash-shape")->required();
+  rnd->add_option("--layers", layers, "number of layers (default: the preset's)");
+  rnd->add_option("--experts", experts, "routed experts (default: the preset's)");
+  rnd->add_option("--seed", seed, "random seed")->required();
+  rnd->add_option("--out", out_dir, "output directory")->required();
+  auto* ins = ck->add_subcommand("inspect", "tensors, dtypes, bytes, parameters, KV bytes per token");
+  ins->add_option("dir", inspect_dir, "checkpoint directory")->required();
+  ins->add_flag("--tensors", all_tensors, "list every tensor");
+
+  CLI11_PARSE(app, argc, argv);
+
+  absl::Status st;
+  if (g->parsed()) {
+    absl::StatusOr<std::vector<int32_t>> ids = !prompt_file.empty()
+        ? flashmem::cli::ReadTokenFile(prompt_file) : flashmem::cli::ParseTokenIds(prompt_ids, "--prompt-ids");
+    if (ids.ok()) gen.prompt = *ids; else st = ids.status();
+    if (st.ok() && (!force_tokens.empty() || !force_file.empty())) {
+      auto f = !force_file.empty() ? flashmem::cli::ReadTokenFile(force_file) : flashmem::cli::ParseTokenIds(force_tokens, "--force-tokens");
+      if (f.ok()) gen.force = *f; else st = f.status();
+    }
+    if (st.ok()) st = flashmem::cli::Generate(gen);
+  } else if (rnd->parsed()) {
+    st = flashmem::cli::CkptRandom(preset, layers, experts, seed, out_dir);
+  } else if (ins->parsed()) {
+    st = flashmem::cli::CkptInspect(inspect_dir, all_tensors);
+  }
+  if (!st.ok()) {
+    std::fprintf(stderr, "flashmem: %s\n", std::string(st.message()).c_str());
+    return 1;
+  }
+  return 0;
+}

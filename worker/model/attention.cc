@@ -1,0 +1,243 @@
+#include "worker/model/attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+
+#include "kernels/numerics.h"
+
+namespace flashmem::model {
+
+using kernels::Rounding;
+
+// ---- Compressor ------------------------------------------------------------------------------
+
+Compressor::Compressor(const ModelArgs& args, const CompressorWeights& w, int ratio,
+                       int64_t head_dim, bool rotate, const RotaryTable& rope,
+                       const kernels::Backend& be)
+    : args_(args), w_(w), ratio_(ratio), head_dim_(head_dim), overlap_(ratio == 4),
+      rotate_(rotate), rope_(rope), be_(be) {}
+
+void Compressor::Project(const float* x, int64_t n, std::vector<float>* kv,
+                         std::vector<float>* score) const {
+  kv->resize(n * w_.wkv.rows);
+  score->resize(n * w_.wgate.rows);
+  be_.Linear(w_.wkv, x, n, kv->data(), Rounding::kNone);  // the reference runs these in fp32
+  be_.Linear(w_.wgate, x, n, score->data(), Rounding::kNone);
+}
+
+bool Compressor::Update(CompressorState& st, const float* kv, const float* score, int64_t pos,
+                        float* out) const {
+  const int64_t d = head_dim_, r = ratio_;
+  const int64_t width = (overlap_ ? 2 : 1) * d;  // row width of the state
+  const int64_t slot = (overlap_ ? r : 0) + pos % r;
+  const float* ape = w_.ape.data() + (pos % r) * width;
+  for (int64_t e = 0; e < width; ++e) {
+    st.kv[slot * width + e] = kv[e];
+    st.score[slot * width + e] = score[e] + ape[e];
+  }
+  if ((pos + 1) % r != 0) return false;
+  // Per-dimension softmax over the candidates of the block, then the weighted sum (fp32).
+  // Overlap: rows 0..r-1 (previous block) give their first half, rows r..2r-1 their second.
+  const int64_t n_cand = overlap_ ? 2 * r : r;
+  std::vector<float> c(d);
+  std::vector<float> s(n_cand), v(n_cand);
+  for (int64_t e = 0; e < d; ++e) {
+    for (int64_t j = 0; j < n_cand; ++j) {
+      const int64_t col = overlap_ ? (j < r ? e : d + e) : e;
+      s[j] = st.score[j * width + col];
+      v[j] = st.kv[j * width + col];
+    }
+    const float mx = *std::max_element(s.begin(), s.end());
+    float sum = 0.0f;
+    for (int64_t j = 0; j < n_cand; ++j) sum += (s[j] = std::exp(s[j] - mx));
+    float acc = 0.0f;
+    for (int64_t j = 0; j < n_cand; ++j) acc += v[j] * (s[j] / sum);
+    c[e] = num::RoundBf16(acc);  // kv.to(bf16) before the norm
+  }
+  if (overlap_) {  // the current block becomes the previous one
+    std::copy(st.kv.begin() + r * width, st.kv.end(), st.kv.begin());
+    std::copy(st.score.begin() + r * width, st.score.end(), st.score.begin());
+  }
+  be_.RmsNorm(c.data(), w_.norm.data(), 1, d, args_.norm_eps, out);
+  const int64_t rd = args_.rope_head_dim;
+  std::vector<float> cs(rd / 2), sn(rd / 2);
+  rope_.Angles(pos + 1 - r, cs.data(), sn.data());  // the block's first token
+  be_.Rope(out, 1, d, d - rd, rd, cs.data(), sn.data(), false);
+  if (rotate_) {
+    be_.Hadamard(out, 1, d);
+    be_.Fp4RoundTrip(out, d, 32);
+  } else {
+    be_.Fp8RoundTrip(out, d - rd, 64);
+  }
+  return true;
+}
+
+// ---- Indexer ---------------------------------------------------------------------------------
+
+Indexer::Indexer(const ModelArgs& args, const IndexerWeights& w, const RotaryTable& rope,
+                 const kernels::Backend& be)
+    : args_(args), w_(w), rope_(rope), be_(be),
+      n_local_heads_(w.weights_proj.rows),
+      compressor_(args, w.compressor, 4, args.index_head_dim, /*rotate=*/true, rope, be) {}
+
+void Indexer::Queries(const float* qr, const float* x, std::span<const TokenRow> rows,
+                      std::vector<float>* q, std::vector<float>* weights) const {
+  const int64_t n = static_cast<int64_t>(rows.size());
+  const int64_t hd = args_.index_head_dim, rd = args_.rope_head_dim, h = n_local_heads_;
+  q->resize(n * h * hd);
+  be_.Linear(w_.wq_b, qr, n, q->data(), Rounding::kBf16);
+  std::vector<float> cs(rd / 2), sn(rd / 2);
+  for (int64_t i = 0; i < n; ++i) {
+    rope_.Angles(rows[i].pos, cs.data(), sn.data());
+    be_.Rope(q->data() + i * h * hd, h, hd, hd - rd, rd, cs.data(), sn.data(), false);
+  }
+  be_.Hadamard(q->data(), n * h, hd);
+  be_.Fp4RoundTrip(q->data(), n * h * hd, 32);
+  weights->resize(n * h);
+  be_.Linear(w_.weights_proj, x, n, weights->data(), Rounding::kBf16);
+  const float scale = static_cast<float>(std::pow(static_cast<double>(hd), -0.5) *
+                                         std::pow(static_cast<double>(args_.index_n_heads), -0.5));
+  for (float& v : *weights) v = num::RoundBf16(v * scale);
+}
+
+void Indexer::Scores(const float* q, const float* weights, const kv::EntryPages& keys,
+                     std::vector<float>* scores) const {
+  const int64_t n = keys.size();
+  std::vector<const float*> rows(n);
+  for (int64_t t = 0; t < n; ++t) rows[t] = keys.Row(t);
+  scores->resize(n);
+  be_.IndexScores(q, weights, n_local_heads_, args_.index_head_dim, rows, scores->data());
+}
+
+// ---- Attention -------------------------------------------------------------------------------
+
+Attention::Attention(const ModelArgs& args, const AttentionWeights& w, int64_t layer,
+                     const kernels::Backend& be)
+    : args_(args), w_(w), layer_(layer), ratio_(args.ratio(layer)),
+      n_local_heads_(static_cast<int64_t>(w.attn_sink.size())),
+      n_local_groups_(w.wo_a.rows / args.o_lora_rank), be_(be),
+      rope_(RotaryTable::ForLayer(args, args.ratio(layer))), csa_index_(-1) {
+  const int64_t group_in = w.wo_a.cols;
+  for (int64_t g = 0; g < n_local_groups_; ++g) {
+    WeightMatrix m;
+    m.format = kernels::WeightFormat::kDense;
+    m.rows = args.o_lora_rank;
+    m.cols = group_in;
+    m.values.assign(w.wo_a.values.begin() + g * m.rows * group_in, w.wo_a.values.begin() + (g + 1) * m.rows * group_in);
+    wo_a_groups_.push_back(std::move(m));
+  }
+  if (ratio_ > 0) compressor_.emplace(args, *w.compressor, ratio_, args.head_dim, false, rope_, be);
+  if (ratio_ == 4) {
+    indexer_.emplace(args, *w.indexer, rope_, be);
+    csa_index_ = 0;
+    for (int64_t l = 0; l < layer && l < args.n_layers; ++l) csa_index_ += args.ratio(l) == 4;
+  }
+}
+
+void Attention::Candidates(const TokenRow& row, const LayerState& ls,
+                           std::span<const int32_t> selected,
+                           std::vector<const float*>* slots) const {
+  const int64_t W = args_.window_size, D = args_.head_dim, s = row.pos;
+  slots->clear();
+  auto ring = [&](int64_t p) { return ls.window.data() + (p % W) * D; };
+  if (row.prefill()) {  // rows of the whole prompt: max(0, s-W+1) + j, masked past s
+    const int64_t len = std::min(row.chunk_len, W);
+    const int64_t first = std::max<int64_t>(0, s - W + 1);
+    for (int64_t j = 0; j < len; ++j) slots->push_back(first + j <= s ? ring(first + j) : nullptr);
+  } else if (s >= W - 1) {  // a full ring, oldest first
+    for (int64_t p = s - W + 1; p <= s; ++p) slots->push_back(ring(p));
+  } else {
+    for (int64_t p = 0; p <= s; ++p) slots->push_back(ring(p));
+    slots->resize(W, nullptr);
+  }
+  if (ratio_ == 0) return;
+  const int64_t complete = (s + 1) / ratio_;
+  if (ratio_ == 4) {
+    for (int32_t t : selected) slots->push_back(ls.compressed.Row(t));
+    if (row.prefill()) {
+      const int64_t k = std::min<int64_t>(args_.index_topk, row.chunk_len / 4);
+      slots->resize(slots->size() + (k - static_cast<int64_t>(selected.size())), nullptr);
+    }
+  } else {
+    const int64_t n = row.prefill() ? row.chunk_len / ratio_ : complete;
+    for (int64_t j = 0; j < n; ++j) slots->push_back(j < complete ? ls.compressed.Row(j) : nullptr);
+  }
+}
+
+void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* out) const {
+  const int64_t n = static_cast<int64_t>(rows.size());
+  const int64_t D = args_.head_dim, rd = args_.rope_head_dim, H = n_local_heads_;
+  const int64_t W = args_.window_size, Q = args_.q_lora_rank;
+  // Queries: q = wq_b(q_norm(wq_a(x))), per-head RMS (no weight), RoPE on the last rd dims.
+  std::vector<float> qa(n * Q), qr(n * Q), q(n * H * D);
+  be_.Linear(w_.wq_a, x, n, qa.data(), Rounding::kBf16);
+  be_.RmsNorm(qa.data(), w_.q_norm.data(), n, Q, args_.norm_eps, qr.data());
+  be_.Linear(w_.wq_b, qr.data(), n, q.data(), Rounding::kBf16);
+  // Window entries: kv = kv_norm(wkv(x)), RoPE, FP8 round trip of the nope dims.
+  std::vector<float> kv_raw(n * D), kv(n * D);
+  be_.Linear(w_.wkv, x, n, kv_raw.data(), Rounding::kBf16);
+  be_.RmsNorm(kv_raw.data(), w_.kv_norm.data(), n, D, args_.norm_eps, kv.data());
+  std::vector<float> cs(rd / 2), sn(rd / 2);
+  for (int64_t i = 0; i < n; ++i) {
+    be_.HeadRmsNormBf16(q.data() + i * H * D, H, D, args_.norm_eps);
+    rope_.Angles(rows[i].pos, cs.data(), sn.data());
+    be_.Rope(q.data() + i * H * D, H, D, D - rd, rd, cs.data(), sn.data(), false);
+    be_.Rope(kv.data() + i * D, 1, D, D - rd, rd, cs.data(), sn.data(), false);
+    be_.Fp8RoundTrip(kv.data() + i * D, D - rd, 64);
+  }
+  std::vector<float> ckv, cscore, iq, iw, ikv, iscore;
+  if (compressor_) compressor_->Project(x, n, &ckv, &cscore);
+  if (indexer_) {
+    indexer_->Queries(qr.data(), x, rows, &iq, &iw);
+    indexer_->compressor().Project(x, n, &ikv, &iscore);
+  }
+  // Sequential part, token by token in position order: state updates, then attention.
+  std::vector<float> o(n * H * D), entry(D), ientry(args_.index_head_dim), scores;
+  std::vector<const float*> slots;
+  std::vector<int32_t> selected;
+  const int64_t cw = compressor_ ? ckv.size() / n : 0, iw_ = indexer_ ? ikv.size() / n : 0;
+  const float softmax_scale = 1.0f / std::sqrt(static_cast<float>(D));
+  for (int64_t i = 0; i < n; ++i) {
+    const TokenRow& row = rows[i];
+    LayerState& ls = row.state->layers[layer_];
+    std::copy(kv.begin() + i * D, kv.begin() + (i + 1) * D, ls.window.begin() + (row.pos % W) * D);
+    if (compressor_ && compressor_->Update(ls.compressor, ckv.data() + i * cw, cscore.data() + i * cw, row.pos, entry.data()))
+      ls.compressed.Append(entry.data());
+    selected.clear();
+    if (indexer_) {
+      if (indexer_->compressor().Update(ls.index_compressor, ikv.data() + i * iw_, iscore.data() + i * iw_, row.pos, ientry.data()))
+        ls.index_keys.Append(ientry.data());
+      const int64_t ih = indexer_->n_local_heads(), ihd = args_.index_head_dim;
+      indexer_->Scores(iq.data() + i * ih * ihd, iw.data() + i * ih, ls.index_keys, &scores);
+      const int64_t k = std::min<int64_t>(args_.index_topk, static_cast<int64_t>(scores.size()));
+      selected.resize(scores.size());
+      std::iota(selected.begin(), selected.end(), 0);
+      // Descending score; equal (bf16) scores keep the lower entry id first.
+      std::stable_sort(selected.begin(), selected.end(), [&](int32_t a, int32_t b) { return scores[a] > scores[b]; });
+      selected.resize(k);
+      if (row.trace) {
+        row.trace->indexer_scores[csa_index_] = scores;
+        row.trace->indexer_topk[csa_index_] = selected;
+      }
+    }
+    Candidates(row, ls, selected, &slots);
+    be_.SparseAttention(q.data() + i * H * D, H, D, slots, w_.attn_sink.data(), softmax_scale, o.data() + i * H * D);
+    rope_.Angles(row.pos, cs.data(), sn.data());
+    be_.Rope(o.data() + i * H * D, H, D, D - rd, rd, cs.data(), sn.data(), /*inverse=*/true);
+  }
+  // Grouped low-rank output projection: z_g = wo_a[g] · o_g (bf16 einsum), y = wo_b · z.
+  const int64_t O = args_.o_lora_rank, G = n_local_groups_, gin = H * D / G;
+  std::vector<float> og(n * gin), zg(n * O), z(n * G * O);
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t i = 0; i < n; ++i)
+      std::copy(o.begin() + i * H * D + g * gin, o.begin() + i * H * D + (g + 1) * gin, og.begin() + i * gin);
+    be_.Linear(wo_a_groups_[g], og.data(), n, zg.data(), Rounding::kBf16);
+    for (int64_t i = 0; i < n; ++i)
+      std::copy(zg.begin() + i * O, zg.begin() + (i + 1) * O, z.begin() + i * G * O + g * O);
+  }
+  be_.Linear(w_.wo_b, z.data(), n, out, Rounding::kBf16);
+}
+
+}  // namespace flashmem::model

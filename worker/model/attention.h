@@ -1,0 +1,100 @@
+// Attention of the three layer types (spec §3): Compressor, Indexer and Attention, mirroring
+// the reference's classes. State lives in SessionState; these classes hold weights only.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "kernels/ops.h"
+#include "worker/model/config.h"
+#include "worker/model/rope.h"
+#include "worker/model/state.h"
+#include "worker/model/weights.h"
+
+namespace flashmem::model {
+
+// One token of a batched forward: which session, at which position, and how its chunk looks
+// (the reference lays out prefill candidate lists differently from decode ones).
+struct TokenRow {
+  SessionState* state = nullptr;
+  int64_t pos = 0;
+  int32_t token = 0;
+  int64_t chunk_start = 0;   // position of the first token of this row's chunk
+  int64_t chunk_len = 1;     // tokens in the chunk
+  ForwardTrace* trace = nullptr;  // non-null on the row whose components are recorded
+  bool prefill() const { return chunk_start == 0 && chunk_len > 1; }
+};
+
+// Gated pooling of `ratio` tokens into one entry (overlapping windows of 2*ratio when ratio 4).
+class Compressor {
+ public:
+  Compressor(const ModelArgs& args, const CompressorWeights& w, int ratio, int64_t head_dim,
+             bool rotate, const RotaryTable& rope, const kernels::Backend& be);
+  // kv and gate-score projections (fp32) of n input rows: [n, coff*head_dim] each.
+  void Project(const float* x, int64_t n, std::vector<float>* kv, std::vector<float>* score) const;
+  // Feeds one token at `pos`; when its block completes, writes the finished entry (bf16 values,
+  // normed, roped at the block's first position, FP8- or Hadamard+FP4-rounded) and returns true.
+  bool Update(CompressorState& st, const float* kv, const float* score, int64_t pos, float* out) const;
+  int ratio() const { return ratio_; }
+
+ private:
+  const ModelArgs& args_;
+  const CompressorWeights& w_;
+  int ratio_;
+  int64_t head_dim_;
+  bool overlap_, rotate_;
+  const RotaryTable& rope_;
+  const kernels::Backend& be_;
+};
+
+// The lightning indexer of CSA layers: its own compressor builds index keys; queries score
+// every complete key and the top-k entries are attended.
+class Indexer {
+ public:
+  Indexer(const ModelArgs& args, const IndexerWeights& w, const RotaryTable& rope,
+          const kernels::Backend& be);
+  // Queries (roped, Hadamard-rotated, FP4-rounded) [n, heads*head_dim] and head weights [n, heads].
+  void Queries(const float* qr, const float* x, std::span<const TokenRow> rows,
+               std::vector<float>* q, std::vector<float>* weights) const;
+  // bf16 scores of all complete keys for one query.
+  void Scores(const float* q, const float* weights, const kv::EntryPages& keys,
+              std::vector<float>* scores) const;
+  const Compressor& compressor() const { return compressor_; }
+  int64_t n_local_heads() const { return n_local_heads_; }
+
+ private:
+  const ModelArgs& args_;
+  const IndexerWeights& w_;
+  const RotaryTable& rope_;
+  const kernels::Backend& be_;
+  int64_t n_local_heads_;
+  Compressor compressor_;
+};
+
+class Attention {
+ public:
+  Attention(const ModelArgs& args, const AttentionWeights& w, int64_t layer,
+            const kernels::Backend& be);
+  // x: [n, dim] normed inputs (bf16 values) of the rows; out: [n, dim] (bf16 values).
+  void Forward(const float* x, std::span<const TokenRow> rows, float* out) const;
+
+ private:
+  // The candidate KV rows of one query in the reference's slot order (nullptr = masked slot).
+  void Candidates(const TokenRow& row, const LayerState& ls, std::span<const int32_t> selected,
+                  std::vector<const float*>* slots) const;
+
+  const ModelArgs& args_;
+  const AttentionWeights& w_;
+  int64_t layer_;
+  int ratio_;
+  int64_t n_local_heads_, n_local_groups_;
+  const kernels::Backend& be_;
+  RotaryTable rope_;
+  std::vector<WeightMatrix> wo_a_groups_;
+  std::optional<Compressor> compressor_;
+  std::optional<Indexer> indexer_;
+  int csa_index_;  // position of this layer among the CSA layers (trace slot), -1 otherwise
+};
+
+}  // namespace flashmem::model

@@ -1,0 +1,133 @@
+#include "worker/model/moe.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "kernels/numerics.h"
+
+namespace flashmem::model {
+
+using kernels::Rounding;
+
+Gate::Gate(const ModelArgs& args, const GateWeights& w, bool hash, const kernels::Backend& be)
+    : args_(args), w_(w), hash_(hash), be_(be) {}
+
+void Gate::Route(const float* x, std::span<const int32_t> tokens, std::vector<int32_t>* ids,
+                 std::vector<float>* weights) const {
+  const int64_t n = static_cast<int64_t>(tokens.size()), E = args_.n_routed_experts;
+  const int64_t k = args_.n_activated_experts;
+  std::vector<float> logits(n * E);
+  be_.Linear(w_.weight, x, n, logits.data(), Rounding::kNone);  // fp32 router
+  ids->resize(n * k);
+  weights->resize(n * k);
+  std::vector<float> scores(E), biased(E);
+  std::vector<int32_t> order(E);
+  for (int64_t i = 0; i < n; ++i) {
+    const float* lg = logits.data() + i * E;
+    switch (args_.score_func) {
+      case ScoreFunc::kSqrtSoftplus:
+        for (int64_t e = 0; e < E; ++e) {
+          const float sp = lg[e] > 20.0f ? lg[e] : std::log1p(std::exp(lg[e]));  // F.softplus
+          scores[e] = std::sqrt(sp);
+        }
+        break;
+      case ScoreFunc::kSigmoid:
+        for (int64_t e = 0; e < E; ++e) scores[e] = 1.0f / (1.0f + std::exp(-lg[e]));
+        break;
+      case ScoreFunc::kSoftmax: {
+        const float mx = *std::max_element(lg, lg + E);
+        float sum = 0.0f;
+        for (int64_t e = 0; e < E; ++e) sum += (scores[e] = std::exp(lg[e] - mx));
+        for (int64_t e = 0; e < E; ++e) scores[e] /= sum;
+        break;
+      }
+    }
+    int32_t* id = ids->data() + i * k;
+    if (hash_) {
+      std::copy_n(w_.tid2eid.data() + static_cast<int64_t>(tokens[i]) * k, k, id);
+    } else {
+      // The bias shifts selection only; ties keep the lower expert id first.
+      for (int64_t e = 0; e < E; ++e) biased[e] = scores[e] + (w_.bias.empty() ? 0.0f : w_.bias[e]);
+      std::iota(order.begin(), order.end(), 0);
+      std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return biased[a] > biased[b]; });
+      std::copy_n(order.begin(), k, id);
+    }
+    float* wt = weights->data() + i * k;
+    float sum = 0.0f;
+    for (int64_t j = 0; j < k; ++j) sum += (wt[j] = scores[id[j]]);
+    for (int64_t j = 0; j < k; ++j) {
+      if (args_.score_func != ScoreFunc::kSoftmax) wt[j] /= sum;
+      wt[j] *= args_.route_scale;
+    }
+  }
+}
+
+void Expert::Forward(const float* x, int64_t n, const float* weights, float* out) const {
+  const int64_t inter = w_.w1.rows;
+  std::vector<float> gate(n * inter), up(n * inter), h(n * inter);
+  be_.Linear(w_.w1, x, n, gate.data(), Rounding::kBf16);
+  be_.Linear(w_.w3, x, n, up.data(), Rounding::kBf16);
+  const float lim = args_.swiglu_limit;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < inter; ++j) {
+      float g = gate[i * inter + j], u = up[i * inter + j];
+      if (lim > 0) {
+        u = std::clamp(u, -lim, lim);
+        g = std::min(g, lim);
+      }
+      float v = (g / (1.0f + std::exp(-g))) * u;  // silu(gate) * up, fp32
+      if (weights) v *= weights[i];
+      h[i * inter + j] = num::RoundBf16(v);
+    }
+  be_.Linear(w_.w2, h.data(), n, out, Rounding::kBf16);
+}
+
+MoE::MoE(const ModelArgs& args, const MoEWeights& w, int64_t layer, const kernels::Backend& be)
+    : args_(args), w_(w), layer_(layer), be_(be),
+      gate_(args, w.gate, layer < args.n_layers && args.is_hash_layer(layer), be),
+      shared_(args, w.shared, be) {
+  for (const ExpertWeights& e : w.experts) experts_.emplace_back(args, e, be);
+}
+
+void MoE::Forward(const float* x, std::span<const int32_t> tokens,
+                  std::span<ForwardTrace* const> trace_rows, float* out) const {
+  const int64_t n = static_cast<int64_t>(tokens.size()), d = args_.dim;
+  const int64_t k = args_.n_activated_experts;
+  std::vector<int32_t> ids;
+  std::vector<float> weights;
+  gate_.Route(x, tokens, &ids, &weights);
+  for (int64_t i = 0; i < n; ++i)
+    if (trace_rows[i]) {
+      trace_rows[i]->moe_experts[layer_].assign(ids.begin() + i * k, ids.begin() + (i + 1) * k);
+      trace_rows[i]->moe_weights[layer_].assign(weights.begin() + i * k, weights.begin() + (i + 1) * k);
+    }
+  std::vector<float> y(n * d, 0.0f);  // fp32 accumulator of the routed sum
+  std::vector<float> xs, ws, ys;
+  std::vector<int64_t> rows;
+  for (size_t le = 0; le < experts_.size(); ++le) {
+    const int32_t e = static_cast<int32_t>(w_.first_local_expert + le);
+    rows.clear();
+    ws.clear();
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < k; ++j)
+        if (ids[i * k + j] == e) {
+          rows.push_back(i);
+          ws.push_back(weights[i * k + j]);
+        }
+    if (rows.empty()) continue;
+    const int64_t m = static_cast<int64_t>(rows.size());
+    xs.resize(m * d);
+    ys.resize(m * d);
+    for (int64_t r = 0; r < m; ++r) std::copy_n(x + rows[r] * d, d, xs.begin() + r * d);
+    experts_[le].Forward(xs.data(), m, ws.data(), ys.data());
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t c = 0; c < d; ++c) y[rows[r] * d + c] += ys[r * d + c];
+  }
+  // (tensor parallel: the routed sum is all-reduced here, before the shared expert)
+  ys.resize(n * d);
+  shared_.Forward(x, n, nullptr, ys.data());
+  for (int64_t i = 0; i < n * d; ++i) out[i] = num::RoundBf16(y[i] + ys[i]);
+}
+
+}  // namespace flashmem::model

@@ -1,0 +1,138 @@
+#include "worker/model/transformer.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+#include "kernels/numerics.h"
+
+namespace flashmem::model {
+
+// ---- Block -----------------------------------------------------------------------------------
+
+Block::Block(const ModelArgs& args, const BlockWeights& w, int64_t layer, const kernels::Backend& be)
+    : args_(args), w_(w), be_(be), attn_(args, w.attn, layer, be), ffn_(args, w.ffn, layer, be) {}
+
+void Block::Forward(std::vector<float>& X, std::span<const TokenRow> rows,
+                    std::span<const int32_t> tokens, std::span<ForwardTrace* const> trace_rows) const {
+  const int64_t n = static_cast<int64_t>(rows.size()), d = args_.dim;
+  const int hc = args_.hc_mult;
+  std::vector<float> u(n * d), xn(n * d), f(n * d), post(n * hc), comb(n * hc * hc);
+  auto sublayer = [&](const std::vector<float>& fn, const std::vector<float>& base,
+                      const std::vector<float>& scale, const std::vector<float>& norm, auto&& body) {
+    for (int64_t i = 0; i < n; ++i)
+      be_.HcPre(X.data() + i * hc * d, fn.data(), base.data(), scale.data(), hc, d, args_.hc_sinkhorn_iters,
+                args_.norm_eps, args_.hc_eps, u.data() + i * d, post.data() + i * hc, comb.data() + i * hc * hc);
+    be_.RmsNorm(u.data(), norm.data(), n, d, args_.norm_eps, xn.data());
+    body();
+    std::vector<float> res(hc * d);
+    for (int64_t i = 0; i < n; ++i) {
+      std::copy_n(X.begin() + i * hc * d, hc * d, res.begin());
+      be_.HcPost(f.data() + i * d, res.data(), post.data() + i * hc, comb.data() + i * hc * hc, hc, d,
+                 X.data() + i * hc * d);
+    }
+  };
+  sublayer(w_.hc_attn_fn, w_.hc_attn_base, w_.hc_attn_scale, w_.attn_norm,
+           [&] { attn_.Forward(xn.data(), rows, f.data()); });
+  sublayer(w_.hc_ffn_fn, w_.hc_ffn_base, w_.hc_ffn_scale, w_.ffn_norm,
+           [&] { ffn_.Forward(xn.data(), tokens, trace_rows, f.data()); });
+}
+
+// ---- ParallelHead ----------------------------------------------------------------------------
+
+void ParallelHead::Forward(const float* X, float* logits, std::vector<float>* head_input) const {
+  const int64_t d = args_.dim;
+  std::vector<float> u(d), xn(d);
+  be_.HcHead(X, hc_.fn.data(), hc_.base.data(), hc_.scale[0], args_.hc_mult, d, args_.norm_eps,
+             args_.hc_eps, u.data());
+  be_.RmsNorm(u.data(), norm_.data(), 1, d, args_.norm_eps, xn.data());
+  if (head_input) *head_input = xn;
+  be_.Linear(head_, xn.data(), 1, logits, kernels::Rounding::kNone);  // fp32 logits
+}
+
+// ---- Transformer -----------------------------------------------------------------------------
+
+absl::StatusOr<std::unique_ptr<Transformer>> Transformer::Load(const std::string& model_dir,
+                                                               const kernels::Backend& be,
+                                                               ShardSpec shard) {
+  FM_ASSIGN_OR_RETURN(ModelArgs args, LoadModelArgs(model_dir));
+  FM_ASSIGN_OR_RETURN(auto ckpt, Checkpoint::Open(model_dir));
+  FM_ASSIGN_OR_RETURN(ModelWeights w, LoadWeights(*ckpt, args, shard));
+  return std::make_unique<Transformer>(std::move(args), std::move(w), be);
+}
+
+Transformer::Transformer(ModelArgs args, ModelWeights weights, const kernels::Backend& be)
+    : args_(std::move(args)), w_(std::move(weights)), be_(be) {
+  for (int64_t l = 0; l < args_.n_layers; ++l)
+    layers_.push_back(std::make_unique<Block>(args_, w_.layers[l], l, be_));
+  head_ = std::make_unique<ParallelHead>(args_, w_.head, w_.norm, w_.hc_head, be_);
+}
+
+absl::Status Transformer::Forward(std::span<BatchItem> batch) const {
+  if (w_.shard.world_size != 1)
+    return absl::UnimplementedError("tensor-parallel forward (world_size > 1) needs the parallel module");
+  const int64_t d = args_.dim, hc = args_.hc_mult;
+  int n_csa = 0;
+  for (int64_t l = 0; l < args_.n_layers; ++l) n_csa += args_.ratio(l) == 4;
+  std::vector<TokenRow> rows;
+  std::vector<int32_t> tokens;
+  std::vector<ForwardTrace*> trace_rows;
+  for (size_t b = 0; b < batch.size(); ++b) {
+    BatchItem& it = batch[b];
+    if (!it.state) return absl::InvalidArgumentError(absl::StrCat("batch[", b, "]: no session state"));
+    if (it.tokens.empty()) return absl::InvalidArgumentError(absl::StrCat("batch[", b, "]: no tokens"));
+    for (size_t c = 0; c < b; ++c)
+      if (batch[c].state == it.state)
+        return absl::InvalidArgumentError(absl::StrCat("batch[", b, "]: session appears twice in one batch"));
+    for (size_t i = 0; i < it.tokens.size(); ++i) {
+      const int32_t t = it.tokens[i];
+      if (t < 0 || t >= args_.vocab_size)
+        return absl::InvalidArgumentError(absl::StrCat("batch[", b, "].tokens[", i, "] = ", t, " is outside the vocabulary [0, ", args_.vocab_size, ")"));
+      TokenRow r;
+      r.state = it.state;
+      r.pos = it.state->position + static_cast<int64_t>(i);
+      r.token = t;
+      r.chunk_start = it.state->position;
+      r.chunk_len = static_cast<int64_t>(it.tokens.size());
+      const bool last = i + 1 == it.tokens.size();
+      r.trace = last ? it.trace : nullptr;
+      rows.push_back(r);
+      tokens.push_back(t);
+      trace_rows.push_back(r.trace);
+    }
+    if (it.trace) {
+      *it.trace = ForwardTrace{};
+      it.trace->moe_experts.resize(args_.n_layers);
+      it.trace->moe_weights.resize(args_.n_layers);
+      it.trace->indexer_scores.resize(n_csa);
+      it.trace->indexer_topk.resize(n_csa);
+      it.trace->block_out.resize(args_.n_layers);
+    }
+  }
+  const int64_t n = static_cast<int64_t>(rows.size());
+  // Embedding, expanded to hc copies of the residual stream.
+  std::vector<float> X(n * hc * d);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < hc; ++j)
+      std::copy_n(w_.embed.values.begin() + static_cast<int64_t>(tokens[i]) * d, d, X.begin() + (i * hc + j) * d);
+  for (int64_t l = 0; l < args_.n_layers; ++l) {
+    layers_[l]->Forward(X, rows, tokens, trace_rows);
+    for (int64_t i = 0; i < n; ++i)
+      if (trace_rows[i]) trace_rows[i]->block_out[l].assign(X.begin() + i * hc * d, X.begin() + (i + 1) * hc * d);
+  }
+  int64_t row = 0;
+  for (BatchItem& it : batch) {
+    const int64_t last = row + static_cast<int64_t>(it.tokens.size()) - 1;
+    if (it.logits || it.trace) {
+      std::vector<float> logits(w_.head.rows);
+      head_->Forward(X.data() + last * hc * d, logits.data(), it.trace ? &it.trace->head_input : nullptr);
+      if (it.trace) it.trace->hidden_hc.assign(X.begin() + last * hc * d, X.begin() + (last + 1) * hc * d);
+      if (it.logits) *it.logits = std::move(logits);
+    }
+    it.state->position += static_cast<int64_t>(it.tokens.size());
+    row = last + 1;
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace flashmem::model

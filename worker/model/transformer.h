@@ -1,0 +1,86 @@
+// Block (hc_pre / sub-layer / hc_post), ParallelHead (hc_head, norm, logits) and Transformer:
+// batched forward over many sessions, each with its own position and state.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "kernels/ops.h"
+#include "worker/model/attention.h"
+#include "worker/model/config.h"
+#include "worker/model/moe.h"
+#include "worker/model/state.h"
+#include "worker/model/weights.h"
+
+namespace flashmem::model {
+
+class Block {
+ public:
+  Block(const ModelArgs& args, const BlockWeights& w, int64_t layer, const kernels::Backend& be);
+  // X: [n, hc, dim] residual streams (bf16 values), updated in place.
+  void Forward(std::vector<float>& X, std::span<const TokenRow> rows,
+               std::span<const int32_t> tokens, std::span<ForwardTrace* const> trace_rows) const;
+
+ private:
+  const ModelArgs& args_;
+  const BlockWeights& w_;
+  const kernels::Backend& be_;
+  Attention attn_;
+  MoE ffn_;
+};
+
+class ParallelHead {
+ public:
+  ParallelHead(const ModelArgs& args, const WeightMatrix& head, const std::vector<float>& norm,
+               const HcHeadWeights& hc, const kernels::Backend& be)
+      : args_(args), head_(head), norm_(norm), hc_(hc), be_(be) {}
+  // X: [hc, dim] of one position -> logits [local vocab] (fp32); head_input receives the
+  // normed vector multiplied by the head (when non-null).
+  void Forward(const float* X, float* logits, std::vector<float>* head_input) const;
+
+ private:
+  const ModelArgs& args_;
+  const WeightMatrix& head_;
+  const std::vector<float>& norm_;
+  const HcHeadWeights& hc_;
+  const kernels::Backend& be_;
+};
+
+// One session's tokens in a batched forward.
+struct BatchItem {
+  SessionState* state = nullptr;
+  std::span<const int32_t> tokens;      // consumed at positions state->position, ...
+  std::vector<float>* logits = nullptr;  // logits of the last token (null: not needed)
+  ForwardTrace* trace = nullptr;         // components of the last token (null: not needed)
+};
+
+class Transformer {
+ public:
+  // Loads config.json + safetensors from `model_dir` (validated before any compute).
+  static absl::StatusOr<std::unique_ptr<Transformer>> Load(const std::string& model_dir,
+                                                           const kernels::Backend& be,
+                                                           ShardSpec shard = {});
+  Transformer(ModelArgs args, ModelWeights weights, const kernels::Backend& be);
+  Transformer(const Transformer&) = delete;
+  Transformer& operator=(const Transformer&) = delete;
+
+  const ModelArgs& args() const { return args_; }
+  std::unique_ptr<SessionState> NewSession() const { return std::make_unique<SessionState>(args_); }
+
+  // Runs every item's tokens through the model in one pass (rows of all items share the
+  // GEMMs; attention runs per session). Advances each state's position.
+  absl::Status Forward(std::span<BatchItem> batch) const;
+
+ private:
+  ModelArgs args_;
+  ModelWeights w_;
+  const kernels::Backend& be_;
+  std::vector<std::unique_ptr<Block>> layers_;
+  std::unique_ptr<ParallelHead> head_;
+};
+
+}  // namespace flashmem::model
