@@ -53,6 +53,7 @@ const char* DTypeName(DType t) {
     case DType::kF8E4M3: return "F8_E4M3";
     case DType::kF8E8M0: return "F8_E8M0";
     case DType::kI8: return "I8";
+    case DType::kI32: return "I32";
     case DType::kI64: return "I64";
   }
   return "?";
@@ -61,7 +62,7 @@ const char* DTypeName(DType t) {
 int64_t DTypeSize(DType t) {
   switch (t) {
     case DType::kBF16: case DType::kF16: return 2;
-    case DType::kF32: return 4;
+    case DType::kF32: case DType::kI32: return 4;
     case DType::kF8E4M3: case DType::kF8E8M0: case DType::kI8: return 1;
     case DType::kI64: return 8;
   }
@@ -69,7 +70,7 @@ int64_t DTypeSize(DType t) {
 }
 
 absl::StatusOr<DType> ParseDType(absl::string_view name) {
-  for (DType t : {DType::kBF16, DType::kF16, DType::kF32, DType::kF8E4M3, DType::kF8E8M0, DType::kI8, DType::kI64})
+  for (DType t : {DType::kBF16, DType::kF16, DType::kF32, DType::kF8E4M3, DType::kF8E8M0, DType::kI8, DType::kI32, DType::kI64})
     if (name == DTypeName(t)) return t;
   return absl::InvalidArgumentError(absl::StrCat("unsupported dtype '", name, "'"));
 }

@@ -14,7 +14,7 @@
 
 namespace flashmem::model {
 
-enum class DType { kBF16, kF16, kF32, kF8E4M3, kF8E8M0, kI8, kI64 };
+enum class DType { kBF16, kF16, kF32, kF8E4M3, kF8E8M0, kI8, kI32, kI64 };
 
 const char* DTypeName(DType t);
 int64_t DTypeSize(DType t);
