@@ -1,0 +1,177 @@
+// The CPU reference ops against hand-computed values and naive formulas.
+#include <cmath>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "kernels/numerics.h"
+#include "kernels/ops.h"
+
+namespace flashmem::kernels {
+namespace {
+
+const Backend& be = CpuBackend();
+
+std::vector<float> Random(size_t n, uint32_t seed, float std = 1.0f, bool bf16 = true) {
+  std::mt19937 g(seed);
+  std::normal_distribution<float> d(0.0f, std);
+  std::vector<float> v(n);
+  for (float& x : v) x = bf16 ? num::RoundBf16(d(g)) : d(g);
+  return v;
+}
+
+TEST(Linear, Fp8BlockScaledMatchesHandComputation) {
+  // 1 row x K=256 (two act blocks), W = 2 x 256 with per-128x128 scales 2 and 0.5.
+  WeightMatrix w;
+  w.format = WeightFormat::kFp8Block128;
+  w.rows = 2;
+  w.cols = 256;
+  w.values.assign(512, 1.0f);
+  w.scales = {2.0f, 0.5f};
+  std::vector<float> x(256, 0.0f);
+  x[0] = 448.0f;   // block 0: scale 1, exact
+  x[128] = 3.0f;   // block 1: amax 3 -> scale 2^-7; 3/2^-7 = 384 exact
+  float y[2];
+  be.Linear(w, x.data(), 1, y, Rounding::kNone);
+  EXPECT_EQ(y[0], 448.0f * 2.0f + 3.0f * 0.5f);
+  EXPECT_EQ(y[1], y[0]);
+  // Activation quantization rounds: 1.03 in a block with amax 1.03 -> e4m3 grid of that block.
+  std::fill(x.begin(), x.end(), 0.0f);
+  x[5] = 1.03f;
+  be.Linear(w, x.data(), 1, y, Rounding::kBf16);
+  const float scale = num::Fp8BlockScale(1.03f);
+  EXPECT_EQ(y[0], num::RoundBf16(num::RoundE4m3(1.03f / scale) * scale * 2.0f));
+}
+
+TEST(Linear, Fp4GroupScalesPer32) {
+  WeightMatrix w;
+  w.format = WeightFormat::kFp4Group32;
+  w.rows = 1;
+  w.cols = 128;
+  w.values.assign(128, 0.5f);
+  w.scales = {1.0f, 2.0f, 4.0f, 8.0f};
+  std::vector<float> x(128, 1.0f);  // act scale 2^-8, values 256 exactly
+  float y;
+  be.Linear(w, x.data(), 1, &y, Rounding::kNone);
+  EXPECT_EQ(y, 32 * 0.5f * (1 + 2 + 4 + 8));
+}
+
+TEST(RmsNorm, MatchesFormula) {
+  std::vector<float> x = {1.0f, 2.0f, 3.0f, 4.0f}, w = {1.0f, 0.5f, 2.0f, 1.0f}, y(4);
+  be.RmsNorm(x.data(), w.data(), 1, 4, 1e-6f, y.data());
+  const float inv = 1.0f / std::sqrt(7.5f + 1e-6f);
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(y[i], num::RoundBf16(w[i] * x[i] * inv));
+}
+
+TEST(Rope, InverseUndoesForwardWithinBf16) {
+  std::vector<float> x = Random(128, 1), orig = x;
+  std::vector<float> c(32), s(32);
+  for (int i = 0; i < 32; ++i) { c[i] = std::cos(0.3f * i); s[i] = std::sin(0.3f * i); }
+  be.Rope(x.data(), 1, 128, 64, 64, c.data(), s.data(), false);
+  for (int i = 0; i < 64; ++i) EXPECT_EQ(x[i], orig[i]);  // nope dims untouched
+  EXPECT_NE(x[67], orig[67]);  // pair 1 rotates by 0.3 (pair 0 by angle 0)
+  be.Rope(x.data(), 1, 128, 64, 64, c.data(), s.data(), true);
+  for (int i = 64; i < 128; ++i) EXPECT_NEAR(x[i], orig[i], 0.02f * (1 + std::fabs(orig[i])));
+  // Interleaved pairs: (x0, x1) rotated by angle 0.3 at pair 1.
+  std::vector<float> p = {0, 0, 1.0f, 0.0f};
+  std::vector<float> c2 = {1.0f, std::cos(0.3f)}, s2 = {0.0f, std::sin(0.3f)};
+  be.Rope(p.data(), 1, 4, 0, 4, c2.data(), s2.data(), false);
+  EXPECT_EQ(p[2], num::RoundBf16(std::cos(0.3f)));
+  EXPECT_EQ(p[3], num::RoundBf16(std::sin(0.3f)));
+}
+
+TEST(Hadamard, IsOrthonormalSylvester) {
+  std::vector<float> e(8, 0.0f);
+  e[1] = 1.0f;  // column 1 of H8 / sqrt(8): +,-,+,-,...
+  be.Hadamard(e.data(), 1, 8);
+  for (int i = 0; i < 8; ++i) EXPECT_EQ(e[i], num::RoundBf16((i % 2 ? -1.0f : 1.0f) / std::sqrt(8.0f)));
+  std::vector<float> x = Random(128, 2), y = x;
+  be.Hadamard(y.data(), 1, 128);
+  be.Hadamard(y.data(), 1, 128);  // H·H = I
+  for (int i = 0; i < 128; ++i) EXPECT_NEAR(y[i], x[i], 0.02f * (1 + std::fabs(x[i])));
+}
+
+TEST(QuantRoundTrip, Fp8AndFp4Grids) {
+  std::vector<float> z(64, 0.0f);
+  be.Fp8RoundTrip(z.data(), 64, 64);  // zero block stays zero
+  for (float v : z) EXPECT_EQ(v, 0.0f);
+  std::vector<float> x = Random(64, 3);
+  x[7] = 448.0f;  // max magnitude: scale 1, values on the plain e4m3 grid
+  std::vector<float> y = x;
+  be.Fp8RoundTrip(y.data(), 64, 64);
+  EXPECT_EQ(y[7], 448.0f);
+  for (int i = 0; i < 64; ++i) EXPECT_EQ(y[i], num::RoundE4m3(x[i]));
+  std::vector<float> f = {6.0f, 5.0f, 0.25f, -0.75f};
+  f.resize(32, 0.0f);
+  be.Fp4RoundTrip(f.data(), 32, 32);
+  EXPECT_EQ(f[0], 6.0f);
+  EXPECT_EQ(f[1], 4.0f);
+  EXPECT_EQ(f[2], 0.0f);
+  EXPECT_EQ(f[3], -1.0f);
+}
+
+// Naive softmax with a sink: o = sum_j exp(z_j) k_j / (sum_j exp(z_j) + exp(sink)).
+TEST(SparseAttention, MatchesNaiveSoftmaxWithSinkAndSkipsMaskedSlots) {
+  const int H = 2, D = 64, N = 150;
+  std::vector<float> q = Random(H * D, 4, 0.2f), kv = Random(N * D, 5);
+  std::vector<const float*> rows;
+  for (int j = 0; j < N; ++j) rows.push_back(j % 7 == 3 ? nullptr : kv.data() + j * D);
+  const float sink[H] = {0.5f, 3.0f}, scale = 1.0f / std::sqrt(static_cast<float>(D));
+  std::vector<float> out(H * D);
+  be.SparseAttention(q.data(), H, D, rows, sink, scale, out.data());
+  for (int h = 0; h < H; ++h) {
+    std::vector<double> z;
+    double mx = -1e30;
+    for (int j = 0; j < N; ++j) {
+      double d = 0;
+      for (int k = 0; k < D; ++k) d += static_cast<double>(q[h * D + k]) * kv[j * D + k];
+      z.push_back(d * scale);
+      if (rows[j]) mx = std::max(mx, z.back());
+    }
+    double den = std::exp(sink[h] - mx);
+    std::vector<double> o(D, 0.0);
+    for (int j = 0; j < N; ++j) {
+      if (!rows[j]) continue;
+      const double p = std::exp(z[j] - mx);
+      den += p;
+      for (int k = 0; k < D; ++k) o[k] += p * kv[j * D + k];
+    }
+    for (int k = 0; k < D; ++k) EXPECT_NEAR(out[h * D + k], o[k] / den, 0.01 * (1 + std::fabs(o[k] / den)));
+  }
+}
+
+TEST(IndexScores, WeightedReluSumInBf16) {
+  const int H = 2, D = 4;
+  std::vector<float> q = {1, 0, 0, 0, 0, 1, 0, 0};
+  std::vector<float> k0 = {2, -3, 0, 0}, k1 = {-1, 1, 0, 0};
+  std::vector<float> w = {0.5f, 2.0f};
+  std::vector<const float*> keys = {k0.data(), k1.data()};
+  float s[2];
+  be.IndexScores(q.data(), w.data(), H, D, keys, s);
+  EXPECT_EQ(s[0], 1.0f);  // relu(2)*0.5 + relu(-3)*2
+  EXPECT_EQ(s[1], 2.0f);  // relu(-1)*0.5 + relu(1)*2
+}
+
+TEST(HyperConnections, SinkhornIsNearlyDoublyStochastic) {
+  const int hc = 4, dim = 128, mix = (2 + hc) * hc;
+  std::vector<float> x = Random(hc * dim, 6), fn = Random(mix * hc * dim, 7, 0.05f, false), base = Random(mix, 8, 0.25f, false);
+  std::vector<float> scale = {1.0f, 1.0f, 1.0f}, y(dim), post(hc), comb(hc * hc);
+  be.HcPre(x.data(), fn.data(), base.data(), scale.data(), hc, dim, 20, 1e-6f, 1e-6f, y.data(), post.data(), comb.data());
+  for (int i = 0; i < hc; ++i) {
+    float row = 0, col = 0;
+    for (int j = 0; j < hc; ++j) { row += comb[i * hc + j]; col += comb[j * hc + i]; }
+    EXPECT_NEAR(row, 1.0f, 1e-3f);
+    EXPECT_NEAR(col, 1.0f, 1e-5f);  // the last normalisation is over columns
+    EXPECT_GT(post[i], 0.0f);
+    EXPECT_LT(post[i], 2.0f);
+  }
+  // hc_post with post = 0 and comb = identity returns the residual.
+  std::vector<float> ident(hc * hc, 0.0f), zero(hc, 0.0f), out(hc * dim);
+  for (int i = 0; i < hc; ++i) ident[i * hc + i] = 1.0f;
+  be.HcPost(y.data(), x.data(), zero.data(), ident.data(), hc, dim, out.data());
+  EXPECT_EQ(out, x);
+}
+
+}  // namespace
+}  // namespace flashmem::kernels

@@ -1,0 +1,46 @@
+// Small random checkpoints for engine and loader tests (real loader, real files in a temp dir).
+#pragma once
+
+#include <filesystem>
+#include <string>
+
+#include "gtest/gtest.h"
+#include "worker/model/random_checkpoint.h"
+#include "worker/model/safetensors.h"
+
+namespace flashmem::testing {
+
+// The tiny preset with a small vocabulary (fast to write and load).
+inline model::ModelArgs SmallVocabTiny(int64_t layers = 0) {
+  auto a = model::PresetArgs("tiny", layers);
+  EXPECT_TRUE(a.ok()) << a.status();
+  a->vocab_size = 512;
+  return *a;
+}
+
+inline std::string TempDir(const std::string& name) {
+  const auto p = std::filesystem::temp_directory_path() /
+                 (std::string("flashmem_") + name + "_" + std::to_string(::getpid()));
+  std::filesystem::remove_all(p);
+  std::filesystem::create_directories(p);
+  return p.string();
+}
+
+inline std::string WriteModel(const model::ModelArgs& a, const std::string& name, uint64_t seed = 7) {
+  const std::string dir = TempDir(name);
+  auto st = model::WriteRandomCheckpoint(a, seed, dir);
+  EXPECT_TRUE(st.ok()) << st.status();
+  return dir;
+}
+
+// Reads every tensor of a safetensors file back into writable form.
+inline std::vector<model::TensorToWrite> ReadAll(const std::string& path) {
+  std::vector<model::TensorToWrite> out;
+  auto f = model::SafetensorsFile::Open(path);
+  EXPECT_TRUE(f.ok()) << f.status();
+  for (const auto& [name, v] : (*f)->tensors())
+    out.push_back({name, v.dtype, v.shape, std::vector<uint8_t>(v.bytes.begin(), v.bytes.end())});
+  return out;
+}
+
+}  // namespace flashmem::testing
