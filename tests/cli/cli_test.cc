@@ -1,0 +1,103 @@
+// The `flashmem` binary's stable interface, run as a process: generate with teacher forcing,
+// --prefill-split and --dump against the golden set; ckpt random / inspect; clear errors.
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "gtest/gtest.h"
+#include "tests/model/golden_util.h"
+#include "tests/model/test_models.h"
+
+namespace flashmem::testing {
+namespace {
+
+struct Result {
+  int code;
+  std::string out;
+};
+
+Result RunCli(const std::string& args) {
+  const std::string cmd = std::string(FLASHMEM_BIN) + " " + args + " 2>&1";
+  Result r{0, ""};
+  FILE* p = ::popen(cmd.c_str(), "r");
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) r.out.append(buf, n);
+  const int st = ::pclose(p);
+  r.code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  return r;
+}
+
+std::string GoldenC() { return std::string(FLASHMEM_GOLDEN_DIR) + "/dsv4-tiny-c"; }
+
+std::string WriteIds(const std::string& path, const std::vector<int64_t>& ids, size_t begin, size_t end) {
+  std::ofstream out(path);
+  for (size_t i = begin; i < end; ++i) out << ids[i] << (i % 20 == 19 ? "\n" : " ");
+  return path;
+}
+
+TEST(Cli, GenerateTeacherForcedDumpMatchesGolden) {
+  auto g = model::SafetensorsFile::Open(GoldenC() + "/golden.safetensors");
+  ASSERT_TRUE(g.ok());
+  const Array prompt = ReadArray(**g, "prompt_ids"), next = ReadArray(**g, "s1_next_tokens"), logits = ReadArray(**g, "s1_logits");
+  const std::string dir = TempDir("cli");
+  WriteIds(dir + "/prompt.txt", prompt.i, 0, prompt.i.size());
+  WriteIds(dir + "/force.txt", next.i, 0, next.i.size() - 1);
+  Result r = RunCli("generate --model " + GoldenC() + " --prompt-file " + dir + "/prompt.txt --force-file " + dir +
+                 "/force.txt --dump " + dir + "/out.safetensors --quiet");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("tok/s"), std::string::npos) << r.out;
+  auto d = model::SafetensorsFile::Open(dir + "/out.safetensors");
+  ASSERT_TRUE(d.ok()) << d.status();
+  const Array dl = ReadArray(**d, "logits"), dt = ReadArray(**d, "tokens");
+  ASSERT_EQ(dl.shape, logits.shape);
+  ASSERT_EQ(dt.shape, std::vector<int64_t>{logits.shape[0]});
+  std::vector<double> maxabs;
+  for (int64_t r2 = 0; r2 < dl.shape[0]; ++r2) {
+    maxabs.push_back(MaxAbsDiff(logits.f.data() + r2 * dl.shape[1], dl.f.data() + r2 * dl.shape[1], dl.shape[1]));
+    const float* row = dl.f.data() + r2 * dl.shape[1];
+    EXPECT_EQ(dt.i[r2], std::max_element(row, row + dl.shape[1]) - row);
+  }
+  EXPECT_LE(Median(maxabs), 0.16);  // dsv4-tiny-c logits bounds
+  EXPECT_LE(Max(maxabs), 0.25);
+  // --prefill-split: prefill 305, feed the rest one at a time (the s2 layout: 307 rows).
+  r = RunCli("generate --model " + GoldenC() + " --prompt-file " + dir + "/prompt.txt --prefill-split 305 --max-new-tokens 1 --dump " +
+          dir + "/split.safetensors --quiet");
+  ASSERT_EQ(r.code, 0) << r.out;
+  auto s = model::SafetensorsFile::Open(dir + "/split.safetensors");
+  ASSERT_TRUE(s.ok());
+  EXPECT_EQ(ReadArray(**s, "logits").shape, (std::vector<int64_t>{307 + 1, 1024}));
+  std::filesystem::remove_all(dir);
+}
+
+TEST(Cli, CkptRandomAndInspect) {
+  const std::string dir = TempDir("cli_ckpt");
+  Result r = RunCli("ckpt random --preset tiny --layers 2 --seed 5 --out " + dir + "/m");
+  ASSERT_EQ(r.code, 0) << r.out;
+  r = RunCli("ckpt inspect " + dir + "/m");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("parameters:"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("KV per token"), std::string::npos) << r.out;
+  r = RunCli("generate --model " + dir + "/m --prompt-ids \"0, 5,6\" --max-new-tokens 3");
+  ASSERT_EQ(r.code, 0) << r.out;
+  std::filesystem::remove_all(dir);
+}
+
+TEST(Cli, ClearErrors) {
+  Result r = RunCli("generate --model /nonexistent --prompt-ids 1 --max-new-tokens 1");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.out.find("cannot open /nonexistent/config.json"), std::string::npos) << r.out;
+  r = RunCli("generate --model " + GoldenC() + " --prompt-ids 1,x --max-new-tokens 1");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.out.find("--prompt-ids: 'x' is not a non-negative token id"), std::string::npos) << r.out;
+  r = RunCli("generate --model " + GoldenC() + " --prompt-ids 1,5000 --max-new-tokens 1");
+  EXPECT_NE(r.out.find("prompt[1] = 5000 is outside the vocabulary"), std::string::npos) << r.out;
+  r = RunCli("generate --model " + GoldenC() + " --prompt-ids 1,2 --prefill-split 3 --max-new-tokens 1");
+  EXPECT_NE(r.out.find("--prefill-split 3 must be in [1, 2]"), std::string::npos) << r.out;
+  r = RunCli("ckpt random --preset huge --seed 1 --out /tmp/x");
+  EXPECT_NE(r.out.find("--preset 'huge'"), std::string::npos) << r.out;
+}
+
+}  // namespace
+}  // namespace flashmem::testing

@@ -1,0 +1,219 @@
+// Engine properties on random checkpoints: prefill vs one-at-a-time, batched sessions vs
+// separate runs, chunked prefill, determinism, stable activations, the SwiGLU clamp.
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "gtest/gtest.h"
+#include "kernels/numerics.h"
+#include "tests/model/golden_util.h"
+#include "tests/model/test_models.h"
+#include "worker/model/moe.h"
+#include "worker/model/transformer.h"
+
+namespace flashmem::testing {
+namespace {
+
+using model::BatchItem;
+using model::Transformer;
+
+std::vector<int32_t> Prompt(int64_t n, int64_t vocab, uint32_t seed) {
+  std::vector<int32_t> p;
+  uint64_t x = seed;
+  for (int64_t i = 0; i < n; ++i) {
+    x = x * 6364136223846793005ull + 1442695040888963407ull;
+    p.push_back(static_cast<int32_t>((x >> 33) % vocab));
+  }
+  return p;
+}
+
+class Engine : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new std::string(WriteModel(SmallVocabTiny(), "engine"));
+    auto tf = Transformer::Load(*dir_, kernels::CpuBackend());
+    ASSERT_TRUE(tf.ok()) << tf.status();
+    tf_ = tf->release();
+  }
+  static void TearDownTestSuite() {
+    delete tf_;
+    std::filesystem::remove_all(*dir_);
+    delete dir_;
+  }
+  // Logits after feeding `chunks` of `tokens` (sizes in `chunks`) to a fresh session.
+  static std::vector<float> Feed(const std::vector<int32_t>& tokens, const std::vector<int64_t>& chunks) {
+    auto s = tf_->NewSession();
+    std::vector<float> logits;
+    int64_t at = 0;
+    for (int64_t c : chunks) {
+      BatchItem it{s.get(), std::span<const int32_t>(tokens.data() + at, c), &logits, nullptr};
+      EXPECT_TRUE(tf_->Forward(std::span<BatchItem>(&it, 1)).ok());
+      at += c;
+    }
+    EXPECT_EQ(s->position, static_cast<int64_t>(tokens.size()));
+    return logits;
+  }
+  static std::string* dir_;
+  static Transformer* tf_;
+};
+std::string* Engine::dir_ = nullptr;
+Transformer* Engine::tf_ = nullptr;
+
+// The hand-off band of the golden manifest (own prefill vs own decode, max |d logit|).
+constexpr double kHandOffBand = 0.17;
+
+TEST_F(Engine, PrefillEqualsOneTokenAtATime) {
+  const auto p = Prompt(300, tf_->args().vocab_size, 1);  // crosses the window, CSA and HCA blocks
+  const auto prefill = Feed(p, {300});
+  const auto one_by_one = Feed(p, std::vector<int64_t>(300, 1));
+  const auto split = Feed(p, {131, 1, 1, 167});  // prefill then chunks at arbitrary positions
+  const double d1 = MaxAbsDiff(prefill.data(), one_by_one.data(), static_cast<int64_t>(prefill.size()));
+  const double d2 = MaxAbsDiff(prefill.data(), split.data(), static_cast<int64_t>(prefill.size()));
+  std::printf("prefill vs one-at-a-time: max|d| %.3g; vs split prefill: %.3g\n", d1, d2);
+  EXPECT_LE(d1, kHandOffBand);
+  EXPECT_LE(d2, kHandOffBand);
+  for (float v : prefill) ASSERT_TRUE(std::isfinite(v));
+}
+
+TEST_F(Engine, BatchedSessionsEqualSeparateRuns) {
+  const int64_t V = tf_->args().vocab_size;
+  const auto a = Prompt(150, V, 2), b = Prompt(40, V, 3), c = Prompt(1, V, 4);
+  // Separate runs.
+  const auto la = Feed(a, {150, }), lb = Feed(b, {40}), lc = Feed(c, {1});
+  // The same prompts in one forward pass, then a batched decode step of all three.
+  auto sa = tf_->NewSession(), sb = tf_->NewSession(), sc = tf_->NewSession();
+  std::vector<float> oa, ob, oc;
+  std::vector<BatchItem> batch = {{sa.get(), a, &oa, nullptr}, {sb.get(), b, &ob, nullptr}, {sc.get(), c, &oc, nullptr}};
+  ASSERT_TRUE(tf_->Forward(batch).ok());
+  EXPECT_EQ(oa, la);
+  EXPECT_EQ(ob, lb);
+  EXPECT_EQ(oc, lc);
+  const int32_t na = 5, nb = 6, nc = 7;
+  std::vector<BatchItem> step = {{sa.get(), std::span<const int32_t>(&na, 1), &oa, nullptr},
+                                 {sb.get(), std::span<const int32_t>(&nb, 1), &ob, nullptr},
+                                 {sc.get(), std::span<const int32_t>(&nc, 1), &oc, nullptr}};
+  ASSERT_TRUE(tf_->Forward(step).ok());
+  auto a2 = a; a2.push_back(na);
+  auto b2 = b; b2.push_back(nb);
+  EXPECT_EQ(oa, Feed(a2, {150, 1}));
+  EXPECT_EQ(ob, Feed(b2, {40, 1}));
+  EXPECT_EQ(sa->position, 151);
+  EXPECT_EQ(sc->position, 2);
+}
+
+TEST_F(Engine, BadBatchesAreRejected) {
+  auto s = tf_->NewSession();
+  const int32_t bad = static_cast<int32_t>(tf_->args().vocab_size);
+  std::vector<BatchItem> b1 = {{s.get(), std::span<const int32_t>(&bad, 1), nullptr, nullptr}};
+  auto st = tf_->Forward(b1);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(std::string(st.message()).find("tokens[0]"), std::string::npos) << st;
+  const int32_t ok = 1;
+  std::vector<BatchItem> b2 = {{s.get(), std::span<const int32_t>(&ok, 1), nullptr, nullptr},
+                               {s.get(), std::span<const int32_t>(&ok, 1), nullptr, nullptr}};
+  EXPECT_FALSE(tf_->Forward(b2).ok());
+  std::vector<BatchItem> b3 = {{s.get(), {}, nullptr, nullptr}};
+  EXPECT_FALSE(tf_->Forward(b3).ok());
+  EXPECT_EQ(s->position, 0);  // rejected batches leave the session untouched
+}
+
+TEST_F(Engine, TopKSelectionIsRealAndTiesKeepLowerIds) {
+  // 300 tokens -> 75 CSA entries, index_topk 16: the indexer selects a strict subset,
+  // ordered by descending score with equal scores in ascending entry id.
+  const auto p = Prompt(300, tf_->args().vocab_size, 5);
+  auto s = tf_->NewSession();
+  model::ForwardTrace trace;
+  BatchItem it{s.get(), p, nullptr, &trace};
+  ASSERT_TRUE(tf_->Forward(std::span<BatchItem>(&it, 1)).ok());
+  for (size_t c = 0; c < trace.indexer_topk.size(); ++c) {
+    const auto& sel = trace.indexer_topk[c];
+    const auto& sc = trace.indexer_scores[c];
+    ASSERT_EQ(sc.size(), 75u);
+    ASSERT_EQ(sel.size(), static_cast<size_t>(tf_->args().index_topk));
+    for (size_t j = 1; j < sel.size(); ++j) {
+      ASSERT_GE(sc[sel[j - 1]], sc[sel[j]]);
+      if (sc[sel[j - 1]] == sc[sel[j]]) EXPECT_LT(sel[j - 1], sel[j]);
+    }
+    float kth = sc[sel.back()];
+    for (size_t t = 0; t < sc.size(); ++t)
+      if (std::find(sel.begin(), sel.end(), static_cast<int32_t>(t)) == sel.end()) EXPECT_LE(sc[t], kth);
+  }
+}
+
+TEST(RandomCheckpoint, DeterministicPerSeed) {
+  const auto a = SmallVocabTiny(2);
+  const std::string d1 = WriteModel(a, "det1", 11), d2 = WriteModel(a, "det2", 11), d3 = WriteModel(a, "det3", 12);
+  auto bytes = [](const std::string& p) { std::ifstream in(p, std::ios::binary); std::stringstream s; s << in.rdbuf(); return s.str(); };
+  EXPECT_EQ(bytes(d1 + "/model.safetensors"), bytes(d2 + "/model.safetensors"));
+  EXPECT_NE(bytes(d1 + "/model.safetensors"), bytes(d3 + "/model.safetensors"));
+  for (const auto& d : {d1, d2, d3}) std::filesystem::remove_all(d);
+}
+
+TEST(RandomCheckpoint, ActivationsStayFiniteAndOrderOneOverManyLayers) {
+  const auto a = SmallVocabTiny(24);
+  const std::string dir = WriteModel(a, "deep", 3);
+  auto tf = Transformer::Load(dir, kernels::CpuBackend());
+  ASSERT_TRUE(tf.ok()) << tf.status();
+  auto s = (*tf)->NewSession();
+  const auto p = Prompt(200, a.vocab_size, 9);
+  model::ForwardTrace trace;
+  std::vector<float> logits;
+  BatchItem it{s.get(), p, &logits, &trace};
+  ASSERT_TRUE((*tf)->Forward(std::span<BatchItem>(&it, 1)).ok());
+  double ss = 0;
+  for (float v : trace.hidden_hc) { ASSERT_TRUE(std::isfinite(v)); ss += v * v; }
+  const double rms = std::sqrt(ss / trace.hidden_hc.size());
+  double ls = 0;
+  for (float v : logits) { ASSERT_TRUE(std::isfinite(v)); ls += v * v; }
+  const double lrms = std::sqrt(ls / logits.size());
+  std::printf("24 layers: residual RMS %.3f, logits RMS %.3f\n", rms, lrms);
+  EXPECT_GT(rms, 0.1);
+  EXPECT_LT(rms, 10.0);
+  EXPECT_GT(lrms, 0.1);
+  EXPECT_LT(lrms, 20.0);
+  std::filesystem::remove_all(dir);
+}
+
+// The SwiGLU clamp, tested directly: gate is capped at +limit, up clamped to [-limit, limit].
+TEST(Expert, SwigluClampAtLimit) {
+  model::ModelArgs a = SmallVocabTiny(1);
+  a.dim = 128;
+  a.swiglu_limit = 10.0f;
+  model::ExpertWeights w;
+  auto dense = [](int64_t rows, int64_t cols, float v) {
+    kernels::WeightMatrix m;
+    m.format = kernels::WeightFormat::kFp8Block128;
+    m.rows = rows;
+    m.cols = cols;
+    m.values.assign(rows * cols, v);
+    m.scales.assign(((rows + 127) / 128) * ((cols + 127) / 128), 1.0f);
+    return m;
+  };
+  // x = e0 * 1.0: w1 row = 16 -> gate 16 (clamped to 10); w3 row = -32 -> up -32 (clamped to -10).
+  w.w1 = dense(128, 128, 0.0f);
+  w.w3 = dense(128, 128, 0.0f);
+  w.w2 = dense(128, 128, 0.0f);
+  w.w1.values[0] = 16.0f;
+  w.w3.values[0] = -32.0f;
+  w.w2.values[0] = 1.0f;  // out[0] = h[0]
+  std::vector<float> x(128, 0.0f), out(128);
+  x[0] = 1.0f;
+  model::Expert e(a, w, kernels::CpuBackend());
+  e.Forward(x.data(), 1, nullptr, out.data());
+  // out[0] = w2 · h with h = bf16(silu(g) * u) re-quantized to FP8 per 128 (one nonzero: exact).
+  auto expected = [](float g, float u) {
+    const float h = num::RoundBf16(g / (1.0f + std::exp(-g)) * u);
+    const float s = num::Fp8BlockScale(std::fabs(h));
+    return num::RoundBf16(num::RoundE4m3(h / s) * s);
+  };
+  EXPECT_EQ(out[0], expected(10.0f, -10.0f));  // -96: both clamps fired
+  a.swiglu_limit = 0.0f;  // no clamp
+  model::Expert e2(a, w, kernels::CpuBackend());
+  e2.Forward(x.data(), 1, nullptr, out.data());
+  EXPECT_EQ(out[0], expected(16.0f, -32.0f));
+  EXPECT_LT(out[0], -400.0f);
+}
+
+}  // namespace
+}  // namespace flashmem::testing
