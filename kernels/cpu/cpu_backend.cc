@@ -1,6 +1,8 @@
 // The exact CPU reference backend. Arithmetic follows the official DeepSeek-V4 reference
 // (model.py + its kernels) rounding point by rounding point; only the summation order inside
 // dot products differs. OpenMP spreads the big loops over the cores.
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -12,14 +14,25 @@
 namespace flashmem::kernels {
 namespace {
 
-// fp32 dot product with 8 independent accumulators (vectorizes without fast-math; the order is
-// fixed, so results are reproducible).
+// fp32 dot product in a fixed order (reproducible): 16 lanes of partial sums, then a fixed
+// pairwise reduction. AVX2 where the build allows it; the scalar path computes the same order.
 inline float Dot(const float* a, const float* b, int64_t n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
-  float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+  float lanes[16] = {};
+#if defined(__AVX2__)
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    s0 = _mm256_add_ps(s0, _mm256_mul_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)));
+    s1 = _mm256_add_ps(s1, _mm256_mul_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8)));
+  }
+  _mm256_storeu_ps(lanes, s0);
+  _mm256_storeu_ps(lanes + 8, s1);
+#else
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) lanes[j] += a[i + j] * b[i + j];
+#endif
+  for (int j = 0; j < 8; ++j) lanes[j] += lanes[j + 8];
+  float s = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
 }
