@@ -7,6 +7,7 @@
 #include "gtest/gtest.h"
 #include "kernels/numerics.h"
 #include "kernels/ops.h"
+#include "kernels/topk.h"
 
 namespace flashmem::kernels {
 namespace {
@@ -171,6 +172,22 @@ TEST(HyperConnections, SinkhornIsNearlyDoublyStochastic) {
   for (int i = 0; i < hc; ++i) ident[i * hc + i] = 1.0f;
   be.HcPost(y.data(), x.data(), zero.data(), ident.data(), hc, dim, out.data());
   EXPECT_EQ(out, x);
+}
+
+}  // namespace
+}  // namespace flashmem::kernels
+
+namespace flashmem::kernels {
+namespace {
+
+TEST(TopK, DescendingWithTiesInAscendingIndexOrder) {
+  const std::vector<float> s = {1.0f, 3.0f, 2.0f, 3.0f, 2.0f, -1.0f, 3.0f};
+  EXPECT_EQ(TopKIndices(s, 4), (std::vector<int32_t>{1, 3, 6, 2}));
+  EXPECT_EQ(TopKIndices(s, 5), (std::vector<int32_t>{1, 3, 6, 2, 4}));
+  EXPECT_EQ(TopKIndices(s, 100).size(), s.size());  // k larger than n: every index
+  EXPECT_TRUE(TopKIndices(s, 0).empty());
+  const std::vector<float> inf = {-INFINITY, 0.0f, -INFINITY};
+  EXPECT_EQ(TopKIndices(inf, 3), (std::vector<int32_t>{1, 0, 2}));
 }
 
 }  // namespace

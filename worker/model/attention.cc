@@ -6,6 +6,7 @@
 #include <numeric>
 
 #include "kernels/numerics.h"
+#include "kernels/topk.h"
 
 namespace flashmem::model {
 
@@ -211,12 +212,7 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
         ls.index_keys.Append(ientry.data());
       const int64_t ih = indexer_->n_local_heads(), ihd = args_.index_head_dim;
       indexer_->Scores(iq.data() + i * ih * ihd, iw.data() + i * ih, ls.index_keys, &scores);
-      const int64_t k = std::min<int64_t>(args_.index_topk, static_cast<int64_t>(scores.size()));
-      selected.resize(scores.size());
-      std::iota(selected.begin(), selected.end(), 0);
-      // Descending score; equal (bf16) scores keep the lower entry id first.
-      std::stable_sort(selected.begin(), selected.end(), [&](int32_t a, int32_t b) { return scores[a] > scores[b]; });
-      selected.resize(k);
+      selected = kernels::TopKIndices(scores, args_.index_topk);
       if (row.trace) {
         row.trace->indexer_scores[csa_index_] = scores;
         row.trace->indexer_topk[csa_index_] = selected;

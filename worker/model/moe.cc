@@ -5,6 +5,7 @@
 #include <numeric>
 
 #include "kernels/numerics.h"
+#include "kernels/topk.h"
 
 namespace flashmem::model {
 
@@ -22,7 +23,6 @@ void Gate::Route(const float* x, std::span<const int32_t> tokens, std::vector<in
   ids->resize(n * k);
   weights->resize(n * k);
   std::vector<float> scores(E), biased(E);
-  std::vector<int32_t> order(E);
   for (int64_t i = 0; i < n; ++i) {
     const float* lg = logits.data() + i * E;
     switch (args_.score_func) {
@@ -49,9 +49,8 @@ void Gate::Route(const float* x, std::span<const int32_t> tokens, std::vector<in
     } else {
       // The bias shifts selection only; ties keep the lower expert id first.
       for (int64_t e = 0; e < E; ++e) biased[e] = scores[e] + (w_.bias.empty() ? 0.0f : w_.bias[e]);
-      std::iota(order.begin(), order.end(), 0);
-      std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return biased[a] > biased[b]; });
-      std::copy_n(order.begin(), k, id);
+      const std::vector<int32_t> top = kernels::TopKIndices(biased, k);
+      std::copy_n(top.begin(), k, id);
     }
     float* wt = weights->data() + i * k;
     float sum = 0.0f;
