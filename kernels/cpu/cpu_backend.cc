@@ -61,6 +61,18 @@ void QuantizeActivations(const float* x, int64_t n, int64_t k, std::vector<float
   }
 }
 
+// Quantize-dequantize per block: pow2 scale from the block's amax, clamp, round to the grid,
+// scale back, store as bf16 (the reference's in-place act_quant / fp4_act_quant).
+void RoundTrip(float* x, int64_t n, int64_t block, float (*scale_of)(float), float (*round)(float), float qmax) {
+  for (int64_t b = 0; b < n / block; ++b) {
+    float* xb = x + b * block;
+    float amax = 0.0f;
+    for (int64_t i = 0; i < block; ++i) amax = std::max(amax, std::fabs(xb[i]));
+    const float scale = scale_of(amax);
+    for (int64_t i = 0; i < block; ++i) xb[i] = num::RoundBf16(round(std::clamp(xb[i] / scale, -qmax, qmax)) * scale);
+  }
+}
+
 class CpuBackendImpl final : public Backend {
  public:
   const char* name() const override { return "cpu"; }
@@ -140,29 +152,11 @@ class CpuBackendImpl final : public Backend {
   }
 
   void Fp8RoundTrip(float* x, int64_t n, int64_t block) const override {
-    for (int64_t b = 0; b < n / block; ++b) {
-      float* xb = x + b * block;
-      float amax = 0.0f;
-      for (int64_t i = 0; i < block; ++i) amax = std::max(amax, std::fabs(xb[i]));
-      const float scale = num::Fp8BlockScale(amax);
-      for (int64_t i = 0; i < block; ++i) {
-        const float v = std::clamp(xb[i] / scale, -num::kE4m3Max, num::kE4m3Max);
-        xb[i] = num::RoundBf16(num::RoundE4m3(v) * scale);
-      }
-    }
+    RoundTrip(x, n, block, num::Fp8BlockScale, num::RoundE4m3, num::kE4m3Max);
   }
 
   void Fp4RoundTrip(float* x, int64_t n, int64_t block) const override {
-    for (int64_t b = 0; b < n / block; ++b) {
-      float* xb = x + b * block;
-      float amax = 0.0f;
-      for (int64_t i = 0; i < block; ++i) amax = std::max(amax, std::fabs(xb[i]));
-      const float scale = num::Fp4BlockScale(amax);
-      for (int64_t i = 0; i < block; ++i) {
-        const float v = std::clamp(xb[i] / scale, -num::kE2m1Max, num::kE2m1Max);
-        xb[i] = num::RoundBf16(num::RoundE2m1(v) * scale);
-      }
-    }
+    RoundTrip(x, n, block, num::Fp4BlockScale, num::RoundE2m1, num::kE2m1Max);
   }
 
   void Hadamard(float* x, int64_t rows, int64_t dim) const override {
