@@ -1,0 +1,106 @@
+// PageStore: memtier's core, transport-free. Pages are committed write-through (RocksDB WAL
+// first, then the RAM tier), recalled from RAM or promoted from RocksDB, prefetched ahead of use
+// by rank, and evicted from RAM between watermarks with the prefetch ranking (pages predicted to
+// be needed soon go last). Every tier crossing verifies the xxh3 checksum; a mismatch marks the
+// page bad and is an error, never data.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "memtier/store/page_key.h"
+#include "memtier/store/ram_tier.h"
+#include "memtier/store/rocks_tier.h"
+
+namespace flashmem::memtier {
+
+struct PageStoreOptions {
+  RamTierOptions ram;
+  RocksTierOptions rocks;
+  double high_watermark = 0.90;  // evict when RAM use exceeds this fraction of capacity...
+  double low_watermark = 0.75;   // ...down to this fraction
+  uint64_t max_page_bytes = 64ull << 20;
+  uint64_t max_state_bytes = 256ull << 20;
+};
+
+struct PageInfo {
+  PageKey key;
+  PageMeta meta;
+  bool in_ram = false;
+  bool bad = false;
+};
+
+struct StoreCounters {
+  uint64_t commits = 0, pages_committed = 0, bytes_committed = 0;
+  uint64_t ram_hits = 0, ram_misses = 0, promotions = 0, evictions = 0;
+  uint64_t checksum_failures = 0, prefetch_promotions = 0;
+  uint64_t pages_total = 0, bytes_total = 0, pages_in_ram = 0, bytes_in_ram = 0;
+};
+
+class PageStore {
+ public:
+  static absl::StatusOr<std::unique_ptr<PageStore>> Open(const PageStoreOptions& options);
+
+  absl::Status OpenSession(uint64_t session);
+  // Releases the session's RAM copies; its pages stay durable.
+  absl::Status CloseSession(uint64_t session);
+  // Deletes the session's pages (range delete) and state.
+  absl::Status DropSession(uint64_t session);
+  bool HasSession(uint64_t session) const;
+
+  // Write-through commit of pages whose bytes the caller holds; returns after the WAL has them.
+  absl::Status Commit(uint64_t session, std::span<const PageWrite> pages);
+  // Copies a page into dst (dst.size() >= its length); RAM hit, or promotion from RocksDB.
+  absl::StatusOr<PageMeta> Recall(const PageKey& key, std::span<uint8_t> dst);
+  // Ranked candidates (most needed first): kept in RAM last on eviction, promoted from RocksDB
+  // in rank order until `deadline`. Returns the number promoted.
+  absl::StatusOr<int64_t> Prefetch(uint64_t session, std::span<const PageKey> ranked,
+                                   std::chrono::steady_clock::time_point deadline);
+  absl::StatusOr<std::vector<PageInfo>> ListPages(uint64_t session) const;
+  absl::StatusOr<PageMeta> Lookup(const PageKey& key) const;
+
+  // Versioned state blob: a put must carry a version above the stored one.
+  absl::Status PutState(uint64_t session, uint64_t version, std::span<const uint8_t> bytes);
+  absl::StatusOr<StateBlob> GetState(uint64_t session) const;
+
+  StoreCounters counters() const;
+  RamTierStats ram_stats() const { return ram_->stats(); }
+  RamTier& ram() { return *ram_; }
+  RocksTier& rocks() { return *rocks_; }
+  const PageStoreOptions& options() const { return options_; }
+
+ private:
+  struct Entry {
+    PageMeta meta;
+    bool in_ram = false;
+    bool bad = false;
+    RamSlot slot;
+    uint64_t last_use = 0;
+    int64_t rank = -1;  // position in the latest prefetch ranking (-1: not ranked)
+  };
+  explicit PageStore(const PageStoreOptions& o) : options_(o) {}
+  // Copies bytes into a fresh RAM slot, evicting first when needed. False when RAM cannot hold it.
+  bool PlaceInRam(Entry& e, std::span<const uint8_t> bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void EvictToLowWatermark() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void DropFromRam(Entry& e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status PromoteLocked(const PageKey& key, Entry& e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  PageStoreOptions options_;
+  std::unique_ptr<RamTier> ram_;
+  std::unique_ptr<RocksTier> rocks_;
+  mutable absl::Mutex mu_;
+  absl::flat_hash_map<PageKey, Entry> index_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_set<uint64_t> sessions_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<uint64_t, uint64_t> state_versions_ ABSL_GUARDED_BY(mu_);
+  uint64_t tick_ ABSL_GUARDED_BY(mu_) = 0;
+  StoreCounters counters_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace flashmem::memtier
