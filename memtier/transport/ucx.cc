@@ -1,0 +1,185 @@
+#include "memtier/transport/ucx.h"
+
+#include <poll.h>
+#include <ucp/api/ucp.h>
+
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+
+namespace flashmem::memtier::ucx {
+namespace {
+
+absl::Status FromUcs(ucs_status_t s, absl::string_view what) {
+  if (s == UCS_OK) return absl::OkStatus();
+  const std::string msg = absl::StrCat(what, ": ", ucs_status_string(s));
+  switch (s) {
+    case UCS_ERR_UNREACHABLE: case UCS_ERR_CONNECTION_RESET: case UCS_ERR_ENDPOINT_TIMEOUT:
+    case UCS_ERR_REJECTED: case UCS_ERR_CANCELED:
+      return absl::UnavailableError(msg);
+    case UCS_ERR_INVALID_PARAM: case UCS_ERR_INVALID_ADDR:
+      return absl::InvalidArgumentError(msg);
+    default:
+      return absl::InternalError(msg);
+  }
+}
+
+}  // namespace
+
+// ---- Region ------------------------------------------------------------------------------------
+
+Region::~Region() {
+  if (memh_) ucp_mem_unmap(ctx_, memh_);
+}
+
+// ---- Worker ------------------------------------------------------------------------------------
+
+absl::StatusOr<std::unique_ptr<Worker>> Worker::Create() {
+  std::unique_ptr<Worker> w(new Worker());
+  ucp_config_t* config = nullptr;
+  if (auto s = FromUcs(ucp_config_read(nullptr, nullptr, &config), "ucp_config_read"); !s.ok()) return s;
+  ucp_params_t params{};
+  params.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_MT_WORKERS_SHARED;
+  params.features = UCP_FEATURE_RMA | UCP_FEATURE_WAKEUP;
+  params.mt_workers_shared = 1;
+  ucs_status_t st = ucp_init(&params, config, &w->ctx_);
+  ucp_config_release(config);
+  if (auto s = FromUcs(st, "ucp_init"); !s.ok()) return s;
+  ucp_worker_params_t wp{};
+  wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
+  wp.thread_mode = UCS_THREAD_MODE_MULTI;
+  if (auto s = FromUcs(ucp_worker_create(w->ctx_, &wp, &w->worker_), "ucp_worker_create"); !s.ok()) return s;
+  if (auto s = FromUcs(ucp_worker_get_efd(w->worker_, &w->event_fd_), "ucp_worker_get_efd"); !s.ok()) return s;
+  ucp_address_t* addr = nullptr;
+  size_t len = 0;
+  if (auto s = FromUcs(ucp_worker_get_address(w->worker_, &addr, &len), "ucp_worker_get_address"); !s.ok()) return s;
+  w->address_.assign(reinterpret_cast<const char*>(addr), len);
+  ucp_worker_release_address(w->worker_, addr);
+  w->progress_ = std::thread([p = w.get()] { p->ProgressLoop(); });
+  return w;
+}
+
+Worker::~Worker() {
+  stop_.store(true);
+  if (worker_) ucp_worker_signal(worker_);
+  if (progress_.joinable()) progress_.join();
+  if (worker_) ucp_worker_destroy(worker_);
+  if (ctx_) ucp_cleanup(ctx_);
+}
+
+void Worker::Progress() { ucp_worker_progress(worker_); }
+
+// Drives the worker for operations others post to it (RMA emulated with active messages over
+// tcp needs the target to progress), sleeping on the event fd when there is nothing to do.
+void Worker::ProgressLoop() {
+  while (!stop_.load()) {
+    while (ucp_worker_progress(worker_) != 0) {
+    }
+    const ucs_status_t s = ucp_worker_arm(worker_);
+    if (s == UCS_ERR_BUSY) continue;
+    pollfd pfd{event_fd_, POLLIN, 0};
+    ::poll(&pfd, 1, 10);
+  }
+}
+
+absl::StatusOr<std::unique_ptr<Region>> Worker::Map(void* base, uint64_t bytes) {
+  std::unique_ptr<Region> r(new Region());
+  r->ctx_ = ctx_;
+  r->base_ = base;
+  r->bytes_ = bytes;
+  ucp_mem_map_params_t mp{};
+  mp.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH;
+  mp.address = base;
+  mp.length = bytes;
+  if (auto s = FromUcs(ucp_mem_map(ctx_, &mp, &r->memh_), "ucp_mem_map"); !s.ok()) return s;
+  void* packed = nullptr;
+  size_t len = 0;
+  if (auto s = FromUcs(ucp_rkey_pack(ctx_, r->memh_, &packed, &len), "ucp_rkey_pack"); !s.ok()) return s;
+  r->rkey_.assign(static_cast<const char*>(packed), len);
+  ucp_rkey_buffer_release(packed);
+  return r;
+}
+
+absl::StatusOr<std::unique_ptr<Peer>> Worker::Connect(const std::string& address, const std::string& packed_rkey,
+                                                      uint64_t remote_base, uint64_t remote_bytes) {
+  if (address.size() < 8) return absl::InvalidArgumentError(absl::StrCat("UCX worker address of ", address.size(), " bytes is malformed"));
+  if (packed_rkey.empty()) return absl::InvalidArgumentError("empty packed rkey");
+  std::unique_ptr<Peer> p(new Peer());
+  p->worker_ = this;
+  p->remote_base_ = remote_base;
+  p->remote_bytes_ = remote_bytes;
+  ucp_ep_params_t ep{};
+  ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
+  ep.address = reinterpret_cast<const ucp_address_t*>(address.data());
+  ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+  ep.err_handler.cb = reinterpret_cast<ucp_err_handler_cb_t>(&Peer::OnError);
+  ep.err_handler.arg = p.get();
+  // Shared-memory transports have no peer-failure detection: there the endpoint is created
+  // without it, and a dead same-node peer is noticed by the control plane (gRPC) instead.
+  if (ucp_ep_create(worker_, &ep, &p->ep_) != UCS_OK) {
+    ep.field_mask &= ~(UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER);
+    if (auto s = FromUcs(ucp_ep_create(worker_, &ep, &p->ep_), "ucp_ep_create"); !s.ok()) return s;
+    p->peer_failure_detection_ = false;
+  }
+  if (auto s = FromUcs(ucp_ep_rkey_unpack(p->ep_, packed_rkey.data(), &p->rkey_), "ucp_ep_rkey_unpack"); !s.ok())
+    return absl::InvalidArgumentError(s.message());
+  return p;
+}
+
+// ---- Peer --------------------------------------------------------------------------------------
+
+void Peer::OnError(void* arg, ucp_ep_h, int) { static_cast<Peer*>(arg)->failed_.store(true); }
+
+Peer::~Peer() {
+  if (rkey_) ucp_rkey_destroy(rkey_);
+  if (ep_) {
+    ucp_request_param_t rp{};
+    rp.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+    rp.flags = UCP_EP_CLOSE_FLAG_FORCE;
+    void* req = ucp_ep_close_nbx(ep_, &rp);
+    if (UCS_PTR_IS_PTR(req)) {
+      while (ucp_request_check_status(req) == UCS_INPROGRESS) worker_->Progress();
+      ucp_request_free(req);
+    }
+  }
+}
+
+absl::Status Peer::CheckRange(uint64_t remote_addr, uint64_t bytes) const {
+  if (failed_.load()) return absl::UnavailableError("UCX endpoint failed: the peer must reconnect");
+  if (remote_addr < remote_base_ || bytes > remote_bytes_ || remote_addr - remote_base_ > remote_bytes_ - bytes)
+    return absl::InvalidArgumentError(absl::StrCat("remote range [", remote_addr, ", +", bytes, ") is outside the registered buffer"));
+  return absl::OkStatus();
+}
+
+absl::Status Peer::Wait(void* request, const char* what) {
+  if (request == nullptr) return absl::OkStatus();  // completed in place
+  if (UCS_PTR_IS_ERR(request)) {
+    failed_.store(true);
+    return FromUcs(UCS_PTR_STATUS(request), what);
+  }
+  ucs_status_t s;
+  while ((s = ucp_request_check_status(request)) == UCS_INPROGRESS) worker_->Progress();
+  ucp_request_free(request);
+  if (s != UCS_OK) failed_.store(true);
+  return FromUcs(s, what);
+}
+
+absl::Status Peer::Put(const void* local, uint64_t bytes, uint64_t remote_addr) {
+  if (auto s = CheckRange(remote_addr, bytes); !s.ok()) return s;
+  ucp_request_param_t rp{};
+  return Wait(ucp_put_nbx(ep_, local, bytes, remote_addr, rkey_, &rp), "ucp_put_nbx");
+}
+
+absl::Status Peer::Get(void* local, uint64_t bytes, uint64_t remote_addr) {
+  if (auto s = CheckRange(remote_addr, bytes); !s.ok()) return s;
+  ucp_request_param_t rp{};
+  return Wait(ucp_get_nbx(ep_, local, bytes, remote_addr, rkey_, &rp), "ucp_get_nbx");
+}
+
+absl::Status Peer::Flush() {
+  if (failed_.load()) return absl::UnavailableError("UCX endpoint failed: the peer must reconnect");
+  ucp_request_param_t rp{};
+  return Wait(ucp_ep_flush_nbx(ep_, &rp), "ucp_ep_flush_nbx");
+}
+
+}  // namespace flashmem::memtier::ucx

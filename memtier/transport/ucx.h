@@ -1,0 +1,99 @@
+// UCX data plane of memtier: one context + worker per process (thread mode MULTI), a progress
+// thread that sleeps on the worker's event fd, memory regions mapped with ucp_mem_map and
+// published as packed rkeys, and peers (endpoints created from a worker address exchanged over
+// gRPC) that move bytes with ucp_put_nbx / ucp_get_nbx. Host memory only: neither this machine's
+// UCX nor the GPU machine's has CUDA support (../shared/gpu/README.md).
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "absl/status/statusor.h"
+
+typedef struct ucp_context* ucp_context_h;
+typedef struct ucp_worker* ucp_worker_h;
+typedef struct ucp_ep* ucp_ep_h;
+typedef struct ucp_mem* ucp_mem_h;
+typedef struct ucp_rkey* ucp_rkey_h;
+
+namespace flashmem::memtier::ucx {
+
+class Worker;
+
+// A local memory region registered with UCX; its packed rkey lets a peer read or write it.
+class Region {
+ public:
+  ~Region();
+  void* base() const { return base_; }
+  uint64_t bytes() const { return bytes_; }
+  const std::string& packed_rkey() const { return rkey_; }
+
+ private:
+  friend class Worker;
+  Region() = default;
+  ucp_context_h ctx_ = nullptr;
+  ucp_mem_h memh_ = nullptr;
+  void* base_ = nullptr;
+  uint64_t bytes_ = 0;
+  std::string rkey_;
+};
+
+// An endpoint to a remote worker plus the remote region it may access.
+class Peer {
+ public:
+  ~Peer();
+  // Copies `bytes` between local memory and remote_addr (inside the remote region); blocks until
+  // the operation completes. UNAVAILABLE when the endpoint has failed.
+  absl::Status Put(const void* local, uint64_t bytes, uint64_t remote_addr);
+  absl::Status Get(void* local, uint64_t bytes, uint64_t remote_addr);
+  // Remote completion of every put so far.
+  absl::Status Flush();
+  bool failed() const { return failed_.load(); }
+  uint64_t remote_base() const { return remote_base_; }
+  uint64_t remote_bytes() const { return remote_bytes_; }
+  // False on transports without peer-failure handling (shared memory).
+  bool peer_failure_detection() const { return peer_failure_detection_; }
+
+ private:
+  friend class Worker;
+  Peer() = default;
+  absl::Status Wait(void* request, const char* what);
+  absl::Status CheckRange(uint64_t remote_addr, uint64_t bytes) const;
+  Worker* worker_ = nullptr;
+  ucp_ep_h ep_ = nullptr;
+  ucp_rkey_h rkey_ = nullptr;
+  uint64_t remote_base_ = 0, remote_bytes_ = 0;
+  std::atomic<bool> failed_{false};
+  bool peer_failure_detection_ = true;
+  static void OnError(void* arg, ucp_ep_h ep, int status);
+};
+
+class Worker {
+ public:
+  static absl::StatusOr<std::unique_ptr<Worker>> Create();
+  ~Worker();
+
+  const std::string& address() const { return address_; }
+  absl::StatusOr<std::unique_ptr<Region>> Map(void* base, uint64_t bytes);
+  // Endpoint to the worker at `address` that may access [remote_base, remote_base + remote_bytes)
+  // through `packed_rkey`. INVALID_ARGUMENT for a malformed address or rkey.
+  absl::StatusOr<std::unique_ptr<Peer>> Connect(const std::string& address, const std::string& packed_rkey,
+                                                uint64_t remote_base, uint64_t remote_bytes);
+  void Progress();
+  ucp_worker_h raw() const { return worker_; }
+
+ private:
+  Worker() = default;
+  void ProgressLoop();
+  ucp_context_h ctx_ = nullptr;
+  ucp_worker_h worker_ = nullptr;
+  int event_fd_ = -1;
+  std::string address_;
+  std::atomic<bool> stop_{false};
+  std::thread progress_;
+};
+
+}  // namespace flashmem::memtier::ucx
