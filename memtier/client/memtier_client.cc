@@ -1,0 +1,282 @@
+#include "memtier/client/memtier_client.h"
+
+#include <grpcpp/grpcpp.h>
+
+#include <cstring>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+#include "memtier.grpc.pb.h"
+#include "memtier/transport/ucx.h"
+
+namespace flashmem::memtier {
+
+struct MemTierClient::Rpc {
+  std::shared_ptr<grpc::Channel> channel;
+  std::unique_ptr<v1::MemTier::Stub> stub;
+};
+
+namespace {
+
+absl::Status FromGrpc(const grpc::Status& s, absl::string_view what) {
+  if (s.ok()) return absl::OkStatus();
+  return absl::Status(static_cast<absl::StatusCode>(s.error_code()), absl::StrCat(what, ": ", s.error_message()));
+}
+
+void SetId(v1::PageId* id, const PageKey& k) {
+  id->set_session(k.session);
+  id->set_layer(k.layer);
+  id->set_page(k.page);
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<MemTierClient>> MemTierClient::Connect(const MemTierClientOptions& options) {
+  if (options.buffer_bytes == 0) return absl::InvalidArgumentError("buffer_bytes must be positive");
+  std::unique_ptr<MemTierClient> c(new MemTierClient(options));
+  c->rpc_ = std::make_unique<Rpc>();
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(64 << 20);
+  c->rpc_->channel = grpc::CreateCustomChannel(options.target, grpc::InsecureChannelCredentials(), args);
+  c->rpc_->stub = v1::MemTier::NewStub(c->rpc_->channel);
+  FM_ASSIGN_OR_RETURN(c->worker_, ucx::Worker::Create());
+  c->buffer_.assign(options.buffer_bytes, 0);
+  FM_ASSIGN_OR_RETURN(c->region_, c->worker_->Map(c->buffer_.data(), c->buffer_.size()));
+  {
+    absl::MutexLock l(&c->mu_);
+    FM_RETURN_IF_ERROR(c->Register());
+  }
+  c->async_ = std::thread([p = c.get()] { p->AsyncLoop(); });
+  return c;
+}
+
+MemTierClient::MemTierClient(const MemTierClientOptions& o) : options_(o) {}
+
+MemTierClient::~MemTierClient() {
+  {
+    std::lock_guard<std::mutex> l(qmu_);
+    stop_ = true;
+  }
+  qcv_.notify_all();
+  if (async_.joinable()) async_.join();
+}
+
+uint64_t MemTierClient::epoch() const {
+  absl::MutexLock l(&mu_);
+  return epoch_;
+}
+
+absl::Status MemTierClient::Register() {
+  v1::ConnectRequest req;
+  req.set_worker_address(worker_->address());
+  req.set_rkey(region_->packed_rkey());
+  req.set_buffer_address(reinterpret_cast<uint64_t>(buffer_.data()));
+  req.set_buffer_bytes(buffer_.size());
+  req.set_client_name(options_.name);
+  v1::ConnectResponse resp;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + options_.rpc_timeout);
+  FM_RETURN_IF_ERROR(FromGrpc(rpc_->stub->Connect(&ctx, req, &resp), "connect"));
+  client_id_ = resp.client_id();
+  epoch_ = resp.epoch();
+  return absl::OkStatus();
+}
+
+template <typename F>
+absl::Status MemTierClient::WithReconnect(F&& call) {
+  auto backoff = options_.backoff_initial;
+  absl::Status st;
+  for (int attempt = 0;; ++attempt) {
+    st = call(client_id_, epoch_);
+    const bool retry = absl::IsUnavailable(st) ||
+                       (absl::IsFailedPrecondition(st) && (absl::StrContains(st.message(), "stale epoch") ||
+                                                           absl::StrContains(st.message(), "unknown client")));
+    if (!retry || attempt >= options_.reconnect_attempts) return st;
+    std::this_thread::sleep_for(backoff);
+    backoff = std::min(backoff * 2, std::chrono::milliseconds(2000));
+    if (Register().ok()) ++reconnects_;
+  }
+}
+
+absl::Status MemTierClient::OpenSession(uint64_t session) {
+  absl::MutexLock l(&mu_);
+  return WithReconnect([&](uint64_t, uint64_t) {
+    v1::SessionRequest req;
+    req.set_session(session);
+    v1::SessionResponse resp;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + options_.rpc_timeout);
+    return FromGrpc(rpc_->stub->OpenSession(&ctx, req, &resp), "open session");
+  });
+}
+
+absl::Status MemTierClient::CloseSession(uint64_t session) {
+  absl::MutexLock l(&mu_);
+  v1::SessionRequest req;
+  req.set_session(session);
+  v1::SessionResponse resp;
+  grpc::ClientContext ctx;
+  return FromGrpc(rpc_->stub->CloseSession(&ctx, req, &resp), "close session");
+}
+
+absl::Status MemTierClient::DropSession(uint64_t session) {
+  absl::MutexLock l(&mu_);
+  v1::SessionRequest req;
+  req.set_session(session);
+  v1::SessionResponse resp;
+  grpc::ClientContext ctx;
+  return FromGrpc(rpc_->stub->DropSession(&ctx, req, &resp), "drop session");
+}
+
+absl::Status MemTierClient::Commit(uint64_t session, std::span<const PageToCommit> pages) {
+  uint64_t total = 0;
+  for (const auto& p : pages) total += p.bytes.size();
+  if (total > buffer_.size())
+    return absl::InvalidArgumentError(absl::StrCat("commit of ", total, " bytes exceeds the registered buffer (", buffer_.size(), ")"));
+  absl::MutexLock l(&mu_);
+  v1::CommitRequest req;
+  req.set_session(session);
+  uint64_t at = 0;
+  for (const auto& p : pages) {
+    std::memcpy(buffer_.data() + at, p.bytes.data(), p.bytes.size());
+    v1::PageSlot* s = req.add_pages();
+    SetId(s->mutable_id(), p.key);
+    s->set_offset(at);
+    s->set_length(static_cast<uint32_t>(p.bytes.size()));
+    s->set_checksum(PageChecksum(p.bytes));  // the writer's checksum
+    at += p.bytes.size();
+  }
+  return WithReconnect([&](uint64_t id, uint64_t epoch) {
+    req.set_client_id(id);
+    req.set_epoch(epoch);
+    v1::CommitResponse resp;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + options_.rpc_timeout);
+    return FromGrpc(rpc_->stub->Commit(&ctx, req, &resp), "commit");
+  });
+}
+
+std::future<absl::Status> MemTierClient::CommitAsync(uint64_t session, std::span<const PageToCommit> pages, size_t max_queued) {
+  Queued q;
+  q.session = session;
+  for (const auto& p : pages) {
+    q.keys.push_back(p.key);
+    q.bytes.emplace_back(p.bytes.begin(), p.bytes.end());
+  }
+  std::future<absl::Status> f = q.done.get_future();
+  std::unique_lock<std::mutex> l(qmu_);
+  qcv_.wait(l, [&] { return queue_.size() < std::max<size_t>(1, max_queued) || stop_; });  // back-pressure
+  queue_.push_back(std::move(q));
+  qcv_.notify_all();
+  return f;
+}
+
+void MemTierClient::AsyncLoop() {
+  for (;;) {
+    Queued q;
+    {
+      std::unique_lock<std::mutex> l(qmu_);
+      qcv_.wait(l, [&] { return !queue_.empty() || stop_; });
+      if (queue_.empty()) return;
+      q = std::move(queue_.front());
+      queue_.pop_front();
+      qcv_.notify_all();
+    }
+    std::vector<PageToCommit> pages;
+    for (size_t i = 0; i < q.keys.size(); ++i) pages.push_back({q.keys[i], q.bytes[i]});
+    q.done.set_value(Commit(q.session, pages));
+  }
+}
+
+absl::Status MemTierClient::Recall(uint64_t session, std::span<PageToRecall> pages) {
+  uint64_t total = 0;
+  for (const auto& p : pages) total += p.dst.size();
+  if (total > buffer_.size())
+    return absl::InvalidArgumentError(absl::StrCat("recall of up to ", total, " bytes exceeds the registered buffer (", buffer_.size(), ")"));
+  absl::MutexLock l(&mu_);
+  v1::RecallRequest req;
+  req.set_session(session);
+  uint64_t at = 0;
+  for (const auto& p : pages) {
+    v1::PageSlot* s = req.add_pages();
+    SetId(s->mutable_id(), p.key);
+    s->set_offset(at);
+    s->set_length(static_cast<uint32_t>(p.dst.size()));
+    at += p.dst.size();
+  }
+  v1::RecallResponse resp;
+  FM_RETURN_IF_ERROR(WithReconnect([&](uint64_t id, uint64_t epoch) {
+    req.set_client_id(id);
+    req.set_epoch(epoch);
+    resp.Clear();
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + options_.rpc_timeout);
+    return FromGrpc(rpc_->stub->Recall(&ctx, req, &resp), "recall");
+  }));
+  if (resp.pages_size() != static_cast<int>(pages.size()))
+    return absl::InternalError(absl::StrCat("recall: memtier answered ", resp.pages_size(), " pages for ", pages.size()));
+  for (size_t i = 0; i < pages.size(); ++i) {
+    const v1::PageSlot& s = resp.pages(static_cast<int>(i));
+    const std::span<const uint8_t> got(buffer_.data() + req.pages(static_cast<int>(i)).offset(), s.length());
+    if (s.length() > pages[i].dst.size() || PageChecksum(got) != s.checksum())
+      return absl::DataLossError(absl::StrCat("recall: page ", ToString(pages[i].key), " failed its checksum after transfer"));
+    std::memcpy(pages[i].dst.data(), got.data(), got.size());
+    pages[i].length = s.length();
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<uint32_t> MemTierClient::Prefetch(uint64_t session, std::span<const PageKey> ranked, uint32_t deadline_ms) {
+  v1::PrefetchRequest req;
+  req.set_session(session);
+  req.set_deadline_ms(deadline_ms);
+  for (const PageKey& k : ranked) SetId(req.add_candidates(), k);
+  v1::PrefetchResponse resp;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + options_.rpc_timeout);
+  FM_RETURN_IF_ERROR(FromGrpc(rpc_->stub->Prefetch(&ctx, req, &resp), "prefetch"));
+  return resp.promoted();
+}
+
+absl::Status MemTierClient::PutState(uint64_t session, uint64_t version, std::span<const uint8_t> blob) {
+  v1::PutStateRequest req;
+  req.set_session(session);
+  req.set_version(version);
+  req.set_blob(std::string(blob.begin(), blob.end()));
+  v1::SessionResponse resp;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + options_.rpc_timeout);
+  return FromGrpc(rpc_->stub->PutState(&ctx, req, &resp), "put state");
+}
+
+absl::StatusOr<std::pair<uint64_t, std::vector<uint8_t>>> MemTierClient::GetState(uint64_t session) {
+  v1::SessionRequest req;
+  req.set_session(session);
+  v1::GetStateResponse resp;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + options_.rpc_timeout);
+  FM_RETURN_IF_ERROR(FromGrpc(rpc_->stub->GetState(&ctx, req, &resp), "get state"));
+  return std::make_pair(resp.version(), std::vector<uint8_t>(resp.blob().begin(), resp.blob().end()));
+}
+
+absl::StatusOr<RemoteStats> MemTierClient::Stats() {
+  v1::StatsRequest req;
+  v1::StatsResponse r;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + options_.rpc_timeout);
+  FM_RETURN_IF_ERROR(FromGrpc(rpc_->stub->Stats(&ctx, req, &r), "stats"));
+  RemoteStats s;
+  s.epoch = r.epoch();
+  s.pages_total = r.pages_total();
+  s.pages_in_ram = r.pages_in_ram();
+  s.evictions = r.evictions();
+  s.promotions = r.promotions();
+  s.checksum_failures = r.checksum_failures();
+  s.ram_hits = r.ram_hits();
+  s.ram_misses = r.ram_misses();
+  s.pinned_bytes = r.pinned_bytes();
+  return s;
+}
+
+}  // namespace flashmem::memtier

@@ -1,0 +1,107 @@
+// The library workers use to talk to memtier: one registered buffer (UCX), commit of pages
+// (synchronous or queued in the background), recall of a page set into caller buffers with the
+// checksum verified after transfer, prefetch hints, state blobs, and reconnection with backoff
+// when memtier restarts (stale epoch) or the endpoint fails. Every call returns absl::Status.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <future>
+#include <memory>
+#include <span>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "memtier/store/page_key.h"
+
+namespace flashmem::memtier {
+
+namespace ucx {
+class Worker;
+class Region;
+}  // namespace ucx
+
+struct MemTierClientOptions {
+  std::string target = "127.0.0.1:7070";  // memtier's gRPC address
+  uint64_t buffer_bytes = 64ull << 20;    // registered staging buffer (largest request)
+  std::string name = "client";
+  int reconnect_attempts = 8;             // per call, with exponential backoff
+  std::chrono::milliseconds backoff_initial{50};
+  std::chrono::milliseconds rpc_timeout{30000};
+};
+
+struct PageToCommit {
+  PageKey key;
+  std::span<const uint8_t> bytes;
+};
+
+struct PageToRecall {
+  PageKey key;
+  std::span<uint8_t> dst;  // at least the page's length
+  uint32_t length = 0;     // filled by Recall
+};
+
+struct RemoteStats {
+  uint64_t epoch = 0, pages_total = 0, pages_in_ram = 0, evictions = 0, promotions = 0, checksum_failures = 0;
+  uint64_t ram_hits = 0, ram_misses = 0, pinned_bytes = 0;
+};
+
+class MemTierClient {
+ public:
+  static absl::StatusOr<std::unique_ptr<MemTierClient>> Connect(const MemTierClientOptions& options);
+  ~MemTierClient();
+
+  absl::Status OpenSession(uint64_t session);
+  absl::Status CloseSession(uint64_t session);
+  absl::Status DropSession(uint64_t session);
+  // Durable when this returns OK (memtier's WAL has the pages).
+  absl::Status Commit(uint64_t session, std::span<const PageToCommit> pages);
+  // Queued commit (bounded queue: blocks when `max_queued` commits wait); the future carries
+  // the commit's status. The bytes are copied before this returns.
+  std::future<absl::Status> CommitAsync(uint64_t session, std::span<const PageToCommit> pages, size_t max_queued = 64);
+  // Recalls pages into the callers' buffers; checksums verified after transfer (DATA_LOSS on mismatch).
+  absl::Status Recall(uint64_t session, std::span<PageToRecall> pages);
+  absl::StatusOr<uint32_t> Prefetch(uint64_t session, std::span<const PageKey> ranked, uint32_t deadline_ms);
+  absl::Status PutState(uint64_t session, uint64_t version, std::span<const uint8_t> blob);
+  absl::StatusOr<std::pair<uint64_t, std::vector<uint8_t>>> GetState(uint64_t session);
+  absl::StatusOr<RemoteStats> Stats();
+  uint64_t epoch() const;
+  int reconnects() const { return reconnects_; }
+
+ private:
+  explicit MemTierClient(const MemTierClientOptions& o);
+  absl::Status Register();  // Connect RPC: (re)registers the buffer, learns the epoch
+  // Runs `call` (given client id and epoch); on stale epoch / unavailable, reconnects with backoff.
+  template <typename F>
+  absl::Status WithReconnect(F&& call);
+  void AsyncLoop();
+
+  MemTierClientOptions options_;
+  struct Rpc;  // gRPC channel and stub (kept out of this header)
+  std::unique_ptr<Rpc> rpc_;
+  std::unique_ptr<ucx::Worker> worker_;
+  std::vector<uint8_t> buffer_;
+  std::unique_ptr<ucx::Region> region_;
+  mutable absl::Mutex mu_;  // one request uses the buffer at a time
+  uint64_t client_id_ = 0, epoch_ = 0;
+  int reconnects_ = 0;
+  // Background commits.
+  struct Queued {
+    uint64_t session;
+    std::vector<PageKey> keys;
+    std::vector<std::vector<uint8_t>> bytes;
+    std::promise<absl::Status> done;
+  };
+  std::mutex qmu_;
+  std::condition_variable qcv_;
+  std::deque<Queued> queue_;
+  bool stop_ = false;
+  std::thread async_;
+};
+
+}  // namespace flashmem::memtier

@@ -1,0 +1,37 @@
+// A running memtier: PageStore + UCX worker + gRPC server (MemTier service and grpc.health.v1)
+// + Prometheus /metrics. Used by the flashmem-memtier binary and by in-process tests.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "memtier/store/page_store.h"
+
+namespace flashmem::memtier {
+
+struct MemTierServerOptions {
+  std::string grpc_listen = "127.0.0.1:7070";  // host:port; port 0 picks a free one
+  std::string metrics_listen;                  // host:port for /metrics; empty: no exporter
+  PageStoreOptions store;
+};
+
+class MemTierServer {
+ public:
+  static absl::StatusOr<std::unique_ptr<MemTierServer>> Start(const MemTierServerOptions& options);
+  ~MemTierServer();
+  int grpc_port() const;
+  std::string grpc_target() const;
+  uint64_t epoch() const;
+  void Wait();
+  void Shutdown();
+  PageStore& store();
+
+ private:
+  struct Impl;
+  explicit MemTierServer(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace flashmem::memtier

@@ -1,0 +1,61 @@
+// The MemTier gRPC service: control over gRPC, page bytes over UCX (memtier reads committed
+// pages from the client's registered buffer and writes recalled pages into it).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/synchronization/mutex.h"
+#include "memtier.grpc.pb.h"
+#include "memtier/store/page_store.h"
+#include "memtier/transport/ucx.h"
+
+namespace flashmem::memtier {
+
+struct ServiceLimits {
+  uint32_t max_pages_per_request = 65536;
+  uint64_t max_request_bytes = 1ull << 30;
+};
+
+class MemTierService final : public flashmem::v1::MemTier::Service {
+ public:
+  MemTierService(PageStore& store, ucx::Worker& worker, uint64_t epoch, ServiceLimits limits = {});
+
+  uint64_t epoch() const { return epoch_; }
+  uint64_t clients() const;
+
+  grpc::Status OpenSession(grpc::ServerContext*, const v1::SessionRequest*, v1::SessionResponse*) override;
+  grpc::Status CloseSession(grpc::ServerContext*, const v1::SessionRequest*, v1::SessionResponse*) override;
+  grpc::Status DropSession(grpc::ServerContext*, const v1::SessionRequest*, v1::SessionResponse*) override;
+  grpc::Status Connect(grpc::ServerContext*, const v1::ConnectRequest*, v1::ConnectResponse*) override;
+  grpc::Status Commit(grpc::ServerContext*, const v1::CommitRequest*, v1::CommitResponse*) override;
+  grpc::Status Recall(grpc::ServerContext*, const v1::RecallRequest*, v1::RecallResponse*) override;
+  grpc::Status Prefetch(grpc::ServerContext*, const v1::PrefetchRequest*, v1::PrefetchResponse*) override;
+  grpc::Status PutState(grpc::ServerContext*, const v1::PutStateRequest*, v1::SessionResponse*) override;
+  grpc::Status GetState(grpc::ServerContext*, const v1::SessionRequest*, v1::GetStateResponse*) override;
+  grpc::Status ListPages(grpc::ServerContext*, const v1::SessionRequest*, grpc::ServerWriter<v1::PageInfo>*) override;
+  grpc::Status Stats(grpc::ServerContext*, const v1::StatsRequest*, v1::StatsResponse*) override;
+
+ private:
+  struct Client {
+    std::unique_ptr<ucx::Peer> peer;
+    uint64_t base = 0, bytes = 0;
+    absl::Mutex mu;  // one transfer at a time per client endpoint
+  };
+  // The client of a data request, after epoch and identity checks.
+  absl::StatusOr<std::shared_ptr<Client>> Authorize(uint64_t client_id, uint64_t epoch);
+  absl::Status CheckSlots(const google::protobuf::RepeatedPtrField<v1::PageSlot>& pages, uint64_t session,
+                          const Client& c, uint64_t* total) const;
+  void DropClient(uint64_t client_id);
+
+  PageStore& store_;
+  ucx::Worker& worker_;
+  const uint64_t epoch_;
+  const ServiceLimits limits_;
+  mutable absl::Mutex mu_;
+  uint64_t next_client_ ABSL_GUARDED_BY(mu_) = 1;
+  absl::flat_hash_map<uint64_t, std::shared_ptr<Client>> clients_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace flashmem::memtier

@@ -1,0 +1,281 @@
+// memtier end to end in one process: a real gRPC server on 127.0.0.1, real UCX (ctest runs this
+// with UCX_TLS=tcp and with the shared-memory transports), real RocksDB in a temp dir, and the
+// client library workers use.
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/grpcpp.h>
+
+#include <filesystem>
+#include <random>
+#include <thread>
+
+#include "gtest/gtest.h"
+#include "memtier.grpc.pb.h"
+#include "memtier/client/memtier_client.h"
+#include "memtier/server/memtier_server.h"
+#include "memtier/transport/ucx.h"
+
+namespace flashmem::memtier {
+namespace {
+
+constexpr size_t kMainPage = 64 * 584;
+constexpr size_t kIndexPage = 64 * 132;
+
+std::vector<uint8_t> PageBytes(const PageKey& k, size_t n) {
+  std::mt19937_64 g(k.session * 1000003 + k.layer * 1009 + k.page);
+  std::vector<uint8_t> b(n);
+  for (auto& x : b) x = static_cast<uint8_t>(g());
+  return b;
+}
+
+class MemTierE2E : public ::testing::Test {
+ protected:
+  void SetUp() override { StartServer(64ull << 20); }
+  void TearDown() override {
+    server_.reset();
+    std::filesystem::remove_all(dir_);
+  }
+  void StartServer(uint64_t ram, int port = 0) {
+    if (dir_.empty()) {
+      dir_ = (std::filesystem::temp_directory_path() / ("fm_e2e_" + std::to_string(::getpid()) + "_" +
+                                                         ::testing::UnitTest::GetInstance()->current_test_info()->name())).string();
+      std::filesystem::remove_all(dir_);
+    }
+    MemTierServerOptions o;
+    o.grpc_listen = "127.0.0.1:" + std::to_string(port);
+    o.store.rocks.path = dir_;
+    o.store.ram.capacity_bytes = ram;
+    o.store.ram.chunk_bytes = 4ull << 20;
+    auto s = MemTierServer::Start(o);
+    ASSERT_TRUE(s.ok()) << s.status();
+    server_ = std::move(*s);
+  }
+  std::unique_ptr<MemTierClient> NewClient(const std::string& name, uint64_t buffer = 8ull << 20) {
+    MemTierClientOptions o;
+    o.target = server_->grpc_target();
+    o.name = name;
+    o.buffer_bytes = buffer;
+    auto c = MemTierClient::Connect(o);
+    EXPECT_TRUE(c.ok()) << c.status();
+    return c.ok() ? std::move(*c) : nullptr;
+  }
+  static absl::Status CommitRange(MemTierClient& c, uint64_t session, uint32_t layer, uint32_t first, uint32_t n, size_t size) {
+    std::vector<std::vector<uint8_t>> data;
+    std::vector<PageToCommit> pages;
+    for (uint32_t p = first; p < first + n; ++p) data.push_back(PageBytes({session, layer, p}, size));
+    for (uint32_t i = 0; i < n; ++i) pages.push_back({{session, layer, first + i}, data[i]});
+    return c.Commit(session, pages);
+  }
+  static void ExpectRange(MemTierClient& c, uint64_t session, uint32_t layer, uint32_t first, uint32_t n, size_t size) {
+    std::vector<std::vector<uint8_t>> bufs(n, std::vector<uint8_t>(size));
+    std::vector<PageToRecall> pages;
+    for (uint32_t i = 0; i < n; ++i) pages.push_back({{session, layer, first + i}, bufs[i]});
+    const absl::Status st = c.Recall(session, pages);
+    ASSERT_TRUE(st.ok()) << st;
+    for (uint32_t i = 0; i < n; ++i) {
+      ASSERT_EQ(pages[i].length, size);
+      ASSERT_EQ(bufs[i], PageBytes({session, layer, first + i}, size)) << "page " << first + i;
+    }
+  }
+  std::string dir_;
+  std::unique_ptr<MemTierServer> server_;
+};
+
+TEST_F(MemTierE2E, ThousandsOfPagesFromTwoConcurrentClientsRoundTrip) {
+  auto work = [&](uint64_t session) {
+    auto c = NewClient("c" + std::to_string(session));
+    ASSERT_TRUE(c);
+    ASSERT_TRUE(c->OpenSession(session).ok());
+    for (uint32_t b = 0; b < 40; ++b) {
+      ASSERT_TRUE(CommitRange(*c, session, 0, b * 50, 50, kMainPage).ok());
+      ASSERT_TRUE(CommitRange(*c, session, 1, b * 50, 50, kIndexPage).ok());
+    }
+    for (uint32_t b = 0; b < 40; ++b) {
+      ExpectRange(*c, session, 0, b * 50, 50, kMainPage);
+      ExpectRange(*c, session, 1, b * 50, 50, kIndexPage);
+    }
+  };
+  std::thread a(work, 1), b(work, 2);
+  a.join();
+  b.join();
+  EXPECT_EQ(server_->store().counters().pages_total, 8000u);
+}
+
+TEST_F(MemTierE2E, RamOverflowSpillsToRocksAndRecallBringsPagesBack) {
+  server_.reset();
+  StartServer(4ull << 20);  // ~100 main pages
+  auto c = NewClient("spill");
+  ASSERT_TRUE(c->OpenSession(3).ok());
+  for (uint32_t b = 0; b < 8; ++b) ASSERT_TRUE(CommitRange(*c, 3, 0, b * 50, 50, kMainPage).ok());
+  auto st = c->Stats();
+  ASSERT_TRUE(st.ok());
+  EXPECT_GT(st->evictions, 250u);
+  EXPECT_LT(st->pages_in_ram, 400u);
+  for (uint32_t b = 0; b < 8; ++b) ExpectRange(*c, 3, 0, b * 50, 50, kMainPage);
+  st = c->Stats();
+  EXPECT_GT(st->ram_misses, 0u);
+  EXPECT_GT(st->promotions, 0u);
+}
+
+TEST_F(MemTierE2E, CorruptedPageIsDetectedOnRecallAndOthersKeepBeingServed) {
+  auto c = NewClient("corrupt");
+  ASSERT_TRUE(c->OpenSession(8).ok());
+  ASSERT_TRUE(CommitRange(*c, 8, 0, 0, 4, kIndexPage).ok());
+  ASSERT_TRUE(c->CloseSession(8).ok());
+  auto bad = PageBytes({8, 0, 2}, kIndexPage);
+  bad[7] ^= 1;
+  ASSERT_TRUE(server_->store().rocks().CorruptPageForTesting({8, 0, 2}, bad).ok());
+  std::vector<uint8_t> buf(kIndexPage);
+  std::vector<PageToRecall> one = {{{8, 0, 2}, buf}};
+  const absl::Status st = c->Recall(8, one);
+  EXPECT_EQ(st.code(), absl::StatusCode::kDataLoss) << st;
+  EXPECT_EQ(c->Stats()->checksum_failures, 1u);
+  ExpectRange(*c, 8, 0, 0, 2, kIndexPage);
+}
+
+TEST_F(MemTierE2E, StateBlobsAreVersioned) {
+  auto c = NewClient("state");
+  ASSERT_TRUE(c->OpenSession(4).ok());
+  EXPECT_EQ(c->GetState(4).status().code(), absl::StatusCode::kNotFound);
+  std::vector<uint8_t> blob(300000, 7);
+  ASSERT_TRUE(c->PutState(4, 1, blob).ok());
+  blob[0] = 9;
+  ASSERT_TRUE(c->PutState(4, 2, blob).ok());
+  EXPECT_EQ(c->PutState(4, 2, blob).code(), absl::StatusCode::kFailedPrecondition);
+  auto got = c->GetState(4);
+  ASSERT_TRUE(got.ok());
+  EXPECT_EQ(got->first, 2u);
+  EXPECT_EQ(got->second, blob);
+}
+
+TEST_F(MemTierE2E, ClientReconnectsAfterMemtierRestartsWithoutLosingAckedPages) {
+  auto c = NewClient("restart");
+  ASSERT_TRUE(c->OpenSession(6).ok());
+  ASSERT_TRUE(CommitRange(*c, 6, 0, 0, 30, kMainPage).ok());
+  const uint64_t epoch = c->epoch();
+  const int port = server_->grpc_port();
+  server_.reset();
+  StartServer(64ull << 20, port);
+  ASSERT_TRUE(CommitRange(*c, 6, 0, 30, 30, kMainPage).ok());  // stale epoch -> reconnect -> retry
+  EXPECT_NE(c->epoch(), epoch);
+  EXPECT_GE(c->reconnects(), 1);
+  ExpectRange(*c, 6, 0, 0, 60, kMainPage);
+}
+
+TEST_F(MemTierE2E, AsyncCommitsCompleteInOrderWithBackPressure) {
+  auto c = NewClient("async");
+  ASSERT_TRUE(c->OpenSession(2).ok());
+  std::vector<std::future<absl::Status>> done;
+  std::vector<std::vector<uint8_t>> data;
+  for (uint32_t p = 0; p < 64; ++p) data.push_back(PageBytes({2, 5, p}, kIndexPage));
+  for (uint32_t p = 0; p < 64; ++p) {
+    PageToCommit one{{2, 5, p}, data[p]};
+    done.push_back(c->CommitAsync(2, std::span<const PageToCommit>(&one, 1), 4));
+  }
+  for (auto& f : done) EXPECT_TRUE(f.get().ok());
+  ExpectRange(*c, 2, 5, 0, 64, kIndexPage);
+}
+
+// Hostile requests straight at the gRPC service: clear errors, and the server keeps serving.
+TEST_F(MemTierE2E, HostileRequestsGetClearErrorsAndTheServerKeepsServing) {
+  auto good = NewClient("good");
+  ASSERT_TRUE(good->OpenSession(1).ok());
+  auto channel = grpc::CreateChannel(server_->grpc_target(), grpc::InsecureChannelCredentials());
+  auto stub = v1::MemTier::NewStub(channel);
+  // A raw client registration (its buffer is a real registered region of a second client).
+  std::vector<uint8_t> buf(1 << 20);
+  auto worker = ucx::Worker::Create();
+  ASSERT_TRUE(worker.ok());
+  auto region = (*worker)->Map(buf.data(), buf.size());
+  ASSERT_TRUE(region.ok());
+  v1::ConnectRequest creq;
+  creq.set_worker_address((*worker)->address());
+  creq.set_rkey((*region)->packed_rkey());
+  creq.set_buffer_address(reinterpret_cast<uint64_t>(buf.data()));
+  creq.set_buffer_bytes(buf.size());
+  v1::ConnectResponse cresp;
+  {
+    grpc::ClientContext ctx;
+    ASSERT_TRUE(stub->Connect(&ctx, creq, &cresp).ok());
+  }
+  auto commit = [&](v1::CommitRequest req) {
+    v1::CommitResponse resp;
+    grpc::ClientContext ctx;
+    return stub->Commit(&ctx, req, &resp);
+  };
+  auto base = [&] {
+    v1::CommitRequest r;
+    r.set_client_id(cresp.client_id());
+    r.set_epoch(cresp.epoch());
+    r.set_session(1);
+    auto* p = r.add_pages();
+    p->mutable_id()->set_session(1);
+    p->mutable_id()->set_page(1);
+    p->set_offset(0);
+    p->set_length(1000);
+    p->set_checksum(PageChecksum(std::span<const uint8_t>(buf.data(), 1000)));
+    return r;
+  };
+  auto expect = [](const grpc::Status& s, grpc::StatusCode code, const std::string& needle) {
+    EXPECT_EQ(s.error_code(), code) << s.error_message();
+    EXPECT_NE(s.error_message().find(needle), std::string::npos) << s.error_message();
+  };
+  EXPECT_TRUE(commit(base()).ok());
+  auto r = base();
+  r.set_session(77);
+  r.mutable_pages(0)->mutable_id()->set_session(77);
+  expect(commit(r), grpc::StatusCode::NOT_FOUND, "unknown session 77");
+  r = base();
+  r.mutable_pages(0)->set_offset(buf.size() - 10);
+  expect(commit(r), grpc::StatusCode::INVALID_ARGUMENT, "outside the registered buffer");
+  r = base();
+  r.mutable_pages(0)->set_length(0);
+  expect(commit(r), grpc::StatusCode::INVALID_ARGUMENT, "pages[0].length 0");
+  r = base();
+  buf[0] ^= 1;  // same page id, other bytes
+  r.mutable_pages(0)->set_checksum(PageChecksum(std::span<const uint8_t>(buf.data(), 1000)));
+  expect(commit(r), grpc::StatusCode::ALREADY_EXISTS, "already committed");
+  r = base();
+  r.mutable_pages(0)->set_checksum(12345);
+  expect(commit(r), grpc::StatusCode::DATA_LOSS, "checksum mismatch");
+  r = base();
+  for (int i = 0; i < 70000; ++i) *r.add_pages() = r.pages(0);
+  expect(commit(r), grpc::StatusCode::INVALID_ARGUMENT, "exceed the limit");
+  r = base();
+  r.set_epoch(cresp.epoch() + 1);
+  expect(commit(r), grpc::StatusCode::FAILED_PRECONDITION, "stale epoch");
+  r = base();
+  r.set_client_id(999);
+  expect(commit(r), grpc::StatusCode::FAILED_PRECONDITION, "unknown client 999");
+  {  // a malformed worker address / rkey at connect
+    v1::ConnectRequest bad = creq;
+    bad.set_worker_address("garbage");
+    grpc::ClientContext ctx;
+    EXPECT_EQ(stub->Connect(&ctx, bad, &cresp).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  }
+  {  // garbage protobuf bytes on the wire
+    grpc::GenericStub generic(channel);
+    const std::string junk = "\xff\xff\xff\xff\x0f garbage \x01\x02";
+    grpc::Slice slice(junk);
+    grpc::ByteBuffer in(&slice, 1), out;
+    grpc::ClientContext ctx;
+    std::mutex m;
+    std::condition_variable cv;
+    bool done = false;
+    grpc::Status st;
+    generic.UnaryCall(&ctx, "/flashmem.v1.MemTier/Commit", grpc::StubOptions(), &in, &out, [&](grpc::Status s) {
+      std::lock_guard<std::mutex> l(m);
+      st = s;
+      done = true;
+      cv.notify_all();
+    });
+    std::unique_lock<std::mutex> l(m);
+    cv.wait(l, [&] { return done; });
+    EXPECT_FALSE(st.ok());
+  }
+  // The well-behaved client is still served.
+  ASSERT_TRUE(CommitRange(*good, 1, 3, 0, 10, kIndexPage).ok());
+  ExpectRange(*good, 1, 3, 0, 10, kIndexPage);
+}
+
+}  // namespace
+}  // namespace flashmem::memtier
