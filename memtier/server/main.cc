@@ -5,6 +5,7 @@
 
 #include "CLI/CLI.hpp"
 #include "memtier/server/memtier_server.h"
+#include "spdlog/sinks/stdout_color_sinks.h"
 #include "spdlog/spdlog.h"
 
 namespace {
@@ -27,6 +28,9 @@ int main(int argc, char** argv) {
   app.add_option("--high-watermark", o.store.high_watermark, "evict above this fraction of --ram-bytes");
   app.add_option("--low-watermark", o.store.low_watermark, "evict down to this fraction");
   CLI11_PARSE(app, argc, argv);
+  // Logs go to stderr: stdout carries only the LISTENING line that scripts and tests read.
+  spdlog::set_default_logger(spdlog::stderr_color_mt("memtier"));
+  std::signal(SIGPIPE, SIG_IGN);
   auto server = flashmem::memtier::MemTierServer::Start(o);
   if (!server.ok()) {
     std::fprintf(stderr, "flashmem-memtier: %s\n", std::string(server.status().message()).c_str());
