@@ -11,6 +11,8 @@
 #include "memtier/server/memtier_service.h"
 #include "prometheus/collectable.h"
 #include "prometheus/exposer.h"
+#include "prometheus/histogram.h"
+#include "prometheus/registry.h"
 #include "prometheus/metric_family.h"
 #include "spdlog/spdlog.h"
 
@@ -69,6 +71,7 @@ struct MemTierServer::Impl {
   std::unique_ptr<grpc::Server> server;
   std::unique_ptr<prometheus::Exposer> exposer;
   std::shared_ptr<StoreCollector> collector;
+  std::shared_ptr<prometheus::Registry> registry;
   int port = 0;
   std::string host;
 };
@@ -101,6 +104,20 @@ absl::StatusOr<std::unique_ptr<MemTierServer>> MemTierServer::Start(const MemTie
     }
     impl->collector = std::make_shared<StoreCollector>(*impl->store, *impl->service);
     impl->exposer->RegisterCollectable(impl->collector);
+    impl->registry = std::make_shared<prometheus::Registry>();
+    auto& family = prometheus::BuildHistogram()
+                       .Name("flashmem_memtier_request_seconds")
+                       .Help("memtier request latency by method")
+                       .Register(*impl->registry);
+    const prometheus::Histogram::BucketBoundaries buckets = {1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1, 3};
+    auto hist = std::make_shared<std::map<std::string, prometheus::Histogram*>>();
+    for (const char* m : {"Commit", "Recall", "Prefetch", "PutState", "GetState", "Connect"})
+      (*hist)[m] = &family.Add({{"method", m}}, buckets);
+    impl->service->set_latency_observer([hist](const std::string& m, double s) {
+      auto it = hist->find(m);
+      if (it != hist->end()) it->second->Observe(s);
+    });
+    impl->exposer->RegisterCollectable(impl->registry);
   }
   spdlog::info("memtier serving gRPC on {}:{} (epoch {}), data dir {}, RAM {} bytes", impl->host, impl->port, epoch,
                o.store.rocks.path, o.store.ram.capacity_bytes);
@@ -108,6 +125,11 @@ absl::StatusOr<std::unique_ptr<MemTierServer>> MemTierServer::Start(const MemTie
 }
 
 int MemTierServer::grpc_port() const { return impl_->port; }
+int MemTierServer::metrics_port() const {
+  if (!impl_->exposer) return 0;
+  auto ports = impl_->exposer->GetListeningPorts();
+  return ports.empty() ? 0 : ports.front();
+}
 std::string MemTierServer::grpc_target() const { return absl::StrCat(impl_->host, ":", impl_->port); }
 uint64_t MemTierServer::epoch() const { return impl_->service->epoch(); }
 void MemTierServer::Wait() { impl_->server->Wait(); }

@@ -22,6 +22,7 @@ class MemTierServer {
   static absl::StatusOr<std::unique_ptr<MemTierServer>> Start(const MemTierServerOptions& options);
   ~MemTierServer();
   int grpc_port() const;
+  int metrics_port() const;  // 0 when the exporter is off
   std::string grpc_target() const;
   uint64_t epoch() const;
   void Wait();

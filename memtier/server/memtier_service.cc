@@ -35,6 +35,7 @@ grpc::Status MemTierService::DropSession(grpc::ServerContext*, const v1::Session
 }
 
 grpc::Status MemTierService::Connect(grpc::ServerContext*, const v1::ConnectRequest* r, v1::ConnectResponse* out) {
+  Timed timed{this, "Connect"};
   if (r->buffer_bytes() == 0 || r->buffer_address() == 0)
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "connect: buffer_address and buffer_bytes must be set");
   if (r->buffer_address() + r->buffer_bytes() < r->buffer_address())
@@ -92,6 +93,7 @@ absl::Status MemTierService::CheckSlots(const google::protobuf::RepeatedPtrField
 }
 
 grpc::Status MemTierService::Commit(grpc::ServerContext*, const v1::CommitRequest* r, v1::CommitResponse* out) {
+  Timed timed{this, "Commit"};
   auto c = Authorize(r->client_id(), r->epoch());
   if (!c.ok()) return ToGrpc(c.status());
   if (!store_.HasSession(r->session())) return grpc::Status(grpc::StatusCode::NOT_FOUND, absl::StrCat("commit: unknown session ", r->session()));
@@ -117,6 +119,7 @@ grpc::Status MemTierService::Commit(grpc::ServerContext*, const v1::CommitReques
 }
 
 grpc::Status MemTierService::Recall(grpc::ServerContext*, const v1::RecallRequest* r, v1::RecallResponse* out) {
+  Timed timed{this, "Recall"};
   auto c = Authorize(r->client_id(), r->epoch());
   if (!c.ok()) return ToGrpc(c.status());
   if (!store_.HasSession(r->session())) return grpc::Status(grpc::StatusCode::NOT_FOUND, absl::StrCat("recall: unknown session ", r->session()));
@@ -143,6 +146,7 @@ grpc::Status MemTierService::Recall(grpc::ServerContext*, const v1::RecallReques
 }
 
 grpc::Status MemTierService::Prefetch(grpc::ServerContext*, const v1::PrefetchRequest* r, v1::PrefetchResponse* out) {
+  Timed timed{this, "Prefetch"};
   if (r->candidates_size() > static_cast<int>(limits_.max_pages_per_request))
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, absl::StrCat("prefetch: ", r->candidates_size(), " candidates exceed the limit"));
   std::vector<PageKey> keys;
@@ -154,11 +158,13 @@ grpc::Status MemTierService::Prefetch(grpc::ServerContext*, const v1::PrefetchRe
 }
 
 grpc::Status MemTierService::PutState(grpc::ServerContext*, const v1::PutStateRequest* r, v1::SessionResponse*) {
+  Timed timed{this, "PutState"};
   const auto* b = reinterpret_cast<const uint8_t*>(r->blob().data());
   return ToGrpc(store_.PutState(r->session(), r->version(), std::span<const uint8_t>(b, r->blob().size())));
 }
 
 grpc::Status MemTierService::GetState(grpc::ServerContext*, const v1::SessionRequest* r, v1::GetStateResponse* out) {
+  Timed timed{this, "GetState"};
   auto s = store_.GetState(r->session());
   if (!s.ok()) return ToGrpc(s.status());
   out->set_version(s->version);

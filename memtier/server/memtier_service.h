@@ -3,7 +3,10 @@
 #pragma once
 
 #include <cstdint>
+#include <chrono>
+#include <functional>
 #include <memory>
+#include <string>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/synchronization/mutex.h"
@@ -24,6 +27,8 @@ class MemTierService final : public flashmem::v1::MemTier::Service {
 
   uint64_t epoch() const { return epoch_; }
   uint64_t clients() const;
+  // Called with (method, seconds) after every request (metrics); set before serving.
+  void set_latency_observer(std::function<void(const std::string&, double)> f) { observe_ = std::move(f); }
 
   grpc::Status OpenSession(grpc::ServerContext*, const v1::SessionRequest*, v1::SessionResponse*) override;
   grpc::Status CloseSession(grpc::ServerContext*, const v1::SessionRequest*, v1::SessionResponse*) override;
@@ -48,6 +53,16 @@ class MemTierService final : public flashmem::v1::MemTier::Service {
   absl::Status CheckSlots(const google::protobuf::RepeatedPtrField<v1::PageSlot>& pages, uint64_t session,
                           const Client& c, uint64_t* total) const;
   void DropClient(uint64_t client_id);
+  // Reports the lifetime of a request to the latency observer.
+  struct Timed {
+    const MemTierService* svc;
+    const char* method;
+    std::chrono::steady_clock::time_point t0 = std::chrono::steady_clock::now();
+    ~Timed() {
+      if (svc->observe_) svc->observe_(method, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+  };
+  std::function<void(const std::string&, double)> observe_;
 
   PageStore& store_;
   ucx::Worker& worker_;

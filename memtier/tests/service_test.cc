@@ -4,6 +4,10 @@
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 
+#include <arpa/inet.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <filesystem>
 #include <random>
 #include <thread>
@@ -45,6 +49,7 @@ class MemTierE2E : public ::testing::Test {
     o.store.rocks.path = dir_;
     o.store.ram.capacity_bytes = ram;
     o.store.ram.chunk_bytes = 4ull << 20;
+    o.metrics_listen = "127.0.0.1:0";
     auto s = MemTierServer::Start(o);
     ASSERT_TRUE(s.ok()) << s.status();
     server_ = std::move(*s);
@@ -275,6 +280,61 @@ TEST_F(MemTierE2E, HostileRequestsGetClearErrorsAndTheServerKeepsServing) {
   // The well-behaved client is still served.
   ASSERT_TRUE(CommitRange(*good, 1, 3, 0, 10, kIndexPage).ok());
   ExpectRange(*good, 1, 3, 0, 10, kIndexPage);
+}
+
+std::string HttpGet(int port, const std::string& path) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(static_cast<uint16_t>(port));
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  std::string out;
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0) {
+    const std::string req = "GET " + path + " HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
+    (void)::write(fd, req.data(), req.size());
+    char buf[4096];
+    ssize_t n;
+    while ((n = ::read(fd, buf, sizeof buf)) > 0) out.append(buf, n);
+  }
+  ::close(fd);
+  return out;
+}
+
+TEST_F(MemTierE2E, MetricsAndHealth) {
+  auto c = NewClient("metrics");
+  ASSERT_TRUE(c->OpenSession(1).ok());
+  ASSERT_TRUE(CommitRange(*c, 1, 0, 0, 5, kIndexPage).ok());
+  ASSERT_GT(server_->metrics_port(), 0);
+  const std::string body = HttpGet(server_->metrics_port(), "/metrics");
+  EXPECT_NE(body.find("flashmem_memtier_pages{tier=\"rocksdb\"} 5"), std::string::npos) << body;
+  EXPECT_NE(body.find("flashmem_memtier_pages{tier=\"ram\"} 5"), std::string::npos);
+  EXPECT_NE(body.find("flashmem_memtier_checksum_failures_total 0"), std::string::npos);
+  EXPECT_NE(body.find("flashmem_memtier_pinned_bytes"), std::string::npos);
+  EXPECT_NE(body.find("flashmem_memtier_request_seconds_count{method=\"Commit\"} 1"), std::string::npos) << body;
+  // grpc.health.v1.Health/Check with an empty request answers SERVING (field 1 = 1).
+  auto channel = grpc::CreateChannel(server_->grpc_target(), grpc::InsecureChannelCredentials());
+  grpc::GenericStub generic(channel);
+  grpc::Slice empty(std::string{});
+  grpc::ByteBuffer in(&empty, 1), out;
+  grpc::ClientContext ctx;
+  std::mutex m;
+  std::condition_variable cv;
+  bool done = false;
+  grpc::Status st;
+  generic.UnaryCall(&ctx, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &in, &out, [&](grpc::Status s) {
+    std::lock_guard<std::mutex> l(m);
+    st = s;
+    done = true;
+    cv.notify_all();
+  });
+  std::unique_lock<std::mutex> l(m);
+  cv.wait(l, [&] { return done; });
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  std::vector<grpc::Slice> slices;
+  ASSERT_TRUE(out.Dump(&slices).ok());
+  std::string bytes;
+  for (auto& s : slices) bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  EXPECT_EQ(bytes, std::string("\x08\x01", 2));
 }
 
 }  // namespace
