@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
 #include "memtier.grpc.pb.h"
+#include "memtier/transport/local_share.h"
 #include "memtier/transport/ucx.h"
 
 namespace flashmem::memtier {
@@ -224,6 +225,50 @@ absl::Status MemTierClient::Recall(uint64_t session, std::span<PageToRecall> pag
     std::memcpy(pages[i].dst.data(), got.data(), got.size());
     pages[i].length = s.length();
   }
+  return absl::OkStatus();
+}
+
+absl::Status MemTierClient::AttachLocal(const std::string& shm_socket) {
+  FM_ASSIGN_OR_RETURN(auto m, MappedChunks::Attach(shm_socket));
+  absl::MutexLock l(&mu_);
+  local_ = std::move(m);
+  return absl::OkStatus();
+}
+
+absl::Status MemTierClient::RecallLocal(uint64_t session, std::span<PageToRecall> pages, int* fallbacks) {
+  if (fallbacks) *fallbacks = 0;
+  std::vector<PageToRecall> retry;
+  {
+    absl::MutexLock l(&mu_);
+    if (!local_) return absl::FailedPreconditionError("RecallLocal: AttachLocal first");
+    v1::LocateRequest req;
+    req.set_session(session);
+    for (const auto& p : pages) SetId(req.add_pages(), p.key);
+    v1::LocateResponse resp;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + options_.rpc_timeout);
+    FM_RETURN_IF_ERROR(FromGrpc(rpc_->stub->Locate(&ctx, req, &resp), "locate"));
+    if (resp.pages_size() != static_cast<int>(pages.size()))
+      return absl::InternalError(absl::StrCat("locate: memtier answered ", resp.pages_size(), " pages for ", pages.size()));
+    for (size_t i = 0; i < pages.size(); ++i) {
+      const v1::PageLocation& loc = resp.pages(static_cast<int>(i));
+      if (loc.length() > pages[i].dst.size())
+        return absl::InvalidArgumentError(absl::StrCat("recall: page ", ToString(pages[i].key), " (", loc.length(), " bytes) does not fit its buffer"));
+      FM_ASSIGN_OR_RETURN(const uint8_t* src, local_->Range(loc.chunk(), loc.offset(), loc.length()));
+      std::memcpy(pages[i].dst.data(), src, loc.length());
+      if (PageChecksum(std::span<const uint8_t>(pages[i].dst.data(), loc.length())) != loc.checksum()) {
+        retry.push_back(pages[i]);  // the slot changed under us: take the UCX path
+        continue;
+      }
+      pages[i].length = loc.length();
+    }
+  }
+  if (retry.empty()) return absl::OkStatus();
+  if (fallbacks) *fallbacks = static_cast<int>(retry.size());
+  FM_RETURN_IF_ERROR(Recall(session, retry));
+  for (auto& p : pages)
+    for (const auto& r : retry)
+      if (r.key == p.key) p.length = r.length;
   return absl::OkStatus();
 }
 

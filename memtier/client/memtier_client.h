@@ -21,6 +21,7 @@
 
 namespace flashmem::memtier {
 
+class MappedChunks;
 namespace ucx {
 class Worker;
 class Region;
@@ -66,6 +67,11 @@ class MemTierClient {
   std::future<absl::Status> CommitAsync(uint64_t session, std::span<const PageToCommit> pages, size_t max_queued = 64);
   // Recalls pages into the callers' buffers; checksums verified after transfer (DATA_LOSS on mismatch).
   absl::Status Recall(uint64_t session, std::span<PageToRecall> pages);
+  // Same-node fast path: maps memtier's RAM chunks (read-only) from its Unix socket.
+  absl::Status AttachLocal(const std::string& shm_socket);
+  // Recall by reading memtier's memory directly (after AttachLocal); pages whose bytes fail the
+  // checksum (slot reused meanwhile) are recalled over UCX instead. `fallbacks` counts those.
+  absl::Status RecallLocal(uint64_t session, std::span<PageToRecall> pages, int* fallbacks = nullptr);
   absl::StatusOr<uint32_t> Prefetch(uint64_t session, std::span<const PageKey> ranked, uint32_t deadline_ms);
   absl::Status PutState(uint64_t session, uint64_t version, std::span<const uint8_t> blob);
   absl::StatusOr<std::pair<uint64_t, std::vector<uint8_t>>> GetState(uint64_t session);
@@ -87,6 +93,7 @@ class MemTierClient {
   std::unique_ptr<ucx::Worker> worker_;
   std::vector<uint8_t> buffer_;
   std::unique_ptr<ucx::Region> region_;
+  std::unique_ptr<MappedChunks> local_;
   mutable absl::Mutex mu_;  // one request uses the buffer at a time
   uint64_t client_id_ = 0, epoch_ = 0;
   int reconnects_ = 0;

@@ -21,6 +21,7 @@ int main(int argc, char** argv) {
   o.store.ram.capacity_bytes = 1ull << 30;
   app.add_option("--grpc-listen", o.grpc_listen, "gRPC address host:port (port 0: any free port)");
   app.add_option("--metrics-listen", o.metrics_listen, "Prometheus /metrics address host:port (empty: off)");
+  app.add_option("--shm-socket", o.shm_socket, "Unix socket that hands the RAM tier's memfd chunks to same-node clients (empty: off)");
   app.add_option("--data-dir", o.store.rocks.path, "RocksDB directory")->required();
   app.add_option("--ram-bytes", o.store.ram.capacity_bytes, "RAM tier capacity in bytes");
   app.add_option("--ram-chunk-bytes", o.store.ram.chunk_bytes, "RAM tier chunk size (at most 1 GiB)");

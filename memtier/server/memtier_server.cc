@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
 #include "memtier/server/memtier_service.h"
+#include "memtier/transport/local_share.h"
 #include "prometheus/collectable.h"
 #include "prometheus/exposer.h"
 #include "prometheus/histogram.h"
@@ -72,6 +73,7 @@ struct MemTierServer::Impl {
   std::unique_ptr<prometheus::Exposer> exposer;
   std::shared_ptr<StoreCollector> collector;
   std::shared_ptr<prometheus::Registry> registry;
+  std::unique_ptr<ChunkShareServer> share;
   int port = 0;
   std::string host;
 };
@@ -111,13 +113,21 @@ absl::StatusOr<std::unique_ptr<MemTierServer>> MemTierServer::Start(const MemTie
                        .Register(*impl->registry);
     const prometheus::Histogram::BucketBoundaries buckets = {1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1, 3};
     auto hist = std::make_shared<std::map<std::string, prometheus::Histogram*>>();
-    for (const char* m : {"Commit", "Recall", "Prefetch", "PutState", "GetState", "Connect"})
+    for (const char* m : {"Commit", "Recall", "Locate", "Prefetch", "PutState", "GetState", "Connect"})
       (*hist)[m] = &family.Add({{"method", m}}, buckets);
     impl->service->set_latency_observer([hist](const std::string& m, double s) {
       auto it = hist->find(m);
       if (it != hist->end()) it->second->Observe(s);
     });
     impl->exposer->RegisterCollectable(impl->registry);
+  }
+  if (!o.shm_socket.empty()) {
+    RamTier* ram = &impl->store->ram();
+    FM_ASSIGN_OR_RETURN(impl->share, ChunkShareServer::Start(o.shm_socket, [ram] {
+      std::vector<SharedChunk> out;
+      for (const RamChunkInfo& c : ram->chunks()) out.push_back({c.fd, c.bytes});
+      return out;
+    }));
   }
   spdlog::info("memtier serving gRPC on {}:{} (epoch {}), data dir {}, RAM {} bytes", impl->host, impl->port, epoch,
                o.store.rocks.path, o.store.ram.capacity_bytes);
@@ -140,6 +150,7 @@ void MemTierServer::Shutdown() {
     impl_->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
     impl_->server.reset();
   }
+  if (impl_) impl_->share.reset();
 }
 
 }  // namespace flashmem::memtier

@@ -145,6 +145,26 @@ grpc::Status MemTierService::Recall(grpc::ServerContext*, const v1::RecallReques
   return ToGrpc((*c)->peer->Flush());  // the bytes are in the client's buffer before the reply
 }
 
+grpc::Status MemTierService::Locate(grpc::ServerContext*, const v1::LocateRequest* r, v1::LocateResponse* out) {
+  Timed timed{this, "Locate"};
+  if (r->pages_size() > static_cast<int>(limits_.max_pages_per_request))
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, absl::StrCat("locate: ", r->pages_size(), " pages exceed the limit"));
+  if (!store_.HasSession(r->session())) return grpc::Status(grpc::StatusCode::NOT_FOUND, absl::StrCat("locate: unknown session ", r->session()));
+  for (int i = 0; i < r->pages_size(); ++i) {
+    if (r->pages(i).session() != r->session())
+      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, absl::StrCat("pages[", i, "].session != request session"));
+    auto loc = store_.Locate(KeyOf(r->pages(i)));
+    if (!loc.ok()) return ToGrpc(absl::Status(loc.status().code(), absl::StrCat("pages[", i, "]: ", loc.status().message())));
+    v1::PageLocation* o = out->add_pages();
+    *o->mutable_id() = r->pages(i);
+    o->set_chunk(loc->slot.chunk);
+    o->set_offset(loc->slot.offset);
+    o->set_length(loc->meta.length);
+    o->set_checksum(loc->meta.checksum);
+  }
+  return grpc::Status::OK;
+}
+
 grpc::Status MemTierService::Prefetch(grpc::ServerContext*, const v1::PrefetchRequest* r, v1::PrefetchResponse* out) {
   Timed timed{this, "Prefetch"};
   if (r->candidates_size() > static_cast<int>(limits_.max_pages_per_request))

@@ -36,6 +36,7 @@ class MemTierService final : public flashmem::v1::MemTier::Service {
   grpc::Status Connect(grpc::ServerContext*, const v1::ConnectRequest*, v1::ConnectResponse*) override;
   grpc::Status Commit(grpc::ServerContext*, const v1::CommitRequest*, v1::CommitResponse*) override;
   grpc::Status Recall(grpc::ServerContext*, const v1::RecallRequest*, v1::RecallResponse*) override;
+  grpc::Status Locate(grpc::ServerContext*, const v1::LocateRequest*, v1::LocateResponse*) override;
   grpc::Status Prefetch(grpc::ServerContext*, const v1::PrefetchRequest*, v1::PrefetchResponse*) override;
   grpc::Status PutState(grpc::ServerContext*, const v1::PutStateRequest*, v1::SessionResponse*) override;
   grpc::Status GetState(grpc::ServerContext*, const v1::SessionRequest*, v1::GetStateResponse*) override;

@@ -220,6 +220,23 @@ absl::StatusOr<int64_t> PageStore::Prefetch(uint64_t session, std::span<const Pa
   return promoted;
 }
 
+absl::StatusOr<PageStore::Location> PageStore::Locate(const PageKey& key) {
+  absl::MutexLock l(&mu_);
+  auto it = index_.find(key);
+  if (it == index_.end()) return absl::NotFoundError(absl::StrCat("locate: no page ", ToString(key)));
+  Entry& e = it->second;
+  if (e.bad) return absl::DataLossError(absl::StrCat("locate: page ", ToString(key), " is marked bad (checksum mismatch)"));
+  e.last_use = ++tick_;
+  if (e.in_ram) {
+    counters_.ram_hits++;
+  } else {
+    counters_.ram_misses++;
+    FM_RETURN_IF_ERROR(PromoteLocked(key, e));
+    if (!e.in_ram) return absl::ResourceExhaustedError(absl::StrCat("locate: no RAM for page ", ToString(key), "; recall it over UCX"));
+  }
+  return Location{e.slot, e.meta};
+}
+
 absl::StatusOr<std::vector<PageInfo>> PageStore::ListPages(uint64_t session) const {
   absl::MutexLock l(&mu_);
   if (!sessions_.contains(session)) return absl::NotFoundError(absl::StrCat("list: unknown session ", session));

@@ -63,6 +63,12 @@ class PageStore {
   // in rank order until `deadline`. Returns the number promoted.
   absl::StatusOr<int64_t> Prefetch(uint64_t session, std::span<const PageKey> ranked,
                                    std::chrono::steady_clock::time_point deadline);
+  // Where a page sits in the RAM tier (promoting it first when it is on disk only).
+  struct Location {
+    RamSlot slot;
+    PageMeta meta;
+  };
+  absl::StatusOr<Location> Locate(const PageKey& key);
   absl::StatusOr<std::vector<PageInfo>> ListPages(uint64_t session) const;
   absl::StatusOr<PageMeta> Lookup(const PageKey& key) const;
 

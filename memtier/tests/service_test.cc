@@ -16,6 +16,7 @@
 #include "memtier.grpc.pb.h"
 #include "memtier/client/memtier_client.h"
 #include "memtier/server/memtier_server.h"
+#include "memtier/transport/local_share.h"
 #include "memtier/transport/ucx.h"
 
 namespace flashmem::memtier {
@@ -38,6 +39,7 @@ class MemTierE2E : public ::testing::Test {
     server_.reset();
     std::filesystem::remove_all(dir_);
   }
+  std::string SocketPath() const { return dir_ + ".sock"; }
   void StartServer(uint64_t ram, int port = 0) {
     if (dir_.empty()) {
       dir_ = (std::filesystem::temp_directory_path() / ("fm_e2e_" + std::to_string(::getpid()) + "_" +
@@ -49,7 +51,8 @@ class MemTierE2E : public ::testing::Test {
     o.store.rocks.path = dir_;
     o.store.ram.capacity_bytes = ram;
     o.store.ram.chunk_bytes = 4ull << 20;
-    o.metrics_listen = "127.0.0.1:0";
+    if (with_metrics_) o.metrics_listen = "127.0.0.1:0";  // civetweb takes ~2 s to stop: only where tested
+    o.shm_socket = SocketPath();
     auto s = MemTierServer::Start(o);
     ASSERT_TRUE(s.ok()) << s.status();
     server_ = std::move(*s);
@@ -82,6 +85,7 @@ class MemTierE2E : public ::testing::Test {
     }
   }
   std::string dir_;
+  bool with_metrics_ = false;
   std::unique_ptr<MemTierServer> server_;
 };
 
@@ -282,6 +286,50 @@ TEST_F(MemTierE2E, HostileRequestsGetClearErrorsAndTheServerKeepsServing) {
   ExpectRange(*good, 1, 3, 0, 10, kIndexPage);
 }
 
+TEST_F(MemTierE2E, SameNodeClientsReadMemtierMemoryDirectly) {
+  server_.reset();
+  StartServer(4ull << 20);  // small: part of the pages live on disk only
+  auto c = NewClient("local");
+  ASSERT_TRUE(c->OpenSession(12).ok());
+  for (uint32_t b = 0; b < 4; ++b) ASSERT_TRUE(CommitRange(*c, 12, 0, b * 50, 50, kMainPage).ok());
+  ASSERT_TRUE(c->AttachLocal(SocketPath()).ok());
+  for (uint32_t b = 0; b < 4; ++b) {
+    std::vector<std::vector<uint8_t>> bufs(25, std::vector<uint8_t>(kMainPage));
+    std::vector<PageToRecall> pages;
+    for (uint32_t i = 0; i < 25; ++i) pages.push_back({{12, 0, b * 50 + i}, bufs[i]});
+    int fallbacks = -1;
+    const absl::Status st = c->RecallLocal(12, pages, &fallbacks);
+    ASSERT_TRUE(st.ok()) << st;
+    EXPECT_EQ(fallbacks, 0);
+    for (uint32_t i = 0; i < 25; ++i) ASSERT_EQ(bufs[i], PageBytes({12, 0, b * 50 + i}, kMainPage));
+  }
+  EXPECT_GT(c->Stats()->promotions, 0u);  // pages on disk were promoted, then read in place
+}
+
+TEST_F(MemTierE2E, AReusedSlotFailsTheChecksumInsteadOfReturningAnotherPage) {
+  server_.reset();
+  StartServer(2ull << 20);
+  auto c = NewClient("reuse");
+  ASSERT_TRUE(c->OpenSession(13).ok());
+  ASSERT_TRUE(CommitRange(*c, 13, 0, 0, 10, kMainPage).ok());
+  auto loc = server_->store().Locate({13, 0, 0});
+  ASSERT_TRUE(loc.ok());
+  auto mapped = MappedChunks::Attach(SocketPath());
+  ASSERT_TRUE(mapped.ok()) << mapped.status();
+  // Evict everything and fill RAM with other pages: page 0's slot now holds another page.
+  ASSERT_TRUE(c->CloseSession(13).ok());
+  ASSERT_TRUE(CommitRange(*c, 13, 1, 0, 45, kMainPage).ok());
+  auto src = (*mapped)->Range(loc->slot.chunk, loc->slot.offset, loc->meta.length);
+  ASSERT_TRUE(src.ok());
+  EXPECT_NE(PageChecksum(std::span<const uint8_t>(*src, loc->meta.length)), loc->meta.checksum);
+  // A fresh RecallLocal locates the page anew and returns its bytes.
+  std::vector<uint8_t> buf(kMainPage);
+  std::vector<PageToRecall> one = {{{13, 0, 0}, buf}};
+  ASSERT_TRUE(c->AttachLocal(SocketPath()).ok());
+  ASSERT_TRUE(c->RecallLocal(13, one).ok());
+  EXPECT_EQ(buf, PageBytes({13, 0, 0}, kMainPage));
+}
+
 std::string HttpGet(int port, const std::string& path) {
   const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in a{};
@@ -301,6 +349,9 @@ std::string HttpGet(int port, const std::string& path) {
 }
 
 TEST_F(MemTierE2E, MetricsAndHealth) {
+  with_metrics_ = true;
+  server_.reset();
+  StartServer(64ull << 20);
   auto c = NewClient("metrics");
   ASSERT_TRUE(c->OpenSession(1).ok());
   ASSERT_TRUE(CommitRange(*c, 1, 0, 0, 5, kIndexPage).ok());
