@@ -42,8 +42,9 @@ absl::StatusOr<std::unique_ptr<MemTierClient>> MemTierClient::Connect(const MemT
   c->rpc_->channel = grpc::CreateCustomChannel(options.target, grpc::InsecureChannelCredentials(), args);
   c->rpc_->stub = v1::MemTier::NewStub(c->rpc_->channel);
   FM_ASSIGN_OR_RETURN(c->worker_, ucx::Worker::Create());
-  c->buffer_.assign(options.buffer_bytes, 0);
-  FM_ASSIGN_OR_RETURN(c->region_, c->worker_->Map(c->buffer_.data(), c->buffer_.size()));
+  // UCX-allocated: on shared memory memtier then reaches the buffer directly.
+  FM_ASSIGN_OR_RETURN(c->region_, c->worker_->Allocate(options.buffer_bytes));
+  c->buffer_ = std::span<uint8_t>(static_cast<uint8_t*>(c->region_->base()), options.buffer_bytes);
   {
     absl::MutexLock l(&c->mu_);
     FM_RETURN_IF_ERROR(c->Register());
@@ -152,6 +153,7 @@ absl::Status MemTierClient::Commit(uint64_t session, std::span<const PageToCommi
     req.set_client_id(id);
     req.set_epoch(epoch);
     v1::CommitResponse resp;
+    ucx::Worker::ActiveScope active(*worker_);  // memtier reads our buffer now
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + options_.rpc_timeout);
     return FromGrpc(rpc_->stub->Commit(&ctx, req, &resp), "commit");
@@ -211,6 +213,7 @@ absl::Status MemTierClient::Recall(uint64_t session, std::span<PageToRecall> pag
     req.set_client_id(id);
     req.set_epoch(epoch);
     resp.Clear();
+    ucx::Worker::ActiveScope active(*worker_);  // memtier writes our buffer now
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + options_.rpc_timeout);
     return FromGrpc(rpc_->stub->Recall(&ctx, req, &resp), "recall");

@@ -91,7 +91,7 @@ class MemTierClient {
   struct Rpc;  // gRPC channel and stub (kept out of this header)
   std::unique_ptr<Rpc> rpc_;
   std::unique_ptr<ucx::Worker> worker_;
-  std::vector<uint8_t> buffer_;
+  std::span<uint8_t> buffer_;  // the registered buffer (owned by region_)
   std::unique_ptr<ucx::Region> region_;
   std::unique_ptr<MappedChunks> local_;
   mutable absl::Mutex mu_;  // one request uses the buffer at a time

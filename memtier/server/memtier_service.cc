@@ -101,16 +101,18 @@ grpc::Status MemTierService::Commit(grpc::ServerContext*, const v1::CommitReques
   if (auto s = CheckSlots(r->pages(), r->session(), **c, &total); !s.ok()) return ToGrpc(s);
   std::vector<uint8_t> staging(total);
   std::vector<PageWrite> writes;
+  std::vector<ucx::RmaOp> ops;
+  uint64_t at = 0;
+  for (const v1::PageSlot& p : r->pages()) {
+    ops.push_back({staging.data() + at, p.length(), (*c)->base + p.offset()});
+    writes.push_back({KeyOf(p.id()), std::span<const uint8_t>(staging.data() + at, p.length()), p.checksum()});
+    at += p.length();
+  }
   {
     absl::MutexLock l(&(*c)->mu);
-    uint64_t at = 0;
-    for (const v1::PageSlot& p : r->pages()) {
-      if (auto s = (*c)->peer->Get(staging.data() + at, p.length(), (*c)->base + p.offset()); !s.ok()) {
-        if (absl::IsUnavailable(s)) DropClient(r->client_id());
-        return ToGrpc(s);
-      }
-      writes.push_back({KeyOf(p.id()), std::span<const uint8_t>(staging.data() + at, p.length()), p.checksum()});
-      at += p.length();
+    if (auto s = (*c)->peer->GetBatch(ops); !s.ok()) {
+      if (absl::IsUnavailable(s)) DropClient(r->client_id());
+      return ToGrpc(s);
     }
   }
   if (auto s = store_.Commit(r->session(), writes); !s.ok()) return ToGrpc(s);
@@ -125,24 +127,27 @@ grpc::Status MemTierService::Recall(grpc::ServerContext*, const v1::RecallReques
   if (!store_.HasSession(r->session())) return grpc::Status(grpc::StatusCode::NOT_FOUND, absl::StrCat("recall: unknown session ", r->session()));
   uint64_t total = 0;
   if (auto s = CheckSlots(r->pages(), r->session(), **c, &total); !s.ok()) return ToGrpc(s);
-  std::vector<uint8_t> page;
-  absl::MutexLock l(&(*c)->mu);
+  // Pages are gathered into one staging buffer, then written with one pipelined batch of puts.
+  std::vector<uint8_t> staging(total);
+  std::vector<ucx::RmaOp> ops;
+  uint64_t at = 0;
   for (int i = 0; i < r->pages_size(); ++i) {
     const v1::PageSlot& p = r->pages(i);
-    page.resize(p.length());
-    auto meta = store_.Recall(KeyOf(p.id()), page);
+    auto meta = store_.Recall(KeyOf(p.id()), std::span<uint8_t>(staging.data() + at, p.length()));
     if (!meta.ok()) return ToGrpc(absl::Status(meta.status().code(), absl::StrCat("pages[", i, "]: ", meta.status().message())));
-    if (auto s = (*c)->peer->Put(page.data(), meta->length, (*c)->base + p.offset()); !s.ok()) {
-      if (absl::IsUnavailable(s)) DropClient(r->client_id());
-      return ToGrpc(s);
-    }
+    ops.push_back({staging.data() + at, meta->length, (*c)->base + p.offset()});
     v1::PageSlot* o = out->add_pages();
     *o->mutable_id() = p.id();
     o->set_offset(p.offset());
     o->set_length(meta->length);
     o->set_checksum(meta->checksum);
+    at += p.length();
   }
-  return ToGrpc((*c)->peer->Flush());  // the bytes are in the client's buffer before the reply
+  absl::MutexLock l(&(*c)->mu);
+  absl::Status st = (*c)->peer->PutBatch(ops);
+  if (st.ok()) st = (*c)->peer->Flush();  // the bytes are in the client's buffer before the reply
+  if (absl::IsUnavailable(st)) DropClient(r->client_id());
+  return ToGrpc(st);
 }
 
 grpc::Status MemTierService::Locate(grpc::ServerContext*, const v1::LocateRequest* r, v1::LocateResponse* out) {

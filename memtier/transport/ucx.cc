@@ -69,12 +69,20 @@ Worker::~Worker() {
 
 void Worker::Progress() { ucp_worker_progress(worker_); }
 
+Worker::ActiveScope::ActiveScope(Worker& w) : w_(w) {
+  w_.active_.fetch_add(1);
+  ucp_worker_signal(w_.worker_);  // wake the progress thread out of its poll
+}
+
+Worker::ActiveScope::~ActiveScope() { w_.active_.fetch_sub(1); }
+
 // Drives the worker for operations others post to it (RMA emulated with active messages over
 // tcp needs the target to progress), sleeping on the event fd when there is nothing to do.
 void Worker::ProgressLoop() {
   while (!stop_.load()) {
     while (ucp_worker_progress(worker_) != 0) {
     }
+    if (active_.load() > 0) continue;  // a request is in flight: keep polling
     const ucs_status_t s = ucp_worker_arm(worker_);
     if (s == UCS_ERR_BUSY) continue;
     pollfd pfd{event_fd_, POLLIN, 0};
@@ -92,6 +100,28 @@ absl::StatusOr<std::unique_ptr<Region>> Worker::Map(void* base, uint64_t bytes) 
   mp.address = base;
   mp.length = bytes;
   if (auto s = FromUcs(ucp_mem_map(ctx_, &mp, &r->memh_), "ucp_mem_map"); !s.ok()) return s;
+  void* packed = nullptr;
+  size_t len = 0;
+  if (auto s = FromUcs(ucp_rkey_pack(ctx_, r->memh_, &packed, &len), "ucp_rkey_pack"); !s.ok()) return s;
+  r->rkey_.assign(static_cast<const char*>(packed), len);
+  ucp_rkey_buffer_release(packed);
+  return r;
+}
+
+absl::StatusOr<std::unique_ptr<Region>> Worker::Allocate(uint64_t bytes) {
+  std::unique_ptr<Region> r(new Region());
+  r->ctx_ = ctx_;
+  ucp_mem_map_params_t mp{};
+  mp.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH | UCP_MEM_MAP_PARAM_FIELD_FLAGS;
+  mp.address = nullptr;
+  mp.length = bytes;
+  mp.flags = UCP_MEM_MAP_ALLOCATE;
+  if (auto s = FromUcs(ucp_mem_map(ctx_, &mp, &r->memh_), "ucp_mem_map(ALLOCATE)"); !s.ok()) return s;
+  ucp_mem_attr_t attr{};
+  attr.field_mask = UCP_MEM_ATTR_FIELD_ADDRESS | UCP_MEM_ATTR_FIELD_LENGTH;
+  if (auto s = FromUcs(ucp_mem_query(r->memh_, &attr), "ucp_mem_query"); !s.ok()) return s;
+  r->base_ = attr.address;
+  r->bytes_ = bytes;
   void* packed = nullptr;
   size_t len = 0;
   if (auto s = FromUcs(ucp_rkey_pack(ctx_, r->memh_, &packed, &len), "ucp_rkey_pack"); !s.ok()) return s;
@@ -163,6 +193,33 @@ absl::Status Peer::Wait(void* request, const char* what) {
   if (s != UCS_OK) failed_.store(true);
   return FromUcs(s, what);
 }
+
+absl::Status Peer::Batch(std::span<const RmaOp> ops, bool put) {
+  for (const RmaOp& op : ops)
+    if (auto s = CheckRange(op.remote_addr, op.bytes); !s.ok()) return s;
+  std::vector<void*> reqs;
+  reqs.reserve(ops.size());
+  absl::Status first_error;
+  for (const RmaOp& op : ops) {
+    ucp_request_param_t rp{};
+    void* r = put ? ucp_put_nbx(ep_, op.local, op.bytes, op.remote_addr, rkey_, &rp)
+                  : ucp_get_nbx(ep_, op.local, op.bytes, op.remote_addr, rkey_, &rp);
+    if (UCS_PTR_IS_ERR(r)) {
+      first_error = FromUcs(UCS_PTR_STATUS(r), put ? "ucp_put_nbx" : "ucp_get_nbx");
+      failed_.store(true);
+      break;
+    }
+    if (r) reqs.push_back(r);
+  }
+  for (void* r : reqs) {
+    absl::Status s = Wait(r, put ? "ucp_put_nbx" : "ucp_get_nbx");
+    if (first_error.ok()) first_error = s;
+  }
+  return first_error;
+}
+
+absl::Status Peer::PutBatch(std::span<const RmaOp> ops) { return Batch(ops, true); }
+absl::Status Peer::GetBatch(std::span<const RmaOp> ops) { return Batch(ops, false); }
 
 absl::Status Peer::Put(const void* local, uint64_t bytes, uint64_t remote_addr) {
   if (auto s = CheckRange(remote_addr, bytes); !s.ok()) return s;

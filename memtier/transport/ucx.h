@@ -8,8 +8,10 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/status/statusor.h"
 
@@ -41,10 +43,20 @@ class Region {
   std::string rkey_;
 };
 
+// One transfer of a batch: local bytes <-> remote_addr.
+struct RmaOp {
+  void* local = nullptr;
+  uint64_t bytes = 0;
+  uint64_t remote_addr = 0;
+};
+
 // An endpoint to a remote worker plus the remote region it may access.
 class Peer {
  public:
   ~Peer();
+  // Posts every operation of the batch, then waits for all (pipelined, not one at a time).
+  absl::Status PutBatch(std::span<const RmaOp> ops);
+  absl::Status GetBatch(std::span<const RmaOp> ops);
   // Copies `bytes` between local memory and remote_addr (inside the remote region); blocks until
   // the operation completes. UNAVAILABLE when the endpoint has failed.
   absl::Status Put(const void* local, uint64_t bytes, uint64_t remote_addr);
@@ -61,6 +73,7 @@ class Peer {
   friend class Worker;
   Peer() = default;
   absl::Status Wait(void* request, const char* what);
+  absl::Status Batch(std::span<const RmaOp> ops, bool put);
   absl::Status CheckRange(uint64_t remote_addr, uint64_t bytes) const;
   Worker* worker_ = nullptr;
   ucp_ep_h ep_ = nullptr;
@@ -78,12 +91,27 @@ class Worker {
 
   const std::string& address() const { return address_; }
   absl::StatusOr<std::unique_ptr<Region>> Map(void* base, uint64_t bytes);
+  // Memory UCX allocates itself (UCP_MEM_MAP_ALLOCATE): on the shared-memory transports a peer
+  // reaches it directly (no active-message emulation), so buffers others read or write should
+  // come from here.
+  absl::StatusOr<std::unique_ptr<Region>> Allocate(uint64_t bytes);
   // Endpoint to the worker at `address` that may access [remote_base, remote_base + remote_bytes)
   // through `packed_rkey`. INVALID_ARGUMENT for a malformed address or rkey.
   absl::StatusOr<std::unique_ptr<Peer>> Connect(const std::string& address, const std::string& packed_rkey,
                                                 uint64_t remote_base, uint64_t remote_bytes);
   void Progress();
   ucp_worker_h raw() const { return worker_; }
+  // While at least one scope is alive the progress thread polls the worker continuously instead
+  // of sleeping: a peer's RMA into this process (emulated with active messages where the
+  // transport cannot reach the memory directly) completes at once.
+  class ActiveScope {
+   public:
+    explicit ActiveScope(Worker& w);
+    ~ActiveScope();
+
+   private:
+    Worker& w_;
+  };
 
  private:
   Worker() = default;
@@ -93,6 +121,7 @@ class Worker {
   int event_fd_ = -1;
   std::string address_;
   std::atomic<bool> stop_{false};
+  std::atomic<int> active_{0};
   std::thread progress_;
 };
 
