@@ -71,6 +71,21 @@ uint64_t MemTierClient::epoch() const {
 
 absl::Status MemTierClient::Register() {
   v1::ConnectRequest req;
+  {  // memtier's UCX listener: connect by sockaddr, then name our end of that connection
+    v1::Empty empty;
+    v1::EndpointResponse ep;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + options_.rpc_timeout);
+    FM_RETURN_IF_ERROR(FromGrpc(rpc_->stub->GetEndpoint(&ctx, empty, &ep), "get endpoint"));
+    if (!ep.ucx_listen().empty()) {
+      std::string addr = ep.ucx_listen();
+      if (absl::StartsWith(addr, "0.0.0.0:")) addr = options_.target.substr(0, options_.target.rfind(':')) + addr.substr(7);
+      // Without a sockaddr-capable transport (UCX_TLS lacking tcp) memtier connects to our
+      // worker address instead.
+      auto local = worker_->ConnectTo(addr);
+      if (local.ok()) req.set_ucx_client_address(*local);
+    }
+  }
   req.set_worker_address(worker_->address());
   req.set_rkey(region_->packed_rkey());
   req.set_buffer_address(reinterpret_cast<uint64_t>(buffer_.data()));

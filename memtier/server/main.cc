@@ -20,6 +20,7 @@ int main(int argc, char** argv) {
   flashmem::memtier::MemTierServerOptions o;
   o.store.ram.capacity_bytes = 1ull << 30;
   app.add_option("--grpc-listen", o.grpc_listen, "gRPC address host:port (port 0: any free port)");
+  app.add_option("--ucx-listen", o.ucx_listen, "UCX listener host:port that clients connect to by sockaddr (port 0: any; empty: clients send worker addresses)");
   app.add_option("--metrics-listen", o.metrics_listen, "Prometheus /metrics address host:port (empty: off)");
   app.add_option("--shm-socket", o.shm_socket, "Unix socket that hands the RAM tier's memfd chunks to same-node clients (empty: off)");
   app.add_option("--data-dir", o.store.rocks.path, "RocksDB directory")->required();

@@ -87,7 +87,11 @@ absl::StatusOr<std::unique_ptr<MemTierServer>> MemTierServer::Start(const MemTie
   FM_ASSIGN_OR_RETURN(impl->worker, ucx::Worker::Create());
   std::random_device rd;
   const uint64_t epoch = (static_cast<uint64_t>(std::chrono::system_clock::now().time_since_epoch().count()) << 8) ^ rd();
-  impl->service = std::make_unique<MemTierService>(*impl->store, *impl->worker, epoch);
+  std::string ucx_address;
+  if (!o.ucx_listen.empty()) {
+    FM_ASSIGN_OR_RETURN(ucx_address, impl->worker->Listen(o.ucx_listen));
+  }
+  impl->service = std::make_unique<MemTierService>(*impl->store, *impl->worker, epoch, ucx_address);
   grpc::EnableDefaultHealthCheckService(true);
   grpc::ServerBuilder b;
   b.AddListeningPort(o.grpc_listen, grpc::InsecureServerCredentials(), &impl->port);
@@ -129,8 +133,8 @@ absl::StatusOr<std::unique_ptr<MemTierServer>> MemTierServer::Start(const MemTie
       return out;
     }));
   }
-  spdlog::info("memtier serving gRPC on {}:{} (epoch {}), data dir {}, RAM {} bytes", impl->host, impl->port, epoch,
-               o.store.rocks.path, o.store.ram.capacity_bytes);
+  spdlog::info("memtier serving gRPC on {}:{}, UCX on {} (epoch {}), data dir {}, RAM {} bytes", impl->host, impl->port,
+               ucx_address.empty() ? "worker addresses" : ucx_address, epoch, o.store.rocks.path, o.store.ram.capacity_bytes);
   return std::unique_ptr<MemTierServer>(new MemTierServer(std::move(impl)));
 }
 

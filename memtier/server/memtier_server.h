@@ -13,6 +13,7 @@ namespace flashmem::memtier {
 
 struct MemTierServerOptions {
   std::string grpc_listen = "127.0.0.1:7070";  // host:port; port 0 picks a free one
+  std::string ucx_listen = "127.0.0.1:0";      // UCX listener (clients connect by sockaddr); empty: off
   std::string metrics_listen;                  // host:port for /metrics; empty: no exporter
   std::string shm_socket;                      // Unix socket serving the RAM chunks to local clients; empty: off
   PageStoreOptions store;

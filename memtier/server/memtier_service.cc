@@ -16,8 +16,15 @@ PageKey KeyOf(const v1::PageId& id) { return {id.session(), id.layer(), id.page(
 
 }  // namespace
 
-MemTierService::MemTierService(PageStore& store, ucx::Worker& worker, uint64_t epoch, ServiceLimits limits)
-    : store_(store), worker_(worker), epoch_(epoch), limits_(limits) {}
+MemTierService::MemTierService(PageStore& store, ucx::Worker& worker, uint64_t epoch, std::string ucx_listen,
+                               ServiceLimits limits)
+    : store_(store), worker_(worker), epoch_(epoch), ucx_listen_(std::move(ucx_listen)), limits_(limits) {}
+
+grpc::Status MemTierService::GetEndpoint(grpc::ServerContext*, const v1::Empty*, v1::EndpointResponse* out) {
+  out->set_ucx_listen(ucx_listen_);
+  out->set_epoch(epoch_);
+  return grpc::Status::OK;
+}
 
 uint64_t MemTierService::clients() const {
   absl::MutexLock l(&mu_);
@@ -40,7 +47,10 @@ grpc::Status MemTierService::Connect(grpc::ServerContext*, const v1::ConnectRequ
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "connect: buffer_address and buffer_bytes must be set");
   if (r->buffer_address() + r->buffer_bytes() < r->buffer_address())
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "connect: buffer range overflows");
-  auto peer = worker_.Connect(r->worker_address(), r->rkey(), r->buffer_address(), r->buffer_bytes());
+  auto peer = !r->ucx_client_address().empty()
+                  ? worker_.TakeAccepted(r->ucx_client_address(), r->rkey(), r->buffer_address(), r->buffer_bytes(),
+                                         std::chrono::milliseconds(2000))
+                  : worker_.Connect(r->worker_address(), r->rkey(), r->buffer_address(), r->buffer_bytes());
   if (!peer.ok()) return ToGrpc(absl::Status(peer.status().code(), absl::StrCat("connect: ", peer.status().message())));
   auto c = std::make_shared<Client>();
   c->peer = std::move(*peer);

@@ -23,7 +23,8 @@ struct ServiceLimits {
 
 class MemTierService final : public flashmem::v1::MemTier::Service {
  public:
-  MemTierService(PageStore& store, ucx::Worker& worker, uint64_t epoch, ServiceLimits limits = {});
+  MemTierService(PageStore& store, ucx::Worker& worker, uint64_t epoch, std::string ucx_listen = "",
+                 ServiceLimits limits = {});
 
   uint64_t epoch() const { return epoch_; }
   uint64_t clients() const;
@@ -33,6 +34,7 @@ class MemTierService final : public flashmem::v1::MemTier::Service {
   grpc::Status OpenSession(grpc::ServerContext*, const v1::SessionRequest*, v1::SessionResponse*) override;
   grpc::Status CloseSession(grpc::ServerContext*, const v1::SessionRequest*, v1::SessionResponse*) override;
   grpc::Status DropSession(grpc::ServerContext*, const v1::SessionRequest*, v1::SessionResponse*) override;
+  grpc::Status GetEndpoint(grpc::ServerContext*, const v1::Empty*, v1::EndpointResponse*) override;
   grpc::Status Connect(grpc::ServerContext*, const v1::ConnectRequest*, v1::ConnectResponse*) override;
   grpc::Status Commit(grpc::ServerContext*, const v1::CommitRequest*, v1::CommitResponse*) override;
   grpc::Status Recall(grpc::ServerContext*, const v1::RecallRequest*, v1::RecallResponse*) override;
@@ -68,6 +70,7 @@ class MemTierService final : public flashmem::v1::MemTier::Service {
   PageStore& store_;
   ucx::Worker& worker_;
   const uint64_t epoch_;
+  const std::string ucx_listen_;
   const ServiceLimits limits_;
   mutable absl::Mutex mu_;
   uint64_t next_client_ ABSL_GUARDED_BY(mu_) = 1;

@@ -2,7 +2,9 @@
 // loopback and once with the shared-memory transports).
 #include "memtier/transport/ucx.h"
 
+#include <chrono>
 #include <cstdlib>
+#include <string>
 #include <numeric>
 #include <vector>
 
@@ -38,6 +40,37 @@ TEST(Ucx, PutAndGetBetweenWorkers) {
   // Out-of-range accesses are refused before they reach UCX.
   EXPECT_EQ((*peer)->Put(page.data(), page.size(), base + buf.size() - 10).code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ((*peer)->Get(back.data(), 16, base - 16).code(), absl::StatusCode::kInvalidArgument);
+}
+
+// Client-server mode: the client connects to a listener by sockaddr; the listening side takes
+// the endpoint it accepted from the client's address and moves bytes through it. Connection
+// establishment needs a sockaddr transport (tcp); without one, ConnectTo fails with a clear error.
+TEST(Ucx, ClientServerBySockaddr) {
+  auto server = Worker::Create();
+  auto client = Worker::Create();
+  ASSERT_TRUE(server.ok() && client.ok());
+  auto listen = (*server)->Listen("127.0.0.1:0");
+  const char* tls = std::getenv("UCX_TLS");
+  const bool has_tcp = !tls || std::string(tls).find("tcp") != std::string::npos;
+  if (!has_tcp) {
+    const bool ok = listen.ok() && (*client)->ConnectTo(*listen).ok();
+    EXPECT_FALSE(ok) << "sockaddr connection without a sockaddr-capable transport";
+    return;
+  }
+  ASSERT_TRUE(listen.ok()) << listen.status();
+  auto local = (*client)->ConnectTo(*listen);
+  ASSERT_TRUE(local.ok()) << local.status();
+  auto region = (*client)->Allocate(1 << 20);
+  ASSERT_TRUE(region.ok()) << region.status();
+  const uint64_t base = reinterpret_cast<uint64_t>((*region)->base());
+  auto peer = (*server)->TakeAccepted(*local, (*region)->packed_rkey(), base, 1 << 20, std::chrono::seconds(5));
+  ASSERT_TRUE(peer.ok()) << peer.status();
+  std::vector<uint8_t> page(37376, 0x5a);
+  ASSERT_TRUE((*peer)->Put(page.data(), page.size(), base + 4096).ok());
+  ASSERT_TRUE((*peer)->Flush().ok());
+  EXPECT_EQ(static_cast<uint8_t*>((*region)->base())[4096 + 100], 0x5a);
+  EXPECT_EQ((*server)->TakeAccepted("10.9.9.9:1", "x", 0, 1, std::chrono::milliseconds(10)).status().code(),
+            absl::StatusCode::kNotFound);
 }
 
 TEST(Ucx, MalformedAddressesAndRkeysAreRejected) {

@@ -1,5 +1,7 @@
 #include "memtier/transport/ucx.h"
 
+#include <arpa/inet.h>
+#include <netdb.h>
 #include <poll.h>
 #include <ucp/api/ucp.h>
 
@@ -22,6 +24,34 @@ absl::Status FromUcs(ucs_status_t s, absl::string_view what) {
     default:
       return absl::InternalError(msg);
   }
+}
+
+absl::StatusOr<sockaddr_storage> ParseHostPort(const std::string& host_port) {
+  const auto colon = host_port.rfind(':');
+  if (colon == std::string::npos) return absl::InvalidArgumentError(absl::StrCat("address '", host_port, "' is not host:port"));
+  addrinfo hints{};
+  hints.ai_family = AF_INET;
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* res = nullptr;
+  const std::string host = host_port.substr(0, colon), port = host_port.substr(colon + 1);
+  if (getaddrinfo(host.empty() ? "0.0.0.0" : host.c_str(), port.c_str(), &hints, &res) != 0 || !res)
+    return absl::InvalidArgumentError(absl::StrCat("address '", host_port, "' does not resolve"));
+  sockaddr_storage ss{};
+  std::memcpy(&ss, res->ai_addr, res->ai_addrlen);
+  freeaddrinfo(res);
+  return ss;
+}
+
+std::string SockaddrString(const sockaddr_storage& ss) {
+  char ip[INET6_ADDRSTRLEN] = {};
+  if (ss.ss_family == AF_INET) {
+    const auto* a = reinterpret_cast<const sockaddr_in*>(&ss);
+    inet_ntop(AF_INET, &a->sin_addr, ip, sizeof ip);
+    return absl::StrCat(ip, ":", ntohs(a->sin_port));
+  }
+  const auto* a = reinterpret_cast<const sockaddr_in6*>(&ss);
+  inet_ntop(AF_INET6, &a->sin6_addr, ip, sizeof ip);
+  return absl::StrCat(ip, ":", ntohs(a->sin6_port));
 }
 
 }  // namespace
@@ -60,6 +90,26 @@ absl::StatusOr<std::unique_ptr<Worker>> Worker::Create() {
 }
 
 Worker::~Worker() {
+  {
+    std::lock_guard<std::mutex> l(accepted_mu_);
+    for (auto& [addr, ep] : accepted_) {
+      ucp_request_param_t rp{};
+      rp.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+      rp.flags = UCP_EP_CLOSE_FLAG_FORCE;
+      void* req = ucp_ep_close_nbx(ep, &rp);
+      if (UCS_PTR_IS_PTR(req)) ucp_request_free(req);
+    }
+    accepted_.clear();
+    for (ucp_ep_h ep : outgoing_) {
+      ucp_request_param_t rp{};
+      rp.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+      rp.flags = UCP_EP_CLOSE_FLAG_FORCE;
+      void* req = ucp_ep_close_nbx(ep, &rp);
+      if (UCS_PTR_IS_PTR(req)) ucp_request_free(req);
+    }
+    outgoing_.clear();
+  }
+  if (listener_) ucp_listener_destroy(listener_);
   stop_.store(true);
   if (worker_) ucp_worker_signal(worker_);
   if (progress_.joinable()) progress_.join();
@@ -128,6 +178,98 @@ absl::StatusOr<std::unique_ptr<Region>> Worker::Allocate(uint64_t bytes) {
   r->rkey_.assign(static_cast<const char*>(packed), len);
   ucp_rkey_buffer_release(packed);
   return r;
+}
+
+void Worker::OnConnRequest(ucp_conn_request_h req, void* arg) {
+  auto* w = static_cast<Worker*>(arg);
+  ucp_conn_request_attr_t attr{};
+  attr.field_mask = UCP_CONN_REQUEST_ATTR_FIELD_CLIENT_ADDR;
+  if (ucp_conn_request_query(req, &attr) != UCS_OK) {
+    ucp_listener_reject(w->listener_, req);
+    return;
+  }
+  ucp_ep_params_t ep{};
+  ep.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST;
+  ep.conn_request = req;
+  ucp_ep_h h = nullptr;
+  if (ucp_ep_create(w->worker_, &ep, &h) != UCS_OK) return;
+  std::lock_guard<std::mutex> l(w->accepted_mu_);
+  w->accepted_[SockaddrString(attr.client_address)] = h;
+}
+
+absl::StatusOr<std::string> Worker::Listen(const std::string& host_port) {
+  auto addr = ParseHostPort(host_port);
+  if (!addr.ok()) return addr.status();
+  ucp_listener_params_t lp{};
+  lp.field_mask = UCP_LISTENER_PARAM_FIELD_SOCK_ADDR | UCP_LISTENER_PARAM_FIELD_CONN_HANDLER;
+  lp.sockaddr.addr = reinterpret_cast<const sockaddr*>(&*addr);
+  lp.sockaddr.addrlen = sizeof(sockaddr_in);
+  lp.conn_handler.cb = &Worker::OnConnRequest;
+  lp.conn_handler.arg = this;
+  if (auto s = FromUcs(ucp_listener_create(worker_, &lp, &listener_), absl::StrCat("--ucx-listen ", host_port)); !s.ok()) return s;
+  ucp_listener_attr_t la{};
+  la.field_mask = UCP_LISTENER_ATTR_FIELD_SOCKADDR;
+  if (auto s = FromUcs(ucp_listener_query(listener_, &la), "ucp_listener_query"); !s.ok()) return s;
+  return SockaddrString(la.sockaddr);
+}
+
+absl::StatusOr<std::string> Worker::ConnectTo(const std::string& host_port) {
+  auto addr = ParseHostPort(host_port);
+  if (!addr.ok()) return addr.status();
+  ucp_ep_params_t ep{};
+  ep.field_mask = UCP_EP_PARAM_FIELD_FLAGS | UCP_EP_PARAM_FIELD_SOCK_ADDR;
+  ep.flags = UCP_EP_PARAMS_FLAGS_CLIENT_SERVER;
+  ep.sockaddr.addr = reinterpret_cast<const sockaddr*>(&*addr);
+  ep.sockaddr.addrlen = sizeof(sockaddr_in);
+  ucp_ep_h h = nullptr;
+  if (auto s = FromUcs(ucp_ep_create(worker_, &ep, &h), absl::StrCat("UCX connect to ", host_port)); !s.ok()) return s;
+  // A flush completes once the connection is wired up.
+  ucp_request_param_t rp{};
+  void* req = ucp_ep_flush_nbx(h, &rp);
+  if (UCS_PTR_IS_ERR(req)) return FromUcs(UCS_PTR_STATUS(req), absl::StrCat("UCX connect to ", host_port));
+  if (req) {
+    ucs_status_t st;
+    while ((st = ucp_request_check_status(req)) == UCS_INPROGRESS) ucp_worker_progress(worker_);
+    ucp_request_free(req);
+    if (st != UCS_OK) return FromUcs(st, absl::StrCat("UCX connect to ", host_port));
+  }
+  ucp_ep_attr_t attr{};
+  attr.field_mask = UCP_EP_ATTR_FIELD_LOCAL_SOCKADDR;
+  if (auto s = FromUcs(ucp_ep_query(h, &attr), "ucp_ep_query"); !s.ok()) return s;
+  std::lock_guard<std::mutex> l(accepted_mu_);
+  outgoing_.push_back(h);
+  return SockaddrString(attr.local_sockaddr);
+}
+
+absl::StatusOr<std::unique_ptr<Peer>> Worker::TakeAccepted(const std::string& client_address, const std::string& packed_rkey,
+                                                           uint64_t remote_base, uint64_t remote_bytes,
+                                                           std::chrono::milliseconds wait) {
+  if (packed_rkey.empty()) return absl::InvalidArgumentError("empty packed rkey");
+  const auto deadline = std::chrono::steady_clock::now() + wait;
+  ucp_ep_h ep = nullptr;
+  for (;;) {
+    {
+      std::lock_guard<std::mutex> l(accepted_mu_);
+      auto it = accepted_.find(client_address);
+      if (it != accepted_.end()) {
+        ep = it->second;
+        accepted_.erase(it);
+      }
+    }
+    if (ep || std::chrono::steady_clock::now() >= deadline) break;
+    Progress();
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  if (!ep) return absl::NotFoundError(absl::StrCat("no UCX connection from ", client_address, ": connect to --ucx-listen first"));
+  std::unique_ptr<Peer> p(new Peer());
+  p->worker_ = this;
+  p->ep_ = ep;
+  p->remote_base_ = remote_base;
+  p->remote_bytes_ = remote_bytes;
+  p->peer_failure_detection_ = false;
+  if (auto s = FromUcs(ucp_ep_rkey_unpack(p->ep_, packed_rkey.data(), &p->rkey_), "ucp_ep_rkey_unpack"); !s.ok())
+    return absl::InvalidArgumentError(s.message());
+  return p;
 }
 
 absl::StatusOr<std::unique_ptr<Peer>> Worker::Connect(const std::string& address, const std::string& packed_rkey,

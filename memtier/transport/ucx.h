@@ -6,7 +6,10 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <memory>
 #include <span>
 #include <string>
@@ -20,6 +23,8 @@ typedef struct ucp_worker* ucp_worker_h;
 typedef struct ucp_ep* ucp_ep_h;
 typedef struct ucp_mem* ucp_mem_h;
 typedef struct ucp_rkey* ucp_rkey_h;
+typedef struct ucp_listener* ucp_listener_h;
+typedef struct ucp_conn_request* ucp_conn_request_h;
 
 namespace flashmem::memtier::ucx {
 
@@ -99,6 +104,16 @@ class Worker {
   // through `packed_rkey`. INVALID_ARGUMENT for a malformed address or rkey.
   absl::StatusOr<std::unique_ptr<Peer>> Connect(const std::string& address, const std::string& packed_rkey,
                                                 uint64_t remote_base, uint64_t remote_bytes);
+
+  // Client-server mode. Listen("host:port") accepts connections (port 0 picks one; the bound
+  // address is returned); a client connects by sockaddr with ConnectTo and learns the local
+  // address of its connection; the listening side then takes the endpoint it accepted from that
+  // address, with the client's rkey and buffer, as a Peer.
+  absl::StatusOr<std::string> Listen(const std::string& host_port);
+  absl::StatusOr<std::string> ConnectTo(const std::string& host_port);  // returns the local "ip:port"
+  absl::StatusOr<std::unique_ptr<Peer>> TakeAccepted(const std::string& client_address, const std::string& packed_rkey,
+                                                     uint64_t remote_base, uint64_t remote_bytes,
+                                                     std::chrono::milliseconds wait);
   void Progress();
   ucp_worker_h raw() const { return worker_; }
   // While at least one scope is alive the progress thread polls the worker continuously instead
@@ -123,6 +138,11 @@ class Worker {
   std::atomic<bool> stop_{false};
   std::atomic<int> active_{0};
   std::thread progress_;
+  ucp_listener_h listener_ = nullptr;
+  std::mutex accepted_mu_;
+  std::map<std::string, ucp_ep_h> accepted_;     // client "ip:port" -> endpoint (listening side)
+  std::vector<ucp_ep_h> outgoing_;               // client side: endpoints made by ConnectTo
+  static void OnConnRequest(ucp_conn_request_h req, void* arg);
 };
 
 }  // namespace flashmem::memtier::ucx
