@@ -168,7 +168,6 @@ absl::Status MemTierClient::Commit(uint64_t session, std::span<const PageToCommi
     req.set_client_id(id);
     req.set_epoch(epoch);
     v1::CommitResponse resp;
-    ucx::Worker::ActiveScope active(*worker_);  // memtier reads our buffer now
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + options_.rpc_timeout);
     return FromGrpc(rpc_->stub->Commit(&ctx, req, &resp), "commit");
@@ -228,7 +227,6 @@ absl::Status MemTierClient::Recall(uint64_t session, std::span<PageToRecall> pag
     req.set_client_id(id);
     req.set_epoch(epoch);
     resp.Clear();
-    ucx::Worker::ActiveScope active(*worker_);  // memtier writes our buffer now
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + options_.rpc_timeout);
     return FromGrpc(rpc_->stub->Recall(&ctx, req, &resp), "recall");

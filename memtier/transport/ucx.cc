@@ -119,12 +119,6 @@ Worker::~Worker() {
 
 void Worker::Progress() { ucp_worker_progress(worker_); }
 
-Worker::ActiveScope::ActiveScope(Worker& w) : w_(w) {
-  w_.active_.fetch_add(1);
-  ucp_worker_signal(w_.worker_);  // wake the progress thread out of its poll
-}
-
-Worker::ActiveScope::~ActiveScope() { w_.active_.fetch_sub(1); }
 
 // Drives the worker for operations others post to it (RMA emulated with active messages over
 // tcp needs the target to progress), sleeping on the event fd when there is nothing to do.
@@ -132,7 +126,6 @@ void Worker::ProgressLoop() {
   while (!stop_.load()) {
     while (ucp_worker_progress(worker_) != 0) {
     }
-    if (active_.load() > 0) continue;  // a request is in flight: keep polling
     const ucs_status_t s = ucp_worker_arm(worker_);
     if (s == UCS_ERR_BUSY) continue;
     pollfd pfd{event_fd_, POLLIN, 0};

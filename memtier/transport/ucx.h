@@ -116,17 +116,6 @@ class Worker {
                                                      std::chrono::milliseconds wait);
   void Progress();
   ucp_worker_h raw() const { return worker_; }
-  // While at least one scope is alive the progress thread polls the worker continuously instead
-  // of sleeping: a peer's RMA into this process (emulated with active messages where the
-  // transport cannot reach the memory directly) completes at once.
-  class ActiveScope {
-   public:
-    explicit ActiveScope(Worker& w);
-    ~ActiveScope();
-
-   private:
-    Worker& w_;
-  };
 
  private:
   Worker() = default;
@@ -136,7 +125,6 @@ class Worker {
   int event_fd_ = -1;
   std::string address_;
   std::atomic<bool> stop_{false};
-  std::atomic<int> active_{0};
   std::thread progress_;
   ucp_listener_h listener_ = nullptr;
   std::mutex accepted_mu_;
