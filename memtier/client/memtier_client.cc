@@ -206,21 +206,22 @@ void MemTierClient::AsyncLoop() {
   }
 }
 
-absl::Status MemTierClient::Recall(uint64_t session, std::span<PageToRecall> pages) {
+absl::Status MemTierClient::RecallToBuffer(uint64_t session, std::span<const PageKey> keys,
+                                           std::span<const uint32_t> rooms,
+                                           std::vector<std::span<const uint8_t>>* views) {
   uint64_t total = 0;
-  for (const auto& p : pages) total += p.dst.size();
+  for (uint32_t r : rooms) total += r;
   if (total > buffer_.size())
     return absl::InvalidArgumentError(absl::StrCat("recall of up to ", total, " bytes exceeds the registered buffer (", buffer_.size(), ")"));
-  absl::MutexLock l(&mu_);
   v1::RecallRequest req;
   req.set_session(session);
   uint64_t at = 0;
-  for (const auto& p : pages) {
+  for (size_t i = 0; i < keys.size(); ++i) {
     v1::PageSlot* s = req.add_pages();
-    SetId(s->mutable_id(), p.key);
+    SetId(s->mutable_id(), keys[i]);
     s->set_offset(at);
-    s->set_length(static_cast<uint32_t>(p.dst.size()));
-    at += p.dst.size();
+    s->set_length(rooms[i]);
+    at += rooms[i];
   }
   v1::RecallResponse resp;
   FM_RETURN_IF_ERROR(WithReconnect([&](uint64_t id, uint64_t epoch) {
@@ -231,17 +232,41 @@ absl::Status MemTierClient::Recall(uint64_t session, std::span<PageToRecall> pag
     ctx.set_deadline(std::chrono::system_clock::now() + options_.rpc_timeout);
     return FromGrpc(rpc_->stub->Recall(&ctx, req, &resp), "recall");
   }));
-  if (resp.pages_size() != static_cast<int>(pages.size()))
-    return absl::InternalError(absl::StrCat("recall: memtier answered ", resp.pages_size(), " pages for ", pages.size()));
-  for (size_t i = 0; i < pages.size(); ++i) {
+  if (resp.pages_size() != static_cast<int>(keys.size()))
+    return absl::InternalError(absl::StrCat("recall: memtier answered ", resp.pages_size(), " pages for ", keys.size()));
+  views->clear();
+  for (size_t i = 0; i < keys.size(); ++i) {
     const v1::PageSlot& s = resp.pages(static_cast<int>(i));
     const std::span<const uint8_t> got(buffer_.data() + req.pages(static_cast<int>(i)).offset(), s.length());
-    if (s.length() > pages[i].dst.size() || PageChecksum(got) != s.checksum())
-      return absl::DataLossError(absl::StrCat("recall: page ", ToString(pages[i].key), " failed its checksum after transfer"));
-    std::memcpy(pages[i].dst.data(), got.data(), got.size());
-    pages[i].length = s.length();
+    if (s.length() > rooms[i] || PageChecksum(got) != s.checksum())
+      return absl::DataLossError(absl::StrCat("recall: page ", ToString(keys[i]), " failed its checksum after transfer"));
+    views->push_back(got);
   }
   return absl::OkStatus();
+}
+
+absl::Status MemTierClient::Recall(uint64_t session, std::span<PageToRecall> pages) {
+  std::vector<PageKey> keys;
+  std::vector<uint32_t> rooms;
+  for (const auto& p : pages) {
+    keys.push_back(p.key);
+    rooms.push_back(static_cast<uint32_t>(p.dst.size()));
+  }
+  absl::MutexLock l(&mu_);
+  std::vector<std::span<const uint8_t>> views;
+  FM_RETURN_IF_ERROR(RecallToBuffer(session, keys, rooms, &views));
+  for (size_t i = 0; i < pages.size(); ++i) {
+    std::memcpy(pages[i].dst.data(), views[i].data(), views[i].size());
+    pages[i].length = static_cast<uint32_t>(views[i].size());
+  }
+  return absl::OkStatus();
+}
+
+absl::Status MemTierClient::RecallView(uint64_t session, std::span<const PageKey> keys, uint32_t room,
+                                       std::vector<std::span<const uint8_t>>* views) {
+  std::vector<uint32_t> rooms(keys.size(), room);
+  absl::MutexLock l(&mu_);
+  return RecallToBuffer(session, keys, rooms, views);
 }
 
 absl::Status MemTierClient::AttachLocal(const std::string& shm_socket) {

@@ -67,6 +67,10 @@ class MemTierClient {
   std::future<absl::Status> CommitAsync(uint64_t session, std::span<const PageToCommit> pages, size_t max_queued = 64);
   // Recalls pages into the callers' buffers; checksums verified after transfer (DATA_LOSS on mismatch).
   absl::Status Recall(uint64_t session, std::span<PageToRecall> pages);
+  // Zero-copy variant: the verified pages as views of the registered buffer (each given
+  // `room` bytes there), valid until the next request on this client.
+  absl::Status RecallView(uint64_t session, std::span<const PageKey> keys, uint32_t room,
+                          std::vector<std::span<const uint8_t>>* views);
   // Same-node fast path: maps memtier's RAM chunks (read-only) from its Unix socket.
   absl::Status AttachLocal(const std::string& shm_socket);
   // Recall by reading memtier's memory directly (after AttachLocal); pages whose bytes fail the
@@ -86,6 +90,9 @@ class MemTierClient {
   template <typename F>
   absl::Status WithReconnect(F&& call);
   void AsyncLoop();
+  // Recall into the registered buffer at the given offsets; verified views out. Holds mu_.
+  absl::Status RecallToBuffer(uint64_t session, std::span<const PageKey> keys, std::span<const uint32_t> rooms,
+                              std::vector<std::span<const uint8_t>>* views) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   MemTierClientOptions options_;
   struct Rpc;  // gRPC channel and stub (kept out of this header)

@@ -137,25 +137,50 @@ grpc::Status MemTierService::Recall(grpc::ServerContext*, const v1::RecallReques
   if (!store_.HasSession(r->session())) return grpc::Status(grpc::StatusCode::NOT_FOUND, absl::StrCat("recall: unknown session ", r->session()));
   uint64_t total = 0;
   if (auto s = CheckSlots(r->pages(), r->session(), **c, &total); !s.ok()) return ToGrpc(s);
-  // Pages are gathered into one staging buffer, then written with one pipelined batch of puts.
-  std::vector<uint8_t> staging(total);
+  // Pages are written straight from their pinned RAM slots with one pipelined batch of puts
+  // (pages RAM cannot hold go through a staging copy), then the pins are released.
   std::vector<ucx::RmaOp> ops;
-  uint64_t at = 0;
+  std::vector<RamSlot> pinned;
+  std::vector<std::vector<uint8_t>> staged;
+  auto unpin = [&] {
+    for (const RamSlot& s : pinned) store_.Unpin(s);
+  };
   for (int i = 0; i < r->pages_size(); ++i) {
     const v1::PageSlot& p = r->pages(i);
-    auto meta = store_.Recall(KeyOf(p.id()), std::span<uint8_t>(staging.data() + at, p.length()));
-    if (!meta.ok()) return ToGrpc(absl::Status(meta.status().code(), absl::StrCat("pages[", i, "]: ", meta.status().message())));
-    ops.push_back({staging.data() + at, meta->length, (*c)->base + p.offset()});
+    PageMeta meta;
+    const uint8_t* src = nullptr;
+    auto pin = store_.Pin(KeyOf(p.id()));
+    if (pin.ok()) {
+      pinned.push_back(pin->slot);
+      meta = pin->meta;
+      src = pin->data;
+    } else if (absl::IsResourceExhausted(pin.status())) {
+      staged.emplace_back(p.length());
+      auto m = store_.Recall(KeyOf(p.id()), staged.back());
+      if (!m.ok()) pin = m.status(); else { meta = *m; src = staged.back().data(); }
+    }
+    if (!src) {
+      unpin();
+      return ToGrpc(absl::Status(pin.status().code(), absl::StrCat("pages[", i, "]: ", pin.status().message())));
+    }
+    if (meta.length > p.length()) {
+      unpin();
+      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, absl::StrCat("pages[", i, "]: page of ", meta.length, " bytes does not fit the ", p.length(), " bytes given"));
+    }
+    ops.push_back({const_cast<uint8_t*>(src), meta.length, (*c)->base + p.offset()});
     v1::PageSlot* o = out->add_pages();
     *o->mutable_id() = p.id();
     o->set_offset(p.offset());
-    o->set_length(meta->length);
-    o->set_checksum(meta->checksum);
-    at += p.length();
+    o->set_length(meta.length);
+    o->set_checksum(meta.checksum);
   }
-  absl::MutexLock l(&(*c)->mu);
-  absl::Status st = (*c)->peer->PutBatch(ops);
-  if (st.ok()) st = (*c)->peer->Flush();  // the bytes are in the client's buffer before the reply
+  absl::Status st;
+  {
+    absl::MutexLock l(&(*c)->mu);
+    st = (*c)->peer->PutBatch(ops);
+    if (st.ok()) st = (*c)->peer->Flush();  // the bytes are in the client's buffer before the reply
+  }
+  unpin();
   if (absl::IsUnavailable(st)) DropClient(r->client_id());
   return ToGrpc(st);
 }

@@ -114,23 +114,30 @@ absl::Status PageStore::Commit(uint64_t session, std::span<const PageWrite> page
   return absl::OkStatus();
 }
 
-bool PageStore::PlaceInRam(Entry& e, std::span<const uint8_t> bytes) {
-  const uint64_t need = RamTier::SizeClass(bytes.size());
+bool PageStore::AllocateInRam(Entry& e) {
+  const uint64_t need = RamTier::SizeClass(e.meta.length);
   const uint64_t cap = ram_->capacity_bytes();
   if (ram_->used_bytes() + need > static_cast<uint64_t>(options_.high_watermark * cap)) EvictToLowWatermark();
-  auto slot = ram_->Allocate(bytes.size());
+  auto slot = ram_->Allocate(e.meta.length);
   if (!slot.ok()) return false;  // the page stays in RocksDB only
-  std::memcpy(ram_->Data(*slot), bytes.data(), bytes.size());
   e.slot = *slot;
   e.in_ram = true;
   counters_.pages_in_ram++;
-  counters_.bytes_in_ram += bytes.size();
+  counters_.bytes_in_ram += e.meta.length;
+  return true;
+}
+
+bool PageStore::PlaceInRam(Entry& e, std::span<const uint8_t> bytes) {
+  if (!AllocateInRam(e)) return false;
+  std::memcpy(ram_->Data(e.slot), bytes.data(), bytes.size());
   return true;
 }
 
 void PageStore::DropFromRam(Entry& e) {
   if (!e.in_ram) return;
-  ram_->Free(e.slot);
+  auto pin = pins_.find(SlotId(e.slot));
+  if (pin != pins_.end() && pin->second.count > 0) pin->second.free_when_unpinned = true;  // a reader holds it
+  else ram_->Free(e.slot);
   e.in_ram = false;
   counters_.pages_in_ram--;
   counters_.bytes_in_ram -= e.meta.length;
@@ -141,7 +148,7 @@ void PageStore::EvictToLowWatermark() {
   // Victims: unranked pages oldest first, then ranked pages from the least needed.
   std::vector<std::pair<std::pair<int64_t, uint64_t>, Entry*>> victims;
   for (auto& [k, e] : index_) {
-    if (!e.in_ram) continue;
+    if (!e.in_ram || pins_.contains(SlotId(e.slot))) continue;  // pinned slots cannot be freed now
     const int64_t group = e.rank < 0 ? 0 : 1;
     const uint64_t order = e.rank < 0 ? e.last_use : UINT64_MAX - static_cast<uint64_t>(e.rank);
     victims.push_back({{group, order}, &e});
@@ -154,16 +161,22 @@ void PageStore::EvictToLowWatermark() {
   }
 }
 
-absl::Status PageStore::PromoteLocked(const PageKey& key, Entry& e) {
-  std::vector<uint8_t> bytes;
-  absl::Status st = rocks_->GetPage(key, e.meta, &bytes);
-  if (absl::IsDataLoss(st)) {
-    e.bad = true;
-    counters_.checksum_failures++;
+absl::Status PageStore::PromoteLocked(const PageKey& key, Entry& e, std::span<uint8_t> fallback) {
+  std::vector<uint8_t> scratch;
+  const bool in_ram = AllocateInRam(e);
+  if (!in_ram && fallback.empty()) scratch.resize(e.meta.length);
+  const std::span<uint8_t> dst = in_ram ? std::span<uint8_t>(ram_->Data(e.slot), e.meta.length)
+                                 : fallback.empty() ? std::span<uint8_t>(scratch) : fallback;
+  absl::Status st = rocks_->GetPage(key, e.meta, dst);
+  if (!st.ok()) {
+    if (in_ram) DropFromRam(e);
+    if (absl::IsDataLoss(st)) {
+      e.bad = true;
+      counters_.checksum_failures++;
+    }
+    return st;
   }
-  FM_RETURN_IF_ERROR(st);
   counters_.promotions++;
-  PlaceInRam(e, bytes);
   return absl::OkStatus();
 }
 
@@ -182,17 +195,36 @@ absl::StatusOr<PageMeta> PageStore::Recall(const PageKey& key, std::span<uint8_t
     return e.meta;
   }
   counters_.ram_misses++;
-  std::vector<uint8_t> bytes;
-  absl::Status st = rocks_->GetPage(key, e.meta, &bytes);
-  if (absl::IsDataLoss(st)) {
-    e.bad = true;
-    counters_.checksum_failures++;
-  }
-  FM_RETURN_IF_ERROR(st);
-  counters_.promotions++;
-  std::memcpy(dst.data(), bytes.data(), bytes.size());
-  PlaceInRam(e, bytes);
+  FM_RETURN_IF_ERROR(PromoteLocked(key, e, dst));  // no room in RAM: straight into dst
+  if (e.in_ram) std::memcpy(dst.data(), ram_->Data(e.slot), e.meta.length);
   return e.meta;
+}
+
+absl::StatusOr<PageStore::PinnedPage> PageStore::Pin(const PageKey& key) {
+  absl::MutexLock l(&mu_);
+  auto it = index_.find(key);
+  if (it == index_.end()) return absl::NotFoundError(absl::StrCat("recall: no page ", ToString(key)));
+  Entry& e = it->second;
+  if (e.bad) return absl::DataLossError(absl::StrCat("recall: page ", ToString(key), " is marked bad (checksum mismatch)"));
+  e.last_use = ++tick_;
+  if (e.in_ram) {
+    counters_.ram_hits++;
+  } else {
+    counters_.ram_misses++;
+    FM_RETURN_IF_ERROR(PromoteLocked(key, e));
+    if (!e.in_ram) return absl::ResourceExhaustedError(absl::StrCat("recall: no RAM to hold page ", ToString(key)));
+  }
+  pins_[SlotId(e.slot)].count++;
+  return PinnedPage{ram_->Data(e.slot), e.meta, e.slot};
+}
+
+void PageStore::Unpin(const RamSlot& slot) {
+  absl::MutexLock l(&mu_);
+  auto it = pins_.find(SlotId(slot));
+  if (it == pins_.end()) return;
+  if (--it->second.count > 0) return;
+  if (it->second.free_when_unpinned) ram_->Free(slot);
+  pins_.erase(it);
 }
 
 absl::StatusOr<int64_t> PageStore::Prefetch(uint64_t session, std::span<const PageKey> ranked,

@@ -69,6 +69,16 @@ class PageStore {
     PageMeta meta;
   };
   absl::StatusOr<Location> Locate(const PageKey& key);
+  // Zero-copy read: the page's RAM slot stays valid (never freed or reused) until Unpin, even if
+  // the page is evicted or its session dropped meanwhile. Promotes pages on disk first;
+  // RESOURCE_EXHAUSTED when RAM cannot hold it (use Recall then).
+  struct PinnedPage {
+    const uint8_t* data = nullptr;
+    PageMeta meta;
+    RamSlot slot;
+  };
+  absl::StatusOr<PinnedPage> Pin(const PageKey& key);
+  void Unpin(const RamSlot& slot);
   absl::StatusOr<std::vector<PageInfo>> ListPages(uint64_t session) const;
   absl::StatusOr<PageMeta> Lookup(const PageKey& key) const;
 
@@ -94,9 +104,14 @@ class PageStore {
   explicit PageStore(const PageStoreOptions& o) : options_(o) {}
   // Copies bytes into a fresh RAM slot, evicting first when needed. False when RAM cannot hold it.
   bool PlaceInRam(Entry& e, std::span<const uint8_t> bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A fresh RAM slot for the entry's length (evicting first when needed); false when RAM is full.
+  bool AllocateInRam(Entry& e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void EvictToLowWatermark() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void DropFromRam(Entry& e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::Status PromoteLocked(const PageKey& key, Entry& e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Reads a page from RocksDB into a RAM slot (verified); without room in RAM, into `fallback`
+  // when given (else a scratch buffer, just to verify).
+  absl::Status PromoteLocked(const PageKey& key, Entry& e, std::span<uint8_t> fallback = {})
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   PageStoreOptions options_;
   std::unique_ptr<RamTier> ram_;
@@ -106,6 +121,14 @@ class PageStore {
   absl::flat_hash_set<uint64_t> sessions_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<uint64_t, uint64_t> state_versions_ ABSL_GUARDED_BY(mu_);
   uint64_t tick_ ABSL_GUARDED_BY(mu_) = 0;
+  // Slots being read in place: pin count, and whether the slot was released meanwhile (it is
+  // freed when the last pin goes).
+  struct SlotPins {
+    uint32_t count = 0;
+    bool free_when_unpinned = false;
+  };
+  static uint64_t SlotId(const RamSlot& s) { return (static_cast<uint64_t>(s.chunk) << 40) | s.offset; }
+  absl::flat_hash_map<uint64_t, SlotPins> pins_ ABSL_GUARDED_BY(mu_);
   StoreCounters counters_ ABSL_GUARDED_BY(mu_);
 };
 

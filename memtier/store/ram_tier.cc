@@ -77,6 +77,8 @@ absl::Status RamTier::AddChunk(uint32_t size_class) {
     ::close(fd);
     return absl::ResourceExhaustedError(absl::StrCat("ftruncate memfd to ", bytes, ": ", std::strerror(errno)));
   }
+  // Not populated up front: faulting in a whole chunk inside a commit costs the commit's tail
+  // latency (measured: p99 192 ms with 256 MiB chunks); pages fault in as slots are first used.
   void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   if (p == MAP_FAILED) {
     ::close(fd);
@@ -141,6 +143,12 @@ uint8_t* RamTier::Data(const RamSlot& slot) const {
 uint64_t RamTier::used_bytes() const {
   absl::MutexLock l(&mu_);
   return used_;
+}
+
+bool RamTier::PinningAvailable(std::string* why_not) {
+  CudaPinner& p = CudaPinner::Get();
+  if (why_not) *why_not = p.why_not();
+  return p.available();
 }
 
 RamTierStats RamTier::stats() const {

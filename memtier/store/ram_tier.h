@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -51,6 +52,8 @@ class RamTier {
   uint64_t capacity_bytes() const { return options_.capacity_bytes; }
   static uint32_t SizeClass(uint64_t bytes) { return static_cast<uint32_t>((bytes + 511) / 512 * 512); }
   RamTierStats stats() const;
+  // Whether chunks can be pinned here (a CUDA runtime and device were found), and if not why.
+  static bool PinningAvailable(std::string* why_not = nullptr);
   std::vector<RamChunkInfo> chunks() const;
 
  private:

@@ -91,14 +91,15 @@ absl::Status RocksTier::PutPages(std::span<const PageWrite> pages) {
   return FromRocks(db_->Write(wo, &batch), "commit pages");
 }
 
-absl::Status RocksTier::GetPage(const PageKey& key, const PageMeta& meta, std::vector<uint8_t>* out) const {
+absl::Status RocksTier::GetPage(const PageKey& key, const PageMeta& meta, std::span<uint8_t> dst) const {
   rocksdb::PinnableSlice v;
   auto s = db_->Get(rocksdb::ReadOptions(), pages_, EncodePageKey(key), &v);
   if (!s.ok()) return FromRocks(s, absl::StrCat("read page ", ToString(key)));
   if (v.size() != meta.length)
     return absl::DataLossError(absl::StrCat("page ", ToString(key), ": stored length ", v.size(), " != committed ", meta.length));
-  out->assign(v.data(), v.data() + v.size());
-  if (PageChecksum(*out) != meta.checksum)
+  if (dst.size() < v.size()) return absl::InvalidArgumentError(absl::StrCat("page ", ToString(key), ": buffer too small"));
+  std::memcpy(dst.data(), v.data(), v.size());
+  if (PageChecksum(dst.first(v.size())) != meta.checksum)
     return absl::DataLossError(absl::StrCat("page ", ToString(key), ": checksum mismatch on read from RocksDB"));
   return absl::OkStatus();
 }

@@ -51,9 +51,9 @@ class RocksTier {
 
   // Atomically writes the pages and their metadata (one WriteBatch, WAL on).
   absl::Status PutPages(std::span<const PageWrite> pages);
-  // Reads a page into `out` and verifies its length and checksum against `meta`;
-  // a mismatch is DATA_LOSS, never data.
-  absl::Status GetPage(const PageKey& key, const PageMeta& meta, std::vector<uint8_t>* out) const;
+  // Reads a page into dst (at least meta.length bytes) and verifies its length and checksum
+  // against `meta`; a mismatch is DATA_LOSS (dst then holds no usable data).
+  absl::Status GetPage(const PageKey& key, const PageMeta& meta, std::span<uint8_t> dst) const;
   absl::Status DeletePages(std::span<const PageKey> keys);
   absl::Status DropSession(uint64_t session);
   // Visits the metadata of every stored page (index rebuild on restart).

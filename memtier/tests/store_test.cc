@@ -212,6 +212,46 @@ TEST(PageStore, EvictionKeepsRankedPagesAndPrefetchPromotesInRankOrder) {
   std::filesystem::remove_all(dir);
 }
 
+TEST(PageStore, APinnedSlotIsNeitherFreedNorReusedUntilUnpinned) {
+  const std::string dir = TempDir("pin");
+  auto s = PageStore::Open(Options(dir, 2ull << 20));  // ~50 main pages
+  ASSERT_TRUE(s.ok());
+  PageStore& st = **s;
+  ASSERT_TRUE(st.OpenSession(3).ok());
+  ASSERT_TRUE(CommitPages(st, 3, 0, 0, 10, kMainPage).ok());
+  auto pin = st.Pin({3, 0, 4});
+  ASSERT_TRUE(pin.ok()) << pin.status();
+  const auto expect = PageBytes({3, 0, 4}, kMainPage);
+  ASSERT_TRUE(std::equal(expect.begin(), expect.end(), pin->data));
+  ASSERT_TRUE(st.CloseSession(3).ok());                       // releases every RAM copy...
+  ASSERT_TRUE(CommitPages(st, 3, 1, 0, 45, kMainPage).ok());  // ...and RAM fills with other pages
+  EXPECT_TRUE(std::equal(expect.begin(), expect.end(), pin->data));  // the pinned slot kept its bytes
+  const uint64_t used = st.ram_stats().used_bytes;
+  st.Unpin(pin->slot);
+  EXPECT_EQ(st.ram_stats().used_bytes, used - RamTier::SizeClass(kMainPage));  // freed at unpin
+  ExpectPage(st, {3, 0, 4}, kMainPage);
+  std::filesystem::remove_all(dir);
+}
+
+// On a GPU machine every chunk is registered with cudaHostRegister (pinned); skipped, never
+// faked, where there is no CUDA device (CI).
+TEST(RamTier, PinsChunksWhenACudaDeviceIsPresent) {
+  std::string why;
+  if (!RamTier::PinningAvailable(&why)) GTEST_SKIP() << why;
+  RamTierOptions o;
+  o.capacity_bytes = 64ull << 20;
+  o.chunk_bytes = 16ull << 20;
+  auto ram = RamTier::Create(o);
+  ASSERT_TRUE(ram.ok());
+  for (int i = 0; i < 1000; ++i) ASSERT_TRUE((*ram)->Allocate(kMainPage).ok());
+  const RamTierStats st = (*ram)->stats();
+  std::printf("chunks %llu, mapped %llu B, pinned %llu B in %.4f s\n", (unsigned long long)st.chunks,
+              (unsigned long long)st.mapped_bytes, (unsigned long long)st.pinned_bytes, st.pin_seconds);
+  EXPECT_GE(st.chunks, 2u);
+  EXPECT_EQ(st.pinned_bytes, st.mapped_bytes);
+  EXPECT_GT(st.pin_seconds, 0.0);
+}
+
 TEST(PageStore, DropSessionRemovesItsKeyRangeOnly) {
   const std::string dir = TempDir("drop");
   {
