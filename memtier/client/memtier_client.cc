@@ -116,7 +116,8 @@ absl::Status MemTierClient::WithReconnect(F&& call) {
   }
 }
 
-absl::Status MemTierClient::OpenSession(uint64_t session) {
+template <typename Method>
+absl::Status MemTierClient::SessionCall(Method method, uint64_t session, const char* what) {
   absl::MutexLock l(&mu_);
   return WithReconnect([&](uint64_t, uint64_t) {
     v1::SessionRequest req;
@@ -124,26 +125,18 @@ absl::Status MemTierClient::OpenSession(uint64_t session) {
     v1::SessionResponse resp;
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + options_.rpc_timeout);
-    return FromGrpc(rpc_->stub->OpenSession(&ctx, req, &resp), "open session");
+    return FromGrpc((rpc_->stub.get()->*method)(&ctx, req, &resp), what);
   });
 }
 
-absl::Status MemTierClient::CloseSession(uint64_t session) {
-  absl::MutexLock l(&mu_);
-  v1::SessionRequest req;
-  req.set_session(session);
-  v1::SessionResponse resp;
-  grpc::ClientContext ctx;
-  return FromGrpc(rpc_->stub->CloseSession(&ctx, req, &resp), "close session");
+absl::Status MemTierClient::OpenSession(uint64_t session) {
+  return SessionCall(&v1::MemTier::Stub::OpenSession, session, "open session");
 }
-
+absl::Status MemTierClient::CloseSession(uint64_t session) {
+  return SessionCall(&v1::MemTier::Stub::CloseSession, session, "close session");
+}
 absl::Status MemTierClient::DropSession(uint64_t session) {
-  absl::MutexLock l(&mu_);
-  v1::SessionRequest req;
-  req.set_session(session);
-  v1::SessionResponse resp;
-  grpc::ClientContext ctx;
-  return FromGrpc(rpc_->stub->DropSession(&ctx, req, &resp), "drop session");
+  return SessionCall(&v1::MemTier::Stub::DropSession, session, "drop session");
 }
 
 absl::Status MemTierClient::Commit(uint64_t session, std::span<const PageToCommit> pages) {

@@ -89,6 +89,8 @@ class MemTierClient {
   // Runs `call` (given client id and epoch); on stale epoch / unavailable, reconnects with backoff.
   template <typename F>
   absl::Status WithReconnect(F&& call);
+  template <typename Method>
+  absl::Status SessionCall(Method method, uint64_t session, const char* what);
   void AsyncLoop();
   // Recall into the registered buffer at the given offsets; verified views out. Holds mu_.
   absl::Status RecallToBuffer(uint64_t session, std::span<const PageKey> keys, std::span<const uint32_t> rooms,

@@ -180,42 +180,43 @@ absl::Status PageStore::PromoteLocked(const PageKey& key, Entry& e, std::span<ui
   return absl::OkStatus();
 }
 
-absl::StatusOr<PageMeta> PageStore::Recall(const PageKey& key, std::span<uint8_t> dst) {
-  absl::MutexLock l(&mu_);
+absl::StatusOr<PageStore::Entry*> PageStore::ReadableLocked(const PageKey& key, const char* what) {
   auto it = index_.find(key);
-  if (it == index_.end()) return absl::NotFoundError(absl::StrCat("recall: no page ", ToString(key)));
+  if (it == index_.end()) return absl::NotFoundError(absl::StrCat(what, ": no page ", ToString(key)));
   Entry& e = it->second;
-  if (e.bad) return absl::DataLossError(absl::StrCat("recall: page ", ToString(key), " is marked bad (checksum mismatch)"));
-  if (dst.size() < e.meta.length)
-    return absl::InvalidArgumentError(absl::StrCat("recall: buffer of ", dst.size(), " bytes is smaller than page ", ToString(key), " (", e.meta.length, ")"));
+  if (e.bad) return absl::DataLossError(absl::StrCat(what, ": page ", ToString(key), " is marked bad (checksum mismatch)"));
   e.last_use = ++tick_;
+  return &e;
+}
+
+absl::Status PageStore::MakeResidentLocked(const PageKey& key, Entry& e, const char* what, std::span<uint8_t> fallback) {
   if (e.in_ram) {
     counters_.ram_hits++;
-    std::memcpy(dst.data(), ram_->Data(e.slot), e.meta.length);
-    return e.meta;
+    return absl::OkStatus();
   }
   counters_.ram_misses++;
-  FM_RETURN_IF_ERROR(PromoteLocked(key, e, dst));  // no room in RAM: straight into dst
-  if (e.in_ram) std::memcpy(dst.data(), ram_->Data(e.slot), e.meta.length);
-  return e.meta;
+  FM_RETURN_IF_ERROR(PromoteLocked(key, e, fallback));
+  if (!e.in_ram && fallback.empty())
+    return absl::ResourceExhaustedError(absl::StrCat(what, ": no RAM to hold page ", ToString(key), "; recall it with a copy"));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<PageMeta> PageStore::Recall(const PageKey& key, std::span<uint8_t> dst) {
+  absl::MutexLock l(&mu_);
+  FM_ASSIGN_OR_RETURN(Entry * e, ReadableLocked(key, "recall"));
+  if (dst.size() < e->meta.length)
+    return absl::InvalidArgumentError(absl::StrCat("recall: buffer of ", dst.size(), " bytes is smaller than page ", ToString(key), " (", e->meta.length, ")"));
+  FM_RETURN_IF_ERROR(MakeResidentLocked(key, *e, "recall", dst));  // no room in RAM: straight into dst
+  if (e->in_ram) std::memcpy(dst.data(), ram_->Data(e->slot), e->meta.length);
+  return e->meta;
 }
 
 absl::StatusOr<PageStore::PinnedPage> PageStore::Pin(const PageKey& key) {
   absl::MutexLock l(&mu_);
-  auto it = index_.find(key);
-  if (it == index_.end()) return absl::NotFoundError(absl::StrCat("recall: no page ", ToString(key)));
-  Entry& e = it->second;
-  if (e.bad) return absl::DataLossError(absl::StrCat("recall: page ", ToString(key), " is marked bad (checksum mismatch)"));
-  e.last_use = ++tick_;
-  if (e.in_ram) {
-    counters_.ram_hits++;
-  } else {
-    counters_.ram_misses++;
-    FM_RETURN_IF_ERROR(PromoteLocked(key, e));
-    if (!e.in_ram) return absl::ResourceExhaustedError(absl::StrCat("recall: no RAM to hold page ", ToString(key)));
-  }
-  pins_[SlotId(e.slot)].count++;
-  return PinnedPage{ram_->Data(e.slot), e.meta, e.slot};
+  FM_ASSIGN_OR_RETURN(Entry * e, ReadableLocked(key, "recall"));
+  FM_RETURN_IF_ERROR(MakeResidentLocked(key, *e, "recall"));
+  pins_[SlotId(e->slot)].count++;
+  return PinnedPage{ram_->Data(e->slot), e->meta, e->slot};
 }
 
 void PageStore::Unpin(const RamSlot& slot) {
@@ -254,19 +255,9 @@ absl::StatusOr<int64_t> PageStore::Prefetch(uint64_t session, std::span<const Pa
 
 absl::StatusOr<PageStore::Location> PageStore::Locate(const PageKey& key) {
   absl::MutexLock l(&mu_);
-  auto it = index_.find(key);
-  if (it == index_.end()) return absl::NotFoundError(absl::StrCat("locate: no page ", ToString(key)));
-  Entry& e = it->second;
-  if (e.bad) return absl::DataLossError(absl::StrCat("locate: page ", ToString(key), " is marked bad (checksum mismatch)"));
-  e.last_use = ++tick_;
-  if (e.in_ram) {
-    counters_.ram_hits++;
-  } else {
-    counters_.ram_misses++;
-    FM_RETURN_IF_ERROR(PromoteLocked(key, e));
-    if (!e.in_ram) return absl::ResourceExhaustedError(absl::StrCat("locate: no RAM for page ", ToString(key), "; recall it over UCX"));
-  }
-  return Location{e.slot, e.meta};
+  FM_ASSIGN_OR_RETURN(Entry * e, ReadableLocked(key, "locate"));
+  FM_RETURN_IF_ERROR(MakeResidentLocked(key, *e, "locate"));
+  return Location{e->slot, e->meta};
 }
 
 absl::StatusOr<std::vector<PageInfo>> PageStore::ListPages(uint64_t session) const {

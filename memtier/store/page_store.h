@@ -108,6 +108,12 @@ class PageStore {
   bool AllocateInRam(Entry& e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void EvictToLowWatermark() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void DropFromRam(Entry& e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The index entry of a readable page (NOT_FOUND / DATA_LOSS otherwise), touched for LRU.
+  absl::StatusOr<Entry*> ReadableLocked(const PageKey& key, const char* what) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Brings the page into RAM (promotion); without room, into `fallback` when given, else
+  // RESOURCE_EXHAUSTED.
+  absl::Status MakeResidentLocked(const PageKey& key, Entry& e, const char* what, std::span<uint8_t> fallback = {})
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Reads a page from RocksDB into a RAM slot (verified); without room in RAM, into `fallback`
   // when given (else a scratch buffer, just to verify).
   absl::Status PromoteLocked(const PageKey& key, Entry& e, std::span<uint8_t> fallback = {})

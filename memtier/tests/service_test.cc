@@ -32,6 +32,32 @@ std::vector<uint8_t> PageBytes(const PageKey& k, size_t n) {
   return b;
 }
 
+// A unary call with raw bytes (hostile payloads, services without generated stubs here).
+std::pair<grpc::Status, std::string> RawUnary(const std::shared_ptr<grpc::Channel>& channel, const std::string& method,
+                                              const std::string& payload) {
+  grpc::GenericStub generic(channel);
+  grpc::Slice slice(payload);
+  grpc::ByteBuffer in(&slice, 1), out;
+  grpc::ClientContext ctx;
+  std::mutex m;
+  std::condition_variable cv;
+  bool done = false;
+  grpc::Status st;
+  generic.UnaryCall(&ctx, method, grpc::StubOptions(), &in, &out, [&](grpc::Status s) {
+    std::lock_guard<std::mutex> l(m);
+    st = s;
+    done = true;
+    cv.notify_all();
+  });
+  std::unique_lock<std::mutex> l(m);
+  cv.wait(l, [&] { return done; });
+  std::string bytes;
+  std::vector<grpc::Slice> slices;
+  if (st.ok() && out.Dump(&slices).ok())
+    for (auto& sl : slices) bytes.append(reinterpret_cast<const char*>(sl.begin()), sl.size());
+  return {st, bytes};
+}
+
 class MemTierE2E : public ::testing::Test {
  protected:
   void SetUp() override { StartServer(64ull << 20); }
@@ -261,26 +287,8 @@ TEST_F(MemTierE2E, HostileRequestsGetClearErrorsAndTheServerKeepsServing) {
     grpc::ClientContext ctx;
     EXPECT_EQ(stub->Connect(&ctx, bad, &cresp).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   }
-  {  // garbage protobuf bytes on the wire
-    grpc::GenericStub generic(channel);
-    const std::string junk = "\xff\xff\xff\xff\x0f garbage \x01\x02";
-    grpc::Slice slice(junk);
-    grpc::ByteBuffer in(&slice, 1), out;
-    grpc::ClientContext ctx;
-    std::mutex m;
-    std::condition_variable cv;
-    bool done = false;
-    grpc::Status st;
-    generic.UnaryCall(&ctx, "/flashmem.v1.MemTier/Commit", grpc::StubOptions(), &in, &out, [&](grpc::Status s) {
-      std::lock_guard<std::mutex> l(m);
-      st = s;
-      done = true;
-      cv.notify_all();
-    });
-    std::unique_lock<std::mutex> l(m);
-    cv.wait(l, [&] { return done; });
-    EXPECT_FALSE(st.ok());
-  }
+  // Garbage protobuf bytes on the wire.
+  EXPECT_FALSE(RawUnary(channel, "/flashmem.v1.MemTier/Commit", "\xff\xff\xff\xff\x0f garbage \x01\x02").first.ok());
   // The well-behaved client is still served.
   ASSERT_TRUE(CommitRange(*good, 1, 3, 0, 10, kIndexPage).ok());
   ExpectRange(*good, 1, 3, 0, 10, kIndexPage);
@@ -364,27 +372,8 @@ TEST_F(MemTierE2E, MetricsAndHealth) {
   EXPECT_NE(body.find("flashmem_memtier_request_seconds_count{method=\"Commit\"} 1"), std::string::npos) << body;
   // grpc.health.v1.Health/Check with an empty request answers SERVING (field 1 = 1).
   auto channel = grpc::CreateChannel(server_->grpc_target(), grpc::InsecureChannelCredentials());
-  grpc::GenericStub generic(channel);
-  grpc::Slice empty(std::string{});
-  grpc::ByteBuffer in(&empty, 1), out;
-  grpc::ClientContext ctx;
-  std::mutex m;
-  std::condition_variable cv;
-  bool done = false;
-  grpc::Status st;
-  generic.UnaryCall(&ctx, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &in, &out, [&](grpc::Status s) {
-    std::lock_guard<std::mutex> l(m);
-    st = s;
-    done = true;
-    cv.notify_all();
-  });
-  std::unique_lock<std::mutex> l(m);
-  cv.wait(l, [&] { return done; });
+  auto [st, bytes] = RawUnary(channel, "/grpc.health.v1.Health/Check", std::string{});
   ASSERT_TRUE(st.ok()) << st.error_message();
-  std::vector<grpc::Slice> slices;
-  ASSERT_TRUE(out.Dump(&slices).ok());
-  std::string bytes;
-  for (auto& s : slices) bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
   EXPECT_EQ(bytes, std::string("\x08\x01", 2));
 }
 

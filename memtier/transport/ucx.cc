@@ -54,6 +54,18 @@ std::string SockaddrString(const sockaddr_storage& ss) {
   return absl::StrCat(ip, ":", ntohs(a->sin6_port));
 }
 
+// Force-closes an endpoint without waiting for the peer.
+void CloseEndpoint(ucp_ep_h ep, ucp_worker_h worker, bool wait) {
+  ucp_request_param_t rp{};
+  rp.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+  rp.flags = UCP_EP_CLOSE_FLAG_FORCE;
+  void* req = ucp_ep_close_nbx(ep, &rp);
+  if (!UCS_PTR_IS_PTR(req)) return;
+  if (wait)
+    while (ucp_request_check_status(req) == UCS_INPROGRESS) ucp_worker_progress(worker);
+  ucp_request_free(req);
+}
+
 }  // namespace
 
 // ---- Region ------------------------------------------------------------------------------------
@@ -92,21 +104,9 @@ absl::StatusOr<std::unique_ptr<Worker>> Worker::Create() {
 Worker::~Worker() {
   {
     std::lock_guard<std::mutex> l(accepted_mu_);
-    for (auto& [addr, ep] : accepted_) {
-      ucp_request_param_t rp{};
-      rp.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-      rp.flags = UCP_EP_CLOSE_FLAG_FORCE;
-      void* req = ucp_ep_close_nbx(ep, &rp);
-      if (UCS_PTR_IS_PTR(req)) ucp_request_free(req);
-    }
+    for (auto& [addr, ep] : accepted_) CloseEndpoint(ep, worker_, false);
     accepted_.clear();
-    for (ucp_ep_h ep : outgoing_) {
-      ucp_request_param_t rp{};
-      rp.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-      rp.flags = UCP_EP_CLOSE_FLAG_FORCE;
-      void* req = ucp_ep_close_nbx(ep, &rp);
-      if (UCS_PTR_IS_PTR(req)) ucp_request_free(req);
-    }
+    for (ucp_ep_h ep : outgoing_) CloseEndpoint(ep, worker_, false);
     outgoing_.clear();
   }
   if (listener_) ucp_listener_destroy(listener_);
@@ -297,16 +297,7 @@ void Peer::OnError(void* arg, ucp_ep_h, int) { static_cast<Peer*>(arg)->failed_.
 
 Peer::~Peer() {
   if (rkey_) ucp_rkey_destroy(rkey_);
-  if (ep_) {
-    ucp_request_param_t rp{};
-    rp.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-    rp.flags = UCP_EP_CLOSE_FLAG_FORCE;
-    void* req = ucp_ep_close_nbx(ep_, &rp);
-    if (UCS_PTR_IS_PTR(req)) {
-      while (ucp_request_check_status(req) == UCS_INPROGRESS) worker_->Progress();
-      ucp_request_free(req);
-    }
-  }
+  if (ep_) CloseEndpoint(ep_, worker_->raw(), true);
 }
 
 absl::Status Peer::CheckRange(uint64_t remote_addr, uint64_t bytes) const {
