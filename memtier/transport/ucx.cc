@@ -133,6 +133,15 @@ void Worker::ProgressLoop() {
   }
 }
 
+absl::Status Worker::PackRkey(ucp_context_h ctx, Region* r) {
+  void* packed = nullptr;
+  size_t len = 0;
+  if (auto s = FromUcs(ucp_rkey_pack(ctx, r->memh_, &packed, &len), "ucp_rkey_pack"); !s.ok()) return s;
+  r->rkey_.assign(static_cast<const char*>(packed), len);
+  ucp_rkey_buffer_release(packed);
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::unique_ptr<Region>> Worker::Map(void* base, uint64_t bytes) {
   std::unique_ptr<Region> r(new Region());
   r->ctx_ = ctx_;
@@ -143,11 +152,7 @@ absl::StatusOr<std::unique_ptr<Region>> Worker::Map(void* base, uint64_t bytes) 
   mp.address = base;
   mp.length = bytes;
   if (auto s = FromUcs(ucp_mem_map(ctx_, &mp, &r->memh_), "ucp_mem_map"); !s.ok()) return s;
-  void* packed = nullptr;
-  size_t len = 0;
-  if (auto s = FromUcs(ucp_rkey_pack(ctx_, r->memh_, &packed, &len), "ucp_rkey_pack"); !s.ok()) return s;
-  r->rkey_.assign(static_cast<const char*>(packed), len);
-  ucp_rkey_buffer_release(packed);
+  if (auto s = PackRkey(ctx_, r.get()); !s.ok()) return s;
   return r;
 }
 
@@ -165,11 +170,7 @@ absl::StatusOr<std::unique_ptr<Region>> Worker::Allocate(uint64_t bytes) {
   if (auto s = FromUcs(ucp_mem_query(r->memh_, &attr), "ucp_mem_query"); !s.ok()) return s;
   r->base_ = attr.address;
   r->bytes_ = bytes;
-  void* packed = nullptr;
-  size_t len = 0;
-  if (auto s = FromUcs(ucp_rkey_pack(ctx_, r->memh_, &packed, &len), "ucp_rkey_pack"); !s.ok()) return s;
-  r->rkey_.assign(static_cast<const char*>(packed), len);
-  ucp_rkey_buffer_release(packed);
+  if (auto s = PackRkey(ctx_, r.get()); !s.ok()) return s;
   return r;
 }
 

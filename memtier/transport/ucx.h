@@ -120,6 +120,7 @@ class Worker {
  private:
   Worker() = default;
   void ProgressLoop();
+  static absl::Status PackRkey(ucp_context_h ctx, Region* r);
   ucp_context_h ctx_ = nullptr;
   ucp_worker_h worker_ = nullptr;
   int event_fd_ = -1;
