@@ -42,7 +42,7 @@ build() {
 
 tiny_model() {
   local dir=${TINY_DIR:-$BUILD_DIR/models/tiny}
-  if [ ! -f "$dir/model.safetensors" ]; then
+  if [ ! -f "$dir/model.safetensors" ] || [ ! -f "$dir/tokenizer.json" ]; then
     "$BUILD_DIR/worker/cli/flashmem" ckpt random --preset tiny --seed 1 --out "$dir"
   fi
   echo "$dir"
@@ -55,7 +55,7 @@ case "$mode" in
     install_deps; build
     dir=$(tiny_model | tail -1)
     "$BUILD_DIR/worker/cli/flashmem" ckpt inspect "$dir" | head -20
-    "$BUILD_DIR/worker/cli/flashmem" generate --model "$dir" --prompt-ids "0,3921,77,1024,5,60000" --max-new-tokens 24
+    "$BUILD_DIR/worker/cli/flashmem" generate --model "$dir" --prompt "The memory tier keeps every page of" --max-new-tokens 24
     ;;
   test)
     install_deps; build

@@ -4,6 +4,8 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
+#include <optional>
 #include <fstream>
 #include <map>
 #include <sstream>
@@ -16,6 +18,7 @@
 #include "worker/model/random_checkpoint.h"
 #include "worker/model/safetensors.h"
 #include "worker/model/transformer.h"
+#include "worker/tokenizer/tokenizer.h"
 
 namespace flashmem::cli {
 
@@ -52,8 +55,20 @@ double Seconds(std::chrono::steady_clock::time_point a, std::chrono::steady_cloc
 
 }  // namespace
 
-absl::Status Generate(const GenerateOptions& opt) {
-  if (opt.prompt.empty()) return absl::InvalidArgumentError("--prompt-ids/--prompt-file: the prompt is empty");
+absl::Status Generate(const GenerateOptions& in) {
+  GenerateOptions opt = in;
+  // Text in and out when the model directory carries a tokenizer.json (HF convention).
+  std::unique_ptr<tokenizer::Tokenizer> tok;
+  if (std::filesystem::exists(opt.model_dir + "/tokenizer.json")) {
+    FM_ASSIGN_OR_RETURN(tok, tokenizer::Tokenizer::Load(opt.model_dir));
+  }
+  if (!opt.prompt_text.empty()) {
+    if (!tok) return absl::FailedPreconditionError(absl::StrCat("--prompt: ", opt.model_dir, " has no tokenizer.json; use --prompt-ids"));
+    FM_ASSIGN_OR_RETURN(std::vector<int32_t> ids, tok->Encode(opt.prompt_text));
+    opt.prompt = {0};  // BOS
+    opt.prompt.insert(opt.prompt.end(), ids.begin(), ids.end());
+  }
+  if (opt.prompt.empty()) return absl::InvalidArgumentError("--prompt/--prompt-ids/--prompt-file: the prompt is empty");
   if (opt.prefill_split == 0 || opt.prefill_split > static_cast<int64_t>(opt.prompt.size()))
     return absl::InvalidArgumentError(absl::StrCat("--prefill-split ", opt.prefill_split, " must be in [1, ", opt.prompt.size(), "]"));
   const auto t0 = std::chrono::steady_clock::now();
@@ -80,14 +95,22 @@ absl::Status Generate(const GenerateOptions& opt) {
   const auto t2 = std::chrono::steady_clock::now();
   const int64_t n = opt.force.empty() ? opt.max_new_tokens : static_cast<int64_t>(opt.force.size());
   std::vector<int32_t> fed;
+  std::string text;
+  std::optional<tokenizer::Tokenizer::StreamDecoder> decoder;
+  if (tok) decoder.emplace(*tok);
   for (int64_t i = 0; i < n; ++i) {
     const int32_t next = opt.force.empty() ? Argmax(logits) : opt.force[i];
     fed.push_back(next);
     if (!opt.quiet) { std::printf("%d ", next); std::fflush(stdout); }
+    if (decoder && next < tok->vocab_size()) {
+      auto piece = decoder->Push(next);
+      if (piece.ok()) text += *piece;
+    }
     FM_RETURN_IF_ERROR(step(std::span<const int32_t>(&next, 1)));
   }
   const auto t3 = std::chrono::steady_clock::now();
   if (!opt.quiet) std::printf("\n");
+  if (decoder && !opt.quiet) std::printf("text: %s\n", (text + decoder->Finish()).c_str());
   std::printf("prompt: %zu tokens in %.3f s (%.1f tok/s); decode: %lld tokens in %.3f s (%.2f tok/s); load %.2f s\n",
               opt.prompt.size(), Seconds(t1, t2), opt.prompt.size() / std::max(1e-9, Seconds(t1, t2)),
               static_cast<long long>(n), Seconds(t2, t3), n / std::max(1e-9, Seconds(t2, t3)), Seconds(t0, t1));
@@ -109,9 +132,17 @@ absl::Status Generate(const GenerateOptions& opt) {
 }
 
 absl::Status CkptRandom(const std::string& preset, int64_t layers, int64_t experts, uint64_t seed,
-                        const std::string& out_dir) {
+                        const std::string& out_dir, const std::string& tokenizer_dir) {
   FM_ASSIGN_OR_RETURN(model::ModelArgs args, model::PresetArgs(preset, layers, experts));
   FM_ASSIGN_OR_RETURN(auto stats, model::WriteRandomCheckpoint(args, seed, out_dir));
+  if (!tokenizer_dir.empty()) {
+    for (const char* f : {"tokenizer.json", "tokenizer_config.json"}) {
+      std::error_code ec;
+      std::filesystem::copy_file(std::filesystem::path(tokenizer_dir) / f, std::filesystem::path(out_dir) / f,
+                                 std::filesystem::copy_options::overwrite_existing, ec);
+      if (ec) return absl::NotFoundError(absl::StrCat("--tokenizer-dir ", tokenizer_dir, ": cannot copy ", f, ": ", ec.message()));
+    }
+  }
   std::printf("wrote %s: preset %s, %lld layers, %lld tensors, %.1f MB (seed %llu)\n", out_dir.c_str(),
               preset.c_str(), static_cast<long long>(args.n_layers), static_cast<long long>(stats.tensors),
               stats.bytes / 1e6, static_cast<unsigned long long>(seed));

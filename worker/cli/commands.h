@@ -17,6 +17,7 @@ absl::StatusOr<std::vector<int32_t>> ReadTokenFile(const std::string& path);
 struct GenerateOptions {
   std::string model_dir;
   std::vector<int32_t> prompt;
+  std::string prompt_text;       // tokenized with the model's tokenizer.json (BOS first) when set
   int64_t max_new_tokens = 16;
   std::vector<int32_t> force;    // teacher forcing: fed instead of the argmax
   int64_t prefill_split = -1;    // prefill this many prompt tokens, feed the rest one by one
@@ -25,8 +26,10 @@ struct GenerateOptions {
 };
 absl::Status Generate(const GenerateOptions& opt);
 
+// Writes the checkpoint; with the real 129,280-token vocabulary it also copies the DeepSeek
+// tokenizer (tokenizer.json, tokenizer_config.json) from `tokenizer_dir` so text works.
 absl::Status CkptRandom(const std::string& preset, int64_t layers, int64_t experts, uint64_t seed,
-                        const std::string& out_dir);
+                        const std::string& out_dir, const std::string& tokenizer_dir);
 absl::Status CkptInspect(const std::string& dir, bool all_tensors);
 
 }  // namespace flashmem::cli

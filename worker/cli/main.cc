@@ -1,5 +1,5 @@
 // flashmem: one binary, subcommands (CLI11 lives here only).
-//   flashmem generate --model DIR (--prompt-ids "1,2,3" | --prompt-file F) --max-new-tokens N
+//   flashmem generate --model DIR (--prompt "text" | --prompt-ids "1,2,3" | --prompt-file F) --max-new-tokens N
 //            [--force-tokens "a,b" | --force-file F] [--prefill-split K] [--dump OUT.safetensors]
 //   flashmem ckpt random --preset tiny|small|flash-shape [--layers L] --seed S --out DIR
 //   flashmem ckpt inspect DIR
@@ -18,7 +18,10 @@ int main(int argc, char** argv) {
   g->add_option("--model", gen.model_dir, "model directory (config.json + safetensors)")->required();
   auto* pi = g->add_option("--prompt-ids", prompt_ids, "prompt token ids, e.g. \"1,2,3\"");
   auto* pf = g->add_option("--prompt-file", prompt_file, "file of prompt ids (whitespace or commas)");
+  auto* pt = g->add_option("--prompt", gen.prompt_text, "prompt text (tokenized with the model's tokenizer.json, BOS first)");
   pi->excludes(pf);
+  pt->excludes(pi);
+  pt->excludes(pf);
   g->add_option("--max-new-tokens", gen.max_new_tokens, "tokens to generate")->check(CLI::NonNegativeNumber);
   auto* ft = g->add_option("--force-tokens", force_tokens, "teacher forcing: feed these ids instead of the argmax");
   auto* ff = g->add_option("--force-file", force_file, "teacher forcing ids from a file");
@@ -40,6 +43,8 @@ int main(int argc, char** argv) {
   rnd->add_option("--experts", experts, "routed experts (default: the preset's)");
   rnd->add_option("--seed", seed, "random seed")->required();
   rnd->add_option("--out", out_dir, "output directory")->required();
+  std::string tokenizer_dir = FLASHMEM_TOKENIZER_DIR;
+  rnd->add_option("--tokenizer-dir", tokenizer_dir, "tokenizer.json to ship with the model (empty: none)");
   auto* ins = ck->add_subcommand("inspect", "tensors, dtypes, bytes, parameters, KV bytes per token");
   ins->add_option("dir", inspect_dir, "checkpoint directory")->required();
   ins->add_flag("--tensors", all_tensors, "list every tensor");
@@ -48,16 +53,18 @@ int main(int argc, char** argv) {
 
   absl::Status st;
   if (g->parsed()) {
-    absl::StatusOr<std::vector<int32_t>> ids = !prompt_file.empty()
-        ? flashmem::cli::ReadTokenFile(prompt_file) : flashmem::cli::ParseTokenIds(prompt_ids, "--prompt-ids");
-    if (ids.ok()) gen.prompt = *ids; else st = ids.status();
+    if (gen.prompt_text.empty()) {
+      absl::StatusOr<std::vector<int32_t>> ids = !prompt_file.empty()
+          ? flashmem::cli::ReadTokenFile(prompt_file) : flashmem::cli::ParseTokenIds(prompt_ids, "--prompt-ids");
+      if (ids.ok()) gen.prompt = *ids; else st = ids.status();
+    }
     if (st.ok() && (!force_tokens.empty() || !force_file.empty())) {
       auto f = !force_file.empty() ? flashmem::cli::ReadTokenFile(force_file) : flashmem::cli::ParseTokenIds(force_tokens, "--force-tokens");
       if (f.ok()) gen.force = *f; else st = f.status();
     }
     if (st.ok()) st = flashmem::cli::Generate(gen);
   } else if (rnd->parsed()) {
-    st = flashmem::cli::CkptRandom(preset, layers, experts, seed, out_dir);
+    st = flashmem::cli::CkptRandom(preset, layers, experts, seed, out_dir, tokenizer_dir);
   } else if (ins->parsed()) {
     st = flashmem::cli::CkptInspect(inspect_dir, all_tensors);
   }
