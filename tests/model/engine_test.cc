@@ -10,6 +10,7 @@
 #include "tests/model/golden_util.h"
 #include "tests/model/test_models.h"
 #include "worker/model/moe.h"
+#include "worker/model/state_codec.h"
 #include "worker/model/transformer.h"
 
 namespace flashmem::testing {
@@ -139,6 +140,53 @@ TEST_F(Engine, TopKSelectionIsRealAndTiesKeepLowerIds) {
     for (size_t t = 0; t < sc.size(); ++t)
       if (std::find(sel.begin(), sel.end(), static_cast<int32_t>(t)) == sel.end()) EXPECT_LE(sc[t], kth);
   }
+}
+
+// A session snapshot restored into a fresh state continues exactly where the original would:
+// failover needs no re-prefill and changes no token.
+TEST_F(Engine, SnapshotRestoreContinuesBitIdentically) {
+  const auto& a = tf_->args();
+  const auto p = Prompt(277, a.vocab_size, 6);  // pending compressor blocks in every layer type
+  auto original = tf_->NewSession();
+  std::vector<float> lo, lr;
+  BatchItem it{original.get(), p, &lo, nullptr};
+  ASSERT_TRUE(tf_->Forward(std::span<BatchItem>(&it, 1)).ok());
+  const std::string blob = model::SerializeSessionState(*original, a);
+  auto restored = model::DeserializeSessionState(blob, a);
+  ASSERT_TRUE(restored.ok()) << restored.status();
+  EXPECT_EQ((*restored)->position, 277);
+  int32_t next_o = 3, next_r = 3;
+  for (int step = 0; step < 60; ++step) {  // crosses CSA and HCA block boundaries after the restore
+    BatchItem io{original.get(), std::span<const int32_t>(&next_o, 1), &lo, nullptr};
+    BatchItem ir{restored->get(), std::span<const int32_t>(&next_r, 1), &lr, nullptr};
+    ASSERT_TRUE(tf_->Forward(std::span<BatchItem>(&io, 1)).ok());
+    ASSERT_TRUE(tf_->Forward(std::span<BatchItem>(&ir, 1)).ok());
+    ASSERT_EQ(lo, lr) << "step " << step;
+    next_o = next_r = static_cast<int32_t>(std::max_element(lo.begin(), lo.end()) - lo.begin());
+  }
+  std::printf("snapshot at 277 tokens: %zu bytes\n", blob.size());
+}
+
+TEST_F(Engine, HostileSnapshotsAreRejected) {
+  const auto& a = tf_->args();
+  auto s = tf_->NewSession();
+  const auto p = Prompt(40, a.vocab_size, 7);
+  BatchItem it{s.get(), p, nullptr, nullptr};
+  ASSERT_TRUE(tf_->Forward(std::span<BatchItem>(&it, 1)).ok());
+  const std::string blob = model::SerializeSessionState(*s, a);
+  auto code = [&](const std::string& b) { return model::DeserializeSessionState(b, a).status(); };
+  EXPECT_EQ(code("").code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(code("XXXX" + blob.substr(4)).code(), absl::StatusCode::kInvalidArgument);
+  std::string flipped = blob;
+  flipped[blob.size() / 2] ^= 1;
+  EXPECT_EQ(code(flipped).code(), absl::StatusCode::kDataLoss);
+  EXPECT_FALSE(code(blob.substr(0, blob.size() - 20)).ok());  // truncated (checksum no longer matches)
+  model::ModelArgs other = a;
+  other.n_layers = a.n_layers - 1;
+  other.compress_ratios.erase(other.compress_ratios.begin());
+  auto wrong = model::DeserializeSessionState(blob, other);
+  EXPECT_FALSE(wrong.ok());
+  EXPECT_NE(std::string(wrong.status().message()).find("layers"), std::string::npos) << wrong.status();
 }
 
 TEST(RandomCheckpoint, DeterministicPerSeed) {

@@ -1,0 +1,165 @@
+#include "worker/model/state_codec.h"
+
+#include <xxhash.h>
+
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/numerics.h"
+
+namespace flashmem::model {
+namespace {
+
+constexpr char kMagic[4] = {'F', 'M', 'S', 'S'};
+constexpr uint32_t kVersion = 1;
+
+class Writer {
+ public:
+  void U32(uint32_t v) { Raw(&v, 4); }
+  void U64(uint64_t v) { Raw(&v, 8); }
+  void F32s(const std::vector<float>& v) {
+    U64(v.size());
+    Raw(v.data(), v.size() * 4);
+  }
+  void Bf16s(const float* v, size_t n) {
+    for (size_t i = 0; i < n; ++i) {
+      const uint16_t b = num::FloatToBf16Bits(v[i]);
+      Raw(&b, 2);
+    }
+  }
+  void Raw(const void* p, size_t n) { out.append(static_cast<const char*>(p), n); }
+  std::string out;
+};
+
+class Reader {
+ public:
+  explicit Reader(absl::string_view s) : s_(s) {}
+  absl::Status Need(size_t n, absl::string_view what) {
+    if (s_.size() - at_ < n)
+      return absl::InvalidArgumentError(absl::StrCat("state blob truncated while reading ", what, " (at byte ", at_, ")"));
+    return absl::OkStatus();
+  }
+  absl::StatusOr<uint64_t> U64(absl::string_view what) {
+    if (auto st = Need(8, what); !st.ok()) return st;
+    uint64_t v;
+    std::memcpy(&v, s_.data() + at_, 8);
+    at_ += 8;
+    return v;
+  }
+  absl::StatusOr<uint32_t> U32(absl::string_view what) {
+    if (auto st = Need(4, what); !st.ok()) return st;
+    uint32_t v;
+    std::memcpy(&v, s_.data() + at_, 4);
+    at_ += 4;
+    return v;
+  }
+  absl::Status F32s(std::vector<float>* v, absl::string_view what) {
+    auto n = U64(what);
+    if (!n.ok()) return n.status();
+    if (*n != v->size())
+      return absl::InvalidArgumentError(absl::StrCat("state blob: ", what, " has ", *n, " values, the model needs ", v->size()));
+    if (auto st = Need(*n * 4, what); !st.ok()) return st;
+    std::memcpy(v->data(), s_.data() + at_, *n * 4);
+    at_ += *n * 4;
+    return absl::OkStatus();
+  }
+  absl::Status Bf16s(float* v, size_t n, absl::string_view what) {
+    if (auto st = Need(n * 2, what); !st.ok()) return st;
+    for (size_t i = 0; i < n; ++i) {
+      uint16_t b;
+      std::memcpy(&b, s_.data() + at_ + 2 * i, 2);
+      v[i] = num::Bf16BitsToFloat(b);
+    }
+    at_ += n * 2;
+    return absl::OkStatus();
+  }
+  size_t at() const { return at_; }
+
+ private:
+  absl::string_view s_;
+  size_t at_ = 0;
+};
+
+#define FM_TRY(lhs, expr)                      \
+  auto lhs##_or = (expr);                      \
+  if (!lhs##_or.ok()) return lhs##_or.status(); \
+  const auto lhs = *lhs##_or
+
+}  // namespace
+
+std::string SerializeSessionState(const SessionState& s, const ModelArgs& a) {
+  Writer w;
+  w.Raw(kMagic, 4);
+  w.U32(kVersion);
+  w.U64(static_cast<uint64_t>(s.position));
+  w.U32(static_cast<uint32_t>(s.layers.size()));
+  for (const LayerState& l : s.layers) {
+    w.Bf16s(l.window.data(), l.window.size());
+    w.F32s(l.compressor.kv);
+    w.F32s(l.compressor.score);
+    w.F32s(l.index_compressor.kv);
+    w.F32s(l.index_compressor.score);
+    w.U64(static_cast<uint64_t>(l.compressed.size()));
+    for (int64_t e = 0; e < l.compressed.size(); ++e) w.Bf16s(l.compressed.Row(e), l.compressed.dim());
+    w.U64(static_cast<uint64_t>(l.index_keys.size()));
+    for (int64_t e = 0; e < l.index_keys.size(); ++e) w.Bf16s(l.index_keys.Row(e), l.index_keys.dim());
+  }
+  (void)a;
+  const uint64_t sum = XXH3_64bits(w.out.data(), w.out.size());
+  w.U64(sum);
+  return w.out;
+}
+
+absl::StatusOr<std::unique_ptr<SessionState>> DeserializeSessionState(absl::string_view blob, const ModelArgs& a) {
+  if (blob.size() < 24 || std::memcmp(blob.data(), kMagic, 4) != 0)
+    return absl::InvalidArgumentError("state blob: not a flashmem session state (bad magic or too short)");
+  uint64_t sum;
+  std::memcpy(&sum, blob.data() + blob.size() - 8, 8);
+  if (XXH3_64bits(blob.data(), blob.size() - 8) != sum)
+    return absl::DataLossError("state blob: checksum mismatch");
+  Reader r(blob.substr(0, blob.size() - 8));
+  if (auto st = r.Need(4, "magic"); !st.ok()) return st;
+  FM_TRY(magic_skip, r.U32("magic"));
+  (void)magic_skip;
+  FM_TRY(version, r.U32("version"));
+  if (version != kVersion) return absl::InvalidArgumentError(absl::StrCat("state blob: version ", version, " (this build reads ", kVersion, ")"));
+  FM_TRY(position, r.U64("position"));
+  FM_TRY(n_layers, r.U32("layer count"));
+  if (n_layers != static_cast<uint64_t>(a.n_layers))
+    return absl::InvalidArgumentError(absl::StrCat("state blob: ", n_layers, " layers, the model has ", a.n_layers));
+  if (position > static_cast<uint64_t>(1) << 40) return absl::InvalidArgumentError(absl::StrCat("state blob: position ", position, " is implausible"));
+  auto s = std::make_unique<SessionState>(a);
+  s->position = static_cast<int64_t>(position);
+  for (int64_t li = 0; li < a.n_layers; ++li) {
+    LayerState& l = s->layers[li];
+    const std::string at = absl::StrCat("layer ", li);
+    if (auto st = r.Bf16s(l.window.data(), l.window.size(), at + " window"); !st.ok()) return st;
+    if (auto st = r.F32s(&l.compressor.kv, at + " compressor kv"); !st.ok()) return st;
+    if (auto st = r.F32s(&l.compressor.score, at + " compressor score"); !st.ok()) return st;
+    if (auto st = r.F32s(&l.index_compressor.kv, at + " indexer compressor kv"); !st.ok()) return st;
+    if (auto st = r.F32s(&l.index_compressor.score, at + " indexer compressor score"); !st.ok()) return st;
+    const int r_ratio = a.ratio(li);
+    const uint64_t want_entries = r_ratio > 0 ? position / r_ratio : 0;
+    FM_TRY(n_entries, r.U64(at + " entry count"));
+    if (n_entries != want_entries)
+      return absl::InvalidArgumentError(absl::StrCat("state blob: ", at, " has ", n_entries, " compressed entries, position ", position, " implies ", want_entries));
+    std::vector<float> row(a.head_dim);
+    for (uint64_t e = 0; e < n_entries; ++e) {
+      if (auto st = r.Bf16s(row.data(), row.size(), at + " compressed entries"); !st.ok()) return st;
+      l.compressed.Append(row.data());
+    }
+    const uint64_t want_keys = r_ratio == 4 ? position / 4 : 0;
+    FM_TRY(n_keys, r.U64(at + " index key count"));
+    if (n_keys != want_keys)
+      return absl::InvalidArgumentError(absl::StrCat("state blob: ", at, " has ", n_keys, " index keys, position ", position, " implies ", want_keys));
+    std::vector<float> key(a.index_head_dim);
+    for (uint64_t e = 0; e < n_keys; ++e) {
+      if (auto st = r.Bf16s(key.data(), key.size(), at + " index keys"); !st.ok()) return st;
+      l.index_keys.Append(key.data());
+    }
+  }
+  if (r.at() != blob.size() - 8) return absl::InvalidArgumentError("state blob: trailing bytes after the last layer");
+  return s;
+}
+
+}  // namespace flashmem::model
