@@ -17,6 +17,7 @@
 #include "kernels/ops.h"
 #include "worker/model/random_checkpoint.h"
 #include "worker/model/safetensors.h"
+#include "worker/model/sampler.h"
 #include "worker/model/transformer.h"
 #include "worker/tokenizer/tokenizer.h"
 
@@ -69,6 +70,8 @@ absl::Status Generate(const GenerateOptions& in) {
     opt.prompt.insert(opt.prompt.end(), ids.begin(), ids.end());
   }
   if (opt.prompt.empty()) return absl::InvalidArgumentError("--prompt/--prompt-ids/--prompt-file: the prompt is empty");
+  const model::SamplingOptions sampling{opt.temperature, opt.top_p, opt.seed};
+  FM_RETURN_IF_ERROR(model::ValidateSampling(sampling));
   if (opt.prefill_split == 0 || opt.prefill_split > static_cast<int64_t>(opt.prompt.size()))
     return absl::InvalidArgumentError(absl::StrCat("--prefill-split ", opt.prefill_split, " must be in [1, ", opt.prompt.size(), "]"));
   const auto t0 = std::chrono::steady_clock::now();
@@ -99,7 +102,7 @@ absl::Status Generate(const GenerateOptions& in) {
   std::optional<tokenizer::Tokenizer::StreamDecoder> decoder;
   if (tok) decoder.emplace(*tok);
   for (int64_t i = 0; i < n; ++i) {
-    const int32_t next = opt.force.empty() ? Argmax(logits) : opt.force[i];
+    const int32_t next = opt.force.empty() ? model::SampleToken(logits, sampling, static_cast<uint64_t>(i)) : opt.force[i];
     fed.push_back(next);
     if (!opt.quiet) { std::printf("%d ", next); std::fflush(stdout); }
     if (decoder && next < tok->vocab_size()) {

@@ -23,6 +23,9 @@ struct GenerateOptions {
   int64_t prefill_split = -1;    // prefill this many prompt tokens, feed the rest one by one
   std::string dump_path;         // F32 logits [n_steps, vocab] + I64 tokens [n_steps]
   bool quiet = false;
+  float temperature = 0.0f;      // 0: greedy
+  float top_p = 1.0f;
+  uint64_t seed = 0;
 };
 absl::Status Generate(const GenerateOptions& opt);
 

@@ -29,6 +29,9 @@ int main(int argc, char** argv) {
   g->add_option("--prefill-split", gen.prefill_split, "prefill the first K prompt tokens, feed the rest one at a time");
   g->add_option("--dump", gen.dump_path, "write F32 logits [n_steps, vocab] and I64 tokens [n_steps]");
   g->add_flag("--quiet", gen.quiet, "do not print tokens as they are generated");
+  g->add_option("--temperature", gen.temperature, "sampling temperature (0: greedy)");
+  g->add_option("--top-p", gen.top_p, "nucleus sampling mass in (0, 1]");
+  g->add_option("--seed", gen.seed, "sampling seed (same seed, same tokens)");
 
   std::string preset = "tiny", out_dir;
   int64_t layers = 0, experts = 0;
