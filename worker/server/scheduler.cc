@@ -1,0 +1,207 @@
+#include "worker/server/scheduler.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "worker/model/state_codec.h"
+
+#include "absl/strings/str_cat.h"
+
+namespace flashmem::server {
+
+Scheduler::Scheduler(const model::Transformer& model, SchedulerOptions options) : model_(model), options_(options) {
+  loop_ = std::thread([this] { Loop(); });
+}
+
+Scheduler::~Scheduler() {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  loop_.join();
+}
+
+absl::StatusOr<uint64_t> Scheduler::CreateSession() {
+  auto s = std::make_unique<Session>();
+  s->state = model_.NewSession();
+  return Adopt(std::move(s));
+}
+
+absl::StatusOr<uint64_t> Scheduler::Adopt(std::unique_ptr<Session> s) {
+  std::lock_guard<std::mutex> l(mu_);
+  if (static_cast<int64_t>(sessions_.size()) >= options_.max_sessions)
+    return absl::ResourceExhaustedError(absl::StrCat("worker holds its maximum of ", options_.max_sessions, " sessions"));
+  const uint64_t id = next_id_++;
+  sessions_[id] = std::move(s);
+  return id;
+}
+
+absl::StatusOr<std::string> Scheduler::Snapshot(uint64_t id) {
+  std::unique_lock<std::mutex> l(mu_);
+  auto it = sessions_.find(id);
+  if (it == sessions_.end()) return absl::NotFoundError(absl::StrCat("unknown session ", id));
+  Session* s = it->second.get();
+  if (s->generating) return absl::FailedPreconditionError("snapshot: the session is generating");
+  cv_.wait(l, [&] { return !busy_ && (sessions_.count(id) == 0 || s->pending.empty()); });
+  if (!sessions_.count(id)) return absl::NotFoundError(absl::StrCat("session ", id, " closed during the snapshot"));
+  std::string out(17, '\0');
+  const uint64_t n = s->has_logits ? s->logits.size() : 0;
+  std::memcpy(out.data(), &s->sampled_steps, 8);
+  out[8] = s->has_logits ? 1 : 0;
+  std::memcpy(out.data() + 9, &n, 8);
+  out.append(reinterpret_cast<const char*>(s->logits.data()), n * 4);
+  out += model::SerializeSessionState(*s->state, model_.args());
+  return out;
+}
+
+absl::StatusOr<uint64_t> Scheduler::Restore(absl::string_view snap) {
+  if (snap.size() < 17) return absl::InvalidArgumentError("snapshot: truncated header");
+  auto s = std::make_unique<Session>();
+  uint64_t n = 0;
+  std::memcpy(&s->sampled_steps, snap.data(), 8);
+  s->has_logits = snap[8] == 1;
+  std::memcpy(&n, snap.data() + 9, 8);
+  if ((s->has_logits && n != static_cast<uint64_t>(model_.args().vocab_size)) || (!s->has_logits && n != 0) ||
+      snap.size() - 17 < n * 4)
+    return absl::InvalidArgumentError(absl::StrCat("snapshot: logits of ", n, " values do not fit this model"));
+  s->logits.resize(n);
+  std::memcpy(s->logits.data(), snap.data() + 17, n * 4);
+  auto state = model::DeserializeSessionState(snap.substr(17 + n * 4), model_.args());
+  if (!state.ok()) return state.status();
+  s->state = std::move(*state);
+  return Adopt(std::move(s));
+}
+
+absl::Status Scheduler::CloseSession(uint64_t id) {
+  std::unique_lock<std::mutex> l(mu_);
+  cv_.wait(l, [&] { return !busy_; });
+  if (!sessions_.erase(id)) return absl::NotFoundError(absl::StrCat("unknown session ", id));
+  return absl::OkStatus();
+}
+
+absl::Status Scheduler::Append(uint64_t id, std::vector<int32_t> tokens) {
+  std::lock_guard<std::mutex> l(mu_);
+  auto it = sessions_.find(id);
+  if (it == sessions_.end()) return absl::NotFoundError(absl::StrCat("unknown session ", id));
+  Session& s = *it->second;
+  if (s.generating) return absl::FailedPreconditionError("append: the session is generating");
+  for (size_t i = 0; i < tokens.size(); ++i)
+    if (tokens[i] < 0 || tokens[i] >= model_.args().vocab_size)
+      return absl::InvalidArgumentError(absl::StrCat("tokens[", i, "] = ", tokens[i], " is outside the vocabulary"));
+  const int64_t total = s.state->position + static_cast<int64_t>(s.pending.size() + tokens.size());
+  if (total > options_.max_context)
+    return absl::ResourceExhaustedError(absl::StrCat("session would hold ", total, " tokens; the limit is ", options_.max_context));
+  s.pending.insert(s.pending.end(), tokens.begin(), tokens.end());
+  cv_.notify_all();
+  return absl::OkStatus();
+}
+
+absl::Status Scheduler::Generate(uint64_t id, const GenerateParams& params, TokenCallback on_token) {
+  if (auto st = model::ValidateSampling(params.sampling); !st.ok()) return st;
+  if (params.max_tokens <= 0 || params.max_tokens > options_.max_context)
+    return absl::InvalidArgumentError(absl::StrCat("max_tokens ", params.max_tokens, " must be in [1, ", options_.max_context, "]"));
+  std::lock_guard<std::mutex> l(mu_);
+  auto it = sessions_.find(id);
+  if (it == sessions_.end()) return absl::NotFoundError(absl::StrCat("unknown session ", id));
+  Session& s = *it->second;
+  if (s.generating) return absl::FailedPreconditionError("generate: the session is already generating");
+  if (s.pending.empty() && !s.has_logits)
+    return absl::FailedPreconditionError("generate: the session has no tokens yet; append a prompt first");
+  s.generating = true;
+  s.params = params;
+  s.on_token = std::move(on_token);
+  s.produced = 0;
+  cv_.notify_all();
+  return absl::OkStatus();
+}
+
+absl::Status Scheduler::WithState(uint64_t id, const std::function<void(const model::SessionState&, uint64_t)>& fn) {
+  std::unique_lock<std::mutex> l(mu_);
+  cv_.wait(l, [&] { return !busy_; });
+  auto it = sessions_.find(id);
+  if (it == sessions_.end()) return absl::NotFoundError(absl::StrCat("unknown session ", id));
+  fn(*it->second->state, it->second->sampled_steps);
+  return absl::OkStatus();
+}
+
+SchedulerStats Scheduler::stats() const {
+  std::lock_guard<std::mutex> l(mu_);
+  return stats_;
+}
+
+void Scheduler::Loop() {
+  std::unique_lock<std::mutex> l(mu_);
+  while (!stop_) {
+    if (!StepOnce(l)) cv_.wait(l);
+  }
+}
+
+// One forward pass over every session with work. Runs the model outside the lock.
+bool Scheduler::StepOnce(std::unique_lock<std::mutex>& lock) {
+  struct Work {
+    Session* s;
+    std::vector<int32_t> tokens;
+    bool sample_after;  // the logits of the chunk's last token yield the next token
+    bool decode;        // the token fed is a sampled one (not prompt)
+  };
+  std::vector<Work> work;
+  int64_t budget = options_.step_token_budget;
+  for (auto& [id, sp] : sessions_) {
+    Session& s = *sp;
+    if (!s.pending.empty()) {
+      const int64_t take = std::min<int64_t>(options_.prefill_chunk, static_cast<int64_t>(s.pending.size()));
+      // Sampled tokens always go; a prompt chunk waits for a later step when the budget is spent
+      // (but never when nothing else would run).
+      if (!s.sampled_pending && take > budget && !work.empty()) continue;
+      if (!s.sampled_pending) budget -= take;
+      std::vector<int32_t> toks(s.pending.begin(), s.pending.begin() + take);
+      s.pending.erase(s.pending.begin(), s.pending.begin() + take);
+      work.push_back({&s, std::move(toks), s.pending.empty() && s.generating, s.sampled_pending});
+      s.sampled_pending = false;
+    } else if (s.generating && s.has_logits) {
+      work.push_back({&s, {}, true, false});  // logits already current: sample without a forward
+    }
+  }
+  if (work.empty()) return false;
+  busy_ = true;
+  lock.unlock();
+  std::vector<model::BatchItem> batch;
+  for (Work& w : work)
+    if (!w.tokens.empty()) batch.push_back({w.s->state.get(), w.tokens, &w.s->logits, nullptr});
+  absl::Status st = batch.empty() ? absl::OkStatus() : model_.Forward(batch);
+  lock.lock();
+  busy_ = false;
+  cv_.notify_all();
+  stats_.steps++;
+  uint64_t rows = 0;
+  for (Work& w : work) {
+    Session& s = *w.s;
+    rows += w.tokens.size();
+    if (!w.tokens.empty()) {
+      s.has_logits = true;
+      (w.decode ? stats_.decode_tokens : stats_.prefill_tokens) += w.tokens.size();
+    }
+    if (!st.ok()) {
+      if (s.generating) {
+        s.generating = false;
+        s.on_token(-1, true, std::string(st.message()));
+      }
+      continue;
+    }
+    if (!w.sample_after || !s.generating) continue;
+    const int32_t tok = model::SampleToken(s.logits, s.params.sampling, s.sampled_steps++);
+    ++s.produced;
+    const bool stop = std::find(s.params.stop_ids.begin(), s.params.stop_ids.end(), tok) != s.params.stop_ids.end();
+    const bool done = stop || s.produced >= s.params.max_tokens;
+    s.pending.push_back(tok);  // fed at the next step (the session's KV then includes it)
+    s.sampled_pending = true;
+    s.has_logits = false;
+    if (done) s.generating = false;
+    s.on_token(tok, done, stop ? "stop" : done ? "length" : "");
+  }
+  stats_.max_batch_rows = std::max(stats_.max_batch_rows, rows);
+  return true;
+}
+
+}  // namespace flashmem::server

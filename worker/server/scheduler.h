@@ -1,0 +1,97 @@
+// The worker's decode loop: continuous batching of many sessions in one forward pass per step,
+// with chunked prefill so a long prompt does not stall the sessions that are decoding. Every
+// step, each decoding session contributes its next token and prompts contribute chunks up to a
+// token budget (oldest first); the model runs once over all of them.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "worker/model/sampler.h"
+#include "worker/model/transformer.h"
+
+namespace flashmem::server {
+
+struct SchedulerOptions {
+  int64_t max_sessions = 64;
+  // A prompt is consumed in chunks of this many tokens (the last one shorter). Chunks depend on the
+  // session alone, never on what else runs, so a session's arithmetic — and its tokens — are the
+  // same however it is batched (and on the worker that resumes it).
+  int64_t prefill_chunk = 256;
+  int64_t step_token_budget = 512;  // prompt tokens per step across sessions (decode tokens always go)
+  int64_t max_context = 1 << 20;    // tokens per session
+};
+
+struct GenerateParams {
+  int64_t max_tokens = 16;
+  model::SamplingOptions sampling;
+  std::vector<int32_t> stop_ids;
+};
+
+// Called from the scheduler thread for every generated token; `done` on the last one (with the
+// reason: "length", "stop", or an error message).
+using TokenCallback = std::function<void(int32_t token, bool done, const std::string& reason)>;
+
+struct SchedulerStats {
+  uint64_t steps = 0, prefill_tokens = 0, decode_tokens = 0, max_batch_rows = 0;
+};
+
+class Scheduler {
+ public:
+  Scheduler(const model::Transformer& model, SchedulerOptions options = {});
+  ~Scheduler();
+
+  absl::StatusOr<uint64_t> CreateSession();
+  // A session's snapshot: its state (model::SerializeSessionState), the sampling step and the
+  // logits of its last token, taken once every queued token is consumed. Restoring it on another
+  // scheduler (another worker) continues the session with no prefill and the same tokens.
+  absl::StatusOr<std::string> Snapshot(uint64_t id);
+  absl::StatusOr<uint64_t> Restore(absl::string_view snapshot);
+  absl::Status CloseSession(uint64_t id);
+  // Queues tokens to be consumed (prefill) before any further generation.
+  absl::Status Append(uint64_t id, std::vector<int32_t> tokens);
+  // Starts generating after the queued tokens; one generation at a time per session.
+  absl::Status Generate(uint64_t id, const GenerateParams& params, TokenCallback on_token);
+  // Runs `fn` on the session's state while the loop is not touching it (snapshots).
+  absl::Status WithState(uint64_t id, const std::function<void(const model::SessionState&, uint64_t sampled_steps)>& fn);
+  SchedulerStats stats() const;
+
+ private:
+  struct Session {
+    std::unique_ptr<model::SessionState> state;
+    std::deque<int32_t> pending;      // tokens to feed
+    bool sampled_pending = false;     // pending holds just the last sampled token
+    bool generating = false;
+    GenerateParams params;
+    TokenCallback on_token;
+    int64_t produced = 0;             // tokens of the current generation
+    uint64_t sampled_steps = 0;       // tokens sampled over the session's life (RNG counter)
+    std::vector<float> logits;
+    bool has_logits = false;          // logits of the last consumed token are current
+  };
+  absl::StatusOr<uint64_t> Adopt(std::unique_ptr<Session> s);
+  void Loop();
+  bool StepOnce(std::unique_lock<std::mutex>& lock);
+
+  const model::Transformer& model_;
+  SchedulerOptions options_;
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::map<uint64_t, std::unique_ptr<Session>> sessions_;
+  uint64_t next_id_ = 1;
+  bool stop_ = false;
+  bool busy_ = false;  // a step runs outside the lock
+  SchedulerStats stats_;
+  std::thread loop_;
+};
+
+}  // namespace flashmem::server
