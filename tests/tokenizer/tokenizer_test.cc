@@ -82,6 +82,22 @@ TEST(Tokenizer, StreamingDecodeNeverEmitsBrokenUtf8) {
   EXPECT_EQ(all, text);
 }
 
+TEST(Tokenizer, StrayBytesComeOutAsReplacementCharacters) {
+  // The byte-level token of the single byte 0xa9: a continuation byte without its lead.
+  int32_t lone = -1;
+  for (int32_t id = 0; id < Tok().vocab_size() && lone < 0; ++id) {
+    auto d = Tok().Decode(std::vector<int32_t>{id});
+    if (d.ok() && *d == "\xa9") lone = id;
+  }
+  ASSERT_GE(lone, 0);
+  Tokenizer::StreamDecoder dec(Tok());
+  std::string out;
+  for (int i = 0; i < 4; ++i) out += *dec.Push(lone);
+  out += dec.Finish();
+  EXPECT_TRUE(Tok().Encode(out).ok()) << "output must be valid UTF-8";
+  EXPECT_NE(out.find("\xEF\xBF\xBD"), std::string::npos);
+}
+
 TEST(Tokenizer, SpecialTokensAndErrors) {
   EXPECT_EQ(Tok().SpecialId("<｜begin▁of▁sentence｜>"), 0);
   EXPECT_EQ(Tok().SpecialId("<｜end▁of▁sentence｜>"), 1);

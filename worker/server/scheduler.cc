@@ -116,6 +116,21 @@ absl::Status Scheduler::Generate(uint64_t id, const GenerateParams& params, Toke
   return absl::OkStatus();
 }
 
+absl::Status Scheduler::StopGeneration(uint64_t id) {
+  std::lock_guard<std::mutex> l(mu_);
+  auto it = sessions_.find(id);
+  if (it == sessions_.end()) return absl::NotFoundError(absl::StrCat("unknown session ", id));
+  it->second->generating = false;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<int64_t> Scheduler::Pending(uint64_t id) const {
+  std::lock_guard<std::mutex> l(mu_);
+  auto it = sessions_.find(id);
+  if (it == sessions_.end()) return absl::NotFoundError(absl::StrCat("unknown session ", id));
+  return static_cast<int64_t>(it->second->pending.size()) - (it->second->sampled_pending ? 1 : 0);
+}
+
 absl::Status Scheduler::WithState(uint64_t id, const std::function<void(const model::SessionState&, uint64_t)>& fn) {
   std::unique_lock<std::mutex> l(mu_);
   cv_.wait(l, [&] { return !busy_; });

@@ -61,6 +61,10 @@ class Scheduler {
   absl::Status Append(uint64_t id, std::vector<int32_t> tokens);
   // Starts generating after the queued tokens; one generation at a time per session.
   absl::Status Generate(uint64_t id, const GenerateParams& params, TokenCallback on_token);
+  // Ends the session's generation now (stop strings, cancelled clients); no more callbacks.
+  absl::Status StopGeneration(uint64_t id);
+  // Prompt tokens still queued (not yet taken into a forward pass).
+  absl::StatusOr<int64_t> Pending(uint64_t id) const;
   // Runs `fn` on the session's state while the loop is not touching it (snapshots).
   absl::Status WithState(uint64_t id, const std::function<void(const model::SessionState&, uint64_t sampled_steps)>& fn);
   SchedulerStats stats() const;

@@ -308,6 +308,34 @@ absl::StatusOr<std::string> Tokenizer::Decode(std::span<const int32_t> ids) cons
   return out;
 }
 
+namespace {
+
+// Valid UTF-8 of `s`, every invalid byte replaced by U+FFFD (as a lossy decode does).
+std::string SanitizeUtf8(absl::string_view s) {
+  std::string out;
+  out.reserve(s.size());
+  for (size_t i = 0; i < s.size();) {
+    const int len = Utf8Len(static_cast<unsigned char>(s[i]));
+    bool ok = len > 0 && i + len <= s.size();
+    for (int k = 1; ok && k < len; ++k) ok = (static_cast<unsigned char>(s[i + k]) >> 6) == 0x2;
+    if (ok && len > 1) {
+      const uint32_t cp = DecodeUtf8(s, i, len);
+      ok = !(len == 2 && cp < 0x80) && !(len == 3 && cp < 0x800) && !(len == 4 && (cp < 0x10000 || cp > 0x10ffff)) &&
+           !(cp >= 0xd800 && cp <= 0xdfff);
+    }
+    if (ok) {
+      out.append(s.data() + i, len);
+      i += len;
+    } else {
+      out += "\xEF\xBF\xBD";
+      ++i;
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
 absl::StatusOr<std::string> Tokenizer::StreamDecoder::Push(int32_t id) {
   FM_ASSIGN_OR_RETURN(std::string bytes, t_.Decode(std::span<const int32_t>(&id, 1)));
   pending_ += bytes;
@@ -320,14 +348,14 @@ absl::StatusOr<std::string> Tokenizer::StreamDecoder::Push(int32_t id) {
     if (len > static_cast<int>(back)) cut = pending_.size() - back;  // lead byte of an incomplete character
     break;
   }
-  std::string out = pending_.substr(0, cut);
+  std::string out = SanitizeUtf8(absl::string_view(pending_).substr(0, cut));
   pending_.erase(0, cut);
   return out;
 }
 
 std::string Tokenizer::StreamDecoder::Finish() {
-  std::string out;
-  out.swap(pending_);
+  std::string out = SanitizeUtf8(pending_);
+  pending_.clear();
   return out;
 }
 

@@ -33,7 +33,9 @@ class Tokenizer {
   int32_t SpecialId(absl::string_view content) const;
 
   // Streaming decode that never emits a broken UTF-8 sequence across token boundaries: bytes of
-  // an incomplete character are held until the rest arrives (or Finish).
+  // an incomplete character are held until the rest arrives (or Finish); bytes that can never
+  // form a character (a model may emit any byte token) come out as U+FFFD, so every piece is
+  // valid UTF-8.
   class StreamDecoder {
    public:
     explicit StreamDecoder(const Tokenizer& t) : t_(t) {}

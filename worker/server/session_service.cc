@@ -1,0 +1,228 @@
+#include "worker/server/session_service.h"
+
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <random>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/match.h"
+
+namespace flashmem::server {
+namespace {
+
+grpc::Status ToGrpc(const absl::Status& s) {
+  if (s.ok()) return grpc::Status::OK;
+  return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
+}
+
+std::string RandomHex(int bytes) {
+  static std::random_device rd;
+  static std::mutex mu;
+  std::lock_guard<std::mutex> l(mu);
+  std::string s;
+  const char* hex = "0123456789abcdef";
+  for (int i = 0; i < bytes; ++i) {
+    const unsigned v = rd() & 0xff;
+    s.push_back(hex[v >> 4]);
+    s.push_back(hex[v & 15]);
+  }
+  return s;
+}
+
+}  // namespace
+
+SessionServiceImpl::SessionServiceImpl(Scheduler& scheduler, const tokenizer::Tokenizer* tok, int64_t vocab_size,
+                                       SessionServiceOptions options)
+    : scheduler_(scheduler), tok_(tok), vocab_size_(vocab_size), options_(options) {}
+
+grpc::Status SessionServiceImpl::Authorize(grpc::ServerContext* ctx, const std::string& id, std::shared_ptr<Session>* out) {
+  std::shared_ptr<Session> s;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = sessions_.find(id);
+    if (it == sessions_.end()) return grpc::Status(grpc::StatusCode::NOT_FOUND, absl::StrCat("unknown session '", id, "'"));
+    s = it->second;
+  }
+  const auto md = ctx->client_metadata().find("authorization");
+  const std::string want = "Bearer " + s->token;
+  if (md == ctx->client_metadata().end() || std::string(md->second.data(), md->second.size()) != want)
+    return grpc::Status(grpc::StatusCode::PERMISSION_DENIED, "missing or wrong bearer token for this session");
+  *out = std::move(s);
+  return grpc::Status::OK;
+}
+
+grpc::Status SessionServiceImpl::CreateSession(grpc::ServerContext*, const v1::CreateSessionRequest* r,
+                                               v1::CreateSessionResponse* out) {
+  model::SamplingOptions d{r->defaults().temperature(), r->defaults().top_p() == 0 ? 1.0f : r->defaults().top_p(), r->defaults().seed()};
+  if (auto st = model::ValidateSampling(d); !st.ok()) return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, absl::StrCat("defaults: ", st.message()));
+  auto id = scheduler_.CreateSession();
+  if (!id.ok()) return ToGrpc(id.status());
+  auto s = std::make_shared<Session>();
+  s->scheduler_id = *id;
+  s->token = RandomHex(16);
+  s->defaults = d;
+  const std::string sid = RandomHex(8);
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    sessions_[sid] = s;
+  }
+  out->set_session_id(sid);
+  out->set_token(s->token);
+  return grpc::Status::OK;
+}
+
+grpc::Status SessionServiceImpl::Append(grpc::ServerContext* ctx, const v1::AppendRequest* r,
+                                        grpc::ServerWriter<v1::AppendProgress>* w) {
+  std::shared_ptr<Session> s;
+  if (auto st = Authorize(ctx, r->session_id(), &s); !st.ok()) return st;
+  std::vector<int32_t> ids;
+  if (r->add_bos()) ids.push_back(0);
+  if (r->has_token_ids()) {
+    for (int i = 0; i < r->token_ids().ids_size(); ++i) {
+      const int32_t t = r->token_ids().ids(i);
+      if (t < 0 || t >= vocab_size_)
+        return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, absl::StrCat("token_ids.ids[", i, "] = ", t, " is outside the vocabulary"));
+      ids.push_back(t);
+    }
+  } else {
+    if (!tok_) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "text input: the model has no tokenizer.json; send token_ids");
+    if (static_cast<int64_t>(r->text().size()) > options_.max_prompt_tokens * 16)
+      return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "text: prompt too large");
+    auto enc = tok_->Encode(r->text());
+    if (!enc.ok()) return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, absl::StrCat("text: ", enc.status().message()));
+    ids.insert(ids.end(), enc->begin(), enc->end());
+  }
+  if (static_cast<int64_t>(ids.size()) > options_.max_prompt_tokens)
+    return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, absl::StrCat("prompt of ", ids.size(), " tokens exceeds the limit of ", options_.max_prompt_tokens));
+  std::lock_guard<std::mutex> sl(s->mu);
+  const uint64_t total = ids.size();
+  if (auto st = scheduler_.Append(s->scheduler_id, std::move(ids)); !st.ok()) return ToGrpc(st);
+  // Progress until every token of this append has entered a forward pass.
+  for (;;) {
+    auto pending = scheduler_.Pending(s->scheduler_id);
+    if (!pending.ok()) return ToGrpc(pending.status());
+    v1::AppendProgress p;
+    p.set_total(total);
+    p.set_consumed(total - std::min<uint64_t>(total, static_cast<uint64_t>(*pending)));
+    w->Write(p);
+    if (*pending <= 0) break;
+    if (ctx->IsCancelled()) return grpc::Status(grpc::StatusCode::CANCELLED, "append cancelled");
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status SessionServiceImpl::Generate(grpc::ServerContext* ctx, const v1::GenerateRequest* r,
+                                          grpc::ServerWriter<v1::GeneratedToken>* w) {
+  std::shared_ptr<Session> s;
+  if (auto st = Authorize(ctx, r->session_id(), &s); !st.ok()) return st;
+  if (r->max_tokens() == 0 || r->max_tokens() > options_.max_generate_tokens)
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, absl::StrCat("max_tokens ", r->max_tokens(), " must be in [1, ", options_.max_generate_tokens, "]"));
+  std::lock_guard<std::mutex> sl(s->mu);
+  // Resumption: re-deliver what this session already generated from resume_from on.
+  if (r->resume_from() > 0) {
+    if (r->resume_from() > s->generated.size())
+      return grpc::Status(grpc::StatusCode::OUT_OF_RANGE, absl::StrCat("resume_from ", r->resume_from(), " is beyond the ", s->generated.size(), " tokens generated"));
+    for (uint64_t i = r->resume_from(); i < s->generated.size(); ++i) {
+      v1::GeneratedToken g;
+      g.set_id(s->generated[i]);
+      g.set_index(i);
+      g.set_last(i + 1 == s->generated.size());
+      w->Write(g);
+    }
+    return grpc::Status::OK;
+  }
+  GenerateParams p;
+  p.max_tokens = r->max_tokens();
+  p.sampling = r->has_sampling() ? model::SamplingOptions{r->sampling().temperature(), r->sampling().top_p() == 0 ? 1.0f : r->sampling().top_p(), r->sampling().seed()}
+                                 : s->defaults;
+  p.stop_ids.assign(r->stop_ids().begin(), r->stop_ids().end());
+  struct Event {
+    int32_t token;
+    bool done;
+    std::string reason;
+  };
+  auto q = std::make_shared<std::pair<std::mutex, std::condition_variable>>();
+  auto events = std::make_shared<std::deque<Event>>();
+  auto push = [q, events](int32_t t, bool done, const std::string& reason) {
+    std::lock_guard<std::mutex> l(q->first);
+    events->push_back({t, done, reason});
+    q->second.notify_all();
+  };
+  if (auto st = scheduler_.Generate(s->scheduler_id, p, push); !st.ok()) return ToGrpc(st);
+  std::unique_ptr<tokenizer::Tokenizer::StreamDecoder> dec;
+  if (tok_) dec = std::make_unique<tokenizer::Tokenizer::StreamDecoder>(*tok_);
+  std::string text_so_far;
+  for (;;) {
+    Event e;
+    {
+      std::unique_lock<std::mutex> l(q->first);
+      if (!q->second.wait_for(l, std::chrono::milliseconds(200), [&] { return !events->empty(); })) {
+        if (ctx->IsCancelled()) {
+          (void)scheduler_.StopGeneration(s->scheduler_id);
+          return grpc::Status(grpc::StatusCode::CANCELLED, "generate cancelled");
+        }
+        continue;
+      }
+      e = events->front();
+      events->pop_front();
+    }
+    if (e.token < 0) return grpc::Status(grpc::StatusCode::INTERNAL, absl::StrCat("generation failed: ", e.reason));
+    v1::GeneratedToken g;
+    g.set_id(e.token);
+    g.set_index(s->generated.size());
+    s->generated.push_back(e.token);
+    std::string reason = e.reason;
+    bool done = e.done;
+    if (dec && e.token < tok_->vocab_size()) {
+      auto piece = dec->Push(e.token);
+      if (piece.ok()) {
+        g.set_text(*piece);
+        text_so_far += *piece;
+      }
+    }
+    for (const std::string& stop : r->stop_strings())
+      if (!done && !stop.empty() && absl::StrContains(text_so_far, stop)) {
+        (void)scheduler_.StopGeneration(s->scheduler_id);
+        done = true;
+        reason = "stop";
+      }
+    g.set_last(done);
+    if (done) g.set_finish_reason(reason);
+    if (!w->Write(g)) {
+      (void)scheduler_.StopGeneration(s->scheduler_id);
+      return grpc::Status(grpc::StatusCode::CANCELLED, "client went away");
+    }
+    if (done) return grpc::Status::OK;
+  }
+}
+
+grpc::Status SessionServiceImpl::GetSession(grpc::ServerContext* ctx, const v1::SessionRef* r, v1::SessionInfo* out) {
+  std::shared_ptr<Session> s;
+  if (auto st = Authorize(ctx, r->session_id(), &s); !st.ok()) return st;
+  out->set_session_id(r->session_id());
+  auto st = scheduler_.WithState(s->scheduler_id, [&](const model::SessionState& state, uint64_t) {
+    out->set_length(state.position);
+    uint64_t bytes = 0;
+    for (const auto& l : state.layers)
+      bytes += (l.window.size() + l.compressed.size() * l.compressed.dim() + l.index_keys.size() * l.index_keys.dim()) * sizeof(float);
+    out->set_kv_bytes_worker(bytes);
+  });
+  if (!st.ok()) return ToGrpc(st);
+  out->set_generated(s->generated.size());
+  out->set_state("idle");
+  return grpc::Status::OK;
+}
+
+grpc::Status SessionServiceImpl::CloseSession(grpc::ServerContext* ctx, const v1::SessionRef* r, v1::CloseSessionResponse*) {
+  std::shared_ptr<Session> s;
+  if (auto st = Authorize(ctx, r->session_id(), &s); !st.ok()) return st;
+  (void)scheduler_.StopGeneration(s->scheduler_id);
+  if (auto st = scheduler_.CloseSession(s->scheduler_id); !st.ok()) return ToGrpc(st);
+  std::lock_guard<std::mutex> l(mu_);
+  sessions_.erase(r->session_id());
+  return grpc::Status::OK;
+}
+
+}  // namespace flashmem::server
