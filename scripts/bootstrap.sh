@@ -55,7 +55,17 @@ case "$mode" in
     install_deps; build
     dir=$(tiny_model | tail -1)
     "$BUILD_DIR/worker/cli/flashmem" ckpt inspect "$dir" | head -20
+    echo "== the engine directly"
     "$BUILD_DIR/worker/cli/flashmem" generate --model "$dir" --prompt "The memory tier keeps every page of" --max-new-tokens 24
+    echo "== through the public API (flashmem-worker + flashmem complete)"
+    run=$(mktemp -d)
+    "$BUILD_DIR/worker/flashmem-worker" --model "$dir" --listen 127.0.0.1:0 > "$run/worker.out" 2> "$run/worker.log" &
+    wpid=$!
+    for _ in $(seq 100); do grep -q LISTENING "$run/worker.out" 2>/dev/null && break; sleep 0.1; done
+    target=$(awk '/LISTENING/ {print $2}' "$run/worker.out")
+    "$BUILD_DIR/worker/cli/flashmem" complete --target "$target" --prompt "The memory tier keeps every page of" --max-tokens 24
+    kill "$wpid"; wait "$wpid" 2>/dev/null || true
+    echo "(random weights: the text is noise; the same tokens come out both ways)"
     ;;
   test)
     install_deps; build

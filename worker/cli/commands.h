@@ -35,4 +35,15 @@ absl::Status CkptRandom(const std::string& preset, int64_t layers, int64_t exper
                         const std::string& out_dir, const std::string& tokenizer_dir);
 absl::Status CkptInspect(const std::string& dir, bool all_tensors);
 
+// A client of the public SessionService: one session, the prompt appended (BOS first, with
+// prefill progress), `max_tokens` streamed back as text.
+struct CompleteOptions {
+  std::string target = "127.0.0.1:7080";
+  std::string prompt;
+  uint32_t max_tokens = 32;
+  float temperature = 0.0f, top_p = 1.0f;
+  uint64_t seed = 0;
+};
+absl::Status Complete(const CompleteOptions& opt);
+
 }  // namespace flashmem::cli

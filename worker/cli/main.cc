@@ -52,6 +52,15 @@ int main(int argc, char** argv) {
   ins->add_option("dir", inspect_dir, "checkpoint directory")->required();
   ins->add_flag("--tensors", all_tensors, "list every tensor");
 
+  flashmem::cli::CompleteOptions comp;
+  auto* cmp = app.add_subcommand("complete", "complete a prompt through a worker's public SessionService");
+  cmp->add_option("--target", comp.target, "flashmem-worker address host:port");
+  cmp->add_option("--prompt", comp.prompt, "prompt text")->required();
+  cmp->add_option("--max-tokens", comp.max_tokens, "tokens to generate");
+  cmp->add_option("--temperature", comp.temperature, "sampling temperature (0: greedy)");
+  cmp->add_option("--top-p", comp.top_p, "nucleus sampling mass");
+  cmp->add_option("--seed", comp.seed, "sampling seed");
+
   CLI11_PARSE(app, argc, argv);
 
   absl::Status st;
@@ -68,6 +77,8 @@ int main(int argc, char** argv) {
     if (st.ok()) st = flashmem::cli::Generate(gen);
   } else if (rnd->parsed()) {
     st = flashmem::cli::CkptRandom(preset, layers, experts, seed, out_dir, tokenizer_dir);
+  } else if (cmp->parsed()) {
+    st = flashmem::cli::Complete(comp);
   } else if (ins->parsed()) {
     st = flashmem::cli::CkptInspect(inspect_dir, all_tensors);
   }

@@ -106,7 +106,7 @@ absl::Status Scheduler::Generate(uint64_t id, const GenerateParams& params, Toke
   if (it == sessions_.end()) return absl::NotFoundError(absl::StrCat("unknown session ", id));
   Session& s = *it->second;
   if (s.generating) return absl::FailedPreconditionError("generate: the session is already generating");
-  if (s.pending.empty() && !s.has_logits)
+  if (s.pending.empty() && !s.has_logits && !s.in_flight)
     return absl::FailedPreconditionError("generate: the session has no tokens yet; append a prompt first");
   s.generating = true;
   s.params = params;
@@ -179,6 +179,7 @@ bool Scheduler::StepOnce(std::unique_lock<std::mutex>& lock) {
     }
   }
   if (work.empty()) return false;
+  for (Work& w : work) w.s->in_flight = !w.tokens.empty();
   busy_ = true;
   lock.unlock();
   std::vector<model::BatchItem> batch;
@@ -192,6 +193,7 @@ bool Scheduler::StepOnce(std::unique_lock<std::mutex>& lock) {
   uint64_t rows = 0;
   for (Work& w : work) {
     Session& s = *w.s;
+    s.in_flight = false;
     rows += w.tokens.size();
     if (!w.tokens.empty()) {
       s.has_logits = true;

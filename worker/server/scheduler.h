@@ -81,6 +81,7 @@ class Scheduler {
     uint64_t sampled_steps = 0;       // tokens sampled over the session's life (RNG counter)
     std::vector<float> logits;
     bool has_logits = false;          // logits of the last consumed token are current
+    bool in_flight = false;           // tokens of this session are in the running forward pass
   };
   absl::StatusOr<uint64_t> Adopt(std::unique_ptr<Session> s);
   void Loop();

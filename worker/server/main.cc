@@ -1,0 +1,72 @@
+// flashmem-worker: hosts the decode engine and serves the public SessionService (single-node
+// serving; the coordinator, memtier commits and failover come with the rest of issue 4).
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+
+#include <csignal>
+#include <cstdio>
+#include <filesystem>
+#include <thread>
+
+#include "CLI/CLI.hpp"
+#include "spdlog/sinks/stdout_color_sinks.h"
+#include "spdlog/spdlog.h"
+#include "worker/server/session_service.h"
+
+namespace {
+grpc::Server* g_server = nullptr;
+void OnSignal(int) {
+  if (g_server) std::thread([] { g_server->Shutdown(); }).detach();
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"flashmem-worker: DeepSeek-V4 decode engine behind the public SessionService"};
+  std::string listen = "127.0.0.1:7080", model_dir;
+  flashmem::server::SchedulerOptions so;
+  flashmem::server::SessionServiceOptions svo;
+  app.add_option("--listen", listen, "gRPC address host:port (port 0: any free port)");
+  app.add_option("--model", model_dir, "model directory (config.json, safetensors, tokenizer.json)")->required();
+  app.add_option("--max-sessions", so.max_sessions, "sessions held at once");
+  app.add_option("--prefill-chunk", so.prefill_chunk, "prompt tokens per forward pass of one session");
+  app.add_option("--step-token-budget", so.step_token_budget, "prompt tokens per forward pass across sessions");
+  app.add_option("--max-context", so.max_context, "tokens per session");
+  CLI11_PARSE(app, argc, argv);
+  spdlog::set_default_logger(spdlog::stderr_color_mt("worker"));
+  std::signal(SIGPIPE, SIG_IGN);
+  auto model = flashmem::model::Transformer::Load(model_dir, flashmem::kernels::CpuBackend());
+  if (!model.ok()) {
+    std::fprintf(stderr, "flashmem-worker: %s\n", std::string(model.status().message()).c_str());
+    return 1;
+  }
+  std::unique_ptr<flashmem::tokenizer::Tokenizer> tok;
+  if (std::filesystem::exists(model_dir + "/tokenizer.json")) {
+    auto t = flashmem::tokenizer::Tokenizer::Load(model_dir);
+    if (!t.ok()) {
+      std::fprintf(stderr, "flashmem-worker: %s\n", std::string(t.status().message()).c_str());
+      return 1;
+    }
+    tok = std::move(*t);
+  }
+  svo.max_prompt_tokens = so.max_context;
+  flashmem::server::Scheduler scheduler(**model, so);
+  flashmem::server::SessionServiceImpl service(scheduler, tok.get(), (*model)->args().vocab_size, svo);
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::ServerBuilder b;
+  int port = 0;
+  b.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
+  b.RegisterService(&service);
+  auto server = b.BuildAndStart();
+  if (!server || port == 0) {
+    std::fprintf(stderr, "flashmem-worker: --listen %s: cannot listen\n", listen.c_str());
+    return 1;
+  }
+  g_server = server.get();
+  std::signal(SIGTERM, OnSignal);
+  std::signal(SIGINT, OnSignal);
+  spdlog::info("worker serving {} on port {} ({} sessions max)", model_dir, port, so.max_sessions);
+  std::printf("LISTENING %s:%d\n", listen.substr(0, listen.rfind(':')).c_str(), port);
+  std::fflush(stdout);
+  server->Wait();
+  return 0;
+}
