@@ -33,6 +33,17 @@ inline std::string WriteModel(const model::ModelArgs& a, const std::string& name
   return dir;
 }
 
+// A deterministic pseudo-random prompt of n ids below vocab.
+inline std::vector<int32_t> Prompt(int64_t n, int64_t vocab, uint32_t seed) {
+  std::vector<int32_t> p;
+  uint64_t x = seed;
+  for (int64_t i = 0; i < n; ++i) {
+    x = x * 6364136223846793005ull + 1442695040888963407ull;
+    p.push_back(static_cast<int32_t>((x >> 33) % vocab));
+  }
+  return p;
+}
+
 // Reads every tensor of a safetensors file back into writable form.
 inline std::vector<model::TensorToWrite> ReadAll(const std::string& path) {
   std::vector<model::TensorToWrite> out;

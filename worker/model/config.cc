@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/file.h"
 #include "common/status.h"
 #include "nlohmann/json.hpp"
 
@@ -218,12 +219,8 @@ absl::Status ValidateModelArgs(const ModelArgs& a) {
 }
 
 absl::StatusOr<ModelArgs> LoadModelArgs(const std::string& model_dir) {
-  const std::string path = model_dir + "/config.json";
-  std::ifstream in(path);
-  if (!in) return absl::NotFoundError(absl::StrCat("cannot open ", path));
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ParseModelArgs(ss.str());
+  FM_ASSIGN_OR_RETURN(std::string text, ReadFileToString(model_dir + "/config.json"));
+  return ParseModelArgs(text);
 }
 
 std::string ModelArgsToJson(const ModelArgs& a) {

@@ -14,6 +14,7 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "common/file.h"
 #include "common/status.h"
 #include "nlohmann/json.hpp"
 
@@ -172,12 +173,10 @@ absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& 
   auto ckpt = std::make_unique<Checkpoint>();
   const fs::path index_path = fs::path(dir) / "model.safetensors.index.json";
   if (fs::exists(index_path)) {
-    std::ifstream in(index_path);
-    std::stringstream ss;
-    ss << in.rdbuf();
+    FM_ASSIGN_OR_RETURN(std::string index_text, ReadFileToString(index_path.string()));
     json j;
     try {
-      j = json::parse(ss.str());
+      j = json::parse(index_text);
     } catch (const std::exception& e) {
       return absl::InvalidArgumentError(absl::StrCat(index_path.string(), ": not valid JSON: ", e.what()));
     }

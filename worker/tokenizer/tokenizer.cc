@@ -10,6 +10,7 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "common/file.h"
 #include "common/status.h"
 #include "nlohmann/json.hpp"
 
@@ -55,6 +56,20 @@ uint32_t DecodeUtf8(absl::string_view s, size_t i, int len) {
   }
 }
 
+// Length of the valid UTF-8 character at s[i] (shortest form, no surrogates), 0 when invalid.
+int ValidCharLen(absl::string_view s, size_t i) {
+  const int len = Utf8Len(static_cast<unsigned char>(s[i]));
+  if (len == 0 || i + len > s.size()) return 0;
+  for (int k = 1; k < len; ++k)
+    if ((static_cast<unsigned char>(s[i + k]) >> 6) != 0x2) return 0;
+  if (len == 1) return 1;
+  const uint32_t cp = DecodeUtf8(s, i, len);
+  if ((len == 2 && cp < 0x80) || (len == 3 && cp < 0x800) || (len == 4 && (cp < 0x10000 || cp > 0x10ffff)) ||
+      (cp >= 0xd800 && cp <= 0xdfff))
+    return 0;
+  return len;
+}
+
 uint64_t PairKey(int32_t a, int32_t b) { return (static_cast<uint64_t>(static_cast<uint32_t>(a)) << 32) | static_cast<uint32_t>(b); }
 
 }  // namespace
@@ -73,13 +88,10 @@ Tokenizer::~Tokenizer() = default;
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::Load(const std::string& path) {
   std::string file = path;
   if (std::filesystem::is_directory(path)) file = (std::filesystem::path(path) / "tokenizer.json").string();
-  std::ifstream in(file);
-  if (!in) return absl::NotFoundError(absl::StrCat("cannot open tokenizer ", file));
-  std::stringstream ss;
-  ss << in.rdbuf();
+  FM_ASSIGN_OR_RETURN(std::string text, ReadFileToString(file));
   json j;
   try {
-    j = json::parse(ss.str());
+    j = json::parse(text);
   } catch (const std::exception& e) {
     return absl::InvalidArgumentError(absl::StrCat(file, ": not valid JSON: ", e.what()));
   }
@@ -245,15 +257,8 @@ void Tokenizer::EncodePiece(absl::string_view piece, std::vector<int32_t>* out) 
 
 absl::StatusOr<std::vector<int32_t>> Tokenizer::Encode(absl::string_view text) const {
   for (size_t i = 0; i < text.size();) {  // validate UTF-8 once (the regexes then skip the check)
-    const int len = Utf8Len(static_cast<unsigned char>(text[i]));
-    bool ok = len > 0 && i + len <= text.size();
-    for (int k = 1; ok && k < len; ++k) ok = (static_cast<unsigned char>(text[i + k]) >> 6) == 0x2;
-    if (ok && len > 1) {
-      const uint32_t cp = DecodeUtf8(text, i, len);
-      ok = !(len == 2 && cp < 0x80) && !(len == 3 && cp < 0x800) && !(len == 4 && (cp < 0x10000 || cp > 0x10ffff)) &&
-           !(cp >= 0xd800 && cp <= 0xdfff);
-    }
-    if (!ok) return absl::InvalidArgumentError(absl::StrCat("text is not valid UTF-8 at byte ", i));
+    const int len = ValidCharLen(text, i);
+    if (len == 0) return absl::InvalidArgumentError(absl::StrCat("text is not valid UTF-8 at byte ", i));
     i += len;
   }
   std::vector<int32_t> ids;
@@ -315,15 +320,8 @@ std::string SanitizeUtf8(absl::string_view s) {
   std::string out;
   out.reserve(s.size());
   for (size_t i = 0; i < s.size();) {
-    const int len = Utf8Len(static_cast<unsigned char>(s[i]));
-    bool ok = len > 0 && i + len <= s.size();
-    for (int k = 1; ok && k < len; ++k) ok = (static_cast<unsigned char>(s[i + k]) >> 6) == 0x2;
-    if (ok && len > 1) {
-      const uint32_t cp = DecodeUtf8(s, i, len);
-      ok = !(len == 2 && cp < 0x80) && !(len == 3 && cp < 0x800) && !(len == 4 && (cp < 0x10000 || cp > 0x10ffff)) &&
-           !(cp >= 0xd800 && cp <= 0xdfff);
-    }
-    if (ok) {
+    const int len = ValidCharLen(s, i);
+    if (len > 0) {
       out.append(s.data() + i, len);
       i += len;
     } else {
