@@ -31,6 +31,8 @@ int main(int argc, char** argv) {
   app.add_option("--prefill-chunk", so.prefill_chunk, "prompt tokens per forward pass of one session");
   app.add_option("--step-token-budget", so.step_token_budget, "prompt tokens per forward pass across sessions");
   app.add_option("--max-context", so.max_context, "tokens per session");
+  std::string memtier_target;
+  app.add_option("--memtier", memtier_target, "memtier gRPC address: sessions are snapshotted there and can be adopted by another worker");
   CLI11_PARSE(app, argc, argv);
   spdlog::set_default_logger(spdlog::stderr_color_mt("worker"));
   std::signal(SIGPIPE, SIG_IGN);
@@ -49,13 +51,28 @@ int main(int argc, char** argv) {
     tok = std::move(*t);
   }
   svo.max_prompt_tokens = so.max_context;
+  std::unique_ptr<flashmem::memtier::MemTierClient> memtier;
+  if (!memtier_target.empty()) {
+    flashmem::memtier::MemTierClientOptions mo;
+    mo.target = memtier_target;
+    mo.buffer_bytes = 1 << 20;
+    mo.name = "worker";
+    auto m = flashmem::memtier::MemTierClient::Connect(mo);
+    if (!m.ok()) {
+      std::fprintf(stderr, "flashmem-worker: --memtier %s: %s\n", memtier_target.c_str(), std::string(m.status().message()).c_str());
+      return 1;
+    }
+    memtier = std::move(*m);
+  }
   flashmem::server::Scheduler scheduler(**model, so);
-  flashmem::server::SessionServiceImpl service(scheduler, tok.get(), (*model)->args().vocab_size, svo);
+  flashmem::server::SessionServiceImpl service(scheduler, tok.get(), (*model)->args().vocab_size, svo, memtier.get());
+  flashmem::server::WorkerAdminImpl admin(service);
   grpc::EnableDefaultHealthCheckService(true);
   grpc::ServerBuilder b;
   int port = 0;
   b.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
   b.RegisterService(&service);
+  b.RegisterService(&admin);
   auto server = b.BuildAndStart();
   if (!server || port == 0) {
     std::fprintf(stderr, "flashmem-worker: --listen %s: cannot listen\n", listen.c_str());

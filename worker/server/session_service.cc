@@ -1,6 +1,7 @@
 #include "worker/server/session_service.h"
 
 #include <chrono>
+#include <cstring>
 #include <condition_variable>
 #include <deque>
 #include <random>
@@ -33,8 +34,92 @@ std::string RandomHex(int bytes) {
 }  // namespace
 
 SessionServiceImpl::SessionServiceImpl(Scheduler& scheduler, const tokenizer::Tokenizer* tok, int64_t vocab_size,
-                                       SessionServiceOptions options)
-    : scheduler_(scheduler), tok_(tok), vocab_size_(vocab_size), options_(options) {}
+                                       SessionServiceOptions options, memtier::MemTierClient* memtier)
+    : scheduler_(scheduler), tok_(tok), vocab_size_(vocab_size), options_(options), memtier_(memtier) {}
+
+namespace {
+
+// memtier keys sessions by u64: the session id is 16 hex digits.
+absl::StatusOr<uint64_t> MemtierKey(const std::string& id) {
+  uint64_t v = 0;
+  if (id.size() != 16) return absl::InvalidArgumentError(absl::StrCat("session id '", id, "' is not 16 hex digits"));
+  for (char c : id) {
+    const int d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+    if (d < 0) return absl::InvalidArgumentError(absl::StrCat("session id '", id, "' is not 16 hex digits"));
+    v = (v << 4) | static_cast<uint64_t>(d);
+  }
+  return v;
+}
+
+template <typename T>
+void Put(std::string* out, const T& v) { out->append(reinterpret_cast<const char*>(&v), sizeof v); }
+
+template <typename T>
+bool Get(absl::string_view* in, T* v) {
+  if (in->size() < sizeof *v) return false;
+  std::memcpy(v, in->data(), sizeof *v);
+  in->remove_prefix(sizeof *v);
+  return true;
+}
+
+}  // namespace
+
+absl::Status SessionServiceImpl::Persist(const std::string& id, Session& s) {
+  if (!memtier_) return absl::OkStatus();
+  auto snap = scheduler_.Snapshot(s.scheduler_id);
+  if (!snap.ok()) return snap.status();
+  auto key = MemtierKey(id);
+  if (!key.ok()) return key.status();
+  // [token][defaults][log][scheduler snapshot]
+  std::string blob;
+  Put(&blob, static_cast<uint32_t>(s.token.size()));
+  blob += s.token;
+  Put(&blob, s.defaults.temperature);
+  Put(&blob, s.defaults.top_p);
+  Put(&blob, s.defaults.seed);
+  Put(&blob, static_cast<uint64_t>(s.generated.size()));
+  blob.append(reinterpret_cast<const char*>(s.generated.data()), s.generated.size() * 4);
+  blob += *snap;
+  return memtier_->PutState(*key, ++s.version, std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(blob.data()), blob.size()));
+}
+
+absl::StatusOr<std::pair<uint64_t, uint64_t>> SessionServiceImpl::Adopt(const std::string& id) {
+  if (!memtier_) return absl::FailedPreconditionError("adopt: this worker runs without --memtier");
+  auto key = MemtierKey(id);
+  if (!key.ok()) return key.status();
+  auto st = memtier_->GetState(*key);
+  if (!st.ok()) return st.status();
+  absl::string_view in(reinterpret_cast<const char*>(st->second.data()), st->second.size());
+  auto s = std::make_shared<Session>();
+  uint32_t tlen = 0;
+  uint64_t n = 0;
+  if (!Get(&in, &tlen) || in.size() < tlen) return absl::DataLossError("adopt: snapshot header truncated");
+  s->token = std::string(in.substr(0, tlen));
+  in.remove_prefix(tlen);
+  if (!Get(&in, &s->defaults.temperature) || !Get(&in, &s->defaults.top_p) || !Get(&in, &s->defaults.seed) || !Get(&in, &n) ||
+      in.size() < n * 4)
+    return absl::DataLossError("adopt: snapshot header truncated");
+  s->generated.resize(n);
+  std::memcpy(s->generated.data(), in.data(), n * 4);
+  in.remove_prefix(n * 4);
+  auto sid = scheduler_.Restore(in);
+  if (!sid.ok()) return sid.status();
+  s->scheduler_id = *sid;
+  s->version = st->first;
+  uint64_t length = 0;
+  (void)scheduler_.WithState(*sid, [&](const model::SessionState& state, uint64_t) { length = state.position; });
+  std::lock_guard<std::mutex> l(mu_);
+  sessions_[id] = s;
+  return std::make_pair(length, static_cast<uint64_t>(n));
+}
+
+grpc::Status WorkerAdminImpl::AdoptSession(grpc::ServerContext*, const v1::AdoptSessionRequest* r, v1::AdoptSessionResponse* out) {
+  auto res = sessions_.Adopt(r->session_id());
+  if (!res.ok()) return grpc::Status(static_cast<grpc::StatusCode>(res.status().code()), std::string(res.status().message()));
+  out->set_length(res->first);
+  out->set_generated(res->second);
+  return grpc::Status::OK;
+}
 
 grpc::Status SessionServiceImpl::Authorize(grpc::ServerContext* ctx, const std::string& id, std::shared_ptr<Session>* out) {
   std::shared_ptr<Session> s;
@@ -63,6 +148,13 @@ grpc::Status SessionServiceImpl::CreateSession(grpc::ServerContext*, const v1::C
   s->token = RandomHex(16);
   s->defaults = d;
   const std::string sid = RandomHex(8);
+  if (memtier_) {
+    auto key = MemtierKey(sid);
+    if (auto st = memtier_->OpenSession(*key); !st.ok()) {
+      (void)scheduler_.CloseSession(*id);
+      return grpc::Status(grpc::StatusCode::UNAVAILABLE, absl::StrCat("memtier: ", st.message()));
+    }
+  }
   {
     std::lock_guard<std::mutex> l(mu_);
     sessions_[sid] = s;
@@ -110,6 +202,8 @@ grpc::Status SessionServiceImpl::Append(grpc::ServerContext* ctx, const v1::Appe
     if (ctx->IsCancelled()) return grpc::Status(grpc::StatusCode::CANCELLED, "append cancelled");
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
+  if (auto st = Persist(r->session_id(), *s); !st.ok())
+    return grpc::Status(grpc::StatusCode::UNAVAILABLE, absl::StrCat("snapshot to memtier: ", st.message()));
   return grpc::Status::OK;
 }
 
@@ -190,6 +284,10 @@ grpc::Status SessionServiceImpl::Generate(grpc::ServerContext* ctx, const v1::Ge
       }
     g.set_last(done);
     if (done) g.set_finish_reason(reason);
+    if (done) {  // durable before the client sees the end: another worker can take over from here
+      if (auto st = Persist(r->session_id(), *s); !st.ok())
+        return grpc::Status(grpc::StatusCode::UNAVAILABLE, absl::StrCat("snapshot to memtier: ", st.message()));
+    }
     if (!w->Write(g)) {
       (void)scheduler_.StopGeneration(s->scheduler_id);
       return grpc::Status(grpc::StatusCode::CANCELLED, "client went away");
@@ -212,6 +310,7 @@ grpc::Status SessionServiceImpl::GetSession(grpc::ServerContext* ctx, const v1::
   if (!st.ok()) return ToGrpc(st);
   out->set_generated(s->generated.size());
   out->set_state("idle");
+  out->set_worker_prefill_tokens(scheduler_.stats().prefill_tokens);
   return grpc::Status::OK;
 }
 

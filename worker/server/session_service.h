@@ -10,7 +10,9 @@
 #include <string>
 #include <vector>
 
+#include "memtier/client/memtier_client.h"
 #include "session.grpc.pb.h"
+#include "worker.grpc.pb.h"
 #include "worker/model/sampler.h"
 #include "worker/server/scheduler.h"
 #include "worker/tokenizer/tokenizer.h"
@@ -24,8 +26,13 @@ struct SessionServiceOptions {
 
 class SessionServiceImpl final : public v1::SessionService::Service {
  public:
+  // With `memtier`, every session is snapshotted there after each Append and Generate (its
+  // decode state, sampling step, token log and bearer token), so another worker can adopt it.
   SessionServiceImpl(Scheduler& scheduler, const tokenizer::Tokenizer* tok, int64_t vocab_size,
-                     SessionServiceOptions options = {});
+                     SessionServiceOptions options = {}, memtier::MemTierClient* memtier = nullptr);
+
+  // Loads a session's latest snapshot from memtier and serves it (failover; no re-prefill).
+  absl::StatusOr<std::pair<uint64_t, uint64_t>> Adopt(const std::string& session_id);
 
   grpc::Status CreateSession(grpc::ServerContext*, const v1::CreateSessionRequest*, v1::CreateSessionResponse*) override;
   grpc::Status Append(grpc::ServerContext*, const v1::AppendRequest*, grpc::ServerWriter<v1::AppendProgress>*) override;
@@ -40,7 +47,10 @@ class SessionServiceImpl final : public v1::SessionService::Service {
     model::SamplingOptions defaults;
     std::mutex mu;                  // one Append/Generate at a time
     std::vector<int32_t> generated; // the session's generated-token log (resume_from)
+    uint64_t version = 0;           // snapshots written to memtier
   };
+  // Writes the session's snapshot to memtier (no-op without memtier).
+  absl::Status Persist(const std::string& id, Session& s);
   // The session named by the request, if the caller holds its token.
   grpc::Status Authorize(grpc::ServerContext* ctx, const std::string& id, std::shared_ptr<Session>* out);
 
@@ -48,8 +58,18 @@ class SessionServiceImpl final : public v1::SessionService::Service {
   const tokenizer::Tokenizer* tok_;
   int64_t vocab_size_;
   SessionServiceOptions options_;
+  memtier::MemTierClient* memtier_;
   std::mutex mu_;
   std::map<std::string, std::shared_ptr<Session>> sessions_;
+};
+
+class WorkerAdminImpl final : public v1::WorkerAdmin::Service {
+ public:
+  explicit WorkerAdminImpl(SessionServiceImpl& sessions) : sessions_(sessions) {}
+  grpc::Status AdoptSession(grpc::ServerContext*, const v1::AdoptSessionRequest*, v1::AdoptSessionResponse*) override;
+
+ private:
+  SessionServiceImpl& sessions_;
 };
 
 }  // namespace flashmem::server

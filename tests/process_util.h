@@ -1,0 +1,59 @@
+// Real processes for tests: spawn a flashmem binary and wait for its "LISTENING host:port" line.
+#pragma once
+
+#include <poll.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <string>
+#include <vector>
+
+namespace flashmem::testing {
+
+struct Child {
+  pid_t pid = -1;
+  std::string target;  // host:port from its LISTENING line; empty if it did not come up
+  std::string output;
+};
+
+inline Child Spawn(const std::string& bin, const std::vector<std::string>& args, std::chrono::seconds wait = std::chrono::seconds(60)) {
+  int fds[2];
+  if (::pipe(fds) != 0) return {};
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    ::dup2(fds[1], STDOUT_FILENO);
+    ::close(fds[0]);
+    std::vector<char*> argv = {const_cast<char*>(bin.c_str())};
+    for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
+    ::execv(bin.c_str(), argv.data());
+    ::_exit(127);
+  }
+  ::close(fds[1]);
+  Child c;
+  c.pid = pid;
+  char buf[256];
+  const auto deadline = std::chrono::steady_clock::now() + wait;
+  while (std::chrono::steady_clock::now() < deadline && c.target.empty()) {
+    pollfd p{fds[0], POLLIN, 0};
+    if (::poll(&p, 1, 100) <= 0) continue;
+    const ssize_t n = ::read(fds[0], buf, sizeof buf);
+    if (n <= 0) break;
+    c.output.append(buf, n);
+    const auto at = c.output.find("LISTENING "), nl = c.output.find('\n', at);
+    if (at != std::string::npos && nl != std::string::npos) c.target = c.output.substr(at + 10, nl - at - 10);
+  }
+  ::close(fds[0]);
+  return c;
+}
+
+inline void Stop(Child& c, int sig = SIGTERM) {
+  if (c.pid <= 0) return;
+  ::kill(c.pid, sig);
+  ::waitpid(c.pid, nullptr, 0);
+  c.pid = -1;
+}
+
+}  // namespace flashmem::testing

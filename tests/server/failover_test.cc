@@ -1,0 +1,142 @@
+// Failover without recompute, with real processes: a worker that snapshots its sessions to a
+// real flashmem-memtier is SIGKILLed after a generation; another worker adopts the session from
+// memtier and continues it — the tokens equal an uninterrupted run, and it ran no prefill.
+#include <grpcpp/grpcpp.h>
+
+#include <filesystem>
+
+#include "gtest/gtest.h"
+#include "session.grpc.pb.h"
+#include "tests/model/test_models.h"
+#include "tests/process_util.h"
+#include "worker.grpc.pb.h"
+
+namespace flashmem::testing {
+namespace {
+
+struct Api {
+  std::unique_ptr<v1::SessionService::Stub> session;
+  std::unique_ptr<v1::WorkerAdmin::Stub> admin;
+  explicit Api(const std::string& target) {
+    auto ch = grpc::CreateChannel(target, grpc::InsecureChannelCredentials());
+    session = v1::SessionService::NewStub(ch);
+    admin = v1::WorkerAdmin::NewStub(ch);
+  }
+};
+
+std::vector<int32_t> Generate(Api& api, const std::string& sid, const std::string& token, int n, const v1::SamplingParams& sp,
+                              grpc::Status* status) {
+  v1::GenerateRequest g;
+  g.set_session_id(sid);
+  g.set_max_tokens(n);
+  *g.mutable_sampling() = sp;
+  grpc::ClientContext ctx;
+  ctx.AddMetadata("authorization", "Bearer " + token);
+  auto r = api.session->Generate(&ctx, g);
+  v1::GeneratedToken t;
+  std::vector<int32_t> out;
+  while (r->Read(&t)) out.push_back(t.id());
+  *status = r->Finish();
+  return out;
+}
+
+grpc::Status Append(Api& api, const std::string& sid, const std::string& token, const std::string& text) {
+  v1::AppendRequest a;
+  a.set_session_id(sid);
+  a.set_text(text);
+  a.set_add_bos(true);
+  grpc::ClientContext ctx;
+  ctx.AddMetadata("authorization", "Bearer " + token);
+  auto r = api.session->Append(&ctx, a);
+  v1::AppendProgress p;
+  while (r->Read(&p)) {
+  }
+  return r->Finish();
+}
+
+TEST(Failover, AnotherWorkerAdoptsTheSessionFromMemtierWithoutPrefill) {
+  const std::string dir = TempDir("failover");
+  ASSERT_EQ(std::system((std::string(FLASHMEM_BIN) + " ckpt random --preset tiny --layers 2 --seed 9 --out " + dir + "/m > /dev/null").c_str()), 0);
+  Child memtier = Spawn(FLASHMEM_MEMTIER_BIN, {"--grpc-listen", "127.0.0.1:0", "--data-dir", dir + "/mt", "--ram-bytes", "268435456"});
+  ASSERT_FALSE(memtier.target.empty()) << memtier.output;
+  const std::vector<std::string> wargs = {"--model", dir + "/m", "--listen", "127.0.0.1:0", "--memtier", memtier.target};
+  v1::SamplingParams sp;
+  sp.set_temperature(0.8f);
+  sp.set_top_p(0.95f);
+  sp.set_seed(1234);
+  const std::string prompt = "Every acknowledged page survives the loss of its worker.";
+  grpc::Status st;
+
+  // Uninterrupted reference: one worker generates 5 + 7 tokens.
+  std::vector<int32_t> want;
+  {
+    Child w = Spawn(FLASHMEM_WORKER_BIN, wargs);
+    ASSERT_FALSE(w.target.empty()) << w.output;
+    Api api(w.target);
+    v1::CreateSessionResponse cs;
+    grpc::ClientContext ctx;
+    ASSERT_TRUE(api.session->CreateSession(&ctx, v1::CreateSessionRequest(), &cs).ok());
+    ASSERT_TRUE(Append(api, cs.session_id(), cs.token(), prompt).ok());
+    want = Generate(api, cs.session_id(), cs.token(), 5, sp, &st);
+    ASSERT_TRUE(st.ok()) << st.error_message();
+    auto more = Generate(api, cs.session_id(), cs.token(), 7, sp, &st);
+    ASSERT_TRUE(st.ok());
+    want.insert(want.end(), more.begin(), more.end());
+    Stop(w);
+  }
+  // Worker A generates 5 tokens, then dies.
+  Child a = Spawn(FLASHMEM_WORKER_BIN, wargs);
+  ASSERT_FALSE(a.target.empty());
+  Api api_a(a.target);
+  v1::CreateSessionResponse cs;
+  {
+    grpc::ClientContext ctx;
+    ASSERT_TRUE(api_a.session->CreateSession(&ctx, v1::CreateSessionRequest(), &cs).ok());
+  }
+  ASSERT_TRUE(Append(api_a, cs.session_id(), cs.token(), prompt).ok());
+  std::vector<int32_t> got = Generate(api_a, cs.session_id(), cs.token(), 5, sp, &st);
+  ASSERT_TRUE(st.ok());
+  Stop(a, SIGKILL);
+  // Worker B adopts the session from memtier and continues it.
+  Child b = Spawn(FLASHMEM_WORKER_BIN, wargs);
+  ASSERT_FALSE(b.target.empty());
+  Api api_b(b.target);
+  v1::AdoptSessionRequest ar;
+  ar.set_session_id(cs.session_id());
+  v1::AdoptSessionResponse ad;
+  {
+    grpc::ClientContext ctx;
+    const grpc::Status s = api_b.admin->AdoptSession(&ctx, ar, &ad);
+    ASSERT_TRUE(s.ok()) << s.error_message();
+  }
+  EXPECT_EQ(ad.generated(), 5u);
+  auto more = Generate(api_b, cs.session_id(), cs.token(), 7, sp, &st);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  got.insert(got.end(), more.begin(), more.end());
+  EXPECT_EQ(got, want);
+  // The adopted session's context already held the prompt: B consumed only sampled tokens.
+  v1::SessionInfo info;
+  {
+    grpc::ClientContext ctx;
+    ctx.AddMetadata("authorization", "Bearer " + cs.token());
+    v1::SessionRef ref;
+    ref.set_session_id(cs.session_id());
+    ASSERT_TRUE(api_b.session->GetSession(&ctx, ref, &info).ok());
+  }
+  EXPECT_EQ(info.worker_prefill_tokens(), 0u);
+  EXPECT_EQ(info.generated(), 12u);
+  // The session's token still guards it on the new worker.
+  {
+    grpc::ClientContext ctx;
+    ctx.AddMetadata("authorization", "Bearer nope");
+    v1::SessionRef ref;
+    ref.set_session_id(cs.session_id());
+    EXPECT_EQ(api_b.session->GetSession(&ctx, ref, &info).error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  }
+  Stop(b);
+  Stop(memtier);
+  std::filesystem::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace flashmem::testing
