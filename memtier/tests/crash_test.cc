@@ -13,6 +13,7 @@
 
 #include "gtest/gtest.h"
 #include "memtier/client/memtier_client.h"
+#include "tests/process_util.h"
 
 namespace flashmem::memtier {
 namespace {
@@ -26,44 +27,15 @@ std::vector<uint8_t> PageBytes(const PageKey& k) {
   return b;
 }
 
-struct Process {
-  pid_t pid = -1;
-  std::string target;
-};
+using flashmem::testing::Child;
 
-// Starts flashmem-memtier on a free port and waits for its "LISTENING host:port" line.
-Process StartMemtier(const std::string& dir) {
-  int fds[2];
-  EXPECT_EQ(::pipe(fds), 0);
-  const pid_t pid = ::fork();
-  if (pid == 0) {
-    ::dup2(fds[1], STDOUT_FILENO);
-    ::close(fds[0]);
-    ::execl(FLASHMEM_MEMTIER_BIN, FLASHMEM_MEMTIER_BIN, "--grpc-listen", "127.0.0.1:0", "--data-dir", dir.c_str(),
-            "--ram-bytes", "16777216", "--ram-chunk-bytes", "4194304", static_cast<char*>(nullptr));
-    ::_exit(127);
-  }
-  ::close(fds[1]);
-  Process p{pid, ""};
-  std::string out;
-  char buf[256];
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-  while (std::chrono::steady_clock::now() < deadline) {
-    pollfd pfd{fds[0], POLLIN, 0};
-    if (::poll(&pfd, 1, 100) <= 0) continue;
-    const ssize_t n = ::read(fds[0], buf, sizeof buf);
-    if (n <= 0) break;
-    out.append(buf, n);
-    const auto at = out.find("LISTENING ");
-    const auto nl = out.find('\n', at);
-    if (at != std::string::npos && nl != std::string::npos) {
-      p.target = out.substr(at + 10, nl - at - 10);
-      break;
-    }
-  }
-  ::close(fds[0]);
-  EXPECT_FALSE(p.target.empty()) << "memtier did not start: " << out;
-  return p;
+// flashmem-memtier on a free port, waiting for its "LISTENING host:port" line.
+Child StartMemtier(const std::string& dir) {
+  Child c = flashmem::testing::Spawn(FLASHMEM_MEMTIER_BIN, {"--grpc-listen", "127.0.0.1:0", "--data-dir", dir,
+                                                            "--ram-bytes", "16777216", "--ram-chunk-bytes", "4194304"},
+                                     std::chrono::seconds(30));
+  EXPECT_FALSE(c.target.empty()) << "memtier did not start: " << c.output;
+  return c;
 }
 
 TEST(MemTierCrash, SigkillDuringCommitsLosesNoAcknowledgedPage) {
@@ -73,7 +45,7 @@ TEST(MemTierCrash, SigkillDuringCommitsLosesNoAcknowledgedPage) {
   std::vector<PageKey> acked;
   constexpr int kRounds = 20;
   for (int round = 0; round < kRounds; ++round) {
-    Process p = StartMemtier(dir);
+    Child p = StartMemtier(dir);
     ASSERT_FALSE(p.target.empty());
     MemTierClientOptions o;
     o.target = p.target;
@@ -121,7 +93,7 @@ TEST(MemTierCrash, SigkillDuringCommitsLosesNoAcknowledgedPage) {
     std::printf("round %d: %zu pages acknowledged before SIGKILL (total %zu)\n", round, round_acked.size(), acked.size());
   }
   // Final check after the last kill.
-  Process p = StartMemtier(dir);
+  Child p = StartMemtier(dir);
   MemTierClientOptions o;
   o.target = p.target;
   o.buffer_bytes = 1 << 20;

@@ -1,9 +1,5 @@
 // The `flashmem` binary's stable interface, run as a process: generate with teacher forcing,
 // --prefill-split and --dump against the golden set; ckpt random / inspect; clear errors.
-#include <poll.h>
-#include <signal.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
 #include <cstdio>
 #include <filesystem>
@@ -13,6 +9,7 @@
 #include "gtest/gtest.h"
 #include "tests/model/golden_util.h"
 #include "tests/model/test_models.h"
+#include "tests/process_util.h"
 
 namespace flashmem::testing {
 namespace {
@@ -94,34 +91,12 @@ TEST(Cli, CkptRandomAndInspect) {
 TEST(Cli, WorkerServesThePublicApiWithTheEngineTokens) {
   const std::string dir = TempDir("cli_worker");
   ASSERT_EQ(RunCli("ckpt random --preset tiny --layers 2 --seed 4 --out " + dir + "/m").code, 0);
-  int fds[2];
-  ASSERT_EQ(::pipe(fds), 0);
-  const pid_t pid = ::fork();
-  if (pid == 0) {
-    ::dup2(fds[1], STDOUT_FILENO);
-    ::close(fds[0]);
-    const std::string model = dir + "/m";
-    ::execl(FLASHMEM_WORKER_BIN, FLASHMEM_WORKER_BIN, "--model", model.c_str(), "--listen", "127.0.0.1:0", static_cast<char*>(nullptr));
-    ::_exit(127);
-  }
-  ::close(fds[1]);
-  std::string out, target;
-  char buf[256];
-  for (int i = 0; i < 300 && target.empty(); ++i) {
-    pollfd p{fds[0], POLLIN, 0};
-    if (::poll(&p, 1, 100) <= 0) continue;
-    const ssize_t n = ::read(fds[0], buf, sizeof buf);
-    if (n <= 0) break;
-    out.append(buf, n);
-    const auto at = out.find("LISTENING "), nl = out.find('\n', at);
-    if (at != std::string::npos && nl != std::string::npos) target = out.substr(at + 10, nl - at - 10);
-  }
-  ASSERT_FALSE(target.empty()) << out;
+  Child worker = Spawn(FLASHMEM_WORKER_BIN, {"--model", dir + "/m", "--listen", "127.0.0.1:0"});
+  const std::string target = worker.target;
+  ASSERT_FALSE(target.empty()) << worker.output;
   const std::string prompt = "Pages come back before they are needed";
   Result api = RunCli("complete --target " + target + " --prompt \"" + prompt + "\" --max-tokens 12");
-  ::kill(pid, SIGTERM);
-  ::waitpid(pid, nullptr, 0);
-  ::close(fds[0]);
+  Stop(worker);
   ASSERT_EQ(api.code, 0) << api.out;
   Result direct = RunCli("generate --model " + dir + "/m --prompt \"" + prompt + "\" --max-new-tokens 12");
   ASSERT_EQ(direct.code, 0) << direct.out;
