@@ -138,5 +138,75 @@ TEST(Failover, AnotherWorkerAdoptsTheSessionFromMemtierWithoutPrefill) {
   std::filesystem::remove_all(dir);
 }
 
+// Through the coordinator: a worker SIGKILLed in the middle of a Generate stream; the client's
+// stream carries on from another worker with exactly the uninterrupted tokens.
+TEST(Failover, CoordinatorMovesTheSessionAndTheStreamCarriesOn) {
+  const std::string dir = TempDir("failover_coord");
+  ASSERT_EQ(std::system((std::string(FLASHMEM_BIN) + " ckpt random --preset tiny --layers 2 --seed 9 --out " + dir + "/m > /dev/null").c_str()), 0);
+  Child memtier = Spawn(FLASHMEM_MEMTIER_BIN, {"--grpc-listen", "127.0.0.1:0", "--data-dir", dir + "/mt", "--ram-bytes", "268435456"});
+  ASSERT_FALSE(memtier.target.empty()) << memtier.output;
+  Child coord = Spawn(FLASHMEM_COORDINATOR_BIN, {"--listen", "127.0.0.1:0", "--data-dir", dir + "/coord"});
+  ASSERT_FALSE(coord.target.empty()) << coord.output;
+  const std::vector<std::string> wargs = {"--model", dir + "/m", "--listen", "127.0.0.1:0", "--memtier", memtier.target,
+                                          "--coordinator", coord.target};
+  Child w1 = Spawn(FLASHMEM_WORKER_BIN, wargs), w2 = Spawn(FLASHMEM_WORKER_BIN, wargs);
+  ASSERT_FALSE(w1.target.empty() || w2.target.empty());
+  Api api(coord.target);
+  v1::SamplingParams sp;
+  sp.set_temperature(0.7f);
+  sp.set_seed(99);
+  const std::string prompt = "A worker dies; the stream does not notice.";
+  auto create = [&](v1::CreateSessionResponse* cs) {
+    grpc::ClientContext ctx;
+    return api.session->CreateSession(&ctx, v1::CreateSessionRequest(), cs);
+  };
+  grpc::Status st;
+  v1::CreateSessionResponse ref;
+  ASSERT_TRUE(create(&ref).ok());
+  ASSERT_TRUE(Append(api, ref.session_id(), ref.token(), prompt).ok());
+  const std::vector<int32_t> want = Generate(api, ref.session_id(), ref.token(), 16, sp, &st);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  ASSERT_EQ(want.size(), 16u);
+
+  v1::CreateSessionResponse cs;
+  ASSERT_TRUE(create(&cs).ok());
+  ASSERT_TRUE(Append(api, cs.session_id(), cs.token(), prompt).ok());
+  auto served_by = [&] {
+    v1::SessionInfo info;
+    grpc::ClientContext ctx;
+    ctx.AddMetadata("authorization", "Bearer " + cs.token());
+    v1::SessionRef ref;
+    ref.set_session_id(cs.session_id());
+    EXPECT_TRUE(api.session->GetSession(&ctx, ref, &info).ok());
+    return info.served_by();
+  };
+  const std::string first = served_by();
+  Child& victim = first == w1.target ? w1 : w2;
+  ASSERT_TRUE(first == w1.target || first == w2.target) << first;
+  // Stream 16 tokens; SIGKILL the serving worker after the 5th.
+  v1::GenerateRequest g;
+  g.set_session_id(cs.session_id());
+  g.set_max_tokens(16);
+  *g.mutable_sampling() = sp;
+  grpc::ClientContext ctx;
+  ctx.AddMetadata("authorization", "Bearer " + cs.token());
+  auto reader = api.session->Generate(&ctx, g);
+  v1::GeneratedToken t;
+  std::vector<int32_t> got;
+  while (reader->Read(&t)) {
+    got.push_back(t.id());
+    if (got.size() == 5) Stop(victim, SIGKILL);
+  }
+  st = reader->Finish();
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  EXPECT_EQ(got, want);
+  EXPECT_NE(served_by(), first);
+  Stop(w1);
+  Stop(w2);
+  Stop(coord);
+  Stop(memtier);
+  std::filesystem::remove_all(dir);
+}
+
 }  // namespace
 }  // namespace flashmem::testing

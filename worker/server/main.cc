@@ -3,6 +3,7 @@
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 
+#include <atomic>
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
@@ -11,6 +12,7 @@
 #include "CLI/CLI.hpp"
 #include "spdlog/sinks/stdout_color_sinks.h"
 #include "spdlog/spdlog.h"
+#include "coordinator.grpc.pb.h"
 #include "worker/server/session_service.h"
 
 namespace {
@@ -31,7 +33,8 @@ int main(int argc, char** argv) {
   app.add_option("--prefill-chunk", so.prefill_chunk, "prompt tokens per forward pass of one session");
   app.add_option("--step-token-budget", so.step_token_budget, "prompt tokens per forward pass across sessions");
   app.add_option("--max-context", so.max_context, "tokens per session");
-  std::string memtier_target;
+  std::string memtier_target, coordinator_target;
+  app.add_option("--coordinator", coordinator_target, "coordinator gRPC address: register and keep a lease with heartbeats");
   app.add_option("--memtier", memtier_target, "memtier gRPC address: sessions are snapshotted there and can be adopted by another worker");
   CLI11_PARSE(app, argc, argv);
   spdlog::set_default_logger(spdlog::stderr_color_mt("worker"));
@@ -79,11 +82,45 @@ int main(int argc, char** argv) {
     return 1;
   }
   g_server = server.get();
+  const std::string my_address = listen.substr(0, listen.rfind(':')) + ":" + std::to_string(port);
+  std::atomic<bool> stop{false};
+  std::thread heartbeat;
+  if (!coordinator_target.empty()) {
+    auto stub = flashmem::v1::Coordinator::NewStub(grpc::CreateChannel(coordinator_target, grpc::InsecureChannelCredentials()));
+    flashmem::v1::RegisterRequest rr;
+    rr.set_address(my_address);
+    flashmem::v1::RegisterResponse reg;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    if (auto st = stub->Register(&ctx, rr, &reg); !st.ok()) {
+      std::fprintf(stderr, "flashmem-worker: --coordinator %s: %s\n", coordinator_target.c_str(), st.error_message().c_str());
+      return 1;
+    }
+    heartbeat = std::thread([&, stub = std::move(stub), reg]() mutable {
+      uint64_t id = reg.worker_id();
+      while (!stop.load()) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(reg.heartbeat_ms()));
+        flashmem::v1::HeartbeatRequest hb;
+        hb.set_worker_id(id);
+        hb.set_sessions(static_cast<uint32_t>(scheduler.sessions()));
+        flashmem::v1::HeartbeatResponse hr;
+        grpc::ClientContext c;
+        c.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(reg.heartbeat_ms()));
+        if (stub->Heartbeat(&c, hb, &hr).error_code() == grpc::StatusCode::NOT_FOUND) {  // coordinator restarted
+          grpc::ClientContext rc;
+          flashmem::v1::RegisterResponse again;
+          if (stub->Register(&rc, rr, &again).ok()) id = again.worker_id();
+        }
+      }
+    });
+  }
   std::signal(SIGTERM, OnSignal);
   std::signal(SIGINT, OnSignal);
   spdlog::info("worker serving {} on port {} ({} sessions max)", model_dir, port, so.max_sessions);
   std::printf("LISTENING %s:%d\n", listen.substr(0, listen.rfind(':')).c_str(), port);
   std::fflush(stdout);
   server->Wait();
+  stop.store(true);
+  if (heartbeat.joinable()) heartbeat.join();
   return 0;
 }

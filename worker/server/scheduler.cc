@@ -140,6 +140,11 @@ absl::Status Scheduler::WithState(uint64_t id, const std::function<void(const mo
   return absl::OkStatus();
 }
 
+int64_t Scheduler::sessions() const {
+  std::lock_guard<std::mutex> l(mu_);
+  return static_cast<int64_t>(sessions_.size());
+}
+
 SchedulerStats Scheduler::stats() const {
   std::lock_guard<std::mutex> l(mu_);
   return stats_;

@@ -68,6 +68,7 @@ class Scheduler {
   // Runs `fn` on the session's state while the loop is not touching it (snapshots).
   absl::Status WithState(uint64_t id, const std::function<void(const model::SessionState&, uint64_t sampled_steps)>& fn);
   SchedulerStats stats() const;
+  int64_t sessions() const;
 
  private:
   struct Session {

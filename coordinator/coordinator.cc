@@ -1,0 +1,244 @@
+#include "coordinator/coordinator.h"
+
+#include <grpcpp/grpcpp.h>
+
+#include <filesystem>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "rocksdb/db.h"
+#include "spdlog/spdlog.h"
+
+namespace flashmem::coordinator {
+namespace {
+
+grpc::Status Err(grpc::StatusCode c, const std::string& m) { return grpc::Status(c, m); }
+grpc::Status FromAbsl(const absl::Status& s) {
+  return s.ok() ? grpc::Status::OK : grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
+}
+
+// The client's bearer token travels on to the worker.
+void ForwardAuth(grpc::ServerContext* in, grpc::ClientContext* out) {
+  const auto it = in->client_metadata().find("authorization");
+  if (it != in->client_metadata().end()) out->AddMetadata("authorization", std::string(it->second.data(), it->second.size()));
+}
+
+// Errors that mean "the worker is gone" rather than "the request is wrong".
+bool WorkerLost(const grpc::Status& s) {
+  return s.error_code() == grpc::StatusCode::UNAVAILABLE || s.error_code() == grpc::StatusCode::CANCELLED ||
+         s.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED || s.error_code() == grpc::StatusCode::UNKNOWN ||
+         s.error_code() == grpc::StatusCode::INTERNAL;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Open(const CoordinatorOptions& o) {
+  std::unique_ptr<Coordinator> c(new Coordinator());
+  c->options_ = o;
+  std::error_code ec;
+  std::filesystem::create_directories(o.data_dir, ec);
+  rocksdb::Options ro;
+  ro.create_if_missing = true;
+  rocksdb::DB* db = nullptr;
+  auto s = rocksdb::DB::Open(ro, o.data_dir, &db);
+  if (!s.ok()) return absl::UnavailableError(absl::StrCat("--data-dir ", o.data_dir, ": ", s.ToString()));
+  c->db_.reset(db);
+  std::unique_ptr<rocksdb::Iterator> it(db->NewIterator(rocksdb::ReadOptions()));
+  for (it->SeekToFirst(); it->Valid(); it->Next()) c->routes_[it->key().ToString()] = it->value().ToString();
+  spdlog::info("coordinator: {} sessions in the table", c->routes_.size());
+  return c;
+}
+
+Coordinator::~Coordinator() = default;
+
+uint64_t Coordinator::failovers() const {
+  std::lock_guard<std::mutex> l(mu_);
+  return failovers_;
+}
+
+bool Coordinator::Live(const Worker& w) const {
+  return std::chrono::steady_clock::now() - w.last_seen < options_.lease;
+}
+
+grpc::Status Coordinator::Register(grpc::ServerContext*, const v1::RegisterRequest* r, v1::RegisterResponse* out) {
+  if (r->address().empty()) return Err(grpc::StatusCode::INVALID_ARGUMENT, "register: address is empty");
+  std::lock_guard<std::mutex> l(mu_);
+  uint64_t id = 0;
+  for (auto& [wid, w] : workers_)
+    if (w.address == r->address()) id = wid;  // a restarted worker on the same address
+  if (id == 0) id = next_worker_++;
+  Worker& w = workers_[id];
+  w.address = r->address();
+  w.last_seen = std::chrono::steady_clock::now();
+  if (!channels_.count(w.address)) channels_[w.address] = grpc::CreateChannel(w.address, grpc::InsecureChannelCredentials());
+  w.channel = channels_[w.address];
+  out->set_worker_id(id);
+  out->set_heartbeat_ms(static_cast<uint32_t>(options_.heartbeat.count()));
+  out->set_lease_ms(static_cast<uint32_t>(options_.lease.count()));
+  spdlog::info("coordinator: worker {} at {}", id, w.address);
+  return grpc::Status::OK;
+}
+
+grpc::Status Coordinator::Heartbeat(grpc::ServerContext*, const v1::HeartbeatRequest* r, v1::HeartbeatResponse*) {
+  std::lock_guard<std::mutex> l(mu_);
+  auto it = workers_.find(r->worker_id());
+  if (it == workers_.end()) return Err(grpc::StatusCode::NOT_FOUND, absl::StrCat("unknown worker ", r->worker_id(), ": register again"));
+  it->second.last_seen = std::chrono::steady_clock::now();
+  it->second.sessions = r->sessions();
+  return grpc::Status::OK;
+}
+
+absl::StatusOr<uint64_t> Coordinator::PickWorker(const std::string& avoid) {
+  uint64_t best = 0;
+  uint32_t best_sessions = UINT32_MAX;
+  for (auto& [id, w] : workers_)
+    if (Live(w) && w.address != avoid && w.sessions < best_sessions) {
+      best = id;
+      best_sessions = w.sessions;
+    }
+  if (best == 0) return absl::UnavailableError("no live worker");
+  return best;
+}
+
+absl::Status Coordinator::SaveRoute(const std::string& session_id, const std::string& address) {
+  routes_[session_id] = address;
+  auto s = db_->Put(rocksdb::WriteOptions(), session_id, address);
+  return s.ok() ? absl::OkStatus() : absl::InternalError(s.ToString());
+}
+
+absl::StatusOr<std::pair<std::string, std::shared_ptr<grpc::Channel>>> Coordinator::Route(const std::string& sid, bool force_move) {
+  std::unique_lock<std::mutex> l(mu_);
+  auto r = routes_.find(sid);
+  if (r == routes_.end()) return absl::NotFoundError(absl::StrCat("unknown session '", sid, "'"));
+  const std::string old = r->second;
+  auto live_at = [&](const std::string& addr) {
+    for (auto& [id, w] : workers_)
+      if (w.address == addr && Live(w)) return true;
+    return false;
+  };
+  if (force_move) {
+    // Moving a session whose worker still holds its lease would serve it twice: wait the lease out.
+    const auto deadline = std::chrono::steady_clock::now() + options_.lease + options_.heartbeat;
+    while (live_at(old) && std::chrono::steady_clock::now() < deadline) {
+      l.unlock();
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      l.lock();
+    }
+    if (live_at(old)) force_move = false;  // it came back: keep it there
+  }
+  if (!force_move && live_at(old)) {
+    if (!channels_.count(old)) channels_[old] = grpc::CreateChannel(old, grpc::InsecureChannelCredentials());
+    return std::make_pair(old, channels_[old]);
+  }
+  auto id = PickWorker(old);
+  if (!id.ok()) return id.status();
+  const Worker& w = workers_[*id];
+  auto channel = w.channel;
+  const std::string addr = w.address;
+  l.unlock();
+  auto admin = v1::WorkerAdmin::NewStub(channel);
+  v1::AdoptSessionRequest req;
+  req.set_session_id(sid);
+  v1::AdoptSessionResponse resp;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  const grpc::Status st = admin->AdoptSession(&ctx, req, &resp);
+  if (!st.ok()) return absl::UnavailableError(absl::StrCat("adopting session ", sid, " on ", addr, ": ", st.error_message()));
+  l.lock();
+  failovers_++;
+  if (auto s = SaveRoute(sid, addr); !s.ok()) return s;
+  spdlog::warn("coordinator: session {} moved from {} to {}", sid, old, addr);
+  return std::make_pair(addr, channel);
+}
+
+grpc::Status Coordinator::CreateSession(grpc::ServerContext*, const v1::CreateSessionRequest* r, v1::CreateSessionResponse* out) {
+  std::shared_ptr<grpc::Channel> ch;
+  std::string addr;
+  uint64_t id = 0;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    auto pick = PickWorker();
+    if (!pick.ok()) return FromAbsl(pick.status());
+    id = *pick;
+    ch = workers_[id].channel;
+    addr = workers_[id].address;
+  }
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  const grpc::Status st = v1::SessionService::NewStub(ch)->CreateSession(&ctx, *r, out);
+  if (!st.ok()) return st;
+  std::lock_guard<std::mutex> l(mu_);
+  workers_[id].sessions++;  // until its next heartbeat says otherwise
+  return FromAbsl(SaveRoute(out->session_id(), addr));
+}
+
+grpc::Status Coordinator::Append(grpc::ServerContext* ctx, const v1::AppendRequest* r, grpc::ServerWriter<v1::AppendProgress>* w) {
+  bool moved = false;
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    auto route = Route(r->session_id(), moved);
+    if (!route.ok()) return FromAbsl(route.status());
+    grpc::ClientContext cctx;
+    ForwardAuth(ctx, &cctx);
+    auto reader = v1::SessionService::NewStub(route->second)->Append(&cctx, *r);
+    v1::AppendProgress p;
+    while (reader->Read(&p)) w->Write(p);
+    const grpc::Status st = reader->Finish();
+    if (st.ok() || !WorkerLost(st)) return st;
+    moved = true;  // the snapshot precedes this append: it is replayed on the new worker
+  }
+  return Err(grpc::StatusCode::UNAVAILABLE, "append: workers keep failing");
+}
+
+grpc::Status Coordinator::Generate(grpc::ServerContext* ctx, const v1::GenerateRequest* r, grpc::ServerWriter<v1::GeneratedToken>* w) {
+  std::vector<int32_t> delivered;
+  bool moved = false;
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    auto route = Route(r->session_id(), moved);
+    if (!route.ok()) return FromAbsl(route.status());
+    grpc::ClientContext cctx;
+    ForwardAuth(ctx, &cctx);
+    auto reader = v1::SessionService::NewStub(route->second)->Generate(&cctx, *r);
+    v1::GeneratedToken t;
+    size_t seen = 0;
+    while (reader->Read(&t)) {
+      if (seen < delivered.size()) {  // replay after a failover: the client has these already
+        if (t.id() != delivered[seen])
+          return Err(grpc::StatusCode::INTERNAL, absl::StrCat("failover replay diverged at token ", seen));
+        ++seen;
+        continue;
+      }
+      ++seen;
+      delivered.push_back(t.id());
+      if (!w->Write(t)) return Err(grpc::StatusCode::CANCELLED, "client went away");
+    }
+    const grpc::Status st = reader->Finish();
+    if (st.ok() || !WorkerLost(st)) return st;
+    moved = true;
+  }
+  return Err(grpc::StatusCode::UNAVAILABLE, "generate: workers keep failing");
+}
+
+grpc::Status Coordinator::GetSession(grpc::ServerContext* ctx, const v1::SessionRef* r, v1::SessionInfo* out) {
+  auto route = Route(r->session_id(), false);
+  if (!route.ok()) return FromAbsl(route.status());
+  grpc::ClientContext cctx;
+  ForwardAuth(ctx, &cctx);
+  const grpc::Status st = v1::SessionService::NewStub(route->second)->GetSession(&cctx, *r, out);
+  out->set_served_by(route->first);
+  return st;
+}
+
+grpc::Status Coordinator::CloseSession(grpc::ServerContext* ctx, const v1::SessionRef* r, v1::CloseSessionResponse* out) {
+  auto route = Route(r->session_id(), false);
+  if (!route.ok()) return FromAbsl(route.status());
+  grpc::ClientContext cctx;
+  ForwardAuth(ctx, &cctx);
+  const grpc::Status st = v1::SessionService::NewStub(route->second)->CloseSession(&cctx, *r, out);
+  if (!st.ok()) return st;
+  std::lock_guard<std::mutex> l(mu_);
+  routes_.erase(r->session_id());
+  (void)db_->Delete(rocksdb::WriteOptions(), r->session_id());
+  return grpc::Status::OK;
+}
+
+}  // namespace flashmem::coordinator

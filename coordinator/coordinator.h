@@ -1,0 +1,76 @@
+// The coordinator: the public SessionService in front of the workers. It keeps the registry of
+// workers (register + heartbeats, 2 s leases), places each new session on the live worker with
+// the fewest sessions, keeps the session table in its own RocksDB (a restart keeps every
+// session), and when a worker is lost moves its sessions to another worker, which adopts them
+// from memtier; a Generate stream in flight carries on with exactly the tokens an uninterrupted
+// run gives (the adopting worker replays the generation from the last snapshot
+// deterministically, and the coordinator skips what the client already has).
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "coordinator.grpc.pb.h"
+#include "session.grpc.pb.h"
+#include "worker.grpc.pb.h"
+
+namespace rocksdb {
+class DB;
+}
+
+namespace flashmem::coordinator {
+
+struct CoordinatorOptions {
+  std::string data_dir;  // RocksDB with the session table
+  std::chrono::milliseconds heartbeat{500};
+  std::chrono::milliseconds lease{2000};
+};
+
+class Coordinator final : public v1::Coordinator::Service, public v1::SessionService::Service {
+ public:
+  static absl::StatusOr<std::unique_ptr<Coordinator>> Open(const CoordinatorOptions& options);
+  ~Coordinator() override;
+
+  // Coordinator (internal)
+  grpc::Status Register(grpc::ServerContext*, const v1::RegisterRequest*, v1::RegisterResponse*) override;
+  grpc::Status Heartbeat(grpc::ServerContext*, const v1::HeartbeatRequest*, v1::HeartbeatResponse*) override;
+  // SessionService (public)
+  grpc::Status CreateSession(grpc::ServerContext*, const v1::CreateSessionRequest*, v1::CreateSessionResponse*) override;
+  grpc::Status Append(grpc::ServerContext*, const v1::AppendRequest*, grpc::ServerWriter<v1::AppendProgress>*) override;
+  grpc::Status Generate(grpc::ServerContext*, const v1::GenerateRequest*, grpc::ServerWriter<v1::GeneratedToken>*) override;
+  grpc::Status GetSession(grpc::ServerContext*, const v1::SessionRef*, v1::SessionInfo*) override;
+  grpc::Status CloseSession(grpc::ServerContext*, const v1::SessionRef*, v1::CloseSessionResponse*) override;
+
+  uint64_t failovers() const;
+
+ private:
+  struct Worker {
+    std::string address;
+    std::chrono::steady_clock::time_point last_seen;
+    uint32_t sessions = 0;
+    std::shared_ptr<grpc::Channel> channel;
+  };
+  Coordinator() = default;
+  bool Live(const Worker& w) const;
+  // The live worker with the fewest sessions (ties: lowest id), excluding `avoid`.
+  absl::StatusOr<uint64_t> PickWorker(const std::string& avoid = "");
+  // The worker serving a session; moves the session (AdoptSession) when its worker is lost.
+  absl::StatusOr<std::pair<std::string, std::shared_ptr<grpc::Channel>>> Route(const std::string& session_id, bool force_move);
+  absl::Status SaveRoute(const std::string& session_id, const std::string& address);
+
+  CoordinatorOptions options_;
+  std::unique_ptr<rocksdb::DB> db_;
+  mutable std::mutex mu_;
+  uint64_t next_worker_ = 1;
+  std::map<uint64_t, Worker> workers_;
+  std::map<std::string, std::string> routes_;  // session id -> worker address
+  std::map<std::string, std::shared_ptr<grpc::Channel>> channels_;
+  uint64_t failovers_ = 0;
+};
+
+}  // namespace flashmem::coordinator
