@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for a fresh Debian 12 machine:
-#   scripts/bootstrap.sh demo   install deps, build, make the embedded tiny model, run `flashmem generate`
+#   scripts/bootstrap.sh demo   install deps, build, make the embedded tiny model, run `flashmem generate`, then
+#                               bring up the local cluster and complete a prompt through the public API
 #   scripts/bootstrap.sh test   install deps, build, run every test (ctest)
 #   scripts/bootstrap.sh build  install deps, build
 #   scripts/bootstrap.sh deps   install deps only
@@ -57,14 +58,14 @@ case "$mode" in
     "$BUILD_DIR/worker/cli/flashmem" ckpt inspect "$dir" | head -20
     echo "== the engine directly"
     "$BUILD_DIR/worker/cli/flashmem" generate --model "$dir" --prompt "The memory tier keeps every page of" --max-new-tokens 24
-    echo "== through the public API (flashmem-worker + flashmem complete)"
-    run=$(mktemp -d)
-    "$BUILD_DIR/worker/flashmem-worker" --model "$dir" --listen 127.0.0.1:0 > "$run/worker.out" 2> "$run/worker.log" &
-    wpid=$!
-    for _ in $(seq 100); do grep -q LISTENING "$run/worker.out" 2>/dev/null && break; sleep 0.1; done
-    target=$(awk '/LISTENING/ {print $2}' "$run/worker.out")
-    "$BUILD_DIR/worker/cli/flashmem" complete --target "$target" --prompt "The memory tier keeps every page of" --max-tokens 24
-    kill "$wpid"; wait "$wpid" 2>/dev/null || true
+    echo "== the whole system: memtier + coordinator + 2 workers on 127.0.0.1, text through the public API"
+    fm="$BUILD_DIR/worker/cli/flashmem"
+    "$fm" cluster down --run-dir "$BUILD_DIR/run" > /dev/null 2>&1 || true
+    "$fm" cluster up --workers 2 --model "$dir" --run-dir "$BUILD_DIR/run"
+    trap '"$fm" cluster down --run-dir "$BUILD_DIR/run" > /dev/null 2>&1 || true' EXIT
+    "$fm" complete --run-dir "$BUILD_DIR/run" --prompt "The memory tier keeps every page of" --max-tokens 24
+    "$fm" cluster down --run-dir "$BUILD_DIR/run"
+    trap - EXIT
     echo "(random weights: the text is noise; the same tokens come out both ways)"
     ;;
   test)

@@ -107,6 +107,26 @@ TEST(Cli, WorkerServesThePublicApiWithTheEngineTokens) {
   std::filesystem::remove_all(dir);
 }
 
+TEST(Cli, LocalClusterUpCompleteDown) {
+  const std::string dir = TempDir("cli_cluster");
+  ASSERT_EQ(RunCli("ckpt random --preset tiny --layers 2 --seed 4 --out " + dir + "/m").code, 0);
+  Result up = RunCli("cluster up --workers 2 --model " + dir + "/m --run-dir " + dir + "/run");
+  ASSERT_EQ(up.code, 0) << up.out;
+  EXPECT_NE(up.out.find("2 worker(s)"), std::string::npos) << up.out;
+  EXPECT_NE(RunCli("cluster up --model " + dir + "/m --run-dir " + dir + "/run").out.find("cluster down` first"), std::string::npos);
+  const std::string prompt = "Pages come back before they are needed";
+  Result api = RunCli("complete --run-dir " + dir + "/run --prompt \"" + prompt + "\" --max-tokens 12");
+  Result down = RunCli("cluster down --run-dir " + dir + "/run");
+  EXPECT_EQ(down.code, 0) << down.out;
+  ASSERT_EQ(api.code, 0) << api.out;
+  Result direct = RunCli("generate --model " + dir + "/m --prompt \"" + prompt + "\" --max-new-tokens 12");
+  const auto t = direct.out.find("text: ");
+  ASSERT_NE(t, std::string::npos);
+  EXPECT_NE(api.out.find(prompt + direct.out.substr(t + 6, direct.out.find('\n', t) - t - 6)), std::string::npos) << api.out;
+  EXPECT_FALSE(std::filesystem::exists(dir + "/run/cluster.json"));
+  std::filesystem::remove_all(dir);
+}
+
 TEST(Cli, ClearErrors) {
   Result r = RunCli("generate --model /nonexistent --prompt-ids 1 --max-new-tokens 1");
   EXPECT_EQ(r.code, 1);

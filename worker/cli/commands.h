@@ -46,4 +46,16 @@ struct CompleteOptions {
 };
 absl::Status Complete(const CompleteOptions& opt);
 
+struct ClusterOptions {
+  std::string run_dir;           // logs, data, cluster.json
+  int workers = 1;
+  std::string model_dir;         // empty: the embedded `preset` model, written under run_dir
+  std::string preset = "tiny";
+  std::string tokenizer_dir;
+  std::string memtier_bin, coordinator_bin, worker_bin;
+};
+absl::Status ClusterUp(const ClusterOptions& opt);
+absl::Status ClusterDown(const std::string& run_dir);
+absl::StatusOr<std::string> ClusterTarget(const std::string& run_dir);  // the coordinator's address
+
 }  // namespace flashmem::cli

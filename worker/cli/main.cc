@@ -61,7 +61,26 @@ int main(int argc, char** argv) {
   cmp->add_option("--top-p", comp.top_p, "nucleus sampling mass");
   cmp->add_option("--seed", comp.seed, "sampling seed");
 
+  flashmem::cli::ClusterOptions cluster;
+  cluster.run_dir = FLASHMEM_DEFAULT_RUN_DIR;
+  cluster.tokenizer_dir = FLASHMEM_TOKENIZER_DIR;
+  cluster.memtier_bin = FLASHMEM_MEMTIER_BIN;
+  cluster.coordinator_bin = FLASHMEM_COORDINATOR_BIN;
+  cluster.worker_bin = FLASHMEM_WORKER_BIN;
+  auto* cl = app.add_subcommand("cluster", "a local cluster on 127.0.0.1");
+  cl->require_subcommand(1);
+  auto* up = cl->add_subcommand("up", "start memtier, coordinator and workers");
+  up->add_option("--workers", cluster.workers, "number of workers");
+  up->add_option("--model", cluster.model_dir, "model directory (default: the embedded tiny model)");
+  up->add_option("--preset", cluster.preset, "preset of the embedded model");
+  up->add_option("--run-dir", cluster.run_dir, "logs, data and cluster.json");
+  auto* down = cl->add_subcommand("down", "stop the local cluster");
+  down->add_option("--run-dir", cluster.run_dir, "the cluster's run directory");
+  cmp->add_option("--run-dir", cluster.run_dir, "use the local cluster of this run directory when --target is not given");
+  bool target_given = false;
+
   CLI11_PARSE(app, argc, argv);
+  target_given = cmp->count("--target") > 0;
 
   absl::Status st;
   if (g->parsed()) {
@@ -78,7 +97,15 @@ int main(int argc, char** argv) {
   } else if (rnd->parsed()) {
     st = flashmem::cli::CkptRandom(preset, layers, experts, seed, out_dir, tokenizer_dir);
   } else if (cmp->parsed()) {
+    if (!target_given) {
+      auto t = flashmem::cli::ClusterTarget(cluster.run_dir);
+      if (t.ok()) comp.target = *t;
+    }
     st = flashmem::cli::Complete(comp);
+  } else if (up->parsed()) {
+    st = flashmem::cli::ClusterUp(cluster);
+  } else if (down->parsed()) {
+    st = flashmem::cli::ClusterDown(cluster.run_dir);
   } else if (ins->parsed()) {
     st = flashmem::cli::CkptInspect(inspect_dir, all_tensors);
   }

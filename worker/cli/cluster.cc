@@ -1,0 +1,129 @@
+// `flashmem cluster up|down`: a local cluster on 127.0.0.1 — memtier, coordinator and N workers,
+// free ports, logs and data under one run directory, addresses in <run>/cluster.json.
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "common/file.h"
+#include "common/status.h"
+#include "nlohmann/json.hpp"
+#include "worker/cli/commands.h"
+#include "worker/model/random_checkpoint.h"
+
+namespace flashmem::cli {
+namespace {
+
+struct Started {
+  pid_t pid;
+  std::string target;
+};
+
+// Starts `bin args...` in its own session (it outlives this command), stdout to <run>/<name>.out,
+// stderr to <run>/<name>.log, and waits for its LISTENING line.
+absl::StatusOr<Started> StartDaemon(const std::string& run, const std::string& name, const std::string& bin,
+                                    const std::vector<std::string>& args) {
+  const std::string out = run + "/" + name + ".out", log = run + "/" + name + ".log";
+  std::filesystem::remove(out);  // a LISTENING line of an earlier run must not be read as this one's
+  std::fflush(stdout);  // a child must not inherit (and repeat) buffered output
+  std::fflush(stderr);
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    ::setsid();
+    if (!std::freopen(out.c_str(), "w", stdout) || !std::freopen(log.c_str(), "w", stderr)) ::_exit(126);
+    std::vector<char*> argv = {const_cast<char*>(bin.c_str())};
+    for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
+    ::execv(bin.c_str(), argv.data());
+    ::_exit(127);
+  }
+  if (pid < 0) return absl::InternalError("fork failed");
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+  while (std::chrono::steady_clock::now() < deadline) {
+    auto text = ReadFileToString(out);
+    if (text.ok()) {
+      const auto at = text->find("LISTENING "), nl = text->find('\n', at);
+      if (at != std::string::npos && nl != std::string::npos) return Started{pid, text->substr(at + 10, nl - at - 10)};
+    }
+    if (::waitpid(pid, nullptr, WNOHANG) == pid)
+      return absl::UnavailableError(absl::StrCat(name, " exited during startup; see ", log));
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  ::kill(pid, SIGKILL);
+  return absl::DeadlineExceededError(absl::StrCat(name, " did not start within 120 s; see ", log));
+}
+
+}  // namespace
+
+absl::Status ClusterUp(const ClusterOptions& o) {
+  namespace fs = std::filesystem;
+  if (o.workers < 1 || o.workers > 16) return absl::InvalidArgumentError(absl::StrCat("--workers ", o.workers, " must be in [1, 16]"));
+  if (fs::exists(o.run_dir + "/cluster.json"))
+    return absl::FailedPreconditionError(absl::StrCat(o.run_dir, " holds a running cluster: `flashmem cluster down` first"));
+  fs::create_directories(o.run_dir);
+  std::string model = o.model_dir;
+  if (model.empty()) {
+    model = o.run_dir + "/model";
+    if (!fs::exists(model + "/model.safetensors")) {
+      std::fprintf(stderr, "writing the embedded %s model to %s\n", o.preset.c_str(), model.c_str());
+      FM_RETURN_IF_ERROR(CkptRandom(o.preset, 0, 0, 1, model, o.tokenizer_dir));
+    }
+  }
+  nlohmann::json j;
+  j["model"] = model;
+  FM_ASSIGN_OR_RETURN(Started memtier, StartDaemon(o.run_dir, "memtier", o.memtier_bin,
+      {"--grpc-listen", "127.0.0.1:0", "--data-dir", o.run_dir + "/memtier-data", "--ram-bytes", "1073741824",
+       "--shm-socket", o.run_dir + "/memtier.sock"}));
+  j["memtier"] = {{"pid", memtier.pid}, {"address", memtier.target}};
+  FM_ASSIGN_OR_RETURN(Started coord, StartDaemon(o.run_dir, "coordinator", o.coordinator_bin,
+      {"--listen", "127.0.0.1:0", "--data-dir", o.run_dir + "/coordinator-data"}));
+  j["coordinator"] = {{"pid", coord.pid}, {"address", coord.target}};
+  for (int i = 0; i < o.workers; ++i) {
+    std::fprintf(stderr, "starting worker %d/%d (loading the model)...\n", i + 1, o.workers);
+    FM_ASSIGN_OR_RETURN(Started w, StartDaemon(o.run_dir, absl::StrCat("worker", i), o.worker_bin,
+        {"--model", model, "--listen", "127.0.0.1:0", "--memtier", memtier.target, "--coordinator", coord.target}));
+    j["workers"].push_back({{"pid", w.pid}, {"address", w.target}});
+  }
+  std::ofstream(o.run_dir + "/cluster.json") << j.dump(2) << "\n";
+  std::printf("cluster up: coordinator %s (public API), memtier %s, %d worker(s); state in %s\n",
+              coord.target.c_str(), memtier.target.c_str(), o.workers, o.run_dir.c_str());
+  return absl::OkStatus();
+}
+
+absl::Status ClusterDown(const std::string& run_dir) {
+  FM_ASSIGN_OR_RETURN(std::string text, ReadFileToString(run_dir + "/cluster.json"));
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(text);
+  } catch (const std::exception& e) {
+    return absl::DataLossError(absl::StrCat(run_dir, "/cluster.json: ", e.what()));
+  }
+  std::vector<pid_t> pids;
+  for (const auto& w : j.value("workers", nlohmann::json::array())) pids.push_back(w["pid"].get<pid_t>());
+  pids.push_back(j["coordinator"]["pid"].get<pid_t>());
+  pids.push_back(j["memtier"]["pid"].get<pid_t>());
+  for (pid_t p : pids) ::kill(p, SIGTERM);
+  for (pid_t p : pids)
+    for (int i = 0; i < 100 && ::kill(p, 0) == 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  for (pid_t p : pids) ::kill(p, SIGKILL);
+  std::filesystem::remove(run_dir + "/cluster.json");
+  std::printf("cluster down (%zu processes)\n", pids.size());
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::string> ClusterTarget(const std::string& run_dir) {
+  FM_ASSIGN_OR_RETURN(std::string text, ReadFileToString(run_dir + "/cluster.json"));
+  try {
+    return nlohmann::json::parse(text)["coordinator"]["address"].get<std::string>();
+  } catch (const std::exception& e) {
+    return absl::DataLossError(absl::StrCat(run_dir, "/cluster.json: ", e.what()));
+  }
+}
+
+}  // namespace flashmem::cli
