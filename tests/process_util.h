@@ -1,7 +1,9 @@
 // Real processes for tests: spawn a flashmem binary and wait for its "LISTENING host:port" line.
 #pragma once
 
+#include <arpa/inet.h>
 #include <poll.h>
+#include <sys/socket.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -54,6 +56,26 @@ inline void Stop(Child& c, int sig = SIGTERM) {
   ::kill(c.pid, sig);
   ::waitpid(c.pid, nullptr, 0);
   c.pid = -1;
+}
+
+// Plain HTTP GET on 127.0.0.1 (Prometheus /metrics).
+inline std::string HttpGet(int port, const std::string& path) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(static_cast<uint16_t>(port));
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  std::string out;
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0) {
+    const std::string req = "GET " + path + " HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
+    if (::write(fd, req.data(), req.size()) > 0) {
+      char buf[4096];
+      ssize_t n;
+      while ((n = ::read(fd, buf, sizeof buf)) > 0) out.append(buf, n);
+    }
+  }
+  ::close(fd);
+  return out;
 }
 
 }  // namespace flashmem::testing

@@ -4,10 +4,6 @@
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 
-#include <arpa/inet.h>
-#include <sys/socket.h>
-#include <unistd.h>
-
 #include <filesystem>
 #include <random>
 #include <thread>
@@ -17,6 +13,7 @@
 #include "memtier/client/memtier_client.h"
 #include "memtier/server/memtier_server.h"
 #include "memtier/transport/local_share.h"
+#include "tests/process_util.h"
 #include "memtier/transport/ucx.h"
 
 namespace flashmem::memtier {
@@ -338,23 +335,7 @@ TEST_F(MemTierE2E, AReusedSlotFailsTheChecksumInsteadOfReturningAnotherPage) {
   EXPECT_EQ(buf, PageBytes({13, 0, 0}, kMainPage));
 }
 
-std::string HttpGet(int port, const std::string& path) {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_port = htons(static_cast<uint16_t>(port));
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  std::string out;
-  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0) {
-    const std::string req = "GET " + path + " HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
-    (void)::write(fd, req.data(), req.size());
-    char buf[4096];
-    ssize_t n;
-    while ((n = ::read(fd, buf, sizeof buf)) > 0) out.append(buf, n);
-  }
-  ::close(fd);
-  return out;
-}
+using flashmem::testing::HttpGet;
 
 TEST_F(MemTierE2E, MetricsAndHealth) {
   with_metrics_ = true;

@@ -1,7 +1,9 @@
 // The `flashmem` binary's stable interface, run as a process: generate with teacher forcing,
 // --prefill-split and --dump against the golden set; ckpt random / inspect; clear errors.
 
+#include <chrono>
 #include <cstdio>
+#include <thread>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -91,11 +93,20 @@ TEST(Cli, CkptRandomAndInspect) {
 TEST(Cli, WorkerServesThePublicApiWithTheEngineTokens) {
   const std::string dir = TempDir("cli_worker");
   ASSERT_EQ(RunCli("ckpt random --preset tiny --layers 2 --seed 4 --out " + dir + "/m").code, 0);
-  Child worker = Spawn(FLASHMEM_WORKER_BIN, {"--model", dir + "/m", "--listen", "127.0.0.1:0"});
+  Child worker = Spawn(FLASHMEM_WORKER_BIN, {"--model", dir + "/m", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"});
   const std::string target = worker.target;
   ASSERT_FALSE(target.empty()) << worker.output;
   const std::string prompt = "Pages come back before they are needed";
   Result api = RunCli("complete --target " + target + " --prompt \"" + prompt + "\" --max-tokens 12");
+  // The worker's /metrics saw one generation of 12 tokens.
+  const auto m = worker.output.find("METRICS ");
+  ASSERT_NE(m, std::string::npos) << worker.output;
+  const int metrics_port = std::stoi(worker.output.substr(m + 8));
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));  // gauges refresh every 200 ms
+  const std::string metrics = HttpGet(metrics_port, "/metrics");
+  EXPECT_NE(metrics.find("flashmem_worker_time_to_first_token_seconds_count 1"), std::string::npos) << metrics;
+  EXPECT_NE(metrics.find("flashmem_worker_inter_token_seconds_count 11"), std::string::npos) << metrics;
+  EXPECT_NE(metrics.find("flashmem_worker_tokens{kind=\"prefill\"}"), std::string::npos) << metrics;
   Stop(worker);
   ASSERT_EQ(api.code, 0) << api.out;
   Result direct = RunCli("generate --model " + dir + "/m --prompt \"" + prompt + "\" --max-new-tokens 12");

@@ -13,6 +13,11 @@
 #include "spdlog/sinks/stdout_color_sinks.h"
 #include "spdlog/spdlog.h"
 #include "coordinator.grpc.pb.h"
+#include "prometheus/counter.h"
+#include "prometheus/exposer.h"
+#include "prometheus/gauge.h"
+#include "prometheus/histogram.h"
+#include "prometheus/registry.h"
 #include "worker/server/session_service.h"
 
 namespace {
@@ -33,7 +38,8 @@ int main(int argc, char** argv) {
   app.add_option("--prefill-chunk", so.prefill_chunk, "prompt tokens per forward pass of one session");
   app.add_option("--step-token-budget", so.step_token_budget, "prompt tokens per forward pass across sessions");
   app.add_option("--max-context", so.max_context, "tokens per session");
-  std::string memtier_target, coordinator_target;
+  std::string memtier_target, coordinator_target, metrics_listen;
+  app.add_option("--metrics-listen", metrics_listen, "Prometheus /metrics address host:port (empty: off)");
   app.add_option("--coordinator", coordinator_target, "coordinator gRPC address: register and keep a lease with heartbeats");
   app.add_option("--memtier", memtier_target, "memtier gRPC address: sessions are snapshotted there and can be adopted by another worker");
   CLI11_PARSE(app, argc, argv);
@@ -70,6 +76,44 @@ int main(int argc, char** argv) {
   flashmem::server::Scheduler scheduler(**model, so);
   flashmem::server::SessionServiceImpl service(scheduler, tok.get(), (*model)->args().vocab_size, svo, memtier.get());
   flashmem::server::WorkerAdminImpl admin(service);
+  // /metrics: sessions, tokens, steps, batch size, time to first token and between tokens.
+  std::unique_ptr<prometheus::Exposer> exposer;
+  auto registry = std::make_shared<prometheus::Registry>();
+  std::atomic<bool> metrics_stop{false};
+  std::thread metrics_thread;
+  if (!metrics_listen.empty()) {
+    try {
+      exposer = std::make_unique<prometheus::Exposer>(metrics_listen);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "flashmem-worker: --metrics-listen %s: %s\n", metrics_listen.c_str(), e.what());
+      return 1;
+    }
+    const prometheus::Histogram::BucketBoundaries buckets = {0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30};
+    auto& ttft = prometheus::BuildHistogram().Name("flashmem_worker_time_to_first_token_seconds")
+                     .Help("Generate: time to the first token").Register(*registry).Add({}, buckets);
+    auto& itl = prometheus::BuildHistogram().Name("flashmem_worker_inter_token_seconds")
+                    .Help("Generate: time between tokens").Register(*registry).Add({}, buckets);
+    service.set_latency_observers([&ttft](double s) { ttft.Observe(s); }, [&itl](double s) { itl.Observe(s); });
+    auto& sessions = prometheus::BuildGauge().Name("flashmem_worker_sessions").Help("sessions held").Register(*registry).Add({});
+    auto& batch = prometheus::BuildGauge().Name("flashmem_worker_max_batch_rows").Help("largest forward pass (rows)").Register(*registry).Add({});
+    auto& tokens = prometheus::BuildGauge().Name("flashmem_worker_tokens").Help("tokens run through the model, by kind").Register(*registry);
+    auto& prefill = tokens.Add({{"kind", "prefill"}});
+    auto& decode = tokens.Add({{"kind", "decode"}});
+    auto& steps = prometheus::BuildGauge().Name("flashmem_worker_steps").Help("forward passes").Register(*registry).Add({});
+    exposer->RegisterCollectable(registry);
+    metrics_thread = std::thread([&] {
+      while (!metrics_stop.load()) {
+        const auto st = scheduler.stats();
+        sessions.Set(static_cast<double>(scheduler.sessions()));
+        batch.Set(static_cast<double>(st.max_batch_rows));
+        prefill.Set(static_cast<double>(st.prefill_tokens));
+        decode.Set(static_cast<double>(st.decode_tokens));
+        steps.Set(static_cast<double>(st.steps));
+        std::this_thread::sleep_for(std::chrono::milliseconds(200));
+      }
+    });
+    std::printf("METRICS %d\n", exposer->GetListeningPorts().front());
+  }
   grpc::EnableDefaultHealthCheckService(true);
   grpc::ServerBuilder b;
   int port = 0;
@@ -122,5 +166,7 @@ int main(int argc, char** argv) {
   server->Wait();
   stop.store(true);
   if (heartbeat.joinable()) heartbeat.join();
+  metrics_stop.store(true);
+  if (metrics_thread.joinable()) metrics_thread.join();
   return 0;
 }

@@ -248,6 +248,8 @@ grpc::Status SessionServiceImpl::Generate(grpc::ServerContext* ctx, const v1::Ge
   std::unique_ptr<tokenizer::Tokenizer::StreamDecoder> dec;
   if (tok_) dec = std::make_unique<tokenizer::Tokenizer::StreamDecoder>(*tok_);
   std::string text_so_far;
+  auto last = std::chrono::steady_clock::now();
+  bool first = true;
   for (;;) {
     Event e;
     {
@@ -263,6 +265,12 @@ grpc::Status SessionServiceImpl::Generate(grpc::ServerContext* ctx, const v1::Ge
       events->pop_front();
     }
     if (e.token < 0) return grpc::Status(grpc::StatusCode::INTERNAL, absl::StrCat("generation failed: ", e.reason));
+    const auto now = std::chrono::steady_clock::now();
+    const double dt = std::chrono::duration<double>(now - last).count();
+    if (first && on_first_token_) on_first_token_(dt);
+    if (!first && on_inter_token_) on_inter_token_(dt);
+    first = false;
+    last = now;
     v1::GeneratedToken g;
     g.set_id(e.token);
     g.set_index(s->generated.size());

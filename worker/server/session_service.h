@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -30,6 +31,12 @@ class SessionServiceImpl final : public v1::SessionService::Service {
   // decode state, sampling step, token log and bearer token), so another worker can adopt it.
   SessionServiceImpl(Scheduler& scheduler, const tokenizer::Tokenizer* tok, int64_t vocab_size,
                      SessionServiceOptions options = {}, memtier::MemTierClient* memtier = nullptr);
+
+  // Latency hooks for metrics: time to first token, and between tokens, of every Generate.
+  void set_latency_observers(std::function<void(double)> first_token, std::function<void(double)> inter_token) {
+    on_first_token_ = std::move(first_token);
+    on_inter_token_ = std::move(inter_token);
+  }
 
   // Loads a session's latest snapshot from memtier and serves it (failover; no re-prefill).
   absl::StatusOr<std::pair<uint64_t, uint64_t>> Adopt(const std::string& session_id);
@@ -59,6 +66,7 @@ class SessionServiceImpl final : public v1::SessionService::Service {
   int64_t vocab_size_;
   SessionServiceOptions options_;
   memtier::MemTierClient* memtier_;
+  std::function<void(double)> on_first_token_, on_inter_token_;
   std::mutex mu_;
   std::map<std::string, std::shared_ptr<Session>> sessions_;
 };
