@@ -172,50 +172,55 @@ grpc::Status Coordinator::CreateSession(grpc::ServerContext*, const v1::CreateSe
   return FromAbsl(SaveRoute(out->session_id(), addr));
 }
 
-grpc::Status Coordinator::Append(grpc::ServerContext* ctx, const v1::AppendRequest* r, grpc::ServerWriter<v1::AppendProgress>* w) {
+// Runs a server stream on the session's worker and relays it. When the worker is lost, the
+// session moves (AdoptSession on another worker, from its last snapshot) and the stream runs
+// again; `relay` sees each attempt's messages with their index within the attempt.
+template <typename Msg, typename Start, typename Relay>
+grpc::Status Coordinator::WithFailover(grpc::ServerContext* ctx, const std::string& sid, const char* what, Start start,
+                                       Relay relay) {
   bool moved = false;
   for (int attempt = 0; attempt < 3; ++attempt) {
-    auto route = Route(r->session_id(), moved);
+    auto route = Route(sid, moved);
     if (!route.ok()) return FromAbsl(route.status());
     grpc::ClientContext cctx;
     ForwardAuth(ctx, &cctx);
-    auto reader = v1::SessionService::NewStub(route->second)->Append(&cctx, *r);
-    v1::AppendProgress p;
-    while (reader->Read(&p)) w->Write(p);
-    const grpc::Status st = reader->Finish();
-    if (st.ok() || !WorkerLost(st)) return st;
-    moved = true;  // the snapshot precedes this append: it is replayed on the new worker
-  }
-  return Err(grpc::StatusCode::UNAVAILABLE, "append: workers keep failing");
-}
-
-grpc::Status Coordinator::Generate(grpc::ServerContext* ctx, const v1::GenerateRequest* r, grpc::ServerWriter<v1::GeneratedToken>* w) {
-  std::vector<int32_t> delivered;
-  bool moved = false;
-  for (int attempt = 0; attempt < 3; ++attempt) {
-    auto route = Route(r->session_id(), moved);
-    if (!route.ok()) return FromAbsl(route.status());
-    grpc::ClientContext cctx;
-    ForwardAuth(ctx, &cctx);
-    auto reader = v1::SessionService::NewStub(route->second)->Generate(&cctx, *r);
-    v1::GeneratedToken t;
-    size_t seen = 0;
-    while (reader->Read(&t)) {
-      if (seen < delivered.size()) {  // replay after a failover: the client has these already
-        if (t.id() != delivered[seen])
-          return Err(grpc::StatusCode::INTERNAL, absl::StrCat("failover replay diverged at token ", seen));
-        ++seen;
-        continue;
-      }
-      ++seen;
-      delivered.push_back(t.id());
-      if (!w->Write(t)) return Err(grpc::StatusCode::CANCELLED, "client went away");
-    }
+    auto stub = v1::SessionService::NewStub(route->second);
+    auto reader = start(*stub, &cctx);
+    Msg m;
+    for (size_t i = 0; reader->Read(&m); ++i)
+      if (grpc::Status st = relay(m, i); !st.ok()) return st;
     const grpc::Status st = reader->Finish();
     if (st.ok() || !WorkerLost(st)) return st;
     moved = true;
   }
-  return Err(grpc::StatusCode::UNAVAILABLE, "generate: workers keep failing");
+  return Err(grpc::StatusCode::UNAVAILABLE, absl::StrCat(what, ": workers keep failing"));
+}
+
+grpc::Status Coordinator::Append(grpc::ServerContext* ctx, const v1::AppendRequest* r, grpc::ServerWriter<v1::AppendProgress>* w) {
+  // The snapshot precedes this append: after a move it is replayed on the new worker.
+  return WithFailover<v1::AppendProgress>(
+      ctx, r->session_id(), "append",
+      [&](v1::SessionService::Stub& stub, grpc::ClientContext* c) { return stub.Append(c, *r); },
+      [&](const v1::AppendProgress& p, size_t) {
+        w->Write(p);
+        return grpc::Status::OK;
+      });
+}
+
+grpc::Status Coordinator::Generate(grpc::ServerContext* ctx, const v1::GenerateRequest* r, grpc::ServerWriter<v1::GeneratedToken>* w) {
+  std::vector<int32_t> delivered;
+  return WithFailover<v1::GeneratedToken>(
+      ctx, r->session_id(), "generate",
+      [&](v1::SessionService::Stub& stub, grpc::ClientContext* c) { return stub.Generate(c, *r); },
+      [&](const v1::GeneratedToken& t, size_t seen) {
+        if (seen < delivered.size()) {  // replay after a failover: the client has these already
+          if (t.id() != delivered[seen])
+            return Err(grpc::StatusCode::INTERNAL, absl::StrCat("failover replay diverged at token ", seen));
+          return grpc::Status::OK;
+        }
+        delivered.push_back(t.id());
+        return w->Write(t) ? grpc::Status::OK : Err(grpc::StatusCode::CANCELLED, "client went away");
+      });
 }
 
 grpc::Status Coordinator::GetSession(grpc::ServerContext* ctx, const v1::SessionRef* r, v1::SessionInfo* out) {

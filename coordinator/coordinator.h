@@ -62,6 +62,8 @@ class Coordinator final : public v1::Coordinator::Service, public v1::SessionSer
   // The worker serving a session; moves the session (AdoptSession) when its worker is lost.
   absl::StatusOr<std::pair<std::string, std::shared_ptr<grpc::Channel>>> Route(const std::string& session_id, bool force_move);
   absl::Status SaveRoute(const std::string& session_id, const std::string& address);
+  template <typename Msg, typename Start, typename Relay>
+  grpc::Status WithFailover(grpc::ServerContext* ctx, const std::string& sid, const char* what, Start start, Relay relay);
 
   CoordinatorOptions options_;
   std::unique_ptr<rocksdb::DB> db_;

@@ -23,16 +23,11 @@ using model::Transformer;
 class Engine : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    dir_ = new std::string(WriteModel(SmallVocabTiny(), "engine"));
-    auto tf = Transformer::Load(*dir_, kernels::CpuBackend());
-    ASSERT_TRUE(tf.ok()) << tf.status();
-    tf_ = tf->release();
+    loaded_ = LoadRandomModel(SmallVocabTiny(), "engine").release();
+    tf_ = loaded_->model.get();
+    ASSERT_NE(tf_, nullptr);
   }
-  static void TearDownTestSuite() {
-    delete tf_;
-    std::filesystem::remove_all(*dir_);
-    delete dir_;
-  }
+  static void TearDownTestSuite() { delete loaded_; }
   // Logits after feeding `chunks` of `tokens` (sizes in `chunks`) to a fresh session.
   static std::vector<float> Feed(const std::vector<int32_t>& tokens, const std::vector<int64_t>& chunks) {
     auto s = tf_->NewSession();
@@ -46,10 +41,10 @@ class Engine : public ::testing::Test {
     EXPECT_EQ(s->position, static_cast<int64_t>(tokens.size()));
     return logits;
   }
-  static std::string* dir_;
+  static LoadedModel* loaded_;
   static Transformer* tf_;
 };
-std::string* Engine::dir_ = nullptr;
+LoadedModel* Engine::loaded_ = nullptr;
 Transformer* Engine::tf_ = nullptr;
 
 // The hand-off band of the golden manifest (own prefill vs own decode, max |d logit|).

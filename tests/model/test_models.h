@@ -7,6 +7,7 @@
 #include "gtest/gtest.h"
 #include "worker/model/random_checkpoint.h"
 #include "worker/model/safetensors.h"
+#include "worker/model/transformer.h"
 
 namespace flashmem::testing {
 
@@ -31,6 +32,21 @@ inline std::string WriteModel(const model::ModelArgs& a, const std::string& name
   auto st = model::WriteRandomCheckpoint(a, seed, dir);
   EXPECT_TRUE(st.ok()) << st.status();
   return dir;
+}
+
+// A random checkpoint written to a temp dir and loaded; the dir goes with it.
+struct LoadedModel {
+  std::string dir;
+  std::unique_ptr<model::Transformer> model;
+  ~LoadedModel() { std::filesystem::remove_all(dir); }
+};
+inline std::unique_ptr<LoadedModel> LoadRandomModel(const model::ModelArgs& a, const std::string& name) {
+  auto m = std::make_unique<LoadedModel>();
+  m->dir = WriteModel(a, name);
+  auto tf = model::Transformer::Load(m->dir, kernels::CpuBackend());
+  EXPECT_TRUE(tf.ok()) << tf.status();
+  if (tf.ok()) m->model = std::move(*tf);
+  return m;
 }
 
 // A deterministic pseudo-random prompt of n ids below vocab.

@@ -19,16 +19,11 @@ using testing::Prompt;
 class SchedulerTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    dir_ = new std::string(testing::WriteModel(testing::SmallVocabTiny(3), "sched"));
-    auto tf = Transformer::Load(*dir_, kernels::CpuBackend());
-    ASSERT_TRUE(tf.ok()) << tf.status();
-    tf_ = tf->release();
+    loaded_ = testing::LoadRandomModel(testing::SmallVocabTiny(3), "sched").release();
+    tf_ = loaded_->model.get();
+    ASSERT_NE(tf_, nullptr);
   }
-  static void TearDownTestSuite() {
-    delete tf_;
-    std::filesystem::remove_all(*dir_);
-    delete dir_;
-  }
+  static void TearDownTestSuite() { delete loaded_; }
   // The session alone: the prompt in chunks of `chunk`, then one token per forward.
   static std::vector<int32_t> Alone(const std::vector<int32_t>& prompt, int n, const model::SamplingOptions& o,
                                     int64_t chunk = 128) {
@@ -59,10 +54,10 @@ class SchedulerTest : public ::testing::Test {
     }).ok());
     return f;
   }
-  static std::string* dir_;
+  static testing::LoadedModel* loaded_;
   static Transformer* tf_;
 };
-std::string* SchedulerTest::dir_ = nullptr;
+testing::LoadedModel* SchedulerTest::loaded_ = nullptr;
 Transformer* SchedulerTest::tf_ = nullptr;
 
 TEST_F(SchedulerTest, BatchedSessionsWithChunkedPrefillMatchEachSessionAlone) {
