@@ -81,6 +81,11 @@ class Backend {
   virtual void IndexScores(const float* q, const float* w, int64_t heads, int64_t dim,
                            std::span<const float* const> keys, float* scores) const = 0;
 
+  // Memory-indexer logits (LSA Level 1), all fp32: l_t = sum_h w_h * relu(q_h . k_t) for n keys of
+  // `dim`; a null key row gives 0 (the caller masks it).
+  virtual void IndexerLogits(const float* q, const float* w, int64_t heads, int64_t dim,
+                             std::span<const float* const> keys, float* logits) const = 0;
+
   // Hyper-connections (mHC), all fp32 inside. x is the [hc, dim] residual (bf16 values).
   // hc_pre: mixes = (fn · x) * rsqrt(mean(x^2) + norm_eps); pre = sigmoid(.)+hc_eps;
   // post = 2 sigmoid(.); comb = Sinkhorn(row softmax + hc_eps, then `iters` column/row

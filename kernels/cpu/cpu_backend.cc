@@ -226,6 +226,18 @@ class CpuBackendImpl final : public Backend {
     }
   }
 
+  void IndexerLogits(const float* q, const float* w, int64_t heads, int64_t dim,
+                     std::span<const float* const> keys, float* logits) const override {
+    const int64_t n = static_cast<int64_t>(keys.size());
+#pragma omp parallel for schedule(static) if (n * heads * dim > (1 << 18))
+    for (int64_t t = 0; t < n; ++t) {
+      float sum = 0.0f;
+      if (keys[t])
+        for (int64_t h = 0; h < heads; ++h) sum += w[h] * std::max(Dot(q + h * dim, keys[t], dim), 0.0f);
+      logits[t] = sum;
+    }
+  }
+
   void HcPre(const float* x, const float* fn, const float* base, const float* scale, int hc,
              int64_t dim, int iters, float norm_eps, float hc_eps, float* y, float* post,
              float* comb) const override {

@@ -3,10 +3,17 @@
 //            [--force-tokens "a,b" | --force-file F] [--prefill-split K] [--dump OUT.safetensors]
 //   flashmem ckpt random --preset tiny|small|flash-shape [--layers L] --seed S --out DIR
 //   flashmem ckpt inspect DIR
+//   flashmem indexer init --model DIR [--layers a,b,c] --out DIR
+//   flashmem indexer golden-eval --golden DIR --out OUT.safetensors
 #include <cstdio>
 
 #include "CLI/CLI.hpp"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
+#include "kernels/ops.h"
 #include "worker/cli/commands.h"
+#include "worker/lsa/golden_eval.h"
+#include "worker/lsa/indexer_init.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"flashmem: DeepSeek-V4 decode with Lookahead Sparse Attention"};
@@ -79,6 +86,17 @@ int main(int argc, char** argv) {
   cmp->add_option("--run-dir", cluster.run_dir, "use the local cluster of this run directory when --target is not given");
   bool target_given = false;
 
+  std::string idx_model, idx_layers, idx_out, golden_dir, golden_out;
+  auto* ix = app.add_subcommand("indexer", "LSA memory-indexer tools");
+  ix->require_subcommand(1);
+  auto* ixi = ix->add_subcommand("init", "build a memory indexer from a model's native lightning-indexer weights");
+  ixi->add_option("--model", idx_model, "model directory")->required();
+  ixi->add_option("--layers", idx_layers, "target CSA layer ids, e.g. 10,12,20 (default: the release's, scaled to the model)");
+  ixi->add_option("--out", idx_out, "output directory (fm_indexer.safetensors)")->required();
+  auto* ixg = ix->add_subcommand("golden-eval", "run flashmem's indexer on a golden set; write arrays named as its expected.safetensors");
+  ixg->add_option("--golden", golden_dir, "golden directory (indexer_weights, inputs, manifest.json)")->required();
+  ixg->add_option("--out", golden_out, "output .safetensors")->required();
+
   CLI11_PARSE(app, argc, argv);
   target_given = cmp->count("--target") > 0;
 
@@ -106,6 +124,18 @@ int main(int argc, char** argv) {
     st = flashmem::cli::ClusterUp(cluster);
   } else if (down->parsed()) {
     st = flashmem::cli::ClusterDown(cluster.run_dir);
+  } else if (ixi->parsed()) {
+    std::vector<int> ids;
+    for (absl::string_view t : absl::StrSplit(idx_layers, ',', absl::SkipWhitespace())) {
+      int v;
+      if (!absl::SimpleAtoi(t, &v)) { st = absl::InvalidArgumentError("--layers must be CSA ids separated by commas"); break; }
+      ids.push_back(v);
+    }
+    if (st.ok()) st = flashmem::lsa::InitIndexerFromModel(idx_model, ids, idx_out);
+    if (st.ok()) std::printf("wrote %s/fm_indexer.safetensors\n", idx_out.c_str());
+  } else if (ixg->parsed()) {
+    st = flashmem::lsa::RunGoldenEval(golden_dir, golden_out, flashmem::kernels::CpuBackend());
+    if (st.ok()) std::printf("wrote %s\n", golden_out.c_str());
   } else if (ins->parsed()) {
     st = flashmem::cli::CkptInspect(inspect_dir, all_tensors);
   }

@@ -56,6 +56,8 @@ const char* DTypeName(DType t) {
     case DType::kI8: return "I8";
     case DType::kI32: return "I32";
     case DType::kI64: return "I64";
+    case DType::kU8: return "U8";
+    case DType::kF64: return "F64";
   }
   return "?";
 }
@@ -64,14 +66,14 @@ int64_t DTypeSize(DType t) {
   switch (t) {
     case DType::kBF16: case DType::kF16: return 2;
     case DType::kF32: case DType::kI32: return 4;
-    case DType::kF8E4M3: case DType::kF8E8M0: case DType::kI8: return 1;
-    case DType::kI64: return 8;
+    case DType::kF8E4M3: case DType::kF8E8M0: case DType::kI8: case DType::kU8: return 1;
+    case DType::kI64: case DType::kF64: return 8;
   }
   return 0;
 }
 
 absl::StatusOr<DType> ParseDType(absl::string_view name) {
-  for (DType t : {DType::kBF16, DType::kF16, DType::kF32, DType::kF8E4M3, DType::kF8E8M0, DType::kI8, DType::kI32, DType::kI64})
+  for (DType t : {DType::kBF16, DType::kF16, DType::kF32, DType::kF8E4M3, DType::kF8E8M0, DType::kI8, DType::kI32, DType::kI64, DType::kU8, DType::kF64})
     if (name == DTypeName(t)) return t;
   return absl::InvalidArgumentError(absl::StrCat("unsupported dtype '", name, "'"));
 }
@@ -117,7 +119,15 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
   std::map<std::string, uint64_t> ends;
   for (auto it = j.begin(); it != j.end(); ++it) {
     const std::string& name = it.key();
-    if (name == "__metadata__") continue;
+    if (name == "__metadata__") {
+      if (!it.value().is_object()) return FileError(path, "__metadata__ must be an object of strings");
+      for (auto m = it.value().begin(); m != it.value().end(); ++m) {
+        if (!m.value().is_string())
+          return FileError(path, absl::StrCat("__metadata__.", m.key(), " must be a string"));
+        f->metadata_[m.key()] = m.value().get<std::string>();
+      }
+      continue;
+    }
     const json& e = it.value();
     if (!e.is_object()) return TensorError(path, name, "entry must be an object");
     if (!e.contains("dtype") || !e["dtype"].is_string()) return TensorError(path, name, "missing string 'dtype'");
@@ -227,9 +237,11 @@ int64_t Checkpoint::total_bytes() const {
   return n;
 }
 
-absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorToWrite>& tensors) {
+absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
+                              const std::map<std::string, std::string>& metadata) {
   json header = json::object();
   header["__metadata__"] = {{"format", "pt"}};
+  for (const auto& [k, v] : metadata) header["__metadata__"][k] = v;
   uint64_t offset = 0;
   for (const auto& t : tensors) {
     header[t.name] = {{"dtype", DTypeName(t.dtype)}, {"shape", t.shape},

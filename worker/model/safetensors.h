@@ -14,7 +14,7 @@
 
 namespace flashmem::model {
 
-enum class DType { kBF16, kF16, kF32, kF8E4M3, kF8E8M0, kI8, kI32, kI64 };
+enum class DType { kBF16, kF16, kF32, kF8E4M3, kF8E8M0, kI8, kI32, kI64, kU8, kF64 };
 
 const char* DTypeName(DType t);
 int64_t DTypeSize(DType t);
@@ -39,6 +39,7 @@ class SafetensorsFile {
 
   const std::map<std::string, TensorView>& tensors() const { return tensors_; }
   const std::string& path() const { return path_; }
+  const std::map<std::string, std::string>& metadata() const { return metadata_; }
 
  private:
   SafetensorsFile() = default;
@@ -46,6 +47,7 @@ class SafetensorsFile {
   void* map_ = nullptr;
   size_t size_ = 0;
   std::map<std::string, TensorView> tensors_;
+  std::map<std::string, std::string> metadata_;  // the header's __metadata__ strings
 };
 
 // A checkpoint directory: model.safetensors, or shards listed by model.safetensors.index.json.
@@ -68,6 +70,7 @@ struct TensorToWrite {
   std::vector<int64_t> shape;
   std::vector<uint8_t> bytes;
 };
-absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorToWrite>& tensors);
+absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
+                              const std::map<std::string, std::string>& metadata = {});
 
 }  // namespace flashmem::model
