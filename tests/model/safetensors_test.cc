@@ -70,7 +70,7 @@ TEST(Safetensors, HostileFiles) {
   ExpectError(SafetensorsFile::Open(WriteRaw(dir, "s.st",
       R"({"x":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", 8)), "tensor 'x': holds 8 bytes but F32 [3] needs 12");
   ExpectError(SafetensorsFile::Open(WriteRaw(dir, "d.st",
-      R"({"x":{"dtype":"F64","shape":[1],"data_offsets":[0,8]}})", 8)), "tensor 'x': unsupported dtype 'F64'");
+      R"({"x":{"dtype":"C64","shape":[1],"data_offsets":[0,8]}})", 8)), "tensor 'x': unsupported dtype 'C64'");
   ExpectError(SafetensorsFile::Open(WriteRaw(dir, "n.st",
       R"({"x":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}})", 4)), "tensor 'x': shape [-1]");
   ExpectError(SafetensorsFile::Open(WriteRaw(dir, "b.st",

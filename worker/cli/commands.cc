@@ -1,5 +1,7 @@
 #include "worker/cli/commands.h"
 
+#include "worker/lsa/lsa_session.h"
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -84,17 +86,31 @@ absl::Status Generate(const GenerateOptions& in) {
     if (opt.force[i] >= tf->args().vocab_size)
       return absl::InvalidArgumentError(absl::StrCat("--force-tokens[", i, "] = ", opt.force[i], " is outside the vocabulary (", tf->args().vocab_size, ")"));
   auto session = tf->NewSession();
+  std::optional<lsa::MemoryIndexer> indexer;
+  std::unique_ptr<lsa::LsaSession> lsa_session;
+  if (!opt.lsa_indexer.empty()) {
+    FM_ASSIGN_OR_RETURN(indexer, lsa::MemoryIndexer::Load(opt.lsa_indexer, kernels::CpuBackend()));
+    FM_ASSIGN_OR_RETURN(lsa::LsaOptions lo, lsa::ParseLsaOptions(opt.lsa_options));
+    FM_RETURN_IF_ERROR(lsa::LsaSession::CheckCompatible(*indexer, tf->args(), lo));
+    lsa_session = std::make_unique<lsa::LsaSession>(*indexer, tf->args(), lo, lsa::LsaMode::kAuto, 0, !opt.lsa_apply_next_step);
+    session->residency.measure_agreement = opt.lsa_stats;
+  } else if (!opt.lsa_options.empty()) {
+    return absl::InvalidArgumentError("--lsa-options needs --lsa INDEXER");
+  }
   std::vector<std::vector<float>> rows;  // dumped logits rows
   std::vector<float> logits;
-  auto step = [&](std::span<const int32_t> tokens) -> absl::Status {
+  auto step = [&](std::span<const int32_t> tokens, bool decode) -> absl::Status {
     BatchItem item{session.get(), tokens, &logits, nullptr};
+    if (lsa_session) lsa_session->BeforeStep(*session, decode);
     FM_RETURN_IF_ERROR(tf->Forward(std::span<BatchItem>(&item, 1)));
+    if (lsa_session) lsa_session->AfterStep(*session, decode);
+    if (session->residency.missing_rows > 0) return absl::InternalError("LSA: selected KV rows were not in memory");
     if (!opt.dump_path.empty()) rows.push_back(logits);
     return absl::OkStatus();
   };
   const int64_t split = opt.prefill_split > 0 ? opt.prefill_split : static_cast<int64_t>(opt.prompt.size());
-  FM_RETURN_IF_ERROR(step(std::span<const int32_t>(opt.prompt.data(), split)));
-  for (size_t i = split; i < opt.prompt.size(); ++i) FM_RETURN_IF_ERROR(step(std::span<const int32_t>(&opt.prompt[i], 1)));
+  FM_RETURN_IF_ERROR(step(std::span<const int32_t>(opt.prompt.data(), split), false));
+  for (size_t i = split; i < opt.prompt.size(); ++i) FM_RETURN_IF_ERROR(step(std::span<const int32_t>(&opt.prompt[i], 1), false));
   const auto t2 = std::chrono::steady_clock::now();
   const int64_t n = opt.force.empty() ? opt.max_new_tokens : static_cast<int64_t>(opt.force.size());
   std::vector<int32_t> fed;
@@ -109,7 +125,7 @@ absl::Status Generate(const GenerateOptions& in) {
       auto piece = decoder->Push(next);
       if (piece.ok()) text += *piece;
     }
-    FM_RETURN_IF_ERROR(step(std::span<const int32_t>(&next, 1)));
+    FM_RETURN_IF_ERROR(step(std::span<const int32_t>(&next, 1), true));
   }
   const auto t3 = std::chrono::steady_clock::now();
   if (!opt.quiet) std::printf("\n");
@@ -117,6 +133,23 @@ absl::Status Generate(const GenerateOptions& in) {
   std::printf("prompt: %zu tokens in %.3f s (%.1f tok/s); decode: %lld tokens in %.3f s (%.2f tok/s); load %.2f s\n",
               opt.prompt.size(), Seconds(t1, t2), opt.prompt.size() / std::max(1e-9, Seconds(t1, t2)),
               static_cast<long long>(n), Seconds(t2, t3), n / std::max(1e-9, Seconds(t2, t3)), Seconds(t0, t1));
+  if (lsa_session && opt.lsa_stats) {
+    const lsa::LsaStats& ls = lsa_session->stats();
+    const model::Residency& r = session->residency;
+    const int64_t total_pages = (session->position / 4 + 63) / 64;
+    int64_t visible = 0;
+    for (int64_t p = 0; p < total_pages; ++p) visible += r.PageVisible(p);
+    std::printf("lsa: refreshes %llu, sets applied %llu, visible pages %lld/%lld (%.3f), set %lld of %lld pages, "
+                "pages recalled %llu, churn (mean Jaccard) %.3f, stalls %llu (%.1f ms), fallback %s, last scoring %.1f ms, "
+                "level-2 agreement %s\n",
+                static_cast<unsigned long long>(ls.refreshes), static_cast<unsigned long long>(ls.sets_applied),
+                static_cast<long long>(visible), static_cast<long long>(total_pages),
+                total_pages ? static_cast<double>(visible) / total_pages : 1.0, static_cast<long long>(ls.selected_pages),
+                static_cast<long long>(ls.covered_pages), static_cast<unsigned long long>(ls.pages_recalled),
+                ls.churn_count ? ls.churn_jaccard_sum / ls.churn_count : 1.0, static_cast<unsigned long long>(ls.stalls),
+                ls.stall_seconds * 1e3, ls.fallback ? "yes" : "no", ls.last_score_ms,
+                r.agreement_count ? absl::StrCat(r.agreement_sum / r.agreement_count, " over ", r.agreement_count, " (layer, token) pairs").c_str() : "n/a (no sparse step)");
+  }
   if (!opt.dump_path.empty()) {
     const int64_t vocab = static_cast<int64_t>(rows[0].size()), steps = static_cast<int64_t>(rows.size());
     model::TensorToWrite lt{"logits", model::DType::kF32, {steps, vocab}, {}};

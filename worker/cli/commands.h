@@ -26,6 +26,11 @@ struct GenerateOptions {
   float temperature = 0.0f;      // 0: greedy
   float top_p = 1.0f;
   uint64_t seed = 0;
+  // LSA: the memory indexer (a fm_indexer.safetensors file or its directory); empty: dense.
+  std::string lsa_indexer;
+  std::string lsa_options;       // "kmax=8,interval=16,..." (docs/lsa.md)
+  bool lsa_apply_next_step = false;  // the release's s+1 instead of the next boundary
+  bool lsa_stats = false;        // print the LSA statistics (and measure Level-2 agreement)
 };
 absl::Status Generate(const GenerateOptions& opt);
 

@@ -39,6 +39,10 @@ int main(int argc, char** argv) {
   g->add_option("--temperature", gen.temperature, "sampling temperature (0: greedy)");
   g->add_option("--top-p", gen.top_p, "nucleus sampling mass in (0, 1]");
   g->add_option("--seed", gen.seed, "sampling seed (same seed, same tokens)");
+  g->add_option("--lsa", gen.lsa_indexer, "run Lookahead Sparse Attention with this memory indexer (fm_indexer.safetensors or its directory)");
+  g->add_option("--lsa-options", gen.lsa_options, "LSA options, e.g. \"kmax=8,interval=16,tail_chunks=64\" (docs/lsa.md)");
+  g->add_flag("--lsa-apply-next-step", gen.lsa_apply_next_step, "put each set in force at the next step (the release) instead of the next boundary");
+  g->add_flag("--stats", gen.lsa_stats, "print LSA statistics, measuring Level-2 agreement with the full top-k");
 
   std::string preset = "tiny", out_dir;
   int64_t layers = 0, experts = 0;

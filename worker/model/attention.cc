@@ -104,12 +104,22 @@ void Indexer::Queries(const float* qr, const float* x, std::span<const TokenRow>
 }
 
 void Indexer::Scores(const float* q, const float* weights, const kv::EntryPages& keys,
-                     std::vector<float>* scores) const {
+                     const Residency& residency, std::vector<float>* scores) const {
   const int64_t n = keys.size();
-  std::vector<const float*> rows(n);
-  for (int64_t t = 0; t < n; ++t) rows[t] = keys.Row(t);
-  scores->resize(n);
-  be_.IndexScores(q, weights, n_local_heads_, args_.index_head_dim, rows, scores->data());
+  // Only visible chunks are scored (LSA Level 2); the rest get -inf and are never picked.
+  std::vector<const float*> rows;
+  std::vector<int64_t> at;
+  rows.reserve(n);
+  at.reserve(n);
+  for (int64_t t = 0; t < n; ++t) {
+    if (!residency.Visible(t)) continue;
+    rows.push_back(keys.Row(t));
+    at.push_back(t);
+  }
+  scores->assign(n, -std::numeric_limits<float>::infinity());
+  std::vector<float> visible(rows.size());
+  be_.IndexScores(q, weights, n_local_heads_, args_.index_head_dim, rows, visible.data());
+  for (size_t i = 0; i < at.size(); ++i) (*scores)[at[i]] = visible[i];
 }
 
 // ---- Attention -------------------------------------------------------------------------------
@@ -211,8 +221,28 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
       if (indexer_->compressor().Update(ls.index_compressor, ikv.data() + i * iw_, iscore.data() + i * iw_, row.pos, ientry.data()))
         ls.index_keys.Append(ientry.data());
       const int64_t ih = indexer_->n_local_heads(), ihd = args_.index_head_dim;
-      indexer_->Scores(iq.data() + i * ih * ihd, iw.data() + i * ih, ls.index_keys, &scores);
+      Residency& res = row.state->residency;
+      indexer_->Scores(iq.data() + i * ih * ihd, iw.data() + i * ih, ls.index_keys, res, &scores);
       selected = kernels::TopKIndices(scores, args_.index_topk);
+      if (!res.dense()) {
+        while (!selected.empty() && !res.Visible(selected.back())) selected.pop_back();
+        if (res.measure_agreement && !row.prefill() && !selected.empty()) {
+          const Residency all;
+          std::vector<float> full;
+          indexer_->Scores(iq.data() + i * ih * ihd, iw.data() + i * ih, ls.index_keys, all, &full);
+          const auto ref = kernels::TopKIndices(full, args_.index_topk);
+          int64_t hit = 0;
+          for (int32_t t : ref) hit += std::find(selected.begin(), selected.end(), t) != selected.end();
+          res.agreement_sum += static_cast<double>(hit) / static_cast<double>(ref.size());
+          res.agreement_count++;
+        }
+      }
+      for (int32_t t : selected)
+        if (!ls.compressed.Row(t)) res.missing_rows++;  // the pager failed its guarantee
+      if (row.state->capture.enabled && static_cast<int64_t>(row.state->capture.x[csa_index_].size()) == args_.dim) {
+        std::copy(x + i * args_.dim, x + (i + 1) * args_.dim, row.state->capture.x[csa_index_].begin());
+        row.state->capture.pos = row.pos;
+      }
       if (row.trace) {
         row.trace->indexer_scores[csa_index_] = scores;
         row.trace->indexer_topk[csa_index_] = selected;

@@ -57,9 +57,9 @@ class Indexer {
   // Queries (roped, Hadamard-rotated, FP4-rounded) [n, heads*head_dim] and head weights [n, heads].
   void Queries(const float* qr, const float* x, std::span<const TokenRow> rows,
                std::vector<float>* q, std::vector<float>* weights) const;
-  // bf16 scores of all complete keys for one query.
+  // bf16 scores of the complete keys visible under `residency` for one query (-inf elsewhere).
   void Scores(const float* q, const float* weights, const kv::EntryPages& keys,
-              std::vector<float>* scores) const;
+              const Residency& residency, std::vector<float>* scores) const;
   const Compressor& compressor() const { return compressor_; }
   int64_t n_local_heads() const { return n_local_heads_; }
 

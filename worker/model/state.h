@@ -33,9 +33,42 @@ struct LayerState {
   CompressorState index_compressor;
 };
 
+// LSA Level 2 (spec/memory_indexer.md §3.3): which compressed chunks of the CSA layers the
+// lightning indexer may pick. Dense while `covered_chunks < 0`. Otherwise chunk j is visible iff
+// it was created after the set was chosen (j >= covered_chunks: it lives in the newest pages,
+// which stay resident) or its page is selected. A chunk index is the same token range in every
+// CSA layer, so one view serves them all.
+struct Residency {
+  int64_t covered_chunks = -1;
+  std::vector<uint8_t> page_selected;  // [ceil(covered_chunks / 64)]
+  bool dense() const { return covered_chunks < 0; }
+  bool Visible(int64_t chunk) const {
+    return covered_chunks < 0 || chunk >= covered_chunks || page_selected[chunk / kv::kEntriesPerPage] != 0;
+  }
+  bool PageVisible(int64_t page) const {
+    return covered_chunks < 0 || page * kv::kEntriesPerPage >= covered_chunks ||
+           (page < static_cast<int64_t>(page_selected.size()) && page_selected[page] != 0);
+  }
+  // Evaluation mode: the full top-k is computed alongside and the overlap accumulated.
+  bool measure_agreement = false;
+  double agreement_sum = 0;   // sum over (CSA layer, decode token) of |top-k(visible) ∩ top-k(all)| / k
+  int64_t agreement_count = 0;
+  int64_t missing_rows = 0;  // selected rows whose page was not in memory (must stay 0)
+};
+
+// Attention inputs captured for the memory indexer: when `enabled`, each CSA layer whose slot in
+// `x` has `dim` room records the input of the session's last row of the forward pass.
+struct LsaCapture {
+  bool enabled = false;
+  int64_t pos = -1;
+  std::vector<std::vector<float>> x;  // [CSA index][dim]; empty vectors are not captured
+};
+
 struct SessionState {
   int64_t position = 0;  // tokens consumed so far
   std::vector<LayerState> layers;
+  Residency residency;
+  LsaCapture capture;
 
   explicit SessionState(const ModelArgs& a) {
     layers.resize(a.n_layers);

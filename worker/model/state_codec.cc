@@ -11,7 +11,7 @@ namespace flashmem::model {
 namespace {
 
 constexpr char kMagic[4] = {'F', 'M', 'S', 'S'};
-constexpr uint32_t kVersion = 1;
+constexpr uint32_t kVersion = 2;  // 2: + the LSA Level-2 view
 
 class Writer {
  public:
@@ -105,6 +105,9 @@ std::string SerializeSessionState(const SessionState& s, const ModelArgs& a) {
     for (int64_t e = 0; e < l.index_keys.size(); ++e) w.Bf16s(l.index_keys.Row(e), l.index_keys.dim());
   }
   (void)a;
+  w.U64(static_cast<uint64_t>(s.residency.covered_chunks));
+  w.U64(s.residency.page_selected.size());
+  w.Raw(s.residency.page_selected.data(), s.residency.page_selected.size());
   const uint64_t sum = XXH3_64bits(w.out.data(), w.out.size());
   w.U64(sum);
   return w.out;
@@ -158,7 +161,16 @@ absl::StatusOr<std::unique_ptr<SessionState>> DeserializeSessionState(absl::stri
       l.index_keys.Append(key.data());
     }
   }
-  if (r.at() != blob.size() - 8) return absl::InvalidArgumentError("state blob: trailing bytes after the last layer");
+  FM_TRY(covered, r.U64("residency"));
+  FM_TRY(n_sel, r.U64("residency pages"));
+  const int64_t cov = static_cast<int64_t>(covered);
+  if (cov >= 0 && (cov > static_cast<int64_t>(position) / 4 || n_sel != static_cast<uint64_t>((cov + 63) / 64)))
+    return absl::InvalidArgumentError(absl::StrCat("state blob: residency covers ", cov, " chunks with ", n_sel, " page flags at position ", position));
+  if (cov < 0 && n_sel != 0) return absl::InvalidArgumentError("state blob: dense residency with page flags");
+  if (auto st = r.Need(n_sel, "residency pages"); !st.ok()) return st;
+  s->residency.covered_chunks = cov < 0 ? -1 : cov;
+  s->residency.page_selected.assign(blob.data() + r.at(), blob.data() + r.at() + n_sel);
+  if (r.at() + n_sel != blob.size() - 8) return absl::InvalidArgumentError("state blob: trailing bytes after the last layer");
   return s;
 }
 

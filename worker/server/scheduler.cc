@@ -22,10 +22,46 @@ Scheduler::~Scheduler() {
   loop_.join();
 }
 
-absl::StatusOr<uint64_t> Scheduler::CreateSession() {
+absl::StatusOr<std::unique_ptr<lsa::LsaSession>> Scheduler::MakeLsa(lsa::LsaMode mode, const std::string& overrides,
+                                                                     model::SessionState& state) {
+  if (!options_.indexer || mode == lsa::LsaMode::kOff) return std::unique_ptr<lsa::LsaSession>();
+  auto opts = lsa::ParseLsaOptions(overrides, options_.lsa);
+  if (!opts.ok()) return opts.status();
+  if (auto st = lsa::LsaSession::CheckCompatible(*options_.indexer, model_.args(), *opts); !st.ok()) return st;
+  int64_t phase = 0;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (opts->stagger) phase = static_cast<int64_t>(admitted_ % static_cast<uint64_t>(opts->interval));
+    ++admitted_;
+  }
+  state.residency.measure_agreement = options_.lsa_measure_agreement;
+  return std::make_unique<lsa::LsaSession>(*options_.indexer, model_.args(), *opts, mode, phase,
+                                           options_.lsa_apply_at_boundary);
+}
+
+absl::StatusOr<uint64_t> Scheduler::CreateSession(const SessionOptions& options) {
   auto s = std::make_unique<Session>();
   s->state = model_.NewSession();
+  auto l = MakeLsa(options.lsa_mode, options.lsa_overrides, *s->state);
+  if (!l.ok()) return l.status();
+  s->lsa = std::move(*l);
   return Adopt(std::move(s));
+}
+
+absl::StatusOr<SessionLsaStats> Scheduler::LsaStats(uint64_t id) const {
+  std::unique_lock<std::mutex> l(mu_);
+  auto it = sessions_.find(id);
+  if (it == sessions_.end()) return absl::NotFoundError(absl::StrCat("unknown session ", id));
+  const Session& s = *it->second;
+  SessionLsaStats out;
+  if (!s.lsa) return out;
+  out.enabled = true;
+  out.lsa = s.lsa->stats();
+  const model::Residency& r = s.state->residency;
+  if (r.agreement_count > 0) out.level2_agreement = r.agreement_sum / static_cast<double>(r.agreement_count);
+  out.total_pages = (s.state->position / 4 + 63) / 64;
+  for (int64_t p = 0; p < out.total_pages; ++p) out.visible_pages += r.PageVisible(p);
+  return out;
 }
 
 absl::StatusOr<uint64_t> Scheduler::Adopt(std::unique_ptr<Session> s) {
@@ -51,6 +87,10 @@ absl::StatusOr<std::string> Scheduler::Snapshot(uint64_t id) {
   out[8] = s->has_logits ? 1 : 0;
   std::memcpy(out.data() + 9, &n, 8);
   out.append(reinterpret_cast<const char*>(s->logits.data()), n * 4);
+  const std::string lsa_blob = s->lsa ? s->lsa->Save() : std::string();
+  const uint64_t lsa_len = lsa_blob.size();
+  out.append(reinterpret_cast<const char*>(&lsa_len), 8);
+  out += lsa_blob;
   out += model::SerializeSessionState(*s->state, model_.args());
   return out;
 }
@@ -67,9 +107,27 @@ absl::StatusOr<uint64_t> Scheduler::Restore(absl::string_view snap) {
     return absl::InvalidArgumentError(absl::StrCat("snapshot: logits of ", n, " values do not fit this model"));
   s->logits.resize(n);
   std::memcpy(s->logits.data(), snap.data() + 17, n * 4);
-  auto state = model::DeserializeSessionState(snap.substr(17 + n * 4), model_.args());
+  size_t at = 17 + n * 4;
+  uint64_t lsa_len = 0;
+  if (snap.size() - at < 8) return absl::InvalidArgumentError("snapshot: truncated LSA section");
+  std::memcpy(&lsa_len, snap.data() + at, 8);
+  at += 8;
+  if (snap.size() - at < lsa_len) return absl::InvalidArgumentError("snapshot: truncated LSA section");
+  const absl::string_view lsa_blob = snap.substr(at, lsa_len);
+  at += lsa_len;
+  auto state = model::DeserializeSessionState(snap.substr(at), model_.args());
   if (!state.ok()) return state.status();
   s->state = std::move(*state);
+  if (lsa_len > 0) {
+    // The session ran LSA: it continues with LSA here (same options, same schedule), or fails
+    // clearly when this worker has no memory indexer.
+    if (!options_.indexer)
+      return absl::FailedPreconditionError("snapshot: the session runs LSA but this worker has no memory indexer");
+    auto l = MakeLsa(lsa::LsaMode::kAuto, "", *s->state);
+    if (!l.ok()) return l.status();
+    s->lsa = std::move(*l);
+    if (auto st = s->lsa->Load(lsa_blob); !st.ok()) return st;
+  }
   return Adopt(std::move(s));
 }
 
@@ -189,8 +247,13 @@ bool Scheduler::StepOnce(std::unique_lock<std::mutex>& lock) {
   lock.unlock();
   std::vector<model::BatchItem> batch;
   for (Work& w : work)
-    if (!w.tokens.empty()) batch.push_back({w.s->state.get(), w.tokens, &w.s->logits, nullptr});
+    if (!w.tokens.empty()) {
+      if (w.s->lsa) w.s->lsa->BeforeStep(*w.s->state, w.decode);
+      batch.push_back({w.s->state.get(), w.tokens, &w.s->logits, nullptr});
+    }
   absl::Status st = batch.empty() ? absl::OkStatus() : model_.Forward(batch);
+  for (Work& w : work)
+    if (!w.tokens.empty() && w.s->lsa) w.s->lsa->AfterStep(*w.s->state, w.decode);
   lock.lock();
   busy_ = false;
   cv_.notify_all();
@@ -204,10 +267,13 @@ bool Scheduler::StepOnce(std::unique_lock<std::mutex>& lock) {
       s.has_logits = true;
       (w.decode ? stats_.decode_tokens : stats_.prefill_tokens) += w.tokens.size();
     }
-    if (!st.ok()) {
+    absl::Status sst = st;
+    if (sst.ok() && s.state->residency.missing_rows > 0)
+      sst = absl::InternalError(absl::StrCat("LSA: ", s.state->residency.missing_rows, " selected KV rows were not in memory"));
+    if (!sst.ok()) {
       if (s.generating) {
         s.generating = false;
-        s.on_token(-1, true, std::string(st.message()));
+        s.on_token(-1, true, std::string(sst.message()));
       }
       continue;
     }

@@ -16,6 +16,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "worker/lsa/lsa_session.h"
 #include "worker/model/sampler.h"
 #include "worker/model/transformer.h"
 
@@ -29,6 +30,25 @@ struct SchedulerOptions {
   int64_t prefill_chunk = 256;
   int64_t step_token_budget = 512;  // prompt tokens per step across sessions (decode tokens always go)
   int64_t max_context = 1 << 20;    // tokens per session
+  // LSA: sessions run Lookahead Sparse Attention with this memory indexer (null: dense only).
+  const lsa::MemoryIndexer* indexer = nullptr;
+  lsa::LsaOptions lsa;
+  bool lsa_apply_at_boundary = true;  // false: a set is in force from the step after its refresh
+  bool lsa_measure_agreement = false; // evaluation mode: Level-2 agreement with the full top-k
+};
+
+// Per-session choices at creation.
+struct SessionOptions {
+  lsa::LsaMode lsa_mode = lsa::LsaMode::kAuto;  // kAuto runs LSA when the worker has an indexer
+  std::string lsa_overrides;                     // "kmax=8,interval=32" over the worker's options
+};
+
+// A session's LSA figures (GetSession, /metrics, generate --stats).
+struct SessionLsaStats {
+  bool enabled = false;
+  lsa::LsaStats lsa;
+  double level2_agreement = -1;  // mean over decode tokens and CSA layers (evaluation mode)
+  int64_t visible_pages = 0, total_pages = 0;  // Level-2 view now, per CSA layer
 };
 
 struct GenerateParams {
@@ -50,7 +70,7 @@ class Scheduler {
   Scheduler(const model::Transformer& model, SchedulerOptions options = {});
   ~Scheduler();
 
-  absl::StatusOr<uint64_t> CreateSession();
+  absl::StatusOr<uint64_t> CreateSession(const SessionOptions& options = {});
   // A session's snapshot: its state (model::SerializeSessionState), the sampling step and the
   // logits of its last token, taken once every queued token is consumed. Restoring it on another
   // scheduler (another worker) continues the session with no prefill and the same tokens.
@@ -68,6 +88,7 @@ class Scheduler {
   // Runs `fn` on the session's state while the loop is not touching it (snapshots).
   absl::Status WithState(uint64_t id, const std::function<void(const model::SessionState&, uint64_t sampled_steps)>& fn);
   SchedulerStats stats() const;
+  absl::StatusOr<SessionLsaStats> LsaStats(uint64_t id) const;
   int64_t sessions() const;
 
  private:
@@ -83,7 +104,10 @@ class Scheduler {
     std::vector<float> logits;
     bool has_logits = false;          // logits of the last consumed token are current
     bool in_flight = false;           // tokens of this session are in the running forward pass
+    std::unique_ptr<lsa::LsaSession> lsa;
   };
+  absl::StatusOr<std::unique_ptr<lsa::LsaSession>> MakeLsa(lsa::LsaMode mode, const std::string& overrides,
+                                                           model::SessionState& state);
   absl::StatusOr<uint64_t> Adopt(std::unique_ptr<Session> s);
   void Loop();
   bool StepOnce(std::unique_lock<std::mutex>& lock);
@@ -94,6 +118,7 @@ class Scheduler {
   std::condition_variable cv_;
   std::map<uint64_t, std::unique_ptr<Session>> sessions_;
   uint64_t next_id_ = 1;
+  uint64_t admitted_ = 0;  // admission counter (LSA phase stagger)
   bool stop_ = false;
   bool busy_ = false;  // a step runs outside the lock
   SchedulerStats stats_;
