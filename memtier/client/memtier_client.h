@@ -81,6 +81,8 @@ class MemTierClient {
   absl::StatusOr<std::pair<uint64_t, std::vector<uint8_t>>> GetState(uint64_t session);
   absl::StatusOr<RemoteStats> Stats();
   uint64_t epoch() const;
+  // The registered buffer's size: the most bytes one commit or recall may move.
+  uint64_t buffer_bytes() const { return buffer_.size(); }
   int reconnects() const { return reconnects_; }
 
  private:

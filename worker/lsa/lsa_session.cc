@@ -127,7 +127,9 @@ void LsaSession::AfterStep(model::SessionState& state, bool decode) {
     const int64_t pos = state.capture.pos;
     if (n > 0 && pos >= 0) {
       task_ = std::async(std::launch::async, [this, x = std::move(x), pos, keys = std::move(keys), n]() mutable {
-        return Score(std::move(x), pos, std::move(keys), n);
+        Selection sel = Score(std::move(x), pos, std::move(keys), n);
+        if (stage_hook_ && !sel.dense) stage_hook_(sel);
+        return sel;
       });
       pending_due_ = apply_at_boundary_ ? NextBoundary(step_) : step_ + 1;
       stats_.refreshes++;

@@ -10,6 +10,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <future>
 #include <optional>
 #include <string>
@@ -66,6 +67,10 @@ class LsaSession {
   void BeforeStep(model::SessionState& state, bool decode);
   void AfterStep(model::SessionState& state, bool decode);
 
+  // Runs at the end of every background scoring task with its selection (the pager stages the
+  // selected pages that are in memtier, off the decode path).
+  void SetStageHook(std::function<void(const Selection&)> hook) { stage_hook_ = std::move(hook); }
+
   // The set computed but not yet in force (waits for the background task), for prefetch and
   // recall planning; nullptr when none is pending.
   const Selection* Pending();
@@ -102,6 +107,7 @@ class LsaSession {
   std::vector<int64_t> current_pages_;
   bool have_current_ = false;
   LsaStats stats_;
+  std::function<void(const Selection&)> stage_hook_;
 };
 
 }  // namespace flashmem::lsa

@@ -2,6 +2,7 @@
 
 #include <xxhash.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -11,7 +12,7 @@ namespace flashmem::model {
 namespace {
 
 constexpr char kMagic[4] = {'F', 'M', 'S', 'S'};
-constexpr uint32_t kVersion = 2;  // 2: + the LSA Level-2 view
+constexpr uint32_t kVersion = 3;  // 2: + the LSA Level-2 view; 3: pages may be memtier references
 
 class Writer {
  public:
@@ -74,6 +75,27 @@ class Reader {
     return absl::OkStatus();
   }
   size_t at() const { return at_; }
+  // `n` entries page by page (see WritePages).
+  absl::Status Pages(kv::EntryPages* pages, uint64_t n, absl::string_view what) {
+    std::vector<float> row(pages->dim());
+    for (uint64_t first = 0; first < n; first += kv::kEntriesPerPage) {
+      if (auto st = Need(1, what); !st.ok()) return st;
+      const uint8_t flag = static_cast<uint8_t>(s_[at_++]);
+      const uint64_t len = std::min<uint64_t>(kv::kEntriesPerPage, n - first);
+      if (flag == 1) {
+        if (len != kv::kEntriesPerPage)
+          return absl::InvalidArgumentError(absl::StrCat("state blob: ", what, ": a partial page cannot be a memtier reference"));
+        pages->AppendEvictedPage();
+        continue;
+      }
+      if (flag != 0) return absl::InvalidArgumentError(absl::StrCat("state blob: ", what, ": page flag ", flag));
+      for (uint64_t e = 0; e < len; ++e) {
+        if (auto st = Bf16s(row.data(), row.size(), what); !st.ok()) return st;
+        pages->Append(row.data());
+      }
+    }
+    return absl::OkStatus();
+  }
 
  private:
   absl::string_view s_;
@@ -87,7 +109,26 @@ class Reader {
 
 }  // namespace
 
-std::string SerializeSessionState(const SessionState& s, const ModelArgs& a) {
+namespace {
+
+// Entries page by page: a flag byte per page, 1 = in memtier (complete page, not carried),
+// 0 = its written entries inline as bf16.
+void WritePages(Writer& w, const kv::EntryPages& pages, int64_t layer, int kind, const PageInStore& in_store) {
+  w.U64(static_cast<uint64_t>(pages.size()));
+  for (int64_t p = 0; p < pages.num_pages(); ++p) {
+    const int64_t first = p * kv::kEntriesPerPage;
+    const int64_t n = std::min<int64_t>(kv::kEntriesPerPage, pages.size() - first);
+    const bool ref = n == kv::kEntriesPerPage && (!pages.resident(p) || (in_store && in_store(layer, kind, p)));
+    const uint8_t flag = ref ? 1 : 0;
+    w.Raw(&flag, 1);
+    if (!ref)
+      for (int64_t e = first; e < first + n; ++e) w.Bf16s(pages.Row(e), pages.dim());
+  }
+}
+
+}  // namespace
+
+std::string SerializeSessionState(const SessionState& s, const ModelArgs& a, const PageInStore& in_store) {
   Writer w;
   w.Raw(kMagic, 4);
   w.U32(kVersion);
@@ -99,10 +140,9 @@ std::string SerializeSessionState(const SessionState& s, const ModelArgs& a) {
     w.F32s(l.compressor.score);
     w.F32s(l.index_compressor.kv);
     w.F32s(l.index_compressor.score);
-    w.U64(static_cast<uint64_t>(l.compressed.size()));
-    for (int64_t e = 0; e < l.compressed.size(); ++e) w.Bf16s(l.compressed.Row(e), l.compressed.dim());
-    w.U64(static_cast<uint64_t>(l.index_keys.size()));
-    for (int64_t e = 0; e < l.index_keys.size(); ++e) w.Bf16s(l.index_keys.Row(e), l.index_keys.dim());
+    const int64_t li = &l - s.layers.data();
+    WritePages(w, l.compressed, li, 0, in_store);
+    WritePages(w, l.index_keys, li, 1, in_store);
   }
   (void)a;
   w.U64(static_cast<uint64_t>(s.residency.covered_chunks));
@@ -146,20 +186,12 @@ absl::StatusOr<std::unique_ptr<SessionState>> DeserializeSessionState(absl::stri
     FM_TRY(n_entries, r.U64(at + " entry count"));
     if (n_entries != want_entries)
       return absl::InvalidArgumentError(absl::StrCat("state blob: ", at, " has ", n_entries, " compressed entries, position ", position, " implies ", want_entries));
-    std::vector<float> row(a.head_dim);
-    for (uint64_t e = 0; e < n_entries; ++e) {
-      if (auto st = r.Bf16s(row.data(), row.size(), at + " compressed entries"); !st.ok()) return st;
-      l.compressed.Append(row.data());
-    }
+    if (auto st = r.Pages(&l.compressed, n_entries, at + " compressed entries"); !st.ok()) return st;
     const uint64_t want_keys = r_ratio == 4 ? position / 4 : 0;
     FM_TRY(n_keys, r.U64(at + " index key count"));
     if (n_keys != want_keys)
       return absl::InvalidArgumentError(absl::StrCat("state blob: ", at, " has ", n_keys, " index keys, position ", position, " implies ", want_keys));
-    std::vector<float> key(a.index_head_dim);
-    for (uint64_t e = 0; e < n_keys; ++e) {
-      if (auto st = r.Bf16s(key.data(), key.size(), at + " index keys"); !st.ok()) return st;
-      l.index_keys.Append(key.data());
-    }
+    if (auto st = r.Pages(&l.index_keys, n_keys, at + " index keys"); !st.ok()) return st;
   }
   FM_TRY(covered, r.U64("residency"));
   FM_TRY(n_sel, r.U64("residency pages"));

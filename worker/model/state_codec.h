@@ -5,6 +5,8 @@
 // are fp32. The blob carries its own xxh3-64 checksum; hostile blobs give clear errors.
 #pragma once
 
+#include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -15,7 +17,13 @@
 
 namespace flashmem::model {
 
-std::string SerializeSessionState(const SessionState& state, const ModelArgs& args);
+// Whether a complete page of layer `layer` (kind 0: compressed entries, 1: indexer keys) is
+// durable in memtier: such pages are referenced, not carried (evicted pages always are).
+using PageInStore = std::function<bool(int64_t layer, int kind, int64_t page)>;
+
+std::string SerializeSessionState(const SessionState& state, const ModelArgs& args,
+                                  const PageInStore& in_store = nullptr);
+// Referenced pages come back evicted: the worker's pager recalls them from memtier when needed.
 absl::StatusOr<std::unique_ptr<SessionState>> DeserializeSessionState(absl::string_view blob, const ModelArgs& args);
 
 }  // namespace flashmem::model

@@ -20,6 +20,8 @@
 #include "prometheus/registry.h"
 #include "worker/server/session_service.h"
 
+#include <optional>
+
 namespace {
 grpc::Server* g_server = nullptr;
 void OnSignal(int) {
@@ -42,8 +44,25 @@ int main(int argc, char** argv) {
   app.add_option("--metrics-listen", metrics_listen, "Prometheus /metrics address host:port (empty: off)");
   app.add_option("--coordinator", coordinator_target, "coordinator gRPC address: register and keep a lease with heartbeats");
   app.add_option("--memtier", memtier_target, "memtier gRPC address: sessions are snapshotted there and can be adopted by another worker");
+  uint64_t kv_budget_bytes = 0, memtier_buffer_bytes = 64ull << 20;
+  std::string lsa_indexer, lsa_options, device = "cpu";
+  app.add_option("--kv-budget-bytes", kv_budget_bytes, "bytes of evictable KV pages held in memory across sessions; the rest lives in memtier (0: no limit; needs --memtier)");
+  app.add_option("--memtier-buffer-bytes", memtier_buffer_bytes, "registered buffer for page traffic with memtier (largest single transfer)");
+  app.add_option("--lsa-indexer", lsa_indexer, "memory indexer (fm_indexer.safetensors or its directory): sessions run Lookahead Sparse Attention");
+  app.add_option("--lsa-options", lsa_options, "LSA options, e.g. \"kmax=96,interval=64,tail_chunks=2048\" (docs/lsa.md)");
+  app.add_flag("--lsa-apply-next-step", [&](int64_t) { so.lsa_apply_at_boundary = false; }, "put each resident set in force at the step after its refresh (the release) instead of the next boundary");
+  app.add_flag("--lsa-measure-agreement", so.lsa_measure_agreement, "evaluation mode: compute the full Level-2 top-k alongside and export the agreement");
+  app.add_option("--device", device, "cpu (the CUDA backend does not run the whole model yet)");
   CLI11_PARSE(app, argc, argv);
   spdlog::set_default_logger(spdlog::stderr_color_mt("worker"));
+  if (device != "cpu") {
+    std::fprintf(stderr, "flashmem-worker: --device %s: only the cpu backend runs the whole model in this build\n", device.c_str());
+    return 1;
+  }
+  if (kv_budget_bytes > 0 && memtier_target.empty()) {
+    std::fprintf(stderr, "flashmem-worker: --kv-budget-bytes needs --memtier (evicted pages live there)\n");
+    return 1;
+  }
   std::signal(SIGPIPE, SIG_IGN);
   auto model = flashmem::model::Transformer::Load(model_dir, flashmem::kernels::CpuBackend());
   if (!model.ok()) {
@@ -64,7 +83,7 @@ int main(int argc, char** argv) {
   if (!memtier_target.empty()) {
     flashmem::memtier::MemTierClientOptions mo;
     mo.target = memtier_target;
-    mo.buffer_bytes = 1 << 20;
+    mo.buffer_bytes = memtier_buffer_bytes;
     mo.name = "worker";
     auto m = flashmem::memtier::MemTierClient::Connect(mo);
     if (!m.ok()) {
@@ -72,6 +91,31 @@ int main(int argc, char** argv) {
       return 1;
     }
     memtier = std::move(*m);
+  }
+  std::optional<flashmem::lsa::MemoryIndexer> indexer;
+  if (!lsa_indexer.empty()) {
+    auto mi = flashmem::lsa::MemoryIndexer::Load(lsa_indexer, flashmem::kernels::CpuBackend());
+    auto lo = mi.ok() ? flashmem::lsa::ParseLsaOptions(lsa_options) : absl::StatusOr<flashmem::lsa::LsaOptions>(mi.status());
+    absl::Status st = lo.ok() ? flashmem::lsa::LsaSession::CheckCompatible(*mi, (*model)->args(), *lo) : lo.status();
+    if (!st.ok()) {
+      std::fprintf(stderr, "flashmem-worker: --lsa-indexer %s: %s\n", lsa_indexer.c_str(), std::string(st.message()).c_str());
+      return 1;
+    }
+    indexer = std::move(*mi);
+    so.indexer = &*indexer;
+    so.lsa = *lo;
+  } else if (!lsa_options.empty()) {
+    std::fprintf(stderr, "flashmem-worker: --lsa-options needs --lsa-indexer\n");
+    return 1;
+  }
+  std::unique_ptr<flashmem::kv::KvPager> pager;
+  if (memtier) {
+    flashmem::kv::KvPagerOptions po;
+    po.budget_bytes = kv_budget_bytes;
+    if (indexer) po.pinned_index_layers = so.lsa.target_layers.empty() ? indexer->csa_layers() : so.lsa.target_layers;
+    pager = std::make_unique<flashmem::kv::KvPager>((*model)->args(), po, memtier.get());
+    so.pager = pager.get();
+    svo.pager = pager.get();
   }
   flashmem::server::Scheduler scheduler(**model, so);
   flashmem::server::SessionServiceImpl service(scheduler, tok.get(), (*model)->args().vocab_size, svo, memtier.get());
@@ -100,6 +144,28 @@ int main(int argc, char** argv) {
     auto& prefill = tokens.Add({{"kind", "prefill"}});
     auto& decode = tokens.Add({{"kind", "decode"}});
     auto& steps = prometheus::BuildGauge().Name("flashmem_worker_steps").Help("forward passes").Register(*registry).Add({});
+    // LSA and paged KV (docs/lsa.md, docs/operations.md).
+    auto gauge = [&](const char* name, const char* help) -> prometheus::Gauge& {
+      return prometheus::BuildGauge().Name(name).Help(help).Register(*registry).Add({});
+    };
+    auto& lsa_sessions = gauge("flashmem_lsa_sessions", "sessions running LSA");
+    auto& lsa_refreshes = gauge("flashmem_lsa_refreshes", "Level-1 cycles scored (sessions held now)");
+    auto& lsa_recalled = gauge("flashmem_lsa_pages_recalled", "pages newly in a resident set, summed over sets");
+    auto& lsa_stalls = gauge("flashmem_lsa_stalls", "resident sets not ready when due");
+    auto& lsa_stall_s = gauge("flashmem_lsa_stall_seconds", "time steps waited for resident sets");
+    auto& lsa_fallbacks = gauge("flashmem_lsa_fallback_sessions", "sessions dense after the threshold fallback");
+    auto& lsa_churn = gauge("flashmem_lsa_churn_jaccard", "mean Jaccard of consecutive resident sets");
+    auto& lsa_fraction = gauge("flashmem_lsa_visible_fraction", "CSA pages visible to Level 2 / all CSA pages");
+    auto& lsa_agree = gauge("flashmem_lsa_level2_agreement", "Level-2 top-k agreement with the full top-k (evaluation mode; -1 off)");
+    auto& kv_resident = gauge("flashmem_kv_resident_bytes", "evictable KV pages in worker memory");
+    auto& kv_dense = gauge("flashmem_kv_dense_bytes", "the same pages with nothing evicted (dense equivalent)");
+    auto& kv_peak = gauge("flashmem_kv_peak_resident_bytes", "peak of flashmem_kv_resident_bytes");
+    auto& kv_evicted = gauge("flashmem_kv_pages_evicted", "pages evicted to memtier");
+    auto& kv_recalled = gauge("flashmem_kv_pages_recalled", "pages recalled from memtier");
+    auto& kv_late = gauge("flashmem_kv_late_pages", "pages recalled synchronously because they were not staged in time");
+    auto& kv_late_s = gauge("flashmem_kv_late_seconds", "time decode steps waited for late pages");
+    auto& kv_committed = gauge("flashmem_kv_pages_committed", "pages acknowledged by memtier");
+    auto& kv_over = gauge("flashmem_kv_over_budget_steps", "steps whose needed pages alone exceeded --kv-budget-bytes");
     exposer->RegisterCollectable(registry);
     metrics_thread = std::thread([&] {
       while (!metrics_stop.load()) {
@@ -109,6 +175,27 @@ int main(int argc, char** argv) {
         prefill.Set(static_cast<double>(st.prefill_tokens));
         decode.Set(static_cast<double>(st.decode_tokens));
         steps.Set(static_cast<double>(st.steps));
+        lsa_sessions.Set(static_cast<double>(st.lsa_sessions));
+        lsa_refreshes.Set(static_cast<double>(st.lsa_refreshes));
+        lsa_recalled.Set(static_cast<double>(st.lsa_pages_recalled));
+        lsa_stalls.Set(static_cast<double>(st.lsa_stalls));
+        lsa_stall_s.Set(st.lsa_stall_seconds);
+        lsa_fallbacks.Set(static_cast<double>(st.lsa_fallbacks));
+        lsa_churn.Set(st.lsa_churn_count ? st.lsa_churn_jaccard_sum / st.lsa_churn_count : 1.0);
+        lsa_fraction.Set(st.lsa_total_pages ? static_cast<double>(st.lsa_visible_pages) / st.lsa_total_pages : 1.0);
+        lsa_agree.Set(st.lsa_agreement_count ? st.lsa_agreement_sum / st.lsa_agreement_count : -1.0);
+        if (pager) {
+          const auto ps = pager->stats();
+          kv_resident.Set(static_cast<double>(ps.resident_bytes));
+          kv_dense.Set(static_cast<double>(ps.dense_bytes));
+          kv_peak.Set(static_cast<double>(ps.peak_resident_bytes));
+          kv_evicted.Set(static_cast<double>(ps.pages_evicted));
+          kv_recalled.Set(static_cast<double>(ps.pages_recalled));
+          kv_late.Set(static_cast<double>(ps.late_pages));
+          kv_late_s.Set(ps.late_seconds);
+          kv_committed.Set(static_cast<double>(ps.pages_committed));
+          kv_over.Set(static_cast<double>(ps.over_budget_steps));
+        }
         std::this_thread::sleep_for(std::chrono::milliseconds(200));
       }
     });

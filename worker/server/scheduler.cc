@@ -45,23 +45,42 @@ absl::StatusOr<uint64_t> Scheduler::CreateSession(const SessionOptions& options)
   auto l = MakeLsa(options.lsa_mode, options.lsa_overrides, *s->state);
   if (!l.ok()) return l.status();
   s->lsa = std::move(*l);
-  return Adopt(std::move(s));
+  s->lsa_seen = ReadLsa(*s);
+  Session* raw = s.get();
+  auto id = Adopt(std::move(s));
+  if (id.ok()) AttachPager(*id, *raw, options.memtier_key);
+  return id;
 }
 
-absl::StatusOr<SessionLsaStats> Scheduler::LsaStats(uint64_t id) const {
-  std::unique_lock<std::mutex> l(mu_);
-  auto it = sessions_.find(id);
-  if (it == sessions_.end()) return absl::NotFoundError(absl::StrCat("unknown session ", id));
-  const Session& s = *it->second;
+void Scheduler::AttachPager(uint64_t id, Session& s, uint64_t memtier_key) {
+  if (!options_.pager || memtier_key == 0) return;
+  options_.pager->AddSession(id, memtier_key, s.state.get());
+  s.paged = true;
+  if (s.lsa) {
+    kv::KvPager* pager = options_.pager;
+    s.lsa->SetStageHook([pager, id](const lsa::Selection& sel) { pager->Stage(id, sel.pages, sel.ranked); });
+  }
+}
+
+SessionLsaStats Scheduler::ReadLsa(const Session& s) {
   SessionLsaStats out;
   if (!s.lsa) return out;
   out.enabled = true;
   out.lsa = s.lsa->stats();
   const model::Residency& r = s.state->residency;
   if (r.agreement_count > 0) out.level2_agreement = r.agreement_sum / static_cast<double>(r.agreement_count);
+  out.agreement_sum = r.agreement_sum;
+  out.agreement_count = r.agreement_count;
   out.total_pages = (s.state->position / 4 + 63) / 64;
   for (int64_t p = 0; p < out.total_pages; ++p) out.visible_pages += r.PageVisible(p);
   return out;
+}
+
+absl::StatusOr<SessionLsaStats> Scheduler::LsaStats(uint64_t id) const {
+  std::unique_lock<std::mutex> l(mu_);
+  auto it = sessions_.find(id);
+  if (it == sessions_.end()) return absl::NotFoundError(absl::StrCat("unknown session ", id));
+  return it->second->lsa_seen;
 }
 
 absl::StatusOr<uint64_t> Scheduler::Adopt(std::unique_ptr<Session> s) {
@@ -79,8 +98,9 @@ absl::StatusOr<std::string> Scheduler::Snapshot(uint64_t id) {
   if (it == sessions_.end()) return absl::NotFoundError(absl::StrCat("unknown session ", id));
   Session* s = it->second.get();
   if (s->generating) return absl::FailedPreconditionError("snapshot: the session is generating");
-  cv_.wait(l, [&] { return !busy_ && (sessions_.count(id) == 0 || s->pending.empty()); });
+  cv_.wait(l, [&] { return !busy_ && (sessions_.count(id) == 0 || s->pending.empty() || !s->broken.ok()); });
   if (!sessions_.count(id)) return absl::NotFoundError(absl::StrCat("session ", id, " closed during the snapshot"));
+  if (!s->broken.ok()) return s->broken;
   std::string out(17, '\0');
   const uint64_t n = s->has_logits ? s->logits.size() : 0;
   std::memcpy(out.data(), &s->sampled_steps, 8);
@@ -88,14 +108,20 @@ absl::StatusOr<std::string> Scheduler::Snapshot(uint64_t id) {
   std::memcpy(out.data() + 9, &n, 8);
   out.append(reinterpret_cast<const char*>(s->logits.data()), n * 4);
   const std::string lsa_blob = s->lsa ? s->lsa->Save() : std::string();
+  model::PageInStore in_store;
+  if (s->paged) {  // committed pages are referenced, not carried
+    options_.pager->Flush(id);
+    kv::KvPager* pager = options_.pager;
+    in_store = [pager, id](int64_t layer, int kind, int64_t page) { return pager->Committed(id, layer, kind, page); };
+  }
   const uint64_t lsa_len = lsa_blob.size();
   out.append(reinterpret_cast<const char*>(&lsa_len), 8);
   out += lsa_blob;
-  out += model::SerializeSessionState(*s->state, model_.args());
+  out += model::SerializeSessionState(*s->state, model_.args(), in_store);
   return out;
 }
 
-absl::StatusOr<uint64_t> Scheduler::Restore(absl::string_view snap) {
+absl::StatusOr<uint64_t> Scheduler::Restore(absl::string_view snap, uint64_t memtier_key) {
   if (snap.size() < 17) return absl::InvalidArgumentError("snapshot: truncated header");
   auto s = std::make_unique<Session>();
   uint64_t n = 0;
@@ -128,13 +154,26 @@ absl::StatusOr<uint64_t> Scheduler::Restore(absl::string_view snap) {
     s->lsa = std::move(*l);
     if (auto st = s->lsa->Load(lsa_blob); !st.ok()) return st;
   }
-  return Adopt(std::move(s));
+  bool references = false;
+  for (const model::LayerState& ls : s->state->layers)
+    for (int64_t p = 0; p < ls.compressed.num_pages(); ++p) references |= !ls.compressed.resident(p);
+  if (references && (!options_.pager || memtier_key == 0))
+    return absl::FailedPreconditionError("snapshot: its KV pages are in memtier but this worker runs without a memtier pager");
+  s->lsa_seen = ReadLsa(*s);
+  Session* raw = s.get();
+  auto id = Adopt(std::move(s));
+  if (id.ok()) AttachPager(*id, *raw, memtier_key);
+  return id;
 }
 
 absl::Status Scheduler::CloseSession(uint64_t id) {
   std::unique_lock<std::mutex> l(mu_);
   cv_.wait(l, [&] { return !busy_; });
-  if (!sessions_.erase(id)) return absl::NotFoundError(absl::StrCat("unknown session ", id));
+  auto it = sessions_.find(id);
+  if (it == sessions_.end()) return absl::NotFoundError(absl::StrCat("unknown session ", id));
+  it->second->lsa.reset();  // waits for its background task (which may be staging pages)
+  if (it->second->paged) options_.pager->RemoveSession(id);
+  sessions_.erase(it);
   return absl::OkStatus();
 }
 
@@ -164,6 +203,7 @@ absl::Status Scheduler::Generate(uint64_t id, const GenerateParams& params, Toke
   if (it == sessions_.end()) return absl::NotFoundError(absl::StrCat("unknown session ", id));
   Session& s = *it->second;
   if (s.generating) return absl::FailedPreconditionError("generate: the session is already generating");
+  s.broken = absl::OkStatus();  // a retry after a failed recall
   if (s.pending.empty() && !s.has_logits && !s.in_flight)
     return absl::FailedPreconditionError("generate: the session has no tokens yet; append a prompt first");
   s.generating = true;
@@ -205,7 +245,25 @@ int64_t Scheduler::sessions() const {
 
 SchedulerStats Scheduler::stats() const {
   std::lock_guard<std::mutex> l(mu_);
-  return stats_;
+  SchedulerStats out = stats_;
+  for (const auto& [id, sp] : sessions_) {
+    const SessionLsaStats& ls = sp->lsa_seen;
+    if (!ls.enabled) continue;
+    out.lsa_sessions++;
+    out.lsa_refreshes += ls.lsa.refreshes;
+    out.lsa_sets_applied += ls.lsa.sets_applied;
+    out.lsa_pages_recalled += ls.lsa.pages_recalled;
+    out.lsa_stalls += ls.lsa.stalls;
+    out.lsa_stall_seconds += ls.lsa.stall_seconds;
+    out.lsa_fallbacks += ls.lsa.fallback;
+    out.lsa_churn_jaccard_sum += ls.lsa.churn_jaccard_sum;
+    out.lsa_churn_count += ls.lsa.churn_count;
+    out.lsa_visible_pages += ls.visible_pages;
+    out.lsa_total_pages += ls.total_pages;
+    out.lsa_agreement_sum += ls.agreement_sum;
+    out.lsa_agreement_count += ls.agreement_count;
+  }
+  return out;
 }
 
 void Scheduler::Loop() {
@@ -218,6 +276,7 @@ void Scheduler::Loop() {
 // One forward pass over every session with work. Runs the model outside the lock.
 bool Scheduler::StepOnce(std::unique_lock<std::mutex>& lock) {
   struct Work {
+    uint64_t id;
     Session* s;
     std::vector<int32_t> tokens;
     bool sample_after;  // the logits of the chunk's last token yield the next token
@@ -227,6 +286,7 @@ bool Scheduler::StepOnce(std::unique_lock<std::mutex>& lock) {
   int64_t budget = options_.step_token_budget;
   for (auto& [id, sp] : sessions_) {
     Session& s = *sp;
+    if (!s.broken.ok()) continue;
     if (!s.pending.empty()) {
       const int64_t take = std::min<int64_t>(options_.prefill_chunk, static_cast<int64_t>(s.pending.size()));
       // Sampled tokens always go; a prompt chunk waits for a later step when the budget is spent
@@ -235,10 +295,12 @@ bool Scheduler::StepOnce(std::unique_lock<std::mutex>& lock) {
       if (!s.sampled_pending) budget -= take;
       std::vector<int32_t> toks(s.pending.begin(), s.pending.begin() + take);
       s.pending.erase(s.pending.begin(), s.pending.begin() + take);
-      work.push_back({&s, std::move(toks), s.pending.empty() && s.generating, s.sampled_pending});
+      // A decode step feeds just the sampled token; a chunk with prompt tokens is a prefill.
+      const bool decode = s.sampled_pending && take == 1;
+      work.push_back({id, &s, std::move(toks), s.pending.empty() && s.generating, decode});
       s.sampled_pending = false;
     } else if (s.generating && s.has_logits) {
-      work.push_back({&s, {}, true, false});  // logits already current: sample without a forward
+      work.push_back({id, &s, {}, true, false});  // logits already current: sample without a forward
     }
   }
   if (work.empty()) return false;
@@ -246,14 +308,22 @@ bool Scheduler::StepOnce(std::unique_lock<std::mutex>& lock) {
   busy_ = true;
   lock.unlock();
   std::vector<model::BatchItem> batch;
+  std::map<Session*, absl::Status> failed;  // sessions whose pages could not be brought back
   for (Work& w : work)
     if (!w.tokens.empty()) {
       if (w.s->lsa) w.s->lsa->BeforeStep(*w.s->state, w.decode);
+      if (w.s->paged) {
+        if (absl::Status pst = options_.pager->EnsureVisible(w.id); !pst.ok()) {
+          failed[w.s] = pst;
+          continue;
+        }
+      }
       batch.push_back({w.s->state.get(), w.tokens, &w.s->logits, nullptr});
     }
   absl::Status st = batch.empty() ? absl::OkStatus() : model_.Forward(batch);
   for (Work& w : work)
-    if (!w.tokens.empty() && w.s->lsa) w.s->lsa->AfterStep(*w.s->state, w.decode);
+    if (!w.tokens.empty() && w.s->lsa && !failed.count(w.s)) w.s->lsa->AfterStep(*w.s->state, w.decode);
+  if (options_.pager) options_.pager->AfterStep();
   lock.lock();
   busy_ = false;
   cv_.notify_all();
@@ -263,9 +333,21 @@ bool Scheduler::StepOnce(std::unique_lock<std::mutex>& lock) {
     Session& s = *w.s;
     s.in_flight = false;
     rows += w.tokens.size();
-    if (!w.tokens.empty()) {
+    if (s.lsa) s.lsa_seen = ReadLsa(s);
+    if (!w.tokens.empty() && !failed.count(&s)) {
       s.has_logits = true;
       (w.decode ? stats_.decode_tokens : stats_.prefill_tokens) += w.tokens.size();
+    }
+    if (failed.count(&s)) {  // nothing consumed: the tokens wait for a retry
+      s.pending.insert(s.pending.begin(), w.tokens.begin(), w.tokens.end());
+      s.sampled_pending = w.decode;
+      s.has_logits = false;
+      s.broken = absl::UnavailableError(absl::StrCat("KV pages of the session could not be recalled (retry): ", failed[&s].message()));
+      if (s.generating) {
+        s.generating = false;
+        s.on_token(-1, true, std::string(s.broken.message()));
+      }
+      continue;
     }
     absl::Status sst = st;
     if (sst.ok() && s.state->residency.missing_rows > 0)

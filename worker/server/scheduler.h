@@ -16,6 +16,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "worker/kv/kv_pager.h"
 #include "worker/lsa/lsa_session.h"
 #include "worker/model/sampler.h"
 #include "worker/model/transformer.h"
@@ -35,12 +36,16 @@ struct SchedulerOptions {
   lsa::LsaOptions lsa;
   bool lsa_apply_at_boundary = true;  // false: a set is in force from the step after its refresh
   bool lsa_measure_agreement = false; // evaluation mode: Level-2 agreement with the full top-k
+  // Paged KV: sessions created with a memtier key commit their pages there and keep only what
+  // their view needs within the pager's budget (null: everything stays in memory).
+  kv::KvPager* pager = nullptr;
 };
 
 // Per-session choices at creation.
 struct SessionOptions {
   lsa::LsaMode lsa_mode = lsa::LsaMode::kAuto;  // kAuto runs LSA when the worker has an indexer
   std::string lsa_overrides;                     // "kmax=8,interval=32" over the worker's options
+  uint64_t memtier_key = 0;                      // non-zero: pages go to memtier under this session key
 };
 
 // A session's LSA figures (GetSession, /metrics, generate --stats).
@@ -49,6 +54,8 @@ struct SessionLsaStats {
   lsa::LsaStats lsa;
   double level2_agreement = -1;  // mean over decode tokens and CSA layers (evaluation mode)
   int64_t visible_pages = 0, total_pages = 0;  // Level-2 view now, per CSA layer
+  double agreement_sum = 0;
+  int64_t agreement_count = 0;
 };
 
 struct GenerateParams {
@@ -63,6 +70,14 @@ using TokenCallback = std::function<void(int32_t token, bool done, const std::st
 
 struct SchedulerStats {
   uint64_t steps = 0, prefill_tokens = 0, decode_tokens = 0, max_batch_rows = 0;
+  // LSA, summed over the sessions held now.
+  uint64_t lsa_sessions = 0, lsa_refreshes = 0, lsa_sets_applied = 0, lsa_pages_recalled = 0;
+  uint64_t lsa_stalls = 0, lsa_fallbacks = 0;
+  double lsa_stall_seconds = 0, lsa_churn_jaccard_sum = 0;
+  uint64_t lsa_churn_count = 0;
+  uint64_t lsa_visible_pages = 0, lsa_total_pages = 0;
+  double lsa_agreement_sum = 0;
+  uint64_t lsa_agreement_count = 0;
 };
 
 class Scheduler {
@@ -75,7 +90,7 @@ class Scheduler {
   // logits of its last token, taken once every queued token is consumed. Restoring it on another
   // scheduler (another worker) continues the session with no prefill and the same tokens.
   absl::StatusOr<std::string> Snapshot(uint64_t id);
-  absl::StatusOr<uint64_t> Restore(absl::string_view snapshot);
+  absl::StatusOr<uint64_t> Restore(absl::string_view snapshot, uint64_t memtier_key = 0);
   absl::Status CloseSession(uint64_t id);
   // Queues tokens to be consumed (prefill) before any further generation.
   absl::Status Append(uint64_t id, std::vector<int32_t> tokens);
@@ -105,7 +120,13 @@ class Scheduler {
     bool has_logits = false;          // logits of the last consumed token are current
     bool in_flight = false;           // tokens of this session are in the running forward pass
     std::unique_ptr<lsa::LsaSession> lsa;
+    bool paged = false;  // registered with the pager
+    absl::Status broken;  // its pages could not be brought back; retried by the next Generate
+    SessionLsaStats lsa_seen;  // copied after each step (readable under the lock)
   };
+  static SessionLsaStats ReadLsa(const Session& s);
+  // Registers a session's pages with the pager (and the LSA stage hook) once it has an id.
+  void AttachPager(uint64_t id, Session& s, uint64_t memtier_key);
   absl::StatusOr<std::unique_ptr<lsa::LsaSession>> MakeLsa(lsa::LsaMode mode, const std::string& overrides,
                                                            model::SessionState& state);
   absl::StatusOr<uint64_t> Adopt(std::unique_ptr<Session> s);

@@ -102,7 +102,7 @@ absl::StatusOr<std::pair<uint64_t, uint64_t>> SessionServiceImpl::Adopt(const st
   s->generated.resize(n);
   std::memcpy(s->generated.data(), in.data(), n * 4);
   in.remove_prefix(n * 4);
-  auto sid = scheduler_.Restore(in);
+  auto sid = scheduler_.Restore(in, *key);
   if (!sid.ok()) return sid.status();
   s->scheduler_id = *sid;
   s->version = st->first;
@@ -141,20 +141,22 @@ grpc::Status SessionServiceImpl::CreateSession(grpc::ServerContext*, const v1::C
                                                v1::CreateSessionResponse* out) {
   model::SamplingOptions d{r->defaults().temperature(), r->defaults().top_p() == 0 ? 1.0f : r->defaults().top_p(), r->defaults().seed()};
   if (auto st = model::ValidateSampling(d); !st.ok()) return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, absl::StrCat("defaults: ", st.message()));
-  auto id = scheduler_.CreateSession();
+  const std::string sid = RandomHex(8);
+  SessionOptions so;
+  so.lsa_mode = r->lsa() == v1::LSA_DENSE ? lsa::LsaMode::kOff : lsa::LsaMode::kAuto;
+  so.lsa_overrides = r->lsa_options();
+  if (memtier_) {
+    auto key = MemtierKey(sid);
+    if (auto st = memtier_->OpenSession(*key); !st.ok())
+      return grpc::Status(grpc::StatusCode::UNAVAILABLE, absl::StrCat("memtier: ", st.message()));
+    so.memtier_key = *key;
+  }
+  auto id = scheduler_.CreateSession(so);
   if (!id.ok()) return ToGrpc(id.status());
   auto s = std::make_shared<Session>();
   s->scheduler_id = *id;
   s->token = RandomHex(16);
   s->defaults = d;
-  const std::string sid = RandomHex(8);
-  if (memtier_) {
-    auto key = MemtierKey(sid);
-    if (auto st = memtier_->OpenSession(*key); !st.ok()) {
-      (void)scheduler_.CloseSession(*id);
-      return grpc::Status(grpc::StatusCode::UNAVAILABLE, absl::StrCat("memtier: ", st.message()));
-    }
-  }
   {
     std::lock_guard<std::mutex> l(mu_);
     sessions_[sid] = s;
@@ -310,12 +312,40 @@ grpc::Status SessionServiceImpl::GetSession(grpc::ServerContext* ctx, const v1::
   out->set_session_id(r->session_id());
   auto st = scheduler_.WithState(s->scheduler_id, [&](const model::SessionState& state, uint64_t) {
     out->set_length(state.position);
-    uint64_t bytes = 0;
-    for (const auto& l : state.layers)
-      bytes += (l.window.size() + l.compressed.size() * l.compressed.dim() + l.index_keys.size() * l.index_keys.dim()) * sizeof(float);
+    uint64_t bytes = 0, dense = 0, evicted = 0;
+    auto pages = [&](const kv::EntryPages& e) {
+      for (int64_t p = 0; p < e.num_pages(); ++p) {
+        const uint64_t b = std::min<int64_t>(kv::kEntriesPerPage, e.size() - p * kv::kEntriesPerPage) * e.dim() * sizeof(float);
+        dense += b;
+        if (e.resident(p)) bytes += b; else ++evicted;
+      }
+    };
+    for (const auto& l : state.layers) {
+      bytes += l.window.size() * sizeof(float);
+      dense += l.window.size() * sizeof(float);
+      pages(l.compressed);
+      pages(l.index_keys);
+    }
     out->set_kv_bytes_worker(bytes);
+    out->set_kv_bytes_dense(dense);
+    out->set_kv_pages_evicted(evicted);
   });
   if (!st.ok()) return ToGrpc(st);
+  if (options_.pager) out->set_kv_pages_in_memtier(options_.pager->session_stats(s->scheduler_id).committed_pages);
+  if (auto ls = scheduler_.LsaStats(s->scheduler_id); ls.ok() && ls->enabled) {
+    v1::LsaInfo* li = out->mutable_lsa();
+    li->set_enabled(true);
+    li->set_refreshes(ls->lsa.refreshes);
+    li->set_sets_applied(ls->lsa.sets_applied);
+    li->set_visible_pages(ls->visible_pages);
+    li->set_total_pages(ls->total_pages);
+    li->set_pages_recalled(ls->lsa.pages_recalled);
+    li->set_churn_jaccard(ls->lsa.churn_count ? ls->lsa.churn_jaccard_sum / ls->lsa.churn_count : 1.0);
+    li->set_stalls(ls->lsa.stalls);
+    li->set_stall_ms(ls->lsa.stall_seconds * 1e3);
+    li->set_fallback(ls->lsa.fallback);
+    li->set_level2_agreement(ls->level2_agreement);
+  }
   out->set_generated(s->generated.size());
   out->set_state("idle");
   out->set_worker_prefill_tokens(scheduler_.stats().prefill_tokens);

@@ -23,6 +23,7 @@ namespace flashmem::server {
 struct SessionServiceOptions {
   int64_t max_prompt_tokens = 1 << 20;  // per Append
   uint32_t max_generate_tokens = 1 << 16;
+  const kv::KvPager* pager = nullptr;  // for GetSession's page counts
 };
 
 class SessionServiceImpl final : public v1::SessionService::Service {

@@ -1,0 +1,319 @@
+#include "worker/kv/kv_pager.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <tuple>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/numerics.h"
+
+namespace flashmem::kv {
+
+KvPager::KvPager(const model::ModelArgs& args, KvPagerOptions options, memtier::MemTierClient* client)
+    : args_(args), options_(std::move(options)), client_(client) {}
+
+KvPager::~KvPager() {
+  std::lock_guard<std::mutex> l(mu_);
+  for (auto& [id, s] : sessions_) Harvest(*s, /*wait=*/true);
+}
+
+uint64_t KvPager::PageBytes(const Stream& s) const {
+  return static_cast<uint64_t>(s.pages->page_floats()) * sizeof(float);
+}
+
+void KvPager::AddSession(uint64_t id, uint64_t memtier_key, model::SessionState* state) {
+  auto s = std::make_unique<Session>();
+  s->key = memtier_key;
+  s->state = state;
+  int64_t csa = 0;
+  for (int64_t l = 0; l < args_.n_layers; ++l) {
+    const int r = args_.ratio(l);
+    if (r == 0) continue;
+    model::LayerState& ls = state->layers[l];
+    s->streams.push_back({l, 0, r == 4, r == 4, &ls.compressed, {}, {}, {}});
+    if (r == 4) {
+      const bool pinned = std::find(options_.pinned_index_layers.begin(), options_.pinned_index_layers.end(), csa) !=
+                          options_.pinned_index_layers.end();
+      s->streams.push_back({l, 1, !pinned, true, &ls.index_keys, {}, {}, {}});
+      ++csa;
+    }
+  }
+  for (Stream& st : s->streams) {
+    const int64_t n = st.pages->num_pages();
+    st.state.assign(n, 0);
+    st.evicted.assign(n, 0);
+    st.last_used.assign(n, 0);
+    for (int64_t p = 0; p < n; ++p)
+      if (!st.pages->resident(p)) {  // referenced by the snapshot this session came from
+        st.state[p] = 2;
+        st.evicted[p] = 1;
+      }
+  }
+  std::lock_guard<std::mutex> l(mu_);
+  sessions_[id] = std::move(s);
+}
+
+void KvPager::RemoveSession(uint64_t id) {
+  std::lock_guard<std::mutex> l(mu_);
+  auto it = sessions_.find(id);
+  if (it == sessions_.end()) return;
+  Harvest(*it->second, /*wait=*/true);
+  sessions_.erase(it);
+}
+
+void KvPager::Harvest(Session& s, bool wait) {
+  while (!s.inflight.empty()) {
+    Session::Inflight& f = s.inflight.front();
+    if (!wait && f.done.wait_for(std::chrono::seconds(0)) != std::future_status::ready) break;
+    const absl::Status st = f.done.get();
+    for (auto [si, p] : f.pages) {
+      Stream& stream = s.streams[si];
+      if (p < static_cast<int64_t>(stream.state.size())) stream.state[p] = st.ok() ? 2 : 0;  // failed: retried
+    }
+    (st.ok() ? stats_.pages_committed : stats_.commit_failures) += f.pages.size();
+    s.inflight.pop_front();
+  }
+}
+
+absl::Status KvPager::Recall(Session& s, const std::vector<std::pair<int, int64_t>>& want,
+                             std::vector<std::vector<float>>* out) {
+  if (!client_) return absl::FailedPreconditionError("KV pages are in memtier but this worker has no memtier client");
+  std::vector<std::vector<uint8_t>> bufs(want.size());
+  std::vector<memtier::PageToRecall> req(want.size());
+  for (size_t i = 0; i < want.size(); ++i) {
+    const Stream& st = s.streams[want[i].first];
+    bufs[i].resize(st.pages->page_floats() * 2);
+    req[i].key = {s.key, MemtierLayer(st.layer, st.kind), static_cast<uint32_t>(want[i].second)};
+    req[i].dst = bufs[i];
+  }
+  // In batches that fit the client's registered buffer.
+  const uint64_t room = client_->buffer_bytes();
+  for (size_t first = 0; first < req.size();) {
+    size_t last = first;
+    uint64_t bytes = 0;
+    while (last < req.size() && (last == first || bytes + req[last].dst.size() <= room)) bytes += req[last++].dst.size();
+    if (auto st = client_->Recall(s.key, std::span<memtier::PageToRecall>(req.data() + first, last - first)); !st.ok())
+      return absl::Status(st.code(), absl::StrCat("recall of ", want.size(), " KV pages from memtier: ", st.message()));
+    first = last;
+  }
+  out->resize(want.size());
+  for (size_t i = 0; i < want.size(); ++i) {
+    if (req[i].length != bufs[i].size())
+      return absl::DataLossError(absl::StrCat("memtier returned ", req[i].length, " bytes for a KV page of ", bufs[i].size()));
+    auto& f = (*out)[i];
+    f.resize(bufs[i].size() / 2);
+    for (size_t k = 0; k < f.size(); ++k) {
+      uint16_t b;
+      std::memcpy(&b, bufs[i].data() + 2 * k, 2);
+      f[k] = num::Bf16BitsToFloat(b);
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status KvPager::EnsureVisible(uint64_t id) {
+  std::lock_guard<std::mutex> l(mu_);
+  auto it = sessions_.find(id);
+  if (it == sessions_.end()) return absl::OkStatus();
+  Session& s = *it->second;
+  const model::Residency& view = s.state->residency;
+  std::vector<std::pair<int, int64_t>> missing;
+  for (int si = 0; si < static_cast<int>(s.streams.size()); ++si) {
+    Stream& st = s.streams[si];
+    for (int64_t p = 0; p < st.pages->num_pages(); ++p) {
+      if (st.pages->resident(p)) continue;
+      if (st.evictable && st.csa && !view.PageVisible(p)) continue;
+      auto staged = s.staged.find({si, p});
+      if (staged != s.staged.end()) {
+        st.pages->Restore(p, staged->second);
+        st.evicted[p] = 0;
+        s.staged.erase(staged);
+        stats_.pages_recalled++;
+      } else {
+        missing.push_back({si, p});
+      }
+    }
+  }
+  // Staged pages not needed yet stay for the set they were fetched for.
+  if (missing.empty()) return absl::OkStatus();
+  const auto t0 = std::chrono::steady_clock::now();
+  std::vector<std::vector<float>> data;
+  if (auto st = Recall(s, missing, &data); !st.ok()) return st;
+  for (size_t i = 0; i < missing.size(); ++i) {
+    Stream& st = s.streams[missing[i].first];
+    st.pages->Restore(missing[i].second, data[i]);
+    st.evicted[missing[i].second] = 0;
+  }
+  stats_.pages_recalled += missing.size();
+  stats_.late_pages += missing.size();
+  stats_.late_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return absl::OkStatus();
+}
+
+void KvPager::Stage(uint64_t id, const std::vector<int64_t>& pages, const std::vector<int64_t>& ranked) {
+  std::vector<std::pair<int, int64_t>> want;
+  std::vector<memtier::PageKey> hint;
+  uint64_t key = 0;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = sessions_.find(id);
+    if (it == sessions_.end() || !client_) return;
+    Session& s = *it->second;
+    key = s.key;
+    for (int si = 0; si < static_cast<int>(s.streams.size()); ++si) {
+      const Stream& st = s.streams[si];
+      if (!st.evictable || !st.csa) continue;
+      for (int64_t p : pages)
+        if (p < static_cast<int64_t>(st.evicted.size()) && st.evicted[p] && !s.staged.count({si, p})) want.push_back({si, p});
+      for (size_t r = 0; r < ranked.size() && r < 2 * pages.size(); ++r)
+        if (ranked[r] < static_cast<int64_t>(st.evicted.size()) && st.evicted[ranked[r]])
+          hint.push_back({key, MemtierLayer(st.layer, st.kind), static_cast<uint32_t>(ranked[r])});
+    }
+  }
+  if (!hint.empty()) (void)client_->Prefetch(key, hint, /*deadline_ms=*/1000);
+  if (want.empty()) return;
+  // Recall outside the lock: the scheduler keeps stepping meanwhile.
+  std::vector<std::vector<float>> data;
+  Session* s = nullptr;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = sessions_.find(id);
+    if (it == sessions_.end()) return;
+    s = it->second.get();
+  }
+  // The session record cannot go away while its LSA task runs (the scheduler waits for the task
+  // before removing the session), so using `s` unlocked here is safe; Recall only reads streams'
+  // immutable fields.
+  if (!Recall(*s, want, &data).ok()) return;  // EnsureVisible will recall them (late)
+  std::lock_guard<std::mutex> l(mu_);
+  if (!sessions_.count(id)) return;
+  for (size_t i = 0; i < want.size(); ++i) s->staged[want[i]] = std::move(data[i]);
+  stats_.pages_staged += want.size();
+}
+
+void KvPager::AfterStep() {
+  std::lock_guard<std::mutex> l(mu_);
+  ++step_;
+  struct Candidate { uint64_t last_used; int64_t page; Session* s; int si; };
+  std::vector<Candidate> cand;
+  uint64_t resident = 0, dense = 0, needed = 0;
+  for (auto& [id, sp] : sessions_) {
+    Session& s = *sp;
+    Harvest(s, /*wait=*/false);
+    std::vector<memtier::PageToCommit> commit;
+    std::vector<std::vector<uint8_t>> bytes;
+    std::vector<std::pair<int, int64_t>> which;
+    const model::Residency& view = s.state->residency;
+    for (int si = 0; si < static_cast<int>(s.streams.size()); ++si) {
+      Stream& st = s.streams[si];
+      const int64_t n = st.pages->num_pages();
+      st.state.resize(n, 0);
+      st.evicted.resize(n, 0);
+      st.last_used.resize(n, 0);
+      for (int64_t p = 0; p < st.pages->complete_pages(); ++p) {
+        if (st.state[p] != 0 || !client_ || !st.pages->resident(p)) continue;
+        const std::span<const float> f = st.pages->Page(p);
+        std::vector<uint8_t> b(f.size() * 2);
+        for (size_t k = 0; k < f.size(); ++k) {
+          const uint16_t h = num::FloatToBf16Bits(f[k]);  // entries are bf16 values: exact
+          std::memcpy(b.data() + 2 * k, &h, 2);
+        }
+        bytes.push_back(std::move(b));
+        which.push_back({si, p});
+        st.state[p] = 1;
+      }
+      if (!st.evictable) continue;
+      const uint64_t pb = PageBytes(st);
+      for (int64_t p = 0; p < n; ++p) {
+        dense += pb;
+        const bool visible = !st.csa || view.PageVisible(p);
+        if (visible) st.last_used[p] = step_;
+        if (!st.pages->resident(p)) continue;
+        resident += pb;
+        if (visible || st.state[p] != 2) needed += pb;
+        else cand.push_back({st.last_used[p], p, &s, si});
+      }
+    }
+    // Write-behind in batches that fit the client's buffer; a full queue blocks (back-pressure).
+    const uint64_t room = client_ ? client_->buffer_bytes() : 0;
+    for (size_t first = 0; first < which.size();) {
+      size_t last = first;
+      uint64_t total = 0;
+      commit.clear();
+      while (last < which.size() && (last == first || total + bytes[last].size() <= room)) {
+        const Stream& st = s.streams[which[last].first];
+        commit.push_back({{s.key, MemtierLayer(st.layer, st.kind), static_cast<uint32_t>(which[last].second)}, bytes[last]});
+        total += bytes[last++].size();
+      }
+      s.inflight.push_back({client_->CommitAsync(s.key, commit, options_.max_queued_commits),
+                            std::vector<std::pair<int, int64_t>>(which.begin() + first, which.begin() + last)});
+      first = last;
+    }
+  }
+  if (options_.budget_bytes > 0 && resident > options_.budget_bytes) {
+    std::sort(cand.begin(), cand.end(), [](const Candidate& a, const Candidate& b) {
+      return std::tie(a.last_used, a.page) < std::tie(b.last_used, b.page);
+    });
+    for (const Candidate& c : cand) {
+      if (resident <= options_.budget_bytes) break;
+      Stream& st = c.s->streams[c.si];
+      st.pages->Evict(c.page);
+      st.evicted[c.page] = 1;
+      resident -= PageBytes(st);
+      stats_.pages_evicted++;
+    }
+    if (resident > options_.budget_bytes) stats_.over_budget_steps++;
+  }
+  (void)needed;
+  stats_.resident_bytes = resident;
+  stats_.dense_bytes = dense;
+  stats_.peak_resident_bytes = std::max(stats_.peak_resident_bytes, resident);
+}
+
+bool KvPager::Committed(uint64_t id, int64_t layer, int kind, int64_t page) const {
+  std::lock_guard<std::mutex> l(mu_);
+  auto it = sessions_.find(id);
+  if (it == sessions_.end()) return false;
+  for (const Stream& st : it->second->streams)
+    if (st.layer == layer && st.kind == kind)
+      return page < static_cast<int64_t>(st.state.size()) && st.state[page] == 2;
+  return false;
+}
+
+void KvPager::Flush(uint64_t id) {
+  std::lock_guard<std::mutex> l(mu_);
+  auto it = sessions_.find(id);
+  if (it != sessions_.end()) Harvest(*it->second, /*wait=*/true);
+}
+
+KvPagerStats KvPager::stats() const {
+  std::lock_guard<std::mutex> l(mu_);
+  return stats_;
+}
+
+SessionKvStats KvPager::session_stats(uint64_t id) const {
+  std::lock_guard<std::mutex> l(mu_);
+  SessionKvStats out;
+  auto it = sessions_.find(id);
+  if (it == sessions_.end()) return out;
+  const Session& s = *it->second;
+  for (const Stream& st : s.streams) {
+    const uint64_t pb = PageBytes(st);
+    for (int64_t p = 0; p < st.pages->num_pages(); ++p) {
+      const bool res = st.pages->resident(p);
+      out.committed_pages += p < static_cast<int64_t>(st.state.size()) && st.state[p] == 2;
+      out.evicted_pages += !res;
+      if (st.evictable) {
+        out.dense_bytes += pb;
+        if (res) out.resident_bytes += pb;
+      } else if (res) {
+        out.fixed_bytes += pb;
+      }
+    }
+  }
+  for (const model::LayerState& ls : s.state->layers) out.fixed_bytes += ls.window.size() * sizeof(float);
+  return out;
+}
+
+}  // namespace flashmem::kv
