@@ -208,5 +208,91 @@ TEST(Failover, CoordinatorMovesTheSessionAndTheStreamCarriesOn) {
   std::filesystem::remove_all(dir);
 }
 
+// LSA on, with a KV budget that keeps pages in memtier: a worker SIGKILLed mid-stream; the
+// session (its schedule, resident set and page references) moves to the other worker, which
+// recalls the pages it needs from memtier; the tokens equal the uninterrupted run.
+TEST(Failover, WithLsaAndEvictedPagesTheTokensAreTheSame) {
+  const std::string dir = TempDir("failover_lsa");
+  ASSERT_EQ(std::system((std::string(FLASHMEM_BIN) + " ckpt random --preset tiny --layers 4 --seed 9 --out " + dir + "/m > /dev/null").c_str()), 0);
+  ASSERT_EQ(std::system((std::string(FLASHMEM_BIN) + " indexer init --model " + dir + "/m --out " + dir + "/idx > /dev/null").c_str()), 0);
+  Child memtier = Spawn(FLASHMEM_MEMTIER_BIN, {"--grpc-listen", "127.0.0.1:0", "--data-dir", dir + "/mt", "--ram-bytes", "268435456"});
+  ASSERT_FALSE(memtier.target.empty()) << memtier.output;
+  Child coord = Spawn(FLASHMEM_COORDINATOR_BIN, {"--listen", "127.0.0.1:0", "--data-dir", dir + "/coord"});
+  ASSERT_FALSE(coord.target.empty()) << coord.output;
+  const std::vector<std::string> wargs = {"--model", dir + "/m", "--listen", "127.0.0.1:0", "--memtier", memtier.target,
+                                          "--coordinator", coord.target, "--lsa-indexer", dir + "/idx",
+                                          "--lsa-options", "interval=8,kmax=2,tail_chunks=16", "--kv-budget-bytes", "1048576"};
+  Child w1 = Spawn(FLASHMEM_WORKER_BIN, wargs), w2 = Spawn(FLASHMEM_WORKER_BIN, wargs);
+  ASSERT_FALSE(w1.target.empty() || w2.target.empty()) << w1.output << w2.output;
+  Api api(coord.target);
+  const std::vector<int32_t> prompt = Prompt(1500, 1000, 3);  // 375 chunks: 6 pages per CSA stream
+  auto start = [&](v1::CreateSessionResponse* cs) {
+    grpc::ClientContext ctx;
+    ASSERT_TRUE(api.session->CreateSession(&ctx, v1::CreateSessionRequest(), cs).ok());
+    v1::AppendRequest a;
+    a.set_session_id(cs->session_id());
+    for (int32_t t : prompt) a.mutable_token_ids()->add_ids(t);
+    grpc::ClientContext actx;
+    actx.AddMetadata("authorization", "Bearer " + cs->token());
+    auto r = api.session->Append(&actx, a);
+    v1::AppendProgress p;
+    while (r->Read(&p)) {
+    }
+    ASSERT_TRUE(r->Finish().ok());
+  };
+  auto info = [&](const v1::CreateSessionResponse& cs) {
+    v1::SessionInfo i;
+    grpc::ClientContext ctx;
+    ctx.AddMetadata("authorization", "Bearer " + cs.token());
+    v1::SessionRef ref;
+    ref.set_session_id(cs.session_id());
+    EXPECT_TRUE(api.session->GetSession(&ctx, ref, &i).ok());
+    return i;
+  };
+  v1::SamplingParams greedy;
+  grpc::Status st;
+  v1::CreateSessionResponse ref;
+  start(&ref);
+  const std::vector<int32_t> want = Generate(api, ref.session_id(), ref.token(), 40, greedy, &st);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  const v1::SessionInfo ri = info(ref);
+  EXPECT_TRUE(ri.lsa().enabled());
+  EXPECT_GE(ri.lsa().sets_applied(), 3u);
+  EXPECT_GT(ri.kv_pages_in_memtier(), 0u);
+  EXPECT_LT(ri.kv_bytes_worker(), ri.kv_bytes_dense());
+
+  v1::CreateSessionResponse cs;
+  start(&cs);
+  const std::string first = info(cs).served_by();
+  Child& victim = first == w1.target ? w1 : w2;
+  // The survivor's prefill counter before the failover (it may serve the reference session).
+  const v1::SessionInfo ref_now = info(ref);
+  const uint64_t survivor_prefill = ref_now.served_by() != first ? ref_now.worker_prefill_tokens() : 0;
+  v1::GenerateRequest g;
+  g.set_session_id(cs.session_id());
+  g.set_max_tokens(40);
+  grpc::ClientContext ctx;
+  ctx.AddMetadata("authorization", "Bearer " + cs.token());
+  auto reader = api.session->Generate(&ctx, g);
+  v1::GeneratedToken t;
+  std::vector<int32_t> got;
+  while (reader->Read(&t)) {
+    got.push_back(t.id());
+    if (got.size() == 12) Stop(victim, SIGKILL);
+  }
+  st = reader->Finish();
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  EXPECT_EQ(got, want);
+  const v1::SessionInfo ci = info(cs);
+  EXPECT_NE(ci.served_by(), first);
+  EXPECT_TRUE(ci.lsa().enabled());
+  EXPECT_EQ(ci.worker_prefill_tokens(), survivor_prefill) << "the adopting worker ran no prefill";
+  Stop(w1);
+  Stop(w2);
+  Stop(coord);
+  Stop(memtier);
+  std::filesystem::remove_all(dir);
+}
+
 }  // namespace
 }  // namespace flashmem::testing
