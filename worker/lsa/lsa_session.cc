@@ -141,6 +141,15 @@ void LsaSession::AfterStep(model::SessionState& state, bool decode) {
 Selection LsaSession::Score(std::vector<std::vector<float>> x, int64_t pos,
                             std::vector<std::vector<const float*>> keys, int64_t n) {
   const auto t0 = std::chrono::steady_clock::now();
+  if (options_.policy != LsaOptions::Policy::kIndexer) {  // ablations: no scoring
+    Selection sel;
+    sel.covered_chunks = n;
+    sel.pages = options_.policy == LsaOptions::Policy::kRecency
+        ? RecencyPages(n, options_) : RandomPages(n, options_, static_cast<uint64_t>(pos));
+    sel.ranked = sel.pages;
+    sel.score_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    return sel;
+  }
   std::vector<std::vector<float>> sig(slot_index_.size(), std::vector<float>(n));
   for (size_t s = 0; s < slot_index_.size(); ++s) {
     const IndexerQuery q = indexer_.Query(slot_index_[s], x[s].data(), pos);

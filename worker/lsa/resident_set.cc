@@ -59,6 +59,11 @@ absl::StatusOr<LsaOptions> ParseLsaOptions(const std::string& text, LsaOptions o
       if (val == "1" || val == "true") o.stagger = true;
       else if (val == "0" || val == "false") o.stagger = false;
       else return BadOption(key, val, "must be 0 or 1");
+    } else if (key == "policy") {
+      if (val == "indexer") o.policy = LsaOptions::Policy::kIndexer;
+      else if (val == "recency") o.policy = LsaOptions::Policy::kRecency;
+      else if (val == "random") o.policy = LsaOptions::Policy::kRandom;
+      else return BadOption(key, val, "must be indexer, recency or random");
     } else if (key == "target_layers") {
       o.target_layers.clear();
       for (absl::string_view s : absl::StrSplit(val, ':', absl::SkipEmpty())) {
@@ -67,7 +72,7 @@ absl::StatusOr<LsaOptions> ParseLsaOptions(const std::string& text, LsaOptions o
         o.target_layers.push_back(v);
       }
     } else {
-      return absl::InvalidArgumentError(absl::StrCat("unknown LSA option '", key, "' (known: interval, threshold, ensemble, tail_chunks, sink_chunks, kmax, kmax_ratio, target_context, max_resident, fallback_limit, stagger, target_layers)"));
+      return absl::InvalidArgumentError(absl::StrCat("unknown LSA option '", key, "' (known: interval, threshold, ensemble, tail_chunks, sink_chunks, kmax, kmax_ratio, target_context, max_resident, fallback_limit, stagger, target_layers, policy)"));
     }
     if (!st.ok()) return st;
   }
@@ -80,7 +85,8 @@ std::string LsaOptionsToString(const LsaOptions& o) {
                       ",sink_chunks=", o.sink_chunks, ",kmax=", o.kmax, ",kmax_ratio=", o.kmax_ratio,
                       ",target_context=", o.target_context_tokens, ",max_resident=", o.max_resident,
                       ",fallback_limit=", o.fallback_limit, ",stagger=", o.stagger ? 1 : 0,
-                      ",target_layers=", absl::StrJoin(o.target_layers, ":"));
+                      ",target_layers=", absl::StrJoin(o.target_layers, ":"), ",policy=",
+                      o.policy == LsaOptions::Policy::kIndexer ? "indexer" : o.policy == LsaOptions::Policy::kRecency ? "recency" : "random");
 }
 
 int64_t ResolveKmax(const LsaOptions& o) {
@@ -154,6 +160,36 @@ std::vector<uint8_t> ExpandPages(const PageSelection& sel, int64_t n) {
   for (int64_t p : sel.pages)
     for (int64_t j = p * kChunksPerPage; j < std::min(n, (p + 1) * kChunksPerPage); ++j) keep[j] = 1;
   return keep;
+}
+
+std::vector<int64_t> RecencyPages(int64_t n, const LsaOptions& o) {
+  const int64_t n_pages = (n + kChunksPerPage - 1) / kChunksPerPage;
+  const int64_t k = std::min(ResolveKmax(o), n_pages);
+  std::vector<int64_t> pages;
+  for (int64_t p = n_pages - k; p < n_pages; ++p) pages.push_back(p);
+  return pages;
+}
+
+std::vector<int64_t> RandomPages(int64_t n, const LsaOptions& o, uint64_t seed) {
+  // The forced pages exactly as SelectPages forces them (all chunks below threshold), then a
+  // seeded uniform choice among the rest.
+  std::vector<float> none(n, 0.0f);
+  LsaOptions forced = o;
+  forced.threshold = 1.0f;
+  PageSelection base = SelectPages(none.data(), n, forced);
+  std::vector<int64_t> pages, rest;
+  for (int64_t p = 0; p < static_cast<int64_t>(base.page_score.size()); ++p)
+    (std::isinf(base.page_score[p]) ? pages : rest).push_back(p);
+  if (static_cast<int64_t>(pages.size()) > base.k) pages.resize(base.k);
+  uint64_t x = seed * 0x9E3779B97F4A7C15ull + 1;
+  while (static_cast<int64_t>(pages.size()) < base.k && !rest.empty()) {
+    x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+    const size_t i = x % rest.size();
+    pages.push_back(rest[i]);
+    rest.erase(rest.begin() + static_cast<std::ptrdiff_t>(i));
+  }
+  std::sort(pages.begin(), pages.end());
+  return pages;
 }
 
 bool ThresholdFallback::Observe(const float* ens, int64_t n, const LsaOptions& o) {

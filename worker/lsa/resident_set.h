@@ -30,7 +30,15 @@ struct LsaOptions {
   double fallback_limit = 0.0;    // lsa.fallback_limit: > 0 enables the threshold fallback
   bool stagger = false;           // lsa.stagger: per-session phase = admission counter % interval
   std::vector<int> target_layers; // lsa.target_layers: CSA ids (empty: the indexer's own)
+  // lsa.policy: how pages are chosen. `indexer` is LSA; `recency` (the KMAX newest pages) and
+  // `random` (the forced tail and sink, then random pages up to KMAX) are the release's
+  // ablations, for benchmarks at an equal budget.
+  enum class Policy { kIndexer, kRecency, kRandom } policy = Policy::kIndexer;
 };
+
+// The ablation choices (pages ascending), K = min(KMAX, n_pages).
+std::vector<int64_t> RecencyPages(int64_t n, const LsaOptions& o);
+std::vector<int64_t> RandomPages(int64_t n, const LsaOptions& o, uint64_t seed);
 
 // Parses "key=value,key=value" (keys as above without the "lsa." prefix, e.g.
 // "kmax=8,tail_chunks=256,ensemble=mean"); errors name the key.
