@@ -1,5 +1,7 @@
 #include "coordinator/coordinator.h"
 
+#include <cstring>
+
 #include <grpcpp/grpcpp.h>
 
 #include <filesystem>
@@ -44,7 +46,16 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Open(const Coordinator
   if (!s.ok()) return absl::UnavailableError(absl::StrCat("--data-dir ", o.data_dir, ": ", s.ToString()));
   c->db_.reset(db);
   std::unique_ptr<rocksdb::Iterator> it(db->NewIterator(rocksdb::ReadOptions()));
-  for (it->SeekToFirst(); it->Valid(); it->Next()) c->routes_[it->key().ToString()] = it->value().ToString();
+  for (it->SeekToFirst(); it->Valid(); it->Next()) {
+    const std::string k = it->key().ToString();
+    if (k.rfind("appends/", 0) == 0) {
+      uint64_t n = 0;
+      if (it->value().size() == 8) std::memcpy(&n, it->value().data(), 8);
+      c->appends_[k.substr(8)] = n;
+    } else {
+      c->routes_[k] = it->value().ToString();
+    }
+  }
   spdlog::info("coordinator: {} sessions in the table", c->routes_.size());
   return c;
 }
@@ -197,14 +208,31 @@ grpc::Status Coordinator::WithFailover(grpc::ServerContext* ctx, const std::stri
 }
 
 grpc::Status Coordinator::Append(grpc::ServerContext* ctx, const v1::AppendRequest* r, grpc::ServerWriter<v1::AppendProgress>* w) {
-  // The snapshot precedes this append: after a move it is replayed on the new worker.
-  return WithFailover<v1::AppendProgress>(
+  // The append carries its index in the session: a retry on another worker (whose snapshot may
+  // already hold it, when the first worker died after its snapshot but before answering) is not
+  // applied twice.
+  v1::AppendRequest req = *r;
+  if (req.append_seq() == 0) {
+    std::lock_guard<std::mutex> l(mu_);
+    req.set_append_seq(appends_[r->session_id()] + 1);
+  }
+  const grpc::Status st = WithFailover<v1::AppendProgress>(
       ctx, r->session_id(), "append",
-      [&](v1::SessionService::Stub& stub, grpc::ClientContext* c) { return stub.Append(c, *r); },
+      [&](v1::SessionService::Stub& stub, grpc::ClientContext* c) { return stub.Append(c, req); },
       [&](const v1::AppendProgress& p, size_t) {
         w->Write(p);
         return grpc::Status::OK;
       });
+  if (st.ok()) {
+    std::lock_guard<std::mutex> l(mu_);
+    uint64_t& n = appends_[r->session_id()];
+    n = std::max(n, req.append_seq());
+    std::string v(8, '\0');
+    std::memcpy(v.data(), &n, 8);
+    if (auto s = db_->Put(rocksdb::WriteOptions(), "appends/" + r->session_id(), v); !s.ok())
+      return Err(grpc::StatusCode::INTERNAL, absl::StrCat("session table: ", s.ToString()));
+  }
+  return st;
 }
 
 grpc::Status Coordinator::Generate(grpc::ServerContext* ctx, const v1::GenerateRequest* r, grpc::ServerWriter<v1::GeneratedToken>* w) {
@@ -242,7 +270,9 @@ grpc::Status Coordinator::CloseSession(grpc::ServerContext* ctx, const v1::Sessi
   if (!st.ok()) return st;
   std::lock_guard<std::mutex> l(mu_);
   routes_.erase(r->session_id());
+  appends_.erase(r->session_id());
   (void)db_->Delete(rocksdb::WriteOptions(), r->session_id());
+  (void)db_->Delete(rocksdb::WriteOptions(), "appends/" + r->session_id());
   return grpc::Status::OK;
 }
 

@@ -71,6 +71,7 @@ class Coordinator final : public v1::Coordinator::Service, public v1::SessionSer
   uint64_t next_worker_ = 1;
   std::map<uint64_t, Worker> workers_;
   std::map<std::string, std::string> routes_;  // session id -> worker address
+  std::map<std::string, uint64_t> appends_;    // session id -> appends applied (key "appends/<id>")
   std::map<std::string, std::shared_ptr<grpc::Channel>> channels_;
   uint64_t failovers_ = 0;
 };

@@ -148,6 +148,47 @@ TEST_F(SessionApi, TextInTextOutSameTokensAsTheEngine) {
   EXPECT_GT(info.kv_bytes_worker(), 0u);
 }
 
+// A retried append (same append_seq) is applied once; a gap in the sequence is refused.
+TEST_F(SessionApi, AppendSequenceMakesRetriesIdempotent) {
+  auto stub = Stub();
+  v1::CreateSessionResponse cs;
+  {
+    grpc::ClientContext ctx;
+    ASSERT_TRUE(stub->CreateSession(&ctx, v1::CreateSessionRequest(), &cs).ok());
+  }
+  auto append = [&](uint64_t seq) {
+    v1::AppendRequest a;
+    a.set_session_id(cs.session_id());
+    for (int t : {5, 6, 7}) a.mutable_token_ids()->add_ids(t);
+    a.set_append_seq(seq);
+    grpc::ClientContext ctx;
+    Auth(&ctx, cs.token());
+    auto reader = stub->Append(&ctx, a);
+    v1::AppendProgress p;
+    while (reader->Read(&p)) {
+    }
+    return reader->Finish();
+  };
+  auto length = [&] {
+    grpc::ClientContext ctx;
+    Auth(&ctx, cs.token());
+    v1::SessionRef ref;
+    ref.set_session_id(cs.session_id());
+    v1::SessionInfo info;
+    EXPECT_TRUE(stub->GetSession(&ctx, ref, &info).ok());
+    return info.length();
+  };
+  ASSERT_TRUE(append(1).ok());
+  EXPECT_EQ(length(), 3u);
+  ASSERT_TRUE(append(1).ok()) << "a retry of an applied append succeeds";
+  EXPECT_EQ(length(), 3u) << "and appends nothing";
+  EXPECT_EQ(append(3).error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  ASSERT_TRUE(append(2).ok());
+  EXPECT_EQ(length(), 6u);
+  ASSERT_TRUE(append(0).ok()) << "0: unchecked";
+  EXPECT_EQ(length(), 9u);
+}
+
 TEST_F(SessionApi, HostileRequestsGetClearStatusCodes) {
   auto stub = Stub();
   v1::CreateSessionResponse cs;

@@ -15,6 +15,7 @@
 #include "common/status.h"
 #include "nlohmann/json.hpp"
 #include "worker/cli/commands.h"
+#include "worker/lsa/indexer_init.h"
 #include "worker/model/random_checkpoint.h"
 
 namespace flashmem::cli {
@@ -77,6 +78,23 @@ absl::Status ClusterUp(const ClusterOptions& o) {
   }
   nlohmann::json j;
   j["model"] = model;
+  // LSA on by default: a memory indexer initialised from the model's own lightning indexer.
+  std::vector<std::string> lsa_args;
+  if (o.lsa) {
+    const std::string idx = o.run_dir + "/indexer";
+    if (!fs::exists(idx + "/fm_indexer.safetensors")) {
+      absl::Status st = lsa::InitIndexerFromModel(model, {}, idx);
+      if (!st.ok()) {  // a model the memory indexer cannot serve runs dense
+        std::fprintf(stderr, "LSA off: %s\n", std::string(st.message()).c_str());
+      }
+    }
+    if (fs::exists(idx + "/fm_indexer.safetensors")) {
+      lsa_args = {"--lsa-indexer", idx};
+      if (!o.lsa_options.empty()) lsa_args.insert(lsa_args.end(), {"--lsa-options", o.lsa_options});
+      if (o.kv_budget_bytes > 0) lsa_args.insert(lsa_args.end(), {"--kv-budget-bytes", std::to_string(o.kv_budget_bytes)});
+      j["indexer"] = idx;
+    }
+  }
   FM_ASSIGN_OR_RETURN(Started memtier, StartDaemon(o.run_dir, "memtier", o.memtier_bin,
       {"--grpc-listen", "127.0.0.1:0", "--data-dir", o.run_dir + "/memtier-data", "--ram-bytes", "1073741824",
        "--shm-socket", o.run_dir + "/memtier.sock"}));
@@ -86,13 +104,16 @@ absl::Status ClusterUp(const ClusterOptions& o) {
   j["coordinator"] = {{"pid", coord.pid}, {"address", coord.target}};
   for (int i = 0; i < o.workers; ++i) {
     std::fprintf(stderr, "starting worker %d/%d (loading the model)...\n", i + 1, o.workers);
-    FM_ASSIGN_OR_RETURN(Started w, StartDaemon(o.run_dir, absl::StrCat("worker", i), o.worker_bin,
-        {"--model", model, "--listen", "127.0.0.1:0", "--memtier", memtier.target, "--coordinator", coord.target}));
+    std::vector<std::string> wargs = {"--model", model, "--listen", "127.0.0.1:0", "--memtier", memtier.target,
+                                      "--coordinator", coord.target};
+    wargs.insert(wargs.end(), lsa_args.begin(), lsa_args.end());
+    FM_ASSIGN_OR_RETURN(Started w, StartDaemon(o.run_dir, absl::StrCat("worker", i), o.worker_bin, wargs));
     j["workers"].push_back({{"pid", w.pid}, {"address", w.target}});
   }
   std::ofstream(o.run_dir + "/cluster.json") << j.dump(2) << "\n";
-  std::printf("cluster up: coordinator %s (public API), memtier %s, %d worker(s); state in %s\n",
-              coord.target.c_str(), memtier.target.c_str(), o.workers, o.run_dir.c_str());
+  std::printf("cluster up: coordinator %s (public API), memtier %s, %d worker(s)%s; state in %s\n",
+              coord.target.c_str(), memtier.target.c_str(), o.workers,
+              lsa_args.empty() ? ", dense attention" : ", LSA with the model's own indexer", o.run_dir.c_str());
   return absl::OkStatus();
 }
 

@@ -58,6 +58,9 @@ struct ClusterOptions {
   std::string preset = "tiny";
   std::string tokenizer_dir;
   std::string memtier_bin, coordinator_bin, worker_bin;
+  bool lsa = true;               // workers run LSA with an indexer from `indexer init`
+  std::string lsa_options;       // passed to the workers' --lsa-options
+  uint64_t kv_budget_bytes = 0;  // passed to the workers' --kv-budget-bytes
 };
 absl::Status ClusterUp(const ClusterOptions& opt);
 absl::Status ClusterDown(const std::string& run_dir);

@@ -85,6 +85,10 @@ int main(int argc, char** argv) {
   up->add_option("--model", cluster.model_dir, "model directory (default: the embedded tiny model)");
   up->add_option("--preset", cluster.preset, "preset of the embedded model");
   up->add_option("--run-dir", cluster.run_dir, "logs, data and cluster.json");
+  bool dense = false;
+  up->add_flag("--dense", dense, "workers run dense attention (default: LSA with an indexer built from the model)");
+  up->add_option("--lsa-options", cluster.lsa_options, "the workers' LSA options (docs/lsa.md)");
+  up->add_option("--kv-budget-bytes", cluster.kv_budget_bytes, "the workers' KV budget (0: no limit)");
   auto* down = cl->add_subcommand("down", "stop the local cluster");
   down->add_option("--run-dir", cluster.run_dir, "the cluster's run directory");
   cmp->add_option("--run-dir", cluster.run_dir, "use the local cluster of this run directory when --target is not given");
@@ -125,6 +129,7 @@ int main(int argc, char** argv) {
     }
     st = flashmem::cli::Complete(comp);
   } else if (up->parsed()) {
+    cluster.lsa = !dense;
     st = flashmem::cli::ClusterUp(cluster);
   } else if (down->parsed()) {
     st = flashmem::cli::ClusterDown(cluster.run_dir);

@@ -77,6 +77,7 @@ absl::Status SessionServiceImpl::Persist(const std::string& id, Session& s) {
   Put(&blob, s.defaults.temperature);
   Put(&blob, s.defaults.top_p);
   Put(&blob, s.defaults.seed);
+  Put(&blob, s.appends);
   Put(&blob, static_cast<uint64_t>(s.generated.size()));
   blob.append(reinterpret_cast<const char*>(s.generated.data()), s.generated.size() * 4);
   blob += *snap;
@@ -96,7 +97,8 @@ absl::StatusOr<std::pair<uint64_t, uint64_t>> SessionServiceImpl::Adopt(const st
   if (!Get(&in, &tlen) || in.size() < tlen) return absl::DataLossError("adopt: snapshot header truncated");
   s->token = std::string(in.substr(0, tlen));
   in.remove_prefix(tlen);
-  if (!Get(&in, &s->defaults.temperature) || !Get(&in, &s->defaults.top_p) || !Get(&in, &s->defaults.seed) || !Get(&in, &n) ||
+  if (!Get(&in, &s->defaults.temperature) || !Get(&in, &s->defaults.top_p) || !Get(&in, &s->defaults.seed) ||
+      !Get(&in, &s->appends) || !Get(&in, &n) ||
       in.size() < n * 4)
     return absl::DataLossError("adopt: snapshot header truncated");
   s->generated.resize(n);
@@ -191,6 +193,18 @@ grpc::Status SessionServiceImpl::Append(grpc::ServerContext* ctx, const v1::Appe
     return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, absl::StrCat("prompt of ", ids.size(), " tokens exceeds the limit of ", options_.max_prompt_tokens));
   std::lock_guard<std::mutex> sl(s->mu);
   const uint64_t total = ids.size();
+  if (r->append_seq() != 0) {
+    if (r->append_seq() <= s->appends) {  // already applied: a retry
+      v1::AppendProgress p;
+      p.set_total(total);
+      p.set_consumed(total);
+      w->Write(p);
+      return grpc::Status::OK;
+    }
+    if (r->append_seq() != s->appends + 1)
+      return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                          absl::StrCat("append_seq ", r->append_seq(), ": the session has applied ", s->appends, " appends"));
+  }
   if (auto st = scheduler_.Append(s->scheduler_id, std::move(ids)); !st.ok()) return ToGrpc(st);
   // Progress until every token of this append has entered a forward pass.
   for (;;) {
@@ -204,6 +218,7 @@ grpc::Status SessionServiceImpl::Append(grpc::ServerContext* ctx, const v1::Appe
     if (ctx->IsCancelled()) return grpc::Status(grpc::StatusCode::CANCELLED, "append cancelled");
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
+  ++s->appends;
   if (auto st = Persist(r->session_id(), *s); !st.ok())
     return grpc::Status(grpc::StatusCode::UNAVAILABLE, absl::StrCat("snapshot to memtier: ", st.message()));
   return grpc::Status::OK;
