@@ -67,6 +67,19 @@ uint64_t Coordinator::failovers() const {
   return failovers_;
 }
 
+Coordinator::Stats Coordinator::stats() const {
+  std::lock_guard<std::mutex> l(mu_);
+  Stats s;
+  s.sessions = routes_.size();
+  s.workers = workers_.size();
+  for (const auto& [id, w] : workers_) s.workers_live += Live(w);
+  s.failovers = failovers_;
+  s.appends = appends_relayed_;
+  s.generates = generates_;
+  s.tokens = tokens_relayed_;
+  return s;
+}
+
 bool Coordinator::Live(const Worker& w) const {
   return std::chrono::steady_clock::now() - w.last_seen < options_.lease;
 }
@@ -122,6 +135,7 @@ absl::StatusOr<std::pair<std::string, std::shared_ptr<grpc::Channel>>> Coordinat
   auto r = routes_.find(sid);
   if (r == routes_.end()) return absl::NotFoundError(absl::StrCat("unknown session '", sid, "'"));
   const std::string old = r->second;
+  const auto route_start = std::chrono::steady_clock::now();
   auto live_at = [&](const std::string& addr) {
     for (auto& [id, w] : workers_)
       if (w.address == addr && Live(w)) return true;
@@ -157,6 +171,7 @@ absl::StatusOr<std::pair<std::string, std::shared_ptr<grpc::Channel>>> Coordinat
   if (!st.ok()) return absl::UnavailableError(absl::StrCat("adopting session ", sid, " on ", addr, ": ", st.error_message()));
   l.lock();
   failovers_++;
+  if (on_resume_) on_resume_(std::chrono::duration<double>(std::chrono::steady_clock::now() - route_start).count());
   if (auto s = SaveRoute(sid, addr); !s.ok()) return s;
   spdlog::warn("coordinator: session {} moved from {} to {}", sid, old, addr);
   return std::make_pair(addr, channel);
@@ -225,6 +240,7 @@ grpc::Status Coordinator::Append(grpc::ServerContext* ctx, const v1::AppendReque
       });
   if (st.ok()) {
     std::lock_guard<std::mutex> l(mu_);
+    appends_relayed_++;
     uint64_t& n = appends_[r->session_id()];
     n = std::max(n, req.append_seq());
     std::string v(8, '\0');
@@ -237,6 +253,12 @@ grpc::Status Coordinator::Append(grpc::ServerContext* ctx, const v1::AppendReque
 
 grpc::Status Coordinator::Generate(grpc::ServerContext* ctx, const v1::GenerateRequest* r, grpc::ServerWriter<v1::GeneratedToken>* w) {
   std::vector<int32_t> delivered;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    generates_++;
+  }
+  const auto start = std::chrono::steady_clock::now();
+  auto last = start;
   return WithFailover<v1::GeneratedToken>(
       ctx, r->session_id(), "generate",
       [&](v1::SessionService::Stub& stub, grpc::ClientContext* c) { return stub.Generate(c, *r); },
@@ -247,6 +269,14 @@ grpc::Status Coordinator::Generate(grpc::ServerContext* ctx, const v1::GenerateR
           return grpc::Status::OK;
         }
         delivered.push_back(t.id());
+        const auto now = std::chrono::steady_clock::now();
+        if (delivered.size() == 1 && on_first_token_) on_first_token_(std::chrono::duration<double>(now - start).count());
+        if (delivered.size() > 1 && on_inter_token_) on_inter_token_(std::chrono::duration<double>(now - last).count());
+        last = now;
+        {
+          std::lock_guard<std::mutex> l(mu_);
+          tokens_relayed_++;
+        }
         return w->Write(t) ? grpc::Status::OK : Err(grpc::StatusCode::CANCELLED, "client went away");
       });
 }

@@ -9,6 +9,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -48,6 +49,20 @@ class Coordinator final : public v1::Coordinator::Service, public v1::SessionSer
 
   uint64_t failovers() const;
 
+  struct Stats {
+    uint64_t sessions = 0, workers = 0, workers_live = 0, failovers = 0;
+    uint64_t appends = 0, generates = 0, tokens = 0;  // relayed since start
+  };
+  Stats stats() const;
+  // Observers for /metrics: seconds to move a session (lease wait + adoption), time to the first
+  // token of a Generate as the coordinator relays it, and between tokens.
+  void set_observers(std::function<void(double)> resume, std::function<void(double)> first_token,
+                     std::function<void(double)> inter_token) {
+    on_resume_ = std::move(resume);
+    on_first_token_ = std::move(first_token);
+    on_inter_token_ = std::move(inter_token);
+  }
+
  private:
   struct Worker {
     std::string address;
@@ -74,6 +89,8 @@ class Coordinator final : public v1::Coordinator::Service, public v1::SessionSer
   std::map<std::string, uint64_t> appends_;    // session id -> appends applied (key "appends/<id>")
   std::map<std::string, std::shared_ptr<grpc::Channel>> channels_;
   uint64_t failovers_ = 0;
+  uint64_t appends_relayed_ = 0, generates_ = 0, tokens_relayed_ = 0;
+  std::function<void(double)> on_resume_, on_first_token_, on_inter_token_;
 };
 
 }  // namespace flashmem::coordinator

@@ -216,6 +216,8 @@ class CpuBackendImpl final : public Backend {
   void IndexScores(const float* q, const float* w, int64_t heads, int64_t dim,
                    std::span<const float* const> keys, float* scores) const override {
     const int64_t n = static_cast<int64_t>(keys.size());
+    // Keys are independent: threads change nothing in any score (the history grows long).
+#pragma omp parallel for schedule(static) if (n * heads * dim > (1 << 20))
     for (int64_t t = 0; t < n; ++t) {
       float sum = 0.0f;
       for (int64_t h = 0; h < heads; ++h) {

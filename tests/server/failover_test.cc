@@ -4,6 +4,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include <filesystem>
+#include <thread>
 
 #include "gtest/gtest.h"
 #include "session.grpc.pb.h"
@@ -145,7 +146,7 @@ TEST(Failover, CoordinatorMovesTheSessionAndTheStreamCarriesOn) {
   ASSERT_EQ(std::system((std::string(FLASHMEM_BIN) + " ckpt random --preset tiny --layers 2 --seed 9 --out " + dir + "/m > /dev/null").c_str()), 0);
   Child memtier = Spawn(FLASHMEM_MEMTIER_BIN, {"--grpc-listen", "127.0.0.1:0", "--data-dir", dir + "/mt", "--ram-bytes", "268435456"});
   ASSERT_FALSE(memtier.target.empty()) << memtier.output;
-  Child coord = Spawn(FLASHMEM_COORDINATOR_BIN, {"--listen", "127.0.0.1:0", "--data-dir", dir + "/coord"});
+  Child coord = Spawn(FLASHMEM_COORDINATOR_BIN, {"--listen", "127.0.0.1:0", "--data-dir", dir + "/coord", "--metrics-listen", "127.0.0.1:0"});
   ASSERT_FALSE(coord.target.empty()) << coord.output;
   const std::vector<std::string> wargs = {"--model", dir + "/m", "--listen", "127.0.0.1:0", "--memtier", memtier.target,
                                           "--coordinator", coord.target};
@@ -201,6 +202,15 @@ TEST(Failover, CoordinatorMovesTheSessionAndTheStreamCarriesOn) {
   ASSERT_TRUE(st.ok()) << st.error_message();
   EXPECT_EQ(got, want);
   EXPECT_NE(served_by(), first);
+  // The coordinator's /metrics saw the move and its resume time.
+  const auto m = coord.output.find("METRICS ");
+  ASSERT_NE(m, std::string::npos) << coord.output;
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));  // gauges refresh every 200 ms
+  const std::string metrics = HttpGet(std::stoi(coord.output.substr(m + 8)), "/metrics");
+  EXPECT_NE(metrics.find("flashmem_coordinator_failovers 1"), std::string::npos) << metrics;
+  EXPECT_NE(metrics.find("flashmem_coordinator_resume_seconds_count 1"), std::string::npos) << metrics;
+  EXPECT_NE(metrics.find("flashmem_coordinator_tokens 32"), std::string::npos) << metrics;
+  EXPECT_NE(metrics.find("flashmem_coordinator_workers_live 1"), std::string::npos) << metrics;
   Stop(w1);
   Stop(w2);
   Stop(coord);
