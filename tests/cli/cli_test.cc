@@ -127,6 +127,19 @@ TEST(Cli, LocalClusterUpCompleteDown) {
   EXPECT_NE(RunCli("cluster up --model " + dir + "/m --run-dir " + dir + "/run").out.find("cluster down` first"), std::string::npos);
   const std::string prompt = "Pages come back before they are needed";
   Result api = RunCli("complete --run-dir " + dir + "/run --prompt \"" + prompt + "\" --max-tokens 12");
+  // chat: two turns on one session, then /quit.
+  const std::string chat_cmd = "printf 'first turn\\nsecond turn\\n/quit\\n' | " + std::string(FLASHMEM_BIN) + " chat --run-dir " +
+                               dir + "/run --max-tokens 4 2>&1";
+  FILE* p = ::popen(chat_cmd.c_str(), "r");
+  std::string chat_out;
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) chat_out.append(buf, n);
+  EXPECT_EQ(WEXITSTATUS(::pclose(p)), 0) << chat_out;
+  size_t prompts = 0;  // "> " before each line read: two turns, then the one that reads /quit
+  for (size_t at = 0; (at = chat_out.find("> ", at)) != std::string::npos; ++at) ++prompts;
+  EXPECT_EQ(prompts, 3u) << chat_out;
+  EXPECT_EQ(chat_out.find("flashmem:"), std::string::npos) << chat_out;
   Result down = RunCli("cluster down --run-dir " + dir + "/run");
   EXPECT_EQ(down.code, 0) << down.out;
   ASSERT_EQ(api.code, 0) << api.out;

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <istream>
 #include <string>
 #include <vector>
 
@@ -50,6 +51,9 @@ struct CompleteOptions {
   uint64_t seed = 0;
 };
 absl::Status Complete(const CompleteOptions& opt);
+// A conversation on one session: each input line is appended (BOS before the first), then up
+// to max_tokens are generated and streamed; ends at "/quit" or end of input.
+absl::Status Chat(const CompleteOptions& opt, std::istream& in);
 
 struct ClusterOptions {
   std::string run_dir;           // logs, data, cluster.json

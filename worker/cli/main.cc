@@ -3,9 +3,12 @@
 //            [--force-tokens "a,b" | --force-file F] [--prefill-split K] [--dump OUT.safetensors]
 //   flashmem ckpt random --preset tiny|small|flash-shape [--layers L] --seed S --out DIR
 //   flashmem ckpt inspect DIR
+//   flashmem complete --prompt "text" [--target H:P] | flashmem chat [--target H:P]
+//   flashmem cluster up [--workers N] | flashmem cluster down
 //   flashmem indexer init --model DIR [--layers a,b,c] --out DIR
 //   flashmem indexer golden-eval --golden DIR --out OUT.safetensors
 #include <cstdio>
+#include <iostream>
 
 #include "CLI/CLI.hpp"
 #include "absl/strings/numbers.h"
@@ -72,6 +75,14 @@ int main(int argc, char** argv) {
   cmp->add_option("--top-p", comp.top_p, "nucleus sampling mass");
   cmp->add_option("--seed", comp.seed, "sampling seed");
 
+  flashmem::cli::CompleteOptions chat;
+  auto* ch = app.add_subcommand("chat", "a conversation through the public SessionService (one session, the context grows)");
+  ch->add_option("--target", chat.target, "coordinator or worker address host:port (default: the local cluster)");
+  ch->add_option("--max-tokens", chat.max_tokens, "tokens per reply");
+  ch->add_option("--temperature", chat.temperature, "sampling temperature (0: greedy)");
+  ch->add_option("--top-p", chat.top_p, "nucleus sampling mass");
+  ch->add_option("--seed", chat.seed, "sampling seed");
+
   flashmem::cli::ClusterOptions cluster;
   cluster.run_dir = FLASHMEM_DEFAULT_RUN_DIR;
   cluster.tokenizer_dir = FLASHMEM_TOKENIZER_DIR;
@@ -92,6 +103,7 @@ int main(int argc, char** argv) {
   auto* down = cl->add_subcommand("down", "stop the local cluster");
   down->add_option("--run-dir", cluster.run_dir, "the cluster's run directory");
   cmp->add_option("--run-dir", cluster.run_dir, "use the local cluster of this run directory when --target is not given");
+  ch->add_option("--run-dir", cluster.run_dir, "use the local cluster of this run directory when --target is not given");
   bool target_given = false;
 
   std::string idx_model, idx_layers, idx_out, golden_dir, golden_out;
@@ -106,7 +118,7 @@ int main(int argc, char** argv) {
   ixg->add_option("--out", golden_out, "output .safetensors")->required();
 
   CLI11_PARSE(app, argc, argv);
-  target_given = cmp->count("--target") > 0;
+  target_given = cmp->count("--target") > 0 || ch->count("--target") > 0;
 
   absl::Status st;
   if (g->parsed()) {
@@ -128,6 +140,12 @@ int main(int argc, char** argv) {
       if (t.ok()) comp.target = *t;
     }
     st = flashmem::cli::Complete(comp);
+  } else if (ch->parsed()) {
+    if (!target_given) {
+      auto t = flashmem::cli::ClusterTarget(cluster.run_dir);
+      if (t.ok()) chat.target = *t;
+    }
+    st = flashmem::cli::Chat(chat, std::cin);
   } else if (up->parsed()) {
     cluster.lsa = !dense;
     st = flashmem::cli::ClusterUp(cluster);
