@@ -304,5 +304,119 @@ TEST(Failover, WithLsaAndEvictedPagesTheTokensAreTheSame) {
   std::filesystem::remove_all(dir);
 }
 
+// Port of a "host:port" target.
+std::string PortOf(const std::string& target) { return target.substr(target.rfind(':') + 1); }
+
+// The coordinator is SIGKILLed and restarted on the same address: its session table (RocksDB)
+// keeps the session, workers register again, and the session continues with the same tokens.
+TEST(Failover, CoordinatorRestartKeepsSessions) {
+  const std::string dir = TempDir("coord_restart");
+  ASSERT_EQ(std::system((std::string(FLASHMEM_BIN) + " ckpt random --preset tiny --layers 2 --seed 9 --out " + dir + "/m > /dev/null").c_str()), 0);
+  Child memtier = Spawn(FLASHMEM_MEMTIER_BIN, {"--grpc-listen", "127.0.0.1:0", "--data-dir", dir + "/mt", "--ram-bytes", "268435456"});
+  ASSERT_FALSE(memtier.target.empty()) << memtier.output;
+  Child coord = Spawn(FLASHMEM_COORDINATOR_BIN, {"--listen", "127.0.0.1:0", "--data-dir", dir + "/coord"});
+  ASSERT_FALSE(coord.target.empty()) << coord.output;
+  const std::string coord_target = coord.target;
+  Child w = Spawn(FLASHMEM_WORKER_BIN, {"--model", dir + "/m", "--listen", "127.0.0.1:0", "--memtier", memtier.target,
+                                        "--coordinator", coord_target});
+  ASSERT_FALSE(w.target.empty()) << w.output;
+  v1::SamplingParams sp;
+  sp.set_temperature(0.9f);
+  sp.set_seed(5);
+  grpc::Status st;
+  std::vector<int32_t> want, got;
+  v1::CreateSessionResponse ref, cs;
+  {
+    Api api(coord_target);
+    for (auto* c : {&ref, &cs}) {
+      grpc::ClientContext ctx;
+      ASSERT_TRUE(api.session->CreateSession(&ctx, v1::CreateSessionRequest(), c).ok());
+      ASSERT_TRUE(Append(api, c->session_id(), c->token(), "The table outlives the coordinator.").ok());
+    }
+    want = Generate(api, ref.session_id(), ref.token(), 12, sp, &st);
+    ASSERT_TRUE(st.ok()) << st.error_message();
+    got = Generate(api, cs.session_id(), cs.token(), 5, sp, &st);
+    ASSERT_TRUE(st.ok()) << st.error_message();
+  }
+  Stop(coord, SIGKILL);
+  coord = Spawn(FLASHMEM_COORDINATOR_BIN, {"--listen", "127.0.0.1:" + PortOf(coord_target), "--data-dir", dir + "/coord"});
+  ASSERT_EQ(coord.target, coord_target) << coord.output;
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));  // the worker's next heartbeats register it again
+  Api api(coord_target);
+  auto more = Generate(api, cs.session_id(), cs.token(), 7, sp, &st);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  got.insert(got.end(), more.begin(), more.end());
+  EXPECT_EQ(got, want);
+  Stop(w);
+  Stop(coord);
+  Stop(memtier);
+  std::filesystem::remove_all(dir);
+}
+
+// memtier is SIGKILLed during a generation and restarted on the same address and data: the
+// generation ends either correctly or with a retryable error (UNAVAILABLE), and generating the
+// rest gives exactly the uninterrupted tokens — never wrong ones.
+TEST(Failover, MemtierRestartDuringGenerationContinuesOrFailsRetryably) {
+  const std::string dir = TempDir("memtier_restart");
+  ASSERT_EQ(std::system((std::string(FLASHMEM_BIN) + " ckpt random --preset tiny --layers 4 --seed 9 --out " + dir + "/m > /dev/null").c_str()), 0);
+  Child memtier = Spawn(FLASHMEM_MEMTIER_BIN, {"--grpc-listen", "127.0.0.1:0", "--data-dir", dir + "/mt", "--ram-bytes", "268435456"});
+  ASSERT_FALSE(memtier.target.empty()) << memtier.output;
+  const std::string mt_target = memtier.target;
+  Child w = Spawn(FLASHMEM_WORKER_BIN, {"--model", dir + "/m", "--listen", "127.0.0.1:0", "--memtier", mt_target});
+  ASSERT_FALSE(w.target.empty()) << w.output;
+  Api api(w.target);
+  const std::vector<int32_t> prompt = Prompt(600, 1000, 8);  // complete pages get committed during decode
+  auto start = [&](v1::CreateSessionResponse* c) {
+    grpc::ClientContext ctx;
+    ASSERT_TRUE(api.session->CreateSession(&ctx, v1::CreateSessionRequest(), c).ok());
+    v1::AppendRequest a;
+    a.set_session_id(c->session_id());
+    for (int32_t t : prompt) a.mutable_token_ids()->add_ids(t);
+    grpc::ClientContext actx;
+    actx.AddMetadata("authorization", "Bearer " + c->token());
+    auto r = api.session->Append(&actx, a);
+    v1::AppendProgress p;
+    while (r->Read(&p)) {
+    }
+    ASSERT_TRUE(r->Finish().ok());
+  };
+  v1::SamplingParams greedy;
+  grpc::Status st;
+  v1::CreateSessionResponse ref, cs;
+  start(&ref);
+  const std::vector<int32_t> want = Generate(api, ref.session_id(), ref.token(), 60, greedy, &st);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  start(&cs);
+  std::vector<int32_t> got;
+  {
+    v1::GenerateRequest g;
+    g.set_session_id(cs.session_id());
+    g.set_max_tokens(60);
+    grpc::ClientContext ctx;
+    ctx.AddMetadata("authorization", "Bearer " + cs.token());
+    auto reader = api.session->Generate(&ctx, g);
+    v1::GeneratedToken t;
+    while (reader->Read(&t)) {
+      got.push_back(t.id());
+      if (got.size() == 10) {
+        Stop(memtier, SIGKILL);
+        memtier = Spawn(FLASHMEM_MEMTIER_BIN, {"--grpc-listen", "127.0.0.1:" + PortOf(mt_target), "--data-dir", dir + "/mt",
+                                               "--ram-bytes", "268435456"});
+        ASSERT_EQ(memtier.target, mt_target) << memtier.output;
+      }
+    }
+    st = reader->Finish();
+  }
+  for (int attempt = 0; attempt < 5 && got.size() < want.size(); ++attempt) {
+    ASSERT_TRUE(st.ok() || st.error_code() == grpc::StatusCode::UNAVAILABLE) << st.error_code() << " " << st.error_message();
+    auto more = Generate(api, cs.session_id(), cs.token(), static_cast<int>(want.size() - got.size()), greedy, &st);
+    got.insert(got.end(), more.begin(), more.end());
+  }
+  EXPECT_EQ(got, want);
+  Stop(w);
+  Stop(memtier);
+  std::filesystem::remove_all(dir);
+}
+
 }  // namespace
 }  // namespace flashmem::testing

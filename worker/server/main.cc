@@ -227,7 +227,7 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "flashmem-worker: --coordinator %s: %s\n", coordinator_target.c_str(), st.error_message().c_str());
       return 1;
     }
-    heartbeat = std::thread([&, stub = std::move(stub), reg]() mutable {
+    heartbeat = std::thread([&, stub = std::move(stub), reg, rr]() mutable {  // rr by value: it leaves scope
       uint64_t id = reg.worker_id();
       while (!stop.load()) {
         std::this_thread::sleep_for(std::chrono::milliseconds(reg.heartbeat_ms()));
