@@ -80,6 +80,10 @@ Coordinator::Stats Coordinator::stats() const {
   return s;
 }
 
+std::shared_ptr<grpc::ChannelCredentials> Coordinator::WorkerCredentials() const {
+  return options_.worker_credentials ? options_.worker_credentials : grpc::InsecureChannelCredentials();
+}
+
 bool Coordinator::Live(const Worker& w) const {
   return std::chrono::steady_clock::now() - w.last_seen < options_.lease;
 }
@@ -94,7 +98,7 @@ grpc::Status Coordinator::Register(grpc::ServerContext*, const v1::RegisterReque
   Worker& w = workers_[id];
   w.address = r->address();
   w.last_seen = std::chrono::steady_clock::now();
-  if (!channels_.count(w.address)) channels_[w.address] = grpc::CreateChannel(w.address, grpc::InsecureChannelCredentials());
+  if (!channels_.count(w.address)) channels_[w.address] = grpc::CreateChannel(w.address, WorkerCredentials());
   w.channel = channels_[w.address];
   out->set_worker_id(id);
   out->set_heartbeat_ms(static_cast<uint32_t>(options_.heartbeat.count()));
@@ -152,7 +156,7 @@ absl::StatusOr<std::pair<std::string, std::shared_ptr<grpc::Channel>>> Coordinat
     if (live_at(old)) force_move = false;  // it came back: keep it there
   }
   if (!force_move && live_at(old)) {
-    if (!channels_.count(old)) channels_[old] = grpc::CreateChannel(old, grpc::InsecureChannelCredentials());
+    if (!channels_.count(old)) channels_[old] = grpc::CreateChannel(old, WorkerCredentials());
     return std::make_pair(old, channels_[old]);
   }
   auto id = PickWorker(old);

@@ -7,6 +7,8 @@
 // deterministically, and the coordinator skips what the client already has).
 #pragma once
 
+#include <grpcpp/security/credentials.h>
+
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -30,6 +32,7 @@ struct CoordinatorOptions {
   std::string data_dir;  // RocksDB with the session table
   std::chrono::milliseconds heartbeat{500};
   std::chrono::milliseconds lease{2000};
+  std::shared_ptr<grpc::ChannelCredentials> worker_credentials;  // calls to workers; null: plaintext
 };
 
 class Coordinator final : public v1::Coordinator::Service, public v1::SessionService::Service {
@@ -72,6 +75,7 @@ class Coordinator final : public v1::Coordinator::Service, public v1::SessionSer
   };
   Coordinator() = default;
   bool Live(const Worker& w) const;
+  std::shared_ptr<grpc::ChannelCredentials> WorkerCredentials() const;
   // The live worker with the fewest sessions (ties: lowest id), excluding `avoid`.
   absl::StatusOr<uint64_t> PickWorker(const std::string& avoid = "");
   // The worker serving a session; moves the session (AdoptSession) when its worker is lost.

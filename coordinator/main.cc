@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "CLI/CLI.hpp"
+#include "common/tls.h"
 #include "coordinator/coordinator.h"
 #include "prometheus/exposer.h"
 #include "prometheus/gauge.h"
@@ -32,7 +33,21 @@ int main(int argc, char** argv) {
   app.add_option("--data-dir", o.data_dir, "RocksDB directory for the session table")->required();
   std::string metrics_listen;
   app.add_option("--metrics-listen", metrics_listen, "Prometheus /metrics address host:port (empty: off)");
+  flashmem::TlsOptions tls;
+  app.add_option("--tls-cert", tls.cert_file, "PEM certificate chain: served, and presented to workers (common/tls.h)");
+  app.add_option("--tls-key", tls.key_file, "PEM private key");
+  app.add_option("--tls-ca", tls.ca_file, "PEM CA of the cluster: verifies workers and, unless --tls-optional-client-cert, requires client certificates");
+  app.add_flag("--tls-optional-client-cert", tls.optional_client_cert, "public clients may connect without a certificate");
   CLI11_PARSE(app, argc, argv);
+  auto server_creds = flashmem::MakeServerCredentials(tls);
+  flashmem::TlsOptions as_client = tls;
+  auto worker_creds = flashmem::MakeChannelCredentials(as_client);
+  if (!server_creds.ok() || !worker_creds.ok()) {
+    std::fprintf(stderr, "flashmem-coordinator: %s\n",
+                 std::string((server_creds.ok() ? worker_creds.status() : server_creds.status()).message()).c_str());
+    return 1;
+  }
+  o.worker_credentials = *worker_creds;
   spdlog::set_default_logger(spdlog::stderr_color_mt("coordinator"));
   std::signal(SIGPIPE, SIG_IGN);
   auto c = flashmem::coordinator::Coordinator::Open(o);
@@ -91,7 +106,7 @@ int main(int argc, char** argv) {
   grpc::EnableDefaultHealthCheckService(true);
   grpc::ServerBuilder b;
   int port = 0;
-  b.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
+  b.AddListeningPort(listen, *server_creds, &port);
   b.RegisterService(static_cast<flashmem::v1::Coordinator::Service*>(c->get()));
   b.RegisterService(static_cast<flashmem::v1::SessionService::Service*>(c->get()));
   auto server = b.BuildAndStart();

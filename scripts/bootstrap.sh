@@ -13,11 +13,11 @@ BUILD_DIR=${BUILD_DIR:-build}
 JOBS=${JOBS:-$(nproc)}
 mode=${1:-test}
 
-# The apt line of DESIGN.md §6, plus the compilers CMake needs.
+# The apt line of DESIGN.md §6, plus the compilers CMake needs and openssl (test certificates).
 PKGS="libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libucx-dev ucx-utils \
 libabsl-dev librocksdb-dev libgtest-dev libgmock-dev libbenchmark-dev libcli11-dev libspdlog-dev \
 libfmt-dev prometheus-cpp-dev nlohmann-json3-dev libyaml-cpp-dev libxxhash-dev libgloo-dev \
-libpcre2-dev ninja-build pkg-config cmake g++"
+libpcre2-dev ninja-build pkg-config cmake g++ openssl"
 
 install_deps() {
   [ "${SKIP_DEPS:-0}" = 1 ] && return 0

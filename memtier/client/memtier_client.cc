@@ -39,7 +39,8 @@ absl::StatusOr<std::unique_ptr<MemTierClient>> MemTierClient::Connect(const MemT
   c->rpc_ = std::make_unique<Rpc>();
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(64 << 20);
-  c->rpc_->channel = grpc::CreateCustomChannel(options.target, grpc::InsecureChannelCredentials(), args);
+  c->rpc_->channel = grpc::CreateCustomChannel(
+      options.target, options.credentials ? options.credentials : grpc::InsecureChannelCredentials(), args);
   c->rpc_->stub = v1::MemTier::NewStub(c->rpc_->channel);
   FM_ASSIGN_OR_RETURN(c->worker_, ucx::Worker::Create());
   // UCX-allocated: on shared memory memtier then reaches the buffer directly.

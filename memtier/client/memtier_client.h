@@ -4,6 +4,8 @@
 // when memtier restarts (stale epoch) or the endpoint fails. Every call returns absl::Status.
 #pragma once
 
+#include <grpcpp/security/credentials.h>
+
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -34,6 +36,7 @@ struct MemTierClientOptions {
   int reconnect_attempts = 8;             // per call, with exponential backoff
   std::chrono::milliseconds backoff_initial{50};
   std::chrono::milliseconds rpc_timeout{30000};
+  std::shared_ptr<grpc::ChannelCredentials> credentials;  // null: plaintext (common/tls.h)
 };
 
 struct PageToCommit {

@@ -4,6 +4,7 @@
 #include <thread>
 
 #include "CLI/CLI.hpp"
+#include "common/tls.h"
 #include "memtier/server/memtier_server.h"
 #include "spdlog/sinks/stdout_color_sinks.h"
 #include "spdlog/spdlog.h"
@@ -29,7 +30,19 @@ int main(int argc, char** argv) {
   app.add_flag("--sync-wal", o.store.rocks.sync_wal, "fsync the WAL before acknowledging a commit");
   app.add_option("--high-watermark", o.store.high_watermark, "evict above this fraction of --ram-bytes");
   app.add_option("--low-watermark", o.store.low_watermark, "evict down to this fraction");
+  flashmem::TlsOptions tls;
+  app.add_option("--tls-cert", tls.cert_file, "PEM certificate chain of this server (common/tls.h)");
+  app.add_option("--tls-key", tls.key_file, "PEM private key");
+  app.add_option("--tls-ca", tls.ca_file, "PEM CA: clients must present a certificate it signed (mTLS)");
   CLI11_PARSE(app, argc, argv);
+  {
+    auto creds = flashmem::MakeServerCredentials(tls);
+    if (!creds.ok()) {
+      std::fprintf(stderr, "flashmem-memtier: %s\n", std::string(creds.status().message()).c_str());
+      return 1;
+    }
+    o.credentials = *creds;
+  }
   // Logs go to stderr: stdout carries only the LISTENING line that scripts and tests read.
   spdlog::set_default_logger(spdlog::stderr_color_mt("memtier"));
   std::signal(SIGPIPE, SIG_IGN);

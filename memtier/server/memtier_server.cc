@@ -94,7 +94,7 @@ absl::StatusOr<std::unique_ptr<MemTierServer>> MemTierServer::Start(const MemTie
   impl->service = std::make_unique<MemTierService>(*impl->store, *impl->worker, epoch, ucx_address);
   grpc::EnableDefaultHealthCheckService(true);
   grpc::ServerBuilder b;
-  b.AddListeningPort(o.grpc_listen, grpc::InsecureServerCredentials(), &impl->port);
+  b.AddListeningPort(o.grpc_listen, o.credentials ? o.credentials : grpc::InsecureServerCredentials(), &impl->port);
   b.SetMaxReceiveMessageSize(64 << 20);
   b.RegisterService(impl->service.get());
   impl->server = b.BuildAndStart();

@@ -2,6 +2,8 @@
 // + Prometheus /metrics. Used by the flashmem-memtier binary and by in-process tests.
 #pragma once
 
+#include <grpcpp/security/server_credentials.h>
+
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -17,6 +19,7 @@ struct MemTierServerOptions {
   std::string metrics_listen;                  // host:port for /metrics; empty: no exporter
   std::string shm_socket;                      // Unix socket serving the RAM chunks to local clients; empty: off
   PageStoreOptions store;
+  std::shared_ptr<grpc::ServerCredentials> credentials;  // null: plaintext (common/tls.h)
 };
 
 class MemTierServer {

@@ -49,6 +49,7 @@ struct CompleteOptions {
   uint32_t max_tokens = 32;
   float temperature = 0.0f, top_p = 1.0f;
   uint64_t seed = 0;
+  std::string tls_ca, tls_cert, tls_key;  // TLS to the API (common/tls.h); empty: plaintext
 };
 absl::Status Complete(const CompleteOptions& opt);
 // A conversation on one session: each input line is appended (BOS before the first), then up

@@ -7,6 +7,7 @@
 #include <iostream>
 
 #include "absl/strings/str_cat.h"
+#include "common/tls.h"
 #include "session.grpc.pb.h"
 #include "worker/cli/commands.h"
 
@@ -20,8 +21,8 @@ absl::Status Fail(const grpc::Status& s, const char* what) {
 // One session on the public API.
 class ApiSession {
  public:
-  explicit ApiSession(const std::string& target)
-      : stub_(v1::SessionService::NewStub(grpc::CreateChannel(target, grpc::InsecureChannelCredentials()))) {}
+  explicit ApiSession(const std::string& target, std::shared_ptr<grpc::ChannelCredentials> creds)
+      : stub_(v1::SessionService::NewStub(grpc::CreateChannel(target, std::move(creds)))) {}
   ~ApiSession() {
     if (id_.empty()) return;
     v1::SessionRef ref;
@@ -89,8 +90,18 @@ class ApiSession {
 
 }  // namespace
 
+absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> Credentials(const CompleteOptions& o) {
+  TlsOptions t;
+  t.ca_file = o.tls_ca;
+  t.cert_file = o.tls_cert;
+  t.key_file = o.tls_key;
+  return MakeChannelCredentials(t);
+}
+
 absl::Status Complete(const CompleteOptions& o) {
-  ApiSession s(o.target);
+  auto creds = Credentials(o);
+  if (!creds.ok()) return creds.status();
+  ApiSession s(o.target, *creds);
   if (auto st = s.Create(); !st.ok()) return st;
   if (auto st = s.Append(o.prompt, /*bos=*/true); !st.ok()) return st;
   std::printf("%s", o.prompt.c_str());
@@ -98,7 +109,9 @@ absl::Status Complete(const CompleteOptions& o) {
 }
 
 absl::Status Chat(const CompleteOptions& o, std::istream& in) {
-  ApiSession s(o.target);
+  auto creds = Credentials(o);
+  if (!creds.ok()) return creds.status();
+  ApiSession s(o.target, *creds);
   if (auto st = s.Create(); !st.ok()) return st;
   std::fprintf(stderr, "chat with %s: type a line, Enter to send; /quit or end of input to leave\n", o.target.c_str());
   std::string line;

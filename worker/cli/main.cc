@@ -82,6 +82,11 @@ int main(int argc, char** argv) {
   ch->add_option("--temperature", chat.temperature, "sampling temperature (0: greedy)");
   ch->add_option("--top-p", chat.top_p, "nucleus sampling mass");
   ch->add_option("--seed", chat.seed, "sampling seed");
+  for (auto [cmd, o] : {std::pair{cmp, &comp}, std::pair{ch, &chat}}) {
+    cmd->add_option("--tls-ca", o->tls_ca, "PEM CA that signed the server's certificate (TLS)");
+    cmd->add_option("--tls-cert", o->tls_cert, "PEM client certificate (mTLS)");
+    cmd->add_option("--tls-key", o->tls_key, "PEM client key (mTLS)");
+  }
 
   flashmem::cli::ClusterOptions cluster;
   cluster.run_dir = FLASHMEM_DEFAULT_RUN_DIR;

@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "CLI/CLI.hpp"
+#include "common/tls.h"
 #include "spdlog/sinks/stdout_color_sinks.h"
 #include "spdlog/spdlog.h"
 #include "coordinator.grpc.pb.h"
@@ -53,7 +54,19 @@ int main(int argc, char** argv) {
   app.add_flag("--lsa-apply-next-step", [&](int64_t) { so.lsa_apply_at_boundary = false; }, "put each resident set in force at the step after its refresh (the release) instead of the next boundary");
   app.add_flag("--lsa-measure-agreement", so.lsa_measure_agreement, "evaluation mode: compute the full Level-2 top-k alongside and export the agreement");
   app.add_option("--device", device, "cpu (the CUDA backend does not run the whole model yet)");
+  flashmem::TlsOptions tls;
+  app.add_option("--tls-cert", tls.cert_file, "PEM certificate chain: served on --listen, presented to the coordinator and memtier (common/tls.h)");
+  app.add_option("--tls-key", tls.key_file, "PEM private key");
+  app.add_option("--tls-ca", tls.ca_file, "PEM CA of the cluster: verifies the coordinator and memtier and, unless --tls-optional-client-cert, requires client certificates");
+  app.add_flag("--tls-optional-client-cert", tls.optional_client_cert, "public clients may connect without a certificate");
   CLI11_PARSE(app, argc, argv);
+  auto server_creds = flashmem::MakeServerCredentials(tls);
+  auto channel_creds = flashmem::MakeChannelCredentials(tls);
+  if (!server_creds.ok() || !channel_creds.ok()) {
+    std::fprintf(stderr, "flashmem-worker: %s\n",
+                 std::string((server_creds.ok() ? channel_creds.status() : server_creds.status()).message()).c_str());
+    return 1;
+  }
   spdlog::set_default_logger(spdlog::stderr_color_mt("worker"));
   if (device != "cpu") {
     std::fprintf(stderr, "flashmem-worker: --device %s: only the cpu backend runs the whole model in this build\n", device.c_str());
@@ -84,6 +97,7 @@ int main(int argc, char** argv) {
     flashmem::memtier::MemTierClientOptions mo;
     mo.target = memtier_target;
     mo.buffer_bytes = memtier_buffer_bytes;
+    mo.credentials = *channel_creds;
     mo.name = "worker";
     auto m = flashmem::memtier::MemTierClient::Connect(mo);
     if (!m.ok()) {
@@ -204,7 +218,7 @@ int main(int argc, char** argv) {
   grpc::EnableDefaultHealthCheckService(true);
   grpc::ServerBuilder b;
   int port = 0;
-  b.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
+  b.AddListeningPort(listen, *server_creds, &port);
   b.RegisterService(&service);
   b.RegisterService(&admin);
   auto server = b.BuildAndStart();
@@ -217,7 +231,7 @@ int main(int argc, char** argv) {
   std::atomic<bool> stop{false};
   std::thread heartbeat;
   if (!coordinator_target.empty()) {
-    auto stub = flashmem::v1::Coordinator::NewStub(grpc::CreateChannel(coordinator_target, grpc::InsecureChannelCredentials()));
+    auto stub = flashmem::v1::Coordinator::NewStub(grpc::CreateChannel(coordinator_target, *channel_creds));
     flashmem::v1::RegisterRequest rr;
     rr.set_address(my_address);
     flashmem::v1::RegisterResponse reg;

@@ -1,0 +1,63 @@
+#include "common/tls.h"
+
+#include "absl/strings/str_cat.h"
+#include "common/file.h"
+
+namespace flashmem {
+namespace {
+
+absl::StatusOr<std::string> Pem(const std::string& path, const char* flag) {
+  auto text = ReadFileToString(path);
+  if (!text.ok()) return absl::InvalidArgumentError(absl::StrCat(flag, " ", path, ": ", text.status().message()));
+  if (text->find("-----BEGIN ") == std::string::npos)
+    return absl::InvalidArgumentError(absl::StrCat(flag, " ", path, ": not a PEM file"));
+  return *text;
+}
+
+}  // namespace
+
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(const TlsOptions& o) {
+  if (!o.enabled()) return grpc::InsecureServerCredentials();
+  if (o.cert_file.empty() || o.key_file.empty())
+    return absl::InvalidArgumentError("TLS: a listener needs both --tls-cert and --tls-key");
+  grpc::SslServerCredentialsOptions ssl(
+      o.ca_file.empty() ? GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE
+                        : o.optional_client_cert ? GRPC_SSL_REQUEST_CLIENT_CERTIFICATE_AND_VERIFY
+                                                 : GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+  grpc::SslServerCredentialsOptions::PemKeyCertPair pair;
+  auto cert = Pem(o.cert_file, "--tls-cert");
+  if (!cert.ok()) return cert.status();
+  auto key = Pem(o.key_file, "--tls-key");
+  if (!key.ok()) return key.status();
+  pair.cert_chain = *cert;
+  pair.private_key = *key;
+  ssl.pem_key_cert_pairs.push_back(pair);
+  if (!o.ca_file.empty()) {
+    auto ca = Pem(o.ca_file, "--tls-ca");
+    if (!ca.ok()) return ca.status();
+    ssl.pem_root_certs = *ca;
+  }
+  return grpc::SslServerCredentials(ssl);
+}
+
+absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeChannelCredentials(const TlsOptions& o) {
+  if (!o.enabled()) return grpc::InsecureChannelCredentials();
+  if (o.ca_file.empty()) return absl::InvalidArgumentError("TLS: calling a TLS endpoint needs --tls-ca to verify it");
+  grpc::SslCredentialsOptions ssl;
+  auto ca = Pem(o.ca_file, "--tls-ca");
+  if (!ca.ok()) return ca.status();
+  ssl.pem_root_certs = *ca;
+  if (!o.cert_file.empty() || !o.key_file.empty()) {
+    if (o.cert_file.empty() || o.key_file.empty())
+      return absl::InvalidArgumentError("TLS: a client identity needs both --tls-cert and --tls-key");
+    auto cert = Pem(o.cert_file, "--tls-cert");
+    if (!cert.ok()) return cert.status();
+    auto key = Pem(o.key_file, "--tls-key");
+    if (!key.ok()) return key.status();
+    ssl.pem_cert_chain = *cert;
+    ssl.pem_private_key = *key;
+  }
+  return grpc::SslCredentials(ssl);
+}
+
+}  // namespace flashmem
