@@ -113,16 +113,18 @@ grpc::Status Coordinator::Heartbeat(grpc::ServerContext*, const v1::HeartbeatReq
   if (it == workers_.end()) return Err(grpc::StatusCode::NOT_FOUND, absl::StrCat("unknown worker ", r->worker_id(), ": register again"));
   it->second.last_seen = std::chrono::steady_clock::now();
   it->second.sessions = r->sessions();
+  it->second.kv_bytes = r->kv_bytes();
   return grpc::Status::OK;
 }
 
 absl::StatusOr<uint64_t> Coordinator::PickWorker(const std::string& avoid) {
+  // Least loaded: fewest active sessions, then least KV in memory (ties: lowest id).
   uint64_t best = 0;
-  uint32_t best_sessions = UINT32_MAX;
+  std::pair<uint32_t, uint64_t> best_load{UINT32_MAX, UINT64_MAX};
   for (auto& [id, w] : workers_)
-    if (Live(w) && w.address != avoid && w.sessions < best_sessions) {
+    if (Live(w) && w.address != avoid && std::make_pair(w.sessions, w.kv_bytes) < best_load) {
       best = id;
-      best_sessions = w.sessions;
+      best_load = {w.sessions, w.kv_bytes};
     }
   if (best == 0) return absl::UnavailableError("no live worker");
   return best;

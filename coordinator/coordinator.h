@@ -71,6 +71,7 @@ class Coordinator final : public v1::Coordinator::Service, public v1::SessionSer
     std::string address;
     std::chrono::steady_clock::time_point last_seen;
     uint32_t sessions = 0;
+    uint64_t kv_bytes = 0;
     std::shared_ptr<grpc::Channel> channel;
   };
   Coordinator() = default;

@@ -304,6 +304,76 @@ TEST(Failover, WithLsaAndEvictedPagesTheTokensAreTheSame) {
   std::filesystem::remove_all(dir);
 }
 
+// Many rounds, each killing the serving worker at a random token of the stream (seeded): every
+// round's final tokens equal the uninterrupted run; the killed worker is restarted for the next.
+TEST(Failover, RandomStepsManyRounds) {
+  const std::string dir = TempDir("failover_rounds");
+  ASSERT_EQ(std::system((std::string(FLASHMEM_BIN) + " ckpt random --preset tiny --layers 2 --seed 9 --out " + dir + "/m > /dev/null").c_str()), 0);
+  Child memtier = Spawn(FLASHMEM_MEMTIER_BIN, {"--grpc-listen", "127.0.0.1:0", "--data-dir", dir + "/mt", "--ram-bytes", "268435456"});
+  ASSERT_FALSE(memtier.target.empty()) << memtier.output;
+  Child coord = Spawn(FLASHMEM_COORDINATOR_BIN, {"--listen", "127.0.0.1:0", "--data-dir", dir + "/coord"});
+  ASSERT_FALSE(coord.target.empty()) << coord.output;
+  const std::vector<std::string> wargs = {"--model", dir + "/m", "--listen", "127.0.0.1:0", "--memtier", memtier.target,
+                                          "--coordinator", coord.target};
+  std::vector<Child> workers = {Spawn(FLASHMEM_WORKER_BIN, wargs), Spawn(FLASHMEM_WORKER_BIN, wargs)};
+  ASSERT_FALSE(workers[0].target.empty() || workers[1].target.empty());
+  Api api(coord.target);
+  v1::SamplingParams sp;
+  sp.set_temperature(0.8f);
+  sp.set_seed(2026);
+  const std::string prompt = "Round after round, the same tokens.";
+  auto create = [&](v1::CreateSessionResponse* cs) {
+    grpc::ClientContext ctx;
+    ASSERT_TRUE(api.session->CreateSession(&ctx, v1::CreateSessionRequest(), cs).ok());
+    ASSERT_TRUE(Append(api, cs->session_id(), cs->token(), prompt).ok());
+  };
+  constexpr int kTokens = 24;
+  grpc::Status st;
+  v1::CreateSessionResponse ref;
+  create(&ref);
+  const std::vector<int32_t> want = Generate(api, ref.session_id(), ref.token(), kTokens, sp, &st);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  uint64_t x = 77;
+  for (int round = 0; round < 4; ++round) {
+    x = x * 6364136223846793005ull + 1442695040888963407ull;
+    const size_t kill_at = 1 + (x >> 33) % (kTokens - 2);
+    v1::CreateSessionResponse cs;
+    create(&cs);
+    v1::SessionInfo info;
+    {
+      grpc::ClientContext ctx;
+      ctx.AddMetadata("authorization", "Bearer " + cs.token());
+      v1::SessionRef r;
+      r.set_session_id(cs.session_id());
+      ASSERT_TRUE(api.session->GetSession(&ctx, r, &info).ok());
+    }
+    const size_t victim = info.served_by() == workers[0].target ? 0 : 1;
+    ASSERT_EQ(info.served_by(), workers[victim].target);
+    v1::GenerateRequest g;
+    g.set_session_id(cs.session_id());
+    g.set_max_tokens(kTokens);
+    *g.mutable_sampling() = sp;
+    grpc::ClientContext ctx;
+    ctx.AddMetadata("authorization", "Bearer " + cs.token());
+    auto reader = api.session->Generate(&ctx, g);
+    v1::GeneratedToken t;
+    std::vector<int32_t> got;
+    while (reader->Read(&t)) {
+      got.push_back(t.id());
+      if (got.size() == kill_at) Stop(workers[victim], SIGKILL);
+    }
+    st = reader->Finish();
+    ASSERT_TRUE(st.ok()) << "round " << round << ": " << st.error_message();
+    EXPECT_EQ(got, want) << "round " << round << ", killed after token " << kill_at;
+    workers[victim] = Spawn(FLASHMEM_WORKER_BIN, wargs);
+    ASSERT_FALSE(workers[victim].target.empty()) << workers[victim].output;
+  }
+  for (Child& w : workers) Stop(w);
+  Stop(coord);
+  Stop(memtier);
+  std::filesystem::remove_all(dir);
+}
+
 // Port of a "host:port" target.
 std::string PortOf(const std::string& target) { return target.substr(target.rfind(':') + 1); }
 

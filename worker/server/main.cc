@@ -158,6 +158,8 @@ int main(int argc, char** argv) {
     auto& prefill = tokens.Add({{"kind", "prefill"}});
     auto& decode = tokens.Add({{"kind", "decode"}});
     auto& steps = prometheus::BuildGauge().Name("flashmem_worker_steps").Help("forward passes").Register(*registry).Add({});
+    auto& queued = prometheus::BuildGauge().Name("flashmem_worker_queued_tokens").Help("prompt tokens waiting for a forward pass (queue depth)").Register(*registry).Add({});
+    auto& generating = prometheus::BuildGauge().Name("flashmem_worker_generating_sessions").Help("sessions generating now").Register(*registry).Add({});
     // LSA and paged KV (docs/lsa.md, docs/operations.md).
     auto gauge = [&](const char* name, const char* help) -> prometheus::Gauge& {
       return prometheus::BuildGauge().Name(name).Help(help).Register(*registry).Add({});
@@ -189,6 +191,8 @@ int main(int argc, char** argv) {
         prefill.Set(static_cast<double>(st.prefill_tokens));
         decode.Set(static_cast<double>(st.decode_tokens));
         steps.Set(static_cast<double>(st.steps));
+        queued.Set(static_cast<double>(st.queued_tokens));
+        generating.Set(static_cast<double>(st.generating));
         lsa_sessions.Set(static_cast<double>(st.lsa_sessions));
         lsa_refreshes.Set(static_cast<double>(st.lsa_refreshes));
         lsa_recalled.Set(static_cast<double>(st.lsa_pages_recalled));
@@ -248,6 +252,9 @@ int main(int argc, char** argv) {
         flashmem::v1::HeartbeatRequest hb;
         hb.set_worker_id(id);
         hb.set_sessions(static_cast<uint32_t>(scheduler.sessions()));
+        const auto sst = scheduler.stats();
+        hb.set_queued_tokens(sst.queued_tokens);
+        if (pager) hb.set_kv_bytes(pager->stats().resident_bytes);
         flashmem::v1::HeartbeatResponse hr;
         grpc::ClientContext c;
         c.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(reg.heartbeat_ms()));

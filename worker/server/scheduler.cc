@@ -247,6 +247,8 @@ SchedulerStats Scheduler::stats() const {
   std::lock_guard<std::mutex> l(mu_);
   SchedulerStats out = stats_;
   for (const auto& [id, sp] : sessions_) {
+    out.queued_tokens += sp->pending.size() - (sp->sampled_pending ? 1 : 0);
+    out.generating += sp->generating;
     const SessionLsaStats& ls = sp->lsa_seen;
     if (!ls.enabled) continue;
     out.lsa_sessions++;

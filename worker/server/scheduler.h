@@ -70,6 +70,8 @@ using TokenCallback = std::function<void(int32_t token, bool done, const std::st
 
 struct SchedulerStats {
   uint64_t steps = 0, prefill_tokens = 0, decode_tokens = 0, max_batch_rows = 0;
+  uint64_t queued_tokens = 0;   // prompt tokens waiting for a forward pass (queue depth)
+  uint64_t generating = 0;      // sessions generating now
   // LSA, summed over the sessions held now.
   uint64_t lsa_sessions = 0, lsa_refreshes = 0, lsa_sets_applied = 0, lsa_pages_recalled = 0;
   uint64_t lsa_stalls = 0, lsa_fallbacks = 0;
