@@ -71,8 +71,10 @@ Coordinator::Stats Coordinator::stats() const {
   std::lock_guard<std::mutex> l(mu_);
   Stats s;
   s.sessions = routes_.size();
-  s.workers = workers_.size();
-  for (const auto& [id, w] : workers_) s.workers_live += Live(w);
+  for (const auto& [id, w] : workers_) {
+    (w.memtier ? s.memtiers : s.workers)++;
+    (w.memtier ? s.memtiers_live : s.workers_live) += Live(w);
+  }
   s.failovers = failovers_;
   s.appends = appends_relayed_;
   s.generates = generates_;
@@ -92,18 +94,20 @@ grpc::Status Coordinator::Register(grpc::ServerContext*, const v1::RegisterReque
   if (r->address().empty()) return Err(grpc::StatusCode::INVALID_ARGUMENT, "register: address is empty");
   std::lock_guard<std::mutex> l(mu_);
   uint64_t id = 0;
+  const bool memtier = r->kind() == v1::MEMTIER;
   for (auto& [wid, w] : workers_)
-    if (w.address == r->address()) id = wid;  // a restarted worker on the same address
+    if (w.address == r->address() && w.memtier == memtier) id = wid;  // restarted on the same address
   if (id == 0) id = next_worker_++;
   Worker& w = workers_[id];
   w.address = r->address();
+  w.memtier = memtier;
   w.last_seen = std::chrono::steady_clock::now();
   if (!channels_.count(w.address)) channels_[w.address] = grpc::CreateChannel(w.address, WorkerCredentials());
   w.channel = channels_[w.address];
   out->set_worker_id(id);
   out->set_heartbeat_ms(static_cast<uint32_t>(options_.heartbeat.count()));
   out->set_lease_ms(static_cast<uint32_t>(options_.lease.count()));
-  spdlog::info("coordinator: worker {} at {}", id, w.address);
+  spdlog::info("coordinator: {} {} at {}", memtier ? "memtier" : "worker", id, w.address);
   return grpc::Status::OK;
 }
 
@@ -122,7 +126,7 @@ absl::StatusOr<uint64_t> Coordinator::PickWorker(const std::string& avoid) {
   uint64_t best = 0;
   std::pair<uint32_t, uint64_t> best_load{UINT32_MAX, UINT64_MAX};
   for (auto& [id, w] : workers_)
-    if (Live(w) && w.address != avoid && std::make_pair(w.sessions, w.kv_bytes) < best_load) {
+    if (!w.memtier && Live(w) && w.address != avoid && std::make_pair(w.sessions, w.kv_bytes) < best_load) {
       best = id;
       best_load = {w.sessions, w.kv_bytes};
     }
@@ -144,7 +148,7 @@ absl::StatusOr<std::pair<std::string, std::shared_ptr<grpc::Channel>>> Coordinat
   const auto route_start = std::chrono::steady_clock::now();
   auto live_at = [&](const std::string& addr) {
     for (auto& [id, w] : workers_)
-      if (w.address == addr && Live(w)) return true;
+      if (!w.memtier && w.address == addr && Live(w)) return true;
     return false;
   };
   if (force_move) {

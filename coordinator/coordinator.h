@@ -53,7 +53,7 @@ class Coordinator final : public v1::Coordinator::Service, public v1::SessionSer
   uint64_t failovers() const;
 
   struct Stats {
-    uint64_t sessions = 0, workers = 0, workers_live = 0, failovers = 0;
+    uint64_t sessions = 0, workers = 0, workers_live = 0, memtiers = 0, memtiers_live = 0, failovers = 0;
     uint64_t appends = 0, generates = 0, tokens = 0;  // relayed since start
   };
   Stats stats() const;
@@ -72,6 +72,7 @@ class Coordinator final : public v1::Coordinator::Service, public v1::SessionSer
     std::chrono::steady_clock::time_point last_seen;
     uint32_t sessions = 0;
     uint64_t kv_bytes = 0;
+    bool memtier = false;  // registered as a memtier: tracked, never given sessions
     std::shared_ptr<grpc::Channel> channel;
   };
   Coordinator() = default;

@@ -83,6 +83,8 @@ int main(int argc, char** argv) {
     auto& sessions = gauge("flashmem_coordinator_sessions", "sessions in the session table");
     auto& workers = gauge("flashmem_coordinator_workers", "registered workers");
     auto& live = gauge("flashmem_coordinator_workers_live", "workers holding a lease");
+    auto& memtiers = gauge("flashmem_coordinator_memtiers", "registered memtiers");
+    auto& memtiers_live = gauge("flashmem_coordinator_memtiers_live", "memtiers holding a lease");
     auto& failovers = gauge("flashmem_coordinator_failovers", "sessions moved off a lost worker");
     auto& appends = gauge("flashmem_coordinator_appends", "appends relayed");
     auto& generates = gauge("flashmem_coordinator_generates", "generate streams started");
@@ -94,6 +96,8 @@ int main(int argc, char** argv) {
         sessions.Set(static_cast<double>(st.sessions));
         workers.Set(static_cast<double>(st.workers));
         live.Set(static_cast<double>(st.workers_live));
+        memtiers.Set(static_cast<double>(st.memtiers));
+        memtiers_live.Set(static_cast<double>(st.memtiers_live));
         failovers.Set(static_cast<double>(st.failovers));
         appends.Set(static_cast<double>(st.appends));
         generates.Set(static_cast<double>(st.generates));

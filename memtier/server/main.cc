@@ -5,6 +5,7 @@
 
 #include "CLI/CLI.hpp"
 #include "common/tls.h"
+#include "coordinator/lease_keeper.h"
 #include "memtier/server/memtier_server.h"
 #include "spdlog/sinks/stdout_color_sinks.h"
 #include "spdlog/spdlog.h"
@@ -30,6 +31,8 @@ int main(int argc, char** argv) {
   app.add_flag("--sync-wal", o.store.rocks.sync_wal, "fsync the WAL before acknowledging a commit");
   app.add_option("--high-watermark", o.store.high_watermark, "evict above this fraction of --ram-bytes");
   app.add_option("--low-watermark", o.store.low_watermark, "evict down to this fraction");
+  std::string coordinator_target;
+  app.add_option("--coordinator", coordinator_target, "coordinator gRPC address: register as a memtier and keep a lease");
   flashmem::TlsOptions tls;
   app.add_option("--tls-cert", tls.cert_file, "PEM certificate chain of this server (common/tls.h)");
   app.add_option("--tls-key", tls.key_file, "PEM private key");
@@ -52,11 +55,24 @@ int main(int argc, char** argv) {
     return 1;
   }
   g_server = server->get();
+  std::unique_ptr<flashmem::coordinator::LeaseKeeper> lease;
+  if (!coordinator_target.empty()) {
+    auto creds = flashmem::MakeChannelCredentials(tls);
+    auto k = creds.ok() ? flashmem::coordinator::LeaseKeeper::Start(coordinator_target, *creds, (*server)->grpc_target(),
+                                                                     flashmem::v1::MEMTIER)
+                        : absl::StatusOr<std::unique_ptr<flashmem::coordinator::LeaseKeeper>>(creds.status());
+    if (!k.ok()) {
+      std::fprintf(stderr, "flashmem-memtier: %s\n", std::string(k.status().message()).c_str());
+      return 1;
+    }
+    lease = std::move(*k);
+  }
   std::signal(SIGTERM, OnSignal);
   std::signal(SIGINT, OnSignal);
   // Tests and scripts read the chosen port from this line.
   std::printf("LISTENING %s\n", (*server)->grpc_target().c_str());
   std::fflush(stdout);
   (*server)->Wait();
+  lease.reset();
   return 0;
 }

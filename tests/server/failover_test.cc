@@ -144,10 +144,11 @@ TEST(Failover, AnotherWorkerAdoptsTheSessionFromMemtierWithoutPrefill) {
 TEST(Failover, CoordinatorMovesTheSessionAndTheStreamCarriesOn) {
   const std::string dir = TempDir("failover_coord");
   ASSERT_EQ(std::system((std::string(FLASHMEM_BIN) + " ckpt random --preset tiny --layers 2 --seed 9 --out " + dir + "/m > /dev/null").c_str()), 0);
-  Child memtier = Spawn(FLASHMEM_MEMTIER_BIN, {"--grpc-listen", "127.0.0.1:0", "--data-dir", dir + "/mt", "--ram-bytes", "268435456"});
-  ASSERT_FALSE(memtier.target.empty()) << memtier.output;
   Child coord = Spawn(FLASHMEM_COORDINATOR_BIN, {"--listen", "127.0.0.1:0", "--data-dir", dir + "/coord", "--metrics-listen", "127.0.0.1:0"});
   ASSERT_FALSE(coord.target.empty()) << coord.output;
+  Child memtier = Spawn(FLASHMEM_MEMTIER_BIN, {"--grpc-listen", "127.0.0.1:0", "--data-dir", dir + "/mt", "--ram-bytes", "268435456",
+                                               "--coordinator", coord.target});
+  ASSERT_FALSE(memtier.target.empty()) << memtier.output;
   const std::vector<std::string> wargs = {"--model", dir + "/m", "--listen", "127.0.0.1:0", "--memtier", memtier.target,
                                           "--coordinator", coord.target};
   Child w1 = Spawn(FLASHMEM_WORKER_BIN, wargs), w2 = Spawn(FLASHMEM_WORKER_BIN, wargs);
@@ -211,6 +212,7 @@ TEST(Failover, CoordinatorMovesTheSessionAndTheStreamCarriesOn) {
   EXPECT_NE(metrics.find("flashmem_coordinator_resume_seconds_count 1"), std::string::npos) << metrics;
   EXPECT_NE(metrics.find("flashmem_coordinator_tokens 32"), std::string::npos) << metrics;
   EXPECT_NE(metrics.find("flashmem_coordinator_workers_live 1"), std::string::npos) << metrics;
+  EXPECT_NE(metrics.find("flashmem_coordinator_memtiers_live 1"), std::string::npos) << metrics;
   Stop(w1);
   Stop(w2);
   Stop(coord);

@@ -95,13 +95,14 @@ absl::Status ClusterUp(const ClusterOptions& o) {
       j["indexer"] = idx;
     }
   }
-  FM_ASSIGN_OR_RETURN(Started memtier, StartDaemon(o.run_dir, "memtier", o.memtier_bin,
-      {"--grpc-listen", "127.0.0.1:0", "--data-dir", o.run_dir + "/memtier-data", "--ram-bytes", "1073741824",
-       "--shm-socket", o.run_dir + "/memtier.sock"}));
-  j["memtier"] = {{"pid", memtier.pid}, {"address", memtier.target}};
   FM_ASSIGN_OR_RETURN(Started coord, StartDaemon(o.run_dir, "coordinator", o.coordinator_bin,
       {"--listen", "127.0.0.1:0", "--data-dir", o.run_dir + "/coordinator-data"}));
   j["coordinator"] = {{"pid", coord.pid}, {"address", coord.target}};
+  FM_ASSIGN_OR_RETURN(Started memtier, StartDaemon(o.run_dir, "memtier", o.memtier_bin,
+      {"--grpc-listen", "127.0.0.1:0", "--data-dir", o.run_dir + "/memtier-data", "--ram-bytes", "1073741824",
+       "--shm-socket", o.run_dir + "/memtier.sock", "--coordinator", coord.target}));
+  j["memtier"] = {{"pid", memtier.pid}, {"address", memtier.target}};
+
   for (int i = 0; i < o.workers; ++i) {
     std::fprintf(stderr, "starting worker %d/%d (loading the model)...\n", i + 1, o.workers);
     std::vector<std::string> wargs = {"--model", model, "--listen", "127.0.0.1:0", "--memtier", memtier.target,

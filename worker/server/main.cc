@@ -13,7 +13,7 @@
 #include "common/tls.h"
 #include "spdlog/sinks/stdout_color_sinks.h"
 #include "spdlog/spdlog.h"
-#include "coordinator.grpc.pb.h"
+#include "coordinator/lease_keeper.h"
 #include "prometheus/counter.h"
 #include "prometheus/exposer.h"
 #include "prometheus/gauge.h"
@@ -232,39 +232,19 @@ int main(int argc, char** argv) {
   }
   g_server = server.get();
   const std::string my_address = listen.substr(0, listen.rfind(':')) + ":" + std::to_string(port);
-  std::atomic<bool> stop{false};
-  std::thread heartbeat;
+  std::unique_ptr<flashmem::coordinator::LeaseKeeper> lease;
   if (!coordinator_target.empty()) {
-    auto stub = flashmem::v1::Coordinator::NewStub(grpc::CreateChannel(coordinator_target, *channel_creds));
-    flashmem::v1::RegisterRequest rr;
-    rr.set_address(my_address);
-    flashmem::v1::RegisterResponse reg;
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
-    if (auto st = stub->Register(&ctx, rr, &reg); !st.ok()) {
-      std::fprintf(stderr, "flashmem-worker: --coordinator %s: %s\n", coordinator_target.c_str(), st.error_message().c_str());
+    auto k = flashmem::coordinator::LeaseKeeper::Start(
+        coordinator_target, *channel_creds, my_address, flashmem::v1::WORKER, [&](flashmem::v1::HeartbeatRequest* hb) {
+          hb->set_sessions(static_cast<uint32_t>(scheduler.sessions()));
+          hb->set_queued_tokens(scheduler.stats().queued_tokens);
+          if (pager) hb->set_kv_bytes(pager->stats().resident_bytes);
+        });
+    if (!k.ok()) {
+      std::fprintf(stderr, "flashmem-worker: %s\n", std::string(k.status().message()).c_str());
       return 1;
     }
-    heartbeat = std::thread([&, stub = std::move(stub), reg, rr]() mutable {  // rr by value: it leaves scope
-      uint64_t id = reg.worker_id();
-      while (!stop.load()) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(reg.heartbeat_ms()));
-        flashmem::v1::HeartbeatRequest hb;
-        hb.set_worker_id(id);
-        hb.set_sessions(static_cast<uint32_t>(scheduler.sessions()));
-        const auto sst = scheduler.stats();
-        hb.set_queued_tokens(sst.queued_tokens);
-        if (pager) hb.set_kv_bytes(pager->stats().resident_bytes);
-        flashmem::v1::HeartbeatResponse hr;
-        grpc::ClientContext c;
-        c.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(reg.heartbeat_ms()));
-        if (stub->Heartbeat(&c, hb, &hr).error_code() == grpc::StatusCode::NOT_FOUND) {  // coordinator restarted
-          grpc::ClientContext rc;
-          flashmem::v1::RegisterResponse again;
-          if (stub->Register(&rc, rr, &again).ok()) id = again.worker_id();
-        }
-      }
-    });
+    lease = std::move(*k);
   }
   std::signal(SIGTERM, OnSignal);
   std::signal(SIGINT, OnSignal);
@@ -272,8 +252,7 @@ int main(int argc, char** argv) {
   std::printf("LISTENING %s:%d\n", listen.substr(0, listen.rfind(':')).c_str(), port);
   std::fflush(stdout);
   server->Wait();
-  stop.store(true);
-  if (heartbeat.joinable()) heartbeat.join();
+  lease.reset();
   metrics_stop.store(true);
   if (metrics_thread.joinable()) metrics_thread.join();
   return 0;

@@ -1,0 +1,52 @@
+#include "coordinator/lease_keeper.h"
+
+#include <grpcpp/grpcpp.h>
+
+#include <chrono>
+
+#include "absl/strings/str_cat.h"
+
+namespace flashmem::coordinator {
+
+absl::StatusOr<std::unique_ptr<LeaseKeeper>> LeaseKeeper::Start(
+    const std::string& coordinator, std::shared_ptr<grpc::ChannelCredentials> creds, const std::string& address,
+    v1::ComponentKind kind, std::function<void(v1::HeartbeatRequest*)> fill) {
+  std::unique_ptr<LeaseKeeper> k(new LeaseKeeper());
+  k->stub_ = v1::Coordinator::NewStub(grpc::CreateChannel(coordinator, std::move(creds)));
+  k->request_.set_address(address);
+  k->request_.set_kind(kind);
+  k->fill_ = std::move(fill);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  if (auto st = k->stub_->Register(&ctx, k->request_, &k->registered_); !st.ok())
+    return absl::UnavailableError(absl::StrCat("--coordinator ", coordinator, ": ", st.error_message()));
+  k->thread_ = std::thread([p = k.get()] { p->Loop(); });
+  return k;
+}
+
+LeaseKeeper::~LeaseKeeper() {
+  stop_.store(true);
+  if (thread_.joinable()) thread_.join();
+}
+
+void LeaseKeeper::Loop() {
+  uint64_t id = registered_.worker_id();
+  const auto period = std::chrono::milliseconds(registered_.heartbeat_ms());
+  while (!stop_.load()) {
+    std::this_thread::sleep_for(period);
+    v1::HeartbeatRequest hb;
+    hb.set_worker_id(id);
+    if (fill_) fill_(&hb);
+    v1::HeartbeatResponse hr;
+    grpc::ClientContext c;
+    c.set_deadline(std::chrono::system_clock::now() + period);
+    if (stub_->Heartbeat(&c, hb, &hr).error_code() == grpc::StatusCode::NOT_FOUND) {  // coordinator restarted
+      grpc::ClientContext rc;
+      rc.set_deadline(std::chrono::system_clock::now() + period);
+      v1::RegisterResponse again;
+      if (stub_->Register(&rc, request_, &again).ok()) id = again.worker_id();
+    }
+  }
+}
+
+}  // namespace flashmem::coordinator
