@@ -57,10 +57,18 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Open(const Coordinator
     }
   }
   spdlog::info("coordinator: {} sessions in the table", c->routes_.size());
+  c->reaper_ = std::thread([p = c.get()] { p->ReassignLost(); });
   return c;
 }
 
-Coordinator::~Coordinator() = default;
+Coordinator::~Coordinator() {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    stop_ = true;
+  }
+  stop_cv_.notify_all();
+  if (reaper_.joinable()) reaper_.join();
+}
 
 uint64_t Coordinator::failovers() const {
   std::lock_guard<std::mutex> l(mu_);
@@ -142,49 +150,89 @@ absl::Status Coordinator::SaveRoute(const std::string& session_id, const std::st
 
 absl::StatusOr<std::pair<std::string, std::shared_ptr<grpc::Channel>>> Coordinator::Route(const std::string& sid, bool force_move) {
   std::unique_lock<std::mutex> l(mu_);
-  auto r = routes_.find(sid);
-  if (r == routes_.end()) return absl::NotFoundError(absl::StrCat("unknown session '", sid, "'"));
-  const std::string old = r->second;
   const auto route_start = std::chrono::steady_clock::now();
   auto live_at = [&](const std::string& addr) {
     for (auto& [id, w] : workers_)
       if (!w.memtier && w.address == addr && Live(w)) return true;
     return false;
   };
-  if (force_move) {
-    // Moving a session whose worker still holds its lease would serve it twice: wait the lease out.
-    const auto deadline = std::chrono::steady_clock::now() + options_.lease + options_.heartbeat;
-    while (live_at(old) && std::chrono::steady_clock::now() < deadline) {
-      l.unlock();
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
-      l.lock();
+  for (;;) {
+    // One move of a session at a time: whoever finds it moving waits, then takes the new route.
+    moved_cv_.wait(l, [&] { return !moving_.count(sid); });
+    auto r = routes_.find(sid);
+    if (r == routes_.end()) return absl::NotFoundError(absl::StrCat("unknown session '", sid, "'"));
+    const std::string old = r->second;
+    bool move = force_move || !live_at(old);
+    if (force_move) {
+      // Moving a session whose worker still holds its lease would serve it twice: wait the lease out.
+      const auto deadline = std::chrono::steady_clock::now() + options_.lease + options_.heartbeat;
+      while (live_at(old) && std::chrono::steady_clock::now() < deadline) {
+        l.unlock();
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+        l.lock();
+      }
+      if (moving_.count(sid) || !routes_.count(sid) || routes_[sid] != old) {  // moved meanwhile
+        force_move = false;
+        continue;
+      }
+      move = !live_at(old);  // it came back: keep it there
     }
-    if (live_at(old)) force_move = false;  // it came back: keep it there
+    if (!move) {
+      if (!channels_.count(old)) channels_[old] = grpc::CreateChannel(old, WorkerCredentials());
+      return std::make_pair(old, channels_[old]);
+    }
+    moving_.insert(sid);
+    auto done = [&](auto result) {
+      moving_.erase(sid);
+      moved_cv_.notify_all();
+      return result;
+    };
+    auto id = PickWorker(old);
+    if (!id.ok()) return done(absl::StatusOr<std::pair<std::string, std::shared_ptr<grpc::Channel>>>(id.status()));
+    const Worker& w = workers_[*id];
+    auto channel = w.channel;
+    const std::string addr = w.address;
+    l.unlock();
+    auto admin = v1::WorkerAdmin::NewStub(channel);
+    v1::AdoptSessionRequest req;
+    req.set_session_id(sid);
+    v1::AdoptSessionResponse resp;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    const grpc::Status st = admin->AdoptSession(&ctx, req, &resp);
+    l.lock();
+    if (!st.ok())
+      return done(absl::StatusOr<std::pair<std::string, std::shared_ptr<grpc::Channel>>>(
+          absl::UnavailableError(absl::StrCat("adopting session ", sid, " on ", addr, ": ", st.error_message()))));
+    failovers_++;
+    if (on_resume_) on_resume_(std::chrono::duration<double>(std::chrono::steady_clock::now() - route_start).count());
+    if (auto s2 = SaveRoute(sid, addr); !s2.ok())
+      return done(absl::StatusOr<std::pair<std::string, std::shared_ptr<grpc::Channel>>>(s2));
+    spdlog::warn("coordinator: session {} moved from {} to {}", sid, old, addr);
+    return done(absl::StatusOr<std::pair<std::string, std::shared_ptr<grpc::Channel>>>(std::make_pair(addr, channel)));
   }
-  if (!force_move && live_at(old)) {
-    if (!channels_.count(old)) channels_[old] = grpc::CreateChannel(old, WorkerCredentials());
-    return std::make_pair(old, channels_[old]);
+}
+
+void Coordinator::ReassignLost() {
+  std::unique_lock<std::mutex> l(mu_);
+  while (!stop_) {
+    stop_cv_.wait_for(l, options_.heartbeat, [&] { return stop_; });
+    if (stop_) break;
+    // Sessions on registered workers whose lease ran out move now, not at their next call.
+    std::vector<std::string> lost;
+    for (const auto& [sid, addr] : routes_) {
+      if (moving_.count(sid)) continue;
+      for (const auto& [id, w] : workers_)
+        if (!w.memtier && w.address == addr && !Live(w)) lost.push_back(sid);
+    }
+    if (lost.empty()) continue;
+    l.unlock();
+    for (const std::string& sid : lost) {
+      auto r = Route(sid, false);
+      if (!r.ok()) spdlog::warn("coordinator: session {} stays on a lost worker for now: {}", sid, std::string(r.status().message()));
+    }
+    l.lock();
   }
-  auto id = PickWorker(old);
-  if (!id.ok()) return id.status();
-  const Worker& w = workers_[*id];
-  auto channel = w.channel;
-  const std::string addr = w.address;
-  l.unlock();
-  auto admin = v1::WorkerAdmin::NewStub(channel);
-  v1::AdoptSessionRequest req;
-  req.set_session_id(sid);
-  v1::AdoptSessionResponse resp;
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
-  const grpc::Status st = admin->AdoptSession(&ctx, req, &resp);
-  if (!st.ok()) return absl::UnavailableError(absl::StrCat("adopting session ", sid, " on ", addr, ": ", st.error_message()));
-  l.lock();
-  failovers_++;
-  if (on_resume_) on_resume_(std::chrono::duration<double>(std::chrono::steady_clock::now() - route_start).count());
-  if (auto s = SaveRoute(sid, addr); !s.ok()) return s;
-  spdlog::warn("coordinator: session {} moved from {} to {}", sid, old, addr);
-  return std::make_pair(addr, channel);
 }
 
 grpc::Status Coordinator::CreateSession(grpc::ServerContext*, const v1::CreateSessionRequest* r, v1::CreateSessionResponse* out) {

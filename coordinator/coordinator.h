@@ -12,6 +12,9 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <condition_variable>
+#include <set>
+#include <thread>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -83,6 +86,8 @@ class Coordinator final : public v1::Coordinator::Service, public v1::SessionSer
   // The worker serving a session; moves the session (AdoptSession) when its worker is lost.
   absl::StatusOr<std::pair<std::string, std::shared_ptr<grpc::Channel>>> Route(const std::string& session_id, bool force_move);
   absl::Status SaveRoute(const std::string& session_id, const std::string& address);
+  // Every heartbeat interval: sessions of workers whose lease ran out move to live workers.
+  void ReassignLost();
   template <typename Msg, typename Start, typename Relay>
   grpc::Status WithFailover(grpc::ServerContext* ctx, const std::string& sid, const char* what, Start start, Relay relay);
 
@@ -95,6 +100,11 @@ class Coordinator final : public v1::Coordinator::Service, public v1::SessionSer
   std::map<std::string, uint64_t> appends_;    // session id -> appends applied (key "appends/<id>")
   std::map<std::string, std::shared_ptr<grpc::Channel>> channels_;
   uint64_t failovers_ = 0;
+  std::set<std::string> moving_;      // sessions being moved (one move at a time per session)
+  std::condition_variable moved_cv_;
+  bool stop_ = false;
+  std::condition_variable stop_cv_;
+  std::thread reaper_;                // ReassignLost
   uint64_t appends_relayed_ = 0, generates_ = 0, tokens_relayed_ = 0;
   std::function<void(double)> on_resume_, on_first_token_, on_inter_token_;
 };

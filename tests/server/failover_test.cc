@@ -376,6 +376,53 @@ TEST(Failover, RandomStepsManyRounds) {
   std::filesystem::remove_all(dir);
 }
 
+// An idle session on a worker that dies is moved by the coordinator itself once the lease runs
+// out, before any client call on it.
+TEST(Failover, IdleSessionsMoveWhenTheLeaseRunsOut) {
+  const std::string dir = TempDir("failover_idle");
+  ASSERT_EQ(std::system((std::string(FLASHMEM_BIN) + " ckpt random --preset tiny --layers 2 --seed 9 --out " + dir + "/m > /dev/null").c_str()), 0);
+  Child memtier = Spawn(FLASHMEM_MEMTIER_BIN, {"--grpc-listen", "127.0.0.1:0", "--data-dir", dir + "/mt", "--ram-bytes", "268435456"});
+  Child coord = Spawn(FLASHMEM_COORDINATOR_BIN, {"--listen", "127.0.0.1:0", "--data-dir", dir + "/coord", "--metrics-listen", "127.0.0.1:0"});
+  ASSERT_FALSE(memtier.target.empty() || coord.target.empty());
+  const std::vector<std::string> wargs = {"--model", dir + "/m", "--listen", "127.0.0.1:0", "--memtier", memtier.target,
+                                          "--coordinator", coord.target};
+  Child w1 = Spawn(FLASHMEM_WORKER_BIN, wargs), w2 = Spawn(FLASHMEM_WORKER_BIN, wargs);
+  ASSERT_FALSE(w1.target.empty() || w2.target.empty());
+  Api api(coord.target);
+  v1::CreateSessionResponse cs;
+  {
+    grpc::ClientContext ctx;
+    ASSERT_TRUE(api.session->CreateSession(&ctx, v1::CreateSessionRequest(), &cs).ok());
+  }
+  ASSERT_TRUE(Append(api, cs.session_id(), cs.token(), "idle for a while").ok());
+  auto served_by = [&] {
+    v1::SessionInfo info;
+    grpc::ClientContext ctx;
+    ctx.AddMetadata("authorization", "Bearer " + cs.token());
+    v1::SessionRef ref;
+    ref.set_session_id(cs.session_id());
+    EXPECT_TRUE(api.session->GetSession(&ctx, ref, &info).ok());
+    return info.served_by();
+  };
+  const std::string first = served_by();
+  Stop(first == w1.target ? w1 : w2, SIGKILL);
+  const int metrics_port = std::stoi(coord.output.substr(coord.output.find("METRICS ") + 8));
+  std::string metrics;
+  for (int i = 0; i < 60 && metrics.find("flashmem_coordinator_failovers 1") == std::string::npos; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    metrics = HttpGet(metrics_port, "/metrics");
+  }
+  EXPECT_NE(metrics.find("flashmem_coordinator_failovers 1"), std::string::npos) << "moved without a client call: " << metrics;
+  const std::string now = served_by();
+  EXPECT_NE(now, first);
+  EXPECT_TRUE(now == w1.target || now == w2.target) << now;
+  Stop(w1);
+  Stop(w2);
+  Stop(coord);
+  Stop(memtier);
+  std::filesystem::remove_all(dir);
+}
+
 // Port of a "host:port" target.
 std::string PortOf(const std::string& target) { return target.substr(target.rfind(':') + 1); }
 
