@@ -46,11 +46,25 @@ absl::StatusOr<Started> StartDaemon(const std::string& run, const std::string& n
   }
   if (pid < 0) return absl::InternalError("fork failed");
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+  long long shown = -1;  // progress already drawn
   while (std::chrono::steady_clock::now() < deadline) {
     auto text = ReadFileToString(out);
     if (text.ok()) {
       const auto at = text->find("LISTENING "), nl = text->find('\n', at);
-      if (at != std::string::npos && nl != std::string::npos) return Started{pid, text->substr(at + 10, nl - at - 10)};
+      if (at != std::string::npos && nl != std::string::npos) {
+        if (text->find("LOADING ") != std::string::npos) std::fprintf(stderr, "\n");
+        return Started{pid, text->substr(at + 10, nl - at - 10)};
+      }
+      // Model load progress ("LOADING done total" lines of a worker) as a bar.
+      const auto ld = text->rfind("LOADING ");
+      long long done = 0, total = 0;
+      if (ld != std::string::npos && std::sscanf(text->c_str() + ld, "LOADING %lld %lld", &done, &total) == 2 && total > 0 &&
+          done != shown) {
+        shown = done;
+        const int width = 30, filled = static_cast<int>(width * done / total);
+        std::fprintf(stderr, "\r  %s loading the model [%s%s] %lld/%lld layers", name.c_str(), std::string(filled, '#').c_str(),
+                     std::string(width - filled, ' ').c_str(), done, total);
+      }
     }
     if (::waitpid(pid, nullptr, WNOHANG) == pid)
       return absl::UnavailableError(absl::StrCat(name, " exited during startup; see ", log));

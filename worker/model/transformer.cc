@@ -54,10 +54,10 @@ void ParallelHead::Forward(const float* X, float* logits, std::vector<float>* he
 
 absl::StatusOr<std::unique_ptr<Transformer>> Transformer::Load(const std::string& model_dir,
                                                                const kernels::Backend& be,
-                                                               ShardSpec shard) {
+                                                               ShardSpec shard, const LoadProgress& progress) {
   FM_ASSIGN_OR_RETURN(ModelArgs args, LoadModelArgs(model_dir));
   FM_ASSIGN_OR_RETURN(auto ckpt, Checkpoint::Open(model_dir));
-  FM_ASSIGN_OR_RETURN(ModelWeights w, LoadWeights(*ckpt, args, shard));
+  FM_ASSIGN_OR_RETURN(ModelWeights w, LoadWeights(*ckpt, args, shard, progress));
   return std::make_unique<Transformer>(std::move(args), std::move(w), be);
 }
 

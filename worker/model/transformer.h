@@ -63,7 +63,8 @@ class Transformer {
   // Loads config.json + safetensors from `model_dir` (validated before any compute).
   static absl::StatusOr<std::unique_ptr<Transformer>> Load(const std::string& model_dir,
                                                            const kernels::Backend& be,
-                                                           ShardSpec shard = {});
+                                                           ShardSpec shard = {},
+                                                           const LoadProgress& progress = nullptr);
   Transformer(ModelArgs args, ModelWeights weights, const kernels::Backend& be);
   Transformer(const Transformer&) = delete;
   Transformer& operator=(const Transformer&) = delete;

@@ -336,7 +336,8 @@ absl::Status ValidateCheckpoint(const Checkpoint& ckpt, const ModelArgs& args) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<ModelWeights> LoadWeights(const Checkpoint& ckpt, const ModelArgs& a, ShardSpec shard) {
+absl::StatusOr<ModelWeights> LoadWeights(const Checkpoint& ckpt, const ModelArgs& a, ShardSpec shard,
+                                         const LoadProgress& progress) {
   if (shard.world_size < 1 || shard.rank < 0 || shard.rank >= shard.world_size)
     return absl::InvalidArgumentError(absl::StrCat("shard: rank ", shard.rank, " / world_size ", shard.world_size, " is invalid"));
   const int ws = shard.world_size;
@@ -351,9 +352,11 @@ absl::StatusOr<ModelWeights> LoadWeights(const Checkpoint& ckpt, const ModelArgs
   FM_ASSIGN_OR_RETURN(w.head, ld.Dense("head.weight", shard.rank * lv, (shard.rank + 1) * lv));
   FM_ASSIGN_OR_RETURN(w.norm, ld.Floats("norm.weight"));
   FM_ASSIGN_OR_RETURN(w.hc_head, ld.HcHead(""));
+  const int64_t steps = a.n_layers + a.n_mtp_layers;
   for (int64_t l = 0; l < a.n_layers; ++l) {
     FM_ASSIGN_OR_RETURN(BlockWeights b, ld.Block(a, l));
     w.layers.push_back(std::move(b));
+    if (progress) progress(l + 1, steps);
   }
   for (int64_t l = a.n_layers; l < a.n_layers + a.n_mtp_layers; ++l) {
     MTPWeights m;
@@ -366,6 +369,7 @@ absl::StatusOr<ModelWeights> LoadWeights(const Checkpoint& ckpt, const ModelArgs
     FM_ASSIGN_OR_RETURN(m.norm, ld.Floats(p + "norm.weight"));
     FM_ASSIGN_OR_RETURN(m.hc_head, ld.HcHead(p));
     w.mtp.push_back(std::move(m));
+    if (progress) progress(l + 1, steps);
   }
   return w;
 }

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -104,8 +105,11 @@ struct ModelWeights {
   std::vector<MTPWeights> mtp;
 };
 
+// Called after each layer is decoded: (layers done, layers in all).
+using LoadProgress = std::function<void(int64_t done, int64_t total)>;
+
 // Validates then decodes every tensor (FP8/FP4 grids, E8M0 scales; NaN scales rejected).
 absl::StatusOr<ModelWeights> LoadWeights(const Checkpoint& ckpt, const ModelArgs& args,
-                                         ShardSpec shard = {});
+                                         ShardSpec shard = {}, const LoadProgress& progress = nullptr);
 
 }  // namespace flashmem::model

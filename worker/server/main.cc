@@ -77,7 +77,12 @@ int main(int argc, char** argv) {
     return 1;
   }
   std::signal(SIGPIPE, SIG_IGN);
-  auto model = flashmem::model::Transformer::Load(model_dir, flashmem::kernels::CpuBackend());
+  // "LOADING done total" lines on stdout let launchers show a progress bar.
+  auto model = flashmem::model::Transformer::Load(model_dir, flashmem::kernels::CpuBackend(), {},
+                                                  [](int64_t done, int64_t total) {
+                                                    std::printf("LOADING %lld %lld\n", static_cast<long long>(done), static_cast<long long>(total));
+                                                    std::fflush(stdout);
+                                                  });
   if (!model.ok()) {
     std::fprintf(stderr, "flashmem-worker: %s\n", std::string(model.status().message()).c_str());
     return 1;
