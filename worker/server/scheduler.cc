@@ -20,6 +20,11 @@ Scheduler::~Scheduler() {
   }
   cv_.notify_all();
   loop_.join();
+  // LSA tasks finish before the pager forgets the sessions (a task may be staging pages).
+  for (auto& [id, sp] : sessions_) {
+    sp->lsa.reset();
+    if (sp->paged) options_.pager->RemoveSession(id);
+  }
 }
 
 absl::StatusOr<std::unique_ptr<lsa::LsaSession>> Scheduler::MakeLsa(lsa::LsaMode mode, const std::string& overrides,
