@@ -60,4 +60,12 @@ absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeChannelCredentials
   return grpc::SslCredentials(ssl);
 }
 
+absl::StatusOr<TlsCredentials> MakeTlsCredentials(const TlsOptions& o) {
+  auto server = MakeServerCredentials(o);
+  if (!server.ok()) return server.status();
+  auto channel = MakeChannelCredentials(o);
+  if (!channel.ok()) return channel.status();
+  return TlsCredentials{*server, *channel};
+}
+
 }  // namespace flashmem

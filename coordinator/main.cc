@@ -34,20 +34,14 @@ int main(int argc, char** argv) {
   std::string metrics_listen;
   app.add_option("--metrics-listen", metrics_listen, "Prometheus /metrics address host:port (empty: off)");
   flashmem::TlsOptions tls;
-  app.add_option("--tls-cert", tls.cert_file, "PEM certificate chain: served, and presented to workers (common/tls.h)");
-  app.add_option("--tls-key", tls.key_file, "PEM private key");
-  app.add_option("--tls-ca", tls.ca_file, "PEM CA of the cluster: verifies workers and, unless --tls-optional-client-cert, requires client certificates");
-  app.add_flag("--tls-optional-client-cert", tls.optional_client_cert, "public clients may connect without a certificate");
+  flashmem::AddTlsFlags(app, tls, /*public_api=*/true);
   CLI11_PARSE(app, argc, argv);
-  auto server_creds = flashmem::MakeServerCredentials(tls);
-  flashmem::TlsOptions as_client = tls;
-  auto worker_creds = flashmem::MakeChannelCredentials(as_client);
-  if (!server_creds.ok() || !worker_creds.ok()) {
-    std::fprintf(stderr, "flashmem-coordinator: %s\n",
-                 std::string((server_creds.ok() ? worker_creds.status() : server_creds.status()).message()).c_str());
+  auto creds = flashmem::MakeTlsCredentials(tls);
+  if (!creds.ok()) {
+    std::fprintf(stderr, "flashmem-coordinator: %s\n", std::string(creds.status().message()).c_str());
     return 1;
   }
-  o.worker_credentials = *worker_creds;
+  o.worker_credentials = creds->channel;
   spdlog::set_default_logger(spdlog::stderr_color_mt("coordinator"));
   std::signal(SIGPIPE, SIG_IGN);
   auto c = flashmem::coordinator::Coordinator::Open(o);
@@ -110,7 +104,7 @@ int main(int argc, char** argv) {
   grpc::EnableDefaultHealthCheckService(true);
   grpc::ServerBuilder b;
   int port = 0;
-  b.AddListeningPort(listen, *server_creds, &port);
+  b.AddListeningPort(listen, creds->server, &port);
   b.RegisterService(static_cast<flashmem::v1::Coordinator::Service*>(c->get()));
   b.RegisterService(static_cast<flashmem::v1::SessionService::Service*>(c->get()));
   auto server = b.BuildAndStart();

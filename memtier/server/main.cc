@@ -34,9 +34,7 @@ int main(int argc, char** argv) {
   std::string coordinator_target;
   app.add_option("--coordinator", coordinator_target, "coordinator gRPC address: register as a memtier and keep a lease");
   flashmem::TlsOptions tls;
-  app.add_option("--tls-cert", tls.cert_file, "PEM certificate chain of this server (common/tls.h)");
-  app.add_option("--tls-key", tls.key_file, "PEM private key");
-  app.add_option("--tls-ca", tls.ca_file, "PEM CA: clients must present a certificate it signed (mTLS)");
+  flashmem::AddTlsFlags(app, tls, /*public_api=*/false);
   CLI11_PARSE(app, argc, argv);
   {
     auto creds = flashmem::MakeServerCredentials(tls);

@@ -6,8 +6,7 @@
 #include <future>
 
 #include "gtest/gtest.h"
-#include "tests/model/test_models.h"
-#include "worker/lsa/indexer_init.h"
+#include "tests/lsa/lsa_test_models.h"
 #include "worker/lsa/lsa_session.h"
 #include "worker/server/scheduler.h"
 
@@ -19,20 +18,13 @@ using model::BatchItem;
 class LsaEngine : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    loaded_ = testing::LoadRandomModel(testing::SmallVocabTiny(), "lsa_engine").release();
-    ASSERT_NE(loaded_->model, nullptr);
-    idx_dir_ = new std::string(testing::TempDir("lsa_engine_idx"));
-    ASSERT_TRUE(InitIndexerFromModel(loaded_->dir, {}, *idx_dir_).ok());
-    auto mi = MemoryIndexer::Load(*idx_dir_, kernels::CpuBackend());
-    ASSERT_TRUE(mi.ok()) << mi.status();
-    indexer_ = new MemoryIndexer(std::move(*mi));
+    m_ = testing::LoadModelWithIndexer(testing::SmallVocabTiny(), "lsa_engine").release();
+    ASSERT_NE(m_->loaded->model, nullptr);
+    ASSERT_TRUE(m_->indexer.has_value());
+    loaded_ = m_->loaded.get();
+    indexer_ = &*m_->indexer;
   }
-  static void TearDownTestSuite() {
-    delete indexer_;
-    std::filesystem::remove_all(*idx_dir_);
-    delete idx_dir_;
-    delete loaded_;
-  }
+  static void TearDownTestSuite() { delete m_; }
   static const model::Transformer& tf() { return *loaded_->model; }
 
   struct Run {
@@ -71,12 +63,12 @@ class LsaEngine : public ::testing::Test {
     return r;
   }
 
+  static testing::ModelWithIndexer* m_;
   static testing::LoadedModel* loaded_;
-  static std::string* idx_dir_;
   static MemoryIndexer* indexer_;
 };
 testing::LoadedModel* LsaEngine::loaded_ = nullptr;
-std::string* LsaEngine::idx_dir_ = nullptr;
+testing::ModelWithIndexer* LsaEngine::m_ = nullptr;
 MemoryIndexer* LsaEngine::indexer_ = nullptr;
 
 constexpr int64_t kPromptTokens = 1100;  // 275 chunks = 5 pages per CSA layer

@@ -8,10 +8,9 @@
 
 #include "gtest/gtest.h"
 #include "memtier/client/memtier_client.h"
-#include "tests/model/test_models.h"
+#include "tests/lsa/lsa_test_models.h"
 #include "tests/process_util.h"
 #include "worker/kv/kv_pager.h"
-#include "worker/lsa/indexer_init.h"
 #include "worker/server/scheduler.h"
 
 namespace flashmem::lsa {
@@ -29,20 +28,13 @@ struct Observed {
 class PagedKv : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    loaded_ = testing::LoadRandomModel(testing::SmallVocabTiny(4), "paged_kv").release();
-    ASSERT_NE(loaded_->model, nullptr);
-    idx_dir_ = new std::string(testing::TempDir("paged_kv_idx"));
-    ASSERT_TRUE(InitIndexerFromModel(loaded_->dir, {}, *idx_dir_).ok());
-    auto mi = MemoryIndexer::Load(*idx_dir_, kernels::CpuBackend());
-    ASSERT_TRUE(mi.ok()) << mi.status();
-    indexer_ = new MemoryIndexer(std::move(*mi));
+    m_ = testing::LoadModelWithIndexer(testing::SmallVocabTiny(4), "paged_kv").release();
+    ASSERT_NE(m_->loaded->model, nullptr);
+    ASSERT_TRUE(m_->indexer.has_value());
+    loaded_ = m_->loaded.get();
+    indexer_ = &*m_->indexer;
   }
-  static void TearDownTestSuite() {
-    delete indexer_;
-    std::filesystem::remove_all(*idx_dir_);
-    delete idx_dir_;
-    delete loaded_;
-  }
+  static void TearDownTestSuite() { delete m_; }
 
   // Append the prompt, generate 40, append 100 more prompt tokens (a dense prefill: every
   // evicted page must come back), generate 16.
@@ -95,12 +87,12 @@ class PagedKv : public ::testing::Test {
     return obs;
   }
 
+  static testing::ModelWithIndexer* m_;
   static testing::LoadedModel* loaded_;
-  static std::string* idx_dir_;
   static MemoryIndexer* indexer_;
 };
 testing::LoadedModel* PagedKv::loaded_ = nullptr;
-std::string* PagedKv::idx_dir_ = nullptr;
+testing::ModelWithIndexer* PagedKv::m_ = nullptr;
 MemoryIndexer* PagedKv::indexer_ = nullptr;
 
 TEST_F(PagedKv, SmallBudgetEvictsToMemtierAndRecallsExactly) {

@@ -4,6 +4,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include <filesystem>
+#include <functional>
 #include <thread>
 
 #include "gtest/gtest.h"
@@ -25,8 +26,9 @@ struct Api {
   }
 };
 
+// Streams n tokens; `on_token(k)` runs after the k-th token arrives (tests kill processes there).
 std::vector<int32_t> Generate(Api& api, const std::string& sid, const std::string& token, int n, const v1::SamplingParams& sp,
-                              grpc::Status* status) {
+                              grpc::Status* status, const std::function<void(size_t)>& on_token = nullptr) {
   v1::GenerateRequest g;
   g.set_session_id(sid);
   g.set_max_tokens(n);
@@ -36,9 +38,35 @@ std::vector<int32_t> Generate(Api& api, const std::string& sid, const std::strin
   auto r = api.session->Generate(&ctx, g);
   v1::GeneratedToken t;
   std::vector<int32_t> out;
-  while (r->Read(&t)) out.push_back(t.id());
+  while (r->Read(&t)) {
+    out.push_back(t.id());
+    if (on_token) on_token(out.size());
+  }
   *status = r->Finish();
   return out;
+}
+
+grpc::Status AppendIds(Api& api, const std::string& sid, const std::string& token, const std::vector<int32_t>& ids) {
+  v1::AppendRequest a;
+  a.set_session_id(sid);
+  for (int32_t t : ids) a.mutable_token_ids()->add_ids(t);
+  grpc::ClientContext ctx;
+  ctx.AddMetadata("authorization", "Bearer " + token);
+  auto r = api.session->Append(&ctx, a);
+  v1::AppendProgress p;
+  while (r->Read(&p)) {
+  }
+  return r->Finish();
+}
+
+v1::SessionInfo Info(Api& api, const v1::CreateSessionResponse& cs) {
+  v1::SessionInfo info;
+  grpc::ClientContext ctx;
+  ctx.AddMetadata("authorization", "Bearer " + cs.token());
+  v1::SessionRef ref;
+  ref.set_session_id(cs.session_id());
+  EXPECT_TRUE(api.session->GetSession(&ctx, ref, &info).ok());
+  return info;
 }
 
 grpc::Status Append(Api& api, const std::string& sid, const std::string& token, const std::string& text) {
@@ -173,36 +201,16 @@ TEST(Failover, CoordinatorMovesTheSessionAndTheStreamCarriesOn) {
   v1::CreateSessionResponse cs;
   ASSERT_TRUE(create(&cs).ok());
   ASSERT_TRUE(Append(api, cs.session_id(), cs.token(), prompt).ok());
-  auto served_by = [&] {
-    v1::SessionInfo info;
-    grpc::ClientContext ctx;
-    ctx.AddMetadata("authorization", "Bearer " + cs.token());
-    v1::SessionRef ref;
-    ref.set_session_id(cs.session_id());
-    EXPECT_TRUE(api.session->GetSession(&ctx, ref, &info).ok());
-    return info.served_by();
-  };
-  const std::string first = served_by();
+  const std::string first = Info(api, cs).served_by();
   Child& victim = first == w1.target ? w1 : w2;
   ASSERT_TRUE(first == w1.target || first == w2.target) << first;
   // Stream 16 tokens; SIGKILL the serving worker after the 5th.
-  v1::GenerateRequest g;
-  g.set_session_id(cs.session_id());
-  g.set_max_tokens(16);
-  *g.mutable_sampling() = sp;
-  grpc::ClientContext ctx;
-  ctx.AddMetadata("authorization", "Bearer " + cs.token());
-  auto reader = api.session->Generate(&ctx, g);
-  v1::GeneratedToken t;
-  std::vector<int32_t> got;
-  while (reader->Read(&t)) {
-    got.push_back(t.id());
-    if (got.size() == 5) Stop(victim, SIGKILL);
-  }
-  st = reader->Finish();
+  const std::vector<int32_t> got = Generate(api, cs.session_id(), cs.token(), 16, sp, &st, [&](size_t k) {
+    if (k == 5) Stop(victim, SIGKILL);
+  });
   ASSERT_TRUE(st.ok()) << st.error_message();
   EXPECT_EQ(got, want);
-  EXPECT_NE(served_by(), first);
+  EXPECT_NE(Info(api, cs).served_by(), first);
   // The coordinator's /metrics saw the move and its resume time.
   const auto m = coord.output.find("METRICS ");
   ASSERT_NE(m, std::string::npos) << coord.output;
@@ -241,26 +249,9 @@ TEST(Failover, WithLsaAndEvictedPagesTheTokensAreTheSame) {
   auto start = [&](v1::CreateSessionResponse* cs) {
     grpc::ClientContext ctx;
     ASSERT_TRUE(api.session->CreateSession(&ctx, v1::CreateSessionRequest(), cs).ok());
-    v1::AppendRequest a;
-    a.set_session_id(cs->session_id());
-    for (int32_t t : prompt) a.mutable_token_ids()->add_ids(t);
-    grpc::ClientContext actx;
-    actx.AddMetadata("authorization", "Bearer " + cs->token());
-    auto r = api.session->Append(&actx, a);
-    v1::AppendProgress p;
-    while (r->Read(&p)) {
-    }
-    ASSERT_TRUE(r->Finish().ok());
+    ASSERT_TRUE(AppendIds(api, cs->session_id(), cs->token(), prompt).ok());
   };
-  auto info = [&](const v1::CreateSessionResponse& cs) {
-    v1::SessionInfo i;
-    grpc::ClientContext ctx;
-    ctx.AddMetadata("authorization", "Bearer " + cs.token());
-    v1::SessionRef ref;
-    ref.set_session_id(cs.session_id());
-    EXPECT_TRUE(api.session->GetSession(&ctx, ref, &i).ok());
-    return i;
-  };
+  auto info = [&](const v1::CreateSessionResponse& cs) { return Info(api, cs); };
   v1::SamplingParams greedy;
   grpc::Status st;
   v1::CreateSessionResponse ref;
@@ -280,19 +271,9 @@ TEST(Failover, WithLsaAndEvictedPagesTheTokensAreTheSame) {
   // The survivor's prefill counter before the failover (it may serve the reference session).
   const v1::SessionInfo ref_now = info(ref);
   const uint64_t survivor_prefill = ref_now.served_by() != first ? ref_now.worker_prefill_tokens() : 0;
-  v1::GenerateRequest g;
-  g.set_session_id(cs.session_id());
-  g.set_max_tokens(40);
-  grpc::ClientContext ctx;
-  ctx.AddMetadata("authorization", "Bearer " + cs.token());
-  auto reader = api.session->Generate(&ctx, g);
-  v1::GeneratedToken t;
-  std::vector<int32_t> got;
-  while (reader->Read(&t)) {
-    got.push_back(t.id());
-    if (got.size() == 12) Stop(victim, SIGKILL);
-  }
-  st = reader->Finish();
+  const std::vector<int32_t> got = Generate(api, cs.session_id(), cs.token(), 40, greedy, &st, [&](size_t k) {
+    if (k == 12) Stop(victim, SIGKILL);
+  });
   ASSERT_TRUE(st.ok()) << st.error_message();
   EXPECT_EQ(got, want);
   const v1::SessionInfo ci = info(cs);
@@ -341,30 +322,12 @@ TEST(Failover, RandomStepsManyRounds) {
     const size_t kill_at = 1 + (x >> 33) % (kTokens - 2);
     v1::CreateSessionResponse cs;
     create(&cs);
-    v1::SessionInfo info;
-    {
-      grpc::ClientContext ctx;
-      ctx.AddMetadata("authorization", "Bearer " + cs.token());
-      v1::SessionRef r;
-      r.set_session_id(cs.session_id());
-      ASSERT_TRUE(api.session->GetSession(&ctx, r, &info).ok());
-    }
-    const size_t victim = info.served_by() == workers[0].target ? 0 : 1;
-    ASSERT_EQ(info.served_by(), workers[victim].target);
-    v1::GenerateRequest g;
-    g.set_session_id(cs.session_id());
-    g.set_max_tokens(kTokens);
-    *g.mutable_sampling() = sp;
-    grpc::ClientContext ctx;
-    ctx.AddMetadata("authorization", "Bearer " + cs.token());
-    auto reader = api.session->Generate(&ctx, g);
-    v1::GeneratedToken t;
-    std::vector<int32_t> got;
-    while (reader->Read(&t)) {
-      got.push_back(t.id());
-      if (got.size() == kill_at) Stop(workers[victim], SIGKILL);
-    }
-    st = reader->Finish();
+    const std::string serving = Info(api, cs).served_by();
+    const size_t victim = serving == workers[0].target ? 0 : 1;
+    ASSERT_EQ(serving, workers[victim].target);
+    const std::vector<int32_t> got = Generate(api, cs.session_id(), cs.token(), kTokens, sp, &st, [&](size_t k) {
+      if (k == kill_at) Stop(workers[victim], SIGKILL);
+    });
     ASSERT_TRUE(st.ok()) << "round " << round << ": " << st.error_message();
     EXPECT_EQ(got, want) << "round " << round << ", killed after token " << kill_at;
     workers[victim] = Spawn(FLASHMEM_WORKER_BIN, wargs);
@@ -395,16 +358,7 @@ TEST(Failover, IdleSessionsMoveWhenTheLeaseRunsOut) {
     ASSERT_TRUE(api.session->CreateSession(&ctx, v1::CreateSessionRequest(), &cs).ok());
   }
   ASSERT_TRUE(Append(api, cs.session_id(), cs.token(), "idle for a while").ok());
-  auto served_by = [&] {
-    v1::SessionInfo info;
-    grpc::ClientContext ctx;
-    ctx.AddMetadata("authorization", "Bearer " + cs.token());
-    v1::SessionRef ref;
-    ref.set_session_id(cs.session_id());
-    EXPECT_TRUE(api.session->GetSession(&ctx, ref, &info).ok());
-    return info.served_by();
-  };
-  const std::string first = served_by();
+  const std::string first = Info(api, cs).served_by();
   Stop(first == w1.target ? w1 : w2, SIGKILL);
   const int metrics_port = std::stoi(coord.output.substr(coord.output.find("METRICS ") + 8));
   std::string metrics;
@@ -413,7 +367,7 @@ TEST(Failover, IdleSessionsMoveWhenTheLeaseRunsOut) {
     metrics = HttpGet(metrics_port, "/metrics");
   }
   EXPECT_NE(metrics.find("flashmem_coordinator_failovers 1"), std::string::npos) << "moved without a client call: " << metrics;
-  const std::string now = served_by();
+  const std::string now = Info(api, cs).served_by();
   EXPECT_NE(now, first);
   EXPECT_TRUE(now == w1.target || now == w2.target) << now;
   Stop(w1);
@@ -488,16 +442,7 @@ TEST(Failover, MemtierRestartDuringGenerationContinuesOrFailsRetryably) {
   auto start = [&](v1::CreateSessionResponse* c) {
     grpc::ClientContext ctx;
     ASSERT_TRUE(api.session->CreateSession(&ctx, v1::CreateSessionRequest(), c).ok());
-    v1::AppendRequest a;
-    a.set_session_id(c->session_id());
-    for (int32_t t : prompt) a.mutable_token_ids()->add_ids(t);
-    grpc::ClientContext actx;
-    actx.AddMetadata("authorization", "Bearer " + c->token());
-    auto r = api.session->Append(&actx, a);
-    v1::AppendProgress p;
-    while (r->Read(&p)) {
-    }
-    ASSERT_TRUE(r->Finish().ok());
+    ASSERT_TRUE(AppendIds(api, c->session_id(), c->token(), prompt).ok());
   };
   v1::SamplingParams greedy;
   grpc::Status st;
@@ -506,26 +451,13 @@ TEST(Failover, MemtierRestartDuringGenerationContinuesOrFailsRetryably) {
   const std::vector<int32_t> want = Generate(api, ref.session_id(), ref.token(), 60, greedy, &st);
   ASSERT_TRUE(st.ok()) << st.error_message();
   start(&cs);
-  std::vector<int32_t> got;
-  {
-    v1::GenerateRequest g;
-    g.set_session_id(cs.session_id());
-    g.set_max_tokens(60);
-    grpc::ClientContext ctx;
-    ctx.AddMetadata("authorization", "Bearer " + cs.token());
-    auto reader = api.session->Generate(&ctx, g);
-    v1::GeneratedToken t;
-    while (reader->Read(&t)) {
-      got.push_back(t.id());
-      if (got.size() == 10) {
-        Stop(memtier, SIGKILL);
-        memtier = Spawn(FLASHMEM_MEMTIER_BIN, {"--grpc-listen", "127.0.0.1:" + PortOf(mt_target), "--data-dir", dir + "/mt",
-                                               "--ram-bytes", "268435456"});
-        ASSERT_EQ(memtier.target, mt_target) << memtier.output;
-      }
-    }
-    st = reader->Finish();
-  }
+  std::vector<int32_t> got = Generate(api, cs.session_id(), cs.token(), 60, greedy, &st, [&](size_t k) {
+    if (k != 10) return;
+    Stop(memtier, SIGKILL);
+    memtier = Spawn(FLASHMEM_MEMTIER_BIN, {"--grpc-listen", "127.0.0.1:" + PortOf(mt_target), "--data-dir", dir + "/mt",
+                                           "--ram-bytes", "268435456"});
+    EXPECT_EQ(memtier.target, mt_target) << memtier.output;
+  });
   for (int attempt = 0; attempt < 5 && got.size() < want.size(); ++attempt) {
     ASSERT_TRUE(st.ok() || st.error_code() == grpc::StatusCode::UNAVAILABLE) << st.error_code() << " " << st.error_message();
     auto more = Generate(api, cs.session_id(), cs.token(), static_cast<int>(want.size() - got.size()), greedy, &st);

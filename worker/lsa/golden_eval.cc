@@ -243,13 +243,16 @@ absl::Status RunGoldenEval(const std::string& dir, const std::string& out_path, 
     std::vector<uint8_t> keep(C * N, 0), triggered(C);
     std::vector<int64_t> cum_thresh(C), cum_c4(C), n_keep(C);
     std::vector<std::vector<float>> fb_logits(L, std::vector<float>(C * N, 0.0f));
+    std::vector<std::vector<float>> fb_hidden(L);
+    for (int l = 0; l < L; ++l) {
+      FM_ASSIGN_OR_RETURN(fb_hidden[l], ReadF32(*in, absl::StrCat("fb_hidden.l", ids[l]), C, mi.hidden()));
+    }
     for (int64_t c = 0; c < C; ++c) {
       const int64_t n = fb_n[c];
       if (n < 0 || n > N) return Bad(absl::StrCat("fb_n_blk[", c, "] = ", n, " is outside [0, ", N, "]"));
       std::vector<std::vector<float>> s(L, std::vector<float>(n));
       for (int l = 0; l < L; ++l) {
-        FM_ASSIGN_OR_RETURN(auto h, ReadF32(*in, absl::StrCat("fb_hidden.l", ids[l]), C, mi.hidden()));
-        const IndexerQuery iq = mi.Query(l, h.data() + c * mi.hidden(), fb_pos[c]);
+        const IndexerQuery iq = mi.Query(l, fb_hidden[l].data() + c * mi.hidden(), fb_pos[c]);
         mi.ScoreRef(iq, key_rows[l].data(), n, fb_logits[l].data() + c * N);
         for (int64_t j = 0; j < n; ++j) s[l][j] = Sigmoid(fb_logits[l][c * N + j]);
       }

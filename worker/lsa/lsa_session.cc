@@ -35,6 +35,8 @@ LsaSession::LsaSession(const MemoryIndexer& indexer, const model::ModelArgs& arg
     : indexer_(indexer), args_(args), options_(std::move(options)), mode_(mode),
       phase_(phase % options_.interval), apply_at_boundary_(apply_at_boundary),
       fallback_(options_.fallback_limit) {
+  for (int64_t l = 0; l < args_.n_layers; ++l)
+    if (args_.ratio(l) == 4) layer_of_csa_.push_back(l);
   const std::vector<int> have = indexer_.csa_layers();
   for (size_t s = 0; s < have.size(); ++s) {
     if (!options_.target_layers.empty() &&
@@ -98,7 +100,7 @@ void LsaSession::BeforeStep(model::SessionState& state, bool decode) {
     capturing_ = true;
     state.capture.enabled = true;
     state.capture.pos = -1;
-    state.capture.x.resize(CountCsaLayers(args_));
+    state.capture.x.resize(layer_of_csa_.size());
     for (int csa : slot_csa_) state.capture.x[csa].assign(args_.dim, 0.0f);
   }
 }
@@ -111,18 +113,13 @@ void LsaSession::AfterStep(model::SessionState& state, bool decode) {
     std::vector<std::vector<float>> x;
     std::vector<std::vector<const float*>> keys;
     int64_t n = -1;
-    int64_t csa = 0;
-    std::vector<int64_t> layer_of_csa;
-    for (int64_t l = 0; l < args_.n_layers; ++l)
-      if (args_.ratio(l) == 4) layer_of_csa.push_back(l);
     for (int id : slot_csa_) {
       x.push_back(state.capture.x[id]);
-      const kv::EntryPages& ik = state.layers[layer_of_csa[id]].index_keys;
+      const kv::EntryPages& ik = state.layers[layer_of_csa_[id]].index_keys;
       std::vector<const float*> rows(ik.size());
       for (int64_t j = 0; j < ik.size(); ++j) rows[j] = ik.Row(j);  // target index-K never leaves
       n = n < 0 ? ik.size() : std::min(n, ik.size());
       keys.push_back(std::move(rows));
-      ++csa;
     }
     const int64_t pos = state.capture.pos;
     if (n > 0 && pos >= 0) {

@@ -71,9 +71,6 @@ class LsaSession {
   // selected pages that are in memtier, off the decode path).
   void SetStageHook(std::function<void(const Selection&)> hook) { stage_hook_ = std::move(hook); }
 
-  // The set computed but not yet in force (waits for the background task), for prefetch and
-  // recall planning; nullptr when none is pending.
-  const Selection* Pending();
   const LsaStats& stats() const { return stats_; }
   LsaMode mode() const { return mode_; }
   const LsaOptions& options() const { return options_; }
@@ -84,6 +81,8 @@ class LsaSession {
   absl::Status Load(absl::string_view blob);
 
  private:
+  // The set computed but not yet in force (waits for the background task); nullptr when none.
+  const Selection* Pending();
   bool RefreshDue(int64_t step) const;
   int64_t NextBoundary(int64_t step) const;
   Selection Score(std::vector<std::vector<float>> x, int64_t pos,
@@ -96,6 +95,7 @@ class LsaSession {
   LsaMode mode_;
   int64_t phase_;
   bool apply_at_boundary_;
+  std::vector<int64_t> layer_of_csa_;  // model layer of each CSA id
   std::vector<int> slot_csa_;     // CSA id of each indexer slot used
   std::vector<int> slot_index_;   // the indexer's slot for each
   int64_t step_ = 0;              // decode steps since the last prefill

@@ -8,7 +8,6 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_join.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_split.h"
 
@@ -77,16 +76,6 @@ absl::StatusOr<LsaOptions> ParseLsaOptions(const std::string& text, LsaOptions o
     if (!st.ok()) return st;
   }
   return o;
-}
-
-std::string LsaOptionsToString(const LsaOptions& o) {
-  return absl::StrCat("interval=", o.interval, ",threshold=", o.threshold, ",ensemble=",
-                      o.ensemble == Ensemble::kOr ? "or" : "mean", ",tail_chunks=", o.tail_chunks,
-                      ",sink_chunks=", o.sink_chunks, ",kmax=", o.kmax, ",kmax_ratio=", o.kmax_ratio,
-                      ",target_context=", o.target_context_tokens, ",max_resident=", o.max_resident,
-                      ",fallback_limit=", o.fallback_limit, ",stagger=", o.stagger ? 1 : 0,
-                      ",target_layers=", absl::StrJoin(o.target_layers, ":"), ",policy=",
-                      o.policy == LsaOptions::Policy::kIndexer ? "indexer" : o.policy == LsaOptions::Policy::kRecency ? "recency" : "random");
 }
 
 int64_t ResolveKmax(const LsaOptions& o) {

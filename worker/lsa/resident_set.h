@@ -43,7 +43,6 @@ std::vector<int64_t> RandomPages(int64_t n, const LsaOptions& o, uint64_t seed);
 // Parses "key=value,key=value" (keys as above without the "lsa." prefix, e.g.
 // "kmax=8,tail_chunks=256,ensemble=mean"); errors name the key.
 absl::StatusOr<LsaOptions> ParseLsaOptions(const std::string& text, LsaOptions base = {});
-std::string LsaOptionsToString(const LsaOptions& o);
 
 // KMAX in pages (spec §3.2): absolute, or max(1, int(tgt_pages * ratio + 0.9999)).
 int64_t ResolveKmax(const LsaOptions& o);
@@ -76,7 +75,6 @@ class ThresholdFallback {
   bool triggered() const { return triggered_; }
   int64_t cum_thresh() const { return cum_thresh_; }
   int64_t cum_c4() const { return cum_c4_; }
-  void Reset() { *this = ThresholdFallback(limit_); }
 
   // For snapshots.
   struct Saved { bool triggered; int64_t cum_thresh, cum_c4, last_n; };

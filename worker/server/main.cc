@@ -55,16 +55,11 @@ int main(int argc, char** argv) {
   app.add_flag("--lsa-measure-agreement", so.lsa_measure_agreement, "evaluation mode: compute the full Level-2 top-k alongside and export the agreement");
   app.add_option("--device", device, "cpu (the CUDA backend does not run the whole model yet)");
   flashmem::TlsOptions tls;
-  app.add_option("--tls-cert", tls.cert_file, "PEM certificate chain: served on --listen, presented to the coordinator and memtier (common/tls.h)");
-  app.add_option("--tls-key", tls.key_file, "PEM private key");
-  app.add_option("--tls-ca", tls.ca_file, "PEM CA of the cluster: verifies the coordinator and memtier and, unless --tls-optional-client-cert, requires client certificates");
-  app.add_flag("--tls-optional-client-cert", tls.optional_client_cert, "public clients may connect without a certificate");
+  flashmem::AddTlsFlags(app, tls, /*public_api=*/true);
   CLI11_PARSE(app, argc, argv);
-  auto server_creds = flashmem::MakeServerCredentials(tls);
-  auto channel_creds = flashmem::MakeChannelCredentials(tls);
-  if (!server_creds.ok() || !channel_creds.ok()) {
-    std::fprintf(stderr, "flashmem-worker: %s\n",
-                 std::string((server_creds.ok() ? channel_creds.status() : server_creds.status()).message()).c_str());
+  auto creds = flashmem::MakeTlsCredentials(tls);
+  if (!creds.ok()) {
+    std::fprintf(stderr, "flashmem-worker: %s\n", std::string(creds.status().message()).c_str());
     return 1;
   }
   spdlog::set_default_logger(spdlog::stderr_color_mt("worker"));
@@ -102,7 +97,7 @@ int main(int argc, char** argv) {
     flashmem::memtier::MemTierClientOptions mo;
     mo.target = memtier_target;
     mo.buffer_bytes = memtier_buffer_bytes;
-    mo.credentials = *channel_creds;
+    mo.credentials = creds->channel;
     mo.name = "worker";
     auto m = flashmem::memtier::MemTierClient::Connect(mo);
     if (!m.ok()) {
@@ -227,7 +222,7 @@ int main(int argc, char** argv) {
   grpc::EnableDefaultHealthCheckService(true);
   grpc::ServerBuilder b;
   int port = 0;
-  b.AddListeningPort(listen, *server_creds, &port);
+  b.AddListeningPort(listen, creds->server, &port);
   b.RegisterService(&service);
   b.RegisterService(&admin);
   auto server = b.BuildAndStart();
@@ -240,7 +235,7 @@ int main(int argc, char** argv) {
   std::unique_ptr<flashmem::coordinator::LeaseKeeper> lease;
   if (!coordinator_target.empty()) {
     auto k = flashmem::coordinator::LeaseKeeper::Start(
-        coordinator_target, *channel_creds, my_address, flashmem::v1::WORKER, [&](flashmem::v1::HeartbeatRequest* hb) {
+        coordinator_target, creds->channel, my_address, flashmem::v1::WORKER, [&](flashmem::v1::HeartbeatRequest* hb) {
           hb->set_sessions(static_cast<uint32_t>(scheduler.sessions()));
           hb->set_queued_tokens(scheduler.stats().queued_tokens);
           if (pager) hb->set_kv_bytes(pager->stats().resident_bytes);
