@@ -19,6 +19,11 @@ inline float Bf16BitsToFloat(uint16_t b) { return std::bit_cast<float>(static_ca
 // The value x takes when the reference stores it in a bf16 tensor.
 inline float RoundBf16(float x) { return Bf16BitsToFloat(FloatToBf16Bits(x)); }
 
+// exp through double, rounded once to float. Both backends use it where the reference calls exp
+// on fp32 tensors, so the CPU and CUDA ops agree bit for bit (float expf differs by an ulp
+// between libm and the CUDA math library).
+inline float ExpF(float x) { return static_cast<float>(std::exp(static_cast<double>(x))); }
+
 // ---- float16 (read only: some checkpoints carry F16 tensors) --------------------------------
 inline float F16BitsToFloat(uint16_t h) {
   const uint32_t sign = (h & 0x8000u) << 16;

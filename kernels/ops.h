@@ -10,6 +10,8 @@
 #include <span>
 #include <vector>
 
+#include "absl/status/status.h"
+
 namespace flashmem::kernels {
 
 // How a weight matrix is stored, mirroring the dispatch of the reference's linear().
@@ -41,6 +43,13 @@ class Backend {
  public:
   virtual ~Backend() = default;
   virtual const char* name() const = 0;
+
+  // A device backend can fail inside an op (device memory budget exhausted, a lost device): the
+  // first error sticks, later ops do nothing, and every forward returns it. The CPU never fails.
+  virtual absl::Status Health() const { return absl::OkStatus(); }
+  // Moves a weight to where this backend computes (device memory), so that a budget too small
+  // shows at load rather than at the first step. Nothing to do on the CPU.
+  virtual absl::Status Prepare(const WeightMatrix& /*w*/) const { return absl::OkStatus(); }
 
   // y[n, w.rows] = x[n, w.cols] · Wᵀ. Quantized formats first quantize x to e4m3 per 1x128
   // block with pow2 scales (act_quant), then accumulate per K block in fp32:

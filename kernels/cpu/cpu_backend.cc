@@ -37,7 +37,7 @@ inline float Dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-inline float Sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+inline float Sigmoid(float x) { return 1.0f / (1.0f + num::ExpF(-x)); }
 
 // act_quant(x, 128): e4m3 grid values and one pow2 scale per 128 block of each row.
 void QuantizeActivations(const float* x, int64_t n, int64_t k, std::vector<float>* q,
@@ -195,12 +195,12 @@ class CpuBackendImpl final : public Backend {
           bmax = std::max(bmax, z[j - b0]);
         }
         if (bmax == -std::numeric_limits<float>::infinity()) continue;  // fully masked block
-        const float alpha = std::exp((m - bmax) * softmax_scale);
+        const float alpha = num::ExpF((m - bmax) * softmax_scale);
         l *= alpha;
         for (int64_t d = 0; d < dim; ++d) acc[d] *= alpha;
         for (int64_t j = b0; j < b1; ++j) {
           if (!kv_rows[j]) continue;
-          const float p = std::exp((z[j - b0] - bmax) * softmax_scale);
+          const float p = num::ExpF((z[j - b0] - bmax) * softmax_scale);
           l += p;
           const float pb = num::RoundBf16(p);  // P is cast to bf16 before P·V
           const float* k = kv_rows[j];
@@ -208,7 +208,7 @@ class CpuBackendImpl final : public Backend {
         }
         m = bmax;
       }
-      l += std::exp(sink[h] - m * softmax_scale);
+      l += num::ExpF(sink[h] - m * softmax_scale);
       for (int64_t d = 0; d < dim; ++d) out[h * dim + d] = num::RoundBf16(acc[d] / l);
     }
   }
@@ -261,7 +261,7 @@ class CpuBackendImpl final : public Backend {
         mx = std::max(mx, row[j]);
       }
       float sum = 0.0f;
-      for (int j = 0; j < hc; ++j) sum += (row[j] = std::exp(row[j] - mx));
+      for (int j = 0; j < hc; ++j) sum += (row[j] = num::ExpF(row[j] - mx));
       for (int j = 0; j < hc; ++j) row[j] = row[j] / sum + hc_eps;
     }
     auto normalize_cols = [&] {

@@ -12,6 +12,7 @@
 
 #include "kernels/ops.h"
 #include "tests/model/golden_util.h"
+#include "tests/model/test_models.h"
 #include "worker/lsa/golden_eval.h"
 #include "worker/lsa/memory_indexer.h"
 #include "worker/model/safetensors.h"
@@ -31,7 +32,7 @@ class IndexerGolden : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
     out_path_ = new std::string((std::filesystem::temp_directory_path() / "fm_indexer_golden_eval.safetensors").string());
-    ASSERT_TRUE(RunGoldenEval(kDir, *out_path_, kernels::CpuBackend()).ok());
+    ASSERT_TRUE(RunGoldenEval(kDir, *out_path_, testing::TestBackend()).ok());
     mine_ = model::SafetensorsFile::Open(*out_path_)->release();
     golden_ = model::SafetensorsFile::Open(kDir + "/expected.safetensors")->release();
   }
@@ -56,7 +57,7 @@ const char* kLayers[] = {"l10", "l12", "l20"};
 const char* kVariants[] = {"ref", "fp8q"};
 
 TEST_F(IndexerGolden, RopeInverseFrequenciesAreTheOfficialTable) {
-  auto mi = MemoryIndexer::Load(kDir + "/indexer_weights.safetensors", kernels::CpuBackend());
+  auto mi = MemoryIndexer::Load(kDir + "/indexer_weights.safetensors", testing::TestBackend());
   ASSERT_TRUE(mi.ok()) << mi.status();
   const auto g = Gold("rope_inv_freq");
   ASSERT_EQ(g.f.size(), 32u);

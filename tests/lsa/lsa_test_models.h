@@ -30,7 +30,7 @@ inline std::unique_ptr<ModelWithIndexer> LoadModelWithIndexer(const model::Model
   m->indexer_dir = TempDir(name + "_idx");
   const absl::Status st = lsa::InitIndexerFromModel(m->loaded->dir, {}, m->indexer_dir);
   EXPECT_TRUE(st.ok()) << st;
-  auto mi = lsa::MemoryIndexer::Load(m->indexer_dir, kernels::CpuBackend());
+  auto mi = lsa::MemoryIndexer::Load(m->indexer_dir, TestBackend());
   EXPECT_TRUE(mi.ok()) << mi.status();
   if (mi.ok()) m->indexer.emplace(std::move(*mi));
   return m;

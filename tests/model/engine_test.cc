@@ -187,7 +187,7 @@ TEST(RandomCheckpoint, DeterministicPerSeed) {
 TEST(RandomCheckpoint, ActivationsStayFiniteAndOrderOneOverManyLayers) {
   const auto a = SmallVocabTiny(24);
   const std::string dir = WriteModel(a, "deep", 3);
-  auto tf = Transformer::Load(dir, kernels::CpuBackend());
+  auto tf = Transformer::Load(dir, TestBackend());
   ASSERT_TRUE(tf.ok()) << tf.status();
   auto s = (*tf)->NewSession();
   const auto p = Prompt(200, a.vocab_size, 9);
@@ -233,7 +233,7 @@ TEST(Expert, SwigluClampAtLimit) {
   w.w2.values[0] = 1.0f;  // out[0] = h[0]
   std::vector<float> x(128, 0.0f), out(128);
   x[0] = 1.0f;
-  model::Expert e(a, w, kernels::CpuBackend());
+  model::Expert e(a, w, TestBackend());
   e.Forward(x.data(), 1, nullptr, out.data());
   // out[0] = w2 · h with h = bf16(silu(g) * u) re-quantized to FP8 per 128 (one nonzero: exact).
   auto expected = [](float g, float u) {
@@ -243,7 +243,7 @@ TEST(Expert, SwigluClampAtLimit) {
   };
   EXPECT_EQ(out[0], expected(10.0f, -10.0f));  // -96: both clamps fired
   a.swiglu_limit = 0.0f;  // no clamp
-  model::Expert e2(a, w, kernels::CpuBackend());
+  model::Expert e2(a, w, TestBackend());
   e2.Forward(x.data(), 1, nullptr, out.data());
   EXPECT_EQ(out[0], expected(16.0f, -32.0f));
   EXPECT_LT(out[0], -400.0f);

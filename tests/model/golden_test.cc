@@ -13,6 +13,7 @@
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "tests/model/golden_util.h"
+#include "tests/model/test_models.h"
 #include "worker/model/transformer.h"
 
 namespace flashmem::testing {
@@ -88,7 +89,7 @@ class GoldenSet {
     EXPECT_TRUE(f.ok()) << f.status();
     file_ = std::move(*f);
     manifest_ = ReadJson(GoldenDir(name) + "/manifest.json");
-    auto tf = Transformer::Load(GoldenDir(name), kernels::CpuBackend());
+    auto tf = Transformer::Load(GoldenDir(name), TestBackend());
     EXPECT_TRUE(tf.ok()) << tf.status();
     tf_ = std::move(*tf);
     const Array prompt = Get("prompt_ids");

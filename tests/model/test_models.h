@@ -2,14 +2,33 @@
 #pragma once
 
 #include <filesystem>
+#include <cstdio>
+#include <cstdlib>
 #include <string>
 
 #include "gtest/gtest.h"
+#include "kernels/device.h"
 #include "worker/model/random_checkpoint.h"
 #include "worker/model/safetensors.h"
 #include "worker/model/transformer.h"
 
 namespace flashmem::testing {
+
+// The backend the model tests run on: FLASHMEM_TEST_DEVICE (cpu | cuda:N), cpu when unset. The
+// GPU runs (tests/cuda/run_gpu_tests.sh) run the engine, golden and LSA suites on cuda:0 this way.
+// A device that cannot be opened ends the run: never a silent fall-back to the CPU.
+inline const kernels::Backend& TestBackend() {
+  static kernels::BackendHandle* handle = [] {
+    const char* env = std::getenv("FLASHMEM_TEST_DEVICE");
+    auto h = kernels::OpenBackend(env && *env ? env : "cpu");
+    if (!h.ok()) {
+      std::fprintf(stderr, "FLASHMEM_TEST_DEVICE: %s\n", std::string(h.status().message()).c_str());
+      std::exit(2);
+    }
+    return new kernels::BackendHandle(std::move(*h));
+  }();
+  return *handle->backend;
+}
 
 // The tiny preset with a small vocabulary (fast to write and load).
 inline model::ModelArgs SmallVocabTiny(int64_t layers = 0) {
@@ -43,7 +62,7 @@ struct LoadedModel {
 inline std::unique_ptr<LoadedModel> LoadRandomModel(const model::ModelArgs& a, const std::string& name) {
   auto m = std::make_unique<LoadedModel>();
   m->dir = WriteModel(a, name);
-  auto tf = model::Transformer::Load(m->dir, kernels::CpuBackend());
+  auto tf = model::Transformer::Load(m->dir, TestBackend());
   EXPECT_TRUE(tf.ok()) << tf.status();
   if (tf.ok()) m->model = std::move(*tf);
   return m;

@@ -1,3 +1,4 @@
+#include "kernels/device.h"
 #include "worker/cli/commands.h"
 
 #include "worker/lsa/lsa_session.h"
@@ -77,7 +78,8 @@ absl::Status Generate(const GenerateOptions& in) {
   if (opt.prefill_split == 0 || opt.prefill_split > static_cast<int64_t>(opt.prompt.size()))
     return absl::InvalidArgumentError(absl::StrCat("--prefill-split ", opt.prefill_split, " must be in [1, ", opt.prompt.size(), "]"));
   const auto t0 = std::chrono::steady_clock::now();
-  FM_ASSIGN_OR_RETURN(auto tf, model::Transformer::Load(opt.model_dir, kernels::CpuBackend()));
+  FM_ASSIGN_OR_RETURN(kernels::BackendHandle backend, kernels::OpenBackend(opt.device, opt.gpu_memory_bytes));
+  FM_ASSIGN_OR_RETURN(auto tf, model::Transformer::Load(opt.model_dir, *backend.backend));
   const auto t1 = std::chrono::steady_clock::now();
   for (size_t i = 0; i < opt.prompt.size(); ++i)
     if (opt.prompt[i] >= tf->args().vocab_size)
@@ -89,7 +91,7 @@ absl::Status Generate(const GenerateOptions& in) {
   std::optional<lsa::MemoryIndexer> indexer;
   std::unique_ptr<lsa::LsaSession> lsa_session;
   if (!opt.lsa_indexer.empty()) {
-    FM_ASSIGN_OR_RETURN(indexer, lsa::MemoryIndexer::Load(opt.lsa_indexer, kernels::CpuBackend()));
+    FM_ASSIGN_OR_RETURN(indexer, lsa::MemoryIndexer::Load(opt.lsa_indexer, *backend.backend));
     FM_ASSIGN_OR_RETURN(lsa::LsaOptions lo, lsa::ParseLsaOptions(opt.lsa_options));
     FM_RETURN_IF_ERROR(lsa::LsaSession::CheckCompatible(*indexer, tf->args(), lo));
     lsa_session = std::make_unique<lsa::LsaSession>(*indexer, tf->args(), lo, lsa::LsaMode::kAuto, 0, !opt.lsa_apply_next_step);

@@ -32,6 +32,8 @@ struct GenerateOptions {
   std::string lsa_options;       // "kmax=8,interval=16,..." (docs/lsa.md)
   bool lsa_apply_next_step = false;  // the release's s+1 instead of the next boundary
   bool lsa_stats = false;        // print the LSA statistics (and measure Level-2 agreement)
+  std::string device = "cpu";    // compute backend: cpu or cuda:N
+  int64_t gpu_memory_bytes = 0;  // CUDA backend memory budget (0: free memory minus 1 GiB)
 };
 absl::Status Generate(const GenerateOptions& opt);
 
@@ -66,6 +68,7 @@ struct ClusterOptions {
   bool lsa = true;               // workers run LSA with an indexer from `indexer init`
   std::string lsa_options;       // passed to the workers' --lsa-options
   uint64_t kv_budget_bytes = 0;  // passed to the workers' --kv-budget-bytes
+  std::string device = "cpu";    // the workers' --device; "cuda": worker i on cuda:i
 };
 absl::Status ClusterUp(const ClusterOptions& opt);
 absl::Status ClusterDown(const std::string& run_dir);

@@ -132,7 +132,8 @@ absl::Status Transformer::Forward(std::span<BatchItem> batch) const {
     it.state->position += static_cast<int64_t>(it.tokens.size());
     row = last + 1;
   }
-  return absl::OkStatus();
+  // A device backend's failure inside an op (memory budget, lost device) makes the pass invalid.
+  return be_.Health();
 }
 
 }  // namespace flashmem::model

@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <thread>
 
+#include "kernels/device.h"
 #include "CLI/CLI.hpp"
 #include "common/tls.h"
 #include "spdlog/sinks/stdout_color_sinks.h"
@@ -53,7 +54,9 @@ int main(int argc, char** argv) {
   app.add_option("--lsa-options", lsa_options, "LSA options, e.g. \"kmax=96,interval=64,tail_chunks=2048\" (docs/lsa.md)");
   app.add_flag("--lsa-apply-next-step", [&](int64_t) { so.lsa_apply_at_boundary = false; }, "put each resident set in force at the step after its refresh (the release) instead of the next boundary");
   app.add_flag("--lsa-measure-agreement", so.lsa_measure_agreement, "evaluation mode: compute the full Level-2 top-k alongside and export the agreement");
-  app.add_option("--device", device, "cpu (the CUDA backend does not run the whole model yet)");
+  int64_t gpu_memory_bytes = 0;
+  app.add_option("--device", device, "compute backend: cpu (exact reference) or cuda:N");
+  app.add_option("--gpu-memory-bytes", gpu_memory_bytes, "device memory the CUDA backend may hold for weights and workspaces (0: free memory minus 1 GiB)");
   flashmem::TlsOptions tls;
   flashmem::AddTlsFlags(app, tls, /*public_api=*/true);
   CLI11_PARSE(app, argc, argv);
@@ -63,17 +66,19 @@ int main(int argc, char** argv) {
     return 1;
   }
   spdlog::set_default_logger(spdlog::stderr_color_mt("worker"));
-  if (device != "cpu") {
-    std::fprintf(stderr, "flashmem-worker: --device %s: only the cpu backend runs the whole model in this build\n", device.c_str());
+  auto backend = flashmem::kernels::OpenBackend(device, gpu_memory_bytes);
+  if (!backend.ok()) {
+    std::fprintf(stderr, "flashmem-worker: %s\n", std::string(backend.status().message()).c_str());
     return 1;
   }
+  const flashmem::kernels::Backend& be = *backend->backend;
   if (kv_budget_bytes > 0 && memtier_target.empty()) {
     std::fprintf(stderr, "flashmem-worker: --kv-budget-bytes needs --memtier (evicted pages live there)\n");
     return 1;
   }
   std::signal(SIGPIPE, SIG_IGN);
   // "LOADING done total" lines on stdout let launchers show a progress bar.
-  auto model = flashmem::model::Transformer::Load(model_dir, flashmem::kernels::CpuBackend(), {},
+  auto model = flashmem::model::Transformer::Load(model_dir, be, {},
                                                   [](int64_t done, int64_t total) {
                                                     std::printf("LOADING %lld %lld\n", static_cast<long long>(done), static_cast<long long>(total));
                                                     std::fflush(stdout);
@@ -108,7 +113,7 @@ int main(int argc, char** argv) {
   }
   std::optional<flashmem::lsa::MemoryIndexer> indexer;
   if (!lsa_indexer.empty()) {
-    auto mi = flashmem::lsa::MemoryIndexer::Load(lsa_indexer, flashmem::kernels::CpuBackend());
+    auto mi = flashmem::lsa::MemoryIndexer::Load(lsa_indexer, be);
     auto lo = mi.ok() ? flashmem::lsa::ParseLsaOptions(lsa_options) : absl::StatusOr<flashmem::lsa::LsaOptions>(mi.status());
     absl::Status st = lo.ok() ? flashmem::lsa::LsaSession::CheckCompatible(*mi, (*model)->args(), *lo) : lo.status();
     if (!st.ok()) {

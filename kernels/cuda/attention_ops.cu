@@ -1,0 +1,175 @@
+// Sparse MQA with the attention sink (fp32 rows and paged 584-B FP8 records) and the two indexer
+// scorers of the CUDA backend.
+#include "kernels/cuda/device_math.cuh"
+#include "kernels/cuda/device_ops.h"
+
+namespace flashmem::kernels::cuda {
+namespace {
+
+constexpr int kAttnThreads = 256;
+constexpr int kSlotBlock = 64;     // the reference's online-softmax block
+constexpr int kMaxAttnDim = 1024;  // acc: 4 values per thread
+
+// fp32 rows [rows, dim].
+struct PlainRows {
+  const float* kv;
+  int64_t dim;
+  __device__ float operator()(int32_t e, int64_t d) const { return kv[static_cast<int64_t>(e) * dim + d]; }
+};
+
+// Paged 584-B records: data (448 e4m3 + 64 bf16) of slot s at page + s*576, its scales at
+// page + B*576 + s*8.
+struct PagedFp8Rows {
+  const uint8_t* pages;
+  int64_t page_entries;
+  __device__ float operator()(int32_t e, int64_t d) const {
+    const uint8_t* page = pages + (static_cast<int64_t>(e) / page_entries) * page_entries * kRecordBytes;
+    const int64_t slot = e % page_entries;
+    const uint8_t* data = page + slot * kRecordData;
+    if (d < kRecordNope) return E4m3ToFloat(data[d]) * E8m0ToFloat(page[page_entries * kRecordData + slot * kRecordScales + d / 64]);
+    const int64_t r = d - kRecordNope;
+    return Bf16BitsToFloat(static_cast<uint16_t>(data[kRecordNope + 2 * r] | (data[kRecordNope + 2 * r + 1] << 8)));
+  }
+};
+
+// A row reader that yields 0 for a masked slot (e < 0) without touching memory.
+template <typename Rows>
+struct Masked {
+  Rows rows;
+  int32_t e;
+  __device__ float operator()(int64_t d) const { return e >= 0 ? rows(e, d) : 0.0f; }
+};
+
+// One block per (query token, head). Slots are visited in blocks of 64 exactly as the CPU
+// reference does (online softmax, P rounded to bf16, sink added last); each thread owns output
+// dims, so P·V accumulates in the CPU's order and only q·k sums differ in order.
+template <typename Rows>
+__global__ void SparseAttnKernel(const float* q, int64_t heads, int64_t dim, Rows rows, const int32_t* idx,
+                                 int64_t n, const float* sink, float scale, float* out) {
+  const int64_t bh = blockIdx.x, b = bh / heads, h = bh % heads;
+  const int32_t* slots = idx + b * n;
+  __shared__ float qs[kMaxAttnDim];
+  __shared__ float z[kSlotBlock], p[kSlotBlock];
+  __shared__ float m_sh, alpha_sh, l_sh;
+  for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) qs[d] = q[bh * dim + d];
+  if (threadIdx.x == 0) {
+    m_sh = -INFINITY;
+    l_sh = 0.0f;
+  }
+  float acc[kMaxAttnDim / kAttnThreads] = {};
+  const int lane = threadIdx.x & 31, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  __syncthreads();
+  for (int64_t b0 = 0; b0 < n; b0 += kSlotBlock) {
+    const int cnt = static_cast<int>(n - b0 < kSlotBlock ? n - b0 : kSlotBlock);
+    // One half-warp per slot, q·k in the CPU's dot order; whole warps iterate together.
+    for (int base = warp * 2; base < cnt; base += warps * 2) {
+      const int j = base + ((threadIdx.x / 16) & 1);
+      const int32_t e = j < cnt ? slots[b0 + j] : -1;
+      const float s = HalfWarpDot(qs, Masked<Rows>{rows, e}, dim);
+      if (j < cnt && (threadIdx.x & 15) == 0) z[j] = e >= 0 ? s : -INFINITY;
+    }
+    __syncthreads();
+    if (warp == 0) {
+      float mx = m_sh;
+      for (int j = lane; j < cnt; j += 32) mx = fmaxf(mx, z[j]);
+      mx = WarpMax(mx);
+      for (int j = lane; j < cnt; j += 32) p[j] = z[j] == -INFINITY ? 0.0f : ExpF((z[j] - mx) * scale);
+      __syncwarp();
+      if (lane == 0) {
+        if (mx == -INFINITY) {
+          alpha_sh = NAN;  // fully masked block: skipped
+        } else {
+          const float alpha = ExpF((m_sh - mx) * scale);
+          float l = l_sh * alpha;
+          for (int j = 0; j < cnt; ++j)
+            if (z[j] != -INFINITY) l += p[j];
+          l_sh = l;
+          alpha_sh = alpha;
+          m_sh = mx;
+        }
+      }
+    }
+    __syncthreads();
+    const float alpha = alpha_sh;
+    if (!isnan(alpha)) {
+      for (int r = 0; r < kMaxAttnDim / kAttnThreads; ++r) {
+        const int64_t d = threadIdx.x + r * kAttnThreads;
+        if (d >= dim) break;
+        float a = acc[r] * alpha;
+        for (int j = 0; j < cnt; ++j) {
+          const int32_t e = slots[b0 + j];
+          if (e >= 0) a += RoundBf16(p[j]) * rows(e, d);
+        }
+        acc[r] = a;
+      }
+    }
+    __syncthreads();
+  }
+  const float l = l_sh + ExpF(sink[h] - m_sh * scale);
+  for (int r = 0; r < kMaxAttnDim / kAttnThreads; ++r) {
+    const int64_t d = threadIdx.x + r * kAttnThreads;
+    if (d >= dim) break;
+    out[bh * dim + d] = RoundBf16(acc[r] / l);
+  }
+}
+
+// One half-warp per key (CPU dot order); idle half-warps compute a dummy key and write nothing.
+__global__ void IndexScoresKernel(const float* q, const float* w, int64_t heads, int64_t dim, const float* keys,
+                                  int64_t n, float* scores) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 16) + threadIdx.x / 16;
+  const float* k = keys + (t < n ? t : n - 1) * dim;
+  float sum = 0.0f;
+  for (int64_t h = 0; h < heads; ++h) {
+    const float d = RoundBf16(HalfWarpDot(q + h * dim, Plain{k}, dim));
+    sum += RoundBf16(fmaxf(d, 0.0f) * w[h]);
+  }
+  if (t < n && (threadIdx.x & 15) == 0) scores[t] = RoundBf16(sum);
+}
+
+__global__ void IndexerLogitsKernel(const float* q, const float* w, int64_t heads, int64_t dim, const float* keys,
+                                    const uint8_t* valid, int64_t n, float* logits) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 16) + threadIdx.x / 16;
+  const float* k = keys + (t < n ? t : n - 1) * dim;
+  float sum = 0.0f;
+  for (int64_t h = 0; h < heads; ++h) sum += w[h] * fmaxf(HalfWarpDot(q + h * dim, Plain{k}, dim), 0.0f);
+  if (t < n && (threadIdx.x & 15) == 0) logits[t] = valid[t] ? sum : 0.0f;
+}
+
+unsigned Blocks(int64_t n, int64_t per) { return static_cast<unsigned>((n + per - 1) / per); }
+
+}  // namespace
+
+cudaError_t SparseAttention(const float* q, int64_t batch, int64_t heads, int64_t dim, const float* kv,
+                            const int32_t* idx, int64_t n, const float* sink, float softmax_scale, float* out, cudaStream_t stream) {
+  if (dim > kMaxAttnDim) return cudaErrorInvalidValue;
+  if (batch * heads == 0) return cudaSuccess;
+  SparseAttnKernel<<<static_cast<unsigned>(batch * heads), kAttnThreads, 0, stream>>>(
+      q, heads, dim, PlainRows{kv, dim}, idx, n, sink, softmax_scale, out);
+  return cudaGetLastError();
+}
+
+cudaError_t PagedSparseAttentionFp8(const float* q, int64_t batch, int64_t heads, const uint8_t* pages,
+                                    int64_t page_entries, const int32_t* idx, int64_t n, const float* sink,
+                                    float softmax_scale, float* out, cudaStream_t stream) {
+  if (page_entries <= 0) return cudaErrorInvalidValue;
+  if (batch * heads == 0) return cudaSuccess;
+  SparseAttnKernel<<<static_cast<unsigned>(batch * heads), kAttnThreads, 0, stream>>>(
+      q, heads, kRecordDim, PagedFp8Rows{pages, page_entries}, idx, n, sink, softmax_scale, out);
+  return cudaGetLastError();
+}
+
+cudaError_t IndexScores(const float* q, const float* w, int64_t heads, int64_t dim, const float* keys, int64_t n,
+                        float* scores, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  IndexScoresKernel<<<Blocks(n, 16), 256, 0, stream>>>(q, w, heads, dim, keys, n, scores);
+  return cudaGetLastError();
+}
+
+cudaError_t IndexerLogits(const float* q, const float* w, int64_t heads, int64_t dim, const float* keys,
+                          const uint8_t* valid, int64_t n, float* logits, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  IndexerLogitsKernel<<<Blocks(n, 16), 256, 0, stream>>>(q, w, heads, dim, keys, valid, n, logits);
+  return cudaGetLastError();
+}
+
+}  // namespace flashmem::kernels::cuda

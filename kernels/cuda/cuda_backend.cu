@@ -1,0 +1,472 @@
+#include "kernels/cuda/cuda_backend.h"
+
+#include <cuda_runtime.h>
+#include <xxhash.h>
+
+#include <algorithm>
+#include <cstring>
+#include <functional>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "common/status.h"
+#include "kernels/cuda/device_ops.h"
+
+namespace flashmem::kernels::cuda {
+
+int DeviceCount() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;
+}
+
+namespace {
+
+absl::Status CudaError(cudaError_t e, const char* what) {
+  if (e == cudaSuccess) return absl::OkStatus();
+  return absl::InternalError(absl::StrCat("CUDA ", what, ": ", cudaGetErrorString(e)));
+}
+
+#define FM_CUDA_TRY(expr, what)                           \
+  do {                                                    \
+    absl::Status fm_st_ = CudaError((expr), what);        \
+    if (!fm_st_.ok()) return fm_st_;                      \
+  } while (0)
+
+constexpr size_t kAlign = 256;
+size_t AlignUp(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
+
+// The arrays of one op: inputs copied up in one transfer, device-only scratch, outputs copied back.
+class Frame {
+ public:
+  size_t In(const void* src, size_t bytes) {
+    const size_t off = in_end_;
+    ins_.push_back({src, off, bytes});
+    in_end_ = AlignUp(in_end_ + bytes);
+    return off;
+  }
+  // Scratch and outputs live after every input; offsets are relative to the scratch start and
+  // resolved by Base() once all inputs are known.
+  size_t Scratch(size_t bytes) {
+    const size_t off = scratch_end_;
+    scratch_end_ = AlignUp(scratch_end_ + bytes);
+    return kScratchTag | off;
+  }
+  void Download(size_t off, void* dst, size_t bytes) { outs_.push_back({dst, off, bytes}); }
+  size_t Resolve(size_t off) const { return (off & kScratchTag) ? in_end_ + (off & ~kScratchTag) : off; }
+  size_t total() const { return in_end_ + scratch_end_; }
+  size_t in_bytes() const { return in_end_; }
+
+  struct Copy {
+    const void* host;
+    size_t off, bytes;
+  };
+  struct Back {
+    void* host;
+    size_t off, bytes;
+  };
+  const std::vector<Copy>& ins() const { return ins_; }
+  const std::vector<Back>& outs() const { return outs_; }
+
+ private:
+  static constexpr size_t kScratchTag = size_t{1} << 62;
+  std::vector<Copy> ins_;
+  std::vector<Back> outs_;
+  size_t in_end_ = 0, scratch_end_ = 0;
+};
+
+// Device pointers of a frame's arrays during a launch.
+struct Dev {
+  char* base;
+  const Frame* frame;
+  template <typename T = float>
+  T* at(size_t off) const { return reinterpret_cast<T*>(base + frame->Resolve(off)); }
+};
+
+struct Resident {
+  void* mem = nullptr;
+  int64_t bytes = 0;
+  uint64_t fingerprint = 0;
+  uint64_t last_use = 0;
+  DeviceWeight weight;
+};
+
+// A fingerprint of an array from its size and up to 64 sampled values: a host buffer freed and
+// reused at the same address by other data is noticed and uploaded again.
+uint64_t Fingerprint(const float* p, size_t count, uint64_t seed) {
+  float sample[64];
+  const size_t m = std::min<size_t>(64, count);
+  for (size_t i = 0; i < m; ++i) sample[i] = p[count <= 64 ? i : (i * (count - 1)) / 63];
+  return XXH3_64bits_withSeed(sample, m * sizeof(float), seed ^ count);
+}
+
+class CudaBackendImpl final : public Backend {
+ public:
+  CudaBackendImpl(int device, cudaStream_t stream, int64_t budget)
+      : device_(device), stream_(stream), budget_(budget) {}
+  ~CudaBackendImpl() override {
+    (void)cudaSetDevice(device_);
+    for (auto& [key, r] : resident_) (void)cudaFree(r.mem);
+    if (dev_) (void)cudaFree(dev_);
+    if (host_) (void)cudaFreeHost(host_);
+    (void)cudaStreamDestroy(stream_);
+  }
+
+  const char* name() const override { return "cuda"; }
+
+  absl::Status Health() const override {
+    absl::MutexLock lock(&mu_);
+    return health_;
+  }
+
+  absl::Status Prepare(const WeightMatrix& w) const override {
+    absl::MutexLock lock(&mu_);
+    if (!health_.ok()) return health_;
+    FM_CUDA_TRY(cudaSetDevice(device_), "cudaSetDevice");
+    return WeightOnDevice(w).status();
+  }
+
+  void Linear(const WeightMatrix& w, const float* x, int64_t n, float* y, Rounding out) const override {
+    absl::MutexLock lock(&mu_);
+    Fail(LinearLocked(w, x, n, y, out));
+  }
+
+  void RmsNorm(const float* x, const float* weight, int64_t n, int64_t dim, float eps, float* y) const override {
+    Frame f;
+    const size_t dx = f.In(x, n * dim * 4), dw = f.In(weight, dim * 4), dy = f.Scratch(n * dim * 4);
+    f.Download(dy, y, n * dim * 4);
+    Launch(f, [&](Dev d) { return cuda::RmsNorm(d.at(dx), d.at(dw), n, dim, eps, d.at(dy), stream_); });
+  }
+
+  void HeadRmsNormBf16(float* q, int64_t heads, int64_t dim, float eps) const override {
+    Frame f;
+    const size_t dq = f.In(q, heads * dim * 4);
+    f.Download(dq, q, heads * dim * 4);
+    Launch(f, [&](Dev d) { return cuda::HeadRmsNormBf16(d.at(dq), heads, dim, eps, stream_); });
+  }
+
+  void Rope(float* x, int64_t rows, int64_t stride, int64_t offset, int64_t rope_dims, const float* cos,
+            const float* sin, bool inverse) const override {
+    if (rows == 0) return;
+    Frame f;
+    const size_t bytes = ((rows - 1) * stride + offset + rope_dims) * 4;
+    const size_t dx = f.In(x, bytes), dc = f.In(cos, rope_dims / 2 * 4), ds = f.In(sin, rope_dims / 2 * 4);
+    f.Download(dx, x, bytes);
+    Launch(f, [&](Dev d) {
+      return cuda::Rope(d.at(dx), rows, stride, offset, rope_dims, d.at(dc), d.at(ds), inverse, stream_);
+    });
+  }
+
+  void Fp8RoundTrip(float* x, int64_t n, int64_t block) const override { RoundTripOp(x, n, block, true); }
+  void Fp4RoundTrip(float* x, int64_t n, int64_t block) const override { RoundTripOp(x, n, block, false); }
+
+  void Hadamard(float* x, int64_t rows, int64_t dim) const override {
+    Frame f;
+    const size_t dx = f.In(x, rows * dim * 4);
+    f.Download(dx, x, rows * dim * 4);
+    Launch(f, [&](Dev d) { return cuda::Hadamard(d.at(dx), rows, dim, stream_); });
+  }
+
+  void SparseAttention(const float* q, int64_t heads, int64_t dim, std::span<const float* const> kv_rows,
+                       const float* sink, float softmax_scale, float* out) const override {
+    const int64_t n = static_cast<int64_t>(kv_rows.size());
+    // Gather the candidate rows into one contiguous upload; null rows stay masked (-1).
+    std::vector<int32_t> idx(n, -1);
+    int64_t valid = 0;
+    for (int64_t j = 0; j < n; ++j)
+      if (kv_rows[j]) idx[j] = static_cast<int32_t>(valid++);
+    Frame f;
+    const size_t dq = f.In(q, heads * dim * 4), di = f.In(idx.data(), n * 4), dsink = f.In(sink, heads * 4);
+    const size_t dkv = f.Scratch(valid * dim * 4), dout = f.Scratch(heads * dim * 4);
+    f.Download(dout, out, heads * dim * 4);
+    Launch(
+        f,
+        [&](Dev d) {
+          return cuda::SparseAttention(d.at(dq), 1, heads, dim, d.at(dkv), d.at<int32_t>(di), n, d.at(dsink),
+                                       softmax_scale, d.at(dout), stream_);
+        },
+        [&](char* host_scratch) {  // rows go straight into the pinned buffer
+          float* rows = reinterpret_cast<float*>(host_scratch + f.Resolve(dkv) - f.in_bytes());
+          for (int64_t j = 0; j < n; ++j)
+            if (kv_rows[j]) std::memcpy(rows + static_cast<int64_t>(idx[j]) * dim, kv_rows[j], dim * 4);
+        },
+        valid * dim * 4);
+  }
+
+  void IndexScores(const float* q, const float* w, int64_t heads, int64_t dim, std::span<const float* const> keys,
+                   float* scores) const override {
+    KeyScoring(q, w, heads, dim, keys, scores, /*logits=*/false);
+  }
+
+  void IndexerLogits(const float* q, const float* w, int64_t heads, int64_t dim, std::span<const float* const> keys,
+                     float* logits) const override {
+    KeyScoring(q, w, heads, dim, keys, logits, /*logits=*/true);
+  }
+
+  void HcPre(const float* x, const float* fn, const float* base, const float* scale, int hc, int64_t dim, int iters,
+             float norm_eps, float hc_eps, float* y, float* post, float* comb) const override {
+    absl::MutexLock lock(&mu_);
+    if (!health_.ok()) return;
+    const int mix = (2 + hc) * hc;
+    auto dfn = ArrayOnDevice(fn, static_cast<size_t>(mix) * hc * dim);
+    if (!dfn.ok()) return Fail(dfn.status());
+    Frame f;
+    const size_t dx = f.In(x, hc * dim * 4), db = f.In(base, mix * 4), ds = f.In(scale, 3 * 4);
+    const size_t dy = f.Scratch(dim * 4), dp = f.Scratch(hc * 4), dc = f.Scratch(hc * hc * 4);
+    f.Download(dy, y, dim * 4);
+    f.Download(dp, post, hc * 4);
+    f.Download(dc, comb, hc * hc * 4);
+    Fail(RunLocked(f, [&](Dev d) {
+      return cuda::HcPre(d.at(dx), 1, *dfn, d.at(db), d.at(ds), hc, dim, iters, norm_eps, hc_eps, d.at(dy), d.at(dp),
+                         d.at(dc), stream_);
+    }));
+  }
+
+  void HcPost(const float* fx, const float* residual, const float* post, const float* comb, int hc, int64_t dim,
+              float* out) const override {
+    Frame f;
+    const size_t df = f.In(fx, dim * 4), dr = f.In(residual, hc * dim * 4), dp = f.In(post, hc * 4),
+                 dc = f.In(comb, hc * hc * 4), dout = f.Scratch(hc * dim * 4);
+    f.Download(dout, out, hc * dim * 4);
+    Launch(f, [&](Dev d) {
+      return cuda::HcPost(d.at(df), d.at(dr), d.at(dp), d.at(dc), 1, hc, dim, d.at(dout), stream_);
+    });
+  }
+
+  void HcHead(const float* x, const float* fn, const float* base, float scale, int hc, int64_t dim, float norm_eps,
+              float hc_eps, float* y) const override {
+    absl::MutexLock lock(&mu_);
+    if (!health_.ok()) return;
+    auto dfn = ArrayOnDevice(fn, static_cast<size_t>(hc) * hc * dim);
+    if (!dfn.ok()) return Fail(dfn.status());
+    Frame f;
+    const size_t dx = f.In(x, hc * dim * 4), db = f.In(base, hc * 4), dy = f.Scratch(dim * 4);
+    f.Download(dy, y, dim * 4);
+    Fail(RunLocked(f, [&](Dev d) {
+      return cuda::HcHead(d.at(dx), *dfn, d.at(db), scale, hc, dim, norm_eps, hc_eps, d.at(dy), stream_);
+    }));
+  }
+
+ private:
+  void Fail(const absl::Status& st) const {
+    if (!st.ok() && health_.ok()) health_ = st;
+  }
+
+  using LaunchFn = std::function<cudaError_t(Dev)>;
+  using FillFn = std::function<void(char*)>;
+
+  void Launch(const Frame& f, const LaunchFn& launch, const FillFn& fill = nullptr, size_t fill_bytes = 0) const {
+    absl::MutexLock lock(&mu_);
+    if (!health_.ok()) return;
+    Fail(RunLocked(f, launch, fill, fill_bytes));
+  }
+
+  // Inputs (and the first `fill_bytes` of scratch, written by `fill` straight into the pinned
+  // buffer) up in one copy, launch, outputs back, sync.
+  absl::Status RunLocked(const Frame& f, const LaunchFn& launch, const FillFn& fill = nullptr,
+                         size_t fill_bytes = 0) const {
+    FM_CUDA_TRY(cudaSetDevice(device_), "cudaSetDevice");
+    const size_t total = std::max<size_t>(f.total(), kAlign);
+    if (total > capacity_) {
+      const size_t want = std::max(total, capacity_ * 2);
+      if (dev_) (void)cudaFree(dev_);
+      if (host_) (void)cudaFreeHost(host_);
+      dev_ = nullptr;
+      host_ = nullptr;
+      used_ -= static_cast<int64_t>(capacity_);
+      capacity_ = 0;
+      FM_RETURN_IF_ERROR(Reserve(static_cast<int64_t>(want), "staging buffer"));
+      FM_CUDA_TRY(cudaMalloc(&dev_, want), "cudaMalloc(staging)");
+      FM_CUDA_TRY(cudaMallocHost(&host_, want), "cudaMallocHost(staging)");
+      capacity_ = want;
+      used_ += static_cast<int64_t>(want);
+    }
+    char* h = static_cast<char*>(host_);
+    for (const Frame::Copy& c : f.ins()) std::memcpy(h + c.off, c.host, c.bytes);
+    if (fill) fill(h + f.in_bytes());
+    const size_t up = f.in_bytes() + fill_bytes;
+    if (up) FM_CUDA_TRY(cudaMemcpyAsync(dev_, h, up, cudaMemcpyHostToDevice, stream_), "copy to device");
+    FM_CUDA_TRY(launch(Dev{static_cast<char*>(dev_), &f}), "kernel launch");
+    for (const Frame::Back& b : f.outs())
+      FM_CUDA_TRY(cudaMemcpyAsync(h + f.Resolve(b.off), static_cast<char*>(dev_) + f.Resolve(b.off), b.bytes,
+                                  cudaMemcpyDeviceToHost, stream_),
+                  "copy to host");
+    FM_CUDA_TRY(cudaStreamSynchronize(stream_), "stream synchronize");
+    for (const Frame::Back& b : f.outs()) std::memcpy(b.host, h + f.Resolve(b.off), b.bytes);
+    return absl::OkStatus();
+  }
+
+  // Makes room for `bytes` more within the budget, evicting the least recently used residents.
+  absl::Status Reserve(int64_t bytes, const char* what) const {
+    while (used_ + bytes > budget_ && !resident_.empty()) {
+      auto lru = resident_.begin();
+      for (auto it = resident_.begin(); it != resident_.end(); ++it)
+        if (it->second.last_use < lru->second.last_use) lru = it;
+      (void)cudaFree(lru->second.mem);
+      used_ -= lru->second.bytes;
+      resident_.erase(lru);
+    }
+    if (used_ + bytes > budget_)
+      return absl::ResourceExhaustedError(absl::StrCat("CUDA device ", device_, ": ", what, " needs ", bytes,
+                                                       " bytes, over the device memory budget of ", budget_,
+                                                       " bytes (", used_, " in use)"));
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<Resident*> Upload(const void* key, uint64_t fp, const void* const* parts, const size_t* sizes,
+                                   int nparts, const char* what) const {
+    auto it = resident_.find(key);
+    if (it != resident_.end()) {
+      if (it->second.fingerprint == fp) {
+        it->second.last_use = ++clock_;
+        return &it->second;
+      }
+      (void)cudaFree(it->second.mem);
+      used_ -= it->second.bytes;
+      resident_.erase(it);
+    }
+    size_t total = 0;
+    for (int i = 0; i < nparts; ++i) total += AlignUp(sizes[i]);
+    FM_RETURN_IF_ERROR(Reserve(static_cast<int64_t>(total), what));
+    Resident r;
+    FM_CUDA_TRY(cudaMalloc(&r.mem, total), "cudaMalloc(weights)");
+    size_t off = 0;
+    for (int i = 0; i < nparts; ++i) {
+      const cudaError_t e = cudaMemcpy(static_cast<char*>(r.mem) + off, parts[i], sizes[i], cudaMemcpyHostToDevice);
+      if (e != cudaSuccess) {
+        (void)cudaFree(r.mem);
+        return CudaError(e, "copy weights to device");
+      }
+      off += AlignUp(sizes[i]);
+    }
+    r.bytes = static_cast<int64_t>(total);
+    r.fingerprint = fp;
+    r.last_use = ++clock_;
+    used_ += r.bytes;
+    return &(resident_[key] = r);
+  }
+
+  absl::StatusOr<const DeviceWeight*> WeightOnDevice(const WeightMatrix& w) const {
+    uint64_t fp = Fingerprint(w.values.data(), w.values.size(), static_cast<uint64_t>(w.format) * 131 + w.rows);
+    if (!w.scales.empty()) fp ^= Fingerprint(w.scales.data(), w.scales.size(), 7) * 3;
+    auto it = resident_.find(w.values.data());
+    if (it != resident_.end() && it->second.fingerprint == fp) {
+      it->second.last_use = ++clock_;
+      return &it->second.weight;
+    }
+    const EncodedWeight enc = EncodeWeight(w);
+    const void* parts[2] = {enc.values.data(), w.scales.data()};
+    const size_t sizes[2] = {enc.values.size(), w.scales.size() * 4};
+    FM_ASSIGN_OR_RETURN(Resident * r, Upload(w.values.data(), fp, parts, sizes, w.scales.empty() ? 1 : 2, "a weight"));
+    DeviceWeight& dw = r->weight;
+    dw.format = w.format;
+    dw.rows = w.rows;
+    dw.cols = w.cols;
+    dw.dense_bf16 = enc.dense_bf16;
+    dw.values = r->mem;
+    dw.scales = w.scales.empty() ? nullptr : reinterpret_cast<const float*>(static_cast<char*>(r->mem) + AlignUp(sizes[0]));
+    dw.scale_cols = w.format == WeightFormat::kDense ? 0 : w.scale_cols();
+    return &dw;
+  }
+
+  absl::StatusOr<const float*> ArrayOnDevice(const float* p, size_t count) const {
+    FM_CUDA_TRY(cudaSetDevice(device_), "cudaSetDevice");
+    const void* parts[1] = {p};
+    const size_t sizes[1] = {count * 4};
+    FM_ASSIGN_OR_RETURN(Resident * r, Upload(p, Fingerprint(p, count, 1), parts, sizes, 1, "a parameter array"));
+    return static_cast<const float*>(r->mem);
+  }
+
+  absl::Status LinearLocked(const WeightMatrix& w, const float* x, int64_t n, float* y, Rounding out) const {
+    if (!health_.ok() || n == 0) return absl::OkStatus();
+    FM_CUDA_TRY(cudaSetDevice(device_), "cudaSetDevice");
+    FM_ASSIGN_OR_RETURN(const DeviceWeight* dw, WeightOnDevice(w));
+    const int64_t k = w.cols, m = w.rows;
+    const bool quantized = w.format != WeightFormat::kDense;
+    Frame f;
+    const size_t dx = f.In(x, n * k * 4);
+    const size_t dq = quantized ? f.Scratch(n * k * 4) : dx;
+    const size_t ds = quantized ? f.Scratch(n * (k / 128) * 4) : dx;
+    const size_t dy = f.Scratch(n * m * 4);
+    f.Download(dy, y, n * m * 4);
+    return RunLocked(f, [&](Dev d) {
+      if (quantized) {
+        const cudaError_t e = cuda::QuantizeActivations(d.at(dx), n, k, d.at(dq), d.at(ds), stream_);
+        if (e != cudaSuccess) return e;
+      }
+      return cuda::Linear(*dw, d.at(dq), d.at(ds), n, d.at(dy), out, stream_);
+    });
+  }
+
+  void RoundTripOp(float* x, int64_t n, int64_t block, bool fp8) const {
+    Frame f;
+    const size_t dx = f.In(x, n * 4);
+    f.Download(dx, x, n * 4);
+    Launch(f, [&](Dev d) { return cuda::RoundTrip(d.at(dx), n, block, fp8, stream_); });
+  }
+
+  void KeyScoring(const float* q, const float* w, int64_t heads, int64_t dim, std::span<const float* const> keys,
+                  float* out, bool logits) const {
+    const int64_t n = static_cast<int64_t>(keys.size());
+    if (n == 0) return;
+    std::vector<uint8_t> valid(n);
+    for (int64_t t = 0; t < n; ++t) valid[t] = keys[t] != nullptr;
+    Frame f;
+    const size_t dq = f.In(q, heads * dim * 4), dw = f.In(w, heads * 4), dv = f.In(valid.data(), n);
+    const size_t dk = f.Scratch(n * dim * 4), dout = f.Scratch(n * 4);
+    f.Download(dout, out, n * 4);
+    Launch(
+        f,
+        [&](Dev d) {
+          return logits ? cuda::IndexerLogits(d.at(dq), d.at(dw), heads, dim, d.at(dk), d.at<uint8_t>(dv), n,
+                                              d.at(dout), stream_)
+                        : cuda::IndexScores(d.at(dq), d.at(dw), heads, dim, d.at(dk), n, d.at(dout), stream_);
+        },
+        [&](char* host_scratch) {
+          float* rows = reinterpret_cast<float*>(host_scratch + f.Resolve(dk) - f.in_bytes());
+          for (int64_t t = 0; t < n; ++t) {
+            if (keys[t]) std::memcpy(rows + t * dim, keys[t], dim * 4);
+            else std::memset(rows + t * dim, 0, dim * 4);
+          }
+        },
+        n * dim * 4);
+  }
+
+  const int device_;
+  const cudaStream_t stream_;
+  const int64_t budget_;
+  mutable absl::Mutex mu_;
+  mutable absl::Status health_;
+  mutable void* dev_ = nullptr;   // staging, device side
+  mutable void* host_ = nullptr;  // staging, pinned host side
+  mutable size_t capacity_ = 0;
+  mutable int64_t used_ = 0;
+  mutable uint64_t clock_ = 0;
+  mutable absl::flat_hash_map<const void*, Resident> resident_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Backend>> NewCudaBackend(const CudaBackendOptions& options) {
+  const int count = DeviceCount();
+  if (count == 0) return absl::FailedPreconditionError("no CUDA device is visible (driver missing or no GPU)");
+  if (options.device < 0 || options.device >= count)
+    return absl::InvalidArgumentError(
+        absl::StrCat("device: cuda:", options.device, " does not exist (", count, " CUDA devices visible)"));
+  if (options.memory_budget_bytes < 0)
+    return absl::InvalidArgumentError("memory_budget_bytes must be >= 0");
+  FM_RETURN_IF_ERROR(CudaError(cudaSetDevice(options.device), "cudaSetDevice"));
+  size_t free_b = 0, total_b = 0;
+  FM_RETURN_IF_ERROR(CudaError(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo"));
+  int64_t budget = options.memory_budget_bytes;
+  if (budget == 0) budget = std::max<int64_t>(static_cast<int64_t>(free_b) - (int64_t{1} << 30), int64_t{256} << 20);
+  if (budget > static_cast<int64_t>(free_b))
+    return absl::InvalidArgumentError(absl::StrCat("memory_budget_bytes: ", budget, " exceeds the ", free_b,
+                                                   " bytes free on cuda:", options.device));
+  cudaStream_t stream = nullptr;
+  FM_RETURN_IF_ERROR(CudaError(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate"));
+  return std::unique_ptr<Backend>(new CudaBackendImpl(options.device, stream, budget));
+}
+
+}  // namespace flashmem::kernels::cuda

@@ -1,0 +1,31 @@
+// The CUDA sm_90 backend: every op of kernels/ops.h on one GPU. Callers keep the host-array
+// interface of Backend: each op stages its inputs through one pinned buffer (one host->device copy),
+// runs its kernels on the backend's stream and copies its outputs back. Weights (and the big
+// constant hyper-connection matrices) are uploaded once, in compact form (FP8 1 B, FP4 0.5 B,
+// dense bf16 2 B per value), and stay resident within the memory budget.
+// Thread-safe: ops from several threads (the decode loop, LSA scoring) run one at a time.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "kernels/ops.h"
+
+namespace flashmem::kernels::cuda {
+
+// Usable CUDA devices (0 without a driver or a GPU).
+int DeviceCount();
+
+struct CudaBackendOptions {
+  int device = 0;  // CUDA device ordinal
+  // Device memory this backend may hold (resident weights + staging). 0: the device's free memory
+  // at creation minus 1 GiB. Weights not used for longest leave first when it runs short; one op
+  // that cannot fit fails with RESOURCE_EXHAUSTED.
+  int64_t memory_budget_bytes = 0;
+};
+
+absl::StatusOr<std::unique_ptr<Backend>> NewCudaBackend(const CudaBackendOptions& options);
+
+}  // namespace flashmem::kernels::cuda

@@ -1,0 +1,117 @@
+// Device-side number formats and reductions shared by the CUDA kernels. Each function rounds
+// exactly like its host twin in kernels/numerics.h.
+#pragma once
+
+#include <cstdint>
+
+namespace flashmem::kernels::cuda {
+
+__device__ __forceinline__ float RoundBf16(float x) {
+  unsigned u = __float_as_uint(x);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return x;
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return __uint_as_float(u & 0xffff0000u);
+}
+
+__device__ __forceinline__ float Bf16BitsToFloat(uint16_t b) { return __uint_as_float(static_cast<unsigned>(b) << 16); }
+
+// 2^ceil(log2(x)) by the exponent-bit trick, as the reference kernels.
+__device__ __forceinline__ float Pow2Ceil(float x) {
+  const unsigned bits = __float_as_uint(x);
+  const int e = static_cast<int>((bits >> 23) & 0xff) - 127 + ((bits & 0x7fffffu) != 0);
+  return __uint_as_float(static_cast<unsigned>(e + 127) << 23);
+}
+
+// Nearest value of a float grid with `man_bits` mantissa bits and minimum exponent `min_exp`
+// (ties to even), clamped to vmax: e4m3 = (-6, 3, 448), e2m1 = (0, 1, 6).
+__device__ __forceinline__ float RoundGrid(float x, int min_exp, int man_bits, float vmax) {
+  const float a = fabsf(x);
+  if (!(a > 0.0f)) return x;
+  int e;
+  frexpf(a, &e);
+  const int exp = max(e - 1, min_exp);
+  const float step = ldexpf(1.0f, exp - man_bits);
+  float r = rintf(a / step) * step;
+  r = fminf(r, vmax);
+  return copysignf(r, x);
+}
+
+__device__ __forceinline__ float Fp8BlockScale(float amax) { return Pow2Ceil(fmaxf(amax, 1e-4f) * (1.0f / 448.0f)); }
+__device__ __forceinline__ float Fp4BlockScale(float amax) {
+  return Pow2Ceil(fmaxf(amax, 6.0f * 1.17549435e-38f) * (1.0f / 6.0f));
+}
+
+// e4m3fn code -> value (0x7f / 0xff are NaN).
+__device__ __forceinline__ float E4m3ToFloat(uint8_t c) {
+  const unsigned sign = static_cast<unsigned>(c & 0x80) << 24;
+  const unsigned e = (c >> 3) & 0xf, m = c & 7;
+  if (e == 0xf && m == 7) return __uint_as_float(0x7fc00000u);
+  if (e == 0) return __uint_as_float(sign | __float_as_uint(static_cast<float>(m) * (1.0f / 512.0f)));
+  return __uint_as_float(sign | ((e + 120) << 23) | (m << 20));
+}
+
+// e2m1 nibble -> value: magnitudes {0, .5, 1, 1.5, 2, 3, 4, 6}, bit 3 the sign.
+__device__ __forceinline__ float E2m1ToFloat(unsigned nib) {
+  const unsigned e = (nib >> 1) & 3, m = nib & 1;
+  const float mag = e == 0 ? 0.5f * static_cast<float>(m) : ldexpf(1.0f + 0.5f * static_cast<float>(m), static_cast<int>(e) - 1);
+  return (nib & 8) ? -mag : mag;
+}
+
+// UE8M0 scale byte -> 2^(b-127).
+__device__ __forceinline__ float E8m0ToFloat(uint8_t b) {
+  if (b == 0xff) return __uint_as_float(0x7fc00000u);
+  if (b == 0) return ldexpf(1.0f, -127);
+  return __uint_as_float(static_cast<unsigned>(b) << 23);
+}
+
+__device__ __forceinline__ float WarpSum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float WarpMax(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, <= 1024); every thread gets the result.
+__device__ __forceinline__ float BlockSum(float v) {
+  __shared__ float partial[32];
+  __syncthreads();  // the shared array may still be read by a previous call
+  v = WarpSum(v);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  float s = 0.0f;
+  for (int i = 0; i < warps; ++i) s += partial[i];
+  return s;
+}
+
+// exp through double, rounded once to float: the CPU reference computes the same (num::ExpF), so
+// both backends agree bit for bit (a float expf differs between libraries in the last ulp).
+__device__ __forceinline__ float ExpF(float x) { return static_cast<float>(exp(static_cast<double>(x))); }
+__device__ __forceinline__ float Sigmoid(float x) { return 1.0f / (1.0f + ExpF(-x)); }
+
+// A dot product in the CPU reference's order (kernels/cpu Dot): 16 strided partial sums (element i
+// goes to partial i % 16), lanes j and j+8 added, then ((0+4)+(1+5)) + ((2+6)+(3+7)), then the
+// n % 16 tail in sequence. Called by all 32 lanes of a warp; each half-warp computes its own dot
+// (lane & 15 is its partial) and every lane of the half gets the result. b(i) reads element i.
+template <typename B>
+__device__ __forceinline__ float HalfWarpDot(const float* a, B b, int64_t n) {
+  const int l16 = threadIdx.x & 15;
+  const int64_t full = n / 16 * 16;
+  float s = 0.0f;
+  for (int64_t i = l16; i < full; i += 16) s += a[i] * b(i);
+  s += __shfl_down_sync(0xffffffffu, s, 8, 16);
+  s += __shfl_down_sync(0xffffffffu, s, 4, 16);
+  s += __shfl_down_sync(0xffffffffu, s, 1, 16);
+  s += __shfl_down_sync(0xffffffffu, s, 2, 16);
+  s = __shfl_sync(0xffffffffu, s, 0, 16);
+  for (int64_t i = full; i < n; ++i) s += a[i] * b(i);
+  return s;
+}
+struct Plain {
+  const float* p;
+  __device__ float operator()(int64_t i) const { return p[i]; }
+};
+
+}  // namespace flashmem::kernels::cuda

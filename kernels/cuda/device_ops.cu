@@ -1,0 +1,411 @@
+// Kernels of the CUDA backend: GEMM/GEMV, norms, RoPE, quant round trips, Hadamard, hyper-connections.
+// Attention and indexer kernels are in attention_ops.cu.
+#include <bit>
+#include <cmath>
+#include <cstring>
+
+#include "kernels/cuda/device_math.cuh"
+#include "kernels/cuda/device_ops.h"
+#include "kernels/numerics.h"
+
+namespace flashmem::kernels::cuda {
+
+int64_t DeviceWeight::bytes() const {
+  int64_t v = rows * cols;
+  if (format == WeightFormat::kDense) v *= dense_bf16 ? 2 : 4;
+  if (format == WeightFormat::kFp4Group32) v /= 2;
+  int64_t s = 0;
+  if (format == WeightFormat::kFp8Block128) s = ((rows + 127) / 128) * scale_cols * 4;
+  if (format == WeightFormat::kFp4Group32) s = rows * scale_cols * 4;
+  return v + s;
+}
+
+namespace {
+
+// Code of an e4m3 grid value by its float bits (the value is known to lie on the grid).
+inline uint8_t E4m3Code(float v) {
+  const uint32_t u = std::bit_cast<uint32_t>(v);
+  const uint8_t sign = static_cast<uint8_t>((u >> 24) & 0x80);
+  const int e = static_cast<int>((u >> 23) & 0xff) - 127;
+  if ((u & 0x7fffffffu) == 0) return sign;
+  if (std::isnan(v)) return 0x7f;
+  if (e < -6) return sign | static_cast<uint8_t>(std::lround(std::fabs(v) * 512.0f));
+  return sign | static_cast<uint8_t>(((e + 7) << 3) | ((u >> 20) & 7));
+}
+
+}  // namespace
+
+EncodedWeight EncodeWeight(const WeightMatrix& w) {
+  EncodedWeight enc;
+  const int64_t count = w.rows * w.cols;
+  switch (w.format) {
+    case WeightFormat::kDense: {
+      enc.dense_bf16 = true;
+      for (float v : w.values)
+        if (std::bit_cast<uint32_t>(v) & 0xffffu) { enc.dense_bf16 = false; break; }
+      if (enc.dense_bf16) {
+        enc.values.resize(count * 2);
+        auto* out = reinterpret_cast<uint16_t*>(enc.values.data());
+        for (int64_t i = 0; i < count; ++i) out[i] = static_cast<uint16_t>(std::bit_cast<uint32_t>(w.values[i]) >> 16);
+      } else {
+        enc.values.resize(count * 4);
+        std::memcpy(enc.values.data(), w.values.data(), count * 4);
+      }
+      break;
+    }
+    case WeightFormat::kFp8Block128:
+      enc.values.resize(count);
+      for (int64_t i = 0; i < count; ++i) enc.values[i] = E4m3Code(w.values[i]);
+      break;
+    case WeightFormat::kFp4Group32:
+      enc.values.assign((count + 1) / 2, 0);
+      for (int64_t i = 0; i < count; ++i)
+        enc.values[i / 2] |= static_cast<uint8_t>(num::EncodeE2m1(w.values[i]) << ((i & 1) * 4));
+      break;
+  }
+  return enc;
+}
+
+namespace {
+
+unsigned Blocks(int64_t n, int64_t per) { return static_cast<unsigned>((n + per - 1) / per); }
+
+// One warp per 128-element block: amax, pow2 scale, e4m3 grid values.
+__global__ void QuantizeActKernel(const float* x, int64_t blocks, float* xq, float* xs) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (b >= blocks) return;
+  const int lane = threadIdx.x & 31;
+  const float* xb = x + b * 128;
+  float v[4], m = 0.0f;
+  for (int j = 0; j < 4; ++j) m = fmaxf(m, fabsf(v[j] = xb[lane + 32 * j]));
+  const float scale = Fp8BlockScale(WarpMax(m));
+  for (int j = 0; j < 4; ++j)
+    xq[b * 128 + lane + 32 * j] = RoundGrid(fminf(fmaxf(v[j] / scale, -448.0f), 448.0f), -6, 3, 448.0f);
+  if (lane == 0) xs[b] = scale;
+}
+
+constexpr int kTokTile = 8;        // tokens per block: each weight row is read from HBM once per 8 tokens
+constexpr int kRowsPerBlock = 8;   // one half-warp per output row, 4 warps per block
+
+struct DenseBf16Row {
+  const uint16_t* p;
+  __device__ float operator()(int64_t i) const { return Bf16BitsToFloat(p[i]); }
+};
+struct Fp8Row {
+  const uint8_t* p;
+  __device__ float operator()(int64_t i) const { return E4m3ToFloat(p[i]); }
+};
+struct Fp4Row {
+  const uint8_t* base;
+  int64_t start;  // element index of i = 0
+  __device__ float operator()(int64_t i) const {
+    const int64_t e = start + i;
+    const uint8_t byte = base[e >> 1];
+    return E2m1ToFloat((e & 1) ? (byte >> 4) : (byte & 15));
+  }
+};
+
+// One half-warp per output row, tokens of a tile in turn. Every dot product runs in the CPU
+// reference's order (HalfWarpDot) and quantized formats add the K blocks in sequence with the
+// reference's acc += partial * s_x * s_w, so the result is bit-identical to the CPU backend.
+template <WeightFormat F, bool kBf16Dense>
+__global__ void LinearKernel(const void* wv, const float* ws, int64_t scale_cols, int64_t rows, int64_t k,
+                             const float* xq, const float* xs, int64_t n, float* y, bool round) {
+  int64_t o = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 16;
+  const bool live = o < rows;
+  if (!live) o = rows - 1;  // idle half-warps still join the shuffles
+  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * kTokTile;
+  const int nt = static_cast<int>(n - t0 < kTokTile ? n - t0 : kTokTile);
+  const int64_t nb = k / 128;
+  for (int t = 0; t < nt; ++t) {
+    const float* xr = xq + (t0 + t) * k;
+    float acc = 0.0f;
+    if constexpr (F == WeightFormat::kDense) {
+      if constexpr (kBf16Dense) acc = HalfWarpDot(xr, DenseBf16Row{static_cast<const uint16_t*>(wv) + o * k}, k);
+      else acc = HalfWarpDot(xr, Plain{static_cast<const float*>(wv) + o * k}, k);
+    } else {
+      constexpr int64_t kblock = F == WeightFormat::kFp8Block128 ? 128 : 32;
+      for (int64_t kb = 0; kb < k / kblock; ++kb) {
+        float partial;
+        if constexpr (F == WeightFormat::kFp8Block128)
+          partial = HalfWarpDot(xr + kb * kblock, Fp8Row{static_cast<const uint8_t*>(wv) + o * k + kb * kblock}, kblock);
+        else
+          partial = HalfWarpDot(xr + kb * kblock, Fp4Row{static_cast<const uint8_t*>(wv), o * k + kb * kblock}, kblock);
+        const float s_x = xs[(t0 + t) * nb + (kb * kblock) / 128];
+        const float s_w = F == WeightFormat::kFp8Block128 ? ws[(o / 128) * scale_cols + kb] : ws[o * scale_cols + kb];
+        acc += partial * s_x * s_w;
+      }
+    }
+    if (live && (threadIdx.x & 15) == 0) y[(t0 + t) * rows + o] = round ? RoundBf16(acc) : acc;
+  }
+}
+
+__global__ void RmsNormKernel(const float* x, const float* w, int64_t dim, float eps, float* y) {
+  const float* xr = x + blockIdx.x * dim;
+  __shared__ float ss;
+  if (threadIdx.x < 32) {
+    const float d = HalfWarpDot(xr, Plain{xr}, dim);
+    if (threadIdx.x == 0) ss = d;
+  }
+  __syncthreads();
+  const float inv = 1.0f / sqrtf(ss / static_cast<float>(dim) + eps);
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) y[blockIdx.x * dim + i] = RoundBf16(w[i] * (xr[i] * inv));
+}
+
+// The reference's bf16 mean of squares is a sequential fp32 sum on the CPU: one thread adds.
+__global__ void HeadRmsNormKernel(float* q, int64_t dim, float eps) {
+  float* qh = q + blockIdx.x * dim;
+  __shared__ float r_sh;
+  if (threadIdx.x == 0) {
+    float sum = 0.0f;
+    for (int64_t i = 0; i < dim; ++i) sum += RoundBf16(qh[i] * qh[i]);
+    const float mean = RoundBf16(sum / static_cast<float>(dim));
+    r_sh = RoundBf16(1.0f / sqrtf(RoundBf16(mean + eps)));
+  }
+  __syncthreads();
+  const float r = r_sh;
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) qh[i] = RoundBf16(qh[i] * r);
+}
+
+__global__ void RopeKernel(float* x, int64_t rows, int64_t stride, int64_t offset, int64_t half,
+                           const float* cos, const float* sin, bool inverse) {
+  const int64_t id = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (id >= rows * half) return;
+  const int64_t r = id / half, i = id % half;
+  float* p = x + r * stride + offset;
+  const float a = p[2 * i], b = p[2 * i + 1];
+  const float c = cos[i], s = inverse ? -sin[i] : sin[i];
+  p[2 * i] = RoundBf16(a * c - b * s);
+  p[2 * i + 1] = RoundBf16(a * s + b * c);
+}
+
+__global__ void RoundTripKernel(float* x, int64_t block, bool fp8) {
+  float* xb = x + blockIdx.x * block;
+  float m = 0.0f;
+  for (int64_t i = threadIdx.x; i < block; i += blockDim.x) m = fmaxf(m, fabsf(xb[i]));
+  __shared__ float amax[32];
+  m = WarpMax(m);
+  if ((threadIdx.x & 31) == 0) amax[threadIdx.x / 32] = m;
+  __syncthreads();
+  for (int i = 0; i < static_cast<int>(blockDim.x / 32); ++i) m = fmaxf(m, amax[i]);
+  const float qmax = fp8 ? 448.0f : 6.0f;
+  const float scale = fp8 ? Fp8BlockScale(m) : Fp4BlockScale(m);
+  for (int64_t i = threadIdx.x; i < block; i += blockDim.x) {
+    const float v = fminf(fmaxf(xb[i] / scale, -qmax), qmax);
+    xb[i] = RoundBf16((fp8 ? RoundGrid(v, -6, 3, 448.0f) : RoundGrid(v, 0, 1, 6.0f)) * scale);
+  }
+}
+
+// Sylvester-ordered butterflies in shared memory: every element sees the CPU's operations in
+// the CPU's order, so the result is bit-identical.
+__global__ void HadamardKernel(float* x, int64_t dim, float scale) {
+  extern __shared__ float v[];
+  float* row = x + blockIdx.x * dim;
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) v[i] = row[i];
+  __syncthreads();
+  for (int64_t len = 1; len < dim; len <<= 1) {
+    for (int64_t p = threadIdx.x; p < dim / 2; p += blockDim.x) {
+      const int64_t j = (p / len) * 2 * len + (p % len);
+      const float a = v[j], b = v[j + len];
+      v[j] = a + b;
+      v[j + len] = a - b;
+    }
+    __syncthreads();
+  }
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) row[i] = RoundBf16(v[i] * scale);
+}
+
+constexpr int kMaxHc = 8;
+
+// 1 / sqrt(mean(x^2) + eps) with the CPU's dot order; every thread of the block gets it.
+__device__ float InvRms(const float* x, int64_t k, float eps) {
+  __shared__ float ss;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    const float d = HalfWarpDot(x, Plain{x}, k);
+    if (threadIdx.x == 0) ss = d;
+  }
+  __syncthreads();
+  return 1.0f / sqrtf(ss / static_cast<float>(k) + eps);
+}
+
+// out[m] = (rows[m] . x) * mul for m < count, one half-warp per row (CPU dot order). Whole warps
+// iterate together so the shuffles stay convergent.
+__device__ void HalfWarpRowDots(const float* rows, const float* x, int64_t k, int count, float mul, float* out) {
+  const int warp = threadIdx.x / 32, warps = blockDim.x / 32, half = (threadIdx.x / 16) & 1;
+  for (int base = warp * 2; base < count; base += warps * 2) {
+    const int m = base + half;
+    const bool live = m < count;
+    const float d = HalfWarpDot(rows + static_cast<int64_t>(live ? m : base) * k, Plain{x}, k);
+    if (live && (threadIdx.x & 15) == 0) out[m] = d * mul;
+  }
+}
+
+// One block per token: mixes (one warp per mix row), then thread 0 runs the small Sinkhorn as the
+// CPU does, then y.
+__global__ void HcPreKernel(const float* x, const float* fn, const float* base, const float* scale, int hc,
+                            int64_t dim, int iters, float norm_eps, float hc_eps, float* y, float* post_out,
+                            float* comb_out) {
+  const int64_t k = hc * dim;
+  const float* xt = x + blockIdx.x * k;
+  __shared__ float mixes[(2 + kMaxHc) * kMaxHc];
+  __shared__ float pre[kMaxHc];
+  const float rs = InvRms(xt, k, norm_eps);
+  HalfWarpRowDots(fn, xt, k, (2 + hc) * hc, rs, mixes);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float* post = post_out + blockIdx.x * hc;
+    float* comb = comb_out + blockIdx.x * hc * hc;
+    for (int i = 0; i < hc; ++i) {
+      pre[i] = Sigmoid(mixes[i] * scale[0] + base[i]) + hc_eps;
+      post[i] = 2.0f * Sigmoid(mixes[hc + i] * scale[1] + base[hc + i]);
+    }
+    for (int i = 0; i < hc; ++i) {
+      float* row = comb + i * hc;
+      float mx = -INFINITY;
+      for (int j = 0; j < hc; ++j) {
+        row[j] = mixes[2 * hc + i * hc + j] * scale[2] + base[2 * hc + i * hc + j];
+        mx = fmaxf(mx, row[j]);
+      }
+      float sum = 0.0f;
+      for (int j = 0; j < hc; ++j) sum += (row[j] = ExpF(row[j] - mx));
+      for (int j = 0; j < hc; ++j) row[j] = row[j] / sum + hc_eps;
+    }
+    for (int it = 0; it < max(iters, 1); ++it) {  // the first column pass always runs
+      if (it > 0)
+        for (int i = 0; i < hc; ++i) {
+          float r = 0.0f;
+          for (int j = 0; j < hc; ++j) r += comb[i * hc + j];
+          for (int j = 0; j < hc; ++j) comb[i * hc + j] /= (r + hc_eps);
+        }
+      for (int j = 0; j < hc; ++j) {
+        float c = 0.0f;
+        for (int i = 0; i < hc; ++i) c += comb[i * hc + j];
+        for (int i = 0; i < hc; ++i) comb[i * hc + j] /= (c + hc_eps);
+      }
+    }
+  }
+  __syncthreads();
+  for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
+    float acc = 0.0f;
+    for (int i = 0; i < hc; ++i) acc += pre[i] * xt[i * dim + d];
+    y[blockIdx.x * dim + d] = RoundBf16(acc);
+  }
+}
+
+__global__ void HcPostKernel(const float* f, const float* residual, const float* post, const float* comb,
+                             int64_t n, int hc, int64_t dim, float* out) {
+  const int64_t id = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (id >= n * hc * dim) return;
+  const int64_t t = id / (hc * dim), j = (id / dim) % hc, d = id % dim;
+  const float* c = comb + t * hc * hc;
+  float s = post[t * hc + j] * f[t * dim + d];
+  for (int i = 0; i < hc; ++i) s += c[i * hc + j] * residual[(t * hc + i) * dim + d];
+  out[id] = RoundBf16(s);
+}
+
+__global__ void HcHeadKernel(const float* x, const float* fn, const float* base, float scale, int hc,
+                             int64_t dim, float norm_eps, float hc_eps, float* y) {
+  const int64_t k = hc * dim;
+  __shared__ float pre[kMaxHc], mixes[kMaxHc];
+  const float rs = InvRms(x, k, norm_eps);
+  HalfWarpRowDots(fn, x, k, hc, rs, mixes);
+  __syncthreads();
+  if (threadIdx.x < hc) pre[threadIdx.x] = Sigmoid(mixes[threadIdx.x] * scale + base[threadIdx.x]) + hc_eps;
+  __syncthreads();
+  for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
+    float acc = 0.0f;
+    for (int i = 0; i < hc; ++i) acc += pre[i] * x[i * dim + d];
+    y[d] = RoundBf16(acc);
+  }
+}
+
+}  // namespace
+
+cudaError_t QuantizeActivations(const float* x, int64_t n, int64_t k, float* xq, float* xs, cudaStream_t stream) {
+  const int64_t blocks = n * (k / 128);
+  if (blocks == 0) return cudaSuccess;
+  QuantizeActKernel<<<Blocks(blocks, 8), 256, 0, stream>>>(x, blocks, xq, xs);
+  return cudaGetLastError();
+}
+
+cudaError_t Linear(const DeviceWeight& w, const float* xq, const float* xs, int64_t n, float* y, Rounding out,
+                   cudaStream_t stream) {
+  if (n == 0 || w.rows == 0) return cudaSuccess;
+  const dim3 grid(Blocks(w.rows, kRowsPerBlock), Blocks(n, kTokTile));  // 128 threads: 8 half-warps
+  const bool round = out == Rounding::kBf16;
+  switch (w.format) {
+    case WeightFormat::kDense:
+      if (w.dense_bf16)
+        LinearKernel<WeightFormat::kDense, true><<<grid, 128, 0, stream>>>(w.values, nullptr, 0, w.rows, w.cols, xq, xs, n, y, round);
+      else
+        LinearKernel<WeightFormat::kDense, false><<<grid, 128, 0, stream>>>(w.values, nullptr, 0, w.rows, w.cols, xq, xs, n, y, round);
+      break;
+    case WeightFormat::kFp8Block128:
+      LinearKernel<WeightFormat::kFp8Block128, false><<<grid, 128, 0, stream>>>(w.values, w.scales, w.scale_cols, w.rows, w.cols, xq, xs, n, y, round);
+      break;
+    case WeightFormat::kFp4Group32:
+      LinearKernel<WeightFormat::kFp4Group32, false><<<grid, 128, 0, stream>>>(w.values, w.scales, w.scale_cols, w.rows, w.cols, xq, xs, n, y, round);
+      break;
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t RmsNorm(const float* x, const float* weight, int64_t n, int64_t dim, float eps, float* y, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  RmsNormKernel<<<static_cast<unsigned>(n), 256, 0, stream>>>(x, weight, dim, eps, y);
+  return cudaGetLastError();
+}
+
+cudaError_t HeadRmsNormBf16(float* q, int64_t heads, int64_t dim, float eps, cudaStream_t stream) {
+  if (heads == 0) return cudaSuccess;
+  HeadRmsNormKernel<<<static_cast<unsigned>(heads), 128, 0, stream>>>(q, dim, eps);
+  return cudaGetLastError();
+}
+
+cudaError_t Rope(float* x, int64_t rows, int64_t stride, int64_t offset, int64_t rope_dims, const float* cos,
+                 const float* sin, bool inverse, cudaStream_t stream) {
+  const int64_t total = rows * (rope_dims / 2);
+  if (total == 0) return cudaSuccess;
+  RopeKernel<<<Blocks(total, 256), 256, 0, stream>>>(x, rows, stride, offset, rope_dims / 2, cos, sin, inverse);
+  return cudaGetLastError();
+}
+
+cudaError_t RoundTrip(float* x, int64_t n, int64_t block, bool fp8, cudaStream_t stream) {
+  if (n / block == 0) return cudaSuccess;
+  RoundTripKernel<<<static_cast<unsigned>(n / block), block >= 256 ? 256 : 32, 0, stream>>>(x, block, fp8);
+  return cudaGetLastError();
+}
+
+cudaError_t Hadamard(float* x, int64_t rows, int64_t dim, cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  if (dim * 4 > 48 * 1024) return cudaErrorInvalidValue;
+  HadamardKernel<<<static_cast<unsigned>(rows), 256, dim * sizeof(float), stream>>>(x, dim, 1.0f / std::sqrt(static_cast<float>(dim)));
+  return cudaGetLastError();
+}
+
+cudaError_t HcPre(const float* x, int64_t n, const float* fn, const float* base, const float* scale, int hc,
+                  int64_t dim, int iters, float norm_eps, float hc_eps, float* y, float* post, float* comb,
+                  cudaStream_t stream) {
+  if (hc > kMaxHc) return cudaErrorInvalidValue;
+  if (n == 0) return cudaSuccess;
+  HcPreKernel<<<static_cast<unsigned>(n), 256, 0, stream>>>(x, fn, base, scale, hc, dim, iters, norm_eps, hc_eps, y, post, comb);
+  return cudaGetLastError();
+}
+
+cudaError_t HcPost(const float* f, const float* residual, const float* post, const float* comb, int64_t n, int hc,
+                   int64_t dim, float* out, cudaStream_t stream) {
+  const int64_t total = n * hc * dim;
+  if (total == 0) return cudaSuccess;
+  HcPostKernel<<<Blocks(total, 256), 256, 0, stream>>>(f, residual, post, comb, n, hc, dim, out);
+  return cudaGetLastError();
+}
+
+cudaError_t HcHead(const float* x, const float* fn, const float* base, float scale, int hc, int64_t dim,
+                   float norm_eps, float hc_eps, float* y, cudaStream_t stream) {
+  if (hc > kMaxHc) return cudaErrorInvalidValue;
+  HcHeadKernel<<<1, 256, 0, stream>>>(x, fn, base, scale, hc, dim, norm_eps, hc_eps, y);
+  return cudaGetLastError();
+}
+
+}  // namespace flashmem::kernels::cuda

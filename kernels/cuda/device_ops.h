@@ -1,0 +1,86 @@
+// Kernel launchers of the CUDA sm_90 backend on device memory (no host copies, no syncs): the
+// CudaBackend (cuda_backend.h) stages host arrays through them, and the kernel benchmarks call
+// them directly. Every launcher enqueues on `stream` and returns the launch error.
+// Semantics are those of the same-named Backend ops in kernels/ops.h.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include <cuda_runtime.h>
+
+#include "kernels/ops.h"
+
+namespace flashmem::kernels::cuda {
+
+// A weight in device memory, compact: kDense as bf16 (when every value is a bf16) or fp32,
+// kFp8Block128 as e4m3 codes (1 B each), kFp4Group32 as e2m1 codes packed two per byte (even
+// column in the low nibble); scales fp32 in the layout of WeightMatrix::scales.
+struct DeviceWeight {
+  WeightFormat format = WeightFormat::kDense;
+  int64_t rows = 0, cols = 0;
+  bool dense_bf16 = false;
+  const void* values = nullptr;
+  const float* scales = nullptr;
+  int64_t scale_cols = 0;
+  // Bytes of values + scales (what one pass over the weight reads).
+  int64_t bytes() const;
+};
+
+// Host-side encoding of a WeightMatrix into the DeviceWeight layout: values bytes, then scales.
+struct EncodedWeight {
+  bool dense_bf16 = false;
+  std::vector<uint8_t> values;
+};
+EncodedWeight EncodeWeight(const WeightMatrix& w);
+
+// act_quant: xq = e4m3 grid values (fp32), xs = pow2 scale per 128 block; k % 128 == 0.
+cudaError_t QuantizeActivations(const float* x, int64_t n, int64_t k, float* xq, float* xs,
+                                cudaStream_t stream);
+// y[n, rows] = x · Wᵀ. Quantized formats take xq/xs from QuantizeActivations; dense takes x in xq.
+cudaError_t Linear(const DeviceWeight& w, const float* xq, const float* xs, int64_t n, float* y,
+                   Rounding out, cudaStream_t stream);
+
+cudaError_t RmsNorm(const float* x, const float* weight, int64_t n, int64_t dim, float eps, float* y,
+                    cudaStream_t stream);
+cudaError_t HeadRmsNormBf16(float* q, int64_t heads, int64_t dim, float eps, cudaStream_t stream);
+cudaError_t Rope(float* x, int64_t rows, int64_t stride, int64_t offset, int64_t rope_dims,
+                 const float* cos, const float* sin, bool inverse, cudaStream_t stream);
+cudaError_t RoundTrip(float* x, int64_t n, int64_t block, bool fp8, cudaStream_t stream);
+cudaError_t Hadamard(float* x, int64_t rows, int64_t dim, cudaStream_t stream);
+
+// Sparse MQA of `batch` query tokens, each with `n` candidate slots: kv [rows, dim] fp32 in
+// device memory, idx [batch, n] row numbers (-1 masked), q/out [batch, heads, dim]; dim <= 1024.
+cudaError_t SparseAttention(const float* q, int64_t batch, int64_t heads, int64_t dim, const float* kv,
+                            const int32_t* idx, int64_t n, const float* sink, float softmax_scale,
+                            float* out, cudaStream_t stream);
+
+// Lightning-indexer scores / memory-indexer logits over keys [n, dim] (rows with valid[t] == 0 give
+// score 0 for IndexerLogits; IndexScores ignores valid).
+cudaError_t IndexScores(const float* q, const float* w, int64_t heads, int64_t dim, const float* keys,
+                        int64_t n, float* scores, cudaStream_t stream);
+cudaError_t IndexerLogits(const float* q, const float* w, int64_t heads, int64_t dim, const float* keys,
+                          const uint8_t* valid, int64_t n, float* logits, cudaStream_t stream);
+
+// mHC for `n` tokens (x [n, hc, dim]); post [n, hc], comb [n, hc, hc], y [n, dim].
+cudaError_t HcPre(const float* x, int64_t n, const float* fn, const float* base, const float* scale,
+                  int hc, int64_t dim, int iters, float norm_eps, float hc_eps, float* y, float* post,
+                  float* comb, cudaStream_t stream);
+cudaError_t HcPost(const float* f, const float* residual, const float* post, const float* comb,
+                   int64_t n, int hc, int64_t dim, float* out, cudaStream_t stream);
+cudaError_t HcHead(const float* x, const float* fn, const float* base, float scale, int hc,
+                   int64_t dim, float norm_eps, float hc_eps, float* y, cudaStream_t stream);
+
+// ---- the 584-byte FP8 KV record (spec §4.1), paged: a page of B entries holds B x 576 data bytes
+// (448 e4m3 nope + 64 bf16 rope) then B x 8 scale bytes (7 UE8M0 per 64 nope dims + 1 pad).
+constexpr int kRecordNope = 448, kRecordRope = 64, kRecordDim = 512;
+constexpr int kRecordData = 576, kRecordScales = 8, kRecordBytes = 584;
+
+// Sparse MQA with the sink reading paged FP8 records directly: entry e lives in page e / B at
+// slot e % B of `pages` (page stride B * 584 bytes). idx [batch, n] entry numbers (-1 masked);
+// q/out [batch, heads, 512] fp32 (bf16 values). Same numerics as SparseAttention on the decoded rows.
+cudaError_t PagedSparseAttentionFp8(const float* q, int64_t batch, int64_t heads, const uint8_t* pages,
+                                    int64_t page_entries, const int32_t* idx, int64_t n, const float* sink,
+                                    float softmax_scale, float* out, cudaStream_t stream);
+
+}  // namespace flashmem::kernels::cuda

@@ -1,0 +1,251 @@
+// CUDA kernel benchmarks against the machine's limits measured in the same run (device-to-device
+// copy bandwidth, cuBLAS bf16 GEMM rate). Times are CUDA-event medians over many launches after a
+// warm-up; inputs are random (never zeros) and rotated across copies larger than L2 where a kernel
+// streams weights. Prints a markdown table (docs/benchmarks.md records it with the command).
+//   kernel_bench [--quick]
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda/device_ops.h"
+#include "kernels/numerics.h"
+
+namespace cu = flashmem::kernels::cuda;
+using flashmem::kernels::Rounding;
+using flashmem::kernels::WeightFormat;
+
+namespace {
+
+#define CHECK_CUDA(x)                                                                          \
+  do {                                                                                         \
+    cudaError_t e_ = (x);                                                                      \
+    if (e_ != cudaSuccess) {                                                                   \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                            \
+    }                                                                                          \
+  } while (0)
+
+std::mt19937 rng(12345);
+
+void* DeviceRandomBytes(size_t bytes, uint8_t avoid_mask = 0) {
+  std::vector<uint8_t> h(bytes);
+  for (auto& b : h) {
+    b = static_cast<uint8_t>(rng());
+    if (avoid_mask && (b & 0x7f) == 0x7f) b &= 0xfe;  // no e4m3 NaN codes
+  }
+  void* d = nullptr;
+  CHECK_CUDA(cudaMalloc(&d, bytes));
+  CHECK_CUDA(cudaMemcpy(d, h.data(), bytes, cudaMemcpyHostToDevice));
+  return d;
+}
+float* DeviceRandomFloats(size_t n, float std, bool pow2 = false) {
+  std::normal_distribution<float> nd(0.0f, std);
+  std::uniform_int_distribution<int> e(-9, -3);
+  std::vector<float> h(n);
+  for (float& v : h) v = pow2 ? std::ldexp(1.0f, e(rng)) : flashmem::num::RoundBf16(nd(rng));
+  float* d = nullptr;
+  CHECK_CUDA(cudaMalloc(&d, n * 4));
+  CHECK_CUDA(cudaMemcpy(d, h.data(), n * 4, cudaMemcpyHostToDevice));
+  return d;
+}
+
+// Median microseconds of `reps` launches of f(i) (i rotates input copies), after `warm` launches.
+double TimeUs(const std::function<void(int)>& f, int reps = 50, int warm = 5) {
+  for (int i = 0; i < warm; ++i) f(i);
+  CHECK_CUDA(cudaDeviceSynchronize());
+  cudaEvent_t a, b;
+  CHECK_CUDA(cudaEventCreate(&a));
+  CHECK_CUDA(cudaEventCreate(&b));
+  std::vector<double> t;
+  for (int i = 0; i < reps; ++i) {
+    CHECK_CUDA(cudaEventRecord(a));
+    f(i);
+    CHECK_CUDA(cudaEventRecord(b));
+    CHECK_CUDA(cudaEventSynchronize(b));
+    float ms = 0;
+    CHECK_CUDA(cudaEventElapsedTime(&ms, a, b));
+    t.push_back(ms * 1000.0);
+  }
+  CHECK_CUDA(cudaGetLastError());
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+struct Row {
+  std::string kernel, shape;
+  double us, gbs, tflops;
+  std::string vs_limit;
+};
+std::vector<Row> rows;
+
+void Print() {
+  std::printf("\n| kernel | shape | time (us) | GB/s | TFLOP/s | vs limit |\n|---|---|---:|---:|---:|---|\n");
+  for (const Row& r : rows)
+    std::printf("| %s | %s | %.1f | %.0f | %.2f | %s |\n", r.kernel.c_str(), r.shape.c_str(), r.us, r.gbs, r.tflops,
+                r.vs_limit.c_str());
+}
+
+std::string Pct(double v, double limit, const char* what) {
+  char b[64];
+  std::snprintf(b, sizeof b, "%.0f%% of %s", 100.0 * v / limit, what);
+  return b;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+  cudaDeviceProp prop{};
+  CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
+  std::printf("device: %s, %d SMs, L2 %d MB\n", prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20);
+
+  // ---- ceilings ------------------------------------------------------------------------------
+  const size_t copy_bytes = size_t{1} << 30;
+  void *src = nullptr, *dst = nullptr;
+  CHECK_CUDA(cudaMalloc(&src, copy_bytes));
+  CHECK_CUDA(cudaMemset(src, 0x5a, copy_bytes));  // not zeros
+  CHECK_CUDA(cudaMalloc(&dst, copy_bytes));
+  const double copy_us = TimeUs([&](int) { CHECK_CUDA(cudaMemcpyAsync(dst, src, copy_bytes, cudaMemcpyDeviceToDevice)); }, 20);
+  const double hbm = 2.0 * copy_bytes / copy_us / 1e3;  // GB/s, read + write
+  rows.push_back({"ceiling: D2D copy", "1 GiB", copy_us, hbm, 0, "HBM limit (read+write)"});
+  CHECK_CUDA(cudaFree(src));
+  CHECK_CUDA(cudaFree(dst));
+
+  cublasHandle_t blas;
+  if (cublasCreate(&blas) != CUBLAS_STATUS_SUCCESS) return 1;
+  const int g = 8192;
+  void *ga = nullptr, *gb = nullptr, *gc = nullptr;
+  CHECK_CUDA(cudaMalloc(&ga, size_t{2} * g * g));
+  CHECK_CUDA(cudaMalloc(&gb, size_t{2} * g * g));
+  CHECK_CUDA(cudaMemset(ga, 0x3c, size_t{2} * g * g));  // bf16 0x3c3c ~ 0.0115: finite, non-zero
+  CHECK_CUDA(cudaMemset(gb, 0x3b, size_t{2} * g * g));
+  CHECK_CUDA(cudaMalloc(&gc, size_t{2} * g * g));
+  const float one = 1.0f, zero = 0.0f;
+  const double gemm_us = TimeUs([&](int) {
+    cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, g, g, g, &one, ga, CUDA_R_16BF, g, gb, CUDA_R_16BF, g, &zero, gc,
+                 CUDA_R_16BF, g, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+  }, 10);
+  const double bf16_tflops = 2.0 * g * g * g / gemm_us / 1e6;
+  rows.push_back({"ceiling: cuBLAS bf16 GEMM", "8192^3", gemm_us, 0, bf16_tflops, "tensor-core limit"});
+  CHECK_CUDA(cudaFree(ga));
+  CHECK_CUDA(cudaFree(gb));
+  CHECK_CUDA(cudaFree(gc));
+  cublasDestroy(blas);
+
+  // ---- Linear (FP8 block-128 and FP4 group-32 weights) at decode and prefill sizes -----------
+  struct LinShape { WeightFormat f; int64_t rows, cols; const char* name; };
+  for (LinShape s : {LinShape{WeightFormat::kFp8Block128, 4096, 4096, "FP8 wq_b-like"},
+                     LinShape{WeightFormat::kFp4Group32, 2048, 4096, "FP4 expert w1"}}) {
+    const bool fp8 = s.f == WeightFormat::kFp8Block128;
+    const int64_t value_bytes = fp8 ? s.rows * s.cols : s.rows * s.cols / 2;
+    const int64_t scale_cols = fp8 ? (s.cols + 127) / 128 : s.cols / 32;
+    const int64_t scale_count = fp8 ? ((s.rows + 127) / 128) * scale_cols : s.rows * scale_cols;
+    const int copies = static_cast<int>(std::max<int64_t>(2, (int64_t{256} << 20) / value_bytes));  // > L2
+    std::vector<cu::DeviceWeight> ws(copies);
+    for (auto& w : ws) {
+      w.format = s.f;
+      w.rows = s.rows;
+      w.cols = s.cols;
+      w.values = DeviceRandomBytes(value_bytes, fp8 ? 1 : 0);
+      w.scales = DeviceRandomFloats(scale_count, 0, true);
+      w.scale_cols = scale_cols;
+    }
+    for (int64_t n : quick ? std::vector<int64_t>{1, 64} : std::vector<int64_t>{1, 8, 32, 64, 4096}) {
+      float* x = DeviceRandomFloats(n * s.cols, 1.0f);
+      float *xq, *xs, *y;
+      CHECK_CUDA(cudaMalloc(&xq, n * s.cols * 4));
+      CHECK_CUDA(cudaMalloc(&xs, n * (s.cols / 128) * 4));
+      CHECK_CUDA(cudaMalloc(&y, n * s.rows * 4));
+      const double us = TimeUs([&](int i) {
+        CHECK_CUDA(cu::QuantizeActivations(x, n, s.cols, xq, xs, nullptr));
+        CHECK_CUDA(cu::Linear(ws[i % copies], xq, xs, n, y, Rounding::kBf16, nullptr));
+      }, n >= 4096 ? 5 : 50, n >= 4096 ? 1 : 5);
+      const double bytes = static_cast<double>(ws[0].bytes()) + n * s.cols * 4.0 * 3 + n * s.rows * 4.0;
+      const double gbs = bytes / us / 1e3, tf = 2.0 * n * s.rows * s.cols / us / 1e6;
+      rows.push_back({std::string("Linear ") + s.name, std::to_string(n) + "x" + std::to_string(s.cols) + " -> " +
+                          std::to_string(s.rows), us, gbs, tf,
+                      n >= 4096 ? Pct(tf, bf16_tflops, "bf16 GEMM") : Pct(gbs, hbm, "HBM")});
+      for (void* p : {static_cast<void*>(x), static_cast<void*>(xq), static_cast<void*>(xs), static_cast<void*>(y)})
+        CHECK_CUDA(cudaFree(p));
+    }
+    for (auto& w : ws) {
+      CHECK_CUDA(cudaFree(const_cast<void*>(w.values)));
+      CHECK_CUDA(cudaFree(const_cast<float*>(w.scales)));
+    }
+  }
+
+  // ---- sparse MQA over paged 584-B FP8 records (V4-Flash: h_q 64, 128 window + 512 CSA slots) ---
+  {
+    const int64_t heads = 64, n = 640, B = 64, pages = 4096, entries = pages * B;  // 153 MB of records
+    uint8_t* recs = static_cast<uint8_t*>(DeviceRandomBytes(size_t(pages) * B * cu::kRecordBytes, 1));
+    // Scale bytes stay in a sane range: rewrite every page's scale area.
+    std::vector<uint8_t> sc(B * cu::kRecordScales, 124);
+    for (int64_t p = 0; p < pages; ++p)
+      CHECK_CUDA(cudaMemcpy(recs + p * B * cu::kRecordBytes + B * cu::kRecordData, sc.data(), sc.size(), cudaMemcpyHostToDevice));
+    for (int64_t batch : quick ? std::vector<int64_t>{1, 64} : std::vector<int64_t>{1, 8, 32, 64}) {
+      std::vector<int32_t> idx(batch * n);
+      for (auto& i : idx) i = static_cast<int32_t>(rng() % entries);
+      int32_t* didx = nullptr;
+      CHECK_CUDA(cudaMalloc(&didx, idx.size() * 4));
+      CHECK_CUDA(cudaMemcpy(didx, idx.data(), idx.size() * 4, cudaMemcpyHostToDevice));
+      float *q = DeviceRandomFloats(batch * heads * 512, 0.05f), *sink = DeviceRandomFloats(heads, 1.0f), *out;
+      CHECK_CUDA(cudaMalloc(&out, batch * heads * 512 * 4));
+      const double us = TimeUs([&](int) {
+        CHECK_CUDA(cu::PagedSparseAttentionFp8(q, batch, heads, recs, B, didx, n, sink, 0.044f, out, nullptr));
+      });
+      const double bytes = batch * n * 584.0 + 2.0 * batch * heads * 512 * 4;
+      const double flop = 2.0 * batch * heads * n * (512 + 512);
+      rows.push_back({"sparse MQA, paged FP8 records", "b=" + std::to_string(batch) + " h=64 slots=640", us,
+                      bytes / us / 1e3, flop / us / 1e6, Pct(bytes / us / 1e3, hbm, "HBM")});
+      for (void* p : {static_cast<void*>(didx), static_cast<void*>(q), static_cast<void*>(sink), static_cast<void*>(out)})
+        CHECK_CUDA(cudaFree(p));
+    }
+    CHECK_CUDA(cudaFree(recs));
+  }
+
+  // ---- lightning-indexer scores and memory-indexer logits over a long history -----------------
+  for (int64_t keys_n : quick ? std::vector<int64_t>{16384} : std::vector<int64_t>{16384, 65536}) {
+    const int64_t heads = 64, dim = 128;
+    float *q = DeviceRandomFloats(heads * dim, 1.0f), *w = DeviceRandomFloats(heads, 0.5f),
+          *keys = DeviceRandomFloats(keys_n * dim, 1.0f), *out;
+    uint8_t* valid = static_cast<uint8_t*>(DeviceRandomBytes(keys_n));
+    CHECK_CUDA(cudaMalloc(&out, keys_n * 4));
+    const double us = TimeUs([&](int) { CHECK_CUDA(cu::IndexScores(q, w, heads, dim, keys, keys_n, out, nullptr)); });
+    const double bytes = keys_n * dim * 4.0;
+    rows.push_back({"lightning-indexer scores", std::to_string(keys_n) + " keys, 64 heads", us, bytes / us / 1e3,
+                    2.0 * keys_n * heads * dim / us / 1e6, Pct(bytes / us / 1e3, hbm, "HBM")});
+    const double us2 = TimeUs([&](int) {
+      CHECK_CUDA(cu::IndexerLogits(q, w, heads, dim, keys, valid, keys_n, out, nullptr));
+    });
+    rows.push_back({"memory-indexer logits", std::to_string(keys_n) + " keys, 64 heads", us2, bytes / us2 / 1e3,
+                    2.0 * keys_n * heads * dim / us2 / 1e6, Pct(bytes / us2 / 1e3, hbm, "HBM")});
+    for (void* p : {static_cast<void*>(q), static_cast<void*>(w), static_cast<void*>(keys), static_cast<void*>(out),
+                    static_cast<void*>(valid)})
+      CHECK_CUDA(cudaFree(p));
+  }
+
+  // ---- element-wise and norm ops at a decode batch of 64 (flash dims) --------------------------
+  {
+    const int64_t n = 64, dim = 4096;
+    float *x = DeviceRandomFloats(n * dim, 1.0f), *wt = DeviceRandomFloats(dim, 1.0f), *y;
+    CHECK_CUDA(cudaMalloc(&y, n * dim * 4));
+    const double us = TimeUs([&](int) { CHECK_CUDA(cu::RmsNorm(x, wt, n, dim, 1e-6f, y, nullptr)); });
+    rows.push_back({"RMSNorm", "64x4096", us, 2.0 * n * dim * 4 / us / 1e3, 0, Pct(2.0 * n * dim * 4 / us / 1e3, hbm, "HBM")});
+    const double us2 = TimeUs([&](int) { CHECK_CUDA(cu::Hadamard(y, n * 8, 512, nullptr)); });
+    rows.push_back({"Hadamard", "512 rows x 512", us2, 2.0 * n * dim * 4 / us2 / 1e3, 0, Pct(2.0 * n * dim * 4 / us2 / 1e3, hbm, "HBM")});
+    const double us3 = TimeUs([&](int) { CHECK_CUDA(cu::RoundTrip(y, n * dim, 64, true, nullptr)); });
+    rows.push_back({"FP8 round trip", "64x4096 /64", us3, 2.0 * n * dim * 4 / us3 / 1e3, 0, Pct(2.0 * n * dim * 4 / us3 / 1e3, hbm, "HBM")});
+    for (void* p : {static_cast<void*>(x), static_cast<void*>(wt), static_cast<void*>(y)}) CHECK_CUDA(cudaFree(p));
+  }
+  Print();
+  return 0;
+}

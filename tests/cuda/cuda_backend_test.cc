@@ -1,0 +1,392 @@
+// Every CUDA op against its CPU reference op on fresh random inputs, outputs poisoned (NaN) before
+// each run; error = ||cuda - cpu|| / ||cpu||: fp32 outputs 1e-5, bf16-rounded outputs 4e-3; ops whose
+// arithmetic is the CPU's operation for operation must be bit-identical. GPU cases skip (never
+// faked) without a CUDA device; the device-selection errors are checked everywhere.
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "kernels/cuda/cuda_backend.h"
+#include "kernels/cuda/device_ops.h"
+#include "kernels/device.h"
+#include "kernels/numerics.h"
+#include "kernels/ops.h"
+
+namespace flashmem::kernels {
+namespace {
+
+constexpr double kFp32Tol = 1e-5, kBf16Tol = 4e-3;
+
+std::vector<float> Random(size_t n, uint32_t seed, float std) {
+  std::mt19937 g(seed);
+  std::normal_distribution<float> d(0.0f, std);
+  std::vector<float> v(n);
+  for (float& x : v) x = num::RoundBf16(d(g));
+  return v;
+}
+std::vector<float> Poisoned(size_t n) { return std::vector<float>(n, std::numeric_limits<float>::quiet_NaN()); }
+
+// ||a - ref|| / ||ref||; any NaN in `a` where ref has none (an unwritten output) gives +inf.
+double RelErr(const std::vector<float>& a, const std::vector<float>& ref) {
+  EXPECT_EQ(a.size(), ref.size());
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size() && i < ref.size(); ++i) {
+    if (std::isnan(a[i]) != std::isnan(ref[i])) return std::numeric_limits<double>::infinity();
+    if (std::isnan(ref[i])) continue;
+    num += (static_cast<double>(a[i]) - ref[i]) * (static_cast<double>(a[i]) - ref[i]);
+    den += static_cast<double>(ref[i]) * ref[i];
+  }
+  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+WeightMatrix RandomWeight(WeightFormat f, int64_t rows, int64_t cols, uint32_t seed, bool bf16 = true) {
+  WeightMatrix w;
+  w.format = f;
+  w.rows = rows;
+  w.cols = cols;
+  std::mt19937 g(seed);
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  std::uniform_int_distribution<int> e(-9, -3);
+  w.values.resize(rows * cols);
+  for (float& v : w.values) {
+    const float x = d(g);
+    switch (f) {
+      case WeightFormat::kDense: v = bf16 ? num::RoundBf16(x * 0.05f) : x * 0.05f; break;
+      case WeightFormat::kFp8Block128: v = num::RoundE4m3(std::clamp(x * 100.0f, -448.0f, 448.0f)); break;
+      case WeightFormat::kFp4Group32: v = num::RoundE2m1(std::clamp(x * 2.0f, -6.0f, 6.0f)); break;
+    }
+  }
+  if (f == WeightFormat::kFp8Block128) w.scales.resize(((rows + 127) / 128) * w.scale_cols());
+  if (f == WeightFormat::kFp4Group32) w.scales.resize(rows * w.scale_cols());
+  for (float& s : w.scales) s = std::ldexp(1.0f, e(g));
+  return w;
+}
+
+class CudaOps : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    if (cuda::DeviceCount() == 0) return;
+    auto be = cuda::NewCudaBackend({});
+    ASSERT_TRUE(be.ok()) << be.status();
+    gpu_ = be->release();
+  }
+  static void TearDownTestSuite() {
+    delete gpu_;
+    gpu_ = nullptr;
+  }
+  void SetUp() override {
+    if (!gpu_) GTEST_SKIP() << "no CUDA device";
+  }
+  void TearDown() override {
+    if (gpu_) EXPECT_TRUE(gpu_->Health().ok()) << gpu_->Health();
+  }
+  const Backend& cpu() const { return CpuBackend(); }
+  static Backend* gpu_;
+};
+Backend* CudaOps::gpu_ = nullptr;
+
+TEST_F(CudaOps, LinearEveryFormatShapeAndRounding) {
+  struct Shape { int64_t rows, cols, n; };
+  uint32_t seed = 10;
+  for (WeightFormat f : {WeightFormat::kDense, WeightFormat::kFp8Block128, WeightFormat::kFp4Group32})
+    for (Shape s : {Shape{256, 512, 1}, Shape{300, 384, 5}, Shape{129, 1024, 17}, Shape{7, 128, 8}})
+      for (Rounding r : {Rounding::kNone, Rounding::kBf16}) {
+        const WeightMatrix w = RandomWeight(f, s.rows, s.cols, ++seed);
+        const std::vector<float> x = Random(s.n * s.cols, ++seed, 1.5f);
+        std::vector<float> a = Poisoned(s.n * s.rows), b = Poisoned(s.n * s.rows);
+        cpu().Linear(w, x.data(), s.n, a.data(), r);
+        gpu_->Linear(w, x.data(), s.n, b.data(), r);
+        EXPECT_LE(RelErr(b, a), r == Rounding::kNone ? kFp32Tol : kBf16Tol)
+            << "format " << static_cast<int>(f) << " " << s.rows << "x" << s.cols << " n=" << s.n;
+      }
+  // A dense weight whose values are not all bf16 stays fp32 on the device.
+  const WeightMatrix w = RandomWeight(WeightFormat::kDense, 64, 200, 99, /*bf16=*/false);
+  const std::vector<float> x = Random(3 * 200, 98, 1.0f);
+  std::vector<float> a = Poisoned(3 * 64), b = Poisoned(3 * 64);
+  cpu().Linear(w, x.data(), 3, a.data(), Rounding::kNone);
+  gpu_->Linear(w, x.data(), 3, b.data(), Rounding::kNone);
+  EXPECT_LE(RelErr(b, a), kFp32Tol);
+}
+
+TEST_F(CudaOps, ResidentWeightFollowsChangedValues) {
+  WeightMatrix w = RandomWeight(WeightFormat::kFp8Block128, 128, 256, 5);
+  const std::vector<float> x = Random(2 * 256, 6, 1.0f);
+  std::vector<float> a = Poisoned(256), b = Poisoned(256);
+  gpu_->Linear(w, x.data(), 2, b.data(), Rounding::kNone);
+  for (float& v : w.values) v = -v;  // same buffer, new contents
+  cpu().Linear(w, x.data(), 2, a.data(), Rounding::kNone);
+  gpu_->Linear(w, x.data(), 2, b.data(), Rounding::kNone);
+  EXPECT_LE(RelErr(b, a), kFp32Tol);
+}
+
+TEST_F(CudaOps, NormsRopeRoundTripsHadamard) {
+  for (int64_t n : {1, 33})
+    for (int64_t dim : {200, 4096}) {
+      std::vector<float> x = Random(n * dim, 2, 1.0f), w = Random(dim, 3, 0.1f), a = Poisoned(n * dim), b = a;
+      for (float& v : w) v = num::RoundBf16(v + 1.0f);
+      cpu().RmsNorm(x.data(), w.data(), n, dim, 1e-6f, a.data());
+      gpu_->RmsNorm(x.data(), w.data(), n, dim, 1e-6f, b.data());
+      EXPECT_LE(RelErr(b, a), kBf16Tol) << n << "x" << dim;
+    }
+  for (int64_t dim : {64, 512}) {
+    std::vector<float> q = Random(8 * dim, 4, 3.0f), a = q, b = q;
+    cpu().HeadRmsNormBf16(a.data(), 8, dim, 1e-6f);
+    gpu_->HeadRmsNormBf16(b.data(), 8, dim, 1e-6f);
+    EXPECT_LE(RelErr(b, a), kBf16Tol) << dim;
+  }
+  {  // RoPE and its inverse: the same operations in the same order, so bit-identical.
+    const int64_t rows = 3, stride = 576, rd = 64;
+    std::vector<float> x = Random(rows * stride, 5, 1.0f), cs(rd / 2), sn(rd / 2);
+    for (int64_t i = 0; i < rd / 2; ++i) {
+      cs[i] = std::cos(0.37f * (i + 1));
+      sn[i] = std::sin(0.37f * (i + 1));
+    }
+    for (bool inv : {false, true}) {
+      std::vector<float> a = x, b = x;
+      cpu().Rope(a.data(), rows, stride, stride - rd, rd, cs.data(), sn.data(), inv);
+      gpu_->Rope(b.data(), rows, stride, stride - rd, rd, cs.data(), sn.data(), inv);
+      EXPECT_EQ(a, b) << "inverse " << inv;
+    }
+  }
+  for (float std : {1e-6f, 0.01f, 1.0f, 300.0f}) {
+    std::vector<float> x = Random(64 * 512, 1, std), a = x, b = x;
+    cpu().Fp8RoundTrip(a.data(), static_cast<int64_t>(a.size()), 64);
+    gpu_->Fp8RoundTrip(b.data(), static_cast<int64_t>(b.size()), 64);
+    EXPECT_EQ(a, b) << "fp8, std " << std;
+    a = b = x;
+    cpu().Fp4RoundTrip(a.data(), static_cast<int64_t>(a.size()), 32);
+    gpu_->Fp4RoundTrip(b.data(), static_cast<int64_t>(b.size()), 32);
+    EXPECT_EQ(a, b) << "fp4, std " << std;
+  }
+  for (int64_t dim : {128, 512}) {
+    std::vector<float> x = Random(5 * dim, 7, 1.0f), a = x, b = x;
+    cpu().Hadamard(a.data(), 5, dim);
+    gpu_->Hadamard(b.data(), 5, dim);
+    EXPECT_EQ(a, b) << dim;
+  }
+}
+
+// Candidate lists with masked slots, a fully masked block of 64, and none at all.
+std::vector<const float*> Slots(const std::vector<float>& kv, int64_t rows, int64_t dim, int64_t n, uint32_t seed) {
+  std::mt19937 g(seed);
+  std::vector<const float*> s(n);
+  for (int64_t j = 0; j < n; ++j) {
+    const bool masked = (j >= 64 && j < 128) || g() % 7 == 0;
+    s[j] = masked ? nullptr : kv.data() + (g() % rows) * dim;
+  }
+  return s;
+}
+
+TEST_F(CudaOps, SparseAttentionWithSinkAndMaskedSlots) {
+  for (int64_t dim : {128, 512})
+    for (int64_t n : {0, 1, 70, 200}) {
+      const int64_t heads = 8, rows = 300;
+      const std::vector<float> q = Random(heads * dim, 11, 1.0f), kv = Random(rows * dim, 12, 1.0f),
+                               sink = Random(heads, 13, 1.0f);
+      const std::vector<const float*> slots = Slots(kv, rows, dim, n, 14);
+      std::vector<float> a = Poisoned(heads * dim), b = a;
+      const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
+      cpu().SparseAttention(q.data(), heads, dim, slots, sink.data(), scale, a.data());
+      gpu_->SparseAttention(q.data(), heads, dim, slots, sink.data(), scale, b.data());
+      EXPECT_LE(RelErr(b, a), kBf16Tol) << "dim " << dim << " n " << n;
+    }
+}
+
+TEST_F(CudaOps, IndexerScoresAndLogits) {
+  const int64_t heads = 4, dim = 128, rows = 500;
+  const std::vector<float> q = Random(heads * dim, 21, 1.0f), keys = Random(rows * dim, 22, 1.0f),
+                           w = Random(heads, 23, 0.5f);
+  for (int64_t n : {0, 1, 300}) {
+    std::vector<const float*> k(n);
+    for (int64_t t = 0; t < n; ++t) k[t] = keys.data() + (t * 7 % rows) * dim;
+    std::vector<float> a = Poisoned(n), b = a;
+    cpu().IndexScores(q.data(), w.data(), heads, dim, k, a.data());
+    gpu_->IndexScores(q.data(), w.data(), heads, dim, k, b.data());
+    EXPECT_LE(RelErr(b, a), kBf16Tol) << n;
+    for (int64_t t = 0; t < n; t += 5) k[t] = nullptr;  // null keys score 0 in the logits
+    a = b = Poisoned(n);
+    cpu().IndexerLogits(q.data(), w.data(), heads, dim, k, a.data());
+    gpu_->IndexerLogits(q.data(), w.data(), heads, dim, k, b.data());
+    EXPECT_LE(RelErr(b, a), kFp32Tol) << n;
+  }
+}
+
+TEST_F(CudaOps, HyperConnections) {
+  const int hc = 4;
+  for (int64_t dim : {256, 4096}) {
+    const int64_t k = hc * dim, mix = (2 + hc) * hc;
+    const std::vector<float> x = Random(k, 31, 1.0f), fn = Random(mix * k, 32, 0.02f), base = Random(mix, 33, 0.5f),
+                             scale = Random(3, 34, 0.5f);
+    std::vector<float> ya = Poisoned(dim), yb = ya, pa = Poisoned(hc), pb = pa, ca = Poisoned(hc * hc), cb = ca;
+    cpu().HcPre(x.data(), fn.data(), base.data(), scale.data(), hc, dim, 20, 1e-6f, 1e-6f, ya.data(), pa.data(), ca.data());
+    gpu_->HcPre(x.data(), fn.data(), base.data(), scale.data(), hc, dim, 20, 1e-6f, 1e-6f, yb.data(), pb.data(), cb.data());
+    EXPECT_LE(RelErr(yb, ya), kBf16Tol) << dim;
+    EXPECT_LE(RelErr(pb, pa), kFp32Tol) << dim;
+    EXPECT_LE(RelErr(cb, ca), kFp32Tol) << dim;
+    const std::vector<float> f = Random(dim, 35, 1.0f);
+    std::vector<float> oa = Poisoned(k), ob = oa;
+    cpu().HcPost(f.data(), x.data(), pa.data(), ca.data(), hc, dim, oa.data());
+    gpu_->HcPost(f.data(), x.data(), pa.data(), ca.data(), hc, dim, ob.data());
+    EXPECT_LE(RelErr(ob, oa), 1e-6) << dim;
+    std::vector<float> ha = Poisoned(dim), hb = ha;
+    cpu().HcHead(x.data(), fn.data(), base.data(), 0.7f, hc, dim, 1e-6f, 1e-6f, ha.data());
+    gpu_->HcHead(x.data(), fn.data(), base.data(), 0.7f, hc, dim, 1e-6f, 1e-6f, hb.data());
+    EXPECT_LE(RelErr(hb, ha), kBf16Tol) << dim;
+  }
+}
+
+// The paged 584-B FP8 record kernel against the CPU op on the records' decoded rows.
+TEST_F(CudaOps, PagedFp8RecordsAttentionMatchesDecodedRows) {
+  const int64_t B = 64, pages = 12, entries = B * pages, heads = 64, batch = 3, n = 640;
+  std::mt19937 g(41);
+  std::vector<uint8_t> mem(pages * B * cuda::kRecordBytes);
+  std::vector<float> rows(entries * cuda::kRecordDim);
+  for (int64_t e = 0; e < entries; ++e) {
+    uint8_t* page = mem.data() + (e / B) * B * cuda::kRecordBytes;
+    uint8_t* data = page + (e % B) * cuda::kRecordData;
+    uint8_t* scales = page + B * cuda::kRecordData + (e % B) * cuda::kRecordScales;
+    for (int s = 0; s < 7; ++s) scales[s] = static_cast<uint8_t>(120 + g() % 6);
+    scales[7] = 0;
+    for (int d = 0; d < cuda::kRecordNope; ++d) {
+      uint8_t c = static_cast<uint8_t>(g());
+      if ((c & 0x7f) == 0x7f) c &= 0xfe;  // no NaN codes
+      data[d] = c;
+      rows[e * 512 + d] = num::E4m3ToFloat(c) * num::E8m0ToFloat(scales[d / 64]);
+    }
+    for (int r = 0; r < cuda::kRecordRope; ++r) {
+      const uint16_t bits = num::FloatToBf16Bits(std::normal_distribution<float>(0, 1)(g));
+      data[cuda::kRecordNope + 2 * r] = bits & 0xff;
+      data[cuda::kRecordNope + 2 * r + 1] = bits >> 8;
+      rows[e * 512 + cuda::kRecordNope + r] = num::Bf16BitsToFloat(bits);
+    }
+  }
+  const std::vector<float> q = Random(batch * heads * 512, 42, 0.05f), sink = Random(heads, 43, 1.0f);
+  std::vector<int32_t> idx(batch * n);
+  for (int32_t& i : idx) i = g() % 9 == 0 ? -1 : static_cast<int32_t>(g() % entries);
+  const float scale = 1.0f / std::sqrt(512.0f);
+  std::vector<float> want(batch * heads * 512);
+  for (int64_t b = 0; b < batch; ++b) {
+    std::vector<const float*> slots(n);
+    for (int64_t j = 0; j < n; ++j) slots[j] = idx[b * n + j] < 0 ? nullptr : rows.data() + idx[b * n + j] * 512;
+    cpu().SparseAttention(q.data() + b * heads * 512, heads, 512, slots, sink.data(), scale, want.data() + b * heads * 512);
+  }
+  uint8_t* d_pages = nullptr;
+  float *d_q = nullptr, *d_sink = nullptr, *d_out = nullptr;
+  int32_t* d_idx = nullptr;
+  ASSERT_EQ(cudaMalloc(&d_pages, mem.size()), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&d_q, q.size() * 4), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&d_sink, sink.size() * 4), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&d_out, want.size() * 4), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&d_idx, idx.size() * 4), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(d_pages, mem.data(), mem.size(), cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(d_q, q.data(), q.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(d_sink, sink.data(), sink.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(d_idx, idx.data(), idx.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemset(d_out, 0xff, want.size() * 4), cudaSuccess);  // NaN poison
+  ASSERT_EQ(cuda::PagedSparseAttentionFp8(d_q, batch, heads, d_pages, B, d_idx, n, d_sink, scale, d_out, nullptr),
+            cudaSuccess);
+  std::vector<float> got(want.size());
+  ASSERT_EQ(cudaMemcpy(got.data(), d_out, got.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+  for (void* p : {static_cast<void*>(d_pages), static_cast<void*>(d_q), static_cast<void*>(d_sink),
+                  static_cast<void*>(d_out), static_cast<void*>(d_idx)})
+    cudaFree(p);
+  EXPECT_LE(RelErr(got, want), kBf16Tol);
+}
+
+// The kernels add in the CPU reference's order (dot products, K blocks, online softmax) and both
+// backends round exp through double: outputs are bit-identical, not merely close.
+TEST_F(CudaOps, BitIdenticalToTheCpuReference) {
+  for (WeightFormat f : {WeightFormat::kDense, WeightFormat::kFp8Block128, WeightFormat::kFp4Group32}) {
+    const WeightMatrix w = RandomWeight(f, 300, 384, 61 + static_cast<int>(f));
+    const std::vector<float> x = Random(13 * 384, 62, 1.5f);
+    std::vector<float> a = Poisoned(13 * 300), b = a;
+    cpu().Linear(w, x.data(), 13, a.data(), Rounding::kNone);
+    gpu_->Linear(w, x.data(), 13, b.data(), Rounding::kNone);
+    EXPECT_EQ(a, b) << "Linear format " << static_cast<int>(f);
+  }
+  {
+    const int64_t heads = 8, dim = 512, rows = 300, n = 200;
+    const std::vector<float> q = Random(heads * dim, 63, 1.0f), kv = Random(rows * dim, 64, 1.0f),
+                             sink = Random(heads, 65, 1.0f);
+    const std::vector<const float*> slots = Slots(kv, rows, dim, n, 66);
+    std::vector<float> a = Poisoned(heads * dim), b = a;
+    cpu().SparseAttention(q.data(), heads, dim, slots, sink.data(), 0.044f, a.data());
+    gpu_->SparseAttention(q.data(), heads, dim, slots, sink.data(), 0.044f, b.data());
+    EXPECT_EQ(a, b) << "SparseAttention";
+    std::vector<const float*> keys(slots.begin(), slots.begin() + 100);
+    for (auto& k : keys) if (!k) k = kv.data();
+    std::vector<float> sa = Poisoned(100), sb = sa;
+    cpu().IndexScores(q.data(), sink.data(), 4, 128, keys, sa.data());
+    gpu_->IndexScores(q.data(), sink.data(), 4, 128, keys, sb.data());
+    EXPECT_EQ(sa, sb) << "IndexScores";
+    cpu().IndexerLogits(q.data(), sink.data(), 4, 128, keys, sa.data());
+    gpu_->IndexerLogits(q.data(), sink.data(), 4, 128, keys, sb.data());
+    EXPECT_EQ(sa, sb) << "IndexerLogits";
+  }
+  {
+    const int hc = 4;
+    const int64_t dim = 512, k = hc * dim, mix = (2 + hc) * hc;
+    const std::vector<float> x = Random(k, 67, 1.0f), fn = Random(mix * k, 68, 0.02f), base = Random(mix, 69, 0.5f),
+                             scale = Random(3, 70, 0.5f);
+    std::vector<float> ya = Poisoned(dim), yb = ya, pa = Poisoned(hc), pb = pa, ca = Poisoned(hc * hc), cb = ca;
+    cpu().HcPre(x.data(), fn.data(), base.data(), scale.data(), hc, dim, 20, 1e-6f, 1e-6f, ya.data(), pa.data(), ca.data());
+    gpu_->HcPre(x.data(), fn.data(), base.data(), scale.data(), hc, dim, 20, 1e-6f, 1e-6f, yb.data(), pb.data(), cb.data());
+    EXPECT_EQ(ya, yb) << "HcPre y";
+    EXPECT_EQ(ca, cb) << "HcPre comb";
+    std::vector<float> ra = Poisoned(dim), rb = ra, w = Random(dim, 71, 1.0f);
+    cpu().RmsNorm(x.data(), w.data(), 1, dim, 1e-6f, ra.data());
+    gpu_->RmsNorm(x.data(), w.data(), 1, dim, 1e-6f, rb.data());
+    EXPECT_EQ(ra, rb) << "RmsNorm";
+    std::vector<float> qa = x, qb = x;
+    cpu().HeadRmsNormBf16(qa.data(), hc, dim, 1e-6f);
+    gpu_->HeadRmsNormBf16(qb.data(), hc, dim, 1e-6f);
+    EXPECT_EQ(qa, qb) << "HeadRmsNormBf16";
+  }
+}
+
+TEST(CudaBackendErrors, BudgetTooSmallIsAClearStickyError) {
+  if (cuda::DeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
+  cuda::CudaBackendOptions opt;
+  opt.memory_budget_bytes = 1 << 20;
+  auto be = cuda::NewCudaBackend(opt);
+  ASSERT_TRUE(be.ok()) << be.status();
+  const WeightMatrix w = RandomWeight(WeightFormat::kFp8Block128, 2048, 1024, 1);  // 2 MiB of codes
+  const absl::Status prep = (*be)->Prepare(w);
+  EXPECT_EQ(prep.code(), absl::StatusCode::kResourceExhausted) << prep;
+  EXPECT_NE(prep.message().find("budget"), std::string::npos) << prep;
+  const std::vector<float> x = Random(1024, 2, 1.0f);
+  std::vector<float> y = Poisoned(2048);
+  (*be)->Linear(w, x.data(), 1, y.data(), Rounding::kNone);
+  EXPECT_EQ((*be)->Health().code(), absl::StatusCode::kResourceExhausted);
+  std::vector<float> r = Random(64, 3, 1.0f), before = r;
+  (*be)->Fp8RoundTrip(r.data(), 64, 64);  // later ops do nothing once the backend has failed
+  EXPECT_EQ(r, before);
+}
+
+TEST(DeviceSelection, BadDevicesAreRefusedByName) {
+  auto bad = OpenBackend("gpu0");
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.status().message().find("gpu0"), std::string::npos);
+  EXPECT_FALSE(OpenBackend("cuda:-1").ok());
+  EXPECT_FALSE(OpenBackend("cuda:x").ok());
+  auto far = OpenBackend("cuda:99");
+  EXPECT_FALSE(far.ok());
+  EXPECT_NE(far.status().message().find("cuda:99"), std::string::npos) << far.status();
+  auto cpu = OpenBackend("cpu");
+  ASSERT_TRUE(cpu.ok());
+  EXPECT_STREQ(cpu->backend->name(), "cpu");
+  auto gpu = OpenBackend("cuda:0");
+  if (cuda::DeviceCount() == 0) {
+    EXPECT_EQ(gpu.status().code(), absl::StatusCode::kFailedPrecondition) << gpu.status();
+  } else {
+    ASSERT_TRUE(gpu.ok()) << gpu.status();
+    EXPECT_STREQ(gpu->backend->name(), "cuda");
+  }
+}
+
+}  // namespace
+}  // namespace flashmem::kernels
