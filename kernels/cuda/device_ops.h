@@ -41,6 +41,12 @@ cudaError_t QuantizeActivations(const float* x, int64_t n, int64_t k, float* xq,
 cudaError_t Linear(const DeviceWeight& w, const float* xq, const float* xs, int64_t n, float* y,
                    Rounding out, cudaStream_t stream);
 
+// The fast decode path of Linear for FP8/FP4 weights (cols % 128 == 0): 16-byte weight loads,
+// dequantisation in registers, reordered fp32 sums (within fp32 rounding of Linear, not
+// bit-identical). Tokens go in tiles of up to 8, each weight byte read once per tile.
+cudaError_t LinearDecode(const DeviceWeight& w, const float* xq, const float* xs, int64_t n, float* y,
+                         Rounding out, cudaStream_t stream);
+
 cudaError_t RmsNorm(const float* x, const float* weight, int64_t n, int64_t dim, float eps, float* y,
                     cudaStream_t stream);
 cudaError_t HeadRmsNormBf16(float* q, int64_t heads, int64_t dim, float eps, cudaStream_t stream);
@@ -82,5 +88,14 @@ constexpr int kRecordData = 576, kRecordScales = 8, kRecordBytes = 584;
 cudaError_t PagedSparseAttentionFp8(const float* q, int64_t batch, int64_t heads, const uint8_t* pages,
                                     int64_t page_entries, const int32_t* idx, int64_t n, const float* sink,
                                     float softmax_scale, float* out, cudaStream_t stream);
+
+// The same attention on the tensor cores (bf16 operands, fp32 accumulation; heads % 64 == 0, an
+// even page_entries): every record is read once for all heads of a token and the slots are split
+// over blocks. Agrees with PagedSparseAttentionFp8 within bf16 rounding. `workspace` holds
+// PagedSparseAttentionFp8FastWorkspace(batch, heads, n) bytes of per-split partial results.
+int64_t PagedSparseAttentionFp8FastWorkspace(int64_t batch, int64_t heads, int64_t n);
+cudaError_t PagedSparseAttentionFp8Fast(const float* q, int64_t batch, int64_t heads, const uint8_t* pages,
+                                        int64_t page_entries, const int32_t* idx, int64_t n, const float* sink,
+                                        float softmax_scale, float* out, void* workspace, cudaStream_t stream);
 
 }  // namespace flashmem::kernels::cuda

@@ -291,10 +291,62 @@ TEST_F(CudaOps, PagedFp8RecordsAttentionMatchesDecodedRows) {
             cudaSuccess);
   std::vector<float> got(want.size());
   ASSERT_EQ(cudaMemcpy(got.data(), d_out, got.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+  // The tensor-core kernel on the same records (fresh poison first).
+  void* ws = nullptr;
+  ASSERT_EQ(cudaMalloc(&ws, cuda::PagedSparseAttentionFp8FastWorkspace(batch, heads, n)), cudaSuccess);
+  ASSERT_EQ(cudaMemset(d_out, 0xff, want.size() * 4), cudaSuccess);
+  ASSERT_EQ(cuda::PagedSparseAttentionFp8Fast(d_q, batch, heads, d_pages, B, d_idx, n, d_sink, scale, d_out, ws, nullptr),
+            cudaSuccess);
+  std::vector<float> fast(want.size());
+  ASSERT_EQ(cudaMemcpy(fast.data(), d_out, fast.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+  cudaFree(ws);
+  EXPECT_LE(RelErr(fast, want), kBf16Tol) << "tensor-core kernel";
   for (void* p : {static_cast<void*>(d_pages), static_cast<void*>(d_q), static_cast<void*>(d_sink),
                   static_cast<void*>(d_out), static_cast<void*>(d_idx)})
     cudaFree(p);
   EXPECT_LE(RelErr(got, want), kBf16Tol);
+}
+
+// The fast decode GEMV (reordered sums) against the CPU reference, on device memory.
+TEST_F(CudaOps, FastDecodeGemvWithinFp32Rounding) {
+  auto up = [](const void* p, size_t bytes) {
+    void* d = nullptr;
+    EXPECT_EQ(cudaMalloc(&d, bytes), cudaSuccess);
+    EXPECT_EQ(cudaMemcpy(d, p, bytes, cudaMemcpyHostToDevice), cudaSuccess);
+    return d;
+  };
+  uint32_t seed = 80;
+  for (WeightFormat f : {WeightFormat::kFp8Block128, WeightFormat::kFp4Group32})
+    for (int64_t n : {1, 2, 3, 8, 13})
+      for (int64_t cols : {128, 640, 4096}) {
+        const int64_t rows = 300;
+        const WeightMatrix w = RandomWeight(f, rows, cols, ++seed);
+        const std::vector<float> x = Random(n * cols, ++seed, 1.5f);
+        std::vector<float> want = Poisoned(n * rows);
+        cpu().Linear(w, x.data(), n, want.data(), Rounding::kNone);
+        const cuda::EncodedWeight enc = cuda::EncodeWeight(w);
+        cuda::DeviceWeight dw;
+        dw.format = f;
+        dw.rows = rows;
+        dw.cols = cols;
+        dw.values = up(enc.values.data(), enc.values.size());
+        dw.scales = static_cast<const float*>(up(w.scales.data(), w.scales.size() * 4));
+        dw.scale_cols = w.scale_cols();
+        float* dx = static_cast<float*>(up(x.data(), x.size() * 4));
+        float *xq = nullptr, *xs = nullptr, *y = nullptr;
+        ASSERT_EQ(cudaMalloc(&xq, x.size() * 4), cudaSuccess);
+        ASSERT_EQ(cudaMalloc(&xs, n * (cols / 128) * 4), cudaSuccess);
+        ASSERT_EQ(cudaMalloc(&y, n * rows * 4), cudaSuccess);
+        ASSERT_EQ(cudaMemset(y, 0xff, n * rows * 4), cudaSuccess);  // NaN poison
+        ASSERT_EQ(cuda::QuantizeActivations(dx, n, cols, xq, xs, nullptr), cudaSuccess);
+        ASSERT_EQ(cuda::LinearDecode(dw, xq, xs, n, y, Rounding::kNone, nullptr), cudaSuccess);
+        std::vector<float> got(n * rows);
+        ASSERT_EQ(cudaMemcpy(got.data(), y, got.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+        for (const void* p : {dw.values, static_cast<const void*>(dw.scales), static_cast<const void*>(dx),
+                              static_cast<const void*>(xq), static_cast<const void*>(xs), static_cast<const void*>(y)})
+          cudaFree(const_cast<void*>(p));
+        EXPECT_LE(RelErr(got, want), kFp32Tol) << "format " << static_cast<int>(f) << " n " << n << " cols " << cols;
+      }
 }
 
 // The kernels add in the CPU reference's order (dot products, K blocks, online softmax) and both

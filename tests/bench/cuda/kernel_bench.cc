@@ -159,7 +159,7 @@ int main(int argc, char** argv) {
       w.scales = DeviceRandomFloats(scale_count, 0, true);
       w.scale_cols = scale_cols;
     }
-    for (int64_t n : quick ? std::vector<int64_t>{1, 64} : std::vector<int64_t>{1, 8, 32, 64, 4096}) {
+    for (int64_t n : quick ? std::vector<int64_t>{1, 64} : std::vector<int64_t>{1, 2, 4, 8, 32, 64, 4096}) {
       float* x = DeviceRandomFloats(n * s.cols, 1.0f);
       float *xq, *xs, *y;
       CHECK_CUDA(cudaMalloc(&xq, n * s.cols * 4));
@@ -171,9 +171,18 @@ int main(int argc, char** argv) {
       }, n >= 4096 ? 5 : 50, n >= 4096 ? 1 : 5);
       const double bytes = static_cast<double>(ws[0].bytes()) + n * s.cols * 4.0 * 3 + n * s.rows * 4.0;
       const double gbs = bytes / us / 1e3, tf = 2.0 * n * s.rows * s.cols / us / 1e6;
-      rows.push_back({std::string("Linear ") + s.name, std::to_string(n) + "x" + std::to_string(s.cols) + " -> " +
-                          std::to_string(s.rows), us, gbs, tf,
+      const std::string shape = std::to_string(n) + "x" + std::to_string(s.cols) + " -> " + std::to_string(s.rows);
+      rows.push_back({std::string("Linear (exact) ") + s.name, shape, us, gbs, tf,
                       n >= 4096 ? Pct(tf, bf16_tflops, "bf16 GEMM") : Pct(gbs, hbm, "HBM")});
+      if (n <= 64) {
+        const double fus = TimeUs([&](int i) {
+          CHECK_CUDA(cu::QuantizeActivations(x, n, s.cols, xq, xs, nullptr));
+          CHECK_CUDA(cu::LinearDecode(ws[i % copies], xq, xs, n, y, Rounding::kBf16, nullptr));
+        });
+        const double fgbs = bytes / fus / 1e3;
+        rows.push_back({std::string("Linear decode (fast) ") + s.name, shape, fus, fgbs, 2.0 * n * s.rows * s.cols / fus / 1e6,
+                        Pct(fgbs, hbm, "HBM")});
+      }
       for (void* p : {static_cast<void*>(x), static_cast<void*>(xq), static_cast<void*>(xs), static_cast<void*>(y)})
         CHECK_CUDA(cudaFree(p));
     }
@@ -191,7 +200,7 @@ int main(int argc, char** argv) {
     std::vector<uint8_t> sc(B * cu::kRecordScales, 124);
     for (int64_t p = 0; p < pages; ++p)
       CHECK_CUDA(cudaMemcpy(recs + p * B * cu::kRecordBytes + B * cu::kRecordData, sc.data(), sc.size(), cudaMemcpyHostToDevice));
-    for (int64_t batch : quick ? std::vector<int64_t>{1, 64} : std::vector<int64_t>{1, 8, 32, 64}) {
+    for (int64_t batch : quick ? std::vector<int64_t>{1, 64} : std::vector<int64_t>{1, 8, 32, 64, 128}) {
       std::vector<int32_t> idx(batch * n);
       for (auto& i : idx) i = static_cast<int32_t>(rng() % entries);
       int32_t* didx = nullptr;
@@ -204,8 +213,16 @@ int main(int argc, char** argv) {
       });
       const double bytes = batch * n * 584.0 + 2.0 * batch * heads * 512 * 4;
       const double flop = 2.0 * batch * heads * n * (512 + 512);
-      rows.push_back({"sparse MQA, paged FP8 records", "b=" + std::to_string(batch) + " h=64 slots=640", us,
+      rows.push_back({"sparse MQA, paged FP8 (exact)", "b=" + std::to_string(batch) + " h=64 slots=640", us,
                       bytes / us / 1e3, flop / us / 1e6, Pct(bytes / us / 1e3, hbm, "HBM")});
+      void* ws = nullptr;
+      CHECK_CUDA(cudaMalloc(&ws, cu::PagedSparseAttentionFp8FastWorkspace(batch, heads, n)));
+      const double fus = TimeUs([&](int) {
+        CHECK_CUDA(cu::PagedSparseAttentionFp8Fast(q, batch, heads, recs, B, didx, n, sink, 0.044f, out, ws, nullptr));
+      });
+      rows.push_back({"sparse MQA, paged FP8 (tensor cores)", "b=" + std::to_string(batch) + " h=64 slots=640", fus,
+                      bytes / fus / 1e3, flop / fus / 1e6, Pct(bytes / fus / 1e3, hbm, "HBM")});
+      CHECK_CUDA(cudaFree(ws));
       for (void* p : {static_cast<void*>(didx), static_cast<void*>(q), static_cast<void*>(sink), static_cast<void*>(out)})
         CHECK_CUDA(cudaFree(p));
     }
