@@ -19,7 +19,10 @@ bool CudaAvailable() {
 #endif
 }
 
-absl::StatusOr<BackendHandle> OpenBackend(const std::string& device, int64_t memory_budget_bytes) {
+absl::StatusOr<BackendHandle> OpenBackend(const std::string& device, int64_t memory_budget_bytes,
+                                          const std::string& cuda_kernels) {
+  if (cuda_kernels != "exact" && cuda_kernels != "fast")
+    return absl::InvalidArgumentError(absl::StrCat("--cuda-kernels: '", cuda_kernels, "' is neither exact nor fast"));
   if (device == "cpu") return BackendHandle{&CpuBackend(), nullptr};
   absl::string_view rest = device;
   int ordinal = -1;
@@ -29,6 +32,7 @@ absl::StatusOr<BackendHandle> OpenBackend(const std::string& device, int64_t mem
   cuda::CudaBackendOptions opt;
   opt.device = ordinal;
   opt.memory_budget_bytes = memory_budget_bytes;
+  opt.exact = cuda_kernels == "exact";
   auto be = cuda::NewCudaBackend(opt);
   if (!be.ok()) return absl::Status(be.status().code(), absl::StrCat("--device ", device, ": ", be.status().message()));
   BackendHandle h;

@@ -173,3 +173,25 @@ cudaError_t IndexerLogits(const float* q, const float* w, int64_t heads, int64_t
 }
 
 }  // namespace flashmem::kernels::cuda
+
+namespace flashmem::kernels::cuda {
+namespace {
+
+// One block per page, 16-byte loads over PCIe from mapped host memory.
+__global__ void GatherPagesKernel(const uint8_t* const* src, int64_t page_bytes, uint8_t* dst) {
+  const uint4* s = reinterpret_cast<const uint4*>(src[blockIdx.x]);
+  uint4* d = reinterpret_cast<uint4*>(dst + static_cast<int64_t>(blockIdx.x) * page_bytes);
+  for (int64_t i = threadIdx.x; i < page_bytes / 16; i += blockDim.x) d[i] = s[i];
+}
+
+}  // namespace
+
+cudaError_t GatherPages(const uint8_t* const* src, int64_t count, int64_t page_bytes, uint8_t* dst,
+                        cudaStream_t stream) {
+  if (page_bytes % 16 != 0) return cudaErrorInvalidValue;
+  if (count == 0) return cudaSuccess;
+  GatherPagesKernel<<<static_cast<unsigned>(count), 256, 0, stream>>>(src, page_bytes, dst);
+  return cudaGetLastError();
+}
+
+}  // namespace flashmem::kernels::cuda

@@ -8,7 +8,7 @@
 #include <functional>
 #include <vector>
 
-#include "absl/container/flat_hash_map.h"
+#include "absl/container/node_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "common/status.h"
@@ -103,8 +103,8 @@ uint64_t Fingerprint(const float* p, size_t count, uint64_t seed) {
 
 class CudaBackendImpl final : public Backend {
  public:
-  CudaBackendImpl(int device, cudaStream_t stream, int64_t budget)
-      : device_(device), stream_(stream), budget_(budget) {}
+  CudaBackendImpl(int device, cudaStream_t stream, int64_t budget, bool exact)
+      : device_(device), stream_(stream), budget_(budget), exact_(exact) {}
   ~CudaBackendImpl() override {
     (void)cudaSetDevice(device_);
     for (auto& [key, r] : resident_) (void)cudaFree(r.mem);
@@ -113,7 +113,7 @@ class CudaBackendImpl final : public Backend {
     (void)cudaStreamDestroy(stream_);
   }
 
-  const char* name() const override { return "cuda"; }
+  const char* name() const override { return exact_ ? "cuda" : "cuda-fast"; }
 
   absl::Status Health() const override {
     absl::MutexLock lock(&mu_);
@@ -123,12 +123,14 @@ class CudaBackendImpl final : public Backend {
   absl::Status Prepare(const WeightMatrix& w) const override {
     absl::MutexLock lock(&mu_);
     if (!health_.ok()) return health_;
+    op_clock_ = clock_ + 1;
     FM_CUDA_TRY(cudaSetDevice(device_), "cudaSetDevice");
     return WeightOnDevice(w).status();
   }
 
   void Linear(const WeightMatrix& w, const float* x, int64_t n, float* y, Rounding out) const override {
     absl::MutexLock lock(&mu_);
+    op_clock_ = clock_ + 1;
     Fail(LinearLocked(w, x, n, y, out));
   }
 
@@ -208,6 +210,7 @@ class CudaBackendImpl final : public Backend {
              float norm_eps, float hc_eps, float* y, float* post, float* comb) const override {
     absl::MutexLock lock(&mu_);
     if (!health_.ok()) return;
+    op_clock_ = clock_ + 1;
     const int mix = (2 + hc) * hc;
     auto dfn = ArrayOnDevice(fn, static_cast<size_t>(mix) * hc * dim);
     if (!dfn.ok()) return Fail(dfn.status());
@@ -238,6 +241,7 @@ class CudaBackendImpl final : public Backend {
               float hc_eps, float* y) const override {
     absl::MutexLock lock(&mu_);
     if (!health_.ok()) return;
+    op_clock_ = clock_ + 1;
     auto dfn = ArrayOnDevice(fn, static_cast<size_t>(hc) * hc * dim);
     if (!dfn.ok()) return Fail(dfn.status());
     Frame f;
@@ -259,6 +263,7 @@ class CudaBackendImpl final : public Backend {
   void Launch(const Frame& f, const LaunchFn& launch, const FillFn& fill = nullptr, size_t fill_bytes = 0) const {
     absl::MutexLock lock(&mu_);
     if (!health_.ok()) return;
+    op_clock_ = clock_ + 1;
     Fail(RunLocked(f, launch, fill, fill_bytes));
   }
 
@@ -299,10 +304,13 @@ class CudaBackendImpl final : public Backend {
 
   // Makes room for `bytes` more within the budget, evicting the least recently used residents.
   absl::Status Reserve(int64_t bytes, const char* what) const {
-    while (used_ + bytes > budget_ && !resident_.empty()) {
-      auto lru = resident_.begin();
+    while (used_ + bytes > budget_) {
+      // Residents touched by the op in progress (last_use >= op_clock_) stay: it is about to use them.
+      auto lru = resident_.end();
       for (auto it = resident_.begin(); it != resident_.end(); ++it)
-        if (it->second.last_use < lru->second.last_use) lru = it;
+        if (it->second.last_use < op_clock_ && (lru == resident_.end() || it->second.last_use < lru->second.last_use))
+          lru = it;
+      if (lru == resident_.end()) break;
       (void)cudaFree(lru->second.mem);
       used_ -= lru->second.bytes;
       resident_.erase(lru);
@@ -332,13 +340,18 @@ class CudaBackendImpl final : public Backend {
     Resident r;
     FM_CUDA_TRY(cudaMalloc(&r.mem, total), "cudaMalloc(weights)");
     size_t off = 0;
-    for (int i = 0; i < nparts; ++i) {
-      const cudaError_t e = cudaMemcpy(static_cast<char*>(r.mem) + off, parts[i], sizes[i], cudaMemcpyHostToDevice);
-      if (e != cudaSuccess) {
-        (void)cudaFree(r.mem);
-        return CudaError(e, "copy weights to device");
-      }
+    // On the backend's stream, then synchronized: a plain cudaMemcpy from pageable memory returns
+    // before its DMA lands and does not order with a non-blocking stream, so the first kernel to
+    // use the weight could read it half written.
+    cudaError_t e = cudaSuccess;
+    for (int i = 0; i < nparts && e == cudaSuccess; ++i) {
+      e = cudaMemcpyAsync(static_cast<char*>(r.mem) + off, parts[i], sizes[i], cudaMemcpyHostToDevice, stream_);
       off += AlignUp(sizes[i]);
+    }
+    if (e == cudaSuccess) e = cudaStreamSynchronize(stream_);
+    if (e != cudaSuccess) {
+      (void)cudaFree(r.mem);
+      return CudaError(e, "copy weights to device");
     }
     r.bytes = static_cast<int64_t>(total);
     r.fingerprint = fp;
@@ -356,9 +369,11 @@ class CudaBackendImpl final : public Backend {
       return &it->second.weight;
     }
     const EncodedWeight enc = EncodeWeight(w);
-    const void* parts[2] = {enc.values.data(), w.scales.data()};
-    const size_t sizes[2] = {enc.values.size(), w.scales.size() * 4};
-    FM_ASSIGN_OR_RETURN(Resident * r, Upload(w.values.data(), fp, parts, sizes, w.scales.empty() ? 1 : 2, "a weight"));
+    const bool lt = !exact_ && w.format == WeightFormat::kFp8Block128;
+    const std::vector<float> lt_scales = lt ? BlockScalesForLt(w) : std::vector<float>();
+    const void* parts[3] = {enc.values.data(), w.scales.data(), lt_scales.data()};
+    const size_t sizes[3] = {enc.values.size(), w.scales.size() * 4, lt_scales.size() * 4};
+    FM_ASSIGN_OR_RETURN(Resident * r, Upload(w.values.data(), fp, parts, sizes, w.scales.empty() ? 1 : (lt ? 3 : 2), "a weight"));
     DeviceWeight& dw = r->weight;
     dw.format = w.format;
     dw.rows = w.rows;
@@ -367,6 +382,8 @@ class CudaBackendImpl final : public Backend {
     dw.values = r->mem;
     dw.scales = w.scales.empty() ? nullptr : reinterpret_cast<const float*>(static_cast<char*>(r->mem) + AlignUp(sizes[0]));
     dw.scale_cols = w.format == WeightFormat::kDense ? 0 : w.scale_cols();
+    dw.lt_scales = lt ? reinterpret_cast<const float*>(static_cast<char*>(r->mem) + AlignUp(sizes[0]) + AlignUp(sizes[1]))
+                      : nullptr;
     return &dw;
   }
 
@@ -384,6 +401,10 @@ class CudaBackendImpl final : public Backend {
     FM_ASSIGN_OR_RETURN(const DeviceWeight* dw, WeightOnDevice(w));
     const int64_t k = w.cols, m = w.rows;
     const bool quantized = w.format != WeightFormat::kDense;
+    if (!exact_ && quantized && k % 128 == 0) {
+      absl::Status st = FastLinearLocked(*dw, x, n, y, out);
+      if (st.ok() || !absl::IsUnimplemented(st)) return st;  // unimplemented: the exact kernel below
+    }
     Frame f;
     const size_t dx = f.In(x, n * k * 4);
     const size_t dq = quantized ? f.Scratch(n * k * 4) : dx;
@@ -396,6 +417,39 @@ class CudaBackendImpl final : public Backend {
         if (e != cudaSuccess) return e;
       }
       return cuda::Linear(*dw, d.at(dq), d.at(ds), n, d.at(dy), out, stream_);
+    });
+  }
+
+  // Fast path: decode GEMV below 16 tokens (and for FP4), cuBLASLt block-scaled FP8 at prefill sizes
+  // when the output is bf16-rounded (cuBLASLt writes bf16). UNIMPLEMENTED when cuBLASLt refuses.
+  absl::Status FastLinearLocked(const DeviceWeight& dw, const float* x, int64_t n, float* y, Rounding out) const {
+    const int64_t k = dw.cols, m = dw.rows;
+    Frame f;
+    const size_t dx = f.In(x, n * k * 4), dy = f.Scratch(n * m * 4);
+    f.Download(dy, y, n * m * 4);
+    if (dw.format == WeightFormat::kFp8Block128 && n >= 16 && out == Rounding::kBf16 && dw.lt_scales) {
+      const int64_t ld = (n + 3) / 4 * 4;
+      const size_t dc = f.Scratch(ld * k), ds = f.Scratch(ld * (k / 128) * 4), db = f.Scratch(ld * m * 2);
+      bool refused = false;
+      FM_RETURN_IF_ERROR(RunLocked(f, [&](Dev d) {
+        cudaError_t e = cuda::QuantizeActivationsFp8(d.at(dx), n, k, d.at<uint8_t>(dc), d.at(ds), ld, stream_);
+        if (e != cudaSuccess) return e;
+        e = cuda::LinearFp8Lt(lt_, dw, dw.lt_scales, d.at<uint8_t>(dc), d.at(ds), ld, d.at<__nv_bfloat16>(db), stream_);
+        if (e == cudaErrorNotSupported) {
+          refused = true;
+          return cudaSuccess;
+        }
+        if (e != cudaSuccess) return e;
+        return cuda::Bf16ToF32(d.at<__nv_bfloat16>(db), n * m, d.at(dy), stream_);
+      }));
+      if (!refused) return absl::OkStatus();
+      return absl::UnimplementedError("cuBLASLt has no block-scaled algorithm for this shape");
+    }
+    const size_t dq = f.Scratch(n * k * 4), ds = f.Scratch(n * (k / 128) * 4);
+    return RunLocked(f, [&](Dev d) {
+      cudaError_t e = cuda::QuantizeActivations(d.at(dx), n, k, d.at(dq), d.at(ds), stream_);
+      if (e != cudaSuccess) return e;
+      return cuda::LinearDecode(dw, d.at(dq), d.at(ds), n, d.at(dy), out, stream_);
     });
   }
 
@@ -436,6 +490,8 @@ class CudaBackendImpl final : public Backend {
   const int device_;
   const cudaStream_t stream_;
   const int64_t budget_;
+  const bool exact_;
+  mutable LtContext lt_;
   mutable absl::Mutex mu_;
   mutable absl::Status health_;
   mutable void* dev_ = nullptr;   // staging, device side
@@ -443,7 +499,8 @@ class CudaBackendImpl final : public Backend {
   mutable size_t capacity_ = 0;
   mutable int64_t used_ = 0;
   mutable uint64_t clock_ = 0;
-  mutable absl::flat_hash_map<const void*, Resident> resident_;
+  mutable uint64_t op_clock_ = 1;  // clock_ at the start of the op in progress
+  mutable absl::node_hash_map<const void*, Resident> resident_;  // node map: stable pointers
 };
 
 }  // namespace
@@ -466,7 +523,7 @@ absl::StatusOr<std::unique_ptr<Backend>> NewCudaBackend(const CudaBackendOptions
                                                    " bytes free on cuda:", options.device));
   cudaStream_t stream = nullptr;
   FM_RETURN_IF_ERROR(CudaError(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate"));
-  return std::unique_ptr<Backend>(new CudaBackendImpl(options.device, stream, budget));
+  return std::unique_ptr<Backend>(new CudaBackendImpl(options.device, stream, budget, options.exact));
 }
 
 }  // namespace flashmem::kernels::cuda

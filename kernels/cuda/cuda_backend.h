@@ -24,6 +24,10 @@ struct CudaBackendOptions {
   // at creation minus 1 GiB. Weights not used for longest leave first when it runs short; one op
   // that cannot fit fails with RESOURCE_EXHAUSTED.
   int64_t memory_budget_bytes = 0;
+  // true: every op bit-identical to the CPU reference (the default). false ("fast"): quantized
+  // Linear runs the decode GEMV below 16 tokens and cuBLASLt's block-scaled FP8 GEMM above (sums
+  // reordered, results within the golden tolerances); the other ops stay exact.
+  bool exact = true;
 };
 
 absl::StatusOr<std::unique_ptr<Backend>> NewCudaBackend(const CudaBackendOptions& options);

@@ -50,28 +50,41 @@ __global__ void DecodeGemvKernel(const uint8_t* w, const float* ws, int64_t scal
   float acc[T];
 #pragma unroll
   for (int t = 0; t < T; ++t) acc[t] = 0.0f;
-  for (int64_t i = static_cast<int64_t>(lane) * kPer; i < k; i += 32 * kPer) {
-    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(wr + (kFp8 ? i : i / 2)));
-    float wf[kPer];
-    if constexpr (kFp8) {
-      DecodeFp8x16(raw, wf);
-    } else {
-      const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+  // kUnroll 16-byte loads in flight per lane before any arithmetic: the loop is bound by memory
+  // latency otherwise.
+  constexpr int kUnroll = 4;
+  for (int64_t i0 = static_cast<int64_t>(lane) * kPer; i0 < k; i0 += 32 * kPer * kUnroll) {
+    uint4 raw[kUnroll];
 #pragma unroll
-      for (int j = 0; j < 32; ++j) wf[j] = Fp4Value((words[j / 8] >> (4 * (j % 8))) & 15u);
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = i0 + static_cast<int64_t>(u) * 32 * kPer;
+      raw[u] = i < k ? __ldg(reinterpret_cast<const uint4*>(wr + (kFp8 ? i : i / 2))) : make_uint4(0, 0, 0, 0);
     }
-    const float s_w = kFp8 ? ws[(o / 128) * scale_cols + i / 128] : ws[o * scale_cols + i / 32];
 #pragma unroll
-    for (int t = 0; t < T; ++t) {
-      if (t >= nt) break;
-      const float4* xv = reinterpret_cast<const float4*>(xq + (t0 + t) * k + i);
-      float p = 0.0f;
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = i0 + static_cast<int64_t>(u) * 32 * kPer;
+      if (i >= k) break;
+      float wf[kPer];
+      if constexpr (kFp8) {
+        DecodeFp8x16(raw[u], wf);
+      } else {
+        const uint32_t words[4] = {raw[u].x, raw[u].y, raw[u].z, raw[u].w};
 #pragma unroll
-      for (int j = 0; j < kPer / 4; ++j) {
-        const float4 v = __ldg(xv + j);
-        p += wf[4 * j] * v.x + wf[4 * j + 1] * v.y + wf[4 * j + 2] * v.z + wf[4 * j + 3] * v.w;
+        for (int j = 0; j < 32; ++j) wf[j] = Fp4Value((words[j / 8] >> (4 * (j % 8))) & 15u);
       }
-      acc[t] += p * (xs[(t0 + t) * nb + i / 128] * s_w);
+      const float s_w = kFp8 ? ws[(o / 128) * scale_cols + i / 128] : ws[o * scale_cols + i / 32];
+#pragma unroll
+      for (int t = 0; t < T; ++t) {
+        if (t >= nt) break;
+        const float4* xv = reinterpret_cast<const float4*>(xq + (t0 + t) * k + i);
+        float p = 0.0f;
+#pragma unroll
+        for (int j = 0; j < kPer / 4; ++j) {
+          const float4 v = __ldg(xv + j);
+          p += wf[4 * j] * v.x + wf[4 * j + 1] * v.y + wf[4 * j + 2] * v.z + wf[4 * j + 3] * v.w;
+        }
+        acc[t] += p * (xs[(t0 + t) * nb + i / 128] * s_w);
+      }
     }
   }
 #pragma unroll

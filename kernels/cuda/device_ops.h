@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include <cuda_runtime.h>
@@ -23,6 +24,7 @@ struct DeviceWeight {
   const void* values = nullptr;
   const float* scales = nullptr;
   int64_t scale_cols = 0;
+  const float* lt_scales = nullptr;  // FP8 only: the scales in cuBLASLt's layout (BlockScalesForLt)
   // Bytes of values + scales (what one pass over the weight reads).
   int64_t bytes() const;
 };
@@ -97,5 +99,53 @@ int64_t PagedSparseAttentionFp8FastWorkspace(int64_t batch, int64_t heads, int64
 cudaError_t PagedSparseAttentionFp8Fast(const float* q, int64_t batch, int64_t heads, const uint8_t* pages,
                                         int64_t page_entries, const int32_t* idx, int64_t n, const float* sink,
                                         float softmax_scale, float* out, void* workspace, cudaStream_t stream);
+
+}  // namespace flashmem::kernels::cuda
+
+namespace flashmem::kernels::cuda {
+
+// Page recall host -> GPU in one launch: page i of `count` is copied from src[i] (a device-visible
+// pointer into pinned or cudaHostRegister'ed host memory, e.g. memtier's mapped RAM tier) to
+// dst + i * page_bytes. Never one cudaMemcpyAsync per small page (~2.7 us each). src is a device
+// array of pointers; page_bytes % 16 == 0 and 16-byte aligned pages.
+cudaError_t GatherPages(const uint8_t* const* src, int64_t count, int64_t page_bytes, uint8_t* dst,
+                        cudaStream_t stream);
+
+}  // namespace flashmem::kernels::cuda
+
+#include <cuda_bf16.h>
+
+namespace flashmem::kernels::cuda {
+
+// cuBLASLt state for the block-scaled FP8 GEMMs: handle, workspace, one cached plan per shape.
+class LtContext {
+ public:
+  LtContext();
+  ~LtContext();
+  LtContext(const LtContext&) = delete;
+  LtContext& operator=(const LtContext&) = delete;
+  cudaError_t Init();  // first use creates the handle and the 32 MiB workspace
+  std::string last_error() const;  // why the last LinearFp8Lt was refused ("" when it was not)
+  struct Impl;
+
+ private:
+  friend cudaError_t LinearFp8Lt(LtContext&, const DeviceWeight&, const float*, const uint8_t*, const float*,
+                                 int64_t, __nv_bfloat16*, cudaStream_t);
+  Impl* impl_;
+};
+
+// A FP8 weight's 128x128 block scales in cuBLASLt's BLK128x128 layout (K blocks inner, padded to 4).
+std::vector<float> BlockScalesForLt(const WeightMatrix& w);
+
+// act_quant into cuBLASLt's operand form: e4m3 codes [ld tokens][k] (tokens >= n are zeros) and
+// VEC128 scales [k/128][ld]; ld = n rounded up to 4 (cuBLASLt needs a multiple of 4 tokens).
+cudaError_t QuantizeActivationsFp8(const float* x, int64_t n, int64_t k, uint8_t* codes, float* scales_t,
+                                   int64_t ld, cudaStream_t stream);
+
+// y [tokens][rows] bf16 = x · Wᵀ on the tensor cores with DeepSeek's block scaling (FP8 weights,
+// tokens % 4 == 0). cudaErrorNotSupported when cuBLASLt has no algorithm for the shape.
+cudaError_t LinearFp8Lt(LtContext& ctx, const DeviceWeight& w, const float* lt_scales, const uint8_t* codes,
+                        const float* scales_t, int64_t tokens, __nv_bfloat16* y, cudaStream_t stream);
+cudaError_t Bf16ToF32(const __nv_bfloat16* in, int64_t count, float* out, cudaStream_t stream);
 
 }  // namespace flashmem::kernels::cuda

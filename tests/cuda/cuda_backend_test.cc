@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <vector>
@@ -307,6 +308,79 @@ TEST_F(CudaOps, PagedFp8RecordsAttentionMatchesDecodedRows) {
   EXPECT_LE(RelErr(got, want), kBf16Tol);
 }
 
+// The backend's fast mode: quantized Linear through the decode GEMV (< 16 tokens, FP4) and
+// cuBLASLt's block-scaled FP8 GEMM (>= 16 tokens, bf16 output), K blocks padded in the scale layout.
+TEST_F(CudaOps, FastModeLinearWithinBf16Rounding) {
+  cuda::CudaBackendOptions opt;
+  opt.exact = false;
+  auto fast = cuda::NewCudaBackend(opt);
+  ASSERT_TRUE(fast.ok()) << fast.status();
+  EXPECT_STREQ((*fast)->name(), "cuda-fast");
+  uint32_t seed = 90;
+  struct Shape { int64_t rows, cols, n; };
+  for (WeightFormat f : {WeightFormat::kFp8Block128, WeightFormat::kFp4Group32})
+    for (Shape s : {Shape{384, 1024, 3}, Shape{384, 1024, 40}, Shape{512, 640, 64}, Shape{300, 512, 17}, Shape{1024, 2048, 512}})
+      for (Rounding r : {Rounding::kNone, Rounding::kBf16}) {
+        const WeightMatrix w = RandomWeight(f, s.rows, s.cols, ++seed);
+        const std::vector<float> x = Random(s.n * s.cols, ++seed, 1.5f);
+        std::vector<float> a = Poisoned(s.n * s.rows), b = a;
+        cpu().Linear(w, x.data(), s.n, a.data(), r);
+        (*fast)->Linear(w, x.data(), s.n, b.data(), r);
+        EXPECT_LE(RelErr(b, a), r == Rounding::kNone ? kFp32Tol : kBf16Tol)
+            << "format " << static_cast<int>(f) << " " << s.rows << "x" << s.cols << " n=" << s.n;
+      }
+  EXPECT_TRUE((*fast)->Health().ok()) << (*fast)->Health();
+}
+
+// cuBLASLt's block-scaled FP8 GEMM itself (must not be refused on sm_90), K blocks padded in the
+// scale layout (640 = 5 blocks), tokens padded to a multiple of 4.
+TEST_F(CudaOps, CublasLtBlockScaledFp8MatchesCpu) {
+  auto up = [](const void* p, size_t bytes) {
+    void* d = nullptr;
+    EXPECT_EQ(cudaMalloc(&d, bytes), cudaSuccess);
+    EXPECT_EQ(cudaMemcpy(d, p, bytes, cudaMemcpyHostToDevice), cudaSuccess);
+    return d;
+  };
+  cuda::LtContext lt;
+  uint32_t seed = 120;
+  struct Shape { int64_t rows, cols, n; };
+  for (Shape s : {Shape{384, 640, 16}, Shape{1024, 1024, 37}, Shape{256, 512, 64}}) {
+    const WeightMatrix w = RandomWeight(WeightFormat::kFp8Block128, s.rows, s.cols, ++seed);
+    const std::vector<float> x = Random(s.n * s.cols, ++seed, 1.5f);
+    std::vector<float> want = Poisoned(s.n * s.rows);
+    cpu().Linear(w, x.data(), s.n, want.data(), Rounding::kBf16);
+    const cuda::EncodedWeight enc = cuda::EncodeWeight(w);
+    const std::vector<float> lts = cuda::BlockScalesForLt(w);
+    cuda::DeviceWeight dw;
+    dw.format = WeightFormat::kFp8Block128;
+    dw.rows = s.rows;
+    dw.cols = s.cols;
+    dw.values = up(enc.values.data(), enc.values.size());
+    dw.scale_cols = w.scale_cols();
+    const float* d_lts = static_cast<const float*>(up(lts.data(), lts.size() * 4));
+    const int64_t ld = (s.n + 3) / 4 * 4;
+    float* dx = static_cast<float*>(up(x.data(), x.size() * 4));
+    uint8_t* codes = nullptr;
+    float *st = nullptr, *y = nullptr;
+    __nv_bfloat16* yb = nullptr;
+    ASSERT_EQ(cudaMalloc(&codes, ld * s.cols), cudaSuccess);
+    ASSERT_EQ(cudaMalloc(&st, ld * (s.cols / 128) * 4), cudaSuccess);
+    ASSERT_EQ(cudaMalloc(&yb, ld * s.rows * 2), cudaSuccess);
+    ASSERT_EQ(cudaMalloc(&y, ld * s.rows * 4), cudaSuccess);
+    ASSERT_EQ(cudaMemset(y, 0xff, ld * s.rows * 4), cudaSuccess);
+    ASSERT_EQ(cuda::QuantizeActivationsFp8(dx, s.n, s.cols, codes, st, ld, nullptr), cudaSuccess);
+    ASSERT_EQ(cuda::LinearFp8Lt(lt, dw, d_lts, codes, st, ld, yb, nullptr), cudaSuccess) << lt.last_error();
+    ASSERT_EQ(cuda::Bf16ToF32(yb, s.n * s.rows, y, nullptr), cudaSuccess);
+    std::vector<float> got(s.n * s.rows);
+    ASSERT_EQ(cudaMemcpy(got.data(), y, got.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+    for (const void* p : {dw.values, static_cast<const void*>(d_lts), static_cast<const void*>(dx),
+                          static_cast<const void*>(codes), static_cast<const void*>(st), static_cast<const void*>(yb),
+                          static_cast<const void*>(y)})
+      cudaFree(const_cast<void*>(p));
+    EXPECT_LE(RelErr(got, want), kBf16Tol) << s.rows << "x" << s.cols << " n=" << s.n;
+  }
+}
+
 // The fast decode GEMV (reordered sums) against the CPU reference, on device memory.
 TEST_F(CudaOps, FastDecodeGemvWithinFp32Rounding) {
   auto up = [](const void* p, size_t bytes) {
@@ -398,6 +472,38 @@ TEST_F(CudaOps, BitIdenticalToTheCpuReference) {
     gpu_->HeadRmsNormBf16(qb.data(), hc, dim, 1e-6f);
     EXPECT_EQ(qa, qb) << "HeadRmsNormBf16";
   }
+}
+
+// Page recall in one launch from mapped pinned host memory: every byte lands where it should.
+TEST_F(CudaOps, GatherPagesFromMappedHostMemory) {
+  const int64_t page = 37376, pages = 200, picked = 77;
+  uint8_t* host = nullptr;
+  ASSERT_EQ(cudaHostAlloc(&host, pages * page, cudaHostAllocMapped), cudaSuccess);
+  std::mt19937 g(5);
+  for (int64_t i = 0; i < pages * page; ++i) host[i] = static_cast<uint8_t>(g());
+  std::vector<const uint8_t*> src(picked);
+  std::vector<int64_t> which(picked);
+  for (int64_t i = 0; i < picked; ++i) {
+    which[i] = g() % pages;
+    uint8_t* dptr = nullptr;
+    ASSERT_EQ(cudaHostGetDevicePointer(reinterpret_cast<void**>(&dptr), host + which[i] * page, 0), cudaSuccess);
+    src[i] = dptr;
+  }
+  const uint8_t** d_src = nullptr;
+  uint8_t* dst = nullptr;
+  ASSERT_EQ(cudaMalloc(&d_src, picked * sizeof(void*)), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&dst, picked * page), cudaSuccess);
+  ASSERT_EQ(cudaMemset(dst, 0, picked * page), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(d_src, src.data(), picked * sizeof(void*), cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cuda::GatherPages(d_src, picked, page, dst, nullptr), cudaSuccess);
+  std::vector<uint8_t> got(picked * page);
+  ASSERT_EQ(cudaMemcpy(got.data(), dst, got.size(), cudaMemcpyDeviceToHost), cudaSuccess);
+  for (int64_t i = 0; i < picked; ++i)
+    EXPECT_EQ(std::memcmp(got.data() + i * page, host + which[i] * page, page), 0) << "page " << i;
+  EXPECT_EQ(cuda::GatherPages(d_src, picked, 37377, dst, nullptr), cudaErrorInvalidValue);
+  cudaFree(d_src);
+  cudaFree(dst);
+  cudaFreeHost(host);
 }
 
 TEST(CudaBackendErrors, BudgetTooSmallIsAClearStickyError) {

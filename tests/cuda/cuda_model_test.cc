@@ -111,6 +111,33 @@ TEST_F(CudaModel, SmallLogitsWithinTolerance) {
   std::filesystem::remove_all(dir);
 }
 
+// Fast mode (decode GEMV, cuBLASLt FP8): not bit-identical, close on the same inputs.
+TEST_F(CudaModel, FastKernelsSmallLogitsClose) {
+  kernels::cuda::CudaBackendOptions opt;
+  opt.exact = false;
+  auto fast = kernels::cuda::NewCudaBackend(opt);
+  ASSERT_TRUE(fast.ok()) << fast.status();
+  auto args = model::PresetArgs("small");
+  ASSERT_TRUE(args.ok()) << args.status();
+  args->vocab_size = 4096;
+  const std::string dir = WriteModel(*args, "cuda_small_fast");
+  auto cpu = Transformer::Load(dir, kernels::CpuBackend());
+  auto gpu = Transformer::Load(dir, **fast);
+  ASSERT_TRUE(cpu.ok() && gpu.ok());
+  const std::vector<int32_t> prompt = Prompt(300, args->vocab_size, 5);
+  const GreedyRun a = Greedy(**cpu, prompt, 8);
+  const GreedyRun b = Greedy(**gpu, prompt, 8, &a.tokens);
+  const Agreement g = Compare(a, b);
+  int same = 0;
+  for (size_t i = 0; i < a.tokens.size() && i < b.tokens.size(); ++i) same += a.tokens[i] == b.tokens[i];
+  std::printf("small, fast kernels: logits cuda vs cpu: worst rel-RMS %.3g, centred cosine min %.6f, argmax %d/%zu\n",
+              g.worst_relrms, g.min_cosine, same, a.tokens.size());
+  EXPECT_LT(g.worst_relrms, 5e-2);
+  EXPECT_GT(g.min_cosine, 0.998);
+  EXPECT_GE(same, static_cast<int>(a.tokens.size()) - 1);
+  std::filesystem::remove_all(dir);
+}
+
 TEST_F(CudaModel, BatchedSessionsEqualSeparateRunsOnDevice) {
   auto loaded = std::make_unique<LoadedModel>();
   loaded->dir = WriteModel(SmallVocabTiny(), "cuda_batch");

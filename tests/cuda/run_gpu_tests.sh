@@ -29,8 +29,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 suite cuda_backend_test -- tests/cuda_backend_test
 suite cuda_model_test -- tests/cuda_model_test
 grep -E "^tiny-a|^small" "$OUT/cuda_model_test.log"
+[ -x .gpu/run/tests/lsa_engine_test ] || echo "(lsa_engine_test not in this bundle: skipped)"
 suite golden_test.cuda FLASHMEM_TEST_DEVICE=cuda:0 -- tests/golden_test
+suite golden_test.cuda-fast FLASHMEM_TEST_DEVICE=cuda:0 FLASHMEM_TEST_CUDA_KERNELS=fast -- tests/golden_test
 suite engine_test.cuda FLASHMEM_TEST_DEVICE=cuda:0 -- tests/engine_test
-suite lsa_engine_test.cuda FLASHMEM_TEST_DEVICE=cuda:0 -- tests/lsa_engine_test
+[ -x .gpu/run/tests/lsa_engine_test ] && suite lsa_engine_test.cuda FLASHMEM_TEST_DEVICE=cuda:0 -- tests/lsa_engine_test
 suite indexer_golden_test.cuda FLASHMEM_TEST_DEVICE=cuda:0 -- tests/indexer_golden_test
 exit $fail

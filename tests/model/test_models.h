@@ -14,13 +14,15 @@
 
 namespace flashmem::testing {
 
-// The backend the model tests run on: FLASHMEM_TEST_DEVICE (cpu | cuda:N), cpu when unset. The
+// The backend the model tests run on: FLASHMEM_TEST_DEVICE (cpu | cuda:N), cpu when unset, and
+// FLASHMEM_TEST_CUDA_KERNELS (exact | fast). The
 // GPU runs (tests/cuda/run_gpu_tests.sh) run the engine, golden and LSA suites on cuda:0 this way.
 // A device that cannot be opened ends the run: never a silent fall-back to the CPU.
 inline const kernels::Backend& TestBackend() {
   static kernels::BackendHandle* handle = [] {
     const char* env = std::getenv("FLASHMEM_TEST_DEVICE");
-    auto h = kernels::OpenBackend(env && *env ? env : "cpu");
+    const char* kinds = std::getenv("FLASHMEM_TEST_CUDA_KERNELS");  // exact (default) | fast
+    auto h = kernels::OpenBackend(env && *env ? env : "cpu", 0, kinds && *kinds ? kinds : "exact");
     if (!h.ok()) {
       std::fprintf(stderr, "FLASHMEM_TEST_DEVICE: %s\n", std::string(h.status().message()).c_str());
       std::exit(2);

@@ -122,7 +122,8 @@ absl::Status ClusterUp(const ClusterOptions& o) {
     std::vector<std::string> wargs = {"--model", model, "--listen", "127.0.0.1:0", "--memtier", memtier.target,
                                       "--coordinator", coord.target};
     wargs.insert(wargs.end(), lsa_args.begin(), lsa_args.end());
-    wargs.insert(wargs.end(), {"--device", o.device == "cuda" ? absl::StrCat("cuda:", i) : o.device});
+    wargs.insert(wargs.end(), {"--device", o.device == "cuda" ? absl::StrCat("cuda:", i) : o.device,
+                               "--cuda-kernels", o.cuda_kernels});
     FM_ASSIGN_OR_RETURN(Started w, StartDaemon(o.run_dir, absl::StrCat("worker", i), o.worker_bin, wargs));
     j["workers"].push_back({{"pid", w.pid}, {"address", w.target}});
   }

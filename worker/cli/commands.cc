@@ -78,7 +78,7 @@ absl::Status Generate(const GenerateOptions& in) {
   if (opt.prefill_split == 0 || opt.prefill_split > static_cast<int64_t>(opt.prompt.size()))
     return absl::InvalidArgumentError(absl::StrCat("--prefill-split ", opt.prefill_split, " must be in [1, ", opt.prompt.size(), "]"));
   const auto t0 = std::chrono::steady_clock::now();
-  FM_ASSIGN_OR_RETURN(kernels::BackendHandle backend, kernels::OpenBackend(opt.device, opt.gpu_memory_bytes));
+  FM_ASSIGN_OR_RETURN(kernels::BackendHandle backend, kernels::OpenBackend(opt.device, opt.gpu_memory_bytes, opt.cuda_kernels));
   FM_ASSIGN_OR_RETURN(auto tf, model::Transformer::Load(opt.model_dir, *backend.backend));
   const auto t1 = std::chrono::steady_clock::now();
   for (size_t i = 0; i < opt.prompt.size(); ++i)

@@ -34,6 +34,7 @@ struct GenerateOptions {
   bool lsa_stats = false;        // print the LSA statistics (and measure Level-2 agreement)
   std::string device = "cpu";    // compute backend: cpu or cuda:N
   int64_t gpu_memory_bytes = 0;  // CUDA backend memory budget (0: free memory minus 1 GiB)
+  std::string cuda_kernels = "exact";  // exact | fast
 };
 absl::Status Generate(const GenerateOptions& opt);
 
@@ -69,6 +70,7 @@ struct ClusterOptions {
   std::string lsa_options;       // passed to the workers' --lsa-options
   uint64_t kv_budget_bytes = 0;  // passed to the workers' --kv-budget-bytes
   std::string device = "cpu";    // the workers' --device; "cuda": worker i on cuda:i
+  std::string cuda_kernels = "exact";  // the workers' --cuda-kernels
 };
 absl::Status ClusterUp(const ClusterOptions& opt);
 absl::Status ClusterDown(const std::string& run_dir);

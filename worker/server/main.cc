@@ -56,6 +56,8 @@ int main(int argc, char** argv) {
   app.add_flag("--lsa-measure-agreement", so.lsa_measure_agreement, "evaluation mode: compute the full Level-2 top-k alongside and export the agreement");
   int64_t gpu_memory_bytes = 0;
   app.add_option("--device", device, "compute backend: cpu (exact reference) or cuda:N");
+  std::string cuda_kernels = "exact";
+  app.add_option("--cuda-kernels", cuda_kernels, "exact (bit-identical to the CPU reference) or fast (decode GEMV + cuBLASLt FP8 for quantized GEMMs)");
   app.add_option("--gpu-memory-bytes", gpu_memory_bytes, "device memory the CUDA backend may hold for weights and workspaces (0: free memory minus 1 GiB)");
   flashmem::TlsOptions tls;
   flashmem::AddTlsFlags(app, tls, /*public_api=*/true);
@@ -66,7 +68,7 @@ int main(int argc, char** argv) {
     return 1;
   }
   spdlog::set_default_logger(spdlog::stderr_color_mt("worker"));
-  auto backend = flashmem::kernels::OpenBackend(device, gpu_memory_bytes);
+  auto backend = flashmem::kernels::OpenBackend(device, gpu_memory_bytes, cuda_kernels);
   if (!backend.ok()) {
     std::fprintf(stderr, "flashmem-worker: %s\n", std::string(backend.status().message()).c_str());
     return 1;

@@ -186,6 +186,40 @@ int main(int argc, char** argv) {
       for (void* p : {static_cast<void*>(x), static_cast<void*>(xq), static_cast<void*>(xs), static_cast<void*>(y)})
         CHECK_CUDA(cudaFree(p));
     }
+    if (fp8) {  // cuBLASLt block-scaled FP8 (the fast mode's prefill path)
+      cu::LtContext lt;
+      float* lt_scales = DeviceRandomFloats(((s.rows + 127) / 128) * ((s.cols / 128 + 3) / 4 * 4), 0, true);
+      for (int64_t n : quick ? std::vector<int64_t>{64, 4096} : std::vector<int64_t>{16, 64, 512, 4096}) {
+        float* x = DeviceRandomFloats(n * s.cols, 1.0f);
+        uint8_t* codes = nullptr;
+        float* st = nullptr;
+        __nv_bfloat16* yb = nullptr;
+        CHECK_CUDA(cudaMalloc(&codes, n * s.cols));
+        CHECK_CUDA(cudaMalloc(&st, n * (s.cols / 128) * 4));
+        CHECK_CUDA(cudaMalloc(&yb, n * s.rows * 2));
+        CHECK_CUDA(cu::QuantizeActivationsFp8(x, n, s.cols, codes, st, n, nullptr));
+        if (cu::LinearFp8Lt(lt, ws[0], lt_scales, codes, st, n, yb, nullptr) != cudaSuccess) {
+          std::printf("cuBLASLt refused %lldx%lld -> %lld: %s\n", static_cast<long long>(n), static_cast<long long>(s.cols),
+                      static_cast<long long>(s.rows), lt.last_error().c_str());
+          for (void* p : {static_cast<void*>(x), static_cast<void*>(codes), static_cast<void*>(st), static_cast<void*>(yb)})
+            CHECK_CUDA(cudaFree(p));
+          continue;
+        }
+        const double gus = TimeUs([&](int i) {
+          CHECK_CUDA(cu::LinearFp8Lt(lt, ws[i % copies], lt_scales, codes, st, n, yb, nullptr));
+        }, n >= 4096 ? 20 : 50);
+        const double qus = TimeUs([&](int) { CHECK_CUDA(cu::QuantizeActivationsFp8(x, n, s.cols, codes, st, n, nullptr)); });
+        const double tf = 2.0 * n * s.rows * s.cols / gus / 1e6;
+        const double bytes = static_cast<double>(ws[0].bytes()) + n * s.cols + n * s.rows * 2.0;
+        rows.push_back({std::string("cuBLASLt FP8 block-scaled ") + s.name,
+                        std::to_string(n) + "x" + std::to_string(s.cols) + " -> " + std::to_string(s.rows) +
+                            " (+" + std::to_string(static_cast<int>(qus)) + " us act quant)",
+                        gus, bytes / gus / 1e3, tf, n >= 512 ? Pct(tf, bf16_tflops, "bf16 GEMM") : Pct(bytes / gus / 1e3, hbm, "HBM")});
+        for (void* p : {static_cast<void*>(x), static_cast<void*>(codes), static_cast<void*>(st), static_cast<void*>(yb)})
+          CHECK_CUDA(cudaFree(p));
+      }
+      CHECK_CUDA(cudaFree(lt_scales));
+    }
     for (auto& w : ws) {
       CHECK_CUDA(cudaFree(const_cast<void*>(w.values)));
       CHECK_CUDA(cudaFree(const_cast<float*>(w.scales)));
@@ -248,6 +282,40 @@ int main(int argc, char** argv) {
     for (void* p : {static_cast<void*>(q), static_cast<void*>(w), static_cast<void*>(keys), static_cast<void*>(out),
                     static_cast<void*>(valid)})
       CHECK_CUDA(cudaFree(p));
+  }
+
+  // ---- page recall host -> GPU: 4096 scattered 37,376-byte pages (CSA main-KV) ------------------
+  {
+    const int64_t page = 37376, pages = 8192, picked = 4096;
+    uint8_t* host = nullptr;
+    CHECK_CUDA(cudaHostAlloc(&host, pages * page, cudaHostAllocMapped));
+    std::memset(host, 0x5a, pages * page);
+    std::vector<const uint8_t*> src(picked);
+    std::vector<int64_t> which(picked);
+    for (int64_t i = 0; i < picked; ++i) {
+      which[i] = rng() % pages;
+      void* d = nullptr;
+      CHECK_CUDA(cudaHostGetDevicePointer(&d, host + which[i] * page, 0));
+      src[i] = static_cast<const uint8_t*>(d);
+    }
+    const uint8_t** dsrc = nullptr;
+    uint8_t* dst = nullptr;
+    CHECK_CUDA(cudaMalloc(&dsrc, picked * sizeof(void*)));
+    CHECK_CUDA(cudaMalloc(&dst, picked * page));
+    CHECK_CUDA(cudaMemcpy(dsrc, src.data(), picked * sizeof(void*), cudaMemcpyHostToDevice));
+    const double bytes = static_cast<double>(picked) * page;
+    const double gus = TimeUs([&](int) { CHECK_CUDA(cu::GatherPages(dsrc, picked, page, dst, nullptr)); }, 10, 2);
+    rows.push_back({"page recall: gather kernel (mapped host)", "4096 x 37,376 B", gus, bytes / gus / 1e3, 0,
+                    Pct(bytes / gus / 1e3, 55.5, "pinned H2D 55.5 GB/s")});
+    const double cus = TimeUs([&](int) {
+      for (int64_t i = 0; i < picked; ++i)
+        CHECK_CUDA(cudaMemcpyAsync(dst + i * page, host + which[i] * page, page, cudaMemcpyHostToDevice));
+    }, 5, 1);
+    rows.push_back({"page recall: one cudaMemcpyAsync per page", "4096 x 37,376 B", cus, bytes / cus / 1e3, 0,
+                    Pct(bytes / cus / 1e3, 55.5, "pinned H2D 55.5 GB/s")});
+    CHECK_CUDA(cudaFree(dsrc));
+    CHECK_CUDA(cudaFree(dst));
+    CHECK_CUDA(cudaFreeHost(host));
   }
 
   // ---- element-wise and norm ops at a decode batch of 64 (flash dims) --------------------------

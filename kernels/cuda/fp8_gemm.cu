@@ -1,0 +1,186 @@
+// Prefill-sized FP8 GEMMs through cuBLASLt's block scaling on Hopper: weights as A (op T) with one
+// fp32 scale per 128x128 block (BLK128x128_32F), activations as B with one scale per 1x128 block
+// (VEC128_32F) — DeepSeek's exact scheme, so the checkpoint's scales are used as they are (E8M0
+// decoded at load). Scale layouts (cuBLASLt): BLK128x128 is [N/128][roundup(K/128, 4)] with the K
+// block inner; VEC128 is [K/128][roundup(tokens, 4)] with the tokens inner.
+#include <cublasLt.h>
+#include <cuda_bf16.h>
+
+#include <map>
+#include <mutex>
+#include <string>
+#include <tuple>
+
+#include "kernels/cuda/device_math.cuh"
+#include "kernels/cuda/device_ops.h"
+
+namespace flashmem::kernels::cuda {
+namespace {
+
+// One warp per 128-block of a token: e4m3 codes and the block scale at [kb][token] (ld tokens).
+__global__ void QuantizeFp8Kernel(const float* x, int64_t n, int64_t k, uint8_t* codes, float* scales_t, int64_t ld) {
+  const int64_t nb = k / 128;
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (b >= ld * nb) return;
+  const int64_t t = b / nb, kb = b % nb;
+  const int lane = threadIdx.x & 31;
+  float v[4], m = 0.0f;
+  for (int j = 0; j < 4; ++j) m = fmaxf(m, fabsf(v[j] = t < n ? x[t * k + kb * 128 + lane + 32 * j] : 0.0f));
+  const float scale = Fp8BlockScale(WarpMax(m));
+  for (int j = 0; j < 4; ++j) {
+    const float q = RoundGrid(fminf(fmaxf(v[j] / scale, -448.0f), 448.0f), -6, 3, 448.0f);
+    // The value is on the e4m3 grid: its code comes from the float bits.
+    const unsigned u = __float_as_uint(q);
+    const int e = static_cast<int>((u >> 23) & 0xff) - 127;
+    uint8_t c = static_cast<uint8_t>((u >> 24) & 0x80);
+    if ((u & 0x7fffffffu) != 0)
+      c |= e < -6 ? static_cast<uint8_t>(rintf(fabsf(q) * 512.0f)) : static_cast<uint8_t>(((e + 7) << 3) | ((u >> 20) & 7));
+    codes[t * k + kb * 128 + lane + 32 * j] = c;
+  }
+  if (lane == 0) scales_t[kb * ld + t] = scale;
+}
+
+__global__ void Bf16ToF32Kernel(const __nv_bfloat16* in, int64_t count, float* out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < count) out[i] = __bfloat162float(in[i]);
+}
+
+const char* cublasLt_status_name(cublasStatus_t s) {
+  switch (s) {
+    case CUBLAS_STATUS_SUCCESS: return "SUCCESS";
+    case CUBLAS_STATUS_NOT_INITIALIZED: return "NOT_INITIALIZED";
+    case CUBLAS_STATUS_INVALID_VALUE: return "INVALID_VALUE";
+    case CUBLAS_STATUS_NOT_SUPPORTED: return "NOT_SUPPORTED";
+    case CUBLAS_STATUS_ARCH_MISMATCH: return "ARCH_MISMATCH";
+    case CUBLAS_STATUS_EXECUTION_FAILED: return "EXECUTION_FAILED";
+    default: return "other cuBLAS error";
+  }
+}
+
+struct Plan {
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
+  cublasLtMatmulAlgo_t algo{};
+};
+
+}  // namespace
+
+struct LtContext::Impl {
+  cublasLtHandle_t handle = nullptr;
+  void* workspace = nullptr;
+  size_t workspace_bytes = 32u << 20;
+  std::mutex mu;
+  std::map<std::tuple<int64_t, int64_t, int64_t>, Plan> plans;  // (rows, cols, tokens)
+  std::string last_error;
+};
+
+LtContext::LtContext() : impl_(new Impl) {}
+LtContext::~LtContext() {
+  for (auto& [key, p] : impl_->plans) {
+    cublasLtMatrixLayoutDestroy(p.a);
+    cublasLtMatrixLayoutDestroy(p.b);
+    cublasLtMatrixLayoutDestroy(p.d);
+    cublasLtMatmulDescDestroy(p.desc);
+  }
+  if (impl_->workspace) cudaFree(impl_->workspace);
+  if (impl_->handle) cublasLtDestroy(impl_->handle);
+  delete impl_;
+}
+
+std::string LtContext::last_error() const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  return impl_->last_error;
+}
+
+cudaError_t LtContext::Init() {
+  if (impl_->handle) return cudaSuccess;
+  if (cublasLtCreate(&impl_->handle) != CUBLAS_STATUS_SUCCESS) return cudaErrorNotSupported;
+  return cudaMalloc(&impl_->workspace, impl_->workspace_bytes);
+}
+
+std::vector<float> BlockScalesForLt(const WeightMatrix& w) {
+  const int64_t rb = (w.rows + 127) / 128, kb = w.scale_cols(), ld = (kb + 3) / 4 * 4;
+  std::vector<float> out(rb * ld, 1.0f);
+  for (int64_t r = 0; r < rb; ++r)
+    for (int64_t c = 0; c < kb; ++c) out[r * ld + c] = w.scales[r * kb + c];
+  return out;
+}
+
+cudaError_t QuantizeActivationsFp8(const float* x, int64_t n, int64_t k, uint8_t* codes, float* scales_t, int64_t ld,
+                                   cudaStream_t stream) {
+  const int64_t blocks = ld * (k / 128);
+  if (blocks == 0) return cudaSuccess;
+  QuantizeFp8Kernel<<<static_cast<unsigned>((blocks + 7) / 8), 256, 0, stream>>>(x, n, k, codes, scales_t, ld);
+  return cudaGetLastError();
+}
+
+cudaError_t LinearFp8Lt(LtContext& ctx, const DeviceWeight& w, const float* lt_scales, const uint8_t* codes,
+                        const float* scales_t, int64_t tokens, __nv_bfloat16* y, cudaStream_t stream) {
+  if (w.format != WeightFormat::kFp8Block128 || tokens % 4 != 0 || w.cols % 128 != 0) return cudaErrorInvalidValue;
+  cudaError_t e = ctx.Init();
+  if (e != cudaSuccess) return e;
+  LtContext::Impl& c = *ctx.impl_;
+  std::lock_guard<std::mutex> lock(c.mu);
+  const auto key = std::make_tuple(w.rows, w.cols, tokens);
+  auto it = c.plans.find(key);
+  if (it == c.plans.end()) {
+    Plan p;
+    const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+    const cublasLtMatmulMatrixScale_t am = CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F,
+                                      bm = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
+    bool ok = cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F) == CUBLAS_STATUS_SUCCESS;
+    ok = ok && cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta) == CUBLAS_STATUS_SUCCESS;
+    ok = ok && cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb) == CUBLAS_STATUS_SUCCESS;
+    ok = ok && cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &am, sizeof am) == CUBLAS_STATUS_SUCCESS;
+    ok = ok && cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &bm, sizeof bm) == CUBLAS_STATUS_SUCCESS;
+    // The heuristic wants the scale pointers of a block-scaled matmul set before it is asked.
+    ok = ok && cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &lt_scales, sizeof lt_scales) == CUBLAS_STATUS_SUCCESS;
+    ok = ok && cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &scales_t, sizeof scales_t) == CUBLAS_STATUS_SUCCESS;
+    const int stage_desc = ok ? 0 : 1;
+    ok = ok && cublasLtMatrixLayoutCreate(&p.a, CUDA_R_8F_E4M3, w.cols, w.rows, w.cols) == CUBLAS_STATUS_SUCCESS;
+    ok = ok && cublasLtMatrixLayoutCreate(&p.b, CUDA_R_8F_E4M3, w.cols, tokens, w.cols) == CUBLAS_STATUS_SUCCESS;
+    ok = ok && cublasLtMatrixLayoutCreate(&p.d, CUDA_R_16BF, w.rows, tokens, w.rows) == CUBLAS_STATUS_SUCCESS;
+    cublasLtMatmulPreference_t pref = nullptr;
+    ok = ok && cublasLtMatmulPreferenceCreate(&pref) == CUBLAS_STATUS_SUCCESS;
+    ok = ok && cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &c.workspace_bytes,
+                                                    sizeof c.workspace_bytes) == CUBLAS_STATUS_SUCCESS;
+    cublasLtMatmulHeuristicResult_t heur{};
+    int found = 0;
+    cublasStatus_t hs = CUBLAS_STATUS_SUCCESS;
+    if (ok) hs = cublasLtMatmulAlgoGetHeuristic(c.handle, p.desc, p.a, p.b, p.d, p.d, pref, 1, &heur, &found);
+    ok = ok && hs == CUBLAS_STATUS_SUCCESS && found > 0;
+    c.last_error = ok ? "" : (stage_desc ? "descriptor setup failed" : (std::string("heuristic: ") + cublasLt_status_name(hs) + ", " + std::to_string(found) + " algorithms"));
+    if (pref) cublasLtMatmulPreferenceDestroy(pref);
+    if (!ok) {
+      if (p.a) cublasLtMatrixLayoutDestroy(p.a);
+      if (p.b) cublasLtMatrixLayoutDestroy(p.b);
+      if (p.d) cublasLtMatrixLayoutDestroy(p.d);
+      if (p.desc) cublasLtMatmulDescDestroy(p.desc);
+      return cudaErrorNotSupported;
+    }
+    p.algo = heur.algo;
+    it = c.plans.emplace(key, p).first;
+  }
+  Plan& p = it->second;
+  if (cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &lt_scales, sizeof lt_scales) !=
+          CUBLAS_STATUS_SUCCESS ||
+      cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &scales_t, sizeof scales_t) !=
+          CUBLAS_STATUS_SUCCESS)
+    return cudaErrorNotSupported;
+  const float alpha = 1.0f, beta = 0.0f;
+  const cublasStatus_t ms = cublasLtMatmul(c.handle, p.desc, &alpha, w.values, p.a, codes, p.b, &beta, y, p.d, y, p.d,
+                                           &p.algo, c.workspace, c.workspace_bytes, stream);
+  if (ms != CUBLAS_STATUS_SUCCESS) {
+    c.last_error = std::string("cublasLtMatmul: ") + cublasLt_status_name(ms);
+    return cudaErrorLaunchFailure;
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t Bf16ToF32(const __nv_bfloat16* in, int64_t count, float* out, cudaStream_t stream) {
+  if (count == 0) return cudaSuccess;
+  Bf16ToF32Kernel<<<static_cast<unsigned>((count + 255) / 256), 256, 0, stream>>>(in, count, out);
+  return cudaGetLastError();
+}
+
+}  // namespace flashmem::kernels::cuda
