@@ -23,40 +23,47 @@ constexpr int kHeads = 64;   // heads per block (a head group)
 constexpr int kChunk = 64;   // slots per chunk
 constexpr int kDim = kRecordDim;
 constexpr int kThreads = 512;  // 16 warps
-constexpr size_t kSmem = (kHeads * kDim + kChunk * kDim) * 2 + kHeads * kChunk * 4 + kHeads * kChunk * 2 + kChunk * 4;
+// Shared rows are padded by 8 bf16 (16 B) / 4 floats so the 16 rows of an MMA fragment fall in
+// different banks (an unpadded 1 KiB stride puts them all in one).
+constexpr int kLd = kDim + 8;      // Q and KV rows (bf16)
+constexpr int kLdS = kChunk + 4;   // S rows (fp32)
+constexpr int kLdP = kChunk + 8;   // P rows (bf16)
+constexpr size_t kSmem = (kHeads * kLd + kChunk * kLd) * 2 + kHeads * kLdS * 4 + kHeads * kLdP * 2 + kChunk * 4;
 
-// Rows of one chunk into shared memory as bf16 [kChunk][512]; masked slots become zeros.
-__device__ void LoadChunk(const uint8_t* pages, int64_t page_entries, const int32_t* slots, int64_t count,
+// Rows of one chunk into shared memory as bf16 [kChunk][kLd]; masked slots become zeros.
+__device__ void LoadChunk(const uint8_t* pages, int page_entries, const int32_t* slots, int64_t count,
                           __nv_bfloat16* kv, int* valid) {
   // 36 16-byte pieces per record: 28 of e4m3 nope, 8 of bf16 rope.
   for (int p = threadIdx.x; p < kChunk * 36; p += blockDim.x) {
     const int j = p / 36, piece = p % 36;
     const int32_t e = j < count ? slots[j] : -1;
     if (piece == 0) valid[j] = e >= 0;
-    __nv_bfloat16* dst = kv + j * kDim;
+    __nv_bfloat16* dst = kv + j * kLd + (piece < 28 ? piece * 16 : kRecordNope + (piece - 28) * 8);
     if (e < 0) {
-      const int d0 = piece < 28 ? piece * 16 : kRecordNope + (piece - 28) * 8;
-      for (int d = 0; d < (piece < 28 ? 16 : 8); ++d) dst[d0 + d] = __float2bfloat16(0.0f);
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+      if (piece < 28) *reinterpret_cast<uint4*>(dst + 8) = make_uint4(0, 0, 0, 0);
       continue;
     }
-    const uint8_t* page = pages + (static_cast<int64_t>(e) / page_entries) * page_entries * kRecordBytes;
-    const int64_t slot = e % page_entries;
-    const uint8_t* data = page + slot * kRecordData;
-    const uint4 raw = *reinterpret_cast<const uint4*>(data + piece * 16);
+    const int page_no = e / page_entries, slot = e - page_no * page_entries;
+    const uint8_t* page = pages + static_cast<int64_t>(page_no) * page_entries * kRecordBytes;
+    const uint4 raw = *reinterpret_cast<const uint4*>(page + slot * kRecordData + piece * 16);
     if (piece < 28) {
       const float scale = E8m0ToFloat(page[page_entries * kRecordData + slot * kRecordScales + (piece * 16) / 64]);
       const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+      uint32_t out[8];
 #pragma unroll
       for (int q = 0; q < 4; ++q)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const __half2_raw hr = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(words[q] >> (16 * h)), __NV_E4M3);
           const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&hr));
-          dst[piece * 16 + q * 4 + h * 2] = __float2bfloat16(f.x * scale);
-          dst[piece * 16 + q * 4 + h * 2 + 1] = __float2bfloat16(f.y * scale);
+          const __nv_bfloat162 b = __floats2bfloat162_rn(f.x * scale, f.y * scale);
+          out[q * 2 + h] = *reinterpret_cast<const uint32_t*>(&b);
         }
+      reinterpret_cast<uint4*>(dst)[0] = make_uint4(out[0], out[1], out[2], out[3]);
+      reinterpret_cast<uint4*>(dst)[1] = make_uint4(out[4], out[5], out[6], out[7]);
     } else {
-      *reinterpret_cast<uint4*>(dst + kRecordNope + (piece - 28) * 8) = raw;  // already bf16, little-endian
+      *reinterpret_cast<uint4*>(dst) = raw;  // already bf16, little-endian
     }
   }
 }
@@ -69,11 +76,11 @@ __device__ void ScoreTile(const __nv_bfloat16* q, const __nv_bfloat16* kv, float
   wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
   wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> b;
   for (int k = 0; k < kDim; k += 16) {
-    wmma::load_matrix_sync(a, q + mt * 16 * kDim + k, kDim);
-    wmma::load_matrix_sync(b, kv + nt * 16 * kDim + k, kDim);
+    wmma::load_matrix_sync(a, q + mt * 16 * kLd + k, kLd);
+    wmma::load_matrix_sync(b, kv + nt * 16 * kLd + k, kLd);
     wmma::mma_sync(acc, a, b, acc);
   }
-  wmma::store_matrix_sync(s + mt * 16 * kChunk + nt * 16, acc, kChunk, wmma::mem_row_major);
+  wmma::store_matrix_sync(s + mt * 16 * kLdS + nt * 16, acc, kLdS, wmma::mem_row_major);
 }
 
 __global__ void __launch_bounds__(kThreads) PagedAttnTcKernel(
@@ -81,29 +88,29 @@ __global__ void __launch_bounds__(kThreads) PagedAttnTcKernel(
     int splits, float scale, float* part_o, float* part_m, float* part_l) {
   extern __shared__ __align__(16) unsigned char smem[];
   __nv_bfloat16* q_s = reinterpret_cast<__nv_bfloat16*>(smem);
-  __nv_bfloat16* kv_s = q_s + kHeads * kDim;
-  float* s_s = reinterpret_cast<float*>(kv_s + kChunk * kDim);
-  __nv_bfloat16* p_s = reinterpret_cast<__nv_bfloat16*>(s_s + kHeads * kChunk);
-  int* valid = reinterpret_cast<int*>(p_s + kHeads * kChunk);
+  __nv_bfloat16* kv_s = q_s + kHeads * kLd;
+  float* s_s = reinterpret_cast<float*>(kv_s + kChunk * kLd);
+  __nv_bfloat16* p_s = reinterpret_cast<__nv_bfloat16*>(s_s + kHeads * kLdS);
+  int* valid = reinterpret_cast<int*>(p_s + kHeads * kLdP);
   __shared__ float m_s[kHeads];
 
   const int64_t b = blockIdx.x, split = blockIdx.y, hg = blockIdx.z;
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   const int64_t c0 = split * chunks / splits, c1 = (split + 1) * chunks / splits;
   const float* qb = q + (b * heads + hg * kHeads) * kDim;
-  for (int i = threadIdx.x; i < kHeads * kDim; i += blockDim.x) q_s[i] = __float2bfloat16(qb[i]);
+  for (int i = threadIdx.x; i < kHeads * kDim; i += blockDim.x) q_s[(i / kDim) * kLd + i % kDim] = __float2bfloat16(qb[i]);
   if (threadIdx.x < kHeads) m_s[threadIdx.x] = -INFINITY;
   const int h = threadIdx.x / 8, part = threadIdx.x % 8;  // 8 threads per head for row work
   // Pass 1: row maxima.
   for (int64_t c = c0; c < c1; ++c) {
     __syncthreads();
-    LoadChunk(pages, page_entries, idx + b * n + c * kChunk, n - c * kChunk, kv_s, valid);
+    LoadChunk(pages, static_cast<int>(page_entries), idx + b * n + c * kChunk, n - c * kChunk, kv_s, valid);
     __syncthreads();
     ScoreTile(q_s, kv_s, s_s);
     __syncthreads();
     float mx = -INFINITY;
     for (int j = part; j < kChunk; j += 8)
-      if (valid[j]) mx = fmaxf(mx, s_s[h * kChunk + j]);
+      if (valid[j]) mx = fmaxf(mx, s_s[h * kLdS + j]);
     for (int o = 4; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
     if (part == 0) m_s[h] = fmaxf(m_s[h], mx);
   }
@@ -116,22 +123,22 @@ __global__ void __launch_bounds__(kThreads) PagedAttnTcKernel(
   const float mh = m_s[h];
   for (int64_t c = c0; c < c1; ++c) {
     __syncthreads();
-    LoadChunk(pages, page_entries, idx + b * n + c * kChunk, n - c * kChunk, kv_s, valid);
+    LoadChunk(pages, static_cast<int>(page_entries), idx + b * n + c * kChunk, n - c * kChunk, kv_s, valid);
     __syncthreads();
     ScoreTile(q_s, kv_s, s_s);
     __syncthreads();
     for (int j = part; j < kChunk; j += 8) {
-      const float p = valid[j] ? ExpF((s_s[h * kChunk + j] - mh) * scale) : 0.0f;
+      const float p = valid[j] ? ExpF((s_s[h * kLdS + j] - mh) * scale) : 0.0f;
       l_part += p;
-      p_s[h * kChunk + j] = __float2bfloat16(p);  // P is cast to bf16 before P·V
+      p_s[h * kLdP + j] = __float2bfloat16(p);  // P is cast to bf16 before P·V
     }
     __syncthreads();
     wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
     wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> bv;
     for (int k = 0; k < kChunk; k += 16) {
-      wmma::load_matrix_sync(a, p_s + mt * 16 * kChunk + k, kChunk);
+      wmma::load_matrix_sync(a, p_s + mt * 16 * kLdP + k, kLdP);
       for (int t = 0; t < 8; ++t) {
-        wmma::load_matrix_sync(bv, kv_s + k * kDim + dq * 128 + t * 16, kDim);
+        wmma::load_matrix_sync(bv, kv_s + k * kLd + dq * 128 + t * 16, kLd);
         wmma::mma_sync(o_acc[t], a, bv, o_acc[t]);
       }
     }

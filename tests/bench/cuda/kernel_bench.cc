@@ -180,8 +180,13 @@ int main(int argc, char** argv) {
           CHECK_CUDA(cu::LinearDecode(ws[i % copies], xq, xs, n, y, Rounding::kBf16, nullptr));
         });
         const double fgbs = bytes / fus / 1e3;
-        rows.push_back({std::string("Linear decode (fast) ") + s.name, shape, fus, fgbs, 2.0 * n * s.rows * s.cols / fus / 1e6,
+        rows.push_back({std::string("Linear decode (fast, + act quant) ") + s.name, shape, fus, fgbs, 2.0 * n * s.rows * s.cols / fus / 1e6,
                         Pct(fgbs, hbm, "HBM")});
+        const double gus = TimeUs([&](int i) {
+          CHECK_CUDA(cu::LinearDecode(ws[i % copies], xq, xs, n, y, Rounding::kBf16, nullptr));
+        });
+        rows.push_back({std::string("Linear decode GEMV alone ") + s.name, shape, gus, bytes / gus / 1e3,
+                        2.0 * n * s.rows * s.cols / gus / 1e6, Pct(bytes / gus / 1e3, hbm, "HBM")});
       }
       for (void* p : {static_cast<void*>(x), static_cast<void*>(xq), static_cast<void*>(xs), static_cast<void*>(y)})
         CHECK_CUDA(cudaFree(p));
