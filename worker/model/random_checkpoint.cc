@@ -153,9 +153,14 @@ absl::StatusOr<RandomCheckpointStats> WriteRandomCheckpoint(const ModelArgs& a, 
   std::vector<TensorSpec> specs = ExpectedTensors(a);
   std::vector<TensorToWrite> out;
   RandomCheckpointStats stats;
+  // Every tensor draws from its own stream (NameSeed), so tensors are made in parallel and the
+  // file is the same whatever the thread count.
+  std::vector<std::vector<TensorToWrite>> parts(specs.size());
+#pragma omp parallel for schedule(dynamic)
   for (size_t i = 0; i < specs.size(); ++i) {
     const TensorSpec& t = specs[i];
     if (absl::EndsWith(t.name, ".scale")) continue;  // written with its weight
+    std::vector<TensorToWrite>& made = parts[i];
     Rng rng(NameSeed(seed, t.name));
     TensorToWrite w{t.name, t.dtype, t.shape, {}};
     const int64_t numel = [&] { int64_t n = 1; for (int64_t d : t.shape) n *= d; return n; }();
@@ -168,8 +173,8 @@ absl::StatusOr<RandomCheckpointStats> WriteRandomCheckpoint(const ModelArgs& a, 
       for (float& x : v) x = rng.Normal(0.0f, std);
       TensorToWrite s{base + ".scale", DType::kF8E8M0, specs[i + 1].shape, {}};
       if (fp4) QuantizeFp4(v, rows, cols, &w, &s); else QuantizeFp8(v, rows, cols, &w, &s);
-      out.push_back(std::move(w));
-      out.push_back(std::move(s));
+      made.push_back(std::move(w));
+      made.push_back(std::move(s));
       continue;
     }
     if (t.dtype == DType::kI64) {  // tid2eid: distinct experts per token
@@ -180,7 +185,7 @@ absl::StatusOr<RandomCheckpointStats> WriteRandomCheckpoint(const ModelArgs& a, 
         for (int64_t j = 0; j < k; ++j) std::swap(e[j], e[j + rng.Next() % (a.n_routed_experts - j)]);
         for (int64_t j = 0; j < k; ++j) Put(&w.bytes, e[j]);
       }
-      out.push_back(std::move(w));
+      made.push_back(std::move(w));
       continue;
     }
     std::vector<float> v(numel);
@@ -207,12 +212,19 @@ absl::StatusOr<RandomCheckpointStats> WriteRandomCheckpoint(const ModelArgs& a, 
       const float std = 1.0f / std::sqrt(static_cast<float>(fan_in));
       for (float& x : v) x = rng.Normal(0.0f, std);
     }
-    for (float x : v) {
-      if (t.dtype == DType::kBF16) Put(&w.bytes, num::FloatToBf16Bits(x));
-      else Put(&w.bytes, x);
+    w.bytes.resize(v.size() * (t.dtype == DType::kBF16 ? 2 : 4));
+    for (size_t j = 0; j < v.size(); ++j) {
+      if (t.dtype == DType::kBF16) {
+        const uint16_t b = num::FloatToBf16Bits(v[j]);
+        std::memcpy(w.bytes.data() + 2 * j, &b, 2);
+      } else {
+        std::memcpy(w.bytes.data() + 4 * j, &v[j], 4);
+      }
     }
-    out.push_back(std::move(w));
+    made.push_back(std::move(w));
   }
+  for (auto& p : parts)
+    for (auto& t : p) out.push_back(std::move(t));
   for (const auto& t : out) stats.bytes += static_cast<int64_t>(t.bytes.size());
   stats.tensors = static_cast<int64_t>(out.size());
   FM_RETURN_IF_ERROR(WriteSafetensors(out_dir + "/model.safetensors", out));
