@@ -83,6 +83,16 @@ __device__ void ScoreTile(const __nv_bfloat16* q, const __nv_bfloat16* kv, float
   wmma::store_matrix_sync(s + mt * 16 * kLdS + nt * 16, acc, kLdS, wmma::mem_row_major);
 }
 
+// Chunk `slots` into shared memory and S = Q · Kᵀ for it; block-wide, synchronized on both sides.
+__device__ void LoadAndScore(const uint8_t* pages, int page_entries, const int32_t* slots, int64_t count,
+                             const __nv_bfloat16* q_s, __nv_bfloat16* kv_s, float* s_s, int* valid) {
+  __syncthreads();
+  LoadChunk(pages, page_entries, slots, count, kv_s, valid);
+  __syncthreads();
+  ScoreTile(q_s, kv_s, s_s);
+  __syncthreads();
+}
+
 __global__ void __launch_bounds__(kThreads) PagedAttnTcKernel(
     const float* q, int64_t heads, const uint8_t* pages, int64_t page_entries, const int32_t* idx, int64_t n,
     int splits, float scale, float* part_o, float* part_m, float* part_l) {
@@ -103,11 +113,7 @@ __global__ void __launch_bounds__(kThreads) PagedAttnTcKernel(
   const int h = threadIdx.x / 8, part = threadIdx.x % 8;  // 8 threads per head for row work
   // Pass 1: row maxima.
   for (int64_t c = c0; c < c1; ++c) {
-    __syncthreads();
-    LoadChunk(pages, static_cast<int>(page_entries), idx + b * n + c * kChunk, n - c * kChunk, kv_s, valid);
-    __syncthreads();
-    ScoreTile(q_s, kv_s, s_s);
-    __syncthreads();
+    LoadAndScore(pages, static_cast<int>(page_entries), idx + b * n + c * kChunk, n - c * kChunk, q_s, kv_s, s_s, valid);
     float mx = -INFINITY;
     for (int j = part; j < kChunk; j += 8)
       if (valid[j]) mx = fmaxf(mx, s_s[h * kLdS + j]);
@@ -122,11 +128,7 @@ __global__ void __launch_bounds__(kThreads) PagedAttnTcKernel(
   float l_part = 0.0f;
   const float mh = m_s[h];
   for (int64_t c = c0; c < c1; ++c) {
-    __syncthreads();
-    LoadChunk(pages, static_cast<int>(page_entries), idx + b * n + c * kChunk, n - c * kChunk, kv_s, valid);
-    __syncthreads();
-    ScoreTile(q_s, kv_s, s_s);
-    __syncthreads();
+    LoadAndScore(pages, static_cast<int>(page_entries), idx + b * n + c * kChunk, n - c * kChunk, q_s, kv_s, s_s, valid);
     for (int j = part; j < kChunk; j += 8) {
       const float p = valid[j] ? ExpF((s_s[h * kLdS + j] - mh) * scale) : 0.0f;
       l_part += p;

@@ -67,6 +67,27 @@ WeightMatrix RandomWeight(WeightFormat f, int64_t rows, int64_t cols, uint32_t s
   return w;
 }
 
+// A device copy of `bytes` host bytes (freed by the caller).
+void* Upload(const void* p, size_t bytes) {
+  void* d = nullptr;
+  EXPECT_EQ(cudaMalloc(&d, bytes), cudaSuccess);
+  EXPECT_EQ(cudaMemcpy(d, p, bytes, cudaMemcpyHostToDevice), cudaSuccess);
+  return d;
+}
+
+// A WeightMatrix in the device layout the kernels read (values and scales freed by the caller).
+cuda::DeviceWeight DeviceCopy(const WeightMatrix& w) {
+  const cuda::EncodedWeight enc = cuda::EncodeWeight(w);
+  cuda::DeviceWeight dw;
+  dw.format = w.format;
+  dw.rows = w.rows;
+  dw.cols = w.cols;
+  dw.values = Upload(enc.values.data(), enc.values.size());
+  dw.scales = static_cast<const float*>(Upload(w.scales.data(), w.scales.size() * 4));
+  dw.scale_cols = w.scale_cols();
+  return dw;
+}
+
 class CudaOps : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
@@ -335,12 +356,6 @@ TEST_F(CudaOps, FastModeLinearWithinBf16Rounding) {
 // cuBLASLt's block-scaled FP8 GEMM itself (must not be refused on sm_90), K blocks padded in the
 // scale layout (640 = 5 blocks), tokens padded to a multiple of 4.
 TEST_F(CudaOps, CublasLtBlockScaledFp8MatchesCpu) {
-  auto up = [](const void* p, size_t bytes) {
-    void* d = nullptr;
-    EXPECT_EQ(cudaMalloc(&d, bytes), cudaSuccess);
-    EXPECT_EQ(cudaMemcpy(d, p, bytes, cudaMemcpyHostToDevice), cudaSuccess);
-    return d;
-  };
   cuda::LtContext lt;
   uint32_t seed = 120;
   struct Shape { int64_t rows, cols, n; };
@@ -349,17 +364,11 @@ TEST_F(CudaOps, CublasLtBlockScaledFp8MatchesCpu) {
     const std::vector<float> x = Random(s.n * s.cols, ++seed, 1.5f);
     std::vector<float> want = Poisoned(s.n * s.rows);
     cpu().Linear(w, x.data(), s.n, want.data(), Rounding::kBf16);
-    const cuda::EncodedWeight enc = cuda::EncodeWeight(w);
     const std::vector<float> lts = cuda::BlockScalesForLt(w);
-    cuda::DeviceWeight dw;
-    dw.format = WeightFormat::kFp8Block128;
-    dw.rows = s.rows;
-    dw.cols = s.cols;
-    dw.values = up(enc.values.data(), enc.values.size());
-    dw.scale_cols = w.scale_cols();
-    const float* d_lts = static_cast<const float*>(up(lts.data(), lts.size() * 4));
+    const cuda::DeviceWeight dw = DeviceCopy(w);
+    const float* d_lts = static_cast<const float*>(Upload(lts.data(), lts.size() * 4));
     const int64_t ld = (s.n + 3) / 4 * 4;
-    float* dx = static_cast<float*>(up(x.data(), x.size() * 4));
+    float* dx = static_cast<float*>(Upload(x.data(), x.size() * 4));
     uint8_t* codes = nullptr;
     float *st = nullptr, *y = nullptr;
     __nv_bfloat16* yb = nullptr;
@@ -373,7 +382,7 @@ TEST_F(CudaOps, CublasLtBlockScaledFp8MatchesCpu) {
     ASSERT_EQ(cuda::Bf16ToF32(yb, s.n * s.rows, y, nullptr), cudaSuccess);
     std::vector<float> got(s.n * s.rows);
     ASSERT_EQ(cudaMemcpy(got.data(), y, got.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
-    for (const void* p : {dw.values, static_cast<const void*>(d_lts), static_cast<const void*>(dx),
+    for (const void* p : {dw.values, static_cast<const void*>(dw.scales), static_cast<const void*>(d_lts), static_cast<const void*>(dx),
                           static_cast<const void*>(codes), static_cast<const void*>(st), static_cast<const void*>(yb),
                           static_cast<const void*>(y)})
       cudaFree(const_cast<void*>(p));
@@ -383,12 +392,6 @@ TEST_F(CudaOps, CublasLtBlockScaledFp8MatchesCpu) {
 
 // The fast decode GEMV (reordered sums) against the CPU reference, on device memory.
 TEST_F(CudaOps, FastDecodeGemvWithinFp32Rounding) {
-  auto up = [](const void* p, size_t bytes) {
-    void* d = nullptr;
-    EXPECT_EQ(cudaMalloc(&d, bytes), cudaSuccess);
-    EXPECT_EQ(cudaMemcpy(d, p, bytes, cudaMemcpyHostToDevice), cudaSuccess);
-    return d;
-  };
   uint32_t seed = 80;
   for (WeightFormat f : {WeightFormat::kFp8Block128, WeightFormat::kFp4Group32})
     for (int64_t n : {1, 2, 3, 8, 13})
@@ -398,15 +401,8 @@ TEST_F(CudaOps, FastDecodeGemvWithinFp32Rounding) {
         const std::vector<float> x = Random(n * cols, ++seed, 1.5f);
         std::vector<float> want = Poisoned(n * rows);
         cpu().Linear(w, x.data(), n, want.data(), Rounding::kNone);
-        const cuda::EncodedWeight enc = cuda::EncodeWeight(w);
-        cuda::DeviceWeight dw;
-        dw.format = f;
-        dw.rows = rows;
-        dw.cols = cols;
-        dw.values = up(enc.values.data(), enc.values.size());
-        dw.scales = static_cast<const float*>(up(w.scales.data(), w.scales.size() * 4));
-        dw.scale_cols = w.scale_cols();
-        float* dx = static_cast<float*>(up(x.data(), x.size() * 4));
+        const cuda::DeviceWeight dw = DeviceCopy(w);
+        float* dx = static_cast<float*>(Upload(x.data(), x.size() * 4));
         float *xq = nullptr, *xs = nullptr, *y = nullptr;
         ASSERT_EQ(cudaMalloc(&xq, x.size() * 4), cudaSuccess);
         ASSERT_EQ(cudaMalloc(&xs, n * (cols / 128) * 4), cudaSuccess);
