@@ -134,6 +134,10 @@ class LtContext {
   Impl* impl_;
 };
 
+// "" when libcublasLt (loaded on first use, not linked) and every entry point it needs are there;
+// otherwise why not.
+std::string CublasLtLoadError();
+
 // A FP8 weight's 128x128 block scales in cuBLASLt's BLK128x128 layout (K blocks inner, padded to 4).
 std::vector<float> BlockScalesForLt(const WeightMatrix& w);
 

@@ -4,6 +4,7 @@
 // decoded at load). Scale layouts (cuBLASLt): BLK128x128 is [N/128][roundup(K/128, 4)] with the K
 // block inner; VEC128 is [K/128][roundup(tokens, 4)] with the tokens inner.
 #include <cublasLt.h>
+#include <dlfcn.h>
 #include <cuda_bf16.h>
 
 #include <map>
@@ -45,6 +46,70 @@ __global__ void Bf16ToF32Kernel(const __nv_bfloat16* in, int64_t count, float* o
   if (i < count) out[i] = __bfloat162float(in[i]);
 }
 
+// cuBLASLt is loaded on first use (dlopen), not linked: only fast mode needs it, and loading it
+// into every process broke civetweb's binding of port 0 (`--metrics-listen 127.0.0.1:0`) on this
+// toolchain. The table holds the entry points this file calls.
+struct LtApi {
+  decltype(&::cublasLtCreate) cublasLtCreate = nullptr;
+  decltype(&::cublasLtDestroy) cublasLtDestroy = nullptr;
+  decltype(&::cublasLtMatmul) cublasLtMatmul = nullptr;
+  decltype(&::cublasLtMatmulAlgoGetHeuristic) cublasLtMatmulAlgoGetHeuristic = nullptr;
+  decltype(&::cublasLtMatmulDescCreate) cublasLtMatmulDescCreate = nullptr;
+  decltype(&::cublasLtMatmulDescDestroy) cublasLtMatmulDescDestroy = nullptr;
+  decltype(&::cublasLtMatmulDescSetAttribute) cublasLtMatmulDescSetAttribute = nullptr;
+  decltype(&::cublasLtMatmulPreferenceCreate) cublasLtMatmulPreferenceCreate = nullptr;
+  decltype(&::cublasLtMatmulPreferenceDestroy) cublasLtMatmulPreferenceDestroy = nullptr;
+  decltype(&::cublasLtMatmulPreferenceSetAttribute) cublasLtMatmulPreferenceSetAttribute = nullptr;
+  decltype(&::cublasLtMatrixLayoutCreate) cublasLtMatrixLayoutCreate = nullptr;
+  decltype(&::cublasLtMatrixLayoutDestroy) cublasLtMatrixLayoutDestroy = nullptr;
+};
+
+const LtApi* LoadLtApi(std::string* error) {
+  static LtApi api;
+  static std::string load_error;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    void* lib = dlopen("libcublasLt.so.13", RTLD_NOW | RTLD_LOCAL);
+    if (!lib) lib = dlopen("libcublasLt.so", RTLD_NOW | RTLD_LOCAL);
+    if (!lib) {
+      const char* e = dlerror();
+      load_error = std::string("cannot load libcublasLt: ") + (e ? e : "unknown error");
+      return;
+    }
+    api.cublasLtCreate = reinterpret_cast<decltype(api.cublasLtCreate)>(dlsym(lib, "cublasLtCreate"));
+    if (!api.cublasLtCreate) { load_error = "libcublasLt lacks cublasLtCreate"; return; }
+    api.cublasLtDestroy = reinterpret_cast<decltype(api.cublasLtDestroy)>(dlsym(lib, "cublasLtDestroy"));
+    if (!api.cublasLtDestroy) { load_error = "libcublasLt lacks cublasLtDestroy"; return; }
+    api.cublasLtMatmul = reinterpret_cast<decltype(api.cublasLtMatmul)>(dlsym(lib, "cublasLtMatmul"));
+    if (!api.cublasLtMatmul) { load_error = "libcublasLt lacks cublasLtMatmul"; return; }
+    api.cublasLtMatmulAlgoGetHeuristic = reinterpret_cast<decltype(api.cublasLtMatmulAlgoGetHeuristic)>(dlsym(lib, "cublasLtMatmulAlgoGetHeuristic"));
+    if (!api.cublasLtMatmulAlgoGetHeuristic) { load_error = "libcublasLt lacks cublasLtMatmulAlgoGetHeuristic"; return; }
+    api.cublasLtMatmulDescCreate = reinterpret_cast<decltype(api.cublasLtMatmulDescCreate)>(dlsym(lib, "cublasLtMatmulDescCreate"));
+    if (!api.cublasLtMatmulDescCreate) { load_error = "libcublasLt lacks cublasLtMatmulDescCreate"; return; }
+    api.cublasLtMatmulDescDestroy = reinterpret_cast<decltype(api.cublasLtMatmulDescDestroy)>(dlsym(lib, "cublasLtMatmulDescDestroy"));
+    if (!api.cublasLtMatmulDescDestroy) { load_error = "libcublasLt lacks cublasLtMatmulDescDestroy"; return; }
+    api.cublasLtMatmulDescSetAttribute = reinterpret_cast<decltype(api.cublasLtMatmulDescSetAttribute)>(dlsym(lib, "cublasLtMatmulDescSetAttribute"));
+    if (!api.cublasLtMatmulDescSetAttribute) { load_error = "libcublasLt lacks cublasLtMatmulDescSetAttribute"; return; }
+    api.cublasLtMatmulPreferenceCreate = reinterpret_cast<decltype(api.cublasLtMatmulPreferenceCreate)>(dlsym(lib, "cublasLtMatmulPreferenceCreate"));
+    if (!api.cublasLtMatmulPreferenceCreate) { load_error = "libcublasLt lacks cublasLtMatmulPreferenceCreate"; return; }
+    api.cublasLtMatmulPreferenceDestroy = reinterpret_cast<decltype(api.cublasLtMatmulPreferenceDestroy)>(dlsym(lib, "cublasLtMatmulPreferenceDestroy"));
+    if (!api.cublasLtMatmulPreferenceDestroy) { load_error = "libcublasLt lacks cublasLtMatmulPreferenceDestroy"; return; }
+    api.cublasLtMatmulPreferenceSetAttribute = reinterpret_cast<decltype(api.cublasLtMatmulPreferenceSetAttribute)>(dlsym(lib, "cublasLtMatmulPreferenceSetAttribute"));
+    if (!api.cublasLtMatmulPreferenceSetAttribute) { load_error = "libcublasLt lacks cublasLtMatmulPreferenceSetAttribute"; return; }
+    api.cublasLtMatrixLayoutCreate = reinterpret_cast<decltype(api.cublasLtMatrixLayoutCreate)>(dlsym(lib, "cublasLtMatrixLayoutCreate"));
+    if (!api.cublasLtMatrixLayoutCreate) { load_error = "libcublasLt lacks cublasLtMatrixLayoutCreate"; return; }
+    api.cublasLtMatrixLayoutDestroy = reinterpret_cast<decltype(api.cublasLtMatrixLayoutDestroy)>(dlsym(lib, "cublasLtMatrixLayoutDestroy"));
+    if (!api.cublasLtMatrixLayoutDestroy) { load_error = "libcublasLt lacks cublasLtMatrixLayoutDestroy"; return; }
+  });
+  if (!load_error.empty()) {
+    if (error) *error = load_error;
+    return nullptr;
+  }
+  return &api;
+}
+
+const LtApi& Lt() { return *LoadLtApi(nullptr); }  // only after Init() succeeded
+
 const char* cublasLt_status_name(cublasStatus_t s) {
   switch (s) {
     case CUBLAS_STATUS_SUCCESS: return "SUCCESS";
@@ -76,14 +141,19 @@ struct LtContext::Impl {
 
 LtContext::LtContext() : impl_(new Impl) {}
 LtContext::~LtContext() {
+  if (!impl_->handle) {  // never initialized: nothing of cuBLASLt's to release
+    if (impl_->workspace) cudaFree(impl_->workspace);
+    delete impl_;
+    return;
+  }
   for (auto& [key, p] : impl_->plans) {
-    cublasLtMatrixLayoutDestroy(p.a);
-    cublasLtMatrixLayoutDestroy(p.b);
-    cublasLtMatrixLayoutDestroy(p.d);
-    cublasLtMatmulDescDestroy(p.desc);
+    Lt().cublasLtMatrixLayoutDestroy(p.a);
+    Lt().cublasLtMatrixLayoutDestroy(p.b);
+    Lt().cublasLtMatrixLayoutDestroy(p.d);
+    Lt().cublasLtMatmulDescDestroy(p.desc);
   }
   if (impl_->workspace) cudaFree(impl_->workspace);
-  if (impl_->handle) cublasLtDestroy(impl_->handle);
+  if (impl_->handle) Lt().cublasLtDestroy(impl_->handle);
   delete impl_;
 }
 
@@ -92,9 +162,20 @@ std::string LtContext::last_error() const {
   return impl_->last_error;
 }
 
+std::string CublasLtLoadError() {
+  std::string e;
+  return LoadLtApi(&e) ? std::string() : e;
+}
+
 cudaError_t LtContext::Init() {
   if (impl_->handle) return cudaSuccess;
-  if (cublasLtCreate(&impl_->handle) != CUBLAS_STATUS_SUCCESS) return cudaErrorNotSupported;
+  std::string e;
+  if (!LoadLtApi(&e)) {
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    impl_->last_error = e;
+    return cudaErrorNotSupported;
+  }
+  if (Lt().cublasLtCreate(&impl_->handle) != CUBLAS_STATUS_SUCCESS) return cudaErrorNotSupported;
   return cudaMalloc(&impl_->workspace, impl_->workspace_bytes);
 }
 
@@ -128,47 +209,47 @@ cudaError_t LinearFp8Lt(LtContext& ctx, const DeviceWeight& w, const float* lt_s
     const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
     const cublasLtMatmulMatrixScale_t am = CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F,
                                       bm = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
-    bool ok = cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F) == CUBLAS_STATUS_SUCCESS;
-    ok = ok && cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta) == CUBLAS_STATUS_SUCCESS;
-    ok = ok && cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb) == CUBLAS_STATUS_SUCCESS;
-    ok = ok && cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &am, sizeof am) == CUBLAS_STATUS_SUCCESS;
-    ok = ok && cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &bm, sizeof bm) == CUBLAS_STATUS_SUCCESS;
+    bool ok = Lt().cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F) == CUBLAS_STATUS_SUCCESS;
+    ok = ok && Lt().cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta) == CUBLAS_STATUS_SUCCESS;
+    ok = ok && Lt().cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb) == CUBLAS_STATUS_SUCCESS;
+    ok = ok && Lt().cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &am, sizeof am) == CUBLAS_STATUS_SUCCESS;
+    ok = ok && Lt().cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &bm, sizeof bm) == CUBLAS_STATUS_SUCCESS;
     // The heuristic wants the scale pointers of a block-scaled matmul set before it is asked.
-    ok = ok && cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &lt_scales, sizeof lt_scales) == CUBLAS_STATUS_SUCCESS;
-    ok = ok && cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &scales_t, sizeof scales_t) == CUBLAS_STATUS_SUCCESS;
+    ok = ok && Lt().cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &lt_scales, sizeof lt_scales) == CUBLAS_STATUS_SUCCESS;
+    ok = ok && Lt().cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &scales_t, sizeof scales_t) == CUBLAS_STATUS_SUCCESS;
     const int stage_desc = ok ? 0 : 1;
-    ok = ok && cublasLtMatrixLayoutCreate(&p.a, CUDA_R_8F_E4M3, w.cols, w.rows, w.cols) == CUBLAS_STATUS_SUCCESS;
-    ok = ok && cublasLtMatrixLayoutCreate(&p.b, CUDA_R_8F_E4M3, w.cols, tokens, w.cols) == CUBLAS_STATUS_SUCCESS;
-    ok = ok && cublasLtMatrixLayoutCreate(&p.d, CUDA_R_16BF, w.rows, tokens, w.rows) == CUBLAS_STATUS_SUCCESS;
+    ok = ok && Lt().cublasLtMatrixLayoutCreate(&p.a, CUDA_R_8F_E4M3, w.cols, w.rows, w.cols) == CUBLAS_STATUS_SUCCESS;
+    ok = ok && Lt().cublasLtMatrixLayoutCreate(&p.b, CUDA_R_8F_E4M3, w.cols, tokens, w.cols) == CUBLAS_STATUS_SUCCESS;
+    ok = ok && Lt().cublasLtMatrixLayoutCreate(&p.d, CUDA_R_16BF, w.rows, tokens, w.rows) == CUBLAS_STATUS_SUCCESS;
     cublasLtMatmulPreference_t pref = nullptr;
-    ok = ok && cublasLtMatmulPreferenceCreate(&pref) == CUBLAS_STATUS_SUCCESS;
-    ok = ok && cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &c.workspace_bytes,
+    ok = ok && Lt().cublasLtMatmulPreferenceCreate(&pref) == CUBLAS_STATUS_SUCCESS;
+    ok = ok && Lt().cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &c.workspace_bytes,
                                                     sizeof c.workspace_bytes) == CUBLAS_STATUS_SUCCESS;
     cublasLtMatmulHeuristicResult_t heur{};
     int found = 0;
     cublasStatus_t hs = CUBLAS_STATUS_SUCCESS;
-    if (ok) hs = cublasLtMatmulAlgoGetHeuristic(c.handle, p.desc, p.a, p.b, p.d, p.d, pref, 1, &heur, &found);
+    if (ok) hs = Lt().cublasLtMatmulAlgoGetHeuristic(c.handle, p.desc, p.a, p.b, p.d, p.d, pref, 1, &heur, &found);
     ok = ok && hs == CUBLAS_STATUS_SUCCESS && found > 0;
     c.last_error = ok ? "" : (stage_desc ? "descriptor setup failed" : (std::string("heuristic: ") + cublasLt_status_name(hs) + ", " + std::to_string(found) + " algorithms"));
-    if (pref) cublasLtMatmulPreferenceDestroy(pref);
+    if (pref) Lt().cublasLtMatmulPreferenceDestroy(pref);
     if (!ok) {
-      if (p.a) cublasLtMatrixLayoutDestroy(p.a);
-      if (p.b) cublasLtMatrixLayoutDestroy(p.b);
-      if (p.d) cublasLtMatrixLayoutDestroy(p.d);
-      if (p.desc) cublasLtMatmulDescDestroy(p.desc);
+      if (p.a) Lt().cublasLtMatrixLayoutDestroy(p.a);
+      if (p.b) Lt().cublasLtMatrixLayoutDestroy(p.b);
+      if (p.d) Lt().cublasLtMatrixLayoutDestroy(p.d);
+      if (p.desc) Lt().cublasLtMatmulDescDestroy(p.desc);
       return cudaErrorNotSupported;
     }
     p.algo = heur.algo;
     it = c.plans.emplace(key, p).first;
   }
   Plan& p = it->second;
-  if (cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &lt_scales, sizeof lt_scales) !=
+  if (Lt().cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &lt_scales, sizeof lt_scales) !=
           CUBLAS_STATUS_SUCCESS ||
-      cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &scales_t, sizeof scales_t) !=
+      Lt().cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &scales_t, sizeof scales_t) !=
           CUBLAS_STATUS_SUCCESS)
     return cudaErrorNotSupported;
   const float alpha = 1.0f, beta = 0.0f;
-  const cublasStatus_t ms = cublasLtMatmul(c.handle, p.desc, &alpha, w.values, p.a, codes, p.b, &beta, y, p.d, y, p.d,
+  const cublasStatus_t ms = Lt().cublasLtMatmul(c.handle, p.desc, &alpha, w.values, p.a, codes, p.b, &beta, y, p.d, y, p.d,
                                            &p.algo, c.workspace, c.workspace_bytes, stream);
   if (ms != CUBLAS_STATUS_SUCCESS) {
     c.last_error = std::string("cublasLtMatmul: ") + cublasLt_status_name(ms);

@@ -521,6 +521,10 @@ TEST(CudaBackendErrors, BudgetTooSmallIsAClearStickyError) {
   EXPECT_EQ(r, before);
 }
 
+// cuBLASLt is dlopen'ed by fast mode, not linked (it broke civetweb's port-0 binding when loaded
+// into every process): the library and every entry point must resolve, GPU or not.
+TEST(CublasLt, LoadsOnDemandWithEveryEntryPoint) { EXPECT_EQ(cuda::CublasLtLoadError(), ""); }
+
 TEST(DeviceSelection, BadDevicesAreRefusedByName) {
   auto bad = OpenBackend("gpu0");
   EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
