@@ -164,6 +164,16 @@ TEST(Cli, ClearErrors) {
   EXPECT_NE(r.out.find("--prefill-split 3 must be in [1, 2]"), std::string::npos) << r.out;
   r = RunCli("ckpt random --preset huge --seed 1 --out /tmp/x");
   EXPECT_NE(r.out.find("--preset 'huge'"), std::string::npos) << r.out;
+  // Device flags: an unknown device or kernel mode is named; a CUDA device that is not there
+  // (CI has no GPU) is refused before any work, never silently run on the CPU.
+  r = RunCli("generate --model " + GoldenC() + " --prompt-ids 1 --max-new-tokens 1 --device gpu0");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.out.find("--device: 'gpu0' is neither cpu nor cuda:N"), std::string::npos) << r.out;
+  r = RunCli("generate --model " + GoldenC() + " --prompt-ids 1 --max-new-tokens 1 --cuda-kernels turbo");
+  EXPECT_NE(r.out.find("--cuda-kernels: 'turbo' is neither exact nor fast"), std::string::npos) << r.out;
+  r = RunCli("generate --model " + GoldenC() + " --prompt-ids 1 --max-new-tokens 1 --device cuda:7");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.out.find("--device cuda:7"), std::string::npos) << r.out;
 }
 
 }  // namespace
