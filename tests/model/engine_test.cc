@@ -3,6 +3,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <set>
 #include <sstream>
 
 #include "gtest/gtest.h"
@@ -173,6 +174,81 @@ TEST_F(Engine, HostileSnapshotsAreRejected) {
   auto wrong = model::DeserializeSessionState(blob, other);
   EXPECT_FALSE(wrong.ok());
   EXPECT_NE(std::string(wrong.status().message()).find("layers"), std::string::npos) << wrong.status();
+}
+
+// The CPU reference that also records what was prepared and what Linear multiplies by.
+class RecordingBackend final : public kernels::Backend {
+ public:
+  const char* name() const override { return "recording-cpu"; }
+  absl::Status Prepare(const kernels::WeightMatrix& w) const override {
+    prepared_.insert(w.values.data());
+    return absl::OkStatus();
+  }
+  void Linear(const kernels::WeightMatrix& w, const float* x, int64_t n, float* y, kernels::Rounding out) const override {
+    ++linears_;
+    if (!prepared_.contains(w.values.data())) ++unprepared_;
+    cpu_.Linear(w, x, n, y, out);
+  }
+  void RmsNorm(const float* x, const float* w, int64_t n, int64_t d, float eps, float* y) const override { cpu_.RmsNorm(x, w, n, d, eps, y); }
+  void HeadRmsNormBf16(float* q, int64_t h, int64_t d, float eps) const override { cpu_.HeadRmsNormBf16(q, h, d, eps); }
+  void Rope(float* x, int64_t r, int64_t st, int64_t off, int64_t rd, const float* c, const float* s, bool inv) const override {
+    cpu_.Rope(x, r, st, off, rd, c, s, inv);
+  }
+  void Fp8RoundTrip(float* x, int64_t n, int64_t b) const override { cpu_.Fp8RoundTrip(x, n, b); }
+  void Fp4RoundTrip(float* x, int64_t n, int64_t b) const override { cpu_.Fp4RoundTrip(x, n, b); }
+  void Hadamard(float* x, int64_t r, int64_t d) const override { cpu_.Hadamard(x, r, d); }
+  void SparseAttention(const float* q, int64_t h, int64_t d, std::span<const float* const> kv, const float* sink,
+                       float scale, float* out) const override {
+    cpu_.SparseAttention(q, h, d, kv, sink, scale, out);
+  }
+  void IndexScores(const float* q, const float* w, int64_t h, int64_t d, std::span<const float* const> k,
+                   float* s) const override {
+    cpu_.IndexScores(q, w, h, d, k, s);
+  }
+  void IndexerLogits(const float* q, const float* w, int64_t h, int64_t d, std::span<const float* const> k,
+                     float* l) const override {
+    cpu_.IndexerLogits(q, w, h, d, k, l);
+  }
+  void HcPre(const float* x, const float* fn, const float* base, const float* scale, int hc, int64_t d, int it,
+             float ne, float he, float* y, float* post, float* comb) const override {
+    cpu_.HcPre(x, fn, base, scale, hc, d, it, ne, he, y, post, comb);
+  }
+  void HcPost(const float* f, const float* r, const float* post, const float* comb, int hc, int64_t d,
+              float* out) const override {
+    cpu_.HcPost(f, r, post, comb, hc, d, out);
+  }
+  void HcHead(const float* x, const float* fn, const float* base, float scale, int hc, int64_t d, float ne, float he,
+              float* y) const override {
+    cpu_.HcHead(x, fn, base, scale, hc, d, ne, he, y);
+  }
+  size_t prepared() const { return prepared_.size(); }
+  int64_t linears() const { return linears_; }
+  int64_t unprepared() const { return unprepared_; }
+
+ private:
+  const kernels::Backend& cpu_ = kernels::CpuBackend();
+  mutable std::set<const float*> prepared_;
+  mutable int64_t linears_ = 0, unprepared_ = 0;
+};
+
+// A device backend uploads at load: every weight a forward multiplies by was prepared by Load.
+TEST(PrepareWeights, EveryWeightTheForwardUsesIsPreparedAtLoad) {
+  RecordingBackend be;
+  const std::string dir = WriteModel(SmallVocabTiny(), "prepare");
+  auto tf = Transformer::Load(dir, be);
+  ASSERT_TRUE(tf.ok()) << tf.status();
+  EXPECT_GT(be.prepared(), 20u);
+  auto s = (*tf)->NewSession();
+  std::vector<float> logits;
+  const std::vector<int32_t> prompt = Prompt(40, 512, 9);
+  BatchItem it{s.get(), prompt, &logits, nullptr};
+  ASSERT_TRUE((*tf)->Forward(std::span<BatchItem>(&it, 1)).ok());
+  const int32_t next = 3;
+  BatchItem step{s.get(), std::span<const int32_t>(&next, 1), &logits, nullptr};
+  ASSERT_TRUE((*tf)->Forward(std::span<BatchItem>(&step, 1)).ok());
+  EXPECT_GT(be.linears(), 0);
+  EXPECT_EQ(be.unprepared(), 0) << "of " << be.linears() << " Linear calls";
+  std::filesystem::remove_all(dir);
 }
 
 TEST(RandomCheckpoint, DeterministicPerSeed) {

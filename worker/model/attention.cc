@@ -5,6 +5,7 @@
 #include <limits>
 #include <numeric>
 
+#include "common/status.h"
 #include "kernels/numerics.h"
 #include "kernels/topk.h"
 
@@ -264,6 +265,29 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
       std::copy(zg.begin() + i * O, zg.begin() + (i + 1) * O, z.begin() + i * G * O + g * O);
   }
   be_.Linear(w_.wo_b, z.data(), n, out, Rounding::kBf16);
+}
+
+}  // namespace flashmem::model
+
+namespace flashmem::model {
+
+absl::Status Compressor::Prepare() const {
+  FM_RETURN_IF_ERROR(be_.Prepare(w_.wkv));
+  return be_.Prepare(w_.wgate);
+}
+
+absl::Status Indexer::Prepare() const {
+  FM_RETURN_IF_ERROR(be_.Prepare(w_.wq_b));
+  FM_RETURN_IF_ERROR(be_.Prepare(w_.weights_proj));
+  return compressor_.Prepare();
+}
+
+absl::Status Attention::Prepare() const {
+  for (const WeightMatrix* m : {&w_.wq_a, &w_.wq_b, &w_.wkv, &w_.wo_b}) FM_RETURN_IF_ERROR(be_.Prepare(*m));
+  for (const WeightMatrix& g : wo_a_groups_) FM_RETURN_IF_ERROR(be_.Prepare(g));  // the copies Forward uses
+  if (compressor_) FM_RETURN_IF_ERROR(compressor_->Prepare());
+  if (indexer_) FM_RETURN_IF_ERROR(indexer_->Prepare());
+  return absl::OkStatus();
 }
 
 }  // namespace flashmem::model

@@ -37,6 +37,8 @@ class Compressor {
   // normed, roped at the block's first position, FP8- or Hadamard+FP4-rounded) and returns true.
   bool Update(CompressorState& st, const float* kv, const float* score, int64_t pos, float* out) const;
   int ratio() const { return ratio_; }
+  // Moves this module's weights to where the backend computes (Backend::Prepare).
+  absl::Status Prepare() const;
 
  private:
   const ModelArgs& args_;
@@ -62,6 +64,8 @@ class Indexer {
               const Residency& residency, std::vector<float>* scores) const;
   const Compressor& compressor() const { return compressor_; }
   int64_t n_local_heads() const { return n_local_heads_; }
+  // Moves this module's weights to where the backend computes (Backend::Prepare).
+  absl::Status Prepare() const;
 
  private:
   const ModelArgs& args_;
@@ -78,6 +82,8 @@ class Attention {
             const kernels::Backend& be);
   // x: [n, dim] normed inputs (bf16 values) of the rows; out: [n, dim] (bf16 values).
   void Forward(const float* x, std::span<const TokenRow> rows, float* out) const;
+  // Moves this module's weights to where the backend computes (Backend::Prepare).
+  absl::Status Prepare() const;
 
  private:
   // The candidate KV rows of one query in the reference's slot order (nullptr = masked slot).

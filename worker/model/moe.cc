@@ -4,6 +4,7 @@
 #include <cmath>
 #include <numeric>
 
+#include "common/status.h"
 #include "kernels/numerics.h"
 #include "kernels/topk.h"
 
@@ -127,6 +128,23 @@ void MoE::Forward(const float* x, std::span<const int32_t> tokens,
   ys.resize(n * d);
   shared_.Forward(x, n, nullptr, ys.data());
   for (int64_t i = 0; i < n * d; ++i) out[i] = num::RoundBf16(y[i] + ys[i]);
+}
+
+}  // namespace flashmem::model
+
+namespace flashmem::model {
+
+absl::Status Gate::Prepare() const { return be_.Prepare(w_.weight); }
+
+absl::Status Expert::Prepare() const {
+  for (const WeightMatrix* m : {&w_.w1, &w_.w2, &w_.w3}) FM_RETURN_IF_ERROR(be_.Prepare(*m));
+  return absl::OkStatus();
+}
+
+absl::Status MoE::Prepare() const {
+  FM_RETURN_IF_ERROR(gate_.Prepare());
+  for (const Expert& e : experts_) FM_RETURN_IF_ERROR(e.Prepare());
+  return shared_.Prepare();
 }
 
 }  // namespace flashmem::model

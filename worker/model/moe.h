@@ -19,6 +19,8 @@ class Gate {
   // For n rows: expert ids [n, topk] and routing weights [n, topk].
   void Route(const float* x, std::span<const int32_t> tokens, std::vector<int32_t>* ids,
              std::vector<float>* weights) const;
+  // Moves this module's weights to where the backend computes (Backend::Prepare).
+  absl::Status Prepare() const;
 
  private:
   const ModelArgs& args_;
@@ -34,6 +36,8 @@ class Expert {
   // out[n, dim] (bf16 values) = w2(bf16(silu(min(w1 x, L)) * clamp(w3 x, ±L) * weight)).
   // `weights` may be null (shared expert).
   void Forward(const float* x, int64_t n, const float* weights, float* out) const;
+  // Moves this module's weights to where the backend computes (Backend::Prepare).
+  absl::Status Prepare() const;
 
  private:
   const ModelArgs& args_;
@@ -48,6 +52,8 @@ class MoE {
   // `trace_rows[i]`, when non-null, receives row i's routing for this layer.
   void Forward(const float* x, std::span<const int32_t> tokens,
                std::span<ForwardTrace* const> trace_rows, float* out) const;
+  // Moves this module's weights to where the backend computes (Backend::Prepare).
+  absl::Status Prepare() const;
 
  private:
   const ModelArgs& args_;

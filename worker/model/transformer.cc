@@ -58,7 +58,19 @@ absl::StatusOr<std::unique_ptr<Transformer>> Transformer::Load(const std::string
   FM_ASSIGN_OR_RETURN(ModelArgs args, LoadModelArgs(model_dir));
   FM_ASSIGN_OR_RETURN(auto ckpt, Checkpoint::Open(model_dir));
   FM_ASSIGN_OR_RETURN(ModelWeights w, LoadWeights(*ckpt, args, shard, progress));
-  return std::make_unique<Transformer>(std::move(args), std::move(w), be);
+  auto tf = std::make_unique<Transformer>(std::move(args), std::move(w), be);
+  FM_RETURN_IF_ERROR(tf->PrepareWeights());
+  return tf;
+}
+
+absl::Status Block::Prepare() const {
+  FM_RETURN_IF_ERROR(attn_.Prepare());
+  return ffn_.Prepare();
+}
+
+absl::Status Transformer::PrepareWeights() const {
+  for (const auto& layer : layers_) FM_RETURN_IF_ERROR(layer->Prepare());
+  return head_->Prepare();
 }
 
 Transformer::Transformer(ModelArgs args, ModelWeights weights, const kernels::Backend& be)

@@ -24,6 +24,8 @@ class Block {
   // X: [n, hc, dim] residual streams (bf16 values), updated in place.
   void Forward(std::vector<float>& X, std::span<const TokenRow> rows,
                std::span<const int32_t> tokens, std::span<ForwardTrace* const> trace_rows) const;
+  // Moves this module's weights to where the backend computes (Backend::Prepare).
+  absl::Status Prepare() const;
 
  private:
   const ModelArgs& args_;
@@ -41,6 +43,7 @@ class ParallelHead {
   // X: [hc, dim] of one position -> logits [local vocab] (fp32); head_input receives the
   // normed vector multiplied by the head (when non-null).
   void Forward(const float* X, float* logits, std::vector<float>* head_input) const;
+  absl::Status Prepare() const { return be_.Prepare(head_); }
 
  private:
   const ModelArgs& args_;
@@ -75,6 +78,11 @@ class Transformer {
   // Runs every item's tokens through the model in one pass (rows of all items share the
   // GEMMs; attention runs per session). Advances each state's position.
   absl::Status Forward(std::span<BatchItem> batch) const;
+
+  // Every weight the forward multiplies by, moved to the backend's device (Load calls it): a GPU
+  // worker uploads at load, so a memory budget too small for one weight fails there, and the
+  // first request pays no uploads. A no-op on the CPU.
+  absl::Status PrepareWeights() const;
 
  private:
   ModelArgs args_;
