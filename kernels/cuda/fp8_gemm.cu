@@ -48,20 +48,18 @@ __global__ void Bf16ToF32Kernel(const __nv_bfloat16* in, int64_t count, float* o
 
 // cuBLASLt is loaded on first use (dlopen), not linked: only fast mode needs it, and loading it
 // into every process broke civetweb's binding of port 0 (`--metrics-listen 127.0.0.1:0`) on this
-// toolchain. The table holds the entry points this file calls.
+// toolchain. The entry points this file calls are listed once; the table's members and their
+// lookups expand from the list.
+#define FM_CUBLASLT_FUNCTIONS(X)                                                                  \
+  X(cublasLtCreate) X(cublasLtDestroy) X(cublasLtMatmul) X(cublasLtMatmulAlgoGetHeuristic)          \
+  X(cublasLtMatmulDescCreate) X(cublasLtMatmulDescDestroy) X(cublasLtMatmulDescSetAttribute)         \
+  X(cublasLtMatmulPreferenceCreate) X(cublasLtMatmulPreferenceDestroy)                               \
+  X(cublasLtMatmulPreferenceSetAttribute) X(cublasLtMatrixLayoutCreate) X(cublasLtMatrixLayoutDestroy)
+
 struct LtApi {
-  decltype(&::cublasLtCreate) cublasLtCreate = nullptr;
-  decltype(&::cublasLtDestroy) cublasLtDestroy = nullptr;
-  decltype(&::cublasLtMatmul) cublasLtMatmul = nullptr;
-  decltype(&::cublasLtMatmulAlgoGetHeuristic) cublasLtMatmulAlgoGetHeuristic = nullptr;
-  decltype(&::cublasLtMatmulDescCreate) cublasLtMatmulDescCreate = nullptr;
-  decltype(&::cublasLtMatmulDescDestroy) cublasLtMatmulDescDestroy = nullptr;
-  decltype(&::cublasLtMatmulDescSetAttribute) cublasLtMatmulDescSetAttribute = nullptr;
-  decltype(&::cublasLtMatmulPreferenceCreate) cublasLtMatmulPreferenceCreate = nullptr;
-  decltype(&::cublasLtMatmulPreferenceDestroy) cublasLtMatmulPreferenceDestroy = nullptr;
-  decltype(&::cublasLtMatmulPreferenceSetAttribute) cublasLtMatmulPreferenceSetAttribute = nullptr;
-  decltype(&::cublasLtMatrixLayoutCreate) cublasLtMatrixLayoutCreate = nullptr;
-  decltype(&::cublasLtMatrixLayoutDestroy) cublasLtMatrixLayoutDestroy = nullptr;
+#define FM_CUBLASLT_MEMBER(f) decltype(&::f) f = nullptr;
+  FM_CUBLASLT_FUNCTIONS(FM_CUBLASLT_MEMBER)
+#undef FM_CUBLASLT_MEMBER
 };
 
 const LtApi* LoadLtApi(std::string* error) {
@@ -76,30 +74,11 @@ const LtApi* LoadLtApi(std::string* error) {
       load_error = std::string("cannot load libcublasLt: ") + (e ? e : "unknown error");
       return;
     }
-    api.cublasLtCreate = reinterpret_cast<decltype(api.cublasLtCreate)>(dlsym(lib, "cublasLtCreate"));
-    if (!api.cublasLtCreate) { load_error = "libcublasLt lacks cublasLtCreate"; return; }
-    api.cublasLtDestroy = reinterpret_cast<decltype(api.cublasLtDestroy)>(dlsym(lib, "cublasLtDestroy"));
-    if (!api.cublasLtDestroy) { load_error = "libcublasLt lacks cublasLtDestroy"; return; }
-    api.cublasLtMatmul = reinterpret_cast<decltype(api.cublasLtMatmul)>(dlsym(lib, "cublasLtMatmul"));
-    if (!api.cublasLtMatmul) { load_error = "libcublasLt lacks cublasLtMatmul"; return; }
-    api.cublasLtMatmulAlgoGetHeuristic = reinterpret_cast<decltype(api.cublasLtMatmulAlgoGetHeuristic)>(dlsym(lib, "cublasLtMatmulAlgoGetHeuristic"));
-    if (!api.cublasLtMatmulAlgoGetHeuristic) { load_error = "libcublasLt lacks cublasLtMatmulAlgoGetHeuristic"; return; }
-    api.cublasLtMatmulDescCreate = reinterpret_cast<decltype(api.cublasLtMatmulDescCreate)>(dlsym(lib, "cublasLtMatmulDescCreate"));
-    if (!api.cublasLtMatmulDescCreate) { load_error = "libcublasLt lacks cublasLtMatmulDescCreate"; return; }
-    api.cublasLtMatmulDescDestroy = reinterpret_cast<decltype(api.cublasLtMatmulDescDestroy)>(dlsym(lib, "cublasLtMatmulDescDestroy"));
-    if (!api.cublasLtMatmulDescDestroy) { load_error = "libcublasLt lacks cublasLtMatmulDescDestroy"; return; }
-    api.cublasLtMatmulDescSetAttribute = reinterpret_cast<decltype(api.cublasLtMatmulDescSetAttribute)>(dlsym(lib, "cublasLtMatmulDescSetAttribute"));
-    if (!api.cublasLtMatmulDescSetAttribute) { load_error = "libcublasLt lacks cublasLtMatmulDescSetAttribute"; return; }
-    api.cublasLtMatmulPreferenceCreate = reinterpret_cast<decltype(api.cublasLtMatmulPreferenceCreate)>(dlsym(lib, "cublasLtMatmulPreferenceCreate"));
-    if (!api.cublasLtMatmulPreferenceCreate) { load_error = "libcublasLt lacks cublasLtMatmulPreferenceCreate"; return; }
-    api.cublasLtMatmulPreferenceDestroy = reinterpret_cast<decltype(api.cublasLtMatmulPreferenceDestroy)>(dlsym(lib, "cublasLtMatmulPreferenceDestroy"));
-    if (!api.cublasLtMatmulPreferenceDestroy) { load_error = "libcublasLt lacks cublasLtMatmulPreferenceDestroy"; return; }
-    api.cublasLtMatmulPreferenceSetAttribute = reinterpret_cast<decltype(api.cublasLtMatmulPreferenceSetAttribute)>(dlsym(lib, "cublasLtMatmulPreferenceSetAttribute"));
-    if (!api.cublasLtMatmulPreferenceSetAttribute) { load_error = "libcublasLt lacks cublasLtMatmulPreferenceSetAttribute"; return; }
-    api.cublasLtMatrixLayoutCreate = reinterpret_cast<decltype(api.cublasLtMatrixLayoutCreate)>(dlsym(lib, "cublasLtMatrixLayoutCreate"));
-    if (!api.cublasLtMatrixLayoutCreate) { load_error = "libcublasLt lacks cublasLtMatrixLayoutCreate"; return; }
-    api.cublasLtMatrixLayoutDestroy = reinterpret_cast<decltype(api.cublasLtMatrixLayoutDestroy)>(dlsym(lib, "cublasLtMatrixLayoutDestroy"));
-    if (!api.cublasLtMatrixLayoutDestroy) { load_error = "libcublasLt lacks cublasLtMatrixLayoutDestroy"; return; }
+#define FM_CUBLASLT_LOOKUP(f)                                          \
+  api.f = reinterpret_cast<decltype(api.f)>(dlsym(lib, #f));           \
+  if (!api.f && load_error.empty()) load_error = "libcublasLt lacks " #f;
+    FM_CUBLASLT_FUNCTIONS(FM_CUBLASLT_LOOKUP)
+#undef FM_CUBLASLT_LOOKUP
   });
   if (!load_error.empty()) {
     if (error) *error = load_error;
