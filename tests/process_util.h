@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdio>
 #include <string>
 #include <vector>
 
@@ -56,6 +57,23 @@ inline void Stop(Child& c, int sig = SIGTERM) {
   ::kill(c.pid, sig);
   ::waitpid(c.pid, nullptr, 0);
   c.pid = -1;
+}
+
+// A shell command's exit code and its stdout and stderr together.
+struct ShellResult {
+  int code = 0;
+  std::string out;
+};
+inline ShellResult RunShell(const std::string& cmd) {
+  ShellResult r;
+  FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
+  if (!p) return {-1, "popen failed"};
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) r.out.append(buf, n);
+  const int st = ::pclose(p);
+  r.code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  return r;
 }
 
 // Plain HTTP GET on 127.0.0.1 (Prometheus /metrics).

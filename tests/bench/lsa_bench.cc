@@ -17,6 +17,7 @@
 #include "common/file.h"
 #include "kernels/ops.h"
 #include "nlohmann/json.hpp"
+#include "tests/test_prompt.h"
 #include "worker/lsa/indexer_init.h"
 #include "worker/lsa/lsa_session.h"
 #include "worker/model/sampler.h"
@@ -27,15 +28,8 @@ namespace {
 
 using namespace flashmem;
 
-std::vector<int32_t> Prompt(int64_t n, int64_t vocab) {
-  std::vector<int32_t> p;
-  uint64_t x = 12345;
-  for (int64_t i = 0; i < n; ++i) {
-    x = x * 6364136223846793005ull + 1442695040888963407ull;
-    p.push_back(static_cast<int32_t>((x >> 33) % vocab));
-  }
-  return p;
-}
+// The benchmark's prompt: always the same ids (seed 12345).
+std::vector<int32_t> Prompt(int64_t n, int64_t vocab) { return testing::Prompt(n, vocab, 12345); }
 
 struct Result {
   std::string policy;

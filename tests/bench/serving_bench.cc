@@ -18,6 +18,7 @@
 #include "CLI/CLI.hpp"
 #include "session.grpc.pb.h"
 #include "tests/process_util.h"
+#include "tests/test_prompt.h"
 #include "worker/model/random_checkpoint.h"
 #include "worker/server/scheduler.h"
 
@@ -27,15 +28,7 @@ using namespace flashmem;
 using Clock = std::chrono::steady_clock;
 double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
-std::vector<int32_t> Prompt(int64_t n, int64_t vocab, uint32_t seed) {
-  std::vector<int32_t> p;
-  uint64_t x = seed;
-  for (int64_t i = 0; i < n; ++i) {
-    x = x * 6364136223846793005ull + 1442695040888963407ull;
-    p.push_back(static_cast<int32_t>((x >> 33) % vocab));
-  }
-  return p;
-}
+using testing::Prompt;
 
 struct Client {
   std::unique_ptr<v1::SessionService::Stub> stub;

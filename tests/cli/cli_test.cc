@@ -16,22 +16,8 @@
 namespace flashmem::testing {
 namespace {
 
-struct Result {
-  int code;
-  std::string out;
-};
-
-Result RunCli(const std::string& args) {
-  const std::string cmd = std::string(FLASHMEM_BIN) + " " + args + " 2>&1";
-  Result r{0, ""};
-  FILE* p = ::popen(cmd.c_str(), "r");
-  char buf[4096];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) r.out.append(buf, n);
-  const int st = ::pclose(p);
-  r.code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  return r;
-}
+using Result = ShellResult;
+Result RunCli(const std::string& args) { return RunShell(std::string(FLASHMEM_BIN) + " " + args); }
 
 std::string GoldenC() { return std::string(FLASHMEM_GOLDEN_DIR) + "/dsv4-tiny-c"; }
 
@@ -128,14 +114,10 @@ TEST(Cli, LocalClusterUpCompleteDown) {
   const std::string prompt = "Pages come back before they are needed";
   Result api = RunCli("complete --run-dir " + dir + "/run --prompt \"" + prompt + "\" --max-tokens 12");
   // chat: two turns on one session, then /quit.
-  const std::string chat_cmd = "printf 'first turn\\nsecond turn\\n/quit\\n' | " + std::string(FLASHMEM_BIN) + " chat --run-dir " +
-                               dir + "/run --max-tokens 4 2>&1";
-  FILE* p = ::popen(chat_cmd.c_str(), "r");
-  std::string chat_out;
-  char buf[4096];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) chat_out.append(buf, n);
-  EXPECT_EQ(WEXITSTATUS(::pclose(p)), 0) << chat_out;
+  const Result chat = RunShell("printf 'first turn\\nsecond turn\\n/quit\\n' | " + std::string(FLASHMEM_BIN) +
+                              " chat --run-dir " + dir + "/run --max-tokens 4");
+  const std::string& chat_out = chat.out;
+  EXPECT_EQ(chat.code, 0) << chat_out;
   size_t prompts = 0;  // "> " before each line read: two turns, then the one that reads /quit
   for (size_t at = 0; (at = chat_out.find("> ", at)) != std::string::npos; ++at) ++prompts;
   EXPECT_EQ(prompts, 3u) << chat_out;

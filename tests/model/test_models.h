@@ -8,6 +8,7 @@
 
 #include "gtest/gtest.h"
 #include "kernels/device.h"
+#include "tests/test_prompt.h"
 #include "worker/model/random_checkpoint.h"
 #include "worker/model/safetensors.h"
 #include "worker/model/transformer.h"
@@ -68,17 +69,6 @@ inline std::unique_ptr<LoadedModel> LoadRandomModel(const model::ModelArgs& a, c
   EXPECT_TRUE(tf.ok()) << tf.status();
   if (tf.ok()) m->model = std::move(*tf);
   return m;
-}
-
-// A deterministic pseudo-random prompt of n ids below vocab.
-inline std::vector<int32_t> Prompt(int64_t n, int64_t vocab, uint32_t seed) {
-  std::vector<int32_t> p;
-  uint64_t x = seed;
-  for (int64_t i = 0; i < n; ++i) {
-    x = x * 6364136223846793005ull + 1442695040888963407ull;
-    p.push_back(static_cast<int32_t>((x >> 33) % vocab));
-  }
-  return p;
 }
 
 // Reads every tensor of a safetensors file back into writable form.

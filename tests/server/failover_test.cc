@@ -16,6 +16,23 @@
 namespace flashmem::testing {
 namespace {
 
+// The cluster pieces every test starts: a tiny random checkpoint in dir/m (seed 9), a memtier
+// on dir/mt with 256 MiB of RAM, a coordinator on dir/coord; `extra` appends flags.
+int WriteTinyModel(const std::string& dir, int layers) {
+  return std::system((std::string(FLASHMEM_BIN) + " ckpt random --preset tiny --layers " + std::to_string(layers) +
+                      " --seed 9 --out " + dir + "/m > /dev/null").c_str());
+}
+Child StartMemtier(const std::string& dir, std::vector<std::string> extra = {}) {
+  std::vector<std::string> args = {"--grpc-listen", "127.0.0.1:0", "--data-dir", dir + "/mt", "--ram-bytes", "268435456"};
+  args.insert(args.end(), extra.begin(), extra.end());
+  return Spawn(FLASHMEM_MEMTIER_BIN, args);
+}
+Child StartCoordinator(const std::string& dir, std::vector<std::string> extra = {}) {
+  std::vector<std::string> args = {"--listen", "127.0.0.1:0", "--data-dir", dir + "/coord"};
+  args.insert(args.end(), extra.begin(), extra.end());
+  return Spawn(FLASHMEM_COORDINATOR_BIN, args);
+}
+
 struct Api {
   std::unique_ptr<v1::SessionService::Stub> session;
   std::unique_ptr<v1::WorkerAdmin::Stub> admin;
@@ -85,8 +102,8 @@ grpc::Status Append(Api& api, const std::string& sid, const std::string& token, 
 
 TEST(Failover, AnotherWorkerAdoptsTheSessionFromMemtierWithoutPrefill) {
   const std::string dir = TempDir("failover");
-  ASSERT_EQ(std::system((std::string(FLASHMEM_BIN) + " ckpt random --preset tiny --layers 2 --seed 9 --out " + dir + "/m > /dev/null").c_str()), 0);
-  Child memtier = Spawn(FLASHMEM_MEMTIER_BIN, {"--grpc-listen", "127.0.0.1:0", "--data-dir", dir + "/mt", "--ram-bytes", "268435456"});
+  ASSERT_EQ(WriteTinyModel(dir, 2), 0);
+  Child memtier = StartMemtier(dir);
   ASSERT_FALSE(memtier.target.empty()) << memtier.output;
   const std::vector<std::string> wargs = {"--model", dir + "/m", "--listen", "127.0.0.1:0", "--memtier", memtier.target};
   v1::SamplingParams sp;
@@ -171,11 +188,10 @@ TEST(Failover, AnotherWorkerAdoptsTheSessionFromMemtierWithoutPrefill) {
 // stream carries on from another worker with exactly the uninterrupted tokens.
 TEST(Failover, CoordinatorMovesTheSessionAndTheStreamCarriesOn) {
   const std::string dir = TempDir("failover_coord");
-  ASSERT_EQ(std::system((std::string(FLASHMEM_BIN) + " ckpt random --preset tiny --layers 2 --seed 9 --out " + dir + "/m > /dev/null").c_str()), 0);
-  Child coord = Spawn(FLASHMEM_COORDINATOR_BIN, {"--listen", "127.0.0.1:0", "--data-dir", dir + "/coord", "--metrics-listen", "127.0.0.1:0"});
+  ASSERT_EQ(WriteTinyModel(dir, 2), 0);
+  Child coord = StartCoordinator(dir, {"--metrics-listen", "127.0.0.1:0"});
   ASSERT_FALSE(coord.target.empty()) << coord.output;
-  Child memtier = Spawn(FLASHMEM_MEMTIER_BIN, {"--grpc-listen", "127.0.0.1:0", "--data-dir", dir + "/mt", "--ram-bytes", "268435456",
-                                               "--coordinator", coord.target});
+  Child memtier = StartMemtier(dir, {"--coordinator", coord.target});
   ASSERT_FALSE(memtier.target.empty()) << memtier.output;
   const std::vector<std::string> wargs = {"--model", dir + "/m", "--listen", "127.0.0.1:0", "--memtier", memtier.target,
                                           "--coordinator", coord.target};
@@ -233,11 +249,11 @@ TEST(Failover, CoordinatorMovesTheSessionAndTheStreamCarriesOn) {
 // recalls the pages it needs from memtier; the tokens equal the uninterrupted run.
 TEST(Failover, WithLsaAndEvictedPagesTheTokensAreTheSame) {
   const std::string dir = TempDir("failover_lsa");
-  ASSERT_EQ(std::system((std::string(FLASHMEM_BIN) + " ckpt random --preset tiny --layers 4 --seed 9 --out " + dir + "/m > /dev/null").c_str()), 0);
+  ASSERT_EQ(WriteTinyModel(dir, 4), 0);
   ASSERT_EQ(std::system((std::string(FLASHMEM_BIN) + " indexer init --model " + dir + "/m --out " + dir + "/idx > /dev/null").c_str()), 0);
-  Child memtier = Spawn(FLASHMEM_MEMTIER_BIN, {"--grpc-listen", "127.0.0.1:0", "--data-dir", dir + "/mt", "--ram-bytes", "268435456"});
+  Child memtier = StartMemtier(dir);
   ASSERT_FALSE(memtier.target.empty()) << memtier.output;
-  Child coord = Spawn(FLASHMEM_COORDINATOR_BIN, {"--listen", "127.0.0.1:0", "--data-dir", dir + "/coord"});
+  Child coord = StartCoordinator(dir);
   ASSERT_FALSE(coord.target.empty()) << coord.output;
   const std::vector<std::string> wargs = {"--model", dir + "/m", "--listen", "127.0.0.1:0", "--memtier", memtier.target,
                                           "--coordinator", coord.target, "--lsa-indexer", dir + "/idx",
@@ -291,10 +307,10 @@ TEST(Failover, WithLsaAndEvictedPagesTheTokensAreTheSame) {
 // round's final tokens equal the uninterrupted run; the killed worker is restarted for the next.
 TEST(Failover, RandomStepsManyRounds) {
   const std::string dir = TempDir("failover_rounds");
-  ASSERT_EQ(std::system((std::string(FLASHMEM_BIN) + " ckpt random --preset tiny --layers 2 --seed 9 --out " + dir + "/m > /dev/null").c_str()), 0);
-  Child memtier = Spawn(FLASHMEM_MEMTIER_BIN, {"--grpc-listen", "127.0.0.1:0", "--data-dir", dir + "/mt", "--ram-bytes", "268435456"});
+  ASSERT_EQ(WriteTinyModel(dir, 2), 0);
+  Child memtier = StartMemtier(dir);
   ASSERT_FALSE(memtier.target.empty()) << memtier.output;
-  Child coord = Spawn(FLASHMEM_COORDINATOR_BIN, {"--listen", "127.0.0.1:0", "--data-dir", dir + "/coord"});
+  Child coord = StartCoordinator(dir);
   ASSERT_FALSE(coord.target.empty()) << coord.output;
   const std::vector<std::string> wargs = {"--model", dir + "/m", "--listen", "127.0.0.1:0", "--memtier", memtier.target,
                                           "--coordinator", coord.target};
@@ -343,9 +359,9 @@ TEST(Failover, RandomStepsManyRounds) {
 // out, before any client call on it.
 TEST(Failover, IdleSessionsMoveWhenTheLeaseRunsOut) {
   const std::string dir = TempDir("failover_idle");
-  ASSERT_EQ(std::system((std::string(FLASHMEM_BIN) + " ckpt random --preset tiny --layers 2 --seed 9 --out " + dir + "/m > /dev/null").c_str()), 0);
-  Child memtier = Spawn(FLASHMEM_MEMTIER_BIN, {"--grpc-listen", "127.0.0.1:0", "--data-dir", dir + "/mt", "--ram-bytes", "268435456"});
-  Child coord = Spawn(FLASHMEM_COORDINATOR_BIN, {"--listen", "127.0.0.1:0", "--data-dir", dir + "/coord", "--metrics-listen", "127.0.0.1:0"});
+  ASSERT_EQ(WriteTinyModel(dir, 2), 0);
+  Child memtier = StartMemtier(dir);
+  Child coord = StartCoordinator(dir, {"--metrics-listen", "127.0.0.1:0"});
   ASSERT_FALSE(memtier.target.empty() || coord.target.empty());
   const std::vector<std::string> wargs = {"--model", dir + "/m", "--listen", "127.0.0.1:0", "--memtier", memtier.target,
                                           "--coordinator", coord.target};
@@ -384,10 +400,10 @@ std::string PortOf(const std::string& target) { return target.substr(target.rfin
 // keeps the session, workers register again, and the session continues with the same tokens.
 TEST(Failover, CoordinatorRestartKeepsSessions) {
   const std::string dir = TempDir("coord_restart");
-  ASSERT_EQ(std::system((std::string(FLASHMEM_BIN) + " ckpt random --preset tiny --layers 2 --seed 9 --out " + dir + "/m > /dev/null").c_str()), 0);
-  Child memtier = Spawn(FLASHMEM_MEMTIER_BIN, {"--grpc-listen", "127.0.0.1:0", "--data-dir", dir + "/mt", "--ram-bytes", "268435456"});
+  ASSERT_EQ(WriteTinyModel(dir, 2), 0);
+  Child memtier = StartMemtier(dir);
   ASSERT_FALSE(memtier.target.empty()) << memtier.output;
-  Child coord = Spawn(FLASHMEM_COORDINATOR_BIN, {"--listen", "127.0.0.1:0", "--data-dir", dir + "/coord"});
+  Child coord = StartCoordinator(dir);
   ASSERT_FALSE(coord.target.empty()) << coord.output;
   const std::string coord_target = coord.target;
   Child w = Spawn(FLASHMEM_WORKER_BIN, {"--model", dir + "/m", "--listen", "127.0.0.1:0", "--memtier", memtier.target,
@@ -431,8 +447,8 @@ TEST(Failover, CoordinatorRestartKeepsSessions) {
 // rest gives exactly the uninterrupted tokens — never wrong ones.
 TEST(Failover, MemtierRestartDuringGenerationContinuesOrFailsRetryably) {
   const std::string dir = TempDir("memtier_restart");
-  ASSERT_EQ(std::system((std::string(FLASHMEM_BIN) + " ckpt random --preset tiny --layers 4 --seed 9 --out " + dir + "/m > /dev/null").c_str()), 0);
-  Child memtier = Spawn(FLASHMEM_MEMTIER_BIN, {"--grpc-listen", "127.0.0.1:0", "--data-dir", dir + "/mt", "--ram-bytes", "268435456"});
+  ASSERT_EQ(WriteTinyModel(dir, 4), 0);
+  Child memtier = StartMemtier(dir);
   ASSERT_FALSE(memtier.target.empty()) << memtier.output;
   const std::string mt_target = memtier.target;
   Child w = Spawn(FLASHMEM_WORKER_BIN, {"--model", dir + "/m", "--listen", "127.0.0.1:0", "--memtier", mt_target});

@@ -11,20 +11,8 @@
 namespace flashmem::testing {
 namespace {
 
-struct Result {
-  int code;
-  std::string out;
-};
-Result Shell(const std::string& cmd) {
-  Result r{0, ""};
-  FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
-  char buf[4096];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) r.out.append(buf, n);
-  const int st = ::pclose(p);
-  r.code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  return r;
-}
+using Result = ShellResult;
+Result Shell(const std::string& cmd) { return RunShell(cmd); }
 
 TEST(Tls, ComponentsTalkMtlsAndThePublicApiTakesTlsClients) {
   const std::string d = TempDir("tls");
