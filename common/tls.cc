@@ -2,6 +2,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/file.h"
+#include "common/status.h"
 
 namespace flashmem {
 namespace {
@@ -14,6 +15,17 @@ absl::StatusOr<std::string> Pem(const std::string& path, const char* flag) {
   return *text;
 }
 
+// The process's certificate chain and private key (both flags given: callers check).
+struct Identity {
+  std::string cert, key;
+};
+absl::StatusOr<Identity> ReadIdentity(const TlsOptions& o) {
+  Identity id;
+  FM_ASSIGN_OR_RETURN(id.cert, Pem(o.cert_file, "--tls-cert"));
+  FM_ASSIGN_OR_RETURN(id.key, Pem(o.key_file, "--tls-key"));
+  return id;
+}
+
 }  // namespace
 
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(const TlsOptions& o) {
@@ -24,14 +36,8 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(c
       o.ca_file.empty() ? GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE
                         : o.optional_client_cert ? GRPC_SSL_REQUEST_CLIENT_CERTIFICATE_AND_VERIFY
                                                  : GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
-  grpc::SslServerCredentialsOptions::PemKeyCertPair pair;
-  auto cert = Pem(o.cert_file, "--tls-cert");
-  if (!cert.ok()) return cert.status();
-  auto key = Pem(o.key_file, "--tls-key");
-  if (!key.ok()) return key.status();
-  pair.cert_chain = *cert;
-  pair.private_key = *key;
-  ssl.pem_key_cert_pairs.push_back(pair);
+  FM_ASSIGN_OR_RETURN(const Identity id, ReadIdentity(o));
+  ssl.pem_key_cert_pairs.push_back({id.key, id.cert});
   if (!o.ca_file.empty()) {
     auto ca = Pem(o.ca_file, "--tls-ca");
     if (!ca.ok()) return ca.status();
@@ -50,12 +56,9 @@ absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeChannelCredentials
   if (!o.cert_file.empty() || !o.key_file.empty()) {
     if (o.cert_file.empty() || o.key_file.empty())
       return absl::InvalidArgumentError("TLS: a client identity needs both --tls-cert and --tls-key");
-    auto cert = Pem(o.cert_file, "--tls-cert");
-    if (!cert.ok()) return cert.status();
-    auto key = Pem(o.key_file, "--tls-key");
-    if (!key.ok()) return key.status();
-    ssl.pem_cert_chain = *cert;
-    ssl.pem_private_key = *key;
+    FM_ASSIGN_OR_RETURN(const Identity id, ReadIdentity(o));
+    ssl.pem_cert_chain = id.cert;
+    ssl.pem_private_key = id.key;
   }
   return grpc::SslCredentials(ssl);
 }
