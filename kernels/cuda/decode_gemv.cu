@@ -28,14 +28,6 @@ __device__ __forceinline__ void DecodeFp8x16(const uint4& raw, float* w) {
   }
 }
 
-// e2m1 nibble -> float by its bits: e = 0 gives 0 or 0.5, else (1 + m/2) * 2^(e-1).
-__device__ __forceinline__ float Fp4Value(uint32_t nib) {
-  const uint32_t e = (nib >> 1) & 3, m = nib & 1;
-  uint32_t bits = e ? (((e + 126) << 23) | (m << 22)) : (m ? 0x3f000000u : 0u);
-  bits |= (nib & 8) << 28;
-  return __uint_as_float(bits);
-}
-
 template <int T, bool kFp8>
 __global__ void DecodeGemvKernel(const uint8_t* w, const float* ws, int64_t scale_cols, int64_t rows, int64_t k,
                                  const float* xq, const float* xs, int64_t n, float* y, bool round) {
@@ -70,7 +62,7 @@ __global__ void DecodeGemvKernel(const uint8_t* w, const float* ws, int64_t scal
       } else {
         const uint32_t words[4] = {raw[u].x, raw[u].y, raw[u].z, raw[u].w};
 #pragma unroll
-        for (int j = 0; j < 32; ++j) wf[j] = Fp4Value((words[j / 8] >> (4 * (j % 8))) & 15u);
+        for (int j = 0; j < 32; ++j) wf[j] = E2m1ToFloat((words[j / 8] >> (4 * (j % 8))) & 15u);
       }
       const float s_w = kFp8 ? ws[(o / 128) * scale_cols + i / 128] : ws[o * scale_cols + i / 32];
 #pragma unroll

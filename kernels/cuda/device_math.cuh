@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 namespace flashmem::kernels::cuda {
 
@@ -50,11 +51,30 @@ __device__ __forceinline__ float E4m3ToFloat(uint8_t c) {
   return __uint_as_float(sign | ((e + 120) << 23) | (m << 20));
 }
 
-// e2m1 nibble -> value: magnitudes {0, .5, 1, 1.5, 2, 3, 4, 6}, bit 3 the sign.
+// e2m1 nibble -> value by its float bits: e = 0 gives 0 or 0.5, else (1 + m/2) * 2^(e-1); bit 3
+// is the sign (magnitudes {0, .5, 1, 1.5, 2, 3, 4, 6}).
 __device__ __forceinline__ float E2m1ToFloat(unsigned nib) {
   const unsigned e = (nib >> 1) & 3, m = nib & 1;
-  const float mag = e == 0 ? 0.5f * static_cast<float>(m) : ldexpf(1.0f + 0.5f * static_cast<float>(m), static_cast<int>(e) - 1);
-  return (nib & 8) ? -mag : mag;
+  unsigned bits = e ? (((e + 126) << 23) | (m << 22)) : (m ? 0x3f000000u : 0u);
+  bits |= (nib & 8) << 28;
+  return __uint_as_float(bits);
+}
+
+// Code of a value that lies on the e4m3 grid, from its float bits (NaN gives 0x7f). Host and
+// device: weight encoding at upload and activation quantization for cuBLASLt share it.
+__host__ __device__ __forceinline__ uint8_t E4m3CodeOfGridValue(float v) {
+#ifdef __CUDA_ARCH__
+  const unsigned u = __float_as_uint(v);
+#else
+  unsigned u;
+  memcpy(&u, &v, 4);
+#endif
+  const uint8_t sign = static_cast<uint8_t>((u >> 24) & 0x80);
+  if ((u & 0x7fffffffu) == 0) return sign;
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7f;
+  const int e = static_cast<int>((u >> 23) & 0xff) - 127;
+  if (e < -6) return sign | static_cast<uint8_t>(fabsf(v) * 512.0f);  // subnormal m * 2^-9: exact
+  return sign | static_cast<uint8_t>(((e + 7) << 3) | ((u >> 20) & 7));
 }
 
 // UE8M0 scale byte -> 2^(b-127).
@@ -73,17 +93,14 @@ __device__ __forceinline__ float WarpMax(float v) {
   return v;
 }
 
-// Sum over the block (blockDim.x a multiple of 32, <= 1024); every thread gets the result.
-__device__ __forceinline__ float BlockSum(float v) {
-  __shared__ float partial[32];
-  __syncthreads();  // the shared array may still be read by a previous call
-  v = WarpSum(v);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  if (lane == 0) partial[warp] = v;
-  __syncthreads();
-  float s = 0.0f;
-  for (int i = 0; i < warps; ++i) s += partial[i];
-  return s;
+// act_quant of one 128-element block held by a warp, v[j] = element lane + 32 j: returns the
+// block's pow2 scale and turns v into its e4m3 grid values.
+__device__ __forceinline__ float QuantizeWarpBlock128(float v[4]) {
+  float m = 0.0f;
+  for (int j = 0; j < 4; ++j) m = fmaxf(m, fabsf(v[j]));
+  const float scale = Fp8BlockScale(WarpMax(m));
+  for (int j = 0; j < 4; ++j) v[j] = RoundGrid(fminf(fmaxf(v[j] / scale, -448.0f), 448.0f), -6, 3, 448.0f);
+  return scale;
 }
 
 // exp through double, rounded once to float: the CPU reference computes the same (num::ExpF), so

@@ -22,17 +22,6 @@ int64_t DeviceWeight::bytes() const {
 
 namespace {
 
-// Code of an e4m3 grid value by its float bits (the value is known to lie on the grid).
-inline uint8_t E4m3Code(float v) {
-  const uint32_t u = std::bit_cast<uint32_t>(v);
-  const uint8_t sign = static_cast<uint8_t>((u >> 24) & 0x80);
-  const int e = static_cast<int>((u >> 23) & 0xff) - 127;
-  if ((u & 0x7fffffffu) == 0) return sign;
-  if (std::isnan(v)) return 0x7f;
-  if (e < -6) return sign | static_cast<uint8_t>(std::lround(std::fabs(v) * 512.0f));
-  return sign | static_cast<uint8_t>(((e + 7) << 3) | ((u >> 20) & 7));
-}
-
 }  // namespace
 
 EncodedWeight EncodeWeight(const WeightMatrix& w) {
@@ -55,7 +44,7 @@ EncodedWeight EncodeWeight(const WeightMatrix& w) {
     }
     case WeightFormat::kFp8Block128:
       enc.values.resize(count);
-      for (int64_t i = 0; i < count; ++i) enc.values[i] = E4m3Code(w.values[i]);
+      for (int64_t i = 0; i < count; ++i) enc.values[i] = E4m3CodeOfGridValue(w.values[i]);
       break;
     case WeightFormat::kFp4Group32:
       enc.values.assign((count + 1) / 2, 0);
@@ -76,11 +65,10 @@ __global__ void QuantizeActKernel(const float* x, int64_t blocks, float* xq, flo
   if (b >= blocks) return;
   const int lane = threadIdx.x & 31;
   const float* xb = x + b * 128;
-  float v[4], m = 0.0f;
-  for (int j = 0; j < 4; ++j) m = fmaxf(m, fabsf(v[j] = xb[lane + 32 * j]));
-  const float scale = Fp8BlockScale(WarpMax(m));
-  for (int j = 0; j < 4; ++j)
-    xq[b * 128 + lane + 32 * j] = RoundGrid(fminf(fmaxf(v[j] / scale, -448.0f), 448.0f), -6, 3, 448.0f);
+  float v[4];
+  for (int j = 0; j < 4; ++j) v[j] = xb[lane + 32 * j];
+  const float scale = QuantizeWarpBlock128(v);
+  for (int j = 0; j < 4; ++j) xq[b * 128 + lane + 32 * j] = v[j];
   if (lane == 0) xs[b] = scale;
 }
 

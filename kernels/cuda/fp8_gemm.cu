@@ -25,19 +25,10 @@ __global__ void QuantizeFp8Kernel(const float* x, int64_t n, int64_t k, uint8_t*
   if (b >= ld * nb) return;
   const int64_t t = b / nb, kb = b % nb;
   const int lane = threadIdx.x & 31;
-  float v[4], m = 0.0f;
-  for (int j = 0; j < 4; ++j) m = fmaxf(m, fabsf(v[j] = t < n ? x[t * k + kb * 128 + lane + 32 * j] : 0.0f));
-  const float scale = Fp8BlockScale(WarpMax(m));
-  for (int j = 0; j < 4; ++j) {
-    const float q = RoundGrid(fminf(fmaxf(v[j] / scale, -448.0f), 448.0f), -6, 3, 448.0f);
-    // The value is on the e4m3 grid: its code comes from the float bits.
-    const unsigned u = __float_as_uint(q);
-    const int e = static_cast<int>((u >> 23) & 0xff) - 127;
-    uint8_t c = static_cast<uint8_t>((u >> 24) & 0x80);
-    if ((u & 0x7fffffffu) != 0)
-      c |= e < -6 ? static_cast<uint8_t>(rintf(fabsf(q) * 512.0f)) : static_cast<uint8_t>(((e + 7) << 3) | ((u >> 20) & 7));
-    codes[t * k + kb * 128 + lane + 32 * j] = c;
-  }
+  float v[4];
+  for (int j = 0; j < 4; ++j) v[j] = t < n ? x[t * k + kb * 128 + lane + 32 * j] : 0.0f;
+  const float scale = QuantizeWarpBlock128(v);
+  for (int j = 0; j < 4; ++j) codes[t * k + kb * 128 + lane + 32 * j] = E4m3CodeOfGridValue(v[j]);
   if (lane == 0) scales_t[kb * ld + t] = scale;
 }
 

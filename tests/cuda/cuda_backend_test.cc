@@ -521,6 +521,31 @@ TEST(CudaBackendErrors, BudgetTooSmallIsAClearStickyError) {
   EXPECT_EQ(r, before);
 }
 
+// The device layout's e4m3 codes (one encoder shared by weight upload and the cuBLASLt
+// activation quantizer) against the reference encoder, for every finite e4m3 value; and e2m1
+// packing. Host code: runs without a GPU.
+TEST(DeviceLayout, EncodeWeightGivesTheReferenceCodes) {
+  WeightMatrix w;
+  w.format = WeightFormat::kFp8Block128;
+  w.rows = 1;
+  w.cols = 256;
+  for (int c = 0; c < 256; ++c) w.values.push_back((c & 0x7f) == 0x7f ? 0.0f : num::E4m3ToFloat(static_cast<uint8_t>(c)));
+  w.scales = {1.0f};
+  const cuda::EncodedWeight e = cuda::EncodeWeight(w);
+  ASSERT_EQ(e.values.size(), 256u);
+  for (int c = 0; c < 256; ++c) EXPECT_EQ(e.values[c], num::EncodeE4m3(w.values[c])) << "code " << c;
+  WeightMatrix f;
+  f.format = WeightFormat::kFp4Group32;
+  f.rows = 1;
+  f.cols = 32;
+  for (int c = 0; c < 32; ++c) f.values.push_back(num::E2m1ToFloat(static_cast<uint8_t>(c % 16)));
+  f.scales = {1.0f};
+  const cuda::EncodedWeight p = cuda::EncodeWeight(f);
+  ASSERT_EQ(p.values.size(), 16u);
+  for (int c = 0; c < 32; ++c)
+    EXPECT_EQ((p.values[c / 2] >> ((c & 1) * 4)) & 15, num::EncodeE2m1(f.values[c])) << "nibble " << c;
+}
+
 // cuBLASLt is dlopen'ed by fast mode, not linked (it broke civetweb's port-0 binding when loaded
 // into every process): the library and every entry point must resolve, GPU or not.
 TEST(CublasLt, LoadsOnDemandWithEveryEntryPoint) { EXPECT_EQ(cuda::CublasLtLoadError(), ""); }
