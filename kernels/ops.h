@@ -66,9 +66,11 @@ class Backend {
   virtual void HeadRmsNormBf16(float* q, int64_t heads, int64_t dim, float eps) const = 0;
 
   // In place interleaved RoPE on `rope_dims` dims starting at x + offset, for `rows` rows of
-  // `stride`: pairs (2i, 2i+1) rotate by cos/sin[i]; inverse rotates by -angle. bf16 output.
+  // `stride`: pairs (2i, 2i+1) of row r rotate by cos/sin[a * rope_dims/2 + i] with a = r /
+  // rows_per_angle (one angle set per token: rows_per_angle = heads); inverse rotates by -angle.
+  // bf16 output.
   virtual void Rope(float* x, int64_t rows, int64_t stride, int64_t offset, int64_t rope_dims,
-                    const float* cos, const float* sin, bool inverse) const = 0;
+                    const float* cos, const float* sin, int64_t rows_per_angle, bool inverse) const = 0;
 
   // In place quantize-dequantize round trips (QAT simulation), bf16 output:
   // e4m3 with pow2 scale per `block` (amax floor 1e-4), e2m1 with pow2 scale per `block`.
@@ -95,16 +97,18 @@ class Backend {
   virtual void IndexerLogits(const float* q, const float* w, int64_t heads, int64_t dim,
                              std::span<const float* const> keys, float* logits) const = 0;
 
-  // Hyper-connections (mHC), all fp32 inside. x is the [hc, dim] residual (bf16 values).
+  // Hyper-connections (mHC), all fp32 inside, for n tokens. x is the [n, hc, dim] residual (bf16
+  // values); y [n, dim], post [n, hc], comb [n, hc, hc].
   // hc_pre: mixes = (fn · x) * rsqrt(mean(x^2) + norm_eps); pre = sigmoid(.)+hc_eps;
   // post = 2 sigmoid(.); comb = Sinkhorn(row softmax + hc_eps, then `iters` column/row
   // normalisations); y = bf16(sum_i pre_i x_i). fn is [(2+hc)*hc, hc*dim].
-  virtual void HcPre(const float* x, const float* fn, const float* base, const float* scale,
-                     int hc, int64_t dim, int iters, float norm_eps, float hc_eps, float* y,
-                     float* post, float* comb) const = 0;
-  // out_j = bf16(post_j * f + sum_i comb[i][j] * residual_i).
+  virtual void HcPre(const float* x, int64_t n, const float* fn, const float* base,
+                     const float* scale, int hc, int64_t dim, int iters, float norm_eps,
+                     float hc_eps, float* y, float* post, float* comb) const = 0;
+  // Per token: out_j = bf16(post_j * f + sum_i comb[i][j] * residual_i); f [n, dim], residual
+  // and out [n, hc, dim] (out must not overlap residual).
   virtual void HcPost(const float* f, const float* residual, const float* post,
-                      const float* comb, int hc, int64_t dim, float* out) const = 0;
+                      const float* comb, int64_t n, int hc, int64_t dim, float* out) const = 0;
   // hc_head: pre = sigmoid(mixes * scale + base) + hc_eps; y = bf16(sum_i pre_i x_i).
   virtual void HcHead(const float* x, const float* fn, const float* base, float scale, int hc,
                       int64_t dim, float norm_eps, float hc_eps, float* y) const = 0;

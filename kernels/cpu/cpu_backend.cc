@@ -139,12 +139,15 @@ class CpuBackendImpl final : public Backend {
   }
 
   void Rope(float* x, int64_t rows, int64_t stride, int64_t offset, int64_t rope_dims,
-            const float* cos, const float* sin, bool inverse) const override {
+            const float* cos, const float* sin, int64_t rows_per_angle, bool inverse) const override {
+    const int64_t half = rope_dims / 2;
     for (int64_t r = 0; r < rows; ++r) {
       float* p = x + r * stride + offset;
-      for (int64_t i = 0; i < rope_dims / 2; ++i) {
+      const float* cs = cos + r / rows_per_angle * half;
+      const float* sn = sin + r / rows_per_angle * half;
+      for (int64_t i = 0; i < half; ++i) {
         const float a = p[2 * i], b = p[2 * i + 1];
-        const float c = cos[i], s = inverse ? -sin[i] : sin[i];
+        const float c = cs[i], s = inverse ? -sn[i] : sn[i];
         p[2 * i] = num::RoundBf16(a * c - b * s);
         p[2 * i + 1] = num::RoundBf16(a * s + b * c);
       }
@@ -240,9 +243,25 @@ class CpuBackendImpl final : public Backend {
     }
   }
 
-  void HcPre(const float* x, const float* fn, const float* base, const float* scale, int hc,
-             int64_t dim, int iters, float norm_eps, float hc_eps, float* y, float* post,
+  void HcPre(const float* x, int64_t n, const float* fn, const float* base, const float* scale,
+             int hc, int64_t dim, int iters, float norm_eps, float hc_eps, float* y, float* post,
              float* comb) const override {
+    for (int64_t t = 0; t < n; ++t)
+      HcPreToken(x + t * hc * dim, fn, base, scale, hc, dim, iters, norm_eps, hc_eps, y + t * dim,
+                 post + t * hc, comb + t * hc * hc);
+  }
+
+  void HcPost(const float* f, const float* residual, const float* post, const float* comb,
+              int64_t n, int hc, int64_t dim, float* out) const override {
+    for (int64_t t = 0; t < n; ++t)
+      HcPostToken(f + t * dim, residual + t * hc * dim, post + t * hc, comb + t * hc * hc, hc, dim,
+                  out + t * hc * dim);
+  }
+
+ private:
+  void HcPreToken(const float* x, const float* fn, const float* base, const float* scale, int hc,
+                  int64_t dim, int iters, float norm_eps, float hc_eps, float* y, float* post,
+                  float* comb) const {
     const int64_t k = hc * dim;
     const int mix = (2 + hc) * hc;
     const float rs = 1.0f / std::sqrt(Dot(x, x, k) / static_cast<float>(k) + norm_eps);
@@ -287,8 +306,8 @@ class CpuBackendImpl final : public Backend {
     }
   }
 
-  void HcPost(const float* f, const float* residual, const float* post, const float* comb,
-              int hc, int64_t dim, float* out) const override {
+  void HcPostToken(const float* f, const float* residual, const float* post, const float* comb,
+                   int hc, int64_t dim, float* out) const {
     for (int j = 0; j < hc; ++j)
       for (int64_t d = 0; d < dim; ++d) {
         float s = post[j] * f[d];
@@ -297,6 +316,7 @@ class CpuBackendImpl final : public Backend {
       }
   }
 
+ public:
   void HcHead(const float* x, const float* fn, const float* base, float scale, int hc,
               int64_t dim, float norm_eps, float hc_eps, float* y) const override {
     const int64_t k = hc * dim;

@@ -13,6 +13,7 @@
 #include "absl/synchronization/mutex.h"
 #include "common/status.h"
 #include "kernels/cuda/device_ops.h"
+#include "kernels/cuda/host_gather.h"
 
 namespace flashmem::kernels::cuda {
 
@@ -149,14 +150,16 @@ class CudaBackendImpl final : public Backend {
   }
 
   void Rope(float* x, int64_t rows, int64_t stride, int64_t offset, int64_t rope_dims, const float* cos,
-            const float* sin, bool inverse) const override {
+            const float* sin, int64_t rows_per_angle, bool inverse) const override {
     if (rows == 0) return;
     Frame f;
     const size_t bytes = ((rows - 1) * stride + offset + rope_dims) * 4;
-    const size_t dx = f.In(x, bytes), dc = f.In(cos, rope_dims / 2 * 4), ds = f.In(sin, rope_dims / 2 * 4);
+    const size_t angles = (rows + rows_per_angle - 1) / rows_per_angle * (rope_dims / 2) * 4;
+    const size_t dx = f.In(x, bytes), dc = f.In(cos, angles), ds = f.In(sin, angles);
     f.Download(dx, x, bytes);
     Launch(f, [&](Dev d) {
-      return cuda::Rope(d.at(dx), rows, stride, offset, rope_dims, d.at(dc), d.at(ds), inverse, stream_);
+      return cuda::Rope(d.at(dx), rows, stride, offset, rope_dims, d.at(dc), d.at(ds), rows_per_angle, inverse,
+                        stream_);
     });
   }
 
@@ -189,9 +192,8 @@ class CudaBackendImpl final : public Backend {
                                        softmax_scale, d.at(dout), stream_);
         },
         [&](char* host_scratch) {  // rows go straight into the pinned buffer
-          float* rows = reinterpret_cast<float*>(host_scratch + f.Resolve(dkv) - f.in_bytes());
-          for (int64_t j = 0; j < n; ++j)
-            if (kv_rows[j]) std::memcpy(rows + static_cast<int64_t>(idx[j]) * dim, kv_rows[j], dim * 4);
+          GatherRows(kv_rows, dim, idx.data(), reinterpret_cast<float*>(host_scratch + f.Resolve(dkv) - f.in_bytes()),
+                     /*zero_null=*/false);
         },
         valid * dim * 4);
   }
@@ -206,34 +208,35 @@ class CudaBackendImpl final : public Backend {
     KeyScoring(q, w, heads, dim, keys, logits, /*logits=*/true);
   }
 
-  void HcPre(const float* x, const float* fn, const float* base, const float* scale, int hc, int64_t dim, int iters,
-             float norm_eps, float hc_eps, float* y, float* post, float* comb) const override {
+  void HcPre(const float* x, int64_t n, const float* fn, const float* base, const float* scale, int hc, int64_t dim,
+             int iters, float norm_eps, float hc_eps, float* y, float* post, float* comb) const override {
     absl::MutexLock lock(&mu_);
-    if (!health_.ok()) return;
+    if (!health_.ok() || n == 0) return;
     op_clock_ = clock_ + 1;
     const int mix = (2 + hc) * hc;
     auto dfn = ArrayOnDevice(fn, static_cast<size_t>(mix) * hc * dim);
     if (!dfn.ok()) return Fail(dfn.status());
     Frame f;
-    const size_t dx = f.In(x, hc * dim * 4), db = f.In(base, mix * 4), ds = f.In(scale, 3 * 4);
-    const size_t dy = f.Scratch(dim * 4), dp = f.Scratch(hc * 4), dc = f.Scratch(hc * hc * 4);
-    f.Download(dy, y, dim * 4);
-    f.Download(dp, post, hc * 4);
-    f.Download(dc, comb, hc * hc * 4);
+    const size_t dx = f.In(x, n * hc * dim * 4), db = f.In(base, mix * 4), ds = f.In(scale, 3 * 4);
+    const size_t dy = f.Scratch(n * dim * 4), dp = f.Scratch(n * hc * 4), dc = f.Scratch(n * hc * hc * 4);
+    f.Download(dy, y, n * dim * 4);
+    f.Download(dp, post, n * hc * 4);
+    f.Download(dc, comb, n * hc * hc * 4);
     Fail(RunLocked(f, [&](Dev d) {
-      return cuda::HcPre(d.at(dx), 1, *dfn, d.at(db), d.at(ds), hc, dim, iters, norm_eps, hc_eps, d.at(dy), d.at(dp),
+      return cuda::HcPre(d.at(dx), n, *dfn, d.at(db), d.at(ds), hc, dim, iters, norm_eps, hc_eps, d.at(dy), d.at(dp),
                          d.at(dc), stream_);
     }));
   }
 
-  void HcPost(const float* fx, const float* residual, const float* post, const float* comb, int hc, int64_t dim,
-              float* out) const override {
+  void HcPost(const float* fx, const float* residual, const float* post, const float* comb, int64_t n, int hc,
+              int64_t dim, float* out) const override {
+    if (n == 0) return;
     Frame f;
-    const size_t df = f.In(fx, dim * 4), dr = f.In(residual, hc * dim * 4), dp = f.In(post, hc * 4),
-                 dc = f.In(comb, hc * hc * 4), dout = f.Scratch(hc * dim * 4);
-    f.Download(dout, out, hc * dim * 4);
+    const size_t df = f.In(fx, n * dim * 4), dr = f.In(residual, n * hc * dim * 4), dp = f.In(post, n * hc * 4),
+                 dc = f.In(comb, n * hc * hc * 4), dout = f.Scratch(n * hc * dim * 4);
+    f.Download(dout, out, n * hc * dim * 4);
     Launch(f, [&](Dev d) {
-      return cuda::HcPost(d.at(df), d.at(dr), d.at(dp), d.at(dc), 1, hc, dim, d.at(dout), stream_);
+      return cuda::HcPost(d.at(df), d.at(dr), d.at(dp), d.at(dc), n, hc, dim, d.at(dout), stream_);
     });
   }
 
@@ -405,6 +408,12 @@ class CudaBackendImpl final : public Backend {
       absl::Status st = FastLinearLocked(*dw, x, n, y, out);
       if (st.ok() || !absl::IsUnimplemented(st)) return st;  // unimplemented: the exact kernel below
     }
+    // Dense weights from 4M elements up (the head, wo_a's groups, CSA compressor projections):
+    // smaller ones are launch-bound, so they keep the exact kernel at no cost.
+    if (!exact_ && !quantized && dw->dense_bf16 && m * k >= (int64_t{1} << 22)) {
+      absl::Status st = FastDenseLocked(*dw, x, n, y, out);
+      if (st.ok() || !absl::IsUnimplemented(st)) return st;
+    }
     Frame f;
     const size_t dx = f.In(x, n * k * 4);
     const size_t dq = quantized ? f.Scratch(n * k * 4) : dx;
@@ -453,6 +462,28 @@ class CudaBackendImpl final : public Backend {
     });
   }
 
+  // Fast path of a dense bf16 weight (the head, wo_a's groups): cuBLASLt bf16 GEMM, fp32 out.
+  absl::Status FastDenseLocked(const DeviceWeight& dw, const float* x, int64_t n, float* y, Rounding out) const {
+    const int64_t k = dw.cols, m = dw.rows, ld = (n + 3) / 4 * 4;
+    Frame f;
+    const size_t dx = f.In(x, n * k * 4), db = f.Scratch(ld * k * 2), dy = f.Scratch(ld * m * 4);
+    f.Download(dy, y, n * m * 4);
+    bool refused = false;
+    FM_RETURN_IF_ERROR(RunLocked(f, [&](Dev d) {
+      cudaError_t e = cuda::F32ToBf16Rows(d.at(dx), n, k, ld, d.at<__nv_bfloat16>(db), stream_);
+      if (e != cudaSuccess) return e;
+      e = cuda::LinearBf16Lt(lt_, dw, d.at<__nv_bfloat16>(db), ld, d.at(dy), stream_);
+      if (e == cudaErrorNotSupported) {
+        refused = true;
+        return cudaSuccess;
+      }
+      if (e != cudaSuccess || out != Rounding::kBf16) return e;
+      return cuda::RoundToBf16(d.at(dy), n * m, stream_);
+    }));
+    if (!refused) return absl::OkStatus();
+    return absl::UnimplementedError("cuBLASLt has no bf16 algorithm for this shape");
+  }
+
   void RoundTripOp(float* x, int64_t n, int64_t block, bool fp8) const {
     Frame f;
     const size_t dx = f.In(x, n * 4);
@@ -478,11 +509,8 @@ class CudaBackendImpl final : public Backend {
                         : cuda::IndexScores(d.at(dq), d.at(dw), heads, dim, d.at(dk), n, d.at(dout), stream_);
         },
         [&](char* host_scratch) {
-          float* rows = reinterpret_cast<float*>(host_scratch + f.Resolve(dk) - f.in_bytes());
-          for (int64_t t = 0; t < n; ++t) {
-            if (keys[t]) std::memcpy(rows + t * dim, keys[t], dim * 4);
-            else std::memset(rows + t * dim, 0, dim * 4);
-          }
+          GatherRows(keys, dim, nullptr, reinterpret_cast<float*>(host_scratch + f.Resolve(dk) - f.in_bytes()),
+                     /*zero_null=*/true);
         },
         n * dim * 4);
   }

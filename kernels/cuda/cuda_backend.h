@@ -26,7 +26,8 @@ struct CudaBackendOptions {
   int64_t memory_budget_bytes = 0;
   // true: every op bit-identical to the CPU reference (the default). false ("fast"): quantized
   // Linear runs the decode GEMV below 16 tokens and cuBLASLt's block-scaled FP8 GEMM above (sums
-  // reordered, results within the golden tolerances); the other ops stay exact.
+  // reordered, results within the golden tolerances), dense bf16 weights of >= 4M elements (the
+  // head, wo_a's groups) a cuBLASLt bf16 GEMM with fp32 accumulation; the other ops stay exact.
   bool exact = true;
 };
 

@@ -117,6 +117,9 @@ __device__ __forceinline__ float HalfWarpDot(const float* a, B b, int64_t n) {
   const int l16 = threadIdx.x & 15;
   const int64_t full = n / 16 * 16;
   float s = 0.0f;
+  // Unrolled so the loads of later elements are in flight while the sums run (the sums stay in
+  // order: unrolling does not reassociate).
+#pragma unroll 8
   for (int64_t i = l16; i < full; i += 16) s += a[i] * b(i);
   s += __shfl_down_sync(0xffffffffu, s, 8, 16);
   s += __shfl_down_sync(0xffffffffu, s, 4, 16);

@@ -156,13 +156,13 @@ __global__ void HeadRmsNormKernel(float* q, int64_t dim, float eps) {
 }
 
 __global__ void RopeKernel(float* x, int64_t rows, int64_t stride, int64_t offset, int64_t half,
-                           const float* cos, const float* sin, bool inverse) {
+                           const float* cos, const float* sin, int64_t rows_per_angle, bool inverse) {
   const int64_t id = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (id >= rows * half) return;
-  const int64_t r = id / half, i = id % half;
+  const int64_t r = id / half, i = id % half, a_at = r / rows_per_angle * half + i;
   float* p = x + r * stride + offset;
   const float a = p[2 * i], b = p[2 * i + 1];
-  const float c = cos[i], s = inverse ? -sin[i] : sin[i];
+  const float c = cos[a_at], s = inverse ? -sin[a_at] : sin[a_at];
   p[2 * i] = RoundBf16(a * c - b * s);
   p[2 * i + 1] = RoundBf16(a * s + b * c);
 }
@@ -352,10 +352,12 @@ cudaError_t HeadRmsNormBf16(float* q, int64_t heads, int64_t dim, float eps, cud
 }
 
 cudaError_t Rope(float* x, int64_t rows, int64_t stride, int64_t offset, int64_t rope_dims, const float* cos,
-                 const float* sin, bool inverse, cudaStream_t stream) {
+                 const float* sin, int64_t rows_per_angle, bool inverse, cudaStream_t stream) {
   const int64_t total = rows * (rope_dims / 2);
   if (total == 0) return cudaSuccess;
-  RopeKernel<<<Blocks(total, 256), 256, 0, stream>>>(x, rows, stride, offset, rope_dims / 2, cos, sin, inverse);
+  if (rows_per_angle <= 0) return cudaErrorInvalidValue;
+  RopeKernel<<<Blocks(total, 256), 256, 0, stream>>>(x, rows, stride, offset, rope_dims / 2, cos, sin, rows_per_angle,
+                                                     inverse);
   return cudaGetLastError();
 }
 

@@ -53,7 +53,7 @@ cudaError_t RmsNorm(const float* x, const float* weight, int64_t n, int64_t dim,
                     cudaStream_t stream);
 cudaError_t HeadRmsNormBf16(float* q, int64_t heads, int64_t dim, float eps, cudaStream_t stream);
 cudaError_t Rope(float* x, int64_t rows, int64_t stride, int64_t offset, int64_t rope_dims,
-                 const float* cos, const float* sin, bool inverse, cudaStream_t stream);
+                 const float* cos, const float* sin, int64_t rows_per_angle, bool inverse, cudaStream_t stream);
 cudaError_t RoundTrip(float* x, int64_t n, int64_t block, bool fp8, cudaStream_t stream);
 cudaError_t Hadamard(float* x, int64_t rows, int64_t dim, cudaStream_t stream);
 
@@ -131,6 +131,7 @@ class LtContext {
  private:
   friend cudaError_t LinearFp8Lt(LtContext&, const DeviceWeight&, const float*, const uint8_t*, const float*,
                                  int64_t, __nv_bfloat16*, cudaStream_t);
+  friend cudaError_t LinearBf16Lt(LtContext&, const DeviceWeight&, const __nv_bfloat16*, int64_t, float*, cudaStream_t);
   Impl* impl_;
 };
 
@@ -151,5 +152,16 @@ cudaError_t QuantizeActivationsFp8(const float* x, int64_t n, int64_t k, uint8_t
 cudaError_t LinearFp8Lt(LtContext& ctx, const DeviceWeight& w, const float* lt_scales, const uint8_t* codes,
                         const float* scales_t, int64_t tokens, __nv_bfloat16* y, cudaStream_t stream);
 cudaError_t Bf16ToF32(const __nv_bfloat16* in, int64_t count, float* out, cudaStream_t stream);
+
+// Fast mode's dense Linear (the head, wo_a's groups): y [tokens][rows] fp32 = x · Wᵀ on the
+// tensor cores, bf16 operands (weights whose values are all bf16, dense_bf16), fp32 accumulation
+// and output; tokens % 4 == 0 (x padded by F32ToBf16Rows). Not bit-identical to the exact fp32
+// dot products (different summation order). cudaErrorNotSupported when cuBLASLt has no algorithm.
+cudaError_t LinearBf16Lt(LtContext& ctx, const DeviceWeight& w, const __nv_bfloat16* x, int64_t tokens, float* y,
+                         cudaStream_t stream);
+// x [n][k] fp32 -> [ld][k] bf16, rows n..ld-1 zero.
+cudaError_t F32ToBf16Rows(const float* x, int64_t n, int64_t k, int64_t ld, __nv_bfloat16* out, cudaStream_t stream);
+// In place y = bf16(y) (a Linear's Rounding::kBf16 after an fp32-output GEMM).
+cudaError_t RoundToBf16(float* y, int64_t count, cudaStream_t stream);
 
 }  // namespace flashmem::kernels::cuda

@@ -37,6 +37,19 @@ __global__ void Bf16ToF32Kernel(const __nv_bfloat16* in, int64_t count, float* o
   if (i < count) out[i] = __bfloat162float(in[i]);
 }
 
+// Rows of x [n][k] to bf16 [ld][k], rows n..ld-1 zero (round to nearest even: exact for the
+// bf16-valued activations the model feeds its dense weights).
+__global__ void F32ToBf16Kernel(const float* x, int64_t n, int64_t k, int64_t ld, __nv_bfloat16* out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= ld * k) return;
+  out[i] = __float2bfloat16_rn(i / k < n ? x[i] : 0.0f);
+}
+
+__global__ void RoundBf16Kernel(float* y, int64_t count) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < count) y[i] = RoundBf16(y[i]);
+}
+
 // cuBLASLt is loaded on first use (dlopen), not linked: only fast mode needs it, and loading it
 // into every process broke civetweb's binding of port 0 (`--metrics-listen 127.0.0.1:0`) on this
 // toolchain. The entry points this file calls are listed once; the table's members and their
@@ -105,7 +118,7 @@ struct LtContext::Impl {
   void* workspace = nullptr;
   size_t workspace_bytes = 32u << 20;
   std::mutex mu;
-  std::map<std::tuple<int64_t, int64_t, int64_t>, Plan> plans;  // (rows, cols, tokens)
+  std::map<std::tuple<int, int64_t, int64_t, int64_t>, Plan> plans;  // (kind, rows, cols, tokens)
   std::string last_error;
 };
 
@@ -172,7 +185,7 @@ cudaError_t LinearFp8Lt(LtContext& ctx, const DeviceWeight& w, const float* lt_s
   if (e != cudaSuccess) return e;
   LtContext::Impl& c = *ctx.impl_;
   std::lock_guard<std::mutex> lock(c.mu);
-  const auto key = std::make_tuple(w.rows, w.cols, tokens);
+  const auto key = std::make_tuple(0, w.rows, w.cols, tokens);
   auto it = c.plans.find(key);
   if (it == c.plans.end()) {
     Plan p;
@@ -225,6 +238,67 @@ cudaError_t LinearFp8Lt(LtContext& ctx, const DeviceWeight& w, const float* lt_s
     c.last_error = std::string("cublasLtMatmul: ") + cublasLt_status_name(ms);
     return cudaErrorLaunchFailure;
   }
+  return cudaGetLastError();
+}
+
+cudaError_t LinearBf16Lt(LtContext& ctx, const DeviceWeight& w, const __nv_bfloat16* x, int64_t tokens, float* y,
+                         cudaStream_t stream) {
+  if (w.format != WeightFormat::kDense || !w.dense_bf16 || tokens % 4 != 0) return cudaErrorInvalidValue;
+  cudaError_t e = ctx.Init();
+  if (e != cudaSuccess) return e;
+  LtContext::Impl& c = *ctx.impl_;
+  std::lock_guard<std::mutex> lock(c.mu);
+  const auto key = std::make_tuple(1, w.rows, w.cols, tokens);
+  auto it = c.plans.find(key);
+  if (it == c.plans.end()) {
+    Plan p;
+    const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+    bool ok = Lt().cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F) == CUBLAS_STATUS_SUCCESS;
+    ok = ok && Lt().cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta) == CUBLAS_STATUS_SUCCESS;
+    ok = ok && Lt().cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb) == CUBLAS_STATUS_SUCCESS;
+    ok = ok && Lt().cublasLtMatrixLayoutCreate(&p.a, CUDA_R_16BF, w.cols, w.rows, w.cols) == CUBLAS_STATUS_SUCCESS;
+    ok = ok && Lt().cublasLtMatrixLayoutCreate(&p.b, CUDA_R_16BF, w.cols, tokens, w.cols) == CUBLAS_STATUS_SUCCESS;
+    ok = ok && Lt().cublasLtMatrixLayoutCreate(&p.d, CUDA_R_32F, w.rows, tokens, w.rows) == CUBLAS_STATUS_SUCCESS;
+    cublasLtMatmulPreference_t pref = nullptr;
+    ok = ok && Lt().cublasLtMatmulPreferenceCreate(&pref) == CUBLAS_STATUS_SUCCESS;
+    ok = ok && Lt().cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &c.workspace_bytes,
+                                                    sizeof c.workspace_bytes) == CUBLAS_STATUS_SUCCESS;
+    cublasLtMatmulHeuristicResult_t heur{};
+    int found = 0;
+    cublasStatus_t hs = CUBLAS_STATUS_SUCCESS;
+    if (ok) hs = Lt().cublasLtMatmulAlgoGetHeuristic(c.handle, p.desc, p.a, p.b, p.d, p.d, pref, 1, &heur, &found);
+    if (pref) Lt().cublasLtMatmulPreferenceDestroy(pref);
+    if (!ok || hs != CUBLAS_STATUS_SUCCESS || found == 0) {
+      c.last_error = std::string("bf16 heuristic: ") + cublasLt_status_name(hs) + ", " + std::to_string(found) + " algorithms";
+      if (p.a) Lt().cublasLtMatrixLayoutDestroy(p.a);
+      if (p.b) Lt().cublasLtMatrixLayoutDestroy(p.b);
+      if (p.d) Lt().cublasLtMatrixLayoutDestroy(p.d);
+      if (p.desc) Lt().cublasLtMatmulDescDestroy(p.desc);
+      return cudaErrorNotSupported;
+    }
+    p.algo = heur.algo;
+    it = c.plans.emplace(key, p).first;
+  }
+  Plan& p = it->second;
+  const float alpha = 1.0f, beta = 0.0f;
+  const cublasStatus_t ms = Lt().cublasLtMatmul(c.handle, p.desc, &alpha, w.values, p.a, x, p.b, &beta, y, p.d, y, p.d,
+                                           &p.algo, c.workspace, c.workspace_bytes, stream);
+  if (ms != CUBLAS_STATUS_SUCCESS) {
+    c.last_error = std::string("cublasLtMatmul (bf16): ") + cublasLt_status_name(ms);
+    return cudaErrorLaunchFailure;
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t F32ToBf16Rows(const float* x, int64_t n, int64_t k, int64_t ld, __nv_bfloat16* out, cudaStream_t stream) {
+  if (ld * k == 0) return cudaSuccess;
+  F32ToBf16Kernel<<<static_cast<unsigned>((ld * k + 255) / 256), 256, 0, stream>>>(x, n, k, ld, out);
+  return cudaGetLastError();
+}
+
+cudaError_t RoundToBf16(float* y, int64_t count, cudaStream_t stream) {
+  if (count == 0) return cudaSuccess;
+  RoundBf16Kernel<<<static_cast<unsigned>((count + 255) / 256), 256, 0, stream>>>(y, count);
   return cudaGetLastError();
 }
 

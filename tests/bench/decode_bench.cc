@@ -134,7 +134,7 @@ void BM_HcPre(benchmark::State& state) {
   const auto x = Rand(hc * dim), fn = Rand(mix * hc * dim, 0.01f), base = Rand(mix);
   std::vector<float> scale = {1, 1, 1}, y(dim), post(hc), comb(hc * hc);
   for (auto _ : state)
-    kernels::CpuBackend().HcPre(x.data(), fn.data(), base.data(), scale.data(), hc, dim, 20, 1e-6f, 1e-6f, y.data(), post.data(), comb.data());
+    kernels::CpuBackend().HcPre(x.data(), 1, fn.data(), base.data(), scale.data(), hc, dim, 20, 1e-6f, 1e-6f, y.data(), post.data(), comb.data());
 }
 BENCHMARK(BM_HcPre)->Arg(128)->Arg(4096)->UseRealTime();
 

@@ -161,18 +161,19 @@ TEST_F(CudaOps, NormsRopeRoundTripsHadamard) {
     EXPECT_LE(RelErr(b, a), kBf16Tol) << dim;
   }
   {  // RoPE and its inverse: the same operations in the same order, so bit-identical.
-    const int64_t rows = 3, stride = 576, rd = 64;
-    std::vector<float> x = Random(rows * stride, 5, 1.0f), cs(rd / 2), sn(rd / 2);
-    for (int64_t i = 0; i < rd / 2; ++i) {
+    const int64_t rows = 6, stride = 576, rd = 64;
+    std::vector<float> x = Random(rows * stride, 5, 1.0f), cs(rows * rd / 2), sn(rows * rd / 2);
+    for (int64_t i = 0; i < rows * rd / 2; ++i) {
       cs[i] = std::cos(0.37f * (i + 1));
       sn[i] = std::sin(0.37f * (i + 1));
     }
-    for (bool inv : {false, true}) {
-      std::vector<float> a = x, b = x;
-      cpu().Rope(a.data(), rows, stride, stride - rd, rd, cs.data(), sn.data(), inv);
-      gpu_->Rope(b.data(), rows, stride, stride - rd, rd, cs.data(), sn.data(), inv);
-      EXPECT_EQ(a, b) << "inverse " << inv;
-    }
+    for (int64_t rows_per_angle : {int64_t{6}, int64_t{2}, int64_t{1}})  // one angle set; per token of 2 heads; per row
+      for (bool inv : {false, true}) {
+        std::vector<float> a = x, b = x;
+        cpu().Rope(a.data(), rows, stride, stride - rd, rd, cs.data(), sn.data(), rows_per_angle, inv);
+        gpu_->Rope(b.data(), rows, stride, stride - rd, rd, cs.data(), sn.data(), rows_per_angle, inv);
+        EXPECT_EQ(a, b) << "inverse " << inv << ", rows per angle " << rows_per_angle;
+      }
   }
   for (float std : {1e-6f, 0.01f, 1.0f, 300.0f}) {
     std::vector<float> x = Random(64 * 512, 1, std), a = x, b = x;
@@ -239,20 +240,21 @@ TEST_F(CudaOps, IndexerScoresAndLogits) {
 
 TEST_F(CudaOps, HyperConnections) {
   const int hc = 4;
-  for (int64_t dim : {256, 4096}) {
+  for (int64_t dim : {256, 4096})
+  for (int64_t n : {1, 3}) {  // tokens per call
     const int64_t k = hc * dim, mix = (2 + hc) * hc;
-    const std::vector<float> x = Random(k, 31, 1.0f), fn = Random(mix * k, 32, 0.02f), base = Random(mix, 33, 0.5f),
+    const std::vector<float> x = Random(n * k, 31, 1.0f), fn = Random(mix * k, 32, 0.02f), base = Random(mix, 33, 0.5f),
                              scale = Random(3, 34, 0.5f);
-    std::vector<float> ya = Poisoned(dim), yb = ya, pa = Poisoned(hc), pb = pa, ca = Poisoned(hc * hc), cb = ca;
-    cpu().HcPre(x.data(), fn.data(), base.data(), scale.data(), hc, dim, 20, 1e-6f, 1e-6f, ya.data(), pa.data(), ca.data());
-    gpu_->HcPre(x.data(), fn.data(), base.data(), scale.data(), hc, dim, 20, 1e-6f, 1e-6f, yb.data(), pb.data(), cb.data());
+    std::vector<float> ya = Poisoned(n * dim), yb = ya, pa = Poisoned(n * hc), pb = pa, ca = Poisoned(n * hc * hc), cb = ca;
+    cpu().HcPre(x.data(), n, fn.data(), base.data(), scale.data(), hc, dim, 20, 1e-6f, 1e-6f, ya.data(), pa.data(), ca.data());
+    gpu_->HcPre(x.data(), n, fn.data(), base.data(), scale.data(), hc, dim, 20, 1e-6f, 1e-6f, yb.data(), pb.data(), cb.data());
     EXPECT_LE(RelErr(yb, ya), kBf16Tol) << dim;
     EXPECT_LE(RelErr(pb, pa), kFp32Tol) << dim;
     EXPECT_LE(RelErr(cb, ca), kFp32Tol) << dim;
-    const std::vector<float> f = Random(dim, 35, 1.0f);
-    std::vector<float> oa = Poisoned(k), ob = oa;
-    cpu().HcPost(f.data(), x.data(), pa.data(), ca.data(), hc, dim, oa.data());
-    gpu_->HcPost(f.data(), x.data(), pa.data(), ca.data(), hc, dim, ob.data());
+    const std::vector<float> f = Random(n * dim, 35, 1.0f);
+    std::vector<float> oa = Poisoned(n * k), ob = oa;
+    cpu().HcPost(f.data(), x.data(), pa.data(), ca.data(), n, hc, dim, oa.data());
+    gpu_->HcPost(f.data(), x.data(), pa.data(), ca.data(), n, hc, dim, ob.data());
     EXPECT_LE(RelErr(ob, oa), 1e-6) << dim;
     std::vector<float> ha = Poisoned(dim), hb = ha;
     cpu().HcHead(x.data(), fn.data(), base.data(), 0.7f, hc, dim, 1e-6f, 1e-6f, ha.data());
@@ -330,7 +332,8 @@ TEST_F(CudaOps, PagedFp8RecordsAttentionMatchesDecodedRows) {
 }
 
 // The backend's fast mode: quantized Linear through the decode GEMV (< 16 tokens, FP4) and
-// cuBLASLt's block-scaled FP8 GEMM (>= 16 tokens, bf16 output), K blocks padded in the scale layout.
+// cuBLASLt's block-scaled FP8 GEMM (>= 16 tokens, bf16 output), K blocks padded in the scale layout;
+// dense bf16 weights of >= 4M elements through cuBLASLt's bf16 GEMM (2048 x 2048; tokens padded to 4).
 TEST_F(CudaOps, FastModeLinearWithinBf16Rounding) {
   cuda::CudaBackendOptions opt;
   opt.exact = false;
@@ -339,8 +342,8 @@ TEST_F(CudaOps, FastModeLinearWithinBf16Rounding) {
   EXPECT_STREQ((*fast)->name(), "cuda-fast");
   uint32_t seed = 90;
   struct Shape { int64_t rows, cols, n; };
-  for (WeightFormat f : {WeightFormat::kFp8Block128, WeightFormat::kFp4Group32})
-    for (Shape s : {Shape{384, 1024, 3}, Shape{384, 1024, 40}, Shape{512, 640, 64}, Shape{300, 512, 17}, Shape{1024, 2048, 512}})
+  for (WeightFormat f : {WeightFormat::kDense, WeightFormat::kFp8Block128, WeightFormat::kFp4Group32})
+    for (Shape s : {Shape{384, 1024, 3}, Shape{384, 1024, 40}, Shape{512, 640, 64}, Shape{300, 512, 17}, Shape{1024, 2048, 512}, Shape{2048, 2048, 5}})
       for (Rounding r : {Rounding::kNone, Rounding::kBf16}) {
         const WeightMatrix w = RandomWeight(f, s.rows, s.cols, ++seed);
         const std::vector<float> x = Random(s.n * s.cols, ++seed, 1.5f);
@@ -455,8 +458,8 @@ TEST_F(CudaOps, BitIdenticalToTheCpuReference) {
     const std::vector<float> x = Random(k, 67, 1.0f), fn = Random(mix * k, 68, 0.02f), base = Random(mix, 69, 0.5f),
                              scale = Random(3, 70, 0.5f);
     std::vector<float> ya = Poisoned(dim), yb = ya, pa = Poisoned(hc), pb = pa, ca = Poisoned(hc * hc), cb = ca;
-    cpu().HcPre(x.data(), fn.data(), base.data(), scale.data(), hc, dim, 20, 1e-6f, 1e-6f, ya.data(), pa.data(), ca.data());
-    gpu_->HcPre(x.data(), fn.data(), base.data(), scale.data(), hc, dim, 20, 1e-6f, 1e-6f, yb.data(), pb.data(), cb.data());
+    cpu().HcPre(x.data(), 1, fn.data(), base.data(), scale.data(), hc, dim, 20, 1e-6f, 1e-6f, ya.data(), pa.data(), ca.data());
+    gpu_->HcPre(x.data(), 1, fn.data(), base.data(), scale.data(), hc, dim, 20, 1e-6f, 1e-6f, yb.data(), pb.data(), cb.data());
     EXPECT_EQ(ya, yb) << "HcPre y";
     EXPECT_EQ(ca, cb) << "HcPre comb";
     std::vector<float> ra = Poisoned(dim), rb = ra, w = Random(dim, 71, 1.0f);

@@ -69,17 +69,30 @@ TEST(Rope, InverseUndoesForwardWithinBf16) {
   std::vector<float> x = Random(128, 1), orig = x;
   std::vector<float> c(32), s(32);
   for (int i = 0; i < 32; ++i) { c[i] = std::cos(0.3f * i); s[i] = std::sin(0.3f * i); }
-  be.Rope(x.data(), 1, 128, 64, 64, c.data(), s.data(), false);
+  be.Rope(x.data(), 1, 128, 64, 64, c.data(), s.data(), 1, false);
   for (int i = 0; i < 64; ++i) EXPECT_EQ(x[i], orig[i]);  // nope dims untouched
   EXPECT_NE(x[67], orig[67]);  // pair 1 rotates by 0.3 (pair 0 by angle 0)
-  be.Rope(x.data(), 1, 128, 64, 64, c.data(), s.data(), true);
+  be.Rope(x.data(), 1, 128, 64, 64, c.data(), s.data(), 1, true);
   for (int i = 64; i < 128; ++i) EXPECT_NEAR(x[i], orig[i], 0.02f * (1 + std::fabs(orig[i])));
   // Interleaved pairs: (x0, x1) rotated by angle 0.3 at pair 1.
   std::vector<float> p = {0, 0, 1.0f, 0.0f};
   std::vector<float> c2 = {1.0f, std::cos(0.3f)}, s2 = {0.0f, std::sin(0.3f)};
-  be.Rope(p.data(), 1, 4, 0, 4, c2.data(), s2.data(), false);
+  be.Rope(p.data(), 1, 4, 0, 4, c2.data(), s2.data(), 1, false);
   EXPECT_EQ(p[2], num::RoundBf16(std::cos(0.3f)));
   EXPECT_EQ(p[3], num::RoundBf16(std::sin(0.3f)));
+}
+
+TEST(Rope, OneAngleSetPerGroupOfRowsEqualsCallsPerGroup) {
+  const int64_t heads = 3, tokens = 4, stride = 16, rd = 8;
+  std::vector<float> x = Random(tokens * heads * stride, 11), y = x;
+  std::vector<float> c(tokens * rd / 2), s(tokens * rd / 2);
+  for (size_t i = 0; i < c.size(); ++i) { c[i] = std::cos(0.1f * i + 0.2f); s[i] = std::sin(0.1f * i + 0.2f); }
+  be.Rope(x.data(), tokens * heads, stride, stride - rd, rd, c.data(), s.data(), heads, false);
+  for (int64_t t = 0; t < tokens; ++t)
+    be.Rope(y.data() + t * heads * stride, heads, stride, stride - rd, rd, c.data() + t * rd / 2, s.data() + t * rd / 2,
+            heads, false);
+  EXPECT_EQ(x, y);
+  EXPECT_NE(x, Random(tokens * heads * stride, 11));
 }
 
 TEST(Hadamard, IsOrthonormalSylvester) {
@@ -158,7 +171,7 @@ TEST(HyperConnections, SinkhornIsNearlyDoublyStochastic) {
   const int hc = 4, dim = 128, mix = (2 + hc) * hc;
   std::vector<float> x = Random(hc * dim, 6), fn = Random(mix * hc * dim, 7, 0.05f, false), base = Random(mix, 8, 0.25f, false);
   std::vector<float> scale = {1.0f, 1.0f, 1.0f}, y(dim), post(hc), comb(hc * hc);
-  be.HcPre(x.data(), fn.data(), base.data(), scale.data(), hc, dim, 20, 1e-6f, 1e-6f, y.data(), post.data(), comb.data());
+  be.HcPre(x.data(), 1, fn.data(), base.data(), scale.data(), hc, dim, 20, 1e-6f, 1e-6f, y.data(), post.data(), comb.data());
   for (int i = 0; i < hc; ++i) {
     float row = 0, col = 0;
     for (int j = 0; j < hc; ++j) { row += comb[i * hc + j]; col += comb[j * hc + i]; }
@@ -170,8 +183,22 @@ TEST(HyperConnections, SinkhornIsNearlyDoublyStochastic) {
   // hc_post with post = 0 and comb = identity returns the residual.
   std::vector<float> ident(hc * hc, 0.0f), zero(hc, 0.0f), out(hc * dim);
   for (int i = 0; i < hc; ++i) ident[i * hc + i] = 1.0f;
-  be.HcPost(y.data(), x.data(), zero.data(), ident.data(), hc, dim, out.data());
+  be.HcPost(y.data(), x.data(), zero.data(), ident.data(), 1, hc, dim, out.data());
   EXPECT_EQ(out, x);
+  // Two tokens in one call = one call per token.
+  std::vector<float> x2 = Random(2 * hc * dim, 9), y2(2 * dim), p2(2 * hc), c2(2 * hc * hc), f2 = Random(2 * dim, 10);
+  be.HcPre(x2.data(), 2, fn.data(), base.data(), scale.data(), hc, dim, 20, 1e-6f, 1e-6f, y2.data(), p2.data(), c2.data());
+  std::vector<float> o2(2 * hc * dim);
+  be.HcPost(f2.data(), x2.data(), p2.data(), c2.data(), 2, hc, dim, o2.data());
+  for (int t = 0; t < 2; ++t) {
+    std::vector<float> y1(dim), p1(hc), c1(hc * hc), o1(hc * dim);
+    be.HcPre(x2.data() + t * hc * dim, 1, fn.data(), base.data(), scale.data(), hc, dim, 20, 1e-6f, 1e-6f, y1.data(),
+             p1.data(), c1.data());
+    EXPECT_EQ(y1, std::vector<float>(y2.begin() + t * dim, y2.begin() + (t + 1) * dim));
+    EXPECT_EQ(c1, std::vector<float>(c2.begin() + t * hc * hc, c2.begin() + (t + 1) * hc * hc));
+    be.HcPost(f2.data() + t * dim, x2.data() + t * hc * dim, p1.data(), c1.data(), 1, hc, dim, o1.data());
+    EXPECT_EQ(o1, std::vector<float>(o2.begin() + t * hc * dim, o2.begin() + (t + 1) * hc * dim));
+  }
 }
 
 }  // namespace

@@ -191,8 +191,9 @@ class RecordingBackend final : public kernels::Backend {
   }
   void RmsNorm(const float* x, const float* w, int64_t n, int64_t d, float eps, float* y) const override { cpu_.RmsNorm(x, w, n, d, eps, y); }
   void HeadRmsNormBf16(float* q, int64_t h, int64_t d, float eps) const override { cpu_.HeadRmsNormBf16(q, h, d, eps); }
-  void Rope(float* x, int64_t r, int64_t st, int64_t off, int64_t rd, const float* c, const float* s, bool inv) const override {
-    cpu_.Rope(x, r, st, off, rd, c, s, inv);
+  void Rope(float* x, int64_t r, int64_t st, int64_t off, int64_t rd, const float* c, const float* s, int64_t rpa,
+            bool inv) const override {
+    cpu_.Rope(x, r, st, off, rd, c, s, rpa, inv);
   }
   void Fp8RoundTrip(float* x, int64_t n, int64_t b) const override { cpu_.Fp8RoundTrip(x, n, b); }
   void Fp4RoundTrip(float* x, int64_t n, int64_t b) const override { cpu_.Fp4RoundTrip(x, n, b); }
@@ -209,13 +210,13 @@ class RecordingBackend final : public kernels::Backend {
                      float* l) const override {
     cpu_.IndexerLogits(q, w, h, d, k, l);
   }
-  void HcPre(const float* x, const float* fn, const float* base, const float* scale, int hc, int64_t d, int it,
-             float ne, float he, float* y, float* post, float* comb) const override {
-    cpu_.HcPre(x, fn, base, scale, hc, d, it, ne, he, y, post, comb);
+  void HcPre(const float* x, int64_t n, const float* fn, const float* base, const float* scale, int hc, int64_t d,
+             int it, float ne, float he, float* y, float* post, float* comb) const override {
+    cpu_.HcPre(x, n, fn, base, scale, hc, d, it, ne, he, y, post, comb);
   }
-  void HcPost(const float* f, const float* r, const float* post, const float* comb, int hc, int64_t d,
+  void HcPost(const float* f, const float* r, const float* post, const float* comb, int64_t n, int hc, int64_t d,
               float* out) const override {
-    cpu_.HcPost(f, r, post, comb, hc, d, out);
+    cpu_.HcPost(f, r, post, comb, n, hc, d, out);
   }
   void HcHead(const float* x, const float* fn, const float* base, float scale, int hc, int64_t d, float ne, float he,
               float* y) const override {

@@ -13,6 +13,19 @@ namespace flashmem::model {
 
 using kernels::Rounding;
 
+namespace {
+
+// The rotary angles of every row's position, [rows][rope_dims / 2] (one Rope call for them all).
+void RowAngles(const RotaryTable& rope, std::span<const TokenRow> rows, int64_t rope_dims, std::vector<float>* cs,
+               std::vector<float>* sn) {
+  const int64_t half = rope_dims / 2;
+  cs->resize(rows.size() * half);
+  sn->resize(rows.size() * half);
+  for (size_t i = 0; i < rows.size(); ++i) rope.Angles(rows[i].pos, cs->data() + i * half, sn->data() + i * half);
+}
+
+}  // namespace
+
 // ---- Compressor ------------------------------------------------------------------------------
 
 Compressor::Compressor(const ModelArgs& args, const CompressorWeights& w, int ratio,
@@ -66,7 +79,7 @@ bool Compressor::Update(CompressorState& st, const float* kv, const float* score
   const int64_t rd = args_.rope_head_dim;
   std::vector<float> cs(rd / 2), sn(rd / 2);
   rope_.Angles(pos + 1 - r, cs.data(), sn.data());  // the block's first token
-  be_.Rope(out, 1, d, d - rd, rd, cs.data(), sn.data(), false);
+  be_.Rope(out, 1, d, d - rd, rd, cs.data(), sn.data(), 1, false);
   if (rotate_) {
     be_.Hadamard(out, 1, d);
     be_.Fp4RoundTrip(out, d, 32);
@@ -90,11 +103,9 @@ void Indexer::Queries(const float* qr, const float* x, std::span<const TokenRow>
   const int64_t hd = args_.index_head_dim, rd = args_.rope_head_dim, h = n_local_heads_;
   q->resize(n * h * hd);
   be_.Linear(w_.wq_b, qr, n, q->data(), Rounding::kBf16);
-  std::vector<float> cs(rd / 2), sn(rd / 2);
-  for (int64_t i = 0; i < n; ++i) {
-    rope_.Angles(rows[i].pos, cs.data(), sn.data());
-    be_.Rope(q->data() + i * h * hd, h, hd, hd - rd, rd, cs.data(), sn.data(), false);
-  }
+  std::vector<float> cs, sn;
+  RowAngles(rope_, rows, rd, &cs, &sn);
+  be_.Rope(q->data(), n * h, hd, hd - rd, rd, cs.data(), sn.data(), h, false);
   be_.Hadamard(q->data(), n * h, hd);
   be_.Fp4RoundTrip(q->data(), n * h * hd, 32);
   weights->resize(n * h);
@@ -191,14 +202,13 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
   std::vector<float> kv_raw(n * D), kv(n * D);
   be_.Linear(w_.wkv, x, n, kv_raw.data(), Rounding::kBf16);
   be_.RmsNorm(kv_raw.data(), w_.kv_norm.data(), n, D, args_.norm_eps, kv.data());
-  std::vector<float> cs(rd / 2), sn(rd / 2);
-  for (int64_t i = 0; i < n; ++i) {
-    be_.HeadRmsNormBf16(q.data() + i * H * D, H, D, args_.norm_eps);
-    rope_.Angles(rows[i].pos, cs.data(), sn.data());
-    be_.Rope(q.data() + i * H * D, H, D, D - rd, rd, cs.data(), sn.data(), false);
-    be_.Rope(kv.data() + i * D, 1, D, D - rd, rd, cs.data(), sn.data(), false);
-    be_.Fp8RoundTrip(kv.data() + i * D, D - rd, 64);
-  }
+  // Every token's rows in one call per op (the angles differ per token, one set per row group).
+  std::vector<float> cs, sn;
+  RowAngles(rope_, rows, rd, &cs, &sn);
+  be_.HeadRmsNormBf16(q.data(), n * H, D, args_.norm_eps);
+  be_.Rope(q.data(), n * H, D, D - rd, rd, cs.data(), sn.data(), H, false);
+  be_.Rope(kv.data(), n, D, D - rd, rd, cs.data(), sn.data(), 1, false);
+  for (int64_t i = 0; i < n; ++i) be_.Fp8RoundTrip(kv.data() + i * D, D - rd, 64);
   std::vector<float> ckv, cscore, iq, iw, ikv, iscore;
   if (compressor_) compressor_->Project(x, n, &ckv, &cscore);
   if (indexer_) {
@@ -251,9 +261,8 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
     }
     Candidates(row, ls, selected, &slots);
     be_.SparseAttention(q.data() + i * H * D, H, D, slots, w_.attn_sink.data(), softmax_scale, o.data() + i * H * D);
-    rope_.Angles(row.pos, cs.data(), sn.data());
-    be_.Rope(o.data() + i * H * D, H, D, D - rd, rd, cs.data(), sn.data(), /*inverse=*/true);
   }
+  be_.Rope(o.data(), n * H, D, D - rd, rd, cs.data(), sn.data(), H, /*inverse=*/true);
   // Grouped low-rank output projection: z_g = wo_a[g] · o_g (bf16 einsum), y = wo_b · z.
   const int64_t O = args_.o_lora_rank, G = n_local_groups_, gin = H * D / G;
   std::vector<float> og(n * gin), zg(n * O), z(n * G * O);

@@ -20,17 +20,12 @@ void Block::Forward(std::vector<float>& X, std::span<const TokenRow> rows,
   std::vector<float> u(n * d), xn(n * d), f(n * d), post(n * hc), comb(n * hc * hc);
   auto sublayer = [&](const std::vector<float>& fn, const std::vector<float>& base,
                       const std::vector<float>& scale, const std::vector<float>& norm, auto&& body) {
-    for (int64_t i = 0; i < n; ++i)
-      be_.HcPre(X.data() + i * hc * d, fn.data(), base.data(), scale.data(), hc, d, args_.hc_sinkhorn_iters,
-                args_.norm_eps, args_.hc_eps, u.data() + i * d, post.data() + i * hc, comb.data() + i * hc * hc);
+    be_.HcPre(X.data(), n, fn.data(), base.data(), scale.data(), hc, d, args_.hc_sinkhorn_iters, args_.norm_eps,
+              args_.hc_eps, u.data(), post.data(), comb.data());
     be_.RmsNorm(u.data(), norm.data(), n, d, args_.norm_eps, xn.data());
     body();
-    std::vector<float> res(hc * d);
-    for (int64_t i = 0; i < n; ++i) {
-      std::copy_n(X.begin() + i * hc * d, hc * d, res.begin());
-      be_.HcPost(f.data() + i * d, res.data(), post.data() + i * hc, comb.data() + i * hc * hc, hc, d,
-                 X.data() + i * hc * d);
-    }
+    const std::vector<float> res = X;  // HcPost writes X from the residual it reads
+    be_.HcPost(f.data(), res.data(), post.data(), comb.data(), n, hc, d, X.data());
   };
   sublayer(w_.hc_attn_fn, w_.hc_attn_base, w_.hc_attn_scale, w_.attn_norm,
            [&] { attn_.Forward(xn.data(), rows, f.data()); });

@@ -1,0 +1,19 @@
+#include "kernels/cuda/host_gather.h"
+
+#include <cstring>
+
+namespace flashmem::kernels::cuda {
+
+void GatherRows(std::span<const float* const> rows, int64_t dim, const int32_t* slot, float* dst, bool zero_null) {
+  const int64_t n = static_cast<int64_t>(rows.size());
+  const size_t bytes = static_cast<size_t>(dim) * sizeof(float);
+  // Below ~1 MB a single core's memcpy beats waking the team.
+#pragma omp parallel for schedule(static) if (static_cast<size_t>(n) * bytes > (size_t{1} << 20))
+  for (int64_t j = 0; j < n; ++j) {
+    float* to = dst + static_cast<int64_t>(slot ? slot[j] : j) * dim;
+    if (rows[j]) std::memcpy(to, rows[j], bytes);
+    else if (zero_null) std::memset(dst + j * dim, 0, bytes);
+  }
+}
+
+}  // namespace flashmem::kernels::cuda

@@ -1,0 +1,70 @@
+// A Backend that forwards every op to another backend and records, per op, how many calls it
+// made, how long they took (wall time: a device backend synchronizes inside each op, so this is
+// what the model's caller waits for) and how many rows/keys they touched. `flashmem generate
+// --profile-ops` and tests/bench/model_bench print it; it is how the model-level tables in
+// docs/benchmarks.md say where a step's time goes.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <string>
+
+#include "absl/synchronization/mutex.h"
+#include "kernels/ops.h"
+
+namespace flashmem::kernels {
+
+enum class OpKind : int {
+  kLinear, kRmsNorm, kHeadRmsNorm, kRope, kFp8RoundTrip, kFp4RoundTrip, kHadamard,
+  kSparseAttention, kIndexScores, kIndexerLogits, kHcPre, kHcPost, kHcHead, kCount
+};
+const char* OpName(OpKind op);
+
+struct OpStats {
+  uint64_t calls = 0;
+  double seconds = 0;
+  uint64_t items = 0;  // Linear: token rows; attention: candidate slots; scoring: keys; others: rows
+};
+
+class ProfilingBackend final : public Backend {
+ public:
+  explicit ProfilingBackend(const Backend& inner) : inner_(inner) {}
+  const char* name() const override { return inner_.name(); }
+  absl::Status Health() const override { return inner_.Health(); }
+  absl::Status Prepare(const WeightMatrix& w) const override { return inner_.Prepare(w); }
+
+  void Linear(const WeightMatrix& w, const float* x, int64_t n, float* y, Rounding out) const override;
+  void RmsNorm(const float* x, const float* weight, int64_t n, int64_t dim, float eps, float* y) const override;
+  void HeadRmsNormBf16(float* q, int64_t heads, int64_t dim, float eps) const override;
+  void Rope(float* x, int64_t rows, int64_t stride, int64_t offset, int64_t rope_dims, const float* cos,
+            const float* sin, int64_t rows_per_angle, bool inverse) const override;
+  void Fp8RoundTrip(float* x, int64_t n, int64_t block) const override;
+  void Fp4RoundTrip(float* x, int64_t n, int64_t block) const override;
+  void Hadamard(float* x, int64_t rows, int64_t dim) const override;
+  void SparseAttention(const float* q, int64_t heads, int64_t dim, std::span<const float* const> kv_rows,
+                       const float* sink, float softmax_scale, float* out) const override;
+  void IndexScores(const float* q, const float* w, int64_t heads, int64_t dim, std::span<const float* const> keys,
+                   float* scores) const override;
+  void IndexerLogits(const float* q, const float* w, int64_t heads, int64_t dim, std::span<const float* const> keys,
+                     float* logits) const override;
+  void HcPre(const float* x, int64_t n, const float* fn, const float* base, const float* scale, int hc, int64_t dim,
+             int iters, float norm_eps, float hc_eps, float* y, float* post, float* comb) const override;
+  void HcPost(const float* f, const float* residual, const float* post, const float* comb, int64_t n, int hc,
+              int64_t dim, float* out) const override;
+  void HcHead(const float* x, const float* fn, const float* base, float scale, int hc, int64_t dim, float norm_eps,
+              float hc_eps, float* y) const override;
+
+  OpStats Stats(OpKind op) const;
+  void Reset();
+  // One line per op that ran: calls, total ms, µs per call, share of the total, items per call.
+  std::string Report() const;
+
+ private:
+  void Record(OpKind op, double seconds, uint64_t items) const;
+
+  const Backend& inner_;
+  mutable absl::Mutex mu_;
+  mutable std::array<OpStats, static_cast<int>(OpKind::kCount)> stats_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace flashmem::kernels

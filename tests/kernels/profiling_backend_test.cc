@@ -1,0 +1,57 @@
+// ProfilingBackend forwards every op unchanged and counts what it forwarded.
+#include <random>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "kernels/numerics.h"
+#include "kernels/profiling_backend.h"
+
+namespace flashmem::kernels {
+namespace {
+
+std::vector<float> Random(size_t n, uint32_t seed) {
+  std::mt19937 g(seed);
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  std::vector<float> v(n);
+  for (float& x : v) x = num::RoundBf16(d(g));
+  return v;
+}
+
+TEST(ProfilingBackend, ForwardsResultsUnchangedAndCountsCallsAndItems) {
+  ProfilingBackend prof(CpuBackend());
+  WeightMatrix w;
+  w.rows = 8;
+  w.cols = 16;
+  w.values = Random(w.rows * w.cols, 1);
+  const auto x = Random(3 * 16, 2);
+  std::vector<float> y_ref(3 * 8), y(3 * 8, -1.0f);
+  CpuBackend().Linear(w, x.data(), 3, y_ref.data(), Rounding::kBf16);
+  prof.Linear(w, x.data(), 3, y.data(), Rounding::kBf16);
+  prof.Linear(w, x.data(), 1, y.data(), Rounding::kBf16);
+  EXPECT_EQ(y[8], y_ref[8]);  // row 1 is untouched by the second call: it came from the first
+  EXPECT_EQ(y[0], y_ref[0]);
+
+  const auto q = Random(2 * 16, 3), row = Random(16, 4), sink = Random(2, 5);
+  const float* rows[] = {row.data(), nullptr, row.data()};
+  std::vector<float> out_ref(2 * 16), out(2 * 16);
+  CpuBackend().SparseAttention(q.data(), 2, 16, rows, sink.data(), 0.25f, out_ref.data());
+  prof.SparseAttention(q.data(), 2, 16, rows, sink.data(), 0.25f, out.data());
+  EXPECT_EQ(out, out_ref);
+
+  const OpStats lin = prof.Stats(OpKind::kLinear);
+  EXPECT_EQ(lin.calls, 2u);
+  EXPECT_EQ(lin.items, 4u);
+  EXPECT_GE(lin.seconds, 0.0);
+  EXPECT_EQ(prof.Stats(OpKind::kSparseAttention).items, 3u);
+  EXPECT_EQ(prof.Stats(OpKind::kRmsNorm).calls, 0u);
+  const std::string report = prof.Report();
+  EXPECT_NE(report.find("Linear"), std::string::npos);
+  EXPECT_NE(report.find("SparseAttention"), std::string::npos);
+  EXPECT_EQ(report.find("RmsNorm"), std::string::npos) << "ops that never ran are left out";
+  prof.Reset();
+  EXPECT_EQ(prof.Stats(OpKind::kLinear).calls, 0u);
+  EXPECT_STREQ(prof.name(), CpuBackend().name());
+}
+
+}  // namespace
+}  // namespace flashmem::kernels
