@@ -21,8 +21,9 @@ bool CudaAvailable() {
 
 absl::StatusOr<BackendHandle> OpenBackend(const std::string& device, int64_t memory_budget_bytes,
                                           const std::string& cuda_kernels) {
-  if (cuda_kernels != "exact" && cuda_kernels != "fast")
-    return absl::InvalidArgumentError(absl::StrCat("--cuda-kernels: '", cuda_kernels, "' is neither exact nor fast"));
+  if (cuda_kernels != "exact" && cuda_kernels != "fast" && cuda_kernels != "fast-fp8")
+    return absl::InvalidArgumentError(
+        absl::StrCat("--cuda-kernels: '", cuda_kernels, "' is none of exact, fast, fast-fp8"));
   if (device == "cpu") return BackendHandle{&CpuBackend(), nullptr};
   absl::string_view rest = device;
   int ordinal = -1;
@@ -33,6 +34,7 @@ absl::StatusOr<BackendHandle> OpenBackend(const std::string& device, int64_t mem
   opt.device = ordinal;
   opt.memory_budget_bytes = memory_budget_bytes;
   opt.exact = cuda_kernels == "exact";
+  opt.fp8_tensor_cores = cuda_kernels == "fast-fp8";
   auto be = cuda::NewCudaBackend(opt);
   if (!be.ok()) return absl::Status(be.status().code(), absl::StrCat("--device ", device, ": ", be.status().message()));
   BackendHandle h;

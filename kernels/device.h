@@ -16,7 +16,7 @@ struct BackendHandle {
 };
 
 // memory_budget_bytes: device memory a CUDA backend may hold (0: free memory minus 1 GiB).
-// cuda_kernels: "exact" (bit-identical to the CPU reference) or "fast" (cuda_backend.h).
+// cuda_kernels: "exact" (bit-identical to the CPU reference), "fast" or "fast-fp8" (cuda_backend.h).
 // Errors name the flag: an unknown device, a CUDA device in a build without CUDA, a missing GPU.
 absl::StatusOr<BackendHandle> OpenBackend(const std::string& device, int64_t memory_budget_bytes = 0,
                                           const std::string& cuda_kernels = "exact");

@@ -25,6 +25,9 @@ struct DeviceWeight {
   const float* scales = nullptr;
   int64_t scale_cols = 0;
   const float* lt_scales = nullptr;  // FP8 only: the scales in cuBLASLt's layout (BlockScalesForLt)
+  // FP8 only, fast mode: values x block scale as bf16 [rows][cols] (exact: an e4m3 value times a
+  // power of two fits bf16), the operand of the tensor-core path from 16 tokens.
+  const void* dequant_bf16 = nullptr;
   // Bytes of values + scales (what one pass over the weight reads).
   int64_t bytes() const;
 };
@@ -117,6 +120,10 @@ cudaError_t GatherPages(const uint8_t* const* src, int64_t count, int64_t page_b
 
 namespace flashmem::kernels::cuda {
 
+// The output type of LinearFp8Lt: bf16 as cuBLASLt rounds it, or fp32 (rounded by the caller: the
+// backend rounds to nearest even like the CPU reference).
+enum class LtOutput { kBf16, kF32 };
+
 // cuBLASLt state for the block-scaled FP8 GEMMs: handle, workspace, one cached plan per shape.
 class LtContext {
  public:
@@ -130,7 +137,7 @@ class LtContext {
 
  private:
   friend cudaError_t LinearFp8Lt(LtContext&, const DeviceWeight&, const float*, const uint8_t*, const float*,
-                                 int64_t, __nv_bfloat16*, cudaStream_t);
+                                 int64_t, void*, LtOutput, cudaStream_t);
   friend cudaError_t LinearBf16Lt(LtContext&, const DeviceWeight&, const __nv_bfloat16*, int64_t, float*, cudaStream_t);
   Impl* impl_;
 };
@@ -147,10 +154,10 @@ std::vector<float> BlockScalesForLt(const WeightMatrix& w);
 cudaError_t QuantizeActivationsFp8(const float* x, int64_t n, int64_t k, uint8_t* codes, float* scales_t,
                                    int64_t ld, cudaStream_t stream);
 
-// y [tokens][rows] bf16 = x · Wᵀ on the tensor cores with DeepSeek's block scaling (FP8 weights,
-// tokens % 4 == 0). cudaErrorNotSupported when cuBLASLt has no algorithm for the shape.
+// y [tokens][rows] (bf16 or fp32, `out`) = x · Wᵀ on the tensor cores with DeepSeek's block scaling
+// (FP8 weights, tokens % 4 == 0). cudaErrorNotSupported when cuBLASLt has no algorithm for the shape.
 cudaError_t LinearFp8Lt(LtContext& ctx, const DeviceWeight& w, const float* lt_scales, const uint8_t* codes,
-                        const float* scales_t, int64_t tokens, __nv_bfloat16* y, cudaStream_t stream);
+                        const float* scales_t, int64_t tokens, void* y, LtOutput out, cudaStream_t stream);
 cudaError_t Bf16ToF32(const __nv_bfloat16* in, int64_t count, float* out, cudaStream_t stream);
 
 // Fast mode's dense Linear (the head, wo_a's groups): y [tokens][rows] fp32 = x · Wᵀ on the
@@ -159,6 +166,13 @@ cudaError_t Bf16ToF32(const __nv_bfloat16* in, int64_t count, float* out, cudaSt
 // dot products (different summation order). cudaErrorNotSupported when cuBLASLt has no algorithm.
 cudaError_t LinearBf16Lt(LtContext& ctx, const DeviceWeight& w, const __nv_bfloat16* x, int64_t tokens, float* y,
                          cudaStream_t stream);
+// A FP8 weight dequantized to bf16 bits (values x block scale; exact), [rows][cols].
+std::vector<uint16_t> DequantizeFp8ToBf16(const WeightMatrix& w);
+// act_quant then dequantize into bf16: out[t][i] = xq[t][i] * xs[t][i / 128] (exact in bf16), rows
+// n..ld-1 zero. With DequantizeFp8ToBf16 weights, a bf16 GEMM with fp32 accumulation computes the
+// reference's block-scaled FP8 product up to fp32 summation order.
+cudaError_t QuantizeActivationsBf16(const float* x, int64_t n, int64_t k, int64_t ld, __nv_bfloat16* out,
+                                    cudaStream_t stream);
 // x [n][k] fp32 -> [ld][k] bf16, rows n..ld-1 zero.
 cudaError_t F32ToBf16Rows(const float* x, int64_t n, int64_t k, int64_t ld, __nv_bfloat16* out, cudaStream_t stream);
 // In place y = bf16(y) (a Linear's Rounding::kBf16 after an fp32-output GEMM).

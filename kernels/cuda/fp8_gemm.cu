@@ -7,6 +7,7 @@
 #include <dlfcn.h>
 #include <cuda_bf16.h>
 
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <string>
@@ -43,6 +44,19 @@ __global__ void F32ToBf16Kernel(const float* x, int64_t n, int64_t k, int64_t ld
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= ld * k) return;
   out[i] = __float2bfloat16_rn(i / k < n ? x[i] : 0.0f);
+}
+
+// One warp per 128-block of a token: act_quant, then the grid value times its scale as bf16.
+__global__ void QuantizeBf16Kernel(const float* x, int64_t n, int64_t k, int64_t ld, __nv_bfloat16* out) {
+  const int64_t nb = k / 128;
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (b >= ld * nb) return;
+  const int64_t t = b / nb, kb = b % nb;
+  const int lane = threadIdx.x & 31;
+  float v[4];
+  for (int j = 0; j < 4; ++j) v[j] = t < n ? x[t * k + kb * 128 + lane + 32 * j] : 0.0f;
+  const float scale = QuantizeWarpBlock128(v);
+  for (int j = 0; j < 4; ++j) out[t * k + kb * 128 + lane + 32 * j] = __float2bfloat16_rn(v[j] * scale);
 }
 
 __global__ void RoundBf16Kernel(float* y, int64_t count) {
@@ -179,13 +193,13 @@ cudaError_t QuantizeActivationsFp8(const float* x, int64_t n, int64_t k, uint8_t
 }
 
 cudaError_t LinearFp8Lt(LtContext& ctx, const DeviceWeight& w, const float* lt_scales, const uint8_t* codes,
-                        const float* scales_t, int64_t tokens, __nv_bfloat16* y, cudaStream_t stream) {
+                        const float* scales_t, int64_t tokens, void* y, LtOutput out, cudaStream_t stream) {
   if (w.format != WeightFormat::kFp8Block128 || tokens % 4 != 0 || w.cols % 128 != 0) return cudaErrorInvalidValue;
   cudaError_t e = ctx.Init();
   if (e != cudaSuccess) return e;
   LtContext::Impl& c = *ctx.impl_;
   std::lock_guard<std::mutex> lock(c.mu);
-  const auto key = std::make_tuple(0, w.rows, w.cols, tokens);
+  const auto key = std::make_tuple(out == LtOutput::kF32 ? 2 : 0, w.rows, w.cols, tokens);
   auto it = c.plans.find(key);
   if (it == c.plans.end()) {
     Plan p;
@@ -203,7 +217,8 @@ cudaError_t LinearFp8Lt(LtContext& ctx, const DeviceWeight& w, const float* lt_s
     const int stage_desc = ok ? 0 : 1;
     ok = ok && Lt().cublasLtMatrixLayoutCreate(&p.a, CUDA_R_8F_E4M3, w.cols, w.rows, w.cols) == CUBLAS_STATUS_SUCCESS;
     ok = ok && Lt().cublasLtMatrixLayoutCreate(&p.b, CUDA_R_8F_E4M3, w.cols, tokens, w.cols) == CUBLAS_STATUS_SUCCESS;
-    ok = ok && Lt().cublasLtMatrixLayoutCreate(&p.d, CUDA_R_16BF, w.rows, tokens, w.rows) == CUBLAS_STATUS_SUCCESS;
+    const cudaDataType_t dt = out == LtOutput::kF32 ? CUDA_R_32F : CUDA_R_16BF;
+    ok = ok && Lt().cublasLtMatrixLayoutCreate(&p.d, dt, w.rows, tokens, w.rows) == CUBLAS_STATUS_SUCCESS;
     cublasLtMatmulPreference_t pref = nullptr;
     ok = ok && Lt().cublasLtMatmulPreferenceCreate(&pref) == CUBLAS_STATUS_SUCCESS;
     ok = ok && Lt().cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &c.workspace_bytes,
@@ -287,6 +302,27 @@ cudaError_t LinearBf16Lt(LtContext& ctx, const DeviceWeight& w, const __nv_bfloa
     c.last_error = std::string("cublasLtMatmul (bf16): ") + cublasLt_status_name(ms);
     return cudaErrorLaunchFailure;
   }
+  return cudaGetLastError();
+}
+
+std::vector<uint16_t> DequantizeFp8ToBf16(const WeightMatrix& w) {
+  std::vector<uint16_t> out(w.rows * w.cols);
+  const int64_t sc = w.scale_cols();
+  for (int64_t r = 0; r < w.rows; ++r)
+    for (int64_t c = 0; c < w.cols; ++c) {
+      const float v = w.values[r * w.cols + c] * w.scales[(r / 128) * sc + c / 128];
+      uint32_t u;
+      std::memcpy(&u, &v, 4);
+      out[r * w.cols + c] = static_cast<uint16_t>(u >> 16);  // exact: the low 16 bits are zero
+    }
+  return out;
+}
+
+cudaError_t QuantizeActivationsBf16(const float* x, int64_t n, int64_t k, int64_t ld, __nv_bfloat16* out,
+                                    cudaStream_t stream) {
+  const int64_t blocks = ld * (k / 128);
+  if (blocks == 0) return cudaSuccess;
+  QuantizeBf16Kernel<<<static_cast<unsigned>((blocks + 7) / 8), 256, 0, stream>>>(x, n, k, ld, out);
   return cudaGetLastError();
 }
 

@@ -97,7 +97,7 @@ int main(int argc, char** argv) {
   app.add_option("--model", model_dir)->required();
   app.add_option("--indexer", indexer_dir, "memory indexer (default: indexer init from the model)");
   app.add_option("--device", device, "cpu or cuda:N");
-  app.add_option("--cuda-kernels", cuda_kernels, "exact or fast");
+  app.add_option("--cuda-kernels", cuda_kernels, "exact, fast or fast-fp8");
   app.add_option("--gpu-memory-bytes", gpu_memory_bytes);
   app.add_option("--batch", batches, "comma-separated batch sizes");
   app.add_option("--context", contexts, "comma-separated context lengths (multiples of 128)");

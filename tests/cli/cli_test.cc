@@ -152,7 +152,7 @@ TEST(Cli, ClearErrors) {
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.out.find("--device: 'gpu0' is neither cpu nor cuda:N"), std::string::npos) << r.out;
   r = RunCli("generate --model " + GoldenC() + " --prompt-ids 1 --max-new-tokens 1 --cuda-kernels turbo");
-  EXPECT_NE(r.out.find("--cuda-kernels: 'turbo' is neither exact nor fast"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("--cuda-kernels: 'turbo' is none of exact, fast, fast-fp8"), std::string::npos) << r.out;
   r = RunCli("generate --model " + GoldenC() + " --prompt-ids 1 --max-new-tokens 1 --device cuda:7");
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.out.find("--device cuda:7"), std::string::npos) << r.out;

@@ -16,7 +16,7 @@
 namespace flashmem::testing {
 
 // The backend the model tests run on: FLASHMEM_TEST_DEVICE (cpu | cuda:N), cpu when unset, and
-// FLASHMEM_TEST_CUDA_KERNELS (exact | fast). The
+// FLASHMEM_TEST_CUDA_KERNELS (exact | fast | fast-fp8). The
 // GPU runs (tests/cuda/run_gpu_tests.sh) run the engine, golden and LSA suites on cuda:0 this way.
 // A device that cannot be opened ends the run: never a silent fall-back to the CPU.
 inline const kernels::Backend& TestBackend() {

@@ -34,7 +34,7 @@ struct GenerateOptions {
   bool lsa_stats = false;        // print the LSA statistics (and measure Level-2 agreement)
   std::string device = "cpu";    // compute backend: cpu or cuda:N
   int64_t gpu_memory_bytes = 0;  // CUDA backend memory budget (0: free memory minus 1 GiB)
-  std::string cuda_kernels = "exact";  // exact | fast
+  std::string cuda_kernels = "exact";  // exact | fast | fast-fp8
 };
 absl::Status Generate(const GenerateOptions& opt);
 

@@ -46,7 +46,7 @@ int main(int argc, char** argv) {
   g->add_option("--lsa-options", gen.lsa_options, "LSA options, e.g. \"kmax=8,interval=16,tail_chunks=64\" (docs/lsa.md)");
   g->add_flag("--lsa-apply-next-step", gen.lsa_apply_next_step, "put each set in force at the next step (the release) instead of the next boundary");
   g->add_option("--device", gen.device, "compute backend: cpu (exact reference) or cuda:N");
-  g->add_option("--cuda-kernels", gen.cuda_kernels, "exact (bit-identical to the CPU reference) or fast");
+  g->add_option("--cuda-kernels", gen.cuda_kernels, "exact (bit-identical to the CPU reference), fast (within the golden tolerances) or fast-fp8 (FP8 tensor cores; ~1e-4 relative)");
   g->add_option("--gpu-memory-bytes", gen.gpu_memory_bytes, "device memory the CUDA backend may hold (0: free memory minus 1 GiB)");
   g->add_flag("--stats", gen.lsa_stats, "print LSA statistics, measuring Level-2 agreement with the full top-k");
 
@@ -108,7 +108,7 @@ int main(int argc, char** argv) {
   up->add_flag("--dense", dense, "workers run dense attention (default: LSA with an indexer built from the model)");
   up->add_option("--lsa-options", cluster.lsa_options, "the workers' LSA options (docs/lsa.md)");
   up->add_option("--kv-budget-bytes", cluster.kv_budget_bytes, "the workers' KV budget (0: no limit)");
-  up->add_option("--cuda-kernels", cluster.cuda_kernels, "the workers' CUDA kernels: exact or fast");
+  up->add_option("--cuda-kernels", cluster.cuda_kernels, "the workers' CUDA kernels: exact, fast or fast-fp8");
   up->add_option("--device", cluster.device, "the workers' backend: cpu, cuda:N (all workers), or cuda (worker i on cuda:i)");
   auto* down = cl->add_subcommand("down", "stop the local cluster");
   down->add_option("--run-dir", cluster.run_dir, "the cluster's run directory");

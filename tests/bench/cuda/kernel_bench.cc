@@ -198,12 +198,12 @@ int main(int argc, char** argv) {
         float* x = DeviceRandomFloats(n * s.cols, 1.0f);
         uint8_t* codes = nullptr;
         float* st = nullptr;
-        __nv_bfloat16* yb = nullptr;
+        float* yb = nullptr;  // fp32 out, as the backend runs it
         CHECK_CUDA(cudaMalloc(&codes, n * s.cols));
         CHECK_CUDA(cudaMalloc(&st, n * (s.cols / 128) * 4));
-        CHECK_CUDA(cudaMalloc(&yb, n * s.rows * 2));
+        CHECK_CUDA(cudaMalloc(&yb, n * s.rows * 4));
         CHECK_CUDA(cu::QuantizeActivationsFp8(x, n, s.cols, codes, st, n, nullptr));
-        if (cu::LinearFp8Lt(lt, ws[0], lt_scales, codes, st, n, yb, nullptr) != cudaSuccess) {
+        if (cu::LinearFp8Lt(lt, ws[0], lt_scales, codes, st, n, yb, cu::LtOutput::kF32, nullptr) != cudaSuccess) {
           std::printf("cuBLASLt refused %lldx%lld -> %lld: %s\n", static_cast<long long>(n), static_cast<long long>(s.cols),
                       static_cast<long long>(s.rows), lt.last_error().c_str());
           for (void* p : {static_cast<void*>(x), static_cast<void*>(codes), static_cast<void*>(st), static_cast<void*>(yb)})
@@ -211,7 +211,7 @@ int main(int argc, char** argv) {
           continue;
         }
         const double gus = TimeUs([&](int i) {
-          CHECK_CUDA(cu::LinearFp8Lt(lt, ws[i % copies], lt_scales, codes, st, n, yb, nullptr));
+          CHECK_CUDA(cu::LinearFp8Lt(lt, ws[i % copies], lt_scales, codes, st, n, yb, cu::LtOutput::kF32, nullptr));
         }, n >= 4096 ? 20 : 50);
         const double qus = TimeUs([&](int) { CHECK_CUDA(cu::QuantizeActivationsFp8(x, n, s.cols, codes, st, n, nullptr)); });
         const double tf = 2.0 * n * s.rows * s.cols / gus / 1e6;
@@ -224,6 +224,36 @@ int main(int argc, char** argv) {
           CHECK_CUDA(cudaFree(p));
       }
       CHECK_CUDA(cudaFree(lt_scales));
+      // The fast mode's path from 16 tokens: the weight dequantized to bf16 (2 B per value), act_quant
+      // into bf16, the bf16 tensor cores with fp32 sums (the reference's product up to summation order).
+      cu::DeviceWeight deq;
+      deq.rows = s.rows;
+      deq.cols = s.cols;
+      deq.dense_bf16 = true;
+      deq.values = DeviceRandomBytes(size_t(s.rows) * s.cols * 2);  // timing only: the values do not matter
+      for (int64_t n : quick ? std::vector<int64_t>{64, 4096} : std::vector<int64_t>{16, 64, 512, 4096}) {
+        float* x = DeviceRandomFloats(n * s.cols, 1.0f);
+        __nv_bfloat16* xb = nullptr;
+        float* y = nullptr;
+        CHECK_CUDA(cudaMalloc(&xb, n * s.cols * 2));
+        CHECK_CUDA(cudaMalloc(&y, n * s.rows * 4));
+        CHECK_CUDA(cu::QuantizeActivationsBf16(x, n, s.cols, n, xb, nullptr));
+        if (cu::LinearBf16Lt(lt, deq, xb, n, y, nullptr) != cudaSuccess) {
+          std::printf("cuBLASLt bf16 refused %lld tokens: %s\n", static_cast<long long>(n), lt.last_error().c_str());
+        } else {
+          const double gus = TimeUs([&](int) { CHECK_CUDA(cu::LinearBf16Lt(lt, deq, xb, n, y, nullptr)); }, n >= 4096 ? 20 : 50);
+          const double qus = TimeUs([&](int) { CHECK_CUDA(cu::QuantizeActivationsBf16(x, n, s.cols, n, xb, nullptr)); });
+          const double tf = 2.0 * n * s.rows * s.cols / gus / 1e6;
+          const double bytes = s.rows * s.cols * 2.0 + n * s.cols * 2.0 + n * s.rows * 4.0;
+          rows.push_back({std::string("bf16 tensor cores on dequantized FP8 (fast) ") + s.name,
+                          std::to_string(n) + "x" + std::to_string(s.cols) + " -> " + std::to_string(s.rows) + " (+" +
+                              std::to_string(static_cast<int>(qus)) + " us act quant)",
+                          gus, bytes / gus / 1e3, tf,
+                          n >= 512 ? Pct(tf, bf16_tflops, "bf16 GEMM") : Pct(bytes / gus / 1e3, hbm, "HBM")});
+        }
+        for (void* p : {static_cast<void*>(x), static_cast<void*>(xb), static_cast<void*>(y)}) CHECK_CUDA(cudaFree(p));
+      }
+      CHECK_CUDA(cudaFree(const_cast<void*>(deq.values)));
     }
     for (auto& w : ws) {
       CHECK_CUDA(cudaFree(const_cast<void*>(w.values)));
