@@ -11,6 +11,14 @@
 
 namespace flashmem::kernels {
 
+int CudaDeviceCount() {
+#ifdef FLASHMEM_HAVE_CUDA
+  return cuda::DeviceCount();
+#else
+  return 0;
+#endif
+}
+
 bool CudaAvailable() {
 #ifdef FLASHMEM_HAVE_CUDA
   return cuda::DeviceCount() > 0;

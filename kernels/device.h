@@ -23,5 +23,7 @@ absl::StatusOr<BackendHandle> OpenBackend(const std::string& device, int64_t mem
 
 // True when this build has the CUDA backend and a CUDA device is visible.
 bool CudaAvailable();
+// CUDA devices visible to this build (0 without CUDA or a GPU).
+int CudaDeviceCount();
 
 }  // namespace flashmem::kernels

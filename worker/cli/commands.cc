@@ -22,6 +22,8 @@
 #include "worker/model/safetensors.h"
 #include "worker/model/sampler.h"
 #include "worker/model/transformer.h"
+#include "worker/parallel/gloo_communicator.h"
+#include "worker/parallel/nccl_communicator.h"
 #include "worker/tokenizer/tokenizer.h"
 
 namespace flashmem::cli {
@@ -78,8 +80,25 @@ absl::Status Generate(const GenerateOptions& in) {
   if (opt.prefill_split == 0 || opt.prefill_split > static_cast<int64_t>(opt.prompt.size()))
     return absl::InvalidArgumentError(absl::StrCat("--prefill-split ", opt.prefill_split, " must be in [1, ", opt.prompt.size(), "]"));
   const auto t0 = std::chrono::steady_clock::now();
-  FM_ASSIGN_OR_RETURN(kernels::BackendHandle backend, kernels::OpenBackend(opt.device, opt.gpu_memory_bytes, opt.cuda_kernels));
-  FM_ASSIGN_OR_RETURN(auto tf, model::Transformer::Load(opt.model_dir, *backend.backend));
+  // "--device cuda" in a group: each rank on the GPU of its own rank number.
+  const std::string device = opt.device == "cuda" ? absl::StrCat("cuda:", opt.tp_rank) : opt.device;
+  FM_ASSIGN_OR_RETURN(kernels::BackendHandle backend, kernels::OpenBackend(device, opt.gpu_memory_bytes, opt.cuda_kernels));
+  parallel::GroupOptions group;
+  group.rank = opt.tp_rank;
+  group.size = opt.tp_size;
+  group.leader_address = opt.tp_leader;
+  group.timeout = absl::Seconds(opt.tp_timeout_s);
+  std::unique_ptr<parallel::Communicator> comm;
+  if (device == "cpu") {
+    FM_ASSIGN_OR_RETURN(comm, parallel::ConnectGlooGroup(group));  // Gloo over TCP
+  } else {
+    int ordinal = 0;
+    (void)absl::SimpleAtoi(absl::string_view(device).substr(5), &ordinal);  // OpenBackend checked "cuda:N"
+    FM_ASSIGN_OR_RETURN(comm, parallel::ConnectNcclGroup(group, ordinal));
+  }
+  FM_ASSIGN_OR_RETURN(auto tf, model::Transformer::Load(opt.model_dir, *backend.backend,
+                                                        model::ShardSpec{opt.tp_rank, opt.tp_size}, nullptr, comm.get()));
+  const bool leader = opt.tp_rank == 0;  // the other ranks compute but print nothing
   const auto t1 = std::chrono::steady_clock::now();
   for (size_t i = 0; i < opt.prompt.size(); ++i)
     if (opt.prompt[i] >= tf->args().vocab_size)
@@ -122,7 +141,7 @@ absl::Status Generate(const GenerateOptions& in) {
   for (int64_t i = 0; i < n; ++i) {
     const int32_t next = opt.force.empty() ? model::SampleToken(logits, sampling, static_cast<uint64_t>(i)) : opt.force[i];
     fed.push_back(next);
-    if (!opt.quiet) { std::printf("%d ", next); std::fflush(stdout); }
+    if (!opt.quiet && leader) { std::printf("%d ", next); std::fflush(stdout); }
     if (decoder && next < tok->vocab_size()) {
       auto piece = decoder->Push(next);
       if (piece.ok()) text += *piece;
@@ -130,6 +149,7 @@ absl::Status Generate(const GenerateOptions& in) {
     FM_RETURN_IF_ERROR(step(std::span<const int32_t>(&next, 1), true));
   }
   const auto t3 = std::chrono::steady_clock::now();
+  if (!leader) return absl::OkStatus();
   if (!opt.quiet) std::printf("\n");
   if (decoder && !opt.quiet) std::printf("text: %s\n", (text + decoder->Finish()).c_str());
   std::printf("prompt: %zu tokens in %.3f s (%.1f tok/s); decode: %lld tokens in %.3f s (%.2f tok/s); load %.2f s\n",

@@ -35,6 +35,13 @@ struct GenerateOptions {
   std::string device = "cpu";    // compute backend: cpu or cuda:N
   int64_t gpu_memory_bytes = 0;  // CUDA backend memory budget (0: free memory minus 1 GiB)
   std::string cuda_kernels = "exact";  // exact | fast | fast-fp8
+  // Tensor parallel (spec §7): this process is rank tp_rank of tp_size; every rank runs the same
+  // command and loads only its shard; rank 0 serves the group's rendezvous at tp_leader (host:port)
+  // and alone prints and dumps. Gloo on the CPU.
+  int tp_size = 1;
+  int tp_rank = 0;
+  std::string tp_leader;
+  double tp_timeout_s = 60;  // joining the group, and every collective
 };
 absl::Status Generate(const GenerateOptions& opt);
 

@@ -45,10 +45,15 @@ int main(int argc, char** argv) {
   g->add_option("--lsa", gen.lsa_indexer, "run Lookahead Sparse Attention with this memory indexer (fm_indexer.safetensors or its directory)");
   g->add_option("--lsa-options", gen.lsa_options, "LSA options, e.g. \"kmax=8,interval=16,tail_chunks=64\" (docs/lsa.md)");
   g->add_flag("--lsa-apply-next-step", gen.lsa_apply_next_step, "put each set in force at the next step (the release) instead of the next boundary");
-  g->add_option("--device", gen.device, "compute backend: cpu (exact reference) or cuda:N");
+  g->add_option("--device", gen.device, "compute backend: cpu (exact reference), cuda:N, or cuda (cuda:<tp-rank>)");
   g->add_option("--cuda-kernels", gen.cuda_kernels, "exact (bit-identical to the CPU reference), fast (within the golden tolerances) or fast-fp8 (FP8 tensor cores; ~1e-4 relative)");
   g->add_option("--gpu-memory-bytes", gen.gpu_memory_bytes, "device memory the CUDA backend may hold (0: free memory minus 1 GiB)");
   g->add_flag("--stats", gen.lsa_stats, "print LSA statistics, measuring Level-2 agreement with the full top-k");
+  g->add_option("--tp-size", gen.tp_size, "tensor-parallel ranks (every rank runs this command; Gloo on cpu, NCCL on cuda; --device cuda: rank R on cuda:R)")->check(CLI::Range(1, 64));
+  g->add_option("--tp-rank", gen.tp_rank, "this process's rank in [0, --tp-size)")->check(CLI::NonNegativeNumber);
+  g->add_option("--tp-leader", gen.tp_leader, "host:port where rank 0 serves the group's rendezvous");
+  g->add_option("--tp-timeout-s", gen.tp_timeout_s, "seconds to wait for the group to form and for each collective")
+      ->check(CLI::PositiveNumber);
 
   std::string preset = "tiny", out_dir;
   int64_t layers = 0, experts = 0;

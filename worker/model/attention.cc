@@ -92,8 +92,8 @@ bool Compressor::Update(CompressorState& st, const float* kv, const float* score
 // ---- Indexer ---------------------------------------------------------------------------------
 
 Indexer::Indexer(const ModelArgs& args, const IndexerWeights& w, const RotaryTable& rope,
-                 const kernels::Backend& be)
-    : args_(args), w_(w), rope_(rope), be_(be),
+                 const kernels::Backend& be, const parallel::Communicator* comm)
+    : args_(args), w_(w), rope_(rope), be_(be), comm_(comm),
       n_local_heads_(w.weights_proj.rows),
       compressor_(args, w.compressor, 4, args.index_head_dim, /*rotate=*/true, rope, be) {}
 
@@ -131,16 +131,20 @@ void Indexer::Scores(const float* q, const float* weights, const kv::EntryPages&
   scores->assign(n, -std::numeric_limits<float>::infinity());
   std::vector<float> visible(rows.size());
   be_.IndexScores(q, weights, n_local_heads_, args_.index_head_dim, rows, visible.data());
+  if (comm_ && comm_->size() > 1) {  // each rank scored its own heads: the sum, in bf16 as the reference's
+    comm_->AllReduceSum(visible.data(), static_cast<int64_t>(visible.size()));
+    for (float& v : visible) v = num::RoundBf16(v);
+  }
   for (size_t i = 0; i < at.size(); ++i) (*scores)[at[i]] = visible[i];
 }
 
 // ---- Attention -------------------------------------------------------------------------------
 
 Attention::Attention(const ModelArgs& args, const AttentionWeights& w, int64_t layer,
-                     const kernels::Backend& be)
+                     const kernels::Backend& be, const parallel::Communicator* comm)
     : args_(args), w_(w), layer_(layer), ratio_(args.ratio(layer)),
       n_local_heads_(static_cast<int64_t>(w.attn_sink.size())),
-      n_local_groups_(w.wo_a.rows / args.o_lora_rank), be_(be),
+      n_local_groups_(w.wo_a.rows / args.o_lora_rank), be_(be), comm_(comm),
       rope_(RotaryTable::ForLayer(args, args.ratio(layer))), csa_index_(-1) {
   const int64_t group_in = w.wo_a.cols;
   for (int64_t g = 0; g < n_local_groups_; ++g) {
@@ -153,7 +157,7 @@ Attention::Attention(const ModelArgs& args, const AttentionWeights& w, int64_t l
   }
   if (ratio_ > 0) compressor_.emplace(args, *w.compressor, ratio_, args.head_dim, false, rope_, be);
   if (ratio_ == 4) {
-    indexer_.emplace(args, *w.indexer, rope_, be);
+    indexer_.emplace(args, *w.indexer, rope_, be, comm);
     csa_index_ = 0;
     for (int64_t l = 0; l < layer && l < args.n_layers; ++l) csa_index_ += args.ratio(l) == 4;
   }
@@ -273,7 +277,13 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
     for (int64_t i = 0; i < n; ++i)
       std::copy(zg.begin() + i * O, zg.begin() + (i + 1) * O, z.begin() + i * G * O + g * O);
   }
-  be_.Linear(w_.wo_b, z.data(), n, out, Rounding::kBf16);
+  if (comm_ && comm_->size() > 1) {  // row-parallel: fp32 partial sums, all-reduced, then bf16
+    be_.Linear(w_.wo_b, z.data(), n, out, Rounding::kNone);
+    comm_->AllReduceSum(out, n * w_.wo_b.rows);
+    for (int64_t i = 0; i < n * w_.wo_b.rows; ++i) out[i] = num::RoundBf16(out[i]);
+  } else {
+    be_.Linear(w_.wo_b, z.data(), n, out, Rounding::kBf16);
+  }
 }
 
 }  // namespace flashmem::model

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "kernels/ops.h"
+#include "worker/parallel/communicator.h"
 #include "worker/model/config.h"
 #include "worker/model/rope.h"
 #include "worker/model/state.h"
@@ -54,8 +55,9 @@ class Compressor {
 // every complete key and the top-k entries are attended.
 class Indexer {
  public:
+  // comm: the tensor-parallel group (null: one rank); index scores are all-reduced before top-k.
   Indexer(const ModelArgs& args, const IndexerWeights& w, const RotaryTable& rope,
-          const kernels::Backend& be);
+          const kernels::Backend& be, const parallel::Communicator* comm = nullptr);
   // Queries (roped, Hadamard-rotated, FP4-rounded) [n, heads*head_dim] and head weights [n, heads].
   void Queries(const float* qr, const float* x, std::span<const TokenRow> rows,
                std::vector<float>* q, std::vector<float>* weights) const;
@@ -72,14 +74,16 @@ class Indexer {
   const IndexerWeights& w_;
   const RotaryTable& rope_;
   const kernels::Backend& be_;
+  const parallel::Communicator* comm_;
   int64_t n_local_heads_;
   Compressor compressor_;
 };
 
 class Attention {
  public:
+  // comm: the tensor-parallel group (null: one rank); wo_b's partial sums are all-reduced.
   Attention(const ModelArgs& args, const AttentionWeights& w, int64_t layer,
-            const kernels::Backend& be);
+            const kernels::Backend& be, const parallel::Communicator* comm = nullptr);
   // x: [n, dim] normed inputs (bf16 values) of the rows; out: [n, dim] (bf16 values).
   void Forward(const float* x, std::span<const TokenRow> rows, float* out) const;
   // Moves this module's weights to where the backend computes (Backend::Prepare).
@@ -96,6 +100,7 @@ class Attention {
   int ratio_;
   int64_t n_local_heads_, n_local_groups_;
   const kernels::Backend& be_;
+  const parallel::Communicator* comm_;
   RotaryTable rope_;
   std::vector<WeightMatrix> wo_a_groups_;
   std::optional<Compressor> compressor_;

@@ -83,8 +83,9 @@ void Expert::Forward(const float* x, int64_t n, const float* weights, float* out
   be_.Linear(w_.w2, h.data(), n, out, Rounding::kBf16);
 }
 
-MoE::MoE(const ModelArgs& args, const MoEWeights& w, int64_t layer, const kernels::Backend& be)
-    : args_(args), w_(w), layer_(layer), be_(be),
+MoE::MoE(const ModelArgs& args, const MoEWeights& w, int64_t layer, const kernels::Backend& be,
+         const parallel::Communicator* comm)
+    : args_(args), w_(w), layer_(layer), be_(be), comm_(comm),
       gate_(args, w.gate, layer < args.n_layers && args.is_hash_layer(layer), be),
       shared_(args, w.shared, be) {
   for (const ExpertWeights& e : w.experts) experts_.emplace_back(args, e, be);
@@ -124,7 +125,9 @@ void MoE::Forward(const float* x, std::span<const int32_t> tokens,
     for (int64_t r = 0; r < m; ++r)
       for (int64_t c = 0; c < d; ++c) y[rows[r] * d + c] += ys[r * d + c];
   }
-  // (tensor parallel: the routed sum is all-reduced here, before the shared expert)
+  // Tensor parallel: each rank summed its own experts; the routed sum is all-reduced (fp32) before
+  // the shared expert, which every rank holds, is added.
+  if (comm_ && comm_->size() > 1) comm_->AllReduceSum(y.data(), n * d);
   ys.resize(n * d);
   shared_.Forward(x, n, nullptr, ys.data());
   for (int64_t i = 0; i < n * d; ++i) out[i] = num::RoundBf16(y[i] + ys[i]);

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "kernels/ops.h"
+#include "worker/parallel/communicator.h"
 #include "worker/model/config.h"
 #include "worker/model/state.h"
 #include "worker/model/weights.h"
@@ -47,7 +48,10 @@ class Expert {
 
 class MoE {
  public:
-  MoE(const ModelArgs& args, const MoEWeights& w, int64_t layer, const kernels::Backend& be);
+  // comm: the tensor-parallel group (null: one rank); the routed sum over this rank's experts is
+  // all-reduced before the shared expert is added.
+  MoE(const ModelArgs& args, const MoEWeights& w, int64_t layer, const kernels::Backend& be,
+      const parallel::Communicator* comm = nullptr);
   // x [n, dim] normed rows; tokens: their ids (hash routing); out [n, dim] bf16 values.
   // `trace_rows[i]`, when non-null, receives row i's routing for this layer.
   void Forward(const float* x, std::span<const int32_t> tokens,
@@ -60,6 +64,7 @@ class MoE {
   const MoEWeights& w_;
   int64_t layer_;
   const kernels::Backend& be_;
+  const parallel::Communicator* comm_;
   Gate gate_;
   std::vector<Expert> experts_;
   Expert shared_;

@@ -10,8 +10,9 @@ namespace flashmem::model {
 
 // ---- Block -----------------------------------------------------------------------------------
 
-Block::Block(const ModelArgs& args, const BlockWeights& w, int64_t layer, const kernels::Backend& be)
-    : args_(args), w_(w), be_(be), attn_(args, w.attn, layer, be), ffn_(args, w.ffn, layer, be) {}
+Block::Block(const ModelArgs& args, const BlockWeights& w, int64_t layer, const kernels::Backend& be,
+             const parallel::Communicator* comm)
+    : args_(args), w_(w), be_(be), attn_(args, w.attn, layer, be, comm), ffn_(args, w.ffn, layer, be, comm) {}
 
 void Block::Forward(std::vector<float>& X, std::span<const TokenRow> rows,
                     std::span<const int32_t> tokens, std::span<ForwardTrace* const> trace_rows) const {
@@ -49,11 +50,16 @@ void ParallelHead::Forward(const float* X, float* logits, std::vector<float>* he
 
 absl::StatusOr<std::unique_ptr<Transformer>> Transformer::Load(const std::string& model_dir,
                                                                const kernels::Backend& be,
-                                                               ShardSpec shard, const LoadProgress& progress) {
+                                                               ShardSpec shard, const LoadProgress& progress,
+                                                               const parallel::Communicator* comm) {
+  if (comm && (comm->rank() != shard.rank || comm->size() != shard.world_size))
+    return absl::InvalidArgumentError(absl::StrCat("tensor parallel: shard ", shard.rank, "/", shard.world_size,
+                                                   " does not match the group's rank ", comm->rank(), " of ",
+                                                   comm->size()));
   FM_ASSIGN_OR_RETURN(ModelArgs args, LoadModelArgs(model_dir));
   FM_ASSIGN_OR_RETURN(auto ckpt, Checkpoint::Open(model_dir));
   FM_ASSIGN_OR_RETURN(ModelWeights w, LoadWeights(*ckpt, args, shard, progress));
-  auto tf = std::make_unique<Transformer>(std::move(args), std::move(w), be);
+  auto tf = std::make_unique<Transformer>(std::move(args), std::move(w), be, comm);
   FM_RETURN_IF_ERROR(tf->PrepareWeights());
   return tf;
 }
@@ -68,16 +74,19 @@ absl::Status Transformer::PrepareWeights() const {
   return head_->Prepare();
 }
 
-Transformer::Transformer(ModelArgs args, ModelWeights weights, const kernels::Backend& be)
-    : args_(std::move(args)), w_(std::move(weights)), be_(be) {
+Transformer::Transformer(ModelArgs args, ModelWeights weights, const kernels::Backend& be,
+                         const parallel::Communicator* comm)
+    : args_(std::move(args)), w_(std::move(weights)), be_(be), comm_(comm && comm->size() > 1 ? comm : nullptr) {
   for (int64_t l = 0; l < args_.n_layers; ++l)
-    layers_.push_back(std::make_unique<Block>(args_, w_.layers[l], l, be_));
+    layers_.push_back(std::make_unique<Block>(args_, w_.layers[l], l, be_, comm_));
   head_ = std::make_unique<ParallelHead>(args_, w_.head, w_.norm, w_.hc_head, be_);
 }
 
 absl::Status Transformer::Forward(std::span<BatchItem> batch) const {
-  if (w_.shard.world_size != 1)
-    return absl::UnimplementedError("tensor-parallel forward (world_size > 1) needs the parallel module");
+  if (w_.shard.world_size != (comm_ ? comm_->size() : 1))
+    return absl::FailedPreconditionError(absl::StrCat("tensor parallel: this model holds shard ", w_.shard.rank, " of ",
+                                                      w_.shard.world_size, " but runs in a group of ",
+                                                      comm_ ? comm_->size() : 1));
   const int64_t d = args_.dim, hc = args_.hc_mult;
   int n_csa = 0;
   for (int64_t l = 0; l < args_.n_layers; ++l) n_csa += args_.ratio(l) == 4;
@@ -117,11 +126,18 @@ absl::Status Transformer::Forward(std::span<BatchItem> batch) const {
     }
   }
   const int64_t n = static_cast<int64_t>(rows.size());
-  // Embedding, expanded to hc copies of the residual stream.
+  // Embedding, expanded to hc copies of the residual stream. Tensor parallel: each rank holds a
+  // slice of the vocabulary; rows outside it are zero and the all-reduce assembles them (exact:
+  // one rank contributes each row).
+  const int64_t v0 = comm_ ? comm_->rank() * w_.embed.rows : 0;
+  std::vector<float> E(n * d, 0.0f);
+  for (int64_t i = 0; i < n; ++i)
+    if (tokens[i] >= v0 && tokens[i] < v0 + w_.embed.rows)
+      std::copy_n(w_.embed.values.begin() + (tokens[i] - v0) * d, d, E.begin() + i * d);
+  if (comm_) comm_->AllReduceSum(E.data(), n * d);
   std::vector<float> X(n * hc * d);
   for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < hc; ++j)
-      std::copy_n(w_.embed.values.begin() + static_cast<int64_t>(tokens[i]) * d, d, X.begin() + (i * hc + j) * d);
+    for (int64_t j = 0; j < hc; ++j) std::copy_n(E.begin() + i * d, d, X.begin() + (i * hc + j) * d);
   for (int64_t l = 0; l < args_.n_layers; ++l) {
     layers_[l]->Forward(X, rows, tokens, trace_rows);
     for (int64_t i = 0; i < n; ++i)
@@ -133,14 +149,21 @@ absl::Status Transformer::Forward(std::span<BatchItem> batch) const {
     if (it.logits || it.trace) {
       std::vector<float> logits(w_.head.rows);
       head_->Forward(X.data() + last * hc * d, logits.data(), it.trace ? &it.trace->head_input : nullptr);
+      if (comm_) {  // vocab-split head: every rank gets the whole vocabulary's logits
+        std::vector<float> all(logits.size() * comm_->size());
+        comm_->AllGather(logits.data(), static_cast<int64_t>(logits.size()), all.data());
+        logits = std::move(all);
+      }
       if (it.trace) it.trace->hidden_hc.assign(X.begin() + last * hc * d, X.begin() + (last + 1) * hc * d);
       if (it.logits) *it.logits = std::move(logits);
     }
     it.state->position += static_cast<int64_t>(it.tokens.size());
     row = last + 1;
   }
-  // A device backend's failure inside an op (memory budget, lost device) makes the pass invalid.
-  return be_.Health();
+  // A device backend's failure inside an op (memory budget, lost device) or a failed collective
+  // makes the pass invalid.
+  FM_RETURN_IF_ERROR(be_.Health());
+  return comm_ ? comm_->Health() : absl::OkStatus();
 }
 
 }  // namespace flashmem::model

@@ -20,7 +20,8 @@ namespace flashmem::model {
 
 class Block {
  public:
-  Block(const ModelArgs& args, const BlockWeights& w, int64_t layer, const kernels::Backend& be);
+  Block(const ModelArgs& args, const BlockWeights& w, int64_t layer, const kernels::Backend& be,
+        const parallel::Communicator* comm = nullptr);
   // X: [n, hc, dim] residual streams (bf16 values), updated in place.
   void Forward(std::vector<float>& X, std::span<const TokenRow> rows,
                std::span<const int32_t> tokens, std::span<ForwardTrace* const> trace_rows) const;
@@ -64,11 +65,16 @@ struct BatchItem {
 class Transformer {
  public:
   // Loads config.json + safetensors from `model_dir` (validated before any compute).
+  // With a tensor-parallel group (`comm`, spec §7), `shard` must be {comm->rank(), comm->size()}:
+  // each rank holds its shard and every forward runs the group's collectives, so all ranks must
+  // call Forward with the same batch. comm outlives the Transformer.
   static absl::StatusOr<std::unique_ptr<Transformer>> Load(const std::string& model_dir,
                                                            const kernels::Backend& be,
                                                            ShardSpec shard = {},
-                                                           const LoadProgress& progress = nullptr);
-  Transformer(ModelArgs args, ModelWeights weights, const kernels::Backend& be);
+                                                           const LoadProgress& progress = nullptr,
+                                                           const parallel::Communicator* comm = nullptr);
+  Transformer(ModelArgs args, ModelWeights weights, const kernels::Backend& be,
+              const parallel::Communicator* comm = nullptr);
   Transformer(const Transformer&) = delete;
   Transformer& operator=(const Transformer&) = delete;
 
@@ -88,6 +94,7 @@ class Transformer {
   ModelArgs args_;
   ModelWeights w_;
   const kernels::Backend& be_;
+  const parallel::Communicator* comm_;
   std::vector<std::unique_ptr<Block>> layers_;
   std::unique_ptr<ParallelHead> head_;
 };

@@ -96,16 +96,18 @@ class Loader {
     return v;
   }
 
-  // Any float tensor, upcast to fp32.
-  absl::StatusOr<std::vector<float>> Floats(const std::string& name) const {
+  // Any float tensor, upcast to fp32; elements [begin, end) only (end < 0: to the end), so a
+  // tensor-parallel rank decodes just its slice of the mapped file.
+  absl::StatusOr<std::vector<float>> Floats(const std::string& name, int64_t begin = 0, int64_t end = -1) const {
     FM_ASSIGN_OR_RETURN(const TensorView* v, Get(name));
-    std::vector<float> out(v->numel);
+    if (end < 0) end = v->numel;
+    std::vector<float> out(end - begin);
     const uint8_t* p = v->bytes.data();
-    for (int64_t i = 0; i < v->numel; ++i) {
+    for (int64_t i = begin; i < end; ++i) {
       switch (v->dtype) {
-        case DType::kF32: std::memcpy(&out[i], p + 4 * i, 4); break;
-        case DType::kBF16: { uint16_t b; std::memcpy(&b, p + 2 * i, 2); out[i] = num::Bf16BitsToFloat(b); break; }
-        case DType::kF16: { uint16_t b; std::memcpy(&b, p + 2 * i, 2); out[i] = num::F16BitsToFloat(b); break; }
+        case DType::kF32: std::memcpy(&out[i - begin], p + 4 * i, 4); break;
+        case DType::kBF16: { uint16_t b; std::memcpy(&b, p + 2 * i, 2); out[i - begin] = num::Bf16BitsToFloat(b); break; }
+        case DType::kF16: { uint16_t b; std::memcpy(&b, p + 2 * i, 2); out[i - begin] = num::F16BitsToFloat(b); break; }
         default: return absl::InvalidArgumentError(absl::StrCat("tensor '", name, "': dtype ", DTypeName(v->dtype), " is not a float type"));
       }
     }
@@ -114,15 +116,16 @@ class Loader {
 
   // Rows [r0, r1) of a 2-D float tensor as a dense matrix.
   absl::StatusOr<WeightMatrix> Dense(const std::string& name, int64_t r0 = 0, int64_t r1 = -1) const {
-    FM_ASSIGN_OR_RETURN(std::vector<float> all, Floats(name));
     FM_ASSIGN_OR_RETURN(const TensorView* v, Get(name));
     WeightMatrix w;
     w.format = WeightFormat::kDense;
     const int64_t rows = v->shape[0], cols = v->shape.size() > 1 ? v->shape[1] : 1;
     if (r1 < 0) r1 = rows;
+    if (r0 < 0 || r1 > rows || r0 > r1)
+      return absl::InvalidArgumentError(absl::StrCat("tensor '", name, "': rows [", r0, ", ", r1, ") outside [0, ", rows, ")"));
     w.rows = r1 - r0;
     w.cols = cols;
-    w.values.assign(all.begin() + r0 * cols, all.begin() + r1 * cols);
+    FM_ASSIGN_OR_RETURN(w.values, Floats(name, r0 * cols, r1 * cols));
     return w;
   }
 

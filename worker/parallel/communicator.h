@@ -1,0 +1,28 @@
+// The collectives a tensor-parallel worker group needs (spec/deepseek_v4_decode.md §7): an
+// all-reduce sum (wo_b, the routed experts, index scores, the vocab-split embedding) and an
+// all-gather (the vocab-split head's logits). The model calls this interface only; Gloo (CPU
+// ranks, gloo_communicator.h) and NCCL (GPU ranks) implement it.
+//
+// Like kernels::Backend, a collective that fails (a peer died, a timeout) records the first error,
+// later collectives do nothing, and Transformer::Forward returns the error (Health()).
+#pragma once
+
+#include <cstdint>
+
+#include "absl/status/status.h"
+
+namespace flashmem::parallel {
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  virtual absl::Status Health() const = 0;
+  // data[0..n) = the element-wise sum over the ranks, identical on every rank.
+  virtual void AllReduceSum(float* data, int64_t n) const = 0;
+  // out[r * n .. (r + 1) * n) = rank r's local[0..n).
+  virtual void AllGather(const float* local, int64_t n, float* out) const = 0;
+};
+
+}  // namespace flashmem::parallel

@@ -1,0 +1,197 @@
+#include "worker/parallel/nccl_communicator.h"
+
+#include "absl/strings/str_cat.h"
+
+#ifdef FLASHMEM_HAVE_CUDA
+#include <cuda_runtime.h>
+#include <dlfcn.h>
+#include <nccl.h>
+
+#include <cstdlib>
+#include <mutex>
+#include <string>
+
+#include "absl/synchronization/mutex.h"
+#include "worker/parallel/group_store.h"
+#endif
+
+namespace flashmem::parallel {
+
+#ifndef FLASHMEM_HAVE_CUDA
+
+absl::StatusOr<std::unique_ptr<Communicator>> ConnectNcclGroup(const GroupOptions&, int) {
+  return absl::UnimplementedError("--tp-size > 1 on a CUDA device: this build has no CUDA (NCCL)");
+}
+
+#else
+
+namespace {
+
+// The NCCL entry points used here, resolved once from libnccl.so.2.
+#define FM_NCCL_FUNCTIONS(X) \
+  X(ncclGetUniqueId) X(ncclCommInitRank) X(ncclCommDestroy) X(ncclAllReduce) X(ncclAllGather) X(ncclGetErrorString)
+
+struct NcclApi {
+#define FM_NCCL_MEMBER(f) decltype(&::f) f = nullptr;
+  FM_NCCL_FUNCTIONS(FM_NCCL_MEMBER)
+#undef FM_NCCL_MEMBER
+};
+
+const NcclApi* LoadNccl(std::string* error) {
+  static NcclApi api;
+  static std::string load_error;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    void* lib = dlopen("libnccl.so.2", RTLD_NOW | RTLD_LOCAL);
+    if (!lib) lib = dlopen("libnccl.so", RTLD_NOW | RTLD_LOCAL);
+    if (!lib) {
+      const char* e = dlerror();
+      load_error = std::string("cannot load libnccl: ") + (e ? e : "unknown error");
+      return;
+    }
+#define FM_NCCL_LOOKUP(f)                                       \
+  api.f = reinterpret_cast<decltype(api.f)>(dlsym(lib, #f));    \
+  if (!api.f && load_error.empty()) load_error = "libnccl lacks " #f;
+    FM_NCCL_FUNCTIONS(FM_NCCL_LOOKUP)
+#undef FM_NCCL_LOOKUP
+  });
+  if (!load_error.empty()) {
+    *error = load_error;
+    return nullptr;
+  }
+  return &api;
+}
+
+class NcclCommunicator final : public Communicator {
+ public:
+  NcclCommunicator(const NcclApi& api, int rank, int size, int device, ncclComm_t comm, cudaStream_t stream,
+                   std::unique_ptr<GroupStoreServer> server)
+      : api_(api), rank_(rank), size_(size), device_(device), comm_(comm), stream_(stream), server_(std::move(server)) {}
+  ~NcclCommunicator() override {
+    (void)cudaSetDevice(device_);
+    if (buf_) (void)cudaFree(buf_);
+    api_.ncclCommDestroy(comm_);
+    (void)cudaStreamDestroy(stream_);
+  }
+
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  absl::Status Health() const override {
+    absl::MutexLock lock(&mu_);
+    return health_;
+  }
+
+  void AllReduceSum(float* data, int64_t n) const override {
+    absl::MutexLock lock(&mu_);
+    if (!health_.ok() || n == 0) return;
+    Fail(Run(data, n, data, n, [&](float* d) {
+      return api_.ncclAllReduce(d, d, static_cast<size_t>(n), ncclFloat32, ncclSum, comm_, stream_);
+    }));
+  }
+
+  void AllGather(const float* local, int64_t n, float* out) const override {
+    absl::MutexLock lock(&mu_);
+    if (!health_.ok() || n == 0) return;
+    Fail(Run(local, n, out, n * size_, [&](float* d) {
+      return api_.ncclAllGather(d + rank_ * n, d, static_cast<size_t>(n), ncclFloat32, comm_, stream_);
+    }));
+  }
+
+ private:
+  void Fail(const absl::Status& st) const {
+    if (!st.ok() && health_.ok()) health_ = st;
+  }
+
+  // in (n_in floats) up into the device buffer (at rank_ * n_in for an all-gather), the
+  // collective, out (n_out floats) back.
+  template <typename F>
+  absl::Status Run(const float* in, int64_t n_in, float* out, int64_t n_out, F&& collective) const {
+    if (cudaSetDevice(device_) != cudaSuccess) return absl::InternalError("NCCL rank: cudaSetDevice failed");
+    const size_t bytes = static_cast<size_t>(std::max(n_in, n_out)) * sizeof(float);
+    if (bytes > capacity_) {
+      if (buf_) (void)cudaFree(buf_);
+      buf_ = nullptr;
+      capacity_ = 0;
+      if (cudaMalloc(&buf_, bytes) != cudaSuccess) return absl::ResourceExhaustedError("NCCL rank: cudaMalloc failed");
+      capacity_ = bytes;
+    }
+    float* d = static_cast<float*>(buf_);
+    const int64_t at = n_out > n_in ? rank_ * n_in : 0;
+    cudaError_t e = cudaMemcpyAsync(d + at, in, n_in * sizeof(float), cudaMemcpyHostToDevice, stream_);
+    if (e != cudaSuccess) return absl::InternalError(absl::StrCat("NCCL rank: copy up: ", cudaGetErrorString(e)));
+    const ncclResult_t r = collective(d);
+    if (r != ncclSuccess)
+      return absl::UnavailableError(absl::StrCat("tensor-parallel NCCL collective (rank ", rank_, " of ", size_,
+                                                 "): ", api_.ncclGetErrorString(r)));
+    e = cudaMemcpyAsync(out, d, n_out * sizeof(float), cudaMemcpyDeviceToHost, stream_);
+    if (e == cudaSuccess) e = cudaStreamSynchronize(stream_);
+    if (e != cudaSuccess) return absl::InternalError(absl::StrCat("NCCL rank: copy back: ", cudaGetErrorString(e)));
+    return absl::OkStatus();
+  }
+
+  const NcclApi& api_;
+  const int rank_, size_, device_;
+  ncclComm_t comm_;
+  cudaStream_t stream_;
+  std::unique_ptr<GroupStoreServer> server_;  // rank 0 only
+  mutable absl::Mutex mu_;
+  mutable absl::Status health_;
+  mutable void* buf_ = nullptr;
+  mutable size_t capacity_ = 0;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Communicator>> ConnectNcclGroup(const GroupOptions& o, int device) {
+  if (o.size < 1) return absl::InvalidArgumentError(absl::StrCat("--tp-size ", o.size, ": must be >= 1"));
+  if (o.rank < 0 || o.rank >= o.size)
+    return absl::InvalidArgumentError(absl::StrCat("--tp-rank ", o.rank, ": must be in [0, ", o.size, ")"));
+  if (o.size == 1) return ConnectGlooGroup(o);  // a group of one: no communication at all
+  if (o.leader_address.empty())
+    return absl::InvalidArgumentError("--tp-leader: a group of more than one rank needs the leader's host:port");
+  std::string error;
+  const NcclApi* api = LoadNccl(&error);
+  if (!api) return absl::FailedPreconditionError(absl::StrCat("tensor parallel on CUDA: ", error));
+  setenv("NCCL_NVLS_ENABLE", "0", /*overwrite=*/0);
+  std::unique_ptr<GroupStoreServer> server;
+  std::string leader = o.leader_address;
+  if (o.rank == 0) {
+    auto s = GroupStoreServer::Start(o.leader_address);
+    if (!s.ok()) return s.status();
+    server = std::move(*s);
+    leader = server->address();
+  }
+  GroupStoreClient store(leader, o.timeout);
+  const std::string key = absl::StrCat("flashmem/", o.group, "/nccl-unique-id");
+  ncclUniqueId id;
+  if (o.rank == 0) {
+    if (const ncclResult_t r = api->ncclGetUniqueId(&id); r != ncclSuccess)
+      return absl::UnavailableError(absl::StrCat("ncclGetUniqueId: ", api->ncclGetErrorString(r)));
+    if (absl::Status st = store.Set(key, std::string(id.internal, sizeof id.internal)); !st.ok()) return st;
+  } else {
+    auto v = store.Get(key, o.timeout);
+    if (!v.ok())
+      return absl::UnavailableError(absl::StrCat("tensor-parallel group '", o.group, "': rank ", o.rank,
+                                                 " got no NCCL id from the leader at ", leader, ": ", v.status().message()));
+    if (v->size() != sizeof id.internal)
+      return absl::DataLossError(absl::StrCat("NCCL unique id from the leader: ", v->size(), " bytes, expected ",
+                                              sizeof id.internal));
+    std::copy(v->begin(), v->end(), id.internal);
+  }
+  if (cudaSetDevice(device) != cudaSuccess)
+    return absl::InvalidArgumentError(absl::StrCat("--device cuda:", device, ": cannot select it"));
+  ncclComm_t comm = nullptr;
+  if (const ncclResult_t r = api->ncclCommInitRank(&comm, o.size, id, o.rank); r != ncclSuccess)
+    return absl::UnavailableError(absl::StrCat("tensor-parallel group '", o.group, "': ncclCommInitRank (rank ", o.rank,
+                                               " of ", o.size, "): ", api->ncclGetErrorString(r)));
+  cudaStream_t stream = nullptr;
+  if (cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) != cudaSuccess) {
+    api->ncclCommDestroy(comm);
+    return absl::InternalError("NCCL rank: cudaStreamCreate failed");
+  }
+  return std::unique_ptr<Communicator>(new NcclCommunicator(*api, o.rank, o.size, device, comm, stream, std::move(server)));
+}
+
+#endif  // FLASHMEM_HAVE_CUDA
+
+}  // namespace flashmem::parallel

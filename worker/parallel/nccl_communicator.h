@@ -1,0 +1,21 @@
+// GPU tensor parallelism over NCCL: one process per GPU, the NCCL unique id passed from rank 0
+// to the others through the group leader's store (group_store.h), never a file. NVLink
+// multicast stays off (NCCL_NVLS_ENABLE=0, set here when the caller has not set it).
+//
+// The engine's activations still live in host memory (the CUDA backend stages each op), so a
+// collective copies the host array into a device buffer, runs on the GPU and copies back. NCCL is
+// loaded on first use (dlopen), like cuBLASLt: CPU-only processes never need it.
+#pragma once
+
+#include <memory>
+
+#include "absl/status/statusor.h"
+#include "worker/parallel/communicator.h"
+#include "worker/parallel/gloo_communicator.h"
+
+namespace flashmem::parallel {
+
+// `device`: the CUDA ordinal this rank computes on. UNIMPLEMENTED in a build without CUDA.
+absl::StatusOr<std::unique_ptr<Communicator>> ConnectNcclGroup(const GroupOptions& options, int device);
+
+}  // namespace flashmem::parallel
