@@ -39,6 +39,15 @@ enum class Rounding { kNone, kBf16 };
 // One slot of sparse attention: -1 means masked (the reference pads candidate lists with -1).
 using CandidateIndex = int32_t;
 
+// One routed expert of an MoE layer and the token rows sent to it (Backend::RoutedExperts).
+struct ExpertWork {
+  const WeightMatrix* w1 = nullptr;  // gate projection [inter, dim]
+  const WeightMatrix* w3 = nullptr;  // up projection [inter, dim]
+  const WeightMatrix* w2 = nullptr;  // down projection [dim, inter]
+  std::vector<int32_t> rows;         // rows of x routed to this expert
+  std::vector<float> weights;        // the routing weight of each row (empty: 1, no multiply)
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -109,6 +118,14 @@ class Backend {
   // and out [n, hc, dim] (out must not overlap residual).
   virtual void HcPost(const float* f, const float* residual, const float* post,
                       const float* comb, int64_t n, int hc, int64_t dim, float* out) const = 0;
+  // The routed experts of an MoE layer on x [n, dim], in the order given: for an expert's rows,
+  // g = bf16(w1·x), u = bf16(w3·x), h = bf16(silu(min(g, L)) * clamp(u, ±L) * weight) with silu
+  // through num::ExpF (L <= 0: no clamp), out = bf16(w2·h), y[row] += out in fp32. y [n, dim] is
+  // accumulated into. The default runs Linear per expert on the host arrays; a device backend
+  // keeps the whole layer on the device (one call per layer instead of three per expert).
+  virtual void RoutedExperts(std::span<const ExpertWork> experts, const float* x, int64_t n, int64_t dim,
+                             float swiglu_limit, float* y) const;
+
   // hc_head: pre = sigmoid(mixes * scale + base) + hc_eps; y = bf16(sum_i pre_i x_i).
   virtual void HcHead(const float* x, const float* fn, const float* base, float scale, int hc,
                       int64_t dim, float norm_eps, float hc_eps, float* y) const = 0;
@@ -116,5 +133,10 @@ class Backend {
 
 // The exact CPU reference backend (kernels/cpu).
 const Backend& CpuBackend();
+
+// h[m, inter] = bf16(silu(min(gate, L)) * clamp(up, ±L) * weight) (weights null: 1): the SwiGLU of
+// RoutedExperts and of the shared expert, shared so that both backends round alike.
+void SwiGluRows(const float* gate, const float* up, int64_t m, int64_t inter, const float* weights, float limit,
+                float* h);
 
 }  // namespace flashmem::kernels

@@ -9,7 +9,7 @@ namespace flashmem::kernels {
 const char* OpName(OpKind op) {
   static constexpr const char* kNames[] = {"Linear", "RmsNorm", "HeadRmsNormBf16", "Rope", "Fp8RoundTrip",
                                            "Fp4RoundTrip", "Hadamard", "SparseAttention", "IndexScores",
-                                           "IndexerLogits", "HcPre", "HcPost", "HcHead"};
+                                           "IndexerLogits", "HcPre", "HcPost", "HcHead", "RoutedExperts"};
   static_assert(sizeof(kNames) / sizeof(kNames[0]) == static_cast<int>(OpKind::kCount));
   return kNames[static_cast<int>(op)];
 }
@@ -134,6 +134,15 @@ void ProfilingBackend::HcHead(const float* x, const float* fn, const float* base
   Timer t;
   inner_.HcHead(x, fn, base, scale, hc, dim, norm_eps, hc_eps, y);
   Record(OpKind::kHcHead, t.seconds(), 1);
+}
+
+void ProfilingBackend::RoutedExperts(std::span<const ExpertWork> experts, const float* x, int64_t n, int64_t dim,
+                                     float swiglu_limit, float* y) const {
+  Timer t;
+  inner_.RoutedExperts(experts, x, n, dim, swiglu_limit, y);
+  uint64_t pairs = 0;
+  for (const ExpertWork& e : experts) pairs += e.rows.size();
+  Record(OpKind::kRoutedExperts, t.seconds(), pairs);
 }
 
 }  // namespace flashmem::kernels

@@ -16,14 +16,14 @@ namespace flashmem::kernels {
 
 enum class OpKind : int {
   kLinear, kRmsNorm, kHeadRmsNorm, kRope, kFp8RoundTrip, kFp4RoundTrip, kHadamard,
-  kSparseAttention, kIndexScores, kIndexerLogits, kHcPre, kHcPost, kHcHead, kCount
+  kSparseAttention, kIndexScores, kIndexerLogits, kHcPre, kHcPost, kHcHead, kRoutedExperts, kCount
 };
 const char* OpName(OpKind op);
 
 struct OpStats {
   uint64_t calls = 0;
   double seconds = 0;
-  uint64_t items = 0;  // Linear: token rows; attention: candidate slots; scoring: keys; others: rows
+  uint64_t items = 0;  // Linear: token rows; attention: candidate slots; scoring: keys; experts: (expert, row) pairs; others: rows
 };
 
 class ProfilingBackend final : public Backend {
@@ -53,6 +53,8 @@ class ProfilingBackend final : public Backend {
               int64_t dim, float* out) const override;
   void HcHead(const float* x, const float* fn, const float* base, float scale, int hc, int64_t dim, float norm_eps,
               float hc_eps, float* y) const override;
+  void RoutedExperts(std::span<const ExpertWork> experts, const float* x, int64_t n, int64_t dim, float swiglu_limit,
+                     float* y) const override;
 
   OpStats Stats(OpKind op) const;
   void Reset();

@@ -266,6 +266,14 @@ class CudaBackendImpl final : public Backend {
     }));
   }
 
+  void RoutedExperts(std::span<const ExpertWork> experts, const float* x, int64_t n, int64_t dim, float swiglu_limit,
+                     float* y) const override {
+    absl::MutexLock lock(&mu_);
+    if (!health_.ok() || n == 0 || experts.empty()) return;
+    op_clock_ = clock_ + 1;
+    Fail(RoutedExpertsLocked(experts, x, n, dim, swiglu_limit, y));
+  }
+
  private:
   void Fail(const absl::Status& st) const {
     if (!st.ok() && health_.ok()) health_ = st;
@@ -519,6 +527,102 @@ class CudaBackendImpl final : public Backend {
     }));
     if (!refused) return absl::OkStatus();
     return absl::UnimplementedError("cuBLASLt has no bf16 algorithm for this shape");
+  }
+
+  // The whole routed-expert layer in one staging round trip: x and y up once, every expert's
+  // gather, w1/w3, SwiGLU, w2 and scatter-add on the device in expert order, y back.
+  absl::Status RoutedExpertsLocked(std::span<const ExpertWork> experts, const float* x, int64_t n, int64_t dim,
+                                   float limit, float* y) const {
+    FM_CUDA_TRY(cudaSetDevice(device_), "cudaSetDevice");
+    struct Plan {
+      const DeviceWeight *w1, *w3, *w2;
+      int64_t m, ld, inter;
+      size_t rows, wts, xs, gate, up, h, out;
+      bool weighted;
+    };
+    std::vector<Plan> plans;
+    Frame f;
+    const size_t dx = f.In(x, n * dim * 4), dy = f.In(y, n * dim * 4);
+    int64_t max_ld = 0, max_k = dim;
+    for (size_t i = 0; i < experts.size(); ++i) {
+      const ExpertWork& e = experts[i];
+      if (e.rows.empty()) continue;
+      if (!e.w1 || !e.w2 || !e.w3 || e.w1->cols != dim || e.w3->cols != dim || e.w3->rows != e.w1->rows ||
+          e.w2->rows != dim || e.w2->cols != e.w1->rows || (!e.weights.empty() && e.weights.size() != e.rows.size()))
+        return absl::InvalidArgumentError(absl::StrCat("RoutedExperts: experts[", i, "] has inconsistent shapes"));
+      for (int32_t r : e.rows)
+        if (r < 0 || r >= n) return absl::InvalidArgumentError(absl::StrCat("RoutedExperts: experts[", i, "].rows has ", r));
+      Plan p;
+      FM_ASSIGN_OR_RETURN(p.w1, WeightOnDevice(*e.w1));
+      FM_ASSIGN_OR_RETURN(p.w3, WeightOnDevice(*e.w3));
+      FM_ASSIGN_OR_RETURN(p.w2, WeightOnDevice(*e.w2));
+      p.m = static_cast<int64_t>(e.rows.size());
+      p.ld = (p.m + 3) / 4 * 4;
+      p.inter = e.w1->rows;
+      p.rows = f.In(e.rows.data(), p.m * 4);
+      p.weighted = !e.weights.empty();
+      p.wts = p.weighted ? f.In(e.weights.data(), p.m * 4) : 0;
+      plans.push_back(p);
+      max_ld = std::max(max_ld, p.ld);
+      max_k = std::max(max_k, p.inter);
+    }
+    if (plans.empty()) return absl::OkStatus();
+    for (Plan& p : plans) {
+      p.xs = f.Scratch(p.ld * dim * 4);
+      p.gate = f.Scratch(p.ld * p.inter * 4);
+      p.up = f.Scratch(p.ld * p.inter * 4);
+      p.h = f.Scratch(p.ld * p.inter * 4);
+      p.out = f.Scratch(p.ld * dim * 4);
+    }
+    const size_t qx = f.Scratch(max_ld * max_k * 4), qs = f.Scratch(max_ld * (max_k / 128 + 1) * 4),
+                 qb = f.Scratch(max_ld * max_k * 2);
+    f.Download(dy, y, n * dim * 4);
+    return RunLocked(f, [&](Dev d) {
+      for (const Plan& p : plans) {
+        const int32_t* rows = d.at<int32_t>(p.rows);
+        cudaError_t e = cuda::GatherRows(d.at(dx), rows, p.m, dim, d.at(p.xs), stream_);
+        auto linear = [&](const DeviceWeight& w, const float* in, float* out) {
+          return EnqueueLinear(w, in, p.m, p.ld, out, d.at(qx), d.at(qs), d.at<__nv_bfloat16>(qb));
+        };
+        if (e == cudaSuccess) e = linear(*p.w1, d.at(p.xs), d.at(p.gate));
+        if (e == cudaSuccess) e = linear(*p.w3, d.at(p.xs), d.at(p.up));
+        if (e == cudaSuccess)
+          e = cuda::SwiGlu(d.at(p.gate), d.at(p.up), p.m, p.inter, p.weighted ? d.at(p.wts) : nullptr, limit, d.at(p.h),
+                           stream_);
+        if (e == cudaSuccess) e = linear(*p.w2, d.at(p.h), d.at(p.out));
+        if (e == cudaSuccess) e = cuda::ScatterAddRows(d.at(p.out), rows, p.m, dim, d.at(dy), stream_);
+        if (e != cudaSuccess) return e;
+      }
+      return cudaSuccess;
+    });
+  }
+
+  // A bf16-rounded Linear on device arrays (the path LinearLocked would take): x [m][k], y with
+  // room for ld >= m rows (the tensor-core path writes ld); qx/qs/qb quantization scratch.
+  cudaError_t EnqueueLinear(const DeviceWeight& w, const float* x, int64_t m, int64_t ld, float* y, float* qx,
+                            float* qs, __nv_bfloat16* qb) const {
+    const int64_t k = w.cols;
+    const bool quantized = w.format != WeightFormat::kDense;
+    if (!exact_ && quantized && k % 128 == 0) {
+      if (fast_lt_ && w.format == WeightFormat::kFp8Block128 && m >= 16 && w.dequant_bf16) {
+        DeviceWeight view;
+        view.rows = w.rows;
+        view.cols = k;
+        view.dense_bf16 = true;
+        view.values = w.dequant_bf16;
+        cudaError_t e = cuda::QuantizeActivationsBf16(x, m, k, ld, qb, stream_);
+        if (e == cudaSuccess) e = cuda::LinearBf16Lt(lt_, view, qb, ld, y, stream_);
+        if (e == cudaSuccess) return cuda::RoundToBf16(y, m * w.rows, stream_);
+        if (e != cudaErrorNotSupported) return e;
+      }
+      if (fast_gemv_) {
+        const cudaError_t e = cuda::QuantizeActivations(x, m, k, qx, qs, stream_);
+        return e != cudaSuccess ? e : cuda::LinearDecode(w, qx, qs, m, y, Rounding::kBf16, stream_);
+      }
+    }
+    if (!quantized) return cuda::Linear(w, x, x, m, y, Rounding::kBf16, stream_);
+    const cudaError_t e = cuda::QuantizeActivations(x, m, k, qx, qs, stream_);
+    return e != cudaSuccess ? e : cuda::Linear(w, qx, qs, m, y, Rounding::kBf16, stream_);
   }
 
   void RoundTripOp(float* x, int64_t n, int64_t block, bool fp8) const {

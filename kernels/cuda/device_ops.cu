@@ -399,3 +399,59 @@ cudaError_t HcHead(const float* x, const float* fn, const float* base, float sca
 }
 
 }  // namespace flashmem::kernels::cuda
+
+namespace flashmem::kernels::cuda {
+namespace {
+
+__global__ void GatherRowsKernel(const float* x, const int32_t* rows, int64_t m, int64_t dim, float* out) {
+  const int64_t id = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (id >= m * dim) return;
+  const int64_t r = id / dim, c = id % dim;
+  out[id] = x[static_cast<int64_t>(rows[r]) * dim + c];
+}
+
+// The CPU's SwiGluRows operation for operation (no FMA contraction in this file).
+__global__ void SwiGluKernel(const float* gate, const float* up, int64_t m, int64_t inter, const float* weights,
+                             float limit, float* h) {
+  const int64_t id = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (id >= m * inter) return;
+  float g = gate[id], u = up[id];
+  if (limit > 0) {
+    u = fminf(fmaxf(u, -limit), limit);
+    g = fminf(g, limit);
+  }
+  float v = (g / (1.0f + ExpF(-g))) * u;
+  if (weights) v *= weights[id / inter];
+  h[id] = RoundBf16(v);
+}
+
+__global__ void ScatterAddKernel(const float* out, const int32_t* rows, int64_t m, int64_t dim, float* y) {
+  const int64_t id = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (id >= m * dim) return;
+  const int64_t r = id / dim, c = id % dim;
+  y[static_cast<int64_t>(rows[r]) * dim + c] += out[id];
+}
+
+}  // namespace
+
+cudaError_t GatherRows(const float* x, const int32_t* rows, int64_t m, int64_t dim, float* out, cudaStream_t stream) {
+  if (m * dim == 0) return cudaSuccess;
+  GatherRowsKernel<<<Blocks(m * dim, 256), 256, 0, stream>>>(x, rows, m, dim, out);
+  return cudaGetLastError();
+}
+
+cudaError_t SwiGlu(const float* gate, const float* up, int64_t m, int64_t inter, const float* weights, float limit,
+                   float* h, cudaStream_t stream) {
+  if (m * inter == 0) return cudaSuccess;
+  SwiGluKernel<<<Blocks(m * inter, 256), 256, 0, stream>>>(gate, up, m, inter, weights, limit, h);
+  return cudaGetLastError();
+}
+
+cudaError_t ScatterAddRows(const float* out, const int32_t* rows, int64_t m, int64_t dim, float* y,
+                           cudaStream_t stream) {
+  if (m * dim == 0) return cudaSuccess;
+  ScatterAddKernel<<<Blocks(m * dim, 256), 256, 0, stream>>>(out, rows, m, dim, y);
+  return cudaGetLastError();
+}
+
+}  // namespace flashmem::kernels::cuda

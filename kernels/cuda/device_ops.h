@@ -60,6 +60,15 @@ cudaError_t Rope(float* x, int64_t rows, int64_t stride, int64_t offset, int64_t
 cudaError_t RoundTrip(float* x, int64_t n, int64_t block, bool fp8, cudaStream_t stream);
 cudaError_t Hadamard(float* x, int64_t rows, int64_t dim, cudaStream_t stream);
 
+// The routed-expert pipeline on the device (Backend::RoutedExperts): out[r] = x[rows[r]];
+// h = bf16(silu(min(g, L)) * clamp(u, ±L) * weights[row]) as the CPU's SwiGluRows (weights null: 1);
+// y[rows[r]] += out[r] (rows of one call distinct).
+cudaError_t GatherRows(const float* x, const int32_t* rows, int64_t m, int64_t dim, float* out, cudaStream_t stream);
+cudaError_t SwiGlu(const float* gate, const float* up, int64_t m, int64_t inter, const float* weights, float limit,
+                   float* h, cudaStream_t stream);
+cudaError_t ScatterAddRows(const float* out, const int32_t* rows, int64_t m, int64_t dim, float* y,
+                           cudaStream_t stream);
+
 // Sparse MQA of `batch` query tokens, each with `n` candidate slots: kv [rows, dim] fp32 in
 // device memory, idx [batch, n] row numbers (-1 masked), q/out [batch, heads, dim]; dim <= 1024.
 cudaError_t SparseAttention(const float* q, int64_t batch, int64_t heads, int64_t dim, const float* kv,

@@ -44,6 +44,14 @@ double RelErr(const std::vector<float>& a, const std::vector<float>& ref) {
   return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
 }
 
+// A routed-expert layer: FP4 and FP8 experts, rows routed to several experts, one expert without
+// rows; y starts non-zero (the op accumulates).
+struct ExpertLayer {
+  std::vector<WeightMatrix> w;  // 3 per expert: w1, w3, w2
+  std::vector<ExpertWork> work;
+};
+ExpertLayer RandomExperts(int64_t n, int64_t dim, int64_t inter, uint32_t seed);
+
 // The fraction of values bit-identical to the reference.
 double FracIdentical(const std::vector<float>& a, const std::vector<float>& ref) {
   size_t same = 0;
@@ -72,6 +80,33 @@ WeightMatrix RandomWeight(WeightFormat f, int64_t rows, int64_t cols, uint32_t s
   if (f == WeightFormat::kFp4Group32) w.scales.resize(rows * w.scale_cols());
   for (float& s : w.scales) s = std::ldexp(1.0f, e(g));
   return w;
+}
+
+ExpertLayer RandomExperts(int64_t n, int64_t dim, int64_t inter, uint32_t seed) {
+  ExpertLayer l;
+  const int experts = 4;
+  for (int e = 0; e < experts; ++e) {
+    const WeightFormat f = e % 2 ? WeightFormat::kFp8Block128 : WeightFormat::kFp4Group32;
+    l.w.push_back(RandomWeight(f, inter, dim, seed + 10 * e));
+    l.w.push_back(RandomWeight(f, inter, dim, seed + 10 * e + 1));
+    l.w.push_back(RandomWeight(f, dim, inter, seed + 10 * e + 2));
+  }
+  std::mt19937 g(seed);
+  for (int e = 0; e < experts; ++e) {
+    ExpertWork w;
+    w.w1 = &l.w[3 * e];
+    w.w3 = &l.w[3 * e + 1];
+    w.w2 = &l.w[3 * e + 2];
+    if (e != 2)  // expert 2 gets no rows
+      for (int64_t r = 0; r < n; ++r)
+        if ((r + e) % 3 != 0 || n == 1) {
+          w.rows.push_back(static_cast<int32_t>(r));
+          w.weights.push_back(0.1f + 0.2f * static_cast<float>(g() % 4));
+        }
+    if (e == 3) w.weights.clear();  // weight 1 (the shared expert's form)
+    l.work.push_back(std::move(w));
+  }
+  return l;
 }
 
 // A device copy of `bytes` host bytes (freed by the caller).
@@ -555,6 +590,40 @@ TEST(CudaBackendErrors, BudgetTooSmallIsAClearStickyError) {
 // activation quantizer) against the reference encoder, for every finite e4m3 value; and e2m1
 // packing. Host code: runs without a GPU.
 // Fast mode's operand for FP8 weights: values x block scale in bf16, exactly.
+// The whole routed-expert layer on the device (one staging round trip): bit-identical to the CPU's
+// per-expert Linear calls with the exact kernels, within bf16 rounding in both fast modes.
+TEST_F(CudaOps, RoutedExpertsOnTheDeviceMatchTheCpu) {
+  for (int64_t n : {1, 5, 40}) {
+    const int64_t dim = 256, inter = 384;
+    const ExpertLayer layer = RandomExperts(n, dim, inter, static_cast<uint32_t>(200 + n));
+    const std::vector<float> x = Random(n * dim, 300 + n, 1.0f), y0 = Random(n * dim, 400 + n, 0.5f);
+    std::vector<float> want = y0, got = y0;
+    cpu().RoutedExperts(layer.work, x.data(), n, dim, 10.0f, want.data());
+    gpu_->RoutedExperts(layer.work, x.data(), n, dim, 10.0f, got.data());
+    EXPECT_EQ(got, want) << "exact kernels, n=" << n;
+    for (bool fp8_tc : {false, true}) {
+      cuda::CudaBackendOptions opt;
+      opt.exact = false;
+      opt.fp8_tensor_cores = fp8_tc;
+      auto fast = cuda::NewCudaBackend(opt);
+      ASSERT_TRUE(fast.ok()) << fast.status();
+      std::vector<float> f = y0;
+      (*fast)->RoutedExperts(layer.work, x.data(), n, dim, 10.0f, f.data());
+      EXPECT_LE(RelErr(f, want), 2 * kBf16Tol) << (fp8_tc ? "fast-fp8" : "fast") << " n=" << n;
+      EXPECT_TRUE((*fast)->Health().ok()) << (*fast)->Health();
+    }
+  }
+  // Inconsistent shapes are a clear, sticky error (never a device fault).
+  cuda::CudaBackendOptions opt;
+  auto be = cuda::NewCudaBackend(opt);
+  ASSERT_TRUE(be.ok());
+  ExpertLayer bad = RandomExperts(2, 256, 384, 9);
+  bad.work[0].rows = {0, 7};  // row 7 of 2
+  std::vector<float> x = Random(2 * 256, 1, 1.0f), y(2 * 256, 0.0f);
+  (*be)->RoutedExperts(bad.work, x.data(), 2, 256, 10.0f, y.data());
+  EXPECT_EQ((*be)->Health().code(), absl::StatusCode::kInvalidArgument) << (*be)->Health();
+}
+
 TEST(DeviceLayout, DequantizedFp8WeightIsExactInBf16) {
   const WeightMatrix w = RandomWeight(WeightFormat::kFp8Block128, 200, 384, 7);
   const std::vector<uint16_t> bits = cuda::DequantizeFp8ToBf16(w);

@@ -68,18 +68,7 @@ void Expert::Forward(const float* x, int64_t n, const float* weights, float* out
   std::vector<float> gate(n * inter), up(n * inter), h(n * inter);
   be_.Linear(w_.w1, x, n, gate.data(), Rounding::kBf16);
   be_.Linear(w_.w3, x, n, up.data(), Rounding::kBf16);
-  const float lim = args_.swiglu_limit;
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < inter; ++j) {
-      float g = gate[i * inter + j], u = up[i * inter + j];
-      if (lim > 0) {
-        u = std::clamp(u, -lim, lim);
-        g = std::min(g, lim);
-      }
-      float v = (g / (1.0f + std::exp(-g))) * u;  // silu(gate) * up, fp32
-      if (weights) v *= weights[i];
-      h[i * inter + j] = num::RoundBf16(v);
-    }
+  kernels::SwiGluRows(gate.data(), up.data(), n, inter, weights, args_.swiglu_limit, h.data());
   be_.Linear(w_.w2, h.data(), n, out, Rounding::kBf16);
 }
 
@@ -103,28 +92,27 @@ void MoE::Forward(const float* x, std::span<const int32_t> tokens,
       trace_rows[i]->moe_experts[layer_].assign(ids.begin() + i * k, ids.begin() + (i + 1) * k);
       trace_rows[i]->moe_weights[layer_].assign(weights.begin() + i * k, weights.begin() + (i + 1) * k);
     }
-  std::vector<float> y(n * d, 0.0f);  // fp32 accumulator of the routed sum
-  std::vector<float> xs, ws, ys;
-  std::vector<int64_t> rows;
+  // This rank's experts with the rows routed to them, in expert order (the order of the fp32 sum).
+  std::vector<kernels::ExpertWork> work;
   for (size_t le = 0; le < experts_.size(); ++le) {
     const int32_t e = static_cast<int32_t>(w_.first_local_expert + le);
-    rows.clear();
-    ws.clear();
+    kernels::ExpertWork wk;
     for (int64_t i = 0; i < n; ++i)
       for (int64_t j = 0; j < k; ++j)
         if (ids[i * k + j] == e) {
-          rows.push_back(i);
-          ws.push_back(weights[i * k + j]);
+          wk.rows.push_back(static_cast<int32_t>(i));
+          wk.weights.push_back(weights[i * k + j]);
         }
-    if (rows.empty()) continue;
-    const int64_t m = static_cast<int64_t>(rows.size());
-    xs.resize(m * d);
-    ys.resize(m * d);
-    for (int64_t r = 0; r < m; ++r) std::copy_n(x + rows[r] * d, d, xs.begin() + r * d);
-    experts_[le].Forward(xs.data(), m, ws.data(), ys.data());
-    for (int64_t r = 0; r < m; ++r)
-      for (int64_t c = 0; c < d; ++c) y[rows[r] * d + c] += ys[r * d + c];
+    if (wk.rows.empty()) continue;
+    const ExpertWeights& ew = w_.experts[le];
+    wk.w1 = &ew.w1;
+    wk.w3 = &ew.w3;
+    wk.w2 = &ew.w2;
+    work.push_back(std::move(wk));
   }
+  std::vector<float> y(n * d, 0.0f);  // fp32 accumulator of the routed sum
+  be_.RoutedExperts(work, x, n, d, args_.swiglu_limit, y.data());
+  std::vector<float> ys;
   // Tensor parallel: each rank summed its own experts; the routed sum is all-reduced (fp32) before
   // the shared expert, which every rank holds, is added.
   if (comm_ && comm_->size() > 1) comm_->AllReduceSum(y.data(), n * d);
