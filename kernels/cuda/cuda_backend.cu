@@ -567,6 +567,14 @@ class CudaBackendImpl final : public Backend {
       max_k = std::max(max_k, p.inter);
     }
     if (plans.empty()) return absl::OkStatus();
+    // Decode-sized layers in fast mode: every expert's w1 and w3 in one grouped GEMV launch, then
+    // every w2 (all experts of one quantized format, at most 16 rows each).
+    bool grouped = !exact_ && fast_gemv_ && dim % 128 == 0;
+    for (const Plan& p : plans)
+      grouped = grouped && p.m <= 16 && p.inter % 128 == 0 && p.inter == plans[0].inter &&
+                p.w1->format != WeightFormat::kDense &&
+                p.w1->format == plans[0].w1->format && p.w3->format == p.w1->format && p.w2->format == p.w1->format;
+    if (grouped) return RoutedExpertsGroupedLocked(experts, x, n, dim, limit, y, plans[0].w1->format);
     for (Plan& p : plans) {
       p.xs = f.Scratch(p.ld * dim * 4);
       p.gate = f.Scratch(p.ld * p.inter * 4);
@@ -595,6 +603,76 @@ class CudaBackendImpl final : public Backend {
       }
       return cudaSuccess;
     });
+  }
+
+  // The grouped form of RoutedExpertsLocked (fast mode, decode-sized): the experts' rows laid end
+  // to end, one gather, one act_quant, one grouped GEMV for w1 and w3, one SwiGLU, one act_quant,
+  // one grouped GEMV for w2, then the scatter-adds in expert order (the order of the fp32 sum).
+  absl::Status RoutedExpertsGroupedLocked(std::span<const ExpertWork> experts, const float* x, int64_t n, int64_t dim,
+                                          float limit, float* y, WeightFormat format) const {
+    struct Part {
+      const ExpertWork* e;
+      const DeviceWeight *w1, *w3, *w2;
+      int64_t m, at;  // rows, first row in the concatenation
+    };
+    std::vector<Part> parts;
+    std::vector<int32_t> rows;
+    std::vector<float> wts;
+    int64_t inter = 0, max_m = 0;
+    for (const ExpertWork& e : experts) {
+      if (e.rows.empty()) continue;
+      Part p{&e, nullptr, nullptr, nullptr, static_cast<int64_t>(e.rows.size()), static_cast<int64_t>(rows.size())};
+      FM_ASSIGN_OR_RETURN(p.w1, WeightOnDevice(*e.w1));  // resident already: lookups
+      FM_ASSIGN_OR_RETURN(p.w3, WeightOnDevice(*e.w3));
+      FM_ASSIGN_OR_RETURN(p.w2, WeightOnDevice(*e.w2));
+      rows.insert(rows.end(), e.rows.begin(), e.rows.end());
+      for (size_t r = 0; r < e.rows.size(); ++r) wts.push_back(e.weights.empty() ? 1.0f : e.weights[r]);  // x * 1 == x
+      inter = std::max(inter, e.w1->rows);
+      max_m = std::max(max_m, p.m);
+      parts.push_back(p);
+    }
+    const int64_t M = static_cast<int64_t>(rows.size()), E = static_cast<int64_t>(parts.size());
+    Frame f;
+    const size_t dx = f.In(x, n * dim * 4), dy = f.In(y, n * dim * 4), drows = f.In(rows.data(), M * 4),
+                 dwts = f.In(wts.data(), M * 4);
+    const size_t table_bytes = 3 * E * sizeof(cuda::GemvGroup);
+    const size_t dtab = f.Scratch(table_bytes);  // first scratch: filled on the host (fill below)
+    const size_t xs = f.Scratch(M * dim * 4), qx = f.Scratch(M * dim * 4), qs = f.Scratch(M * (dim / 128) * 4),
+                 g = f.Scratch(M * inter * 4), u = f.Scratch(M * inter * 4), h = f.Scratch(M * inter * 4),
+                 qh = f.Scratch(M * inter * 4), qhs = f.Scratch(M * (inter / 128) * 4), out = f.Scratch(M * dim * 4);
+    f.Download(dy, y, n * dim * 4);
+    auto table = [&](char* host_scratch) {  // device pointers: dev_ is allocated before the fill
+      char* base = static_cast<char*>(dev_);
+      auto at = [&](size_t off) { return reinterpret_cast<float*>(base + f.Resolve(off)); };
+      auto* t = reinterpret_cast<cuda::GemvGroup*>(host_scratch + f.Resolve(dtab) - f.in_bytes());
+      for (int64_t i = 0; i < E; ++i) {
+        const Part& p = parts[i];
+        auto group = [&](const DeviceWeight* w, const float* xq, const float* xsc, int64_t k, float* yo) {
+          return cuda::GemvGroup{static_cast<const uint8_t*>(w->values), w->scales, w->scale_cols, w->rows, k,
+                                 xq, xsc, p.m, yo};
+        };
+        t[i] = group(p.w1, at(qx) + p.at * dim, at(qs) + p.at * (dim / 128), dim, at(g) + p.at * inter);
+        t[E + i] = group(p.w3, at(qx) + p.at * dim, at(qs) + p.at * (dim / 128), dim, at(u) + p.at * inter);
+        t[2 * E + i] = group(p.w2, at(qh) + p.at * inter, at(qhs) + p.at * (inter / 128), inter, at(out) + p.at * dim);
+      }
+    };
+    const bool fp8 = format == WeightFormat::kFp8Block128;
+    return RunLocked(
+        f,
+        [&](Dev d) {
+          const auto* tab = d.at<cuda::GemvGroup>(dtab);
+          cudaError_t e = cuda::GatherRows(d.at(dx), d.at<int32_t>(drows), M, dim, d.at(xs), stream_);
+          if (e == cudaSuccess) e = cuda::QuantizeActivations(d.at(xs), M, dim, d.at(qx), d.at(qs), stream_);
+          if (e == cudaSuccess) e = cuda::LinearDecodeGrouped(tab, static_cast<int>(2 * E), inter, max_m, fp8, Rounding::kBf16, stream_);
+          if (e == cudaSuccess) e = cuda::SwiGlu(d.at(g), d.at(u), M, inter, d.at(dwts), limit, d.at(h), stream_);
+          if (e == cudaSuccess) e = cuda::QuantizeActivations(d.at(h), M, inter, d.at(qh), d.at(qhs), stream_);
+          if (e == cudaSuccess) e = cuda::LinearDecodeGrouped(tab + 2 * E, static_cast<int>(E), dim, max_m, fp8, Rounding::kBf16, stream_);
+          for (int64_t i = 0; i < E && e == cudaSuccess; ++i)
+            e = cuda::ScatterAddRows(d.at(out) + parts[i].at * dim, d.at<int32_t>(drows) + parts[i].at, parts[i].m, dim,
+                                     d.at(dy), stream_);
+          return e;
+        },
+        table, table_bytes);
   }
 
   // A bf16-rounded Linear on device arrays (the path LinearLocked would take): x [m][k], y with

@@ -28,14 +28,13 @@ __device__ __forceinline__ void DecodeFp8x16(const uint4& raw, float* w) {
   }
 }
 
+// One warp computes output row o for tokens t0 .. t0 + T - 1 (fewer at the end).
 template <int T, bool kFp8>
-__global__ void DecodeGemvKernel(const uint8_t* w, const float* ws, int64_t scale_cols, int64_t rows, int64_t k,
-                                 const float* xq, const float* xs, int64_t n, float* y, bool round) {
+__device__ __forceinline__ void GemvRow(const uint8_t* w, const float* ws, int64_t scale_cols, int64_t rows, int64_t k,
+                                        const float* xq, const float* xs, int64_t n, float* y, bool round, int64_t o,
+                                        int64_t t0) {
   const int lane = threadIdx.x & 31;
-  const int64_t o = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
-  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * T;
-  if (o >= rows) return;
-  const int nt = static_cast<int>(n - t0 < T ? n - t0 : T);
+  const int nt = static_cast<int>(n - t0 < T ? n - t0 : T);  // tokens of this tile
   const int64_t nb = k / 128;
   constexpr int kPer = kFp8 ? 16 : 32;  // weight elements per 16-byte load
   const uint8_t* wr = w + (kFp8 ? o * k : o * k / 2);
@@ -86,6 +85,36 @@ __global__ void DecodeGemvKernel(const uint8_t* w, const float* ws, int64_t scal
   }
 }
 
+template <int T, bool kFp8>
+__global__ void DecodeGemvKernel(const uint8_t* w, const float* ws, int64_t scale_cols, int64_t rows, int64_t k,
+                                 const float* xq, const float* xs, int64_t n, float* y, bool round) {
+  const int64_t o = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * T;
+  if (o >= rows) return;
+  GemvRow<T, kFp8>(w, ws, scale_cols, rows, k, xq, xs, n, y, round, o, t0);
+}
+
+// Many weight matrices in one launch (blockIdx.z picks the group): the experts of an MoE layer,
+// every weight byte read once, enough blocks in flight to keep HBM busy.
+template <int T, bool kFp8>
+__global__ void GroupedGemvKernel(const GemvGroup* groups, bool round) {
+  const GemvGroup g = groups[blockIdx.z];
+  const int64_t o = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * T;
+  if (o >= g.rows || t0 >= g.n) return;
+  GemvRow<T, kFp8>(g.w, g.ws, g.scale_cols, g.rows, g.k, g.xq, g.xs, g.n, g.y, round, o, t0);
+}
+
+template <int T>
+cudaError_t LaunchGrouped(const GemvGroup* groups, int count, int64_t max_rows, int64_t max_n, bool fp8, bool round,
+                          cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>((max_rows + kWarps - 1) / kWarps), static_cast<unsigned>((max_n + T - 1) / T),
+                  static_cast<unsigned>(count));
+  if (fp8) GroupedGemvKernel<T, true><<<grid, kWarps * 32, 0, stream>>>(groups, round);
+  else GroupedGemvKernel<T, false><<<grid, kWarps * 32, 0, stream>>>(groups, round);
+  return cudaGetLastError();
+}
+
 template <int T>
 cudaError_t Launch(const DeviceWeight& w, const float* xq, const float* xs, int64_t n, float* y, bool round,
                    cudaStream_t stream) {
@@ -100,6 +129,17 @@ cudaError_t Launch(const DeviceWeight& w, const float* xq, const float* xs, int6
 }
 
 }  // namespace
+
+cudaError_t LinearDecodeGrouped(const GemvGroup* groups, int count, int64_t max_rows, int64_t max_n, bool fp8,
+                                Rounding out, cudaStream_t stream) {
+  if (count == 0 || max_rows == 0 || max_n == 0) return cudaSuccess;
+  if (count > 65535) return cudaErrorInvalidValue;
+  const bool round = out == Rounding::kBf16;
+  if (max_n == 1) return LaunchGrouped<1>(groups, count, max_rows, max_n, fp8, round, stream);
+  if (max_n == 2) return LaunchGrouped<2>(groups, count, max_rows, max_n, fp8, round, stream);
+  if (max_n <= 4) return LaunchGrouped<4>(groups, count, max_rows, max_n, fp8, round, stream);
+  return LaunchGrouped<8>(groups, count, max_rows, max_n, fp8, round, stream);
+}
 
 cudaError_t LinearDecode(const DeviceWeight& w, const float* xq, const float* xs, int64_t n, float* y, Rounding out,
                          cudaStream_t stream) {

@@ -52,6 +52,21 @@ cudaError_t Linear(const DeviceWeight& w, const float* xq, const float* xs, int6
 cudaError_t LinearDecode(const DeviceWeight& w, const float* xq, const float* xs, int64_t n, float* y,
                          Rounding out, cudaStream_t stream);
 
+// One weight matrix of a grouped decode GEMV and the (act_quant'ed) tokens it multiplies.
+struct GemvGroup {
+  const uint8_t* w;  // FP8 codes or packed FP4 [rows][k]
+  const float* ws;   // its scales
+  int64_t scale_cols, rows, k;
+  const float* xq;   // [n][k] e4m3 grid values
+  const float* xs;   // [n][k / 128] scales
+  int64_t n;
+  float* y;          // [n][rows]
+};
+// LinearDecode for `count` matrices of one format in one launch (groups: a device array). The
+// routed experts of an MoE layer: each expert's w1 and w3 in one launch, then every w2.
+cudaError_t LinearDecodeGrouped(const GemvGroup* groups, int count, int64_t max_rows, int64_t max_n, bool fp8,
+                                Rounding out, cudaStream_t stream);
+
 cudaError_t RmsNorm(const float* x, const float* weight, int64_t n, int64_t dim, float eps, float* y,
                     cudaStream_t stream);
 cudaError_t HeadRmsNormBf16(float* q, int64_t heads, int64_t dim, float eps, cudaStream_t stream);

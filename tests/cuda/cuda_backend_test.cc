@@ -50,7 +50,7 @@ struct ExpertLayer {
   std::vector<WeightMatrix> w;  // 3 per expert: w1, w3, w2
   std::vector<ExpertWork> work;
 };
-ExpertLayer RandomExperts(int64_t n, int64_t dim, int64_t inter, uint32_t seed);
+ExpertLayer RandomExperts(int64_t n, int64_t dim, int64_t inter, uint32_t seed, bool mixed = true);
 
 // The fraction of values bit-identical to the reference.
 double FracIdentical(const std::vector<float>& a, const std::vector<float>& ref) {
@@ -82,11 +82,12 @@ WeightMatrix RandomWeight(WeightFormat f, int64_t rows, int64_t cols, uint32_t s
   return w;
 }
 
-ExpertLayer RandomExperts(int64_t n, int64_t dim, int64_t inter, uint32_t seed) {
+ExpertLayer RandomExperts(int64_t n, int64_t dim, int64_t inter, uint32_t seed, bool mixed) {
   ExpertLayer l;
   const int experts = 4;
   for (int e = 0; e < experts; ++e) {
-    const WeightFormat f = e % 2 ? WeightFormat::kFp8Block128 : WeightFormat::kFp4Group32;
+    // mixed: FP4 and FP8 experts (the per-expert path); else all FP4, as V4's routed experts.
+    const WeightFormat f = mixed && e % 2 ? WeightFormat::kFp8Block128 : WeightFormat::kFp4Group32;
     l.w.push_back(RandomWeight(f, inter, dim, seed + 10 * e));
     l.w.push_back(RandomWeight(f, inter, dim, seed + 10 * e + 1));
     l.w.push_back(RandomWeight(f, dim, inter, seed + 10 * e + 2));
@@ -591,16 +592,18 @@ TEST(CudaBackendErrors, BudgetTooSmallIsAClearStickyError) {
 // packing. Host code: runs without a GPU.
 // Fast mode's operand for FP8 weights: values x block scale in bf16, exactly.
 // The whole routed-expert layer on the device (one staging round trip): bit-identical to the CPU's
-// per-expert Linear calls with the exact kernels, within bf16 rounding in both fast modes.
+// per-expert Linear calls with the exact kernels, within bf16 rounding in both fast modes — per
+// expert (mixed formats, or more than 16 rows) and grouped (all FP4, decode-sized).
 TEST_F(CudaOps, RoutedExpertsOnTheDeviceMatchTheCpu) {
+  for (bool mixed : {true, false})
   for (int64_t n : {1, 5, 40}) {
     const int64_t dim = 256, inter = 384;
-    const ExpertLayer layer = RandomExperts(n, dim, inter, static_cast<uint32_t>(200 + n));
+    const ExpertLayer layer = RandomExperts(n, dim, inter, static_cast<uint32_t>(200 + n), mixed);
     const std::vector<float> x = Random(n * dim, 300 + n, 1.0f), y0 = Random(n * dim, 400 + n, 0.5f);
     std::vector<float> want = y0, got = y0;
     cpu().RoutedExperts(layer.work, x.data(), n, dim, 10.0f, want.data());
     gpu_->RoutedExperts(layer.work, x.data(), n, dim, 10.0f, got.data());
-    EXPECT_EQ(got, want) << "exact kernels, n=" << n;
+    EXPECT_EQ(got, want) << "exact kernels, n=" << n << (mixed ? " mixed" : " fp4");
     for (bool fp8_tc : {false, true}) {
       cuda::CudaBackendOptions opt;
       opt.exact = false;
@@ -609,7 +612,7 @@ TEST_F(CudaOps, RoutedExpertsOnTheDeviceMatchTheCpu) {
       ASSERT_TRUE(fast.ok()) << fast.status();
       std::vector<float> f = y0;
       (*fast)->RoutedExperts(layer.work, x.data(), n, dim, 10.0f, f.data());
-      EXPECT_LE(RelErr(f, want), 2 * kBf16Tol) << (fp8_tc ? "fast-fp8" : "fast") << " n=" << n;
+      EXPECT_LE(RelErr(f, want), 2 * kBf16Tol) << (fp8_tc ? "fast-fp8" : "fast") << " n=" << n << (mixed ? " mixed" : " fp4");
       EXPECT_TRUE((*fast)->Health().ok()) << (*fast)->Health();
     }
   }

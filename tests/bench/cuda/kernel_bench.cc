@@ -261,6 +261,54 @@ int main(int argc, char** argv) {
     }
   }
 
+  // ---- MoE layer: the routed experts' FP4 GEMVs grouped in two launches (fast mode, decode) -------
+  // V4-Flash expert shapes (dim 4096, inter 2048): w1 and w3 of every active expert in one launch,
+  // then every w2; bytes = the FP4 weights and their scales, each read once.
+  for (auto [experts, tokens] : {std::pair<int, int>{6, 1}, std::pair<int, int>{16, 4}}) {
+    const int64_t dim = 4096, inter = 2048;
+    std::vector<cu::GemvGroup> up(2 * experts), down(experts);
+    std::vector<void*> owned;
+    auto fp4 = [&](int64_t rows, int64_t k) {
+      void* w = DeviceRandomBytes(size_t(rows) * k / 2);
+      float* s = DeviceRandomFloats(size_t(rows) * (k / 32), 0, true);
+      owned.push_back(w);
+      owned.push_back(s);
+      return std::pair<const uint8_t*, const float*>(static_cast<const uint8_t*>(w), s);
+    };
+    float* xq = DeviceRandomFloats(size_t(tokens) * dim, 1.0f);
+    float* xs = DeviceRandomFloats(size_t(tokens) * (dim / 128), 0, true);
+    float* hq = DeviceRandomFloats(size_t(tokens) * inter, 1.0f);
+    float* hs = DeviceRandomFloats(size_t(tokens) * (inter / 128), 0, true);
+    float* y = nullptr;
+    CHECK_CUDA(cudaMalloc(&y, size_t(3) * experts * tokens * dim * 4));
+    for (int e = 0; e < experts; ++e) {
+      for (int j = 0; j < 2; ++j) {
+        auto [w, s] = fp4(inter, dim);
+        up[j * experts + e] = {w, s, dim / 32, inter, dim, xq, xs, tokens, y + (size_t(j) * experts + e) * tokens * inter};
+      }
+      auto [w, s] = fp4(dim, inter);
+      down[e] = {w, s, inter / 32, dim, inter, hq, hs, tokens, y + (size_t(2) * experts + e) * tokens * dim};
+    }
+    cu::GemvGroup *dup = nullptr, *ddown = nullptr;
+    CHECK_CUDA(cudaMalloc(&dup, up.size() * sizeof(cu::GemvGroup)));
+    CHECK_CUDA(cudaMalloc(&ddown, down.size() * sizeof(cu::GemvGroup)));
+    CHECK_CUDA(cudaMemcpy(dup, up.data(), up.size() * sizeof(cu::GemvGroup), cudaMemcpyHostToDevice));
+    CHECK_CUDA(cudaMemcpy(ddown, down.data(), down.size() * sizeof(cu::GemvGroup), cudaMemcpyHostToDevice));
+    const double us = TimeUs([&](int) {
+      CHECK_CUDA(cu::LinearDecodeGrouped(dup, 2 * experts, inter, tokens, false, Rounding::kBf16, nullptr));
+      CHECK_CUDA(cu::LinearDecodeGrouped(ddown, experts, dim, tokens, false, Rounding::kBf16, nullptr));
+    });
+    const double bytes = 3.0 * experts * (dim * inter / 2.0 + dim * inter / 32.0 * 4);
+    rows.push_back({"MoE routed experts, FP4, grouped GEMV (2 launches)",
+                    std::to_string(experts) + " experts x " + std::to_string(tokens) + " tok, 4096 <-> 2048", us,
+                    bytes / us / 1e3, 2.0 * 3 * experts * tokens * dim * inter / us / 1e6,
+                    Pct(bytes / us / 1e3, hbm, "HBM")});
+    for (void* p : owned) CHECK_CUDA(cudaFree(p));
+    for (void* p : {static_cast<void*>(xq), static_cast<void*>(xs), static_cast<void*>(hq), static_cast<void*>(hs),
+                    static_cast<void*>(y), static_cast<void*>(dup), static_cast<void*>(ddown)})
+      CHECK_CUDA(cudaFree(p));
+  }
+
   // ---- sparse MQA over paged 584-B FP8 records (V4-Flash: h_q 64, 128 window + 512 CSA slots) ---
   {
     const int64_t heads = 64, n = 640, B = 64, pages = 4096, entries = pages * B;  // 153 MB of records
