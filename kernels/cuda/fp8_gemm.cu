@@ -19,8 +19,10 @@
 namespace flashmem::kernels::cuda {
 namespace {
 
-// One warp per 128-block of a token: e4m3 codes and the block scale at [kb][token] (ld tokens).
-__global__ void QuantizeFp8Kernel(const float* x, int64_t n, int64_t k, uint8_t* codes, float* scales_t, int64_t ld) {
+// One warp per 128-block of a token (ld tokens; tokens >= n read as zeros): act_quant, then
+// store(at, lane, v, scale, t, kb) writes the block's grid values v (element at + 32 j) its way.
+template <typename Store>
+__global__ void QuantizeBlocksKernel(const float* x, int64_t n, int64_t k, int64_t ld, Store store) {
   const int64_t nb = k / 128;
   const int64_t b = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   if (b >= ld * nb) return;
@@ -29,9 +31,27 @@ __global__ void QuantizeFp8Kernel(const float* x, int64_t n, int64_t k, uint8_t*
   float v[4];
   for (int j = 0; j < 4; ++j) v[j] = t < n ? x[t * k + kb * 128 + lane + 32 * j] : 0.0f;
   const float scale = QuantizeWarpBlock128(v);
-  for (int j = 0; j < 4; ++j) codes[t * k + kb * 128 + lane + 32 * j] = E4m3CodeOfGridValue(v[j]);
-  if (lane == 0) scales_t[kb * ld + t] = scale;
+  store(t * k + kb * 128 + lane, lane, v, scale, t, kb);
 }
+
+// e4m3 codes and the block scale at [kb][token] (cuBLASLt's FP8 operand).
+struct StoreFp8 {
+  uint8_t* codes;
+  float* scales_t;
+  int64_t ld;
+  __device__ void operator()(int64_t at, int lane, const float* v, float scale, int64_t t, int64_t kb) const {
+    for (int j = 0; j < 4; ++j) codes[at + 32 * j] = E4m3CodeOfGridValue(v[j]);
+    if (lane == 0) scales_t[kb * ld + t] = scale;
+  }
+};
+
+// The grid value times its scale as bf16 (exact): the bf16 tensor cores' operand.
+struct StoreBf16 {
+  __nv_bfloat16* out;
+  __device__ void operator()(int64_t at, int, const float* v, float scale, int64_t, int64_t) const {
+    for (int j = 0; j < 4; ++j) out[at + 32 * j] = __float2bfloat16_rn(v[j] * scale);
+  }
+};
 
 __global__ void Bf16ToF32Kernel(const __nv_bfloat16* in, int64_t count, float* out) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -46,18 +66,6 @@ __global__ void F32ToBf16Kernel(const float* x, int64_t n, int64_t k, int64_t ld
   out[i] = __float2bfloat16_rn(i / k < n ? x[i] : 0.0f);
 }
 
-// One warp per 128-block of a token: act_quant, then the grid value times its scale as bf16.
-__global__ void QuantizeBf16Kernel(const float* x, int64_t n, int64_t k, int64_t ld, __nv_bfloat16* out) {
-  const int64_t nb = k / 128;
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
-  if (b >= ld * nb) return;
-  const int64_t t = b / nb, kb = b % nb;
-  const int lane = threadIdx.x & 31;
-  float v[4];
-  for (int j = 0; j < 4; ++j) v[j] = t < n ? x[t * k + kb * 128 + lane + 32 * j] : 0.0f;
-  const float scale = QuantizeWarpBlock128(v);
-  for (int j = 0; j < 4; ++j) out[t * k + kb * 128 + lane + 32 * j] = __float2bfloat16_rn(v[j] * scale);
-}
 
 __global__ void RoundBf16Kernel(float* y, int64_t count) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -136,6 +144,52 @@ struct LtContext::Impl {
   std::string last_error;
 };
 
+namespace {
+
+// Completes a plan whose descriptor and layouts were set up (`ok`: all of that succeeded): asks
+// the heuristic for one algorithm within the workspace. On failure releases what was created,
+// records why in c.last_error and returns false.
+bool ChooseAlgorithm(LtContext::Impl& c, Plan& p, bool ok, const char* what) {
+  cublasLtMatmulPreference_t pref = nullptr;
+  const bool setup_ok = ok;
+  ok = ok && Lt().cublasLtMatmulPreferenceCreate(&pref) == CUBLAS_STATUS_SUCCESS;
+  ok = ok && Lt().cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &c.workspace_bytes,
+                                                      sizeof c.workspace_bytes) == CUBLAS_STATUS_SUCCESS;
+  cublasLtMatmulHeuristicResult_t heur{};
+  int found = 0;
+  cublasStatus_t hs = CUBLAS_STATUS_SUCCESS;
+  if (ok) hs = Lt().cublasLtMatmulAlgoGetHeuristic(c.handle, p.desc, p.a, p.b, p.d, p.d, pref, 1, &heur, &found);
+  if (pref) Lt().cublasLtMatmulPreferenceDestroy(pref);
+  if (ok && hs == CUBLAS_STATUS_SUCCESS && found > 0) {
+    p.algo = heur.algo;
+    c.last_error.clear();
+    return true;
+  }
+  c.last_error = !setup_ok ? std::string(what) + ": descriptor setup failed"
+                           : std::string(what) + " heuristic: " + cublasLt_status_name(hs) + ", " +
+                                 std::to_string(found) + " algorithms";
+  if (p.a) Lt().cublasLtMatrixLayoutDestroy(p.a);
+  if (p.b) Lt().cublasLtMatrixLayoutDestroy(p.b);
+  if (p.d) Lt().cublasLtMatrixLayoutDestroy(p.d);
+  if (p.desc) Lt().cublasLtMatmulDescDestroy(p.desc);
+  return false;
+}
+
+// D = A·B with a cached plan (alpha 1, beta 0; D also as C).
+cudaError_t RunPlan(LtContext::Impl& c, const Plan& p, const void* a, const void* b, void* d, cudaStream_t stream,
+                    const char* what) {
+  const float alpha = 1.0f, beta = 0.0f;
+  const cublasStatus_t ms = Lt().cublasLtMatmul(c.handle, p.desc, &alpha, a, p.a, b, p.b, &beta, d, p.d, d, p.d,
+                                                &p.algo, c.workspace, c.workspace_bytes, stream);
+  if (ms != CUBLAS_STATUS_SUCCESS) {
+    c.last_error = std::string(what) + ": cublasLtMatmul: " + cublasLt_status_name(ms);
+    return cudaErrorLaunchFailure;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
 LtContext::LtContext() : impl_(new Impl) {}
 LtContext::~LtContext() {
   if (!impl_->handle) {  // never initialized: nothing of cuBLASLt's to release
@@ -188,7 +242,8 @@ cudaError_t QuantizeActivationsFp8(const float* x, int64_t n, int64_t k, uint8_t
                                    cudaStream_t stream) {
   const int64_t blocks = ld * (k / 128);
   if (blocks == 0) return cudaSuccess;
-  QuantizeFp8Kernel<<<static_cast<unsigned>((blocks + 7) / 8), 256, 0, stream>>>(x, n, k, codes, scales_t, ld);
+  QuantizeBlocksKernel<<<static_cast<unsigned>((blocks + 7) / 8), 256, 0, stream>>>(x, n, k, ld,
+                                                                                  StoreFp8{codes, scales_t, ld});
   return cudaGetLastError();
 }
 
@@ -214,30 +269,11 @@ cudaError_t LinearFp8Lt(LtContext& ctx, const DeviceWeight& w, const float* lt_s
     // The heuristic wants the scale pointers of a block-scaled matmul set before it is asked.
     ok = ok && Lt().cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &lt_scales, sizeof lt_scales) == CUBLAS_STATUS_SUCCESS;
     ok = ok && Lt().cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &scales_t, sizeof scales_t) == CUBLAS_STATUS_SUCCESS;
-    const int stage_desc = ok ? 0 : 1;
+    const cudaDataType_t dt = out == LtOutput::kF32 ? CUDA_R_32F : CUDA_R_16BF;
     ok = ok && Lt().cublasLtMatrixLayoutCreate(&p.a, CUDA_R_8F_E4M3, w.cols, w.rows, w.cols) == CUBLAS_STATUS_SUCCESS;
     ok = ok && Lt().cublasLtMatrixLayoutCreate(&p.b, CUDA_R_8F_E4M3, w.cols, tokens, w.cols) == CUBLAS_STATUS_SUCCESS;
-    const cudaDataType_t dt = out == LtOutput::kF32 ? CUDA_R_32F : CUDA_R_16BF;
     ok = ok && Lt().cublasLtMatrixLayoutCreate(&p.d, dt, w.rows, tokens, w.rows) == CUBLAS_STATUS_SUCCESS;
-    cublasLtMatmulPreference_t pref = nullptr;
-    ok = ok && Lt().cublasLtMatmulPreferenceCreate(&pref) == CUBLAS_STATUS_SUCCESS;
-    ok = ok && Lt().cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &c.workspace_bytes,
-                                                    sizeof c.workspace_bytes) == CUBLAS_STATUS_SUCCESS;
-    cublasLtMatmulHeuristicResult_t heur{};
-    int found = 0;
-    cublasStatus_t hs = CUBLAS_STATUS_SUCCESS;
-    if (ok) hs = Lt().cublasLtMatmulAlgoGetHeuristic(c.handle, p.desc, p.a, p.b, p.d, p.d, pref, 1, &heur, &found);
-    ok = ok && hs == CUBLAS_STATUS_SUCCESS && found > 0;
-    c.last_error = ok ? "" : (stage_desc ? "descriptor setup failed" : (std::string("heuristic: ") + cublasLt_status_name(hs) + ", " + std::to_string(found) + " algorithms"));
-    if (pref) Lt().cublasLtMatmulPreferenceDestroy(pref);
-    if (!ok) {
-      if (p.a) Lt().cublasLtMatrixLayoutDestroy(p.a);
-      if (p.b) Lt().cublasLtMatrixLayoutDestroy(p.b);
-      if (p.d) Lt().cublasLtMatrixLayoutDestroy(p.d);
-      if (p.desc) Lt().cublasLtMatmulDescDestroy(p.desc);
-      return cudaErrorNotSupported;
-    }
-    p.algo = heur.algo;
+    if (!ChooseAlgorithm(c, p, ok, "FP8 block-scaled")) return cudaErrorNotSupported;
     it = c.plans.emplace(key, p).first;
   }
   Plan& p = it->second;
@@ -246,14 +282,7 @@ cudaError_t LinearFp8Lt(LtContext& ctx, const DeviceWeight& w, const float* lt_s
       Lt().cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &scales_t, sizeof scales_t) !=
           CUBLAS_STATUS_SUCCESS)
     return cudaErrorNotSupported;
-  const float alpha = 1.0f, beta = 0.0f;
-  const cublasStatus_t ms = Lt().cublasLtMatmul(c.handle, p.desc, &alpha, w.values, p.a, codes, p.b, &beta, y, p.d, y, p.d,
-                                           &p.algo, c.workspace, c.workspace_bytes, stream);
-  if (ms != CUBLAS_STATUS_SUCCESS) {
-    c.last_error = std::string("cublasLtMatmul: ") + cublasLt_status_name(ms);
-    return cudaErrorLaunchFailure;
-  }
-  return cudaGetLastError();
+  return RunPlan(c, p, w.values, codes, y, stream, "FP8 block-scaled");
 }
 
 cudaError_t LinearBf16Lt(LtContext& ctx, const DeviceWeight& w, const __nv_bfloat16* x, int64_t tokens, float* y,
@@ -274,35 +303,10 @@ cudaError_t LinearBf16Lt(LtContext& ctx, const DeviceWeight& w, const __nv_bfloa
     ok = ok && Lt().cublasLtMatrixLayoutCreate(&p.a, CUDA_R_16BF, w.cols, w.rows, w.cols) == CUBLAS_STATUS_SUCCESS;
     ok = ok && Lt().cublasLtMatrixLayoutCreate(&p.b, CUDA_R_16BF, w.cols, tokens, w.cols) == CUBLAS_STATUS_SUCCESS;
     ok = ok && Lt().cublasLtMatrixLayoutCreate(&p.d, CUDA_R_32F, w.rows, tokens, w.rows) == CUBLAS_STATUS_SUCCESS;
-    cublasLtMatmulPreference_t pref = nullptr;
-    ok = ok && Lt().cublasLtMatmulPreferenceCreate(&pref) == CUBLAS_STATUS_SUCCESS;
-    ok = ok && Lt().cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &c.workspace_bytes,
-                                                    sizeof c.workspace_bytes) == CUBLAS_STATUS_SUCCESS;
-    cublasLtMatmulHeuristicResult_t heur{};
-    int found = 0;
-    cublasStatus_t hs = CUBLAS_STATUS_SUCCESS;
-    if (ok) hs = Lt().cublasLtMatmulAlgoGetHeuristic(c.handle, p.desc, p.a, p.b, p.d, p.d, pref, 1, &heur, &found);
-    if (pref) Lt().cublasLtMatmulPreferenceDestroy(pref);
-    if (!ok || hs != CUBLAS_STATUS_SUCCESS || found == 0) {
-      c.last_error = std::string("bf16 heuristic: ") + cublasLt_status_name(hs) + ", " + std::to_string(found) + " algorithms";
-      if (p.a) Lt().cublasLtMatrixLayoutDestroy(p.a);
-      if (p.b) Lt().cublasLtMatrixLayoutDestroy(p.b);
-      if (p.d) Lt().cublasLtMatrixLayoutDestroy(p.d);
-      if (p.desc) Lt().cublasLtMatmulDescDestroy(p.desc);
-      return cudaErrorNotSupported;
-    }
-    p.algo = heur.algo;
+    if (!ChooseAlgorithm(c, p, ok, "bf16")) return cudaErrorNotSupported;
     it = c.plans.emplace(key, p).first;
   }
-  Plan& p = it->second;
-  const float alpha = 1.0f, beta = 0.0f;
-  const cublasStatus_t ms = Lt().cublasLtMatmul(c.handle, p.desc, &alpha, w.values, p.a, x, p.b, &beta, y, p.d, y, p.d,
-                                           &p.algo, c.workspace, c.workspace_bytes, stream);
-  if (ms != CUBLAS_STATUS_SUCCESS) {
-    c.last_error = std::string("cublasLtMatmul (bf16): ") + cublasLt_status_name(ms);
-    return cudaErrorLaunchFailure;
-  }
-  return cudaGetLastError();
+  return RunPlan(c, it->second, w.values, x, y, stream, "bf16");
 }
 
 std::vector<uint16_t> DequantizeFp8ToBf16(const WeightMatrix& w) {
@@ -322,7 +326,7 @@ cudaError_t QuantizeActivationsBf16(const float* x, int64_t n, int64_t k, int64_
                                     cudaStream_t stream) {
   const int64_t blocks = ld * (k / 128);
   if (blocks == 0) return cudaSuccess;
-  QuantizeBf16Kernel<<<static_cast<unsigned>((blocks + 7) / 8), 256, 0, stream>>>(x, n, k, ld, out);
+  QuantizeBlocksKernel<<<static_cast<unsigned>((blocks + 7) / 8), 256, 0, stream>>>(x, n, k, ld, StoreBf16{out});
   return cudaGetLastError();
 }
 

@@ -52,6 +52,14 @@ struct ExpertLayer {
 };
 ExpertLayer RandomExperts(int64_t n, int64_t dim, int64_t inter, uint32_t seed, bool mixed = true);
 
+// A backend in fast mode (fp8_tc: fast-fp8).
+absl::StatusOr<std::unique_ptr<Backend>> FastBackend(bool fp8_tc) {
+  cuda::CudaBackendOptions opt;
+  opt.exact = false;
+  opt.fp8_tensor_cores = fp8_tc;
+  return cuda::NewCudaBackend(opt);
+}
+
 // The fraction of values bit-identical to the reference.
 double FracIdentical(const std::vector<float>& a, const std::vector<float>& ref) {
   size_t same = 0;
@@ -380,10 +388,7 @@ TEST_F(CudaOps, PagedFp8RecordsAttentionMatchesDecodedRows) {
 // dense bf16 weights of >= 4M elements through cuBLASLt's bf16 GEMM (2048 x 2048; tokens padded to 4).
 TEST_F(CudaOps, FastModeLinearWithinBf16Rounding) {
   for (bool fp8_tc : {false, true}) {
-  cuda::CudaBackendOptions opt;
-  opt.exact = false;
-  opt.fp8_tensor_cores = fp8_tc;
-  auto fast = cuda::NewCudaBackend(opt);
+  auto fast = FastBackend(fp8_tc);
   ASSERT_TRUE(fast.ok()) << fast.status();
   EXPECT_STREQ((*fast)->name(), fp8_tc ? "cuda-fast-fp8" : "cuda-fast");
   // Unrounded outputs: fp32 sums in another order, or (FP8 tensor cores, >= 16 tokens) ~14-bit block sums.
@@ -605,10 +610,7 @@ TEST_F(CudaOps, RoutedExpertsOnTheDeviceMatchTheCpu) {
     gpu_->RoutedExperts(layer.work, x.data(), n, dim, 10.0f, got.data());
     EXPECT_EQ(got, want) << "exact kernels, n=" << n << (mixed ? " mixed" : " fp4");
     for (bool fp8_tc : {false, true}) {
-      cuda::CudaBackendOptions opt;
-      opt.exact = false;
-      opt.fp8_tensor_cores = fp8_tc;
-      auto fast = cuda::NewCudaBackend(opt);
+      auto fast = FastBackend(fp8_tc);
       ASSERT_TRUE(fast.ok()) << fast.status();
       std::vector<float> f = y0;
       (*fast)->RoutedExperts(layer.work, x.data(), n, dim, 10.0f, f.data());

@@ -121,19 +121,25 @@ void WriteIds(const std::string& path, const std::vector<int64_t>& ids, size_t e
   for (size_t i = 0; i < end; ++i) out << ids[i] << " ";
 }
 
+// `flashmem generate` arguments that replay dsv4-tiny-c's prompt with its next tokens forced
+// (files written to dir).
+std::string GoldenForcedGenerate(const model::SafetensorsFile& golden, const std::string& dir) {
+  const Array prompt = ReadArray(golden, "prompt_ids"), next = ReadArray(golden, "s1_next_tokens");
+  WriteIds(dir + "/prompt.txt", prompt.i, prompt.i.size());
+  WriteIds(dir + "/force.txt", next.i, next.i.size() - 1);
+  return "generate --model " + GoldenC() + " --prompt-file " + dir + "/prompt.txt --force-file " + dir +
+         "/force.txt --quiet --tp-timeout-s 120";
+}
+
 // TP=2 (heads, wo_a groups, indexer heads, experts, vocabulary split over two processes; wo_b,
 // routed sum, index scores and embedding all-reduced, logits all-gathered) on dsv4-tiny-c within
 // the golden bounds TP=1 meets, and close to TP=1's own logits.
 TEST(TensorParallel, TwoCpuRanksMeetTheGoldenBounds) {
   auto g = model::SafetensorsFile::Open(GoldenC() + "/golden.safetensors");
   ASSERT_TRUE(g.ok());
-  const Array prompt = ReadArray(**g, "prompt_ids"), next = ReadArray(**g, "s1_next_tokens"),
-              logits = ReadArray(**g, "s1_logits");
+  const Array logits = ReadArray(**g, "s1_logits");
   const std::string dir = TempDir("tp_golden");
-  WriteIds(dir + "/prompt.txt", prompt.i, prompt.i.size());
-  WriteIds(dir + "/force.txt", next.i, next.i.size() - 1);
-  const std::string common = "generate --model " + GoldenC() + " --prompt-file " + dir + "/prompt.txt --force-file " +
-                             dir + "/force.txt --quiet --tp-timeout-s 120";
+  const std::string common = GoldenForcedGenerate(**g, dir);
   bool others_ok = false;
   ShellResult tp2 = RunGroup(common + " --dump " + dir + "/tp2.safetensors", 2, &others_ok, dir);
   ASSERT_EQ(tp2.code, 0) << tp2.out;
@@ -165,12 +171,8 @@ TEST(TensorParallel, TwoGpuRanksOverNcclEqualTwoCpuRanks) {
   if (kernels::CudaDeviceCount() < 2) GTEST_SKIP() << "needs two CUDA devices";
   auto g = model::SafetensorsFile::Open(GoldenC() + "/golden.safetensors");
   ASSERT_TRUE(g.ok());
-  const Array prompt = ReadArray(**g, "prompt_ids"), next = ReadArray(**g, "s1_next_tokens");
   const std::string dir = TempDir("tp_gpu");
-  WriteIds(dir + "/prompt.txt", prompt.i, prompt.i.size());
-  WriteIds(dir + "/force.txt", next.i, next.i.size() - 1);
-  const std::string common = "generate --model " + GoldenC() + " --prompt-file " + dir + "/prompt.txt --force-file " +
-                             dir + "/force.txt --quiet --tp-timeout-s 120";
+  const std::string common = GoldenForcedGenerate(**g, dir);
   bool others_ok = false;
   ShellResult gpu = RunGroup(common + " --device cuda --dump " + dir + "/gpu.safetensors", 2, &others_ok, dir);
   ASSERT_EQ(gpu.code, 0) << gpu.out;

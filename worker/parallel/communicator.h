@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
 
 namespace flashmem::parallel {
 
@@ -23,6 +24,34 @@ class Communicator {
   virtual void AllReduceSum(float* data, int64_t n) const = 0;
   // out[r * n .. (r + 1) * n) = rank r's local[0..n).
   virtual void AllGather(const float* local, int64_t n, float* out) const = 0;
+};
+
+// What every implementation keeps: rank, size and the sticky error. Collective() runs one
+// collective at a time (the model issues them in the same order on every rank) and records the
+// first failure; after it, collectives do nothing.
+class CommunicatorBase : public Communicator {
+ public:
+  CommunicatorBase(int rank, int size) : rank_(rank), size_(size) {}
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  absl::Status Health() const override {
+    absl::MutexLock lock(&mu_);
+    return health_;
+  }
+
+ protected:
+  template <typename F>  // F: () -> absl::Status
+  void Collective(F&& f) const {
+    absl::MutexLock lock(&mu_);
+    if (!health_.ok()) return;
+    absl::Status st = f();
+    if (!st.ok()) health_ = std::move(st);
+  }
+
+ private:
+  const int rank_, size_;
+  mutable absl::Mutex mu_;
+  mutable absl::Status health_;
 };
 
 }  // namespace flashmem::parallel

@@ -15,28 +15,19 @@
 namespace flashmem::parallel {
 namespace {
 
-class SingleRank final : public Communicator {
+class SingleRank final : public CommunicatorBase {
  public:
-  int rank() const override { return 0; }
-  int size() const override { return 1; }
-  absl::Status Health() const override { return absl::OkStatus(); }
+  SingleRank() : CommunicatorBase(0, 1) {}
   void AllReduceSum(float*, int64_t) const override {}
   void AllGather(const float* local, int64_t n, float* out) const override { std::copy_n(local, n, out); }
 };
 
-class GlooCommunicator final : public Communicator {
+class GlooCommunicator final : public CommunicatorBase {
  public:
   GlooCommunicator(int rank, int size, std::unique_ptr<GroupStoreServer> server,
                    std::shared_ptr<gloo::rendezvous::Context> ctx, absl::Duration timeout)
-      : rank_(rank), size_(size), server_(std::move(server)), ctx_(std::move(ctx)),
+      : CommunicatorBase(rank, size), server_(std::move(server)), ctx_(std::move(ctx)),
         timeout_(absl::ToChronoMilliseconds(timeout)) {}
-
-  int rank() const override { return rank_; }
-  int size() const override { return size_; }
-  absl::Status Health() const override {
-    absl::MutexLock lock(&mu_);
-    return health_;
-  }
 
   void AllReduceSum(float* data, int64_t n) const override {
     Run("all-reduce", [&] {
@@ -53,7 +44,7 @@ class GlooCommunicator final : public Communicator {
     Run("all-gather", [&] {
       gloo::AllgatherOptions opts(ctx_);
       opts.setInput(const_cast<float*>(local), static_cast<size_t>(n));
-      opts.setOutput(out, static_cast<size_t>(n) * size_);
+      opts.setOutput(out, static_cast<size_t>(n) * size());
       opts.setTag(tag_++);
       opts.setTimeout(timeout_);
       gloo::allgather(opts);
@@ -61,44 +52,47 @@ class GlooCommunicator final : public Communicator {
   }
 
  private:
+  // Gloo reports failures (a dead peer, a timeout) by throwing.
   template <typename F>
   void Run(const char* what, F&& f) const {
-    absl::MutexLock lock(&mu_);  // one collective at a time, in the same order on every rank
-    if (!health_.ok()) return;
-    try {
-      f();
-    } catch (const std::exception& e) {
-      health_ = absl::UnavailableError(absl::StrCat("tensor-parallel ", what, " (rank ", rank_, " of ", size_,
-                                                    "): ", e.what()));
-    }
+    Collective([&]() -> absl::Status {
+      try {
+        f();
+        return absl::OkStatus();
+      } catch (const std::exception& e) {
+        return absl::UnavailableError(
+            absl::StrCat("tensor-parallel ", what, " (rank ", rank(), " of ", size(), "): ", e.what()));
+      }
+    });
   }
 
-  const int rank_, size_;
   std::unique_ptr<GroupStoreServer> server_;  // rank 0 only
   std::shared_ptr<gloo::rendezvous::Context> ctx_;
   const std::chrono::milliseconds timeout_;
-  mutable absl::Mutex mu_;
-  mutable absl::Status health_;
-  mutable uint32_t tag_ = 0;
+  mutable uint32_t tag_ = 0;  // guarded by Collective's lock
 };
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<Communicator>> ConnectGlooGroup(const GroupOptions& o) {
+absl::StatusOr<std::string> JoinGroupStore(const GroupOptions& o, std::unique_ptr<GroupStoreServer>* server) {
   if (o.size < 1) return absl::InvalidArgumentError(absl::StrCat("--tp-size ", o.size, ": must be >= 1"));
   if (o.rank < 0 || o.rank >= o.size)
     return absl::InvalidArgumentError(absl::StrCat("--tp-rank ", o.rank, ": must be in [0, ", o.size, ")"));
-  if (o.size == 1) return std::unique_ptr<Communicator>(new SingleRank());
-  if (o.leader_address.empty())
+  if (o.size > 1 && o.leader_address.empty())
     return absl::InvalidArgumentError("--tp-leader: a group of more than one rank needs the leader's host:port");
+  if (o.size == 1 || o.rank != 0) return o.leader_address;
+  auto s = GroupStoreServer::Start(o.leader_address);
+  if (!s.ok()) return s.status();
+  *server = std::move(*s);
+  return (*server)->address();
+}
+
+absl::StatusOr<std::unique_ptr<Communicator>> ConnectGlooGroup(const GroupOptions& o) {
   std::unique_ptr<GroupStoreServer> server;
-  std::string leader = o.leader_address;
-  if (o.rank == 0) {
-    auto s = GroupStoreServer::Start(o.leader_address);
-    if (!s.ok()) return s.status();
-    server = std::move(*s);
-    leader = server->address();
-  }
+  auto joined = JoinGroupStore(o, &server);
+  if (!joined.ok()) return joined.status();
+  if (o.size == 1) return std::unique_ptr<Communicator>(new SingleRank());
+  const std::string leader = *joined;
   try {
     GroupStoreClient client(leader, o.timeout);
     gloo::rendezvous::PrefixStore store(absl::StrCat("flashmem/", o.group, "/"), client);

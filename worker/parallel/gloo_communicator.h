@@ -24,4 +24,9 @@ struct GroupOptions {
 // leader and makes no connections.
 absl::StatusOr<std::unique_ptr<Communicator>> ConnectGlooGroup(const GroupOptions& options);
 
+class GroupStoreServer;
+// For any transport: checks rank, size and leader (errors name the flag) and, on rank 0, starts
+// the group store at leader_address (`server`). Returns the address every rank reaches it at.
+absl::StatusOr<std::string> JoinGroupStore(const GroupOptions& options, std::unique_ptr<GroupStoreServer>* server);
+
 }  // namespace flashmem::parallel

@@ -62,11 +62,12 @@ const NcclApi* LoadNccl(std::string* error) {
   return &api;
 }
 
-class NcclCommunicator final : public Communicator {
+class NcclCommunicator final : public CommunicatorBase {
  public:
   NcclCommunicator(const NcclApi& api, int rank, int size, int device, ncclComm_t comm, cudaStream_t stream,
                    std::unique_ptr<GroupStoreServer> server)
-      : api_(api), rank_(rank), size_(size), device_(device), comm_(comm), stream_(stream), server_(std::move(server)) {}
+      : CommunicatorBase(rank, size), api_(api), device_(device), comm_(comm), stream_(stream),
+        server_(std::move(server)) {}
   ~NcclCommunicator() override {
     (void)cudaSetDevice(device_);
     if (buf_) (void)cudaFree(buf_);
@@ -74,35 +75,26 @@ class NcclCommunicator final : public Communicator {
     (void)cudaStreamDestroy(stream_);
   }
 
-  int rank() const override { return rank_; }
-  int size() const override { return size_; }
-  absl::Status Health() const override {
-    absl::MutexLock lock(&mu_);
-    return health_;
-  }
-
   void AllReduceSum(float* data, int64_t n) const override {
-    absl::MutexLock lock(&mu_);
-    if (!health_.ok() || n == 0) return;
-    Fail(Run(data, n, data, n, [&](float* d) {
-      return api_.ncclAllReduce(d, d, static_cast<size_t>(n), ncclFloat32, ncclSum, comm_, stream_);
-    }));
+    if (n == 0) return;
+    Collective([&] {
+      return Run(data, n, data, n, [&](float* d) {
+        return api_.ncclAllReduce(d, d, static_cast<size_t>(n), ncclFloat32, ncclSum, comm_, stream_);
+      });
+    });
   }
 
   void AllGather(const float* local, int64_t n, float* out) const override {
-    absl::MutexLock lock(&mu_);
-    if (!health_.ok() || n == 0) return;
-    Fail(Run(local, n, out, n * size_, [&](float* d) {
-      return api_.ncclAllGather(d + rank_ * n, d, static_cast<size_t>(n), ncclFloat32, comm_, stream_);
-    }));
+    if (n == 0) return;
+    Collective([&] {
+      return Run(local, n, out, n * size(), [&](float* d) {
+        return api_.ncclAllGather(d + rank() * n, d, static_cast<size_t>(n), ncclFloat32, comm_, stream_);
+      });
+    });
   }
 
  private:
-  void Fail(const absl::Status& st) const {
-    if (!st.ok() && health_.ok()) health_ = st;
-  }
-
-  // in (n_in floats) up into the device buffer (at rank_ * n_in for an all-gather), the
+  // in (n_in floats) up into the device buffer (at rank * n_in for an all-gather), the
   // collective, out (n_out floats) back.
   template <typename F>
   absl::Status Run(const float* in, int64_t n_in, float* out, int64_t n_out, F&& collective) const {
@@ -116,12 +108,12 @@ class NcclCommunicator final : public Communicator {
       capacity_ = bytes;
     }
     float* d = static_cast<float*>(buf_);
-    const int64_t at = n_out > n_in ? rank_ * n_in : 0;
+    const int64_t at = n_out > n_in ? rank() * n_in : 0;
     cudaError_t e = cudaMemcpyAsync(d + at, in, n_in * sizeof(float), cudaMemcpyHostToDevice, stream_);
     if (e != cudaSuccess) return absl::InternalError(absl::StrCat("NCCL rank: copy up: ", cudaGetErrorString(e)));
     const ncclResult_t r = collective(d);
     if (r != ncclSuccess)
-      return absl::UnavailableError(absl::StrCat("tensor-parallel NCCL collective (rank ", rank_, " of ", size_,
+      return absl::UnavailableError(absl::StrCat("tensor-parallel NCCL collective (rank ", rank(), " of ", size(),
                                                  "): ", api_.ncclGetErrorString(r)));
     e = cudaMemcpyAsync(out, d, n_out * sizeof(float), cudaMemcpyDeviceToHost, stream_);
     if (e == cudaSuccess) e = cudaStreamSynchronize(stream_);
@@ -130,37 +122,26 @@ class NcclCommunicator final : public Communicator {
   }
 
   const NcclApi& api_;
-  const int rank_, size_, device_;
+  const int device_;
   ncclComm_t comm_;
   cudaStream_t stream_;
   std::unique_ptr<GroupStoreServer> server_;  // rank 0 only
-  mutable absl::Mutex mu_;
-  mutable absl::Status health_;
-  mutable void* buf_ = nullptr;
+  mutable void* buf_ = nullptr;  // guarded by Collective's lock
   mutable size_t capacity_ = 0;
 };
 
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Communicator>> ConnectNcclGroup(const GroupOptions& o, int device) {
-  if (o.size < 1) return absl::InvalidArgumentError(absl::StrCat("--tp-size ", o.size, ": must be >= 1"));
-  if (o.rank < 0 || o.rank >= o.size)
-    return absl::InvalidArgumentError(absl::StrCat("--tp-rank ", o.rank, ": must be in [0, ", o.size, ")"));
   if (o.size == 1) return ConnectGlooGroup(o);  // a group of one: no communication at all
-  if (o.leader_address.empty())
-    return absl::InvalidArgumentError("--tp-leader: a group of more than one rank needs the leader's host:port");
   std::string error;
   const NcclApi* api = LoadNccl(&error);
   if (!api) return absl::FailedPreconditionError(absl::StrCat("tensor parallel on CUDA: ", error));
   setenv("NCCL_NVLS_ENABLE", "0", /*overwrite=*/0);
   std::unique_ptr<GroupStoreServer> server;
-  std::string leader = o.leader_address;
-  if (o.rank == 0) {
-    auto s = GroupStoreServer::Start(o.leader_address);
-    if (!s.ok()) return s.status();
-    server = std::move(*s);
-    leader = server->address();
-  }
+  auto joined = JoinGroupStore(o, &server);
+  if (!joined.ok()) return joined.status();
+  const std::string leader = *joined;
   GroupStoreClient store(leader, o.timeout);
   const std::string key = absl::StrCat("flashmem/", o.group, "/nccl-unique-id");
   ncclUniqueId id;
