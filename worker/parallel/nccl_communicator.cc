@@ -137,7 +137,7 @@ absl::StatusOr<std::unique_ptr<Communicator>> ConnectNcclGroup(const GroupOption
   std::string error;
   const NcclApi* api = LoadNccl(&error);
   if (!api) return absl::FailedPreconditionError(absl::StrCat("tensor parallel on CUDA: ", error));
-  setenv("NCCL_NVLS_ENABLE", "0", /*overwrite=*/0);
+  setenv("NCCL_NVLS_ENABLE", "0", /*overwrite=*/1);  // always (issue 8; the GPU machines need NVLink multicast off)
   std::unique_ptr<GroupStoreServer> server;
   auto joined = JoinGroupStore(o, &server);
   if (!joined.ok()) return joined.status();

@@ -1,6 +1,6 @@
 // GPU tensor parallelism over NCCL: one process per GPU, the NCCL unique id passed from rank 0
 // to the others through the group leader's store (group_store.h), never a file. NVLink
-// multicast stays off (NCCL_NVLS_ENABLE=0, set here when the caller has not set it).
+// multicast stays off (NCCL_NVLS_ENABLE=0, always, whatever the environment says).
 //
 // The engine's activations still live in host memory (the CUDA backend stages each op), so a
 // collective copies the host array into a device buffer, runs on the GPU and copies back. NCCL is
