@@ -11,6 +11,7 @@
 #include "parallel.grpc.pb.h"
 #include "gtest/gtest.h"
 #include "kernels/device.h"
+#include "nlohmann/json.hpp"
 #include "tests/model/golden_util.h"
 #include "tests/model/test_models.h"
 #include "tests/process_util.h"
@@ -115,19 +116,21 @@ ShellResult RunGroup(const std::string& args, int size, bool* others_ok, const s
 }
 
 std::string GoldenC() { return std::string(FLASHMEM_GOLDEN_DIR) + "/dsv4-tiny-c"; }
+std::string GoldenA() { return std::string(FLASHMEM_GOLDEN_DIR) + "/dsv4-tiny-a"; }
 
 void WriteIds(const std::string& path, const std::vector<int64_t>& ids, size_t end) {
   std::ofstream out(path);
   for (size_t i = 0; i < end; ++i) out << ids[i] << " ";
 }
 
-// `flashmem generate` arguments that replay dsv4-tiny-c's prompt with its next tokens forced
-// (files written to dir).
-std::string GoldenForcedGenerate(const model::SafetensorsFile& golden, const std::string& dir) {
+// `flashmem generate` arguments that replay a golden set's prompt with its scenario-1 next tokens
+// forced (files written to dir).
+std::string GoldenForcedGenerate(const model::SafetensorsFile& golden, const std::string& dir,
+                                 const std::string& set = GoldenC()) {
   const Array prompt = ReadArray(golden, "prompt_ids"), next = ReadArray(golden, "s1_next_tokens");
   WriteIds(dir + "/prompt.txt", prompt.i, prompt.i.size());
   WriteIds(dir + "/force.txt", next.i, next.i.size() - 1);
-  return "generate --model " + GoldenC() + " --prompt-file " + dir + "/prompt.txt --force-file " + dir +
+  return "generate --model " + set + " --prompt-file " + dir + "/prompt.txt --force-file " + dir +
          "/force.txt --quiet --tp-timeout-s 120";
 }
 
@@ -162,6 +165,46 @@ TEST(TensorParallel, TwoCpuRanksMeetTheGoldenBounds) {
               Median(golden_diff), Max(golden_diff), Median(tp1_golden), Max(tp1_golden), Median(tp1_diff), Max(tp1_diff));
   EXPECT_LE(Median(golden_diff), 0.16);  // dsv4-tiny-c logits bounds, as TP=1 (cli_test)
   EXPECT_LE(Max(golden_diff), 0.25);
+  std::filesystem::remove_all(dir);
+}
+
+// dsv4-tiny-a at TP=2 (two real processes), scenario 1 (its prompt, then its 40 next tokens
+// forced): the logits within the set's recommended acceptance bands, as TP=1 meets them
+// (golden_test GoldenA.LogitsWithinAcceptanceBands).
+TEST(TensorParallel, TwoCpuRanksMeetTinyAAcceptanceBands) {
+  auto g = model::SafetensorsFile::Open(GoldenA() + "/golden.safetensors");
+  ASSERT_TRUE(g.ok());
+  const Array logits = ReadArray(**g, "s1_logits");
+  const std::string dir = TempDir("tp_golden_a");
+  bool others_ok = false;
+  ShellResult tp2 = RunGroup(GoldenForcedGenerate(**g, dir, GoldenA()) + " --dump " + dir + "/tp2.safetensors", 2,
+                             &others_ok, dir);
+  ASSERT_EQ(tp2.code, 0) << tp2.out;
+  ASSERT_TRUE(others_ok);
+  auto d = model::SafetensorsFile::Open(dir + "/tp2.safetensors");
+  ASSERT_TRUE(d.ok()) << d.status();
+  const Array l2 = ReadArray(**d, "logits");
+  ASSERT_EQ(l2.shape, logits.shape);
+  const int64_t v = l2.shape[1];
+  std::vector<double> maxabs, cosine;
+  int agree = 0;
+  for (int64_t r = 0; r < l2.shape[0]; ++r) {
+    const float* gr = logits.f.data() + r * v;
+    const float* yr = l2.f.data() + r * v;
+    maxabs.push_back(MaxAbsDiff(gr, yr, v));
+    cosine.push_back(CentredCosine(gr, yr, v));
+    agree += std::max_element(gr, gr + v) - gr == std::max_element(yr, yr + v) - yr;
+  }
+  std::ifstream mf(GoldenA() + "/manifest.json");
+  const nlohmann::json b = nlohmann::json::parse(mf)["recommended_tolerances"]["recommended_logits_bounds"];
+  const double argmax = static_cast<double>(agree) / l2.shape[0];
+  std::printf("  tiny-a TP=2: centred cosine median %.6f min %.6f, row max|d| median %.4f p90 %.4f, argmax %.3f\n",
+              Median(cosine), Min(cosine), Median(maxabs), Quantile(maxabs, 0.9), argmax);
+  EXPECT_GE(Median(cosine), b["centred_cosine_median_min"].get<double>());
+  EXPECT_GE(Min(cosine), b["centred_cosine_min_min"].get<double>());
+  EXPECT_LE(Median(maxabs), b["row_maxabs_median_max"].get<double>());
+  EXPECT_LE(Quantile(maxabs, 0.9), b["row_maxabs_p90_max"].get<double>());
+  EXPECT_GE(argmax, b["argmax_agree_frac_min"].get<double>());
   std::filesystem::remove_all(dir);
 }
 
