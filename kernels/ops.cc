@@ -6,6 +6,9 @@
 
 namespace flashmem::kernels {
 
+namespace {
+
+// The SwiGLU of ExpertMlp (the CUDA SwiGlu kernel computes the same, operation for operation).
 void SwiGluRows(const float* gate, const float* up, int64_t m, int64_t inter, const float* weights, float limit,
                 float* h) {
   for (int64_t i = 0; i < m; ++i)
@@ -21,22 +24,29 @@ void SwiGluRows(const float* gate, const float* up, int64_t m, int64_t inter, co
     }
 }
 
+}  // namespace
+
+void ExpertMlp(const Backend& be, const WeightMatrix& w1, const WeightMatrix& w3, const WeightMatrix& w2,
+               const float* x, int64_t m, const float* weights, float swiglu_limit, float* out) {
+  const int64_t inter = w1.rows;
+  std::vector<float> gate(m * inter), up(m * inter), h(m * inter);
+  be.Linear(w1, x, m, gate.data(), Rounding::kBf16);
+  be.Linear(w3, x, m, up.data(), Rounding::kBf16);
+  SwiGluRows(gate.data(), up.data(), m, inter, weights, swiglu_limit, h.data());
+  be.Linear(w2, h.data(), m, out, Rounding::kBf16);
+}
+
 void Backend::RoutedExperts(std::span<const ExpertWork> experts, const float* x, int64_t n, int64_t dim,
                             float swiglu_limit, float* y) const {
-  std::vector<float> xs, gate, up, h, out;
+  std::vector<float> xs, out;
   for (const ExpertWork& e : experts) {
-    const int64_t m = static_cast<int64_t>(e.rows.size()), inter = e.w1->rows;
+    const int64_t m = static_cast<int64_t>(e.rows.size());
     if (m == 0) continue;
     xs.resize(m * dim);
     for (int64_t r = 0; r < m; ++r) std::copy_n(x + static_cast<int64_t>(e.rows[r]) * dim, dim, xs.begin() + r * dim);
-    gate.resize(m * inter);
-    up.resize(m * inter);
-    h.resize(m * inter);
     out.resize(m * dim);
-    Linear(*e.w1, xs.data(), m, gate.data(), Rounding::kBf16);
-    Linear(*e.w3, xs.data(), m, up.data(), Rounding::kBf16);
-    SwiGluRows(gate.data(), up.data(), m, inter, e.weights.empty() ? nullptr : e.weights.data(), swiglu_limit, h.data());
-    Linear(*e.w2, h.data(), m, out.data(), Rounding::kBf16);
+    ExpertMlp(*this, *e.w1, *e.w3, *e.w2, xs.data(), m, e.weights.empty() ? nullptr : e.weights.data(), swiglu_limit,
+              out.data());
     for (int64_t r = 0; r < m; ++r)
       for (int64_t c = 0; c < dim; ++c) y[static_cast<int64_t>(e.rows[r]) * dim + c] += out[r * dim + c];
   }

@@ -134,9 +134,10 @@ class Backend {
 // The exact CPU reference backend (kernels/cpu).
 const Backend& CpuBackend();
 
-// h[m, inter] = bf16(silu(min(gate, L)) * clamp(up, ±L) * weight) (weights null: 1): the SwiGLU of
-// RoutedExperts and of the shared expert, shared so that both backends round alike.
-void SwiGluRows(const float* gate, const float* up, int64_t m, int64_t inter, const float* weights, float limit,
-                float* h);
+// One expert's MLP on m rows through be's ops: out[m, dim] = bf16(w2·h) with
+// h = bf16(silu(min(bf16(w1·x), L)) * clamp(bf16(w3·x), ±L) * weight) (weights null: 1; silu through
+// num::ExpF). The shared expert (model::Expert) and the default RoutedExperts both run it.
+void ExpertMlp(const Backend& be, const WeightMatrix& w1, const WeightMatrix& w3, const WeightMatrix& w2,
+               const float* x, int64_t m, const float* weights, float swiglu_limit, float* out);
 
 }  // namespace flashmem::kernels

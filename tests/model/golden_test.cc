@@ -117,32 +117,6 @@ class GoldenSet {
   std::map<std::string, ScenarioRun> runs_;
 };
 
-struct LogitStats {
-  double maxabs_median, maxabs_p90, maxabs_max, relrms_max, cosine_min, cosine_median, argmax_agree;
-  int argmax_violations;  // disagreements where the golden top-1/top-2 margin exceeds 0.5
-};
-
-LogitStats CompareLogits(const Array& g, const std::vector<std::vector<float>>& y) {
-  const int64_t rows = g.shape[0], v = g.shape[1];
-  EXPECT_EQ(static_cast<int64_t>(y.size()), rows);
-  std::vector<double> maxabs, relrms, cosine;
-  int agree = 0, violations = 0;
-  for (int64_t r = 0; r < rows && r < static_cast<int64_t>(y.size()); ++r) {
-    const float* gr = g.f.data() + r * v;
-    maxabs.push_back(MaxAbsDiff(gr, y[r].data(), v));
-    relrms.push_back(RelRms(gr, y[r].data(), v));
-    cosine.push_back(CentredCosine(gr, y[r].data(), v));
-    const int64_t ag = std::max_element(gr, gr + v) - gr;
-    const int64_t ay = std::max_element(y[r].begin(), y[r].end()) - y[r].begin();
-    std::vector<float> sorted(gr, gr + v);
-    std::partial_sort(sorted.begin(), sorted.begin() + 2, sorted.end(), std::greater<float>());
-    agree += ag == ay;
-    if (ag != ay && sorted[0] - sorted[1] > 0.5f) ++violations;
-  }
-  return {Median(maxabs), Quantile(maxabs, 0.9), Max(maxabs), Max(relrms), Min(cosine), Median(cosine),
-          static_cast<double>(agree) / rows, violations};
-}
-
 void Report(const std::string& what, double value, const std::string& op, double bound) {
   std::printf("  %-46s %12.6f   %s %g\n", what.c_str(), value, op.c_str(), bound);
 }

@@ -134,6 +134,23 @@ std::string GoldenForcedGenerate(const model::SafetensorsFile& golden, const std
          "/force.txt --quiet --tp-timeout-s 120";
 }
 
+// The logits a `generate --dump` wrote (empty, with the reason reported, when it did not).
+Array DumpedLogits(const std::string& path) {
+  auto d = model::SafetensorsFile::Open(path);
+  EXPECT_TRUE(d.ok()) << d.status();
+  return d.ok() ? ReadArray(**d, "logits") : Array{};
+}
+
+// Runs `args` as a two-rank group with --dump dir/name.safetensors; returns rank 0's dumped logits.
+Array GroupLogits(const std::string& args, const std::string& dir, const std::string& name) {
+  bool others_ok = false;
+  const std::string path = dir + "/" + name + ".safetensors";
+  const ShellResult r = RunGroup(args + " --dump " + path, 2, &others_ok, dir);
+  EXPECT_EQ(r.code, 0) << r.out;
+  EXPECT_TRUE(others_ok) << "rank 1 failed (its log: " << dir << "/rank1.log)";
+  return DumpedLogits(path);
+}
+
 // TP=2 (heads, wo_a groups, indexer heads, experts, vocabulary split over two processes; wo_b,
 // routed sum, index scores and embedding all-reduced, logits all-gathered) on dsv4-tiny-c within
 // the golden bounds TP=1 meets, and close to TP=1's own logits.
@@ -143,17 +160,12 @@ TEST(TensorParallel, TwoCpuRanksMeetTheGoldenBounds) {
   const Array logits = ReadArray(**g, "s1_logits");
   const std::string dir = TempDir("tp_golden");
   const std::string common = GoldenForcedGenerate(**g, dir);
-  bool others_ok = false;
-  ShellResult tp2 = RunGroup(common + " --dump " + dir + "/tp2.safetensors", 2, &others_ok, dir);
-  ASSERT_EQ(tp2.code, 0) << tp2.out;
-  ASSERT_TRUE(others_ok);
+  const Array l2 = GroupLogits(common, dir, "tp2");
   ShellResult tp1 = RunShell(std::string(FLASHMEM_BIN) + " " + common + " --dump " + dir + "/tp1.safetensors");
   ASSERT_EQ(tp1.code, 0) << tp1.out;
-  auto d2 = model::SafetensorsFile::Open(dir + "/tp2.safetensors");
-  auto d1 = model::SafetensorsFile::Open(dir + "/tp1.safetensors");
-  ASSERT_TRUE(d2.ok() && d1.ok());
-  const Array l2 = ReadArray(**d2, "logits"), l1 = ReadArray(**d1, "logits");
+  const Array l1 = DumpedLogits(dir + "/tp1.safetensors");
   ASSERT_EQ(l2.shape, logits.shape);
+  ASSERT_EQ(l1.shape, logits.shape);
   std::vector<double> golden_diff, tp1_diff, tp1_golden;
   const int64_t v = l2.shape[1];
   for (int64_t r = 0; r < l2.shape[0]; ++r) {
@@ -176,35 +188,21 @@ TEST(TensorParallel, TwoCpuRanksMeetTinyAAcceptanceBands) {
   ASSERT_TRUE(g.ok());
   const Array logits = ReadArray(**g, "s1_logits");
   const std::string dir = TempDir("tp_golden_a");
-  bool others_ok = false;
-  ShellResult tp2 = RunGroup(GoldenForcedGenerate(**g, dir, GoldenA()) + " --dump " + dir + "/tp2.safetensors", 2,
-                             &others_ok, dir);
-  ASSERT_EQ(tp2.code, 0) << tp2.out;
-  ASSERT_TRUE(others_ok);
-  auto d = model::SafetensorsFile::Open(dir + "/tp2.safetensors");
-  ASSERT_TRUE(d.ok()) << d.status();
-  const Array l2 = ReadArray(**d, "logits");
+  const Array l2 = GroupLogits(GoldenForcedGenerate(**g, dir, GoldenA()), dir, "tp2");
   ASSERT_EQ(l2.shape, logits.shape);
-  const int64_t v = l2.shape[1];
-  std::vector<double> maxabs, cosine;
-  int agree = 0;
-  for (int64_t r = 0; r < l2.shape[0]; ++r) {
-    const float* gr = logits.f.data() + r * v;
-    const float* yr = l2.f.data() + r * v;
-    maxabs.push_back(MaxAbsDiff(gr, yr, v));
-    cosine.push_back(CentredCosine(gr, yr, v));
-    agree += std::max_element(gr, gr + v) - gr == std::max_element(yr, yr + v) - yr;
-  }
+  std::vector<std::vector<float>> rows;
+  for (int64_t r = 0; r < l2.shape[0]; ++r)
+    rows.emplace_back(l2.f.begin() + r * l2.shape[1], l2.f.begin() + (r + 1) * l2.shape[1]);
+  const LogitStats st = CompareLogits(logits, rows);
   std::ifstream mf(GoldenA() + "/manifest.json");
   const nlohmann::json b = nlohmann::json::parse(mf)["recommended_tolerances"]["recommended_logits_bounds"];
-  const double argmax = static_cast<double>(agree) / l2.shape[0];
   std::printf("  tiny-a TP=2: centred cosine median %.6f min %.6f, row max|d| median %.4f p90 %.4f, argmax %.3f\n",
-              Median(cosine), Min(cosine), Median(maxabs), Quantile(maxabs, 0.9), argmax);
-  EXPECT_GE(Median(cosine), b["centred_cosine_median_min"].get<double>());
-  EXPECT_GE(Min(cosine), b["centred_cosine_min_min"].get<double>());
-  EXPECT_LE(Median(maxabs), b["row_maxabs_median_max"].get<double>());
-  EXPECT_LE(Quantile(maxabs, 0.9), b["row_maxabs_p90_max"].get<double>());
-  EXPECT_GE(argmax, b["argmax_agree_frac_min"].get<double>());
+              st.cosine_median, st.cosine_min, st.maxabs_median, st.maxabs_p90, st.argmax_agree);
+  EXPECT_GE(st.cosine_median, b["centred_cosine_median_min"].get<double>());
+  EXPECT_GE(st.cosine_min, b["centred_cosine_min_min"].get<double>());
+  EXPECT_LE(st.maxabs_median, b["row_maxabs_median_max"].get<double>());
+  EXPECT_LE(st.maxabs_p90, b["row_maxabs_p90_max"].get<double>());
+  EXPECT_GE(st.argmax_agree, b["argmax_agree_frac_min"].get<double>());
   std::filesystem::remove_all(dir);
 }
 
@@ -216,16 +214,9 @@ TEST(TensorParallel, TwoGpuRanksOverNcclEqualTwoCpuRanks) {
   ASSERT_TRUE(g.ok());
   const std::string dir = TempDir("tp_gpu");
   const std::string common = GoldenForcedGenerate(**g, dir);
-  bool others_ok = false;
-  ShellResult gpu = RunGroup(common + " --device cuda --dump " + dir + "/gpu.safetensors", 2, &others_ok, dir);
-  ASSERT_EQ(gpu.code, 0) << gpu.out;
-  ASSERT_TRUE(others_ok);
-  ShellResult cpu = RunGroup(common + " --dump " + dir + "/cpu.safetensors", 2, &others_ok, dir);
-  ASSERT_EQ(cpu.code, 0) << cpu.out;
-  auto dg = model::SafetensorsFile::Open(dir + "/gpu.safetensors");
-  auto dc = model::SafetensorsFile::Open(dir + "/cpu.safetensors");
-  ASSERT_TRUE(dg.ok() && dc.ok());
-  const Array lg = ReadArray(**dg, "logits"), lc = ReadArray(**dc, "logits");
+  const Array lg = GroupLogits(common + " --device cuda", dir, "gpu");
+  const Array lc = GroupLogits(common, dir, "cpu");
+  ASSERT_FALSE(lg.f.empty());
   ASSERT_EQ(lg.shape, lc.shape);
   int64_t same = 0;
   for (size_t i = 0; i < lg.f.size(); ++i) same += lg.f[i] == lc.f[i];

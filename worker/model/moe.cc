@@ -64,12 +64,7 @@ void Gate::Route(const float* x, std::span<const int32_t> tokens, std::vector<in
 }
 
 void Expert::Forward(const float* x, int64_t n, const float* weights, float* out) const {
-  const int64_t inter = w_.w1.rows;
-  std::vector<float> gate(n * inter), up(n * inter), h(n * inter);
-  be_.Linear(w_.w1, x, n, gate.data(), Rounding::kBf16);
-  be_.Linear(w_.w3, x, n, up.data(), Rounding::kBf16);
-  kernels::SwiGluRows(gate.data(), up.data(), n, inter, weights, args_.swiglu_limit, h.data());
-  be_.Linear(w_.w2, h.data(), n, out, Rounding::kBf16);
+  kernels::ExpertMlp(be_, w_.w1, w_.w3, w_.w2, x, n, weights, args_.swiglu_limit, out);
 }
 
 MoE::MoE(const ModelArgs& args, const MoEWeights& w, int64_t layer, const kernels::Backend& be,
