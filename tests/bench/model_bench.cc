@@ -13,6 +13,10 @@
 //
 //   model_bench --model DIR [--device cuda:0 --cuda-kernels fast] --batch 1,8,64
 //               --context 8192,65536,262144 [--policy dense,lsa] [--steps 4] [--profile] [--json OUT]
+//
+// Tensor parallel (issue 8): one process per rank with --tp-size N --tp-rank R --tp-leader
+// HOST:PORT (--device cuda puts rank R on cuda:R); every rank builds the same synthetic states
+// and rank 0 prints. "comm" is the share of the step spent in the group's collectives.
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -29,6 +33,8 @@
 #include "worker/lsa/indexer_init.h"
 #include "worker/lsa/lsa_session.h"
 #include "worker/model/transformer.h"
+#include "worker/parallel/nccl_communicator.h"
+#include "worker/parallel/timed_communicator.h"
 
 namespace {
 
@@ -81,7 +87,7 @@ std::vector<int64_t> ParseList(const std::string& text) {
 struct Row {
   std::string policy;
   int64_t batch = 0, context = 0;
-  double step_ms = 0, tok_s = 0, score_ms = 0, visible = 1, build_s = 0;
+  double step_ms = 0, tok_s = 0, score_ms = 0, visible = 1, build_s = 0, comm_share = 0;
   std::string profile;
 };
 
@@ -108,13 +114,28 @@ int main(int argc, char** argv) {
   app.add_option("--max-state-gb", max_state_gb, "skip configurations whose sessions need more host memory");
   app.add_flag("--profile", profile, "print the time per op of the timed steps");
   app.add_option("--json", json_out, "write the results as JSON");
+  parallel::GroupOptions group;
+  int tp_timeout_s = 600;
+  app.add_option("--tp-size", group.size, "tensor-parallel ranks (one process each)");
+  app.add_option("--tp-rank", group.rank, "this process's rank");
+  app.add_option("--tp-leader", group.leader_address, "rank 0's group store host:port");
+  app.add_option("--tp-timeout-s", tp_timeout_s, "group connect and collective timeout");
   CLI11_PARSE(app, argc, argv);
+  group.timeout = absl::Seconds(tp_timeout_s);
+  group.group = "model-bench";
+  if (device == "cuda") device = "cuda:" + std::to_string(group.rank);
+  const bool leader = group.rank == 0;
+  if (!leader) std::freopen("/dev/null", "w", stdout);  // the other ranks compute but print nothing
 
   auto handle = kernels::OpenBackend(device, gpu_memory_bytes, cuda_kernels);
   if (!handle.ok()) { std::fprintf(stderr, "%s\n", std::string(handle.status().message()).c_str()); return 2; }
+  auto comm = parallel::ConnectGroup(group, device);
+  if (!comm.ok()) { std::fprintf(stderr, "tensor parallel: %s\n", std::string(comm.status().message()).c_str()); return 2; }
+  parallel::TimedCommunicator timed_comm(**comm);
   kernels::ProfilingBackend prof(*handle->backend);
   const auto t_load = std::chrono::steady_clock::now();
-  auto tf = model::Transformer::Load(model_dir, prof);
+  auto tf = model::Transformer::Load(model_dir, prof, model::ShardSpec{group.rank, group.size}, nullptr,
+                                     group.size > 1 ? &timed_comm : nullptr);
   if (!tf.ok()) { std::fprintf(stderr, "model: %s\n", std::string(tf.status().message()).c_str()); return 1; }
   const model::ModelArgs& a = (*tf)->args();
   std::printf("model %s: %lld layers, dim %lld, %lld experts; backend %s; loaded in %.1f s\n", model_dir.c_str(),
@@ -126,7 +147,7 @@ int main(int argc, char** argv) {
   if (!lsa_base.ok()) { std::fprintf(stderr, "--lsa-options: %s\n", std::string(lsa_base.status().message()).c_str()); return 2; }
   if (policies.find("lsa") != std::string::npos) {
     if (indexer_dir.empty()) {
-      indexer_dir = (std::filesystem::temp_directory_path() / "model_bench_indexer").string();
+      indexer_dir = (std::filesystem::temp_directory_path() / ("model_bench_indexer." + std::to_string(group.rank))).string();
       if (auto st = lsa::InitIndexerFromModel(model_dir, {}, indexer_dir); !st.ok()) {
         std::fprintf(stderr, "indexer init: %s\n", std::string(st.message()).c_str());
         return 1;
@@ -175,7 +196,10 @@ int main(int argc, char** argv) {
         for (int64_t b = 0; b < batch; ++b) tokens[b] = static_cast<int32_t>((b * 7919 + 13) % a.vocab_size);
         double timed = 0;
         for (int64_t step = 0; step < warmup + steps; ++step) {
-          if (step == warmup) prof.Reset();
+          if (step == warmup) {
+            prof.Reset();
+            timed_comm.Reset();
+          }
           std::vector<model::BatchItem> items;
           for (int64_t b = 0; b < batch; ++b)
             items.push_back({states[b].get(), std::span<const int32_t>(&tokens[b], 1), &logits[b], nullptr});
@@ -197,14 +221,16 @@ int main(int argc, char** argv) {
         r.build_s = build_s;
         r.step_ms = timed * 1e3 / steps;
         r.tok_s = batch * steps / timed;
+        r.comm_share = timed_comm.seconds() / timed;
         if (!lsa.empty()) {
           const lsa::LsaStats& st = lsa[0]->stats();
           r.score_ms = st.last_score_ms;
           r.visible = st.covered_pages ? static_cast<double>(st.selected_pages) / st.covered_pages : 1.0;
         }
         if (profile) r.profile = prof.Report();
-        std::printf("%-5s batch %3lld context %7lld: step %9.2f ms, %9.1f tok/s%s (state built in %.1f s)\n",
-                    policy.c_str(), static_cast<long long>(batch), static_cast<long long>(context), r.step_ms, r.tok_s,
+        std::printf("%-5s tp %d batch %3lld context %7lld: step %9.2f ms, %9.1f tok/s, comm %4.1f%%%s (state built in %.1f s)\n",
+                    policy.c_str(), group.size, static_cast<long long>(batch), static_cast<long long>(context), r.step_ms,
+                    r.tok_s, 100 * r.comm_share,
                     lsa.empty() ? "" : absl::StrFormat(", selected pages %.3f of covered, Level-1 scoring %.1f ms",
                                                        r.visible, r.score_ms).c_str(),
                     build_s);
@@ -214,12 +240,13 @@ int main(int argc, char** argv) {
       }
     }
   }
-  if (!json_out.empty()) {
+  if (!json_out.empty() && leader) {
     nlohmann::json j = nlohmann::json::array();
     for (const Row& r : rows)
       j.push_back({{"policy", r.policy}, {"batch", r.batch}, {"context", r.context}, {"step_ms", r.step_ms},
                    {"tok_s", r.tok_s}, {"lsa_selected_fraction", r.visible}, {"level1_score_ms", r.score_ms},
-                   {"device", device}, {"cuda_kernels", cuda_kernels}, {"profile", r.profile}});
+                   {"device", device}, {"cuda_kernels", cuda_kernels},
+                   {"tp_size", group.size}, {"comm_share", r.comm_share}, {"profile", r.profile}});
     std::ofstream(json_out) << j.dump(1) << "\n";
   }
   return 0;

@@ -226,6 +226,23 @@ TEST(TensorParallel, TwoGpuRanksOverNcclEqualTwoCpuRanks) {
   std::filesystem::remove_all(dir);
 }
 
+// Striped recall on two GPUs (skipped without them): every rank ends with every page, byte for
+// byte, however the pages were split, including a count that does not fill the last round.
+TEST(TensorParallel, StripedRecallDeliversEveryPageToEveryGpu) {
+#ifndef FLASHMEM_RECALL_BENCH_BIN
+  GTEST_SKIP() << "built without CUDA benchmarks";
+#else
+  if (kernels::CudaDeviceCount() < 2) GTEST_SKIP() << "needs two CUDA devices";
+  ShellResult r = RunShell(std::string(FLASHMEM_RECALL_BENCH_BIN) +
+                           " --ranks 2 --pages 1,37,1000 --mirror-pages 4096 --round-pages 64 --reps 1");
+  EXPECT_EQ(r.code, 0) << r.out;
+  size_t verified = 0;
+  for (size_t at = r.out.find("verified"); at != std::string::npos; at = r.out.find("verified", at + 1)) ++verified;
+  EXPECT_EQ(verified, 9u) << r.out;  // 3 counts x 3 modes
+  EXPECT_EQ(r.out.find("MISMATCH"), std::string::npos) << r.out;
+#endif
+}
+
 // Greedy decoding on a random tiny model: the same tokens with two ranks as with one.
 TEST(TensorParallel, TwoCpuRanksGreedyTokensEqualOneRank) {
   const std::string dir = TempDir("tp_tiny");

@@ -88,14 +88,7 @@ absl::Status Generate(const GenerateOptions& in) {
   group.size = opt.tp_size;
   group.leader_address = opt.tp_leader;
   group.timeout = absl::Seconds(opt.tp_timeout_s);
-  std::unique_ptr<parallel::Communicator> comm;
-  if (device == "cpu") {
-    FM_ASSIGN_OR_RETURN(comm, parallel::ConnectGlooGroup(group));  // Gloo over TCP
-  } else {
-    int ordinal = 0;
-    (void)absl::SimpleAtoi(absl::string_view(device).substr(5), &ordinal);  // OpenBackend checked "cuda:N"
-    FM_ASSIGN_OR_RETURN(comm, parallel::ConnectNcclGroup(group, ordinal));
-  }
+  FM_ASSIGN_OR_RETURN(std::unique_ptr<parallel::Communicator> comm, parallel::ConnectGroup(group, device));
   FM_ASSIGN_OR_RETURN(auto tf, model::Transformer::Load(opt.model_dir, *backend.backend,
                                                         model::ShardSpec{opt.tp_rank, opt.tp_size}, nullptr, comm.get()));
   const bool leader = opt.tp_rank == 0;  // the other ranks compute but print nothing

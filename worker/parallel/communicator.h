@@ -24,6 +24,19 @@ class Communicator {
   virtual void AllReduceSum(float* data, int64_t n) const = 0;
   // out[r * n .. (r + 1) * n) = rank r's local[0..n).
   virtual void AllGather(const float* local, int64_t n, float* out) const = 0;
+
+  // Device-memory collectives (NCCL ranks; UNIMPLEMENTED elsewhere), enqueued on `cuda_stream` (a
+  // cudaStream_t; this header stays CUDA-free) and asynchronous: the caller orders and waits.
+  // out[r * bytes .. (r + 1) * bytes) = rank r's local bytes; in place when local == out + rank * bytes.
+  virtual absl::Status AllGatherDevice(const void* local, int64_t bytes, void* out, void* cuda_stream) const {
+    (void)local, (void)bytes, (void)out, (void)cuda_stream;
+    return absl::UnimplementedError("device-memory all-gather needs NCCL ranks");
+  }
+  // data[0..bytes) on every rank = root's.
+  virtual absl::Status BroadcastDevice(void* data, int64_t bytes, int root, void* cuda_stream) const {
+    (void)data, (void)bytes, (void)root, (void)cuda_stream;
+    return absl::UnimplementedError("device-memory broadcast needs NCCL ranks");
+  }
 };
 
 // What every implementation keeps: rank, size and the sticky error. Collective() runs one

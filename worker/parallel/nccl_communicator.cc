@@ -1,5 +1,6 @@
 #include "worker/parallel/nccl_communicator.h"
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 
 #ifdef FLASHMEM_HAVE_CUDA
@@ -29,7 +30,7 @@ namespace {
 
 // The NCCL entry points used here, resolved once from libnccl.so.2.
 #define FM_NCCL_FUNCTIONS(X) \
-  X(ncclGetUniqueId) X(ncclCommInitRank) X(ncclCommDestroy) X(ncclAllReduce) X(ncclAllGather) X(ncclGetErrorString)
+  X(ncclGetUniqueId) X(ncclCommInitRank) X(ncclCommDestroy) X(ncclAllReduce) X(ncclAllGather) X(ncclBroadcast) X(ncclGetErrorString)
 
 struct NcclApi {
 #define FM_NCCL_MEMBER(f) decltype(&::f) f = nullptr;
@@ -93,7 +94,24 @@ class NcclCommunicator final : public CommunicatorBase {
     });
   }
 
+  absl::Status AllGatherDevice(const void* local, int64_t bytes, void* out, void* cuda_stream) const override {
+    if (bytes == 0) return absl::OkStatus();
+    return Checked(api_.ncclAllGather(local, out, static_cast<size_t>(bytes), ncclUint8, comm_,
+                                      static_cast<cudaStream_t>(cuda_stream)));
+  }
+
+  absl::Status BroadcastDevice(void* data, int64_t bytes, int root, void* cuda_stream) const override {
+    if (bytes == 0) return absl::OkStatus();
+    return Checked(api_.ncclBroadcast(data, data, static_cast<size_t>(bytes), ncclUint8, root, comm_,
+                                      static_cast<cudaStream_t>(cuda_stream)));
+  }
+
  private:
+  absl::Status Checked(ncclResult_t r) const {
+    if (r == ncclSuccess) return absl::OkStatus();
+    return absl::UnavailableError(absl::StrCat("tensor-parallel NCCL collective (rank ", rank(), " of ", size(),
+                                               "): ", api_.ncclGetErrorString(r)));
+  }
   // in (n_in floats) up into the device buffer (at rank * n_in for an all-gather), the
   // collective, out (n_out floats) back.
   template <typename F>
@@ -174,5 +192,13 @@ absl::StatusOr<std::unique_ptr<Communicator>> ConnectNcclGroup(const GroupOption
 }
 
 #endif  // FLASHMEM_HAVE_CUDA
+
+absl::StatusOr<std::unique_ptr<Communicator>> ConnectGroup(const GroupOptions& options, const std::string& device) {
+  if (device == "cpu") return ConnectGlooGroup(options);
+  int ordinal = 0;
+  if (device.rfind("cuda:", 0) != 0 || !absl::SimpleAtoi(absl::string_view(device).substr(5), &ordinal) || ordinal < 0)
+    return absl::InvalidArgumentError(absl::StrCat("--device '", device, "': expected cpu or cuda:N"));
+  return ConnectNcclGroup(options, ordinal);
+}
 
 }  // namespace flashmem::parallel

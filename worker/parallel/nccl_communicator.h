@@ -8,6 +8,7 @@
 #pragma once
 
 #include <memory>
+#include <string>
 
 #include "absl/status/statusor.h"
 #include "worker/parallel/communicator.h"
@@ -17,5 +18,8 @@ namespace flashmem::parallel {
 
 // `device`: the CUDA ordinal this rank computes on. UNIMPLEMENTED in a build without CUDA.
 absl::StatusOr<std::unique_ptr<Communicator>> ConnectNcclGroup(const GroupOptions& options, int device);
+
+// The group for a backend device string: "cpu" → Gloo over TCP, "cuda:N" → NCCL on GPU N.
+absl::StatusOr<std::unique_ptr<Communicator>> ConnectGroup(const GroupOptions& options, const std::string& device);
 
 }  // namespace flashmem::parallel
