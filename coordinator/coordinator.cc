@@ -80,6 +80,7 @@ Coordinator::Stats Coordinator::stats() const {
   Stats s;
   s.sessions = routes_.size();
   for (const auto& [id, w] : workers_) {
+    if (w.rank) continue;  // a group counts once, as its leader
     (w.memtier ? s.memtiers : s.workers)++;
     (w.memtier ? s.memtiers_live : s.workers_live) += Live(w);
   }
@@ -94,28 +95,64 @@ std::shared_ptr<grpc::ChannelCredentials> Coordinator::WorkerCredentials() const
   return options_.worker_credentials ? options_.worker_credentials : grpc::InsecureChannelCredentials();
 }
 
-bool Coordinator::Live(const Worker& w) const {
+bool Coordinator::LeaseHolds(const Worker& w) const {
   return std::chrono::steady_clock::now() - w.last_seen < options_.lease;
+}
+
+bool Coordinator::Live(const Worker& w) const {
+  if (!LeaseHolds(w)) return false;
+  if (w.tp_size <= 1 || w.rank) return true;
+  for (uint32_t r = 1; r < w.tp_size; ++r) {
+    bool found = false;
+    for (const auto& [id, o] : workers_)
+      found |= o.rank && o.group == w.group && o.tp_rank == r && o.tp_size == w.tp_size && LeaseHolds(o);
+    if (!found) return false;
+  }
+  return true;
 }
 
 grpc::Status Coordinator::Register(grpc::ServerContext*, const v1::RegisterRequest* r, v1::RegisterResponse* out) {
   if (r->address().empty()) return Err(grpc::StatusCode::INVALID_ARGUMENT, "register: address is empty");
+  if (r->kind() != v1::WORKER && r->kind() != v1::MEMTIER && r->kind() != v1::WORKER_RANK)
+    return Err(grpc::StatusCode::INVALID_ARGUMENT, absl::StrCat("register: kind ", static_cast<int>(r->kind()), " is unknown"));
+  const uint32_t tp_size = std::max<uint32_t>(r->tp_size(), 1);
+  if (tp_size > 64) return Err(grpc::StatusCode::INVALID_ARGUMENT, absl::StrCat("register: tp_size ", tp_size, " is over 64"));
+  if (tp_size > 1 || r->kind() == v1::WORKER_RANK) {
+    if (r->group().empty() || r->group().size() > 128)
+      return Err(grpc::StatusCode::INVALID_ARGUMENT, "register: a tensor-parallel rank needs a group name of 1-128 bytes");
+    if (r->tp_rank() >= tp_size)
+      return Err(grpc::StatusCode::INVALID_ARGUMENT, absl::StrCat("register: tp_rank ", r->tp_rank(), " is not below tp_size ", tp_size));
+    if ((r->tp_rank() == 0) != (r->kind() == v1::WORKER))
+      return Err(grpc::StatusCode::INVALID_ARGUMENT, "register: rank 0 of a group registers as WORKER, the others as WORKER_RANK");
+  }
   std::lock_guard<std::mutex> l(mu_);
   uint64_t id = 0;
-  const bool memtier = r->kind() == v1::MEMTIER;
+  const bool memtier = r->kind() == v1::MEMTIER, rank = r->kind() == v1::WORKER_RANK;
   for (auto& [wid, w] : workers_)
-    if (w.address == r->address() && w.memtier == memtier) id = wid;  // restarted on the same address
+    if (w.address == r->address() && w.memtier == memtier && w.rank == rank) id = wid;  // restarted on the same address
   if (id == 0) id = next_worker_++;
   Worker& w = workers_[id];
   w.address = r->address();
   w.memtier = memtier;
+  w.rank = rank;
+  w.group = r->group();
+  w.tp_rank = r->tp_rank();
+  w.tp_size = tp_size;
   w.last_seen = std::chrono::steady_clock::now();
+  if (rank) {  // never dialled
+    out->set_worker_id(id);
+    out->set_heartbeat_ms(static_cast<uint32_t>(options_.heartbeat.count()));
+    out->set_lease_ms(static_cast<uint32_t>(options_.lease.count()));
+    spdlog::info("coordinator: group '{}' rank {}/{} ({})", w.group, w.tp_rank, w.tp_size, id);
+    return grpc::Status::OK;
+  }
   if (!channels_.count(w.address)) channels_[w.address] = grpc::CreateChannel(w.address, WorkerCredentials());
   w.channel = channels_[w.address];
   out->set_worker_id(id);
   out->set_heartbeat_ms(static_cast<uint32_t>(options_.heartbeat.count()));
   out->set_lease_ms(static_cast<uint32_t>(options_.lease.count()));
-  spdlog::info("coordinator: {} {} at {}", memtier ? "memtier" : "worker", id, w.address);
+  spdlog::info("coordinator: {} {} at {}{}", memtier ? "memtier" : "worker", id, w.address,
+               tp_size > 1 ? absl::StrCat(" (leader of group '", w.group, "', ", tp_size, " ranks)") : "");
   return grpc::Status::OK;
 }
 
@@ -129,17 +166,23 @@ grpc::Status Coordinator::Heartbeat(grpc::ServerContext*, const v1::HeartbeatReq
   return grpc::Status::OK;
 }
 
-absl::StatusOr<uint64_t> Coordinator::PickWorker(const std::string& avoid) {
-  // Least loaded: fewest active sessions, then least KV in memory (ties: lowest id).
-  uint64_t best = 0;
-  std::pair<uint32_t, uint64_t> best_load{UINT32_MAX, UINT64_MAX};
-  for (auto& [id, w] : workers_)
-    if (!w.memtier && Live(w) && w.address != avoid && std::make_pair(w.sessions, w.kv_bytes) < best_load) {
-      best = id;
-      best_load = {w.sessions, w.kv_bytes};
-    }
-  if (best == 0) return absl::UnavailableError("no live worker");
-  return best;
+absl::StatusOr<uint64_t> Coordinator::PickWorker(const std::string& avoid, uint32_t prefer_tp) {
+  // Least loaded: fewest active sessions, then least KV in memory (ties: lowest id). A moving
+  // session goes to a group of its old group's size when there is one: the same partition sums
+  // in the same order, so its tokens stay identical to an uninterrupted run.
+  for (const bool same_size : {true, false}) {
+    if (same_size && prefer_tp == 0) continue;
+    uint64_t best = 0;
+    std::pair<uint32_t, uint64_t> best_load{UINT32_MAX, UINT64_MAX};
+    for (auto& [id, w] : workers_)
+      if (TakesSessions(w) && Live(w) && w.address != avoid && (!same_size || w.tp_size == prefer_tp) &&
+          std::make_pair(w.sessions, w.kv_bytes) < best_load) {
+        best = id;
+        best_load = {w.sessions, w.kv_bytes};
+      }
+    if (best != 0) return best;
+  }
+  return absl::UnavailableError("no live worker");
 }
 
 absl::Status Coordinator::SaveRoute(const std::string& session_id, const std::string& address) {
@@ -153,7 +196,7 @@ absl::StatusOr<std::pair<std::string, std::shared_ptr<grpc::Channel>>> Coordinat
   const auto route_start = std::chrono::steady_clock::now();
   auto live_at = [&](const std::string& addr) {
     for (auto& [id, w] : workers_)
-      if (!w.memtier && w.address == addr && Live(w)) return true;
+      if (TakesSessions(w) && w.address == addr && Live(w)) return true;
     return false;
   };
   for (;;) {
@@ -187,7 +230,10 @@ absl::StatusOr<std::pair<std::string, std::shared_ptr<grpc::Channel>>> Coordinat
       moved_cv_.notify_all();
       return result;
     };
-    auto id = PickWorker(old);
+    uint32_t old_tp = 1;
+    for (const auto& [wid, w] : workers_)
+      if (TakesSessions(w) && w.address == old) old_tp = w.tp_size;
+    auto id = PickWorker(old, old_tp);
     if (!id.ok()) return done(absl::StatusOr<std::pair<std::string, std::shared_ptr<grpc::Channel>>>(id.status()));
     const Worker& w = workers_[*id];
     auto channel = w.channel;
@@ -223,7 +269,7 @@ void Coordinator::ReassignLost() {
     for (const auto& [sid, addr] : routes_) {
       if (moving_.count(sid)) continue;
       for (const auto& [id, w] : workers_)
-        if (!w.memtier && w.address == addr && !Live(w)) lost.push_back(sid);
+        if (TakesSessions(w) && w.address == addr && !Live(w)) lost.push_back(sid);
     }
     if (lost.empty()) continue;
     l.unlock();

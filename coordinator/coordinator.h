@@ -1,6 +1,7 @@
 // The coordinator: the public SessionService in front of the workers. It keeps the registry of
 // workers (register + heartbeats, 2 s leases), places each new session on the live worker with
-// the fewest sessions, keeps the session table in its own RocksDB (a restart keeps every
+// the fewest sessions (a tensor-parallel group counts as one worker, placed on only while all its
+// ranks hold leases), keeps the session table in its own RocksDB (a restart keeps every
 // session), and when a worker is lost moves its sessions to another worker, which adopts them
 // from memtier; a Generate stream in flight carries on with exactly the tokens an uninterrupted
 // run gives (the adopting worker replays the generation from the last snapshot
@@ -76,13 +77,22 @@ class Coordinator final : public v1::Coordinator::Service, public v1::SessionSer
     uint32_t sessions = 0;
     uint64_t kv_bytes = 0;
     bool memtier = false;  // registered as a memtier: tracked, never given sessions
+    bool rank = false;     // a follower rank of a tensor-parallel group: never given sessions
+    std::string group;     // tensor-parallel group (tp_size > 1)
+    uint32_t tp_rank = 0, tp_size = 1;
     std::shared_ptr<grpc::Channel> channel;
   };
+  // A worker that takes sessions: a single worker or a group's leader.
+  static bool TakesSessions(const Worker& w) { return !w.memtier && !w.rank; }
   Coordinator() = default;
+  // Its lease holds and, for a group's leader, every rank of the group holds one too (a group
+  // missing a rank cannot run a forward pass).
   bool Live(const Worker& w) const;
+  bool LeaseHolds(const Worker& w) const;
   std::shared_ptr<grpc::ChannelCredentials> WorkerCredentials() const;
-  // The live worker with the fewest sessions (ties: lowest id), excluding `avoid`.
-  absl::StatusOr<uint64_t> PickWorker(const std::string& avoid = "");
+  // The live worker with the fewest sessions (ties: lowest id), excluding `avoid`; one of
+  // `prefer_tp` ranks first when there is one (0: any).
+  absl::StatusOr<uint64_t> PickWorker(const std::string& avoid = "", uint32_t prefer_tp = 0);
   // The worker serving a session; moves the session (AdoptSession) when its worker is lost.
   absl::StatusOr<std::pair<std::string, std::shared_ptr<grpc::Channel>>> Route(const std::string& session_id, bool force_move);
   absl::Status SaveRoute(const std::string& session_id, const std::string& address);

@@ -11,10 +11,18 @@ namespace flashmem::coordinator {
 absl::StatusOr<std::unique_ptr<LeaseKeeper>> LeaseKeeper::Start(
     const std::string& coordinator, std::shared_ptr<grpc::ChannelCredentials> creds, const std::string& address,
     v1::ComponentKind kind, std::function<void(v1::HeartbeatRequest*)> fill) {
+  v1::RegisterRequest r;
+  r.set_address(address);
+  r.set_kind(kind);
+  return Start(coordinator, std::move(creds), std::move(r), std::move(fill));
+}
+
+absl::StatusOr<std::unique_ptr<LeaseKeeper>> LeaseKeeper::Start(
+    const std::string& coordinator, std::shared_ptr<grpc::ChannelCredentials> creds, v1::RegisterRequest registration,
+    std::function<void(v1::HeartbeatRequest*)> fill) {
   std::unique_ptr<LeaseKeeper> k(new LeaseKeeper());
   k->stub_ = v1::Coordinator::NewStub(grpc::CreateChannel(coordinator, std::move(creds)));
-  k->request_.set_address(address);
-  k->request_.set_kind(kind);
+  k->request_ = std::move(registration);
   k->fill_ = std::move(fill);
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));

@@ -22,6 +22,10 @@ class LeaseKeeper {
   static absl::StatusOr<std::unique_ptr<LeaseKeeper>> Start(
       const std::string& coordinator, std::shared_ptr<grpc::ChannelCredentials> creds, const std::string& address,
       v1::ComponentKind kind, std::function<void(v1::HeartbeatRequest*)> fill = nullptr);
+  // The same with a whole registration (tensor-parallel ranks add their group, rank and size).
+  static absl::StatusOr<std::unique_ptr<LeaseKeeper>> Start(
+      const std::string& coordinator, std::shared_ptr<grpc::ChannelCredentials> creds, v1::RegisterRequest registration,
+      std::function<void(v1::HeartbeatRequest*)> fill = nullptr);
   ~LeaseKeeper();
 
  private:

@@ -59,6 +59,38 @@ inline void Stop(Child& c, int sig = SIGTERM) {
   c.pid = -1;
 }
 
+// Starts a process without waiting for it (stdout and stderr to `log`): for processes that come
+// up only once others have started (the follower ranks of a tensor-parallel group).
+inline Child SpawnLogged(const std::string& bin, const std::vector<std::string>& args, const std::string& log) {
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    if (!std::freopen(log.c_str(), "w", stdout) || ::dup2(STDOUT_FILENO, STDERR_FILENO) < 0) ::_exit(126);
+    std::vector<char*> argv = {const_cast<char*>(bin.c_str())};
+    for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
+    ::execv(bin.c_str(), argv.data());
+    ::_exit(127);
+  }
+  Child c;
+  c.pid = pid;
+  return c;
+}
+
+// The exit status of a child that has ended or ends within `wait` (-1: still running; it is then
+// left running).
+inline int ExitCode(Child& c, std::chrono::milliseconds wait) {
+  const auto deadline = std::chrono::steady_clock::now() + wait;
+  for (;;) {
+    int status = 0;
+    if (c.pid > 0 && ::waitpid(c.pid, &status, WNOHANG) == c.pid) {
+      c.pid = -1;
+      return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    }
+    if (std::chrono::steady_clock::now() >= deadline) return -1;
+    ::usleep(20000);
+  }
+}
+
 // A shell command's exit code and its stdout and stderr together.
 struct ShellResult {
   int code = 0;

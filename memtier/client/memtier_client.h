@@ -79,6 +79,10 @@ class MemTierClient {
   // Recall by reading memtier's memory directly (after AttachLocal); pages whose bytes fail the
   // checksum (slot reused meanwhile) are recalled over UCX instead. `fallbacks` counts those.
   absl::Status RecallLocal(uint64_t session, std::span<PageToRecall> pages, int* fallbacks = nullptr);
+  bool has_local() const {
+    absl::MutexLock l(&mu_);
+    return local_ != nullptr;
+  }
   absl::StatusOr<uint32_t> Prefetch(uint64_t session, std::span<const PageKey> ranked, uint32_t deadline_ms);
   absl::Status PutState(uint64_t session, uint64_t version, std::span<const uint8_t> blob);
   absl::StatusOr<std::pair<uint64_t, std::vector<uint8_t>>> GetState(uint64_t session);

@@ -9,6 +9,7 @@
 #include <fstream>
 
 #include "parallel.grpc.pb.h"
+#include "common/net.h"
 #include "gtest/gtest.h"
 #include "kernels/device.h"
 #include "nlohmann/json.hpp"
@@ -20,19 +21,6 @@
 
 namespace flashmem::testing {
 namespace {
-
-// A port that was free a moment ago (the leader binds it by number: followers must know it).
-int FreePort() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
-  socklen_t len = sizeof a;
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-  ::close(fd);
-  return ntohs(a.sin_port);
-}
 
 TEST(GroupStore, SetGetWaitAndHostileRequests) {
   auto server = parallel::GroupStoreServer::Start("127.0.0.1:0");
@@ -96,7 +84,7 @@ TEST(GlooGroup, BadGroupsAreRefusedByFlag) {
 // Runs `flashmem <args>` as ranks 0..size-1 of one group, concurrently, in real processes. Returns
 // rank 0's result; every other rank's exit code must be 0 for `others_ok`.
 ShellResult RunGroup(const std::string& args, int size, bool* others_ok, const std::string& dir) {
-  const std::string leader = "127.0.0.1:" + std::to_string(FreePort());
+  const std::string leader = "127.0.0.1:" + std::to_string(FreeLoopbackPort());
   std::string cmd;
   for (int r = 1; r < size; ++r)
     cmd += "(" + std::string(FLASHMEM_BIN) + " " + args + " --tp-size " + std::to_string(size) + " --tp-rank " +
@@ -264,7 +252,7 @@ TEST(TensorParallel, MissingRankIsAClearErrorNotAHang) {
   const std::string dir = TempDir("tp_missing");
   ASSERT_EQ(RunShell(std::string(FLASHMEM_BIN) + " ckpt random --preset tiny --layers 2 --seed 9 --out " + dir + "/m").code, 0);
   ShellResult r = RunShell(std::string(FLASHMEM_BIN) + " generate --model " + dir + "/m --prompt-ids 0,1,2 --tp-size 2 " +
-                           "--tp-rank 0 --tp-leader 127.0.0.1:" + std::to_string(FreePort()) + " --tp-timeout-s 2");
+                           "--tp-rank 0 --tp-leader 127.0.0.1:" + std::to_string(FreeLoopbackPort()) + " --tp-timeout-s 2");
   EXPECT_NE(r.code, 0) << r.out;
   EXPECT_NE(r.out.find("tensor-parallel group"), std::string::npos) << r.out;
   std::filesystem::remove_all(dir);

@@ -12,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/file.h"
+#include "common/net.h"
 #include "common/status.h"
 #include "nlohmann/json.hpp"
 #include "worker/cli/commands.h"
@@ -27,9 +28,9 @@ struct Started {
 };
 
 // Starts `bin args...` in its own session (it outlives this command), stdout to <run>/<name>.out,
-// stderr to <run>/<name>.log, and waits for its LISTENING line.
-absl::StatusOr<Started> StartDaemon(const std::string& run, const std::string& name, const std::string& bin,
-                                    const std::vector<std::string>& args) {
+// stderr to <run>/<name>.log.
+absl::StatusOr<pid_t> Launch(const std::string& run, const std::string& name, const std::string& bin,
+                             const std::vector<std::string>& args) {
   const std::string out = run + "/" + name + ".out", log = run + "/" + name + ".log";
   std::filesystem::remove(out);  // a LISTENING line of an earlier run must not be read as this one's
   std::fflush(stdout);  // a child must not inherit (and repeat) buffered output
@@ -45,15 +46,23 @@ absl::StatusOr<Started> StartDaemon(const std::string& run, const std::string& n
     ::_exit(127);
   }
   if (pid < 0) return absl::InternalError("fork failed");
+  return pid;
+}
+
+// Waits for a launched process's `marker` line ("LISTENING host:port"; a follower rank's
+// "FOLLOWING ..."), drawing its model-load progress; returns what follows the marker.
+absl::StatusOr<Started> WaitReady(const std::string& run, const std::string& name, pid_t pid,
+                                  const std::string& marker = "LISTENING ") {
+  const std::string out = run + "/" + name + ".out", log = run + "/" + name + ".log";
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
   long long shown = -1;  // progress already drawn
   while (std::chrono::steady_clock::now() < deadline) {
     auto text = ReadFileToString(out);
     if (text.ok()) {
-      const auto at = text->find("LISTENING "), nl = text->find('\n', at);
+      const auto at = text->find(marker), nl = text->find('\n', at);
       if (at != std::string::npos && nl != std::string::npos) {
-        if (text->find("LOADING ") != std::string::npos) std::fprintf(stderr, "\n");
-        return Started{pid, text->substr(at + 10, nl - at - 10)};
+        if (shown >= 0) std::fprintf(stderr, "\n");
+        return Started{pid, text->substr(at + marker.size(), nl - at - marker.size())};
       }
       // Model load progress ("LOADING done total" lines of a worker) as a bar.
       const auto ld = text->rfind("LOADING ");
@@ -74,11 +83,18 @@ absl::StatusOr<Started> StartDaemon(const std::string& run, const std::string& n
   return absl::DeadlineExceededError(absl::StrCat(name, " did not start within 120 s; see ", log));
 }
 
+absl::StatusOr<Started> StartDaemon(const std::string& run, const std::string& name, const std::string& bin,
+                                    const std::vector<std::string>& args) {
+  FM_ASSIGN_OR_RETURN(pid_t pid, Launch(run, name, bin, args));
+  return WaitReady(run, name, pid);
+}
+
 }  // namespace
 
 absl::Status ClusterUp(const ClusterOptions& o) {
   namespace fs = std::filesystem;
   if (o.workers < 1 || o.workers > 16) return absl::InvalidArgumentError(absl::StrCat("--workers ", o.workers, " must be in [1, 16]"));
+  if (o.tp < 1 || o.tp > 8) return absl::InvalidArgumentError(absl::StrCat("--tp ", o.tp, " must be in [1, 8]"));
   if (fs::exists(o.run_dir + "/cluster.json"))
     return absl::FailedPreconditionError(absl::StrCat(o.run_dir, " holds a running cluster: `flashmem cluster down` first"));
   fs::create_directories(o.run_dir);
@@ -117,19 +133,36 @@ absl::Status ClusterUp(const ClusterOptions& o) {
        "--shm-socket", o.run_dir + "/memtier.sock", "--coordinator", coord.target}));
   j["memtier"] = {{"pid", memtier.pid}, {"address", memtier.target}};
 
+  // Worker i is a group of o.tp ranks (one process each; rank 0 serves, the others follow it);
+  // with --device cuda, rank r of group i computes on cuda:(i * tp + r).
   for (int i = 0; i < o.workers; ++i) {
-    std::fprintf(stderr, "starting worker %d/%d (loading the model)...\n", i + 1, o.workers);
-    std::vector<std::string> wargs = {"--model", model, "--listen", "127.0.0.1:0", "--memtier", memtier.target,
-                                      "--coordinator", coord.target};
-    wargs.insert(wargs.end(), lsa_args.begin(), lsa_args.end());
-    wargs.insert(wargs.end(), {"--device", o.device == "cuda" ? absl::StrCat("cuda:", i) : o.device,
-                               "--cuda-kernels", o.cuda_kernels});
-    FM_ASSIGN_OR_RETURN(Started w, StartDaemon(o.run_dir, absl::StrCat("worker", i), o.worker_bin, wargs));
-    j["workers"].push_back({{"pid", w.pid}, {"address", w.target}});
+    std::fprintf(stderr, "starting worker %d/%d%s (loading the model)...\n", i + 1, o.workers,
+                 o.tp > 1 ? absl::StrCat(": ", o.tp, " tensor-parallel ranks").c_str() : "");
+    const std::string leader = absl::StrCat("127.0.0.1:", FreeLoopbackPort());
+    std::vector<pid_t> pids;
+    for (int r = 0; r < o.tp; ++r) {
+      std::vector<std::string> wargs = {"--model", model, "--listen", "127.0.0.1:0", "--memtier", memtier.target,
+                                        "--memtier-shm-socket", o.run_dir + "/memtier.sock", "--coordinator", coord.target};
+      wargs.insert(wargs.end(), lsa_args.begin(), lsa_args.end());
+      wargs.insert(wargs.end(), {"--device", o.device == "cuda" ? absl::StrCat("cuda:", i * o.tp + r) : o.device,
+                                 "--cuda-kernels", o.cuda_kernels});
+      if (o.tp > 1)
+        wargs.insert(wargs.end(), {"--tp-size", std::to_string(o.tp), "--tp-rank", std::to_string(r), "--tp-leader",
+                                   leader, "--group", absl::StrCat("worker", i)});
+      FM_ASSIGN_OR_RETURN(pid_t pid, Launch(o.run_dir, r == 0 ? absl::StrCat("worker", i) : absl::StrCat("worker", i, "-rank", r),
+                                            o.worker_bin, wargs));
+      pids.push_back(pid);
+    }
+    // The leader listens once every rank follows it.
+    FM_ASSIGN_OR_RETURN(Started w, WaitReady(o.run_dir, absl::StrCat("worker", i), pids[0]));
+    nlohmann::json ranks = nlohmann::json::array();
+    for (size_t r = 1; r < pids.size(); ++r) ranks.push_back(pids[r]);
+    j["workers"].push_back({{"pid", w.pid}, {"address", w.target}, {"rank_pids", ranks}});
   }
   std::ofstream(o.run_dir + "/cluster.json") << j.dump(2) << "\n";
-  std::printf("cluster up: coordinator %s (public API), memtier %s, %d worker(s)%s; state in %s\n",
+  std::printf("cluster up: coordinator %s (public API), memtier %s, %d worker(s)%s%s; state in %s\n",
               coord.target.c_str(), memtier.target.c_str(), o.workers,
+              o.tp > 1 ? absl::StrCat(" of ", o.tp, " tensor-parallel ranks").c_str() : "",
               lsa_args.empty() ? ", dense attention" : ", LSA with the model's own indexer", o.run_dir.c_str());
   return absl::OkStatus();
 }
@@ -143,7 +176,10 @@ absl::Status ClusterDown(const std::string& run_dir) {
     return absl::DataLossError(absl::StrCat(run_dir, "/cluster.json: ", e.what()));
   }
   std::vector<pid_t> pids;
-  for (const auto& w : j.value("workers", nlohmann::json::array())) pids.push_back(w["pid"].get<pid_t>());
+  for (const auto& w : j.value("workers", nlohmann::json::array())) {
+    pids.push_back(w["pid"].get<pid_t>());
+    for (const auto& r : w.value("rank_pids", nlohmann::json::array())) pids.push_back(r.get<pid_t>());
+  }
   pids.push_back(j["coordinator"]["pid"].get<pid_t>());
   pids.push_back(j["memtier"]["pid"].get<pid_t>());
   for (pid_t p : pids) ::kill(p, SIGTERM);

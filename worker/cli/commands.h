@@ -69,6 +69,7 @@ absl::Status Chat(const CompleteOptions& opt, std::istream& in);
 struct ClusterOptions {
   std::string run_dir;           // logs, data, cluster.json
   int workers = 1;
+  int tp = 1;                    // tensor-parallel ranks per worker (processes each)
   std::string model_dir;         // empty: the embedded `preset` model, written under run_dir
   std::string preset = "tiny";
   std::string tokenizer_dir;

@@ -4,7 +4,7 @@
 //   flashmem ckpt random --preset tiny|small|flash-shape [--layers L] --seed S --out DIR
 //   flashmem ckpt inspect DIR
 //   flashmem complete --prompt "text" [--target H:P] | flashmem chat [--target H:P]
-//   flashmem cluster up [--workers N] | flashmem cluster down
+//   flashmem cluster up [--workers N] [--tp N] | flashmem cluster down
 //   flashmem indexer init --model DIR [--layers a,b,c] --out DIR
 //   flashmem indexer golden-eval --golden DIR --out OUT.safetensors
 #include <cstdio>
@@ -106,6 +106,7 @@ int main(int argc, char** argv) {
   cl->require_subcommand(1);
   auto* up = cl->add_subcommand("up", "start memtier, coordinator and workers");
   up->add_option("--workers", cluster.workers, "number of workers");
+  up->add_option("--tp", cluster.tp, "tensor-parallel ranks per worker (one process each; with --device cuda, rank r of worker i on cuda:(i*tp+r))");
   up->add_option("--model", cluster.model_dir, "model directory (default: the embedded tiny model)");
   up->add_option("--preset", cluster.preset, "preset of the embedded model");
   up->add_option("--run-dir", cluster.run_dir, "logs, data and cluster.json");
@@ -114,7 +115,7 @@ int main(int argc, char** argv) {
   up->add_option("--lsa-options", cluster.lsa_options, "the workers' LSA options (docs/lsa.md)");
   up->add_option("--kv-budget-bytes", cluster.kv_budget_bytes, "the workers' KV budget (0: no limit)");
   up->add_option("--cuda-kernels", cluster.cuda_kernels, "the workers' CUDA kernels: exact, fast or fast-fp8");
-  up->add_option("--device", cluster.device, "the workers' backend: cpu, cuda:N (all workers), or cuda (worker i on cuda:i)");
+  up->add_option("--device", cluster.device, "the workers' backend: cpu, cuda:N (all workers), or cuda (one GPU per rank)");
   auto* down = cl->add_subcommand("down", "stop the local cluster");
   down->add_option("--run-dir", cluster.run_dir, "the cluster's run directory");
   cmp->add_option("--run-dir", cluster.run_dir, "use the local cluster of this run directory when --target is not given");

@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cstring>
 #include <tuple>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/numerics.h"
@@ -15,7 +16,7 @@ KvPager::KvPager(const model::ModelArgs& args, KvPagerOptions options, memtier::
 
 KvPager::~KvPager() {
   std::lock_guard<std::mutex> l(mu_);
-  for (auto& [id, s] : sessions_) Harvest(*s, /*wait=*/true);
+  for (auto& [id, s] : sessions_) Harvest(id, *s, /*wait=*/true);
 }
 
 uint64_t KvPager::PageBytes(const Stream& s) const {
@@ -58,11 +59,11 @@ void KvPager::RemoveSession(uint64_t id) {
   std::lock_guard<std::mutex> l(mu_);
   auto it = sessions_.find(id);
   if (it == sessions_.end()) return;
-  Harvest(*it->second, /*wait=*/true);
+  Harvest(id, *it->second, /*wait=*/true);
   sessions_.erase(it);
 }
 
-void KvPager::Harvest(Session& s, bool wait) {
+void KvPager::Harvest(uint64_t id, Session& s, bool wait) {
   while (!s.inflight.empty()) {
     Session::Inflight& f = s.inflight.front();
     if (!wait && f.done.wait_for(std::chrono::seconds(0)) != std::future_status::ready) break;
@@ -70,6 +71,7 @@ void KvPager::Harvest(Session& s, bool wait) {
     for (auto [si, p] : f.pages) {
       Stream& stream = s.streams[si];
       if (p < static_cast<int64_t>(stream.state.size())) stream.state[p] = st.ok() ? 2 : 0;  // failed: retried
+      if (st.ok() && options_.record_acks) acked_.push_back({id, si, p});
     }
     (st.ok() ? stats_.pages_committed : stats_.commit_failures) += f.pages.size();
     s.inflight.pop_front();
@@ -93,7 +95,10 @@ absl::Status KvPager::Recall(Session& s, const std::vector<std::pair<int, int64_
     size_t last = first;
     uint64_t bytes = 0;
     while (last < req.size() && (last == first || bytes + req[last].dst.size() <= room)) bytes += req[last++].dst.size();
-    if (auto st = client_->Recall(s.key, std::span<memtier::PageToRecall>(req.data() + first, last - first)); !st.ok())
+    // Same node: straight from memtier's RAM tier, the node's one copy (every rank of a group maps
+    // the same chunks); otherwise over UCX.
+    const std::span<memtier::PageToRecall> batch(req.data() + first, last - first);
+    if (auto st = client_->has_local() ? client_->RecallLocal(s.key, batch) : client_->Recall(s.key, batch); !st.ok())
       return absl::Status(st.code(), absl::StrCat("recall of ", want.size(), " KV pages from memtier: ", st.message()));
     first = last;
   }
@@ -200,7 +205,7 @@ void KvPager::AfterStep() {
   uint64_t resident = 0, dense = 0, needed = 0;
   for (auto& [id, sp] : sessions_) {
     Session& s = *sp;
-    Harvest(s, /*wait=*/false);
+    Harvest(id, s, /*wait=*/false);
     std::vector<memtier::PageToCommit> commit;
     std::vector<std::vector<uint8_t>> bytes;
     std::vector<std::pair<int, int64_t>> which;
@@ -212,7 +217,7 @@ void KvPager::AfterStep() {
       st.evicted.resize(n, 0);
       st.last_used.resize(n, 0);
       for (int64_t p = 0; p < st.pages->complete_pages(); ++p) {
-        if (st.state[p] != 0 || !client_ || !st.pages->resident(p)) continue;
+        if (st.state[p] != 0 || !client_ || !options_.commit || !st.pages->resident(p)) continue;
         const std::span<const float> f = st.pages->Page(p);
         std::vector<uint8_t> b(f.size() * 2);
         for (size_t k = 0; k < f.size(); ++k) {
@@ -271,6 +276,28 @@ void KvPager::AfterStep() {
   stats_.peak_resident_bytes = std::max(stats_.peak_resident_bytes, resident);
 }
 
+std::vector<AckedPage> KvPager::TakeAcked() {
+  std::lock_guard<std::mutex> l(mu_);
+  return std::exchange(acked_, {});
+}
+
+void KvPager::MarkCommitted(const std::vector<AckedPage>& pages) {
+  std::lock_guard<std::mutex> l(mu_);
+  for (const AckedPage& a : pages) {
+    auto it = sessions_.find(a.session);
+    if (it == sessions_.end() || a.stream < 0 || a.stream >= static_cast<int32_t>(it->second->streams.size())) continue;
+    Stream& st = it->second->streams[a.stream];
+    if (a.page < 0 || a.page >= st.pages->complete_pages()) continue;
+    if (static_cast<int64_t>(st.state.size()) <= a.page) {
+      st.state.resize(a.page + 1, 0);
+      st.evicted.resize(a.page + 1, 0);
+      st.last_used.resize(a.page + 1, 0);
+    }
+    st.state[a.page] = 2;
+    stats_.pages_committed++;
+  }
+}
+
 bool KvPager::Committed(uint64_t id, int64_t layer, int kind, int64_t page) const {
   std::lock_guard<std::mutex> l(mu_);
   auto it = sessions_.find(id);
@@ -284,7 +311,7 @@ bool KvPager::Committed(uint64_t id, int64_t layer, int kind, int64_t page) cons
 void KvPager::Flush(uint64_t id) {
   std::lock_guard<std::mutex> l(mu_);
   auto it = sessions_.find(id);
-  if (it != sessions_.end()) Harvest(*it->second, /*wait=*/true);
+  if (it != sessions_.end()) Harvest(id, *it->second, /*wait=*/true);
 }
 
 KvPagerStats KvPager::stats() const {

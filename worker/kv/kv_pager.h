@@ -31,6 +31,19 @@ struct KvPagerOptions {
   // CSA ids whose indexer keys never leave (the memory indexer's target layers).
   std::vector<int> pinned_index_layers;
   size_t max_queued_commits = 64;  // the write-behind queue's bound
+  // false: a follower rank of a tensor-parallel group — its leader commits the (identical) pages;
+  // this pager only recalls the ones a restored snapshot references, and evicts nothing.
+  bool commit = true;
+  // The leader of a group: keep the pages memtier acknowledges so that TakeAcked() can pass them
+  // to the followers, which may then evict them too.
+  bool record_acks = false;
+};
+
+// A page memtier has acknowledged (tensor-parallel groups: relayed from the leader to followers).
+struct AckedPage {
+  uint64_t session = 0;  // the scheduler's id
+  int32_t stream = 0;    // index of the session's page stream (same on every rank)
+  int64_t page = 0;
 };
 
 struct KvPagerStats {
@@ -70,6 +83,12 @@ class KvPager {
   // pages) into staging, after hinting memtier with the ranked candidates (lookahead to disk).
   void Stage(uint64_t id, const std::vector<int64_t>& pages, const std::vector<int64_t>& ranked);
 
+  // Leader (record_acks): the pages acknowledged since the last call.
+  std::vector<AckedPage> TakeAcked();
+  // Follower: the leader's acknowledgements; those pages may now be evicted here too (they are
+  // in memtier, the node's one copy, and come back from there).
+  void MarkCommitted(const std::vector<AckedPage>& pages);
+
   // Whether a page is acknowledged by memtier (snapshots reference it instead of carrying it).
   bool Committed(uint64_t id, int64_t layer, int kind, int64_t page) const;
   // Waits for every queued commit of the session (before a snapshot references its pages).
@@ -102,7 +121,7 @@ class KvPager {
   };
   static uint32_t MemtierLayer(int64_t layer, int kind) { return static_cast<uint32_t>(layer * 2 + kind); }
   uint64_t PageBytes(const Stream& s) const;
-  void Harvest(Session& s, bool wait);
+  void Harvest(uint64_t id, Session& s, bool wait);
   absl::Status Recall(Session& s, const std::vector<std::pair<int, int64_t>>& want,
                       std::vector<std::vector<float>>* out);
 
@@ -113,6 +132,7 @@ class KvPager {
   std::map<uint64_t, std::unique_ptr<Session>> sessions_;
   uint64_t step_ = 0;
   KvPagerStats stats_;
+  std::vector<AckedPage> acked_;  // record_acks: not yet taken
 };
 
 }  // namespace flashmem::kv

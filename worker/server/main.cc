@@ -1,5 +1,7 @@
-// flashmem-worker: hosts the decode engine and serves the public SessionService (single-node
-// serving; the coordinator, memtier commits and failover come with the rest of issue 4).
+// flashmem-worker: hosts the decode engine and serves the public SessionService; registers with
+// the coordinator, snapshots sessions to memtier. With --tp-size N it is one rank of a
+// tensor-parallel group (one process per GPU): rank 0 serves and schedules, ranks 1..N-1 follow
+// it (worker/server/group_control.h).
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 
@@ -20,14 +22,69 @@
 #include "prometheus/gauge.h"
 #include "prometheus/histogram.h"
 #include "prometheus/registry.h"
+#include "worker/parallel/group_store.h"
+#include "worker/parallel/nccl_communicator.h"
+#include "worker/server/group_control.h"
 #include "worker/server/session_service.h"
 
 #include <optional>
 
 namespace {
-grpc::Server* g_server = nullptr;
+std::atomic<grpc::Server*> g_server{nullptr};
+std::atomic<int> g_exit_code{0};
+std::atomic<flashmem::server::GroupControlService*> g_control{nullptr};
 void OnSignal(int) {
-  if (g_server) std::thread([] { g_server->Shutdown(); }).detach();
+  // Follower streams end first: the server's shutdown waits for every call in progress.
+  if (auto* c = g_control.load()) c->Shutdown();
+  if (grpc::Server* s = g_server.load()) std::thread([s] { s->Shutdown(); }).detach();
+}
+
+std::string ControlKey(const flashmem::parallel::GroupOptions& g) { return "flashmem/" + g.group + "/control"; }
+
+// A follower rank: finds the leader's control service through the group store, holds a lease
+// as a rank of the group, and applies the leader's ops until the group ends.
+int RunFollower(const flashmem::parallel::GroupOptions& group, std::shared_ptr<grpc::ChannelCredentials> creds,
+                const std::string& coordinator_target, flashmem::server::Scheduler& scheduler) {
+  flashmem::parallel::GroupStoreClient store(group.leader_address, group.timeout);
+  auto leader = store.Get(ControlKey(group), group.timeout);
+  if (!leader.ok()) {
+    std::fprintf(stderr, "flashmem-worker: tensor-parallel group '%s' rank %d: no leader address: %s\n",
+                 group.group.c_str(), group.rank, std::string(leader.status().message()).c_str());
+    return 1;
+  }
+  std::unique_ptr<flashmem::coordinator::LeaseKeeper> lease;
+  flashmem::server::FollowOptions fo;
+  fo.leader = *leader;
+  fo.credentials = creds;
+  fo.group = group.group;
+  fo.rank = group.rank;
+  fo.size = group.size;
+  absl::Status lease_error;
+  const absl::Status st = flashmem::server::FollowLeader(fo, scheduler, [&] {
+    if (!coordinator_target.empty()) {
+      flashmem::v1::RegisterRequest reg;
+      reg.set_address(absl::StrCat(group.group, "/rank", group.rank));
+      reg.set_kind(flashmem::v1::WORKER_RANK);
+      reg.set_group(group.group);
+      reg.set_tp_rank(static_cast<uint32_t>(group.rank));
+      reg.set_tp_size(static_cast<uint32_t>(group.size));
+      auto k = flashmem::coordinator::LeaseKeeper::Start(coordinator_target, creds, reg, [&](flashmem::v1::HeartbeatRequest* hb) {
+        hb->set_sessions(static_cast<uint32_t>(scheduler.sessions()));
+      });
+      if (k.ok()) lease = std::move(*k);
+      else spdlog::error("rank {}: {}", group.rank, std::string(k.status().message()));
+    }
+    spdlog::info("rank {} of group '{}' follows the leader at {}", group.rank, group.group, fo.leader);
+    std::printf("FOLLOWING %s rank %d\n", group.group.c_str(), group.rank);
+    std::fflush(stdout);
+  });
+  lease.reset();
+  if (st.ok()) {
+    spdlog::info("rank {}: the leader ended the group", group.rank);
+    return 0;
+  }
+  std::fprintf(stderr, "flashmem-worker: %s\n", std::string(st.message()).c_str());
+  return 1;
 }
 }  // namespace
 
@@ -50,6 +107,8 @@ int main(int argc, char** argv) {
   std::string lsa_indexer, lsa_options, device = "cpu";
   app.add_option("--kv-budget-bytes", kv_budget_bytes, "bytes of evictable KV pages held in memory across sessions; the rest lives in memtier (0: no limit; needs --memtier)");
   app.add_option("--memtier-buffer-bytes", memtier_buffer_bytes, "registered buffer for page traffic with memtier (largest single transfer)");
+  std::string memtier_shm;
+  app.add_option("--memtier-shm-socket", memtier_shm, "memtier's --shm-socket on this node: recalls read its RAM tier directly (one copy per node, shared by every rank)");
   app.add_option("--lsa-indexer", lsa_indexer, "memory indexer (fm_indexer.safetensors or its directory): sessions run Lookahead Sparse Attention");
   app.add_option("--lsa-options", lsa_options, "LSA options, e.g. \"kmax=96,interval=64,tail_chunks=2048\" (docs/lsa.md)");
   app.add_flag("--lsa-apply-next-step", [&](int64_t) { so.lsa_apply_at_boundary = false; }, "put each resident set in force at the step after its refresh (the release) instead of the next boundary");
@@ -59,9 +118,25 @@ int main(int argc, char** argv) {
   std::string cuda_kernels = "exact";
   app.add_option("--cuda-kernels", cuda_kernels, "exact (bit-identical to the CPU reference), fast (decode GEMV + bf16 tensor cores, within the golden tolerances) or fast-fp8 (cuBLASLt FP8 tensor cores, ~1e-4 relative)");
   app.add_option("--gpu-memory-bytes", gpu_memory_bytes, "device memory the CUDA backend may hold for weights and workspaces (0: free memory minus 1 GiB)");
+  flashmem::parallel::GroupOptions group;
+  int tp_timeout_s = 120;
+  app.add_option("--tp-size", group.size, "tensor-parallel ranks in this worker's group (one process per GPU)");
+  app.add_option("--tp-rank", group.rank, "this process's rank: 0 serves the API and schedules, the others follow it");
+  app.add_option("--tp-leader", group.leader_address, "host:port where rank 0 serves the group's rendezvous store");
+  app.add_option("--group", group.group, "the group's name, unique in the cluster (default: tp@<--tp-leader>)");
+  app.add_option("--tp-timeout-s", tp_timeout_s, "seconds to wait for the group's ranks (connect, first step)");
   flashmem::TlsOptions tls;
   flashmem::AddTlsFlags(app, tls, /*public_api=*/true);
+  group.group.clear();
   CLI11_PARSE(app, argc, argv);
+  const bool in_group = group.size > 1, follower = group.rank > 0;
+  if (group.size < 1 || group.size > 64 || group.rank < 0 || group.rank >= group.size) {
+    std::fprintf(stderr, "flashmem-worker: --tp-rank %d / --tp-size %d: need 0 <= rank < size <= 64\n", group.rank, group.size);
+    return 1;
+  }
+  if (in_group && group.group.empty()) group.group = "tp@" + group.leader_address;
+  group.timeout = absl::Seconds(tp_timeout_s);
+  if (device == "cuda") device = "cuda:" + std::to_string(group.rank);  // each rank on the GPU of its number
   auto creds = flashmem::MakeTlsCredentials(tls);
   if (!creds.ok()) {
     std::fprintf(stderr, "flashmem-worker: %s\n", std::string(creds.status().message()).c_str());
@@ -74,17 +149,27 @@ int main(int argc, char** argv) {
     return 1;
   }
   const flashmem::kernels::Backend& be = *backend->backend;
+  std::unique_ptr<flashmem::parallel::Communicator> comm;
+  if (in_group) {
+    auto c = flashmem::parallel::ConnectGroup(group, device);
+    if (!c.ok()) {
+      std::fprintf(stderr, "flashmem-worker: %s\n", std::string(c.status().message()).c_str());
+      return 1;
+    }
+    comm = std::move(*c);
+  }
   if (kv_budget_bytes > 0 && memtier_target.empty()) {
     std::fprintf(stderr, "flashmem-worker: --kv-budget-bytes needs --memtier (evicted pages live there)\n");
     return 1;
   }
   std::signal(SIGPIPE, SIG_IGN);
   // "LOADING done total" lines on stdout let launchers show a progress bar.
-  auto model = flashmem::model::Transformer::Load(model_dir, be, {},
+  auto model = flashmem::model::Transformer::Load(model_dir, be, flashmem::model::ShardSpec{group.rank, group.size},
                                                   [](int64_t done, int64_t total) {
                                                     std::printf("LOADING %lld %lld\n", static_cast<long long>(done), static_cast<long long>(total));
                                                     std::fflush(stdout);
-                                                  });
+                                                  },
+                                                  comm.get());
   if (!model.ok()) {
     std::fprintf(stderr, "flashmem-worker: %s\n", std::string(model.status().message()).c_str());
     return 1;
@@ -112,6 +197,15 @@ int main(int argc, char** argv) {
       return 1;
     }
     memtier = std::move(*m);
+    if (!memtier_shm.empty()) {
+      if (absl::Status st = memtier->AttachLocal(memtier_shm); !st.ok()) {
+        std::fprintf(stderr, "flashmem-worker: --memtier-shm-socket %s: %s\n", memtier_shm.c_str(), std::string(st.message()).c_str());
+        return 1;
+      }
+    }
+  } else if (!memtier_shm.empty()) {
+    std::fprintf(stderr, "flashmem-worker: --memtier-shm-socket needs --memtier\n");
+    return 1;
   }
   std::optional<flashmem::lsa::MemoryIndexer> indexer;
   if (!lsa_indexer.empty()) {
@@ -133,10 +227,26 @@ int main(int argc, char** argv) {
   if (memtier) {
     flashmem::kv::KvPagerOptions po;
     po.budget_bytes = kv_budget_bytes;
+    // In a group the leader commits and tells its followers what memtier acknowledged; they evict
+    // within the same budget and recall from memtier (the node's one copy) like the leader.
+    po.commit = !follower;
+    po.record_acks = in_group && !follower;
     if (indexer) po.pinned_index_layers = so.lsa.target_layers.empty() ? indexer->csa_layers() : so.lsa.target_layers;
     pager = std::make_unique<flashmem::kv::KvPager>((*model)->args(), po, memtier.get());
     so.pager = pager.get();
     svo.pager = pager.get();
+  }
+  so.follower = follower;
+  // The leader tells its followers every session change and step; losing one ends this worker
+  // (its lease then runs out and the coordinator moves the sessions to another group).
+  std::unique_ptr<flashmem::server::GroupControlService> control;
+  if (in_group && !follower) {
+    control = std::make_unique<flashmem::server::GroupControlService>(group.group, group.size, [](const absl::Status&) {
+      g_exit_code = 1;
+      OnSignal(0);
+    });
+    so.group = control.get();
+    g_control = control.get();
   }
   flashmem::server::Scheduler scheduler(**model, so);
   flashmem::server::SessionServiceImpl service(scheduler, tok.get(), (*model)->args().vocab_size, svo, memtier.get());
@@ -225,6 +335,13 @@ int main(int argc, char** argv) {
       }
     });
     std::printf("METRICS %d\n", exposer->GetListeningPorts().front());
+    std::fflush(stdout);
+  }
+  if (follower) {  // no API of its own: it follows the leader until the group ends
+    const int rc = RunFollower(group, creds->channel, coordinator_target, scheduler);
+    metrics_stop.store(true);
+    if (metrics_thread.joinable()) metrics_thread.join();
+    return rc;
   }
   grpc::EnableDefaultHealthCheckService(true);
   grpc::ServerBuilder b;
@@ -232,6 +349,7 @@ int main(int argc, char** argv) {
   b.AddListeningPort(listen, creds->server, &port);
   b.RegisterService(&service);
   b.RegisterService(&admin);
+  if (control) b.RegisterService(control.get());
   auto server = b.BuildAndStart();
   if (!server || port == 0) {
     std::fprintf(stderr, "flashmem-worker: --listen %s: cannot listen\n", listen.c_str());
@@ -239,10 +357,28 @@ int main(int argc, char** argv) {
   }
   g_server = server.get();
   const std::string my_address = listen.substr(0, listen.rfind(':')) + ":" + std::to_string(port);
+  if (control) {  // followers find this server through the group store, then the group serves
+    flashmem::parallel::GroupStoreClient store(group.leader_address, group.timeout);
+    absl::Status st = store.Set(ControlKey(group), my_address);
+    if (st.ok()) st = control->WaitForFollowers(group.timeout);
+    if (!st.ok()) {
+      std::fprintf(stderr, "flashmem-worker: %s\n", std::string(st.message()).c_str());
+      server->Shutdown();
+      return 1;
+    }
+  }
   std::unique_ptr<flashmem::coordinator::LeaseKeeper> lease;
   if (!coordinator_target.empty()) {
+    flashmem::v1::RegisterRequest reg;
+    reg.set_address(my_address);
+    reg.set_kind(flashmem::v1::WORKER);
+    if (in_group) {
+      reg.set_group(group.group);
+      reg.set_tp_rank(0);
+      reg.set_tp_size(static_cast<uint32_t>(group.size));
+    }
     auto k = flashmem::coordinator::LeaseKeeper::Start(
-        coordinator_target, creds->channel, my_address, flashmem::v1::WORKER, [&](flashmem::v1::HeartbeatRequest* hb) {
+        coordinator_target, creds->channel, reg, [&](flashmem::v1::HeartbeatRequest* hb) {
           hb->set_sessions(static_cast<uint32_t>(scheduler.sessions()));
           hb->set_queued_tokens(scheduler.stats().queued_tokens);
           if (pager) hb->set_kv_bytes(pager->stats().resident_bytes);
@@ -255,12 +391,14 @@ int main(int argc, char** argv) {
   }
   std::signal(SIGTERM, OnSignal);
   std::signal(SIGINT, OnSignal);
-  spdlog::info("worker serving {} on port {} ({} sessions max)", model_dir, port, so.max_sessions);
+  spdlog::info("worker serving {} on port {} ({} sessions max{})", model_dir, port, so.max_sessions,
+               in_group ? absl::StrCat(", leader of tensor-parallel group '", group.group, "' of ", group.size) : "");
   std::printf("LISTENING %s:%d\n", listen.substr(0, listen.rfind(':')).c_str(), port);
   std::fflush(stdout);
   server->Wait();
+  if (control) control->Shutdown();
   lease.reset();
   metrics_stop.store(true);
   if (metrics_thread.joinable()) metrics_thread.join();
-  return 0;
+  return g_exit_code.load();
 }

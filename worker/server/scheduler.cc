@@ -10,7 +10,7 @@
 namespace flashmem::server {
 
 Scheduler::Scheduler(const model::Transformer& model, SchedulerOptions options) : model_(model), options_(options) {
-  loop_ = std::thread([this] { Loop(); });
+  if (!options_.follower) loop_ = std::thread([this] { Loop(); });
 }
 
 Scheduler::~Scheduler() {
@@ -19,7 +19,7 @@ Scheduler::~Scheduler() {
     stop_ = true;
   }
   cv_.notify_all();
-  loop_.join();
+  if (loop_.joinable()) loop_.join();
   // LSA tasks finish before the pager forgets the sessions (a task may be staging pages).
   for (auto& [id, sp] : sessions_) {
     sp->lsa.reset();
@@ -28,33 +28,54 @@ Scheduler::~Scheduler() {
 }
 
 absl::StatusOr<std::unique_ptr<lsa::LsaSession>> Scheduler::MakeLsa(lsa::LsaMode mode, const std::string& overrides,
-                                                                     model::SessionState& state) {
+                                                                     model::SessionState& state, int64_t phase,
+                                                                     int64_t* chosen) {
+  *chosen = 0;
   if (!options_.indexer || mode == lsa::LsaMode::kOff) return std::unique_ptr<lsa::LsaSession>();
   auto opts = lsa::ParseLsaOptions(overrides, options_.lsa);
   if (!opts.ok()) return opts.status();
   if (auto st = lsa::LsaSession::CheckCompatible(*options_.indexer, model_.args(), *opts); !st.ok()) return st;
-  int64_t phase = 0;
-  {
+  if (phase < 0) {
     std::lock_guard<std::mutex> l(mu_);
-    if (opts->stagger) phase = static_cast<int64_t>(admitted_ % static_cast<uint64_t>(opts->interval));
+    phase = opts->stagger ? static_cast<int64_t>(admitted_ % static_cast<uint64_t>(opts->interval)) : 0;
     ++admitted_;
+  } else if (phase >= opts->interval) {
+    return absl::InvalidArgumentError(absl::StrCat("lsa phase ", phase, " is outside the interval ", opts->interval));
   }
+  *chosen = phase;
   state.residency.measure_agreement = options_.lsa_measure_agreement;
   return std::make_unique<lsa::LsaSession>(*options_.indexer, model_.args(), *opts, mode, phase,
                                            options_.lsa_apply_at_boundary);
 }
 
 absl::StatusOr<uint64_t> Scheduler::CreateSession(const SessionOptions& options) {
+  if (options_.follower) return absl::FailedPreconditionError("a follower rank takes sessions from its leader only");
   auto s = std::make_unique<Session>();
   s->state = model_.NewSession();
-  auto l = MakeLsa(options.lsa_mode, options.lsa_overrides, *s->state);
+  auto l = MakeLsa(options.lsa_mode, options.lsa_overrides, *s->state, -1, &s->lsa_phase);
   if (!l.ok()) return l.status();
   s->lsa = std::move(*l);
   s->lsa_seen = ReadLsa(*s);
   Session* raw = s.get();
-  auto id = Adopt(std::move(s));
+  auto id = Adopt(std::move(s), 0, [&](uint64_t id) {
+    if (options_.group) options_.group->Created(id, options, raw->lsa_phase);
+  });
   if (id.ok()) AttachPager(*id, *raw, options.memtier_key);
   return id;
+}
+
+absl::Status Scheduler::FollowCreate(uint64_t id, const SessionOptions& options, int64_t lsa_phase) {
+  auto s = std::make_unique<Session>();
+  s->state = model_.NewSession();
+  auto l = MakeLsa(options.lsa_mode, options.lsa_overrides, *s->state, lsa_phase, &s->lsa_phase);
+  if (!l.ok()) return l.status();
+  s->lsa = std::move(*l);
+  s->lsa_seen = ReadLsa(*s);
+  Session* raw = s.get();
+  auto got = Adopt(std::move(s), id);
+  if (!got.ok()) return got.status();
+  AttachPager(id, *raw, options.memtier_key);
+  return absl::OkStatus();
 }
 
 void Scheduler::AttachPager(uint64_t id, Session& s, uint64_t memtier_key) {
@@ -88,12 +109,18 @@ absl::StatusOr<SessionLsaStats> Scheduler::LsaStats(uint64_t id) const {
   return it->second->lsa_seen;
 }
 
-absl::StatusOr<uint64_t> Scheduler::Adopt(std::unique_ptr<Session> s) {
+absl::StatusOr<uint64_t> Scheduler::Adopt(std::unique_ptr<Session> s, uint64_t id,
+                                          const std::function<void(uint64_t)>& announce) {
   std::lock_guard<std::mutex> l(mu_);
-  if (static_cast<int64_t>(sessions_.size()) >= options_.max_sessions)
-    return absl::ResourceExhaustedError(absl::StrCat("worker holds its maximum of ", options_.max_sessions, " sessions"));
-  const uint64_t id = next_id_++;
+  if (id != 0) {  // a follower: the leader's id, and the leader already checked the limit
+    if (sessions_.count(id)) return absl::AlreadyExistsError(absl::StrCat("group op: session ", id, " exists already"));
+  } else {
+    if (static_cast<int64_t>(sessions_.size()) >= options_.max_sessions)
+      return absl::ResourceExhaustedError(absl::StrCat("worker holds its maximum of ", options_.max_sessions, " sessions"));
+    id = next_id_++;
+  }
   sessions_[id] = std::move(s);
+  if (announce) announce(id);
   return id;
 }
 
@@ -126,7 +153,8 @@ absl::StatusOr<std::string> Scheduler::Snapshot(uint64_t id) {
   return out;
 }
 
-absl::StatusOr<uint64_t> Scheduler::Restore(absl::string_view snap, uint64_t memtier_key) {
+absl::StatusOr<std::unique_ptr<Scheduler::Session>> Scheduler::Parse(absl::string_view snap, uint64_t memtier_key,
+                                                                     int64_t lsa_phase) {
   if (snap.size() < 17) return absl::InvalidArgumentError("snapshot: truncated header");
   auto s = std::make_unique<Session>();
   uint64_t n = 0;
@@ -154,7 +182,7 @@ absl::StatusOr<uint64_t> Scheduler::Restore(absl::string_view snap, uint64_t mem
     // clearly when this worker has no memory indexer.
     if (!options_.indexer)
       return absl::FailedPreconditionError("snapshot: the session runs LSA but this worker has no memory indexer");
-    auto l = MakeLsa(lsa::LsaMode::kAuto, "", *s->state);
+    auto l = MakeLsa(lsa::LsaMode::kAuto, "", *s->state, lsa_phase, &s->lsa_phase);
     if (!l.ok()) return l.status();
     s->lsa = std::move(*l);
     if (auto st = s->lsa->Load(lsa_blob); !st.ok()) return st;
@@ -165,11 +193,32 @@ absl::StatusOr<uint64_t> Scheduler::Restore(absl::string_view snap, uint64_t mem
   if (references && (!options_.pager || memtier_key == 0))
     return absl::FailedPreconditionError("snapshot: its KV pages are in memtier but this worker runs without a memtier pager");
   s->lsa_seen = ReadLsa(*s);
-  Session* raw = s.get();
-  auto id = Adopt(std::move(s));
+  return s;
+}
+
+absl::StatusOr<uint64_t> Scheduler::Restore(absl::string_view snap, uint64_t memtier_key) {
+  if (options_.follower) return absl::FailedPreconditionError("a follower rank takes sessions from its leader only");
+  auto s = Parse(snap, memtier_key, -1);
+  if (!s.ok()) return s.status();
+  Session* raw = s->get();
+  auto id = Adopt(std::move(*s), 0, [&](uint64_t id) {
+    if (options_.group) options_.group->Restored(id, snap, memtier_key, raw->lsa_phase);
+  });
   if (id.ok()) AttachPager(*id, *raw, memtier_key);
   return id;
 }
+
+absl::Status Scheduler::FollowRestore(uint64_t id, absl::string_view snap, uint64_t memtier_key, int64_t lsa_phase) {
+  auto s = Parse(snap, memtier_key, lsa_phase);
+  if (!s.ok()) return s.status();
+  Session* raw = s->get();
+  auto got = Adopt(std::move(*s), id);
+  if (!got.ok()) return got.status();
+  AttachPager(id, *raw, memtier_key);
+  return absl::OkStatus();
+}
+
+
 
 absl::Status Scheduler::CloseSession(uint64_t id) {
   std::unique_lock<std::mutex> l(mu_);
@@ -179,6 +228,7 @@ absl::Status Scheduler::CloseSession(uint64_t id) {
   it->second->lsa.reset();  // waits for its background task (which may be staging pages)
   if (it->second->paged) options_.pager->RemoveSession(id);
   sessions_.erase(it);
+  if (options_.group) options_.group->Closed(id);
   return absl::OkStatus();
 }
 
@@ -282,13 +332,6 @@ void Scheduler::Loop() {
 
 // One forward pass over every session with work. Runs the model outside the lock.
 bool Scheduler::StepOnce(std::unique_lock<std::mutex>& lock) {
-  struct Work {
-    uint64_t id;
-    Session* s;
-    std::vector<int32_t> tokens;
-    bool sample_after;  // the logits of the chunk's last token yield the next token
-    bool decode;        // the token fed is a sampled one (not prompt)
-  };
   std::vector<Work> work;
   int64_t budget = options_.step_token_budget;
   for (auto& [id, sp] : sessions_) {
@@ -314,23 +357,7 @@ bool Scheduler::StepOnce(std::unique_lock<std::mutex>& lock) {
   for (Work& w : work) w.s->in_flight = !w.tokens.empty();
   busy_ = true;
   lock.unlock();
-  std::vector<model::BatchItem> batch;
-  std::map<Session*, absl::Status> failed;  // sessions whose pages could not be brought back
-  for (Work& w : work)
-    if (!w.tokens.empty()) {
-      if (w.s->lsa) w.s->lsa->BeforeStep(*w.s->state, w.decode);
-      if (w.s->paged) {
-        if (absl::Status pst = options_.pager->EnsureVisible(w.id); !pst.ok()) {
-          failed[w.s] = pst;
-          continue;
-        }
-      }
-      batch.push_back({w.s->state.get(), w.tokens, &w.s->logits, nullptr});
-    }
-  absl::Status st = batch.empty() ? absl::OkStatus() : model_.Forward(batch);
-  for (Work& w : work)
-    if (!w.tokens.empty() && w.s->lsa && !failed.count(w.s)) w.s->lsa->AfterStep(*w.s->state, w.decode);
-  if (options_.pager) options_.pager->AfterStep();
+  const absl::Status st = RunForward(work);
   lock.lock();
   busy_ = false;
   cv_.notify_all();
@@ -341,15 +368,15 @@ bool Scheduler::StepOnce(std::unique_lock<std::mutex>& lock) {
     s.in_flight = false;
     rows += w.tokens.size();
     if (s.lsa) s.lsa_seen = ReadLsa(s);
-    if (!w.tokens.empty() && !failed.count(&s)) {
+    if (!w.tokens.empty() && !w.skipped) {
       s.has_logits = true;
       (w.decode ? stats_.decode_tokens : stats_.prefill_tokens) += w.tokens.size();
     }
-    if (failed.count(&s)) {  // nothing consumed: the tokens wait for a retry
+    if (w.skipped) {  // nothing consumed: the tokens wait for a retry
       s.pending.insert(s.pending.begin(), w.tokens.begin(), w.tokens.end());
       s.sampled_pending = w.decode;
       s.has_logits = false;
-      s.broken = absl::UnavailableError(absl::StrCat("KV pages of the session could not be recalled (retry): ", failed[&s].message()));
+      s.broken = absl::UnavailableError(absl::StrCat("KV pages of the session could not be recalled (retry): ", w.recall_error.message()));
       if (s.generating) {
         s.generating = false;
         s.on_token(-1, true, std::string(s.broken.message()));
@@ -379,6 +406,74 @@ bool Scheduler::StepOnce(std::unique_lock<std::mutex>& lock) {
   }
   stats_.max_batch_rows = std::max(stats_.max_batch_rows, rows);
   return true;
+}
+
+}  // namespace flashmem::server
+
+namespace flashmem::server {
+
+absl::Status Scheduler::RunForward(std::vector<Work>& work) {
+  std::vector<model::BatchItem> batch;
+  for (Work& w : work) {
+    if (w.tokens.empty()) continue;
+    if (w.s->lsa) w.s->lsa->BeforeStep(*w.s->state, w.decode);
+    if (w.skipped) continue;  // a follower: the leader could not recall this session's pages
+    if (w.s->paged) {
+      if (absl::Status pst = options_.pager->EnsureVisible(w.id); !pst.ok()) {
+        if (options_.follower)  // the leader ran this session: skipping it here would split the group
+          return absl::InternalError(absl::StrCat("group step: session ", w.id, "'s pages: ", pst.message()));
+        w.skipped = true;
+        w.recall_error = pst;
+        continue;
+      }
+    }
+    batch.push_back({w.s->state.get(), w.tokens, &w.s->logits, nullptr});
+  }
+  absl::Status st;
+  if (options_.group) {
+    std::vector<GroupStepItem> items;
+    for (const Work& w : work)
+      if (!w.tokens.empty()) items.push_back({w.id, w.tokens, w.decode, w.skipped});
+    st = options_.group->Step(items, options_.pager ? options_.pager->TakeAcked() : std::vector<kv::AckedPage>());
+  }
+  if (st.ok() && !batch.empty()) st = model_.Forward(batch);
+  for (Work& w : work)
+    if (!w.tokens.empty() && w.s->lsa && !w.skipped) w.s->lsa->AfterStep(*w.s->state, w.decode);
+  if (options_.pager) options_.pager->AfterStep();
+  return st;
+}
+
+absl::Status Scheduler::FollowStep(const std::vector<GroupStepItem>& items, const std::vector<kv::AckedPage>& acked) {
+  if (options_.pager) options_.pager->MarkCommitted(acked);
+  std::vector<Work> work;
+  {
+    std::unique_lock<std::mutex> l(mu_);
+    for (const GroupStepItem& it : items) {
+      auto found = sessions_.find(it.session);
+      if (found == sessions_.end())
+        return absl::InternalError(absl::StrCat("group step: unknown session ", it.session));
+      for (int32_t t : it.tokens)
+        if (t < 0 || t >= model_.args().vocab_size)
+          return absl::InvalidArgumentError(absl::StrCat("group step: token ", t, " is outside the vocabulary"));
+      Work w{it.session, found->second.get(), it.tokens, false, it.decode};
+      w.skipped = it.skipped;
+      work.push_back(std::move(w));
+    }
+    busy_ = true;
+  }
+  const absl::Status st = RunForward(work);
+  std::lock_guard<std::mutex> l(mu_);
+  busy_ = false;
+  cv_.notify_all();
+  stats_.steps++;
+  uint64_t rows = 0;
+  for (Work& w : work) {
+    rows += w.tokens.size();
+    if (w.s->lsa) w.s->lsa_seen = ReadLsa(*w.s);
+    if (!w.skipped) (w.decode ? stats_.decode_tokens : stats_.prefill_tokens) += w.tokens.size();
+  }
+  stats_.max_batch_rows = std::max(stats_.max_batch_rows, rows);
+  return st;
 }
 
 }  // namespace flashmem::server

@@ -23,6 +23,31 @@
 
 namespace flashmem::server {
 
+struct SessionOptions;
+
+// Tensor-parallel worker groups (issue 8): every rank runs the same forward passes on its own
+// shard. The leader's scheduler decides; it tells its follower ranks every session change and
+// every forward pass in its own order (worker/server/group_control.h carries them), and each
+// follower's scheduler applies them (the Follow* calls) with no decisions of its own.
+struct GroupStepItem {
+  uint64_t session = 0;
+  std::vector<int32_t> tokens;
+  bool decode = false;   // a sampled token (LSA counts decode steps)
+  bool skipped = false;  // the leader could not recall its pages: LSA's before-step only
+};
+class GroupLeader {
+ public:
+  virtual ~GroupLeader() = default;
+  // Called under the scheduler's lock, so in the scheduler's order; they must not block.
+  virtual void Created(uint64_t id, const SessionOptions& options, int64_t lsa_phase) = 0;
+  virtual void Restored(uint64_t id, absl::string_view snapshot, uint64_t memtier_key, int64_t lsa_phase) = 0;
+  virtual void Closed(uint64_t id) = 0;
+  // Before every forward pass, with the pages memtier acknowledged since the last one. An error
+  // (a rank is gone) fails the step instead of running it: the other ranks would never join its
+  // collectives.
+  virtual absl::Status Step(const std::vector<GroupStepItem>& items, const std::vector<kv::AckedPage>& acked) = 0;
+};
+
 struct SchedulerOptions {
   int64_t max_sessions = 64;
   // A prompt is consumed in chunks of this many tokens (the last one shorter). Chunks depend on the
@@ -39,6 +64,10 @@ struct SchedulerOptions {
   // Paged KV: sessions created with a memtier key commit their pages there and keep only what
   // their view needs within the pager's budget (null: everything stays in memory).
   kv::KvPager* pager = nullptr;
+  // Tensor parallel: the leader tells its followers (null: no group, or a follower).
+  GroupLeader* group = nullptr;
+  // A follower rank: no decode loop; the Follow* calls apply the leader's sequence.
+  bool follower = false;
 };
 
 // Per-session choices at creation.
@@ -108,6 +137,11 @@ class Scheduler {
   absl::StatusOr<SessionLsaStats> LsaStats(uint64_t id) const;
   int64_t sessions() const;
 
+  // A follower rank applies its leader's sequence, in order (errors: the group has diverged).
+  absl::Status FollowCreate(uint64_t id, const SessionOptions& options, int64_t lsa_phase);
+  absl::Status FollowRestore(uint64_t id, absl::string_view snapshot, uint64_t memtier_key, int64_t lsa_phase);
+  absl::Status FollowStep(const std::vector<GroupStepItem>& items, const std::vector<kv::AckedPage>& acked);
+
  private:
   struct Session {
     std::unique_ptr<model::SessionState> state;
@@ -125,15 +159,34 @@ class Scheduler {
     bool paged = false;  // registered with the pager
     absl::Status broken;  // its pages could not be brought back; retried by the next Generate
     SessionLsaStats lsa_seen;  // copied after each step (readable under the lock)
+    int64_t lsa_phase = 0;     // its Level-1 stagger phase (followers get the leader's)
+  };
+  // A session's part of one step.
+  struct Work {
+    uint64_t id;
+    Session* s;
+    std::vector<int32_t> tokens;
+    bool sample_after = false;  // the logits of the chunk's last token yield the next token
+    bool decode = false;        // the token fed is a sampled one (not prompt)
+    bool skipped = false;       // its pages could not be recalled: no forward this step
+    absl::Status recall_error;
   };
   static SessionLsaStats ReadLsa(const Session& s);
   // Registers a session's pages with the pager (and the LSA stage hook) once it has an id.
   void AttachPager(uint64_t id, Session& s, uint64_t memtier_key);
+  // `phase` < 0: the next stagger phase; otherwise that one (a follower's).
   absl::StatusOr<std::unique_ptr<lsa::LsaSession>> MakeLsa(lsa::LsaMode mode, const std::string& overrides,
-                                                           model::SessionState& state);
-  absl::StatusOr<uint64_t> Adopt(std::unique_ptr<Session> s);
+                                                           model::SessionState& state, int64_t phase, int64_t* chosen);
+  // Registers the session under a new id (`id` 0) or the given one (a follower); `announce` runs
+  // under the lock with the id (the leader tells its group).
+  absl::StatusOr<uint64_t> Adopt(std::unique_ptr<Session> s, uint64_t id = 0,
+                                 const std::function<void(uint64_t)>& announce = nullptr);
+  absl::StatusOr<std::unique_ptr<Session>> Parse(absl::string_view snapshot, uint64_t memtier_key, int64_t lsa_phase);
   void Loop();
   bool StepOnce(std::unique_lock<std::mutex>& lock);
+  // Outside the lock: LSA before-step, pages made visible, the group told, the forward pass, LSA
+  // after-step. Sessions whose pages could not be recalled are marked skipped (leader).
+  absl::Status RunForward(std::vector<Work>& work);
 
   const model::Transformer& model_;
   SchedulerOptions options_;

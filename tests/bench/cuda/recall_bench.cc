@@ -13,11 +13,8 @@
 //
 // Without --rank the program is the launcher: it creates and fills the mirror, then starts
 // itself once per rank (exec, so no process inherits an initialised CUDA context).
-#include <arpa/inet.h>
 #include <cuda_runtime.h>
-#include <netinet/in.h>
 #include <sys/mman.h>
-#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -33,6 +30,7 @@
 #include <vector>
 
 #include "CLI/CLI.hpp"
+#include "common/net.h"
 #include "absl/time/time.h"
 #include "nlohmann/json.hpp"
 #include "worker/parallel/gloo_communicator.h"
@@ -48,18 +46,6 @@ uint64_t Mix(uint64_t x) {  // splitmix64: the mirror's contents, reproducible p
   x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
   x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
   return x ^ (x >> 31);
-}
-
-int FreePort() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
-  socklen_t len = sizeof a;
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-  ::close(fd);
-  return ntohs(a.sin_port);
 }
 
 std::vector<int64_t> ParseList(const std::string& text) {
@@ -89,7 +75,7 @@ int Launch(const Flags& f, const std::vector<std::string>& argv) {
               static_cast<long long>(f.mirror_pages), static_cast<long long>(f.page_bytes), bytes / 1e9,
               std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), f.ranks);
   std::fflush(stdout);
-  const int port = FreePort();
+  const int port = FreeLoopbackPort();
   std::vector<pid_t> kids;
   for (int r = 0; r < f.ranks; ++r) {
     std::vector<std::string> args = argv;
