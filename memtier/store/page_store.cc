@@ -1,6 +1,8 @@
 #include "memtier/store/page_store.h"
 
 #include <algorithm>
+#include <atomic>
+#include <thread>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -114,11 +116,15 @@ absl::Status PageStore::Commit(uint64_t session, std::span<const PageWrite> page
   return absl::OkStatus();
 }
 
-bool PageStore::AllocateInRam(Entry& e) {
-  const uint64_t need = RamTier::SizeClass(e.meta.length);
+absl::StatusOr<RamSlot> PageStore::AllocateSlot(uint32_t length) {
+  const uint64_t need = RamTier::SizeClass(length);
   const uint64_t cap = ram_->capacity_bytes();
   if (ram_->used_bytes() + need > static_cast<uint64_t>(options_.high_watermark * cap)) EvictToLowWatermark();
-  auto slot = ram_->Allocate(e.meta.length);
+  return ram_->Allocate(length);
+}
+
+bool PageStore::AllocateInRam(Entry& e) {
+  auto slot = AllocateSlot(e.meta.length);
   if (!slot.ok()) return false;  // the page stays in RocksDB only
   e.slot = *slot;
   e.in_ram = true;
@@ -161,23 +167,50 @@ void PageStore::EvictToLowWatermark() {
   }
 }
 
-absl::Status PageStore::PromoteLocked(const PageKey& key, Entry& e, std::span<uint8_t> fallback) {
+absl::StatusOr<PageStore::Entry*> PageStore::PromoteLocked(const PageKey& key, std::span<uint8_t> fallback) {
+  auto settled = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    auto it = index_.find(key);
+    return it == index_.end() || !it->second.promoting;
+  };
+  mu_.Await(absl::Condition(&settled));  // another reader of this page finishes first
+  auto it = index_.find(key);
+  if (it == index_.end()) return absl::NotFoundError(absl::StrCat("page ", ToString(key), " was dropped"));
+  if (it->second.bad) return absl::DataLossError(absl::StrCat("page ", ToString(key), " is marked bad (checksum mismatch)"));
+  if (it->second.in_ram) return &it->second;  // that reader promoted it
+  const PageMeta meta = it->second.meta;
+  auto slot = AllocateSlot(meta.length);
   std::vector<uint8_t> scratch;
-  const bool in_ram = AllocateInRam(e);
-  if (!in_ram && fallback.empty()) scratch.resize(e.meta.length);
-  const std::span<uint8_t> dst = in_ram ? std::span<uint8_t>(ram_->Data(e.slot), e.meta.length)
+  if (!slot.ok() && fallback.empty()) scratch.resize(meta.length);
+  const std::span<uint8_t> dst = slot.ok() ? std::span<uint8_t>(ram_->Data(*slot), meta.length)
                                  : fallback.empty() ? std::span<uint8_t>(scratch) : fallback;
-  absl::Status st = rocks_->GetPage(key, e.meta, dst);
-  if (!st.ok()) {
-    if (in_ram) DropFromRam(e);
-    if (absl::IsDataLoss(st)) {
-      e.bad = true;
-      counters_.checksum_failures++;
+  it->second.promoting = true;
+  // The slot belongs to no entry yet: eviction cannot take it and no reader can see it.
+  mu_.Unlock();
+  const absl::Status st = rocks_->GetPage(key, meta, dst);
+  mu_.Lock();
+  it = index_.find(key);
+  Entry* e = it == index_.end() ? nullptr : &it->second;
+  if (e) e->promoting = false;
+  if (!st.ok() || !e || e->in_ram) {  // failed, dropped meanwhile, or placed by a commit retry
+    if (slot.ok()) ram_->Free(*slot);
+    if (!e) return absl::NotFoundError(absl::StrCat("page ", ToString(key), " was dropped during its promotion"));
+    if (!st.ok()) {
+      if (absl::IsDataLoss(st)) {
+        e->bad = true;
+        counters_.checksum_failures++;
+      }
+      return st;
     }
-    return st;
+    return e;
+  }
+  if (slot.ok()) {
+    e->slot = *slot;
+    e->in_ram = true;
+    counters_.pages_in_ram++;
+    counters_.bytes_in_ram += meta.length;
   }
   counters_.promotions++;
-  return absl::OkStatus();
+  return e;
 }
 
 absl::StatusOr<PageStore::Entry*> PageStore::ReadableLocked(const PageKey& key, const char* what) {
@@ -189,16 +222,18 @@ absl::StatusOr<PageStore::Entry*> PageStore::ReadableLocked(const PageKey& key, 
   return &e;
 }
 
-absl::Status PageStore::MakeResidentLocked(const PageKey& key, Entry& e, const char* what, std::span<uint8_t> fallback) {
-  if (e.in_ram) {
+absl::StatusOr<PageStore::Entry*> PageStore::MakeResidentLocked(const PageKey& key, const char* what,
+                                                                 std::span<uint8_t> fallback) {
+  FM_ASSIGN_OR_RETURN(Entry * e, ReadableLocked(key, what));
+  if (e->in_ram) {
     counters_.ram_hits++;
-    return absl::OkStatus();
+    return e;
   }
   counters_.ram_misses++;
-  FM_RETURN_IF_ERROR(PromoteLocked(key, e, fallback));
-  if (!e.in_ram && fallback.empty())
+  FM_ASSIGN_OR_RETURN(e, PromoteLocked(key, fallback));
+  if (!e->in_ram && fallback.empty())
     return absl::ResourceExhaustedError(absl::StrCat(what, ": no RAM to hold page ", ToString(key), "; recall it with a copy"));
-  return absl::OkStatus();
+  return e;
 }
 
 absl::StatusOr<PageMeta> PageStore::Recall(const PageKey& key, std::span<uint8_t> dst) {
@@ -206,15 +241,14 @@ absl::StatusOr<PageMeta> PageStore::Recall(const PageKey& key, std::span<uint8_t
   FM_ASSIGN_OR_RETURN(Entry * e, ReadableLocked(key, "recall"));
   if (dst.size() < e->meta.length)
     return absl::InvalidArgumentError(absl::StrCat("recall: buffer of ", dst.size(), " bytes is smaller than page ", ToString(key), " (", e->meta.length, ")"));
-  FM_RETURN_IF_ERROR(MakeResidentLocked(key, *e, "recall", dst));  // no room in RAM: straight into dst
+  FM_ASSIGN_OR_RETURN(e, MakeResidentLocked(key, "recall", dst));  // no room in RAM: straight into dst
   if (e->in_ram) std::memcpy(dst.data(), ram_->Data(e->slot), e->meta.length);
   return e->meta;
 }
 
 absl::StatusOr<PageStore::PinnedPage> PageStore::Pin(const PageKey& key) {
   absl::MutexLock l(&mu_);
-  FM_ASSIGN_OR_RETURN(Entry * e, ReadableLocked(key, "recall"));
-  FM_RETURN_IF_ERROR(MakeResidentLocked(key, *e, "recall"));
+  FM_ASSIGN_OR_RETURN(Entry * e, MakeResidentLocked(key, "recall"));
   pins_[SlotId(e->slot)].count++;
   return PinnedPage{ram_->Data(e->slot), e->meta, e->slot};
 }
@@ -240,23 +274,43 @@ absl::StatusOr<int64_t> PageStore::Prefetch(uint64_t session, std::span<const Pa
     auto it = index_.find(ranked[i]);
     if (it != index_.end() && it->second.rank < 0) it->second.rank = static_cast<int64_t>(i);
   }
-  int64_t promoted = 0;
+  // Candidates on disk only, in rank order; promoted by several threads, each taking the next.
+  std::vector<PageKey> todo;
   for (const PageKey& k : ranked) {
-    if (std::chrono::steady_clock::now() >= deadline) break;
     auto it = index_.find(k);
-    if (it == index_.end() || it->second.in_ram || it->second.bad) continue;
-    if (PromoteLocked(k, it->second).ok() && it->second.in_ram) {
-      ++promoted;
-      counters_.prefetch_promotions++;
-    }
+    if (it != index_.end() && !it->second.in_ram && !it->second.bad) todo.push_back(k);
   }
-  return promoted;
+  std::atomic<size_t> next{0};
+  std::atomic<int64_t> promoted{0};
+  auto work = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    for (size_t i; (i = next++) < todo.size();) {
+      if (std::chrono::steady_clock::now() >= deadline) break;
+      auto it = index_.find(todo[i]);
+      if (it == index_.end() || it->second.in_ram || it->second.bad) continue;
+      auto e = PromoteLocked(todo[i]);  // releases the lock while reading: other requests go on
+      if (e.ok() && (*e)->in_ram) {
+        ++promoted;
+        counters_.prefetch_promotions++;
+      }
+    }
+  };
+  const int helpers = static_cast<int>(std::min<size_t>(std::max(options_.prefetch_threads, 1) - 1, todo.size() / 16));
+  std::vector<std::thread> threads;
+  for (int t = 0; t < helpers; ++t)
+    threads.emplace_back([&] {
+      absl::MutexLock hl(&mu_);
+      work();
+    });
+  work();
+  mu_.Unlock();  // the helpers need the lock to finish
+  for (auto& t : threads) t.join();
+  mu_.Lock();
+  return promoted.load();
 }
 
 absl::StatusOr<PageStore::Location> PageStore::Locate(const PageKey& key) {
   absl::MutexLock l(&mu_);
-  FM_ASSIGN_OR_RETURN(Entry * e, ReadableLocked(key, "locate"));
-  FM_RETURN_IF_ERROR(MakeResidentLocked(key, *e, "locate"));
+  FM_ASSIGN_OR_RETURN(Entry * e, MakeResidentLocked(key, "locate"));
   return Location{e->slot, e->meta};
 }
 

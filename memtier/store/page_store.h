@@ -28,6 +28,9 @@ struct PageStoreOptions {
   double low_watermark = 0.75;   // ...down to this fraction
   uint64_t max_page_bytes = 64ull << 20;
   uint64_t max_state_bytes = 256ull << 20;
+  // Threads a prefetch promotes with (RocksDB reads, checksums and copies run in parallel; each
+  // takes the next candidate in rank order).
+  int prefetch_threads = 4;
 };
 
 struct PageInfo {
@@ -100,23 +103,29 @@ class PageStore {
     RamSlot slot;
     uint64_t last_use = 0;
     int64_t rank = -1;  // position in the latest prefetch ranking (-1: not ranked)
+    bool promoting = false;  // a thread is reading it from RocksDB (outside the lock)
   };
   explicit PageStore(const PageStoreOptions& o) : options_(o) {}
   // Copies bytes into a fresh RAM slot, evicting first when needed. False when RAM cannot hold it.
   bool PlaceInRam(Entry& e, std::span<const uint8_t> bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // A fresh RAM slot for the entry's length (evicting first when needed); false when RAM is full.
   bool AllocateInRam(Entry& e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A RAM slot of `length` bytes not yet attached to any entry (evicting first when needed).
+  absl::StatusOr<RamSlot> AllocateSlot(uint32_t length) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void EvictToLowWatermark() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void DropFromRam(Entry& e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The index entry of a readable page (NOT_FOUND / DATA_LOSS otherwise), touched for LRU.
   absl::StatusOr<Entry*> ReadableLocked(const PageKey& key, const char* what) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Brings the page into RAM (promotion); without room, into `fallback` when given, else
-  // RESOURCE_EXHAUSTED.
-  absl::Status MakeResidentLocked(const PageKey& key, Entry& e, const char* what, std::span<uint8_t> fallback = {})
+  // RESOURCE_EXHAUSTED. Returns the page's entry looked up again: promotion releases the lock.
+  absl::StatusOr<Entry*> MakeResidentLocked(const PageKey& key, const char* what, std::span<uint8_t> fallback = {})
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Reads a page from RocksDB into a RAM slot (verified); without room in RAM, into `fallback`
-  // when given (else a scratch buffer, just to verify).
-  absl::Status PromoteLocked(const PageKey& key, Entry& e, std::span<uint8_t> fallback = {})
+  // when given (else a scratch buffer, just to verify). The read runs with the lock released, so
+  // one session's promotions never hold up other requests; a second reader of the same page
+  // waits for the first. Entry pointers taken before the call are stale after it: use the
+  // returned one.
+  absl::StatusOr<Entry*> PromoteLocked(const PageKey& key, std::span<uint8_t> fallback = {})
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   PageStoreOptions options_;
