@@ -663,10 +663,10 @@ class CudaBackendImpl final : public Backend {
           const auto* tab = d.at<cuda::GemvGroup>(dtab);
           cudaError_t e = cuda::GatherRows(d.at(dx), d.at<int32_t>(drows), M, dim, d.at(xs), stream_);
           if (e == cudaSuccess) e = cuda::QuantizeActivations(d.at(xs), M, dim, d.at(qx), d.at(qs), stream_);
-          if (e == cudaSuccess) e = cuda::LinearDecodeGrouped(tab, static_cast<int>(2 * E), inter, max_m, fp8, Rounding::kBf16, stream_);
+          if (e == cudaSuccess) e = cuda::LinearDecodeGrouped(tab, static_cast<int>(2 * E), inter, max_m, dim, fp8, Rounding::kBf16, stream_);
           if (e == cudaSuccess) e = cuda::SwiGlu(d.at(g), d.at(u), M, inter, d.at(dwts), limit, d.at(h), stream_);
           if (e == cudaSuccess) e = cuda::QuantizeActivations(d.at(h), M, inter, d.at(qh), d.at(qhs), stream_);
-          if (e == cudaSuccess) e = cuda::LinearDecodeGrouped(tab + 2 * E, static_cast<int>(E), dim, max_m, fp8, Rounding::kBf16, stream_);
+          if (e == cudaSuccess) e = cuda::LinearDecodeGrouped(tab + 2 * E, static_cast<int>(E), dim, max_m, inter, fp8, Rounding::kBf16, stream_);
           for (int64_t i = 0; i < E && e == cudaSuccess; ++i)
             e = cuda::ScatterAddRows(d.at(out) + parts[i].at * dim, d.at<int32_t>(drows) + parts[i].at, parts[i].m, dim,
                                      d.at(dy), stream_);

@@ -63,9 +63,10 @@ struct GemvGroup {
   float* y;          // [n][rows]
 };
 // LinearDecode for `count` matrices of one format in one launch (groups: a device array). The
-// routed experts of an MoE layer: each expert's w1 and w3 in one launch, then every w2.
-cudaError_t LinearDecodeGrouped(const GemvGroup* groups, int count, int64_t max_rows, int64_t max_n, bool fp8,
-                                Rounding out, cudaStream_t stream);
+// routed experts of an MoE layer: each expert's w1 and w3 in one launch, then every w2. max_rows,
+// max_n and max_k bound every group's rows, n and k (they size the grid and the shared memory).
+cudaError_t LinearDecodeGrouped(const GemvGroup* groups, int count, int64_t max_rows, int64_t max_n, int64_t max_k,
+                                bool fp8, Rounding out, cudaStream_t stream);
 
 cudaError_t RmsNorm(const float* x, const float* weight, int64_t n, int64_t dim, float eps, float* y,
                     cudaStream_t stream);

@@ -295,8 +295,8 @@ int main(int argc, char** argv) {
     CHECK_CUDA(cudaMemcpy(dup, up.data(), up.size() * sizeof(cu::GemvGroup), cudaMemcpyHostToDevice));
     CHECK_CUDA(cudaMemcpy(ddown, down.data(), down.size() * sizeof(cu::GemvGroup), cudaMemcpyHostToDevice));
     const double us = TimeUs([&](int) {
-      CHECK_CUDA(cu::LinearDecodeGrouped(dup, 2 * experts, inter, tokens, false, Rounding::kBf16, nullptr));
-      CHECK_CUDA(cu::LinearDecodeGrouped(ddown, experts, dim, tokens, false, Rounding::kBf16, nullptr));
+      CHECK_CUDA(cu::LinearDecodeGrouped(dup, 2 * experts, inter, tokens, dim, false, Rounding::kBf16, nullptr));
+      CHECK_CUDA(cu::LinearDecodeGrouped(ddown, experts, dim, tokens, inter, false, Rounding::kBf16, nullptr));
     });
     const double bytes = 3.0 * experts * (dim * inter / 2.0 + dim * inter / 32.0 * 4);
     rows.push_back({"MoE routed experts, FP4, grouped GEMV (2 launches)",
