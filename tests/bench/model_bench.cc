@@ -25,6 +25,7 @@
 #include <string>
 
 #include "CLI/CLI.hpp"
+#include "tests/bench/bench_util.h"
 #include "absl/strings/str_format.h"
 #include "kernels/device.h"
 #include "kernels/numerics.h"
@@ -75,13 +76,6 @@ std::unique_ptr<model::SessionState> SyntheticState(const model::Transformer& tf
       for (int64_t i = 0; i < context / 4; ++i) ls.index_keys.Append(index_rows.Row(at++));
   }
   return s;
-}
-
-std::vector<int64_t> ParseList(const std::string& text) {
-  std::vector<int64_t> v;
-  std::stringstream ss(text);
-  for (std::string item; std::getline(ss, item, ',');) v.push_back(std::stoll(item));
-  return v;
 }
 
 struct Row {
@@ -171,8 +165,12 @@ int main(int argc, char** argv) {
     return b;
   };
   std::vector<Row> rows;
-  for (int64_t context : ParseList(contexts)) {
-    for (int64_t batch : ParseList(batches)) {
+  auto context_list = bench::ParseCounts("--context", contexts);
+  auto batch_list = bench::ParseCounts("--batch", batches);
+  for (const auto* l : {&context_list, &batch_list})
+    if (!l->ok()) { std::fprintf(stderr, "%s\n", std::string(l->status().message()).c_str()); return 2; }
+  for (int64_t context : *context_list) {
+    for (int64_t batch : *batch_list) {
       if (context % 128 != 0) { std::fprintf(stderr, "--context %lld: not a multiple of 128\n", static_cast<long long>(context)); return 2; }
       if (state_bytes(context) * batch / 1e9 > max_state_gb) {
         std::printf("skip batch %lld x context %lld: %.1f GB of host state > --max-state-gb\n", static_cast<long long>(batch),

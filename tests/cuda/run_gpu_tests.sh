@@ -5,12 +5,8 @@
 # Binaries keep the absolute paths they were built with (/work/main/...): the repo root and the
 # bundle are linked there. Full logs go to OUT_DIR; a summary line per suite is printed.
 set -uo pipefail
-ROOT=$(pwd)
-OUT=${1:-/tmp/gpu-tests}
-mkdir -p "$OUT"
-if [ "$ROOT" != /work/main ] && [ ! -e /work/main ]; then mkdir -p /work && ln -s "$ROOT" /work/main; fi
-[ -e build ] || ln -s "$ROOT/.gpu/run" build
-R=.gpu/run/run.sh
+GPU_OUT_DEFAULT=/tmp/gpu-tests
+source "$(dirname "$0")/gpu_env.sh"
 fail=0
 suite() {  # suite NAME ENV... -- PROGRAM ARGS...
   local name=$1; shift

@@ -5,12 +5,8 @@
 # NCCL group tests, striped vs unstriped recall for 1..N GPUs, and model_bench at TP=N on the
 # 8-layer flash-shape checkpoint (TP=1 rows: the "Model level" table). Logs and JSON go to OUT_DIR.
 set -uo pipefail
-ROOT=$(pwd)
-OUT=${1:-/tmp/tp-gpu}
-mkdir -p "$OUT"
-if [ "$ROOT" != /work/main ] && [ ! -e /work/main ]; then mkdir -p /work && ln -s "$ROOT" /work/main; fi
-[ -e build ] || ln -s "$ROOT/.gpu/run" build
-R=.gpu/run/run.sh
+GPU_OUT_DEFAULT=/tmp/tp-gpu
+source "$(dirname "$0")/gpu_env.sh"
 N=$(nvidia-smi -L | wc -l)
 echo "GPUs: $N"; nvidia-smi topo -m | head -$((N + 1))
 timeout 400 $R tests/tp_test --gtest_filter='*Gpu*:*Striped*' > "$OUT/tp_test.log" 2>&1

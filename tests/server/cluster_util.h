@@ -64,10 +64,8 @@ inline std::vector<int32_t> Generate(Api& api, const std::string& sid, const std
   return out;
 }
 
-inline grpc::Status AppendIds(Api& api, const std::string& sid, const std::string& token, const std::vector<int32_t>& ids) {
-  v1::AppendRequest a;
-  a.set_session_id(sid);
-  for (int32_t t : ids) a.mutable_token_ids()->add_ids(t);
+// Runs an Append to its end (progress messages dropped).
+inline grpc::Status RunAppend(Api& api, const v1::AppendRequest& a, const std::string& token) {
   grpc::ClientContext ctx;
   ctx.AddMetadata("authorization", "Bearer " + token);
   auto r = api.session->Append(&ctx, a);
@@ -75,6 +73,13 @@ inline grpc::Status AppendIds(Api& api, const std::string& sid, const std::strin
   while (r->Read(&p)) {
   }
   return r->Finish();
+}
+
+inline grpc::Status AppendIds(Api& api, const std::string& sid, const std::string& token, const std::vector<int32_t>& ids) {
+  v1::AppendRequest a;
+  a.set_session_id(sid);
+  for (int32_t t : ids) a.mutable_token_ids()->add_ids(t);
+  return RunAppend(api, a, token);
 }
 
 inline v1::SessionInfo Info(Api& api, const v1::CreateSessionResponse& cs) {
@@ -92,13 +97,7 @@ inline grpc::Status Append(Api& api, const std::string& sid, const std::string& 
   a.set_session_id(sid);
   a.set_text(text);
   a.set_add_bos(true);
-  grpc::ClientContext ctx;
-  ctx.AddMetadata("authorization", "Bearer " + token);
-  auto r = api.session->Append(&ctx, a);
-  v1::AppendProgress p;
-  while (r->Read(&p)) {
-  }
-  return r->Finish();
+  return RunAppend(api, a, token);
 }
 
 }  // namespace flashmem::testing

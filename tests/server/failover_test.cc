@@ -78,14 +78,7 @@ TEST(Failover, AnotherWorkerAdoptsTheSessionFromMemtierWithoutPrefill) {
   got.insert(got.end(), more.begin(), more.end());
   EXPECT_EQ(got, want);
   // The adopted session's context already held the prompt: B consumed only sampled tokens.
-  v1::SessionInfo info;
-  {
-    grpc::ClientContext ctx;
-    ctx.AddMetadata("authorization", "Bearer " + cs.token());
-    v1::SessionRef ref;
-    ref.set_session_id(cs.session_id());
-    ASSERT_TRUE(api_b.session->GetSession(&ctx, ref, &info).ok());
-  }
+  const v1::SessionInfo info = Info(api_b, cs);
   EXPECT_EQ(info.worker_prefill_tokens(), 0u);
   EXPECT_EQ(info.generated(), 12u);
   // The session's token still guards it on the new worker.
@@ -94,7 +87,8 @@ TEST(Failover, AnotherWorkerAdoptsTheSessionFromMemtierWithoutPrefill) {
     ctx.AddMetadata("authorization", "Bearer nope");
     v1::SessionRef ref;
     ref.set_session_id(cs.session_id());
-    EXPECT_EQ(api_b.session->GetSession(&ctx, ref, &info).error_code(), grpc::StatusCode::PERMISSION_DENIED);
+    v1::SessionInfo denied;
+    EXPECT_EQ(api_b.session->GetSession(&ctx, ref, &denied).error_code(), grpc::StatusCode::PERMISSION_DENIED);
   }
   Stop(b);
   Stop(memtier);

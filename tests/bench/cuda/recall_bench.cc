@@ -25,11 +25,11 @@
 #include <fstream>
 #include <numeric>
 #include <random>
-#include <sstream>
 #include <string>
 #include <vector>
 
 #include "CLI/CLI.hpp"
+#include "tests/bench/bench_util.h"
 #include "common/net.h"
 #include "absl/time/time.h"
 #include "nlohmann/json.hpp"
@@ -46,13 +46,6 @@ uint64_t Mix(uint64_t x) {  // splitmix64: the mirror's contents, reproducible p
   x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
   x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
   return x ^ (x >> 31);
-}
-
-std::vector<int64_t> ParseList(const std::string& text) {
-  std::vector<int64_t> v;
-  std::stringstream ss(text);
-  for (std::string item; std::getline(ss, item, ',');) v.push_back(std::stoll(item));
-  return v;
 }
 
 struct Flags {
@@ -139,7 +132,9 @@ int RunRank(const Flags& f) {
     float x = 0;
     (*comm)->AllReduceSum(&x, 1);
   };
-  for (int64_t count : ParseList(f.pages)) {
+  auto counts = bench::ParseCounts("--pages", f.pages);
+  if (!counts.ok()) { std::fprintf(stderr, "%s\n", std::string(counts.status().message()).c_str()); return 2; }
+  for (int64_t count : *counts) {
     if (count > f.mirror_pages) { std::fprintf(stderr, "--pages %lld > --mirror-pages\n", static_cast<long long>(count)); return 2; }
     std::vector<int64_t> ids(f.mirror_pages);
     std::iota(ids.begin(), ids.end(), 0);
