@@ -1,27 +1,39 @@
 #!/bin/bash
 # The tensor-parallel GPU run (issue 8) on a machine with 2 or more GPUs, after the bundle is
 # unpacked in .gpu/run (docs/benchmarks.md, "Tensor parallelism and striped recall"):
-#   bash tests/cuda/run_tp_gpu.sh OUT_DIR
-# NCCL group tests, striped vs unstriped recall for 1..N GPUs, and model_bench at TP=N on the
-# 8-layer flash-shape checkpoint (TP=1 rows: the "Model level" table). Logs and JSON go to OUT_DIR.
+#   bash tests/cuda/run_tp_gpu.sh OUT_DIR [tests|bench|all]
+# tests: NCCL group tests (small, and 8-layer flash-shape with every GPU), striped vs unstriped
+# recall for 2..N GPUs; bench: model_bench at TP=N on flash-shape (TP=1 rows: the "Model level"
+# table). Each part fits the device tool's 10-minute command limit. Logs and JSON go to OUT_DIR.
 set -uo pipefail
 GPU_OUT_DEFAULT=/tmp/tp-gpu
 source "$(dirname "$0")/gpu_env.sh"
+PART=${2:-all}
 N=$(nvidia-smi -L | wc -l)
+fs8() { [ -e /tmp/fs8/config.json ] || $R worker/cli/flashmem ckpt random --preset flash-shape --layers 8 --experts 16 \
+  --seed 1 --out /tmp/fs8 > "$OUT/ckpt.log" 2>&1; }
 echo "GPUs: $N"; nvidia-smi topo -m | head -$((N + 1))
+if [ "$PART" != bench ]; then
 timeout 400 $R tests/tp_test --gtest_filter='*Gpu*:*Striped*' > "$OUT/tp_test.log" 2>&1
 echo "tp_test rc=$?: $(grep -E '^\[  (PASSED|FAILED|SKIPPED)  \]' "$OUT/tp_test.log" | tr '\n' ' ')"
-grep -E "NCCL|small, 2 GPUs|Failure|Expected|Which is" "$OUT/tp_test.log" | head -20
+grep -E "NCCL|GPUs vs 1|Failure|Expected|Which is" "$OUT/tp_test.log" | head -20
 for n in $(seq 2 "$N"); do
   timeout 120 $R tests/bench/recall_bench --ranks "$n" --pages 4096,16384 --json "$OUT/recall$n.json" 2>&1 | tail -7
 done
-$R worker/cli/flashmem ckpt random --preset flash-shape --layers 8 --experts 16 --seed 1 --out /tmp/fs8 > "$OUT/ckpt.log" 2>&1
+fs8
+# The group against one GPU on flash-shape too, with every GPU in the group.
+FLASHMEM_TP_GPU_MODEL=/tmp/fs8 FLASHMEM_TP_GPU_RANKS=$N timeout 400 $R tests/tp_test \
+  --gtest_filter='*GpuGroupMatchesOneGpu*' > "$OUT/tp_test_fs8.log" 2>&1
+echo "tp_test flash-shape rc=$?"; grep -E "GPUs vs 1|Failure|Expected|Which is" "$OUT/tp_test_fs8.log" | head -10
+fi
+[ "$PART" = tests ] && exit 0
+fs8
 port=$((29500 + RANDOM % 1000))
 for r in $(seq 1 $((N - 1))); do
-  timeout 900 $R tests/bench/model_bench --model /tmp/fs8 --device cuda --cuda-kernels fast --tp-size "$N" --tp-rank "$r" \
+  timeout 540 $R tests/bench/model_bench --model /tmp/fs8 --device cuda --cuda-kernels fast --tp-size "$N" --tp-rank "$r" \
     --tp-leader 127.0.0.1:$port --batch 1,16,64 --context 65536,262144 --steps 3 --warmup 2 > "$OUT/mb_rank$r.log" 2>&1 &
 done
-timeout 900 $R tests/bench/model_bench --model /tmp/fs8 --device cuda --cuda-kernels fast --tp-size "$N" --tp-rank 0 \
+timeout 540 $R tests/bench/model_bench --model /tmp/fs8 --device cuda --cuda-kernels fast --tp-size "$N" --tp-rank 0 \
   --tp-leader 127.0.0.1:$port --batch 1,16,64 --context 65536,262144 --steps 3 --warmup 2 --profile \
   --json "$OUT/mb_tp$N.json" > "$OUT/mb_tp$N.log" 2>&1
 echo "model_bench tp=$N rc=$?"

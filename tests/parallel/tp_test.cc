@@ -214,30 +214,44 @@ TEST(TensorParallel, TwoGpuRanksOverNcclEqualTwoCpuRanks) {
   std::filesystem::remove_all(dir);
 }
 
-// The 12-layer `small` preset on two GPUs (skipped without them), the serving kernels
-// (`--cuda-kernels fast`), teacher-forced: TP=2's logits against one GPU's within the bands the
-// golden sets give for an independent implementation (tiny-a's recommended logits bounds); the
-// partial sums add in another order, so bit-identity is not expected here.
-TEST(TensorParallel, TwoGpuRanksOnSmallMatchOneGpu) {
-  if (kernels::CudaDeviceCount() < 2) GTEST_SKIP() << "needs two CUDA devices";
-  const std::string dir = TempDir("tp_small_gpu");
-  ASSERT_EQ(RunShell(std::string(FLASHMEM_BIN) + " ckpt random --preset small --seed 3 --out " + dir + "/m").code, 0);
-  const std::string common = "generate --model " + dir + "/m --prompt-ids \"0,11,12,13,14,15,16,17,18,19,20,21,22,23\"" +
+// A GPU group against one GPU (skipped without two GPUs), the serving kernels
+// (`--cuda-kernels fast`), teacher-forced: the group's logits within the bands the golden sets
+// give for an independent implementation (tiny-a's recommended logits bounds); partial sums add
+// in another order, so bit-identity is not expected. Default: the 12-layer `small` preset on two
+// GPUs; FLASHMEM_TP_GPU_MODEL (a checkpoint directory, e.g. 8-layer flash-shape) and
+// FLASHMEM_TP_GPU_RANKS (2 or 4) choose others (tests/cuda/run_tp_gpu.sh runs both).
+TEST(TensorParallel, GpuGroupMatchesOneGpu) {
+  const int gpus = kernels::CudaDeviceCount();
+  if (gpus < 2) GTEST_SKIP() << "needs two CUDA devices";
+  const char* ranks_env = std::getenv("FLASHMEM_TP_GPU_RANKS");
+  const int ranks = ranks_env ? std::atoi(ranks_env) : 2;
+  ASSERT_TRUE(ranks >= 2 && ranks <= gpus) << "FLASHMEM_TP_GPU_RANKS=" << ranks << " with " << gpus << " GPUs";
+  const std::string dir = TempDir("tp_gpu_model");
+  const char* model_env = std::getenv("FLASHMEM_TP_GPU_MODEL");
+  const std::string model = model_env ? model_env : dir + "/m";
+  if (!model_env)
+    ASSERT_EQ(RunShell(std::string(FLASHMEM_BIN) + " ckpt random --preset small --seed 3 --out " + model).code, 0);
+  const std::string common = "generate --model " + model + " --prompt-ids \"0,11,12,13,14,15,16,17,18,19,20,21,22,23\"" +
                              " --force-tokens \"31,32,33,34,35,36,37,38,39,40,41,42,43,44,45,46\" --quiet --device cuda" +
                              " --cuda-kernels fast --tp-timeout-s 300";
-  const Array l2 = GroupLogits(common, dir, "tp2");
-  const ShellResult one = RunShell(std::string(FLASHMEM_BIN) + " " + common + " --dump " + dir + "/tp1.safetensors");
+  bool others_ok = false;
+  const ShellResult group = RunGroup(common + " --dump " + dir + "/group.safetensors", ranks, &others_ok, dir);
+  ASSERT_EQ(group.code, 0) << group.out;
+  ASSERT_TRUE(others_ok) << "a rank failed (logs in " << dir << ")";
+  const Array lg = DumpedLogits(dir + "/group.safetensors");
+  const ShellResult one = RunShell(std::string(FLASHMEM_BIN) + " " + common + " --dump " + dir + "/one.safetensors");
   ASSERT_EQ(one.code, 0) << one.out;
-  const Array l1 = DumpedLogits(dir + "/tp1.safetensors");
-  ASSERT_FALSE(l2.f.empty());
-  ASSERT_EQ(l2.shape, l1.shape);
+  const Array l1 = DumpedLogits(dir + "/one.safetensors");
+  ASSERT_FALSE(lg.f.empty());
+  ASSERT_EQ(lg.shape, l1.shape);
   std::vector<std::vector<float>> rows;
-  for (int64_t r = 0; r < l2.shape[0]; ++r)
-    rows.emplace_back(l2.f.begin() + r * l2.shape[1], l2.f.begin() + (r + 1) * l2.shape[1]);
+  for (int64_t r = 0; r < lg.shape[0]; ++r)
+    rows.emplace_back(lg.f.begin() + r * lg.shape[1], lg.f.begin() + (r + 1) * lg.shape[1]);
   const LogitStats st = CompareLogits(l1, rows);
-  std::printf("  small, 2 GPUs vs 1 (fast kernels): centred cosine median %.6f min %.6f, row max|d| median %.4f "
+  std::printf("  %s, %d GPUs vs 1 (fast kernels): centred cosine median %.6f min %.6f, row max|d| median %.4f "
               "p90 %.4f, argmax %.3f\n",
-              st.cosine_median, st.cosine_min, st.maxabs_median, st.maxabs_p90, st.argmax_agree);
+              model_env ? model_env : "small", ranks, st.cosine_median, st.cosine_min, st.maxabs_median, st.maxabs_p90,
+              st.argmax_agree);
   std::ifstream mf(GoldenA() + "/manifest.json");
   const nlohmann::json b = nlohmann::json::parse(mf)["recommended_tolerances"]["recommended_logits_bounds"];
   EXPECT_GE(st.cosine_median, b["centred_cosine_median_min"].get<double>());
