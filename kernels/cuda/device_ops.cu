@@ -217,33 +217,118 @@ __device__ float InvRms(const float* x, int64_t k, float eps) {
   return 1.0f / sqrtf(ss / static_cast<float>(k) + eps);
 }
 
-// out[m] = (rows[m] . x) * mul for m < count, one half-warp per row (CPU dot order). Whole warps
-// iterate together so the shuffles stay convergent.
-__device__ void HalfWarpRowDots(const float* rows, const float* x, int64_t k, int count, float mul, float* out) {
-  const int warp = threadIdx.x / 32, warps = blockDim.x / 32, half = (threadIdx.x / 16) & 1;
-  for (int base = warp * 2; base < count; base += warps * 2) {
-    const int m = base + half;
-    const bool live = m < count;
-    const float d = HalfWarpDot(rows + static_cast<int64_t>(live ? m : base) * k, Plain{x}, k);
-    if (live && (threadIdx.x & 15) == 0) out[m] = d * mul;
+// The hyper-connection mixes read `count` rows of k = hc * dim weights against one token's x: a
+// single block, so its loads must be many and wide or it waits on memory latency (one half-warp
+// per row kept ~8 KB in flight: ~300 us for V4-Flash's 1.5 MB). The block stages x and tiles of
+// the rows in shared memory with every thread loading; the sums are the CPU's (HalfWarpDot's)
+// to the bit: lane l adds elements l, l + 16, ... in order, then the same shuffle tree and tail.
+constexpr int kHcThreads = 1024, kHcRowsPerHalf = ((2 + kMaxHc) * kMaxHc + 63) / 64;  // 64 half-warps
+
+// Shared memory: x (k floats, rounded up to 16 bytes), then the tile of the rows.
+__host__ __device__ inline int64_t HcRound4(int64_t k) { return (k + 3) / 4 * 4; }
+
+// Columns of the rows staged per round for `count` rows (a multiple of 16; 0: does not fit).
+__host__ __device__ inline int64_t HcTile(int64_t k, int count) {
+  constexpr int64_t kBudget = 200 * 1024 / 4;  // floats of shared memory
+  int64_t t = (kBudget - HcRound4(k)) / (count > 0 ? count : 1) / 16 * 16;
+  return t > 512 ? 512 : t < 16 ? 0 : t;
+}
+
+// dst (shared) = src[0..n), the whole block loading with several loads in flight per thread.
+__device__ void StageToShared(const float* src, int64_t n, float* dst) {
+  constexpr int kBatch = 8;
+  for (int64_t base = 0; base < n; base += kBatch * blockDim.x) {
+    float v[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int64_t i = base + u * blockDim.x + threadIdx.x;
+      v[u] = i < n ? __ldg(src + i) : 0.0f;
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int64_t i = base + u * blockDim.x + threadIdx.x;
+      if (i < n) dst[i] = v[u];
+    }
   }
 }
 
-// One block per token: mixes (one warp per mix row), then thread 0 runs the small Sinkhorn as the
-// CPU does, then y.
-__global__ void HcPreKernel(const float* x, const float* fn, const float* base, const float* scale, int hc,
-                            int64_t dim, int iters, float norm_eps, float hc_eps, float* y, float* post_out,
-                            float* comb_out) {
+// xs (shared) = x; returns 1 / rms(x) and out[m] = (rows[m] . x) * (1 / rms) for m < count.
+__device__ float StagedMixes(const float* x, const float* rows, int64_t k, int count, float eps, float* xs,
+                             float* tile, float* out) {
+  StageToShared(x, k, xs);
+  const float rs = InvRms(xs, k, eps);  // synchronizes first
+  const int64_t tile_cols = HcTile(k, count), full = k / 16 * 16;
+  const int half = threadIdx.x / 16, halves = blockDim.x / 16, l16 = threadIdx.x & 15;
+  float s[kHcRowsPerHalf];
+#pragma unroll
+  for (int j = 0; j < kHcRowsPerHalf; ++j) s[j] = 0.0f;
+  for (int64_t t0 = 0; t0 < full; t0 += tile_cols) {
+    const int64_t tn = full - t0 < tile_cols ? full - t0 : tile_cols;
+    __syncthreads();
+    // Several 16-byte loads in flight per thread before any store (a store waits for its load):
+    // one block must keep ~64 KB in flight to stream the rows at more than latency speed.
+    constexpr int kBatch = 4;
+    const int64_t quads = tn / 4, total = count * quads;  // tn is a multiple of 16
+    const bool vec = k % 4 == 0;
+    for (int64_t base = 0; base < total; base += kBatch * blockDim.x) {
+      float4 v[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int64_t idx = base + u * blockDim.x + threadIdx.x, r = idx / quads, c = (idx - r * quads) * 4;
+        const float* src = rows + r * k + t0 + c;
+        if (idx >= total) v[u] = make_float4(0, 0, 0, 0);
+        else if (vec) v[u] = __ldg(reinterpret_cast<const float4*>(src));
+        else v[u] = make_float4(__ldg(src), __ldg(src + 1), __ldg(src + 2), __ldg(src + 3));
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int64_t idx = base + u * blockDim.x + threadIdx.x, r = idx / quads, c = (idx - r * quads) * 4;
+        if (idx < total) *reinterpret_cast<float4*>(tile + r * tile_cols + c) = v[u];
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < kHcRowsPerHalf; ++j) {
+      const int m = half + halves * j;
+      if (m < count)
+        for (int64_t i = l16; i < tn; i += 16) s[j] += tile[m * tile_cols + i] * xs[t0 + i];
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kHcRowsPerHalf; ++j) {  // whole warps shuffle (dead rows too)
+    const int m = half + halves * j;
+    float v = s[j];
+    v += __shfl_down_sync(0xffffffffu, v, 8, 16);
+    v += __shfl_down_sync(0xffffffffu, v, 4, 16);
+    v += __shfl_down_sync(0xffffffffu, v, 1, 16);
+    v += __shfl_down_sync(0xffffffffu, v, 2, 16);
+    v = __shfl_sync(0xffffffffu, v, 0, 16);
+    if (m < count) {
+      for (int64_t i = full; i < k; ++i) v += rows[m * k + i] * xs[i];
+      if (l16 == 0) out[m] = v * rs;
+    }
+  }
+  return rs;
+}
+
+// One block per token: mixes (StagedMixes), then thread 0 runs the small Sinkhorn as the CPU
+// does, then y.
+__global__ void __launch_bounds__(kHcThreads) HcPreKernel(const float* x, const float* fn, const float* base,
+                                                          const float* scale, int hc, int64_t dim, int iters,
+                                                          float norm_eps, float hc_eps, float* y, float* post_out,
+                                                          float* comb_out) {
   const int64_t k = hc * dim;
   const float* xt = x + blockIdx.x * k;
+  extern __shared__ __align__(16) float hc_smem[];
   __shared__ float mixes[(2 + kMaxHc) * kMaxHc];
   __shared__ float pre[kMaxHc];
-  const float rs = InvRms(xt, k, norm_eps);
-  HalfWarpRowDots(fn, xt, k, (2 + hc) * hc, rs, mixes);
+  StagedMixes(xt, fn, k, (2 + hc) * hc, norm_eps, hc_smem, hc_smem + HcRound4(k), mixes);
   __syncthreads();
+  // The Sinkhorn is a long chain of dependent divisions on one thread: it runs on a shared copy
+  // (global memory would put a round trip to L2 in every step: ~350 us) and is written out once.
+  __shared__ float comb[kMaxHc * kMaxHc];
   if (threadIdx.x == 0) {
     float* post = post_out + blockIdx.x * hc;
-    float* comb = comb_out + blockIdx.x * hc * hc;
     for (int i = 0; i < hc; ++i) {
       pre[i] = Sigmoid(mixes[i] * scale[0] + base[i]) + hc_eps;
       post[i] = 2.0f * Sigmoid(mixes[hc + i] * scale[1] + base[hc + i]);
@@ -274,9 +359,10 @@ __global__ void HcPreKernel(const float* x, const float* fn, const float* base, 
     }
   }
   __syncthreads();
+  if (threadIdx.x < hc * hc) comb_out[blockIdx.x * hc * hc + threadIdx.x] = comb[threadIdx.x];
   for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
     float acc = 0.0f;
-    for (int i = 0; i < hc; ++i) acc += pre[i] * xt[i * dim + d];
+    for (int i = 0; i < hc; ++i) acc += pre[i] * hc_smem[i * dim + d];  // the staged x
     y[blockIdx.x * dim + d] = RoundBf16(acc);
   }
 }
@@ -292,12 +378,13 @@ __global__ void HcPostKernel(const float* f, const float* residual, const float*
   out[id] = RoundBf16(s);
 }
 
-__global__ void HcHeadKernel(const float* x, const float* fn, const float* base, float scale, int hc,
-                             int64_t dim, float norm_eps, float hc_eps, float* y) {
+__global__ void __launch_bounds__(kHcThreads) HcHeadKernel(const float* x, const float* fn, const float* base,
+                                                           float scale, int hc, int64_t dim, float norm_eps,
+                                                           float hc_eps, float* y) {
   const int64_t k = hc * dim;
+  extern __shared__ __align__(16) float hc_smem[];
   __shared__ float pre[kMaxHc], mixes[kMaxHc];
-  const float rs = InvRms(x, k, norm_eps);
-  HalfWarpRowDots(fn, x, k, hc, rs, mixes);
+  StagedMixes(x, fn, k, hc, norm_eps, hc_smem, hc_smem + HcRound4(k), mixes);
   __syncthreads();
   if (threadIdx.x < hc) pre[threadIdx.x] = Sigmoid(mixes[threadIdx.x] * scale + base[threadIdx.x]) + hc_eps;
   __syncthreads();
@@ -379,7 +466,15 @@ cudaError_t HcPre(const float* x, int64_t n, const float* fn, const float* base,
                   cudaStream_t stream) {
   if (hc > kMaxHc) return cudaErrorInvalidValue;
   if (n == 0) return cudaSuccess;
-  HcPreKernel<<<static_cast<unsigned>(n), 256, 0, stream>>>(x, fn, base, scale, hc, dim, iters, norm_eps, hc_eps, y, post, comb);
+  const int count = (2 + hc) * hc;
+  const int64_t tile = HcTile(hc * dim, count);
+  if (tile == 0) return cudaErrorInvalidValue;  // hc * dim over ~50K values
+  const size_t smem = static_cast<size_t>(HcRound4(hc * dim) + count * tile) * sizeof(float);
+  if (cudaError_t e = cudaFuncSetAttribute(HcPreKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+      e != cudaSuccess)
+    return e;
+  HcPreKernel<<<static_cast<unsigned>(n), kHcThreads, smem, stream>>>(x, fn, base, scale, hc, dim, iters, norm_eps,
+                                                                      hc_eps, y, post, comb);
   return cudaGetLastError();
 }
 
@@ -394,7 +489,13 @@ cudaError_t HcPost(const float* f, const float* residual, const float* post, con
 cudaError_t HcHead(const float* x, const float* fn, const float* base, float scale, int hc, int64_t dim,
                    float norm_eps, float hc_eps, float* y, cudaStream_t stream) {
   if (hc > kMaxHc) return cudaErrorInvalidValue;
-  HcHeadKernel<<<1, 256, 0, stream>>>(x, fn, base, scale, hc, dim, norm_eps, hc_eps, y);
+  const int64_t tile = HcTile(hc * dim, hc);
+  if (tile == 0) return cudaErrorInvalidValue;
+  const size_t smem = static_cast<size_t>(HcRound4(hc * dim) + hc * tile) * sizeof(float);
+  if (cudaError_t e = cudaFuncSetAttribute(HcHeadKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+      e != cudaSuccess)
+    return e;
+  HcHeadKernel<<<1, kHcThreads, smem, stream>>>(x, fn, base, scale, hc, dim, norm_eps, hc_eps, y);
   return cudaGetLastError();
 }
 

@@ -314,6 +314,30 @@ TEST_F(CudaOps, HyperConnections) {
   }
 }
 
+// The mHC mixes are staged through shared memory in tiles; the sums keep the CPU's order, so the
+// results stay bit-identical — across tile boundaries, a k that is not a multiple of 16 (the tail
+// after the shuffle tree), several tokens, and V4-Flash's hc 4 x 4096.
+TEST_F(CudaOps, HyperConnectionMixesStagedStayBitIdentical) {
+  const int hc = 4;
+  for (int64_t dim : {101, 4096})
+    for (int64_t n : {1, 3}) {
+      const int64_t k = hc * dim, mix = (2 + hc) * hc;
+      const std::vector<float> x = Random(n * k, 81, 1.0f), fn = Random(mix * k, 82, 0.02f),
+                               base = Random(mix, 83, 0.5f), scale = Random(3, 84, 0.5f);
+      std::vector<float> ya = Poisoned(n * dim), yb = ya, pa = Poisoned(n * hc), pb = pa, ca = Poisoned(n * hc * hc), cb = ca;
+      cpu().HcPre(x.data(), n, fn.data(), base.data(), scale.data(), hc, dim, 20, 1e-6f, 1e-6f, ya.data(), pa.data(), ca.data());
+      gpu_->HcPre(x.data(), n, fn.data(), base.data(), scale.data(), hc, dim, 20, 1e-6f, 1e-6f, yb.data(), pb.data(), cb.data());
+      EXPECT_EQ(ya, yb) << "y dim " << dim << " n " << n;
+      EXPECT_EQ(pa, pb) << "post dim " << dim << " n " << n;
+      EXPECT_EQ(ca, cb) << "comb dim " << dim << " n " << n;
+      std::vector<float> ha = Poisoned(dim), hb = ha;
+      cpu().HcHead(x.data(), fn.data(), base.data(), 0.7f, hc, dim, 1e-6f, 1e-6f, ha.data());
+      gpu_->HcHead(x.data(), fn.data(), base.data(), 0.7f, hc, dim, 1e-6f, 1e-6f, hb.data());
+      EXPECT_EQ(ha, hb) << "head dim " << dim;
+    }
+  EXPECT_TRUE(gpu_->Health().ok()) << gpu_->Health();
+}
+
 // The paged 584-B FP8 record kernel against the CPU op on the records' decoded rows.
 TEST_F(CudaOps, PagedFp8RecordsAttentionMatchesDecodedRows) {
   const int64_t B = 64, pages = 12, entries = B * pages, heads = 64, batch = 3, n = 640;

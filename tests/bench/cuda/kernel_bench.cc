@@ -414,6 +414,27 @@ int main(int argc, char** argv) {
     rows.push_back({"FP8 round trip", "64x4096 /64", us3, 2.0 * n * dim * 4 / us3 / 1e3, 0, Pct(2.0 * n * dim * 4 / us3 / 1e3, hbm, "HBM")});
     for (void* p : {static_cast<void*>(x), static_cast<void*>(wt), static_cast<void*>(y)}) CHECK_CUDA(cudaFree(p));
   }
+
+  // ---- hyper-connection mixes (mHC, exact: the CPU's dot order) at V4-Flash's hc 4, dim 4096 ---
+  // bytes: the (2 + hc) * hc rows of hc * dim fp32 weights + each token's hc * dim input.
+  for (int64_t n : {1, 64}) {
+    const int hc = 4;
+    const int64_t dim = 4096, k = hc * dim, mix = (2 + hc) * hc;
+    float *x = DeviceRandomFloats(n * k, 1.0f), *fn = DeviceRandomFloats(mix * k, 0.01f),
+          *base = DeviceRandomFloats(mix, 0.1f), *scale = DeviceRandomFloats(3, 0.1f), *y, *post, *comb;
+    CHECK_CUDA(cudaMalloc(&y, n * dim * 4));
+    CHECK_CUDA(cudaMalloc(&post, n * hc * 4));
+    CHECK_CUDA(cudaMalloc(&comb, n * hc * hc * 4));
+    const double us = TimeUs([&](int) {
+      CHECK_CUDA(cu::HcPre(x, n, fn, base, scale, hc, dim, 20, 1e-6f, 1e-6f, y, post, comb, nullptr));
+    });
+    const double bytes = 4.0 * (mix * k + n * k);
+    rows.push_back({"hc_pre (mixes + 20 Sinkhorn iterations), exact", std::to_string(n) + " tok, hc 4 x 4096", us,
+                    bytes / us / 1e3, 0, Pct(bytes / us / 1e3, hbm, "HBM")});
+    for (void* p : {static_cast<void*>(x), static_cast<void*>(fn), static_cast<void*>(base), static_cast<void*>(scale),
+                    static_cast<void*>(y), static_cast<void*>(post), static_cast<void*>(comb)})
+      CHECK_CUDA(cudaFree(p));
+  }
   Print();
   return 0;
 }
