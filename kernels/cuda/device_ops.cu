@@ -290,8 +290,12 @@ __device__ float StagedMixes(const float* x, const float* rows, int64_t k, int c
 #pragma unroll
     for (int j = 0; j < kHcRowsPerHalf; ++j) {
       const int m = half + halves * j;
-      if (m < count)
-        for (int64_t i = l16; i < tn; i += 16) s[j] += tile[m * tile_cols + i] * xs[t0 + i];
+      if (m < count) {
+        const float* tr = tile + m * tile_cols;
+        const float* xr = xs + t0;
+#pragma unroll 8
+        for (int i = l16; i < static_cast<int>(tn); i += 16) s[j] += tr[i] * xr[i];  // in order: no reassociation
+      }
     }
   }
 #pragma unroll
@@ -324,16 +328,16 @@ __global__ void __launch_bounds__(kHcThreads) HcPreKernel(const float* x, const 
   __shared__ float pre[kMaxHc];
   StagedMixes(xt, fn, k, (2 + hc) * hc, norm_eps, hc_smem, hc_smem + HcRound4(k), mixes);
   __syncthreads();
-  // The Sinkhorn is a long chain of dependent divisions on one thread: it runs on a shared copy
-  // (global memory would put a round trip to L2 in every step: ~350 us) and is written out once.
+  // The Sinkhorn is a chain of dependent divisions: thread i of the first warp owns row i (and
+  // column i) of the hc x hc matrix, with each row's and column's arithmetic exactly the CPU's,
+  // on a shared copy written out once.
   __shared__ float comb[kMaxHc * kMaxHc];
-  if (threadIdx.x == 0) {
-    float* post = post_out + blockIdx.x * hc;
-    for (int i = 0; i < hc; ++i) {
+  if (threadIdx.x < 32) {
+    const int i = threadIdx.x;
+    const bool mine = i < hc;
+    if (mine) {
       pre[i] = Sigmoid(mixes[i] * scale[0] + base[i]) + hc_eps;
-      post[i] = 2.0f * Sigmoid(mixes[hc + i] * scale[1] + base[hc + i]);
-    }
-    for (int i = 0; i < hc; ++i) {
+      post_out[blockIdx.x * hc + i] = 2.0f * Sigmoid(mixes[hc + i] * scale[1] + base[hc + i]);
       float* row = comb + i * hc;
       float mx = -INFINITY;
       for (int j = 0; j < hc; ++j) {
@@ -344,18 +348,22 @@ __global__ void __launch_bounds__(kHcThreads) HcPreKernel(const float* x, const 
       for (int j = 0; j < hc; ++j) sum += (row[j] = ExpF(row[j] - mx));
       for (int j = 0; j < hc; ++j) row[j] = row[j] / sum + hc_eps;
     }
+    __syncwarp();
     for (int it = 0; it < max(iters, 1); ++it) {  // the first column pass always runs
-      if (it > 0)
-        for (int i = 0; i < hc; ++i) {
+      if (it > 0) {
+        if (mine) {
           float r = 0.0f;
           for (int j = 0; j < hc; ++j) r += comb[i * hc + j];
           for (int j = 0; j < hc; ++j) comb[i * hc + j] /= (r + hc_eps);
         }
-      for (int j = 0; j < hc; ++j) {
-        float c = 0.0f;
-        for (int i = 0; i < hc; ++i) c += comb[i * hc + j];
-        for (int i = 0; i < hc; ++i) comb[i * hc + j] /= (c + hc_eps);
+        __syncwarp();
       }
+      if (mine) {
+        float c = 0.0f;
+        for (int r = 0; r < hc; ++r) c += comb[r * hc + i];
+        for (int r = 0; r < hc; ++r) comb[r * hc + i] /= (c + hc_eps);
+      }
+      __syncwarp();
     }
   }
   __syncthreads();
