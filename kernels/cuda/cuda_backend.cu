@@ -531,15 +531,20 @@ class CudaBackendImpl final : public Backend {
 
   // The whole routed-expert layer in one staging round trip: x and y up once, every expert's
   // gather, w1/w3, SwiGLU, w2 and scatter-add on the device in expert order, y back.
+  // One expert's part of a routed-experts call: its work, its weights on the device, its rows and
+  // its buffers in the staging frame.
+  struct ExpertPlan {
+    const ExpertWork* e;
+    const DeviceWeight *w1, *w3, *w2;
+    int64_t m, ld, inter;
+    size_t rows, wts, xs, gate, up, h, out;
+    bool weighted;
+  };
+
   absl::Status RoutedExpertsLocked(std::span<const ExpertWork> experts, const float* x, int64_t n, int64_t dim,
                                    float limit, float* y) const {
     FM_CUDA_TRY(cudaSetDevice(device_), "cudaSetDevice");
-    struct Plan {
-      const DeviceWeight *w1, *w3, *w2;
-      int64_t m, ld, inter;
-      size_t rows, wts, xs, gate, up, h, out;
-      bool weighted;
-    };
+    using Plan = ExpertPlan;
     std::vector<Plan> plans;
     Frame f;
     const size_t dx = f.In(x, n * dim * 4), dy = f.In(y, n * dim * 4);
@@ -553,6 +558,7 @@ class CudaBackendImpl final : public Backend {
       for (int32_t r : e.rows)
         if (r < 0 || r >= n) return absl::InvalidArgumentError(absl::StrCat("RoutedExperts: experts[", i, "].rows has ", r));
       Plan p;
+      p.e = &e;
       FM_ASSIGN_OR_RETURN(p.w1, WeightOnDevice(*e.w1));
       FM_ASSIGN_OR_RETURN(p.w3, WeightOnDevice(*e.w3));
       FM_ASSIGN_OR_RETURN(p.w2, WeightOnDevice(*e.w2));
@@ -574,7 +580,7 @@ class CudaBackendImpl final : public Backend {
       grouped = grouped && p.m <= 16 && p.inter % 128 == 0 && p.inter == plans[0].inter &&
                 p.w1->format != WeightFormat::kDense &&
                 p.w1->format == plans[0].w1->format && p.w3->format == p.w1->format && p.w2->format == p.w1->format;
-    if (grouped) return RoutedExpertsGroupedLocked(experts, x, n, dim, limit, y, plans[0].w1->format);
+    if (grouped) return RoutedExpertsGroupedLocked(plans, x, n, dim, limit, y, plans[0].w1->format);
     for (Plan& p : plans) {
       p.xs = f.Scratch(p.ld * dim * 4);
       p.gate = f.Scratch(p.ld * p.inter * 4);
@@ -608,7 +614,8 @@ class CudaBackendImpl final : public Backend {
   // The grouped form of RoutedExpertsLocked (fast mode, decode-sized): the experts' rows laid end
   // to end, one gather, one act_quant, one grouped GEMV for w1 and w3, one SwiGLU, one act_quant,
   // one grouped GEMV for w2, then the scatter-adds in expert order (the order of the fp32 sum).
-  absl::Status RoutedExpertsGroupedLocked(std::span<const ExpertWork> experts, const float* x, int64_t n, int64_t dim,
+  // `plans`: the non-empty experts, validated, weights on the device (RoutedExpertsLocked).
+  absl::Status RoutedExpertsGroupedLocked(std::span<const ExpertPlan> plans, const float* x, int64_t n, int64_t dim,
                                           float limit, float* y, WeightFormat format) const {
     struct Part {
       const ExpertWork* e;
@@ -619,12 +626,9 @@ class CudaBackendImpl final : public Backend {
     std::vector<int32_t> rows;
     std::vector<float> wts;
     int64_t inter = 0, max_m = 0;
-    for (const ExpertWork& e : experts) {
-      if (e.rows.empty()) continue;
-      Part p{&e, nullptr, nullptr, nullptr, static_cast<int64_t>(e.rows.size()), static_cast<int64_t>(rows.size())};
-      FM_ASSIGN_OR_RETURN(p.w1, WeightOnDevice(*e.w1));  // resident already: lookups
-      FM_ASSIGN_OR_RETURN(p.w3, WeightOnDevice(*e.w3));
-      FM_ASSIGN_OR_RETURN(p.w2, WeightOnDevice(*e.w2));
+    for (const ExpertPlan& plan : plans) {
+      const ExpertWork& e = *plan.e;
+      Part p{&e, plan.w1, plan.w3, plan.w2, plan.m, static_cast<int64_t>(rows.size())};
       rows.insert(rows.end(), e.rows.begin(), e.rows.end());
       for (size_t r = 0; r < e.rows.size(); ++r) wts.push_back(e.weights.empty() ? 1.0f : e.weights[r]);  // x * 1 == x
       inter = std::max(inter, e.w1->rows);
