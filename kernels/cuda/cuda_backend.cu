@@ -425,112 +425,74 @@ class CudaBackendImpl final : public Backend {
     if (!health_.ok() || n == 0) return absl::OkStatus();
     FM_CUDA_TRY(cudaSetDevice(device_), "cudaSetDevice");
     FM_ASSIGN_OR_RETURN(const DeviceWeight* dw, WeightOnDevice(w));
+    const int64_t k = w.cols, m = w.rows, ld = (n + 3) / 4 * 4;
+    Frame f;
+    const size_t dx = f.In(x, n * k * 4), dy = f.Scratch(ld * m * 4);
+    const LinearScratch s = AddLinearScratch(f, ld, k);
+    f.Download(dy, y, n * m * 4);
+    return RunLocked(f, [&](Dev d) { return EnqueueLinear(*dw, d.at(dx), n, ld, d.at(dy), out, s.At(d)); });
+  }
+
+  // Device scratch of one EnqueueLinear of up to `ld` rows against k inputs.
+  struct LinearScratch {
+    size_t qx, qs, qb, q8;
+    struct Ptrs {
+      float *qx, *qs;
+      __nv_bfloat16* qb;
+      uint8_t* q8;
+    };
+    Ptrs At(Dev d) const { return {d.at(qx), d.at(qs), d.at<__nv_bfloat16>(qb), d.at<uint8_t>(q8)}; }
+  };
+  static LinearScratch AddLinearScratch(Frame& f, int64_t ld, int64_t k) {
+    return {f.Scratch(ld * k * 4), f.Scratch(ld * (k / 128 + 1) * 4), f.Scratch(ld * k * 2), f.Scratch(ld * k)};
+  }
+
+  // y = x · wᵀ on the device (x: n rows; y: room for ld ≥ n rows, n · rows written), enqueued on
+  // the stream; every Linear takes this path choice. Exact mode: the bit-exact kernel. Fast mode,
+  // quantized weights with k % 128 == 0: from 16 tokens an FP8 weight runs on the bf16 tensor cores
+  // on exactly dequantized operands (or, fast-fp8, cuBLASLt's FP8 tensor cores); otherwise the
+  // decode GEMV. Dense bf16 weights of 4M values and more: cuBLASLt bf16 (smaller ones are
+  // launch-bound and keep the exact kernel). A shape cuBLASLt refuses falls through to the next.
+  cudaError_t EnqueueLinear(const DeviceWeight& w, const float* x, int64_t n, int64_t ld, float* y, Rounding out,
+                            const LinearScratch::Ptrs& s) const {
     const int64_t k = w.cols, m = w.rows;
     const bool quantized = w.format != WeightFormat::kDense;
-    if (!exact_ && quantized && k % 128 == 0 && (fast_gemv_ || fast_lt_)) {
-      absl::Status st = FastLinearLocked(*dw, x, n, y, out);
-      if (st.ok() || !absl::IsUnimplemented(st)) return st;  // unimplemented: the exact kernel below
-    }
-    // Dense weights from 4M elements up (the head, wo_a's groups, CSA compressor projections):
-    // smaller ones are launch-bound, so they keep the exact kernel at no cost.
-    if (!exact_ && fast_dense_ && !quantized && dw->dense_bf16 && m * k >= (int64_t{1} << 22)) {
-      absl::Status st = DenseBf16Locked(*dw, x, n, y, out);
-      if (st.ok() || !absl::IsUnimplemented(st)) return st;
-    }
-    Frame f;
-    const size_t dx = f.In(x, n * k * 4);
-    const size_t dq = quantized ? f.Scratch(n * k * 4) : dx;
-    const size_t ds = quantized ? f.Scratch(n * (k / 128) * 4) : dx;
-    const size_t dy = f.Scratch(n * m * 4);
-    f.Download(dy, y, n * m * 4);
-    return RunLocked(f, [&](Dev d) {
-      if (quantized) {
-        const cudaError_t e = cuda::QuantizeActivations(d.at(dx), n, k, d.at(dq), d.at(ds), stream_);
-        if (e != cudaSuccess) return e;
+    auto rounded = [&](cudaError_t e) {
+      return e != cudaSuccess || out != Rounding::kBf16 ? e : cuda::RoundToBf16(y, n * m, stream_);
+    };
+    if (!exact_ && quantized && k % 128 == 0) {
+      if (fast_lt_ && w.format == WeightFormat::kFp8Block128 && n >= 16 && w.dequant_bf16) {
+        DeviceWeight view;
+        view.rows = m;
+        view.cols = k;
+        view.dense_bf16 = true;
+        view.values = w.dequant_bf16;
+        cudaError_t e = cuda::QuantizeActivationsBf16(x, n, k, ld, s.qb, stream_);
+        if (e == cudaSuccess) e = cuda::LinearBf16Lt(lt_, view, s.qb, ld, y, stream_);
+        if (e != cudaErrorNotSupported) return rounded(e);
       }
-      return cuda::Linear(*dw, d.at(dq), d.at(ds), n, d.at(dy), out, stream_);
-    });
-  }
-
-  // Fast path: decode GEMV below 16 tokens (and for FP4 and when cuBLASLt refuses a shape),
-  // cuBLASLt block-scaled FP8 from 16 tokens. UNIMPLEMENTED only when FLASHMEM_CUDA_FAST_PATHS
-  // turned the GEMV off.
-  absl::Status FastLinearLocked(const DeviceWeight& dw, const float* x, int64_t n, float* y, Rounding out) const {
-    const int64_t k = dw.cols, m = dw.rows;
-    if (fast_lt_ && dw.format == WeightFormat::kFp8Block128 && n >= 16 && dw.dequant_bf16) {
-      // act_quant'ed activations and the weight, both dequantized to bf16 (exact), through the bf16
-      // tensor cores with fp32 accumulation: the reference's product up to summation order.
-      DeviceWeight view;
-      view.rows = m;
-      view.cols = k;
-      view.dense_bf16 = true;
-      view.values = dw.dequant_bf16;
-      absl::Status st = DenseBf16Locked(view, x, n, y, out, /*act_quant=*/true);
-      if (!absl::IsUnimplemented(st)) return st;  // refused: the GEMV below
-    }
-    if (fast_lt_ && dw.format == WeightFormat::kFp8Block128 && n >= 16 && dw.lt_scales) {
-      // FP8 tensor cores (fast-fp8): they keep ~14 bits while summing a 128-block (relative error
-      // ~1e-4 against fp32 sums; 95% of bf16 outputs identical), which moved the golden caches of
-      // dsv4-tiny-c past their tolerance. fp32 out, rounded here to nearest even.
-      const int64_t ld = (n + 3) / 4 * 4;
-      Frame f;
-      const size_t dx = f.In(x, n * k * 4), dy = f.Scratch(ld * m * 4);
-      const size_t dc = f.Scratch(ld * k), ds = f.Scratch(ld * (k / 128) * 4);
-      f.Download(dy, y, n * m * 4);
-      bool refused = false;
-      FM_RETURN_IF_ERROR(RunLocked(f, [&](Dev d) {
-        cudaError_t e = cuda::QuantizeActivationsFp8(d.at(dx), n, k, d.at<uint8_t>(dc), d.at(ds), ld, stream_);
-        if (e != cudaSuccess) return e;
-        e = cuda::LinearFp8Lt(lt_, dw, dw.lt_scales, d.at<uint8_t>(dc), d.at(ds), ld, d.at(dy), cuda::LtOutput::kF32,
-                              stream_);
-        if (e == cudaErrorNotSupported) {
-          refused = true;
-          return cudaSuccess;
-        }
-        if (e != cudaSuccess || out != Rounding::kBf16) return e;
-        return cuda::RoundToBf16(d.at(dy), n * m, stream_);
-      }));
-      if (!refused) return absl::OkStatus();  // refused: the GEMV below
-    }
-    if (!fast_gemv_) return absl::UnimplementedError("the decode GEMV is off (FLASHMEM_CUDA_FAST_PATHS)");
-    Frame f;
-    const size_t dx = f.In(x, n * k * 4), dy = f.Scratch(n * m * 4);
-    f.Download(dy, y, n * m * 4);
-    const size_t dq = f.Scratch(n * k * 4), ds = f.Scratch(n * (k / 128) * 4);
-    return RunLocked(f, [&](Dev d) {
-      cudaError_t e = cuda::QuantizeActivations(d.at(dx), n, k, d.at(dq), d.at(ds), stream_);
-      if (e != cudaSuccess) return e;
-      return cuda::LinearDecode(dw, d.at(dq), d.at(ds), n, d.at(dy), out, stream_);
-    });
-  }
-
-  // Fast path of a dense bf16 weight (the head, wo_a's groups; act_quant: a dequantized FP8
-  // weight): cuBLASLt bf16 GEMM, fp32 out. UNIMPLEMENTED when cuBLASLt refuses the shape.
-  absl::Status DenseBf16Locked(const DeviceWeight& dw, const float* x, int64_t n, float* y, Rounding out,
-                               bool act_quant = false) const {
-    const int64_t k = dw.cols, m = dw.rows, ld = (n + 3) / 4 * 4;
-    Frame f;
-    const size_t dx = f.In(x, n * k * 4), db = f.Scratch(ld * k * 2), dy = f.Scratch(ld * m * 4);
-    f.Download(dy, y, n * m * 4);
-    bool refused = false;
-    FM_RETURN_IF_ERROR(RunLocked(f, [&](Dev d) {
-      cudaError_t e = act_quant ? cuda::QuantizeActivationsBf16(d.at(dx), n, k, ld, d.at<__nv_bfloat16>(db), stream_)
-                                : cuda::F32ToBf16Rows(d.at(dx), n, k, ld, d.at<__nv_bfloat16>(db), stream_);
-      if (e != cudaSuccess) return e;
-      e = cuda::LinearBf16Lt(lt_, dw, d.at<__nv_bfloat16>(db), ld, d.at(dy), stream_);
-      if (e == cudaErrorNotSupported) {
-        refused = true;
-        return cudaSuccess;
+      if (fast_lt_ && w.format == WeightFormat::kFp8Block128 && n >= 16 && w.lt_scales) {
+        // FP8 tensor cores (fast-fp8): ~14 bits kept while summing a 128-block (relative error ~1e-4
+        // against fp32 sums), which moved dsv4-tiny-c's golden caches past their tolerance.
+        cudaError_t e = cuda::QuantizeActivationsFp8(x, n, k, s.q8, s.qs, ld, stream_);
+        if (e == cudaSuccess) e = cuda::LinearFp8Lt(lt_, w, w.lt_scales, s.q8, s.qs, ld, y, cuda::LtOutput::kF32, stream_);
+        if (e != cudaErrorNotSupported) return rounded(e);
       }
-      if (e != cudaSuccess || out != Rounding::kBf16) return e;
-      return cuda::RoundToBf16(d.at(dy), n * m, stream_);
-    }));
-    if (!refused) return absl::OkStatus();
-    return absl::UnimplementedError("cuBLASLt has no bf16 algorithm for this shape");
+      if (fast_gemv_) {
+        const cudaError_t e = cuda::QuantizeActivations(x, n, k, s.qx, s.qs, stream_);
+        return e != cudaSuccess ? e : cuda::LinearDecode(w, s.qx, s.qs, n, y, out, stream_);
+      }
+    }
+    if (!exact_ && fast_dense_ && !quantized && w.dense_bf16 && m * k >= (int64_t{1} << 22)) {
+      cudaError_t e = cuda::F32ToBf16Rows(x, n, k, ld, s.qb, stream_);
+      if (e == cudaSuccess) e = cuda::LinearBf16Lt(lt_, w, s.qb, ld, y, stream_);
+      if (e != cudaErrorNotSupported) return rounded(e);
+    }
+    if (!quantized) return cuda::Linear(w, x, x, n, y, out, stream_);
+    const cudaError_t e = cuda::QuantizeActivations(x, n, k, s.qx, s.qs, stream_);
+    return e != cudaSuccess ? e : cuda::Linear(w, s.qx, s.qs, n, y, out, stream_);
   }
 
-  // The whole routed-expert layer in one staging round trip: x and y up once, every expert's
-  // gather, w1/w3, SwiGLU, w2 and scatter-add on the device in expert order, y back.
   // One expert's part of a routed-experts call: its work, its weights on the device, its rows and
   // its buffers in the staging frame.
   struct ExpertPlan {
@@ -541,6 +503,8 @@ class CudaBackendImpl final : public Backend {
     bool weighted;
   };
 
+  // The whole routed-expert layer in one staging round trip: x and y up once, every expert's
+  // gather, w1/w3, SwiGLU, w2 and scatter-add on the device in expert order, y back.
   absl::Status RoutedExpertsLocked(std::span<const ExpertWork> experts, const float* x, int64_t n, int64_t dim,
                                    float limit, float* y) const {
     FM_CUDA_TRY(cudaSetDevice(device_), "cudaSetDevice");
@@ -588,15 +552,14 @@ class CudaBackendImpl final : public Backend {
       p.h = f.Scratch(p.ld * p.inter * 4);
       p.out = f.Scratch(p.ld * dim * 4);
     }
-    const size_t qx = f.Scratch(max_ld * max_k * 4), qs = f.Scratch(max_ld * (max_k / 128 + 1) * 4),
-                 qb = f.Scratch(max_ld * max_k * 2);
+    const LinearScratch scratch = AddLinearScratch(f, max_ld, max_k);
     f.Download(dy, y, n * dim * 4);
     return RunLocked(f, [&](Dev d) {
       for (const Plan& p : plans) {
         const int32_t* rows = d.at<int32_t>(p.rows);
         cudaError_t e = cuda::GatherRows(d.at(dx), rows, p.m, dim, d.at(p.xs), stream_);
         auto linear = [&](const DeviceWeight& w, const float* in, float* out) {
-          return EnqueueLinear(w, in, p.m, p.ld, out, d.at(qx), d.at(qs), d.at<__nv_bfloat16>(qb));
+          return EnqueueLinear(w, in, p.m, p.ld, out, Rounding::kBf16, scratch.At(d));
         };
         if (e == cudaSuccess) e = linear(*p.w1, d.at(p.xs), d.at(p.gate));
         if (e == cudaSuccess) e = linear(*p.w3, d.at(p.xs), d.at(p.up));
@@ -681,32 +644,6 @@ class CudaBackendImpl final : public Backend {
 
   // A bf16-rounded Linear on device arrays (the path LinearLocked would take): x [m][k], y with
   // room for ld >= m rows (the tensor-core path writes ld); qx/qs/qb quantization scratch.
-  cudaError_t EnqueueLinear(const DeviceWeight& w, const float* x, int64_t m, int64_t ld, float* y, float* qx,
-                            float* qs, __nv_bfloat16* qb) const {
-    const int64_t k = w.cols;
-    const bool quantized = w.format != WeightFormat::kDense;
-    if (!exact_ && quantized && k % 128 == 0) {
-      if (fast_lt_ && w.format == WeightFormat::kFp8Block128 && m >= 16 && w.dequant_bf16) {
-        DeviceWeight view;
-        view.rows = w.rows;
-        view.cols = k;
-        view.dense_bf16 = true;
-        view.values = w.dequant_bf16;
-        cudaError_t e = cuda::QuantizeActivationsBf16(x, m, k, ld, qb, stream_);
-        if (e == cudaSuccess) e = cuda::LinearBf16Lt(lt_, view, qb, ld, y, stream_);
-        if (e == cudaSuccess) return cuda::RoundToBf16(y, m * w.rows, stream_);
-        if (e != cudaErrorNotSupported) return e;
-      }
-      if (fast_gemv_) {
-        const cudaError_t e = cuda::QuantizeActivations(x, m, k, qx, qs, stream_);
-        return e != cudaSuccess ? e : cuda::LinearDecode(w, qx, qs, m, y, Rounding::kBf16, stream_);
-      }
-    }
-    if (!quantized) return cuda::Linear(w, x, x, m, y, Rounding::kBf16, stream_);
-    const cudaError_t e = cuda::QuantizeActivations(x, m, k, qx, qs, stream_);
-    return e != cudaSuccess ? e : cuda::Linear(w, qx, qs, m, y, Rounding::kBf16, stream_);
-  }
-
   void RoundTripOp(float* x, int64_t n, int64_t block, bool fp8) const {
     Frame f;
     const size_t dx = f.In(x, n * 4);
