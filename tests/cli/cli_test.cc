@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
 #include "tests/model/golden_util.h"
 #include "tests/model/test_models.h"
 #include "tests/process_util.h"
@@ -130,6 +131,35 @@ TEST(Cli, LocalClusterUpCompleteDown) {
   ASSERT_NE(t, std::string::npos);
   EXPECT_NE(api.out.find(prompt + direct.out.substr(t + 6, direct.out.find('\n', t) - t - 6)), std::string::npos) << api.out;
   EXPECT_FALSE(std::filesystem::exists(dir + "/run/cluster.json"));
+  std::filesystem::remove_all(dir);
+}
+
+// `cluster up --tp 2`: each worker is a group of two rank processes; completions through the
+// coordinator give the engine's text, and `cluster down` ends every rank.
+TEST(Cli, LocalClusterOfTensorParallelGroups) {
+  const std::string dir = TempDir("cli_cluster_tp");
+  ASSERT_EQ(RunCli("ckpt random --preset tiny --layers 2 --seed 4 --out " + dir + "/m").code, 0);
+  Result up = RunCli("cluster up --workers 2 --tp 2 --dense --model " + dir + "/m --run-dir " + dir + "/run");
+  ASSERT_EQ(up.code, 0) << up.out;
+  EXPECT_NE(up.out.find("2 worker(s) of 2 tensor-parallel ranks"), std::string::npos) << up.out;
+  const std::string prompt = "Every rank follows its leader";
+  Result api = RunCli("complete --run-dir " + dir + "/run --prompt \"" + prompt + "\" --max-tokens 12");
+  std::ifstream cj(dir + "/run/cluster.json");
+  const nlohmann::json j = nlohmann::json::parse(cj);
+  std::vector<pid_t> ranks;
+  for (const auto& w : j["workers"])
+    for (const auto& r : w["rank_pids"]) ranks.push_back(r.get<pid_t>());
+  EXPECT_EQ(ranks.size(), 2u);
+  Result down = RunCli("cluster down --run-dir " + dir + "/run");
+  EXPECT_EQ(down.code, 0) << down.out;
+  EXPECT_NE(down.out.find("(6 processes)"), std::string::npos) << down.out;
+  for (pid_t p : ranks) EXPECT_NE(::kill(p, 0), 0) << "rank process " << p << " outlived cluster down";
+  ASSERT_EQ(api.code, 0) << api.out;
+  Result direct = RunCli("generate --model " + dir + "/m --prompt \"" + prompt + "\" --max-new-tokens 12");
+  const auto t = direct.out.find("text: ");
+  ASSERT_NE(t, std::string::npos);
+  EXPECT_NE(api.out.find(prompt + direct.out.substr(t + 6, direct.out.find('\n', t) - t - 6)), std::string::npos)
+      << api.out << "\n" << direct.out;
   std::filesystem::remove_all(dir);
 }
 
