@@ -25,6 +25,11 @@ class Communicator {
   // out[r * n .. (r + 1) * n) = rank r's local[0..n).
   virtual void AllGather(const float* local, int64_t n, float* out) const = 0;
 
+  // From any thread, when a peer is known to be gone (the group's control stream broke): a
+  // collective blocked on it returns an error instead of waiting forever. NCCL waits forever
+  // otherwise (ncclCommAbort); Gloo's collectives time out by themselves, so it does nothing there.
+  virtual void Abort() const {}
+
   // Device-memory collectives (NCCL ranks; UNIMPLEMENTED elsewhere), enqueued on `cuda_stream` (a
   // cudaStream_t; this header stays CUDA-free) and asynchronous: the caller orders and waits.
   // out[r * bytes .. (r + 1) * bytes) = rank r's local bytes; in place when local == out + rank * bytes.

@@ -8,6 +8,7 @@
 #include <dlfcn.h>
 #include <nccl.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <mutex>
 #include <string>
@@ -30,7 +31,7 @@ namespace {
 
 // The NCCL entry points used here, resolved once from libnccl.so.2.
 #define FM_NCCL_FUNCTIONS(X) \
-  X(ncclGetUniqueId) X(ncclCommInitRank) X(ncclCommDestroy) X(ncclAllReduce) X(ncclAllGather) X(ncclBroadcast) X(ncclGetErrorString)
+  X(ncclGetUniqueId) X(ncclCommInitRank) X(ncclCommDestroy) X(ncclAllReduce) X(ncclAllGather) X(ncclBroadcast) X(ncclCommAbort) X(ncclGetErrorString)
 
 struct NcclApi {
 #define FM_NCCL_MEMBER(f) decltype(&::f) f = nullptr;
@@ -72,8 +73,13 @@ class NcclCommunicator final : public CommunicatorBase {
   ~NcclCommunicator() override {
     (void)cudaSetDevice(device_);
     if (buf_) (void)cudaFree(buf_);
-    api_.ncclCommDestroy(comm_);
+    if (!aborted_.load()) api_.ncclCommDestroy(comm_);  // an aborted communicator is released already
     (void)cudaStreamDestroy(stream_);
+  }
+
+  void Abort() const override {
+    if (aborted_.exchange(true)) return;
+    (void)api_.ncclCommAbort(comm_);  // a collective in flight returns an error (the sticky health)
   }
 
   void AllReduceSum(float* data, int64_t n) const override {
@@ -96,17 +102,23 @@ class NcclCommunicator final : public CommunicatorBase {
 
   absl::Status AllGatherDevice(const void* local, int64_t bytes, void* out, void* cuda_stream) const override {
     if (bytes == 0) return absl::OkStatus();
+    if (aborted_.load()) return AbortedError();
     return Checked(api_.ncclAllGather(local, out, static_cast<size_t>(bytes), ncclUint8, comm_,
                                       static_cast<cudaStream_t>(cuda_stream)));
   }
 
   absl::Status BroadcastDevice(void* data, int64_t bytes, int root, void* cuda_stream) const override {
     if (bytes == 0) return absl::OkStatus();
+    if (aborted_.load()) return AbortedError();
     return Checked(api_.ncclBroadcast(data, data, static_cast<size_t>(bytes), ncclUint8, root, comm_,
                                       static_cast<cudaStream_t>(cuda_stream)));
   }
 
  private:
+  absl::Status AbortedError() const {
+    return absl::UnavailableError(absl::StrCat("tensor-parallel NCCL group (rank ", rank(), " of ", size(),
+                                               "): aborted after a rank was lost"));
+  }
   absl::Status Checked(ncclResult_t r) const {
     if (r == ncclSuccess) return absl::OkStatus();
     return absl::UnavailableError(absl::StrCat("tensor-parallel NCCL collective (rank ", rank(), " of ", size(),
@@ -116,6 +128,7 @@ class NcclCommunicator final : public CommunicatorBase {
   // collective, out (n_out floats) back.
   template <typename F>
   absl::Status Run(const float* in, int64_t n_in, float* out, int64_t n_out, F&& collective) const {
+    if (aborted_.load()) return AbortedError();
     if (cudaSetDevice(device_) != cudaSuccess) return absl::InternalError("NCCL rank: cudaSetDevice failed");
     const size_t bytes = static_cast<size_t>(std::max(n_in, n_out)) * sizeof(float);
     if (bytes > capacity_) {
@@ -144,6 +157,7 @@ class NcclCommunicator final : public CommunicatorBase {
   ncclComm_t comm_;
   cudaStream_t stream_;
   std::unique_ptr<GroupStoreServer> server_;  // rank 0 only
+  mutable std::atomic<bool> aborted_{false};
   mutable void* buf_ = nullptr;  // guarded by Collective's lock
   mutable size_t capacity_ = 0;
 };

@@ -23,6 +23,7 @@ class TimedCommunicator final : public Communicator {
   void AllGather(const float* local, int64_t n, float* out) const override {
     Timed([&] { inner_.AllGather(local, n, out); });
   }
+  void Abort() const override { inner_.Abort(); }
   absl::Status AllGatherDevice(const void* local, int64_t bytes, void* out, void* stream) const override {
     return inner_.AllGatherDevice(local, bytes, out, stream);
   }

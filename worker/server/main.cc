@@ -33,6 +33,7 @@ namespace {
 std::atomic<grpc::Server*> g_server{nullptr};
 std::atomic<int> g_exit_code{0};
 std::atomic<flashmem::server::GroupControlService*> g_control{nullptr};
+std::atomic<const flashmem::parallel::Communicator*> g_comm{nullptr};
 void OnSignal(int) {
   // Follower streams end first: the server's shutdown waits for every call in progress.
   if (auto* c = g_control.load()) c->Shutdown();
@@ -243,8 +244,11 @@ int main(int argc, char** argv) {
   if (in_group && !follower) {
     control = std::make_unique<flashmem::server::GroupControlService>(group.group, group.size, [](const absl::Status&) {
       g_exit_code = 1;
+      // A forward pass may be waiting in a collective the lost rank will never join.
+      if (const auto* c = g_comm.load()) c->Abort();
       OnSignal(0);
     });
+    g_comm = comm.get();
     so.group = control.get();
     g_control = control.get();
   }
