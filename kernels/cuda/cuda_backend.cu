@@ -508,8 +508,7 @@ class CudaBackendImpl final : public Backend {
   absl::Status RoutedExpertsLocked(std::span<const ExpertWork> experts, const float* x, int64_t n, int64_t dim,
                                    float limit, float* y) const {
     FM_CUDA_TRY(cudaSetDevice(device_), "cudaSetDevice");
-    using Plan = ExpertPlan;
-    std::vector<Plan> plans;
+    std::vector<ExpertPlan> plans;
     Frame f;
     const size_t dx = f.In(x, n * dim * 4), dy = f.In(y, n * dim * 4);
     int64_t max_ld = 0, max_k = dim;
@@ -521,7 +520,7 @@ class CudaBackendImpl final : public Backend {
         return absl::InvalidArgumentError(absl::StrCat("RoutedExperts: experts[", i, "] has inconsistent shapes"));
       for (int32_t r : e.rows)
         if (r < 0 || r >= n) return absl::InvalidArgumentError(absl::StrCat("RoutedExperts: experts[", i, "].rows has ", r));
-      Plan p;
+      ExpertPlan p;
       p.e = &e;
       FM_ASSIGN_OR_RETURN(p.w1, WeightOnDevice(*e.w1));
       FM_ASSIGN_OR_RETURN(p.w3, WeightOnDevice(*e.w3));
@@ -540,12 +539,12 @@ class CudaBackendImpl final : public Backend {
     // Decode-sized layers in fast mode: every expert's w1 and w3 in one grouped GEMV launch, then
     // every w2 (all experts of one quantized format, at most 16 rows each).
     bool grouped = !exact_ && fast_gemv_ && dim % 128 == 0;
-    for (const Plan& p : plans)
+    for (const ExpertPlan& p : plans)
       grouped = grouped && p.m <= 16 && p.inter % 128 == 0 && p.inter == plans[0].inter &&
                 p.w1->format != WeightFormat::kDense &&
                 p.w1->format == plans[0].w1->format && p.w3->format == p.w1->format && p.w2->format == p.w1->format;
     if (grouped) return RoutedExpertsGroupedLocked(plans, x, n, dim, limit, y, plans[0].w1->format);
-    for (Plan& p : plans) {
+    for (ExpertPlan& p : plans) {
       p.xs = f.Scratch(p.ld * dim * 4);
       p.gate = f.Scratch(p.ld * p.inter * 4);
       p.up = f.Scratch(p.ld * p.inter * 4);
@@ -555,7 +554,7 @@ class CudaBackendImpl final : public Backend {
     const LinearScratch scratch = AddLinearScratch(f, max_ld, max_k);
     f.Download(dy, y, n * dim * 4);
     return RunLocked(f, [&](Dev d) {
-      for (const Plan& p : plans) {
+      for (const ExpertPlan& p : plans) {
         const int32_t* rows = d.at<int32_t>(p.rows);
         cudaError_t e = cuda::GatherRows(d.at(dx), rows, p.m, dim, d.at(p.xs), stream_);
         auto linear = [&](const DeviceWeight& w, const float* in, float* out) {
@@ -580,25 +579,21 @@ class CudaBackendImpl final : public Backend {
   // `plans`: the non-empty experts, validated, weights on the device (RoutedExpertsLocked).
   absl::Status RoutedExpertsGroupedLocked(std::span<const ExpertPlan> plans, const float* x, int64_t n, int64_t dim,
                                           float limit, float* y, WeightFormat format) const {
-    struct Part {
-      const ExpertWork* e;
-      const DeviceWeight *w1, *w3, *w2;
-      int64_t m, at;  // rows, first row in the concatenation
-    };
-    std::vector<Part> parts;
+    // The experts' rows end to end: plans[i]'s start at first[i]; one intermediate size (the
+    // caller checked).
+    std::vector<int64_t> first;
     std::vector<int32_t> rows;
     std::vector<float> wts;
-    int64_t inter = 0, max_m = 0;
-    for (const ExpertPlan& plan : plans) {
-      const ExpertWork& e = *plan.e;
-      Part p{&e, plan.w1, plan.w3, plan.w2, plan.m, static_cast<int64_t>(rows.size())};
+    const int64_t inter = plans[0].inter;
+    int64_t max_m = 0;
+    for (const ExpertPlan& p : plans) {
+      const ExpertWork& e = *p.e;
+      first.push_back(static_cast<int64_t>(rows.size()));
       rows.insert(rows.end(), e.rows.begin(), e.rows.end());
       for (size_t r = 0; r < e.rows.size(); ++r) wts.push_back(e.weights.empty() ? 1.0f : e.weights[r]);  // x * 1 == x
-      inter = std::max(inter, e.w1->rows);
       max_m = std::max(max_m, p.m);
-      parts.push_back(p);
     }
-    const int64_t M = static_cast<int64_t>(rows.size()), E = static_cast<int64_t>(parts.size());
+    const int64_t M = static_cast<int64_t>(rows.size()), E = static_cast<int64_t>(plans.size());
     Frame f;
     const size_t dx = f.In(x, n * dim * 4), dy = f.In(y, n * dim * 4), drows = f.In(rows.data(), M * 4),
                  dwts = f.In(wts.data(), M * 4);
@@ -613,14 +608,15 @@ class CudaBackendImpl final : public Backend {
       auto at = [&](size_t off) { return reinterpret_cast<float*>(base + f.Resolve(off)); };
       auto* t = reinterpret_cast<cuda::GemvGroup*>(host_scratch + f.Resolve(dtab) - f.in_bytes());
       for (int64_t i = 0; i < E; ++i) {
-        const Part& p = parts[i];
+        const ExpertPlan& p = plans[i];
+        const int64_t r0 = first[i];
         auto group = [&](const DeviceWeight* w, const float* xq, const float* xsc, int64_t k, float* yo) {
           return cuda::GemvGroup{static_cast<const uint8_t*>(w->values), w->scales, w->scale_cols, w->rows, k,
                                  xq, xsc, p.m, yo};
         };
-        t[i] = group(p.w1, at(qx) + p.at * dim, at(qs) + p.at * (dim / 128), dim, at(g) + p.at * inter);
-        t[E + i] = group(p.w3, at(qx) + p.at * dim, at(qs) + p.at * (dim / 128), dim, at(u) + p.at * inter);
-        t[2 * E + i] = group(p.w2, at(qh) + p.at * inter, at(qhs) + p.at * (inter / 128), inter, at(out) + p.at * dim);
+        t[i] = group(p.w1, at(qx) + r0 * dim, at(qs) + r0 * (dim / 128), dim, at(g) + r0 * inter);
+        t[E + i] = group(p.w3, at(qx) + r0 * dim, at(qs) + r0 * (dim / 128), dim, at(u) + r0 * inter);
+        t[2 * E + i] = group(p.w2, at(qh) + r0 * inter, at(qhs) + r0 * (inter / 128), inter, at(out) + r0 * dim);
       }
     };
     const bool fp8 = format == WeightFormat::kFp8Block128;
@@ -635,7 +631,7 @@ class CudaBackendImpl final : public Backend {
           if (e == cudaSuccess) e = cuda::QuantizeActivations(d.at(h), M, inter, d.at(qh), d.at(qhs), stream_);
           if (e == cudaSuccess) e = cuda::LinearDecodeGrouped(tab + 2 * E, static_cast<int>(E), dim, max_m, inter, fp8, Rounding::kBf16, stream_);
           for (int64_t i = 0; i < E && e == cudaSuccess; ++i)
-            e = cuda::ScatterAddRows(d.at(out) + parts[i].at * dim, d.at<int32_t>(drows) + parts[i].at, parts[i].m, dim,
+            e = cuda::ScatterAddRows(d.at(out) + first[i] * dim, d.at<int32_t>(drows) + first[i], plans[i].m, dim,
                                      d.at(dy), stream_);
           return e;
         },

@@ -108,6 +108,16 @@ __device__ __forceinline__ float QuantizeWarpBlock128(float v[4]) {
 __device__ __forceinline__ float ExpF(float x) { return static_cast<float>(exp(static_cast<double>(x))); }
 __device__ __forceinline__ float Sigmoid(float x) { return 1.0f / (1.0f + ExpF(-x)); }
 
+// The CPU reference's combination of a half-warp's 16 lane partials (its Dot's tree: lanes
+// 8 apart, then 4, then 1, then 2), the result on every lane of the half-warp. Whole warps call it.
+__device__ __forceinline__ float HalfWarpCombine(float s) {
+  s += __shfl_down_sync(0xffffffffu, s, 8, 16);
+  s += __shfl_down_sync(0xffffffffu, s, 4, 16);
+  s += __shfl_down_sync(0xffffffffu, s, 1, 16);
+  s += __shfl_down_sync(0xffffffffu, s, 2, 16);
+  return __shfl_sync(0xffffffffu, s, 0, 16);
+}
+
 // A dot product in the CPU reference's order (kernels/cpu Dot): 16 strided partial sums (element i
 // goes to partial i % 16), lanes j and j+8 added, then ((0+4)+(1+5)) + ((2+6)+(3+7)), then the
 // n % 16 tail in sequence. Called by all 32 lanes of a warp; each half-warp computes its own dot
@@ -121,11 +131,7 @@ __device__ __forceinline__ float HalfWarpDot(const float* a, B b, int64_t n) {
   // order: unrolling does not reassociate).
 #pragma unroll 8
   for (int64_t i = l16; i < full; i += 16) s += a[i] * b(i);
-  s += __shfl_down_sync(0xffffffffu, s, 8, 16);
-  s += __shfl_down_sync(0xffffffffu, s, 4, 16);
-  s += __shfl_down_sync(0xffffffffu, s, 1, 16);
-  s += __shfl_down_sync(0xffffffffu, s, 2, 16);
-  s = __shfl_sync(0xffffffffu, s, 0, 16);
+  s = HalfWarpCombine(s);
   for (int64_t i = full; i < n; ++i) s += a[i] * b(i);
   return s;
 }

@@ -221,7 +221,7 @@ __device__ float InvRms(const float* x, int64_t k, float eps) {
 // single block, so its loads must be many and wide or it waits on memory latency (one half-warp
 // per row kept ~8 KB in flight: ~300 us for V4-Flash's 1.5 MB). The block stages x and tiles of
 // the rows in shared memory with every thread loading; the sums are the CPU's (HalfWarpDot's)
-// to the bit: lane l adds elements l, l + 16, ... in order, then the same shuffle tree and tail.
+// to the bit: lane l adds elements l, l + 16, ... in order, then HalfWarpCombine and the tail.
 constexpr int kHcThreads = 1024, kHcRowsPerHalf = ((2 + kMaxHc) * kMaxHc + 63) / 64;  // 64 half-warps
 
 // Shared memory: x (k floats, rounded up to 16 bytes), then the tile of the rows.
@@ -301,12 +301,7 @@ __device__ float StagedMixes(const float* x, const float* rows, int64_t k, int c
 #pragma unroll
   for (int j = 0; j < kHcRowsPerHalf; ++j) {  // whole warps shuffle (dead rows too)
     const int m = half + halves * j;
-    float v = s[j];
-    v += __shfl_down_sync(0xffffffffu, v, 8, 16);
-    v += __shfl_down_sync(0xffffffffu, v, 4, 16);
-    v += __shfl_down_sync(0xffffffffu, v, 1, 16);
-    v += __shfl_down_sync(0xffffffffu, v, 2, 16);
-    v = __shfl_sync(0xffffffffu, v, 0, 16);
+    float v = HalfWarpCombine(s[j]);
     if (m < count) {
       for (int64_t i = full; i < k; ++i) v += rows[m * k + i] * xs[i];
       if (l16 == 0) out[m] = v * rs;
