@@ -111,6 +111,12 @@ bool Coordinator::Live(const Worker& w) const {
   return true;
 }
 
+const Coordinator::Worker* Coordinator::SessionWorkerAt(const std::string& address) const {
+  for (const auto& [id, w] : workers_)
+    if (TakesSessions(w) && w.address == address) return &w;
+  return nullptr;
+}
+
 grpc::Status Coordinator::Register(grpc::ServerContext*, const v1::RegisterRequest* r, v1::RegisterResponse* out) {
   if (r->address().empty()) return Err(grpc::StatusCode::INVALID_ARGUMENT, "register: address is empty");
   if (r->kind() != v1::WORKER && r->kind() != v1::MEMTIER && r->kind() != v1::WORKER_RANK)
@@ -139,18 +145,15 @@ grpc::Status Coordinator::Register(grpc::ServerContext*, const v1::RegisterReque
   w.tp_rank = r->tp_rank();
   w.tp_size = tp_size;
   w.last_seen = std::chrono::steady_clock::now();
+  out->set_worker_id(id);
+  out->set_heartbeat_ms(static_cast<uint32_t>(options_.heartbeat.count()));
+  out->set_lease_ms(static_cast<uint32_t>(options_.lease.count()));
   if (rank) {  // never dialled
-    out->set_worker_id(id);
-    out->set_heartbeat_ms(static_cast<uint32_t>(options_.heartbeat.count()));
-    out->set_lease_ms(static_cast<uint32_t>(options_.lease.count()));
     spdlog::info("coordinator: group '{}' rank {}/{} ({})", w.group, w.tp_rank, w.tp_size, id);
     return grpc::Status::OK;
   }
   if (!channels_.count(w.address)) channels_[w.address] = grpc::CreateChannel(w.address, WorkerCredentials());
   w.channel = channels_[w.address];
-  out->set_worker_id(id);
-  out->set_heartbeat_ms(static_cast<uint32_t>(options_.heartbeat.count()));
-  out->set_lease_ms(static_cast<uint32_t>(options_.lease.count()));
   spdlog::info("coordinator: {} {} at {}{}", memtier ? "memtier" : "worker", id, w.address,
                tp_size > 1 ? absl::StrCat(" (leader of group '", w.group, "', ", tp_size, " ranks)") : "");
   return grpc::Status::OK;
@@ -195,9 +198,8 @@ absl::StatusOr<std::pair<std::string, std::shared_ptr<grpc::Channel>>> Coordinat
   std::unique_lock<std::mutex> l(mu_);
   const auto route_start = std::chrono::steady_clock::now();
   auto live_at = [&](const std::string& addr) {
-    for (auto& [id, w] : workers_)
-      if (TakesSessions(w) && w.address == addr && Live(w)) return true;
-    return false;
+    const Worker* w = SessionWorkerAt(addr);
+    return w && Live(*w);
   };
   for (;;) {
     // One move of a session at a time: whoever finds it moving waits, then takes the new route.
@@ -230,10 +232,8 @@ absl::StatusOr<std::pair<std::string, std::shared_ptr<grpc::Channel>>> Coordinat
       moved_cv_.notify_all();
       return result;
     };
-    uint32_t old_tp = 1;
-    for (const auto& [wid, w] : workers_)
-      if (TakesSessions(w) && w.address == old) old_tp = w.tp_size;
-    auto id = PickWorker(old, old_tp);
+    const Worker* old_worker = SessionWorkerAt(old);
+    auto id = PickWorker(old, old_worker ? old_worker->tp_size : 1);
     if (!id.ok()) return done(absl::StatusOr<std::pair<std::string, std::shared_ptr<grpc::Channel>>>(id.status()));
     const Worker& w = workers_[*id];
     auto channel = w.channel;
@@ -268,8 +268,8 @@ void Coordinator::ReassignLost() {
     std::vector<std::string> lost;
     for (const auto& [sid, addr] : routes_) {
       if (moving_.count(sid)) continue;
-      for (const auto& [id, w] : workers_)
-        if (TakesSessions(w) && w.address == addr && !Live(w)) lost.push_back(sid);
+      const Worker* w = SessionWorkerAt(addr);
+      if (w && !Live(*w)) lost.push_back(sid);
     }
     if (lost.empty()) continue;
     l.unlock();

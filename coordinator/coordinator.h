@@ -84,6 +84,8 @@ class Coordinator final : public v1::Coordinator::Service, public v1::SessionSer
   };
   // A worker that takes sessions: a single worker or a group's leader.
   static bool TakesSessions(const Worker& w) { return !w.memtier && !w.rank; }
+  // The registered worker (or group leader) at a session route's address; null when none.
+  const Worker* SessionWorkerAt(const std::string& address) const;
   Coordinator() = default;
   // Its lease holds and, for a group's leader, every rank of the group holds one too (a group
   // missing a rank cannot run a forward pass).

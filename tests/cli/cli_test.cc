@@ -28,6 +28,17 @@ std::string WriteIds(const std::string& path, const std::vector<int64_t>& ids, s
   return path;
 }
 
+// `api_out` (a completion through the public API) holds the prompt followed by the text that
+// `flashmem generate` on the engine directly gives for 12 tokens.
+void ExpectEngineText(const std::string& model, const std::string& prompt, const std::string& api_out) {
+  Result direct = RunCli("generate --model " + model + " --prompt \"" + prompt + "\" --max-new-tokens 12");
+  ASSERT_EQ(direct.code, 0) << direct.out;
+  const auto t = direct.out.find("text: ");
+  ASSERT_NE(t, std::string::npos) << direct.out;
+  const std::string text = direct.out.substr(t + 6, direct.out.find('\n', t) - t - 6);
+  EXPECT_NE(api_out.find(prompt + text), std::string::npos) << "api: " << api_out << "\ndirect: " << text;
+}
+
 TEST(Cli, GenerateTeacherForcedDumpMatchesGolden) {
   auto g = model::SafetensorsFile::Open(GoldenC() + "/golden.safetensors");
   ASSERT_TRUE(g.ok());
@@ -96,12 +107,7 @@ TEST(Cli, WorkerServesThePublicApiWithTheEngineTokens) {
   EXPECT_NE(metrics.find("flashmem_worker_tokens{kind=\"prefill\"}"), std::string::npos) << metrics;
   Stop(worker);
   ASSERT_EQ(api.code, 0) << api.out;
-  Result direct = RunCli("generate --model " + dir + "/m --prompt \"" + prompt + "\" --max-new-tokens 12");
-  ASSERT_EQ(direct.code, 0) << direct.out;
-  const auto t = direct.out.find("text: ");
-  ASSERT_NE(t, std::string::npos);
-  const std::string text = direct.out.substr(t + 6, direct.out.find('\n', t) - t - 6);
-  EXPECT_NE(api.out.find(prompt + text), std::string::npos) << "api: " << api.out << "\ndirect: " << text;
+  ExpectEngineText(dir + "/m", prompt, api.out);
   std::filesystem::remove_all(dir);
 }
 
@@ -126,10 +132,7 @@ TEST(Cli, LocalClusterUpCompleteDown) {
   Result down = RunCli("cluster down --run-dir " + dir + "/run");
   EXPECT_EQ(down.code, 0) << down.out;
   ASSERT_EQ(api.code, 0) << api.out;
-  Result direct = RunCli("generate --model " + dir + "/m --prompt \"" + prompt + "\" --max-new-tokens 12");
-  const auto t = direct.out.find("text: ");
-  ASSERT_NE(t, std::string::npos);
-  EXPECT_NE(api.out.find(prompt + direct.out.substr(t + 6, direct.out.find('\n', t) - t - 6)), std::string::npos) << api.out;
+  ExpectEngineText(dir + "/m", prompt, api.out);
   EXPECT_FALSE(std::filesystem::exists(dir + "/run/cluster.json"));
   std::filesystem::remove_all(dir);
 }
@@ -155,11 +158,7 @@ TEST(Cli, LocalClusterOfTensorParallelGroups) {
   EXPECT_NE(down.out.find("(6 processes)"), std::string::npos) << down.out;
   for (pid_t p : ranks) EXPECT_NE(::kill(p, 0), 0) << "rank process " << p << " outlived cluster down";
   ASSERT_EQ(api.code, 0) << api.out;
-  Result direct = RunCli("generate --model " + dir + "/m --prompt \"" + prompt + "\" --max-new-tokens 12");
-  const auto t = direct.out.find("text: ");
-  ASSERT_NE(t, std::string::npos);
-  EXPECT_NE(api.out.find(prompt + direct.out.substr(t + 6, direct.out.find('\n', t) - t - 6)), std::string::npos)
-      << api.out << "\n" << direct.out;
+  ExpectEngineText(dir + "/m", prompt, api.out);
   std::filesystem::remove_all(dir);
 }
 

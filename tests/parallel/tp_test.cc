@@ -129,14 +129,28 @@ Array DumpedLogits(const std::string& path) {
   return d.ok() ? ReadArray(**d, "logits") : Array{};
 }
 
-// Runs `args` as a two-rank group with --dump dir/name.safetensors; returns rank 0's dumped logits.
-Array GroupLogits(const std::string& args, const std::string& dir, const std::string& name) {
+// Runs `args` as a group of `size` ranks with --dump dir/name.safetensors; returns rank 0's
+// dumped logits.
+Array GroupLogits(const std::string& args, const std::string& dir, const std::string& name, int size = 2) {
   bool others_ok = false;
   const std::string path = dir + "/" + name + ".safetensors";
-  const ShellResult r = RunGroup(args + " --dump " + path, 2, &others_ok, dir);
+  const ShellResult r = RunGroup(args + " --dump " + path, size, &others_ok, dir);
   EXPECT_EQ(r.code, 0) << r.out;
-  EXPECT_TRUE(others_ok) << "rank 1 failed (its log: " << dir << "/rank1.log)";
+  EXPECT_TRUE(others_ok) << "a rank failed (logs: " << dir << "/rank<R>.log)";
   return DumpedLogits(path);
+}
+
+// A [rows, vocab] array as the rows CompareLogits takes.
+std::vector<std::vector<float>> Rows(const Array& a) {
+  std::vector<std::vector<float>> rows;
+  for (int64_t r = 0; r < a.shape[0]; ++r) rows.emplace_back(a.f.begin() + r * a.shape[1], a.f.begin() + (r + 1) * a.shape[1]);
+  return rows;
+}
+
+// dsv4-tiny-a's recommended logits bounds (an independent implementation against the reference).
+nlohmann::json TinyABands() {
+  std::ifstream mf(GoldenA() + "/manifest.json");
+  return nlohmann::json::parse(mf)["recommended_tolerances"]["recommended_logits_bounds"];
 }
 
 // TP=2 (heads, wo_a groups, indexer heads, experts, vocabulary split over two processes; wo_b,
@@ -178,12 +192,8 @@ TEST(TensorParallel, TwoCpuRanksMeetTinyAAcceptanceBands) {
   const std::string dir = TempDir("tp_golden_a");
   const Array l2 = GroupLogits(GoldenForcedGenerate(**g, dir, GoldenA()), dir, "tp2");
   ASSERT_EQ(l2.shape, logits.shape);
-  std::vector<std::vector<float>> rows;
-  for (int64_t r = 0; r < l2.shape[0]; ++r)
-    rows.emplace_back(l2.f.begin() + r * l2.shape[1], l2.f.begin() + (r + 1) * l2.shape[1]);
-  const LogitStats st = CompareLogits(logits, rows);
-  std::ifstream mf(GoldenA() + "/manifest.json");
-  const nlohmann::json b = nlohmann::json::parse(mf)["recommended_tolerances"]["recommended_logits_bounds"];
+  const LogitStats st = CompareLogits(logits, Rows(l2));
+  const nlohmann::json b = TinyABands();
   std::printf("  tiny-a TP=2: centred cosine median %.6f min %.6f, row max|d| median %.4f p90 %.4f, argmax %.3f\n",
               st.cosine_median, st.cosine_min, st.maxabs_median, st.maxabs_p90, st.argmax_agree);
   EXPECT_GE(st.cosine_median, b["centred_cosine_median_min"].get<double>());
@@ -234,26 +244,18 @@ TEST(TensorParallel, GpuGroupMatchesOneGpu) {
   const std::string common = "generate --model " + model + " --prompt-ids \"0,11,12,13,14,15,16,17,18,19,20,21,22,23\"" +
                              " --force-tokens \"31,32,33,34,35,36,37,38,39,40,41,42,43,44,45,46\" --quiet --device cuda" +
                              " --cuda-kernels fast --tp-timeout-s 300";
-  bool others_ok = false;
-  const ShellResult group = RunGroup(common + " --dump " + dir + "/group.safetensors", ranks, &others_ok, dir);
-  ASSERT_EQ(group.code, 0) << group.out;
-  ASSERT_TRUE(others_ok) << "a rank failed (logs in " << dir << ")";
-  const Array lg = DumpedLogits(dir + "/group.safetensors");
+  const Array lg = GroupLogits(common, dir, "group", ranks);
   const ShellResult one = RunShell(std::string(FLASHMEM_BIN) + " " + common + " --dump " + dir + "/one.safetensors");
   ASSERT_EQ(one.code, 0) << one.out;
   const Array l1 = DumpedLogits(dir + "/one.safetensors");
   ASSERT_FALSE(lg.f.empty());
   ASSERT_EQ(lg.shape, l1.shape);
-  std::vector<std::vector<float>> rows;
-  for (int64_t r = 0; r < lg.shape[0]; ++r)
-    rows.emplace_back(lg.f.begin() + r * lg.shape[1], lg.f.begin() + (r + 1) * lg.shape[1]);
-  const LogitStats st = CompareLogits(l1, rows);
+  const LogitStats st = CompareLogits(l1, Rows(lg));
   std::printf("  %s, %d GPUs vs 1 (fast kernels): centred cosine median %.6f min %.6f, row max|d| median %.4f "
               "p90 %.4f, argmax %.3f\n",
               model_env ? model_env : "small", ranks, st.cosine_median, st.cosine_min, st.maxabs_median, st.maxabs_p90,
               st.argmax_agree);
-  std::ifstream mf(GoldenA() + "/manifest.json");
-  const nlohmann::json b = nlohmann::json::parse(mf)["recommended_tolerances"]["recommended_logits_bounds"];
+  const nlohmann::json b = TinyABands();
   EXPECT_GE(st.cosine_median, b["centred_cosine_median_min"].get<double>());
   EXPECT_GE(st.cosine_min, b["centred_cosine_min_min"].get<double>());
   EXPECT_GE(st.argmax_agree, b["argmax_agree_frac_min"].get<double>());

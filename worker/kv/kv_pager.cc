@@ -42,9 +42,7 @@ void KvPager::AddSession(uint64_t id, uint64_t memtier_key, model::SessionState*
   }
   for (Stream& st : s->streams) {
     const int64_t n = st.pages->num_pages();
-    st.state.assign(n, 0);
-    st.evicted.assign(n, 0);
-    st.last_used.assign(n, 0);
+    st.Track(n);
     for (int64_t p = 0; p < n; ++p)
       if (!st.pages->resident(p)) {  // referenced by the snapshot this session came from
         st.state[p] = 2;
@@ -213,9 +211,7 @@ void KvPager::AfterStep() {
     for (int si = 0; si < static_cast<int>(s.streams.size()); ++si) {
       Stream& st = s.streams[si];
       const int64_t n = st.pages->num_pages();
-      st.state.resize(n, 0);
-      st.evicted.resize(n, 0);
-      st.last_used.resize(n, 0);
+      st.Track(n);
       for (int64_t p = 0; p < st.pages->complete_pages(); ++p) {
         if (st.state[p] != 0 || !client_ || !options_.commit || !st.pages->resident(p)) continue;
         const std::span<const float> f = st.pages->Page(p);
@@ -288,11 +284,7 @@ void KvPager::MarkCommitted(const std::vector<AckedPage>& pages) {
     if (it == sessions_.end() || a.stream < 0 || a.stream >= static_cast<int32_t>(it->second->streams.size())) continue;
     Stream& st = it->second->streams[a.stream];
     if (a.page < 0 || a.page >= st.pages->complete_pages()) continue;
-    if (static_cast<int64_t>(st.state.size()) <= a.page) {
-      st.state.resize(a.page + 1, 0);
-      st.evicted.resize(a.page + 1, 0);
-      st.last_used.resize(a.page + 1, 0);
-    }
+    st.Track(st.pages->num_pages());
     st.state[a.page] = 2;
     stats_.pages_committed++;
   }

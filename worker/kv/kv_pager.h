@@ -107,6 +107,12 @@ class KvPager {
     std::vector<uint8_t> state;    // per page: 0 not committed, 1 in flight, 2 acknowledged
     std::vector<uint8_t> evicted;  // mirror of !pages->resident(p), readable off-thread
     std::vector<uint64_t> last_used;
+    // Per-page records for the stream's n pages (pages new to them: not committed, resident, unused).
+    void Track(int64_t n) {
+      state.resize(n, 0);
+      evicted.resize(n, 0);
+      last_used.resize(n, 0);
+    }
   };
   struct Session {
     uint64_t key;

@@ -142,10 +142,7 @@ class NcclCommunicator final : public CommunicatorBase {
     const int64_t at = n_out > n_in ? rank() * n_in : 0;
     cudaError_t e = cudaMemcpyAsync(d + at, in, n_in * sizeof(float), cudaMemcpyHostToDevice, stream_);
     if (e != cudaSuccess) return absl::InternalError(absl::StrCat("NCCL rank: copy up: ", cudaGetErrorString(e)));
-    const ncclResult_t r = collective(d);
-    if (r != ncclSuccess)
-      return absl::UnavailableError(absl::StrCat("tensor-parallel NCCL collective (rank ", rank(), " of ", size(),
-                                                 "): ", api_.ncclGetErrorString(r)));
+    if (absl::Status st = Checked(collective(d)); !st.ok()) return st;
     e = cudaMemcpyAsync(out, d, n_out * sizeof(float), cudaMemcpyDeviceToHost, stream_);
     if (e == cudaSuccess) e = cudaStreamSynchronize(stream_);
     if (e != cudaSuccess) return absl::InternalError(absl::StrCat("NCCL rank: copy back: ", cudaGetErrorString(e)));

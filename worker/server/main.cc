@@ -42,6 +42,20 @@ void OnSignal(int) {
 
 std::string ControlKey(const flashmem::parallel::GroupOptions& g) { return "flashmem/" + g.group + "/control"; }
 
+// This process's registration with the coordinator; a rank of a group names its group.
+flashmem::v1::RegisterRequest Registration(const std::string& address, flashmem::v1::ComponentKind kind,
+                                           const flashmem::parallel::GroupOptions& g) {
+  flashmem::v1::RegisterRequest reg;
+  reg.set_address(address);
+  reg.set_kind(kind);
+  if (g.size > 1) {
+    reg.set_group(g.group);
+    reg.set_tp_rank(static_cast<uint32_t>(g.rank));
+    reg.set_tp_size(static_cast<uint32_t>(g.size));
+  }
+  return reg;
+}
+
 // A follower rank: finds the leader's control service through the group store, holds a lease
 // as a rank of the group, and applies the leader's ops until the group ends.
 int RunFollower(const flashmem::parallel::GroupOptions& group, std::shared_ptr<grpc::ChannelCredentials> creds,
@@ -60,15 +74,9 @@ int RunFollower(const flashmem::parallel::GroupOptions& group, std::shared_ptr<g
   fo.group = group.group;
   fo.rank = group.rank;
   fo.size = group.size;
-  absl::Status lease_error;
   const absl::Status st = flashmem::server::FollowLeader(fo, scheduler, [&] {
     if (!coordinator_target.empty()) {
-      flashmem::v1::RegisterRequest reg;
-      reg.set_address(absl::StrCat(group.group, "/rank", group.rank));
-      reg.set_kind(flashmem::v1::WORKER_RANK);
-      reg.set_group(group.group);
-      reg.set_tp_rank(static_cast<uint32_t>(group.rank));
-      reg.set_tp_size(static_cast<uint32_t>(group.size));
+      const auto reg = Registration(absl::StrCat(group.group, "/rank", group.rank), flashmem::v1::WORKER_RANK, group);
       auto k = flashmem::coordinator::LeaseKeeper::Start(coordinator_target, creds, reg, [&](flashmem::v1::HeartbeatRequest* hb) {
         hb->set_sessions(static_cast<uint32_t>(scheduler.sessions()));
       });
@@ -373,16 +381,8 @@ int main(int argc, char** argv) {
   }
   std::unique_ptr<flashmem::coordinator::LeaseKeeper> lease;
   if (!coordinator_target.empty()) {
-    flashmem::v1::RegisterRequest reg;
-    reg.set_address(my_address);
-    reg.set_kind(flashmem::v1::WORKER);
-    if (in_group) {
-      reg.set_group(group.group);
-      reg.set_tp_rank(0);
-      reg.set_tp_size(static_cast<uint32_t>(group.size));
-    }
     auto k = flashmem::coordinator::LeaseKeeper::Start(
-        coordinator_target, creds->channel, reg, [&](flashmem::v1::HeartbeatRequest* hb) {
+        coordinator_target, creds->channel, Registration(my_address, flashmem::v1::WORKER, group), [&](flashmem::v1::HeartbeatRequest* hb) {
           hb->set_sessions(static_cast<uint32_t>(scheduler.sessions()));
           hb->set_queued_tokens(scheduler.stats().queued_tokens);
           if (pager) hb->set_kv_bytes(pager->stats().resident_bytes);

@@ -359,19 +359,11 @@ bool Scheduler::StepOnce(std::unique_lock<std::mutex>& lock) {
   lock.unlock();
   const absl::Status st = RunForward(work);
   lock.lock();
-  busy_ = false;
-  cv_.notify_all();
-  stats_.steps++;
-  uint64_t rows = 0;
+  FinishStepLocked(work);
   for (Work& w : work) {
     Session& s = *w.s;
     s.in_flight = false;
-    rows += w.tokens.size();
-    if (s.lsa) s.lsa_seen = ReadLsa(s);
-    if (!w.tokens.empty() && !w.skipped) {
-      s.has_logits = true;
-      (w.decode ? stats_.decode_tokens : stats_.prefill_tokens) += w.tokens.size();
-    }
+    if (!w.tokens.empty() && !w.skipped) s.has_logits = true;
     if (w.skipped) {  // nothing consumed: the tokens wait for a retry
       s.pending.insert(s.pending.begin(), w.tokens.begin(), w.tokens.end());
       s.sampled_pending = w.decode;
@@ -404,8 +396,20 @@ bool Scheduler::StepOnce(std::unique_lock<std::mutex>& lock) {
     if (done) s.generating = false;
     s.on_token(tok, done, stop ? "stop" : done ? "length" : "");
   }
-  stats_.max_batch_rows = std::max(stats_.max_batch_rows, rows);
   return true;
+}
+
+void Scheduler::FinishStepLocked(const std::vector<Work>& work) {
+  busy_ = false;
+  cv_.notify_all();
+  stats_.steps++;
+  uint64_t rows = 0;
+  for (const Work& w : work) {
+    rows += w.tokens.size();
+    if (w.s->lsa) w.s->lsa_seen = ReadLsa(*w.s);
+    if (!w.skipped) (w.decode ? stats_.decode_tokens : stats_.prefill_tokens) += w.tokens.size();
+  }
+  stats_.max_batch_rows = std::max(stats_.max_batch_rows, rows);
 }
 
 }  // namespace flashmem::server
@@ -463,16 +467,7 @@ absl::Status Scheduler::FollowStep(const std::vector<GroupStepItem>& items, cons
   }
   const absl::Status st = RunForward(work);
   std::lock_guard<std::mutex> l(mu_);
-  busy_ = false;
-  cv_.notify_all();
-  stats_.steps++;
-  uint64_t rows = 0;
-  for (Work& w : work) {
-    rows += w.tokens.size();
-    if (w.s->lsa) w.s->lsa_seen = ReadLsa(*w.s);
-    if (!w.skipped) (w.decode ? stats_.decode_tokens : stats_.prefill_tokens) += w.tokens.size();
-  }
-  stats_.max_batch_rows = std::max(stats_.max_batch_rows, rows);
+  FinishStepLocked(work);
   return st;
 }
 

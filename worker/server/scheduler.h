@@ -187,6 +187,9 @@ class Scheduler {
   // Outside the lock: LSA before-step, pages made visible, the group told, the forward pass, LSA
   // after-step. Sessions whose pages could not be recalled are marked skipped (leader).
   absl::Status RunForward(std::vector<Work>& work);
+  // Under the lock, after a forward pass (leader and follower alike): the loop may touch the
+  // sessions again, the step's counters, the sessions' LSA figures.
+  void FinishStepLocked(const std::vector<Work>& work);
 
   const model::Transformer& model_;
   SchedulerOptions options_;
