@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "CLI/CLI.hpp"
+#include "common/health_endpoint.h"
 #include "common/tls.h"
 #include "coordinator/coordinator.h"
 #include "prometheus/exposer.h"
@@ -35,7 +36,19 @@ int main(int argc, char** argv) {
   app.add_option("--metrics-listen", metrics_listen, "Prometheus /metrics address host:port (empty: off)");
   flashmem::TlsOptions tls;
   flashmem::AddTlsFlags(app, tls, /*public_api=*/true);
+  std::string health_listen;
+  app.add_option("--health-listen", health_listen, "plaintext grpc.health.v1 address host:port for probes (empty: off; --listen serves health too)");
+  app.footer(flashmem::EnvironmentHelp({}));
   CLI11_PARSE(app, argc, argv);
+  std::unique_ptr<flashmem::HealthEndpoint> health;
+  if (!health_listen.empty()) {
+    auto h = flashmem::HealthEndpoint::Start(health_listen);
+    if (!h.ok()) {
+      std::fprintf(stderr, "flashmem-coordinator: %s\n", std::string(h.status().message()).c_str());
+      return 1;
+    }
+    health = std::move(*h);
+  }
   auto creds = flashmem::MakeTlsCredentials(tls);
   if (!creds.ok()) {
     std::fprintf(stderr, "flashmem-coordinator: %s\n", std::string(creds.status().message()).c_str());
@@ -115,9 +128,11 @@ int main(int argc, char** argv) {
   g_server = server.get();
   std::signal(SIGTERM, OnSignal);
   std::signal(SIGINT, OnSignal);
+  if (health) health->SetServing(true);
   std::printf("LISTENING %s:%d\n", listen.substr(0, listen.rfind(':')).c_str(), port);
   std::fflush(stdout);
   server->Wait();
+  if (health) health->SetServing(false);
   metrics_stop.store(true);
   if (metrics_thread.joinable()) metrics_thread.join();
   return 0;

@@ -4,6 +4,7 @@
 #include <thread>
 
 #include "CLI/CLI.hpp"
+#include "common/health_endpoint.h"
 #include "common/tls.h"
 #include "coordinator/lease_keeper.h"
 #include "memtier/server/memtier_server.h"
@@ -22,6 +23,9 @@ int main(int argc, char** argv) {
   flashmem::memtier::MemTierServerOptions o;
   o.store.ram.capacity_bytes = 1ull << 30;
   app.add_option("--grpc-listen", o.grpc_listen, "gRPC address host:port (port 0: any free port)");
+  std::string advertise_host, health_listen;
+  app.add_option("--advertise-host", advertise_host, "host registered with the coordinator instead of --grpc-listen's (e.g. the pod's DNS name when listening on 0.0.0.0)");
+  app.add_option("--health-listen", health_listen, "plaintext grpc.health.v1 address host:port for probes (empty: off; the gRPC listener serves health too)");
   app.add_option("--ucx-listen", o.ucx_listen, "UCX listener host:port that clients connect to by sockaddr (port 0: any; empty: clients send worker addresses)");
   app.add_option("--metrics-listen", o.metrics_listen, "Prometheus /metrics address host:port (empty: off)");
   app.add_option("--shm-socket", o.shm_socket, "Unix socket that hands the RAM tier's memfd chunks to same-node clients (empty: off)");
@@ -35,7 +39,17 @@ int main(int argc, char** argv) {
   app.add_option("--coordinator", coordinator_target, "coordinator gRPC address: register as a memtier and keep a lease");
   flashmem::TlsOptions tls;
   flashmem::AddTlsFlags(app, tls, /*public_api=*/false);
+  app.footer(flashmem::EnvironmentHelp({"UCX_*  UCX transport settings of the data plane (e.g. UCX_TLS, UCX_NET_DEVICES)"}));
   CLI11_PARSE(app, argc, argv);
+  std::unique_ptr<flashmem::HealthEndpoint> health;
+  if (!health_listen.empty()) {  // up first: NOT_SERVING while RocksDB opens and the page index is rebuilt
+    auto h = flashmem::HealthEndpoint::Start(health_listen);
+    if (!h.ok()) {
+      std::fprintf(stderr, "flashmem-memtier: %s\n", std::string(h.status().message()).c_str());
+      return 1;
+    }
+    health = std::move(*h);
+  }
   {
     auto creds = flashmem::MakeServerCredentials(tls);
     if (!creds.ok()) {
@@ -56,7 +70,9 @@ int main(int argc, char** argv) {
   std::unique_ptr<flashmem::coordinator::LeaseKeeper> lease;
   if (!coordinator_target.empty()) {
     auto creds = flashmem::MakeChannelCredentials(tls);
-    auto k = creds.ok() ? flashmem::coordinator::LeaseKeeper::Start(coordinator_target, *creds, (*server)->grpc_target(),
+    std::string address = (*server)->grpc_target();
+    if (!advertise_host.empty()) address = advertise_host + address.substr(address.rfind(':'));
+    auto k = creds.ok() ? flashmem::coordinator::LeaseKeeper::Start(coordinator_target, *creds, address,
                                                                      flashmem::v1::MEMTIER)
                         : absl::StatusOr<std::unique_ptr<flashmem::coordinator::LeaseKeeper>>(creds.status());
     if (!k.ok()) {
@@ -68,9 +84,11 @@ int main(int argc, char** argv) {
   std::signal(SIGTERM, OnSignal);
   std::signal(SIGINT, OnSignal);
   // Tests and scripts read the chosen port from this line.
+  if (health) health->SetServing(true);
   std::printf("LISTENING %s\n", (*server)->grpc_target().c_str());
   std::fflush(stdout);
   (*server)->Wait();
+  if (health) health->SetServing(false);
   lease.reset();
   return 0;
 }

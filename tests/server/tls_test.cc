@@ -6,6 +6,7 @@
 
 #include "gtest/gtest.h"
 #include "tests/model/test_models.h"
+#include "common/net.h"
 #include "tests/process_util.h"
 
 namespace flashmem::testing {
@@ -32,9 +33,19 @@ TEST(Tls, ComponentsTalkMtlsAndThePublicApiTakesTlsClients) {
   };
   Child memtier = Spawn(FLASHMEM_MEMTIER_BIN, with({"--grpc-listen", "127.0.0.1:0", "--data-dir", d + "/mt", "--ram-bytes", "268435456"}, tls));
   ASSERT_FALSE(memtier.target.empty()) << memtier.output;
-  Child coord = Spawn(FLASHMEM_COORDINATOR_BIN,
-                      with({"--listen", "127.0.0.1:0", "--data-dir", d + "/coord", "--tls-optional-client-cert"}, tls));
+  const std::string health_addr = "127.0.0.1:" + std::to_string(FreeLoopbackPort());
+  Child coord = Spawn(FLASHMEM_COORDINATOR_BIN, with({"--listen", "127.0.0.1:0", "--data-dir", d + "/coord",
+                                                      "--tls-optional-client-cert", "--health-listen", health_addr}, tls));
   ASSERT_FALSE(coord.target.empty()) << coord.output;
+  // Probes that cannot speak TLS (the kubelet's gRPC probe) use the plaintext --health-listen;
+  // the TLS listener answers health checks only over TLS.
+  const std::string health = std::string(FLASHMEM_BIN) + " health --timeout-s 5 --target ";
+  Result probe = Shell(health + health_addr);
+  EXPECT_EQ(probe.code, 0) << probe.out;
+  EXPECT_NE(probe.out.find("SERVING"), std::string::npos) << probe.out;
+  EXPECT_EQ(Shell(health + coord.target).code, 2);
+  Result tls_probe = Shell(health + coord.target + " --tls-ca " + d + "/ca.pem");
+  EXPECT_EQ(tls_probe.code, 0) << tls_probe.out;
   Child worker = Spawn(FLASHMEM_WORKER_BIN, with({"--model", d + "/m", "--listen", "127.0.0.1:0", "--memtier", memtier.target,
                                                   "--coordinator", coord.target}, tls));
   ASSERT_FALSE(worker.target.empty()) << worker.output;

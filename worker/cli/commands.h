@@ -65,6 +65,9 @@ absl::Status Complete(const CompleteOptions& opt);
 // A conversation on one session: each input line is appended (BOS before the first), then up
 // to max_tokens are generated and streamed; ends at "/quit" or end of input.
 absl::Status Chat(const CompleteOptions& opt, std::istream& in);
+// grpc.health.v1 Check of `service` ("" = the whole server) at opt.target: prints the status and
+// returns whether it is SERVING (an exec probe, or an operator's check of any flashmem endpoint).
+absl::StatusOr<bool> HealthCheck(const CompleteOptions& opt, const std::string& service, int timeout_s);
 
 struct ClusterOptions {
   std::string run_dir;           // logs, data, cluster.json

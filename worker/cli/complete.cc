@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/tls.h"
+#include "health.grpc.pb.h"
 #include "session.grpc.pb.h"
 #include "worker/cli/commands.h"
 
@@ -126,6 +127,20 @@ absl::Status Chat(const CompleteOptions& o, std::istream& in) {
     if (auto st = s.Generate(o.max_tokens, o.temperature, o.top_p, o.seed); !st.ok()) return st;
   }
   return absl::OkStatus();
+}
+
+absl::StatusOr<bool> HealthCheck(const CompleteOptions& o, const std::string& service, int timeout_s) {
+  auto creds = Credentials(o);
+  if (!creds.ok()) return creds.status();
+  auto stub = grpc::health::v1::Health::NewStub(grpc::CreateChannel(o.target, *creds));
+  grpc::health::v1::HealthCheckRequest req;
+  req.set_service(service);
+  grpc::health::v1::HealthCheckResponse resp;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(timeout_s));
+  if (auto s = stub->Check(&ctx, req, &resp); !s.ok()) return Fail(s, "health check");
+  std::printf("%s\n", grpc::health::v1::HealthCheckResponse::ServingStatus_Name(resp.status()).c_str());
+  return resp.status() == grpc::health::v1::HealthCheckResponse::SERVING;
 }
 
 }  // namespace flashmem::cli

@@ -90,7 +90,14 @@ int main(int argc, char** argv) {
   ch->add_option("--temperature", chat.temperature, "sampling temperature (0: greedy)");
   ch->add_option("--top-p", chat.top_p, "nucleus sampling mass");
   ch->add_option("--seed", chat.seed, "sampling seed");
-  for (auto [cmd, o] : {std::pair{cmp, &comp}, std::pair{ch, &chat}}) {
+  flashmem::cli::CompleteOptions health;
+  std::string health_service;
+  int health_timeout_s = 5;
+  auto* hc = app.add_subcommand("health", "grpc.health.v1 check of any flashmem endpoint (exit 0: SERVING, 1: not serving, 2: error)");
+  hc->add_option("--target", health.target, "host:port (a --listen, --grpc-listen or --health-listen address)")->required();
+  hc->add_option("--service", health_service, "service name to check (default: the whole server)");
+  hc->add_option("--timeout-s", health_timeout_s, "seconds to wait for the answer");
+  for (auto [cmd, o] : {std::pair{cmp, &comp}, std::pair{ch, &chat}, std::pair{hc, &health}}) {
     cmd->add_option("--tls-ca", o->tls_ca, "PEM CA that signed the server's certificate (TLS)");
     cmd->add_option("--tls-cert", o->tls_cert, "PEM client certificate (mTLS)");
     cmd->add_option("--tls-key", o->tls_key, "PEM client key (mTLS)");
@@ -162,6 +169,13 @@ int main(int argc, char** argv) {
       if (t.ok()) chat.target = *t;
     }
     st = flashmem::cli::Chat(chat, std::cin);
+  } else if (hc->parsed()) {
+    auto serving = flashmem::cli::HealthCheck(health, health_service, health_timeout_s);
+    if (!serving.ok()) {
+      std::fprintf(stderr, "flashmem: %s\n", std::string(serving.status().message()).c_str());
+      return 2;
+    }
+    return *serving ? 0 : 1;
   } else if (up->parsed()) {
     cluster.lsa = !dense;
     st = flashmem::cli::ClusterUp(cluster);

@@ -16,6 +16,7 @@
 #include "common/tls.h"
 #include "spdlog/sinks/stdout_color_sinks.h"
 #include "spdlog/spdlog.h"
+#include "common/health_endpoint.h"
 #include "coordinator/lease_keeper.h"
 #include "prometheus/counter.h"
 #include "prometheus/exposer.h"
@@ -59,7 +60,8 @@ flashmem::v1::RegisterRequest Registration(const std::string& address, flashmem:
 // A follower rank: finds the leader's control service through the group store, holds a lease
 // as a rank of the group, and applies the leader's ops until the group ends.
 int RunFollower(const flashmem::parallel::GroupOptions& group, std::shared_ptr<grpc::ChannelCredentials> creds,
-                const std::string& coordinator_target, flashmem::server::Scheduler& scheduler) {
+                const std::string& coordinator_target, flashmem::server::Scheduler& scheduler,
+                flashmem::HealthEndpoint* health) {
   flashmem::parallel::GroupStoreClient store(group.leader_address, group.timeout);
   auto leader = store.Get(ControlKey(group), group.timeout);
   if (!leader.ok()) {
@@ -83,6 +85,7 @@ int RunFollower(const flashmem::parallel::GroupOptions& group, std::shared_ptr<g
       if (k.ok()) lease = std::move(*k);
       else spdlog::error("rank {}: {}", group.rank, std::string(k.status().message()));
     }
+    if (health) health->SetServing(true);
     spdlog::info("rank {} of group '{}' follows the leader at {}", group.rank, group.group, fo.leader);
     std::printf("FOLLOWING %s rank %d\n", group.group.c_str(), group.rank);
     std::fflush(stdout);
@@ -103,6 +106,9 @@ int main(int argc, char** argv) {
   flashmem::server::SchedulerOptions so;
   flashmem::server::SessionServiceOptions svo;
   app.add_option("--listen", listen, "gRPC address host:port (port 0: any free port)");
+  std::string advertise_host, health_listen;
+  app.add_option("--advertise-host", advertise_host, "host that the coordinator and the group's ranks dial instead of --listen's (e.g. the pod's DNS name when listening on 0.0.0.0)");
+  app.add_option("--health-listen", health_listen, "plaintext grpc.health.v1 address host:port for probes (empty: off; the main listener serves health too)");
   app.add_option("--model", model_dir, "model directory (config.json, safetensors, tokenizer.json)")->required();
   app.add_option("--max-sessions", so.max_sessions, "sessions held at once");
   app.add_option("--prefill-chunk", so.prefill_chunk, "prompt tokens per forward pass of one session");
@@ -136,6 +142,10 @@ int main(int argc, char** argv) {
   app.add_option("--tp-timeout-s", tp_timeout_s, "seconds to wait for the group's ranks (connect, first step)");
   flashmem::TlsOptions tls;
   flashmem::AddTlsFlags(app, tls, /*public_api=*/true);
+  app.footer(flashmem::EnvironmentHelp({
+      "UCX_*  UCX transport settings for page traffic with memtier (e.g. UCX_TLS, UCX_NET_DEVICES)",
+      "NCCL_*  NCCL settings between GPU ranks (NCCL_NVLS_ENABLE is forced to 0)",
+      "FLASHMEM_CUDA_FAST_PATHS  diagnostic: which fast CUDA paths stay on (docs/benchmarks.md)"}));
   group.group.clear();
   CLI11_PARSE(app, argc, argv);
   const bool in_group = group.size > 1, follower = group.rank > 0;
@@ -150,6 +160,15 @@ int main(int argc, char** argv) {
   if (!creds.ok()) {
     std::fprintf(stderr, "flashmem-worker: %s\n", std::string(creds.status().message()).c_str());
     return 1;
+  }
+  std::unique_ptr<flashmem::HealthEndpoint> health;
+  if (!health_listen.empty()) {  // up first: a probe sees NOT_SERVING while the model loads
+    auto h = flashmem::HealthEndpoint::Start(health_listen);
+    if (!h.ok()) {
+      std::fprintf(stderr, "flashmem-worker: %s\n", std::string(h.status().message()).c_str());
+      return 1;
+    }
+    health = std::move(*h);
   }
   spdlog::set_default_logger(spdlog::stderr_color_mt("worker"));
   auto backend = flashmem::kernels::OpenBackend(device, gpu_memory_bytes, cuda_kernels);
@@ -350,7 +369,7 @@ int main(int argc, char** argv) {
     std::fflush(stdout);
   }
   if (follower) {  // no API of its own: it follows the leader until the group ends
-    const int rc = RunFollower(group, creds->channel, coordinator_target, scheduler);
+    const int rc = RunFollower(group, creds->channel, coordinator_target, scheduler, health.get());
     metrics_stop.store(true);
     if (metrics_thread.joinable()) metrics_thread.join();
     return rc;
@@ -368,7 +387,8 @@ int main(int argc, char** argv) {
     return 1;
   }
   g_server = server.get();
-  const std::string my_address = listen.substr(0, listen.rfind(':')) + ":" + std::to_string(port);
+  const std::string my_address =
+      (advertise_host.empty() ? listen.substr(0, listen.rfind(':')) : advertise_host) + ":" + std::to_string(port);
   if (control) {  // followers find this server through the group store, then the group serves
     flashmem::parallel::GroupStoreClient store(group.leader_address, group.timeout);
     absl::Status st = store.Set(ControlKey(group), my_address);
@@ -397,9 +417,11 @@ int main(int argc, char** argv) {
   std::signal(SIGINT, OnSignal);
   spdlog::info("worker serving {} on port {} ({} sessions max{})", model_dir, port, so.max_sessions,
                in_group ? absl::StrCat(", leader of tensor-parallel group '", group.group, "' of ", group.size) : "");
+  if (health) health->SetServing(true);
   std::printf("LISTENING %s:%d\n", listen.substr(0, listen.rfind(':')).c_str(), port);
   std::fflush(stdout);
   server->Wait();
+  if (health) health->SetServing(false);
   if (control) control->Shutdown();
   lease.reset();
   metrics_stop.store(true);
