@@ -13,11 +13,21 @@ BUILD_DIR=${BUILD_DIR:-build}
 JOBS=${JOBS:-$(nproc)}
 mode=${1:-test}
 
-# The apt line of DESIGN.md §6, plus the compilers CMake needs and openssl (test certificates).
+# The apt line of DESIGN.md §6, plus the compilers CMake needs, openssl (test certificates), Node.js
+# (offline validation of the Kubernetes manifests, deploy/k8s/validate) and iproute2 (the
+# multi-host test in network namespaces).
 PKGS="libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libucx-dev ucx-utils \
 libabsl-dev librocksdb-dev libgtest-dev libgmock-dev libbenchmark-dev libcli11-dev libspdlog-dev \
 libfmt-dev prometheus-cpp-dev nlohmann-json3-dev libyaml-cpp-dev libxxhash-dev libgloo-dev \
-libpcre2-dev ninja-build pkg-config cmake g++ openssl"
+libpcre2-dev ninja-build pkg-config cmake g++ openssl nodejs iproute2"
+
+# The manifest validator's npm packages (pinned by its package-lock.json), into deploy/k8s/validate.
+npm_deps() {
+  [ -d deploy/k8s/validate/node_modules/kubernetes-models ] && return 0
+  command -v npm > /dev/null || DEBIAN_FRONTEND=noninteractive ${SUDO:-} apt-get install -y --no-install-recommends npm
+  echo "[bootstrap] npm ci in deploy/k8s/validate"
+  (cd deploy/k8s/validate && npm ci --no-audit --no-fund --loglevel=error)
+}
 
 install_deps() {
   [ "${SKIP_DEPS:-0}" = 1 ] && return 0
@@ -25,11 +35,14 @@ install_deps() {
   for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
   done
-  if [ -z "$missing" ]; then echo "[bootstrap] dependencies present"; return 0; fi
-  echo "[bootstrap] installing:$missing"
-  local SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends $missing
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  if [ -z "$missing" ]; then echo "[bootstrap] dependencies present"
+  else
+    echo "[bootstrap] installing:$missing"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends $missing
+  fi
+  npm_deps
 }
 
 build() {
