@@ -17,6 +17,10 @@ for o in base overlays/dev overlays/gpu overlays/gpu-lws; do
   fi
   if out=$(node "$k8s/validate/validate.mjs" "$tmp/r.yaml" 2>&1); then echo "ok   $o: $out"
   else echo "FAIL $o:"; echo "$out"; fail=1; fi
+  # The standalone kustomize (the fallback without kubectl) renders the same objects.
+  if FLASHMEM_STANDALONE_KUSTOMIZE=1 "$k8s/render.sh" "$o" > "$tmp/s.yaml" 2> "$tmp/err"; then
+    diff -q "$tmp/r.yaml" "$tmp/s.yaml" > /dev/null || { echo "FAIL $o: kubectl kustomize and the standalone kustomize differ"; diff "$tmp/r.yaml" "$tmp/s.yaml" | head -20; fail=1; }
+  else echo "FAIL standalone render $o:"; cat "$tmp/err"; fail=1; fi
 done
 # The validator must refuse what is wrong (a string port, a kind it has no schema for).
 printf 'apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {ports: [{port: "x"}]}\n---\napiVersion: example.com/v1\nkind: Widget\nmetadata: {name: w}\n' > "$tmp/bad.yaml"
