@@ -302,6 +302,36 @@ grpc::Status Coordinator::CreateSession(grpc::ServerContext*, const v1::CreateSe
   return FromAbsl(SaveRoute(out->session_id(), addr));
 }
 
+Coordinator::LeaseWatch::LeaseWatch(Coordinator& c, std::string address, grpc::ClientContext* call)
+    : thread_([this, &c, address = std::move(address), call] {
+        std::unique_lock<std::mutex> l(mu_);
+        while (!cv_.wait_for(l, c.options_.heartbeat, [&] { return stopped_; })) {
+          bool live;
+          {
+            std::lock_guard<std::mutex> cl(c.mu_);
+            const Worker* w = c.SessionWorkerAt(address);
+            live = w && c.Live(*w);
+          }
+          if (!live) {
+            lapsed_ = true;
+            call->TryCancel();
+            return;
+          }
+        }
+      }) {}
+
+bool Coordinator::LeaseWatch::Stop() {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    stopped_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+  return lapsed_;
+}
+
+Coordinator::LeaseWatch::~LeaseWatch() { Stop(); }
+
 // Runs a server stream on the session's worker and relays it. When the worker is lost, the
 // session moves (AdoptSession on another worker, from its last snapshot) and the stream runs
 // again; `relay` sees each attempt's messages with their index within the attempt.
@@ -315,12 +345,15 @@ grpc::Status Coordinator::WithFailover(grpc::ServerContext* ctx, const std::stri
     grpc::ClientContext cctx;
     ForwardAuth(ctx, &cctx);
     auto stub = v1::SessionService::NewStub(route->second);
+    // A worker cut off by the network sends no reset: its stream just goes quiet. Its lease
+    // tells: once it runs out the call is cancelled and the session moves like after a crash.
+    LeaseWatch watch(*this, route->first, &cctx);
     auto reader = start(*stub, &cctx);
     Msg m;
     for (size_t i = 0; reader->Read(&m); ++i)
       if (grpc::Status st = relay(m, i); !st.ok()) return st;
     const grpc::Status st = reader->Finish();
-    if (st.ok() || !WorkerLost(st)) return st;
+    if (!watch.Stop() && (st.ok() || !WorkerLost(st))) return st;
     moved = true;
   }
   return Err(grpc::StatusCode::UNAVAILABLE, absl::StrCat(what, ": workers keep failing"));

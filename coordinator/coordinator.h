@@ -103,6 +103,22 @@ class Coordinator final : public v1::Coordinator::Service, public v1::SessionSer
   template <typename Msg, typename Start, typename Relay>
   grpc::Status WithFailover(grpc::ServerContext* ctx, const std::string& sid, const char* what, Start start, Relay relay);
 
+  // While a call to the worker at `address` runs: checks its lease every heartbeat and cancels
+  // the call when it runs out. Stop() (or the destructor) ends the watch; it returns whether the
+  // call was cancelled for that reason.
+  class LeaseWatch {
+   public:
+    LeaseWatch(Coordinator& c, std::string address, grpc::ClientContext* call);
+    ~LeaseWatch();
+    bool Stop();
+
+   private:
+    std::mutex mu_;
+    std::condition_variable cv_;
+    bool stopped_ = false, lapsed_ = false;
+    std::thread thread_;  // last: starts once the fields above exist
+  };
+
   CoordinatorOptions options_;
   std::unique_ptr<rocksdb::DB> db_;
   mutable std::mutex mu_;
