@@ -93,7 +93,12 @@ absl::Status RocksTier::PutPages(std::span<const PageWrite> pages) {
 
 absl::Status RocksTier::GetPage(const PageKey& key, const PageMeta& meta, std::span<uint8_t> dst) const {
   rocksdb::PinnableSlice v;
-  auto s = db_->Get(rocksdb::ReadOptions(), pages_, EncodePageKey(key), &v);
+  // Page values carry their own xxh3 checksum, verified below: RocksDB's per-blob CRC would be a
+  // second pass over the same bytes. A promoted page goes to the RAM tier, not the block cache.
+  rocksdb::ReadOptions ro;
+  ro.verify_checksums = false;
+  ro.fill_cache = false;
+  auto s = db_->Get(ro, pages_, EncodePageKey(key), &v);
   if (!s.ok()) return FromRocks(s, absl::StrCat("read page ", ToString(key)));
   if (v.size() != meta.length)
     return absl::DataLossError(absl::StrCat("page ", ToString(key), ": stored length ", v.size(), " != committed ", meta.length));
