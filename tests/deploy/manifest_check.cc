@@ -2,6 +2,7 @@
 
 #include <yaml-cpp/yaml.h>
 
+#include <cctype>
 #include <regex>
 #include <sstream>
 
@@ -80,7 +81,7 @@ class Checker {
       if (!kClusterScoped.count(kind) && Str(d["metadata"]["namespace"]) != ns_)
         Error(kind + "/" + name, "namespace '" + Str(d["metadata"]["namespace"]) + "', want '" + ns_ + "'");
       if (kind == "ConfigMap")
-        for (const auto& kv : d["data"]) config_maps_[name].insert(kv.first.as<std::string>());
+        for (const auto& kv : d["data"]) config_maps_[name][kv.first.as<std::string>()] = Str(kv.second);
       if (kind == "StatefulSet" || kind == "DaemonSet" || kind == "Deployment" || kind == "Job")
         AddTemplate(kind + "/" + name, d["spec"]["template"], false);
       if (kind == "LeaderWorkerSet")
@@ -181,13 +182,21 @@ class Checker {
     }
     // Environment.
     std::set<std::string> defined, refs;
-    for (const auto& e : c["env"]) defined.insert(Str(e["name"]));
+    std::map<std::string, std::string> values;  // literal values known from the rendering
+    for (const auto& e : c["env"]) {
+      defined.insert(Str(e["name"]));
+      if (e["value"]) values[Str(e["name"])] = Str(e["value"]);
+    }
     for (const auto& ef : c["envFrom"]) {
       if (ef["configMapRef"]) {
         const std::string cm = Str(ef["configMapRef"]["name"]);
         auto it = config_maps_.find(cm);
         if (it == config_maps_.end()) Error(where, "envFrom ConfigMap '" + cm + "' is not in the rendering");
-        else defined.insert(it->second.begin(), it->second.end());
+        else
+          for (const auto& [k, v] : it->second) {
+            defined.insert(k);
+            values[k] = v;
+          }
       } else {
         Error(where, "envFrom other than a ConfigMap: its variables cannot be checked");
       }
@@ -205,6 +214,32 @@ class Checker {
     for (const char* side : {"requests", "limits"})
       for (const char* res : {"cpu", "memory"})
         if (!c["resources"][side][res]) Error(where, std::string("no resources.") + side + "." + res);
+    // memtier's RAM tier is memfd memory charged to its own container: the limit must hold it.
+    if (binary == "flashmem-memtier") {
+      std::string ram;
+      for (const auto& a : all)
+        if (a.rfind("--ram-bytes=", 0) == 0) ram = a.substr(12);
+      static const std::regex var(R"(^\$\(([A-Za-z_][A-Za-z0-9_]*)\)$)");
+      std::smatch m;
+      if (std::regex_match(ram, m, var)) ram = values.count(m[1].str()) ? values[m[1].str()] : "";
+      const double ram_bytes = Quantity(ram), limit = Quantity(Str(c["resources"]["limits"]["memory"]));
+      if (ram_bytes <= 0) Error(where, "--ram-bytes is not a number the rendering gives ('" + ram + "')");
+      else if (limit < ram_bytes * 1.04 + (256 << 20))
+        Error(where, "memory limit " + Str(c["resources"]["limits"]["memory"]) + " cannot hold --ram-bytes " + ram +
+                         " plus 4% and 256 MiB of headroom");
+    }
+  }
+
+  // A Kubernetes quantity ("1536Mi", "400Gi", "1G", "123") in bytes; -1 when unreadable.
+  static double Quantity(const std::string& q) {
+    static const std::map<std::string, double> units = {{"", 1},         {"k", 1e3},          {"M", 1e6},
+                                                        {"G", 1e9},      {"T", 1e12},         {"Ki", 1024.0},
+                                                        {"Mi", 1 << 20}, {"Gi", 1 << 30},     {"Ti", 1099511627776.0}};
+    size_t i = 0;
+    while (i < q.size() && (std::isdigit(static_cast<unsigned char>(q[i])) || q[i] == '.')) ++i;
+    auto u = units.find(q.substr(i));
+    if (i == 0 || u == units.end()) return -1;
+    return std::stod(q.substr(0, i)) * u->second;
   }
 
   // The group store port a worker opens through --tp-leader (host:port of rank 0).
@@ -271,7 +306,7 @@ class Checker {
 
   HelpFn help_;
   std::string ns_;
-  std::map<std::string, std::set<std::string>> config_maps_;
+  std::map<std::string, std::map<std::string, std::string>> config_maps_;
   std::vector<PodTemplate> templates_;
   std::map<std::string, BinaryInterface> interfaces_;
   std::vector<std::string> errors_;

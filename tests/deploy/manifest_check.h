@@ -8,8 +8,9 @@
 //  - every environment variable a container gets (env, envFrom of a rendered ConfigMap) is read
 //    by its binary (the --help "Environment:" section) or used as $(NAME) in its args, and every
 //    $(NAME) it uses is defined (LeaderWorkerSet pods: LWS_* come from the LWS controller);
-//  - every container has CPU and memory requests and limits; every namespaced object is in the
-//    flashmem namespace.
+//  - every container has CPU and memory requests and limits; memtier's memory limit holds its
+//    --ram-bytes (the RAM tier is charged to its container) with headroom; every namespaced object
+//    is in the flashmem namespace.
 #pragma once
 
 #include <functional>

@@ -87,6 +87,20 @@ spec:
         image: busybox
         command: [/bin/sh, -c, "sleep 1"]
 ---
+apiVersion: apps/v1
+kind: DaemonSet
+metadata: {name: m, namespace: flashmem}
+spec:
+  template:
+    metadata: {labels: {app: m}}
+    spec:
+      containers:
+      - name: memtier
+        command: [/opt/flashmem/bin/flashmem-memtier]
+        args: [--data-dir=/d, --ram-bytes=$(RAM)]
+        env: [{name: RAM, value: "8589934592"}]
+        resources: {requests: {cpu: "1", memory: 8Gi}, limits: {cpu: "1", memory: 8Gi}}
+---
 apiVersion: v1
 kind: Service
 metadata: {name: s, namespace: flashmem}
@@ -106,7 +120,7 @@ spec:
   for (const char* want : {"passes --no-such-flag", "gets env STALE_SETTING", "uses $(UNDEFINED)", "listens on 7081 but declares no such containerPort",
                            "declares containerPort 7099 that no flag opens", "is not its --health-listen port", "no resources.limits.memory",
                            "runs '/bin/sh', not a flashmem binary", "targetPort metrics is not a port", "allows port 1234",
-                           "namespace 'default'"})
+                           "namespace 'default'", "memory limit 8Gi cannot hold --ram-bytes 8589934592"})
     EXPECT_NE(all.find(want), std::string::npos) << "missing: " << want << "\n" << all;
   EXPECT_EQ(all.find("UCX_TLS"), std::string::npos) << all;  // UCX_* is read by the worker
   EXPECT_EQ(all.find("MODEL_DIR"), std::string::npos) << all;  // used as $(MODEL_DIR)
