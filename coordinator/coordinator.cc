@@ -131,6 +131,8 @@ grpc::Status Coordinator::Register(grpc::ServerContext*, const v1::RegisterReque
     if ((r->tp_rank() == 0) != (r->kind() == v1::WORKER))
       return Err(grpc::StatusCode::INVALID_ARGUMENT, "register: rank 0 of a group registers as WORKER, the others as WORKER_RANK");
   }
+  if (r->memtier_store().size() > 128)
+    return Err(grpc::StatusCode::INVALID_ARGUMENT, absl::StrCat("register: memtier_store of ", r->memtier_store().size(), " bytes (at most 128)"));
   std::lock_guard<std::mutex> l(mu_);
   uint64_t id = 0;
   const bool memtier = r->kind() == v1::MEMTIER, rank = r->kind() == v1::WORKER_RANK;
@@ -144,6 +146,7 @@ grpc::Status Coordinator::Register(grpc::ServerContext*, const v1::RegisterReque
   w.group = r->group();
   w.tp_rank = r->tp_rank();
   w.tp_size = tp_size;
+  w.memtier_store = r->memtier_store();
   w.last_seen = std::chrono::steady_clock::now();
   out->set_worker_id(id);
   out->set_heartbeat_ms(static_cast<uint32_t>(options_.heartbeat.count()));
@@ -169,7 +172,7 @@ grpc::Status Coordinator::Heartbeat(grpc::ServerContext*, const v1::HeartbeatReq
   return grpc::Status::OK;
 }
 
-absl::StatusOr<uint64_t> Coordinator::PickWorker(const std::string& avoid, uint32_t prefer_tp) {
+absl::StatusOr<uint64_t> Coordinator::PickWorker(const std::string& avoid, uint32_t prefer_tp, const std::string& store) {
   // Least loaded: fewest active sessions, then least KV in memory (ties: lowest id). A moving
   // session goes to a group of its old group's size when there is one: the same partition sums
   // in the same order, so its tokens stay identical to an uninterrupted run.
@@ -179,13 +182,15 @@ absl::StatusOr<uint64_t> Coordinator::PickWorker(const std::string& avoid, uint3
     std::pair<uint32_t, uint64_t> best_load{UINT32_MAX, UINT64_MAX};
     for (auto& [id, w] : workers_)
       if (TakesSessions(w) && Live(w) && w.address != avoid && (!same_size || w.tp_size == prefer_tp) &&
+          (store.empty() || w.memtier_store == store) &&
           std::make_pair(w.sessions, w.kv_bytes) < best_load) {
         best = id;
         best_load = {w.sessions, w.kv_bytes};
       }
     if (best != 0) return best;
   }
-  return absl::UnavailableError("no live worker");
+  return absl::UnavailableError(store.empty() ? std::string("no live worker")
+                                               : absl::StrCat("no live worker of memtier store ", store, " (where the session's pages are)"));
 }
 
 absl::Status Coordinator::SaveRoute(const std::string& session_id, const std::string& address) {
@@ -233,7 +238,7 @@ absl::StatusOr<std::pair<std::string, std::shared_ptr<grpc::Channel>>> Coordinat
       return result;
     };
     const Worker* old_worker = SessionWorkerAt(old);
-    auto id = PickWorker(old, old_worker ? old_worker->tp_size : 1);
+    auto id = PickWorker(old, old_worker ? old_worker->tp_size : 1, old_worker ? old_worker->memtier_store : "");
     if (!id.ok()) return done(absl::StatusOr<std::pair<std::string, std::shared_ptr<grpc::Channel>>>(id.status()));
     const Worker& w = workers_[*id];
     auto channel = w.channel;

@@ -80,6 +80,7 @@ class Coordinator final : public v1::Coordinator::Service, public v1::SessionSer
     bool rank = false;     // a follower rank of a tensor-parallel group: never given sessions
     std::string group;     // tensor-parallel group (tp_size > 1)
     uint32_t tp_rank = 0, tp_size = 1;
+    std::string memtier_store;  // where its sessions' snapshots and pages are ("" = unknown)
     std::shared_ptr<grpc::Channel> channel;
   };
   // A worker that takes sessions: a single worker or a group's leader.
@@ -94,7 +95,8 @@ class Coordinator final : public v1::Coordinator::Service, public v1::SessionSer
   std::shared_ptr<grpc::ChannelCredentials> WorkerCredentials() const;
   // The live worker with the fewest sessions (ties: lowest id), excluding `avoid`; one of
   // `prefer_tp` ranks first when there is one (0: any).
-  absl::StatusOr<uint64_t> PickWorker(const std::string& avoid = "", uint32_t prefer_tp = 0);
+  // `store` (non-empty): only workers of that memtier store (a moving session's snapshot is there).
+  absl::StatusOr<uint64_t> PickWorker(const std::string& avoid = "", uint32_t prefer_tp = 0, const std::string& store = "");
   // The worker serving a session; moves the session (AdoptSession) when its worker is lost.
   absl::StatusOr<std::pair<std::string, std::shared_ptr<grpc::Channel>>> Route(const std::string& session_id, bool force_move);
   absl::Status SaveRoute(const std::string& session_id, const std::string& address);

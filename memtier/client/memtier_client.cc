@@ -70,6 +70,11 @@ uint64_t MemTierClient::epoch() const {
   return epoch_;
 }
 
+std::string MemTierClient::store_id() const {
+  absl::MutexLock l(&mu_);
+  return store_id_;
+}
+
 absl::Status MemTierClient::Register() {
   v1::ConnectRequest req;
   {  // memtier's UCX listener: connect by sockaddr, then name our end of that connection
@@ -98,6 +103,7 @@ absl::Status MemTierClient::Register() {
   FM_RETURN_IF_ERROR(FromGrpc(rpc_->stub->Connect(&ctx, req, &resp), "connect"));
   client_id_ = resp.client_id();
   epoch_ = resp.epoch();
+  store_id_ = resp.store_id();
   return absl::OkStatus();
 }
 

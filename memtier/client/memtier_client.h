@@ -88,6 +88,8 @@ class MemTierClient {
   absl::StatusOr<std::pair<uint64_t, std::vector<uint8_t>>> GetState(uint64_t session);
   absl::StatusOr<RemoteStats> Stats();
   uint64_t epoch() const;
+  // The memtier's store identity (ConnectResponse.store_id): which data directory holds the pages.
+  std::string store_id() const;
   // The registered buffer's size: the most bytes one commit or recall may move.
   uint64_t buffer_bytes() const { return buffer_.size(); }
   int reconnects() const { return reconnects_; }
@@ -114,6 +116,7 @@ class MemTierClient {
   std::unique_ptr<MappedChunks> local_;
   mutable absl::Mutex mu_;  // one request uses the buffer at a time
   uint64_t client_id_ = 0, epoch_ = 0;
+  std::string store_id_;
   int reconnects_ = 0;
   // Background commits.
   struct Queued {

@@ -61,6 +61,7 @@ grpc::Status MemTierService::Connect(grpc::ServerContext*, const v1::ConnectRequ
   clients_[id] = std::move(c);
   out->set_client_id(id);
   out->set_epoch(epoch_);
+  out->set_store_id(store_.rocks().identity());
   return grpc::Status::OK;
 }
 

@@ -68,6 +68,7 @@ absl::StatusOr<std::unique_ptr<RocksTier>> RocksTier::Open(const RocksTierOption
   t->meta_ = t->handles_[2];
   t->state_ = t->handles_[3];
   t->sessions_ = t->handles_[4];
+  if (auto st = t->db_->GetDbIdentity(t->identity_); !st.ok()) return FromRocks(st, "RocksDB identity");
   return t;
 }
 

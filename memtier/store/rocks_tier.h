@@ -67,12 +67,16 @@ class RocksTier {
   // NOT_FOUND when the session has no state blob.
   absl::StatusOr<StateBlob> GetState(uint64_t session) const;
 
+  // The RocksDB identity of this data directory (its IDENTITY file): stable across restarts.
+  const std::string& identity() const { return identity_; }
+
   // Overwrites a stored page value without touching its metadata (tests of corruption).
   absl::Status CorruptPageForTesting(const PageKey& key, std::span<const uint8_t> bytes);
 
  private:
   RocksTier() = default;
   RocksTierOptions options_;
+  std::string identity_;
   std::unique_ptr<rocksdb::DB> db_;
   std::vector<rocksdb::ColumnFamilyHandle*> handles_;  // default, pages, meta, state, sessions
   rocksdb::ColumnFamilyHandle* pages_ = nullptr;

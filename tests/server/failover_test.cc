@@ -155,6 +155,60 @@ TEST(Failover, CoordinatorMovesTheSessionAndTheStreamCarriesOn) {
   std::filesystem::remove_all(dir);
 }
 
+// One memtier per node (the Kubernetes layout): a session moves only to a worker of the memtier
+// that holds its snapshot and pages (workers register their memtier's store id), never to an
+// otherwise preferred worker of another memtier, which could not adopt it.
+TEST(Failover, TheSessionMovesOnlyToAWorkerOfItsMemtier) {
+  const std::string dir = TempDir("failover_store");
+  ASSERT_EQ(WriteTinyModel(dir, 2), 0);
+  Child coord = StartCoordinator(dir);
+  ASSERT_FALSE(coord.target.empty()) << coord.output;
+  Child mt_a = StartMemtier(dir + "/a"), mt_b = StartMemtier(dir + "/b");
+  ASSERT_FALSE(mt_a.target.empty() || mt_b.target.empty());
+  auto worker_of = [&](const Child& mt) {
+    return Spawn(FLASHMEM_WORKER_BIN, {"--model", dir + "/m", "--listen", "127.0.0.1:0", "--memtier", mt.target,
+                                       "--coordinator", coord.target});
+  };
+  Child a1 = worker_of(mt_a);  // alone at first: both sessions start here
+  ASSERT_FALSE(a1.target.empty()) << a1.output;
+  Api api(coord.target);
+  v1::SamplingParams sp;
+  sp.set_temperature(0.7f);
+  sp.set_seed(5);
+  const std::string prompt = "Pages stay where they were written.";
+  auto start = [&](v1::CreateSessionResponse* cs) {
+    grpc::ClientContext ctx;
+    ASSERT_TRUE(api.session->CreateSession(&ctx, v1::CreateSessionRequest(), cs).ok());
+    ASSERT_TRUE(Append(api, cs->session_id(), cs->token(), prompt).ok());
+  };
+  grpc::Status st;
+  v1::CreateSessionResponse ref, cs;
+  start(&ref);
+  const std::vector<int32_t> want = Generate(api, ref.session_id(), ref.token(), 16, sp, &st);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  start(&cs);
+  ASSERT_EQ(Info(api, cs).served_by(), a1.target);
+  // Now a worker of memtier B registers first (lower id, no sessions: placement's first choice),
+  // then a second worker of memtier A.
+  Child b = worker_of(mt_b);
+  ASSERT_FALSE(b.target.empty()) << b.output;
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  Child a2 = worker_of(mt_a);
+  ASSERT_FALSE(a2.target.empty()) << a2.output;
+  const std::vector<int32_t> got = Generate(api, cs.session_id(), cs.token(), 16, sp, &st, [&](size_t k) {
+    if (k == 5) Stop(a1, SIGKILL);
+  });
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  EXPECT_EQ(got, want);
+  EXPECT_EQ(Info(api, cs).served_by(), a2.target) << "B's worker is " << b.target;
+  Stop(a2);
+  Stop(b);
+  Stop(coord);
+  Stop(mt_a);
+  Stop(mt_b);
+  std::filesystem::remove_all(dir);
+}
+
 // LSA on, with a KV budget that keeps pages in memtier: a worker SIGKILLed mid-stream; the
 // session (its schedule, resident set and page references) moves to the other worker, which
 // recalls the pages it needs from memtier; the tokens equal the uninterrupted run.

@@ -45,10 +45,11 @@ std::string ControlKey(const flashmem::parallel::GroupOptions& g) { return "flas
 
 // This process's registration with the coordinator; a rank of a group names its group.
 flashmem::v1::RegisterRequest Registration(const std::string& address, flashmem::v1::ComponentKind kind,
-                                           const flashmem::parallel::GroupOptions& g) {
+                                           const flashmem::parallel::GroupOptions& g, const std::string& memtier_store = "") {
   flashmem::v1::RegisterRequest reg;
   reg.set_address(address);
   reg.set_kind(kind);
+  reg.set_memtier_store(memtier_store);
   if (g.size > 1) {
     reg.set_group(g.group);
     reg.set_tp_rank(static_cast<uint32_t>(g.rank));
@@ -402,7 +403,7 @@ int main(int argc, char** argv) {
   std::unique_ptr<flashmem::coordinator::LeaseKeeper> lease;
   if (!coordinator_target.empty()) {
     auto k = flashmem::coordinator::LeaseKeeper::Start(
-        coordinator_target, creds->channel, Registration(my_address, flashmem::v1::WORKER, group), [&](flashmem::v1::HeartbeatRequest* hb) {
+        coordinator_target, creds->channel, Registration(my_address, flashmem::v1::WORKER, group, memtier ? memtier->store_id() : ""), [&](flashmem::v1::HeartbeatRequest* hb) {
           hb->set_sessions(static_cast<uint32_t>(scheduler.sessions()));
           hb->set_queued_tokens(scheduler.stats().queued_tokens);
           if (pager) hb->set_kv_bytes(pager->stats().resident_bytes);
