@@ -8,6 +8,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -98,6 +99,18 @@ inline grpc::Status Append(Api& api, const std::string& sid, const std::string& 
   a.set_text(text);
   a.set_add_bos(true);
   return RunAppend(api, a, token);
+}
+
+// A new session with its prompt appended (text, or token ids); fails the test on an error.
+template <typename Prompt>
+inline void OpenSession(Api& api, const Prompt& prompt, v1::CreateSessionResponse* cs) {
+  grpc::ClientContext ctx;
+  ASSERT_TRUE(api.session->CreateSession(&ctx, v1::CreateSessionRequest(), cs).ok());
+  if constexpr (std::is_same_v<Prompt, std::string>) {
+    ASSERT_TRUE(Append(api, cs->session_id(), cs->token(), prompt).ok());
+  } else {
+    ASSERT_TRUE(AppendIds(api, cs->session_id(), cs->token(), prompt).ok());
+  }
 }
 
 }  // namespace flashmem::testing

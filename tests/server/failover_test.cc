@@ -176,17 +176,12 @@ TEST(Failover, TheSessionMovesOnlyToAWorkerOfItsMemtier) {
   sp.set_temperature(0.7f);
   sp.set_seed(5);
   const std::string prompt = "Pages stay where they were written.";
-  auto start = [&](v1::CreateSessionResponse* cs) {
-    grpc::ClientContext ctx;
-    ASSERT_TRUE(api.session->CreateSession(&ctx, v1::CreateSessionRequest(), cs).ok());
-    ASSERT_TRUE(Append(api, cs->session_id(), cs->token(), prompt).ok());
-  };
   grpc::Status st;
   v1::CreateSessionResponse ref, cs;
-  start(&ref);
+  OpenSession(api, prompt, &ref);
   const std::vector<int32_t> want = Generate(api, ref.session_id(), ref.token(), 16, sp, &st);
   ASSERT_TRUE(st.ok()) << st.error_message();
-  start(&cs);
+  OpenSession(api, prompt, &cs);
   ASSERT_EQ(Info(api, cs).served_by(), a1.target);
   // Now a worker of memtier B registers first (lower id, no sessions: placement's first choice),
   // then a second worker of memtier A.
@@ -227,16 +222,11 @@ TEST(Failover, WithLsaAndEvictedPagesTheTokensAreTheSame) {
   ASSERT_FALSE(w1.target.empty() || w2.target.empty()) << w1.output << w2.output;
   Api api(coord.target);
   const std::vector<int32_t> prompt = Prompt(1500, 1000, 3);  // 375 chunks: 6 pages per CSA stream
-  auto start = [&](v1::CreateSessionResponse* cs) {
-    grpc::ClientContext ctx;
-    ASSERT_TRUE(api.session->CreateSession(&ctx, v1::CreateSessionRequest(), cs).ok());
-    ASSERT_TRUE(AppendIds(api, cs->session_id(), cs->token(), prompt).ok());
-  };
   auto info = [&](const v1::CreateSessionResponse& cs) { return Info(api, cs); };
   v1::SamplingParams greedy;
   grpc::Status st;
   v1::CreateSessionResponse ref;
-  start(&ref);
+  OpenSession(api, prompt, &ref);
   const std::vector<int32_t> want = Generate(api, ref.session_id(), ref.token(), 40, greedy, &st);
   ASSERT_TRUE(st.ok()) << st.error_message();
   const v1::SessionInfo ri = info(ref);
@@ -246,7 +236,7 @@ TEST(Failover, WithLsaAndEvictedPagesTheTokensAreTheSame) {
   EXPECT_LT(ri.kv_bytes_worker(), ri.kv_bytes_dense());
 
   v1::CreateSessionResponse cs;
-  start(&cs);
+  OpenSession(api, prompt, &cs);
   const std::string first = info(cs).served_by();
   Child& victim = first == w1.target ? w1 : w2;
   // The survivor's prefill counter before the failover (it may serve the reference session).
@@ -286,15 +276,10 @@ TEST(Failover, RandomStepsManyRounds) {
   sp.set_temperature(0.8f);
   sp.set_seed(2026);
   const std::string prompt = "Round after round, the same tokens.";
-  auto create = [&](v1::CreateSessionResponse* cs) {
-    grpc::ClientContext ctx;
-    ASSERT_TRUE(api.session->CreateSession(&ctx, v1::CreateSessionRequest(), cs).ok());
-    ASSERT_TRUE(Append(api, cs->session_id(), cs->token(), prompt).ok());
-  };
   constexpr int kTokens = 24;
   grpc::Status st;
   v1::CreateSessionResponse ref;
-  create(&ref);
+  OpenSession(api, prompt, &ref);
   const std::vector<int32_t> want = Generate(api, ref.session_id(), ref.token(), kTokens, sp, &st);
   ASSERT_TRUE(st.ok()) << st.error_message();
   uint64_t x = 77;
@@ -302,7 +287,7 @@ TEST(Failover, RandomStepsManyRounds) {
     x = x * 6364136223846793005ull + 1442695040888963407ull;
     const size_t kill_at = 1 + (x >> 33) % (kTokens - 2);
     v1::CreateSessionResponse cs;
-    create(&cs);
+    OpenSession(api, prompt, &cs);
     const std::string serving = Info(api, cs).served_by();
     const size_t victim = serving == workers[0].target ? 0 : 1;
     ASSERT_EQ(serving, workers[victim].target);
@@ -420,18 +405,13 @@ TEST(Failover, MemtierRestartDuringGenerationContinuesOrFailsRetryably) {
   ASSERT_FALSE(w.target.empty()) << w.output;
   Api api(w.target);
   const std::vector<int32_t> prompt = Prompt(600, 1000, 8);  // complete pages get committed during decode
-  auto start = [&](v1::CreateSessionResponse* c) {
-    grpc::ClientContext ctx;
-    ASSERT_TRUE(api.session->CreateSession(&ctx, v1::CreateSessionRequest(), c).ok());
-    ASSERT_TRUE(AppendIds(api, c->session_id(), c->token(), prompt).ok());
-  };
   v1::SamplingParams greedy;
   grpc::Status st;
   v1::CreateSessionResponse ref, cs;
-  start(&ref);
+  OpenSession(api, prompt, &ref);
   const std::vector<int32_t> want = Generate(api, ref.session_id(), ref.token(), 60, greedy, &st);
   ASSERT_TRUE(st.ok()) << st.error_message();
-  start(&cs);
+  OpenSession(api, prompt, &cs);
   std::vector<int32_t> got = Generate(api, cs.session_id(), cs.token(), 60, greedy, &st, [&](size_t k) {
     if (k != 10) return;
     Stop(memtier, SIGKILL);
