@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Multi-host test without Kubernetes: coordinator, memtier, two workers and a client, each in its
 # own network namespace with its own address, joined by veth pairs to a bridge in a sixth
-# namespace (the "switch"). Nothing is configured outside the namespaces this test creates, and
+# namespace (the "switch"). As in Kubernetes pods, memtier and the workers listen on 0.0.0.0 and
+# register an --advertise-host; every probe goes to a plaintext --health-listen port. Nothing is configured outside the namespaces this test creates, and
 # every address it uses is inside them.
 #   1. a session generates text across the hosts (client -> coordinator -> worker -> memtier);
 #   2. the serving worker's link is taken down mid-generation: no reset reaches anyone, the
@@ -69,18 +70,23 @@ wait_line() {  # wait_line NAME PATTERN SECONDS
 "$FM" ckpt random --preset tiny --layers 2 --seed 7 --out "$tmp/model" > /dev/null || { log "FAIL model"; exit 1; }
 start coord coord "$COORD" --listen "${ip[coord]}:7000" --data-dir "$tmp/coord-data" --health-listen "${ip[coord]}:7001" \
   --metrics-listen "${ip[coord]}:7002"
-start mt memtier "$MEMTIER" --grpc-listen "${ip[mt]}:7300" --ucx-listen "${ip[mt]}:7301" --data-dir "$tmp/mt-data" \
-  --ram-bytes 268435456 --coordinator "${ip[coord]}:7000" --health-listen "${ip[mt]}:7302"
+# memtier and the workers listen on every address and advertise their own, as in Kubernetes pods.
+start mt memtier "$MEMTIER" --grpc-listen 0.0.0.0:7300 --ucx-listen 0.0.0.0:7301 --advertise-host "${ip[mt]}" \
+  --data-dir "$tmp/mt-data" --ram-bytes 268435456 --coordinator "${ip[coord]}:7000" --health-listen 0.0.0.0:7302
 check "coordinator up" wait_line coord LISTENING 30
 check "memtier up" wait_line memtier LISTENING 30
 for w in w1 w2; do
-  start "$w" "$w" "$WORKER" --listen "${ip[$w]}:7080" --model "$tmp/model" --memtier "${ip[mt]}:7300" \
-    --coordinator "${ip[coord]}:7000" --metrics-listen "${ip[$w]}:7082" --health-listen "${ip[$w]}:7081"
+  start "$w" "$w" "$WORKER" --listen 0.0.0.0:7080 --advertise-host "${ip[$w]}" --model "$tmp/model" \
+    --memtier "${ip[mt]}:7300" --coordinator "${ip[coord]}:7000" --metrics-listen 0.0.0.0:7082 --health-listen 0.0.0.0:7081
 done
 check "worker 1 up" wait_line w1 LISTENING 120
 check "worker 2 up" wait_line w2 LISTENING 120
 for h in coord:7001 mt:7302 w1:7081 w2:7081; do
   check "health of ${h%%:*} from the client's host" on cli "$FM" health --target "${ip[${h%%:*}]}:${h##*:}" > /dev/null
+done
+check "memtier registered at its advertised address" grep -q "memtier [0-9]* at ${ip[mt]}:7300" "$tmp/coord.log"
+for w in w1 w2; do
+  check "the coordinator dials $w at its advertised address" grep -q "worker [0-9]* at ${ip[$w]}:7080" "$tmp/coord.log"
 done
 [ $fail = 0 ] || exit 1
 
