@@ -25,6 +25,11 @@ absl::StatusOr<std::unique_ptr<HealthEndpoint>> HealthEndpoint::Start(const std:
   return h;
 }
 
+absl::StatusOr<std::unique_ptr<HealthEndpoint>> HealthEndpoint::StartIfSet(const std::string& listen) {
+  if (listen.empty()) return std::unique_ptr<HealthEndpoint>();
+  return Start(listen);
+}
+
 HealthEndpoint::HealthEndpoint() : unimplemented_(std::make_unique<grpc::CallbackGenericService>()) {}
 
 HealthEndpoint::~HealthEndpoint() {

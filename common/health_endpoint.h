@@ -20,6 +20,8 @@ class HealthEndpoint {
  public:
   // Listens on `listen` (port 0: any free port); errors name the flag.
   static absl::StatusOr<std::unique_ptr<HealthEndpoint>> Start(const std::string& listen);
+  // Start when `listen` is set; null when it is empty (the flag's default: off).
+  static absl::StatusOr<std::unique_ptr<HealthEndpoint>> StartIfSet(const std::string& listen);
   ~HealthEndpoint();
 
   // The status answered for the whole server ("") and for `service_name` checks alike.
@@ -32,6 +34,13 @@ class HealthEndpoint {
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;
 };
+
+// Registers --health-listen on a CLI11 app (templated so this header does not need CLI11).
+template <typename App>
+void AddHealthFlag(App& app, std::string& listen) {
+  app.add_option("--health-listen", listen,
+                 "plaintext grpc.health.v1 address host:port for probes that cannot speak TLS (empty: off; the main listener answers health checks too)");
+}
 
 // The help text's "Environment:" section: the variables a binary reads (the deploy test checks every
 // manifest's env against it). `entries` are "NAME  meaning" lines; NAME may end in * (a prefix).

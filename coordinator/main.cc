@@ -37,18 +37,15 @@ int main(int argc, char** argv) {
   flashmem::TlsOptions tls;
   flashmem::AddTlsFlags(app, tls, /*public_api=*/true);
   std::string health_listen;
-  app.add_option("--health-listen", health_listen, "plaintext grpc.health.v1 address host:port for probes (empty: off; --listen serves health too)");
+  flashmem::AddHealthFlag(app, health_listen);
   app.footer(flashmem::EnvironmentHelp({}));
   CLI11_PARSE(app, argc, argv);
-  std::unique_ptr<flashmem::HealthEndpoint> health;
-  if (!health_listen.empty()) {
-    auto h = flashmem::HealthEndpoint::Start(health_listen);
-    if (!h.ok()) {
-      std::fprintf(stderr, "flashmem-coordinator: %s\n", std::string(h.status().message()).c_str());
-      return 1;
-    }
-    health = std::move(*h);
+  auto health_or = flashmem::HealthEndpoint::StartIfSet(health_listen);
+  if (!health_or.ok()) {
+    std::fprintf(stderr, "flashmem-coordinator: %s\n", std::string(health_or.status().message()).c_str());
+    return 1;
   }
+  const std::unique_ptr<flashmem::HealthEndpoint> health = std::move(*health_or);
   auto creds = flashmem::MakeTlsCredentials(tls);
   if (!creds.ok()) {
     std::fprintf(stderr, "flashmem-coordinator: %s\n", std::string(creds.status().message()).c_str());

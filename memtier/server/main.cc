@@ -25,7 +25,7 @@ int main(int argc, char** argv) {
   app.add_option("--grpc-listen", o.grpc_listen, "gRPC address host:port (port 0: any free port)");
   std::string advertise_host, health_listen;
   app.add_option("--advertise-host", advertise_host, "host registered with the coordinator instead of --grpc-listen's (e.g. the pod's DNS name when listening on 0.0.0.0)");
-  app.add_option("--health-listen", health_listen, "plaintext grpc.health.v1 address host:port for probes (empty: off; the gRPC listener serves health too)");
+  flashmem::AddHealthFlag(app, health_listen);
   app.add_option("--ucx-listen", o.ucx_listen, "UCX listener host:port that clients connect to by sockaddr (port 0: any; empty: clients send worker addresses)");
   app.add_option("--metrics-listen", o.metrics_listen, "Prometheus /metrics address host:port (empty: off)");
   app.add_option("--shm-socket", o.shm_socket, "Unix socket that hands the RAM tier's memfd chunks to same-node clients (empty: off)");
@@ -41,15 +41,13 @@ int main(int argc, char** argv) {
   flashmem::AddTlsFlags(app, tls, /*public_api=*/false);
   app.footer(flashmem::EnvironmentHelp({"UCX_*  UCX transport settings of the data plane (e.g. UCX_TLS, UCX_NET_DEVICES)"}));
   CLI11_PARSE(app, argc, argv);
-  std::unique_ptr<flashmem::HealthEndpoint> health;
-  if (!health_listen.empty()) {  // up first: NOT_SERVING while RocksDB opens and the page index is rebuilt
-    auto h = flashmem::HealthEndpoint::Start(health_listen);
-    if (!h.ok()) {
-      std::fprintf(stderr, "flashmem-memtier: %s\n", std::string(h.status().message()).c_str());
-      return 1;
-    }
-    health = std::move(*h);
+  // Up first: NOT_SERVING while RocksDB opens and the page index is rebuilt.
+  auto health_or = flashmem::HealthEndpoint::StartIfSet(health_listen);
+  if (!health_or.ok()) {
+    std::fprintf(stderr, "flashmem-memtier: %s\n", std::string(health_or.status().message()).c_str());
+    return 1;
   }
+  const std::unique_ptr<flashmem::HealthEndpoint> health = std::move(*health_or);
   {
     auto creds = flashmem::MakeServerCredentials(tls);
     if (!creds.ok()) {

@@ -109,7 +109,7 @@ int main(int argc, char** argv) {
   app.add_option("--listen", listen, "gRPC address host:port (port 0: any free port)");
   std::string advertise_host, health_listen;
   app.add_option("--advertise-host", advertise_host, "host that the coordinator and the group's ranks dial instead of --listen's (e.g. the pod's DNS name when listening on 0.0.0.0)");
-  app.add_option("--health-listen", health_listen, "plaintext grpc.health.v1 address host:port for probes (empty: off; the main listener serves health too)");
+  flashmem::AddHealthFlag(app, health_listen);  // a follower has no other gRPC server
   app.add_option("--model", model_dir, "model directory (config.json, safetensors, tokenizer.json)")->required();
   app.add_option("--max-sessions", so.max_sessions, "sessions held at once");
   app.add_option("--prefill-chunk", so.prefill_chunk, "prompt tokens per forward pass of one session");
@@ -162,15 +162,12 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "flashmem-worker: %s\n", std::string(creds.status().message()).c_str());
     return 1;
   }
-  std::unique_ptr<flashmem::HealthEndpoint> health;
-  if (!health_listen.empty()) {  // up first: a probe sees NOT_SERVING while the model loads
-    auto h = flashmem::HealthEndpoint::Start(health_listen);
-    if (!h.ok()) {
-      std::fprintf(stderr, "flashmem-worker: %s\n", std::string(h.status().message()).c_str());
-      return 1;
-    }
-    health = std::move(*h);
+  auto health_or = flashmem::HealthEndpoint::StartIfSet(health_listen);  // up first: NOT_SERVING while the model loads
+  if (!health_or.ok()) {
+    std::fprintf(stderr, "flashmem-worker: %s\n", std::string(health_or.status().message()).c_str());
+    return 1;
   }
+  const std::unique_ptr<flashmem::HealthEndpoint> health = std::move(*health_or);
   spdlog::set_default_logger(spdlog::stderr_color_mt("worker"));
   auto backend = flashmem::kernels::OpenBackend(device, gpu_memory_bytes, cuda_kernels);
   if (!backend.ok()) {
