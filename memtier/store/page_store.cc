@@ -337,8 +337,9 @@ absl::Status PageStore::PutState(uint64_t session, uint64_t version, std::span<c
   if (bytes.size() > options_.max_state_bytes)
     return absl::InvalidArgumentError(absl::StrCat("put state: ", bytes.size(), " bytes exceed the limit of ", options_.max_state_bytes));
   auto it = state_versions_.find(session);
+  // ABORTED (a sequencer conflict): a writer that is not the session's current owner.
   if (it != state_versions_.end() && version <= it->second)
-    return absl::FailedPreconditionError(absl::StrCat("put state: version ", version, " is not above the stored version ", it->second));
+    return absl::AbortedError(absl::StrCat("put state: version ", version, " is not above the stored version ", it->second));
   FM_RETURN_IF_ERROR(rocks_->PutState(session, StateBlob{version, std::vector<uint8_t>(bytes.begin(), bytes.end())}));
   state_versions_[session] = version;
   return absl::OkStatus();

@@ -155,6 +155,64 @@ TEST(Failover, CoordinatorMovesTheSessionAndTheStreamCarriesOn) {
   std::filesystem::remove_all(dir);
 }
 
+// A worker that lost a session without dying (cut off, then back): once another worker has
+// adopted the session, the old copy cannot write a snapshot (memtier refuses its version: the
+// adopter claimed a newer owner generation), its client gets ABORTED naming the move, the copy is
+// dropped, and the adopter goes on with the uninterrupted tokens.
+TEST(Failover, AStaleCopyCannotOverwriteTheAdoptersSnapshot) {
+  const std::string dir = TempDir("failover_stale");
+  ASSERT_EQ(WriteTinyModel(dir, 2), 0);
+  Child memtier = StartMemtier(dir);
+  ASSERT_FALSE(memtier.target.empty()) << memtier.output;
+  const std::vector<std::string> wargs = {"--model", dir + "/m", "--listen", "127.0.0.1:0", "--memtier", memtier.target};
+  Child a = Spawn(FLASHMEM_WORKER_BIN, wargs), b = Spawn(FLASHMEM_WORKER_BIN, wargs);
+  ASSERT_FALSE(a.target.empty() || b.target.empty());
+  Api api_a(a.target), api_b(b.target);
+  v1::SamplingParams sp;
+  sp.set_temperature(0.9f);
+  sp.set_seed(77);
+  const std::string prompt = "Two workers, one session, one owner.";
+  grpc::Status st;
+  v1::CreateSessionResponse ref, cs;
+  OpenSession(api_a, prompt, &ref);
+  std::vector<int32_t> want = Generate(api_a, ref.session_id(), ref.token(), 12, sp, &st);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  OpenSession(api_a, prompt, &cs);
+  std::vector<int32_t> got = Generate(api_a, cs.session_id(), cs.token(), 4, sp, &st);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  // B adopts while A still holds its copy.
+  v1::AdoptSessionRequest ar;
+  ar.set_session_id(cs.session_id());
+  v1::AdoptSessionResponse ad;
+  {
+    grpc::ClientContext ctx;
+    const grpc::Status s = api_b.admin->AdoptSession(&ctx, ar, &ad);
+    ASSERT_TRUE(s.ok()) << s.error_message();
+  }
+  EXPECT_EQ(ad.generated(), 4u);
+  // A's copy tries to go on: its snapshot is refused, the client is told, the copy is gone.
+  (void)Generate(api_a, cs.session_id(), cs.token(), 3, sp, &st);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::ABORTED) << st.error_message();
+  EXPECT_NE(st.error_message().find("moved to another worker"), std::string::npos) << st.error_message();
+  {
+    grpc::ClientContext ctx;
+    ctx.AddMetadata("authorization", "Bearer " + cs.token());
+    v1::SessionRef sref;
+    sref.set_session_id(cs.session_id());
+    v1::SessionInfo info;
+    EXPECT_EQ(api_a.session->GetSession(&ctx, sref, &info).error_code(), grpc::StatusCode::NOT_FOUND);
+  }
+  // B's copy is intact: the uninterrupted tokens, and its snapshots still land.
+  auto more = Generate(api_b, cs.session_id(), cs.token(), 8, sp, &st);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  got.insert(got.end(), more.begin(), more.end());
+  EXPECT_EQ(got, want);
+  Stop(a);
+  Stop(b);
+  Stop(memtier);
+  std::filesystem::remove_all(dir);
+}
+
 // One memtier per node (the Kubernetes layout): a session moves only to a worker of the memtier
 // that holds its snapshot and pages (workers register their memtier's store id), never to an
 // otherwise preferred worker of another memtier, which could not adopt it.

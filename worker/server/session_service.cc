@@ -62,6 +62,17 @@ bool Get(absl::string_view* in, T* v) {
   return true;
 }
 
+// A snapshot's version: the owner generation (one per adoption) above this bit, the owner's
+// snapshot count below it.
+constexpr int kOwnerShift = 40;
+
+// A failed snapshot as the client sees it: a stale copy (ABORTED) is final, anything else is
+// memtier being unreachable (UNAVAILABLE: retry, or let the coordinator move the session).
+grpc::Status SnapshotError(const absl::Status& st) {
+  if (absl::IsAborted(st)) return grpc::Status(grpc::StatusCode::ABORTED, std::string(st.message()));
+  return grpc::Status(grpc::StatusCode::UNAVAILABLE, absl::StrCat("snapshot to memtier: ", st.message()));
+}
+
 }  // namespace
 
 absl::Status SessionServiceImpl::Persist(const std::string& id, Session& s) {
@@ -81,7 +92,17 @@ absl::Status SessionServiceImpl::Persist(const std::string& id, Session& s) {
   Put(&blob, static_cast<uint64_t>(s.generated.size()));
   blob.append(reinterpret_cast<const char*>(s.generated.data()), s.generated.size() * 4);
   blob += *snap;
-  return memtier_->PutState(*key, ++s.version, std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(blob.data()), blob.size()));
+  absl::Status st = memtier_->PutState(*key, ++s.version, std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(blob.data()), blob.size()));
+  if (absl::IsAborted(st)) {  // another worker adopted the session: this copy is stale, drop it
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      sessions_.erase(id);
+    }
+    (void)scheduler_.CloseSession(s.scheduler_id);
+    return absl::AbortedError(absl::StrCat("session '", id, "' moved to another worker (memtier refused this worker's snapshot: ",
+                                           st.message(), "); this copy is dropped"));
+  }
+  return st;
 }
 
 absl::StatusOr<std::pair<uint64_t, uint64_t>> SessionServiceImpl::Adopt(const std::string& id) {
@@ -107,7 +128,14 @@ absl::StatusOr<std::pair<uint64_t, uint64_t>> SessionServiceImpl::Adopt(const st
   auto sid = scheduler_.Restore(in, *key);
   if (!sid.ok()) return sid.status();
   s->scheduler_id = *sid;
-  s->version = st->first;
+  // Ownership: an adoption starts the next owner generation in the version's top bits and claims
+  // it at once by re-writing the snapshot. A previous owner that is still running (cut off by the
+  // network, not dead) then has every later snapshot refused, and cannot roll the session back.
+  s->version = ((st->first >> kOwnerShift) + 1) << kOwnerShift;
+  if (auto claim = memtier_->PutState(*key, s->version, st->second); !claim.ok()) {
+    (void)scheduler_.CloseSession(*sid);
+    return absl::Status(claim.code(), absl::StrCat("adopt: claiming the session in memtier: ", claim.message()));
+  }
   uint64_t length = 0;
   (void)scheduler_.WithState(*sid, [&](const model::SessionState& state, uint64_t) { length = state.position; });
   std::lock_guard<std::mutex> l(mu_);
@@ -220,7 +248,7 @@ grpc::Status SessionServiceImpl::Append(grpc::ServerContext* ctx, const v1::Appe
   }
   ++s->appends;
   if (auto st = Persist(r->session_id(), *s); !st.ok())
-    return grpc::Status(grpc::StatusCode::UNAVAILABLE, absl::StrCat("snapshot to memtier: ", st.message()));
+    return SnapshotError(st);
   return grpc::Status::OK;
 }
 
@@ -311,7 +339,7 @@ grpc::Status SessionServiceImpl::Generate(grpc::ServerContext* ctx, const v1::Ge
     if (done) g.set_finish_reason(reason);
     if (done) {  // durable before the client sees the end: another worker can take over from here
       if (auto st = Persist(r->session_id(), *s); !st.ok())
-        return grpc::Status(grpc::StatusCode::UNAVAILABLE, absl::StrCat("snapshot to memtier: ", st.message()));
+        return SnapshotError(st);
     }
     if (!w->Write(g)) {
       (void)scheduler_.StopGeneration(s->scheduler_id);

@@ -55,7 +55,7 @@ class SessionServiceImpl final : public v1::SessionService::Service {
     model::SamplingOptions defaults;
     std::mutex mu;                  // one Append/Generate at a time
     std::vector<int32_t> generated; // the session's generated-token log (resume_from)
-    uint64_t version = 0;           // snapshots written to memtier
+    uint64_t version = 0;           // of the last snapshot in memtier: owner generation << 40 | count
     uint64_t appends = 0;           // appends applied (idempotent retries by append_seq)
   };
   // Writes the session's snapshot to memtier (no-op without memtier).
