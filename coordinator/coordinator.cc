@@ -99,6 +99,11 @@ bool Coordinator::LeaseHolds(const Worker& w) const {
   return std::chrono::steady_clock::now() - w.last_seen < options_.lease;
 }
 
+bool Coordinator::LiveAt(const std::string& address) const {
+  const Worker* w = SessionWorkerAt(address);
+  return w && Live(*w);
+}
+
 bool Coordinator::Live(const Worker& w) const {
   if (!LeaseHolds(w)) return false;
   if (w.tp_size <= 1 || w.rank) return true;
@@ -202,21 +207,17 @@ absl::Status Coordinator::SaveRoute(const std::string& session_id, const std::st
 absl::StatusOr<std::pair<std::string, std::shared_ptr<grpc::Channel>>> Coordinator::Route(const std::string& sid, bool force_move) {
   std::unique_lock<std::mutex> l(mu_);
   const auto route_start = std::chrono::steady_clock::now();
-  auto live_at = [&](const std::string& addr) {
-    const Worker* w = SessionWorkerAt(addr);
-    return w && Live(*w);
-  };
   for (;;) {
     // One move of a session at a time: whoever finds it moving waits, then takes the new route.
     moved_cv_.wait(l, [&] { return !moving_.count(sid); });
     auto r = routes_.find(sid);
     if (r == routes_.end()) return absl::NotFoundError(absl::StrCat("unknown session '", sid, "'"));
     const std::string old = r->second;
-    bool move = force_move || !live_at(old);
+    bool move = force_move || !LiveAt(old);
     if (force_move) {
       // Moving a session whose worker still holds its lease would serve it twice: wait the lease out.
       const auto deadline = std::chrono::steady_clock::now() + options_.lease + options_.heartbeat;
-      while (live_at(old) && std::chrono::steady_clock::now() < deadline) {
+      while (LiveAt(old) && std::chrono::steady_clock::now() < deadline) {
         l.unlock();
         std::this_thread::sleep_for(std::chrono::milliseconds(50));
         l.lock();
@@ -225,7 +226,7 @@ absl::StatusOr<std::pair<std::string, std::shared_ptr<grpc::Channel>>> Coordinat
         force_move = false;
         continue;
       }
-      move = !live_at(old);  // it came back: keep it there
+      move = !LiveAt(old);  // it came back: keep it there
     }
     if (!move) {
       if (!channels_.count(old)) channels_[old] = grpc::CreateChannel(old, WorkerCredentials());
@@ -314,8 +315,7 @@ Coordinator::LeaseWatch::LeaseWatch(Coordinator& c, std::string address, grpc::C
           bool live;
           {
             std::lock_guard<std::mutex> cl(c.mu_);
-            const Worker* w = c.SessionWorkerAt(address);
-            live = w && c.Live(*w);
+            live = c.LiveAt(address);
           }
           if (!live) {
             lapsed_ = true;

@@ -91,6 +91,8 @@ class Coordinator final : public v1::Coordinator::Service, public v1::SessionSer
   // Its lease holds and, for a group's leader, every rank of the group holds one too (a group
   // missing a rank cannot run a forward pass).
   bool Live(const Worker& w) const;
+  // Live() of the worker registered at a session route's address; false when none is.
+  bool LiveAt(const std::string& address) const;
   bool LeaseHolds(const Worker& w) const;
   std::shared_ptr<grpc::ChannelCredentials> WorkerCredentials() const;
   // The live worker with the fewest sessions (ties: lowest id), excluding `avoid`; one of

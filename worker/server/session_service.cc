@@ -69,7 +69,7 @@ constexpr int kOwnerShift = 40;
 // A failed snapshot as the client sees it: a stale copy (ABORTED) is final, anything else is
 // memtier being unreachable (UNAVAILABLE: retry, or let the coordinator move the session).
 grpc::Status SnapshotError(const absl::Status& st) {
-  if (absl::IsAborted(st)) return grpc::Status(grpc::StatusCode::ABORTED, std::string(st.message()));
+  if (absl::IsAborted(st)) return ToGrpc(st);
   return grpc::Status(grpc::StatusCode::UNAVAILABLE, absl::StrCat("snapshot to memtier: ", st.message()));
 }
 
