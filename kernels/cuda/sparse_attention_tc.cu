@@ -1,15 +1,23 @@
 // Sparse MQA with the sink over paged 584-B FP8 records on the tensor cores (bf16 operands, fp32
-// accumulation): the heads of a query token are the M dimension, so every record is read from
-// memory once for all heads. Records are dequantised into shared memory (e4m3 x UE8M0 and the bf16
-// rope are exact in bf16). The slots of a token are split over several blocks (flash-decoding);
-// each block runs two passes over its chunks of 64 slots: the row maxima first, then
-// P = exp((S - max) * scale) rounded to bf16 and O += P·V, so the accumulators never need
-// rescaling. A combine kernel merges the splits and adds the sink. Sums are reordered against the
-// CPU reference: results agree within bf16 rounding (the bit-exact path is PagedSparseAttentionFp8).
+// accumulation). The 64 heads of a query token are the M dimension, so every record is read from
+// memory once for all heads, and the slots of a token are split over blocks (flash-decoding) so
+// that every SM has one block.
+//
+// A block (8 warps) walks its slots in chunks of 64 with a single-pass online softmax:
+//   - the raw records of chunk c+1 are gathered by index with cp.async while chunk c is computed;
+//   - chunk c is dequantised into shared memory (e4m3 x UE8M0 and the bf16 rope are exact in bf16);
+//   - S = Q·Kᵀ: warp (m, h) computes 16 heads x 32 slots (mma.sync m16n8k16, ldmatrix operands);
+//     the two slot halves exchange their row maxima through shared memory;
+//   - P = exp((S - m) * scale) goes to shared memory as bf16 (as the CPU reference casts it);
+//   - O += P·V: warp w owns all 64 heads x 64 output dims (128 fp32 accumulators per thread), so a
+//     warp reads 16 KB of shared operands per chunk for 128 MMAs; O is rescaled by each head's
+//     exp((m_old - m_new) * scale) first.
+// One split writes the output itself; several write partial (O, m, l) that a combine kernel merges
+// with the sink. Sums are reordered against the CPU reference: results agree within bf16 rounding
+// (the bit-exact path is PagedSparseAttentionFp8).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
-#include <mma.h>
 
 #include "kernels/cuda/device_math.cuh"
 #include "kernels/cuda/device_ops.h"
@@ -17,42 +25,91 @@
 namespace flashmem::kernels::cuda {
 namespace {
 
-using namespace nvcuda;
-
-constexpr int kHeads = 64;   // heads per block (a head group)
-constexpr int kChunk = 64;   // slots per chunk
+constexpr int kHeads = 64;     // heads per block (a head group)
+constexpr int kChunk = 64;     // slots per chunk
 constexpr int kDim = kRecordDim;
-constexpr int kThreads = 512;  // 16 warps
-// Shared rows are padded by 8 bf16 (16 B) / 4 floats so the 16 rows of an MMA fragment fall in
-// different banks (an unpadded 1 KiB stride puts them all in one).
-constexpr int kLd = kDim + 8;      // Q and KV rows (bf16)
-constexpr int kLdS = kChunk + 4;   // S rows (fp32)
-constexpr int kLdP = kChunk + 8;   // P rows (bf16)
-constexpr size_t kSmem = (kHeads * kLd + kChunk * kLd) * 2 + kHeads * kLdS * 4 + kHeads * kLdP * 2 + kChunk * 4;
+constexpr int kThreads = 256;  // 8 warps
+constexpr int kMaxSplits = 64;
+// Shared rows are padded by 16 B so the eight 16-B rows an ldmatrix reads fall in distinct banks.
+constexpr int kLd = kDim + 8;     // Q and KV rows (bf16)
+constexpr int kLdP = kChunk + 8;  // P rows (bf16)
+constexpr int kRawBytes = kChunk * kRecordBytes;  // one chunk's records as gathered: data, then scales
+constexpr size_t kQBytes = size_t{kHeads} * kLd * 2, kKvBytes = size_t{kChunk} * kLd * 2;
+constexpr size_t kPBytes = size_t{kHeads} * kLdP * 2;
+constexpr size_t kSmem = kQBytes + kKvBytes + 2 * kRawBytes + kPBytes + (2 * kHeads + kHeads + 2 * kHeads + kHeads) * 4 +
+                         2 * kChunk * 4;
+static_assert(kSmem <= 232448, "shared memory of one block on sm_90");
 
-// Rows of one chunk into shared memory as bf16 [kChunk][kLd]; masked slots become zeros.
-__device__ void LoadChunk(const uint8_t* pages, int page_entries, const int32_t* slots, int64_t count,
-                          __nv_bfloat16* kv, int* valid) {
-  // 36 16-byte pieces per record: 28 of e4m3 nope, 8 of bf16 rope.
-  for (int p = threadIdx.x; p < kChunk * 36; p += blockDim.x) {
-    const int j = p / 36, piece = p % 36;
-    const int32_t e = j < count ? slots[j] : -1;
-    if (piece == 0) valid[j] = e >= 0;
-    __nv_bfloat16* dst = kv + j * kLd + (piece < 28 ? piece * 16 : kRecordNope + (piece - 28) * 8);
-    if (e < 0) {
-      *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
-      if (piece < 28) *reinterpret_cast<uint4*>(dst + 8) = make_uint4(0, 0, 0, 0);
-      continue;
-    }
-    const int page_no = e / page_entries, slot = e - page_no * page_entries;
-    const uint8_t* page = pages + static_cast<int64_t>(page_no) * page_entries * kRecordBytes;
-    const uint4 raw = *reinterpret_cast<const uint4*>(page + slot * kRecordData + piece * 16);
-    if (piece < 28) {
-      const float scale = E8m0ToFloat(page[page_entries * kRecordData + slot * kRecordScales + (piece * 16) / 64]);
-      const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
-      uint32_t out[8];
+__device__ __forceinline__ uint32_t SharedAddress(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void CopyAsync16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(SharedAddress(dst)), "l"(src));
+}
+__device__ __forceinline__ void CopyAsync8(void* dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(SharedAddress(dst)), "l"(src));
+}
+__device__ __forceinline__ void CommitAsync() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ __forceinline__ void WaitAsync() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+// Four 8x8 bf16 matrices; lane l gives the address of row l % 8 of matrix l / 8.
+__device__ __forceinline__ void LoadMatrices(uint32_t r[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(SharedAddress(p)));
+}
+__device__ __forceinline__ void LoadMatricesTransposed(uint32_t r[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(SharedAddress(p)));
+}
+// c[16x8] += a[16x16] · b[16x8], bf16 operands, fp32 accumulators.
+__device__ __forceinline__ void Mma(float c[4], const uint32_t a[4], const uint32_t b[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Entry of slot j of chunk c, or -1 (masked or past the end).
+__device__ __forceinline__ int32_t SlotEntry(const int32_t* idx, int64_t n, int64_t c, int j) {
+  const int64_t s = c * kChunk + j;
+  return s < n ? idx[s] : -1;
+}
+
+// Four threads gather one slot's record (36 data pieces of 16 B and the 8 scale bytes) into `raw`
+// with cp.async; `e` is the slot's entry, loaded one chunk ahead so no thread waits for it here.
+__device__ __forceinline__ void GatherSlot(const uint8_t* pages, int page_entries, int32_t e, int j, int sub,
+                                           uint8_t* raw) {
+  if (e < 0) return;
+  const int page_no = e / page_entries, slot = e - page_no * page_entries;
+  const uint8_t* page = pages + static_cast<int64_t>(page_no) * page_entries * kRecordBytes;
+  for (int piece = sub; piece < kRecordData / 16; piece += 4)
+    CopyAsync16(raw + j * kRecordData + piece * 16, page + slot * kRecordData + piece * 16);
+  if (sub == 3) CopyAsync8(raw + kChunk * kRecordData + j * kRecordScales, page + page_entries * kRecordData + slot * kRecordScales);
+}
+
+// Gathered records -> bf16 rows [kChunk][kLd]; masked slots become zeros (P is 0 there, and 0 x
+// stale shared memory could be NaN). A thread makes one 16-byte piece of a row (8 e4m3 bytes
+// scaled, or 8 rope values), so a warp stores 512 contiguous bytes: no bank conflicts.
+__device__ void DequantChunk(const uint8_t* raw, const int32_t* entries, __nv_bfloat16* kv) {
+  constexpr int kPieces = kDim / 8;  // 56 of e4m3, 8 of rope
+  for (int p = threadIdx.x; p < kChunk * kPieces; p += kThreads) {
+    const int j = p / kPieces, piece = p % kPieces;
+    uint4* dst = reinterpret_cast<uint4*>(kv + j * kLd + piece * 8);
+    if (entries[j] < 0) {
+      *dst = make_uint4(0, 0, 0, 0);
+    } else if (piece >= kRecordNope / 8) {  // already bf16, little-endian
+      *dst = *reinterpret_cast<const uint4*>(raw + j * kRecordData + kRecordNope + (piece - kRecordNope / 8) * 16);
+    } else {
+      const float scale = E8m0ToFloat(raw[kChunk * kRecordData + j * kRecordScales + piece / 8]);
+      const uint2 bytes = *reinterpret_cast<const uint2*>(raw + j * kRecordData + piece * 8);
+      const uint32_t words[2] = {bytes.x, bytes.y};
+      uint32_t out[4];
 #pragma unroll
-      for (int q = 0; q < 4; ++q)
+      for (int q = 0; q < 2; ++q)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const __half2_raw hr = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(words[q] >> (16 * h)), __NV_E4M3);
@@ -60,128 +117,272 @@ __device__ void LoadChunk(const uint8_t* pages, int page_entries, const int32_t*
           const __nv_bfloat162 b = __floats2bfloat162_rn(f.x * scale, f.y * scale);
           out[q * 2 + h] = *reinterpret_cast<const uint32_t*>(&b);
         }
-      reinterpret_cast<uint4*>(dst)[0] = make_uint4(out[0], out[1], out[2], out[3]);
-      reinterpret_cast<uint4*>(dst)[1] = make_uint4(out[4], out[5], out[6], out[7]);
-    } else {
-      *reinterpret_cast<uint4*>(dst) = raw;  // already bf16, little-endian
+      *dst = make_uint4(out[0], out[1], out[2], out[3]);
     }
   }
 }
 
-// S[64 heads][64 slots] = Q · Kᵀ: warp w computes the 16x16 tile (w / 4, w % 4).
-__device__ void ScoreTile(const __nv_bfloat16* q, const __nv_bfloat16* kv, float* s) {
-  const int w = threadIdx.x / 32, mt = w / 4, nt = w % 4;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-  wmma::fill_fragment(acc, 0.0f);
-  wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
-  wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> b;
-  for (int k = 0; k < kDim; k += 16) {
-    wmma::load_matrix_sync(a, q + mt * 16 * kLd + k, kLd);
-    wmma::load_matrix_sync(b, kv + nt * 16 * kLd + k, kLd);
-    wmma::mma_sync(acc, a, b, acc);
-  }
-  wmma::store_matrix_sync(s + mt * 16 * kLdS + nt * 16, acc, kLdS, wmma::mem_row_major);
-}
-
-// Chunk `slots` into shared memory and S = Q · Kᵀ for it; block-wide, synchronized on both sides.
-__device__ void LoadAndScore(const uint8_t* pages, int page_entries, const int32_t* slots, int64_t count,
-                             const __nv_bfloat16* q_s, __nv_bfloat16* kv_s, float* s_s, int* valid) {
-  __syncthreads();
-  LoadChunk(pages, page_entries, slots, count, kv_s, valid);
-  __syncthreads();
-  ScoreTile(q_s, kv_s, s_s);
-  __syncthreads();
-}
-
-__global__ void __launch_bounds__(kThreads) PagedAttnTcKernel(
+__global__ void __launch_bounds__(kThreads, 1) PagedAttnTcKernel(
     const float* q, int64_t heads, const uint8_t* pages, int64_t page_entries, const int32_t* idx, int64_t n,
-    int splits, float scale, float* part_o, float* part_m, float* part_l) {
-  extern __shared__ __align__(16) unsigned char smem[];
+    int splits, const float* sink, float scale, float* out, float* part_o, float* part_m, float* part_l) {
+  extern __shared__ __align__(128) unsigned char smem[];
   __nv_bfloat16* q_s = reinterpret_cast<__nv_bfloat16*>(smem);
-  __nv_bfloat16* kv_s = q_s + kHeads * kLd;
-  float* s_s = reinterpret_cast<float*>(kv_s + kChunk * kLd);
-  __nv_bfloat16* p_s = reinterpret_cast<__nv_bfloat16*>(s_s + kHeads * kLdS);
-  int* valid = reinterpret_cast<int*>(p_s + kHeads * kLdP);
-  __shared__ float m_s[kHeads];
+  __nv_bfloat16* kv_s = reinterpret_cast<__nv_bfloat16*>(smem + kQBytes);
+  uint8_t* raw_s = smem + kQBytes + kKvBytes;  // two stages
+  __nv_bfloat16* p_s = reinterpret_cast<__nv_bfloat16*>(raw_s + 2 * kRawBytes);
+  float* row_max = reinterpret_cast<float*>(smem + kQBytes + kKvBytes + 2 * kRawBytes + kPBytes);  // [2][kHeads]
+  float* alpha_s = row_max + 2 * kHeads;                                                            // [kHeads]
+  float* row_sum = alpha_s + kHeads;                                                                // [2][kHeads]
+  float* max_s = row_sum + 2 * kHeads;                                                              // [kHeads]
+  int32_t* ent_s = reinterpret_cast<int32_t*>(max_s + kHeads);                                      // [2][kChunk]
 
   const int64_t b = blockIdx.x, split = blockIdx.y, hg = blockIdx.z;
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   const int64_t c0 = split * chunks / splits, c1 = (split + 1) * chunks / splits;
-  const float* qb = q + (b * heads + hg * kHeads) * kDim;
-  for (int i = threadIdx.x; i < kHeads * kDim; i += blockDim.x) q_s[(i / kDim) * kLd + i % kDim] = __float2bfloat16(qb[i]);
-  if (threadIdx.x < kHeads) m_s[threadIdx.x] = -INFINITY;
-  const int h = threadIdx.x / 8, part = threadIdx.x % 8;  // 8 threads per head for row work
-  // Pass 1: row maxima.
-  for (int64_t c = c0; c < c1; ++c) {
-    LoadAndScore(pages, static_cast<int>(page_entries), idx + b * n + c * kChunk, n - c * kChunk, q_s, kv_s, s_s, valid);
-    float mx = -INFINITY;
-    for (int j = part; j < kChunk; j += 8)
-      if (valid[j]) mx = fmaxf(mx, s_s[h * kLdS + j]);
-    for (int o = 4; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-    if (part == 0) m_s[h] = fmaxf(m_s[h], mx);
+  const int32_t* tok_idx = idx + b * n;
+  const int pe = static_cast<int>(page_entries);
+  const int gj = threadIdx.x / 4, gsub = threadIdx.x % 4;  // the slot this thread gathers, and its quarter
+  int32_t e_next = c0 < c1 ? SlotEntry(tok_idx, n, c0, gj) : -1;
+  if (c0 < c1) {
+    GatherSlot(pages, pe, e_next, gj, gsub, raw_s);
+    if (gsub == 0) ent_s[gj] = e_next;
+    e_next = c0 + 1 < c1 ? SlotEntry(tok_idx, n, c0 + 1, gj) : -1;
   }
-  __syncthreads();
-  // Pass 2: P and O. Warp w owns heads [16 (w / 4), +16) x dims [128 (w % 4), +128).
-  const int w = threadIdx.x / 32, mt = w / 4, dq = w % 4;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> o_acc[8];
-  for (auto& f : o_acc) wmma::fill_fragment(f, 0.0f);
-  float l_part = 0.0f;
-  const float mh = m_s[h];
+  CommitAsync();
+
+  // Q as bf16 (exact: the values are bf16), eight 16-byte loads in flight per thread.
+  const float4* qb = reinterpret_cast<const float4*>(q + (b * heads + hg * kHeads) * kDim);
+  for (int i0 = threadIdx.x; i0 < kHeads * kDim / 4; i0 += 8 * kThreads) {
+    float4 v[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) v[u] = qb[i0 + u * kThreads];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      const int i = i0 + u * kThreads, row = (i * 4) / kDim, col = (i * 4) % kDim;
+      __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(q_s + row * kLd + col);
+      dst[0] = __floats2bfloat162_rn(v[u].x, v[u].y);
+      dst[1] = __floats2bfloat162_rn(v[u].z, v[u].w);
+    }
+  }
+
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int g = lane / 4, t2 = (lane % 4) * 2;  // accumulator row and column pair of this lane
+  // Scores: warp (mi, half) = heads [16 mi, +16) x slots [32 half, +32) of the chunk.
+  const int mi = warp % 4, half = warp / 4;
+  const int h0 = mi * 16 + g, h1 = h0 + 8;  // the two head rows this lane's score accumulators hold
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
+  // Output: warp w = all 64 heads x dims [64 w, +64): o[m-tile][n-tile][4].
+  float o[4][8][4];
+#pragma unroll
+  for (int a = 0; a < 4; ++a)
+#pragma unroll
+    for (int t = 0; t < 8; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[a][t][e] = 0.0f;
+
   for (int64_t c = c0; c < c1; ++c) {
-    LoadAndScore(pages, static_cast<int>(page_entries), idx + b * n + c * kChunk, n - c * kChunk, q_s, kv_s, s_s, valid);
-    for (int j = part; j < kChunk; j += 8) {
-      const float p = valid[j] ? ExpF((s_s[h * kLdS + j] - mh) * scale) : 0.0f;
-      l_part += p;
-      p_s[h * kLdP + j] = __float2bfloat16(p);  // P is cast to bf16 before P·V
+    const int stage = static_cast<int>((c - c0) & 1);
+    if (c + 1 < c1) {
+      GatherSlot(pages, pe, e_next, gj, gsub, raw_s + (stage ^ 1) * kRawBytes);
+      if (gsub == 0) ent_s[(stage ^ 1) * kChunk + gj] = e_next;
+      e_next = c + 2 < c1 ? SlotEntry(tok_idx, n, c + 2, gj) : -1;  // used next iteration
+    }
+    CommitAsync();
+    WaitAsync<1>();   // chunk c has landed (this thread's copies) ...
+    __syncthreads();  // ... and everyone's; the previous chunk's P·V is done with kv_s and p_s
+    const int32_t* entries = ent_s + stage * kChunk;
+    DequantChunk(raw_s + stage * kRawBytes, entries, kv_s);
+    __syncthreads();
+
+    float s[4][4];
+#pragma unroll
+    for (int t = 0; t < 4; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[t][e] = 0.0f;
+    const int sel = lane / 8;  // which of the four 8x8 matrices this lane addresses
+#pragma unroll 4
+    for (int k = 0; k < kDim; k += 16) {
+      uint32_t a[4];
+      LoadMatrices(a, q_s + (mi * 16 + lane % 16) * kLd + k + (lane / 16) * 8);
+#pragma unroll
+      for (int np = 0; np < 2; ++np) {
+        uint32_t bk[4];
+        LoadMatrices(bk, kv_s + (half * 32 + np * 16 + (sel / 2) * 8 + lane % 8) * kLd + k + (sel % 2) * 8);
+        Mma(s[2 * np], a, bk);
+        Mma(s[2 * np + 1], a, bk + 2);
+      }
+    }
+    float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+    for (int t = 0; t < 4; ++t)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const bool ok = entries[half * 32 + t * 8 + t2 + e] >= 0;
+        if (!ok) s[t][e] = s[t][2 + e] = -INFINITY;
+        mx0 = fmaxf(mx0, s[t][e]);
+        mx1 = fmaxf(mx1, s[t][2 + e]);
+      }
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+    }
+    if (lane % 4 == 0) {
+      row_max[half * kHeads + h0] = mx0;
+      row_max[half * kHeads + h1] = mx1;
     }
     __syncthreads();
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
-    wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> bv;
-    for (int k = 0; k < kChunk; k += 16) {
-      wmma::load_matrix_sync(a, p_s + mt * 16 * kLdP + k, kLdP);
+    const float n0 = fmaxf(m0, fmaxf(row_max[h0], row_max[kHeads + h0]));
+    const float n1 = fmaxf(m1, fmaxf(row_max[h1], row_max[kHeads + h1]));
+    const float a0 = n0 == -INFINITY ? 1.0f : __expf((m0 - n0) * scale);
+    const float a1 = n1 == -INFINITY ? 1.0f : __expf((m1 - n1) * scale);
+    l0 *= a0;
+    l1 *= a1;
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+      float p[4];
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        p[e] = s[t][e] == -INFINITY ? 0.0f : __expf((s[t][e] - n0) * scale);
+        p[2 + e] = s[t][2 + e] == -INFINITY ? 0.0f : __expf((s[t][2 + e] - n1) * scale);
+      }
+      l0 += p[0] + p[1];
+      l1 += p[2] + p[3];
+      const int col = half * 32 + t * 8 + t2;
+      *reinterpret_cast<__nv_bfloat162*>(p_s + h0 * kLdP + col) = __floats2bfloat162_rn(p[0], p[1]);
+      *reinterpret_cast<__nv_bfloat162*>(p_s + h1 * kLdP + col) = __floats2bfloat162_rn(p[2], p[3]);
+    }
+    if (half == 0 && lane % 4 == 0) {
+      alpha_s[h0] = a0;
+      alpha_s[h1] = a1;
+    }
+    m0 = n0;
+    m1 = n1;
+    __syncthreads();
+
+    // O = O · alpha + P · V over this warp's 64 dims.
+#pragma unroll
+    for (int a = 0; a < 4; ++a) {
+      const float r0 = alpha_s[a * 16 + g], r1 = alpha_s[a * 16 + g + 8];
+#pragma unroll
       for (int t = 0; t < 8; ++t) {
-        wmma::load_matrix_sync(bv, kv_s + k * kLd + dq * 128 + t * 16, kLd);
-        wmma::mma_sync(o_acc[t], a, bv, o_acc[t]);
+        o[a][t][0] *= r0;
+        o[a][t][1] *= r0;
+        o[a][t][2] *= r1;
+        o[a][t][3] *= r1;
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < kChunk; kk += 16) {
+      uint32_t pa[4][4];
+#pragma unroll
+      for (int a = 0; a < 4; ++a) LoadMatrices(pa[a], p_s + (a * 16 + lane % 16) * kLdP + kk + (lane / 16) * 8);
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {
+        uint32_t bv[4];
+        LoadMatricesTransposed(bv, kv_s + (kk + (sel % 2) * 8 + lane % 8) * kLd + warp * 64 + np * 16 + (sel / 2) * 8);
+#pragma unroll
+        for (int a = 0; a < 4; ++a) {
+          Mma(o[a][2 * np], pa[a], bv);
+          Mma(o[a][2 * np + 1], pa[a], bv + 2);
+        }
       }
     }
   }
-  for (int o = 4; o > 0; o >>= 1) l_part += __shfl_xor_sync(0xffffffffu, l_part, o);
-  const int64_t row0 = ((b * splits + split) * heads + hg * kHeads);
-  if (part == 0) {
-    part_m[row0 + h] = m_s[h];
-    part_l[row0 + h] = l_part;
+  WaitAsync<0>();
+
+  // Row sums of both slot halves, and the final maxima, for every warp's 64 heads.
+#pragma unroll
+  for (int off = 1; off < 4; off <<= 1) {
+    l0 += __shfl_xor_sync(0xffffffffu, l0, off);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, off);
   }
-  for (int t = 0; t < 8; ++t)
-    wmma::store_matrix_sync(part_o + (row0 + mt * 16) * kDim + dq * 128 + t * 16, o_acc[t], kDim, wmma::mem_row_major);
+  if (lane % 4 == 0) {
+    row_sum[half * kHeads + h0] = l0;
+    row_sum[half * kHeads + h1] = l1;
+    if (half == 0) {
+      max_s[h0] = m0;
+      max_s[h1] = m1;
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int a = 0; a < 4; ++a)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int h = a * 16 + g + r * 8;
+      const float l = row_sum[h] + row_sum[kHeads + h], m = max_s[h];
+      const int64_t head = hg * kHeads + h;
+      if (splits == 1) {
+        const float denom = l + __expf(sink[head] - m * scale);
+        float* dst = out + (b * heads + head) * kDim + warp * 64 + t2;
+#pragma unroll
+        for (int t = 0; t < 8; ++t)
+          *reinterpret_cast<float2*>(dst + t * 8) =
+              make_float2(RoundBf16(o[a][t][2 * r] / denom), RoundBf16(o[a][t][2 * r + 1] / denom));
+      } else {
+        const int64_t row = (b * splits + split) * heads + head;
+        float* dst = part_o + row * kDim + warp * 64 + t2;
+#pragma unroll
+        for (int t = 0; t < 8; ++t) *reinterpret_cast<float2*>(dst + t * 8) = make_float2(o[a][t][2 * r], o[a][t][2 * r + 1]);
+        if (warp == 0 && lane % 4 == 0) {
+          part_m[row] = m;
+          part_l[row] = l;
+        }
+      }
+    }
 }
 
 // out[b][h] = bf16(sum_s O_s e^{(m_s - m) scale} / (sum_s l_s e^{(m_s - m) scale} + e^{sink - m scale})).
 __global__ void CombineKernel(const float* part_o, const float* part_m, const float* part_l, int64_t heads, int splits,
                               const float* sink, float scale, float* out) {
+  __shared__ float weight[kMaxSplits];
+  __shared__ float denom;
   const int64_t b = blockIdx.x / heads, h = blockIdx.x % heads;
-  float m = -INFINITY;
-  for (int s = 0; s < splits; ++s) m = fmaxf(m, part_m[(b * splits + s) * heads + h]);
-  float l = 0.0f;
-  for (int s = 0; s < splits; ++s) {
-    const float ms = part_m[(b * splits + s) * heads + h];
-    if (ms != -INFINITY) l += part_l[(b * splits + s) * heads + h] * ExpF((ms - m) * scale);
-  }
-  l += ExpF(sink[h] - m * scale);
-  for (int d = threadIdx.x; d < kDim; d += blockDim.x) {
-    float o = 0.0f;
+  if (threadIdx.x == 0) {
+    float m = -INFINITY;
+    for (int s = 0; s < splits; ++s) m = fmaxf(m, part_m[(b * splits + s) * heads + h]);
+    float l = 0.0f;
     for (int s = 0; s < splits; ++s) {
       const float ms = part_m[(b * splits + s) * heads + h];
-      if (ms != -INFINITY) o += part_o[((b * splits + s) * heads + h) * kDim + d] * ExpF((ms - m) * scale);
+      weight[s] = ms == -INFINITY ? 0.0f : __expf((ms - m) * scale);
+      l += part_l[(b * splits + s) * heads + h] * weight[s];
     }
-    out[(b * heads + h) * kDim + d] = RoundBf16(o / l);
+    denom = l + __expf(sink[h] - m * scale);
+  }
+  __syncthreads();
+  for (int d = threadIdx.x * 4; d < kDim; d += blockDim.x * 4) {
+    float4 acc = make_float4(0, 0, 0, 0);
+    for (int s = 0; s < splits; ++s) {
+      if (weight[s] == 0.0f) continue;
+      const float4 v = *reinterpret_cast<const float4*>(part_o + ((b * splits + s) * heads + h) * kDim + d);
+      acc.x += v.x * weight[s];
+      acc.y += v.y * weight[s];
+      acc.z += v.z * weight[s];
+      acc.w += v.w * weight[s];
+    }
+    *reinterpret_cast<float4*>(out + (b * heads + h) * kDim + d) =
+        make_float4(RoundBf16(acc.x / denom), RoundBf16(acc.y / denom), RoundBf16(acc.z / denom), RoundBf16(acc.w / denom));
   }
 }
 
+int SmCount() {
+  static const int count = [] {
+    int dev = 0, sms = 132;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+      sms = 132;
+    return sms;
+  }();
+  return count;
+}
+
+// Splits per token: as many as keep every SM busy with one block, at most one per chunk.
 int Splits(int64_t batch, int64_t heads, int64_t n) {
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   const int64_t blocks = batch * (heads / kHeads);
-  int64_t s = (264 + blocks - 1) / blocks;  // about two blocks per SM
+  int64_t s = blocks > 0 ? SmCount() / blocks : 1;
   if (s > chunks) s = chunks;
+  if (s > kMaxSplits) s = kMaxSplits;
   return static_cast<int>(s < 1 ? 1 : s);
 }
 
@@ -210,10 +411,10 @@ cudaError_t PagedSparseAttentionFp8Fast(const float* q, int64_t batch, int64_t h
     configured = true;
   }
   const dim3 grid(static_cast<unsigned>(batch), static_cast<unsigned>(splits), static_cast<unsigned>(heads / kHeads));
-  PagedAttnTcKernel<<<grid, kThreads, kSmem, stream>>>(q, heads, pages, page_entries, idx, n, splits, softmax_scale,
-                                                      part_o, part_m, part_l);
+  PagedAttnTcKernel<<<grid, kThreads, kSmem, stream>>>(q, heads, pages, page_entries, idx, n, splits, sink, softmax_scale,
+                                                      out, part_o, part_m, part_l);
   cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) return e;
+  if (e != cudaSuccess || splits == 1) return e;
   CombineKernel<<<static_cast<unsigned>(batch * heads), 128, 0, stream>>>(part_o, part_m, part_l, heads, splits, sink,
                                                                           softmax_scale, out);
   return cudaGetLastError();

@@ -338,9 +338,12 @@ TEST_F(CudaOps, HyperConnectionMixesStagedStayBitIdentical) {
   EXPECT_TRUE(gpu_->Health().ok()) << gpu_->Health();
 }
 
-// The paged 584-B FP8 record kernel against the CPU op on the records' decoded rows.
+// The paged 584-B FP8 record kernels against the CPU op on the records' decoded rows: the exact
+// kernel and the tensor-core one, on shapes that give one split (the block writes the output) and
+// several (the combine kernel merges them), a partial last chunk, two head groups, masked slots
+// and a token whose slots are all masked (the sink alone: output 0).
 TEST_F(CudaOps, PagedFp8RecordsAttentionMatchesDecodedRows) {
-  const int64_t B = 64, pages = 12, entries = B * pages, heads = 64, batch = 3, n = 640;
+  const int64_t B = 64, pages = 12, entries = B * pages;
   std::mt19937 g(41);
   std::vector<uint8_t> mem(pages * B * cuda::kRecordBytes);
   std::vector<float> rows(entries * cuda::kRecordDim);
@@ -363,47 +366,52 @@ TEST_F(CudaOps, PagedFp8RecordsAttentionMatchesDecodedRows) {
       rows[e * 512 + cuda::kRecordNope + r] = num::Bf16BitsToFloat(bits);
     }
   }
-  const std::vector<float> q = Random(batch * heads * 512, 42, 0.05f), sink = Random(heads, 43, 1.0f);
-  std::vector<int32_t> idx(batch * n);
-  for (int32_t& i : idx) i = g() % 9 == 0 ? -1 : static_cast<int32_t>(g() % entries);
-  const float scale = 1.0f / std::sqrt(512.0f);
-  std::vector<float> want(batch * heads * 512);
-  for (int64_t b = 0; b < batch; ++b) {
-    std::vector<const float*> slots(n);
-    for (int64_t j = 0; j < n; ++j) slots[j] = idx[b * n + j] < 0 ? nullptr : rows.data() + idx[b * n + j] * 512;
-    cpu().SparseAttention(q.data() + b * heads * 512, heads, 512, slots, sink.data(), scale, want.data() + b * heads * 512);
-  }
   uint8_t* d_pages = nullptr;
-  float *d_q = nullptr, *d_sink = nullptr, *d_out = nullptr;
-  int32_t* d_idx = nullptr;
   ASSERT_EQ(cudaMalloc(&d_pages, mem.size()), cudaSuccess);
-  ASSERT_EQ(cudaMalloc(&d_q, q.size() * 4), cudaSuccess);
-  ASSERT_EQ(cudaMalloc(&d_sink, sink.size() * 4), cudaSuccess);
-  ASSERT_EQ(cudaMalloc(&d_out, want.size() * 4), cudaSuccess);
-  ASSERT_EQ(cudaMalloc(&d_idx, idx.size() * 4), cudaSuccess);
   ASSERT_EQ(cudaMemcpy(d_pages, mem.data(), mem.size(), cudaMemcpyHostToDevice), cudaSuccess);
-  ASSERT_EQ(cudaMemcpy(d_q, q.data(), q.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
-  ASSERT_EQ(cudaMemcpy(d_sink, sink.data(), sink.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
-  ASSERT_EQ(cudaMemcpy(d_idx, idx.data(), idx.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
-  ASSERT_EQ(cudaMemset(d_out, 0xff, want.size() * 4), cudaSuccess);  // NaN poison
-  ASSERT_EQ(cuda::PagedSparseAttentionFp8(d_q, batch, heads, d_pages, B, d_idx, n, d_sink, scale, d_out, nullptr),
-            cudaSuccess);
-  std::vector<float> got(want.size());
-  ASSERT_EQ(cudaMemcpy(got.data(), d_out, got.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
-  // The tensor-core kernel on the same records (fresh poison first).
-  void* ws = nullptr;
-  ASSERT_EQ(cudaMalloc(&ws, cuda::PagedSparseAttentionFp8FastWorkspace(batch, heads, n)), cudaSuccess);
-  ASSERT_EQ(cudaMemset(d_out, 0xff, want.size() * 4), cudaSuccess);
-  ASSERT_EQ(cuda::PagedSparseAttentionFp8Fast(d_q, batch, heads, d_pages, B, d_idx, n, d_sink, scale, d_out, ws, nullptr),
-            cudaSuccess);
-  std::vector<float> fast(want.size());
-  ASSERT_EQ(cudaMemcpy(fast.data(), d_out, fast.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
-  cudaFree(ws);
-  EXPECT_LE(RelErr(fast, want), kBf16Tol) << "tensor-core kernel";
-  for (void* p : {static_cast<void*>(d_pages), static_cast<void*>(d_q), static_cast<void*>(d_sink),
-                  static_cast<void*>(d_out), static_cast<void*>(d_idx)})
-    cudaFree(p);
-  EXPECT_LE(RelErr(got, want), kBf16Tol);
+  struct Case { int64_t batch, n, heads; };
+  for (const Case& c : {Case{3, 640, 64}, Case{1, 37, 64}, Case{5, 200, 128}, Case{70, 130, 64}}) {
+    const int64_t batch = c.batch, n = c.n, heads = c.heads;
+    const std::vector<float> q = Random(batch * heads * 512, 42 + n, 0.05f), sink = Random(heads, 43, 1.0f);
+    std::vector<int32_t> idx(batch * n);
+    for (int32_t& i : idx) i = g() % 9 == 0 ? -1 : static_cast<int32_t>(g() % entries);
+    if (batch > 1) std::fill(idx.begin(), idx.begin() + n, -1);  // token 0: every slot masked
+    const float scale = 1.0f / std::sqrt(512.0f);
+    std::vector<float> want(batch * heads * 512);
+    for (int64_t b = 0; b < batch; ++b) {
+      std::vector<const float*> slots(n);
+      for (int64_t j = 0; j < n; ++j) slots[j] = idx[b * n + j] < 0 ? nullptr : rows.data() + idx[b * n + j] * 512;
+      cpu().SparseAttention(q.data() + b * heads * 512, heads, 512, slots, sink.data(), scale, want.data() + b * heads * 512);
+    }
+    float *d_q = nullptr, *d_sink = nullptr, *d_out = nullptr;
+    int32_t* d_idx = nullptr;
+    void* ws = nullptr;
+    ASSERT_EQ(cudaMalloc(&d_q, q.size() * 4), cudaSuccess);
+    ASSERT_EQ(cudaMalloc(&d_sink, sink.size() * 4), cudaSuccess);
+    ASSERT_EQ(cudaMalloc(&d_out, want.size() * 4), cudaSuccess);
+    ASSERT_EQ(cudaMalloc(&d_idx, idx.size() * 4), cudaSuccess);
+    ASSERT_EQ(cudaMalloc(&ws, cuda::PagedSparseAttentionFp8FastWorkspace(batch, heads, n)), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(d_q, q.data(), q.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(d_sink, sink.data(), sink.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(d_idx, idx.data(), idx.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
+    const std::string shape = "batch " + std::to_string(batch) + " n " + std::to_string(n) + " heads " + std::to_string(heads);
+    for (bool tensor_cores : {false, true}) {
+      ASSERT_EQ(cudaMemset(d_out, 0xff, want.size() * 4), cudaSuccess);  // NaN poison
+      ASSERT_EQ(tensor_cores ? cuda::PagedSparseAttentionFp8Fast(d_q, batch, heads, d_pages, B, d_idx, n, d_sink, scale,
+                                                                 d_out, ws, nullptr)
+                             : cuda::PagedSparseAttentionFp8(d_q, batch, heads, d_pages, B, d_idx, n, d_sink, scale, d_out,
+                                                             nullptr),
+                cudaSuccess);
+      std::vector<float> got(want.size());
+      ASSERT_EQ(cudaMemcpy(got.data(), d_out, got.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+      EXPECT_LE(RelErr(got, want), kBf16Tol) << (tensor_cores ? "tensor-core kernel, " : "exact kernel, ") << shape;
+      if (batch > 1)
+        for (int64_t i = 0; i < heads * 512; ++i) ASSERT_EQ(got[i], 0.0f) << "all-masked token, " << shape;
+    }
+    for (void* p : {static_cast<void*>(d_q), static_cast<void*>(d_sink), static_cast<void*>(d_out), static_cast<void*>(d_idx), ws})
+      cudaFree(p);
+  }
+  cudaFree(d_pages);
 }
 
 // The backend's fast modes: quantized Linear through the decode GEMV (< 16 tokens, FP4) and, from
