@@ -85,94 +85,187 @@ __device__ __forceinline__ void GemvRow(const uint8_t* w, const float* ws, int64
   }
 }
 
-// ---- FP4 (e2m1, group-32 scales) rows with the activations staged in shared memory ------------
-// The weights are 1/8 of the activations' bytes, so a warp re-reading activations from L1 per row
-// (the generic path above) is bound by those reads and the nibble decode, not by HBM. Here a block
-// stages its tokens' activations once (scaled by their 128-block scale and 2^63), 32 rows share
-// them, and a nibble becomes a float with two shifts and two logic ops: e2m1 bits s.ee.m placed at
-// float bits 31 and 24..22 read as value × 2^-126 for every code (0.5 lands on the subnormal
-// 2^-127), so the row's group scale carries 2^63 · 2^63 · 2^-126 back out. Products stay normal.
-constexpr int kFp4Rows = 32;  // rows per block (4 per warp)
+// ---- FP4 (e2m1, group-32 scales) rows on the tensor cores --------------------------------------
+// A GEMV with a few tokens is bound by the work of decoding weights, not by the tensor cores, so
+// the decode is what this path makes cheap: the e2m1 nibble s.ee.m becomes the e4m3 byte
+// s.0ee.m00, which reads as value x 2^-6 for every code (0.5 lands on an e4m3 subnormal), four
+// bytes at a time with two shifts and two masks; one cvt turns two such bytes into an f16 pair
+// (exact). The activations are staged as f16 e4m3 grid values (exact: |v| <= 448) and their block
+// scales apart; mma.sync m16n8k16 (f16 operands, fp32 accumulators) sums each group of 32
+// columns, and the fp32 group sum is scaled by weight scale x activation scale x 2^6.
+//
+// Operand layout. Thread (g = lane / 4, t = lane % 4) of a warp reads 32-bit word t of a group
+// in rows g and g + 8 (columns 8t .. 8t + 7 of the group). The MMA's k order is free as long as
+// both operands follow it: its k slots 2t, 2t+1, 2t+8, 2t+9 take columns 8t + {0, 2, 1, 3} in
+// the first MMA of the group and 8t + {4, 6, 5, 7} in the second, so the staged activations are
+// stored per 8 columns as x0 x2 x1 x3 x4 x6 x5 x7 and a lane reads its B operands as one uint4.
+constexpr int kMmaTiles = 4;                // 16-row tiles per block; warps w and w + 4 split k
+constexpr int kFp4Rows = kMmaTiles * 16;    // rows per block
 
-__device__ __forceinline__ float E2m1Scaled(uint32_t word, int m) {  // nibble m of word, × 2^-126
-  const int s_sign = 28 - 4 * m, s_mag = 22 - 4 * m;  // folded to constants when m is
-  const uint32_t sign = s_sign >= 0 ? word << s_sign : word >> -s_sign;
-  const uint32_t mag = s_mag >= 0 ? word << s_mag : word >> -s_mag;
-  return __uint_as_float((sign & 0x80000000u) | (mag & 0x01C00000u));
+// Word of 8 e2m1 codes (even column in the low nibble) -> e4m3 bytes of the even columns (lo)
+// and of the odd ones (hi), each x 2^-6.
+__device__ __forceinline__ void E2m1WordToE4m3(uint32_t w, uint32_t& lo, uint32_t& hi) {
+  lo = ((w << 4) & 0x80808080u) | ((w << 2) & 0x1C1C1C1Cu);
+  hi = (w & 0x80808080u) | ((w >> 2) & 0x1C1C1C1Cu);
+}
+__device__ __forceinline__ uint32_t E4m3PairToHalf2(uint32_t bits) {
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(bits & 0xffffu), __NV_E4M3);
+  return static_cast<uint32_t>(h.x) | (static_cast<uint32_t>(h.y) << 16);
+}
+__device__ __forceinline__ void MmaF16(float c[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                       uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// Staged activations: chunk c (32 columns) at [c * 32, +32), its float4 word q at (q ^ (c & 7)) so
-// that the 8 lanes of a quarter-warp, reading word q of chunks c..c+7, hit different banks.
+// Weights reach a warp through shared memory: 16 rows x 8 groups (2 KB) per stage, a ring of two
+// (a ring of four, or 64 registers for four blocks per SM, measured slower: 58-60 against 51 us
+// for a layer),
+// copied with 16-byte cp.async (every lane a contiguous piece of a row) and read back with
+// ldmatrix, whose 8x8 b16 layout hands lane (g, t) exactly word t of a row's group. Loading the
+// words straight from global memory (16 rows x 4 bytes per instruction) was bound by L1 requests
+// (87% of L1 throughput, 28% of DRAM).
+constexpr int kStageGroups = 8;
+constexpr int kStageRowBytes = kStageGroups * 16 + 16;  // padded: ldmatrix rows fall in distinct banks
+constexpr int kStageBytes = 16 * kStageRowBytes + 16 * kStageGroups * 4;  // weights, then scales
+constexpr int kStages = 2;
+constexpr int kWarpStageBytes = kStages * kStageBytes;
+
+// Shared memory of a block: T staged token rows of k + 32 halves (the pad spreads the tokens'
+// reads over the banks), their block scales, the k-halves' partial sums and the warps' stages.
+__host__ __device__ constexpr int64_t Fp4StageLd(int64_t k) { return k + 32; }
+__host__ __device__ constexpr int64_t Fp4ScaleFloats(int64_t tokens, int64_t k) { return (tokens * (k / 128) + 3) / 4 * 4; }
 template <int T>
-__device__ __forceinline__ void Fp4Rows(const uint8_t* w, const float* ws, int64_t scale_cols, int64_t rows,
-                                        int64_t k, const float* xq, const float* xs, int64_t n, float* y, bool round,
-                                        int64_t row0, int64_t t0, float* xsm) {
-  const int nt = static_cast<int>(n - t0 < T ? n - t0 : T);
-  const int64_t quads = k / 4;
-  for (int64_t i = threadIdx.x; i < nt * quads; i += blockDim.x) {
-    const int64_t t = i / quads, c = (i - t * quads) * 4;
-    float4 v = __ldg(reinterpret_cast<const float4*>(xq + (t0 + t) * k + c));
-    const float sc = xs[(t0 + t) * (k / 128) + c / 128] * 0x1p63f;
-    v.x *= sc;
-    v.y *= sc;
-    v.z *= sc;
-    v.w *= sc;
-    const int64_t chunk = c >> 5;
-    const int word = static_cast<int>((c & 31) >> 2);
-    *reinterpret_cast<float4*>(xsm + t * k + chunk * 32 + ((word ^ static_cast<int>(chunk & 7)) << 2)) = v;
+__host__ __device__ constexpr size_t Fp4SmemBytes(int64_t k) {
+  return static_cast<size_t>(T) * Fp4StageLd(k) * 2 + Fp4ScaleFloats(T, k) * 4 + kMmaTiles * 32 * 4 * 4 +
+         static_cast<size_t>(kWarps) * kWarpStageBytes;
+}
+
+__device__ __forceinline__ uint32_t SmemAddress(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+// 16 (or `bytes` < 16: the rest zero) bytes global -> shared.
+__device__ __forceinline__ void CopyAsync16(void* dst, const void* src, int bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(SmemAddress(dst)), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void CopyAsync4(void* dst, const void* src, int bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(SmemAddress(dst)), "l"(src), "r"(bytes));
+}
+
+// Stage: rows [r0, r0 + 16) x groups [j, j + 8) of the weights and their scales; rows past
+// `rows` and groups past `j_end` read as zeros. Every lane issues 4 + 4 copies.
+__device__ __forceinline__ void LoadStage(const uint8_t* w, const float* ws, int64_t scale_cols, int64_t rows, int64_t k,
+                                          int64_t r0, int64_t j, int64_t j_end, unsigned char* stage, int lane) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int idx = lane + 32 * i, row = idx / kStageGroups, piece = idx % kStageGroups;
+    const bool ok = r0 + row < rows && j + piece < j_end;
+    const uint8_t* src = ok ? w + (r0 + row) * (k / 2) + (j + piece) * 16 : w;
+    CopyAsync16(stage + row * kStageRowBytes + piece * 16, src, ok ? 16 : 0);
   }
+  float* sc = reinterpret_cast<float*>(stage + 16 * kStageRowBytes);
+  const int row = lane / 2, part = (lane % 2) * 4;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const bool ok = r0 + row < rows && j + part + i < j_end;
+    CopyAsync4(sc + row * kStageGroups + part + i, ok ? ws + (r0 + row) * scale_cols + j + part + i : ws, ok ? 4 : 0);
+  }
+}
+
+template <int T>
+__device__ __forceinline__ void Fp4RowsMma(const uint8_t* w, const float* ws, int64_t scale_cols, int64_t rows,
+                                           int64_t k, const float* xq, const float* xs, int64_t n, float* y, bool round,
+                                           int64_t row0, int64_t t0, unsigned char* smem) {
+  static_assert(T <= 8, "one MMA n-tile of tokens");
+  const int nt = static_cast<int>(n - t0 < T ? n - t0 : T);
+  const int64_t ld = Fp4StageLd(k), blocks = k / 128;
+  __half* xh = reinterpret_cast<__half*>(smem);
+  float* xss = reinterpret_cast<float*>(smem + static_cast<size_t>(T) * ld * 2);
+  float* partial = xss + Fp4ScaleFloats(T, k);  // [kMmaTiles][32 lanes][4], 16-byte aligned
+  unsigned char* stages = reinterpret_cast<unsigned char*>(partial + kMmaTiles * 32 * 4);
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int tile = warp % kMmaTiles, khalf = warp / kMmaTiles;
+  const int64_t groups = k / 32, j_begin = khalf * (groups / 2), j_end = khalf ? groups : groups / 2;
+  const int64_t r0 = row0 + tile * 16;
+  unsigned char* my_stages = stages + warp * kWarpStageBytes;
+#pragma unroll
+  for (int st = 0; st < kStages - 1; ++st) {
+    const int64_t j = j_begin + st * kStageGroups;
+    if (j < j_end) LoadStage(w, ws, scale_cols, rows, k, r0, j, j_end, my_stages + st * kStageBytes, lane);
+    asm volatile("cp.async.commit_group;\n" ::);
+  }
+
+  for (int64_t i = threadIdx.x; i < nt * (k / 8); i += blockDim.x) {
+    const int64_t tk = i / (k / 8), c = (i - tk * (k / 8)) * 8;
+    const float4 v0 = __ldg(reinterpret_cast<const float4*>(xq + (t0 + tk) * k + c));
+    const float4 v1 = __ldg(reinterpret_cast<const float4*>(xq + (t0 + tk) * k + c + 4));
+    const __half2 h[4] = {__floats2half2_rn(v0.x, v0.z), __floats2half2_rn(v0.y, v0.w), __floats2half2_rn(v1.x, v1.z),
+                          __floats2half2_rn(v1.y, v1.w)};
+    *reinterpret_cast<uint4*>(xh + tk * ld + c) = *reinterpret_cast<const uint4*>(h);
+  }
+  for (int64_t i = threadIdx.x; i < nt * blocks; i += blockDim.x) xss[i] = xs[t0 * blocks + i];
   __syncthreads();
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t chunks = k / 32;
-  constexpr int kUnroll = 4;
-  for (int r = warp; r < kFp4Rows; r += kWarps) {
-    const int64_t o = row0 + r;
-    if (o >= rows) break;
-    const uint8_t* wr = w + o * (k / 2);
-    const float* wsr = ws + o * scale_cols;
-    float acc[T];
+
+  const bool tok = g < nt;  // this lane's B column is a real token
+  const __half* xrow = xh + g * ld + 8 * t;
+  const int tok0 = 2 * t, tok1 = 2 * t + 1;  // this lane's accumulator columns
+  const int mat = lane / 8;                  // the 8x8 matrix this lane addresses in ldmatrix
+  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  for (int64_t j = j_begin, st = 0; j < j_end; j += kStageGroups, ++st) {
+    unsigned char* stage = my_stages + (st % kStages) * kStageBytes;
+    const int64_t ahead = j + (kStages - 1) * kStageGroups;
+    if (ahead < j_end)
+      LoadStage(w, ws, scale_cols, rows, k, r0, ahead, j_end, my_stages + ((st + kStages - 1) % kStages) * kStageBytes, lane);
+    asm volatile("cp.async.commit_group;\n" ::);
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(kStages - 1));
+    __syncwarp();
+    const float* sc = reinterpret_cast<const float*>(stage + 16 * kStageRowBytes);
 #pragma unroll
-    for (int t = 0; t < T; ++t) acc[t] = 0.0f;
-    for (int64_t c0 = lane; c0 < chunks; c0 += 32 * kUnroll) {
-      uint4 raw[kUnroll];
-      float sw[kUnroll];
+    for (int jj = 0; jj < kStageGroups; jj += 2) {
+      if (j + jj >= j_end) break;
+      uint32_t q[4];  // word t of rows g and g + 8, groups jj and jj + 1
+      const unsigned char* src = stage + ((mat & 1) * 8 + lane % 8) * kStageRowBytes + (jj + (mat >> 1)) * 16;
+      asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                   : "=r"(q[0]), "=r"(q[1]), "=r"(q[2]), "=r"(q[3])
+                   : "r"(SmemAddress(src)));
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t c = c0 + u * 32;
-        raw[u] = c < chunks ? __ldg(reinterpret_cast<const uint4*>(wr + c * 16)) : make_uint4(0, 0, 0, 0);
-        sw[u] = c < chunks ? __ldg(wsr + c) * 0x1p63f : 0.0f;
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t c = c0 + u * 32;
-        if (c >= chunks) break;
-        const uint32_t words[4] = {raw[u].x, raw[u].y, raw[u].z, raw[u].w};
-        const float* xc = xsm + c * 32;
-        const int sw8 = static_cast<int>(c & 7);
-        float part[T];
-#pragma unroll
-        for (int t = 0; t < T; ++t) part[t] = 0.0f;
-#pragma unroll
-        for (int q = 0; q < 8; ++q) {
-          const uint32_t word = words[q >> 1];
-          const float w0 = E2m1Scaled(word, (q & 1) * 4), w1 = E2m1Scaled(word, (q & 1) * 4 + 1),
-                      w2 = E2m1Scaled(word, (q & 1) * 4 + 2), w3 = E2m1Scaled(word, (q & 1) * 4 + 3);
-#pragma unroll
-          for (int t = 0; t < T; ++t) {
-            if (t >= nt) break;
-            const float4 xv = *reinterpret_cast<const float4*>(xc + t * k + ((q ^ sw8) << 2));
-            part[t] += w0 * xv.x + w1 * xv.y + w2 * xv.z + w3 * xv.w;
-          }
-        }
-#pragma unroll
-        for (int t = 0; t < T; ++t) acc[t] += part[t] * sw[u];
+      for (int h = 0; h < 2; ++h) {
+        const int64_t jg = j + jj + h;
+        if (jg >= j_end) break;
+        const uint4 xb = tok ? *reinterpret_cast<const uint4*>(xrow + 32 * jg) : make_uint4(0, 0, 0, 0);
+        uint32_t la, ha, lb, hb;
+        E2m1WordToE4m3(q[2 * h], la, ha);
+        E2m1WordToE4m3(q[2 * h + 1], lb, hb);
+        float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        MmaF16(c, E4m3PairToHalf2(la), E4m3PairToHalf2(lb), E4m3PairToHalf2(ha), E4m3PairToHalf2(hb), xb.x, xb.y);
+        MmaF16(c, E4m3PairToHalf2(la >> 16), E4m3PairToHalf2(lb >> 16), E4m3PairToHalf2(ha >> 16),
+               E4m3PairToHalf2(hb >> 16), xb.z, xb.w);
+        const float sa = sc[g * kStageGroups + jj + h], sb = sc[(g + 8) * kStageGroups + jj + h];
+        const float x0 = tok0 < nt ? xss[tok0 * blocks + jg / 4] : 0.0f, x1 = tok1 < nt ? xss[tok1 * blocks + jg / 4] : 0.0f;
+        acc[0] += c[0] * (sa * x0);
+        acc[1] += c[1] * (sa * x1);
+        acc[2] += c[2] * (sb * x0);
+        acc[3] += c[3] * (sb * x1);
       }
     }
+    __syncwarp();  // this stage is refilled on the next iteration
+  }
+  asm volatile("cp.async.wait_group 0;\n" ::);
+  // The second k half hands its sums to the first, which writes the rows.
+  const int64_t ra = r0 + g, rb = ra + 8;
+  float* mine = partial + (tile * 32 + lane) * 4;
+  if (khalf == 1) *reinterpret_cast<float4*>(mine) = make_float4(acc[0], acc[1], acc[2], acc[3]);
+  __syncthreads();
+  if (khalf == 1) return;
+  const float4 other = *reinterpret_cast<const float4*>(mine);
+  const float out[4] = {(acc[0] + other.x) * 64.0f, (acc[1] + other.y) * 64.0f, (acc[2] + other.z) * 64.0f,
+                        (acc[3] + other.w) * 64.0f};
 #pragma unroll
-    for (int t = 0; t < T; ++t) {
-      const float sum = WarpSum(acc[t]);
-      if (lane == 0 && t < nt) y[(t0 + t) * rows + o] = round ? RoundBf16(sum) : sum;
-    }
+  for (int e = 0; e < 4; ++e) {
+    const int token = e % 2 ? tok1 : tok0;
+    const int64_t row = e < 2 ? ra : rb;
+    if (token < nt && row < rows) y[(t0 + token) * rows + row] = round ? RoundBf16(out[e]) : out[e];
   }
 }
 
@@ -180,25 +273,26 @@ template <int T>
 __global__ void __launch_bounds__(kWarps * 32) DecodeFp4Kernel(const uint8_t* w, const float* ws, int64_t scale_cols,
                                                                int64_t rows, int64_t k, const float* xq, const float* xs,
                                                                int64_t n, float* y, bool round) {
-  extern __shared__ __align__(16) float xsm[];
-  Fp4Rows<T>(w, ws, scale_cols, rows, k, xq, xs, n, y, round, static_cast<int64_t>(blockIdx.x) * kFp4Rows,
-             static_cast<int64_t>(blockIdx.y) * T, xsm);
+  extern __shared__ __align__(16) unsigned char fp4_smem[];
+  Fp4RowsMma<T>(w, ws, scale_cols, rows, k, xq, xs, n, y, round, static_cast<int64_t>(blockIdx.x) * kFp4Rows,
+                static_cast<int64_t>(blockIdx.y) * T, fp4_smem);
 }
 
 template <int T>
 __global__ void __launch_bounds__(kWarps * 32) GroupedFp4Kernel(const GemvGroup* groups, bool round) {
-  extern __shared__ __align__(16) float xsm[];
+  extern __shared__ __align__(16) unsigned char fp4_smem[];
   const GemvGroup g = groups[blockIdx.z];
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kFp4Rows, t0 = static_cast<int64_t>(blockIdx.y) * T;
   if (row0 >= g.rows || t0 >= g.n) return;  // the whole block: before any barrier
-  Fp4Rows<T>(g.w, g.ws, g.scale_cols, g.rows, g.k, g.xq, g.xs, g.n, g.y, round, row0, t0, xsm);
+  Fp4RowsMma<T>(g.w, g.ws, g.scale_cols, g.rows, g.k, g.xq, g.xs, g.n, g.y, round, row0, t0, fp4_smem);
 }
 
-// Shared memory for T tokens of k activations; 0 when it does not fit (the generic path runs).
+// Shared memory of the FP4 tensor-core path for T tokens of k activations; 0 when it does not fit
+// or k is not a whole number of 128-column blocks (the generic path runs).
 template <int T>
 size_t Fp4Smem(int64_t k) {
-  const size_t bytes = static_cast<size_t>(T) * static_cast<size_t>(k) * sizeof(float);
-  return bytes <= 200u * 1024u ? bytes : 0;
+  const size_t bytes = Fp4SmemBytes<T>(k);
+  return k % 128 == 0 && bytes <= 200u * 1024u ? bytes : 0;
 }
 
 template <typename K>
