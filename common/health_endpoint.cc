@@ -42,11 +42,4 @@ void HealthEndpoint::SetServing(bool serving) {
   if (auto* hs = server_->GetHealthCheckService()) hs->SetServingStatus(serving);
 }
 
-std::string EnvironmentHelp(std::initializer_list<const char*> entries) {
-  std::string out = "Environment:\n";
-  for (const char* e : entries) absl::StrAppend(&out, "  ", e, "\n");
-  if (entries.size() == 0) out += "  (none)\n";
-  return out;
-}
-
 }  // namespace flashmem

@@ -42,8 +42,4 @@ void AddHealthFlag(App& app, std::string& listen) {
                  "plaintext grpc.health.v1 address host:port for probes that cannot speak TLS (empty: off; the main listener answers health checks too)");
 }
 
-// The help text's "Environment:" section: the variables a binary reads (the deploy test checks every
-// manifest's env against it). `entries` are "NAME  meaning" lines; NAME may end in * (a prefix).
-std::string EnvironmentHelp(std::initializer_list<const char*> entries);
-
 }  // namespace flashmem

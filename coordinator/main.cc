@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "CLI/CLI.hpp"
+#include "common/cli_help.h"
 #include "common/health_endpoint.h"
 #include "common/tls.h"
 #include "coordinator/coordinator.h"

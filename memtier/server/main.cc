@@ -4,6 +4,7 @@
 #include <thread>
 
 #include "CLI/CLI.hpp"
+#include "common/cli_help.h"
 #include "common/health_endpoint.h"
 #include "common/tls.h"
 #include "coordinator/lease_keeper.h"

@@ -16,6 +16,7 @@
 #include "common/tls.h"
 #include "spdlog/sinks/stdout_color_sinks.h"
 #include "spdlog/spdlog.h"
+#include "common/cli_help.h"
 #include "common/health_endpoint.h"
 #include "coordinator/lease_keeper.h"
 #include "prometheus/counter.h"
