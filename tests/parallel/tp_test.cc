@@ -3,6 +3,7 @@
 // greedy tokens as TP=1, and a clear error when a rank never joins.
 #include <grpcpp/grpcpp.h>
 #include <netinet/in.h>
+#include <omp.h>
 #include <sys/socket.h>
 
 #include <filesystem>
@@ -18,6 +19,7 @@
 #include "tests/process_util.h"
 #include "worker/parallel/gloo_communicator.h"
 #include "worker/parallel/group_store.h"
+#include "worker/parallel/host_threads.h"
 
 namespace flashmem::testing {
 namespace {
@@ -304,6 +306,32 @@ TEST(TensorParallel, MissingRankIsAClearErrorNotAHang) {
   EXPECT_NE(r.code, 0) << r.out;
   EXPECT_NE(r.out.find("tensor-parallel group"), std::string::npos) << r.out;
   std::filesystem::remove_all(dir);
+}
+
+// The ranks of a group on one node split its cores (ConnectGroup applies it), unless the operator
+// set OMP_NUM_THREADS.
+TEST(HostThreads, EachRankTakesItsShareOfTheCores) {
+  EXPECT_EQ(parallel::HostThreadsPerRank(32, 2), 16);
+  EXPECT_EQ(parallel::HostThreadsPerRank(16, 3), 5);
+  EXPECT_EQ(parallel::HostThreadsPerRank(2, 4), 1);
+  EXPECT_EQ(parallel::HostThreadsPerRank(8, 0), 8);
+
+  const int before = omp_get_max_threads();
+  const char* env = std::getenv("OMP_NUM_THREADS");
+  const std::string saved = env ? env : "";
+  setenv("OMP_NUM_THREADS", "3", 1);
+  EXPECT_EQ(parallel::ShareHostThreads(2), 0) << "OMP_NUM_THREADS is the operator's word";
+  EXPECT_EQ(omp_get_max_threads(), before);
+  unsetenv("OMP_NUM_THREADS");
+  EXPECT_EQ(parallel::ShareHostThreads(1), 0) << "one rank keeps every core";
+  const int share = parallel::ShareHostThreads(2);
+  EXPECT_GE(share, 1);
+  EXPECT_EQ(omp_get_max_threads(), share);
+  cpu_set_t set;
+  ASSERT_EQ(sched_getaffinity(0, sizeof(set), &set), 0);
+  EXPECT_EQ(share, parallel::HostThreadsPerRank(CPU_COUNT(&set), 2));
+  if (env) setenv("OMP_NUM_THREADS", saved.c_str(), 1);
+  omp_set_num_threads(before);
 }
 
 }  // namespace

@@ -15,6 +15,7 @@
 
 #include "absl/synchronization/mutex.h"
 #include "worker/parallel/group_store.h"
+#include "worker/parallel/host_threads.h"
 #endif
 
 namespace flashmem::parallel {
@@ -205,10 +206,13 @@ absl::StatusOr<std::unique_ptr<Communicator>> ConnectNcclGroup(const GroupOption
 #endif  // FLASHMEM_HAVE_CUDA
 
 absl::StatusOr<std::unique_ptr<Communicator>> ConnectGroup(const GroupOptions& options, const std::string& device) {
-  if (device == "cpu") return ConnectGlooGroup(options);
   int ordinal = 0;
-  if (device.rfind("cuda:", 0) != 0 || !absl::SimpleAtoi(absl::string_view(device).substr(5), &ordinal) || ordinal < 0)
+  if (device != "cpu" &&
+      (device.rfind("cuda:", 0) != 0 || !absl::SimpleAtoi(absl::string_view(device).substr(5), &ordinal) || ordinal < 0))
     return absl::InvalidArgumentError(absl::StrCat("--device '", device, "': expected cpu or cuda:N"));
+  // A group's ranks share one node (placement puts them there): each takes its share of the cores.
+  ShareHostThreads(options.size);
+  if (device == "cpu") return ConnectGlooGroup(options);
   return ConnectNcclGroup(options, ordinal);
 }
 
