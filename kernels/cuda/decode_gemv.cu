@@ -7,9 +7,12 @@
 
 #include "kernels/cuda/device_math.cuh"
 #include "kernels/cuda/device_ops.h"
+#include "kernels/cuda/ptx.cuh"
 
 namespace flashmem::kernels::cuda {
 namespace {
+
+using namespace ptx;
 
 constexpr int kWarps = 8;  // rows per block, one warp each
 
@@ -112,14 +115,6 @@ __device__ __forceinline__ uint32_t E4m3PairToHalf2(uint32_t bits) {
   const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(bits & 0xffffu), __NV_E4M3);
   return static_cast<uint32_t>(h.x) | (static_cast<uint32_t>(h.y) << 16);
 }
-__device__ __forceinline__ void MmaF16(float c[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-                                       uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 // Weights reach a warp through shared memory: 16 rows x 8 groups (2 KB) per stage, a ring of two
 // (a ring of four, or 64 registers for four blocks per SM, measured slower: 58-60 against 51 us
 // for a layer),
@@ -141,15 +136,6 @@ template <int T>
 __host__ __device__ constexpr size_t Fp4SmemBytes(int64_t k) {
   return static_cast<size_t>(T) * Fp4StageLd(k) * 2 + Fp4ScaleFloats(T, k) * 4 + kMmaTiles * 32 * 4 * 4 +
          static_cast<size_t>(kWarps) * kWarpStageBytes;
-}
-
-__device__ __forceinline__ uint32_t SmemAddress(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
-// 16 (or `bytes` < 16: the rest zero) bytes global -> shared.
-__device__ __forceinline__ void CopyAsync16(void* dst, const void* src, int bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(SmemAddress(dst)), "l"(src), "r"(bytes));
-}
-__device__ __forceinline__ void CopyAsync4(void* dst, const void* src, int bytes) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(SmemAddress(dst)), "l"(src), "r"(bytes));
 }
 
 // Stage: rows [r0, r0 + 16) x groups [j, j + 8) of the weights and their scales; rows past
@@ -193,7 +179,7 @@ __device__ __forceinline__ void Fp4RowsMma(const uint8_t* w, const float* ws, in
   for (int st = 0; st < kStages - 1; ++st) {
     const int64_t j = j_begin + st * kStageGroups;
     if (j < j_end) LoadStage(w, ws, scale_cols, rows, k, r0, j, j_end, my_stages + st * kStageBytes, lane);
-    asm volatile("cp.async.commit_group;\n" ::);
+    CommitAsync();
   }
 
   for (int64_t i = threadIdx.x; i < nt * (k / 8); i += blockDim.x) {
@@ -217,8 +203,8 @@ __device__ __forceinline__ void Fp4RowsMma(const uint8_t* w, const float* ws, in
     const int64_t ahead = j + (kStages - 1) * kStageGroups;
     if (ahead < j_end)
       LoadStage(w, ws, scale_cols, rows, k, r0, ahead, j_end, my_stages + ((st + kStages - 1) % kStages) * kStageBytes, lane);
-    asm volatile("cp.async.commit_group;\n" ::);
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(kStages - 1));
+    CommitAsync();
+    WaitAsync<kStages - 1>();
     __syncwarp();
     const float* sc = reinterpret_cast<const float*>(stage + 16 * kStageRowBytes);
 #pragma unroll
@@ -226,9 +212,7 @@ __device__ __forceinline__ void Fp4RowsMma(const uint8_t* w, const float* ws, in
       if (j + jj >= j_end) break;
       uint32_t q[4];  // word t of rows g and g + 8, groups jj and jj + 1
       const unsigned char* src = stage + ((mat & 1) * 8 + lane % 8) * kStageRowBytes + (jj + (mat >> 1)) * 16;
-      asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                   : "=r"(q[0]), "=r"(q[1]), "=r"(q[2]), "=r"(q[3])
-                   : "r"(SmemAddress(src)));
+      LoadMatrices(q, src);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int64_t jg = j + jj + h;
@@ -238,9 +222,12 @@ __device__ __forceinline__ void Fp4RowsMma(const uint8_t* w, const float* ws, in
         E2m1WordToE4m3(q[2 * h], la, ha);
         E2m1WordToE4m3(q[2 * h + 1], lb, hb);
         float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        MmaF16(c, E4m3PairToHalf2(la), E4m3PairToHalf2(lb), E4m3PairToHalf2(ha), E4m3PairToHalf2(hb), xb.x, xb.y);
-        MmaF16(c, E4m3PairToHalf2(la >> 16), E4m3PairToHalf2(lb >> 16), E4m3PairToHalf2(ha >> 16),
-               E4m3PairToHalf2(hb >> 16), xb.z, xb.w);
+        const uint32_t a0[4] = {E4m3PairToHalf2(la), E4m3PairToHalf2(lb), E4m3PairToHalf2(ha), E4m3PairToHalf2(hb)};
+        const uint32_t a1[4] = {E4m3PairToHalf2(la >> 16), E4m3PairToHalf2(lb >> 16), E4m3PairToHalf2(ha >> 16),
+                                E4m3PairToHalf2(hb >> 16)};
+        const uint32_t b0[2] = {xb.x, xb.y}, b1[2] = {xb.z, xb.w};
+        MmaF16(c, a0, b0);
+        MmaF16(c, a1, b1);
         const float sa = sc[g * kStageGroups + jj + h], sb = sc[(g + 8) * kStageGroups + jj + h];
         const float x0 = tok0 < nt ? xss[tok0 * blocks + jg / 4] : 0.0f, x1 = tok1 < nt ? xss[tok1 * blocks + jg / 4] : 0.0f;
         acc[0] += c[0] * (sa * x0);
@@ -251,7 +238,7 @@ __device__ __forceinline__ void Fp4RowsMma(const uint8_t* w, const float* ws, in
     }
     __syncwarp();  // this stage is refilled on the next iteration
   }
-  asm volatile("cp.async.wait_group 0;\n" ::);
+  WaitAsync<0>();
   // The second k half hands its sums to the first, which writes the rows.
   const int64_t ra = r0 + g, rb = ra + 8;
   float* mine = partial + (tile * 32 + lane) * 4;

@@ -21,9 +21,12 @@
 
 #include "kernels/cuda/device_math.cuh"
 #include "kernels/cuda/device_ops.h"
+#include "kernels/cuda/ptx.cuh"
 
 namespace flashmem::kernels::cuda {
 namespace {
+
+using namespace ptx;
 
 constexpr int kHeads = 64;     // heads per block (a head group)
 constexpr int kChunk = 64;     // slots per chunk
@@ -39,39 +42,6 @@ constexpr size_t kPBytes = size_t{kHeads} * kLdP * 2;
 constexpr size_t kSmem = kQBytes + kKvBytes + 2 * kRawBytes + kPBytes + (2 * kHeads + kHeads + 2 * kHeads + kHeads) * 4 +
                          2 * kChunk * 4;
 static_assert(kSmem <= 232448, "shared memory of one block on sm_90");
-
-__device__ __forceinline__ uint32_t SharedAddress(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void CopyAsync16(void* dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(SharedAddress(dst)), "l"(src));
-}
-__device__ __forceinline__ void CopyAsync8(void* dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(SharedAddress(dst)), "l"(src));
-}
-__device__ __forceinline__ void CommitAsync() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int kPending>
-__device__ __forceinline__ void WaitAsync() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
-// Four 8x8 bf16 matrices; lane l gives the address of row l % 8 of matrix l / 8.
-__device__ __forceinline__ void LoadMatrices(uint32_t r[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(SharedAddress(p)));
-}
-__device__ __forceinline__ void LoadMatricesTransposed(uint32_t r[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(SharedAddress(p)));
-}
-// c[16x8] += a[16x16] · b[16x8], bf16 operands, fp32 accumulators.
-__device__ __forceinline__ void Mma(float c[4], const uint32_t a[4], const uint32_t b[2]) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
 
 // Entry of slot j of chunk c, or -1 (masked or past the end).
 __device__ __forceinline__ int32_t SlotEntry(const int32_t* idx, int64_t n, int64_t c, int j) {
@@ -208,8 +178,8 @@ __global__ void __launch_bounds__(kThreads, 1) PagedAttnTcKernel(
       for (int np = 0; np < 2; ++np) {
         uint32_t bk[4];
         LoadMatrices(bk, kv_s + (half * 32 + np * 16 + (sel / 2) * 8 + lane % 8) * kLd + k + (sel % 2) * 8);
-        Mma(s[2 * np], a, bk);
-        Mma(s[2 * np + 1], a, bk + 2);
+        MmaBf16(s[2 * np], a, bk);
+        MmaBf16(s[2 * np + 1], a, bk + 2);
       }
     }
     float mx0 = -INFINITY, mx1 = -INFINITY;
@@ -283,8 +253,8 @@ __global__ void __launch_bounds__(kThreads, 1) PagedAttnTcKernel(
         LoadMatricesTransposed(bv, kv_s + (kk + (sel % 2) * 8 + lane % 8) * kLd + warp * 64 + np * 16 + (sel / 2) * 8);
 #pragma unroll
         for (int a = 0; a < 4; ++a) {
-          Mma(o[a][2 * np], pa[a], bv);
-          Mma(o[a][2 * np + 1], pa[a], bv + 2);
+          MmaBf16(o[a][2 * np], pa[a], bv);
+          MmaBf16(o[a][2 * np + 1], pa[a], bv + 2);
         }
       }
     }
