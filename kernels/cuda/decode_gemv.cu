@@ -116,12 +116,11 @@ __device__ __forceinline__ uint32_t E4m3PairToHalf2(uint32_t bits) {
   return static_cast<uint32_t>(h.x) | (static_cast<uint32_t>(h.y) << 16);
 }
 // Weights reach a warp through shared memory: 16 rows x 8 groups (2 KB) per stage, a ring of two
-// (a ring of four, or 64 registers for four blocks per SM, measured slower: 58-60 against 51 us
-// for a layer),
-// copied with 16-byte cp.async (every lane a contiguous piece of a row) and read back with
+// stages, copied with 16-byte cp.async (every lane a contiguous piece of a row) and read back with
 // ldmatrix, whose 8x8 b16 layout hands lane (g, t) exactly word t of a row's group. Loading the
 // words straight from global memory (16 rows x 4 bytes per instruction) was bound by L1 requests
-// (87% of L1 throughput, 28% of DRAM).
+// (87% of L1 throughput, 28% of DRAM). A ring of four, or 64 registers for four blocks per SM,
+// measured slower (58-60 against 51 us for a layer).
 constexpr int kStageGroups = 8;
 constexpr int kStageRowBytes = kStageGroups * 16 + 16;  // padded: ldmatrix rows fall in distinct banks
 constexpr int kStageBytes = 16 * kStageRowBytes + 16 * kStageGroups * 4;  // weights, then scales
