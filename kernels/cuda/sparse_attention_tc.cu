@@ -6,7 +6,7 @@
 // A block (8 warps) walks its slots in chunks of 64 with a single-pass online softmax:
 //   - the raw records of chunk c+1 are gathered by index with cp.async while chunk c is computed;
 //   - chunk c is dequantised into shared memory (e4m3 x UE8M0 and the bf16 rope are exact in bf16);
-//   - S = Q·Kᵀ: warp (m, h) computes 16 heads x 32 slots (mma.sync m16n8k16, ldmatrix operands);
+//   - S = Q·Kᵀ: warp (mi, half) computes 16 heads x 32 slots (mma.sync m16n8k16, ldmatrix operands);
 //     the two slot halves exchange their row maxima through shared memory;
 //   - P = exp((S - m) * scale) goes to shared memory as bf16 (as the CPU reference casts it);
 //   - O += P·V: warp w owns all 64 heads x 64 output dims (128 fp32 accumulators per thread), so a
