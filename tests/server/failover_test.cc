@@ -17,6 +17,14 @@
 namespace flashmem::testing {
 namespace {
 
+// The admin call that makes `api`'s worker take session `sid` over from memtier.
+grpc::Status Adopt(Api& api, const std::string& sid, v1::AdoptSessionResponse* ad) {
+  v1::AdoptSessionRequest ar;
+  ar.set_session_id(sid);
+  grpc::ClientContext ctx;
+  return api.admin->AdoptSession(&ctx, ar, ad);
+}
+
 TEST(Failover, AnotherWorkerAdoptsTheSessionFromMemtierWithoutPrefill) {
   const std::string dir = TempDir("failover");
   ASSERT_EQ(WriteTinyModel(dir, 2), 0);
@@ -64,12 +72,9 @@ TEST(Failover, AnotherWorkerAdoptsTheSessionFromMemtierWithoutPrefill) {
   Child b = Spawn(FLASHMEM_WORKER_BIN, wargs);
   ASSERT_FALSE(b.target.empty());
   Api api_b(b.target);
-  v1::AdoptSessionRequest ar;
-  ar.set_session_id(cs.session_id());
   v1::AdoptSessionResponse ad;
   {
-    grpc::ClientContext ctx;
-    const grpc::Status s = api_b.admin->AdoptSession(&ctx, ar, &ad);
+    const grpc::Status s = Adopt(api_b, cs.session_id(), &ad);
     ASSERT_TRUE(s.ok()) << s.error_message();
   }
   EXPECT_EQ(ad.generated(), 5u);
@@ -181,12 +186,9 @@ TEST(Failover, AStaleCopyCannotOverwriteTheAdoptersSnapshot) {
   std::vector<int32_t> got = Generate(api_a, cs.session_id(), cs.token(), 4, sp, &st);
   ASSERT_TRUE(st.ok()) << st.error_message();
   // B adopts while A still holds its copy.
-  v1::AdoptSessionRequest ar;
-  ar.set_session_id(cs.session_id());
   v1::AdoptSessionResponse ad;
   {
-    grpc::ClientContext ctx;
-    const grpc::Status s = api_b.admin->AdoptSession(&ctx, ar, &ad);
+    const grpc::Status s = Adopt(api_b, cs.session_id(), &ad);
     ASSERT_TRUE(s.ok()) << s.error_message();
   }
   EXPECT_EQ(ad.generated(), 4u);
