@@ -81,7 +81,7 @@ std::unique_ptr<model::SessionState> SyntheticState(const model::Transformer& tf
 struct Row {
   std::string policy;
   int64_t batch = 0, context = 0;
-  double step_ms = 0, tok_s = 0, score_ms = 0, visible = 1, build_s = 0, comm_share = 0;
+  double step_ms = 0, tok_s = 0, score_ms = 0, visible = 1, build_s = 0, comm_share = 0, comm_calls = 0;
   std::string profile;
 };
 
@@ -119,7 +119,8 @@ int main(int argc, char** argv) {
   group.group = "model-bench";
   if (device == "cuda") device = "cuda:" + std::to_string(group.rank);
   const bool leader = group.rank == 0;
-  if (!leader) std::freopen("/dev/null", "w", stdout);  // the other ranks compute but print nothing
+  // The other ranks compute but print nothing, unless FLASHMEM_BENCH_ALL_RANKS is set (to compare ranks' profiles).
+  if (!leader && std::getenv("FLASHMEM_BENCH_ALL_RANKS") == nullptr) std::freopen("/dev/null", "w", stdout);
 
   auto handle = kernels::OpenBackend(device, gpu_memory_bytes, cuda_kernels);
   if (!handle.ok()) { std::fprintf(stderr, "%s\n", std::string(handle.status().message()).c_str()); return 2; }
@@ -220,15 +221,16 @@ int main(int argc, char** argv) {
         r.step_ms = timed * 1e3 / steps;
         r.tok_s = batch * steps / timed;
         r.comm_share = timed_comm.seconds() / timed;
+        r.comm_calls = static_cast<double>(timed_comm.calls()) / steps;
         if (!lsa.empty()) {
           const lsa::LsaStats& st = lsa[0]->stats();
           r.score_ms = st.last_score_ms;
           r.visible = st.covered_pages ? static_cast<double>(st.selected_pages) / st.covered_pages : 1.0;
         }
         if (profile) r.profile = prof.Report();
-        std::printf("%-5s tp %d batch %3lld context %7lld: step %9.2f ms, %9.1f tok/s, comm %4.1f%%%s (state built in %.1f s)\n",
+        std::printf("%-5s tp %d batch %3lld context %7lld: step %9.2f ms, %9.1f tok/s, comm %4.1f%% (%.0f calls/step)%s (state built in %.1f s)\n",
                     policy.c_str(), group.size, static_cast<long long>(batch), static_cast<long long>(context), r.step_ms,
-                    r.tok_s, 100 * r.comm_share,
+                    r.tok_s, 100 * r.comm_share, r.comm_calls,
                     lsa.empty() ? "" : absl::StrFormat(", selected pages %.3f of covered, Level-1 scoring %.1f ms",
                                                        r.visible, r.score_ms).c_str(),
                     build_s);
@@ -244,7 +246,7 @@ int main(int argc, char** argv) {
       j.push_back({{"policy", r.policy}, {"batch", r.batch}, {"context", r.context}, {"step_ms", r.step_ms},
                    {"tok_s", r.tok_s}, {"lsa_selected_fraction", r.visible}, {"level1_score_ms", r.score_ms},
                    {"device", device}, {"cuda_kernels", cuda_kernels},
-                   {"tp_size", group.size}, {"comm_share", r.comm_share}, {"profile", r.profile}});
+                   {"tp_size", group.size}, {"comm_share", r.comm_share}, {"comm_calls_per_step", r.comm_calls}, {"profile", r.profile}});
     std::ofstream(json_out) << j.dump(1) << "\n";
   }
   return 0;

@@ -265,19 +265,22 @@ TEST(TensorParallel, GpuGroupMatchesOneGpu) {
 }
 
 // Striped recall on two GPUs (skipped without them): every rank ends with every page, byte for
-// byte, however the pages were split, including a count that does not fill the last round.
+// byte, however the pages were split, including a count that does not fill the last round, with
+// either host->GPU method.
 TEST(TensorParallel, StripedRecallDeliversEveryPageToEveryGpu) {
 #ifndef FLASHMEM_RECALL_BENCH_BIN
   GTEST_SKIP() << "built without CUDA benchmarks";
 #else
   if (kernels::CudaDeviceCount() < 2) GTEST_SKIP() << "needs two CUDA devices";
-  ShellResult r = RunShell(std::string(FLASHMEM_RECALL_BENCH_BIN) +
-                           " --ranks 2 --pages 1,37,1000 --mirror-pages 4096 --round-pages 64 --reps 1");
-  EXPECT_EQ(r.code, 0) << r.out;
-  size_t verified = 0;
-  for (size_t at = r.out.find("verified"); at != std::string::npos; at = r.out.find("verified", at + 1)) ++verified;
-  EXPECT_EQ(verified, 9u) << r.out;  // 3 counts x 3 modes
-  EXPECT_EQ(r.out.find("MISMATCH"), std::string::npos) << r.out;
+  for (const char* copy : {"kernel", "engines"}) {  // the gather kernel, then the copy engines
+    ShellResult r = RunShell(std::string(FLASHMEM_RECALL_BENCH_BIN) + " --copy " + copy +
+                             " --ranks 2 --pages 1,37,1000 --mirror-pages 4096 --round-pages 64 --reps 1");
+    EXPECT_EQ(r.code, 0) << r.out;
+    size_t verified = 0;
+    for (size_t at = r.out.find("verified"); at != std::string::npos; at = r.out.find("verified", at + 1)) ++verified;
+    EXPECT_EQ(verified, 9u) << copy << "\n" << r.out;  // 3 counts x 3 modes
+    EXPECT_EQ(r.out.find("MISMATCH"), std::string::npos) << r.out;
+  }
 #endif
 }
 

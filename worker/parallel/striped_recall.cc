@@ -51,6 +51,8 @@ struct StripedRecall::Impl {
   cudaEvent_t gathered = nullptr;
   const uint8_t** src = nullptr;   // device copy of the page pointers
   int64_t src_capacity = 0;
+  std::vector<void*> dsts;         // copy engines: a round's destinations and sizes
+  std::vector<size_t> sizes;
 
   ~Impl() {
     (void)cudaSetDevice(device);
@@ -96,7 +98,17 @@ absl::Status StripedRecall::Recall(std::span<const uint8_t* const> pages, uint8_
   const int64_t B = options_.page_bytes, n = comm_.size(), r = comm_.rank();
   auto gather = [&](int64_t first, int64_t k) -> absl::Status {
     if (k <= 0) return absl::OkStatus();
-    return CudaCheck(kernels::cuda::GatherPages(m.src + first, k, B, dst + first * B, m.gather), "gather");
+    if (!options_.copy_engines)
+      return CudaCheck(kernels::cuda::GatherPages(m.src + first, k, B, dst + first * B, m.gather), "gather");
+    m.dsts.resize(k);
+    m.sizes.assign(k, static_cast<size_t>(B));
+    for (int64_t i = 0; i < k; ++i) m.dsts[i] = dst + (first + i) * B;
+    cudaMemcpyAttributes attr{};
+    attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+    size_t attr_index = 0;
+    return CudaCheck(cudaMemcpyBatchAsync(m.dsts.data(), reinterpret_cast<const void* const*>(pages.data() + first),
+                                          m.sizes.data(), static_cast<size_t>(k), &attr, &attr_index, 1, m.gather),
+                     "cudaMemcpyBatchAsync");
   };
   // The collective of a round starts once this rank's gather of it is done.
   auto hand_over = [&]() -> absl::Status {

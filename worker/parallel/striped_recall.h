@@ -33,6 +33,10 @@ struct StripedRecallOptions {
   // Pages per rank per round: rounds pipeline the host->GPU gather against the collective. 256
   // pages of 37 KB = 9.6 MB per rank per round.
   int64_t round_pages = 256;
+  // How a rank moves its pages host->GPU: false, a gather kernel (SMs load 16 B at a time over
+  // PCIe from the mapped mirror); true, the copy engines, one cudaMemcpyBatchAsync per round (one
+  // API call for all of a round's pages, never one call per page).
+  bool copy_engines = false;
 };
 
 class StripedRecall {
