@@ -80,6 +80,43 @@ double TimeUs(const std::function<void(int)>& f, int reps = 50, int warm = 5) {
   return t[t.size() / 2];
 }
 
+// The same work captured once in a CUDA graph (f enqueues on the stream it is given) and replayed
+// `chain` times back to back between two events: the time per replay without the host's launch
+// latency in front of every rep (METHOD.md: many small launches are timed as graph replays, as the
+// decode step would run them). Median over reps.
+double TimeGraphUs(const std::function<void(cudaStream_t)>& f, int chain = 20, int reps = 20) {
+  cudaStream_t s;
+  CHECK_CUDA(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  CHECK_CUDA(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+  f(s);
+  CHECK_CUDA(cudaStreamEndCapture(s, &graph));
+  CHECK_CUDA(cudaGraphInstantiate(&exec, graph, 0));
+  for (int i = 0; i < 3; ++i) CHECK_CUDA(cudaGraphLaunch(exec, s));
+  CHECK_CUDA(cudaStreamSynchronize(s));
+  cudaEvent_t a, b;
+  CHECK_CUDA(cudaEventCreate(&a));
+  CHECK_CUDA(cudaEventCreate(&b));
+  std::vector<double> t;
+  for (int r = 0; r < reps; ++r) {
+    CHECK_CUDA(cudaEventRecord(a, s));
+    for (int i = 0; i < chain; ++i) CHECK_CUDA(cudaGraphLaunch(exec, s));
+    CHECK_CUDA(cudaEventRecord(b, s));
+    CHECK_CUDA(cudaEventSynchronize(b));
+    float ms = 0;
+    CHECK_CUDA(cudaEventElapsedTime(&ms, a, b));
+    t.push_back(ms * 1000.0 / chain);
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(s);
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
 struct Row {
   std::string kernel, shape;
   double us, gbs, tflops;
@@ -299,10 +336,16 @@ int main(int argc, char** argv) {
       CHECK_CUDA(cu::LinearDecodeGrouped(ddown, experts, dim, tokens, inter, false, Rounding::kBf16, nullptr));
     });
     const double bytes = 3.0 * experts * (dim * inter / 2.0 + dim * inter / 32.0 * 4);
-    rows.push_back({"MoE routed experts, FP4, grouped GEMV (2 launches)",
-                    std::to_string(experts) + " experts x " + std::to_string(tokens) + " tok, 4096 <-> 2048", us,
-                    bytes / us / 1e3, 2.0 * 3 * experts * tokens * dim * inter / us / 1e6,
-                    Pct(bytes / us / 1e3, hbm, "HBM")});
+    const std::string shape = std::to_string(experts) + " experts x " + std::to_string(tokens) + " tok, 4096 <-> 2048";
+    rows.push_back({"MoE routed experts, FP4, grouped GEMV (2 launches)", shape, us, bytes / us / 1e3,
+                    2.0 * 3 * experts * tokens * dim * inter / us / 1e6, Pct(bytes / us / 1e3, hbm, "HBM")});
+    const double graph_us = TimeGraphUs([&](cudaStream_t s) {
+      CHECK_CUDA(cu::LinearDecodeGrouped(dup, 2 * experts, inter, tokens, dim, false, Rounding::kBf16, s));
+      CHECK_CUDA(cu::LinearDecodeGrouped(ddown, experts, dim, tokens, inter, false, Rounding::kBf16, s));
+    });
+    rows.push_back({"same, graph replays back to back (no host launch latency per layer)", shape, graph_us,
+                    bytes / graph_us / 1e3, 2.0 * 3 * experts * tokens * dim * inter / graph_us / 1e6,
+                    Pct(bytes / graph_us / 1e3, hbm, "HBM")});
     for (void* p : owned) CHECK_CUDA(cudaFree(p));
     for (void* p : {static_cast<void*>(xq), static_cast<void*>(xs), static_cast<void*>(hq), static_cast<void*>(hs),
                     static_cast<void*>(y), static_cast<void*>(dup), static_cast<void*>(ddown)})
@@ -339,6 +382,11 @@ int main(int argc, char** argv) {
       });
       rows.push_back({"sparse MQA, paged FP8 (tensor cores)", "b=" + std::to_string(batch) + " h=64 slots=640", fus,
                       bytes / fus / 1e3, flop / fus / 1e6, Pct(bytes / fus / 1e3, hbm, "HBM")});
+      const double gus = TimeGraphUs([&](cudaStream_t s) {
+        CHECK_CUDA(cu::PagedSparseAttentionFp8Fast(q, batch, heads, recs, B, didx, n, sink, 0.044f, out, ws, s));
+      });
+      rows.push_back({"same, graph replays back to back", "b=" + std::to_string(batch) + " h=64 slots=640", gus,
+                      bytes / gus / 1e3, flop / gus / 1e6, Pct(bytes / gus / 1e3, hbm, "HBM")});
       CHECK_CUDA(cudaFree(ws));
       for (void* p : {static_cast<void*>(didx), static_cast<void*>(q), static_cast<void*>(sink), static_cast<void*>(out)})
         CHECK_CUDA(cudaFree(p));
