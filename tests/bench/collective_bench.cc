@@ -8,9 +8,6 @@
 //
 // The launcher forks one process per rank (as a worker group runs); rank 0 prints a row per size:
 // microseconds per call (median over reps, after warm-up) and the algorithm bandwidth.
-#include <sys/wait.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -18,10 +15,8 @@
 #include <vector>
 
 #include "CLI/CLI.hpp"
-#include "absl/strings/numbers.h"
-#include "absl/strings/str_split.h"
-#include "absl/time/time.h"
 #include "common/net.h"
+#include "tests/bench/bench_util.h"
 #include "worker/parallel/gloo_communicator.h"
 #include "worker/parallel/nccl_communicator.h"
 
@@ -33,33 +28,6 @@ struct Flags {
   int ranks = 2, rank = -1, port = 0, reps = 200;
   std::string device = "cpu", floats = "4096,262144,4194304";
 };
-
-int Launch(const std::vector<std::string>& argv, int ranks) {
-  const int port = FreeLoopbackPort();
-  std::vector<pid_t> kids;
-  for (int r = 0; r < ranks; ++r) {
-    std::vector<std::string> args = argv;
-    for (const std::string& extra : {std::string("--rank"), std::to_string(r), std::string("--port"), std::to_string(port)})
-      args.push_back(extra);
-    const pid_t pid = ::fork();
-    if (pid == 0) {
-      std::vector<char*> c;
-      for (auto& a : args) c.push_back(a.data());
-      c.push_back(nullptr);
-      ::execv("/proc/self/exe", c.data());
-      ::_exit(127);
-    }
-    kids.push_back(pid);
-  }
-  int failed = 0;
-  for (pid_t p : kids) {
-    int status = 0;
-    ::waitpid(p, &status, 0);
-    failed += !(WIFEXITED(status) && WEXITSTATUS(status) == 0);
-  }
-  if (failed) std::fprintf(stderr, "collective_bench: %d rank(s) failed\n", failed);
-  return failed ? 1 : 0;
-}
 
 template <typename F>
 double MedianMicros(int reps, F&& f) {
@@ -74,13 +42,8 @@ double MedianMicros(int reps, F&& f) {
   return us[reps / 2];
 }
 
-int RunRank(const Flags& f) {
-  parallel::GroupOptions g;
-  g.rank = f.rank;
-  g.size = f.ranks;
-  g.leader_address = "127.0.0.1:" + std::to_string(f.port);
-  g.group = "collective-bench";
-  g.timeout = absl::Seconds(120);
+int RunRank(const Flags& f, const std::vector<int64_t>& sizes) {
+  const parallel::GroupOptions g = bench::LoopbackGroup(f.rank, f.ranks, f.port, "collective-bench");
   const std::string device = f.device == "cuda" ? "cuda:" + std::to_string(f.rank) : f.device;
   auto comm = parallel::ConnectGroup(g, device);
   if (!comm.ok()) {
@@ -90,12 +53,7 @@ int RunRank(const Flags& f) {
   if (f.rank == 0)
     std::printf("%d ranks on %s, median of %d calls\n%12s %14s %12s %14s %12s\n", f.ranks, f.device.c_str(), f.reps,
                 "floats", "all-reduce us", "GB/s", "all-gather us", "GB/s");
-  for (absl::string_view part : absl::StrSplit(f.floats, ',')) {
-    int64_t n = 0;
-    if (!absl::SimpleAtoi(part, &n) || n <= 0) {
-      std::fprintf(stderr, "--floats '%s': expected positive integers\n", std::string(part).c_str());
-      return 2;
-    }
+  for (const int64_t n : sizes) {
     std::vector<float> data(n, 1.0f), all(n * f.ranks);
     const double ar = MedianMicros(f.reps, [&] { (*comm)->AllReduceSum(data.data(), n); });
     const double ag = MedianMicros(f.reps, [&] { (*comm)->AllGather(data.data(), n, all.data()); });
@@ -123,6 +81,14 @@ int main(int argc, char** argv) {
   app.add_option("--rank", f.rank)->group("");  // set by the launcher
   app.add_option("--port", f.port)->group("");
   CLI11_PARSE(app, argc, argv);
-  if (f.rank >= 0) return RunRank(f);
-  return Launch(std::vector<std::string>(argv, argv + argc), f.ranks);
+  auto sizes = bench::ParseCounts("--floats", f.floats);  // before any rank starts
+  if (!sizes.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(sizes.status().message()).c_str());
+    return 2;
+  }
+  if (f.rank >= 0) return RunRank(f, *sizes);
+  const int port = FreeLoopbackPort();
+  return bench::LaunchRanks(std::vector<std::string>(argv, argv + argc), f.ranks, [&](int r) {
+    return std::vector<std::string>{"--rank", std::to_string(r), "--port", std::to_string(port)};
+  });
 }

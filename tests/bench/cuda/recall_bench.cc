@@ -31,7 +31,6 @@
 #include "CLI/CLI.hpp"
 #include "tests/bench/bench_util.h"
 #include "common/net.h"
-#include "absl/time/time.h"
 #include "nlohmann/json.hpp"
 #include "worker/parallel/gloo_communicator.h"
 #include "worker/parallel/nccl_communicator.h"
@@ -69,30 +68,10 @@ int Launch(const Flags& f, const std::vector<std::string>& argv) {
               std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), f.ranks);
   std::fflush(stdout);
   const int port = FreeLoopbackPort();
-  std::vector<pid_t> kids;
-  for (int r = 0; r < f.ranks; ++r) {
-    std::vector<std::string> args = argv;
-    for (const std::string& extra : {std::string("--rank"), std::to_string(r), std::string("--memfd"), std::to_string(fd),
-                                     std::string("--port"), std::to_string(port)})
-      args.push_back(extra);
-    const pid_t pid = ::fork();
-    if (pid == 0) {
-      std::vector<char*> c;
-      for (auto& a : args) c.push_back(a.data());
-      c.push_back(nullptr);
-      ::execv("/proc/self/exe", c.data());
-      ::_exit(127);
-    }
-    kids.push_back(pid);
-  }
-  int failed = 0;
-  for (pid_t p : kids) {
-    int status = 0;
-    ::waitpid(p, &status, 0);
-    failed += !(WIFEXITED(status) && WEXITSTATUS(status) == 0);
-  }
-  if (failed) std::fprintf(stderr, "recall_bench: %d rank(s) failed\n", failed);
-  return failed ? 1 : 0;
+  return bench::LaunchRanks(argv, f.ranks, [&](int r) {
+    return std::vector<std::string>{"--rank", std::to_string(r), "--memfd", std::to_string(fd), "--port",
+                                    std::to_string(port)};
+  });
 }
 
 #define CHECK_CUDA(x)                                                                     \
@@ -105,12 +84,7 @@ int Launch(const Flags& f, const std::vector<std::string>& argv) {
   } while (0)
 
 int RunRank(const Flags& f) {
-  parallel::GroupOptions g;
-  g.rank = f.rank;
-  g.size = f.ranks;
-  g.leader_address = "127.0.0.1:" + std::to_string(f.port);
-  g.group = "recall-bench";
-  g.timeout = absl::Seconds(120);
+  const parallel::GroupOptions g = bench::LoopbackGroup(f.rank, f.ranks, f.port, "recall-bench");
   auto comm = parallel::ConnectNcclGroup(g, f.rank);
   if (!comm.ok()) { std::fprintf(stderr, "rank %d: %s\n", f.rank, std::string(comm.status().message()).c_str()); return 1; }
   const uint64_t bytes = static_cast<uint64_t>(f.mirror_pages * f.page_bytes);
