@@ -95,9 +95,10 @@ __device__ __forceinline__ void GemvRow(const uint8_t* w, const float* ws, int64
 // which the tensor cores take as is). Four nibbles become four such high bytes with two shifts
 // and two masks, and one byte permute (prmt) spreads two of them into an f16 pair: no conversion
 // instruction at all (an earlier version built e4m3 bytes and converted pairs with cvt: 4% slower
-// per MoE layer, with math-pipe-throttle stalls in Nsight). The activations are staged as f16 e4m3 grid values (exact: |v| <= 448)
-// and their block scales apart; mma.sync m16n8k16 (f16 operands, fp32 accumulators) sums each
-// group of 32 columns, and the fp32 group sum is scaled by weight scale x activation scale x 2^14.
+// per MoE layer, with math-pipe-throttle stalls in Nsight). The activations are staged as f16
+// e4m3 grid values (exact: |v| <= 448) and their block scales apart; mma.sync m16n8k16 (f16
+// operands, fp32 accumulators) sums each group of 32 columns, and the fp32 group sum is scaled
+// by weight scale x activation scale x 2^14.
 //
 // Operand layout. Thread (g = lane / 4, t = lane % 4) of a warp reads 32-bit word t of a group
 // in rows g and g + 8 (columns 8t .. 8t + 7 of the group). The MMA's k order is free as long as

@@ -4,8 +4,9 @@
 #   bash tests/cuda/run_tp_gpu.sh OUT_DIR [tests|bench|profile|all]
 # tests: NCCL group tests (small, and 8-layer flash-shape with every GPU), striped vs unstriped
 # recall for 2..N GPUs; bench: model_bench at TP=N on flash-shape (TP=1 rows: the "Model level"
-# table); profile: collective latency (collective_bench) and per-op profiles of every rank at TP=1 and
-# TP=N, batch 1 and 16 at 64K, on the same machine (where a TP step's time goes). Each part fits the device tool's 10-minute command limit. Logs and JSON go to OUT_DIR.
+# table); profile: collective latency (collective_bench) and per-op profiles of every rank at
+# TP=1 and TP=N, batch 1 and 16 at 64K, on the same machine (where a TP step's time goes). Each
+# part fits the device tool's 10-minute command limit. Logs and JSON go to OUT_DIR.
 set -uo pipefail
 GPU_OUT_DEFAULT=/tmp/tp-gpu
 source "$(dirname "$0")/gpu_env.sh"

@@ -35,7 +35,8 @@ struct StripedRecallOptions {
   int64_t round_pages = 256;
   // How a rank moves its pages host->GPU: false, a gather kernel (SMs load 16 B at a time over
   // PCIe from the mapped mirror); true, the copy engines, one cudaMemcpyBatchAsync per round (one
-  // API call for all of a round's pages, never one call per page).
+  // API call for all of a round's pages, never one call per page) — measured half as fast for
+  // 37 KB pages (docs/benchmarks.md), kept for larger pages and for comparison.
   bool copy_engines = false;
 };
 
