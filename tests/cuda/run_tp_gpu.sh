@@ -15,22 +15,24 @@ N=$(nvidia-smi -L | wc -l)
 fs8() { [ -e /tmp/fs8/config.json ] || $R worker/cli/flashmem ckpt random --preset flash-shape --layers 8 --experts 16 \
   --seed 1 --out /tmp/fs8 > "$OUT/ckpt.log" 2>&1; }
 echo "GPUs: $N"; nvidia-smi topo -m | head -$((N + 1))
+# model_bench on flash-shape as a group of N processes (rank r on cuda:r; rank 0 prints), logs in
+# OUT/TAG_rankR.log: group_bench N TAG TIMEOUT MODEL_BENCH_FLAGS...
+port=$((29500 + RANDOM % 1000))
+group_bench() {
+  local n=$1 tag=$2 limit=$3; shift 3
+  for r in $(seq 1 $((n - 1))); do
+    FLASHMEM_BENCH_ALL_RANKS=1 timeout "$limit" $R tests/bench/model_bench --model /tmp/fs8 --device cuda \
+      --tp-size "$n" --tp-rank "$r" --tp-leader 127.0.0.1:$port "$@" > "$OUT/${tag}_rank$r.log" 2>&1 &
+  done
+  timeout "$limit" $R tests/bench/model_bench --model /tmp/fs8 --device cuda --tp-size "$n" --tp-rank 0 \
+    --tp-leader 127.0.0.1:$port "$@" > "$OUT/${tag}_rank0.log" 2>&1
+  echo "model_bench tp=$n rc=$?"; wait; port=$((port + 1))
+}
 if [ "$PART" = profile ]; then
   timeout 120 $R tests/bench/collective_bench --ranks "$N" --device cuda --floats 4096,65536,1048576 2>&1 | tail -5
   fs8
-  port=$((29500 + RANDOM % 1000))
-  prof() {  # TP size, then model_bench's extra flags
-    local n=$1; shift
-    for r in $(seq 1 $((n - 1))); do
-      FLASHMEM_BENCH_ALL_RANKS=1 timeout 300 $R tests/bench/model_bench --model /tmp/fs8 --device cuda --tp-size "$n" \
-        --tp-rank "$r" --tp-leader 127.0.0.1:$port "$@" > "$OUT/prof_tp${n}_rank$r.log" 2>&1 &
-    done
-    timeout 300 $R tests/bench/model_bench --model /tmp/fs8 --device cuda --tp-size "$n" --tp-rank 0 \
-      --tp-leader 127.0.0.1:$port "$@" > "$OUT/prof_tp${n}_rank0.log" 2>&1
-    echo "model_bench tp=$n rc=$?"; wait; port=$((port + 1))
-  }
   flags=(--cuda-kernels fast --batch 1,16 --context 65536 --steps 3 --warmup 2 --profile)
-  prof 1 "${flags[@]}"; prof "$N" "${flags[@]}"
+  group_bench 1 prof_tp1 300 "${flags[@]}"; group_bench "$N" "prof_tp$N" 300 "${flags[@]}"
   grep -E "^(dense|lsa)" "$OUT"/prof_tp*_rank0.log
   exit 0
 fi
@@ -52,14 +54,6 @@ echo "tp_test flash-shape rc=$?"; grep -E "GPUs vs 1|Failure|Expected|Which is" 
 fi
 [ "$PART" = tests ] && exit 0
 fs8
-port=$((29500 + RANDOM % 1000))
-for r in $(seq 1 $((N - 1))); do
-  timeout 540 $R tests/bench/model_bench --model /tmp/fs8 --device cuda --cuda-kernels fast --tp-size "$N" --tp-rank "$r" \
-    --tp-leader 127.0.0.1:$port --batch 1,16,64 --context 65536,262144 --steps 3 --warmup 2 > "$OUT/mb_rank$r.log" 2>&1 &
-done
-timeout 540 $R tests/bench/model_bench --model /tmp/fs8 --device cuda --cuda-kernels fast --tp-size "$N" --tp-rank 0 \
-  --tp-leader 127.0.0.1:$port --batch 1,16,64 --context 65536,262144 --steps 3 --warmup 2 --profile \
-  --json "$OUT/mb_tp$N.json" > "$OUT/mb_tp$N.log" 2>&1
-echo "model_bench tp=$N rc=$?"
-wait
-grep -E "^(dense|lsa)|^model" "$OUT/mb_tp$N.log"
+group_bench "$N" "mb_tp$N" 540 --cuda-kernels fast --batch 1,16,64 --context 65536,262144 --steps 3 --warmup 2 \
+  --profile --json "$OUT/mb_tp$N.json"
+grep -E "^(dense|lsa)|^model" "$OUT/mb_tp${N}_rank0.log"

@@ -56,28 +56,34 @@ float* DeviceRandomFloats(size_t n, float std, bool pow2 = false) {
   return d;
 }
 
-// Median microseconds of `reps` launches of f(i) (i rotates input copies), after `warm` launches.
-double TimeUs(const std::function<void(int)>& f, int reps = 50, int warm = 5) {
-  for (int i = 0; i < warm; ++i) f(i);
-  CHECK_CUDA(cudaDeviceSynchronize());
+// Median over `reps` of the time between two events on `stream` around body(i), divided by
+// `per_rep` (the number of units body enqueues).
+double EventMedianUs(int reps, cudaStream_t stream, int per_rep, const std::function<void(int)>& body) {
   cudaEvent_t a, b;
   CHECK_CUDA(cudaEventCreate(&a));
   CHECK_CUDA(cudaEventCreate(&b));
   std::vector<double> t;
   for (int i = 0; i < reps; ++i) {
-    CHECK_CUDA(cudaEventRecord(a));
-    f(i);
-    CHECK_CUDA(cudaEventRecord(b));
+    CHECK_CUDA(cudaEventRecord(a, stream));
+    body(i);
+    CHECK_CUDA(cudaEventRecord(b, stream));
     CHECK_CUDA(cudaEventSynchronize(b));
     float ms = 0;
     CHECK_CUDA(cudaEventElapsedTime(&ms, a, b));
-    t.push_back(ms * 1000.0);
+    t.push_back(ms * 1000.0 / per_rep);
   }
   CHECK_CUDA(cudaGetLastError());
   cudaEventDestroy(a);
   cudaEventDestroy(b);
   std::sort(t.begin(), t.end());
   return t[t.size() / 2];
+}
+
+// Median microseconds of `reps` launches of f(i) (i rotates input copies), after `warm` launches.
+double TimeUs(const std::function<void(int)>& f, int reps = 50, int warm = 5) {
+  for (int i = 0; i < warm; ++i) f(i);
+  CHECK_CUDA(cudaDeviceSynchronize());
+  return EventMedianUs(reps, nullptr, 1, f);
 }
 
 // The same work captured once in a CUDA graph (f enqueues on the stream it is given) and replayed
@@ -95,26 +101,13 @@ double TimeGraphUs(const std::function<void(cudaStream_t)>& f, int chain = 20, i
   CHECK_CUDA(cudaGraphInstantiate(&exec, graph, 0));
   for (int i = 0; i < 3; ++i) CHECK_CUDA(cudaGraphLaunch(exec, s));
   CHECK_CUDA(cudaStreamSynchronize(s));
-  cudaEvent_t a, b;
-  CHECK_CUDA(cudaEventCreate(&a));
-  CHECK_CUDA(cudaEventCreate(&b));
-  std::vector<double> t;
-  for (int r = 0; r < reps; ++r) {
-    CHECK_CUDA(cudaEventRecord(a, s));
+  const double us = EventMedianUs(reps, s, chain, [&](int) {
     for (int i = 0; i < chain; ++i) CHECK_CUDA(cudaGraphLaunch(exec, s));
-    CHECK_CUDA(cudaEventRecord(b, s));
-    CHECK_CUDA(cudaEventSynchronize(b));
-    float ms = 0;
-    CHECK_CUDA(cudaEventElapsedTime(&ms, a, b));
-    t.push_back(ms * 1000.0 / chain);
-  }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
+  });
   cudaGraphExecDestroy(exec);
   cudaGraphDestroy(graph);
   cudaStreamDestroy(s);
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
+  return us;
 }
 
 struct Row {
@@ -331,21 +324,18 @@ int main(int argc, char** argv) {
     CHECK_CUDA(cudaMalloc(&ddown, down.size() * sizeof(cu::GemvGroup)));
     CHECK_CUDA(cudaMemcpy(dup, up.data(), up.size() * sizeof(cu::GemvGroup), cudaMemcpyHostToDevice));
     CHECK_CUDA(cudaMemcpy(ddown, down.data(), down.size() * sizeof(cu::GemvGroup), cudaMemcpyHostToDevice));
-    const double us = TimeUs([&](int) {
-      CHECK_CUDA(cu::LinearDecodeGrouped(dup, 2 * experts, inter, tokens, dim, false, Rounding::kBf16, nullptr));
-      CHECK_CUDA(cu::LinearDecodeGrouped(ddown, experts, dim, tokens, inter, false, Rounding::kBf16, nullptr));
-    });
-    const double bytes = 3.0 * experts * (dim * inter / 2.0 + dim * inter / 32.0 * 4);
-    const std::string shape = std::to_string(experts) + " experts x " + std::to_string(tokens) + " tok, 4096 <-> 2048";
-    rows.push_back({"MoE routed experts, FP4, grouped GEMV (2 launches)", shape, us, bytes / us / 1e3,
-                    2.0 * 3 * experts * tokens * dim * inter / us / 1e6, Pct(bytes / us / 1e3, hbm, "HBM")});
-    const double graph_us = TimeGraphUs([&](cudaStream_t s) {
+    auto layer = [&](cudaStream_t s) {  // w1 and w3 of every expert, then every w2
       CHECK_CUDA(cu::LinearDecodeGrouped(dup, 2 * experts, inter, tokens, dim, false, Rounding::kBf16, s));
       CHECK_CUDA(cu::LinearDecodeGrouped(ddown, experts, dim, tokens, inter, false, Rounding::kBf16, s));
-    });
-    rows.push_back({"same, graph replays back to back (no host launch latency per layer)", shape, graph_us,
-                    bytes / graph_us / 1e3, 2.0 * 3 * experts * tokens * dim * inter / graph_us / 1e6,
-                    Pct(bytes / graph_us / 1e3, hbm, "HBM")});
+    };
+    const double bytes = 3.0 * experts * (dim * inter / 2.0 + dim * inter / 32.0 * 4);
+    const double flop = 2.0 * 3 * experts * tokens * dim * inter;
+    const std::string shape = std::to_string(experts) + " experts x " + std::to_string(tokens) + " tok, 4096 <-> 2048";
+    auto add = [&](const char* name, double us) {
+      rows.push_back({name, shape, us, bytes / us / 1e3, flop / us / 1e6, Pct(bytes / us / 1e3, hbm, "HBM")});
+    };
+    add("MoE routed experts, FP4, grouped GEMV (2 launches)", TimeUs([&](int) { layer(nullptr); }));
+    add("same, graph replays back to back (no host launch latency per layer)", TimeGraphUs(layer));
     for (void* p : owned) CHECK_CUDA(cudaFree(p));
     for (void* p : {static_cast<void*>(xq), static_cast<void*>(xs), static_cast<void*>(hq), static_cast<void*>(hs),
                     static_cast<void*>(y), static_cast<void*>(dup), static_cast<void*>(ddown)})
@@ -368,25 +358,22 @@ int main(int argc, char** argv) {
       CHECK_CUDA(cudaMemcpy(didx, idx.data(), idx.size() * 4, cudaMemcpyHostToDevice));
       float *q = DeviceRandomFloats(batch * heads * 512, 0.05f), *sink = DeviceRandomFloats(heads, 1.0f), *out;
       CHECK_CUDA(cudaMalloc(&out, batch * heads * 512 * 4));
-      const double us = TimeUs([&](int) {
-        CHECK_CUDA(cu::PagedSparseAttentionFp8(q, batch, heads, recs, B, didx, n, sink, 0.044f, out, nullptr));
-      });
       const double bytes = batch * n * 584.0 + 2.0 * batch * heads * 512 * 4;
       const double flop = 2.0 * batch * heads * n * (512 + 512);
-      rows.push_back({"sparse MQA, paged FP8 (exact)", "b=" + std::to_string(batch) + " h=64 slots=640", us,
-                      bytes / us / 1e3, flop / us / 1e6, Pct(bytes / us / 1e3, hbm, "HBM")});
+      auto add = [&](const char* name, double us) {
+        rows.push_back({name, "b=" + std::to_string(batch) + " h=64 slots=640", us, bytes / us / 1e3, flop / us / 1e6,
+                        Pct(bytes / us / 1e3, hbm, "HBM")});
+      };
+      add("sparse MQA, paged FP8 (exact)", TimeUs([&](int) {
+            CHECK_CUDA(cu::PagedSparseAttentionFp8(q, batch, heads, recs, B, didx, n, sink, 0.044f, out, nullptr));
+          }));
       void* ws = nullptr;
       CHECK_CUDA(cudaMalloc(&ws, cu::PagedSparseAttentionFp8FastWorkspace(batch, heads, n)));
-      const double fus = TimeUs([&](int) {
-        CHECK_CUDA(cu::PagedSparseAttentionFp8Fast(q, batch, heads, recs, B, didx, n, sink, 0.044f, out, ws, nullptr));
-      });
-      rows.push_back({"sparse MQA, paged FP8 (tensor cores)", "b=" + std::to_string(batch) + " h=64 slots=640", fus,
-                      bytes / fus / 1e3, flop / fus / 1e6, Pct(bytes / fus / 1e3, hbm, "HBM")});
-      const double gus = TimeGraphUs([&](cudaStream_t s) {
+      auto attend = [&](cudaStream_t s) {
         CHECK_CUDA(cu::PagedSparseAttentionFp8Fast(q, batch, heads, recs, B, didx, n, sink, 0.044f, out, ws, s));
-      });
-      rows.push_back({"same, graph replays back to back", "b=" + std::to_string(batch) + " h=64 slots=640", gus,
-                      bytes / gus / 1e3, flop / gus / 1e6, Pct(bytes / gus / 1e3, hbm, "HBM")});
+      };
+      add("sparse MQA, paged FP8 (tensor cores)", TimeUs([&](int) { attend(nullptr); }));
+      add("same, graph replays back to back", TimeGraphUs(attend));
       CHECK_CUDA(cudaFree(ws));
       for (void* p : {static_cast<void*>(didx), static_cast<void*>(q), static_cast<void*>(sink), static_cast<void*>(out)})
         CHECK_CUDA(cudaFree(p));

@@ -98,8 +98,10 @@ int RunRank(const Flags& f) {
   auto recall = parallel::StripedRecall::Create(**comm, f.rank, {f.page_bytes, f.round_pages, f.copy == "engines"});
   if (!recall.ok()) { std::fprintf(stderr, "rank %d: %s\n", f.rank, std::string(recall.status().message()).c_str()); return 1; }
   if (f.rank == 0)
-    std::printf("registered %.2f GB read-only in %.2f s (rank 0); host->GPU by %s\n%-6s %-15s %7s %9s %10s %12s %13s %s\n", bytes / 1e9,
-                reg_s, f.copy == "engines" ? "the copy engines" : "a gather kernel", "ranks", "mode", "pages", "MB", "ms", "node GB/s", "per-GPU GB/s", "check");
+    std::printf("registered %.2f GB read-only in %.2f s (rank 0); host->GPU by %s\n"
+                "%-6s %-15s %7s %9s %10s %12s %13s %s\n",
+                bytes / 1e9, reg_s, f.copy == "engines" ? "the copy engines" : "a gather kernel", "ranks", "mode",
+                "pages", "MB", "ms", "node GB/s", "per-GPU GB/s", "check");
   nlohmann::json rows = nlohmann::json::array();
   int bad_total = 0;
   auto barrier = [&] {
@@ -153,7 +155,8 @@ int RunRank(const Flags& f) {
                     bad == 0 ? "verified" : "MISMATCH");
         std::fflush(stdout);
         rows.push_back({{"ranks", f.ranks}, {"mode", parallel::RecallModeName(mode)}, {"pages", count},
-                        {"page_bytes", f.page_bytes}, {"round_pages", f.round_pages}, {"copy", f.copy}, {"median_ms", s * 1e3},
+                        {"page_bytes", f.page_bytes}, {"round_pages", f.round_pages}, {"copy", f.copy},
+                        {"median_ms", s * 1e3},
                         {"node_gb_s", mb / 1e3 / s}, {"mismatched_pages", bad}});
       }
     }
