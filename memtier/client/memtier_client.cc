@@ -2,12 +2,14 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
 #include "memtier.grpc.pb.h"
+#include "memtier/transport/copy_pool.h"
 #include "memtier/transport/local_share.h"
 #include "memtier/transport/ucx.h"
 
@@ -46,6 +48,7 @@ absl::StatusOr<std::unique_ptr<MemTierClient>> MemTierClient::Connect(const MemT
   // UCX-allocated: on shared memory memtier then reaches the buffer directly.
   FM_ASSIGN_OR_RETURN(c->region_, c->worker_->Allocate(options.buffer_bytes));
   c->buffer_ = std::span<uint8_t>(static_cast<uint8_t*>(c->region_->base()), options.buffer_bytes);
+  c->copies_ = std::make_unique<CopyPool>(options.copy_threads > 0 ? options.copy_threads : CopyPool::DefaultThreads(2));
   {
     absl::MutexLock l(&c->mu_);
     FM_RETURN_IF_ERROR(c->Register());
@@ -206,16 +209,14 @@ void MemTierClient::AsyncLoop() {
   }
 }
 
-absl::Status MemTierClient::RecallToBuffer(uint64_t session, std::span<const PageKey> keys,
-                                           std::span<const uint32_t> rooms,
-                                           std::vector<std::span<const uint8_t>>* views) {
-  uint64_t total = 0;
-  for (uint32_t r : rooms) total += r;
-  if (total > buffer_.size())
-    return absl::InvalidArgumentError(absl::StrCat("recall of up to ", total, " bytes exceeds the registered buffer (", buffer_.size(), ")"));
+namespace {
+
+// Pages [keys, rooms) laid out back to back from `base` in the registered buffer.
+v1::RecallRequest RecallRequestFor(uint64_t session, std::span<const PageKey> keys, std::span<const uint32_t> rooms,
+                                   uint64_t base) {
   v1::RecallRequest req;
   req.set_session(session);
-  uint64_t at = 0;
+  uint64_t at = base;
   for (size_t i = 0; i < keys.size(); ++i) {
     v1::PageSlot* s = req.add_pages();
     SetId(s->mutable_id(), keys[i]);
@@ -223,6 +224,46 @@ absl::Status MemTierClient::RecallToBuffer(uint64_t session, std::span<const Pag
     s->set_length(rooms[i]);
     at += rooms[i];
   }
+  return req;
+}
+
+}  // namespace
+
+absl::Status MemTierClient::Deliver(const v1::RecallRequest& req, const v1::RecallResponse& resp,
+                                    std::span<const PageKey> keys, std::span<const uint32_t> rooms,
+                                    std::span<PageToRecall> dsts, std::vector<std::span<const uint8_t>>* views) {
+  if (resp.pages_size() != static_cast<int>(keys.size()))
+    return absl::InternalError(absl::StrCat("recall: memtier answered ", resp.pages_size(), " pages for ", keys.size()));
+  views->assign(keys.size(), {});
+  for (size_t i = 0; i < keys.size(); ++i) {
+    const v1::PageSlot& s = resp.pages(static_cast<int>(i));
+    if (s.length() > rooms[i])
+      return absl::InternalError(absl::StrCat("recall: memtier answered ", s.length(), " bytes for page ", ToString(keys[i]), " given ", rooms[i]));
+    (*views)[i] = std::span<const uint8_t>(buffer_.data() + req.pages(static_cast<int>(i)).offset(), s.length());
+  }
+  // Verify each page (and copy it out while it is in this core's cache).
+  std::vector<char> bad(keys.size(), 0);
+  copies_->ForEach(keys.size(), [&](size_t i) {
+    const std::span<const uint8_t> got = (*views)[i];
+    bad[i] = PageChecksum(got) != resp.pages(static_cast<int>(i)).checksum();
+    if (!bad[i] && !dsts.empty()) {
+      std::memcpy(dsts[i].dst.data(), got.data(), got.size());
+      dsts[i].length = static_cast<uint32_t>(got.size());
+    }
+  });
+  for (size_t i = 0; i < keys.size(); ++i)
+    if (bad[i]) return absl::DataLossError(absl::StrCat("recall: page ", ToString(keys[i]), " failed its checksum after transfer"));
+  return absl::OkStatus();
+}
+
+absl::Status MemTierClient::RecallToBuffer(uint64_t session, std::span<const PageKey> keys,
+                                           std::span<const uint32_t> rooms, std::span<PageToRecall> dsts,
+                                           std::vector<std::span<const uint8_t>>* views) {
+  uint64_t total = 0;
+  for (uint32_t r : rooms) total += r;
+  if (total > buffer_.size())
+    return absl::InvalidArgumentError(absl::StrCat("recall of up to ", total, " bytes exceeds the registered buffer (", buffer_.size(), ")"));
+  v1::RecallRequest req = RecallRequestFor(session, keys, rooms, 0);
   v1::RecallResponse resp;
   FM_RETURN_IF_ERROR(WithReconnect([&](uint64_t id, uint64_t epoch) {
     req.set_client_id(id);
@@ -232,33 +273,98 @@ absl::Status MemTierClient::RecallToBuffer(uint64_t session, std::span<const Pag
     ctx.set_deadline(std::chrono::system_clock::now() + options_.rpc_timeout);
     return FromGrpc(rpc_->stub->Recall(&ctx, req, &resp), "recall");
   }));
-  if (resp.pages_size() != static_cast<int>(keys.size()))
-    return absl::InternalError(absl::StrCat("recall: memtier answered ", resp.pages_size(), " pages for ", keys.size()));
-  views->clear();
-  for (size_t i = 0; i < keys.size(); ++i) {
-    const v1::PageSlot& s = resp.pages(static_cast<int>(i));
-    const std::span<const uint8_t> got(buffer_.data() + req.pages(static_cast<int>(i)).offset(), s.length());
-    if (s.length() > rooms[i] || PageChecksum(got) != s.checksum())
-      return absl::DataLossError(absl::StrCat("recall: page ", ToString(keys[i]), " failed its checksum after transfer"));
-    views->push_back(got);
-  }
-  return absl::OkStatus();
+  return Deliver(req, resp, keys, rooms, dsts, views);
 }
 
 absl::Status MemTierClient::Recall(uint64_t session, std::span<PageToRecall> pages) {
   std::vector<PageKey> keys;
   std::vector<uint32_t> rooms;
+  uint64_t largest = 0;
   for (const auto& p : pages) {
     keys.push_back(p.key);
     rooms.push_back(static_cast<uint32_t>(p.dst.size()));
+    largest = std::max<uint64_t>(largest, p.dst.size());
   }
+  if (largest > buffer_.size())
+    return absl::InvalidArgumentError(absl::StrCat("recall: a page buffer of ", largest, " bytes exceeds the registered buffer (", buffer_.size(), ")"));
   absl::MutexLock l(&mu_);
-  std::vector<std::span<const uint8_t>> views;
-  FM_RETURN_IF_ERROR(RecallToBuffer(session, keys, rooms, &views));
-  for (size_t i = 0; i < pages.size(); ++i) {
-    std::memcpy(pages[i].dst.data(), views[i].data(), views[i].size());
-    pages[i].length = static_cast<uint32_t>(views[i].size());
+  // Batches of consecutive pages, each filling at most one part of the buffer.
+  const int parts = largest * std::max(1, options_.recall_in_flight) <= buffer_.size() ? std::max(1, options_.recall_in_flight) : 1;
+  const uint64_t part_bytes = buffer_.size() / parts;
+  std::vector<std::pair<size_t, size_t>> batches;  // [first, last)
+  for (size_t first = 0; first < pages.size();) {
+    size_t last = first;
+    for (uint64_t bytes = 0; last < pages.size() && bytes + rooms[last] <= part_bytes;) bytes += rooms[last++];
+    batches.emplace_back(first, last);
+    first = last;
   }
+  auto slice = [&](const auto& v, const std::pair<size_t, size_t>& b) { return std::span(v.data() + b.first, b.second - b.first); };
+  std::vector<std::span<const uint8_t>> views;
+  if (batches.size() <= 1 || parts == 1) {
+    for (const auto& b : batches)
+      FM_RETURN_IF_ERROR(RecallToBuffer(session, slice(keys, b), slice(rooms, b), pages.subspan(b.first, b.second - b.first), &views));
+    return absl::OkStatus();
+  }
+  // Pipelined: up to `parts` batches in flight, each in its own part of the buffer; a batch is
+  // verified and copied out while the next ones move. Batches that fail for a reason a
+  // reconnect may cure are redone one at a time through the reconnecting path.
+  struct Call {
+    grpc::ClientContext ctx;
+    v1::RecallRequest req;
+    v1::RecallResponse resp;
+    grpc::Status status;
+    size_t batch = 0;
+    bool done = false;
+  };
+  absl::Mutex done_mu;
+  std::vector<std::unique_ptr<Call>> lanes(parts);
+  size_t next = 0, running = 0;
+  auto launch = [&](int lane) {
+    auto c = std::make_unique<Call>();
+    c->batch = next++;
+    c->req = RecallRequestFor(session, slice(keys, batches[c->batch]), slice(rooms, batches[c->batch]), lane * part_bytes);
+    c->req.set_client_id(client_id_);
+    c->req.set_epoch(epoch_);
+    c->ctx.set_deadline(std::chrono::system_clock::now() + options_.rpc_timeout);
+    Call* raw = c.get();
+    lanes[lane] = std::move(c);
+    ++running;
+    rpc_->stub->async()->Recall(&raw->ctx, &raw->req, &raw->resp, [raw, &done_mu](grpc::Status st) {
+      absl::MutexLock dl(&done_mu);
+      raw->status = std::move(st);
+      raw->done = true;
+    });
+  };
+  for (int lane = 0; lane < parts && next < batches.size(); ++lane) launch(lane);
+  absl::Status first_error;
+  std::vector<size_t> redo;
+  while (running > 0) {
+    int lane = -1;
+    {
+      absl::MutexLock dl(&done_mu);
+      done_mu.Await(absl::Condition(+[](std::vector<std::unique_ptr<Call>>* ls) {
+        for (const auto& c : *ls) if (c && c->done) return true;
+        return false;
+      }, &lanes));
+      for (int i = 0; i < parts && lane < 0; ++i)
+        if (lanes[i] && lanes[i]->done) lane = i;
+    }
+    std::unique_ptr<Call> c = std::move(lanes[lane]);
+    --running;
+    const auto& b = batches[c->batch];
+    absl::Status st = FromGrpc(c->status, "recall");
+    if (st.ok()) st = Deliver(c->req, c->resp, slice(keys, b), slice(rooms, b), pages.subspan(b.first, b.second - b.first), &views);
+    if (!st.ok()) {
+      const bool cured_by_reconnect = absl::IsUnavailable(st) || absl::IsFailedPrecondition(st) || absl::IsDeadlineExceeded(st);
+      if (cured_by_reconnect) redo.push_back(c->batch);
+      else if (first_error.ok()) first_error = st;
+    }
+    if (first_error.ok() && next < batches.size()) launch(lane);
+  }
+  FM_RETURN_IF_ERROR(first_error);
+  for (size_t i : redo)
+    FM_RETURN_IF_ERROR(RecallToBuffer(session, slice(keys, batches[i]), slice(rooms, batches[i]),
+                                      pages.subspan(batches[i].first, batches[i].second - batches[i].first), &views));
   return absl::OkStatus();
 }
 
@@ -266,7 +372,7 @@ absl::Status MemTierClient::RecallView(uint64_t session, std::span<const PageKey
                                        std::vector<std::span<const uint8_t>>* views) {
   std::vector<uint32_t> rooms(keys.size(), room);
   absl::MutexLock l(&mu_);
-  return RecallToBuffer(session, keys, rooms, views);
+  return RecallToBuffer(session, keys, rooms, {}, views);
 }
 
 absl::Status MemTierClient::AttachLocal(const std::string& shm_socket) {
@@ -291,18 +397,22 @@ absl::Status MemTierClient::RecallLocal(uint64_t session, std::span<PageToRecall
     FM_RETURN_IF_ERROR(FromGrpc(rpc_->stub->Locate(&ctx, req, &resp), "locate"));
     if (resp.pages_size() != static_cast<int>(pages.size()))
       return absl::InternalError(absl::StrCat("locate: memtier answered ", resp.pages_size(), " pages for ", pages.size()));
+    std::vector<const uint8_t*> src(pages.size());
     for (size_t i = 0; i < pages.size(); ++i) {
       const v1::PageLocation& loc = resp.pages(static_cast<int>(i));
       if (loc.length() > pages[i].dst.size())
         return absl::InvalidArgumentError(absl::StrCat("recall: page ", ToString(pages[i].key), " (", loc.length(), " bytes) does not fit its buffer"));
-      FM_ASSIGN_OR_RETURN(const uint8_t* src, local_->Range(loc.chunk(), loc.offset(), loc.length()));
-      std::memcpy(pages[i].dst.data(), src, loc.length());
-      if (PageChecksum(std::span<const uint8_t>(pages[i].dst.data(), loc.length())) != loc.checksum()) {
-        retry.push_back(pages[i]);  // the slot changed under us: take the UCX path
-        continue;
-      }
-      pages[i].length = loc.length();
+      FM_ASSIGN_OR_RETURN(src[i], local_->Range(loc.chunk(), loc.offset(), loc.length()));
     }
+    std::vector<char> changed(pages.size(), 0);
+    copies_->ForEach(pages.size(), [&](size_t i) {
+      const v1::PageLocation& loc = resp.pages(static_cast<int>(i));
+      std::memcpy(pages[i].dst.data(), src[i], loc.length());
+      changed[i] = PageChecksum(std::span<const uint8_t>(pages[i].dst.data(), loc.length())) != loc.checksum();
+      if (!changed[i]) pages[i].length = loc.length();
+    });
+    for (size_t i = 0; i < pages.size(); ++i)
+      if (changed[i]) retry.push_back(pages[i]);  // the slot changed under us: take the UCX path
   }
   if (retry.empty()) return absl::OkStatus();
   if (fallbacks) *fallbacks = static_cast<int>(retry.size());

@@ -21,8 +21,14 @@
 #include "absl/synchronization/mutex.h"
 #include "memtier/store/page_key.h"
 
+namespace flashmem::v1 {
+class RecallRequest;
+class RecallResponse;
+}  // namespace flashmem::v1
+
 namespace flashmem::memtier {
 
+class CopyPool;
 class MappedChunks;
 namespace ucx {
 class Worker;
@@ -37,6 +43,13 @@ struct MemTierClientOptions {
   std::chrono::milliseconds backoff_initial{50};
   std::chrono::milliseconds rpc_timeout{30000};
   std::shared_ptr<grpc::ChannelCredentials> credentials;  // null: plaintext (common/tls.h)
+  // Threads that verify (and copy out) recalled pages; 0: CopyPool::DefaultThreads(2) — half
+  // the cores, at most 8 (idle ones sleep; a node's clients rarely recall all at once).
+  int copy_threads = 0;
+  // Recall batches in flight at once, each in its own part of the buffer (buffer_bytes /
+  // recall_in_flight): the next batch moves while one is verified, and the gRPC round trip
+  // (~0.1-0.4 ms) is hidden. 1: one batch at a time.
+  int recall_in_flight = 4;
 };
 
 struct PageToCommit {
@@ -68,7 +81,9 @@ class MemTierClient {
   // Queued commit (bounded queue: blocks when `max_queued` commits wait); the future carries
   // the commit's status. The bytes are copied before this returns.
   std::future<absl::Status> CommitAsync(uint64_t session, std::span<const PageToCommit> pages, size_t max_queued = 64);
-  // Recalls pages into the callers' buffers; checksums verified after transfer (DATA_LOSS on mismatch).
+  // Recalls pages into the callers' buffers, any number of them (in batches that fit the
+  // registered buffer, pipelined); checksums verified after transfer (DATA_LOSS on mismatch).
+  // INVALID_ARGUMENT when one page's buffer is larger than the registered buffer.
   absl::Status Recall(uint64_t session, std::span<PageToRecall> pages);
   // Zero-copy variant: the verified pages as views of the registered buffer (each given
   // `room` bytes there), valid until the next request on this client.
@@ -103,9 +118,16 @@ class MemTierClient {
   template <typename Method>
   absl::Status SessionCall(Method method, uint64_t session, const char* what);
   void AsyncLoop();
-  // Recall into the registered buffer at the given offsets; verified views out. Holds mu_.
+  // Recall into the registered buffer at the given offsets; the pages' checksums are verified
+  // (spread over the copy pool), each page copied to dsts[i] when dsts is not empty; views of
+  // the buffer out. Holds mu_.
   absl::Status RecallToBuffer(uint64_t session, std::span<const PageKey> keys, std::span<const uint32_t> rooms,
-                              std::vector<std::span<const uint8_t>>* views) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+                              std::span<PageToRecall> dsts, std::vector<std::span<const uint8_t>>* views)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The checks and copies after memtier answered `req` with `resp` (see RecallToBuffer).
+  absl::Status Deliver(const v1::RecallRequest& req, const v1::RecallResponse& resp, std::span<const PageKey> keys,
+                       std::span<const uint32_t> rooms, std::span<PageToRecall> dsts,
+                       std::vector<std::span<const uint8_t>>* views) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   MemTierClientOptions options_;
   struct Rpc;  // gRPC channel and stub (kept out of this header)
@@ -114,6 +136,7 @@ class MemTierClient {
   std::span<uint8_t> buffer_;  // the registered buffer (owned by region_)
   std::unique_ptr<ucx::Region> region_;
   std::unique_ptr<MappedChunks> local_;
+  std::unique_ptr<CopyPool> copies_;
   mutable absl::Mutex mu_;  // one request uses the buffer at a time
   uint64_t client_id_ = 0, epoch_ = 0;
   std::string store_id_;

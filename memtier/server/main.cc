@@ -33,6 +33,8 @@ int main(int argc, char** argv) {
   app.add_option("--data-dir", o.store.rocks.path, "RocksDB directory")->required();
   app.add_option("--ram-bytes", o.store.ram.capacity_bytes, "RAM tier capacity in bytes");
   app.add_option("--ram-chunk-bytes", o.store.ram.chunk_bytes, "RAM tier chunk size (at most 1 GiB)");
+  app.add_option("--copy-threads", o.copy_threads, "threads copying pages to and from same-node clients' buffers (0: half the cores, at most 8)")
+      ->check(CLI::NonNegativeNumber);
   app.add_flag("--sync-wal", o.store.rocks.sync_wal, "fsync the WAL before acknowledging a commit");
   app.add_option("--high-watermark", o.store.high_watermark, "evict above this fraction of --ram-bytes");
   app.add_option("--low-watermark", o.store.low_watermark, "evict down to this fraction");

@@ -68,6 +68,7 @@ class StoreCollector final : public prometheus::Collectable {
 struct MemTierServer::Impl {
   std::unique_ptr<PageStore> store;
   std::unique_ptr<ucx::Worker> worker;
+  std::unique_ptr<CopyPool> copies;
   std::unique_ptr<MemTierService> service;
   std::unique_ptr<grpc::Server> server;
   std::unique_ptr<prometheus::Exposer> exposer;
@@ -91,7 +92,8 @@ absl::StatusOr<std::unique_ptr<MemTierServer>> MemTierServer::Start(const MemTie
   if (!o.ucx_listen.empty()) {
     FM_ASSIGN_OR_RETURN(ucx_address, impl->worker->Listen(o.ucx_listen));
   }
-  impl->service = std::make_unique<MemTierService>(*impl->store, *impl->worker, epoch, ucx_address);
+  impl->copies = std::make_unique<CopyPool>(o.copy_threads > 0 ? o.copy_threads : CopyPool::DefaultThreads(2));
+  impl->service = std::make_unique<MemTierService>(*impl->store, *impl->worker, *impl->copies, epoch, ucx_address);
   grpc::EnableDefaultHealthCheckService(true);
   grpc::ServerBuilder b;
   b.AddListeningPort(o.grpc_listen, o.credentials ? o.credentials : grpc::InsecureServerCredentials(), &impl->port);

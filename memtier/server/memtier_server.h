@@ -19,6 +19,9 @@ struct MemTierServerOptions {
   std::string metrics_listen;                  // host:port for /metrics; empty: no exporter
   std::string shm_socket;                      // Unix socket serving the RAM chunks to local clients; empty: off
   PageStoreOptions store;
+  // Threads that copy page bytes into and out of same-node clients' mapped buffers
+  // (CopyPool::DefaultThreads(2): half the cores, at most 8).
+  int copy_threads = 0;
   std::shared_ptr<grpc::ServerCredentials> credentials;  // null: plaintext (common/tls.h)
 };
 

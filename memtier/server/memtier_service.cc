@@ -1,6 +1,8 @@
 #include "memtier/server/memtier_service.h"
 
+#include <atomic>
 #include <chrono>
+#include <cstring>
 
 #include "absl/strings/str_cat.h"
 
@@ -16,9 +18,9 @@ PageKey KeyOf(const v1::PageId& id) { return {id.session(), id.layer(), id.page(
 
 }  // namespace
 
-MemTierService::MemTierService(PageStore& store, ucx::Worker& worker, uint64_t epoch, std::string ucx_listen,
+MemTierService::MemTierService(PageStore& store, ucx::Worker& worker, CopyPool& copies, uint64_t epoch, std::string ucx_listen,
                                ServiceLimits limits)
-    : store_(store), worker_(worker), epoch_(epoch), ucx_listen_(std::move(ucx_listen)), limits_(limits) {}
+    : store_(store), worker_(worker), copies_(copies), epoch_(epoch), ucx_listen_(std::move(ucx_listen)), limits_(limits) {}
 
 grpc::Status MemTierService::GetEndpoint(grpc::ServerContext*, const v1::Empty*, v1::EndpointResponse* out) {
   out->set_ucx_listen(ucx_listen_);
@@ -103,6 +105,25 @@ absl::Status MemTierService::CheckSlots(const google::protobuf::RepeatedPtrField
   return absl::OkStatus();
 }
 
+absl::Status MemTierService::Transfer(Client& c, std::span<const ucx::RmaOp> ops, bool put) {
+  std::vector<uint8_t*> mapped(ops.size());
+  bool all_mapped = !c.peer->failed();
+  for (size_t i = 0; all_mapped && i < ops.size(); ++i)
+    all_mapped = (mapped[i] = c.peer->Mapped(ops[i].remote_addr, ops[i].bytes)) != nullptr;
+  if (all_mapped) {  // plain copies: no endpoint involved, so a client's requests may overlap
+    copies_.ForEach(ops.size(), [&](size_t i) {
+      if (put) std::memcpy(mapped[i], ops[i].local, ops[i].bytes);
+      else std::memcpy(ops[i].local, mapped[i], ops[i].bytes);
+    });
+    std::atomic_thread_fence(std::memory_order_seq_cst);  // every copy lands before the reply is sent
+    return absl::OkStatus();
+  }
+  absl::MutexLock l(&c.mu);
+  absl::Status st = put ? c.peer->PutBatch(ops) : c.peer->GetBatch(ops);
+  if (st.ok() && put) st = c.peer->Flush();
+  return st;
+}
+
 grpc::Status MemTierService::Commit(grpc::ServerContext*, const v1::CommitRequest* r, v1::CommitResponse* out) {
   Timed timed{this, "Commit"};
   auto c = Authorize(r->client_id(), r->epoch());
@@ -119,12 +140,9 @@ grpc::Status MemTierService::Commit(grpc::ServerContext*, const v1::CommitReques
     writes.push_back({KeyOf(p.id()), std::span<const uint8_t>(staging.data() + at, p.length()), p.checksum()});
     at += p.length();
   }
-  {
-    absl::MutexLock l(&(*c)->mu);
-    if (auto s = (*c)->peer->GetBatch(ops); !s.ok()) {
-      if (absl::IsUnavailable(s)) DropClient(r->client_id());
-      return ToGrpc(s);
-    }
+  if (auto s = Transfer(**c, ops, /*put=*/false); !s.ok()) {
+    if (absl::IsUnavailable(s)) DropClient(r->client_id());
+    return ToGrpc(s);
   }
   if (auto s = store_.Commit(r->session(), writes); !s.ok()) return ToGrpc(s);
   out->set_committed(static_cast<uint32_t>(writes.size()));
@@ -138,8 +156,8 @@ grpc::Status MemTierService::Recall(grpc::ServerContext*, const v1::RecallReques
   if (!store_.HasSession(r->session())) return grpc::Status(grpc::StatusCode::NOT_FOUND, absl::StrCat("recall: unknown session ", r->session()));
   uint64_t total = 0;
   if (auto s = CheckSlots(r->pages(), r->session(), **c, &total); !s.ok()) return ToGrpc(s);
-  // Pages are written straight from their pinned RAM slots with one pipelined batch of puts
-  // (pages RAM cannot hold go through a staging copy), then the pins are released.
+  // Pages are written straight from their pinned RAM slots (pages RAM cannot hold go through a
+  // staging copy), then the pins are released.
   std::vector<ucx::RmaOp> ops;
   std::vector<RamSlot> pinned;
   std::vector<std::vector<uint8_t>> staged;
@@ -175,12 +193,7 @@ grpc::Status MemTierService::Recall(grpc::ServerContext*, const v1::RecallReques
     o->set_length(meta.length);
     o->set_checksum(meta.checksum);
   }
-  absl::Status st;
-  {
-    absl::MutexLock l(&(*c)->mu);
-    st = (*c)->peer->PutBatch(ops);
-    if (st.ok()) st = (*c)->peer->Flush();  // the bytes are in the client's buffer before the reply
-  }
+  const absl::Status st = Transfer(**c, ops, /*put=*/true);
   unpin();
   if (absl::IsUnavailable(st)) DropClient(r->client_id());
   return ToGrpc(st);

@@ -12,6 +12,7 @@
 #include "absl/synchronization/mutex.h"
 #include "memtier.grpc.pb.h"
 #include "memtier/store/page_store.h"
+#include "memtier/transport/copy_pool.h"
 #include "memtier/transport/ucx.h"
 
 namespace flashmem::memtier {
@@ -23,7 +24,8 @@ struct ServiceLimits {
 
 class MemTierService final : public flashmem::v1::MemTier::Service {
  public:
-  MemTierService(PageStore& store, ucx::Worker& worker, uint64_t epoch, std::string ucx_listen = "",
+  // `copies` moves page bytes where the client's buffer is mapped here (same node, shared memory).
+  MemTierService(PageStore& store, ucx::Worker& worker, CopyPool& copies, uint64_t epoch, std::string ucx_listen = "",
                  ServiceLimits limits = {});
 
   uint64_t epoch() const { return epoch_; }
@@ -49,13 +51,17 @@ class MemTierService final : public flashmem::v1::MemTier::Service {
   struct Client {
     std::unique_ptr<ucx::Peer> peer;
     uint64_t base = 0, bytes = 0;
-    absl::Mutex mu;  // one transfer at a time per client endpoint
+    absl::Mutex mu;  // one UCX transfer at a time per client endpoint
   };
   // The client of a data request, after epoch and identity checks.
   absl::StatusOr<std::shared_ptr<Client>> Authorize(uint64_t client_id, uint64_t epoch);
   absl::Status CheckSlots(const google::protobuf::RepeatedPtrField<v1::PageSlot>& pages, uint64_t session,
                           const Client& c, uint64_t* total) const;
   void DropClient(uint64_t client_id);
+  // Moves a batch between local memory and the client's buffer: plain copies spread over the
+  // copy pool where the buffer is mapped here, else one pipelined batch of UCX puts or gets
+  // (followed, for puts, by a flush: the bytes are in place before the reply; holds c.mu).
+  absl::Status Transfer(Client& c, std::span<const ucx::RmaOp> ops, bool put);
   // Reports the lifetime of a request to the latency observer.
   struct Timed {
     const MemTierService* svc;
@@ -69,6 +75,7 @@ class MemTierService final : public flashmem::v1::MemTier::Service {
 
   PageStore& store_;
   ucx::Worker& worker_;
+  CopyPool& copies_;
   const uint64_t epoch_;
   const std::string ucx_listen_;
   const ServiceLimits limits_;

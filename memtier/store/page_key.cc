@@ -1,6 +1,12 @@
 #include "memtier/store/page_key.h"
 
+#if defined(__x86_64__)
+#include <xxh_x86dispatch.h>  // picks the AVX2/AVX-512 XXH3 at run time: ~20% faster than the SSE2 default
+#define FM_XXH3_64 XXH3_64bits_dispatch
+#else
 #include <xxhash.h>
+#define FM_XXH3_64 XXH3_64bits
+#endif
 
 #include "absl/strings/str_cat.h"
 
@@ -41,7 +47,7 @@ std::string EncodeSessionPrefix(uint64_t session) {
   return out;
 }
 
-uint64_t PageChecksum(std::span<const uint8_t> bytes) { return XXH3_64bits(bytes.data(), bytes.size()); }
+uint64_t PageChecksum(std::span<const uint8_t> bytes) { return FM_XXH3_64(bytes.data(), bytes.size()); }
 
 std::string ToString(const PageKey& k) { return absl::StrCat("(session ", k.session, ", layer ", k.layer, ", page ", k.page, ")"); }
 

@@ -4,6 +4,7 @@
 
 #include <chrono>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <numeric>
 #include <vector>
@@ -71,6 +72,39 @@ TEST(Ucx, ClientServerBySockaddr) {
   EXPECT_EQ(static_cast<uint8_t*>((*region)->base())[4096 + 100], 0x5a);
   EXPECT_EQ((*server)->TakeAccepted("10.9.9.9:1", "x", 0, 1, std::chrono::milliseconds(10)).status().code(),
             absl::StatusCode::kNotFound);
+}
+
+// Same node over shared memory, a peer's UCX-allocated region is mapped into this process
+// (ucp_rkey_ptr), so memtier can copy pages into it on several threads; over tcp nothing is
+// mapped and Put/Get are the way.
+TEST(Ucx, SharedMemoryMapsThePeersAllocatedRegion) {
+  auto server = Worker::Create();
+  auto client = Worker::Create();
+  ASSERT_TRUE(server.ok() && client.ok());
+  constexpr uint64_t kBytes = 1 << 20;
+  auto region = (*client)->Allocate(kBytes);
+  ASSERT_TRUE(region.ok()) << region.status();
+  const uint64_t base = reinterpret_cast<uint64_t>((*region)->base());
+  auto peer = (*server)->Connect((*client)->address(), (*region)->packed_rkey(), base, kBytes);
+  ASSERT_TRUE(peer.ok()) << peer.status();
+  const char* tls = std::getenv("UCX_TLS");
+  const bool shm = !tls || std::string(tls).find("posix") != std::string::npos || std::string(tls).find("sysv") != std::string::npos;
+  uint8_t* mapped = (*peer)->Mapped(base + 4096, 37376);
+  if (!shm) {
+    EXPECT_EQ(mapped, nullptr) << "UCX_TLS=" << tls << " has no shared-memory transport";
+    return;
+  }
+  ASSERT_NE(mapped, nullptr);
+  std::vector<uint8_t> page(37376);
+  std::iota(page.begin(), page.end(), 3);
+  std::memcpy(mapped, page.data(), page.size());  // a plain copy lands in the peer's memory
+  EXPECT_EQ(std::memcmp(static_cast<uint8_t*>((*region)->base()) + 4096, page.data(), page.size()), 0);
+  static_cast<uint8_t*>((*region)->base())[kBytes - 1] = 0x77;  // and the peer's writes are seen here
+  ASSERT_NE((*peer)->Mapped(base + kBytes - 1, 1), nullptr);
+  EXPECT_EQ(*(*peer)->Mapped(base + kBytes - 1, 1), 0x77);
+  // Ranges outside the region are never mapped.
+  EXPECT_EQ((*peer)->Mapped(base + kBytes - 10, 37376), nullptr);
+  EXPECT_EQ((*peer)->Mapped(base - 1, 1), nullptr);
 }
 
 TEST(Ucx, MalformedAddressesAndRkeysAreRejected) {

@@ -263,6 +263,7 @@ absl::StatusOr<std::unique_ptr<Peer>> Worker::TakeAccepted(const std::string& cl
   p->peer_failure_detection_ = false;
   if (auto s = FromUcs(ucp_ep_rkey_unpack(p->ep_, packed_rkey.data(), &p->rkey_), "ucp_ep_rkey_unpack"); !s.ok())
     return absl::InvalidArgumentError(s.message());
+  p->MapRemote();
   return p;
 }
 
@@ -289,10 +290,21 @@ absl::StatusOr<std::unique_ptr<Peer>> Worker::Connect(const std::string& address
   }
   if (auto s = FromUcs(ucp_ep_rkey_unpack(p->ep_, packed_rkey.data(), &p->rkey_), "ucp_ep_rkey_unpack"); !s.ok())
     return absl::InvalidArgumentError(s.message());
+  p->MapRemote();
   return p;
 }
 
 // ---- Peer --------------------------------------------------------------------------------------
+
+void Peer::MapRemote() {
+  void* ptr = nullptr;
+  if (remote_bytes_ > 0 && ucp_rkey_ptr(rkey_, remote_base_, &ptr) == UCS_OK) mapped_base_ = static_cast<uint8_t*>(ptr);
+}
+
+uint8_t* Peer::Mapped(uint64_t remote_addr, uint64_t bytes) const {
+  if (!mapped_base_ || !CheckRange(remote_addr, bytes).ok()) return nullptr;
+  return mapped_base_ + (remote_addr - remote_base_);
+}
 
 void Peer::OnError(void* arg, ucp_ep_h, int) { static_cast<Peer*>(arg)->failed_.store(true); }
 

@@ -73,6 +73,11 @@ class Peer {
   uint64_t remote_bytes() const { return remote_bytes_; }
   // False on transports without peer-failure handling (shared memory).
   bool peer_failure_detection() const { return peer_failure_detection_; }
+  // Same node, shared-memory transports: the remote region mapped into this process
+  // (ucp_rkey_ptr), so its bytes can be written or read by plain copies on any thread, in
+  // parallel. nullptr when the transport cannot map it (tcp, another node) or the range is
+  // outside the region; callers then use Put/Get.
+  uint8_t* Mapped(uint64_t remote_addr, uint64_t bytes) const;
 
  private:
   friend class Worker;
@@ -86,6 +91,8 @@ class Peer {
   uint64_t remote_base_ = 0, remote_bytes_ = 0;
   std::atomic<bool> failed_{false};
   bool peer_failure_detection_ = true;
+  uint8_t* mapped_base_ = nullptr;  // ucp_rkey_ptr of remote_base_, when the transport maps it
+  void MapRemote();
   static void OnError(void* arg, ucp_ep_h ep, int status);
 };
 
