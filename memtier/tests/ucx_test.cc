@@ -2,6 +2,9 @@
 // loopback and once with the shared-memory transports).
 #include "memtier/transport/ucx.h"
 
+#include <atomic>
+#include <thread>
+
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -10,6 +13,7 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "memtier/transport/copy_pool.h"
 
 namespace flashmem::memtier::ucx {
 namespace {
@@ -105,6 +109,27 @@ TEST(Ucx, SharedMemoryMapsThePeersAllocatedRegion) {
   // Ranges outside the region are never mapped.
   EXPECT_EQ((*peer)->Mapped(base + kBytes - 10, 37376), nullptr);
   EXPECT_EQ((*peer)->Mapped(base - 1, 1), nullptr);
+}
+
+// The copy pool runs every index exactly once, also for callers sharing it at the same time,
+// and degrades to the caller's thread for tiny or single-threaded work.
+TEST(CopyPoolTest, EveryIndexRunsOnceUnderConcurrentCallers) {
+  for (int threads : {1, 3}) {
+    CopyPool pool(threads);
+    EXPECT_EQ(pool.threads(), threads);
+    auto run = [&](size_t n, size_t min_per_range) {
+      std::vector<std::atomic<int>> hits(n);
+      pool.ForEach(n, [&](size_t i) { hits[i].fetch_add(1); }, min_per_range);
+      for (size_t i = 0; i < n; ++i) ASSERT_EQ(hits[i].load(), 1) << "n " << n << " i " << i;
+    };
+    std::vector<std::thread> callers;
+    for (int c = 0; c < 4; ++c) callers.emplace_back([&, c] { for (size_t n : {0, 1, 5, 64, 1001}) run(n + c, 1 + c); });
+    for (auto& t : callers) t.join();
+  }
+  std::atomic<int> other_threads{0};
+  const auto me = std::this_thread::get_id();
+  CopyPool(4).ForEach(3, [&](size_t) { other_threads += std::this_thread::get_id() != me; }, 4);
+  EXPECT_EQ(other_threads.load(), 0) << "3 items at 4 per range stay on the caller";
 }
 
 TEST(Ucx, MalformedAddressesAndRkeysAreRejected) {
