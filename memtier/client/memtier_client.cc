@@ -256,13 +256,8 @@ absl::Status MemTierClient::Deliver(const v1::RecallRequest& req, const v1::Reca
   return absl::OkStatus();
 }
 
-absl::Status MemTierClient::RecallToBuffer(uint64_t session, std::span<const PageKey> keys,
-                                           std::span<const uint32_t> rooms, std::span<PageToRecall> dsts,
-                                           std::vector<std::span<const uint8_t>>* views) {
-  uint64_t total = 0;
-  for (uint32_t r : rooms) total += r;
-  if (total > buffer_.size())
-    return absl::InvalidArgumentError(absl::StrCat("recall of up to ", total, " bytes exceeds the registered buffer (", buffer_.size(), ")"));
+absl::Status MemTierClient::RecallOne(uint64_t session, std::span<const PageKey> keys, std::span<const uint32_t> rooms,
+                                      const Landed& landed) {
   v1::RecallRequest req = RecallRequestFor(session, keys, rooms, 0);
   v1::RecallResponse resp;
   FM_RETURN_IF_ERROR(WithReconnect([&](uint64_t id, uint64_t epoch) {
@@ -273,40 +268,37 @@ absl::Status MemTierClient::RecallToBuffer(uint64_t session, std::span<const Pag
     ctx.set_deadline(std::chrono::system_clock::now() + options_.rpc_timeout);
     return FromGrpc(rpc_->stub->Recall(&ctx, req, &resp), "recall");
   }));
-  return Deliver(req, resp, keys, rooms, dsts, views);
+  return landed(req, resp);
 }
 
-absl::Status MemTierClient::Recall(uint64_t session, std::span<PageToRecall> pages) {
-  std::vector<PageKey> keys;
-  std::vector<uint32_t> rooms;
+absl::Status MemTierClient::RecallPipelined(uint64_t session, std::span<const PageKey> keys,
+                                            std::span<const uint32_t> rooms, const BatchLanded& landed) {
   uint64_t largest = 0;
-  for (const auto& p : pages) {
-    keys.push_back(p.key);
-    rooms.push_back(static_cast<uint32_t>(p.dst.size()));
-    largest = std::max<uint64_t>(largest, p.dst.size());
-  }
+  for (uint32_t r : rooms) largest = std::max<uint64_t>(largest, r);
   if (largest > buffer_.size())
-    return absl::InvalidArgumentError(absl::StrCat("recall: a page buffer of ", largest, " bytes exceeds the registered buffer (", buffer_.size(), ")"));
-  absl::MutexLock l(&mu_);
+    return absl::InvalidArgumentError(absl::StrCat("recall: a page of up to ", largest, " bytes exceeds the registered buffer (", buffer_.size(), ")"));
   // Batches of consecutive pages, each filling at most one part of the buffer.
-  const int parts = largest * std::max(1, options_.recall_in_flight) <= buffer_.size() ? std::max(1, options_.recall_in_flight) : 1;
+  const int wanted = std::max(1, options_.recall_in_flight);
+  const int parts = largest * wanted <= buffer_.size() ? wanted : 1;
   const uint64_t part_bytes = buffer_.size() / parts;
   std::vector<std::pair<size_t, size_t>> batches;  // [first, last)
-  for (size_t first = 0; first < pages.size();) {
+  for (size_t first = 0; first < keys.size();) {
     size_t last = first;
-    for (uint64_t bytes = 0; last < pages.size() && bytes + rooms[last] <= part_bytes;) bytes += rooms[last++];
+    for (uint64_t bytes = 0; last < keys.size() && bytes + rooms[last] <= part_bytes;) bytes += rooms[last++];
     batches.emplace_back(first, last);
     first = last;
   }
-  auto slice = [&](const auto& v, const std::pair<size_t, size_t>& b) { return std::span(v.data() + b.first, b.second - b.first); };
-  std::vector<std::span<const uint8_t>> views;
+  auto one = [&](size_t i) {  // one batch through the reconnecting path
+    const auto [first, last] = batches[i];
+    return RecallOne(session, keys.subspan(first, last - first), rooms.subspan(first, last - first),
+                     [&](const v1::RecallRequest& req, const v1::RecallResponse& resp) { return landed(first, last, req, resp); });
+  };
   if (batches.size() <= 1 || parts == 1) {
-    for (const auto& b : batches)
-      FM_RETURN_IF_ERROR(RecallToBuffer(session, slice(keys, b), slice(rooms, b), pages.subspan(b.first, b.second - b.first), &views));
+    for (size_t i = 0; i < batches.size(); ++i) FM_RETURN_IF_ERROR(one(i));
     return absl::OkStatus();
   }
-  // Pipelined: up to `parts` batches in flight, each in its own part of the buffer; a batch is
-  // verified and copied out while the next ones move. Batches that fail for a reason a
+  // Up to `parts` batches in flight, each in its own part of the buffer; a landed batch is
+  // checked and handed over while the next ones move. Batches that fail for a reason a
   // reconnect may cure are redone one at a time through the reconnecting path.
   struct Call {
     grpc::ClientContext ctx;
@@ -322,7 +314,8 @@ absl::Status MemTierClient::Recall(uint64_t session, std::span<PageToRecall> pag
   auto launch = [&](int lane) {
     auto c = std::make_unique<Call>();
     c->batch = next++;
-    c->req = RecallRequestFor(session, slice(keys, batches[c->batch]), slice(rooms, batches[c->batch]), lane * part_bytes);
+    const auto [first, last] = batches[c->batch];
+    c->req = RecallRequestFor(session, keys.subspan(first, last - first), rooms.subspan(first, last - first), lane * part_bytes);
     c->req.set_client_id(client_id_);
     c->req.set_epoch(epoch_);
     c->ctx.set_deadline(std::chrono::system_clock::now() + options_.rpc_timeout);
@@ -342,37 +335,53 @@ absl::Status MemTierClient::Recall(uint64_t session, std::span<PageToRecall> pag
     int lane = -1;
     {
       absl::MutexLock dl(&done_mu);
-      done_mu.Await(absl::Condition(+[](std::vector<std::unique_ptr<Call>>* ls) {
-        for (const auto& c : *ls) if (c && c->done) return true;
-        return false;
-      }, &lanes));
+      done_mu.Await(absl::Condition(
+          +[](std::vector<std::unique_ptr<Call>>* ls) {
+            return std::any_of(ls->begin(), ls->end(), [](const auto& c) { return c && c->done; });
+          },
+          &lanes));
       for (int i = 0; i < parts && lane < 0; ++i)
         if (lanes[i] && lanes[i]->done) lane = i;
     }
     std::unique_ptr<Call> c = std::move(lanes[lane]);
     --running;
-    const auto& b = batches[c->batch];
     absl::Status st = FromGrpc(c->status, "recall");
-    if (st.ok()) st = Deliver(c->req, c->resp, slice(keys, b), slice(rooms, b), pages.subspan(b.first, b.second - b.first), &views);
+    if (st.ok()) st = landed(batches[c->batch].first, batches[c->batch].second, c->req, c->resp);
     if (!st.ok()) {
-      const bool cured_by_reconnect = absl::IsUnavailable(st) || absl::IsFailedPrecondition(st) || absl::IsDeadlineExceeded(st);
-      if (cured_by_reconnect) redo.push_back(c->batch);
+      if (absl::IsUnavailable(st) || absl::IsFailedPrecondition(st) || absl::IsDeadlineExceeded(st)) redo.push_back(c->batch);
       else if (first_error.ok()) first_error = st;
     }
     if (first_error.ok() && next < batches.size()) launch(lane);
   }
   FM_RETURN_IF_ERROR(first_error);
-  for (size_t i : redo)
-    FM_RETURN_IF_ERROR(RecallToBuffer(session, slice(keys, batches[i]), slice(rooms, batches[i]),
-                                      pages.subspan(batches[i].first, batches[i].second - batches[i].first), &views));
+  for (size_t i : redo) FM_RETURN_IF_ERROR(one(i));
   return absl::OkStatus();
 }
 
-absl::Status MemTierClient::RecallView(uint64_t session, std::span<const PageKey> keys, uint32_t room,
-                                       std::vector<std::span<const uint8_t>>* views) {
+absl::Status MemTierClient::Recall(uint64_t session, std::span<PageToRecall> pages) {
+  std::vector<PageKey> keys;
+  std::vector<uint32_t> rooms;
+  for (const auto& p : pages) {
+    keys.push_back(p.key);
+    rooms.push_back(static_cast<uint32_t>(p.dst.size()));
+  }
+  absl::MutexLock l(&mu_);
+  std::vector<std::span<const uint8_t>> views;
+  return RecallPipelined(session, keys, rooms, [&](size_t first, size_t last, const v1::RecallRequest& req, const v1::RecallResponse& resp) {
+    return Deliver(req, resp, std::span(keys).subspan(first, last - first), std::span(rooms).subspan(first, last - first),
+                   pages.subspan(first, last - first), &views);
+  });
+}
+
+absl::Status MemTierClient::RecallStream(uint64_t session, std::span<const PageKey> keys, uint32_t room,
+                                         const BatchConsumer& consume) {
   std::vector<uint32_t> rooms(keys.size(), room);
   absl::MutexLock l(&mu_);
-  return RecallToBuffer(session, keys, rooms, {}, views);
+  std::vector<std::span<const uint8_t>> views;
+  return RecallPipelined(session, keys, rooms, [&](size_t first, size_t last, const v1::RecallRequest& req, const v1::RecallResponse& resp) {
+    FM_RETURN_IF_ERROR(Deliver(req, resp, keys.subspan(first, last - first), std::span(rooms).subspan(first, last - first), {}, &views));
+    return consume(first, views);
+  });
 }
 
 absl::Status MemTierClient::AttachLocal(const std::string& shm_socket) {

@@ -10,6 +10,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <future>
 #include <memory>
 #include <span>
@@ -85,10 +86,13 @@ class MemTierClient {
   // registered buffer, pipelined); checksums verified after transfer (DATA_LOSS on mismatch).
   // INVALID_ARGUMENT when one page's buffer is larger than the registered buffer.
   absl::Status Recall(uint64_t session, std::span<PageToRecall> pages);
-  // Zero-copy variant: the verified pages as views of the registered buffer (each given
-  // `room` bytes there), valid until the next request on this client.
-  absl::Status RecallView(uint64_t session, std::span<const PageKey> keys, uint32_t room,
-                          std::vector<std::span<const uint8_t>>* views);
+  // Zero-copy: the verified pages as views of the registered buffer, batch by batch (each page
+  // given `room` bytes there, batches pipelined as in Recall). `consume(first, views)` gets the
+  // views of keys[first, first + views.size()) as each batch lands, in landing order; they are
+  // valid only during the call (that part of the buffer is reused after it returns). An error
+  // from `consume` ends the recall with that error.
+  using BatchConsumer = std::function<absl::Status(size_t first, std::span<const std::span<const uint8_t>> views)>;
+  absl::Status RecallStream(uint64_t session, std::span<const PageKey> keys, uint32_t room, const BatchConsumer& consume);
   // Same-node fast path: maps memtier's RAM chunks (read-only) from its Unix socket.
   absl::Status AttachLocal(const std::string& shm_socket);
   // Recall by reading memtier's memory directly (after AttachLocal); pages whose bytes fail the
@@ -118,13 +122,18 @@ class MemTierClient {
   template <typename Method>
   absl::Status SessionCall(Method method, uint64_t session, const char* what);
   void AsyncLoop();
-  // Recall into the registered buffer at the given offsets; the pages' checksums are verified
-  // (spread over the copy pool), each page copied to dsts[i] when dsts is not empty; views of
-  // the buffer out. Holds mu_.
-  absl::Status RecallToBuffer(uint64_t session, std::span<const PageKey> keys, std::span<const uint32_t> rooms,
-                              std::span<PageToRecall> dsts, std::vector<std::span<const uint8_t>>* views)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // The checks and copies after memtier answered `req` with `resp` (see RecallToBuffer).
+  // What to do with a batch once memtier answered (the bytes are in the registered buffer).
+  using Landed = std::function<absl::Status(const v1::RecallRequest&, const v1::RecallResponse&)>;
+  using BatchLanded = std::function<absl::Status(size_t first, size_t last, const v1::RecallRequest&, const v1::RecallResponse&)>;
+  // One request for pages laid out from the buffer's start, with reconnects. Holds mu_.
+  absl::Status RecallOne(uint64_t session, std::span<const PageKey> keys, std::span<const uint32_t> rooms,
+                         const Landed& landed) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Any number of pages: batches of at most buffer / recall_in_flight bytes, that many in flight,
+  // `landed` called for each batch [first, last) as it arrives. Holds mu_.
+  absl::Status RecallPipelined(uint64_t session, std::span<const PageKey> keys, std::span<const uint32_t> rooms,
+                               const BatchLanded& landed) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Checks memtier's answer and verifies every page's checksum (spread over the copy pool),
+  // copying each page to dsts[i] when dsts is not empty; views of the buffer out.
   absl::Status Deliver(const v1::RecallRequest& req, const v1::RecallResponse& resp, std::span<const PageKey> keys,
                        std::span<const uint32_t> rooms, std::span<PageToRecall> dsts,
                        std::vector<std::span<const uint8_t>>* views) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -29,9 +29,9 @@ for tls in "posix,sysv,self" "tcp,self"; do
   get() { echo "$out" | awk -v k="$1" '$1 == k {print $2}'; }
   recall=$(get recall_ucx_GBps)
   echo "| ucx_perftest ucp_put_bw, $SIZE B | $name | $(awk -v p="$perf" 'BEGIN {printf "%.2f GB/s", p / 1000}') |"
-  echo "| memtier recall, batches of $BATCH x $SIZE B | $name | $recall GB/s (ratio $(awk -v r="$recall" -v p="$perf" 'BEGIN {printf "%.3f", r * 1000 / p}')) |"
+  echo "| memtier recall, batches of $BATCH x $SIZE B, 4 in flight, copied out | $name | $recall GB/s (ratio $(awk -v r="$recall" -v p="$perf" 'BEGIN {printf "%.3f", r * 1000 / p}')) |"
   view=$(get recall_view_GBps)
-  echo "| memtier recall into the registered buffer (zero-copy views) | $name | $view GB/s (ratio $(awk -v r="$view" -v p="$perf" 'BEGIN {printf "%.3f", r * 1000 / p}')) |"
+  echo "| memtier recall, zero-copy views of the registered buffer (RecallStream) | $name | $view GB/s (ratio $(awk -v r="$view" -v p="$perf" 'BEGIN {printf "%.3f", r * 1000 / p}')) |"
   echo "| memtier same-node mapped recall (Locate + read + verify) | $name control | $(get recall_local_GBps) GB/s |"
   echo "| memtier commit latency p50 / p99 ($BATCH pages, durable) | $name | $(get commit_p50_ms) / $(get commit_p99_ms) ms |"
   if [ "$name" = shm ]; then commit=$(get commit_GBps); promote=$(get promote_GBps); fi
