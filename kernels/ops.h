@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "kernels/topk.h"
 
 namespace flashmem::kernels {
 
@@ -96,6 +97,11 @@ class Backend {
   virtual void SparseAttention(const float* q, int64_t heads, int64_t dim,
                                std::span<const float* const> kv_rows, const float* sink,
                                float softmax_scale, float* out) const = 0;
+
+  // The indices of the k largest scores (at most scores.size()), descending, equal scores in
+  // ascending index order (kernels/topk.h: the indexer's candidate list; bf16 scores tie often).
+  // Every backend gives the same list; the CPU's is a heap select, a device's a radix select.
+  virtual std::vector<int32_t> TopK(std::span<const float> scores, int64_t k) const { return TopKIndices(scores, k); }
 
   // Lightning-indexer scores: s_t = bf16(sum_h bf16(relu(bf16(q_h·k_t)) * w_h)) for n keys.
   virtual void IndexScores(const float* q, const float* w, int64_t heads, int64_t dim,

@@ -9,7 +9,7 @@ namespace flashmem::kernels {
 const char* OpName(OpKind op) {
   static constexpr const char* kNames[] = {"Linear", "RmsNorm", "HeadRmsNormBf16", "Rope", "Fp8RoundTrip",
                                            "Fp4RoundTrip", "Hadamard", "SparseAttention", "IndexScores",
-                                           "IndexerLogits", "HcPre", "HcPost", "HcHead", "RoutedExperts"};
+                                           "TopK", "IndexerLogits", "HcPre", "HcPost", "HcHead", "RoutedExperts"};
   static_assert(sizeof(kNames) / sizeof(kNames[0]) == static_cast<int>(OpKind::kCount));
   return kNames[static_cast<int>(op)];
 }
@@ -109,6 +109,12 @@ void ProfilingBackend::IndexScores(const float* q, const float* w, int64_t heads
   Timer t;
   inner_.IndexScores(q, w, heads, dim, keys, scores);
   Record(OpKind::kIndexScores, t.seconds(), keys.size());
+}
+std::vector<int32_t> ProfilingBackend::TopK(std::span<const float> scores, int64_t k) const {
+  Timer t;
+  std::vector<int32_t> out = inner_.TopK(scores, k);
+  Record(OpKind::kTopK, t.seconds(), scores.size());
+  return out;
 }
 void ProfilingBackend::IndexerLogits(const float* q, const float* w, int64_t heads, int64_t dim,
                                      std::span<const float* const> keys, float* logits) const {

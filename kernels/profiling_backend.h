@@ -16,14 +16,14 @@ namespace flashmem::kernels {
 
 enum class OpKind : int {
   kLinear, kRmsNorm, kHeadRmsNorm, kRope, kFp8RoundTrip, kFp4RoundTrip, kHadamard,
-  kSparseAttention, kIndexScores, kIndexerLogits, kHcPre, kHcPost, kHcHead, kRoutedExperts, kCount
+  kSparseAttention, kIndexScores, kTopK, kIndexerLogits, kHcPre, kHcPost, kHcHead, kRoutedExperts, kCount
 };
 const char* OpName(OpKind op);
 
 struct OpStats {
   uint64_t calls = 0;
   double seconds = 0;
-  uint64_t items = 0;  // Linear: token rows; attention: candidate slots; scoring: keys; experts: (expert, row) pairs; others: rows
+  uint64_t items = 0;  // Linear: token rows; attention: candidate slots; scoring, top-k: keys; experts: (expert, row) pairs; others: rows
 };
 
 class ProfilingBackend final : public Backend {
@@ -45,6 +45,7 @@ class ProfilingBackend final : public Backend {
                        const float* sink, float softmax_scale, float* out) const override;
   void IndexScores(const float* q, const float* w, int64_t heads, int64_t dim, std::span<const float* const> keys,
                    float* scores) const override;
+  std::vector<int32_t> TopK(std::span<const float> scores, int64_t k) const override;
   void IndexerLogits(const float* q, const float* w, int64_t heads, int64_t dim, std::span<const float* const> keys,
                      float* logits) const override;
   void HcPre(const float* x, int64_t n, const float* fn, const float* base, const float* scale, int hc, int64_t dim,

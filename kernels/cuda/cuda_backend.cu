@@ -214,6 +214,22 @@ class CudaBackendImpl final : public Backend {
     KeyScoring(q, w, heads, dim, keys, scores, /*logits=*/false);
   }
 
+  // Radix select on the device (cuda::TopK): the same list as the host's heap select. Below
+  // kTopKMinKeys keys the host is quicker than a round trip, and past kTopKMaxK winners one
+  // block cannot sort them: both stay on the host.
+  static constexpr int64_t kTopKMinKeys = 4096;
+  std::vector<int32_t> TopK(std::span<const float> scores, int64_t k) const override {
+    const int64_t n = static_cast<int64_t>(scores.size());
+    k = std::clamp<int64_t>(k, 0, n);
+    if (n < kTopKMinKeys || k == 0 || k > cuda::kTopKMaxK) return TopKIndices(scores, k);
+    std::vector<int32_t> out(k);
+    Frame f;
+    const size_t ds = f.In(scores.data(), n * 4), dout = f.Scratch(k * 4);
+    f.Download(dout, out.data(), k * 4);
+    Launch(f, [&](Dev d) { return cuda::TopK(d.at(ds), 1, n, k, d.at<int32_t>(dout), stream_); });
+    return out;
+  }
+
   void IndexerLogits(const float* q, const float* w, int64_t heads, int64_t dim, std::span<const float* const> keys,
                      float* logits) const override {
     KeyScoring(q, w, heads, dim, keys, logits, /*logits=*/true);

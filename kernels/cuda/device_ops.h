@@ -139,6 +139,13 @@ namespace flashmem::kernels::cuda {
 cudaError_t GatherPages(const uint8_t* const* src, int64_t count, int64_t page_bytes, uint8_t* dst,
                         cudaStream_t stream);
 
+// Top-k of `rows` rows of n scores each: out[r][0..k) = the indices of row r's k largest scores,
+// descending, equal scores in ascending index order (kernels/topk.h's rule, bit for bit; -0 and
+// +0 equal; no NaN). A radix select of the k-th score, then a sort of the k winners in one block
+// per row — never a sort of all n. 1 <= k <= min(n, kTopKMaxK); INVALID_VALUE otherwise.
+inline constexpr int64_t kTopKMaxK = 2048;
+cudaError_t TopK(const float* scores, int64_t rows, int64_t n, int64_t k, int32_t* out, cudaStream_t stream);
+
 }  // namespace flashmem::kernels::cuda
 
 #include <cuda_bf16.h>

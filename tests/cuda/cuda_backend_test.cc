@@ -574,6 +574,50 @@ TEST_F(CudaOps, BitIdenticalToTheCpuReference) {
 }
 
 // Page recall in one launch from mapped pinned host memory: every byte lands where it should.
+// Top-k on the device (a radix select) gives the host's list exactly: bf16 scores tie often and
+// ties go by index, -inf (invisible chunks) ranks last, -0 equals +0, k from 1 to the device's
+// limit, odd lengths; past the limit or below the size worth a round trip the host answers.
+TEST_F(CudaOps, TopKEqualsTheHostsList) {
+  const float inf = std::numeric_limits<float>::infinity();
+  for (int64_t n : {4096, 5003, 16384, 65537}) {
+    std::vector<float> s = Random(n, static_cast<uint32_t>(31 + n), 1.0f);
+    for (int64_t i = 0; i < n; i += 3) s[i] = -inf;
+    for (int64_t i = 1; i < n; i += 97) s[i] = i % 2 ? 0.0f : -0.0f;
+    for (int64_t k : {1, 7, 512, 2048, 3000}) EXPECT_EQ(gpu_->TopK(s, k), TopKIndices(s, k)) << "n " << n << " k " << k;
+  }
+  std::vector<float> same(6000, 0.25f);  // all tied: the first k indices
+  EXPECT_EQ(gpu_->TopK(same, 100), TopKIndices(same, 100));
+  std::vector<float> few(8192, -inf);  // fewer finite scores than k: the -inf ones follow by index
+  few[8000] = 1.0f;
+  few[3] = 2.0f;
+  EXPECT_EQ(gpu_->TopK(few, 10), TopKIndices(few, 10));
+  EXPECT_EQ(gpu_->TopK(few, 10)[0], 3);
+  EXPECT_EQ(gpu_->TopK(few, 10)[2], 0);
+  EXPECT_TRUE(gpu_->TopK(few, 0).empty());
+  EXPECT_EQ(gpu_->TopK(std::vector<float>(5000, 1.0f), 9000).size(), 5000u);  // k past n: all of them
+
+  // The launcher: three rows at once into a poisoned output; bad sizes are refused.
+  const int64_t rows = 3, n = 10000, k = 333;
+  std::vector<float> all = Random(rows * n, 77, 1.0f);
+  float* d_s = nullptr;
+  int32_t* d_out = nullptr;
+  ASSERT_EQ(cudaMalloc(&d_s, all.size() * 4), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&d_out, rows * k * 4), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(d_s, all.data(), all.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemset(d_out, 0xff, rows * k * 4), cudaSuccess);
+  ASSERT_EQ(cuda::TopK(d_s, rows, n, k, d_out, nullptr), cudaSuccess);
+  std::vector<int32_t> got(rows * k);
+  ASSERT_EQ(cudaMemcpy(got.data(), d_out, got.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+  for (int64_t r = 0; r < rows; ++r)
+    EXPECT_EQ(std::vector<int32_t>(got.begin() + r * k, got.begin() + (r + 1) * k),
+              TopKIndices(std::span<const float>(all.data() + r * n, n), k))
+        << "row " << r;
+  EXPECT_EQ(cuda::TopK(d_s, 1, n, cuda::kTopKMaxK + 1, d_out, nullptr), cudaErrorInvalidValue);
+  EXPECT_EQ(cuda::TopK(d_s, 1, 10, 11, d_out, nullptr), cudaErrorInvalidValue);
+  cudaFree(d_s);
+  cudaFree(d_out);
+}
+
 TEST_F(CudaOps, GatherPagesFromMappedHostMemory) {
   const int64_t page = 37376, pages = 200, picked = 77;
   uint8_t* host = nullptr;

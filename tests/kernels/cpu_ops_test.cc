@@ -215,6 +215,9 @@ TEST(TopK, DescendingWithTiesInAscendingIndexOrder) {
   EXPECT_TRUE(TopKIndices(s, 0).empty());
   const std::vector<float> inf = {-INFINITY, 0.0f, -INFINITY};
   EXPECT_EQ(TopKIndices(inf, 3), (std::vector<int32_t>{1, 0, 2}));
+  const std::vector<float> zeros = {0.0f, -0.0f, 1.0f, -0.0f};  // -0 == +0: index order
+  EXPECT_EQ(TopKIndices(zeros, 4), (std::vector<int32_t>{2, 0, 1, 3}));
+  EXPECT_EQ(CpuBackend().TopK(s, 4), TopKIndices(s, 4));  // the backend op is this rule
 }
 
 }  // namespace

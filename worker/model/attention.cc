@@ -7,7 +7,6 @@
 
 #include "common/status.h"
 #include "kernels/numerics.h"
-#include "kernels/topk.h"
 
 namespace flashmem::model {
 
@@ -238,14 +237,14 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
       const int64_t ih = indexer_->n_local_heads(), ihd = args_.index_head_dim;
       Residency& res = row.state->residency;
       indexer_->Scores(iq.data() + i * ih * ihd, iw.data() + i * ih, ls.index_keys, res, &scores);
-      selected = kernels::TopKIndices(scores, args_.index_topk);
+      selected = be_.TopK(scores, args_.index_topk);
       if (!res.dense()) {
         while (!selected.empty() && !res.Visible(selected.back())) selected.pop_back();
         if (res.measure_agreement && !row.prefill() && !selected.empty()) {
           const Residency all;
           std::vector<float> full;
           indexer_->Scores(iq.data() + i * ih * ihd, iw.data() + i * ih, ls.index_keys, all, &full);
-          const auto ref = kernels::TopKIndices(full, args_.index_topk);
+          const auto ref = be_.TopK(full, args_.index_topk);
           int64_t hit = 0;
           for (int32_t t : ref) hit += std::find(selected.begin(), selected.end(), t) != selected.end();
           res.agreement_sum += static_cast<double>(hit) / static_cast<double>(ref.size());

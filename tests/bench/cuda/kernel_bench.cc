@@ -402,6 +402,23 @@ int main(int argc, char** argv) {
       CHECK_CUDA(cudaFree(p));
   }
 
+  // ---- top-k of the indexer scores (radix select + sort of the winners, one block per row) --------
+  for (int64_t keys_n : quick ? std::vector<int64_t>{16384} : std::vector<int64_t>{16384, 65536}) {
+    float* s = DeviceRandomFloats(keys_n, 1.0f);
+    int32_t* out = nullptr;
+    CHECK_CUDA(cudaMalloc(&out, cu::kTopKMaxK * 4));
+    for (int64_t k : {int64_t{512}, cu::kTopKMaxK}) {
+      const double us = TimeUs([&](int) { CHECK_CUDA(cu::TopK(s, 1, keys_n, k, out, nullptr)); });
+      rows.push_back({"indexer top-k (radix select)", std::to_string(keys_n) + " scores, k=" + std::to_string(k), us,
+                      keys_n * 4.0 / us / 1e3, 0.0, "one block: latency of 6 passes"});
+      const double us8 = TimeUs([&](int) { CHECK_CUDA(cu::TopK(s, 1, keys_n / 8, k / 8, out, nullptr)); });
+      rows.push_back({"same", std::to_string(keys_n / 8) + " scores, k=" + std::to_string(k / 8), us8,
+                      keys_n / 2.0 / us8 / 1e3, 0.0, ""});
+    }
+    CHECK_CUDA(cudaFree(s));
+    CHECK_CUDA(cudaFree(out));
+  }
+
   // ---- page recall host -> GPU: 4096 scattered 37,376-byte pages (CSA main-KV) ------------------
   {
     const int64_t page = 37376, pages = 8192, picked = 4096;

@@ -77,6 +77,13 @@ for nk in ([16384] if quick else [16384, 65536]):
     us = time_us(lambda _: (torch.relu(keys @ q.t()) * w).sum(-1))
     rows.append(("torch indexer scores (bf16)", f"{nk} keys, 64 heads", us, nk * 256 / us / 1e3, 2 * nk * 64 * 128 / us / 1e6))
 
+# Top-k of the indexer scores (the candidate list): torch.topk, sorted, on one row.
+for nk in ([16384] if quick else [16384, 65536]):
+    for k in (512, 2048):
+        s = torch.randn(nk, device=dev).bfloat16().float()
+        us = time_us(lambda _: torch.topk(s, k, sorted=True))
+        rows.append(("torch.topk (sorted)", f"{nk} scores, k={k}", us, nk * 4 / us / 1e3, 0.0))
+
 print(f"\ntorch {torch.__version__}, {torch.cuda.get_device_name()}")
 print("\n| PyTorch op | shape | time (us) | GB/s | TFLOP/s |\n|---|---|---:|---:|---:|")
 for r in rows:
