@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <functional>
@@ -16,6 +17,7 @@
 
 #include "kernels/cuda/device_ops.h"
 #include "kernels/numerics.h"
+#include "kernels/topk.h"
 
 namespace cu = flashmem::kernels::cuda;
 using flashmem::kernels::Rounding;
@@ -402,18 +404,29 @@ int main(int argc, char** argv) {
       CHECK_CUDA(cudaFree(p));
   }
 
-  // ---- top-k of the indexer scores (radix select + sort of the winners, one block per row) --------
-  for (int64_t keys_n : quick ? std::vector<int64_t>{16384} : std::vector<int64_t>{16384, 65536}) {
-    float* s = DeviceRandomFloats(keys_n, 1.0f);
+  // ---- top-k of the indexer scores (radix select + sort of the winners, one block per row), and
+  // the host's heap select (kernels/topk.h) on the same scores, what the model ran before --------
+  for (int64_t keys_n : {int64_t{16384}, int64_t{65536}}) {
+    std::vector<float> host_s(keys_n);
+    for (float& v : host_s) v = static_cast<float>(rng() % 4096) / 512.0f - 4.0f;  // ties, as bf16 scores have
+    float* s = nullptr;
     int32_t* out = nullptr;
+    CHECK_CUDA(cudaMalloc(&s, keys_n * 4));
+    CHECK_CUDA(cudaMemcpy(s, host_s.data(), keys_n * 4, cudaMemcpyHostToDevice));
     CHECK_CUDA(cudaMalloc(&out, cu::kTopKMaxK * 4));
     for (int64_t k : {int64_t{512}, cu::kTopKMaxK}) {
       const double us = TimeUs([&](int) { CHECK_CUDA(cu::TopK(s, 1, keys_n, k, out, nullptr)); });
+      std::vector<double> host_us;
+      for (int r = 0; r < 20; ++r) {
+        const auto t0 = std::chrono::steady_clock::now();
+        const auto top = flashmem::kernels::TopKIndices(host_s, k);
+        host_us.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
+        if (top.size() != static_cast<size_t>(k)) std::abort();
+      }
+      std::sort(host_us.begin(), host_us.end());
       rows.push_back({"indexer top-k (radix select)", std::to_string(keys_n) + " scores, k=" + std::to_string(k), us,
-                      keys_n * 4.0 / us / 1e3, 0.0, "one block: latency of 6 passes"});
-      const double us8 = TimeUs([&](int) { CHECK_CUDA(cu::TopK(s, 1, keys_n / 8, k / 8, out, nullptr)); });
-      rows.push_back({"same", std::to_string(keys_n / 8) + " scores, k=" + std::to_string(k / 8), us8,
-                      keys_n / 2.0 / us8 / 1e3, 0.0, ""});
+                      keys_n * 4.0 / us / 1e3, 0.0,
+                      "host heap select " + std::to_string(static_cast<int>(host_us[host_us.size() / 2])) + " us"});
     }
     CHECK_CUDA(cudaFree(s));
     CHECK_CUDA(cudaFree(out));
