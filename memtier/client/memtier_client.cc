@@ -344,6 +344,11 @@ absl::Status MemTierClient::RecallPipelined(uint64_t session, std::span<const Pa
     }
     if (first_error.ok() && next < batches.size()) launch(lane);
   }
+  cq.Shutdown();  // every call has completed; a queue is drained before it is destroyed
+  void* tag = nullptr;
+  bool ok = false;
+  while (cq.Next(&tag, &ok)) {
+  }
   FM_RETURN_IF_ERROR(first_error);
   for (size_t i : redo) FM_RETURN_IF_ERROR(one(i));
   return absl::OkStatus();
