@@ -597,7 +597,7 @@ TEST_F(CudaOps, TopKEqualsTheHostsList) {
   EXPECT_EQ(gpu_->TopK(std::vector<float>(5000, 1.0f), 9000).size(), 5000u);  // k past n: all of them
 
   // The launcher: three rows at once into a poisoned output; bad sizes are refused.
-  const int64_t rows = 3, n = 10000, k = 333;
+  const int64_t rows = 3, n = 10001, k = 333;  // rows 1 and 2 start unaligned: the scalar loads
   std::vector<float> all = Random(rows * n, 77, 1.0f);
   float* d_s = nullptr;
   int32_t* d_out = nullptr;
