@@ -123,7 +123,7 @@ int main(int argc, char** argv) {
   uint64_t kv_budget_bytes = 0, memtier_buffer_bytes = 64ull << 20;
   std::string lsa_indexer, lsa_options, device = "cpu";
   app.add_option("--kv-budget-bytes", kv_budget_bytes, "bytes of evictable KV pages held in memory across sessions; the rest lives in memtier (0: no limit; needs --memtier)");
-  app.add_option("--memtier-buffer-bytes", memtier_buffer_bytes, "registered buffer for page traffic with memtier (largest single transfer)");
+  app.add_option("--memtier-buffer-bytes", memtier_buffer_bytes, "registered buffer for page traffic with memtier (the largest commit; recalls run 4 parts of it in flight)");
   std::string memtier_shm;
   app.add_option("--memtier-shm-socket", memtier_shm, "memtier's --shm-socket on this node: recalls read its RAM tier directly (one copy per node, shared by every rank)");
   app.add_option("--lsa-indexer", lsa_indexer, "memory indexer (fm_indexer.safetensors or its directory): sessions run Lookahead Sparse Attention");
