@@ -88,12 +88,16 @@ __global__ void __launch_bounds__(kThreads) TopKKernel(const float* scores, int6
       }
     });
     __syncthreads();
-    if (threadIdx.x == 0) {
-      int digit = 255;
-      unsigned r = static_cast<unsigned>(remaining);
-      for (; digit > 0 && hist[digit] < r; --digit) r -= hist[digit];
-      s_prefix = prefix | (static_cast<uint32_t>(digit) << shift);
-      s_remaining = static_cast<int>(r);
+    // The byte of the k-th key: thread t < 256 takes bin 255 - t, a block scan sums the bins from
+    // the top, and the one thread whose running sum first reaches `remaining` owns it (a walk by
+    // one thread cost ~4 us a pass).
+    const int bin = 255 - static_cast<int>(threadIdx.x);
+    const int count = threadIdx.x < 256 ? static_cast<int>(hist[bin]) : 0;
+    int from_top = 0;
+    Scan(smem.pick.scan).InclusiveSum(count, from_top);
+    if (threadIdx.x < 256 && from_top >= remaining && from_top - count < remaining) {
+      s_prefix = prefix | (static_cast<uint32_t>(bin) << shift);
+      s_remaining = remaining - (from_top - count);
     }
     __syncthreads();
     prefix = s_prefix;
