@@ -3,13 +3,12 @@
 #include "memtier/transport/ucx.h"
 
 #include <atomic>
-#include <thread>
-
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
-#include <string>
 #include <numeric>
+#include <string>
+#include <thread>
 #include <vector>
 
 #include "gtest/gtest.h"

@@ -1,8 +1,9 @@
 // A few threads for the byte work of one request: the copies of a recall and the checksum pass
-// after it. One core moves ~6-10 GB/s between DRAM buffers and hashes ~15-20 GB/s, so a batch of
-// 37 KB pages is core-bound long before the memory system is; spreading its pages over cores is
-// what lets a recall approach the memory bandwidth. The threads are RocksDB's ThreadPool
-// (already linked for the store; idle threads sleep on a condition variable rather than spin).
+// after it. One core copies ~4-6 GB/s between DRAM buffers and hashes ~9-19 GB/s (measured on
+// the VM and the H200 host, docs/benchmarks.md), so a batch of 37 KB pages is core-bound long
+// before the memory system is; spreading its pages over cores is what lets a recall approach
+// the memory bandwidth. The threads are RocksDB's ThreadPool (already linked for the store; idle
+// threads sleep on a condition variable rather than spin).
 #pragma once
 
 #include <cstddef>
