@@ -95,8 +95,10 @@ class MemTierClient {
   absl::Status RecallStream(uint64_t session, std::span<const PageKey> keys, uint32_t room, const BatchConsumer& consume);
   // Same-node fast path: maps memtier's RAM chunks (read-only) from its Unix socket.
   absl::Status AttachLocal(const std::string& shm_socket);
-  // Recall by reading memtier's memory directly (after AttachLocal); pages whose bytes fail the
-  // checksum (slot reused meanwhile) are recalled over UCX instead. `fallbacks` counts those.
+  // Recall by reading memtier's memory directly (after AttachLocal), any number of pages: they
+  // are located in pieces, the next piece's Locate in flight while one is copied and verified on
+  // the copy pool. Pages whose bytes fail the checksum (slot reused meanwhile) are recalled over
+  // UCX instead; `fallbacks` counts those.
   absl::Status RecallLocal(uint64_t session, std::span<PageToRecall> pages, int* fallbacks = nullptr);
   bool has_local() const {
     absl::MutexLock l(&mu_);

@@ -361,6 +361,50 @@ TEST_F(MemTierE2E, SameNodeClientsReadMemtierMemoryDirectly) {
   EXPECT_GT(c->Stats()->promotions, 0u);  // pages on disk were promoted, then read in place
 }
 
+TEST_F(MemTierE2E, ALargeLocalRecallIsLocatedInPiecesAndStaysIntact) {
+  server_.reset();
+  StartServer(8ull << 20);  // ~220 main-KV pages: locating later pieces evicts earlier ones
+  auto c = NewClient("local-large");
+  ASSERT_TRUE(c->OpenSession(14).ok());
+  constexpr uint32_t kPages = 600;  // pieces of 150 pages, two Locates in flight
+  for (uint32_t b = 0; b < kPages; b += 100) ASSERT_TRUE(CommitRange(*c, 14, 0, b, 100, kMainPage).ok());
+  ASSERT_TRUE(c->AttachLocal(SocketPath()).ok());
+  std::vector<std::vector<uint8_t>> bufs(kPages, std::vector<uint8_t>(kMainPage));
+  auto request = [&](uint32_t n) {
+    std::vector<PageToRecall> pages;
+    for (uint32_t i = 0; i < n; ++i) pages.push_back({{14, 0, i}, bufs[i]});
+    return pages;
+  };
+  for (int round = 0; round < 2; ++round) {
+    for (auto& b : bufs) std::fill(b.begin(), b.end(), 0);
+    std::vector<PageToRecall> pages = request(kPages);
+    int fallbacks = -1;
+    const absl::Status st = c->RecallLocal(14, pages, &fallbacks);
+    ASSERT_TRUE(st.ok()) << st;
+    EXPECT_GE(fallbacks, 0);  // slots reused by a later piece's promotions come over UCX instead
+    for (uint32_t i = 0; i < kPages; ++i) {
+      ASSERT_EQ(pages[i].length, kMainPage) << i;
+      ASSERT_EQ(bufs[i], PageBytes({14, 0, i}, kMainPage)) << "page " << i;
+    }
+  }
+  {  // a missing page in the third piece: NOT_FOUND naming it, and the client keeps working
+    std::vector<PageToRecall> pages = request(kPages);
+    pages[350].key.page = 9999;
+    const absl::Status st = c->RecallLocal(14, pages);
+    EXPECT_EQ(st.code(), absl::StatusCode::kNotFound) << st;
+    EXPECT_NE(std::string(st.message()).find("9999"), std::string::npos) << st;
+  }
+  {  // a buffer too small for its page
+    std::vector<PageToRecall> pages = request(200);
+    pages[130].dst = pages[130].dst.subspan(0, 100);
+    const absl::Status st = c->RecallLocal(14, pages);
+    EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+  }
+  std::vector<PageToRecall> pages = request(kPages);
+  ASSERT_TRUE(c->RecallLocal(14, pages).ok());
+  EXPECT_EQ(bufs[599], PageBytes({14, 0, 599}, kMainPage));
+}
+
 TEST_F(MemTierE2E, AReusedSlotFailsTheChecksumInsteadOfReturningAnotherPage) {
   server_.reset();
   StartServer(2ull << 20);

@@ -87,19 +87,10 @@ absl::Status KvPager::Recall(Session& s, const std::vector<std::pair<int, int64_
     req[i].key = {s.key, MemtierLayer(st.layer, st.kind), static_cast<uint32_t>(want[i].second)};
     req[i].dst = bufs[i];
   }
-  // In batches that fit the client's registered buffer.
-  const uint64_t room = client_->buffer_bytes();
-  for (size_t first = 0; first < req.size();) {
-    size_t last = first;
-    uint64_t bytes = 0;
-    while (last < req.size() && (last == first || bytes + req[last].dst.size() <= room)) bytes += req[last++].dst.size();
-    // Same node: straight from memtier's RAM tier, the node's one copy (every rank of a group maps
-    // the same chunks); otherwise over UCX.
-    const std::span<memtier::PageToRecall> batch(req.data() + first, last - first);
-    if (auto st = client_->has_local() ? client_->RecallLocal(s.key, batch) : client_->Recall(s.key, batch); !st.ok())
-      return absl::Status(st.code(), absl::StrCat("recall of ", want.size(), " KV pages from memtier: ", st.message()));
-    first = last;
-  }
+  // Same node: straight from memtier's RAM tier, the node's one copy (every rank of a group maps
+  // the same chunks); otherwise over UCX. Both take any number of pages and pipeline them.
+  if (auto st = client_->has_local() ? client_->RecallLocal(s.key, req) : client_->Recall(s.key, req); !st.ok())
+    return absl::Status(st.code(), absl::StrCat("recall of ", want.size(), " KV pages from memtier: ", st.message()));
   out->resize(want.size());
   for (size_t i = 0; i < want.size(); ++i) {
     if (req[i].length != bufs[i].size())
