@@ -48,7 +48,7 @@ install_deps() {
 build() {
   local cuda_args=()
   if [ -x /usr/local/cuda/bin/nvcc ]; then
-    cuda_args=(-DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc "-DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHS:-90}")
+    cuda_args=(-DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc "-DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHS:-90a}")
   fi
   cmake -S "$ROOT" -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=${BUILD_TYPE:-RelWithDebInfo} "${cuda_args[@]}"
   cmake --build "$BUILD_DIR" -j "$JOBS"

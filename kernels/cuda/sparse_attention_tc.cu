@@ -19,9 +19,13 @@
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 
+#include <cstdlib>
+#include <string_view>
+
 #include "kernels/cuda/device_math.cuh"
 #include "kernels/cuda/device_ops.h"
 #include "kernels/cuda/ptx.cuh"
+#include "kernels/cuda/sparse_attention_wgmma.h"
 
 namespace flashmem::kernels::cuda {
 namespace {
@@ -304,36 +308,57 @@ __global__ void __launch_bounds__(kThreads, 1) PagedAttnTcKernel(
 }
 
 // out[b][h] = bf16(sum_s O_s e^{(m_s - m) scale} / (sum_s l_s e^{(m_s - m) scale} + e^{sink - m scale})).
-__global__ void CombineKernel(const float* part_o, const float* part_m, const float* part_l, int64_t heads, int splits,
-                              const float* sink, float scale, float* out) {
-  __shared__ float weight[kMaxSplits];
-  __shared__ float denom;
-  const int64_t b = blockIdx.x / heads, h = blockIdx.x % heads;
-  if (threadIdx.x == 0) {
-    float m = -INFINITY;
-    for (int s = 0; s < splits; ++s) m = fmaxf(m, part_m[(b * splits + s) * heads + h]);
-    float l = 0.0f;
-    for (int s = 0; s < splits; ++s) {
-      const float ms = part_m[(b * splits + s) * heads + h];
-      weight[s] = ms == -INFINITY ? 0.0f : __expf((ms - m) * scale);
-      l += part_l[(b * splits + s) * heads + h] * weight[s];
-    }
-    denom = l + __expf(sink[h] - m * scale);
+// One warp per (token, head): lane s holds split s's weight (splits <= 64: two per lane), and each
+// lane merges 16 of the 512 dims, every load of a split independent of the others.
+constexpr int kCombineWarps = 4;
+__global__ void __launch_bounds__(32 * kCombineWarps) CombineKernel(const float* part_o, const float* part_m,
+                                                                    const float* part_l, int64_t rows, int64_t heads,
+                                                                    int splits, const float* sink, float scale, float* out) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kCombineWarps + threadIdx.x / 32;
+  if (r >= rows) return;
+  const int lane = threadIdx.x % 32;
+  const int64_t b = r / heads, h = r % heads;
+  auto at = [&](int s) { return (b * splits + s) * heads + h; };
+  float ms[2], ls[2];
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    const int s = lane + 32 * k;
+    ms[k] = s < splits ? part_m[at(s)] : -INFINITY;
+    ls[k] = s < splits ? part_l[at(s)] : 0.0f;
   }
-  __syncthreads();
-  for (int d = threadIdx.x * 4; d < kDim; d += blockDim.x * 4) {
-    float4 acc = make_float4(0, 0, 0, 0);
-    for (int s = 0; s < splits; ++s) {
-      if (weight[s] == 0.0f) continue;
-      const float4 v = *reinterpret_cast<const float4*>(part_o + ((b * splits + s) * heads + h) * kDim + d);
-      acc.x += v.x * weight[s];
-      acc.y += v.y * weight[s];
-      acc.z += v.z * weight[s];
-      acc.w += v.w * weight[s];
-    }
-    *reinterpret_cast<float4*>(out + (b * heads + h) * kDim + d) =
-        make_float4(RoundBf16(acc.x / denom), RoundBf16(acc.y / denom), RoundBf16(acc.z / denom), RoundBf16(acc.w / denom));
+  float m = fmaxf(ms[0], ms[1]);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+  float w[2], l = 0.0f;
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    w[k] = ms[k] == -INFINITY ? 0.0f : __expf((ms[k] - m) * scale);
+    l += ls[k] * w[k];
   }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(0xffffffffu, l, off);
+  const float denom = l + __expf(sink[h] - m * scale);
+  float4 acc[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) acc[i] = make_float4(0, 0, 0, 0);
+  for (int s = 0; s < splits; ++s) {
+    const float ws = __shfl_sync(0xffffffffu, w[s / 32], s % 32);
+    if (ws == 0.0f) continue;
+    const float4* src = reinterpret_cast<const float4*>(part_o + at(s) * kDim);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float4 v = src[lane + 32 * i];
+      acc[i].x += v.x * ws;
+      acc[i].y += v.y * ws;
+      acc[i].z += v.z * ws;
+      acc[i].w += v.w * ws;
+    }
+  }
+  float4* dst = reinterpret_cast<float4*>(out + r * kDim);
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+    dst[lane + 32 * i] = make_float4(RoundBf16(acc[i].x / denom), RoundBf16(acc[i].y / denom), RoundBf16(acc[i].z / denom),
+                                     RoundBf16(acc[i].w / denom));
 }
 
 int SmCount() {
@@ -356,6 +381,15 @@ int Splits(int64_t batch, int64_t heads, int64_t n) {
   return static_cast<int>(s < 1 ? 1 : s);
 }
 
+// The warpgroup-MMA kernel unless FLASHMEM_SPARSE_ATTENTION=mma asks for the mma.sync one (A/B runs).
+bool UseWgmma() {
+  static const bool wgmma = [] {
+    const char* v = std::getenv("FLASHMEM_SPARSE_ATTENTION");
+    return v == nullptr || std::string_view(v) != "mma";
+  }();
+  return wgmma;
+}
+
 }  // namespace
 
 int64_t PagedSparseAttentionFp8FastWorkspace(int64_t batch, int64_t heads, int64_t n) {
@@ -374,19 +408,26 @@ cudaError_t PagedSparseAttentionFp8Fast(const float* q, int64_t batch, int64_t h
   float* part_o = static_cast<float*>(workspace);
   float* part_m = part_o + rows * kDim;
   float* part_l = part_m + rows;
-  static bool configured = false;  // one device per process is all this needs
-  if (!configured) {
-    const cudaError_t e = cudaFuncSetAttribute(PagedAttnTcKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmem));
-    if (e != cudaSuccess) return e;
-    configured = true;
-  }
   const dim3 grid(static_cast<unsigned>(batch), static_cast<unsigned>(splits), static_cast<unsigned>(heads / kHeads));
-  PagedAttnTcKernel<<<grid, kThreads, kSmem, stream>>>(q, heads, pages, page_entries, idx, n, splits, sink, softmax_scale,
-                                                      out, part_o, part_m, part_l);
-  cudaError_t e = cudaGetLastError();
+  cudaError_t e = cudaSuccess;
+  if (UseWgmma()) {
+    e = LaunchPagedAttnWgmma(grid, stream, q, heads, pages, page_entries, idx, n, splits, sink, softmax_scale, out, part_o,
+                             part_m, part_l);
+  } else {
+    static bool configured = false;  // one device per process is all this needs
+    if (!configured) {
+      e = cudaFuncSetAttribute(PagedAttnTcKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmem));
+      if (e != cudaSuccess) return e;
+      configured = true;
+    }
+    PagedAttnTcKernel<<<grid, kThreads, kSmem, stream>>>(q, heads, pages, page_entries, idx, n, splits, sink, softmax_scale,
+                                                        out, part_o, part_m, part_l);
+    e = cudaGetLastError();
+  }
   if (e != cudaSuccess || splits == 1) return e;
-  CombineKernel<<<static_cast<unsigned>(batch * heads), 128, 0, stream>>>(part_o, part_m, part_l, heads, splits, sink,
-                                                                          softmax_scale, out);
+  const int64_t rows_out = batch * heads;
+  CombineKernel<<<static_cast<unsigned>((rows_out + kCombineWarps - 1) / kCombineWarps), 32 * kCombineWarps, 0, stream>>>(
+      part_o, part_m, part_l, rows_out, heads, splits, sink, softmax_scale, out);
   return cudaGetLastError();
 }
 

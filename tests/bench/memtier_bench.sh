@@ -2,7 +2,8 @@
 # memtier against its ceilings on this machine, in one run:
 #   ucx_perftest put bandwidth with 37,376-byte messages (shm and tcp) vs memtier recall over UCX,
 #   dd sequential write/read of the same bytes vs RocksDB spill (commit) and promote (prefetch).
-# Usage: tests/bench/memtier_bench.sh [pages] [batch]   (build first: scripts/bootstrap.sh build)
+# Usage: tests/bench/memtier_bench.sh [pages] [batch] [in_flight] [server_copy_threads] [client_copy_threads]
+#        (build first: scripts/bootstrap.sh build; the last three go to memtier_bench, 0 = default)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BUILD=${BUILD_DIR:-build}
@@ -25,11 +26,11 @@ echo "|---|---|---|"
 for tls in "posix,sysv,self" "tcp,self"; do
   name=$([ "$tls" = "tcp,self" ] && echo tcp || echo shm)
   perf=$(perftest_put "$tls")
-  out=$(UCX_TLS=$tls "$BUILD/tests/bench/memtier_bench" "$PAGES" "$BATCH" 2>/dev/null)
+  out=$(UCX_TLS=$tls "$BUILD/tests/bench/memtier_bench" "$PAGES" "$BATCH" "${@:3}" 2>/dev/null)
   get() { echo "$out" | awk -v k="$1" '$1 == k {print $2}'; }
   recall=$(get recall_ucx_GBps)
   echo "| ucx_perftest ucp_put_bw, $SIZE B | $name | $(awk -v p="$perf" 'BEGIN {printf "%.2f GB/s", p / 1000}') |"
-  echo "| memtier recall, batches of $BATCH x $SIZE B, 4 in flight, copied out | $name | $recall GB/s (ratio $(awk -v r="$recall" -v p="$perf" 'BEGIN {printf "%.3f", r * 1000 / p}')) |"
+  echo "| memtier recall, batches of $BATCH x $SIZE B, ${3:-4} in flight, copied out | $name | $recall GB/s (ratio $(awk -v r="$recall" -v p="$perf" 'BEGIN {printf "%.3f", r * 1000 / p}')) |"
   view=$(get recall_view_GBps)
   echo "| memtier recall, zero-copy views of the registered buffer (RecallStream) | $name | $view GB/s (ratio $(awk -v r="$view" -v p="$perf" 'BEGIN {printf "%.3f", r * 1000 / p}')) |"
   local_=$(get recall_local_GBps)

@@ -407,6 +407,14 @@ TEST_F(CudaOps, PagedFp8RecordsAttentionMatchesDecodedRows) {
       EXPECT_LE(RelErr(got, want), kBf16Tol) << (tensor_cores ? "tensor-core kernel, " : "exact kernel, ") << shape;
       if (batch > 1)
         for (int64_t i = 0; i < heads * 512; ++i) ASSERT_EQ(got[i], 0.0f) << "all-masked token, " << shape;
+      if (tensor_cores) {  // again on the same workspace: the same bits (no state carried between calls)
+        ASSERT_EQ(cudaMemset(d_out, 0xff, want.size() * 4), cudaSuccess);
+        ASSERT_EQ(cuda::PagedSparseAttentionFp8Fast(d_q, batch, heads, d_pages, B, d_idx, n, d_sink, scale, d_out, ws, nullptr),
+                  cudaSuccess);
+        std::vector<float> again(want.size());
+        ASSERT_EQ(cudaMemcpy(again.data(), d_out, again.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+        ASSERT_EQ(std::memcmp(again.data(), got.data(), got.size() * 4), 0) << "second call, " << shape;
+      }
     }
     for (void* p : {static_cast<void*>(d_q), static_cast<void*>(d_sink), static_cast<void*>(d_out), static_cast<void*>(d_idx), ws})
       cudaFree(p);
