@@ -56,7 +56,7 @@ gemm_rows(2048, 4096, "expert w1 shape")
 # Sparse MQA: gather + SDPA over bf16 rows (what a framework does without a paged FP8 kernel).
 entries, heads, n = 4096 * 64, 64, 640
 kv = torch.randn(entries, 512, device=dev, dtype=torch.bfloat16)
-for b in ([1, 64] if quick else [1, 8, 32, 64]):
+for b in ([1, 64] if quick else [1, 8, 32, 64, 128]):
     idx = torch.randint(0, entries, (b, n), device=dev)
     q = torch.randn(b, heads, 1, 512, device=dev, dtype=torch.bfloat16)
 
