@@ -387,43 +387,94 @@ absl::Status MemTierClient::AttachLocal(const std::string& shm_socket) {
   return absl::OkStatus();
 }
 
+absl::Status MemTierClient::LocatePipelined(uint64_t session, std::span<const PageKey> keys, uint32_t lease_ms,
+                                            const Located& handle) {
+  // The Locate round trip hides behind the previous piece's byte work. Pieces are a quarter of the
+  // request (at least 64 pages: a Locate costs ~0.1 ms) and at most 1,024 pages (memtier refuses
+  // more than its max_pages_per_request, 65,536 by default).
+  const size_t piece = std::clamp<size_t>((keys.size() + 3) / 4, 64, 1024);
+  const size_t pieces = (keys.size() + piece - 1) / piece;
+  struct Call {
+    grpc::ClientContext ctx, release_ctx;
+    v1::LocateRequest req;
+    v1::LocateResponse resp;
+    v1::ReleaseRequest release;
+    v1::SessionResponse released;
+    grpc::Status status, release_status;
+    std::unique_ptr<grpc::ClientAsyncResponseReader<v1::LocateResponse>> reader;
+    std::unique_ptr<grpc::ClientAsyncResponseReader<v1::SessionResponse>> release_reader;
+  };
+  grpc::CompletionQueue cq;
+  std::vector<std::unique_ptr<Call>> calls(pieces);
+  size_t next = 0, running = 0;
+  auto tag = [](size_t t) { return reinterpret_cast<void*>(static_cast<intptr_t>(t)); };
+  auto launch = [&] {
+    auto& c = calls[next];
+    c = std::make_unique<Call>();
+    c->req.set_session(session);
+    c->req.set_lease_ms(lease_ms);
+    for (size_t i = next * piece; i < std::min(keys.size(), (next + 1) * piece); ++i) SetId(c->req.add_pages(), keys[i]);
+    c->ctx.set_deadline(std::chrono::system_clock::now() + options_.rpc_timeout);
+    c->reader = rpc_->stub->AsyncLocate(&c->ctx, c->req, &cq);
+    c->reader->Finish(&c->resp, &c->status, tag(next));
+    ++next;
+    ++running;
+  };
+  auto release = [&](size_t p) {  // the piece's lease, without waiting for the answer here
+    Call& c = *calls[p];
+    if (c.resp.lease() == 0) {
+      calls[p].reset();
+      return;
+    }
+    c.release.set_session(session);
+    c.release.set_lease(c.resp.lease());
+    c.release_ctx.set_deadline(std::chrono::system_clock::now() + options_.rpc_timeout);
+    c.release_reader = rpc_->stub->AsyncRelease(&c.release_ctx, c.release, &cq);
+    c.release_reader->Finish(&c.released, &c.release_status, tag(pieces + p));
+    ++running;
+  };
+  for (int k = 0; k < 2 && next < pieces; ++k) launch();
+  absl::Status first_error;
+  while (running > 0) {
+    void* t = nullptr;
+    bool ok = false;
+    if (!cq.Next(&t, &ok)) return absl::InternalError("locate: completion queue shut down");
+    --running;
+    const size_t done = static_cast<size_t>(reinterpret_cast<intptr_t>(t));
+    if (done >= pieces) {  // a release answered; one that failed leaves the lease to expire in memtier
+      calls[done - pieces].reset();
+      continue;
+    }
+    const absl::Status st = ok ? FromGrpc(calls[done]->status, "locate") : absl::UnavailableError("locate: request not delivered");
+    if (!st.ok()) {
+      if (first_error.ok()) first_error = st;
+      calls[done].reset();
+      continue;
+    }
+    if (first_error.ok() && next < pieces) launch();
+    if (first_error.ok()) first_error = handle(done * piece, std::min(piece, keys.size() - done * piece), calls[done]->resp);
+    release(done);
+  }
+  cq.Shutdown();  // every call has completed; a queue is drained before it is destroyed
+  void* t = nullptr;
+  bool ok = false;
+  while (cq.Next(&t, &ok)) {
+  }
+  return first_error;
+}
+
 absl::Status MemTierClient::RecallLocal(uint64_t session, std::span<PageToRecall> pages, int* fallbacks) {
   if (fallbacks) *fallbacks = 0;
   std::vector<PageToRecall> retry;
   {
     absl::MutexLock l(&mu_);
     if (!local_) return absl::FailedPreconditionError("RecallLocal: AttachLocal first");
-    // Any number of pages, located in pieces: while one piece is copied and verified on the pool,
-    // the next piece's Locate is in flight, so the round trip hides behind the copies. Pieces are
-    // a quarter of the request (at least 64 pages: a Locate costs ~0.1 ms) and at most 1,024
-    // pages (memtier refuses more than its max_pages_per_request, 65,536 by default).
-    const size_t piece = std::clamp<size_t>((pages.size() + 3) / 4, 64, 1024);
-    const size_t pieces = (pages.size() + piece - 1) / piece;
-    struct Call {
-      grpc::ClientContext ctx;
-      v1::LocateRequest req;
-      v1::LocateResponse resp;
-      grpc::Status status;
-      std::unique_ptr<grpc::ClientAsyncResponseReader<v1::LocateResponse>> reader;
-    };
-    grpc::CompletionQueue cq;
-    std::vector<std::unique_ptr<Call>> calls(pieces);
-    size_t next = 0, running = 0;
-    auto launch = [&] {
-      auto& c = calls[next];
-      c = std::make_unique<Call>();
-      c->req.set_session(session);
-      for (size_t i = next * piece; i < std::min(pages.size(), (next + 1) * piece); ++i) SetId(c->req.add_pages(), pages[i].key);
-      c->ctx.set_deadline(std::chrono::system_clock::now() + options_.rpc_timeout);
-      c->reader = rpc_->stub->AsyncLocate(&c->ctx, c->req, &cq);
-      c->reader->Finish(&c->resp, &c->status, reinterpret_cast<void*>(static_cast<intptr_t>(next)));
-      ++next;
-      ++running;
-    };
-    // Copies piece p out of memtier's memory; pages whose slot changed under us are kept for retry.
-    auto copy = [&](size_t p) -> absl::Status {
-      const std::span<PageToRecall> mine = pages.subspan(p * piece, std::min(piece, pages.size() - p * piece));
-      const v1::LocateResponse& resp = calls[p]->resp;
+    std::vector<PageKey> keys;
+    for (const auto& p : pages) keys.push_back(p.key);
+    // Each piece is copied out of memtier's memory and verified on the pool while the next is
+    // located; pages whose slot changed under us are recalled over UCX afterwards.
+    FM_RETURN_IF_ERROR(LocatePipelined(session, keys, 0, [&](size_t first, size_t count, const v1::LocateResponse& resp) -> absl::Status {
+      const std::span<PageToRecall> mine = pages.subspan(first, count);
       if (resp.pages_size() != static_cast<int>(mine.size()))
         return absl::InternalError(absl::StrCat("locate: memtier answered ", resp.pages_size(), " pages for ", mine.size()));
       std::vector<const uint8_t*> src(mine.size());
@@ -441,30 +492,9 @@ absl::Status MemTierClient::RecallLocal(uint64_t session, std::span<PageToRecall
         if (!changed[i]) mine[i].length = loc.length();
       });
       for (size_t i = 0; i < mine.size(); ++i)
-        if (changed[i]) retry.push_back(mine[i]);  // the slot changed under us: take the UCX path
+        if (changed[i]) retry.push_back(mine[i]);
       return absl::OkStatus();
-    };
-    for (int k = 0; k < 2 && next < pieces; ++k) launch();
-    absl::Status first_error;
-    while (running > 0) {
-      void* tag = nullptr;
-      bool ok = false;
-      if (!cq.Next(&tag, &ok)) return absl::InternalError("locate: completion queue shut down");
-      const size_t p = static_cast<size_t>(reinterpret_cast<intptr_t>(tag));
-      --running;
-      if (!first_error.ok()) continue;  // draining
-      first_error = ok ? FromGrpc(calls[p]->status, "locate") : absl::UnavailableError("locate: request not delivered");
-      if (!first_error.ok()) continue;
-      if (next < pieces) launch();
-      first_error = copy(p);
-      calls[p].reset();
-    }
-    cq.Shutdown();  // every call has completed; a queue is drained before it is destroyed
-    void* tag = nullptr;
-    bool ok = false;
-    while (cq.Next(&tag, &ok)) {
-    }
-    FM_RETURN_IF_ERROR(first_error);
+    }));
   }
   if (retry.empty()) return absl::OkStatus();
   if (fallbacks) *fallbacks = static_cast<int>(retry.size());
@@ -473,6 +503,28 @@ absl::Status MemTierClient::RecallLocal(uint64_t session, std::span<PageToRecall
     for (const auto& r : retry)
       if (r.key == p.key) p.length = r.length;
   return absl::OkStatus();
+}
+
+absl::Status MemTierClient::RecallLocalView(uint64_t session, std::span<const PageKey> keys, const BatchConsumer& consume) {
+  absl::MutexLock l(&mu_);
+  if (!local_) return absl::FailedPreconditionError("RecallLocalView: AttachLocal first");
+  const uint32_t lease_ms = std::max<uint32_t>(1, options_.lease_ms);
+  std::vector<std::span<const uint8_t>> views;
+  return LocatePipelined(session, keys, lease_ms, [&](size_t first, size_t count, const v1::LocateResponse& resp) -> absl::Status {
+    if (resp.pages_size() != static_cast<int>(count) || resp.lease() == 0)
+      return absl::InternalError(absl::StrCat("locate: memtier answered ", resp.pages_size(), " pages for ", count, resp.lease() == 0 ? " without a lease" : ""));
+    views.assign(count, {});
+    for (size_t i = 0; i < count; ++i) {
+      const v1::PageLocation& loc = resp.pages(static_cast<int>(i));
+      FM_ASSIGN_OR_RETURN(const uint8_t* p, local_->Range(loc.chunk(), loc.offset(), loc.length()));
+      views[i] = std::span<const uint8_t>(p, loc.length());
+    }
+    std::vector<char> bad(count, 0);
+    copies_->ForEach(count, [&](size_t i) { bad[i] = PageChecksum(views[i]) != resp.pages(static_cast<int>(i)).checksum(); });
+    for (size_t i = 0; i < count; ++i)
+      if (bad[i]) return absl::DataLossError(absl::StrCat("recall: page ", ToString(keys[first + i]), " failed its checksum in memtier's memory"));
+    return consume(first, views);
+  });
 }
 
 absl::StatusOr<uint32_t> MemTierClient::Prefetch(uint64_t session, std::span<const PageKey> ranked, uint32_t deadline_ms) {

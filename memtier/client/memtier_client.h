@@ -25,6 +25,7 @@
 namespace flashmem::v1 {
 class RecallRequest;
 class RecallResponse;
+class LocateResponse;
 }  // namespace flashmem::v1
 
 namespace flashmem::memtier {
@@ -51,6 +52,9 @@ struct MemTierClientOptions {
   // recall_in_flight): the next batch moves while one is verified, and the gRPC round trip
   // (~0.1-0.4 ms) is hidden. 1: one batch at a time.
   int recall_in_flight = 4;
+  // How long memtier keeps the pages of one RecallLocalView batch leased if this client never
+  // releases them (it dies mid-batch); released as soon as the batch is consumed.
+  uint32_t lease_ms = 10000;
 };
 
 struct PageToCommit {
@@ -100,6 +104,13 @@ class MemTierClient {
   // the copy pool. Pages whose bytes fail the checksum (slot reused meanwhile) are recalled over
   // UCX instead; `fallbacks` counts those.
   absl::Status RecallLocal(uint64_t session, std::span<PageToRecall> pages, int* fallbacks = nullptr);
+  // Zero-copy same-node recall: verified views of the pages in memtier's own memory (mapped by
+  // AttachLocal), handed to `consume` batch by batch as in RecallStream. Each batch is leased while
+  // it is consumed — memtier neither evicts nor reuses its slots — so the views hold the bytes that
+  // were verified until `consume` returns (a GPU worker registers the mapping and DMAs from it:
+  // one copy from memtier's memory). A checksum mismatch is corruption here, not a reused slot:
+  // DATA_LOSS. RESOURCE_EXHAUSTED when memtier's RAM cannot hold a batch's pages at once.
+  absl::Status RecallLocalView(uint64_t session, std::span<const PageKey> keys, const BatchConsumer& consume);
   bool has_local() const {
     absl::MutexLock l(&mu_);
     return local_ != nullptr;
@@ -134,6 +145,12 @@ class MemTierClient {
   // `landed` called for each batch [first, last) as it arrives. Holds mu_.
   absl::Status RecallPipelined(uint64_t session, std::span<const PageKey> keys, std::span<const uint32_t> rooms,
                                const BatchLanded& landed) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Locates `keys` in pieces (a quarter of them, 64 to 1,024 pages), the next piece's Locate in
+  // flight while `handle(first, count, located)` runs for one; leased (lease_ms > 0) pieces are
+  // released after their handle returns, whatever it returned. Holds mu_.
+  using Located = std::function<absl::Status(size_t first, size_t count, const v1::LocateResponse&)>;
+  absl::Status LocatePipelined(uint64_t session, std::span<const PageKey> keys, uint32_t lease_ms, const Located& handle)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Checks memtier's answer and verifies every page's checksum (spread over the copy pool),
   // copying each page to dsts[i] when dsts is not empty; views of the buffer out.
   absl::Status Deliver(const v1::RecallRequest& req, const v1::RecallResponse& resp, std::span<const PageKey> keys,

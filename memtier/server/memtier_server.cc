@@ -55,6 +55,8 @@ class StoreCollector final : public prometheus::Collectable {
     add("flashmem_memtier_pin_seconds", "Seconds spent pinning RAM tier chunks", T::Gauge, {{{}, r.pin_seconds}});
     add("flashmem_memtier_ram_capacity_bytes", "RAM tier capacity", T::Gauge, {{{}, double(r.capacity_bytes)}});
     add("flashmem_memtier_clients", "Registered UCX clients", T::Gauge, {{{}, double(svc_.clients())}});
+    add("flashmem_memtier_leased_pages", "Pages leased to same-node readers (Locate with lease_ms)", T::Gauge,
+        {{{}, double(svc_.leased_pages())}});
     return out;
   }
 
@@ -150,6 +152,7 @@ std::string MemTierServer::grpc_target() const { return absl::StrCat(impl_->host
 uint64_t MemTierServer::epoch() const { return impl_->service->epoch(); }
 void MemTierServer::Wait() { impl_->server->Wait(); }
 PageStore& MemTierServer::store() { return *impl_->store; }
+MemTierService& MemTierServer::service() { return *impl_->service; }
 
 void MemTierServer::Shutdown() {
   if (impl_ && impl_->server) {

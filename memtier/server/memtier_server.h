@@ -13,6 +13,8 @@
 
 namespace flashmem::memtier {
 
+class MemTierService;
+
 struct MemTierServerOptions {
   std::string grpc_listen = "127.0.0.1:7070";  // host:port; port 0 picks a free one
   std::string ucx_listen = "127.0.0.1:0";      // UCX listener (clients connect by sockaddr); empty: off
@@ -36,6 +38,7 @@ class MemTierServer {
   void Wait();
   void Shutdown();
   PageStore& store();
+  MemTierService& service();
 
  private:
   struct Impl;

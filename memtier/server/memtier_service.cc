@@ -201,22 +201,90 @@ grpc::Status MemTierService::Recall(grpc::ServerContext*, const v1::RecallReques
 
 grpc::Status MemTierService::Locate(grpc::ServerContext*, const v1::LocateRequest* r, v1::LocateResponse* out) {
   Timed timed{this, "Locate"};
+  ExpireLeases();
   if (r->pages_size() > static_cast<int>(limits_.max_pages_per_request))
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, absl::StrCat("locate: ", r->pages_size(), " pages exceed the limit"));
+  if (r->lease_ms() > kMaxLeaseMs)
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, absl::StrCat("locate: lease_ms ", r->lease_ms(), " exceeds ", kMaxLeaseMs));
   if (!store_.HasSession(r->session())) return grpc::Status(grpc::StatusCode::NOT_FOUND, absl::StrCat("locate: unknown session ", r->session()));
+  const bool lease = r->lease_ms() > 0;
+  Lease held{r->session(), {}, std::chrono::steady_clock::now() + std::chrono::milliseconds(r->lease_ms())};
+  auto fail = [&](const absl::Status& st) {
+    for (const RamSlot& slot : held.slots) store_.Unpin(slot);
+    return ToGrpc(st);
+  };
   for (int i = 0; i < r->pages_size(); ++i) {
     if (r->pages(i).session() != r->session())
-      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, absl::StrCat("pages[", i, "].session != request session"));
-    auto loc = store_.Locate(KeyOf(r->pages(i)));
-    if (!loc.ok()) return ToGrpc(absl::Status(loc.status().code(), absl::StrCat("pages[", i, "]: ", loc.status().message())));
+      return fail(absl::InvalidArgumentError(absl::StrCat("pages[", i, "].session != request session")));
+    RamSlot slot;
+    PageMeta meta;
+    if (lease) {  // pinned: its slot is neither freed nor reused until the lease ends
+      auto pinned = store_.Pin(KeyOf(r->pages(i)));
+      if (!pinned.ok()) return fail(absl::Status(pinned.status().code(), absl::StrCat("pages[", i, "]: ", pinned.status().message())));
+      held.slots.push_back(pinned->slot);
+      slot = pinned->slot;
+      meta = pinned->meta;
+    } else {
+      auto loc = store_.Locate(KeyOf(r->pages(i)));
+      if (!loc.ok()) return fail(absl::Status(loc.status().code(), absl::StrCat("pages[", i, "]: ", loc.status().message())));
+      slot = loc->slot;
+      meta = loc->meta;
+    }
     v1::PageLocation* o = out->add_pages();
     *o->mutable_id() = r->pages(i);
-    o->set_chunk(loc->slot.chunk);
-    o->set_offset(loc->slot.offset);
-    o->set_length(loc->meta.length);
-    o->set_checksum(loc->meta.checksum);
+    o->set_chunk(slot.chunk);
+    o->set_offset(slot.offset);
+    o->set_length(meta.length);
+    o->set_checksum(meta.checksum);
+  }
+  if (lease) {
+    absl::MutexLock l(&leases_mu_);
+    const uint64_t id = (epoch_ << 20) ^ ++next_lease_;  // a restarted memtier never honours an old id
+    out->set_lease(id);
+    leases_[id] = std::move(held);
   }
   return grpc::Status::OK;
+}
+
+grpc::Status MemTierService::Release(grpc::ServerContext*, const v1::ReleaseRequest* r, v1::SessionResponse*) {
+  Timed timed{this, "Release"};
+  ExpireLeases();
+  Lease lease;
+  {
+    absl::MutexLock l(&leases_mu_);
+    auto it = leases_.find(r->lease());
+    if (it == leases_.end() || it->second.session != r->session())
+      return grpc::Status(grpc::StatusCode::NOT_FOUND, absl::StrCat("release: no lease ", r->lease(), " of session ", r->session(), " (ended or expired)"));
+    lease = std::move(it->second);
+    leases_.erase(it);
+  }
+  for (const RamSlot& slot : lease.slots) store_.Unpin(slot);
+  return grpc::Status::OK;
+}
+
+void MemTierService::ExpireLeases() {
+  std::vector<Lease> ended;
+  {
+    absl::MutexLock l(&leases_mu_);
+    const auto now = std::chrono::steady_clock::now();
+    for (auto it = leases_.begin(); it != leases_.end();) {
+      if (it->second.expires <= now) {
+        ended.push_back(std::move(it->second));
+        leases_.erase(it++);
+      } else {
+        ++it;
+      }
+    }
+  }
+  for (const Lease& lease : ended)
+    for (const RamSlot& slot : lease.slots) store_.Unpin(slot);
+}
+
+uint64_t MemTierService::leased_pages() const {
+  absl::MutexLock l(&leases_mu_);
+  uint64_t n = 0;
+  for (const auto& [id, lease] : leases_) n += lease.slots.size();
+  return n;
 }
 
 grpc::Status MemTierService::Prefetch(grpc::ServerContext*, const v1::PrefetchRequest* r, v1::PrefetchResponse* out) {

@@ -30,6 +30,9 @@ class MemTierService final : public flashmem::v1::MemTier::Service {
 
   uint64_t epoch() const { return epoch_; }
   uint64_t clients() const;
+  // Pages held by unexpired leases (Locate with lease_ms > 0).
+  uint64_t leased_pages() const;
+  static constexpr uint32_t kMaxLeaseMs = 60000;
   // Called with (method, seconds) after every request (metrics); set before serving.
   void set_latency_observer(std::function<void(const std::string&, double)> f) { observe_ = std::move(f); }
 
@@ -41,6 +44,7 @@ class MemTierService final : public flashmem::v1::MemTier::Service {
   grpc::Status Commit(grpc::ServerContext*, const v1::CommitRequest*, v1::CommitResponse*) override;
   grpc::Status Recall(grpc::ServerContext*, const v1::RecallRequest*, v1::RecallResponse*) override;
   grpc::Status Locate(grpc::ServerContext*, const v1::LocateRequest*, v1::LocateResponse*) override;
+  grpc::Status Release(grpc::ServerContext*, const v1::ReleaseRequest*, v1::SessionResponse*) override;
   grpc::Status Prefetch(grpc::ServerContext*, const v1::PrefetchRequest*, v1::PrefetchResponse*) override;
   grpc::Status PutState(grpc::ServerContext*, const v1::PutStateRequest*, v1::SessionResponse*) override;
   grpc::Status GetState(grpc::ServerContext*, const v1::SessionRequest*, v1::GetStateResponse*) override;
@@ -58,6 +62,14 @@ class MemTierService final : public flashmem::v1::MemTier::Service {
   absl::Status CheckSlots(const google::protobuf::RepeatedPtrField<v1::PageSlot>& pages, uint64_t session,
                           const Client& c, uint64_t* total) const;
   void DropClient(uint64_t client_id);
+  // Leases: pinned RAM slots a same-node reader uses in place (PageStore::Pin), released by
+  // Release or when their time is up (checked on every Locate and Release).
+  struct Lease {
+    uint64_t session = 0;
+    std::vector<RamSlot> slots;
+    std::chrono::steady_clock::time_point expires;
+  };
+  void ExpireLeases();
   // Moves a batch between local memory and the client's buffer: plain copies spread over the
   // copy pool where the buffer is mapped here, else one pipelined batch of UCX puts or gets
   // (followed, for puts, by a flush: the bytes are in place before the reply; holds c.mu).
@@ -71,6 +83,9 @@ class MemTierService final : public flashmem::v1::MemTier::Service {
       if (svc->observe_) svc->observe_(method, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     }
   };
+  mutable absl::Mutex leases_mu_;
+  absl::flat_hash_map<uint64_t, Lease> leases_ ABSL_GUARDED_BY(leases_mu_);
+  uint64_t next_lease_ ABSL_GUARDED_BY(leases_mu_) = 0;
   std::function<void(const std::string&, double)> observe_;
 
   PageStore& store_;

@@ -14,6 +14,7 @@
 #include "memtier.grpc.pb.h"
 #include "memtier/client/memtier_client.h"
 #include "memtier/server/memtier_server.h"
+#include "memtier/server/memtier_service.h"
 #include "memtier/transport/local_share.h"
 #include "tests/process_util.h"
 #include "memtier/transport/ucx.h"
@@ -405,6 +406,89 @@ TEST_F(MemTierE2E, ALargeLocalRecallIsLocatedInPiecesAndStaysIntact) {
   EXPECT_EQ(bufs[599], PageBytes({14, 0, 599}, kMainPage));
 }
 
+TEST_F(MemTierE2E, LeasedViewsOfMemtierMemoryHoldTheirBytesUntilConsumed) {
+  server_.reset();
+  StartServer(4ull << 20);  // ~100 main-KV pages: other sessions' commits evict
+  auto c = NewClient("view");
+  auto other = NewClient("pressure");
+  ASSERT_TRUE(c->OpenSession(15).ok());
+  ASSERT_TRUE(other->OpenSession(16).ok());
+  constexpr uint32_t kPages = 60;
+  ASSERT_TRUE(CommitRange(*c, 15, 0, 0, kPages, kMainPage).ok());
+  ASSERT_TRUE(c->AttachLocal(SocketPath()).ok());
+  std::vector<PageKey> keys;
+  for (uint32_t i = 0; i < kPages; ++i) keys.push_back({15, 0, i});
+  std::vector<int> seen(kPages, 0);
+  bool pressed = false;
+  absl::Status st = c->RecallLocalView(15, keys, [&](size_t first, std::span<const std::span<const uint8_t>> views) {
+    EXPECT_GE(server_->service().leased_pages(), views.size());
+    if (!pressed) {  // evict everything that is not leased: the views must keep their bytes
+      pressed = true;
+      EXPECT_TRUE(CommitRange(*other, 16, 0, 0, 150, kMainPage).ok());
+      EXPECT_GT(server_->store().counters().evictions, 0u);
+    }
+    for (size_t i = 0; i < views.size(); ++i) {
+      EXPECT_EQ(std::vector<uint8_t>(views[i].begin(), views[i].end()), PageBytes(keys[first + i], kMainPage)) << first + i;
+      seen[first + i]++;
+    }
+    return absl::OkStatus();
+  });
+  ASSERT_TRUE(st.ok()) << st;
+  for (uint32_t i = 0; i < kPages; ++i) EXPECT_EQ(seen[i], 1) << i;
+  EXPECT_EQ(server_->service().leased_pages(), 0u);  // every batch released after it was consumed
+  // A consumer error ends the recall with it, and its batch is released all the same.
+  st = c->RecallLocalView(15, keys, [](size_t, std::span<const std::span<const uint8_t>>) {
+    return absl::CancelledError("consumer stops");
+  });
+  EXPECT_EQ(st.code(), absl::StatusCode::kCancelled) << st;
+  for (int i = 0; i < 100 && server_->service().leased_pages() > 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  EXPECT_EQ(server_->service().leased_pages(), 0u);
+  // A missing page: NOT_FOUND naming it, nothing left leased.
+  std::vector<PageKey> missing = keys;
+  missing[7].page = 4242;
+  st = c->RecallLocalView(15, missing, [](size_t, std::span<const std::span<const uint8_t>>) { return absl::OkStatus(); });
+  EXPECT_EQ(st.code(), absl::StatusCode::kNotFound) << st;
+  EXPECT_NE(std::string(st.message()).find("4242"), std::string::npos) << st;
+  EXPECT_EQ(server_->service().leased_pages(), 0u);
+
+  // The wire: hostile lease requests, release of what is not held, and expiry.
+  auto channel = grpc::CreateChannel(server_->grpc_target(), grpc::InsecureChannelCredentials());
+  auto stub = v1::MemTier::NewStub(channel);
+  auto locate = [&](uint32_t lease_ms, v1::LocateResponse* out) {
+    v1::LocateRequest r;
+    r.set_session(15);
+    r.set_lease_ms(lease_ms);
+    for (uint32_t i = 0; i < 5; ++i) {
+      v1::PageId* id = r.add_pages();
+      id->set_session(15);
+      id->set_page(i);
+    }
+    grpc::ClientContext ctx;
+    return stub->Locate(&ctx, r, out);
+  };
+  v1::LocateResponse resp;
+  grpc::Status gs = locate(MemTierService::kMaxLeaseMs + 1, &resp);
+  EXPECT_EQ(gs.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(gs.error_message().find("lease_ms"), std::string::npos) << gs.error_message();
+  auto release = [&](uint64_t session, uint64_t lease) {
+    v1::ReleaseRequest r;
+    r.set_session(session);
+    r.set_lease(lease);
+    v1::SessionResponse out;
+    grpc::ClientContext ctx;
+    return stub->Release(&ctx, r, &out);
+  };
+  EXPECT_EQ(release(15, 12345).error_code(), grpc::StatusCode::NOT_FOUND);
+  ASSERT_TRUE(locate(50, &resp).ok());
+  ASSERT_NE(resp.lease(), 0u);
+  EXPECT_EQ(server_->service().leased_pages(), 5u);
+  EXPECT_EQ(release(16, resp.lease()).error_code(), grpc::StatusCode::NOT_FOUND);  // another session's id
+  std::this_thread::sleep_for(std::chrono::milliseconds(120));
+  ASSERT_TRUE(locate(0, &resp).ok());  // any Locate or Release ends the expired leases
+  EXPECT_EQ(resp.lease(), 0u);
+  EXPECT_EQ(server_->service().leased_pages(), 0u);
+}
+
 TEST_F(MemTierE2E, AReusedSlotFailsTheChecksumInsteadOfReturningAnotherPage) {
   server_.reset();
   StartServer(2ull << 20);
@@ -444,6 +528,7 @@ TEST_F(MemTierE2E, MetricsAndHealth) {
   EXPECT_NE(body.find("flashmem_memtier_pages{tier=\"ram\"} 5"), std::string::npos);
   EXPECT_NE(body.find("flashmem_memtier_checksum_failures_total 0"), std::string::npos);
   EXPECT_NE(body.find("flashmem_memtier_pinned_bytes"), std::string::npos);
+  EXPECT_NE(body.find("flashmem_memtier_leased_pages 0"), std::string::npos) << body;
   EXPECT_NE(body.find("flashmem_memtier_request_seconds_count{method=\"Commit\"} 1"), std::string::npos) << body;
   // grpc.health.v1.Health/Check with an empty request answers SERVING (field 1 = 1).
   auto channel = grpc::CreateChannel(server_->grpc_target(), grpc::InsecureChannelCredentials());

@@ -35,6 +35,8 @@ for tls in "posix,sysv,self" "tcp,self"; do
   echo "| memtier recall, zero-copy views of the registered buffer (RecallStream) | $name | $view GB/s (ratio $(awk -v r="$view" -v p="$perf" 'BEGIN {printf "%.3f", r * 1000 / p}')) |"
   local_=$(get recall_local_GBps)
   echo "| memtier same-node recall from its mapped RAM tier (RecallLocal: pipelined Locate, copy out + verify) | $name control | $local_ GB/s (ratio $(awk -v r="$local_" -v p="$perf" 'BEGIN {printf "%.3f", r * 1000 / p}')) |"
+  lview=$(get recall_local_view_GBps)
+  echo "| memtier same-node zero-copy recall: leased views verified in memtier's memory (RecallLocalView) | $name control | $lview GB/s (ratio $(awk -v r="$lview" -v p="$perf" 'BEGIN {printf "%.3f", r * 1000 / p}')) |"
   echo "| memtier commit latency p50 / p99 ($BATCH pages, durable) | $name | $(get commit_p50_ms) / $(get commit_p99_ms) ms |"
   if [ "$name" = shm ]; then commit=$(get commit_GBps); promote=$(get promote_GBps); fi
 done
