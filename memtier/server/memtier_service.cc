@@ -208,38 +208,32 @@ grpc::Status MemTierService::Locate(grpc::ServerContext*, const v1::LocateReques
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, absl::StrCat("locate: lease_ms ", r->lease_ms(), " exceeds ", kMaxLeaseMs));
   if (!store_.HasSession(r->session())) return grpc::Status(grpc::StatusCode::NOT_FOUND, absl::StrCat("locate: unknown session ", r->session()));
   const bool lease = r->lease_ms() > 0;
-  Lease held{r->session(), {}, std::chrono::steady_clock::now() + std::chrono::milliseconds(r->lease_ms())};
-  auto fail = [&](const absl::Status& st) {
-    for (const RamSlot& slot : held.slots) store_.Unpin(slot);
-    return ToGrpc(st);
-  };
+  std::vector<PageKey> keys;
+  keys.reserve(r->pages_size());
   for (int i = 0; i < r->pages_size(); ++i) {
     if (r->pages(i).session() != r->session())
-      return fail(absl::InvalidArgumentError(absl::StrCat("pages[", i, "].session != request session")));
-    RamSlot slot;
-    PageMeta meta;
-    if (lease) {  // pinned: its slot is neither freed nor reused until the lease ends
-      auto pinned = store_.Pin(KeyOf(r->pages(i)));
-      if (!pinned.ok()) return fail(absl::Status(pinned.status().code(), absl::StrCat("pages[", i, "]: ", pinned.status().message())));
-      held.slots.push_back(pinned->slot);
-      slot = pinned->slot;
-      meta = pinned->meta;
-    } else {
-      auto loc = store_.Locate(KeyOf(r->pages(i)));
-      if (!loc.ok()) return fail(absl::Status(loc.status().code(), absl::StrCat("pages[", i, "]: ", loc.status().message())));
-      slot = loc->slot;
-      meta = loc->meta;
-    }
+      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, absl::StrCat("pages[", i, "].session != request session"));
+    keys.push_back(KeyOf(r->pages(i)));
+  }
+  // Leased: pinned, so their slots are neither freed nor reused until the lease ends.
+  std::vector<PageStore::Location> located;
+  if (absl::Status st = store_.LocateMany(keys, lease, &located); !st.ok())
+    return ToGrpc(absl::Status(st.code(), absl::StrCat("pages[", located.size(), "]: ", st.message())));
+  Lease held{r->session(), {}, std::chrono::steady_clock::now() + std::chrono::milliseconds(r->lease_ms())};
+  for (int i = 0; i < r->pages_size(); ++i) {
+    const PageStore::Location& loc = located[i];
     v1::PageLocation* o = out->add_pages();
     *o->mutable_id() = r->pages(i);
-    o->set_chunk(slot.chunk);
-    o->set_offset(slot.offset);
-    o->set_length(meta.length);
-    o->set_checksum(meta.checksum);
+    o->set_chunk(loc.slot.chunk);
+    o->set_offset(loc.slot.offset);
+    o->set_length(loc.meta.length);
+    o->set_checksum(loc.meta.checksum);
+    if (lease) held.slots.push_back(loc.slot);
   }
   if (lease) {
     absl::MutexLock l(&leases_mu_);
-    const uint64_t id = (epoch_ << 20) ^ ++next_lease_;  // a restarted memtier never honours an old id
+    uint64_t id = 0;  // mixed with the epoch: a restarted memtier does not honour an old id
+    while (id == 0 || leases_.contains(id)) id = (epoch_ << 20) ^ ++next_lease_;
     out->set_lease(id);
     leases_[id] = std::move(held);
   }
@@ -258,7 +252,7 @@ grpc::Status MemTierService::Release(grpc::ServerContext*, const v1::ReleaseRequ
     lease = std::move(it->second);
     leases_.erase(it);
   }
-  for (const RamSlot& slot : lease.slots) store_.Unpin(slot);
+  store_.UnpinMany(lease.slots);
   return grpc::Status::OK;
 }
 
@@ -276,8 +270,7 @@ void MemTierService::ExpireLeases() {
       }
     }
   }
-  for (const Lease& lease : ended)
-    for (const RamSlot& slot : lease.slots) store_.Unpin(slot);
+  for (const Lease& lease : ended) store_.UnpinMany(lease.slots);
 }
 
 uint64_t MemTierService::leased_pages() const {

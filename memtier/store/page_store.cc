@@ -255,6 +255,15 @@ absl::StatusOr<PageStore::PinnedPage> PageStore::Pin(const PageKey& key) {
 
 void PageStore::Unpin(const RamSlot& slot) {
   absl::MutexLock l(&mu_);
+  UnpinLocked(slot);
+}
+
+void PageStore::UnpinMany(std::span<const RamSlot> slots) {
+  absl::MutexLock l(&mu_);
+  for (const RamSlot& slot : slots) UnpinLocked(slot);
+}
+
+void PageStore::UnpinLocked(const RamSlot& slot) {
   auto it = pins_.find(SlotId(slot));
   if (it == pins_.end()) return;
   if (--it->second.count > 0) return;
@@ -312,6 +321,23 @@ absl::StatusOr<PageStore::Location> PageStore::Locate(const PageKey& key) {
   absl::MutexLock l(&mu_);
   FM_ASSIGN_OR_RETURN(Entry * e, MakeResidentLocked(key, "locate"));
   return Location{e->slot, e->meta};
+}
+
+absl::Status PageStore::LocateMany(std::span<const PageKey> keys, bool pin, std::vector<Location>* out) {
+  out->clear();
+  out->reserve(keys.size());
+  absl::MutexLock l(&mu_);
+  for (const PageKey& key : keys) {
+    absl::StatusOr<Entry*> e = MakeResidentLocked(key, pin ? "recall" : "locate");
+    if (!e.ok()) {
+      for (const Location& done : *out)
+        if (pin) UnpinLocked(done.slot);
+      return e.status();
+    }
+    if (pin) pins_[SlotId((*e)->slot)].count++;
+    out->push_back(Location{(*e)->slot, (*e)->meta});
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::vector<PageInfo>> PageStore::ListPages(uint64_t session) const {

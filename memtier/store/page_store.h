@@ -72,6 +72,10 @@ class PageStore {
     PageMeta meta;
   };
   absl::StatusOr<Location> Locate(const PageKey& key);
+  // Locate (pin = false) or Pin (pin = true) for a batch under one lock acquisition (a promotion
+  // still lets the lock go while it reads RocksDB). On an error, `out` holds the pages done
+  // before the failing one, out->size() its index — and, pinned, they are unpinned again.
+  absl::Status LocateMany(std::span<const PageKey> keys, bool pin, std::vector<Location>* out);
   // Zero-copy read: the page's RAM slot stays valid (never freed or reused) until Unpin, even if
   // the page is evicted or its session dropped meanwhile. Promotes pages on disk first;
   // RESOURCE_EXHAUSTED when RAM cannot hold it (use Recall then).
@@ -82,6 +86,7 @@ class PageStore {
   };
   absl::StatusOr<PinnedPage> Pin(const PageKey& key);
   void Unpin(const RamSlot& slot);
+  void UnpinMany(std::span<const RamSlot> slots);
   absl::StatusOr<std::vector<PageInfo>> ListPages(uint64_t session) const;
   absl::StatusOr<PageMeta> Lookup(const PageKey& key) const;
 
@@ -113,6 +118,7 @@ class PageStore {
   // A RAM slot of `length` bytes not yet attached to any entry (evicting first when needed).
   absl::StatusOr<RamSlot> AllocateSlot(uint32_t length) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void EvictToLowWatermark() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void UnpinLocked(const RamSlot& slot) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void DropFromRam(Entry& e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The index entry of a readable page (NOT_FOUND / DATA_LOSS otherwise), touched for LRU.
   absl::StatusOr<Entry*> ReadableLocked(const PageKey& key, const char* what) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -76,32 +76,62 @@ void KvPager::Harvest(uint64_t id, Session& s, bool wait) {
   }
 }
 
+namespace {
+
+// A KV page's bf16 bytes as floats.
+void Bf16PageToFloats(std::span<const uint8_t> bytes, std::vector<float>* f) {
+  f->resize(bytes.size() / 2);
+  for (size_t k = 0; k < f->size(); ++k) {
+    uint16_t b;
+    std::memcpy(&b, bytes.data() + 2 * k, 2);
+    (*f)[k] = num::Bf16BitsToFloat(b);
+  }
+}
+
+}  // namespace
+
 absl::Status KvPager::Recall(Session& s, const std::vector<std::pair<int, int64_t>>& want,
                              std::vector<std::vector<float>>* out) {
   if (!client_) return absl::FailedPreconditionError("KV pages are in memtier but this worker has no memtier client");
+  std::vector<memtier::PageKey> keys(want.size());
+  std::vector<size_t> bytes(want.size());
+  for (size_t i = 0; i < want.size(); ++i) {
+    const Stream& st = s.streams[want[i].first];
+    bytes[i] = st.pages->page_floats() * 2;
+    keys[i] = {s.key, MemtierLayer(st.layer, st.kind), static_cast<uint32_t>(want[i].second)};
+  }
+  out->assign(want.size(), {});
+  auto wrong_size = [&](size_t got, size_t i) {
+    return absl::DataLossError(absl::StrCat("memtier returned ", got, " bytes for a KV page of ", bytes[i]));
+  };
+  // Same node: read in place from memtier's RAM tier, the node's one copy (every rank of a group
+  // maps the same chunks), each batch leased while it is converted; over UCX otherwise, or when
+  // memtier's RAM cannot hold a batch at once. Both take any number of pages and pipeline them.
+  absl::Status st = absl::UnavailableError("no same-node mapping");
+  if (client_->has_local()) {
+    st = client_->RecallLocalView(s.key, keys, [&](size_t first, std::span<const std::span<const uint8_t>> views) {
+      for (size_t i = 0; i < views.size(); ++i) {
+        if (views[i].size() != bytes[first + i]) return wrong_size(views[i].size(), first + i);
+        Bf16PageToFloats(views[i], &(*out)[first + i]);
+      }
+      return absl::OkStatus();
+    });
+    if (st.ok()) return st;
+    if (!absl::IsResourceExhausted(st))
+      return absl::Status(st.code(), absl::StrCat("recall of ", want.size(), " KV pages from memtier's memory: ", st.message()));
+  }
   std::vector<std::vector<uint8_t>> bufs(want.size());
   std::vector<memtier::PageToRecall> req(want.size());
   for (size_t i = 0; i < want.size(); ++i) {
-    const Stream& st = s.streams[want[i].first];
-    bufs[i].resize(st.pages->page_floats() * 2);
-    req[i].key = {s.key, MemtierLayer(st.layer, st.kind), static_cast<uint32_t>(want[i].second)};
+    bufs[i].resize(bytes[i]);
+    req[i].key = keys[i];
     req[i].dst = bufs[i];
   }
-  // Same node: straight from memtier's RAM tier, the node's one copy (every rank of a group maps
-  // the same chunks); otherwise over UCX. Both take any number of pages and pipeline them.
-  if (auto st = client_->has_local() ? client_->RecallLocal(s.key, req) : client_->Recall(s.key, req); !st.ok())
+  if (st = client_->Recall(s.key, req); !st.ok())
     return absl::Status(st.code(), absl::StrCat("recall of ", want.size(), " KV pages from memtier: ", st.message()));
-  out->resize(want.size());
   for (size_t i = 0; i < want.size(); ++i) {
-    if (req[i].length != bufs[i].size())
-      return absl::DataLossError(absl::StrCat("memtier returned ", req[i].length, " bytes for a KV page of ", bufs[i].size()));
-    auto& f = (*out)[i];
-    f.resize(bufs[i].size() / 2);
-    for (size_t k = 0; k < f.size(); ++k) {
-      uint16_t b;
-      std::memcpy(&b, bufs[i].data() + 2 * k, 2);
-      f[k] = num::Bf16BitsToFloat(b);
-    }
+    if (req[i].length != bufs[i].size()) return wrong_size(req[i].length, i);
+    Bf16PageToFloats(bufs[i], &(*out)[i]);
   }
   return absl::OkStatus();
 }
