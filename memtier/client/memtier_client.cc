@@ -441,7 +441,13 @@ absl::Status MemTierClient::LocatePipelined(uint64_t session, std::span<const Pa
     if (!cq.Next(&t, &ok)) return absl::InternalError("locate: completion queue shut down");
     --running;
     const size_t done = static_cast<size_t>(reinterpret_cast<intptr_t>(t));
-    if (done >= pieces) {  // a release answered; one that failed leaves the lease to expire in memtier
+    if (done >= pieces) {  // a release answered
+      // NOT_FOUND: the lease had ended before the batch was released — its consumer ran longer
+      // than lease_ms, so memtier may have reused slots it was reading. Other failures (memtier
+      // gone) leave the lease to expire there.
+      if (ok && calls[done - pieces]->release_status.error_code() == grpc::StatusCode::NOT_FOUND && first_error.ok())
+        first_error = absl::AbortedError(absl::StrCat("recall: a batch's lease ended before it was consumed (lease_ms ",
+                                                      lease_ms, "); its views may have changed under the consumer"));
       calls[done - pieces].reset();
       continue;
     }

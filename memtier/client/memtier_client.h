@@ -53,7 +53,8 @@ struct MemTierClientOptions {
   // (~0.1-0.4 ms) is hidden. 1: one batch at a time.
   int recall_in_flight = 4;
   // How long memtier keeps the pages of one RecallLocalView batch leased if this client never
-  // releases them (it dies mid-batch); released as soon as the batch is consumed.
+  // releases them (it dies mid-batch); released as soon as the batch is consumed. A consumer
+  // slower than this makes the recall fail (ABORTED): the slots may have been reused under it.
   uint32_t lease_ms = 10000;
 };
 

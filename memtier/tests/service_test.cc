@@ -451,6 +451,23 @@ TEST_F(MemTierE2E, LeasedViewsOfMemtierMemoryHoldTheirBytesUntilConsumed) {
   EXPECT_NE(std::string(st.message()).find("4242"), std::string::npos) << st;
   EXPECT_EQ(server_->service().leased_pages(), 0u);
 
+  {  // A consumer slower than the lease: ABORTED, never silently stale views.
+    MemTierClientOptions o;
+    o.target = server_->grpc_target();
+    o.name = "slow";
+    o.buffer_bytes = 1 << 20;
+    o.lease_ms = 30;
+    auto slow = MemTierClient::Connect(o);
+    ASSERT_TRUE(slow.ok()) << slow.status();
+    ASSERT_TRUE((*slow)->AttachLocal(SocketPath()).ok());
+    st = (*slow)->RecallLocalView(15, std::span(keys).subspan(0, 4), [](size_t, std::span<const std::span<const uint8_t>>) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      return absl::OkStatus();
+    });
+    EXPECT_EQ(st.code(), absl::StatusCode::kAborted) << st;
+    EXPECT_EQ(server_->service().leased_pages(), 0u);
+  }
+
   // The wire: hostile lease requests, release of what is not held, and expiry.
   auto channel = grpc::CreateChannel(server_->grpc_target(), grpc::InsecureChannelCredentials());
   auto stub = v1::MemTier::NewStub(channel);
@@ -479,6 +496,7 @@ TEST_F(MemTierE2E, LeasedViewsOfMemtierMemoryHoldTheirBytesUntilConsumed) {
     return stub->Release(&ctx, r, &out);
   };
   EXPECT_EQ(release(15, 12345).error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_FALSE(RawUnary(channel, "/flashmem.v1.MemTier/Release", "\xff\xff\xff\xff\x0f garbage \x01").first.ok());
   ASSERT_TRUE(locate(50, &resp).ok());
   ASSERT_NE(resp.lease(), 0u);
   EXPECT_EQ(server_->service().leased_pages(), 5u);
