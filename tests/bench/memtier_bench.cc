@@ -94,40 +94,30 @@ int main(int argc, char** argv) {
   };
   recall_all(false);  // warm up
   const double recall_ucx = recall_all(false);
-  auto recall_view = [&] {  // zero-copy: verified views of the registered buffer, batch by batch
-    std::vector<PageKey> keys;
-    for (int i = 0; i < pages; ++i) keys.push_back({1, 0, static_cast<uint32_t>(i)});
+  std::vector<PageKey> keys;
+  for (int i = 0; i < pages; ++i) keys.push_back({1, 0, static_cast<uint32_t>(i)});
+  // Zero-copy recalls: `recall(consume)` hands verified views batch by batch; GB/s over all pages.
+  auto views_gbps = [&](const char* what, const auto& recall) {
     size_t seen = 0;
     const auto s = Clock::now();
-    Die(c.RecallStream(1, keys, kPage, [&](size_t, std::span<const std::span<const uint8_t>> views) {
+    Die(recall([&](size_t, std::span<const std::span<const uint8_t>> views) {
           seen += views.size();
           return absl::OkStatus();
-        }), "recall stream");
-    if (seen != keys.size()) Die(absl::InternalError("recall stream: pages missing"), "recall stream");
+        }), what);
+    if (seen != keys.size()) Die(absl::InternalError("pages missing"), what);
     return bytes / Secs(s, Clock::now()) / 1e9;
   };
-  const double recall_view_gbps = recall_view();
+  // Views of the client's registered buffer (memtier put the pages there).
+  const double recall_view_gbps = views_gbps("recall stream", [&](const auto& consume) { return c.RecallStream(1, keys, kPage, consume); });
   Die(c.AttachLocal(o.shm_socket), "attach");
   recall_all(true);  // warm up: the client's first read of each mapped memtier page faults it in
   const double recall_local = recall_all(true);
-  auto recall_local_view = [&] {  // zero-copy in memtier's memory: leased, verified in place
-    std::vector<PageKey> keys;
-    for (int i = 0; i < pages; ++i) keys.push_back({1, 0, static_cast<uint32_t>(i)});
-    size_t seen = 0;
-    const auto s = Clock::now();
-    Die(c.RecallLocalView(1, keys, [&](size_t, std::span<const std::span<const uint8_t>> views) {
-          seen += views.size();
-          return absl::OkStatus();
-        }), "recall local view");
-    if (seen != keys.size()) Die(absl::InternalError("recall local view: pages missing"), "recall local view");
-    return bytes / Secs(s, Clock::now()) / 1e9;
-  };
-  const double recall_local_view_gbps = recall_local_view();
+  // Views of memtier's own memory, leased batch by batch and verified in place.
+  const double recall_local_view_gbps =
+      views_gbps("recall local view", [&](const auto& consume) { return c.RecallLocalView(1, keys, consume); });
 
   // Promote: drop the RAM copies, then prefetch everything back from RocksDB.
   Die(c.CloseSession(1), "close");
-  std::vector<PageKey> keys;
-  for (int i = 0; i < pages; ++i) keys.push_back({1, 0, static_cast<uint32_t>(i)});
   const auto p0 = Clock::now();
   auto promoted = c.Prefetch(1, keys, 600000);
   Die(promoted.status(), "prefetch");
