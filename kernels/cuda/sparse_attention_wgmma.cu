@@ -4,7 +4,7 @@
 // its slots (flash-decoding: splits fill the SMs, one block each; a combine kernel merges them),
 // in chunks of 64 with a single-pass online softmax, the next chunk's records gathered by index
 // (cp.async) while the current one is computed. (It replaced an mma.sync kernel whose warps each
-// re-read their Q and K fragments from shared memory: 63.9 -> 54.3 us at b = 64.)
+// re-read their Q and K fragments from shared memory: 63.9 -> 52.9 us at b = 64.)
 //
 // Two warpgroups. Q (64 heads x 512) and the chunk's dequantised rows (64 slots x 512) sit in
 // shared memory in the 128-byte swizzle layout, as 8 column blocks of 64.
@@ -44,7 +44,7 @@ constexpr int kColumnBlock = kChunk * 128;                // one 64-column block
 constexpr int kTileBytes = kDim / 64 * kColumnBlock;      // 64 rows x 512 bf16 = 64 KB
 constexpr int kRawBytes = kChunk * kRecordBytes;          // one chunk's records as gathered
 constexpr int kExchangeBytes = (2 * 2 + 2 * 8) * 128 * 4;  // row maxima and P of each warpgroup
-static_assert(kExchangeBytes <= kRawBytes, "the partial scores reuse the consumed chunk's raw records");
+static_assert(kExchangeBytes <= kRawBytes, "the exchanges reuse the consumed chunk's raw records");
 constexpr size_t kSmem = 1024 /* alignment slack */ + 2 * size_t{kTileBytes} + 2 * size_t{kRawBytes} + 2 * kChunk * 4 +
                          2 * 2 * 128 * 4 /* row sums of the two warpgroups */;
 static_assert(kSmem <= 232448, "shared memory of one block on sm_90");
