@@ -258,6 +258,11 @@ void PageStore::Unpin(const RamSlot& slot) {
   UnpinLocked(slot);
 }
 
+size_t PageStore::pinned_slots() const {
+  absl::MutexLock l(&mu_);
+  return pins_.size();
+}
+
 void PageStore::UnpinMany(std::span<const RamSlot> slots) {
   absl::MutexLock l(&mu_);
   for (const RamSlot& slot : slots) UnpinLocked(slot);

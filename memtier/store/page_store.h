@@ -87,6 +87,8 @@ class PageStore {
   absl::StatusOr<PinnedPage> Pin(const PageKey& key);
   void Unpin(const RamSlot& slot);
   void UnpinMany(std::span<const RamSlot> slots);
+  // RAM slots held by Pin / LocateMany(pin) and not yet unpinned.
+  size_t pinned_slots() const;
   absl::StatusOr<std::vector<PageInfo>> ListPages(uint64_t session) const;
   absl::StatusOr<PageMeta> Lookup(const PageKey& key) const;
 

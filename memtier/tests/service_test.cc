@@ -436,6 +436,7 @@ TEST_F(MemTierE2E, LeasedViewsOfMemtierMemoryHoldTheirBytesUntilConsumed) {
   ASSERT_TRUE(st.ok()) << st;
   for (uint32_t i = 0; i < kPages; ++i) EXPECT_EQ(seen[i], 1) << i;
   EXPECT_EQ(server_->service().leased_pages(), 0u);  // every batch released after it was consumed
+  EXPECT_EQ(server_->store().pinned_slots(), 0u);
   // A consumer error ends the recall with it, and its batch is released all the same.
   st = c->RecallLocalView(15, keys, [](size_t, std::span<const std::span<const uint8_t>>) {
     return absl::CancelledError("consumer stops");
@@ -505,6 +506,23 @@ TEST_F(MemTierE2E, LeasedViewsOfMemtierMemoryHoldTheirBytesUntilConsumed) {
   ASSERT_TRUE(locate(0, &resp).ok());  // any Locate or Release ends the expired leases
   EXPECT_EQ(resp.lease(), 0u);
   EXPECT_EQ(server_->service().leased_pages(), 0u);
+}
+
+TEST_F(MemTierE2E, ALeaseLargerThanRamIsRefusedAndPinsNothing) {
+  server_.reset();
+  StartServer(2ull << 20);  // ~50 main-KV pages; a leased piece of 64 cannot be held at once
+  auto c = NewClient("too-big");
+  ASSERT_TRUE(c->OpenSession(17).ok());
+  ASSERT_TRUE(CommitRange(*c, 17, 0, 0, 200, kMainPage).ok());
+  ASSERT_TRUE(c->AttachLocal(SocketPath()).ok());
+  std::vector<PageKey> keys;
+  for (uint32_t i = 0; i < 200; ++i) keys.push_back({17, 0, i});
+  const absl::Status st = c->RecallLocalView(17, keys, [](size_t, std::span<const std::span<const uint8_t>>) { return absl::OkStatus(); });
+  EXPECT_EQ(st.code(), absl::StatusCode::kResourceExhausted) << st;
+  EXPECT_EQ(server_->service().leased_pages(), 0u);
+  EXPECT_EQ(server_->store().pinned_slots(), 0u);  // the pages pinned before the failing one were let go
+  // The copy paths still deliver every page.
+  ExpectRange(*c, 17, 0, 0, 200, kMainPage);
 }
 
 TEST_F(MemTierE2E, AReusedSlotFailsTheChecksumInsteadOfReturningAnotherPage) {
