@@ -189,8 +189,8 @@ __device__ __forceinline__ void Fp4RowsMma(const uint8_t* w, const float* ws, in
   // Launched as a programmatic dependent (LaunchGrouped): the weights above stream while the
   // kernel before this one finishes; its outputs (our activations) and its reads of what we
   // write are waited for here. The kernel after us may start its own weight stages now.
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  WaitForPrerequisite();
+  AllowDependents();
 
   for (int64_t i = threadIdx.x; i < nt * (k / 8); i += blockDim.x) {
     const int64_t tk = i / (k / 8), c = (i - tk * (k / 8)) * 8;
@@ -325,18 +325,10 @@ cudaError_t LaunchGrouped(const GemvGroup* groups, int count, int64_t max_rows, 
                           bool round, cudaStream_t stream) {
   if (const size_t smem = fp8 ? 0 : Fp4Smem<T>(max_k); smem > 0) {
     if (cudaError_t e = AllowSmem(GroupedFp4Kernel<T>, smem); e != cudaSuccess) return e;
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(static_cast<unsigned>((max_rows + kFp4Rows - 1) / kFp4Rows), static_cast<unsigned>((max_n + T - 1) / T),
-                          static_cast<unsigned>(count));
-    config.blockDim = dim3(kWarps * 32);
-    config.dynamicSmemBytes = smem;
-    config.stream = stream;
-    cudaLaunchAttribute overlap = {};  // a programmatic dependent of the kernel before it (see Fp4RowsMma)
-    overlap.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    overlap.val.programmaticStreamSerializationAllowed = 1;
-    config.attrs = &overlap;
-    config.numAttrs = 1;
-    return cudaLaunchKernelEx(&config, GroupedFp4Kernel<T>, groups, round);
+    const dim3 grid(static_cast<unsigned>((max_rows + kFp4Rows - 1) / kFp4Rows), static_cast<unsigned>((max_n + T - 1) / T),
+                    static_cast<unsigned>(count));
+    // A programmatic dependent of the kernel before it (see Fp4RowsMma).
+    return LaunchAsDependent(GroupedFp4Kernel<T>, grid, dim3(kWarps * 32), smem, stream, groups, round);
   }
   const dim3 grid(static_cast<unsigned>((max_rows + kWarps - 1) / kWarps), static_cast<unsigned>((max_n + T - 1) / T),
                   static_cast<unsigned>(count));

@@ -1,6 +1,9 @@
 // Thin wrappers over the sm_80+ PTX the tensor-core kernels share: asynchronous global -> shared
-// copies, ldmatrix and mma.sync (m16n8k16, fp32 accumulators).
+// copies, ldmatrix and mma.sync (m16n8k16, fp32 accumulators), and sm_90's programmatic
+// dependent launch.
 #pragma once
+
+#include <cuda_runtime.h>
 
 #include <cstdint>
 
@@ -52,6 +55,30 @@ __device__ __forceinline__ void MmaF16(float c[4], const uint32_t a[4], const ui
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Programmatic dependent launch (sm_90): a kernel launched with LaunchAsDependent may start while
+// the kernel before it in the stream is still running. It must call WaitForPrerequisite() before
+// it reads that kernel's outputs or writes what that kernel reads (memory operations before the
+// prerequisite grid completes are visible after it); AllowDependents() lets the next dependent
+// launch start early. Both are no-ops for a kernel launched the ordinary way.
+__device__ __forceinline__ void WaitForPrerequisite() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void AllowDependents() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+
+template <typename... Params, typename... Args>
+cudaError_t LaunchAsDependent(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                              Args... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute overlap = {};
+  overlap.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  overlap.val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = &overlap;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
 }
 
 }  // namespace flashmem::kernels::cuda::ptx

@@ -309,7 +309,7 @@ __global__ void __launch_bounds__(kThreads, 1) PagedAttnWgmmaKernel(
   }
   // The combine kernel (a programmatic dependent launch) may start launching now; it waits for
   // this grid's writes before reading them.
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  AllowDependents();
 }
 
 // out[b][h] = bf16(sum_s O_s e^{(m_s - m) scale} / (sum_s l_s e^{(m_s - m) scale} + e^{sink - m scale})).
@@ -319,7 +319,7 @@ constexpr int kCombineWarps = 4;
 __global__ void __launch_bounds__(32 * kCombineWarps) CombineKernel(const float* part_o, const float* part_m,
                                                                     const float* part_l, int64_t rows, int64_t heads,
                                                                     int splits, const float* sink, float scale, float* out) {
-  asm volatile("griddepcontrol.wait;" ::: "memory");  // the attention grid's partial rows are complete
+  WaitForPrerequisite();  // the attention grid's partial rows are complete
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kCombineWarps + threadIdx.x / 32;
   if (r >= rows) return;
   const int lane = threadIdx.x % 32;
@@ -426,17 +426,9 @@ cudaError_t PagedSparseAttentionFp8Fast(const float* q, int64_t batch, int64_t h
   // Launched as a programmatic dependent of the attention grid: its launch overlaps that grid's
   // last blocks instead of following their completion.
   const int64_t rows_out = batch * heads;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(static_cast<unsigned>((rows_out + kCombineWarps - 1) / kCombineWarps));
-  config.blockDim = dim3(32 * kCombineWarps);
-  config.stream = stream;
-  cudaLaunchAttribute overlap = {};
-  overlap.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  overlap.val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = &overlap;
-  config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, CombineKernel, static_cast<const float*>(part_o), static_cast<const float*>(part_m),
-                            static_cast<const float*>(part_l), rows_out, heads, splits, sink, softmax_scale, out);
+  return LaunchAsDependent(CombineKernel, dim3(static_cast<unsigned>((rows_out + kCombineWarps - 1) / kCombineWarps)),
+                           dim3(32 * kCombineWarps), 0, stream, part_o, part_m, part_l, rows_out, heads, splits, sink,
+                           softmax_scale, out);
 }
 
 }  // namespace flashmem::kernels::cuda

@@ -211,6 +211,15 @@ void MemTierClient::AsyncLoop() {
 
 namespace {
 
+// Every call on the queue has completed; a queue is drained before it is destroyed.
+void ShutDown(grpc::CompletionQueue& cq) {
+  cq.Shutdown();
+  void* tag = nullptr;
+  bool ok = false;
+  while (cq.Next(&tag, &ok)) {
+  }
+}
+
 // Pages [keys, rooms) laid out back to back from `base` in the registered buffer.
 v1::RecallRequest RecallRequestFor(uint64_t session, std::span<const PageKey> keys, std::span<const uint32_t> rooms,
                                    uint64_t base) {
@@ -344,11 +353,7 @@ absl::Status MemTierClient::RecallPipelined(uint64_t session, std::span<const Pa
     }
     if (first_error.ok() && next < batches.size()) launch(lane);
   }
-  cq.Shutdown();  // every call has completed; a queue is drained before it is destroyed
-  void* tag = nullptr;
-  bool ok = false;
-  while (cq.Next(&tag, &ok)) {
-  }
+  ShutDown(cq);
   FM_RETURN_IF_ERROR(first_error);
   for (size_t i : redo) FM_RETURN_IF_ERROR(one(i));
   return absl::OkStatus();
@@ -461,11 +466,7 @@ absl::Status MemTierClient::LocatePipelined(uint64_t session, std::span<const Pa
     if (first_error.ok()) first_error = handle(done * piece, std::min(piece, keys.size() - done * piece), calls[done]->resp);
     release(done);
   }
-  cq.Shutdown();  // every call has completed; a queue is drained before it is destroyed
-  void* t = nullptr;
-  bool ok = false;
-  while (cq.Next(&t, &ok)) {
-  }
+  ShutDown(cq);
   return first_error;
 }
 
