@@ -107,9 +107,8 @@ absl::Status KvPager::Recall(Session& s, const std::vector<std::pair<int, int64_
   // Same node: read in place from memtier's RAM tier, the node's one copy (every rank of a group
   // maps the same chunks), each batch leased while it is converted; over UCX otherwise, or when
   // memtier's RAM cannot hold a batch at once. Both take any number of pages and pipeline them.
-  absl::Status st = absl::UnavailableError("no same-node mapping");
   if (client_->has_local()) {
-    st = client_->RecallLocalView(s.key, keys, [&](size_t first, std::span<const std::span<const uint8_t>> views) {
+    const absl::Status st = client_->RecallLocalView(s.key, keys, [&](size_t first, std::span<const std::span<const uint8_t>> views) {
       for (size_t i = 0; i < views.size(); ++i) {
         if (views[i].size() != bytes[first + i]) return wrong_size(views[i].size(), first + i);
         Bf16PageToFloats(views[i], &(*out)[first + i]);
@@ -127,7 +126,7 @@ absl::Status KvPager::Recall(Session& s, const std::vector<std::pair<int, int64_
     req[i].key = keys[i];
     req[i].dst = bufs[i];
   }
-  if (st = client_->Recall(s.key, req); !st.ok())
+  if (const absl::Status st = client_->Recall(s.key, req); !st.ok())
     return absl::Status(st.code(), absl::StrCat("recall of ", want.size(), " KV pages from memtier: ", st.message()));
   for (size_t i = 0; i < want.size(); ++i) {
     if (req[i].length != bufs[i].size()) return wrong_size(req[i].length, i);
