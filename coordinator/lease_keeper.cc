@@ -5,23 +5,28 @@
 #include <chrono>
 
 #include "absl/strings/str_cat.h"
+#include "common/grpc_wait.h"
 
 namespace flashmem::coordinator {
 
 absl::StatusOr<std::unique_ptr<LeaseKeeper>> LeaseKeeper::Start(
     const std::string& coordinator, std::shared_ptr<grpc::ChannelCredentials> creds, const std::string& address,
-    v1::ComponentKind kind, std::function<void(v1::HeartbeatRequest*)> fill) {
+    v1::ComponentKind kind, std::function<void(v1::HeartbeatRequest*)> fill, std::chrono::milliseconds startup_wait) {
   v1::RegisterRequest r;
   r.set_address(address);
   r.set_kind(kind);
-  return Start(coordinator, std::move(creds), std::move(r), std::move(fill));
+  return Start(coordinator, std::move(creds), std::move(r), std::move(fill), startup_wait);
 }
 
 absl::StatusOr<std::unique_ptr<LeaseKeeper>> LeaseKeeper::Start(
     const std::string& coordinator, std::shared_ptr<grpc::ChannelCredentials> creds, v1::RegisterRequest registration,
-    std::function<void(v1::HeartbeatRequest*)> fill) {
+    std::function<void(v1::HeartbeatRequest*)> fill, std::chrono::milliseconds startup_wait) {
   std::unique_ptr<LeaseKeeper> k(new LeaseKeeper());
-  k->stub_ = v1::Coordinator::NewStub(grpc::CreateChannel(coordinator, std::move(creds)));
+  auto channel = grpc::CreateCustomChannel(coordinator, std::move(creds), flashmem::QuickReconnectArgs());
+  // Not ready yet (started before the coordinator, or it restarts): the Register below then
+  // reports the connection's own error.
+  flashmem::WaitUntilConnected(*channel, startup_wait, absl::StrCat("the coordinator at ", coordinator));
+  k->stub_ = v1::Coordinator::NewStub(channel);
   k->request_ = std::move(registration);
   k->fill_ = std::move(fill);
   grpc::ClientContext ctx;

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <functional>
 #include <memory>
 #include <string>
@@ -16,16 +17,23 @@
 
 namespace flashmem::coordinator {
 
+// Components of a cluster start in any order (Kubernetes gives none): a component started before
+// its coordinator waits this long for it to accept connections before giving up.
+inline constexpr std::chrono::milliseconds kDefaultStartupWait{60000};
+
 class LeaseKeeper {
  public:
-  // Registers synchronously (errors name the coordinator); `fill` adds load figures to each heartbeat.
+  // Registers synchronously (errors name the coordinator), first waiting up to `startup_wait` for
+  // the coordinator to accept connections; `fill` adds load figures to each heartbeat.
   static absl::StatusOr<std::unique_ptr<LeaseKeeper>> Start(
       const std::string& coordinator, std::shared_ptr<grpc::ChannelCredentials> creds, const std::string& address,
-      v1::ComponentKind kind, std::function<void(v1::HeartbeatRequest*)> fill = nullptr);
+      v1::ComponentKind kind, std::function<void(v1::HeartbeatRequest*)> fill = nullptr,
+      std::chrono::milliseconds startup_wait = kDefaultStartupWait);
   // The same with a whole registration (tensor-parallel ranks add their group, rank and size).
   static absl::StatusOr<std::unique_ptr<LeaseKeeper>> Start(
       const std::string& coordinator, std::shared_ptr<grpc::ChannelCredentials> creds, v1::RegisterRequest registration,
-      std::function<void(v1::HeartbeatRequest*)> fill = nullptr);
+      std::function<void(v1::HeartbeatRequest*)> fill = nullptr,
+      std::chrono::milliseconds startup_wait = kDefaultStartupWait);
   ~LeaseKeeper();
 
  private:

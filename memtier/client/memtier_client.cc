@@ -7,6 +7,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "common/grpc_wait.h"
 #include "common/status.h"
 #include "memtier.grpc.pb.h"
 #include "memtier/transport/copy_pool.h"
@@ -39,11 +40,13 @@ absl::StatusOr<std::unique_ptr<MemTierClient>> MemTierClient::Connect(const MemT
   if (options.buffer_bytes == 0) return absl::InvalidArgumentError("buffer_bytes must be positive");
   std::unique_ptr<MemTierClient> c(new MemTierClient(options));
   c->rpc_ = std::make_unique<Rpc>();
-  grpc::ChannelArguments args;
+  grpc::ChannelArguments args = QuickReconnectArgs();  // memtier restarted: found again within ~1 s
   args.SetMaxReceiveMessageSize(64 << 20);
   c->rpc_->channel = grpc::CreateCustomChannel(
       options.target, options.credentials ? options.credentials : grpc::InsecureChannelCredentials(), args);
   c->rpc_->stub = v1::MemTier::NewStub(c->rpc_->channel);
+  if (options.connect_wait.count() > 0)  // not up in time: Register reports the connection's error
+    WaitUntilConnected(*c->rpc_->channel, options.connect_wait, "memtier at " + options.target);
   FM_ASSIGN_OR_RETURN(c->worker_, ucx::Worker::Create());
   // UCX-allocated: on shared memory memtier then reaches the buffer directly.
   FM_ASSIGN_OR_RETURN(c->region_, c->worker_->Allocate(options.buffer_bytes));

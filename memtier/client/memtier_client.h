@@ -44,6 +44,9 @@ struct MemTierClientOptions {
   int reconnect_attempts = 8;             // per call, with exponential backoff
   std::chrono::milliseconds backoff_initial{50};
   std::chrono::milliseconds rpc_timeout{30000};
+  // At Connect, how long to wait for memtier to accept connections (a worker may start before
+  // it); 0: fail at once with the connection's error.
+  std::chrono::milliseconds connect_wait{0};
   std::shared_ptr<grpc::ChannelCredentials> credentials;  // null: plaintext (common/tls.h)
   // Threads that verify (and copy out) recalled pages; 0: CopyPool::DefaultThreads(2) — half
   // the cores, at most 8 (idle ones sleep; a node's clients rarely recall all at once).

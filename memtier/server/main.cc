@@ -40,6 +40,9 @@ int main(int argc, char** argv) {
   app.add_option("--low-watermark", o.store.low_watermark, "evict down to this fraction");
   std::string coordinator_target;
   app.add_option("--coordinator", coordinator_target, "coordinator gRPC address: register as a memtier and keep a lease");
+  double startup_wait_s = 60;
+  app.add_option("--startup-wait-s", startup_wait_s, "at startup, how long to wait for the coordinator to accept connections (components start in any order)")
+      ->check(CLI::NonNegativeNumber);
   flashmem::TlsOptions tls;
   flashmem::AddTlsFlags(app, tls, /*public_api=*/false);
   app.footer(flashmem::EnvironmentHelp({"UCX_*  UCX transport settings of the data plane (e.g. UCX_TLS, UCX_NET_DEVICES)"}));
@@ -73,8 +76,9 @@ int main(int argc, char** argv) {
     auto creds = flashmem::MakeChannelCredentials(tls);
     std::string address = (*server)->grpc_target();
     if (!advertise_host.empty()) address = advertise_host + address.substr(address.rfind(':'));
-    auto k = creds.ok() ? flashmem::coordinator::LeaseKeeper::Start(coordinator_target, *creds, address,
-                                                                     flashmem::v1::MEMTIER)
+    auto k = creds.ok() ? flashmem::coordinator::LeaseKeeper::Start(
+                              coordinator_target, *creds, address, flashmem::v1::MEMTIER, nullptr,
+                              std::chrono::milliseconds(static_cast<int64_t>(startup_wait_s * 1000)))
                         : absl::StatusOr<std::unique_ptr<flashmem::coordinator::LeaseKeeper>>(creds.status());
     if (!k.ok()) {
       std::fprintf(stderr, "flashmem-memtier: %s\n", std::string(k.status().message()).c_str());

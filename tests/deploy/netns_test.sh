@@ -4,6 +4,7 @@
 # namespace (the "switch"). As in Kubernetes pods, memtier and the workers listen on 0.0.0.0 and
 # register an --advertise-host; every probe goes to a plaintext --health-listen port. Nothing is configured outside the namespaces this test creates, and
 # every address it uses is inside them.
+#   0. the components are started in reverse order of dependency and wait for each other;
 #   1. a session generates text across the hosts (client -> coordinator -> worker -> memtier);
 #   2. the serving worker's link is taken down mid-generation: no reset reaches anyone, the
 #      worker's lease runs out, the coordinator cancels the stalled stream and moves the session
@@ -68,19 +69,27 @@ wait_line() {  # wait_line NAME PATTERN SECONDS
   return 1
 }
 "$FM" ckpt random --preset tiny --layers 2 --seed 7 --out "$tmp/model" > /dev/null || { log "FAIL model"; exit 1; }
-start coord coord "$COORD" --listen "${ip[coord]}:7000" --data-dir "$tmp/coord-data" --health-listen "${ip[coord]}:7001" \
-  --metrics-listen "${ip[coord]}:7002"
+# Started in the worst order, as Kubernetes may: workers before memtier, memtier before the
+# coordinator. Each waits for what it depends on (--startup-wait-s) instead of exiting.
 # memtier and the workers listen on every address and advertise their own, as in Kubernetes pods.
-start mt memtier "$MEMTIER" --grpc-listen 0.0.0.0:7300 --ucx-listen 0.0.0.0:7301 --advertise-host "${ip[mt]}" \
-  --data-dir "$tmp/mt-data" --ram-bytes 268435456 --coordinator "${ip[coord]}:7000" --health-listen 0.0.0.0:7302
-check "coordinator up" wait_line coord LISTENING 30
-check "memtier up" wait_line memtier LISTENING 30
 for w in w1 w2; do
   start "$w" "$w" "$WORKER" --listen 0.0.0.0:7080 --advertise-host "${ip[$w]}" --model "$tmp/model" \
-    --memtier "${ip[mt]}:7300" --coordinator "${ip[coord]}:7000" --metrics-listen 0.0.0.0:7082 --health-listen 0.0.0.0:7081
+    --memtier "${ip[mt]}:7300" --coordinator "${ip[coord]}:7000" --metrics-listen 0.0.0.0:7082 --health-listen 0.0.0.0:7081 \
+    --startup-wait-s 120
 done
+sleep 3
+start mt memtier "$MEMTIER" --grpc-listen 0.0.0.0:7300 --ucx-listen 0.0.0.0:7301 --advertise-host "${ip[mt]}" \
+  --data-dir "$tmp/mt-data" --ram-bytes 268435456 --coordinator "${ip[coord]}:7000" --health-listen 0.0.0.0:7302 \
+  --startup-wait-s 120
+sleep 2
+start coord coord "$COORD" --listen "${ip[coord]}:7000" --data-dir "$tmp/coord-data" --health-listen "${ip[coord]}:7001" \
+  --metrics-listen "${ip[coord]}:7002"
+check "coordinator up" wait_line coord LISTENING 30
+check "memtier up (after waiting for the coordinator)" wait_line memtier LISTENING 60
+check "memtier said it waited" grep -q "waiting up to .* for the coordinator" "$tmp/memtier.log"
 check "worker 1 up" wait_line w1 LISTENING 120
 check "worker 2 up" wait_line w2 LISTENING 120
+check "worker 1 said it waited for memtier" grep -q "waiting up to .* for memtier" "$tmp/w1.log"
 for h in coord:7001 mt:7302 w1:7081 w2:7081; do
   check "health of ${h%%:*} from the client's host" on cli "$FM" health --target "${ip[${h%%:*}]}:${h##*:}" > /dev/null
 done

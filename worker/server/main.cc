@@ -62,8 +62,8 @@ flashmem::v1::RegisterRequest Registration(const std::string& address, flashmem:
 // A follower rank: finds the leader's control service through the group store, holds a lease
 // as a rank of the group, and applies the leader's ops until the group ends.
 int RunFollower(const flashmem::parallel::GroupOptions& group, std::shared_ptr<grpc::ChannelCredentials> creds,
-                const std::string& coordinator_target, flashmem::server::Scheduler& scheduler,
-                flashmem::HealthEndpoint* health) {
+                const std::string& coordinator_target, std::chrono::milliseconds startup_wait,
+                flashmem::server::Scheduler& scheduler, flashmem::HealthEndpoint* health) {
   flashmem::parallel::GroupStoreClient store(group.leader_address, group.timeout);
   auto leader = store.Get(ControlKey(group), group.timeout);
   if (!leader.ok()) {
@@ -83,7 +83,7 @@ int RunFollower(const flashmem::parallel::GroupOptions& group, std::shared_ptr<g
       const auto reg = Registration(absl::StrCat(group.group, "/rank", group.rank), flashmem::v1::WORKER_RANK, group);
       auto k = flashmem::coordinator::LeaseKeeper::Start(coordinator_target, creds, reg, [&](flashmem::v1::HeartbeatRequest* hb) {
         hb->set_sessions(static_cast<uint32_t>(scheduler.sessions()));
-      });
+      }, startup_wait);
       if (k.ok()) lease = std::move(*k);
       else spdlog::error("rank {}: {}", group.rank, std::string(k.status().message()));
     }
@@ -119,6 +119,9 @@ int main(int argc, char** argv) {
   std::string memtier_target, coordinator_target, metrics_listen;
   app.add_option("--metrics-listen", metrics_listen, "Prometheus /metrics address host:port (empty: off)");
   app.add_option("--coordinator", coordinator_target, "coordinator gRPC address: register and keep a lease with heartbeats");
+  double startup_wait_s = 60;
+  app.add_option("--startup-wait-s", startup_wait_s, "at startup, how long to wait for memtier and the coordinator to accept connections (components start in any order)")
+      ->check(CLI::NonNegativeNumber);
   app.add_option("--memtier", memtier_target, "memtier gRPC address: sessions are snapshotted there and can be adopted by another worker");
   uint64_t kv_budget_bytes = 0, memtier_buffer_bytes = 64ull << 20;
   std::string lsa_indexer, lsa_options, device = "cpu";
@@ -150,6 +153,7 @@ int main(int argc, char** argv) {
       "FLASHMEM_CUDA_FAST_PATHS  diagnostic: which fast CUDA paths stay on (docs/benchmarks.md)"}));
   group.group.clear();
   CLI11_PARSE(app, argc, argv);
+  const auto startup_wait = std::chrono::milliseconds(static_cast<int64_t>(startup_wait_s * 1000));
   const bool in_group = group.size > 1, follower = group.rank > 0;
   if (group.size < 1 || group.size > 64 || group.rank < 0 || group.rank >= group.size) {
     std::fprintf(stderr, "flashmem-worker: --tp-rank %d / --tp-size %d: need 0 <= rank < size <= 64\n", group.rank, group.size);
@@ -218,6 +222,7 @@ int main(int argc, char** argv) {
     mo.buffer_bytes = memtier_buffer_bytes;
     mo.credentials = creds->channel;
     mo.name = "worker";
+    mo.connect_wait = startup_wait;
     auto m = flashmem::memtier::MemTierClient::Connect(mo);
     if (!m.ok()) {
       std::fprintf(stderr, "flashmem-worker: --memtier %s: %s\n", memtier_target.c_str(), std::string(m.status().message()).c_str());
@@ -368,7 +373,7 @@ int main(int argc, char** argv) {
     std::fflush(stdout);
   }
   if (follower) {  // no API of its own: it follows the leader until the group ends
-    const int rc = RunFollower(group, creds->channel, coordinator_target, scheduler, health.get());
+    const int rc = RunFollower(group, creds->channel, coordinator_target, startup_wait, scheduler, health.get());
     metrics_stop.store(true);
     if (metrics_thread.joinable()) metrics_thread.join();
     return rc;
@@ -405,7 +410,7 @@ int main(int argc, char** argv) {
           hb->set_sessions(static_cast<uint32_t>(scheduler.sessions()));
           hb->set_queued_tokens(scheduler.stats().queued_tokens);
           if (pager) hb->set_kv_bytes(pager->stats().resident_bytes);
-        });
+        }, startup_wait);
     if (!k.ok()) {
       std::fprintf(stderr, "flashmem-worker: %s\n", std::string(k.status().message()).c_str());
       return 1;
