@@ -310,7 +310,22 @@ void Peer::OnError(void* arg, ucp_ep_h, int) { static_cast<Peer*>(arg)->failed_.
 
 Peer::~Peer() {
   if (rkey_) ucp_rkey_destroy(rkey_);
-  if (ep_) CloseEndpoint(ep_, worker_->raw(), true);
+  if (!ep_) return;
+  // Settled before the force close: UCX 1.13 asserts (ucp_request.c "got REP message") when an
+  // endpoint whose wireup is still in flight is force-closed, as when a process ends right after
+  // a peer connected. A flush completes once the wireup has; bounded, so a dead peer cannot hold
+  // the close (an unfinished request is released by UCX when the close fails it).
+  if (!failed_.load()) {
+    ucp_request_param_t rp{};
+    void* req = ucp_ep_flush_nbx(ep_, &rp);
+    if (UCS_PTR_IS_PTR(req)) {
+      const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(1);
+      while (ucp_request_check_status(req) == UCS_INPROGRESS && std::chrono::steady_clock::now() < deadline)
+        worker_->Progress();
+      ucp_request_free(req);
+    }
+  }
+  CloseEndpoint(ep_, worker_->raw(), true);
 }
 
 absl::Status Peer::CheckRange(uint64_t remote_addr, uint64_t bytes) const {
