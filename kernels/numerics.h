@@ -4,6 +4,7 @@
 
 #include <bit>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 
 namespace flashmem::num {
@@ -18,6 +19,12 @@ inline uint16_t FloatToBf16Bits(float x) {
 inline float Bf16BitsToFloat(uint16_t b) { return std::bit_cast<float>(static_cast<uint32_t>(b) << 16); }
 // The value x takes when the reference stores it in a bf16 tensor.
 inline float RoundBf16(float x) { return Bf16BitsToFloat(FloatToBf16Bits(x)); }
+// n little-endian bf16 values at `bytes` (any alignment: checkpoint tensors, state blobs and KV
+// pages are byte buffers) as floats.
+inline void Bf16BytesToFloats(const uint8_t* bytes, size_t n, float* out) {
+  for (size_t i = 0; i < n; ++i)
+    out[i] = Bf16BitsToFloat(static_cast<uint16_t>(bytes[2 * i] | (static_cast<uint16_t>(bytes[2 * i + 1]) << 8)));
+}
 
 // exp through double, rounded once to float. Both backends use it where the reference calls exp
 // on fp32 tensors, so the CPU and CUDA ops agree bit for bit (float expf differs by an ulp

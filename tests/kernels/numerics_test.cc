@@ -15,6 +15,13 @@ TEST(Bf16, RoundsToNearestEven) {
   EXPECT_TRUE(std::isnan(RoundBf16(std::nanf(""))));
   EXPECT_EQ(Bf16BitsToFloat(0x3f80), 1.0f);
   EXPECT_EQ(FloatToBf16Bits(1.0f), 0x3f80);
+  // Little-endian bytes at an odd offset (state blobs and pages are byte buffers).
+  const uint8_t bytes[] = {0xee, 0x80, 0x3f, 0x00, 0xc0, 0x80, 0xff};
+  float out[3] = {7, 7, 7};
+  Bf16BytesToFloats(bytes + 1, 3, out);
+  EXPECT_EQ(out[0], 1.0f);
+  EXPECT_EQ(out[1], -2.0f);
+  EXPECT_TRUE(std::isinf(out[2]) && out[2] < 0);
 }
 
 TEST(F16, DecodesNormalsAndSubnormals) {

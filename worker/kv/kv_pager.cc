@@ -81,11 +81,7 @@ namespace {
 // A KV page's bf16 bytes as floats.
 void Bf16PageToFloats(std::span<const uint8_t> bytes, std::vector<float>* f) {
   f->resize(bytes.size() / 2);
-  for (size_t k = 0; k < f->size(); ++k) {
-    uint16_t b;
-    std::memcpy(&b, bytes.data() + 2 * k, 2);
-    (*f)[k] = num::Bf16BitsToFloat(b);
-  }
+  num::Bf16BytesToFloats(bytes.data(), f->size(), f->data());
 }
 
 }  // namespace

@@ -39,11 +39,7 @@ absl::StatusOr<std::vector<float>> ReadTensor(const model::SafetensorsFile& f, c
   if (v.dtype == model::DType::kF32) {
     std::memcpy(out.data(), v.bytes.data(), out.size() * 4);
   } else if (v.dtype == model::DType::kBF16) {
-    for (int64_t i = 0; i < v.numel; ++i) {
-      uint16_t b;
-      std::memcpy(&b, v.bytes.data() + 2 * i, 2);
-      out[i] = num::Bf16BitsToFloat(b);
-    }
+    num::Bf16BytesToFloats(v.bytes.data(), out.size(), out.data());
   } else {
     return Bad(f.path(), absl::StrCat(name, " has dtype ", model::DTypeName(v.dtype), ", expected F32 or BF16"));
   }

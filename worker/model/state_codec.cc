@@ -66,11 +66,7 @@ class Reader {
   }
   absl::Status Bf16s(float* v, size_t n, absl::string_view what) {
     if (auto st = Need(n * 2, what); !st.ok()) return st;
-    for (size_t i = 0; i < n; ++i) {
-      uint16_t b;
-      std::memcpy(&b, s_.data() + at_ + 2 * i, 2);
-      v[i] = num::Bf16BitsToFloat(b);
-    }
+    num::Bf16BytesToFloats(reinterpret_cast<const uint8_t*>(s_.data()) + at_, n, v);
     at_ += n * 2;
     return absl::OkStatus();
   }
