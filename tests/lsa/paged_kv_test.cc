@@ -130,13 +130,20 @@ TEST_F(PagedKv, SmallBudgetEvictsToMemtierAndRecallsExactly) {
   // 2 CSA layers x (main KV + index keys) + 1 HCA layer, 8292 tokens: 32 CSA pages per stream.
   EXPECT_GE(remote->pages_total, 4u * 32u);
   EXPECT_EQ(remote->checksum_failures, 0u);
+  // Every page travelled in its compact form (page_codec.h): the model's values are on the grids.
+  EXPECT_EQ(ps.pages_sent_bf16, 0u);
+  EXPECT_GT(ps.committed_bytes, 0u);
+  const model::ModelArgs& a = loaded_->model->args();
+  const uint64_t main_page = kv::PageFormat::MainKv(a.head_dim, a.rope_head_dim).page_bytes();
+  const uint64_t index_page = kv::PageFormat::IndexKeys(a.index_head_dim).page_bytes();
+  EXPECT_GE(ps.committed_bytes, ps.pages_committed * std::min(main_page, index_page));
   std::printf("paged KV: budget %llu B, max resident after the first set %llu B, dense %llu B; evicted %llu, recalled %llu "
-              "(staged %llu, late %llu in %.1f ms), committed %llu\n",
+              "(staged %llu, late %llu in %.1f ms), committed %llu (%llu B)\n",
               static_cast<unsigned long long>(kBudget), static_cast<unsigned long long>(paged.max_resident_after_set),
               static_cast<unsigned long long>(ps.dense_bytes), static_cast<unsigned long long>(ps.pages_evicted),
               static_cast<unsigned long long>(ps.pages_recalled), static_cast<unsigned long long>(ps.pages_staged),
               static_cast<unsigned long long>(ps.late_pages), ps.late_seconds * 1e3,
-              static_cast<unsigned long long>(ps.pages_committed));
+              static_cast<unsigned long long>(ps.pages_committed), static_cast<unsigned long long>(ps.committed_bytes));
   client->reset();  // before memtier goes away
   testing::Stop(memtier);
   std::filesystem::remove_all(dir);

@@ -32,11 +32,11 @@ void KvPager::AddSession(uint64_t id, uint64_t memtier_key, model::SessionState*
     const int r = args_.ratio(l);
     if (r == 0) continue;
     model::LayerState& ls = state->layers[l];
-    s->streams.push_back({l, 0, r == 4, r == 4, &ls.compressed, {}, {}, {}});
+    s->streams.push_back({l, 0, r == 4, r == 4, &ls.compressed, PageFormat::MainKv(ls.compressed.dim(), args_.rope_head_dim), {}, {}, {}});
     if (r == 4) {
       const bool pinned = std::find(options_.pinned_index_layers.begin(), options_.pinned_index_layers.end(), csa) !=
                           options_.pinned_index_layers.end();
-      s->streams.push_back({l, 1, !pinned, true, &ls.index_keys, {}, {}, {}});
+      s->streams.push_back({l, 1, !pinned, true, &ls.index_keys, PageFormat::IndexKeys(ls.index_keys.dim()), {}, {}, {}});
       ++csa;
     }
   }
@@ -76,39 +76,26 @@ void KvPager::Harvest(uint64_t id, Session& s, bool wait) {
   }
 }
 
-namespace {
-
-// A KV page's bf16 bytes as floats.
-void Bf16PageToFloats(std::span<const uint8_t> bytes, std::vector<float>* f) {
-  f->resize(bytes.size() / 2);
-  num::Bf16BytesToFloats(bytes.data(), f->size(), f->data());
-}
-
-}  // namespace
-
 absl::Status KvPager::Recall(Session& s, const std::vector<std::pair<int, int64_t>>& want,
                              std::vector<std::vector<float>>* out) {
   if (!client_) return absl::FailedPreconditionError("KV pages are in memtier but this worker has no memtier client");
   std::vector<memtier::PageKey> keys(want.size());
-  std::vector<size_t> bytes(want.size());
   for (size_t i = 0; i < want.size(); ++i) {
     const Stream& st = s.streams[want[i].first];
-    bytes[i] = st.pages->page_floats() * 2;
     keys[i] = {s.key, MemtierLayer(st.layer, st.kind), static_cast<uint32_t>(want[i].second)};
   }
   out->assign(want.size(), {});
-  auto wrong_size = [&](size_t got, size_t i) {
-    return absl::DataLossError(absl::StrCat("memtier returned ", got, " bytes for a KV page of ", bytes[i]));
+  auto decode = [&](size_t i, std::span<const uint8_t> bytes) {
+    const absl::Status st = DecodePage(s.streams[want[i].first].format, bytes, &(*out)[i]);
+    return st.ok() ? st : absl::Status(st.code(), absl::StrCat("KV page ", memtier::ToString(keys[i]), ": ", st.message()));
   };
   // Same node: read in place from memtier's RAM tier, the node's one copy (every rank of a group
   // maps the same chunks), each batch leased while it is converted; over UCX otherwise, or when
   // memtier's RAM cannot hold a batch at once. Both take any number of pages and pipeline them.
   if (client_->has_local()) {
     const absl::Status st = client_->RecallLocalView(s.key, keys, [&](size_t first, std::span<const std::span<const uint8_t>> views) {
-      for (size_t i = 0; i < views.size(); ++i) {
-        if (views[i].size() != bytes[first + i]) return wrong_size(views[i].size(), first + i);
-        Bf16PageToFloats(views[i], &(*out)[first + i]);
-      }
+      for (size_t i = 0; i < views.size(); ++i)
+        if (absl::Status st = decode(first + i, views[i]); !st.ok()) return st;
       return absl::OkStatus();
     });
     if (st.ok()) return st;
@@ -118,16 +105,15 @@ absl::Status KvPager::Recall(Session& s, const std::vector<std::pair<int, int64_
   std::vector<std::vector<uint8_t>> bufs(want.size());
   std::vector<memtier::PageToRecall> req(want.size());
   for (size_t i = 0; i < want.size(); ++i) {
-    bufs[i].resize(bytes[i]);
+    // Room for either form (page_codec.h): the bf16 one of older workers is the larger.
+    bufs[i].resize(s.streams[want[i].first].format.bf16_page_bytes());
     req[i].key = keys[i];
     req[i].dst = bufs[i];
   }
   if (const absl::Status st = client_->Recall(s.key, req); !st.ok())
     return absl::Status(st.code(), absl::StrCat("recall of ", want.size(), " KV pages from memtier: ", st.message()));
-  for (size_t i = 0; i < want.size(); ++i) {
-    if (req[i].length != bufs[i].size()) return wrong_size(req[i].length, i);
-    Bf16PageToFloats(bufs[i], &(*out)[i]);
-  }
+  for (size_t i = 0; i < want.size(); ++i)
+    if (absl::Status st = decode(i, std::span<const uint8_t>(bufs[i]).first(req[i].length)); !st.ok()) return st;
   return absl::OkStatus();
 }
 
@@ -231,11 +217,19 @@ void KvPager::AfterStep() {
       for (int64_t p = 0; p < st.pages->complete_pages(); ++p) {
         if (st.state[p] != 0 || !client_ || !options_.commit || !st.pages->resident(p)) continue;
         const std::span<const float> f = st.pages->Page(p);
-        std::vector<uint8_t> b(f.size() * 2);
-        for (size_t k = 0; k < f.size(); ++k) {
-          const uint16_t h = num::FloatToBf16Bits(f[k]);  // entries are bf16 values: exact
-          std::memcpy(b.data() + 2 * k, &h, 2);
+        std::vector<uint8_t> b;
+        if (!EncodePage(st.format, f, &b).ok()) {
+          // Off its grid (not expected: the model's round trips put every value there). Entries
+          // are bf16 values, so the bf16 form is exact; DecodePage reads either.
+          b.resize(f.size() * 2);
+          for (size_t k = 0; k < f.size(); ++k) {
+            const uint16_t h = num::FloatToBf16Bits(f[k]);
+            b[2 * k] = static_cast<uint8_t>(h & 0xff);
+            b[2 * k + 1] = static_cast<uint8_t>(h >> 8);
+          }
+          stats_.pages_sent_bf16++;
         }
+        stats_.committed_bytes += b.size();
         bytes.push_back(std::move(b));
         which.push_back({si, p});
         st.state[p] = 1;

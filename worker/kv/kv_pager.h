@@ -21,6 +21,7 @@
 #include "absl/status/status.h"
 #include "memtier/client/memtier_client.h"
 #include "worker/model/config.h"
+#include "worker/kv/page_codec.h"
 #include "worker/model/state.h"
 
 namespace flashmem::kv {
@@ -48,6 +49,8 @@ struct AckedPage {
 
 struct KvPagerStats {
   uint64_t pages_committed = 0, commit_failures = 0;
+  uint64_t committed_bytes = 0;   // page bytes sent to memtier (the compact forms of page_codec.h)
+  uint64_t pages_sent_bf16 = 0;   // pages off their format's grid, sent as bf16 instead (none expected)
   uint64_t pages_evicted = 0, pages_recalled = 0, pages_staged = 0, late_pages = 0;
   double late_seconds = 0;        // time decode steps waited for late pages
   uint64_t over_budget_steps = 0; // steps after which the needed pages alone exceeded the budget
@@ -104,6 +107,7 @@ class KvPager {
     bool evictable;
     bool csa;            // pages follow the CSA chunk numbering (the Level-2 view applies)
     kv::EntryPages* pages;
+    PageFormat format;             // how its pages travel to memtier
     std::vector<uint8_t> state;    // per page: 0 not committed, 1 in flight, 2 acknowledged
     std::vector<uint8_t> evicted;  // mirror of !pages->resident(p), readable off-thread
     std::vector<uint64_t> last_used;

@@ -333,6 +333,8 @@ int main(int argc, char** argv) {
     auto& kv_late = gauge("flashmem_kv_late_pages", "pages recalled synchronously because they were not staged in time");
     auto& kv_late_s = gauge("flashmem_kv_late_seconds", "time decode steps waited for late pages");
     auto& kv_committed = gauge("flashmem_kv_pages_committed", "pages acknowledged by memtier");
+    auto& kv_commit_bytes = gauge("flashmem_kv_committed_bytes", "page bytes sent to memtier (FP8 records / MXFP4, worker/kv/page_codec.h)");
+    auto& kv_bf16 = gauge("flashmem_kv_pages_sent_bf16", "pages off their format's grid, sent as bf16 (none expected)");
     auto& kv_over = gauge("flashmem_kv_over_budget_steps", "steps whose needed pages alone exceeded --kv-budget-bytes");
     exposer->RegisterCollectable(registry);
     metrics_thread = std::thread([&] {
@@ -365,6 +367,8 @@ int main(int argc, char** argv) {
           kv_late_s.Set(ps.late_seconds);
           kv_committed.Set(static_cast<double>(ps.pages_committed));
           kv_over.Set(static_cast<double>(ps.over_budget_steps));
+          kv_commit_bytes.Set(static_cast<double>(ps.committed_bytes));
+          kv_bf16.Set(static_cast<double>(ps.pages_sent_bf16));
         }
         std::this_thread::sleep_for(std::chrono::milliseconds(200));
       }

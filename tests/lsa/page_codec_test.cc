@@ -1,0 +1,172 @@
+// KV pages travel to memtier as FP8 records (main KV) and MXFP4 (indexer keys), page_codec.h:
+// values the model's own round trips produced come back bit for bit, the byte layout is the one
+// the CUDA paged kernel reads, and anything off the grid or malformed is refused with a clear error.
+#include "worker/kv/page_codec.h"
+
+#include <bit>
+#include <cmath>
+#include <random>
+
+#include "gtest/gtest.h"
+#include "kernels/numerics.h"
+#include "kernels/ops.h"
+
+namespace flashmem::kv {
+namespace {
+
+bool SameBits(const std::vector<float>& a, const std::vector<float>& b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i)
+    if (std::bit_cast<uint32_t>(a[i]) != std::bit_cast<uint32_t>(b[i])) return false;
+  return true;
+}
+
+// A page of entries as the model makes them: bf16 values of random magnitudes (2^-20..2^19),
+// then `finish` (the model's round trip) on each entry.
+template <typename Finish>
+std::vector<float> ModelPage(const PageFormat& f, uint32_t seed, Finish finish) {
+  std::mt19937 g(seed);
+  std::vector<float> v(f.page_floats());
+  for (int64_t e = 0; e < f.entries; ++e) {
+    float* x = v.data() + e * f.dim;
+    const float mag = std::ldexp(1.0f, static_cast<int>(g() % 40) - 20);
+    for (int64_t j = 0; j < f.dim; ++j) x[j] = num::RoundBf16(std::normal_distribution<float>(0, mag)(g));
+    finish(e, x);
+  }
+  return v;
+}
+
+// Main KV: the nope dims through the FP8 round trip (blocks of 64), with zero blocks and signed zeros.
+std::vector<float> MainKvPage(const PageFormat& f, uint32_t seed) {
+  return ModelPage(f, seed, [&](int64_t e, float* x) {
+    if (e % 7 == 3) std::fill(x, x + 64, 0.0f);  // an all-zero block
+    if (e % 5 == 1) x[2] = -0.0f;
+    kernels::CpuBackend().Fp8RoundTrip(x, f.nope_dims(), 64);
+  });
+}
+
+// Index keys: Hadamard, then the FP4 round trip (blocks of 32).
+std::vector<float> IndexKeyPage(const PageFormat& f, uint32_t seed) {
+  return ModelPage(f, seed, [&](int64_t, float* x) {
+    kernels::CpuBackend().Hadamard(x, 1, f.dim);
+    kernels::CpuBackend().Fp4RoundTrip(x, f.dim, 32);
+  });
+}
+
+TEST(PageCodec, MainKvIsTheFp8RecordPageAndComesBackBitForBit) {
+  const PageFormat f = PageFormat::MainKv(512, 64);
+  EXPECT_EQ(f.data_bytes_per_entry(), 576);
+  EXPECT_EQ(f.scale_bytes_per_entry(), 8);
+  EXPECT_EQ(f.page_bytes(), 37376);  // 64 x 584, the CSA page of the spec
+  for (uint32_t seed : {1u, 2u, 3u}) {
+    const std::vector<float> page = MainKvPage(f, seed);
+    std::vector<uint8_t> bytes;
+    ASSERT_TRUE(EncodePage(f, page, &bytes).ok());
+    ASSERT_EQ(bytes.size(), 37376u);
+    std::vector<float> back;
+    ASSERT_TRUE(DecodePage(f, bytes, &back).ok());
+    EXPECT_TRUE(SameBits(back, page)) << "seed " << seed;
+    // Layout: entry e's codes at e * 576, its rope bf16 after the 448 codes, its scales after all
+    // 64 entries' data; the pad byte is zero.
+    for (int64_t e : {0, 1, 63}) {
+      const float* x = page.data() + e * 512;
+      const float s = num::E8m0ToFloat(bytes[64 * 576 + e * 8]);
+      EXPECT_EQ(num::E4m3ToFloat(bytes[e * 576 + 5]) * s, x[5]);
+      const uint16_t rope0 = static_cast<uint16_t>(bytes[e * 576 + 448] | bytes[e * 576 + 449] << 8);
+      EXPECT_EQ(num::Bf16BitsToFloat(rope0), x[448]);
+      EXPECT_EQ(bytes[64 * 576 + e * 8 + 7], 0);
+    }
+  }
+}
+
+TEST(PageCodec, IndexKeysAreMxfp4AndComeBackBitForBit) {
+  const PageFormat f = PageFormat::IndexKeys(128);
+  EXPECT_EQ(f.data_bytes_per_entry(), 64);
+  EXPECT_EQ(f.scale_bytes_per_entry(), 4);
+  EXPECT_EQ(f.page_bytes(), 64 * 68);
+  for (uint32_t seed : {4u, 5u}) {
+    std::vector<float> page = IndexKeyPage(f, seed);
+    page[7] = -0.0f;  // the FP4 round trip makes negative zeros; they keep their sign
+    std::vector<uint8_t> bytes;
+    ASSERT_TRUE(EncodePage(f, page, &bytes).ok());
+    std::vector<float> back;
+    ASSERT_TRUE(DecodePage(f, bytes, &back).ok());
+    EXPECT_TRUE(SameBits(back, page)) << "seed " << seed;
+    EXPECT_TRUE(std::signbit(back[7]));
+  }
+}
+
+TEST(PageCodec, SmallModelDimsAndPartialBlocks) {
+  for (const PageFormat& f : {PageFormat::MainKv(128, 64), PageFormat::MainKv(160, 32), PageFormat::IndexKeys(64),
+                              PageFormat::IndexKeys(48)}) {
+    const bool main = f.kind == PageFormat::Kind::kFp8Record;
+    std::vector<float> page = main ? MainKvPage(f, 9) : std::vector<float>(f.page_floats());
+    if (!main) {  // FP4 grid values with per-block powers of two, the last block partial at 48
+      std::mt19937 g(9);
+      for (int64_t i = 0; i < f.page_floats(); ++i)
+        page[i] = num::E2m1ToFloat(static_cast<uint8_t>(g() % 16)) * std::ldexp(1.0f, static_cast<int>((i % f.dim) / 32) - 3);
+    }
+    std::vector<uint8_t> bytes;
+    ASSERT_TRUE(EncodePage(f, page, &bytes).ok()) << f.dim;
+    EXPECT_EQ(static_cast<int64_t>(bytes.size()), f.page_bytes());
+    EXPECT_LT(f.page_bytes(), f.bf16_page_bytes());
+    std::vector<float> back;
+    ASSERT_TRUE(DecodePage(f, bytes, &back).ok());
+    EXPECT_TRUE(SameBits(back, page)) << f.dim;
+  }
+}
+
+TEST(PageCodec, ValuesOffTheGridAndBadSizesAreRefused) {
+  const PageFormat f = PageFormat::MainKv(512, 64);
+  const std::vector<float> good = MainKvPage(f, 11);
+  std::vector<uint8_t> bytes;
+  auto refused = [&](std::vector<float> page, const std::string& names) {
+    const absl::Status st = EncodePage(f, page, &bytes);
+    EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << names;
+    EXPECT_NE(st.message().find(names), std::string::npos) << st.message();
+  };
+  std::vector<float> page = good;
+  page[3 * 512 + 5] = num::RoundBf16(std::nextafter(page[3 * 512 + 5] + 0.37f, 1e9f));  // between e4m3 codes
+  refused(page, "entry 3 dim");
+  page = good;
+  page[2 * 512 + 470] = 1.0f + std::ldexp(1.0f, -12);  // a rope value that is not a bf16
+  refused(page, "entry 2 dim 470");
+  page = good;
+  page[9] = std::nanf("");
+  refused(page, "entry 0 dim 9");
+  refused(std::vector<float>(good.begin(), good.end() - 1), "values");
+  const PageFormat idx = PageFormat::IndexKeys(128);
+  std::vector<float> keys = IndexKeyPage(idx, 12);
+  keys[130] = 0.3f;
+  const absl::Status st = EncodePage(idx, keys, &bytes);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("e2m1"), std::string::npos) << st.message();
+}
+
+TEST(PageCodec, DecodeTakesTheEarlierBf16FormAndRefusesOtherLengths) {
+  const PageFormat f = PageFormat::MainKv(512, 64);
+  const std::vector<float> page = MainKvPage(f, 13);
+  std::vector<uint8_t> bf16(f.bf16_page_bytes());
+  for (size_t i = 0; i < page.size(); ++i) {
+    const uint16_t h = num::FloatToBf16Bits(page[i]);
+    bf16[2 * i] = static_cast<uint8_t>(h & 0xff);
+    bf16[2 * i + 1] = static_cast<uint8_t>(h >> 8);
+  }
+  std::vector<float> back;
+  ASSERT_TRUE(DecodePage(f, bf16, &back).ok());
+  EXPECT_TRUE(SameBits(back, page));
+  for (size_t n : {size_t{0}, size_t{37375}, size_t{37377}, size_t{65535}}) {
+    const absl::Status st = DecodePage(f, std::vector<uint8_t>(n), &back);
+    EXPECT_EQ(st.code(), absl::StatusCode::kDataLoss) << n;
+    EXPECT_NE(st.message().find("37376"), std::string::npos) << st.message();
+  }
+  std::vector<uint8_t> bytes;
+  ASSERT_TRUE(EncodePage(f, page, &bytes).ok());
+  bytes[64 * 576 + 5 * 8 + 2] = 0xff;  // a NaN scale
+  const absl::Status st = DecodePage(f, bytes, &back);
+  EXPECT_EQ(st.code(), absl::StatusCode::kDataLoss);
+  EXPECT_NE(st.message().find("entry 5"), std::string::npos) << st.message();
+}
+
+}  // namespace
+}  // namespace flashmem::kv

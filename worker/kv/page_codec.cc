@@ -1,0 +1,167 @@
+#include "worker/kv/page_codec.h"
+
+#include <algorithm>
+#include <array>
+#include <bit>
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/numerics.h"
+
+namespace flashmem::kv {
+namespace {
+
+constexpr int64_t kFp8Block = 64;  // nope dims a UE8M0 scale covers (the model's Fp8RoundTrip block)
+constexpr int64_t kFp4Block = 32;  // index dims a UE8M0 scale covers (the model's Fp4RoundTrip block)
+constexpr float kFp4Mag[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+
+bool SameBits(float a, float b) { return std::bit_cast<uint32_t>(a) == std::bit_cast<uint32_t>(b); }
+
+// The smallest power of two s with amax <= max_code * s (1 for an all-zero block), as its UE8M0
+// byte; false when amax is not finite or s leaves UE8M0's normal range. Any s at most the model's
+// own block scale puts the block's values on the grid (a grid value times 2^k, k >= 0, stays on
+// it below the maximum), and the smallest one is at most it.
+bool BlockScale(const float* v, int64_t n, float max_code, float* scale, uint8_t* byte) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(v[i]));
+  if (!std::isfinite(amax)) return false;
+  const float s = amax == 0.0f ? 1.0f : num::Pow2Ceil(amax / max_code);
+  const uint32_t exp = (std::bit_cast<uint32_t>(s) >> 23) & 0xff;
+  if (exp == 0 || exp == 0xff) return false;
+  *scale = s;
+  *byte = static_cast<uint8_t>(exp);
+  return true;
+}
+
+// e4m3 code of v / s, when it is exact.
+bool E4m3Code(float v, float s, uint8_t* code) {
+  const float a = std::fabs(v) / s;
+  if (!(a <= num::kE4m3Max)) return false;
+  const uint8_t sign = std::signbit(v) ? 0x80 : 0;
+  *code = a == 0.0f ? sign : static_cast<uint8_t>(sign | num::EncodeE4m3(a));
+  return SameBits(num::E4m3ToFloat(*code) * s, v);
+}
+
+bool E2m1Code(float v, float s, uint8_t* code) {
+  const float a = std::fabs(v) / s;
+  for (uint8_t i = 0; i < 8; ++i)
+    if (kFp4Mag[i] == a) {
+      *code = static_cast<uint8_t>((std::signbit(v) ? 8 : 0) | i);
+      return SameBits(num::E2m1ToFloat(*code) * s, v);
+    }
+  return false;
+}
+
+const std::array<float, 256>& E4m3Table() {
+  static const std::array<float, 256> table = [] {
+    std::array<float, 256> t{};
+    for (int c = 0; c < 256; ++c) t[c] = num::E4m3ToFloat(static_cast<uint8_t>(c));
+    return t;
+  }();
+  return table;
+}
+
+absl::Status OffGrid(int64_t entry, int64_t dim, float v, const char* grid) {
+  return absl::InvalidArgumentError(
+      absl::StrCat("KV page entry ", entry, " dim ", dim, ": value ", v, " is not on the ", grid, " grid of its block"));
+}
+
+}  // namespace
+
+PageFormat PageFormat::MainKv(int64_t dim, int64_t rope_dims) {
+  PageFormat f;
+  f.kind = Kind::kFp8Record;
+  f.dim = dim;
+  f.rope_dims = rope_dims;
+  return f;
+}
+
+PageFormat PageFormat::IndexKeys(int64_t dim) {
+  PageFormat f;
+  f.kind = Kind::kMxfp4;
+  f.dim = dim;
+  return f;
+}
+
+int64_t PageFormat::data_bytes_per_entry() const {
+  return kind == Kind::kFp8Record ? nope_dims() + 2 * rope_dims : (dim + 1) / 2;
+}
+
+int64_t PageFormat::scale_bytes_per_entry() const {
+  if (kind == Kind::kMxfp4) return (dim + kFp4Block - 1) / kFp4Block;
+  const int64_t blocks = (nope_dims() + kFp8Block - 1) / kFp8Block;
+  return (blocks + 7) / 8 * 8;  // 7 scales + 1 pad at 448 nope dims
+}
+
+absl::Status EncodePage(const PageFormat& f, std::span<const float> values, std::vector<uint8_t>* out) {
+  if (static_cast<int64_t>(values.size()) != f.page_floats())
+    return absl::InvalidArgumentError(absl::StrCat("KV page has ", values.size(), " values, its format ", f.page_floats()));
+  out->assign(f.page_bytes(), 0);
+  const int64_t data_bytes = f.data_bytes_per_entry(), scale_bytes = f.scale_bytes_per_entry();
+  for (int64_t e = 0; e < f.entries; ++e) {
+    const float* v = values.data() + e * f.dim;
+    uint8_t* data = out->data() + e * data_bytes;
+    uint8_t* scales = out->data() + f.entries * data_bytes + e * scale_bytes;
+    if (f.kind == PageFormat::Kind::kFp8Record) {
+      const int64_t nope = f.nope_dims();
+      for (int64_t b = 0; b * kFp8Block < nope; ++b) {
+        const int64_t lo = b * kFp8Block, n = std::min(kFp8Block, nope - lo);
+        float s;
+        if (!BlockScale(v + lo, n, num::kE4m3Max, &s, &scales[b])) return OffGrid(e, lo, v[lo], "e4m3");
+        for (int64_t j = lo; j < lo + n; ++j)
+          if (!E4m3Code(v[j], s, &data[j])) return OffGrid(e, j, v[j], "e4m3");
+      }
+      for (int64_t j = nope; j < f.dim; ++j) {
+        const uint16_t h = num::FloatToBf16Bits(v[j]);
+        if (!SameBits(num::Bf16BitsToFloat(h), v[j])) return OffGrid(e, j, v[j], "bf16");
+        data[nope + 2 * (j - nope)] = static_cast<uint8_t>(h & 0xff);
+        data[nope + 2 * (j - nope) + 1] = static_cast<uint8_t>(h >> 8);
+      }
+    } else {
+      for (int64_t b = 0; b * kFp4Block < f.dim; ++b) {
+        const int64_t lo = b * kFp4Block, n = std::min(kFp4Block, f.dim - lo);
+        float s;
+        if (!BlockScale(v + lo, n, num::kE2m1Max, &s, &scales[b])) return OffGrid(e, lo, v[lo], "e2m1");
+        for (int64_t j = lo; j < lo + n; ++j) {
+          uint8_t c;
+          if (!E2m1Code(v[j], s, &c)) return OffGrid(e, j, v[j], "e2m1");
+          data[j / 2] |= static_cast<uint8_t>(j % 2 ? c << 4 : c);
+        }
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status DecodePage(const PageFormat& f, std::span<const uint8_t> bytes, std::vector<float>* out) {
+  out->resize(f.page_floats());
+  if (static_cast<int64_t>(bytes.size()) == f.bf16_page_bytes()) {  // the earlier form
+    num::Bf16BytesToFloats(bytes.data(), out->size(), out->data());
+    return absl::OkStatus();
+  }
+  if (static_cast<int64_t>(bytes.size()) != f.page_bytes())
+    return absl::DataLossError(absl::StrCat("KV page of ", bytes.size(), " bytes: its format has ", f.page_bytes(),
+                                            " (or ", f.bf16_page_bytes(), " as bf16)"));
+  const int64_t data_bytes = f.data_bytes_per_entry(), scale_bytes = f.scale_bytes_per_entry();
+  const std::array<float, 256>& e4m3 = E4m3Table();
+  for (int64_t e = 0; e < f.entries; ++e) {
+    float* v = out->data() + e * f.dim;
+    const uint8_t* data = bytes.data() + e * data_bytes;
+    const uint8_t* scales = bytes.data() + f.entries * data_bytes + e * scale_bytes;
+    const int64_t block = f.kind == PageFormat::Kind::kFp8Record ? kFp8Block : kFp4Block;
+    const int64_t scaled = f.kind == PageFormat::Kind::kFp8Record ? f.nope_dims() : f.dim;
+    for (int64_t b = 0; b * block < scaled; ++b)
+      if (num::E8m0IsNan(scales[b])) return absl::DataLossError(absl::StrCat("KV page entry ", e, ": NaN scale byte"));
+    if (f.kind == PageFormat::Kind::kFp8Record) {
+      for (int64_t j = 0; j < scaled; ++j) v[j] = e4m3[data[j]] * num::E8m0ToFloat(scales[j / block]);
+      num::Bf16BytesToFloats(data + scaled, f.rope_dims, v + scaled);
+    } else {
+      for (int64_t j = 0; j < scaled; ++j)
+        v[j] = num::E2m1ToFloat(static_cast<uint8_t>(j % 2 ? data[j / 2] >> 4 : data[j / 2] & 0xf)) *
+               num::E8m0ToFloat(scales[j / block]);
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace flashmem::kv
