@@ -50,7 +50,7 @@ std::pair<double, double> HeldBytes(const model::SessionState& s, const model::M
     dense += fixed;
     auto pages = [&](const kv::EntryPages& e, bool evictable) {
       for (int64_t p = 0; p < e.num_pages(); ++p) {
-        const double b = std::min<int64_t>(64, e.size() - p * 64) * e.dim() * 4.0;
+        const double b = std::min<int64_t>(64, e.size() - p * 64) * static_cast<double>(e.entry_bytes());
         dense += b;
         if (!evictable || p >= e.complete_pages() || s.residency.PageVisible(p)) held += b;
       }

@@ -28,6 +28,7 @@
 #include "tests/bench/bench_util.h"
 #include "absl/strings/str_format.h"
 #include "kernels/device.h"
+#include "kernels/ops.h"
 #include "kernels/numerics.h"
 #include "kernels/profiling_backend.h"
 #include "nlohmann/json.hpp"
@@ -45,10 +46,14 @@ using namespace flashmem;
 // batch 64 at 256K tokens is written in seconds rather than minutes of random draws).
 class RowPool {
  public:
-  RowPool(int64_t rows, int64_t dim, uint64_t seed) : rows_(rows), dim_(dim), v_(rows * dim) {
+  // fp8_dims > 0: each row's first fp8_dims values through the model's FP8 round trip (main KV's
+  // nope dims), so they sit on the grid of the records the session holds them in.
+  RowPool(int64_t rows, int64_t dim, uint64_t seed, int64_t fp8_dims = 0) : rows_(rows), dim_(dim), v_(rows * dim) {
     std::mt19937_64 g(seed);
     std::normal_distribution<float> d(0.0f, 1.0f);
     for (float& x : v_) x = num::RoundBf16(d(g));
+    if (fp8_dims > 0)
+      for (int64_t r = 0; r < rows; ++r) kernels::CpuBackend().Fp8RoundTrip(v_.data() + r * dim, fp8_dims, 64);
   }
   const float* Row(uint64_t i) const { return v_.data() + (i % rows_) * dim_; }
 
@@ -153,7 +158,7 @@ int main(int argc, char** argv) {
     mi.emplace(std::move(*loaded));
   }
 
-  const RowPool main_rows(4093, a.head_dim, 1), index_rows(4093, a.index_head_dim, 2);
+  const RowPool main_rows(4093, a.head_dim, 1, a.nope_head_dim()), index_rows(4093, a.index_head_dim, 2);
   // Host bytes of one session's KV at `context` tokens (fp32 rows).
   auto state_bytes = [&](int64_t context) {
     double b = 0;

@@ -3,6 +3,8 @@
 // the CUDA paged kernel reads, and anything off the grid or malformed is refused with a clear error.
 #include "worker/kv/page_codec.h"
 
+#include "worker/kv/entry_pages.h"
+
 #include <bit>
 #include <cmath>
 #include <random>
@@ -166,6 +168,71 @@ TEST(PageCodec, DecodeTakesTheEarlierBf16FormAndRefusesOtherLengths) {
   const absl::Status st = DecodePage(f, bytes, &back);
   EXPECT_EQ(st.code(), absl::StatusCode::kDataLoss);
   EXPECT_NE(st.message().find("entry 5"), std::string::npos) << st.message();
+}
+
+// Main-KV entries are held as records: read back bit for bit, a page serializes as the bytes it
+// holds, evicted pages come back from either memtier form, and an off-grid entry turns the stream
+// into fp32 rows without losing a value.
+TEST(EntryPagesTest, RecordsInMemoryRoundTripEvictAndFallBack) {
+  const PageFormat f = PageFormat::MainKv(512, 64);
+  const std::vector<float> values = MainKvPage(f, 21);  // 64 entries
+  EntryPages pages(f, /*encoded=*/true);
+  EXPECT_EQ(pages.page_bytes(), 37376);
+  for (int round = 0; round < 2; ++round)
+    for (int64_t e = 0; e < 64; ++e) pages.Append(values.data() + e * 512);
+  pages.Append(values.data());  // a third, partial page
+  ASSERT_EQ(pages.num_pages(), 3);
+  EXPECT_TRUE(pages.encoded());
+  EXPECT_EQ(pages.Row(0), nullptr) << "encoded rows have no fp32 place";
+  std::vector<float> row(512), page(values.size());
+  for (int64_t e = 0; e < 64; ++e) ASSERT_TRUE(pages.ReadRow(64 + e, page.data() + e * 512));
+  EXPECT_TRUE(SameBits(page, values));
+  std::vector<uint8_t> bytes;
+  ASSERT_TRUE(pages.Serialize(1, &bytes).ok());
+  std::vector<uint8_t> want;
+  ASSERT_TRUE(EncodePage(f, values, &want).ok());
+  EXPECT_EQ(bytes, want);
+
+  pages.Evict(1);
+  EXPECT_FALSE(pages.ReadRow(70, row.data()));
+  EXPECT_FALSE(pages.RowResident(70));
+  EXPECT_EQ(pages.Restore(1, std::vector<uint8_t>(100)).code(), absl::StatusCode::kDataLoss);
+  std::vector<uint8_t> nan_scale = want;
+  nan_scale[f.entry_scales_offset(9)] = 0xff;
+  EXPECT_EQ(pages.Restore(1, nan_scale).code(), absl::StatusCode::kDataLoss);
+  EXPECT_FALSE(pages.resident(1));
+  ASSERT_TRUE(pages.Restore(1, want).ok());
+  for (int64_t e = 0; e < 64; ++e) ASSERT_TRUE(pages.ReadRow(64 + e, page.data() + e * 512));
+  EXPECT_TRUE(SameBits(page, values));
+  // The bf16 form of an older worker: held as records once restored.
+  std::vector<uint8_t> bf16(f.bf16_page_bytes());
+  for (size_t i = 0; i < values.size(); ++i) {
+    const uint16_t h = num::FloatToBf16Bits(values[i]);
+    bf16[2 * i] = static_cast<uint8_t>(h & 0xff);
+    bf16[2 * i + 1] = static_cast<uint8_t>(h >> 8);
+  }
+  pages.Evict(0);
+  ASSERT_TRUE(pages.Restore(0, bf16).ok());
+  EXPECT_TRUE(pages.encoded());
+  ASSERT_TRUE(pages.Serialize(0, &bytes).ok());
+  EXPECT_EQ(bytes, want);
+
+  // An entry off the grid: the stream turns to fp32 rows, every value kept.
+  std::vector<float> odd(values.begin(), values.begin() + 512);
+  odd[3] = num::RoundBf16(odd[3] * 1.0625f + 1e-3f);
+  pages.Evict(1);
+  pages.Append(odd.data());
+  EXPECT_FALSE(pages.encoded());
+  EXPECT_TRUE(pages.fell_back_to_fp32());
+  EXPECT_EQ(pages.page_bytes(), 64 * 512 * 4);
+  ASSERT_NE(pages.Row(0), nullptr);
+  EXPECT_TRUE(SameBits(std::vector<float>(pages.Row(0), pages.Row(0) + 512), std::vector<float>(values.begin(), values.begin() + 512)));
+  EXPECT_TRUE(SameBits(std::vector<float>(pages.Row(129), pages.Row(129) + 512), odd));
+  EXPECT_EQ(pages.Row(64), nullptr) << "evicted before the fallback, still evicted";
+  ASSERT_TRUE(pages.Restore(1, want).ok());  // now decoded into fp32 rows
+  EXPECT_TRUE(SameBits(std::vector<float>(pages.Row(64), pages.Row(64) + 64 * 512), values));
+  ASSERT_TRUE(pages.Serialize(1, &bytes).ok());  // fp32 rows on the grid still serialize compactly
+  EXPECT_EQ(bytes, want);
 }
 
 }  // namespace

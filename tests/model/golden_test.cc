@@ -296,10 +296,19 @@ std::vector<const float*> WindowRows(const SessionState& st, int layer, const mo
   return rows;
 }
 
-std::vector<const float*> PageRows(const kv::EntryPages& pages) {
+// The entries' values, decoded (main KV is held as FP8 records); `rows` point into `values`.
+struct DecodedRows {
+  std::vector<float> values;
   std::vector<const float*> rows;
-  for (int64_t e = 0; e < pages.size(); ++e) rows.push_back(pages.Row(e));
-  return rows;
+};
+DecodedRows PageRows(const kv::EntryPages& pages) {
+  DecodedRows d;
+  d.values.assign(pages.size() * pages.dim(), 0.0f);
+  for (int64_t e = 0; e < pages.size(); ++e) {
+    float* row = d.values.data() + e * pages.dim();
+    d.rows.push_back(pages.ReadRow(e, row) ? row : nullptr);
+  }
+  return d;
 }
 
 void CompareCache(const std::string& name, const Array& g, const std::vector<const float*>& mine, const json& t) {
@@ -320,10 +329,10 @@ TEST_F(GoldenC, CachesAfterS1) {
   }
   for (int64_t l = 1; l < a.n_layers; ++l) {
     const std::string n = "s1_end_compressed_kv_L" + std::to_string(l);
-    CompareCache(n, set_->Get(n), PageRows(st.layers[l].compressed), t[n]);
+    CompareCache(n, set_->Get(n), PageRows(st.layers[l].compressed).rows, t[n]);
     if (a.ratio(l) != 4) continue;
     const std::string ni = "s1_end_indexer_kv_L" + std::to_string(l);
-    CompareCache(ni, set_->Get(ni), PageRows(st.layers[l].index_keys), t[ni]);
+    CompareCache(ni, set_->Get(ni), PageRows(st.layers[l].index_keys).rows, t[ni]);
   }
 }
 
@@ -417,9 +426,9 @@ TEST_F(GoldenA, ComponentsWithinBands) {
   };
   check("s1_end_window_kv_L0", WindowRows(st, 0, a), kWindowL0FracExact, kWindowL0RelRms);
   for (int64_t l = 1; l < a.n_layers; ++l) {
-    check("s1_end_compressed_kv_L" + std::to_string(l), PageRows(st.layers[l].compressed), kCompressedFracExact, kCompressedRelRms);
+    check("s1_end_compressed_kv_L" + std::to_string(l), PageRows(st.layers[l].compressed).rows, kCompressedFracExact, kCompressedRelRms);
     if (a.ratio(l) == 4)
-      check("s1_end_indexer_kv_L" + std::to_string(l), PageRows(st.layers[l].index_keys), kIndexerKvFracExact, kIndexerKvRelRms);
+      check("s1_end_indexer_kv_L" + std::to_string(l), PageRows(st.layers[l].index_keys).rows, kIndexerKvFracExact, kIndexerKvRelRms);
   }
 }
 

@@ -277,7 +277,7 @@ TEST(Failover, WithLsaAndEvictedPagesTheTokensAreTheSame) {
   ASSERT_FALSE(coord.target.empty()) << coord.output;
   const std::vector<std::string> wargs = {"--model", dir + "/m", "--listen", "127.0.0.1:0", "--memtier", memtier.target,
                                           "--coordinator", coord.target, "--lsa-indexer", dir + "/idx",
-                                          "--lsa-options", "interval=8,kmax=2,tail_chunks=16", "--kv-budget-bytes", "1048576"};
+                                          "--lsa-options", "interval=8,kmax=2,tail_chunks=16", "--kv-budget-bytes", "262144"};  // ~7 of the 37,376-byte main-KV pages
   Child w1 = Spawn(FLASHMEM_WORKER_BIN, wargs), w2 = Spawn(FLASHMEM_WORKER_BIN, wargs);
   ASSERT_FALSE(w1.target.empty() || w2.target.empty()) << w1.output << w2.output;
   Api api(coord.target);

@@ -75,7 +75,7 @@ TEST(TpGroup, ARankLossMovesTheSessionWithIdenticalTokens) {
   // recall what the snapshot references.
   const std::vector<std::string> common = {"--model", dir + "/m", "--listen", "127.0.0.1:0", "--memtier", memtier.target,
                                            "--lsa-indexer", dir + "/idx", "--lsa-options", "interval=8,kmax=2,tail_chunks=16",
-                                           "--kv-budget-bytes", "1048576"};
+                                           "--kv-budget-bytes", "262144"};  // ~7 of the 37,376-byte main-KV pages
   const std::vector<int32_t> prompt = Prompt(1500, 1000, 3);  // 375 chunks: 6 pages per CSA stream
   v1::SamplingParams sp;
   sp.set_temperature(0.7f);

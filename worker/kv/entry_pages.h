@@ -1,15 +1,23 @@
 // Append-only KV entries stored in fixed pages of 64 entries (DESIGN.md §2: a page is 64
 // compressed entries = 256 tokens of a CSA layer). Pages are the unit moved between the worker,
 // host RAM and memtier: a complete page may be evicted (its memory freed; it then lives only in
-// memtier) and later restored. Entries never move once written, so row pointers of a resident
-// page stay valid until that page is evicted.
+// memtier) and later restored. Entries never move once written, so rows of a resident page stay
+// valid until that page is evicted.
+//
+// A page is held either in its memtier form (page_codec.h; main KV: FP8 records, 584 B an entry
+// against 2,048 as fp32 — rows are decoded when read, bit for bit) or as fp32 rows (index keys:
+// the indexer reads every key every step). A page moves to and from memtier as it is held, with
+// no conversion. Should an entry ever be off its format's grid (not expected: the model's round
+// trips put every value there), the whole stream turns to fp32 rows for good, and says so.
 #pragma once
 
-#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <span>
 #include <vector>
+
+#include "absl/status/status.h"
+#include "worker/kv/page_codec.h"
 
 namespace flashmem::kv {
 
@@ -17,49 +25,52 @@ inline constexpr int64_t kEntriesPerPage = 64;
 
 class EntryPages {
  public:
-  explicit EntryPages(int64_t dim = 0) : dim_(dim) {}
+  EntryPages() = default;
+  // Entries of format.dim values, moved to memtier in `format`; `encoded`: held in it too.
+  EntryPages(PageFormat format, bool encoded);
 
-  int64_t dim() const { return dim_; }
+  int64_t dim() const { return format_.dim; }
+  const PageFormat& format() const { return format_; }
+  bool encoded() const { return encoded_; }
+  // True once an off-grid entry turned an encoded stream into fp32 rows.
+  bool fell_back_to_fp32() const { return fell_back_; }
   int64_t size() const { return size_; }
   int64_t num_pages() const { return static_cast<int64_t>(pages_.size()); }
   // Pages whose 64 entries are all written (only those can leave the worker).
   int64_t complete_pages() const { return size_ / kEntriesPerPage; }
-  int64_t page_floats() const { return kEntriesPerPage * dim_; }
+  // Memory a resident page holds (and an entry's share of it).
+  int64_t page_bytes() const { return encoded_ ? format_.page_bytes() : kEntriesPerPage * format_.dim * 4; }
+  int64_t entry_bytes() const { return page_bytes() / kEntriesPerPage; }
 
-  void Append(const float* row) {
-    if (size_ % kEntriesPerPage == 0) pages_.push_back(std::make_unique<float[]>(kEntriesPerPage * dim_));
-    float* dst = pages_.back().get() + (size_ % kEntriesPerPage) * dim_;
-    std::copy(row, row + dim_, dst);
-    ++size_;
-  }
-  // The entry's row, or nullptr while its page is evicted.
-  const float* Row(int64_t i) const {
-    const float* p = pages_[i / kEntriesPerPage].get();
-    return p ? p + (i % kEntriesPerPage) * dim_ : nullptr;
-  }
+  void Append(const float* row);
+  // The entry's values into `out` (dim() floats); false while its page is evicted.
+  bool ReadRow(int64_t i, float* out) const;
+  // fp32 streams only: the entry's row in place, or nullptr while its page is evicted.
+  const float* Row(int64_t i) const;
+  bool RowResident(int64_t i) const { return resident(i / kEntriesPerPage); }
   bool resident(int64_t page) const { return pages_[page] != nullptr; }
-  int64_t resident_pages() const {
-    return std::count_if(pages_.begin(), pages_.end(), [](const auto& p) { return p != nullptr; });
-  }
-  // The page's floats (64 * dim; the tail of the newest page is unwritten zeros).
-  std::span<const float> Page(int64_t page) const {
-    return pages_[page] ? std::span<const float>(pages_[page].get(), page_floats()) : std::span<const float>();
-  }
+  int64_t resident_pages() const;
+
+  // A resident page in its memtier form (format().page_bytes()). INVALID_ARGUMENT when an fp32
+  // page's values are off the format's grid; the caller may then send it as bf16
+  // (format().bf16_page_bytes(): every entry is a bf16 value), which Restore reads too.
+  absl::Status Serialize(int64_t page, std::vector<uint8_t>* out) const;
   // Frees a complete page's memory.
   void Evict(int64_t page) { pages_[page].reset(); }
-  // Puts a page's floats back (page_floats() values).
-  void Restore(int64_t page, std::span<const float> values) {
-    pages_[page] = std::make_unique<float[]>(page_floats());
-    std::copy(values.begin(), values.begin() + std::min<int64_t>(page_floats(), values.size()), pages_[page].get());
-  }
+  // Puts an evicted page back from its memtier form (or the bf16 one). DATA_LOSS for other bytes.
+  absl::Status Restore(int64_t page, std::span<const uint8_t> bytes);
   // Appends an evicted complete page (restoring a snapshot whose page lives in memtier).
-  void AppendEvictedPage() {
-    pages_.emplace_back();
-    size_ += kEntriesPerPage;
-  }
+  void AppendEvictedPage();
 
  private:
-  int64_t dim_;
+  // Page storage: fp32 rows, or the page's bytes (accessed as unsigned char) in encoded streams.
+  std::unique_ptr<float[]> NewPage() const;
+  uint8_t* Bytes(int64_t page) const { return reinterpret_cast<uint8_t*>(pages_[page].get()); }
+  void TurnToFp32();
+
+  PageFormat format_;
+  bool encoded_ = false;
+  bool fell_back_ = false;
   int64_t size_ = 0;
   std::vector<std::unique_ptr<float[]>> pages_;
 };

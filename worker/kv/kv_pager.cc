@@ -19,9 +19,7 @@ KvPager::~KvPager() {
   for (auto& [id, s] : sessions_) Harvest(id, *s, /*wait=*/true);
 }
 
-uint64_t KvPager::PageBytes(const Stream& s) const {
-  return static_cast<uint64_t>(s.pages->page_floats()) * sizeof(float);
-}
+uint64_t KvPager::PageBytes(const Stream& s) const { return static_cast<uint64_t>(s.pages->page_bytes()); }
 
 void KvPager::AddSession(uint64_t id, uint64_t memtier_key, model::SessionState* state) {
   auto s = std::make_unique<Session>();
@@ -32,11 +30,11 @@ void KvPager::AddSession(uint64_t id, uint64_t memtier_key, model::SessionState*
     const int r = args_.ratio(l);
     if (r == 0) continue;
     model::LayerState& ls = state->layers[l];
-    s->streams.push_back({l, 0, r == 4, r == 4, &ls.compressed, PageFormat::MainKv(ls.compressed.dim(), args_.rope_head_dim), {}, {}, {}});
+    s->streams.push_back({l, 0, r == 4, r == 4, &ls.compressed, {}, {}, {}});
     if (r == 4) {
       const bool pinned = std::find(options_.pinned_index_layers.begin(), options_.pinned_index_layers.end(), csa) !=
                           options_.pinned_index_layers.end();
-      s->streams.push_back({l, 1, !pinned, true, &ls.index_keys, PageFormat::IndexKeys(ls.index_keys.dim()), {}, {}, {}});
+      s->streams.push_back({l, 1, !pinned, true, &ls.index_keys, {}, {}, {}});
       ++csa;
     }
   }
@@ -77,7 +75,7 @@ void KvPager::Harvest(uint64_t id, Session& s, bool wait) {
 }
 
 absl::Status KvPager::Recall(Session& s, const std::vector<std::pair<int, int64_t>>& want,
-                             std::vector<std::vector<float>>* out) {
+                             std::vector<std::vector<uint8_t>>* out) {
   if (!client_) return absl::FailedPreconditionError("KV pages are in memtier but this worker has no memtier client");
   std::vector<memtier::PageKey> keys(want.size());
   for (size_t i = 0; i < want.size(); ++i) {
@@ -85,17 +83,23 @@ absl::Status KvPager::Recall(Session& s, const std::vector<std::pair<int, int64_
     keys[i] = {s.key, MemtierLayer(st.layer, st.kind), static_cast<uint32_t>(want[i].second)};
   }
   out->assign(want.size(), {});
-  auto decode = [&](size_t i, std::span<const uint8_t> bytes) {
-    const absl::Status st = DecodePage(s.streams[want[i].first].format, bytes, &(*out)[i]);
-    return st.ok() ? st : absl::Status(st.code(), absl::StrCat("KV page ", memtier::ToString(keys[i]), ": ", st.message()));
+  // A page in its memtier form (or the bf16 one of older workers), kept as it came: the stream
+  // holds it in that form (EntryPages::Restore).
+  auto keep = [&](size_t i, std::span<const uint8_t> bytes) {
+    const PageFormat& f = s.streams[want[i].first].pages->format();
+    if (static_cast<int64_t>(bytes.size()) != f.page_bytes() && static_cast<int64_t>(bytes.size()) != f.bf16_page_bytes())
+      return absl::DataLossError(absl::StrCat("KV page ", memtier::ToString(keys[i]), ": memtier returned ", bytes.size(),
+                                              " bytes, its format has ", f.page_bytes()));
+    (*out)[i].assign(bytes.begin(), bytes.end());
+    return absl::OkStatus();
   };
   // Same node: read in place from memtier's RAM tier, the node's one copy (every rank of a group
-  // maps the same chunks), each batch leased while it is converted; over UCX otherwise, or when
+  // maps the same chunks), each batch leased while it is copied out; over UCX otherwise, or when
   // memtier's RAM cannot hold a batch at once. Both take any number of pages and pipeline them.
   if (client_->has_local()) {
     const absl::Status st = client_->RecallLocalView(s.key, keys, [&](size_t first, std::span<const std::span<const uint8_t>> views) {
       for (size_t i = 0; i < views.size(); ++i)
-        if (absl::Status st = decode(first + i, views[i]); !st.ok()) return st;
+        if (absl::Status st = keep(first + i, views[i]); !st.ok()) return st;
       return absl::OkStatus();
     });
     if (st.ok()) return st;
@@ -106,14 +110,14 @@ absl::Status KvPager::Recall(Session& s, const std::vector<std::pair<int, int64_
   std::vector<memtier::PageToRecall> req(want.size());
   for (size_t i = 0; i < want.size(); ++i) {
     // Room for either form (page_codec.h): the bf16 one of older workers is the larger.
-    bufs[i].resize(s.streams[want[i].first].format.bf16_page_bytes());
+    bufs[i].resize(s.streams[want[i].first].pages->format().bf16_page_bytes());
     req[i].key = keys[i];
     req[i].dst = bufs[i];
   }
   if (const absl::Status st = client_->Recall(s.key, req); !st.ok())
     return absl::Status(st.code(), absl::StrCat("recall of ", want.size(), " KV pages from memtier: ", st.message()));
   for (size_t i = 0; i < want.size(); ++i)
-    if (absl::Status st = decode(i, std::span<const uint8_t>(bufs[i]).first(req[i].length)); !st.ok()) return st;
+    if (absl::Status st = keep(i, std::span<const uint8_t>(bufs[i]).first(req[i].length)); !st.ok()) return st;
   return absl::OkStatus();
 }
 
@@ -131,7 +135,7 @@ absl::Status KvPager::EnsureVisible(uint64_t id) {
       if (st.evictable && st.csa && !view.PageVisible(p)) continue;
       auto staged = s.staged.find({si, p});
       if (staged != s.staged.end()) {
-        st.pages->Restore(p, staged->second);
+        if (absl::Status rs = st.pages->Restore(p, staged->second); !rs.ok()) return rs;
         st.evicted[p] = 0;
         s.staged.erase(staged);
         stats_.pages_recalled++;
@@ -143,11 +147,11 @@ absl::Status KvPager::EnsureVisible(uint64_t id) {
   // Staged pages not needed yet stay for the set they were fetched for.
   if (missing.empty()) return absl::OkStatus();
   const auto t0 = std::chrono::steady_clock::now();
-  std::vector<std::vector<float>> data;
+  std::vector<std::vector<uint8_t>> data;
   if (auto st = Recall(s, missing, &data); !st.ok()) return st;
   for (size_t i = 0; i < missing.size(); ++i) {
     Stream& st = s.streams[missing[i].first];
-    st.pages->Restore(missing[i].second, data[i]);
+    if (absl::Status rs = st.pages->Restore(missing[i].second, data[i]); !rs.ok()) return rs;
     st.evicted[missing[i].second] = 0;
   }
   stats_.pages_recalled += missing.size();
@@ -179,7 +183,7 @@ void KvPager::Stage(uint64_t id, const std::vector<int64_t>& pages, const std::v
   if (!hint.empty()) (void)client_->Prefetch(key, hint, /*deadline_ms=*/1000);
   if (want.empty()) return;
   // Recall outside the lock: the scheduler keeps stepping meanwhile.
-  std::vector<std::vector<float>> data;
+  std::vector<std::vector<uint8_t>> data;
   Session* s = nullptr;
   {
     std::lock_guard<std::mutex> l(mu_);
@@ -216,16 +220,20 @@ void KvPager::AfterStep() {
       st.Track(n);
       for (int64_t p = 0; p < st.pages->complete_pages(); ++p) {
         if (st.state[p] != 0 || !client_ || !options_.commit || !st.pages->resident(p)) continue;
-        const std::span<const float> f = st.pages->Page(p);
         std::vector<uint8_t> b;
-        if (!EncodePage(st.format, f, &b).ok()) {
+        if (!st.pages->Serialize(p, &b).ok()) {
           // Off its grid (not expected: the model's round trips put every value there). Entries
-          // are bf16 values, so the bf16 form is exact; DecodePage reads either.
-          b.resize(f.size() * 2);
-          for (size_t k = 0; k < f.size(); ++k) {
-            const uint16_t h = num::FloatToBf16Bits(f[k]);
-            b[2 * k] = static_cast<uint8_t>(h & 0xff);
-            b[2 * k + 1] = static_cast<uint8_t>(h >> 8);
+          // are bf16 values, so the bf16 form is exact; Restore reads either.
+          const int64_t dim = st.pages->dim();
+          std::vector<float> row(dim);
+          b.resize(st.pages->format().bf16_page_bytes());
+          for (int64_t e = 0; e < kEntriesPerPage; ++e) {
+            st.pages->ReadRow(p * kEntriesPerPage + e, row.data());
+            for (int64_t k = 0; k < dim; ++k) {
+              const uint16_t h = num::FloatToBf16Bits(row[k]);
+              b[2 * (e * dim + k)] = static_cast<uint8_t>(h & 0xff);
+              b[2 * (e * dim + k) + 1] = static_cast<uint8_t>(h >> 8);
+            }
           }
           stats_.pages_sent_bf16++;
         }

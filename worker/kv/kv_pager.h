@@ -21,7 +21,7 @@
 #include "absl/status/status.h"
 #include "memtier/client/memtier_client.h"
 #include "worker/model/config.h"
-#include "worker/kv/page_codec.h"
+#include "worker/kv/entry_pages.h"
 #include "worker/model/state.h"
 
 namespace flashmem::kv {
@@ -106,8 +106,7 @@ class KvPager {
     int kind;            // 0: compressed entries, 1: indexer keys
     bool evictable;
     bool csa;            // pages follow the CSA chunk numbering (the Level-2 view applies)
-    kv::EntryPages* pages;
-    PageFormat format;             // how its pages travel to memtier
+    kv::EntryPages* pages;         // its format() is how its pages travel to memtier
     std::vector<uint8_t> state;    // per page: 0 not committed, 1 in flight, 2 acknowledged
     std::vector<uint8_t> evicted;  // mirror of !pages->resident(p), readable off-thread
     std::vector<uint64_t> last_used;
@@ -127,13 +126,13 @@ class KvPager {
       std::vector<std::pair<int, int64_t>> pages;  // (stream, page)
     };
     std::deque<Inflight> inflight;
-    std::map<std::pair<int, int64_t>, std::vector<float>> staged;
+    std::map<std::pair<int, int64_t>, std::vector<uint8_t>> staged;  // pages in their memtier form
   };
   static uint32_t MemtierLayer(int64_t layer, int kind) { return static_cast<uint32_t>(layer * 2 + kind); }
   uint64_t PageBytes(const Stream& s) const;
   void Harvest(uint64_t id, Session& s, bool wait);
   absl::Status Recall(Session& s, const std::vector<std::pair<int, int64_t>>& want,
-                      std::vector<std::vector<float>>* out);
+                      std::vector<std::vector<uint8_t>>* out);
 
   const model::ModelArgs& args_;
   KvPagerOptions options_;

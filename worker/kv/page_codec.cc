@@ -33,13 +33,35 @@ bool BlockScale(const float* v, int64_t n, float max_code, float* scale, uint8_t
   return true;
 }
 
-// e4m3 code of v / s, when it is exact.
-bool E4m3Code(float v, float s, uint8_t* code) {
-  const float a = std::fabs(v) / s;
-  if (!(a <= num::kE4m3Max)) return false;
-  const uint8_t sign = std::signbit(v) ? 0x80 : 0;
-  *code = a == 0.0f ? sign : static_cast<uint8_t>(sign | num::EncodeE4m3(a));
-  return SameBits(num::E4m3ToFloat(*code) * s, v);
+const std::array<float, 256>& E4m3Table() {
+  static const std::array<float, 256> table = [] {
+    std::array<float, 256> t{};
+    for (int c = 0; c < 256; ++c) t[c] = num::E4m3ToFloat(static_cast<uint8_t>(c));
+    return t;
+  }();
+  return table;
+}
+
+// e4m3 code of v / s, when it is exact: straight from the float's bits (no libm; this runs for
+// every value of every entry appended), checked by decoding it back.
+bool E4m3Code(const std::array<float, 256>& table, float v, float inv_s, float s, uint8_t* code) {
+  const uint32_t bits = std::bit_cast<uint32_t>(v * inv_s);  // exact: inv_s is a power of two
+  const uint8_t sign = static_cast<uint8_t>((bits >> 24) & 0x80);
+  const uint32_t mag = bits & 0x7fffffffu;
+  const int exp = static_cast<int>(mag >> 23) - 127;
+  uint32_t c;
+  if (mag == 0) {
+    c = 0;
+  } else if (exp >= -6) {  // normal e4m3: 3 mantissa bits
+    if (exp > 8) return false;
+    c = (static_cast<uint32_t>(exp + 7) << 3) | ((mag >> 20) & 7);
+  } else {  // subnormal e4m3: m * 2^-9, m in 1..7
+    const float m = std::bit_cast<float>(mag) * 512.0f;
+    c = static_cast<uint32_t>(m);
+    if (c > 7) return false;
+  }
+  *code = static_cast<uint8_t>(sign | c);
+  return SameBits(table[*code] * s, v);
 }
 
 bool E2m1Code(float v, float s, uint8_t* code) {
@@ -52,14 +74,6 @@ bool E2m1Code(float v, float s, uint8_t* code) {
   return false;
 }
 
-const std::array<float, 256>& E4m3Table() {
-  static const std::array<float, 256> table = [] {
-    std::array<float, 256> t{};
-    for (int c = 0; c < 256; ++c) t[c] = num::E4m3ToFloat(static_cast<uint8_t>(c));
-    return t;
-  }();
-  return table;
-}
 
 absl::Status OffGrid(int64_t entry, int64_t dim, float v, const char* grid) {
   return absl::InvalidArgumentError(
@@ -93,41 +107,82 @@ int64_t PageFormat::scale_bytes_per_entry() const {
   return (blocks + 7) / 8 * 8;  // 7 scales + 1 pad at 448 nope dims
 }
 
+int64_t EncodeEntry(const PageFormat& f, const float* v, uint8_t* data, uint8_t* scales) {
+  std::fill(data, data + f.data_bytes_per_entry(), 0);
+  std::fill(scales, scales + f.scale_bytes_per_entry(), 0);
+  if (f.kind == PageFormat::Kind::kFp8Record) {
+    const int64_t nope = f.nope_dims();
+    const std::array<float, 256>& table = E4m3Table();
+    for (int64_t b = 0; b * kFp8Block < nope; ++b) {
+      const int64_t lo = b * kFp8Block, n = std::min(kFp8Block, nope - lo);
+      float s;
+      if (!BlockScale(v + lo, n, num::kE4m3Max, &s, &scales[b])) return lo;
+      const float inv = 1.0f / s;
+      for (int64_t j = lo; j < lo + n; ++j)
+        if (!E4m3Code(table, v[j], inv, s, &data[j])) return j;
+    }
+    for (int64_t j = nope; j < f.dim; ++j) {
+      const uint16_t h = num::FloatToBf16Bits(v[j]);
+      if (!SameBits(num::Bf16BitsToFloat(h), v[j])) return j;
+      data[nope + 2 * (j - nope)] = static_cast<uint8_t>(h & 0xff);
+      data[nope + 2 * (j - nope) + 1] = static_cast<uint8_t>(h >> 8);
+    }
+    return -1;
+  }
+  for (int64_t b = 0; b * kFp4Block < f.dim; ++b) {
+    const int64_t lo = b * kFp4Block, n = std::min(kFp4Block, f.dim - lo);
+    float s;
+    if (!BlockScale(v + lo, n, num::kE2m1Max, &s, &scales[b])) return lo;
+    for (int64_t j = lo; j < lo + n; ++j) {
+      uint8_t c;
+      if (!E2m1Code(v[j], s, &c)) return j;
+      data[j / 2] |= static_cast<uint8_t>(j % 2 ? c << 4 : c);
+    }
+  }
+  return -1;
+}
+
+bool ScalesValid(const PageFormat& f, const uint8_t* scales) {
+  const bool fp8 = f.kind == PageFormat::Kind::kFp8Record;
+  const int64_t block = fp8 ? kFp8Block : kFp4Block, scaled = fp8 ? f.nope_dims() : f.dim;
+  for (int64_t b = 0; b * block < scaled; ++b)
+    if (num::E8m0IsNan(scales[b])) return false;
+  return true;
+}
+
+bool DecodeEntry(const PageFormat& f, const uint8_t* data, const uint8_t* scales, float* v) {
+  const bool fp8 = f.kind == PageFormat::Kind::kFp8Record;
+  const int64_t block = fp8 ? kFp8Block : kFp4Block, scaled = fp8 ? f.nope_dims() : f.dim;
+  if (!ScalesValid(f, scales)) return false;
+  if (fp8) {
+    const std::array<float, 256>& e4m3 = E4m3Table();
+    for (int64_t lo = 0; lo < scaled; lo += block) {
+      const float s = num::E8m0ToFloat(scales[lo / block]);
+      const int64_t hi = std::min(scaled, lo + block);
+      for (int64_t j = lo; j < hi; ++j) v[j] = e4m3[data[j]] * s;
+    }
+    num::Bf16BytesToFloats(data + scaled, f.rope_dims, v + scaled);
+  } else {
+    for (int64_t lo = 0; lo < scaled; lo += block) {
+      const float s = num::E8m0ToFloat(scales[lo / block]);
+      const int64_t hi = std::min(scaled, lo + block);
+      for (int64_t j = lo; j < hi; ++j)
+        v[j] = num::E2m1ToFloat(static_cast<uint8_t>(j % 2 ? data[j / 2] >> 4 : data[j / 2] & 0xf)) * s;
+    }
+  }
+  return true;
+}
+
 absl::Status EncodePage(const PageFormat& f, std::span<const float> values, std::vector<uint8_t>* out) {
   if (static_cast<int64_t>(values.size()) != f.page_floats())
     return absl::InvalidArgumentError(absl::StrCat("KV page has ", values.size(), " values, its format ", f.page_floats()));
   out->assign(f.page_bytes(), 0);
-  const int64_t data_bytes = f.data_bytes_per_entry(), scale_bytes = f.scale_bytes_per_entry();
   for (int64_t e = 0; e < f.entries; ++e) {
     const float* v = values.data() + e * f.dim;
-    uint8_t* data = out->data() + e * data_bytes;
-    uint8_t* scales = out->data() + f.entries * data_bytes + e * scale_bytes;
-    if (f.kind == PageFormat::Kind::kFp8Record) {
-      const int64_t nope = f.nope_dims();
-      for (int64_t b = 0; b * kFp8Block < nope; ++b) {
-        const int64_t lo = b * kFp8Block, n = std::min(kFp8Block, nope - lo);
-        float s;
-        if (!BlockScale(v + lo, n, num::kE4m3Max, &s, &scales[b])) return OffGrid(e, lo, v[lo], "e4m3");
-        for (int64_t j = lo; j < lo + n; ++j)
-          if (!E4m3Code(v[j], s, &data[j])) return OffGrid(e, j, v[j], "e4m3");
-      }
-      for (int64_t j = nope; j < f.dim; ++j) {
-        const uint16_t h = num::FloatToBf16Bits(v[j]);
-        if (!SameBits(num::Bf16BitsToFloat(h), v[j])) return OffGrid(e, j, v[j], "bf16");
-        data[nope + 2 * (j - nope)] = static_cast<uint8_t>(h & 0xff);
-        data[nope + 2 * (j - nope) + 1] = static_cast<uint8_t>(h >> 8);
-      }
-    } else {
-      for (int64_t b = 0; b * kFp4Block < f.dim; ++b) {
-        const int64_t lo = b * kFp4Block, n = std::min(kFp4Block, f.dim - lo);
-        float s;
-        if (!BlockScale(v + lo, n, num::kE2m1Max, &s, &scales[b])) return OffGrid(e, lo, v[lo], "e2m1");
-        for (int64_t j = lo; j < lo + n; ++j) {
-          uint8_t c;
-          if (!E2m1Code(v[j], s, &c)) return OffGrid(e, j, v[j], "e2m1");
-          data[j / 2] |= static_cast<uint8_t>(j % 2 ? c << 4 : c);
-        }
-      }
+    const int64_t bad = EncodeEntry(f, v, out->data() + f.entry_data_offset(e), out->data() + f.entry_scales_offset(e));
+    if (bad >= 0) {
+      const bool rope = f.kind == PageFormat::Kind::kFp8Record && bad >= f.nope_dims();
+      return OffGrid(e, bad, v[bad], rope ? "bf16" : f.kind == PageFormat::Kind::kFp8Record ? "e4m3" : "e2m1");
     }
   }
   return absl::OkStatus();
@@ -142,25 +197,9 @@ absl::Status DecodePage(const PageFormat& f, std::span<const uint8_t> bytes, std
   if (static_cast<int64_t>(bytes.size()) != f.page_bytes())
     return absl::DataLossError(absl::StrCat("KV page of ", bytes.size(), " bytes: its format has ", f.page_bytes(),
                                             " (or ", f.bf16_page_bytes(), " as bf16)"));
-  const int64_t data_bytes = f.data_bytes_per_entry(), scale_bytes = f.scale_bytes_per_entry();
-  const std::array<float, 256>& e4m3 = E4m3Table();
-  for (int64_t e = 0; e < f.entries; ++e) {
-    float* v = out->data() + e * f.dim;
-    const uint8_t* data = bytes.data() + e * data_bytes;
-    const uint8_t* scales = bytes.data() + f.entries * data_bytes + e * scale_bytes;
-    const int64_t block = f.kind == PageFormat::Kind::kFp8Record ? kFp8Block : kFp4Block;
-    const int64_t scaled = f.kind == PageFormat::Kind::kFp8Record ? f.nope_dims() : f.dim;
-    for (int64_t b = 0; b * block < scaled; ++b)
-      if (num::E8m0IsNan(scales[b])) return absl::DataLossError(absl::StrCat("KV page entry ", e, ": NaN scale byte"));
-    if (f.kind == PageFormat::Kind::kFp8Record) {
-      for (int64_t j = 0; j < scaled; ++j) v[j] = e4m3[data[j]] * num::E8m0ToFloat(scales[j / block]);
-      num::Bf16BytesToFloats(data + scaled, f.rope_dims, v + scaled);
-    } else {
-      for (int64_t j = 0; j < scaled; ++j)
-        v[j] = num::E2m1ToFloat(static_cast<uint8_t>(j % 2 ? data[j / 2] >> 4 : data[j / 2] & 0xf)) *
-               num::E8m0ToFloat(scales[j / block]);
-    }
-  }
+  for (int64_t e = 0; e < f.entries; ++e)
+    if (!DecodeEntry(f, bytes.data() + f.entry_data_offset(e), bytes.data() + f.entry_scales_offset(e), out->data() + e * f.dim))
+      return absl::DataLossError(absl::StrCat("KV page entry ", e, ": NaN scale byte"));
   return absl::OkStatus();
 }
 

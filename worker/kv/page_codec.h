@@ -39,11 +39,23 @@ struct PageFormat {
   int64_t nope_dims() const { return kind == Kind::kFp8Record ? dim - rope_dims : 0; }
   int64_t data_bytes_per_entry() const;   // 576 (main, 512 dims) / 64 (index, 128 dims)
   int64_t scale_bytes_per_entry() const;  // 8 (7 scales + 1 pad) / 4
-  int64_t page_bytes() const { return entries * (data_bytes_per_entry() + scale_bytes_per_entry()); }
+  int64_t entry_bytes() const { return data_bytes_per_entry() + scale_bytes_per_entry(); }
+  int64_t page_bytes() const { return entries * entry_bytes(); }
+  // Where entry e's data and scale bytes sit in a page.
+  int64_t entry_data_offset(int64_t e) const { return e * data_bytes_per_entry(); }
+  int64_t entry_scales_offset(int64_t e) const { return entries * data_bytes_per_entry() + e * scale_bytes_per_entry(); }
   int64_t page_floats() const { return entries * dim; }
   // The earlier form: every value as bf16.
   int64_t bf16_page_bytes() const { return page_floats() * 2; }
 };
+
+// One entry's `dim` values -> its data and scale bytes. -1, or the first dim that is off the
+// format's grid (or not finite); the bytes are then unspecified.
+int64_t EncodeEntry(const PageFormat& format, const float* values, uint8_t* data, uint8_t* scales);
+// Whether an entry's scale bytes are all numbers (UE8M0 0xff is NaN).
+bool ScalesValid(const PageFormat& format, const uint8_t* scales);
+// An entry's bytes -> its `dim` values; false for a NaN scale byte.
+bool DecodeEntry(const PageFormat& format, const uint8_t* data, const uint8_t* scales, float* values);
 
 // `values` (page_floats()) -> out (page_bytes()). INVALID_ARGUMENT naming the entry and dim when
 // a value is not on the format's grid (or not finite), or when the sizes do not match.

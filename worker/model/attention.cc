@@ -164,7 +164,7 @@ Attention::Attention(const ModelArgs& args, const AttentionWeights& w, int64_t l
 
 void Attention::Candidates(const TokenRow& row, const LayerState& ls,
                            std::span<const int32_t> selected,
-                           std::vector<const float*>* slots) const {
+                           std::vector<const float*>* slots, std::vector<float>* rows) const {
   const int64_t W = args_.window_size, D = args_.head_dim, s = row.pos;
   slots->clear();
   auto ring = [&](int64_t p) { return ls.window.data() + (p % W) * D; };
@@ -180,15 +180,23 @@ void Attention::Candidates(const TokenRow& row, const LayerState& ls,
   }
   if (ratio_ == 0) return;
   const int64_t complete = (s + 1) / ratio_;
+  // Compressed entries are held as FP8 records: decoded into `rows` (exactly the values written).
+  const int64_t n_rows = ratio_ == 4 ? static_cast<int64_t>(selected.size()) : std::min(complete, row.prefill() ? row.chunk_len / ratio_ : complete);
+  rows->resize(std::max<int64_t>(n_rows, 0) * D);
+  int64_t used = 0;
+  auto entry = [&](int64_t t) -> const float* {
+    float* r = rows->data() + (used++) * D;
+    return ls.compressed.ReadRow(t, r) ? r : nullptr;
+  };
   if (ratio_ == 4) {
-    for (int32_t t : selected) slots->push_back(ls.compressed.Row(t));
+    for (int32_t t : selected) slots->push_back(entry(t));
     if (row.prefill()) {
       const int64_t k = std::min<int64_t>(args_.index_topk, row.chunk_len / 4);
       slots->resize(slots->size() + (k - static_cast<int64_t>(selected.size())), nullptr);
     }
   } else {
     const int64_t n = row.prefill() ? row.chunk_len / ratio_ : complete;
-    for (int64_t j = 0; j < n; ++j) slots->push_back(j < complete ? ls.compressed.Row(j) : nullptr);
+    for (int64_t j = 0; j < n; ++j) slots->push_back(j < complete ? entry(j) : nullptr);
   }
 }
 
@@ -221,6 +229,7 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
   // Sequential part, token by token in position order: state updates, then attention.
   std::vector<float> o(n * H * D), entry(D), ientry(args_.index_head_dim), scores;
   std::vector<const float*> slots;
+  std::vector<float> rows_scratch;  // the compressed candidates, decoded
   std::vector<int32_t> selected;
   const int64_t cw = compressor_ ? ckv.size() / n : 0, iw_ = indexer_ ? ikv.size() / n : 0;
   const float softmax_scale = 1.0f / std::sqrt(static_cast<float>(D));
@@ -252,7 +261,7 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
         }
       }
       for (int32_t t : selected)
-        if (!ls.compressed.Row(t)) res.missing_rows++;  // the pager failed its guarantee
+        if (!ls.compressed.RowResident(t)) res.missing_rows++;  // the pager failed its guarantee
       if (row.state->capture.enabled && static_cast<int64_t>(row.state->capture.x[csa_index_].size()) == args_.dim) {
         std::copy(x + i * args_.dim, x + (i + 1) * args_.dim, row.state->capture.x[csa_index_].begin());
         row.state->capture.pos = row.pos;
@@ -262,7 +271,7 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
         row.trace->indexer_topk[csa_index_] = selected;
       }
     }
-    Candidates(row, ls, selected, &slots);
+    Candidates(row, ls, selected, &slots, &rows_scratch);
     be_.SparseAttention(q.data() + i * H * D, H, D, slots, w_.attn_sink.data(), softmax_scale, o.data() + i * H * D);
   }
   be_.Rope(o.data(), n * H, D, D - rd, rd, cs.data(), sn.data(), H, /*inverse=*/true);

@@ -90,9 +90,10 @@ class Attention {
   absl::Status Prepare() const;
 
  private:
-  // The candidate KV rows of one query in the reference's slot order (nullptr = masked slot).
+  // The candidate KV rows of one query in the reference's slot order (nullptr = masked slot);
+  // compressed entries are decoded into `rows`, which the slots then point into.
   void Candidates(const TokenRow& row, const LayerState& ls, std::span<const int32_t> selected,
-                  std::vector<const float*>* slots) const;
+                  std::vector<const float*>* slots, std::vector<float>* rows) const;
 
   const ModelArgs& args_;
   const AttentionWeights& w_;

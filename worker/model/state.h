@@ -77,11 +77,13 @@ struct SessionState {
       s.window.assign(a.window_size * a.head_dim, 0.0f);
       const int r = a.ratio(l);
       if (r > 0) {
-        s.compressed = kv::EntryPages(a.head_dim);
+        // Held as FP8 records (584 B an entry at 512 dims), as they move to memtier.
+        s.compressed = kv::EntryPages(kv::PageFormat::MainKv(a.head_dim, a.rope_head_dim), /*encoded=*/true);
         s.compressor.Init(r, a.head_dim);
       }
       if (r == 4) {
-        s.index_keys = kv::EntryPages(a.index_head_dim);
+        // fp32 rows: the indexer reads every key every step; MXFP4 in memtier.
+        s.index_keys = kv::EntryPages(kv::PageFormat::IndexKeys(a.index_head_dim), /*encoded=*/false);
         s.index_compressor.Init(r, a.index_head_dim);
       }
     }

@@ -117,8 +117,13 @@ void WritePages(Writer& w, const kv::EntryPages& pages, int64_t layer, int kind,
     const bool ref = n == kv::kEntriesPerPage && (!pages.resident(p) || (in_store && in_store(layer, kind, p)));
     const uint8_t flag = ref ? 1 : 0;
     w.Raw(&flag, 1);
-    if (!ref)
-      for (int64_t e = first; e < first + n; ++e) w.Bf16s(pages.Row(e), pages.dim());
+    if (!ref) {
+      std::vector<float> row(pages.dim());
+      for (int64_t e = first; e < first + n; ++e) {
+        pages.ReadRow(e, row.data());  // resident: not a reference
+        w.Bf16s(row.data(), pages.dim());
+      }
+    }
   }
 }
 

@@ -358,7 +358,7 @@ grpc::Status SessionServiceImpl::GetSession(grpc::ServerContext* ctx, const v1::
     uint64_t bytes = 0, dense = 0, evicted = 0;
     auto pages = [&](const kv::EntryPages& e) {
       for (int64_t p = 0; p < e.num_pages(); ++p) {
-        const uint64_t b = std::min<int64_t>(kv::kEntriesPerPage, e.size() - p * kv::kEntriesPerPage) * e.dim() * sizeof(float);
+        const uint64_t b = std::min<int64_t>(kv::kEntriesPerPage, e.size() - p * kv::kEntriesPerPage) * e.entry_bytes();
         dense += b;
         if (e.resident(p)) bytes += b; else ++evicted;
       }

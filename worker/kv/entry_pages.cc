@@ -1,0 +1,101 @@
+#include "worker/kv/entry_pages.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+
+namespace flashmem::kv {
+
+EntryPages::EntryPages(PageFormat format, bool encoded) : format_(format), encoded_(encoded) {
+  format_.entries = kEntriesPerPage;
+}
+
+std::unique_ptr<float[]> EntryPages::NewPage() const {
+  const int64_t floats = (page_bytes() + 3) / 4;
+  return std::unique_ptr<float[]>(new float[floats]());  // zeroed: unwritten entries decode to 0
+}
+
+int64_t EntryPages::resident_pages() const {
+  return std::count_if(pages_.begin(), pages_.end(), [](const auto& p) { return p != nullptr; });
+}
+
+void EntryPages::Append(const float* row) {
+  if (size_ % kEntriesPerPage == 0) pages_.push_back(NewPage());
+  const int64_t page = num_pages() - 1, e = size_ % kEntriesPerPage;
+  if (encoded_ && EncodeEntry(format_, row, Bytes(page) + format_.entry_data_offset(e),
+                              Bytes(page) + format_.entry_scales_offset(e)) >= 0) {
+    TurnToFp32();  // this entry is then written below, as fp32
+  }
+  if (!encoded_) std::copy(row, row + format_.dim, pages_[page].get() + e * format_.dim);
+  ++size_;
+}
+
+bool EntryPages::ReadRow(int64_t i, float* out) const {
+  const int64_t page = i / kEntriesPerPage, e = i % kEntriesPerPage;
+  if (!pages_[page]) return false;
+  if (!encoded_) {
+    std::copy_n(pages_[page].get() + e * format_.dim, format_.dim, out);
+    return true;
+  }
+  // The scale bytes were written by EncodeEntry (or verified by Restore): never NaN.
+  return DecodeEntry(format_, Bytes(page) + format_.entry_data_offset(e), Bytes(page) + format_.entry_scales_offset(e), out);
+}
+
+const float* EntryPages::Row(int64_t i) const {
+  if (encoded_) return nullptr;
+  const float* p = pages_[i / kEntriesPerPage].get();
+  return p ? p + (i % kEntriesPerPage) * format_.dim : nullptr;
+}
+
+absl::Status EntryPages::Serialize(int64_t page, std::vector<uint8_t>* out) const {
+  if (!pages_[page]) return absl::FailedPreconditionError(absl::StrCat("page ", page, " is not in memory"));
+  if (encoded_) {
+    out->assign(Bytes(page), Bytes(page) + format_.page_bytes());
+    return absl::OkStatus();
+  }
+  return EncodePage(format_, std::span<const float>(pages_[page].get(), format_.page_floats()), out);
+}
+
+absl::Status EntryPages::Restore(int64_t page, std::span<const uint8_t> bytes) {
+  if (encoded_ && static_cast<int64_t>(bytes.size()) == format_.page_bytes()) {
+    for (int64_t e = 0; e < kEntriesPerPage; ++e)  // what ReadRow relies on
+      if (!ScalesValid(format_, bytes.data() + format_.entry_scales_offset(e)))
+        return absl::DataLossError(absl::StrCat("KV page entry ", e, ": NaN scale byte"));
+    pages_[page] = NewPage();
+    std::memcpy(Bytes(page), bytes.data(), bytes.size());
+    return absl::OkStatus();
+  }
+  std::vector<float> values;
+  if (absl::Status st = DecodePage(format_, bytes, &values); !st.ok()) return st;
+  if (encoded_) {  // the bf16 form of an older worker: held encoded like the rest
+    std::vector<uint8_t> encoded;
+    if (EncodePage(format_, values, &encoded).ok()) return Restore(page, encoded);
+    TurnToFp32();
+  }
+  pages_[page] = NewPage();
+  std::copy(values.begin(), values.end(), pages_[page].get());
+  return absl::OkStatus();
+}
+
+void EntryPages::AppendEvictedPage() {
+  pages_.emplace_back();
+  size_ += kEntriesPerPage;
+}
+
+void EntryPages::TurnToFp32() {
+  std::vector<std::unique_ptr<float[]>> rows(pages_.size());
+  const PageFormat f = format_;
+  encoded_ = false;
+  fell_back_ = true;
+  for (size_t p = 0; p < pages_.size(); ++p) {
+    if (!pages_[p]) continue;
+    rows[p] = NewPage();
+    const uint8_t* bytes = reinterpret_cast<const uint8_t*>(pages_[p].get());
+    for (int64_t e = 0; e < kEntriesPerPage; ++e)
+      DecodeEntry(f, bytes + f.entry_data_offset(e), bytes + f.entry_scales_offset(e), rows[p].get() + e * f.dim);
+  }
+  pages_ = std::move(rows);
+}
+
+}  // namespace flashmem::kv
