@@ -12,6 +12,7 @@
 #include "tests/model/test_models.h"
 #include "tests/process_util.h"
 #include "tests/server/cluster_util.h"
+#include "memtier.grpc.pb.h"
 #include "worker.grpc.pb.h"
 
 namespace flashmem::testing {
@@ -96,6 +97,80 @@ TEST(Failover, AnotherWorkerAdoptsTheSessionFromMemtierWithoutPrefill) {
     EXPECT_EQ(api_b.session->GetSession(&ctx, ref, &denied).error_code(), grpc::StatusCode::PERMISSION_DENIED);
   }
   Stop(b);
+  Stop(memtier);
+  std::filesystem::remove_all(dir);
+}
+
+// AdoptSession is network-facing and reads a snapshot from memtier: malformed ids, unknown
+// sessions and corrupt snapshots (a header whose token count would wrap, truncated, garbage
+// after a valid header) get clear errors, and the worker keeps serving.
+TEST(Failover, AdoptionRefusesBadIdsAndCorruptSnapshots) {
+  const std::string dir = TempDir("failover_bad_adopt");
+  ASSERT_EQ(WriteTinyModel(dir, 2), 0);
+  Child memtier = StartMemtier(dir);
+  ASSERT_FALSE(memtier.target.empty()) << memtier.output;
+  Child w = Spawn(FLASHMEM_WORKER_BIN, {"--model", dir + "/m", "--listen", "127.0.0.1:0", "--memtier", memtier.target});
+  ASSERT_FALSE(w.target.empty()) << w.output;
+  Api api(w.target);
+  v1::AdoptSessionResponse ad;
+  for (const std::string id : {"", "xyz", "0123456789abcdef0", "0123456789ABCDEF"}) {
+    const grpc::Status s = Adopt(api, id, &ad);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << id << ": " << s.error_message();
+    EXPECT_NE(s.error_message().find("session id"), std::string::npos) << s.error_message();
+  }
+  EXPECT_EQ(Adopt(api, "00000000000000aa", &ad).error_code(), grpc::StatusCode::NOT_FOUND);
+
+  auto mt = v1::MemTier::NewStub(grpc::CreateChannel(memtier.target, grpc::InsecureChannelCredentials()));
+  auto put = [&](uint64_t session, const std::string& blob) {
+    grpc::ClientContext c1, c2;
+    v1::SessionRequest open;
+    open.set_session(session);
+    v1::SessionResponse r;
+    ASSERT_TRUE(mt->OpenSession(&c1, open, &r).ok());
+    v1::PutStateRequest ps;
+    ps.set_session(session);
+    ps.set_version(1);
+    ps.set_blob(blob);
+    ASSERT_TRUE(mt->PutState(&c2, ps, &r).ok());
+  };
+  auto header = [](uint64_t generated) {  // [token len][token][temperature][top_p][seed][appends][n]
+    std::string h;
+    const uint32_t tlen = 3;
+    h.append(reinterpret_cast<const char*>(&tlen), 4).append("tok");
+    const float t = 1.0f, p = 1.0f;
+    const uint64_t seed = 1, appends = 1;
+    h.append(reinterpret_cast<const char*>(&t), 4).append(reinterpret_cast<const char*>(&p), 4);
+    h.append(reinterpret_cast<const char*>(&seed), 8).append(reinterpret_cast<const char*>(&appends), 8);
+    h.append(reinterpret_cast<const char*>(&generated), 8);
+    return h;
+  };
+  struct Bad {
+    uint64_t session;
+    std::string blob;
+    grpc::StatusCode code;
+    std::string names;
+  };
+  for (const Bad& b : {Bad{0xb1, header(uint64_t{1} << 62), grpc::StatusCode::DATA_LOSS, "generated tokens"},
+                       Bad{0xb2, header(0).substr(0, 10), grpc::StatusCode::DATA_LOSS, "truncated"},
+                       Bad{0xb3, header(0) + std::string(64, '\x5a'), grpc::StatusCode::INVALID_ARGUMENT, "snapshot"}}) {
+    put(b.session, b.blob);
+    char id[17];
+    std::snprintf(id, sizeof id, "%016llx", static_cast<unsigned long long>(b.session));
+    const grpc::Status s = Adopt(api, id, &ad);
+    EXPECT_EQ(s.error_code(), b.code) << id << ": " << s.error_message();
+    EXPECT_NE(s.error_message().find(b.names), std::string::npos) << s.error_message();
+  }
+  // Still serving.
+  v1::CreateSessionResponse cs;
+  {
+    grpc::ClientContext ctx;
+    ASSERT_TRUE(api.session->CreateSession(&ctx, v1::CreateSessionRequest(), &cs).ok());
+  }
+  ASSERT_TRUE(Append(api, cs.session_id(), cs.token(), "still serving").ok());
+  grpc::Status st;
+  EXPECT_EQ(Generate(api, cs.session_id(), cs.token(), 3, v1::SamplingParams(), &st).size(), 3u);
+  EXPECT_TRUE(st.ok()) << st.error_message();
+  Stop(w);
   Stop(memtier);
   std::filesystem::remove_all(dir);
 }

@@ -119,9 +119,10 @@ absl::StatusOr<std::pair<uint64_t, uint64_t>> SessionServiceImpl::Adopt(const st
   s->token = std::string(in.substr(0, tlen));
   in.remove_prefix(tlen);
   if (!Get(&in, &s->defaults.temperature) || !Get(&in, &s->defaults.top_p) || !Get(&in, &s->defaults.seed) ||
-      !Get(&in, &s->appends) || !Get(&in, &n) ||
-      in.size() < n * 4)
+      !Get(&in, &s->appends) || !Get(&in, &n))
     return absl::DataLossError("adopt: snapshot header truncated");
+  if (n > in.size() / 4)  // n * 4 could wrap: a corrupt count must not size an allocation
+    return absl::DataLossError(absl::StrCat("adopt: snapshot claims ", n, " generated tokens, it holds ", in.size() / 4));
   s->generated.resize(n);
   std::memcpy(s->generated.data(), in.data(), n * 4);
   in.remove_prefix(n * 4);
