@@ -2,6 +2,8 @@
 // Every function is exact and branch-light so both backends (and tests) share one definition.
 #pragma once
 
+#include <algorithm>
+#include <array>
 #include <bit>
 #include <cmath>
 #include <cstddef>
@@ -89,6 +91,15 @@ inline float RoundE4m3(float x) {
   if (r > kE4m3Max) r = kE4m3Max;
   return std::copysign(r, x);
 }
+// Every e4m3 code's value (decoding by lookup).
+inline const std::array<float, 256>& E4m3Table() {
+  static const std::array<float, 256> table = [] {
+    std::array<float, 256> t{};
+    for (int c = 0; c < 256; ++c) t[c] = E4m3ToFloat(static_cast<uint8_t>(c));
+    return t;
+  }();
+  return table;
+}
 // Code of a value that already lies on the e4m3 grid.
 inline uint8_t EncodeE4m3(float v) {
   uint8_t sign = std::signbit(v) ? 0x80 : 0;
@@ -141,6 +152,21 @@ inline float Fp4BlockScale(float amax) {
   const float floor = 6.0f * std::ldexp(1.0f, -126);
   const float a = amax < floor ? floor : amax;
   return Pow2Ceil(a * (1.0f / kE2m1Max));
+}
+
+// ---- the FP8 KV record (spec §4.1; worker/kv/page_codec.h lays records out in pages) -------
+// An entry's `dim` values: `data` holds dim - rope_dims e4m3 codes, each run of 64 scaled by its
+// UE8M0 byte in `scales`, then rope_dims little-endian bf16 values. Exact (every product is an
+// fp32 value). The caller has checked the scale bytes (0xff would give NaN).
+inline void DecodeFp8Record(const uint8_t* data, const uint8_t* scales, int64_t dim, int64_t rope_dims, float* out) {
+  const std::array<float, 256>& e4m3 = E4m3Table();
+  const int64_t nope = dim - rope_dims;
+  for (int64_t lo = 0; lo < nope; lo += 64) {
+    const float s = E8m0ToFloat(scales[lo / 64]);
+    const int64_t hi = std::min<int64_t>(nope, lo + 64);
+    for (int64_t j = lo; j < hi; ++j) out[j] = e4m3[data[j]] * s;
+  }
+  Bf16BytesToFloats(data + nope, static_cast<size_t>(rope_dims), out + nope);
 }
 
 }  // namespace flashmem::num

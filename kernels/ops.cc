@@ -36,6 +36,26 @@ void ExpertMlp(const Backend& be, const WeightMatrix& w1, const WeightMatrix& w3
   be.Linear(w2, h.data(), m, out, Rounding::kBf16);
 }
 
+void Backend::SparseAttentionRecords(const float* q, int64_t heads, int64_t dim, int64_t rope_dims,
+                                     std::span<const KvSlot> slots, const float* sink, float softmax_scale,
+                                     float* out) const {
+  size_t records = 0;
+  for (const KvSlot& s : slots) records += s.record != nullptr;
+  std::vector<float> decoded(records * dim);
+  std::vector<const float*> rows(slots.size(), nullptr);
+  float* next = decoded.data();
+  for (size_t j = 0; j < slots.size(); ++j) {
+    if (slots[j].record) {
+      num::DecodeFp8Record(slots[j].record, slots[j].scales, dim, rope_dims, next);
+      rows[j] = next;
+      next += dim;
+    } else {
+      rows[j] = slots[j].row;
+    }
+  }
+  SparseAttention(q, heads, dim, rows, sink, softmax_scale, out);
+}
+
 void Backend::RoutedExperts(std::span<const ExpertWork> experts, const float* x, int64_t n, int64_t dim,
                             float swiglu_limit, float* y) const {
   std::vector<float> xs, out;

@@ -40,6 +40,17 @@ enum class Rounding { kNone, kBf16 };
 // One slot of sparse attention: -1 means masked (the reference pads candidate lists with -1).
 using CandidateIndex = int32_t;
 
+// One slot of sparse attention over the session's KV as the worker holds it: an entry stored as
+// an FP8 record (spec §4.1, worker/kv/page_codec.h: `record` points at its dim - rope_dims e4m3
+// codes followed by its rope_dims bf16 values, `scales` at its UE8M0 bytes, one per 64 codes —
+// in a page the two live apart), an fp32 row, or neither: a masked slot.
+struct KvSlot {
+  const uint8_t* record = nullptr;
+  const uint8_t* scales = nullptr;
+  const float* row = nullptr;
+  bool masked() const { return record == nullptr && row == nullptr; }
+};
+
 // One routed expert of an MoE layer and the token rows sent to it (Backend::RoutedExperts).
 struct ExpertWork {
   const WeightMatrix* w1 = nullptr;  // gate projection [inter, dim]
@@ -97,6 +108,14 @@ class Backend {
   virtual void SparseAttention(const float* q, int64_t heads, int64_t dim,
                                std::span<const float* const> kv_rows, const float* sink,
                                float softmax_scale, float* out) const = 0;
+
+  // SparseAttention over slots held as FP8 records (or fp32 rows) of `dim` values whose last
+  // `rope_dims` are bf16: the same result bit for bit as SparseAttention over the decoded rows.
+  // The default decodes the records on the host and calls SparseAttention; a device backend can
+  // stage the 584-byte records (a quarter of the fp32 rows) and attend over them in place.
+  virtual void SparseAttentionRecords(const float* q, int64_t heads, int64_t dim, int64_t rope_dims,
+                                      std::span<const KvSlot> slots, const float* sink, float softmax_scale,
+                                      float* out) const;
 
   // The indices of the k largest scores (at most scores.size()), descending, equal scores in
   // ascending index order (kernels/topk.h: the indexer's candidate list; bf16 scores tie often).

@@ -104,6 +104,13 @@ void ProfilingBackend::SparseAttention(const float* q, int64_t heads, int64_t di
   inner_.SparseAttention(q, heads, dim, kv_rows, sink, softmax_scale, out);
   Record(OpKind::kSparseAttention, t.seconds(), kv_rows.size());
 }
+void ProfilingBackend::SparseAttentionRecords(const float* q, int64_t heads, int64_t dim, int64_t rope_dims,
+                                              std::span<const KvSlot> slots, const float* sink, float softmax_scale,
+                                              float* out) const {
+  Timer t;
+  inner_.SparseAttentionRecords(q, heads, dim, rope_dims, slots, sink, softmax_scale, out);
+  Record(OpKind::kSparseAttention, t.seconds(), slots.size());  // decoding included
+}
 void ProfilingBackend::IndexScores(const float* q, const float* w, int64_t heads, int64_t dim,
                                    std::span<const float* const> keys, float* scores) const {
   Timer t;

@@ -45,7 +45,7 @@ std::pair<double, double> HeldBytes(const model::SessionState& s, const model::M
   int64_t csa = 0;
   for (int64_t l = 0; l < a.n_layers; ++l) {
     const model::LayerState& ls = s.layers[l];
-    const double fixed = (ls.window.size() + ls.compressor.kv.size() + ls.index_compressor.kv.size()) * 4.0;
+    const double fixed = static_cast<double>(ls.window.memory_bytes()) + (ls.compressor.kv.size() + ls.index_compressor.kv.size()) * 4.0;
     held += fixed;
     dense += fixed;
     auto pages = [&](const kv::EntryPages& e, bool evictable) {

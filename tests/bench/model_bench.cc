@@ -73,7 +73,7 @@ std::unique_ptr<model::SessionState> SyntheticState(const model::Transformer& tf
   for (int64_t l = 0; l < a.n_layers; ++l) {
     model::LayerState& ls = s->layers[l];
     for (int64_t w = 0; w < a.window_size; ++w)
-      std::copy_n(main_rows.Row(at++), a.head_dim, ls.window.begin() + w * a.head_dim);
+      ls.window.Overwrite(w, main_rows.Row(at++));
     const int r = a.ratio(l);
     if (r > 0)
       for (int64_t i = 0; i < context / r; ++i) ls.compressed.Append(main_rows.Row(at++));

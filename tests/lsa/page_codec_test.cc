@@ -235,5 +235,55 @@ TEST(EntryPagesTest, RecordsInMemoryRoundTripEvictAndFallBack) {
   EXPECT_EQ(bytes, want);
 }
 
+// Attention over slots held as records (window ring and compressed pages, fp32 rows of a stream
+// that fell back, masked and evicted slots) is SparseAttention over the decoded rows, bit for bit.
+TEST(EntryPagesTest, AttentionOverRecordsInPlaceEqualsTheDecodedRows) {
+  const PageFormat f = PageFormat::MainKv(512, 64);
+  const std::vector<float> values = MainKvPage(f, 31);
+  EntryPages window(f, true), compressed(f, true), fallback(f, true);
+  for (int64_t e = 0; e < 64; ++e) {
+    window.Append(values.data() + ((e * 7) % 64) * 512);
+    compressed.Append(values.data() + e * 512);
+    compressed.Append(values.data() + ((e + 5) % 64) * 512);
+  }
+  window.Overwrite(3, values.data() + 60 * 512);  // the ring reuses a slot
+  std::vector<float> odd(values.begin(), values.begin() + 512);
+  odd[1] = 0.3f;
+  fallback.Append(odd.data());
+  ASSERT_FALSE(fallback.encoded());
+  compressed.Evict(1);
+  std::mt19937 g(5);
+  const int64_t heads = 8;
+  std::vector<float> q(heads * 512), sink(heads);
+  for (float& x : q) x = num::RoundBf16(std::normal_distribution<float>(0, 1)(g));
+  for (float& x : sink) x = num::RoundBf16(std::normal_distribution<float>(0, 1)(g));
+  std::vector<kernels::KvSlot> slots;
+  for (int64_t e = 0; e < 64; ++e) slots.push_back(window.Slot(e));
+  slots.push_back(kernels::KvSlot());        // masked
+  slots.push_back(compressed.Slot(70));      // evicted: masked
+  for (int64_t t : {5, 0, 127 - 64, 33, 2, 64 - 1, 17}) slots.push_back(compressed.Slot(t));
+  slots.push_back(fallback.Slot(0));         // an fp32 row
+  EXPECT_TRUE(slots[65].masked());
+  ASSERT_NE(slots.back().row, nullptr);
+  std::vector<std::vector<float>> rows(slots.size(), std::vector<float>(512));
+  std::vector<const float*> ptrs(slots.size(), nullptr);
+  for (size_t j = 0; j < slots.size(); ++j) {
+    if (slots[j].masked()) continue;
+    if (slots[j].row) {
+      ptrs[j] = slots[j].row;
+      continue;
+    }
+    num::DecodeFp8Record(slots[j].record, slots[j].scales, 512, 64, rows[j].data());
+    ptrs[j] = rows[j].data();
+  }
+  std::vector<float> want(heads * 512), got(heads * 512, -7.0f);
+  kernels::CpuBackend().SparseAttention(q.data(), heads, 512, ptrs, sink.data(), 0.04f, want.data());
+  kernels::CpuBackend().SparseAttentionRecords(q.data(), heads, 512, 64, slots, sink.data(), 0.04f, got.data());
+  EXPECT_TRUE(SameBits(got, want));
+  // And the decoded rows are the values appended.
+  EXPECT_TRUE(SameBits(std::vector<float>(ptrs[66 + 1], ptrs[66 + 1] + 512), std::vector<float>(values.begin(), values.begin() + 512)));
+  EXPECT_TRUE(SameBits(std::vector<float>(ptrs[3], ptrs[3] + 512), std::vector<float>(values.begin() + 60 * 512, values.begin() + 61 * 512)));
+}
+
 }  // namespace
 }  // namespace flashmem::kv

@@ -290,12 +290,6 @@ CacheStats CompareRows(const std::string& name, const Array& g, const std::vecto
   return st;
 }
 
-std::vector<const float*> WindowRows(const SessionState& st, int layer, const model::ModelArgs& a) {
-  std::vector<const float*> rows;
-  for (int64_t s = 0; s < a.window_size; ++s) rows.push_back(st.layers[layer].window.data() + s * a.head_dim);
-  return rows;
-}
-
 // The entries' values, decoded (main KV is held as FP8 records); `rows` point into `values`.
 struct DecodedRows {
   std::vector<float> values;
@@ -311,6 +305,9 @@ DecodedRows PageRows(const kv::EntryPages& pages) {
   return d;
 }
 
+// The window ring's window_size entries, slot by slot.
+DecodedRows WindowRows(const SessionState& st, int layer) { return PageRows(st.layers[layer].window); }
+
 void CompareCache(const std::string& name, const Array& g, const std::vector<const float*>& mine, const json& t) {
   const CacheStats st = CompareRows(name, g, mine);
   Report(name + " worst entry rel-RMS", st.entry_relrms_max, "<=", t["entry_relrms_max"]);
@@ -325,7 +322,7 @@ TEST_F(GoldenC, CachesAfterS1) {
   const auto& a = set_->model().args();
   for (int l = 0; l < 2; ++l) {
     const std::string n = "s1_end_window_kv_L" + std::to_string(l);
-    CompareCache(n, set_->Get(n), WindowRows(st, l, a), t[n]);
+    CompareCache(n, set_->Get(n), WindowRows(st, l).rows, t[n]);
   }
   for (int64_t l = 1; l < a.n_layers; ++l) {
     const std::string n = "s1_end_compressed_kv_L" + std::to_string(l);
@@ -424,7 +421,7 @@ TEST_F(GoldenA, ComponentsWithinBands) {
     EXPECT_GE(cs.frac_exact, fe_min) << n;
     EXPECT_LE(cs.rel_rms, rr_max) << n;
   };
-  check("s1_end_window_kv_L0", WindowRows(st, 0, a), kWindowL0FracExact, kWindowL0RelRms);
+  check("s1_end_window_kv_L0", WindowRows(st, 0).rows, kWindowL0FracExact, kWindowL0RelRms);
   for (int64_t l = 1; l < a.n_layers; ++l) {
     check("s1_end_compressed_kv_L" + std::to_string(l), PageRows(st.layers[l].compressed).rows, kCompressedFracExact, kCompressedRelRms);
     if (a.ratio(l) == 4)

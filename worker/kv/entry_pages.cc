@@ -20,15 +20,35 @@ int64_t EntryPages::resident_pages() const {
   return std::count_if(pages_.begin(), pages_.end(), [](const auto& p) { return p != nullptr; });
 }
 
-void EntryPages::Append(const float* row) {
-  if (size_ % kEntriesPerPage == 0) pages_.push_back(NewPage());
-  const int64_t page = num_pages() - 1, e = size_ % kEntriesPerPage;
+void EntryPages::Write(int64_t page, int64_t e, const float* row) {
   if (encoded_ && EncodeEntry(format_, row, Bytes(page) + format_.entry_data_offset(e),
                               Bytes(page) + format_.entry_scales_offset(e)) >= 0) {
     TurnToFp32();  // this entry is then written below, as fp32
   }
   if (!encoded_) std::copy(row, row + format_.dim, pages_[page].get() + e * format_.dim);
+}
+
+void EntryPages::Append(const float* row) {
+  if (size_ % kEntriesPerPage == 0) pages_.push_back(NewPage());
+  Write(num_pages() - 1, size_ % kEntriesPerPage, row);
   ++size_;
+}
+
+void EntryPages::Overwrite(int64_t i, const float* row) {
+  if (pages_[i / kEntriesPerPage]) Write(i / kEntriesPerPage, i % kEntriesPerPage, row);
+}
+
+kernels::KvSlot EntryPages::Slot(int64_t i) const {
+  const int64_t page = i / kEntriesPerPage, e = i % kEntriesPerPage;
+  kernels::KvSlot s;
+  if (!pages_[page]) return s;
+  if (encoded_) {
+    s.record = Bytes(page) + format_.entry_data_offset(e);
+    s.scales = Bytes(page) + format_.entry_scales_offset(e);
+  } else {
+    s.row = pages_[page].get() + e * format_.dim;
+  }
+  return s;
 }
 
 bool EntryPages::ReadRow(int64_t i, float* out) const {

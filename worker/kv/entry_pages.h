@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "kernels/ops.h"
 #include "worker/kv/page_codec.h"
 
 namespace flashmem::kv {
@@ -41,13 +42,19 @@ class EntryPages {
   // Memory a resident page holds (and an entry's share of it).
   int64_t page_bytes() const { return encoded_ ? format_.page_bytes() : kEntriesPerPage * format_.dim * 4; }
   int64_t entry_bytes() const { return page_bytes() / kEntriesPerPage; }
+  // Memory the resident pages hold.
+  int64_t memory_bytes() const { return resident_pages() * page_bytes(); }
 
   void Append(const float* row);
+  // Rewrites written entry i (the sliding window's ring reuses its slots).
+  void Overwrite(int64_t i, const float* row);
   // The entry's values into `out` (dim() floats); false while its page is evicted.
   bool ReadRow(int64_t i, float* out) const;
   // fp32 streams only: the entry's row in place, or nullptr while its page is evicted.
   const float* Row(int64_t i) const;
   bool RowResident(int64_t i) const { return resident(i / kEntriesPerPage); }
+  // The entry as an attention slot (its record in place, or its fp32 row); masked while evicted.
+  kernels::KvSlot Slot(int64_t i) const;
   bool resident(int64_t page) const { return pages_[page] != nullptr; }
   int64_t resident_pages() const;
 
@@ -67,6 +74,7 @@ class EntryPages {
   std::unique_ptr<float[]> NewPage() const;
   uint8_t* Bytes(int64_t page) const { return reinterpret_cast<uint8_t*>(pages_[page].get()); }
   void TurnToFp32();
+  void Write(int64_t page, int64_t e, const float* row);
 
   PageFormat format_;
   bool encoded_ = false;

@@ -349,7 +349,7 @@ SessionKvStats KvPager::session_stats(uint64_t id) const {
       }
     }
   }
-  for (const model::LayerState& ls : s.state->layers) out.fixed_bytes += ls.window.size() * sizeof(float);
+  for (const model::LayerState& ls : s.state->layers) out.fixed_bytes += ls.window.memory_bytes();
   return out;
 }
 

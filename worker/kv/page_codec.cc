@@ -33,14 +33,6 @@ bool BlockScale(const float* v, int64_t n, float max_code, float* scale, uint8_t
   return true;
 }
 
-const std::array<float, 256>& E4m3Table() {
-  static const std::array<float, 256> table = [] {
-    std::array<float, 256> t{};
-    for (int c = 0; c < 256; ++c) t[c] = num::E4m3ToFloat(static_cast<uint8_t>(c));
-    return t;
-  }();
-  return table;
-}
 
 // e4m3 code of v / s, when it is exact: straight from the float's bits (no libm; this runs for
 // every value of every entry appended), checked by decoding it back.
@@ -112,7 +104,7 @@ int64_t EncodeEntry(const PageFormat& f, const float* v, uint8_t* data, uint8_t*
   std::fill(scales, scales + f.scale_bytes_per_entry(), 0);
   if (f.kind == PageFormat::Kind::kFp8Record) {
     const int64_t nope = f.nope_dims();
-    const std::array<float, 256>& table = E4m3Table();
+    const std::array<float, 256>& table = num::E4m3Table();
     for (int64_t b = 0; b * kFp8Block < nope; ++b) {
       const int64_t lo = b * kFp8Block, n = std::min(kFp8Block, nope - lo);
       float s;
@@ -155,13 +147,7 @@ bool DecodeEntry(const PageFormat& f, const uint8_t* data, const uint8_t* scales
   const int64_t block = fp8 ? kFp8Block : kFp4Block, scaled = fp8 ? f.nope_dims() : f.dim;
   if (!ScalesValid(f, scales)) return false;
   if (fp8) {
-    const std::array<float, 256>& e4m3 = E4m3Table();
-    for (int64_t lo = 0; lo < scaled; lo += block) {
-      const float s = num::E8m0ToFloat(scales[lo / block]);
-      const int64_t hi = std::min(scaled, lo + block);
-      for (int64_t j = lo; j < hi; ++j) v[j] = e4m3[data[j]] * s;
-    }
-    num::Bf16BytesToFloats(data + scaled, f.rope_dims, v + scaled);
+    num::DecodeFp8Record(data, scales, f.dim, f.rope_dims, v);
   } else {
     for (int64_t lo = 0; lo < scaled; lo += block) {
       const float s = num::E8m0ToFloat(scales[lo / block]);

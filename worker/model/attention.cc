@@ -164,39 +164,33 @@ Attention::Attention(const ModelArgs& args, const AttentionWeights& w, int64_t l
 
 void Attention::Candidates(const TokenRow& row, const LayerState& ls,
                            std::span<const int32_t> selected,
-                           std::vector<const float*>* slots, std::vector<float>* rows) const {
-  const int64_t W = args_.window_size, D = args_.head_dim, s = row.pos;
+                           std::vector<kernels::KvSlot>* slots) const {
+  const int64_t W = args_.window_size, s = row.pos;
   slots->clear();
-  auto ring = [&](int64_t p) { return ls.window.data() + (p % W) * D; };
+  auto ring = [&](int64_t p) { return ls.window.Slot(p % W); };
+  const kernels::KvSlot masked;
   if (row.prefill()) {  // rows of the whole prompt: max(0, s-W+1) + j, masked past s
     const int64_t len = std::min(row.chunk_len, W);
     const int64_t first = std::max<int64_t>(0, s - W + 1);
-    for (int64_t j = 0; j < len; ++j) slots->push_back(first + j <= s ? ring(first + j) : nullptr);
+    for (int64_t j = 0; j < len; ++j) slots->push_back(first + j <= s ? ring(first + j) : masked);
   } else if (s >= W - 1) {  // a full ring, oldest first
     for (int64_t p = s - W + 1; p <= s; ++p) slots->push_back(ring(p));
   } else {
     for (int64_t p = 0; p <= s; ++p) slots->push_back(ring(p));
-    slots->resize(W, nullptr);
+    slots->resize(W, masked);
   }
   if (ratio_ == 0) return;
   const int64_t complete = (s + 1) / ratio_;
-  // Compressed entries are held as FP8 records: decoded into `rows` (exactly the values written).
-  const int64_t n_rows = ratio_ == 4 ? static_cast<int64_t>(selected.size()) : std::min(complete, row.prefill() ? row.chunk_len / ratio_ : complete);
-  rows->resize(std::max<int64_t>(n_rows, 0) * D);
-  int64_t used = 0;
-  auto entry = [&](int64_t t) -> const float* {
-    float* r = rows->data() + (used++) * D;
-    return ls.compressed.ReadRow(t, r) ? r : nullptr;
-  };
+  // Entries stay where they are held (FP8 records): the backend reads them in place.
   if (ratio_ == 4) {
-    for (int32_t t : selected) slots->push_back(entry(t));
+    for (int32_t t : selected) slots->push_back(ls.compressed.Slot(t));
     if (row.prefill()) {
       const int64_t k = std::min<int64_t>(args_.index_topk, row.chunk_len / 4);
-      slots->resize(slots->size() + (k - static_cast<int64_t>(selected.size())), nullptr);
+      slots->resize(slots->size() + (k - static_cast<int64_t>(selected.size())), masked);
     }
   } else {
     const int64_t n = row.prefill() ? row.chunk_len / ratio_ : complete;
-    for (int64_t j = 0; j < n; ++j) slots->push_back(j < complete ? entry(j) : nullptr);
+    for (int64_t j = 0; j < n; ++j) slots->push_back(j < complete ? ls.compressed.Slot(j) : masked);
   }
 }
 
@@ -228,15 +222,14 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
   }
   // Sequential part, token by token in position order: state updates, then attention.
   std::vector<float> o(n * H * D), entry(D), ientry(args_.index_head_dim), scores;
-  std::vector<const float*> slots;
-  std::vector<float> rows_scratch;  // the compressed candidates, decoded
+  std::vector<kernels::KvSlot> slots;
   std::vector<int32_t> selected;
   const int64_t cw = compressor_ ? ckv.size() / n : 0, iw_ = indexer_ ? ikv.size() / n : 0;
   const float softmax_scale = 1.0f / std::sqrt(static_cast<float>(D));
   for (int64_t i = 0; i < n; ++i) {
     const TokenRow& row = rows[i];
     LayerState& ls = row.state->layers[layer_];
-    std::copy(kv.begin() + i * D, kv.begin() + (i + 1) * D, ls.window.begin() + (row.pos % W) * D);
+    ls.window.Overwrite(row.pos % W, kv.data() + i * D);
     if (compressor_ && compressor_->Update(ls.compressor, ckv.data() + i * cw, cscore.data() + i * cw, row.pos, entry.data()))
       ls.compressed.Append(entry.data());
     selected.clear();
@@ -271,8 +264,8 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
         row.trace->indexer_topk[csa_index_] = selected;
       }
     }
-    Candidates(row, ls, selected, &slots, &rows_scratch);
-    be_.SparseAttention(q.data() + i * H * D, H, D, slots, w_.attn_sink.data(), softmax_scale, o.data() + i * H * D);
+    Candidates(row, ls, selected, &slots);
+    be_.SparseAttentionRecords(q.data() + i * H * D, H, D, rd, slots, w_.attn_sink.data(), softmax_scale, o.data() + i * H * D);
   }
   be_.Rope(o.data(), n * H, D, D - rd, rd, cs.data(), sn.data(), H, /*inverse=*/true);
   // Grouped low-rank output projection: z_g = wo_a[g] · o_g (bf16 einsum), y = wo_b · z.

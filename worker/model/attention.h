@@ -90,10 +90,10 @@ class Attention {
   absl::Status Prepare() const;
 
  private:
-  // The candidate KV rows of one query in the reference's slot order (nullptr = masked slot);
-  // compressed entries are decoded into `rows`, which the slots then point into.
+  // The candidate KV entries of one query in the reference's slot order (window ring, then the
+  // compressed entries), as held: FP8 records in place; evicted or past-the-end slots masked.
   void Candidates(const TokenRow& row, const LayerState& ls, std::span<const int32_t> selected,
-                  std::vector<const float*>* slots, std::vector<float>* rows) const;
+                  std::vector<kernels::KvSlot>* slots) const;
 
   const ModelArgs& args_;
   const AttentionWeights& w_;

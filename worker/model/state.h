@@ -26,7 +26,7 @@ struct CompressorState {
 };
 
 struct LayerState {
-  std::vector<float> window;      // [window_size][head_dim]; slot = position % window_size
+  kv::EntryPages window;          // window_size entries, FP8 records; slot = position % window_size
   kv::EntryPages compressed;      // compressed entries (ratio > 0)
   kv::EntryPages index_keys;      // indexer keys (ratio == 4)
   CompressorState compressor;     // main compressor
@@ -74,7 +74,11 @@ struct SessionState {
     layers.resize(a.n_layers);
     for (int64_t l = 0; l < a.n_layers; ++l) {
       LayerState& s = layers[l];
-      s.window.assign(a.window_size * a.head_dim, 0.0f);
+      // The sliding window's ring: window_size entries written in place, held as FP8 records like
+      // the compressed entries (the same values: both are the nope dims' FP8 round trip + rope).
+      s.window = kv::EntryPages(kv::PageFormat::MainKv(a.head_dim, a.rope_head_dim), /*encoded=*/true);
+      const std::vector<float> zero(a.head_dim, 0.0f);
+      for (int64_t w = 0; w < a.window_size; ++w) s.window.Append(zero.data());
       const int r = a.ratio(l);
       if (r > 0) {
         // Held as FP8 records (584 B an entry at 512 dims), as they move to memtier.

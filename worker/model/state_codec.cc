@@ -136,7 +136,13 @@ std::string SerializeSessionState(const SessionState& s, const ModelArgs& a, con
   w.U64(static_cast<uint64_t>(s.position));
   w.U32(static_cast<uint32_t>(s.layers.size()));
   for (const LayerState& l : s.layers) {
-    w.Bf16s(l.window.data(), l.window.size());
+    {
+      std::vector<float> row(l.window.dim());
+      for (int64_t e = 0; e < l.window.size(); ++e) {
+        l.window.ReadRow(e, row.data());
+        w.Bf16s(row.data(), row.size());
+      }
+    }
     w.F32s(l.compressor.kv);
     w.F32s(l.compressor.score);
     w.F32s(l.index_compressor.kv);
@@ -177,7 +183,13 @@ absl::StatusOr<std::unique_ptr<SessionState>> DeserializeSessionState(absl::stri
   for (int64_t li = 0; li < a.n_layers; ++li) {
     LayerState& l = s->layers[li];
     const std::string at = absl::StrCat("layer ", li);
-    if (auto st = r.Bf16s(l.window.data(), l.window.size(), at + " window"); !st.ok()) return st;
+    {
+      std::vector<float> row(l.window.dim());
+      for (int64_t e = 0; e < l.window.size(); ++e) {
+        if (auto st = r.Bf16s(row.data(), row.size(), at + " window"); !st.ok()) return st;
+        l.window.Overwrite(e, row.data());
+      }
+    }
     if (auto st = r.F32s(&l.compressor.kv, at + " compressor kv"); !st.ok()) return st;
     if (auto st = r.F32s(&l.compressor.score, at + " compressor score"); !st.ok()) return st;
     if (auto st = r.F32s(&l.index_compressor.kv, at + " indexer compressor kv"); !st.ok()) return st;

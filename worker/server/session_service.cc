@@ -365,8 +365,8 @@ grpc::Status SessionServiceImpl::GetSession(grpc::ServerContext* ctx, const v1::
       }
     };
     for (const auto& l : state.layers) {
-      bytes += l.window.size() * sizeof(float);
-      dense += l.window.size() * sizeof(float);
+      bytes += l.window.memory_bytes();
+      dense += l.window.memory_bytes();
       pages(l.compressed);
       pages(l.index_keys);
     }
