@@ -11,12 +11,9 @@
 #include "CLI/CLI.hpp"
 #include "common/cli_help.h"
 #include "common/health_endpoint.h"
+#include "common/metrics_server.h"
 #include "common/tls.h"
 #include "coordinator/coordinator.h"
-#include "prometheus/exposer.h"
-#include "prometheus/gauge.h"
-#include "prometheus/histogram.h"
-#include "prometheus/registry.h"
 #include "spdlog/sinks/stdout_color_sinks.h"
 #include "spdlog/spdlog.h"
 
@@ -62,29 +59,20 @@ int main(int argc, char** argv) {
   }
   // /metrics: sessions, workers, failovers and resume time, relayed appends/generates/tokens,
   // time to first token and between tokens as clients see them.
-  std::unique_ptr<prometheus::Exposer> exposer;
-  auto registry = std::make_shared<prometheus::Registry>();
-  std::atomic<bool> metrics_stop{false};
-  std::thread metrics_thread;
+  std::unique_ptr<flashmem::MetricsServer> metrics;
   if (!metrics_listen.empty()) {
-    try {
-      exposer = std::make_unique<prometheus::Exposer>(metrics_listen);
-    } catch (const std::exception& e) {
-      std::fprintf(stderr, "flashmem-coordinator: --metrics-listen %s: %s\n", metrics_listen.c_str(), e.what());
+    auto m = flashmem::MetricsServer::Start(metrics_listen);
+    if (!m.ok()) {
+      std::fprintf(stderr, "flashmem-coordinator: %s\n", std::string(m.status().message()).c_str());
       return 1;
     }
-    const prometheus::Histogram::BucketBoundaries buckets = {0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30};
-    auto hist = [&](const char* name, const char* help) -> prometheus::Histogram& {
-      return prometheus::BuildHistogram().Name(name).Help(help).Register(*registry).Add({}, buckets);
-    };
-    auto& resume = hist("flashmem_coordinator_resume_seconds", "moving a session to another worker (lease wait + adoption)");
-    auto& ttft = hist("flashmem_coordinator_time_to_first_token_seconds", "Generate: time to the first relayed token");
-    auto& itl = hist("flashmem_coordinator_inter_token_seconds", "Generate: time between relayed tokens");
+    metrics = std::move(*m);
+    auto& resume = metrics->LatencyHistogram("flashmem_coordinator_resume_seconds", "moving a session to another worker (lease wait + adoption)");
+    auto& ttft = metrics->LatencyHistogram("flashmem_coordinator_time_to_first_token_seconds", "Generate: time to the first relayed token");
+    auto& itl = metrics->LatencyHistogram("flashmem_coordinator_inter_token_seconds", "Generate: time between relayed tokens");
     (*c)->set_observers([&resume](double s) { resume.Observe(s); }, [&ttft](double s) { ttft.Observe(s); },
                         [&itl](double s) { itl.Observe(s); });
-    auto gauge = [&](const char* name, const char* help) -> prometheus::Gauge& {
-      return prometheus::BuildGauge().Name(name).Help(help).Register(*registry).Add({});
-    };
+    auto gauge = [&](const char* name, const char* help) -> prometheus::Gauge& { return metrics->Gauge(name, help); };
     auto& sessions = gauge("flashmem_coordinator_sessions", "sessions in the session table");
     auto& workers = gauge("flashmem_coordinator_workers", "registered workers");
     auto& live = gauge("flashmem_coordinator_workers_live", "workers holding a lease");
@@ -94,23 +82,19 @@ int main(int argc, char** argv) {
     auto& appends = gauge("flashmem_coordinator_appends", "appends relayed");
     auto& generates = gauge("flashmem_coordinator_generates", "generate streams started");
     auto& tokens = gauge("flashmem_coordinator_tokens", "tokens relayed to clients");
-    exposer->RegisterCollectable(registry);
-    metrics_thread = std::thread([&, coord = c->get()] {
-      while (!metrics_stop.load()) {
-        const auto st = coord->stats();
-        sessions.Set(static_cast<double>(st.sessions));
-        workers.Set(static_cast<double>(st.workers));
-        live.Set(static_cast<double>(st.workers_live));
-        memtiers.Set(static_cast<double>(st.memtiers));
-        memtiers_live.Set(static_cast<double>(st.memtiers_live));
-        failovers.Set(static_cast<double>(st.failovers));
-        appends.Set(static_cast<double>(st.appends));
-        generates.Set(static_cast<double>(st.generates));
-        tokens.Set(static_cast<double>(st.tokens));
-        std::this_thread::sleep_for(std::chrono::milliseconds(200));
-      }
+    metrics->RefreshEvery(std::chrono::milliseconds(200), [&, coord = c->get()] {
+      const auto st = coord->stats();
+      sessions.Set(static_cast<double>(st.sessions));
+      workers.Set(static_cast<double>(st.workers));
+      live.Set(static_cast<double>(st.workers_live));
+      memtiers.Set(static_cast<double>(st.memtiers));
+      memtiers_live.Set(static_cast<double>(st.memtiers_live));
+      failovers.Set(static_cast<double>(st.failovers));
+      appends.Set(static_cast<double>(st.appends));
+      generates.Set(static_cast<double>(st.generates));
+      tokens.Set(static_cast<double>(st.tokens));
     });
-    std::printf("METRICS %d\n", exposer->GetListeningPorts().front());
+    std::printf("METRICS %d\n", metrics->port());
   }
   grpc::EnableDefaultHealthCheckService(true);
   grpc::ServerBuilder b;
@@ -131,7 +115,6 @@ int main(int argc, char** argv) {
   std::fflush(stdout);
   server->Wait();
   if (health) health->SetServing(false);
-  metrics_stop.store(true);
-  if (metrics_thread.joinable()) metrics_thread.join();
+  metrics.reset();
   return 0;
 }

@@ -9,6 +9,8 @@
 
 #include <chrono>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <future>
 #include <thread>
 
@@ -17,6 +19,7 @@
 #include "memtier/client/memtier_client.h"
 #include "tests/model/test_models.h"
 #include "tests/process_util.h"
+#include "tests/server/cluster_util.h"
 
 namespace flashmem::testing {
 namespace {
@@ -100,6 +103,23 @@ TEST(StartupOrder, AMemtierClientWaitsForAMemtierThatStartsLater) {
   EXPECT_TRUE((*c)->OpenSession(7).ok());
   c->reset();  // before memtier goes away
   Stop(mt);
+  std::filesystem::remove_all(dir);
+}
+
+// A worker whose coordinator never comes exits 1 with the coordinator named — also with its
+// /metrics up (its refresh thread used to be left running there: std::terminate, exit 134).
+TEST(StartupOrder, AWorkerWithMetricsExitsCleanlyWhenItsCoordinatorNeverComes) {
+  const std::string dir = TempDir("startup_worker");
+  ASSERT_EQ(WriteTinyModel(dir, 2), 0);
+  const std::string coordinator = "127.0.0.1:" + std::to_string(UnusedPort());
+  Child w = SpawnLogged(FLASHMEM_WORKER_BIN, {"--model", dir + "/m", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
+                                              "--coordinator", coordinator, "--startup-wait-s", "0.5"},
+                        dir + "/w.log");
+  EXPECT_EQ(ExitCode(w, std::chrono::seconds(60)), 1);
+  std::ifstream in(dir + "/w.log");
+  const std::string log((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_NE(log.find("--coordinator " + coordinator), std::string::npos) << log;
+  EXPECT_EQ(log.find("terminate"), std::string::npos) << log;
   std::filesystem::remove_all(dir);
 }
 

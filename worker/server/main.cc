@@ -18,12 +18,8 @@
 #include "spdlog/spdlog.h"
 #include "common/cli_help.h"
 #include "common/health_endpoint.h"
+#include "common/metrics_server.h"
 #include "coordinator/lease_keeper.h"
-#include "prometheus/counter.h"
-#include "prometheus/exposer.h"
-#include "prometheus/gauge.h"
-#include "prometheus/histogram.h"
-#include "prometheus/registry.h"
 #include "worker/parallel/group_store.h"
 #include "worker/parallel/nccl_communicator.h"
 #include "worker/server/group_control.h"
@@ -287,35 +283,27 @@ int main(int argc, char** argv) {
   flashmem::server::SessionServiceImpl service(scheduler, tok.get(), (*model)->args().vocab_size, svo, memtier.get());
   flashmem::server::WorkerAdminImpl admin(service);
   // /metrics: sessions, tokens, steps, batch size, time to first token and between tokens.
-  std::unique_ptr<prometheus::Exposer> exposer;
-  auto registry = std::make_shared<prometheus::Registry>();
-  std::atomic<bool> metrics_stop{false};
-  std::thread metrics_thread;
+  std::unique_ptr<flashmem::MetricsServer> metrics;
   if (!metrics_listen.empty()) {
-    try {
-      exposer = std::make_unique<prometheus::Exposer>(metrics_listen);
-    } catch (const std::exception& e) {
-      std::fprintf(stderr, "flashmem-worker: --metrics-listen %s: %s\n", metrics_listen.c_str(), e.what());
+    auto m = flashmem::MetricsServer::Start(metrics_listen);
+    if (!m.ok()) {
+      std::fprintf(stderr, "flashmem-worker: %s\n", std::string(m.status().message()).c_str());
       return 1;
     }
-    const prometheus::Histogram::BucketBoundaries buckets = {0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30};
-    auto& ttft = prometheus::BuildHistogram().Name("flashmem_worker_time_to_first_token_seconds")
-                     .Help("Generate: time to the first token").Register(*registry).Add({}, buckets);
-    auto& itl = prometheus::BuildHistogram().Name("flashmem_worker_inter_token_seconds")
-                    .Help("Generate: time between tokens").Register(*registry).Add({}, buckets);
+    metrics = std::move(*m);
+    auto& ttft = metrics->LatencyHistogram("flashmem_worker_time_to_first_token_seconds", "Generate: time to the first token");
+    auto& itl = metrics->LatencyHistogram("flashmem_worker_inter_token_seconds", "Generate: time between tokens");
     service.set_latency_observers([&ttft](double s) { ttft.Observe(s); }, [&itl](double s) { itl.Observe(s); });
-    auto& sessions = prometheus::BuildGauge().Name("flashmem_worker_sessions").Help("sessions held").Register(*registry).Add({});
-    auto& batch = prometheus::BuildGauge().Name("flashmem_worker_max_batch_rows").Help("largest forward pass (rows)").Register(*registry).Add({});
-    auto& tokens = prometheus::BuildGauge().Name("flashmem_worker_tokens").Help("tokens run through the model, by kind").Register(*registry);
+    auto gauge = [&](const char* name, const char* help) -> prometheus::Gauge& { return metrics->Gauge(name, help); };
+    auto& sessions = gauge("flashmem_worker_sessions", "sessions held");
+    auto& batch = gauge("flashmem_worker_max_batch_rows", "largest forward pass (rows)");
+    auto& tokens = metrics->GaugeFamily("flashmem_worker_tokens", "tokens run through the model, by kind");
     auto& prefill = tokens.Add({{"kind", "prefill"}});
     auto& decode = tokens.Add({{"kind", "decode"}});
-    auto& steps = prometheus::BuildGauge().Name("flashmem_worker_steps").Help("forward passes").Register(*registry).Add({});
-    auto& queued = prometheus::BuildGauge().Name("flashmem_worker_queued_tokens").Help("prompt tokens waiting for a forward pass (queue depth)").Register(*registry).Add({});
-    auto& generating = prometheus::BuildGauge().Name("flashmem_worker_generating_sessions").Help("sessions generating now").Register(*registry).Add({});
+    auto& steps = gauge("flashmem_worker_steps", "forward passes");
+    auto& queued = gauge("flashmem_worker_queued_tokens", "prompt tokens waiting for a forward pass (queue depth)");
+    auto& generating = gauge("flashmem_worker_generating_sessions", "sessions generating now");
     // LSA and paged KV (docs/lsa.md, docs/operations.md).
-    auto gauge = [&](const char* name, const char* help) -> prometheus::Gauge& {
-      return prometheus::BuildGauge().Name(name).Help(help).Register(*registry).Add({});
-    };
     auto& lsa_sessions = gauge("flashmem_lsa_sessions", "sessions running LSA");
     auto& lsa_refreshes = gauge("flashmem_lsa_refreshes", "Level-1 cycles scored (sessions held now)");
     auto& lsa_recalled = gauge("flashmem_lsa_pages_recalled", "pages newly in a resident set, summed over sets");
@@ -336,50 +324,45 @@ int main(int argc, char** argv) {
     auto& kv_commit_bytes = gauge("flashmem_kv_committed_bytes", "page bytes sent to memtier (FP8 records / MXFP4, worker/kv/page_codec.h)");
     auto& kv_bf16 = gauge("flashmem_kv_pages_sent_bf16", "pages off their format's grid, sent as bf16 (none expected)");
     auto& kv_over = gauge("flashmem_kv_over_budget_steps", "steps whose needed pages alone exceeded --kv-budget-bytes");
-    exposer->RegisterCollectable(registry);
-    metrics_thread = std::thread([&] {
-      while (!metrics_stop.load()) {
-        const auto st = scheduler.stats();
-        sessions.Set(static_cast<double>(scheduler.sessions()));
-        batch.Set(static_cast<double>(st.max_batch_rows));
-        prefill.Set(static_cast<double>(st.prefill_tokens));
-        decode.Set(static_cast<double>(st.decode_tokens));
-        steps.Set(static_cast<double>(st.steps));
-        queued.Set(static_cast<double>(st.queued_tokens));
-        generating.Set(static_cast<double>(st.generating));
-        lsa_sessions.Set(static_cast<double>(st.lsa_sessions));
-        lsa_refreshes.Set(static_cast<double>(st.lsa_refreshes));
-        lsa_recalled.Set(static_cast<double>(st.lsa_pages_recalled));
-        lsa_stalls.Set(static_cast<double>(st.lsa_stalls));
-        lsa_stall_s.Set(st.lsa_stall_seconds);
-        lsa_fallbacks.Set(static_cast<double>(st.lsa_fallbacks));
-        lsa_churn.Set(st.lsa_churn_count ? st.lsa_churn_jaccard_sum / st.lsa_churn_count : 1.0);
-        lsa_fraction.Set(st.lsa_total_pages ? static_cast<double>(st.lsa_visible_pages) / st.lsa_total_pages : 1.0);
-        lsa_agree.Set(st.lsa_agreement_count ? st.lsa_agreement_sum / st.lsa_agreement_count : -1.0);
-        if (pager) {
-          const auto ps = pager->stats();
-          kv_resident.Set(static_cast<double>(ps.resident_bytes));
-          kv_dense.Set(static_cast<double>(ps.dense_bytes));
-          kv_peak.Set(static_cast<double>(ps.peak_resident_bytes));
-          kv_evicted.Set(static_cast<double>(ps.pages_evicted));
-          kv_recalled.Set(static_cast<double>(ps.pages_recalled));
-          kv_late.Set(static_cast<double>(ps.late_pages));
-          kv_late_s.Set(ps.late_seconds);
-          kv_committed.Set(static_cast<double>(ps.pages_committed));
-          kv_over.Set(static_cast<double>(ps.over_budget_steps));
-          kv_commit_bytes.Set(static_cast<double>(ps.committed_bytes));
-          kv_bf16.Set(static_cast<double>(ps.pages_sent_bf16));
-        }
-        std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    metrics->RefreshEvery(std::chrono::milliseconds(200), [&] {
+      const auto st = scheduler.stats();
+      sessions.Set(static_cast<double>(scheduler.sessions()));
+      batch.Set(static_cast<double>(st.max_batch_rows));
+      prefill.Set(static_cast<double>(st.prefill_tokens));
+      decode.Set(static_cast<double>(st.decode_tokens));
+      steps.Set(static_cast<double>(st.steps));
+      queued.Set(static_cast<double>(st.queued_tokens));
+      generating.Set(static_cast<double>(st.generating));
+      lsa_sessions.Set(static_cast<double>(st.lsa_sessions));
+      lsa_refreshes.Set(static_cast<double>(st.lsa_refreshes));
+      lsa_recalled.Set(static_cast<double>(st.lsa_pages_recalled));
+      lsa_stalls.Set(static_cast<double>(st.lsa_stalls));
+      lsa_stall_s.Set(st.lsa_stall_seconds);
+      lsa_fallbacks.Set(static_cast<double>(st.lsa_fallbacks));
+      lsa_churn.Set(st.lsa_churn_count ? st.lsa_churn_jaccard_sum / st.lsa_churn_count : 1.0);
+      lsa_fraction.Set(st.lsa_total_pages ? static_cast<double>(st.lsa_visible_pages) / st.lsa_total_pages : 1.0);
+      lsa_agree.Set(st.lsa_agreement_count ? st.lsa_agreement_sum / st.lsa_agreement_count : -1.0);
+      if (pager) {
+        const auto ps = pager->stats();
+        kv_resident.Set(static_cast<double>(ps.resident_bytes));
+        kv_dense.Set(static_cast<double>(ps.dense_bytes));
+        kv_peak.Set(static_cast<double>(ps.peak_resident_bytes));
+        kv_evicted.Set(static_cast<double>(ps.pages_evicted));
+        kv_recalled.Set(static_cast<double>(ps.pages_recalled));
+        kv_late.Set(static_cast<double>(ps.late_pages));
+        kv_late_s.Set(ps.late_seconds);
+        kv_committed.Set(static_cast<double>(ps.pages_committed));
+        kv_over.Set(static_cast<double>(ps.over_budget_steps));
+        kv_commit_bytes.Set(static_cast<double>(ps.committed_bytes));
+        kv_bf16.Set(static_cast<double>(ps.pages_sent_bf16));
       }
     });
-    std::printf("METRICS %d\n", exposer->GetListeningPorts().front());
+    std::printf("METRICS %d\n", metrics->port());
     std::fflush(stdout);
   }
   if (follower) {  // no API of its own: it follows the leader until the group ends
     const int rc = RunFollower(group, creds->channel, coordinator_target, startup_wait, scheduler, health.get());
-    metrics_stop.store(true);
-    if (metrics_thread.joinable()) metrics_thread.join();
+    metrics.reset();  // its refresh reads the scheduler
     return rc;
   }
   grpc::EnableDefaultHealthCheckService(true);
@@ -432,7 +415,6 @@ int main(int argc, char** argv) {
   if (health) health->SetServing(false);
   if (control) control->Shutdown();
   lease.reset();
-  metrics_stop.store(true);
-  if (metrics_thread.joinable()) metrics_thread.join();
+  metrics.reset();
   return g_exit_code.load();
 }
