@@ -132,6 +132,7 @@ TEST_F(PagedKv, SmallBudgetEvictsToMemtierAndRecallsExactly) {
   EXPECT_EQ(remote->checksum_failures, 0u);
   // Every page travelled in its compact form (page_codec.h): the model's values are on the grids.
   EXPECT_EQ(ps.pages_sent_bf16, 0u);
+  EXPECT_EQ(ps.streams_fp32, 0u);
   EXPECT_GT(ps.committed_bytes, 0u);
   const model::ModelArgs& a = loaded_->model->args();
   const uint64_t main_page = kv::PageFormat::MainKv(a.head_dim, a.rope_head_dim).page_bytes();

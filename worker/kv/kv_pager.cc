@@ -206,7 +206,7 @@ void KvPager::AfterStep() {
   ++step_;
   struct Candidate { uint64_t last_used; int64_t page; Session* s; int si; };
   std::vector<Candidate> cand;
-  uint64_t resident = 0, dense = 0, needed = 0;
+  uint64_t resident = 0, dense = 0, needed = 0, fell_back = 0;
   for (auto& [id, sp] : sessions_) {
     Session& s = *sp;
     Harvest(id, s, /*wait=*/false);
@@ -218,6 +218,7 @@ void KvPager::AfterStep() {
       Stream& st = s.streams[si];
       const int64_t n = st.pages->num_pages();
       st.Track(n);
+      fell_back += st.pages->fell_back_to_fp32();
       for (int64_t p = 0; p < st.pages->complete_pages(); ++p) {
         if (st.state[p] != 0 || !client_ || !options_.commit || !st.pages->resident(p)) continue;
         std::vector<uint8_t> b;
@@ -286,6 +287,7 @@ void KvPager::AfterStep() {
   }
   (void)needed;
   stats_.resident_bytes = resident;
+  stats_.streams_fp32 = fell_back;
   stats_.dense_bytes = dense;
   stats_.peak_resident_bytes = std::max(stats_.peak_resident_bytes, resident);
 }
