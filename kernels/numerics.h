@@ -28,6 +28,15 @@ inline void Bf16BytesToFloats(const uint8_t* bytes, size_t n, float* out) {
     out[i] = Bf16BitsToFloat(static_cast<uint16_t>(bytes[2 * i] | (static_cast<uint16_t>(bytes[2 * i + 1]) << 8)));
 }
 
+// The inverse: n floats as little-endian bf16 bytes (rounded to nearest even).
+inline void FloatsToBf16Bytes(const float* v, size_t n, uint8_t* bytes) {
+  for (size_t i = 0; i < n; ++i) {
+    const uint16_t b = FloatToBf16Bits(v[i]);
+    bytes[2 * i] = static_cast<uint8_t>(b & 0xff);
+    bytes[2 * i + 1] = static_cast<uint8_t>(b >> 8);
+  }
+}
+
 // exp through double, rounded once to float. Both backends use it where the reference calls exp
 // on fp32 tensors, so the CPU and CUDA ops agree bit for bit (float expf differs by an ulp
 // between libm and the CUDA math library).

@@ -2,6 +2,7 @@
 #include "kernels/numerics.h"
 
 #include <cmath>
+#include <vector>
 
 #include "gtest/gtest.h"
 
@@ -22,6 +23,9 @@ TEST(Bf16, RoundsToNearestEven) {
   EXPECT_EQ(out[0], 1.0f);
   EXPECT_EQ(out[1], -2.0f);
   EXPECT_TRUE(std::isinf(out[2]) && out[2] < 0);
+  uint8_t back[6];
+  FloatsToBf16Bytes(out, 3, back);  // the inverse, byte for byte
+  EXPECT_EQ(std::vector<uint8_t>(back, back + 6), std::vector<uint8_t>(bytes + 1, bytes + 7));
 }
 
 TEST(F16, DecodesNormalsAndSubnormals) {

@@ -188,7 +188,9 @@ TEST(EntryPagesTest, RecordsInMemoryRoundTripEvictAndFallBack) {
   for (int64_t e = 0; e < 64; ++e) ASSERT_TRUE(pages.ReadRow(64 + e, page.data() + e * 512));
   EXPECT_TRUE(SameBits(page, values));
   std::vector<uint8_t> bytes;
-  ASSERT_TRUE(pages.Serialize(1, &bytes).ok());
+  bool as_bf16 = true;
+  ASSERT_TRUE(pages.Serialize(1, &bytes, &as_bf16).ok());
+  EXPECT_FALSE(as_bf16);
   std::vector<uint8_t> want;
   ASSERT_TRUE(EncodePage(f, values, &want).ok());
   EXPECT_EQ(bytes, want);
@@ -214,7 +216,8 @@ TEST(EntryPagesTest, RecordsInMemoryRoundTripEvictAndFallBack) {
   pages.Evict(0);
   ASSERT_TRUE(pages.Restore(0, bf16).ok());
   EXPECT_TRUE(pages.encoded());
-  ASSERT_TRUE(pages.Serialize(0, &bytes).ok());
+  ASSERT_TRUE(pages.Serialize(0, &bytes, &as_bf16).ok());
+  EXPECT_FALSE(as_bf16);
   EXPECT_EQ(bytes, want);
 
   // An entry off the grid: the stream turns to fp32 rows, every value kept.
@@ -231,8 +234,19 @@ TEST(EntryPagesTest, RecordsInMemoryRoundTripEvictAndFallBack) {
   EXPECT_EQ(pages.Row(64), nullptr) << "evicted before the fallback, still evicted";
   ASSERT_TRUE(pages.Restore(1, want).ok());  // now decoded into fp32 rows
   EXPECT_TRUE(SameBits(std::vector<float>(pages.Row(64), pages.Row(64) + 64 * 512), values));
-  ASSERT_TRUE(pages.Serialize(1, &bytes).ok());  // fp32 rows on the grid still serialize compactly
+  ASSERT_TRUE(pages.Serialize(1, &bytes, &as_bf16).ok());  // fp32 rows on the grid still serialize compactly
+  EXPECT_FALSE(as_bf16);
   EXPECT_EQ(bytes, want);
+  // The page holding the off-grid row goes as bf16, and comes back with every value.
+  ASSERT_TRUE(pages.Serialize(2, &bytes, &as_bf16).ok());
+  EXPECT_TRUE(as_bf16);
+  EXPECT_EQ(static_cast<int64_t>(bytes.size()), f.bf16_page_bytes());
+  pages.Evict(2);
+  ASSERT_TRUE(pages.Restore(2, bytes).ok());
+  EXPECT_TRUE(SameBits(std::vector<float>(pages.Row(129), pages.Row(129) + 512), odd));
+  EXPECT_TRUE(SameBits(std::vector<float>(pages.Row(128), pages.Row(128) + 512), std::vector<float>(values.begin(), values.begin() + 512)));
+  pages.Evict(0);
+  EXPECT_EQ(pages.Serialize(0, &bytes, &as_bf16).code(), absl::StatusCode::kFailedPrecondition);
 }
 
 // Attention over slots held as records (window ring and compressed pages, fp32 rows of a stream

@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/numerics.h"
 
 namespace flashmem::kv {
 
@@ -68,13 +69,19 @@ const float* EntryPages::Row(int64_t i) const {
   return p ? p + (i % kEntriesPerPage) * format_.dim : nullptr;
 }
 
-absl::Status EntryPages::Serialize(int64_t page, std::vector<uint8_t>* out) const {
+absl::Status EntryPages::Serialize(int64_t page, std::vector<uint8_t>* out, bool* as_bf16) const {
   if (!pages_[page]) return absl::FailedPreconditionError(absl::StrCat("page ", page, " is not in memory"));
+  *as_bf16 = false;
   if (encoded_) {
     out->assign(Bytes(page), Bytes(page) + format_.page_bytes());
     return absl::OkStatus();
   }
-  return EncodePage(format_, std::span<const float>(pages_[page].get(), format_.page_floats()), out);
+  const std::span<const float> values(pages_[page].get(), format_.page_floats());
+  if (EncodePage(format_, values, out).ok()) return absl::OkStatus();
+  *as_bf16 = true;
+  out->resize(format_.bf16_page_bytes());
+  num::FloatsToBf16Bytes(values.data(), values.size(), out->data());
+  return absl::OkStatus();
 }
 
 absl::Status EntryPages::Restore(int64_t page, std::span<const uint8_t> bytes) {

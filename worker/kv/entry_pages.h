@@ -58,10 +58,11 @@ class EntryPages {
   bool resident(int64_t page) const { return pages_[page] != nullptr; }
   int64_t resident_pages() const;
 
-  // A resident page in its memtier form (format().page_bytes()). INVALID_ARGUMENT when an fp32
-  // page's values are off the format's grid; the caller may then send it as bf16
-  // (format().bf16_page_bytes(): every entry is a bf16 value), which Restore reads too.
-  absl::Status Serialize(int64_t page, std::vector<uint8_t>* out) const;
+  // A resident page as it goes to memtier: in its format (format().page_bytes()), or — an fp32
+  // page whose values are off the format's grid — in the bf16 form (every entry is a bf16 value;
+  // format().bf16_page_bytes()), which Restore reads too; *as_bf16 says which.
+  // FAILED_PRECONDITION for a page not in memory.
+  absl::Status Serialize(int64_t page, std::vector<uint8_t>* out, bool* as_bf16) const;
   // Frees a complete page's memory.
   void Evict(int64_t page) { pages_[page].reset(); }
   // Puts an evicted page back from its memtier form (or the bf16 one). DATA_LOSS for other bytes.

@@ -7,7 +7,6 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "kernels/numerics.h"
 
 namespace flashmem::kv {
 
@@ -222,22 +221,9 @@ void KvPager::AfterStep() {
       for (int64_t p = 0; p < st.pages->complete_pages(); ++p) {
         if (st.state[p] != 0 || !client_ || !options_.commit || !st.pages->resident(p)) continue;
         std::vector<uint8_t> b;
-        if (!st.pages->Serialize(p, &b).ok()) {
-          // Off its grid (not expected: the model's round trips put every value there). Entries
-          // are bf16 values, so the bf16 form is exact; Restore reads either.
-          const int64_t dim = st.pages->dim();
-          std::vector<float> row(dim);
-          b.resize(st.pages->format().bf16_page_bytes());
-          for (int64_t e = 0; e < kEntriesPerPage; ++e) {
-            st.pages->ReadRow(p * kEntriesPerPage + e, row.data());
-            for (int64_t k = 0; k < dim; ++k) {
-              const uint16_t h = num::FloatToBf16Bits(row[k]);
-              b[2 * (e * dim + k)] = static_cast<uint8_t>(h & 0xff);
-              b[2 * (e * dim + k) + 1] = static_cast<uint8_t>(h >> 8);
-            }
-          }
-          stats_.pages_sent_bf16++;
-        }
+        bool as_bf16 = false;
+        if (!st.pages->Serialize(p, &b, &as_bf16).ok()) continue;  // resident: cannot happen
+        if (as_bf16) stats_.pages_sent_bf16++;  // off its grid (not expected)
         stats_.committed_bytes += b.size();
         bytes.push_back(std::move(b));
         which.push_back({si, p});

@@ -13,7 +13,6 @@ namespace {
 
 constexpr int64_t kFp8Block = 64;  // nope dims a UE8M0 scale covers (the model's Fp8RoundTrip block)
 constexpr int64_t kFp4Block = 32;  // index dims a UE8M0 scale covers (the model's Fp4RoundTrip block)
-constexpr float kFp4Mag[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
 
 bool SameBits(float a, float b) { return std::bit_cast<uint32_t>(a) == std::bit_cast<uint32_t>(b); }
 
@@ -32,7 +31,6 @@ bool BlockScale(const float* v, int64_t n, float max_code, float* scale, uint8_t
   *byte = static_cast<uint8_t>(exp);
   return true;
 }
-
 
 // e4m3 code of v / s, when it is exact: straight from the float's bits (no libm; this runs for
 // every value of every entry appended), checked by decoding it back.
@@ -56,16 +54,12 @@ bool E4m3Code(const std::array<float, 256>& table, float v, float inv_s, float s
   return SameBits(table[*code] * s, v);
 }
 
+// e2m1 code of v / s, when it is exact (the sign kept for zeros too, which num::EncodeE2m1
+// drops), checked by decoding it back.
 bool E2m1Code(float v, float s, uint8_t* code) {
-  const float a = std::fabs(v) / s;
-  for (uint8_t i = 0; i < 8; ++i)
-    if (kFp4Mag[i] == a) {
-      *code = static_cast<uint8_t>((std::signbit(v) ? 8 : 0) | i);
-      return SameBits(num::E2m1ToFloat(*code) * s, v);
-    }
-  return false;
+  *code = static_cast<uint8_t>((std::signbit(v) ? 8 : 0) | num::EncodeE2m1(std::fabs(v) / s));
+  return SameBits(num::E2m1ToFloat(*code) * s, v);
 }
-
 
 absl::Status OffGrid(int64_t entry, int64_t dim, float v, const char* grid) {
   return absl::InvalidArgumentError(

@@ -23,10 +23,9 @@ class Writer {
     Raw(v.data(), v.size() * 4);
   }
   void Bf16s(const float* v, size_t n) {
-    for (size_t i = 0; i < n; ++i) {
-      const uint16_t b = num::FloatToBf16Bits(v[i]);
-      Raw(&b, 2);
-    }
+    const size_t at = out.size();
+    out.resize(at + 2 * n);
+    num::FloatsToBf16Bytes(v, n, reinterpret_cast<uint8_t*>(out.data() + at));
   }
   void Raw(const void* p, size_t n) { out.append(static_cast<const char*>(p), n); }
   std::string out;
