@@ -209,6 +209,46 @@ class CudaBackendImpl final : public Backend {
         valid * dim * 4);
   }
 
+  // The records as the worker holds them (584 B an entry against 2,048 for an fp32 row) staged
+  // into one page of `valid` entries — data, then scales: the paged layout — and attended in
+  // place by the paged kernel that runs SparseAttention's numerics (bit for bit the same result).
+  // Slots of another shape, or fp32 rows (a stream that fell back), take the decoding default.
+  void SparseAttentionRecords(const float* q, int64_t heads, int64_t dim, int64_t rope_dims,
+                              std::span<const KvSlot> slots, const float* sink, float softmax_scale,
+                              float* out) const override {
+    const bool rows = std::any_of(slots.begin(), slots.end(), [](const KvSlot& s) { return s.row != nullptr; });
+    if (dim != cuda::kRecordDim || rope_dims != cuda::kRecordRope || rows) {
+      Backend::SparseAttentionRecords(q, heads, dim, rope_dims, slots, sink, softmax_scale, out);
+      return;
+    }
+    const int64_t n = static_cast<int64_t>(slots.size());
+    std::vector<int32_t> idx(n, -1);
+    int64_t valid = 0;
+    for (int64_t j = 0; j < n; ++j)
+      if (slots[j].record) idx[j] = static_cast<int32_t>(valid++);
+    const int64_t entries = std::max<int64_t>(valid, 1);  // one page of them
+    Frame f;
+    const size_t dq = f.In(q, heads * dim * 4), di = f.In(idx.data(), n * 4), dsink = f.In(sink, heads * 4);
+    const size_t dpage = f.Scratch(entries * cuda::kRecordBytes), dout = f.Scratch(heads * dim * 4);
+    f.Download(dout, out, heads * dim * 4);
+    Launch(
+        f,
+        [&](Dev d) {
+          return cuda::PagedSparseAttentionFp8(d.at(dq), 1, heads, d.at<uint8_t>(dpage), entries, d.at<int32_t>(di), n,
+                                               d.at(dsink), softmax_scale, d.at(dout), stream_);
+        },
+        [&](char* host_scratch) {  // records straight into the pinned buffer
+          uint8_t* page = reinterpret_cast<uint8_t*>(host_scratch + f.Resolve(dpage) - f.in_bytes());
+          for (int64_t j = 0; j < n; ++j) {
+            if (idx[j] < 0) continue;
+            std::memcpy(page + idx[j] * cuda::kRecordData, slots[j].record, cuda::kRecordData);
+            std::memcpy(page + entries * cuda::kRecordData + idx[j] * cuda::kRecordScales, slots[j].scales,
+                        cuda::kRecordScales);
+          }
+        },
+        entries * cuda::kRecordBytes);
+  }
+
   void IndexScores(const float* q, const float* w, int64_t heads, int64_t dim, std::span<const float* const> keys,
                    float* scores) const override {
     KeyScoring(q, w, heads, dim, keys, scores, /*logits=*/false);

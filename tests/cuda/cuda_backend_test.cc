@@ -270,6 +270,60 @@ TEST_F(CudaOps, SparseAttentionWithSinkAndMaskedSlots) {
     }
 }
 
+// Attention over FP8 records as the worker holds them (kernels::KvSlot): staged as records and
+// attended by the paged kernel, the same bits as SparseAttention over the decoded rows on the GPU
+// (which is what the model ran before); fp32 rows among the slots take the decoding default.
+TEST_F(CudaOps, SparseAttentionOverRecordsEqualsTheDecodedRows) {
+  const int64_t heads = 8, entries = 96;
+  std::mt19937 g(51);
+  std::vector<uint8_t> page(entries * cuda::kRecordBytes);
+  for (int64_t e = 0; e < entries; ++e) {
+    uint8_t* data = page.data() + e * cuda::kRecordData;
+    uint8_t* scales = page.data() + entries * cuda::kRecordData + e * cuda::kRecordScales;
+    for (int b = 0; b < 7; ++b) scales[b] = static_cast<uint8_t>(118 + g() % 8);
+    scales[7] = 0;
+    for (int d = 0; d < cuda::kRecordNope; ++d) {
+      uint8_t c = static_cast<uint8_t>(g());
+      if ((c & 0x7f) == 0x7f) c ^= 1;  // not NaN
+      data[d] = c;
+    }
+    for (int r = 0; r < cuda::kRecordRope; ++r) {
+      const uint16_t bits = num::FloatToBf16Bits(std::normal_distribution<float>(0, 1)(g));
+      data[cuda::kRecordNope + 2 * r] = bits & 0xff;
+      data[cuda::kRecordNope + 2 * r + 1] = bits >> 8;
+    }
+  }
+  const std::vector<float> q = Random(heads * 512, 52, 1.0f), sink = Random(heads, 53, 1.0f), extra = Random(512, 54, 1.0f);
+  const float scale = 1.0f / std::sqrt(512.0f);
+  for (int64_t n : {1, 64, 200, 700}) {
+    for (bool with_row : {false, true}) {
+      std::vector<kernels::KvSlot> slots(n);
+      for (int64_t j = 0; j < n; ++j) {
+        if (j % 9 == 4) continue;  // masked
+        const int64_t e = (j * 37) % entries;
+        slots[j].record = page.data() + e * cuda::kRecordData;
+        slots[j].scales = page.data() + entries * cuda::kRecordData + e * cuda::kRecordScales;
+      }
+      if (with_row) slots[n / 2] = kernels::KvSlot{nullptr, nullptr, extra.data()};
+      std::vector<float> decoded(n * 512);
+      std::vector<const float*> rows(n, nullptr);
+      for (int64_t j = 0; j < n; ++j) {
+        if (slots[j].row) rows[j] = slots[j].row;
+        if (!slots[j].record) continue;
+        num::DecodeFp8Record(slots[j].record, slots[j].scales, 512, 64, decoded.data() + j * 512);
+        rows[j] = decoded.data() + j * 512;
+      }
+      std::vector<float> want = Poisoned(heads * 512), got = want, host = want;
+      gpu_->SparseAttention(q.data(), heads, 512, rows, sink.data(), scale, want.data());
+      gpu_->SparseAttentionRecords(q.data(), heads, 512, 64, slots, sink.data(), scale, got.data());
+      ASSERT_TRUE(gpu_->Health().ok()) << gpu_->Health();
+      EXPECT_EQ(std::memcmp(got.data(), want.data(), got.size() * 4), 0) << "n " << n << (with_row ? " with an fp32 row" : "");
+      cpu().SparseAttentionRecords(q.data(), heads, 512, 64, slots, sink.data(), scale, host.data());
+      EXPECT_LE(RelErr(got, host), kBf16Tol) << "n " << n;
+    }
+  }
+}
+
 TEST_F(CudaOps, IndexerScoresAndLogits) {
   const int64_t heads = 4, dim = 128, rows = 500;
   const std::vector<float> q = Random(heads * dim, 21, 1.0f), keys = Random(rows * dim, 22, 1.0f),
