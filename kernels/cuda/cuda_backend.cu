@@ -108,13 +108,14 @@ class CudaBackendImpl final : public Backend {
  public:
   CudaBackendImpl(int device, cudaStream_t stream, int64_t budget, bool exact, bool fp8_tc)
       : device_(device), stream_(stream), budget_(budget), exact_(exact), fp8_tc_(!exact && fp8_tc) {
-    // Diagnostics: FLASHMEM_CUDA_FAST_PATHS (comma list of gemv, lt, dense; default all) narrows
+    // Diagnostics: FLASHMEM_CUDA_FAST_PATHS (comma list of gemv, lt, dense, attn; default all) narrows
     // which fast-mode paths run, to tell which one moves a result.
     if (const char* p = std::getenv("FLASHMEM_CUDA_FAST_PATHS")) {
       const std::string s = p;
       fast_gemv_ = s.find("gemv") != std::string::npos;
       fast_lt_ = s.find("lt") != std::string::npos;
       fast_dense_ = s.find("dense") != std::string::npos;
+      fast_attention_ = s.find("attn") != std::string::npos;
     }
   }
   ~CudaBackendImpl() override {
@@ -211,8 +212,10 @@ class CudaBackendImpl final : public Backend {
 
   // The records as the worker holds them (584 B an entry against 2,048 for an fp32 row) staged
   // into one page of `valid` entries — data, then scales: the paged layout — and attended in
-  // place by the paged kernel that runs SparseAttention's numerics (bit for bit the same result).
-  // Slots of another shape, or fp32 rows (a stream that fell back), take the decoding default.
+  // place: exact mode by the paged kernel that runs SparseAttention's numerics (bit for bit the
+  // same result); fast mode, where the heads fill the warpgroup MMA's 64 rows, by the tensor-core
+  // kernel (sums reordered, within bf16 rounding; splits of the slots fill the SMs). Slots of
+  // another shape, or fp32 rows (a stream that fell back), take the decoding default.
   void SparseAttentionRecords(const float* q, int64_t heads, int64_t dim, int64_t rope_dims,
                               std::span<const KvSlot> slots, const float* sink, float softmax_scale,
                               float* out) const override {
@@ -226,14 +229,21 @@ class CudaBackendImpl final : public Backend {
     int64_t valid = 0;
     for (int64_t j = 0; j < n; ++j)
       if (slots[j].record) idx[j] = static_cast<int32_t>(valid++);
-    const int64_t entries = std::max<int64_t>(valid, 1);  // one page of them
+    const bool tensor_cores = !exact_ && fast_attention_ && heads % cuda::kFastAttentionHeads == 0;
+    // One page of them; the tensor-core kernel reads the page in 16-byte pieces (an even count).
+    const int64_t entries = std::max<int64_t>((valid + 1) / 2 * 2, 2);
     Frame f;
     const size_t dq = f.In(q, heads * dim * 4), di = f.In(idx.data(), n * 4), dsink = f.In(sink, heads * 4);
     const size_t dpage = f.Scratch(entries * cuda::kRecordBytes), dout = f.Scratch(heads * dim * 4);
+    const size_t dws = tensor_cores ? f.Scratch(cuda::PagedSparseAttentionFp8FastWorkspace(1, heads, n)) : 0;
     f.Download(dout, out, heads * dim * 4);
     Launch(
         f,
         [&](Dev d) {
+          if (tensor_cores)
+            return cuda::PagedSparseAttentionFp8Fast(d.at(dq), 1, heads, d.at<uint8_t>(dpage), entries,
+                                                     d.at<int32_t>(di), n, d.at(dsink), softmax_scale, d.at(dout),
+                                                     d.at<void>(dws), stream_);
           return cuda::PagedSparseAttentionFp8(d.at(dq), 1, heads, d.at<uint8_t>(dpage), entries, d.at<int32_t>(di), n,
                                                d.at(dsink), softmax_scale, d.at(dout), stream_);
         },
@@ -733,7 +743,7 @@ class CudaBackendImpl final : public Backend {
   const int64_t budget_;
   const bool exact_;
   const bool fp8_tc_;  // fast-fp8: FP8 tensor cores from 16 tokens (else bf16 ones on dequantized weights)
-  bool fast_gemv_ = true, fast_lt_ = true, fast_dense_ = true;
+  bool fast_gemv_ = true, fast_lt_ = true, fast_dense_ = true, fast_attention_ = true;
   mutable LtContext lt_;
   mutable absl::Mutex mu_;
   mutable absl::Status health_;

@@ -273,9 +273,9 @@ TEST_F(CudaOps, SparseAttentionWithSinkAndMaskedSlots) {
 // Attention over FP8 records as the worker holds them (kernels::KvSlot): staged as records and
 // attended by the paged kernel, the same bits as SparseAttention over the decoded rows on the GPU
 // (which is what the model ran before); fp32 rows among the slots take the decoding default.
-TEST_F(CudaOps, SparseAttentionOverRecordsEqualsTheDecodedRows) {
-  const int64_t heads = 8, entries = 96;
-  std::mt19937 g(51);
+// One page of `entries` random FP8 records (no NaN codes; scales 2^-9 .. 2^-2, the KV's range).
+std::vector<uint8_t> RandomRecordPage(int64_t entries, uint32_t seed) {
+  std::mt19937 g(seed);
   std::vector<uint8_t> page(entries * cuda::kRecordBytes);
   for (int64_t e = 0; e < entries; ++e) {
     uint8_t* data = page.data() + e * cuda::kRecordData;
@@ -293,17 +293,29 @@ TEST_F(CudaOps, SparseAttentionOverRecordsEqualsTheDecodedRows) {
       data[cuda::kRecordNope + 2 * r + 1] = bits >> 8;
     }
   }
+  return page;
+}
+
+// Slot j of n: entry (j * 37) % entries of the page, every ninth slot masked.
+std::vector<kernels::KvSlot> RecordSlots(const std::vector<uint8_t>& page, int64_t entries, int64_t n) {
+  std::vector<kernels::KvSlot> slots(n);
+  for (int64_t j = 0; j < n; ++j) {
+    if (j % 9 == 4) continue;
+    const int64_t e = (j * 37) % entries;
+    slots[j].record = page.data() + e * cuda::kRecordData;
+    slots[j].scales = page.data() + entries * cuda::kRecordData + e * cuda::kRecordScales;
+  }
+  return slots;
+}
+
+TEST_F(CudaOps, SparseAttentionOverRecordsEqualsTheDecodedRows) {
+  const int64_t heads = 8, entries = 96;
+  const std::vector<uint8_t> page = RandomRecordPage(entries, 51);
   const std::vector<float> q = Random(heads * 512, 52, 1.0f), sink = Random(heads, 53, 1.0f), extra = Random(512, 54, 1.0f);
   const float scale = 1.0f / std::sqrt(512.0f);
   for (int64_t n : {1, 64, 200, 700}) {
     for (bool with_row : {false, true}) {
-      std::vector<kernels::KvSlot> slots(n);
-      for (int64_t j = 0; j < n; ++j) {
-        if (j % 9 == 4) continue;  // masked
-        const int64_t e = (j * 37) % entries;
-        slots[j].record = page.data() + e * cuda::kRecordData;
-        slots[j].scales = page.data() + entries * cuda::kRecordData + e * cuda::kRecordScales;
-      }
+      std::vector<kernels::KvSlot> slots = RecordSlots(page, entries, n);
       if (with_row) slots[n / 2] = kernels::KvSlot{nullptr, nullptr, extra.data()};
       std::vector<float> decoded(n * 512);
       std::vector<const float*> rows(n, nullptr);
@@ -321,6 +333,38 @@ TEST_F(CudaOps, SparseAttentionOverRecordsEqualsTheDecodedRows) {
       cpu().SparseAttentionRecords(q.data(), heads, 512, 64, slots, sink.data(), scale, host.data());
       EXPECT_LE(RelErr(got, host), kBf16Tol) << "n " << n;
     }
+  }
+}
+
+// Fast mode attends over the records on the warpgroup MMA when the heads fill its 64 rows: within
+// bf16 rounding of the CPU reference, not bit-identical to the exact kernel (the tensor-core path
+// ran: its sums are reordered), for one and two head groups, slot counts that leave partial chunks
+// and splits, and slots all masked (the sink alone: zeros). Fewer heads keep the exact kernel.
+TEST_F(CudaOps, FastModeAttendsOverRecordsOnTheTensorCores) {
+  auto fast = FastBackend(false);
+  ASSERT_TRUE(fast.ok()) << fast.status();
+  const int64_t entries = 700;
+  const std::vector<uint8_t> page = RandomRecordPage(entries, 61);
+  const float scale = 1.0f / std::sqrt(512.0f);
+  for (int64_t heads : {64, 128, 8}) {
+    const std::vector<float> q = Random(heads * 512, 62, 1.0f), sink = Random(heads, 63, 1.0f);
+    for (int64_t n : {1, 63, 640, 1153}) {
+      const std::vector<kernels::KvSlot> slots = RecordSlots(page, entries, n);
+      std::vector<float> got = Poisoned(heads * 512), exact = got, host = got;
+      (*fast)->SparseAttentionRecords(q.data(), heads, 512, 64, slots, sink.data(), scale, got.data());
+      ASSERT_TRUE((*fast)->Health().ok()) << (*fast)->Health();
+      gpu_->SparseAttentionRecords(q.data(), heads, 512, 64, slots, sink.data(), scale, exact.data());
+      cpu().SparseAttentionRecords(q.data(), heads, 512, 64, slots, sink.data(), scale, host.data());
+      EXPECT_LE(RelErr(got, host), kBf16Tol) << "heads " << heads << " n " << n;
+      if (heads % 64 == 0 && n >= 63)
+        EXPECT_LT(FracIdentical(got, exact), 1.0) << "heads " << heads << " n " << n << ": the exact kernel ran";
+      if (heads % 64 != 0) EXPECT_EQ(std::memcmp(got.data(), exact.data(), got.size() * 4), 0) << "n " << n;
+    }
+    const std::vector<kernels::KvSlot> none(5);  // every slot masked
+    std::vector<float> got = Poisoned(heads * 512), host = got;
+    (*fast)->SparseAttentionRecords(q.data(), heads, 512, 64, none, sink.data(), scale, got.data());
+    cpu().SparseAttentionRecords(q.data(), heads, 512, 64, none, sink.data(), scale, host.data());
+    EXPECT_EQ(std::memcmp(got.data(), host.data(), got.size() * 4), 0) << "heads " << heads << ", all masked";
   }
 }
 
