@@ -120,9 +120,10 @@ cudaError_t PagedSparseAttentionFp8(const float* q, int64_t batch, int64_t heads
                                     float softmax_scale, float* out, cudaStream_t stream);
 
 // The same attention on the tensor cores (bf16 operands, fp32 accumulation; heads a multiple of
-// kFastAttentionHeads, an even page_entries): every record is read once for all heads of a token and the slots are split
-// over blocks. Agrees with PagedSparseAttentionFp8 within bf16 rounding. `workspace` holds
-// PagedSparseAttentionFp8FastWorkspace(batch, heads, n) bytes of per-split partial results.
+// kFastAttentionHeads, an even page_entries): every record is read once for all heads of a token
+// and the slots are split over blocks. Agrees with PagedSparseAttentionFp8 within bf16 rounding.
+// `workspace` holds PagedSparseAttentionFp8FastWorkspace(batch, heads, n) bytes of per-split
+// partial results.
 constexpr int64_t kFastAttentionHeads = 64;  // the MMA's M: one token's heads a block
 int64_t PagedSparseAttentionFp8FastWorkspace(int64_t batch, int64_t heads, int64_t n);
 cudaError_t PagedSparseAttentionFp8Fast(const float* q, int64_t batch, int64_t heads, const uint8_t* pages,

@@ -57,6 +57,16 @@ __device__ __forceinline__ void MmaF16(float c[4], const uint32_t a[4], const ui
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// Named barriers (ids 1..15; 0 is __syncthreads'): Sync waits until `threads` threads (a multiple
+// of 32) have arrived or synced at `id`; Arrive counts this thread without waiting. Writes before
+// an Arrive are visible to the threads whose Sync it completes.
+__device__ __forceinline__ void BarrierSync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void BarrierArrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
 // Programmatic dependent launch (sm_90): a kernel launched with LaunchAsDependent may start while
 // the kernel before it in the stream is still running. It must call WaitForPrerequisite() before
 // it reads that kernel's outputs or writes what that kernel reads (memory operations before the

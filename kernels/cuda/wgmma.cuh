@@ -1,6 +1,7 @@
-// Hopper warpgroup MMA (wgmma, sm_90a): shared-memory matrix descriptors, the fences and the two
-// shapes the sparse attention uses. A warpgroup is four consecutive warps (128 threads) that issue
-// one asynchronous MMA together; its accumulator layout per warp is mma.sync's m16n8 layout
+// Hopper warpgroup MMA (wgmma, sm_90a): shared-memory matrix descriptors, the fences, the register
+// hand-over of warp specialisation and the shapes the sparse attention uses. A warpgroup is four
+// consecutive warps (128 threads) that issue one asynchronous MMA together; its accumulator
+// layout per warp is mma.sync's m16n8 layout
 // repeated over N: register 4j + e of warp w, lane l holds row 16w + l/4 + 8(e/2), column
 // 8j + 2(l%4) + e%2 — which is also the register layout of a bf16 A operand (PTX ISA, "wgmma").
 #pragma once
@@ -48,22 +49,25 @@ __device__ __forceinline__ void FenceRegisters(uint32_t (&r)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
 }
 
-// d[64 x 64] (+)= A[64 x 16] · B[16 x 64]ᵀ, both operands K-major in shared memory (descriptors).
-__device__ __forceinline__ void MmaM64N64K16(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+// d[64 x 24] (+)= A[64 x 16] · B[16 x 24], both operands K-major in shared memory (descriptors).
+__device__ __forceinline__ void MmaM64N24K16(float (&d)[12], uint64_t desc_a, uint64_t desc_b, int accumulate) {
   asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %14, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n24k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11}, %12, %13, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11])
       : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
 
-// d[64 x 32] (+)= A[64 x 16] · B[16 x 32], both operands K-major in shared memory (descriptors).
-__device__ __forceinline__ void MmaM64N32K16(float (&d)[16], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+// Hands registers between warpgroups (warp specialisation): a producer warpgroup gives some back
+// (Release) so that the consumers may take more (Acquire). The kernel needs launch bounds with a
+// minimum of one block per SM, and the counts must add up to what the launch bounds allot.
+template <int kRegisters>
+__device__ __forceinline__ void ReleaseRegisters() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
+}
+template <int kRegisters>
+__device__ __forceinline__ void AcquireRegisters() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
 }
 
 // d[64 x 256] += A[64 x 16] · B[16 x 256]: A from registers (the accumulator layout of a 64 x 16

@@ -339,7 +339,8 @@ TEST_F(CudaOps, SparseAttentionOverRecordsEqualsTheDecodedRows) {
 // Fast mode attends over the records on the warpgroup MMA when the heads fill its 64 rows: within
 // bf16 rounding of the CPU reference, not bit-identical to the exact kernel (the tensor-core path
 // ran: its sums are reordered), for one and two head groups, slot counts that leave partial chunks
-// and splits, and slots all masked (the sink alone: zeros). Fewer heads keep the exact kernel.
+// and splits, a record with a large scale, and slots all masked (the sink alone: zeros). Fewer
+// heads keep the exact kernel.
 TEST_F(CudaOps, FastModeAttendsOverRecordsOnTheTensorCores) {
   auto fast = FastBackend(false);
   ASSERT_TRUE(fast.ok()) << fast.status();
@@ -359,6 +360,16 @@ TEST_F(CudaOps, FastModeAttendsOverRecordsOnTheTensorCores) {
       if (heads % 64 == 0 && n >= 63)
         EXPECT_LT(FracIdentical(got, exact), 1.0) << "heads " << heads << " n " << n << ": the exact kernel ran";
       if (heads % 64 != 0) EXPECT_EQ(std::memcmp(got.data(), exact.data(), got.size() * 4), 0) << "n " << n;
+    }
+    // A record with a large scale (2^13: values to 3.7e6) still agrees with the CPU.
+    std::vector<uint8_t> wide = page;
+    wide[entries * cuda::kRecordData + 37 * cuda::kRecordScales + 2] = 127 + 13;
+    for (int64_t n : {64, 640}) {
+      const std::vector<kernels::KvSlot> slots = RecordSlots(wide, entries, n);  // slot 1 is entry 37
+      std::vector<float> got = Poisoned(heads * 512), host = got;
+      (*fast)->SparseAttentionRecords(q.data(), heads, 512, 64, slots, sink.data(), scale, got.data());
+      cpu().SparseAttentionRecords(q.data(), heads, 512, 64, slots, sink.data(), scale, host.data());
+      EXPECT_LE(RelErr(got, host), kBf16Tol) << "heads " << heads << " n " << n << ", a scale of 2^13";
     }
     const std::vector<kernels::KvSlot> none(5);  // every slot masked
     std::vector<float> got = Poisoned(heads * 512), host = got;
@@ -494,6 +505,7 @@ TEST_F(CudaOps, PagedFp8RecordsAttentionMatchesDecodedRows) {
     ASSERT_EQ(cudaMemcpy(d_idx, idx.data(), idx.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
     const std::string shape = "batch " + std::to_string(batch) + " n " + std::to_string(n) + " heads " + std::to_string(heads);
     for (bool tensor_cores : {false, true}) {
+      const char* name = tensor_cores ? "tensor-core kernel, " : "exact kernel, ";
       ASSERT_EQ(cudaMemset(d_out, 0xff, want.size() * 4), cudaSuccess);  // NaN poison
       ASSERT_EQ(tensor_cores ? cuda::PagedSparseAttentionFp8Fast(d_q, batch, heads, d_pages, B, d_idx, n, d_sink, scale,
                                                                  d_out, ws, nullptr)
@@ -502,9 +514,9 @@ TEST_F(CudaOps, PagedFp8RecordsAttentionMatchesDecodedRows) {
                 cudaSuccess);
       std::vector<float> got(want.size());
       ASSERT_EQ(cudaMemcpy(got.data(), d_out, got.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
-      EXPECT_LE(RelErr(got, want), kBf16Tol) << (tensor_cores ? "tensor-core kernel, " : "exact kernel, ") << shape;
+      EXPECT_LE(RelErr(got, want), kBf16Tol) << name << shape;
       if (batch > 1)
-        for (int64_t i = 0; i < heads * 512; ++i) ASSERT_EQ(got[i], 0.0f) << "all-masked token, " << shape;
+        for (int64_t i = 0; i < heads * 512; ++i) ASSERT_EQ(got[i], 0.0f) << "all-masked token, " << name << shape;
       if (tensor_cores) {  // again on the same workspace: the same bits (no state carried between calls)
         ASSERT_EQ(cudaMemset(d_out, 0xff, want.size() * 4), cudaSuccess);
         ASSERT_EQ(cuda::PagedSparseAttentionFp8Fast(d_q, batch, heads, d_pages, B, d_idx, n, d_sink, scale, d_out, ws, nullptr),
