@@ -56,6 +56,11 @@ void Backend::SparseAttentionRecords(const float* q, int64_t heads, int64_t dim,
   SparseAttention(q, heads, dim, rows, sink, softmax_scale, out);
 }
 
+void Backend::SparseAttentionRows(std::span<const AttentionRow> rows, int64_t heads, int64_t dim, int64_t rope_dims,
+                                  const float* sink, float softmax_scale) const {
+  for (const AttentionRow& r : rows) SparseAttentionRecords(r.q, heads, dim, rope_dims, r.slots, sink, softmax_scale, r.out);
+}
+
 void Backend::RoutedExperts(std::span<const ExpertWork> experts, const float* x, int64_t n, int64_t dim,
                             float swiglu_limit, float* y) const {
   std::vector<float> xs, out;

@@ -51,6 +51,14 @@ struct KvSlot {
   bool masked() const { return record == nullptr && row == nullptr; }
 };
 
+// One query token of a batched sparse attention (Backend::SparseAttentionRows): q and out are
+// [heads, dim], `slots` what it attends.
+struct AttentionRow {
+  const float* q = nullptr;
+  std::span<const KvSlot> slots;
+  float* out = nullptr;
+};
+
 // One routed expert of an MoE layer and the token rows sent to it (Backend::RoutedExperts).
 struct ExpertWork {
   const WeightMatrix* w1 = nullptr;  // gate projection [inter, dim]
@@ -116,6 +124,13 @@ class Backend {
   virtual void SparseAttentionRecords(const float* q, int64_t heads, int64_t dim, int64_t rope_dims,
                                       std::span<const KvSlot> slots, const float* sink, float softmax_scale,
                                       float* out) const;
+
+  // SparseAttentionRecords for several query tokens at once (a decode step's rows of different
+  // sessions: no row's slots are written while the batch runs), each with its own slots; the same
+  // results as one call per row. The default makes those calls; a device backend can stage every
+  // row's records together and attend over them in one launch.
+  virtual void SparseAttentionRows(std::span<const AttentionRow> rows, int64_t heads, int64_t dim, int64_t rope_dims,
+                                   const float* sink, float softmax_scale) const;
 
   // The indices of the k largest scores (at most scores.size()), descending, equal scores in
   // ascending index order (kernels/topk.h: the indexer's candidate list; bf16 scores tie often).

@@ -111,6 +111,14 @@ void ProfilingBackend::SparseAttentionRecords(const float* q, int64_t heads, int
   inner_.SparseAttentionRecords(q, heads, dim, rope_dims, slots, sink, softmax_scale, out);
   Record(OpKind::kSparseAttention, t.seconds(), slots.size());  // decoding included
 }
+void ProfilingBackend::SparseAttentionRows(std::span<const AttentionRow> rows, int64_t heads, int64_t dim,
+                                           int64_t rope_dims, const float* sink, float softmax_scale) const {
+  Timer t;
+  inner_.SparseAttentionRows(rows, heads, dim, rope_dims, sink, softmax_scale);
+  size_t slots = 0;
+  for (const AttentionRow& r : rows) slots += r.slots.size();
+  Record(OpKind::kSparseAttention, t.seconds(), slots);  // one call for the batch; its slots summed
+}
 void ProfilingBackend::IndexScores(const float* q, const float* w, int64_t heads, int64_t dim,
                                    std::span<const float* const> keys, float* scores) const {
   Timer t;

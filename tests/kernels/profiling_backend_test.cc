@@ -48,6 +48,20 @@ TEST(ProfilingBackend, ForwardsResultsUnchangedAndCountsCallsAndItems) {
   EXPECT_NE(report.find("Linear"), std::string::npos);
   EXPECT_NE(report.find("SparseAttention"), std::string::npos);
   EXPECT_EQ(report.find("RmsNorm"), std::string::npos) << "ops that never ran are left out";
+
+  // Rows attended together: one call, their slots summed; each row's result as if alone.
+  prof.Reset();
+  const auto q2 = Random(2 * 16, 6);
+  const KvSlot a[] = {{nullptr, nullptr, row.data()}, {}}, b[] = {{nullptr, nullptr, row.data()}};
+  std::vector<float> o1(2 * 16), o2(2 * 16), r1(2 * 16), r2(2 * 16);
+  const AttentionRow batch[] = {{q.data(), a, o1.data()}, {q2.data(), b, o2.data()}};
+  prof.SparseAttentionRows(batch, 2, 16, 0, sink.data(), 0.25f);
+  CpuBackend().SparseAttentionRecords(q.data(), 2, 16, 0, a, sink.data(), 0.25f, r1.data());
+  CpuBackend().SparseAttentionRecords(q2.data(), 2, 16, 0, b, sink.data(), 0.25f, r2.data());
+  EXPECT_EQ(o1, r1);
+  EXPECT_EQ(o2, r2);
+  EXPECT_EQ(prof.Stats(OpKind::kSparseAttention).calls, 1u);
+  EXPECT_EQ(prof.Stats(OpKind::kSparseAttention).items, 3u);
   prof.Reset();
   EXPECT_EQ(prof.Stats(OpKind::kLinear).calls, 0u);
   EXPECT_STREQ(prof.name(), CpuBackend().name());

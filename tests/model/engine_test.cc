@@ -1,5 +1,5 @@
 // Engine properties on random checkpoints: prefill vs one-at-a-time, batched sessions vs
-// separate runs, chunked prefill, determinism, stable activations, the SwiGLU clamp.
+// separate runs (and their attention in one call), chunked prefill, determinism, stable activations, the SwiGLU clamp.
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -8,6 +8,7 @@
 
 #include "gtest/gtest.h"
 #include "kernels/numerics.h"
+#include "kernels/profiling_backend.h"
 #include "tests/model/golden_util.h"
 #include "tests/model/test_models.h"
 #include "worker/model/moe.h"
@@ -88,6 +89,32 @@ TEST_F(Engine, BatchedSessionsEqualSeparateRuns) {
   EXPECT_EQ(ob, Feed(b2, {40, 1}));
   EXPECT_EQ(sa->position, 151);
   EXPECT_EQ(sc->position, 2);
+}
+
+// A decode step's rows of different sessions are attended in one backend call per layer (a
+// device runs them in one launch); rows of one session (a prompt) each get their own, made
+// before the next row writes KV the pending row attends.
+TEST_F(Engine, DecodeRowsOfDifferentSessionsAttendTogether) {
+  kernels::ProfilingBackend prof(TestBackend());
+  auto tf = Transformer::Load(loaded_->dir, prof);
+  ASSERT_TRUE(tf.ok()) << tf.status();
+  const int64_t V = (*tf)->args().vocab_size, L = (*tf)->args().n_layers;
+  const auto a = Prompt(20, V, 5), b = Prompt(9, V, 6);
+  auto sa = (*tf)->NewSession(), sb = (*tf)->NewSession();
+  std::vector<float> oa, ob;
+  std::vector<BatchItem> prompts = {{sa.get(), a, &oa, nullptr}, {sb.get(), b, &ob, nullptr}};
+  ASSERT_TRUE((*tf)->Forward(prompts).ok());
+  // Per layer: a's rows one call each, but a's last row and b's first share one; then b's.
+  EXPECT_EQ(prof.Stats(kernels::OpKind::kSparseAttention).calls, static_cast<uint64_t>(L * (20 + 9 - 1)));
+  prof.Reset();
+  const int32_t na = 3, nb = 4;
+  std::vector<BatchItem> step = {{sa.get(), std::span<const int32_t>(&na, 1), &oa, nullptr},
+                                 {sb.get(), std::span<const int32_t>(&nb, 1), &ob, nullptr}};
+  ASSERT_TRUE((*tf)->Forward(step).ok());
+  EXPECT_EQ(prof.Stats(kernels::OpKind::kSparseAttention).calls, static_cast<uint64_t>(L));
+  auto a2 = a;
+  a2.push_back(na);
+  EXPECT_EQ(oa, Feed(a2, {20, 1}));  // the same logits as the session alone
 }
 
 TEST_F(Engine, BadBatchesAreRejected) {

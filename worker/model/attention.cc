@@ -222,12 +222,24 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
   }
   // Sequential part, token by token in position order: state updates, then attention.
   std::vector<float> o(n * H * D), entry(D), ientry(args_.index_head_dim), scores;
-  std::vector<kernels::KvSlot> slots;
   std::vector<int32_t> selected;
   const int64_t cw = compressor_ ? ckv.size() / n : 0, iw_ = indexer_ ? ikv.size() / n : 0;
   const float softmax_scale = 1.0f / std::sqrt(static_cast<float>(D));
+  // Rows are attended in batches (one backend call: a device runs them in one launch) of
+  // distinct sessions: a session's next row writes KV its pending row attends (the window slot it
+  // overwrites is still in that row's window), so a batch is run before such a row's writes.
+  std::vector<std::vector<kernels::KvSlot>> slots(n);
+  std::vector<kernels::AttentionRow> pending;
+  std::vector<const SessionState*> pending_sessions;
+  auto attend = [&] {
+    if (pending.empty()) return;
+    be_.SparseAttentionRows(pending, H, D, rd, w_.attn_sink.data(), softmax_scale);
+    pending.clear();
+    pending_sessions.clear();
+  };
   for (int64_t i = 0; i < n; ++i) {
     const TokenRow& row = rows[i];
+    if (std::find(pending_sessions.begin(), pending_sessions.end(), row.state) != pending_sessions.end()) attend();
     LayerState& ls = row.state->layers[layer_];
     ls.window.Overwrite(row.pos % W, kv.data() + i * D);
     if (compressor_ && compressor_->Update(ls.compressor, ckv.data() + i * cw, cscore.data() + i * cw, row.pos, entry.data()))
@@ -264,9 +276,11 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
         row.trace->indexer_topk[csa_index_] = selected;
       }
     }
-    Candidates(row, ls, selected, &slots);
-    be_.SparseAttentionRecords(q.data() + i * H * D, H, D, rd, slots, w_.attn_sink.data(), softmax_scale, o.data() + i * H * D);
+    Candidates(row, ls, selected, &slots[i]);
+    pending.push_back({q.data() + i * H * D, slots[i], o.data() + i * H * D});
+    pending_sessions.push_back(row.state);
   }
+  attend();
   be_.Rope(o.data(), n * H, D, D - rd, rd, cs.data(), sn.data(), H, /*inverse=*/true);
   // Grouped low-rank output projection: z_g = wo_a[g] · o_g (bf16 einsum), y = wo_b · z.
   const int64_t O = args_.o_lora_rank, G = n_local_groups_, gin = H * D / G;
