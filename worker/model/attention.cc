@@ -228,7 +228,7 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
   // Rows are attended in batches (one backend call: a device runs them in one launch) of
   // distinct sessions: a session's next row writes KV its pending row attends (the window slot it
   // overwrites is still in that row's window), so a batch is run before such a row's writes.
-  std::vector<std::vector<kernels::KvSlot>> slots(n);
+  std::vector<std::vector<kernels::KvSlot>> slots;  // the pending rows' slot lists, reused batch after batch
   std::vector<kernels::AttentionRow> pending;
   std::vector<const SessionState*> pending_sessions;
   auto attend = [&] {
@@ -276,8 +276,10 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
         row.trace->indexer_topk[csa_index_] = selected;
       }
     }
-    Candidates(row, ls, selected, &slots[i]);
-    pending.push_back({q.data() + i * H * D, slots[i], o.data() + i * H * D});
+    if (slots.size() <= pending.size()) slots.emplace_back();
+    std::vector<kernels::KvSlot>& row_slots = slots[pending.size()];
+    Candidates(row, ls, selected, &row_slots);
+    pending.push_back({q.data() + i * H * D, row_slots, o.data() + i * H * D});
     pending_sessions.push_back(row.state);
   }
   attend();
