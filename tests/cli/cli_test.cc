@@ -137,6 +137,34 @@ TEST(Cli, LocalClusterUpCompleteDown) {
   std::filesystem::remove_all(dir);
 }
 
+// `cluster up` starts the binaries next to the flashmem it runs as (a copied or installed tree),
+// before the build's; a --*-bin that is not an executable is refused up front, naming it (it used
+// to be started and "exit during startup" with an empty log).
+TEST(Cli, ClusterUpStartsTheBinariesNextToIt) {
+  namespace fs = std::filesystem;
+  const std::string dir = TempDir("cli_siblings");
+  ASSERT_EQ(RunCli("ckpt random --preset tiny --layers 2 --seed 4 --out " + dir + "/m").code, 0);
+  fs::create_directories(dir + "/bin");
+  fs::copy_file(FLASHMEM_BIN, dir + "/bin/flashmem");
+  {
+    std::ofstream script(dir + "/bin/flashmem-coordinator");
+    script << "#!/bin/sh\necho \"$@\" > " << dir << "/coordinator-ran\nexit 3\n";
+  }
+  fs::permissions(dir + "/bin/flashmem-coordinator", fs::perms::owner_all);
+  const Result up = RunShell(dir + "/bin/flashmem cluster up --model " + dir + "/m --run-dir " + dir + "/run");
+  EXPECT_NE(up.code, 0) << up.out;
+  EXPECT_NE(up.out.find("coordinator exited during startup"), std::string::npos) << up.out;
+  std::ifstream ran(dir + "/coordinator-ran");
+  std::string args;
+  std::getline(ran, args);
+  EXPECT_NE(args.find("--listen 127.0.0.1:0"), std::string::npos) << "the sibling script was not the one started";
+  const Result bad = RunCli("cluster up --model " + dir + "/m --run-dir " + dir + "/run2 --coordinator-bin " + dir + "/nope");
+  EXPECT_NE(bad.code, 0);
+  EXPECT_NE(bad.out.find("--coordinator-bin " + dir + "/nope: not an executable"), std::string::npos) << bad.out;
+  EXPECT_FALSE(fs::exists(dir + "/run2/cluster.json"));
+  fs::remove_all(dir);
+}
+
 // `cluster up --tp 2`: each worker is a group of two rank processes; completions through the
 // coordinator give the engine's text, and `cluster down` ends every rank.
 TEST(Cli, LocalClusterOfTensorParallelGroups) {

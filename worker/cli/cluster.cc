@@ -4,8 +4,10 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <thread>
@@ -91,8 +93,25 @@ absl::StatusOr<Started> StartDaemon(const std::string& run, const std::string& n
 
 }  // namespace
 
+std::string SiblingBinary(const std::string& name, const std::string& component, const std::string& built) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
+  if (!ec) {
+    const fs::path dir = exe.parent_path();
+    // Installed side by side, or a build tree (or a copy of one) with <component>/<name>.
+    for (const fs::path& p : {dir / name, dir.parent_path().parent_path() / component / name})
+      if (::access(p.c_str(), X_OK) == 0) return p.string();
+  }
+  return built;
+}
+
 absl::Status ClusterUp(const ClusterOptions& o) {
   namespace fs = std::filesystem;
+  for (const auto& [flag, bin] : {std::pair{"--memtier-bin", &o.memtier_bin}, std::pair{"--coordinator-bin", &o.coordinator_bin},
+                                  std::pair{"--worker-bin", &o.worker_bin}})
+    if (::access(bin->c_str(), X_OK) != 0)
+      return absl::FailedPreconditionError(absl::StrCat(flag, " ", *bin, ": not an executable (", std::strerror(errno), ")"));
   if (o.workers < 1 || o.workers > 16) return absl::InvalidArgumentError(absl::StrCat("--workers ", o.workers, " must be in [1, 16]"));
   if (o.tp < 1 || o.tp > 8) return absl::InvalidArgumentError(absl::StrCat("--tp ", o.tp, " must be in [1, 8]"));
   if (fs::exists(o.run_dir + "/cluster.json"))

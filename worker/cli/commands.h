@@ -84,6 +84,10 @@ struct ClusterOptions {
   std::string cuda_kernels = "exact";  // the workers' --cuda-kernels
 };
 absl::Status ClusterUp(const ClusterOptions& opt);
+// The binary `name` next to this executable (installed side by side) or at
+// <this executable's dir>/../../<component>/<name> (a build tree, or a copy of one, as the GPU
+// bundle); else `built`, its build-time path.
+std::string SiblingBinary(const std::string& name, const std::string& component, const std::string& built);
 absl::Status ClusterDown(const std::string& run_dir);
 absl::StatusOr<std::string> ClusterTarget(const std::string& run_dir);  // the coordinator's address
 

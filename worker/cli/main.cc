@@ -106,9 +106,9 @@ int main(int argc, char** argv) {
   flashmem::cli::ClusterOptions cluster;
   cluster.run_dir = FLASHMEM_DEFAULT_RUN_DIR;
   cluster.tokenizer_dir = FLASHMEM_TOKENIZER_DIR;
-  cluster.memtier_bin = FLASHMEM_MEMTIER_BIN;
-  cluster.coordinator_bin = FLASHMEM_COORDINATOR_BIN;
-  cluster.worker_bin = FLASHMEM_WORKER_BIN;
+  cluster.memtier_bin = flashmem::cli::SiblingBinary("flashmem-memtier", "memtier", FLASHMEM_MEMTIER_BIN);
+  cluster.coordinator_bin = flashmem::cli::SiblingBinary("flashmem-coordinator", "coordinator", FLASHMEM_COORDINATOR_BIN);
+  cluster.worker_bin = flashmem::cli::SiblingBinary("flashmem-worker", "worker", FLASHMEM_WORKER_BIN);
   auto* cl = app.add_subcommand("cluster", "a local cluster on 127.0.0.1");
   cl->require_subcommand(1);
   auto* up = cl->add_subcommand("up", "start memtier, coordinator and workers");
@@ -117,6 +117,9 @@ int main(int argc, char** argv) {
   up->add_option("--model", cluster.model_dir, "model directory (default: the embedded tiny model)");
   up->add_option("--preset", cluster.preset, "preset of the embedded model");
   up->add_option("--run-dir", cluster.run_dir, "logs, data and cluster.json");
+  up->add_option("--memtier-bin", cluster.memtier_bin, "flashmem-memtier to start (default: next to flashmem, else the build's)");
+  up->add_option("--coordinator-bin", cluster.coordinator_bin, "flashmem-coordinator to start (default: as --memtier-bin)");
+  up->add_option("--worker-bin", cluster.worker_bin, "flashmem-worker to start (default: as --memtier-bin)");
   bool dense = false;
   up->add_flag("--dense", dense, "workers run dense attention (default: LSA with an indexer built from the model)");
   up->add_option("--lsa-options", cluster.lsa_options, "the workers' LSA options (docs/lsa.md)");
