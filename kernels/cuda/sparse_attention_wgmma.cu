@@ -84,8 +84,9 @@ __device__ __forceinline__ void GatherHalf(const uint8_t* pages, int page_entrie
 
 // Gathered records -> rows of the swizzled tile by the producer's threads; masked slots become
 // zeros (their raw bytes are stale: never multiplied, replaced). Threads 0..111 each own one
-// 8-value piece of the nope dims (tid % 56) in every other row, so addresses advance by constants;
-// threads 112..127 copy the rope dims (bf16 already) the same way. Rows are loaded six at a
+// 8-value piece of the nope dims (tid % 56) in every other row, so source addresses advance by
+// constants (no division by 56 a piece); threads 112..127 copy the rope dims (bf16 already) the
+// same way. Rows are loaded six at a
 // time before any is converted so that their latencies overlap.
 __device__ void DequantChunk(const uint8_t* raw, const int32_t* entries, uint8_t* kv, int tid) {
   constexpr int kNopePieces = kRecordNope / 8;  // 56 a row
@@ -97,7 +98,6 @@ __device__ void DequantChunk(const uint8_t* raw, const int32_t* entries, uint8_t
     const int piece = tid % kNopePieces, r0 = tid / kNopePieces;
     const uint8_t* src = raw + r0 * kRecordData + piece * 8;
     const uint8_t* scales = raw + kChunk * kRecordData + r0 * kRecordScales + piece / 8;
-    uint8_t* dst = kv + (piece / 8) * kColumnBlock;
 #pragma unroll 1
     for (int i0 = 0; i0 < kRows; i0 += kBatch) {
       uint2 bytes[kBatch];
@@ -123,17 +123,16 @@ __device__ void DequantChunk(const uint8_t* raw, const int32_t* entries, uint8_t
             const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&hr));
             out[q * 2 + h] = masked[u] ? 0u : PackBf16(f.x * scale[u], f.y * scale[u]);
           }
-        *reinterpret_cast<uint4*>(dst + r * 128 + (((piece % 8) ^ (r % 8)) << 4)) = make_uint4(out[0], out[1], out[2], out[3]);
+        *reinterpret_cast<uint4*>(kv + Swizzled128B(kChunk, r, piece * 8)) = make_uint4(out[0], out[1], out[2], out[3]);
       }
     }
   } else {
     const int u = tid - kNopeThreads, piece = u % 8, r0 = u / 8;
-    uint8_t* dst = kv + (kRecordNope / 64) * kColumnBlock;
 #pragma unroll 4
     for (int i = 0; i < kRows; ++i) {
       const int r = r0 + 2 * i;
       const uint4 v = *reinterpret_cast<const uint4*>(raw + r * kRecordData + kRecordNope + piece * 16);
-      *reinterpret_cast<uint4*>(dst + r * 128 + ((piece ^ (r % 8)) << 4)) = entries[r] < 0 ? make_uint4(0, 0, 0, 0) : v;
+      *reinterpret_cast<uint4*>(kv + Swizzled128B(kChunk, r, kRecordNope + piece * 8)) = entries[r] < 0 ? make_uint4(0, 0, 0, 0) : v;
     }
   }
 }

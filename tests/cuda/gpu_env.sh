@@ -5,7 +5,7 @@ ROOT=$(pwd)
 OUT=${1:-$GPU_OUT_DEFAULT}
 mkdir -p "$OUT"
 if [ "$ROOT" != /work/main ] && [ ! -e /work/main ]; then mkdir -p /work && ln -s "$ROOT" /work/main; fi
-# The binaries name their siblings by build-time path (flashmem cluster up starts
-# <build>/coordinator/flashmem-coordinator ...): both build-directory names used here point at it.
+# Test binaries name other binaries and data by build-time path (<build>/memtier/flashmem-memtier
+# ...): both build-directory names used here point at the bundle.
 for b in build build-cuda; do [ -e $b ] || ln -s "$ROOT/.gpu/run" $b; done
 R=.gpu/run/run.sh
