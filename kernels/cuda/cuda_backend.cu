@@ -219,42 +219,64 @@ class CudaBackendImpl final : public Backend {
   void SparseAttentionRecords(const float* q, int64_t heads, int64_t dim, int64_t rope_dims,
                               std::span<const KvSlot> slots, const float* sink, float softmax_scale,
                               float* out) const override {
-    const bool rows = std::any_of(slots.begin(), slots.end(), [](const KvSlot& s) { return s.row != nullptr; });
-    if (dim != cuda::kRecordDim || rope_dims != cuda::kRecordRope || rows) {
-      Backend::SparseAttentionRecords(q, heads, dim, rope_dims, slots, sink, softmax_scale, out);
+    const AttentionRow row{q, slots, out};
+    SparseAttentionRows(std::span<const AttentionRow>(&row, 1), heads, dim, rope_dims, sink, softmax_scale);
+  }
+
+  // Every row's records staged into one page (data, then scales: the paged layout), the rows'
+  // slot lists padded to the longest with masked slots, and one launch for the batch.
+  void SparseAttentionRows(std::span<const AttentionRow> rows, int64_t heads, int64_t dim, int64_t rope_dims,
+                           const float* sink, float softmax_scale) const override {
+    const bool records = dim == cuda::kRecordDim && rope_dims == cuda::kRecordRope &&
+                         std::none_of(rows.begin(), rows.end(), [](const AttentionRow& r) {
+                           return std::any_of(r.slots.begin(), r.slots.end(), [](const KvSlot& s) { return s.row != nullptr; });
+                         });
+    if (!records) {  // the decoding default, row by row (not Backend::SparseAttentionRows: it calls back here)
+      for (const AttentionRow& r : rows)
+        Backend::SparseAttentionRecords(r.q, heads, dim, rope_dims, r.slots, sink, softmax_scale, r.out);
       return;
     }
-    const int64_t n = static_cast<int64_t>(slots.size());
-    std::vector<int32_t> idx(n, -1);
+    const int64_t b = static_cast<int64_t>(rows.size());
+    if (b == 0) return;
+    int64_t n = 1;  // a row with no slots attends the sink alone, as one with only masked slots
+    for (const AttentionRow& r : rows) n = std::max<int64_t>(n, static_cast<int64_t>(r.slots.size()));
+    std::vector<int32_t> idx(b * n, -1);
     int64_t valid = 0;
-    for (int64_t j = 0; j < n; ++j)
-      if (slots[j].record) idx[j] = static_cast<int32_t>(valid++);
+    for (int64_t i = 0; i < b; ++i)
+      for (size_t j = 0; j < rows[i].slots.size(); ++j)
+        if (rows[i].slots[j].record) idx[i * n + static_cast<int64_t>(j)] = static_cast<int32_t>(valid++);
     const bool tensor_cores = !exact_ && fast_attention_ && heads % cuda::kFastAttentionHeads == 0;
     // One page of them; the tensor-core kernel reads the page in 16-byte pieces (an even count).
     const int64_t entries = std::max<int64_t>((valid + 1) / 2 * 2, 2);
+    const int64_t row_bytes = heads * dim * 4;  // dim 512: a multiple of the frame's alignment, so the q rows lie end to end
+    static_assert(cuda::kRecordDim * 4 % kAlign == 0, "q rows of one frame lie end to end");
     Frame f;
-    const size_t dq = f.In(q, heads * dim * 4), di = f.In(idx.data(), n * 4), dsink = f.In(sink, heads * 4);
-    const size_t dpage = f.Scratch(entries * cuda::kRecordBytes), dout = f.Scratch(heads * dim * 4);
-    const size_t dws = tensor_cores ? f.Scratch(cuda::PagedSparseAttentionFp8FastWorkspace(1, heads, n)) : 0;
-    f.Download(dout, out, heads * dim * 4);
+    const size_t dq = f.In(rows[0].q, row_bytes);
+    for (int64_t i = 1; i < b; ++i) f.In(rows[i].q, row_bytes);
+    const size_t di = f.In(idx.data(), b * n * 4), dsink = f.In(sink, heads * 4);
+    const size_t dpage = f.Scratch(entries * cuda::kRecordBytes), dout = f.Scratch(b * row_bytes);
+    const size_t dws = tensor_cores ? f.Scratch(cuda::PagedSparseAttentionFp8FastWorkspace(b, heads, n)) : 0;
+    for (int64_t i = 0; i < b; ++i) f.Download(dout + i * row_bytes, rows[i].out, row_bytes);
     Launch(
         f,
         [&](Dev d) {
           if (tensor_cores)
-            return cuda::PagedSparseAttentionFp8Fast(d.at(dq), 1, heads, d.at<uint8_t>(dpage), entries,
+            return cuda::PagedSparseAttentionFp8Fast(d.at(dq), b, heads, d.at<uint8_t>(dpage), entries,
                                                      d.at<int32_t>(di), n, d.at(dsink), softmax_scale, d.at(dout),
                                                      d.at<void>(dws), stream_);
-          return cuda::PagedSparseAttentionFp8(d.at(dq), 1, heads, d.at<uint8_t>(dpage), entries, d.at<int32_t>(di), n,
+          return cuda::PagedSparseAttentionFp8(d.at(dq), b, heads, d.at<uint8_t>(dpage), entries, d.at<int32_t>(di), n,
                                                d.at(dsink), softmax_scale, d.at(dout), stream_);
         },
         [&](char* host_scratch) {  // records straight into the pinned buffer
           uint8_t* page = reinterpret_cast<uint8_t*>(host_scratch + f.Resolve(dpage) - f.in_bytes());
-          for (int64_t j = 0; j < n; ++j) {
-            if (idx[j] < 0) continue;
-            std::memcpy(page + idx[j] * cuda::kRecordData, slots[j].record, cuda::kRecordData);
-            std::memcpy(page + entries * cuda::kRecordData + idx[j] * cuda::kRecordScales, slots[j].scales,
-                        cuda::kRecordScales);
-          }
+          for (int64_t i = 0; i < b; ++i)
+            for (size_t j = 0; j < rows[i].slots.size(); ++j) {
+              const int32_t e = idx[i * n + static_cast<int64_t>(j)];
+              if (e < 0) continue;
+              std::memcpy(page + e * cuda::kRecordData, rows[i].slots[j].record, cuda::kRecordData);
+              std::memcpy(page + entries * cuda::kRecordData + e * cuda::kRecordScales, rows[i].slots[j].scales,
+                          cuda::kRecordScales);
+            }
         },
         entries * cuda::kRecordBytes);
   }

@@ -379,6 +379,46 @@ TEST_F(CudaOps, FastModeAttendsOverRecordsOnTheTensorCores) {
   }
 }
 
+// Rows attended together (one staging, one launch): the exact backend gives each row the bits of
+// its own call; fast mode agrees with the CPU within bf16 rounding. Rows of different lengths
+// (padded with masked slots), a row with no slots (the sink alone), 1 and 9 rows; a batch with an
+// fp32 row among its slots takes the per-row path and still agrees.
+TEST_F(CudaOps, RowsAttendedTogetherEqualOneCallPerRow) {
+  auto fast = FastBackend(false);
+  ASSERT_TRUE(fast.ok()) << fast.status();
+  const int64_t entries = 700, heads = 64;
+  const std::vector<uint8_t> page = RandomRecordPage(entries, 71);
+  const std::vector<float> sink = Random(heads, 72, 1.0f), extra = Random(512, 73, 1.0f);
+  const float scale = 1.0f / std::sqrt(512.0f);
+  for (int64_t b : {1, 9}) {
+    for (bool with_row : {false, true}) {
+      std::vector<std::vector<kernels::KvSlot>> slots(b);
+      std::vector<std::vector<float>> q(b);
+      for (int64_t i = 0; i < b; ++i) {
+        slots[i] = RecordSlots(page, entries, i == 3 ? 0 : 40 + 97 * i);
+        q[i] = Random(heads * 512, 74 + static_cast<uint32_t>(i), 1.0f);
+      }
+      if (with_row) slots[b - 1][0] = kernels::KvSlot{nullptr, nullptr, extra.data()};
+      for (const Backend* be : {static_cast<const Backend*>(gpu_), static_cast<const Backend*>(fast->get())}) {
+        std::vector<std::vector<float>> got(b, Poisoned(heads * 512)), alone(b, Poisoned(heads * 512));
+        std::vector<AttentionRow> rows(b);
+        for (int64_t i = 0; i < b; ++i) rows[i] = {q[i].data(), slots[i], got[i].data()};
+        be->SparseAttentionRows(rows, heads, 512, 64, sink.data(), scale);
+        ASSERT_TRUE(be->Health().ok()) << be->Health();
+        for (int64_t i = 0; i < b; ++i) {
+          be->SparseAttentionRecords(q[i].data(), heads, 512, 64, slots[i], sink.data(), scale, alone[i].data());
+          std::vector<float> host = Poisoned(heads * 512);
+          cpu().SparseAttentionRecords(q[i].data(), heads, 512, 64, slots[i], sink.data(), scale, host.data());
+          const std::string what = std::string(be->name()) + " b " + std::to_string(b) + " row " + std::to_string(i) +
+                                   (with_row ? " (an fp32 row in the batch)" : "");
+          EXPECT_LE(RelErr(got[i], host), kBf16Tol) << what;
+          if (be == gpu_) EXPECT_EQ(std::memcmp(got[i].data(), alone[i].data(), got[i].size() * 4), 0) << what;
+        }
+      }
+    }
+  }
+}
+
 TEST_F(CudaOps, IndexerScoresAndLogits) {
   const int64_t heads = 4, dim = 128, rows = 500;
   const std::vector<float> q = Random(heads * dim, 21, 1.0f), keys = Random(rows * dim, 22, 1.0f),
