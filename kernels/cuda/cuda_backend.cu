@@ -241,10 +241,16 @@ class CudaBackendImpl final : public Backend {
     int64_t n = 1;  // a row with no slots attends the sink alone, as one with only masked slots
     for (const AttentionRow& r : rows) n = std::max<int64_t>(n, static_cast<int64_t>(r.slots.size()));
     std::vector<int32_t> idx(b * n, -1);
+    std::vector<const uint8_t*> data(b * n, nullptr), scales(b * n, nullptr);  // the records, as idx
     int64_t valid = 0;
     for (int64_t i = 0; i < b; ++i)
       for (size_t j = 0; j < rows[i].slots.size(); ++j)
-        if (rows[i].slots[j].record) idx[i * n + static_cast<int64_t>(j)] = static_cast<int32_t>(valid++);
+        if (const KvSlot& s = rows[i].slots[j]; s.record) {
+          const int64_t at = i * n + static_cast<int64_t>(j);
+          idx[at] = static_cast<int32_t>(valid++);
+          data[at] = s.record;
+          scales[at] = s.scales;
+        }
     const bool tensor_cores = !exact_ && fast_attention_ && heads % cuda::kFastAttentionHeads == 0;
     // One page of them; the tensor-core kernel reads the page in 16-byte pieces (an even count).
     const int64_t entries = std::max<int64_t>((valid + 1) / 2 * 2, 2);
@@ -267,16 +273,9 @@ class CudaBackendImpl final : public Backend {
           return cuda::PagedSparseAttentionFp8(d.at(dq), b, heads, d.at<uint8_t>(dpage), entries, d.at<int32_t>(di), n,
                                                d.at(dsink), softmax_scale, d.at(dout), stream_);
         },
-        [&](char* host_scratch) {  // records straight into the pinned buffer
-          uint8_t* page = reinterpret_cast<uint8_t*>(host_scratch + f.Resolve(dpage) - f.in_bytes());
-          for (int64_t i = 0; i < b; ++i)
-            for (size_t j = 0; j < rows[i].slots.size(); ++j) {
-              const int32_t e = idx[i * n + static_cast<int64_t>(j)];
-              if (e < 0) continue;
-              std::memcpy(page + e * cuda::kRecordData, rows[i].slots[j].record, cuda::kRecordData);
-              std::memcpy(page + entries * cuda::kRecordData + e * cuda::kRecordScales, rows[i].slots[j].scales,
-                          cuda::kRecordScales);
-            }
+        [&](char* host_scratch) {  // records straight into the pinned buffer (over the host's cores)
+          GatherRecords(data, scales, idx.data(), entries,
+                        reinterpret_cast<uint8_t*>(host_scratch + f.Resolve(dpage) - f.in_bytes()));
         },
         entries * cuda::kRecordBytes);
   }

@@ -2,6 +2,8 @@
 
 #include <cstring>
 
+#include "kernels/cuda/device_ops.h"
+
 namespace flashmem::kernels::cuda {
 
 void GatherRows(std::span<const float* const> rows, int64_t dim, const int32_t* slot, float* dst, bool zero_null) {
@@ -13,6 +15,18 @@ void GatherRows(std::span<const float* const> rows, int64_t dim, const int32_t* 
     float* to = dst + static_cast<int64_t>(slot ? slot[j] : j) * dim;
     if (rows[j]) std::memcpy(to, rows[j], bytes);
     else if (zero_null) std::memset(dst + j * dim, 0, bytes);
+  }
+}
+
+void GatherRecords(std::span<const uint8_t* const> data, std::span<const uint8_t* const> scales, const int32_t* entry,
+                   int64_t entries, uint8_t* page) {
+  constexpr size_t kData = kRecordData, kScales = kRecordScales;
+  const int64_t n = static_cast<int64_t>(data.size());
+#pragma omp parallel for schedule(static) if (static_cast<size_t>(n) * (kData + kScales) > (size_t{1} << 20))
+  for (int64_t j = 0; j < n; ++j) {
+    if (entry[j] < 0) continue;
+    std::memcpy(page + static_cast<size_t>(entry[j]) * kData, data[j], kData);
+    std::memcpy(page + static_cast<size_t>(entries) * kData + static_cast<size_t>(entry[j]) * kScales, scales[j], kScales);
   }
 }
 

@@ -12,4 +12,10 @@ namespace flashmem::kernels::cuda {
 // skipped, or zeroed at slot j when zero_null.
 void GatherRows(std::span<const float* const> rows, int64_t dim, const int32_t* slot, float* dst, bool zero_null);
 
+// The FP8 records of a page being staged (device_ops.h's layout): entry e of a page of `entries`
+// takes data[j] (576 bytes) at e * 576 and scales[j] (8 bytes) at entries * 576 + e * 8, for every
+// j with entry[j] >= 0; spread over the host's cores past ~1 MB.
+void GatherRecords(std::span<const uint8_t* const> data, std::span<const uint8_t* const> scales, const int32_t* entry,
+                   int64_t entries, uint8_t* page);
+
 }  // namespace flashmem::kernels::cuda

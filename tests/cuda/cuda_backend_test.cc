@@ -13,6 +13,7 @@
 #include "gtest/gtest.h"
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/cuda/device_ops.h"
+#include "kernels/cuda/host_gather.h"
 #include "kernels/device.h"
 #include "kernels/numerics.h"
 #include "kernels/ops.h"
@@ -861,6 +862,30 @@ TEST_F(CudaOps, RoutedExpertsOnTheDeviceMatchTheCpu) {
   std::vector<float> x = Random(2 * 256, 1, 1.0f), y(2 * 256, 0.0f);
   (*be)->RoutedExperts(bad.work, x.data(), 2, 256, 10.0f, y.data());
   EXPECT_EQ((*be)->Health().code(), absl::StatusCode::kInvalidArgument) << (*be)->Health();
+}
+
+// The host gather that stages records (no GPU needed): every listed record lands at its entry in
+// the page layout, data then scales, masked ones skip, past the threshold for the host's cores too.
+TEST(HostGather, RecordsLandInThePageLayout) {
+  for (int64_t n : {5, 2500}) {  // 2,500 x 584 B: over the 1 MB threshold
+    const std::vector<uint8_t> src = RandomRecordPage(n, 81);
+    std::vector<const uint8_t*> data(n), scales(n);
+    std::vector<int32_t> entry(n);
+    int64_t valid = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      data[j] = src.data() + j * cuda::kRecordData;
+      scales[j] = src.data() + n * cuda::kRecordData + j * cuda::kRecordScales;
+      entry[j] = j % 3 == 1 ? -1 : static_cast<int32_t>(valid++);
+    }
+    std::vector<uint8_t> page(valid * cuda::kRecordBytes, 0xee);
+    cuda::GatherRecords(data, scales, entry.data(), valid, page.data());
+    for (int64_t j = 0; j < n; ++j) {
+      if (entry[j] < 0) continue;
+      ASSERT_EQ(std::memcmp(page.data() + entry[j] * cuda::kRecordData, data[j], cuda::kRecordData), 0) << j;
+      ASSERT_EQ(std::memcmp(page.data() + valid * cuda::kRecordData + entry[j] * cuda::kRecordScales, scales[j],
+                            cuda::kRecordScales), 0) << j;
+    }
+  }
 }
 
 TEST(DeviceLayout, DequantizedFp8WeightIsExactInBf16) {
