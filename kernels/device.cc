@@ -28,7 +28,10 @@ bool CudaAvailable() {
 }
 
 absl::StatusOr<BackendHandle> OpenBackend(const std::string& device, int64_t memory_budget_bytes,
-                                          const std::string& cuda_kernels) {
+                                          const std::string& cuda_kernels, int64_t kv_reserve_bytes) {
+  if (kv_reserve_bytes < -1)
+    return absl::InvalidArgumentError(absl::StrCat("--gpu-kv-reserve-bytes: ", kv_reserve_bytes,
+                                                   " is negative (-1: a quarter of the device budget; 0: none)"));
   if (cuda_kernels != "exact" && cuda_kernels != "fast" && cuda_kernels != "fast-fp8")
     return absl::InvalidArgumentError(
         absl::StrCat("--cuda-kernels: '", cuda_kernels, "' is none of exact, fast, fast-fp8"));
@@ -43,6 +46,7 @@ absl::StatusOr<BackendHandle> OpenBackend(const std::string& device, int64_t mem
   opt.memory_budget_bytes = memory_budget_bytes;
   opt.exact = cuda_kernels == "exact";
   opt.fp8_tensor_cores = cuda_kernels == "fast-fp8";
+  opt.kv_reserve_bytes = kv_reserve_bytes;
   auto be = cuda::NewCudaBackend(opt);
   if (!be.ok()) return absl::Status(be.status().code(), absl::StrCat("--device ", device, ": ", be.status().message()));
   BackendHandle h;
@@ -51,6 +55,7 @@ absl::StatusOr<BackendHandle> OpenBackend(const std::string& device, int64_t mem
   return h;
 #else
   (void)memory_budget_bytes;
+  (void)kv_reserve_bytes;
   return absl::FailedPreconditionError(
       absl::StrCat("--device ", device, ": this build has no CUDA backend (configure with nvcc available)"));
 #endif

@@ -1,6 +1,7 @@
 #include "kernels/ops.h"
 
 #include <algorithm>
+#include <atomic>
 
 #include "kernels/numerics.h"
 
@@ -34,6 +35,11 @@ void ExpertMlp(const Backend& be, const WeightMatrix& w1, const WeightMatrix& w3
   be.Linear(w3, x, m, up.data(), Rounding::kBf16);
   SwiGluRows(gate.data(), up.data(), m, inter, weights, swiglu_limit, h.data());
   be.Linear(w2, h.data(), m, out, Rounding::kBf16);
+}
+
+uint64_t NewKvPageVersion() {
+  static std::atomic<uint64_t> next{1};
+  return next.fetch_add(1, std::memory_order_relaxed);
 }
 
 void Backend::SparseAttentionRecords(const float* q, int64_t heads, int64_t dim, int64_t rope_dims,

@@ -6,6 +6,7 @@
 // documents whether its output is rounded to bf16, as the reference's bf16 tensors are.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <span>
 #include <vector>
@@ -44,12 +45,34 @@ using CandidateIndex = int32_t;
 // an FP8 record (spec §4.1, worker/kv/page_codec.h: `record` points at its dim - rope_dims e4m3
 // codes followed by its rope_dims bf16 values, `scales` at its UE8M0 bytes, one per 64 codes —
 // in a page the two live apart), an fp32 row, or neither: a masked slot.
+//
+// A record may also name its page (`page`, `entry`): the page's bytes in the paged layout
+// (64 entries' data, then their scales) and a version that changes with every write. A device
+// backend keeps copies of such pages in its KV reserve and uploads a page only when the version
+// it holds is not the page's current one; a slot without a page is staged on every call.
+struct KvPage;
 struct KvSlot {
   const uint8_t* record = nullptr;
   const uint8_t* scales = nullptr;
   const float* row = nullptr;
+  const KvPage* page = nullptr;  // the record's page, or null
+  int32_t entry = 0;             // the record's entry in `page`
   bool masked() const { return record == nullptr && row == nullptr; }
 };
+
+// A page of records as its owner (worker/kv/EntryPages) holds it. `version` is unique in the
+// process (NewKvPageVersion) and replaced on every write, so equal versions mean equal bytes —
+// a page freed and another allocated at its address never match. `device_slot` belongs to the
+// backend that attends over the page: where its reserve last put a copy (-1: nowhere); the
+// backend checks the copy's version before trusting it.
+struct KvPage {
+  const uint8_t* bytes = nullptr;
+  int64_t entries = 0;
+  uint64_t version = 0;
+  mutable std::atomic<int64_t> device_slot{-1};
+};
+// A fresh page version (thread-safe; never 0, never repeated in the process).
+uint64_t NewKvPageVersion();
 
 // One query token of a batched sparse attention (Backend::SparseAttentionRows): q and out are
 // [heads, dim], `slots` what it attends.

@@ -184,7 +184,21 @@ __global__ void GatherPagesKernel(const uint8_t* const* src, int64_t page_bytes,
   for (int64_t i = threadIdx.x; i < page_bytes / 16; i += blockDim.x) d[i] = s[i];
 }
 
+__global__ void ScatterPagesKernel(const uint8_t* src, int64_t page_bytes, const int32_t* slot, uint8_t* dst) {
+  const uint4* s = reinterpret_cast<const uint4*>(src + static_cast<int64_t>(blockIdx.x) * page_bytes);
+  uint4* d = reinterpret_cast<uint4*>(dst + static_cast<int64_t>(slot[blockIdx.x]) * page_bytes);
+  for (int64_t i = threadIdx.x; i < page_bytes / 16; i += blockDim.x) d[i] = s[i];
+}
+
 }  // namespace
+
+cudaError_t ScatterPages(const uint8_t* src, int64_t count, int64_t page_bytes, const int32_t* slot, uint8_t* dst,
+                         cudaStream_t stream) {
+  if (page_bytes % 16 != 0) return cudaErrorInvalidValue;
+  if (count == 0) return cudaSuccess;
+  ScatterPagesKernel<<<static_cast<unsigned>(count), 256, 0, stream>>>(src, page_bytes, slot, dst);
+  return cudaGetLastError();
+}
 
 cudaError_t GatherPages(const uint8_t* const* src, int64_t count, int64_t page_bytes, uint8_t* dst,
                         cudaStream_t stream) {

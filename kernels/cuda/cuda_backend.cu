@@ -16,6 +16,7 @@
 #include "common/status.h"
 #include "kernels/cuda/device_ops.h"
 #include "kernels/cuda/host_gather.h"
+#include "kernels/kv_reserve.h"
 
 namespace flashmem::kernels::cuda {
 
@@ -106,8 +107,13 @@ uint64_t Fingerprint(const float* p, size_t count, uint64_t seed) {
 
 class CudaBackendImpl final : public Backend {
  public:
-  CudaBackendImpl(int device, cudaStream_t stream, int64_t budget, bool exact, bool fp8_tc)
-      : device_(device), stream_(stream), budget_(budget), exact_(exact), fp8_tc_(!exact && fp8_tc) {
+  CudaBackendImpl(int device, cudaStream_t stream, int64_t budget, bool exact, bool fp8_tc, int64_t kv_reserve_bytes)
+      : device_(device),
+        stream_(stream),
+        budget_(budget),
+        exact_(exact),
+        fp8_tc_(!exact && fp8_tc),
+        kv_reserve_bytes_(kv_reserve_bytes < 0 ? budget / 4 : kv_reserve_bytes) {
     // Diagnostics: FLASHMEM_CUDA_FAST_PATHS (comma list of gemv, lt, dense, attn; default all) narrows
     // which fast-mode paths run, to tell which one moves a result.
     if (const char* p = std::getenv("FLASHMEM_CUDA_FAST_PATHS")) {
@@ -121,6 +127,7 @@ class CudaBackendImpl final : public Backend {
   ~CudaBackendImpl() override {
     (void)cudaSetDevice(device_);
     for (auto& [key, r] : resident_) (void)cudaFree(r.mem);
+    if (kv_dev_) (void)cudaFree(kv_dev_);
     if (dev_) (void)cudaFree(dev_);
     if (host_) (void)cudaFreeHost(host_);
     (void)cudaStreamDestroy(stream_);
@@ -238,6 +245,7 @@ class CudaBackendImpl final : public Backend {
     }
     const int64_t b = static_cast<int64_t>(rows.size());
     if (b == 0) return;
+    if (AttendFromReserve(rows, heads, sink, softmax_scale)) return;
     int64_t n = 1;  // a row with no slots attends the sink alone, as one with only masked slots
     for (const AttentionRow& r : rows) n = std::max<int64_t>(n, static_cast<int64_t>(r.slots.size()));
     std::vector<int32_t> idx(b * n, -1);
@@ -279,6 +287,103 @@ class CudaBackendImpl final : public Backend {
         },
         entries * cuda::kRecordBytes);
   }
+
+  // Attention over the KV reserve (records only, every one naming its page; the caller checked
+  // the shapes): the pages the reserve lacks — new, or written since their copy — are gathered
+  // into the pinned buffer, uploaded with the op's inputs and scattered into their slots by one
+  // kernel; then one attention launch reads the reserve in place. False (nothing done) when a slot
+  // has no page, there is no reserve, or this call's pages do not fit in it: the caller stages.
+  bool AttendFromReserve(std::span<const AttentionRow> rows, int64_t heads, const float* sink,
+                         float softmax_scale) const {
+    int64_t page_entries = 0;
+    for (const AttentionRow& r : rows)
+      for (const KvSlot& s : r.slots) {
+        if (!s.record) continue;
+        if (!s.page || !s.page->bytes || s.entry < 0 || s.entry >= s.page->entries) return false;
+        if (page_entries == 0) page_entries = s.page->entries;
+        if (s.page->entries != page_entries) return false;
+      }
+    if (page_entries == 0) return false;  // nothing but masked slots: the staging path is as cheap
+    absl::MutexLock lock(&mu_);
+    if (!health_.ok()) return true;  // a failed backend does nothing (as Launch)
+    if (!KvReserveLocked(page_entries)) return false;
+    op_clock_ = clock_ + 1;
+    const int64_t b = static_cast<int64_t>(rows.size());
+    int64_t n = 1;
+    for (const AttentionRow& r : rows) n = std::max<int64_t>(n, static_cast<int64_t>(r.slots.size()));
+    std::vector<int32_t> idx(b * n, -1);
+    kv_.Begin();
+    for (int64_t i = 0; i < b; ++i)
+      for (size_t j = 0; j < rows[i].slots.size(); ++j)
+        if (const KvSlot& s = rows[i].slots[j]; s.record) {
+          const int64_t slot = kv_.Place(*s.page);
+          if (slot < 0) {
+            kv_.Abort();
+            return false;
+          }
+          idx[i * n + static_cast<int64_t>(j)] = static_cast<int32_t>(slot * page_entries + s.entry);
+        }
+    const int64_t page_bytes = kv_.page_bytes(), ups = static_cast<int64_t>(kv_.uploads().size());
+    std::vector<const uint8_t*> up_src(ups);
+    std::vector<int32_t> up_slot(ups);
+    for (int64_t u = 0; u < ups; ++u) {
+      up_src[u] = kv_.uploads()[u].bytes;
+      up_slot[u] = static_cast<int32_t>(kv_.uploads()[u].slot);
+    }
+    const bool tensor_cores = !exact_ && fast_attention_ && heads % cuda::kFastAttentionHeads == 0;
+    const int64_t row_bytes = heads * cuda::kRecordDim * 4;
+    Frame f;
+    const size_t dq = f.In(rows[0].q, row_bytes);
+    for (int64_t i = 1; i < b; ++i) f.In(rows[i].q, row_bytes);
+    const size_t di = f.In(idx.data(), b * n * 4), dsink = f.In(sink, heads * 4);
+    const size_t dslot = f.In(up_slot.data(), ups * 4);
+    const size_t dup = f.Scratch(ups * page_bytes), dout = f.Scratch(b * row_bytes);  // the uploads first: filled
+    const size_t dws = tensor_cores ? f.Scratch(cuda::PagedSparseAttentionFp8FastWorkspace(b, heads, n)) : 0;
+    for (int64_t i = 0; i < b; ++i) f.Download(dout + i * row_bytes, rows[i].out, row_bytes);
+    const absl::Status st = RunLocked(
+        f,
+        [&](Dev d) {
+          cudaError_t e = cuda::ScatterPages(d.at<uint8_t>(dup), ups, page_bytes, d.at<int32_t>(dslot), kv_dev_, stream_);
+          if (e != cudaSuccess) return e;
+          if (tensor_cores)
+            return cuda::PagedSparseAttentionFp8Fast(d.at(dq), b, heads, kv_dev_, page_entries, d.at<int32_t>(di), n,
+                                                     d.at(dsink), softmax_scale, d.at(dout), d.at<void>(dws), stream_);
+          return cuda::PagedSparseAttentionFp8(d.at(dq), b, heads, kv_dev_, page_entries, d.at<int32_t>(di), n,
+                                               d.at(dsink), softmax_scale, d.at(dout), stream_);
+        },
+        [&](char* host_scratch) {
+          GatherPagesHost(up_src, page_bytes, reinterpret_cast<uint8_t*>(host_scratch + f.Resolve(dup) - f.in_bytes()));
+        },
+        ups * page_bytes);
+    if (!st.ok()) {
+      kv_.Abort();
+      Fail(st);
+    }
+    return true;
+  }
+
+  // The KV reserve for pages of `page_entries` records, allocated on first use from the budget
+  // not in use (never evicting weights for it); false when there is none (turned off, too
+  // little budget left, the allocation failed) or it holds pages of another size.
+  bool KvReserveLocked(int64_t page_entries) const {
+    const int64_t page_bytes = page_entries * cuda::kRecordBytes;
+    if (kv_dev_) return kv_.page_bytes() == page_bytes;
+    if (kv_tried_) return false;
+    kv_tried_ = true;
+    const int64_t bytes = std::min(kv_reserve_bytes_, budget_ - used_);
+    // Entry numbers are int32 in the kernels.
+    const int64_t slots = std::min<int64_t>(bytes / page_bytes, INT32_MAX / page_entries);
+    if (slots < kMinKvReserveSlots) return false;
+    if (cudaMalloc(&kv_dev_, static_cast<size_t>(slots * page_bytes)) != cudaSuccess) {
+      (void)cudaGetLastError();  // not sticky: attention stages instead
+      kv_dev_ = nullptr;
+      return false;
+    }
+    used_ += slots * page_bytes;
+    kv_ = KvReserve(slots, page_bytes);
+    return true;
+  }
+  static constexpr int64_t kMinKvReserveSlots = 2;
 
   void IndexScores(const float* q, const float* w, int64_t heads, int64_t dim, std::span<const float* const> keys,
                    float* scores) const override {
@@ -764,6 +869,7 @@ class CudaBackendImpl final : public Backend {
   const int64_t budget_;
   const bool exact_;
   const bool fp8_tc_;  // fast-fp8: FP8 tensor cores from 16 tokens (else bf16 ones on dequantized weights)
+  const int64_t kv_reserve_bytes_;
   bool fast_gemv_ = true, fast_lt_ = true, fast_dense_ = true, fast_attention_ = true;
   mutable LtContext lt_;
   mutable absl::Mutex mu_;
@@ -775,6 +881,9 @@ class CudaBackendImpl final : public Backend {
   mutable uint64_t clock_ = 0;
   mutable uint64_t op_clock_ = 1;  // clock_ at the start of the op in progress
   mutable absl::node_hash_map<const void*, Resident> resident_;  // node map: stable pointers
+  mutable uint8_t* kv_dev_ = nullptr;  // the KV reserve's slots (kv_.slots() pages), once allocated
+  mutable bool kv_tried_ = false;
+  mutable KvReserve kv_;
 };
 
 }  // namespace
@@ -797,7 +906,8 @@ absl::StatusOr<std::unique_ptr<Backend>> NewCudaBackend(const CudaBackendOptions
                                                    " bytes free on cuda:", options.device));
   cudaStream_t stream = nullptr;
   FM_RETURN_IF_ERROR(CudaError(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate"));
-  return std::unique_ptr<Backend>(new CudaBackendImpl(options.device, stream, budget, options.exact, options.fp8_tensor_cores));
+  return std::unique_ptr<Backend>(new CudaBackendImpl(options.device, stream, budget, options.exact,
+                                                       options.fp8_tensor_cores, options.kv_reserve_bytes));
 }
 
 }  // namespace flashmem::kernels::cuda

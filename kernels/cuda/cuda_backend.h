@@ -20,9 +20,9 @@ int DeviceCount();
 
 struct CudaBackendOptions {
   int device = 0;  // CUDA device ordinal
-  // Device memory this backend may hold (resident weights + staging). 0: the device's free memory
-  // at creation minus 1 GiB. Weights not used for longest leave first when it runs short; one op
-  // that cannot fit fails with RESOURCE_EXHAUSTED.
+  // Device memory this backend may hold (resident weights, the KV reserve, staging). 0: the
+  // device's free memory at creation minus 1 GiB. Weights not used for longest leave first when it
+  // runs short; one op that cannot fit fails with RESOURCE_EXHAUSTED.
   int64_t memory_budget_bytes = 0;
   // true: every op bit-identical to the CPU reference (the default). false ("fast"): quantized
   // Linear runs the decode GEMV below 16 tokens (and for FP4); from 16 tokens FP8 weights run on the
@@ -36,6 +36,12 @@ struct CudaBackendOptions {
   // sizes, but they sum a 128-block with ~14 bits (relative error ~1e-4), which is outside the
   // golden cache tolerances of dsv4-tiny-c; for throughput runs that accept it.
   bool fp8_tensor_cores = false;
+  // The KV reserve (part of memory_budget_bytes): device copies of the KV pages attention reads
+  // (kernels::KvPage), so a page crosses PCIe when it is new or was written, not on every step.
+  // Allocated at the first attention over paged records, from the budget not in use then (weights
+  // are never evicted for it); -1: a quarter of the budget; 0: none (every call stages its
+  // records). A call whose pages do not fit stages them as without a reserve.
+  int64_t kv_reserve_bytes = -1;
 };
 
 absl::StatusOr<std::unique_ptr<Backend>> NewCudaBackend(const CudaBackendOptions& options);

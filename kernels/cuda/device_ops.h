@@ -141,6 +141,11 @@ namespace flashmem::kernels::cuda {
 cudaError_t GatherPages(const uint8_t* const* src, int64_t count, int64_t page_bytes, uint8_t* dst,
                         cudaStream_t stream);
 
+// Pages into their slots: page i of `count` (src + i * page_bytes, device memory) to
+// dst + slot[i] * page_bytes (the KV reserve). page_bytes % 16 == 0, 16-byte aligned pages.
+cudaError_t ScatterPages(const uint8_t* src, int64_t count, int64_t page_bytes, const int32_t* slot, uint8_t* dst,
+                         cudaStream_t stream);
+
 // Top-k of `rows` rows of n scores each: out[r][0..k) = the indices of row r's k largest scores,
 // descending, equal scores in ascending index order (kernels/topk.h's rule, bit for bit; -0 and
 // +0 equal; no NaN). A radix select of the k-th score, then a sort of the k winners in one block

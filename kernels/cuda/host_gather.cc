@@ -30,4 +30,10 @@ void GatherRecords(std::span<const uint8_t* const> data, std::span<const uint8_t
   }
 }
 
+void GatherPagesHost(std::span<const uint8_t* const> pages, int64_t page_bytes, uint8_t* dst) {
+  const int64_t n = static_cast<int64_t>(pages.size());
+#pragma omp parallel for schedule(static) if (static_cast<size_t>(n) * static_cast<size_t>(page_bytes) > (size_t{1} << 20))
+  for (int64_t j = 0; j < n; ++j) std::memcpy(dst + j * page_bytes, pages[j], static_cast<size_t>(page_bytes));
+}
+
 }  // namespace flashmem::kernels::cuda

@@ -18,4 +18,8 @@ void GatherRows(std::span<const float* const> rows, int64_t dim, const int32_t* 
 void GatherRecords(std::span<const uint8_t* const> data, std::span<const uint8_t* const> scales, const int32_t* entry,
                    int64_t entries, uint8_t* page);
 
+// Whole pages end to end: pages[j] (page_bytes each) to dst + j * page_bytes; spread over the
+// host's cores past ~1 MB.
+void GatherPagesHost(std::span<const uint8_t* const> pages, int64_t page_bytes, uint8_t* dst);
+
 }  // namespace flashmem::kernels::cuda

@@ -96,7 +96,7 @@ int main(int argc, char** argv) {
   CLI::App app{"Model-level decode benchmark: step time and tokens/s, dense vs LSA"};
   std::string model_dir, indexer_dir, device = "cpu", cuda_kernels = "fast", batches = "1", contexts = "8192",
                                       policies = "dense,lsa", lsa_options, json_out;
-  int64_t steps = 4, warmup = 2, gpu_memory_bytes = 0;
+  int64_t steps = 4, warmup = 2, gpu_memory_bytes = 0, gpu_kv_reserve_bytes = -1;
   double max_state_gb = 60;
   bool profile = false;
   app.add_option("--model", model_dir)->required();
@@ -104,6 +104,7 @@ int main(int argc, char** argv) {
   app.add_option("--device", device, "cpu or cuda:N");
   app.add_option("--cuda-kernels", cuda_kernels, "exact, fast or fast-fp8");
   app.add_option("--gpu-memory-bytes", gpu_memory_bytes);
+  app.add_option("--gpu-kv-reserve-bytes", gpu_kv_reserve_bytes, "KV reserve (-1: a quarter of the budget; 0: none)");
   app.add_option("--batch", batches, "comma-separated batch sizes");
   app.add_option("--context", contexts, "comma-separated context lengths (multiples of 128)");
   app.add_option("--policy", policies, "dense and/or lsa");
@@ -127,7 +128,7 @@ int main(int argc, char** argv) {
   // The other ranks compute but print nothing, unless FLASHMEM_BENCH_ALL_RANKS is set (to compare ranks' profiles).
   if (!leader && std::getenv("FLASHMEM_BENCH_ALL_RANKS") == nullptr) std::freopen("/dev/null", "w", stdout);
 
-  auto handle = kernels::OpenBackend(device, gpu_memory_bytes, cuda_kernels);
+  auto handle = kernels::OpenBackend(device, gpu_memory_bytes, cuda_kernels, gpu_kv_reserve_bytes);
   if (!handle.ok()) { std::fprintf(stderr, "%s\n", std::string(handle.status().message()).c_str()); return 2; }
   auto comm = parallel::ConnectGroup(group, device);
   if (!comm.ok()) { std::fprintf(stderr, "tensor parallel: %s\n", std::string(comm.status().message()).c_str()); return 2; }

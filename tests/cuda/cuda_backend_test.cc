@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <random>
 #include <vector>
 
@@ -416,6 +417,97 @@ TEST_F(CudaOps, RowsAttendedTogetherEqualOneCallPerRow) {
           if (be == gpu_) EXPECT_EQ(std::memcmp(got[i].data(), alone[i].data(), got[i].size() * 4), 0) << what;
         }
       }
+    }
+  }
+}
+
+// Pages the worker names (KvSlot::page) are read from the backend's KV reserve: uploaded when new
+// or written, found in place after. The results are the staged path's bit for bit (the same
+// kernels over the same records). A page whose bytes change under the same version keeps serving
+// the reserve's copy — which shows the reserve was read (EntryPages gives every write a new
+// version; this breaks that contract on purpose) — and a new version is uploaded. A reserve
+// smaller than a call's pages stages that call, correctly.
+TEST_F(CudaOps, AttentionReadsNamedPagesFromTheKvReserve) {
+  const int64_t heads = 64, num_pages = 12;
+  std::vector<std::vector<uint8_t>> bytes(num_pages);
+  std::vector<std::unique_ptr<kernels::KvPage>> pages;  // stable addresses, as EntryPages keeps them
+  for (int64_t p = 0; p < num_pages; ++p) {
+    bytes[p] = RandomRecordPage(64, 100 + static_cast<uint32_t>(p));
+    pages.push_back(std::make_unique<kernels::KvPage>());
+    pages[p]->bytes = bytes[p].data();
+    pages[p]->entries = 64;
+    pages[p]->version = kernels::NewKvPageVersion();
+  }
+  // Slots over the first `over` pages (page 0 always among them), every eleventh masked.
+  auto slots_of = [&](int64_t n, uint32_t seed, int64_t over) {
+    std::mt19937 g(seed);
+    std::vector<kernels::KvSlot> slots(n);
+    for (int64_t j = 0; j < n; ++j) {
+      if (j % 11 == 5) continue;
+      const int64_t p = j == 0 ? 0 : g() % over, e = g() % 64;
+      slots[j] = {bytes[p].data() + e * cuda::kRecordData, bytes[p].data() + 64 * cuda::kRecordData + e * cuda::kRecordScales,
+                  nullptr, pages[p].get(), static_cast<int32_t>(e)};
+    }
+    return slots;
+  };
+  const std::vector<float> sink = Random(heads, 81, 1.0f);
+  const float scale = 1.0f / std::sqrt(512.0f);
+  const std::vector<int64_t> lengths = {1, 64, 0, 200, 640};
+  std::vector<std::vector<float>> q;
+  for (size_t i = 0; i < lengths.size(); ++i) q.push_back(Random(heads * 512, 82 + static_cast<uint32_t>(i), 1.0f));
+  // One call for every row; staged: the same slots without their pages.
+  auto attend = [&](const Backend& be, const std::vector<std::vector<kernels::KvSlot>>& slots, bool staged) {
+    std::vector<std::vector<kernels::KvSlot>> use = slots;
+    if (staged)
+      for (auto& row : use)
+        for (kernels::KvSlot& s : row) s.page = nullptr;
+    std::vector<std::vector<float>> out(use.size(), Poisoned(heads * 512));
+    std::vector<AttentionRow> rows;
+    for (size_t i = 0; i < use.size(); ++i) rows.push_back({q[i].data(), use[i], out[i].data()});
+    be.SparseAttentionRows(rows, heads, 512, 64, sink.data(), scale);
+    EXPECT_TRUE(be.Health().ok()) << be.Health();
+    return out;
+  };
+  auto same = [](const std::vector<std::vector<float>>& a, const std::vector<std::vector<float>>& b) {
+    for (size_t i = 0; i < a.size(); ++i)
+      if (std::memcmp(a[i].data(), b[i].data(), a[i].size() * 4) != 0) return false;
+    return true;
+  };
+  auto fast = FastBackend(false);
+  ASSERT_TRUE(fast.ok()) << fast.status();
+  cuda::CudaBackendOptions small_opt;
+  small_opt.kv_reserve_bytes = 3 * 64 * cuda::kRecordBytes;  // three pages
+  auto small = cuda::NewCudaBackend(small_opt);
+  ASSERT_TRUE(small.ok()) << small.status();
+  for (const Backend* be : {static_cast<const Backend*>(gpu_), static_cast<const Backend*>(fast->get()),
+                            static_cast<const Backend*>(small->get())}) {
+    const bool tiny = be == small->get();
+    // Over every page (the small reserve cannot hold a call's pages: staged), then over two.
+    for (int64_t over : {num_pages, int64_t{2}}) {
+      const std::string what = std::string(be->name()) + (tiny ? " (3-page reserve)" : "") + " over " + std::to_string(over) + " pages";
+      std::vector<std::vector<kernels::KvSlot>> slots;
+      for (size_t i = 0; i < lengths.size(); ++i) slots.push_back(slots_of(lengths[i], 90 + static_cast<uint32_t>(i), over));
+      const auto first = attend(*be, slots, false), staged = attend(*be, slots, true), again = attend(*be, slots, false);
+      EXPECT_TRUE(same(first, staged)) << what;
+      EXPECT_TRUE(same(again, staged)) << what << ", pages found in place";
+      for (size_t i = 0; i < first.size(); ++i) {
+        std::vector<float> host = Poisoned(heads * 512);
+        cpu().SparseAttentionRecords(q[i].data(), heads, 512, 64, slots[i], sink.data(), scale, host.data());
+        EXPECT_LE(RelErr(first[i], host), kBf16Tol) << what << " row " << i;
+      }
+      // Page 0's bytes replaced under its old version: the reserve still serves its copy (where
+      // the call fits in it); staging reads the new bytes.
+      const std::vector<uint8_t> original = bytes[0];
+      const std::vector<uint8_t> other = RandomRecordPage(64, 999);
+      std::copy(other.begin(), other.end(), bytes[0].begin());
+      const auto stale = attend(*be, slots, false), fresh = attend(*be, slots, true);
+      EXPECT_FALSE(same(fresh, staged)) << what << ": page 0 is read";
+      const bool fits = !tiny || over <= 3;
+      EXPECT_TRUE(same(stale, fits ? staged : fresh)) << what << (fits ? ": the reserve's copy" : ": staged");
+      pages[0]->version = kernels::NewKvPageVersion();  // the write announced: uploaded again
+      EXPECT_TRUE(same(attend(*be, slots, false), fresh)) << what << ", after a new version";
+      std::copy(original.begin(), original.end(), bytes[0].begin());
+      pages[0]->version = kernels::NewKvPageVersion();
     }
   }
 }

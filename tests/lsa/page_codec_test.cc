@@ -5,7 +5,9 @@
 
 #include "worker/kv/entry_pages.h"
 
+#include <algorithm>
 #include <bit>
+#include <cstring>
 #include <cmath>
 #include <random>
 
@@ -297,6 +299,61 @@ TEST(EntryPagesTest, AttentionOverRecordsInPlaceEqualsTheDecodedRows) {
   // And the decoded rows are the values appended.
   EXPECT_TRUE(SameBits(std::vector<float>(ptrs[66 + 1], ptrs[66 + 1] + 512), std::vector<float>(values.begin(), values.begin() + 512)));
   EXPECT_TRUE(SameBits(std::vector<float>(ptrs[3], ptrs[3] + 512), std::vector<float>(values.begin() + 60 * 512, values.begin() + 61 * 512)));
+}
+
+// A record's slot names its page for a device backend's KV reserve: the page's bytes in the
+// layout the paged kernel reads, and a version that changes with every write, eviction and
+// restore (so a device copy of older bytes is never used).
+TEST(EntryPagesTest, SlotsNameTheirPageAndEveryWriteGivesItANewVersion) {
+  const PageFormat f = PageFormat::MainKv(512, 64);
+  const std::vector<float> values = MainKvPage(f, 41);
+  EntryPages pages(f, true);
+  for (int64_t e = 0; e < 70; ++e) pages.Append(values.data() + (e % 64) * 512);
+  const kernels::KvSlot a = pages.Slot(5), b = pages.Slot(66);
+  ASSERT_NE(a.page, nullptr);
+  ASSERT_NE(b.page, nullptr);
+  EXPECT_NE(a.page, b.page);
+  EXPECT_EQ(a.entry, 5);
+  EXPECT_EQ(b.entry, 2);
+  EXPECT_EQ(a.page->entries, 64);
+  EXPECT_EQ(a.record, a.page->bytes + f.entry_data_offset(5));
+  EXPECT_EQ(a.scales, a.page->bytes + f.entry_scales_offset(5));
+  EXPECT_EQ(pages.Slot(9).page, a.page);  // one KvPage per page, at a stable address
+  std::vector<uint8_t> bytes;
+  bool as_bf16 = true;
+  ASSERT_TRUE(pages.Serialize(0, &bytes, &as_bf16).ok());
+  EXPECT_EQ(std::memcmp(bytes.data(), a.page->bytes, bytes.size()), 0);
+
+  std::vector<uint64_t> seen = {a.page->version, b.page->version};
+  auto fresh = [&](uint64_t v) {
+    const bool is_new = v != 0 && std::find(seen.begin(), seen.end(), v) == seen.end();
+    seen.push_back(v);
+    return is_new;
+  };
+  pages.Append(values.data());  // entry 70: page 1 written
+  EXPECT_TRUE(fresh(b.page->version));
+  const uint64_t v0 = a.page->version;
+  pages.Overwrite(3, values.data() + 9 * 512);  // the ring reuses a slot of page 0
+  EXPECT_TRUE(fresh(a.page->version));
+  EXPECT_NE(a.page->version, v0);
+  pages.Evict(0);
+  EXPECT_EQ(a.page->bytes, nullptr);
+  EXPECT_TRUE(fresh(a.page->version));
+  EXPECT_TRUE(pages.Slot(5).masked());
+  EXPECT_EQ(pages.Slot(5).page, nullptr);
+  ASSERT_TRUE(pages.Restore(0, bytes).ok());
+  EXPECT_TRUE(fresh(a.page->version));
+  const kernels::KvSlot back = pages.Slot(5);
+  EXPECT_EQ(back.page, a.page);
+  EXPECT_EQ(back.page->bytes, back.record - f.entry_data_offset(5));
+  EXPECT_EQ(std::memcmp(bytes.data(), back.page->bytes, bytes.size()), 0);
+  // A stream that turns to fp32 rows hands out rows, not pages.
+  std::vector<float> odd(values.begin(), values.begin() + 512);
+  odd[1] = 0.3f;
+  pages.Append(odd.data());
+  ASSERT_FALSE(pages.encoded());
+  EXPECT_EQ(pages.Slot(5).page, nullptr);
+  EXPECT_NE(pages.Slot(5).row, nullptr);
 }
 
 }  // namespace

@@ -82,7 +82,7 @@ absl::Status Generate(const GenerateOptions& in) {
   const auto t0 = std::chrono::steady_clock::now();
   // "--device cuda" in a group: each rank on the GPU of its own rank number.
   const std::string device = opt.device == "cuda" ? absl::StrCat("cuda:", opt.tp_rank) : opt.device;
-  FM_ASSIGN_OR_RETURN(kernels::BackendHandle backend, kernels::OpenBackend(device, opt.gpu_memory_bytes, opt.cuda_kernels));
+  FM_ASSIGN_OR_RETURN(kernels::BackendHandle backend, kernels::OpenBackend(device, opt.gpu_memory_bytes, opt.cuda_kernels, opt.gpu_kv_reserve_bytes));
   parallel::GroupOptions group;
   group.rank = opt.tp_rank;
   group.size = opt.tp_size;

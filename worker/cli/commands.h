@@ -34,6 +34,7 @@ struct GenerateOptions {
   bool lsa_stats = false;        // print the LSA statistics (and measure Level-2 agreement)
   std::string device = "cpu";    // compute backend: cpu or cuda:N
   int64_t gpu_memory_bytes = 0;  // CUDA backend memory budget (0: free memory minus 1 GiB)
+  int64_t gpu_kv_reserve_bytes = -1;  // its KV reserve (-1: a quarter of the budget; 0: none)
   std::string cuda_kernels = "exact";  // exact | fast | fast-fp8
   // Tensor parallel (spec §7): this process is rank tp_rank of tp_size; every rank runs the same
   // command and loads only its shard; rank 0 serves the group's rendezvous at tp_leader (host:port)

@@ -48,6 +48,7 @@ int main(int argc, char** argv) {
   g->add_option("--device", gen.device, "compute backend: cpu (exact reference), cuda:N, or cuda (cuda:<tp-rank>)");
   g->add_option("--cuda-kernels", gen.cuda_kernels, "exact (bit-identical to the CPU reference), fast (within the golden tolerances) or fast-fp8 (FP8 tensor cores; ~1e-4 relative)");
   g->add_option("--gpu-memory-bytes", gen.gpu_memory_bytes, "device memory the CUDA backend may hold (0: free memory minus 1 GiB)");
+  g->add_option("--gpu-kv-reserve-bytes", gen.gpu_kv_reserve_bytes, "the part of the device budget for copies of KV pages, so a page crosses PCIe only when new or written (-1: a quarter of the budget; 0: none, records staged every step)");
   g->add_flag("--stats", gen.lsa_stats, "print LSA statistics, measuring Level-2 agreement with the full top-k");
   g->add_option("--tp-size", gen.tp_size, "tensor-parallel ranks (every rank runs this command; Gloo on cpu, NCCL on cuda; --device cuda: rank R on cuda:R)")->check(CLI::Range(1, 64));
   g->add_option("--tp-rank", gen.tp_rank, "this process's rank in [0, --tp-size)")->check(CLI::NonNegativeNumber);

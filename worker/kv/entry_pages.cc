@@ -21,18 +21,34 @@ int64_t EntryPages::resident_pages() const {
   return std::count_if(pages_.begin(), pages_.end(), [](const auto& p) { return p != nullptr; });
 }
 
+void EntryPages::Touch(int64_t page) {
+  kernels::KvPage& m = *page_meta_[page];
+  m.bytes = encoded_ && pages_[page] ? Bytes(page) : nullptr;
+  m.entries = kEntriesPerPage;
+  m.version = kernels::NewKvPageVersion();
+}
+
 void EntryPages::Write(int64_t page, int64_t e, const float* row) {
   if (encoded_ && EncodeEntry(format_, row, Bytes(page) + format_.entry_data_offset(e),
                               Bytes(page) + format_.entry_scales_offset(e)) >= 0) {
     TurnToFp32();  // this entry is then written below, as fp32
   }
   if (!encoded_) std::copy(row, row + format_.dim, pages_[page].get() + e * format_.dim);
+  Touch(page);
 }
 
 void EntryPages::Append(const float* row) {
-  if (size_ % kEntriesPerPage == 0) pages_.push_back(NewPage());
+  if (size_ % kEntriesPerPage == 0) {
+    pages_.push_back(NewPage());
+    page_meta_.push_back(std::make_unique<kernels::KvPage>());
+  }
   Write(num_pages() - 1, size_ % kEntriesPerPage, row);
   ++size_;
+}
+
+void EntryPages::Evict(int64_t page) {
+  pages_[page].reset();
+  Touch(page);
 }
 
 void EntryPages::Overwrite(int64_t i, const float* row) {
@@ -46,6 +62,8 @@ kernels::KvSlot EntryPages::Slot(int64_t i) const {
   if (encoded_) {
     s.record = Bytes(page) + format_.entry_data_offset(e);
     s.scales = Bytes(page) + format_.entry_scales_offset(e);
+    s.page = page_meta_[page].get();
+    s.entry = static_cast<int32_t>(e);
   } else {
     s.row = pages_[page].get() + e * format_.dim;
   }
@@ -91,6 +109,7 @@ absl::Status EntryPages::Restore(int64_t page, std::span<const uint8_t> bytes) {
         return absl::DataLossError(absl::StrCat("KV page entry ", e, ": NaN scale byte"));
     pages_[page] = NewPage();
     std::memcpy(Bytes(page), bytes.data(), bytes.size());
+    Touch(page);
     return absl::OkStatus();
   }
   std::vector<float> values;
@@ -102,11 +121,14 @@ absl::Status EntryPages::Restore(int64_t page, std::span<const uint8_t> bytes) {
   }
   pages_[page] = NewPage();
   std::copy(values.begin(), values.end(), pages_[page].get());
+  Touch(page);
   return absl::OkStatus();
 }
 
 void EntryPages::AppendEvictedPage() {
   pages_.emplace_back();
+  page_meta_.push_back(std::make_unique<kernels::KvPage>());
+  Touch(num_pages() - 1);
   size_ += kEntriesPerPage;
 }
 
@@ -123,6 +145,7 @@ void EntryPages::TurnToFp32() {
       DecodeEntry(f, bytes + f.entry_data_offset(e), bytes + f.entry_scales_offset(e), rows[p].get() + e * f.dim);
   }
   pages_ = std::move(rows);
+  for (size_t p = 0; p < pages_.size(); ++p) Touch(static_cast<int64_t>(p));
 }
 
 }  // namespace flashmem::kv

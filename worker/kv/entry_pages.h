@@ -53,7 +53,8 @@ class EntryPages {
   // fp32 streams only: the entry's row in place, or nullptr while its page is evicted.
   const float* Row(int64_t i) const;
   bool RowResident(int64_t i) const { return resident(i / kEntriesPerPage); }
-  // The entry as an attention slot (its record in place, or its fp32 row); masked while evicted.
+  // The entry as an attention slot (its record in place with its page, or its fp32 row); masked
+  // while evicted.
   kernels::KvSlot Slot(int64_t i) const;
   bool resident(int64_t page) const { return pages_[page] != nullptr; }
   int64_t resident_pages() const;
@@ -64,7 +65,7 @@ class EntryPages {
   // FAILED_PRECONDITION for a page not in memory.
   absl::Status Serialize(int64_t page, std::vector<uint8_t>* out, bool* as_bf16) const;
   // Frees a complete page's memory.
-  void Evict(int64_t page) { pages_[page].reset(); }
+  void Evict(int64_t page);
   // Puts an evicted page back from its memtier form (or the bf16 one). DATA_LOSS for other bytes.
   absl::Status Restore(int64_t page, std::span<const uint8_t> bytes);
   // Appends an evicted complete page (restoring a snapshot whose page lives in memtier).
@@ -76,12 +77,17 @@ class EntryPages {
   uint8_t* Bytes(int64_t page) const { return reinterpret_cast<uint8_t*>(pages_[page].get()); }
   void TurnToFp32();
   void Write(int64_t page, int64_t e, const float* row);
+  // After any change to a page (written, allocated, restored, freed): its KvPage shows the
+  // current bytes under a fresh version, so a device copy of the old bytes is never used.
+  void Touch(int64_t page);
 
   PageFormat format_;
   bool encoded_ = false;
   bool fell_back_ = false;
   int64_t size_ = 0;
   std::vector<std::unique_ptr<float[]>> pages_;
+  // One per page, at a stable address (attention slots point at it): encoded pages only.
+  std::vector<std::unique_ptr<kernels::KvPage>> page_meta_;
 };
 
 }  // namespace flashmem::kv

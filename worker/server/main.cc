@@ -133,7 +133,9 @@ int main(int argc, char** argv) {
   app.add_option("--device", device, "compute backend: cpu (exact reference) or cuda:N");
   std::string cuda_kernels = "exact";
   app.add_option("--cuda-kernels", cuda_kernels, "exact (bit-identical to the CPU reference), fast (decode GEMV + bf16 tensor cores, within the golden tolerances) or fast-fp8 (cuBLASLt FP8 tensor cores, ~1e-4 relative)");
-  app.add_option("--gpu-memory-bytes", gpu_memory_bytes, "device memory the CUDA backend may hold for weights and workspaces (0: free memory minus 1 GiB)");
+  app.add_option("--gpu-memory-bytes", gpu_memory_bytes, "device memory the CUDA backend may hold for weights, the KV reserve and workspaces (0: free memory minus 1 GiB)");
+  int64_t gpu_kv_reserve_bytes = -1;
+  app.add_option("--gpu-kv-reserve-bytes", gpu_kv_reserve_bytes, "the part of the device budget for copies of KV pages, so a page crosses PCIe only when new or written (-1: a quarter of the budget; 0: none, records staged every step)");
   flashmem::parallel::GroupOptions group;
   int tp_timeout_s = 120;
   app.add_option("--tp-size", group.size, "tensor-parallel ranks in this worker's group (one process per GPU)");
@@ -170,7 +172,7 @@ int main(int argc, char** argv) {
   }
   const std::unique_ptr<flashmem::HealthEndpoint> health = std::move(*health_or);
   spdlog::set_default_logger(spdlog::stderr_color_mt("worker"));
-  auto backend = flashmem::kernels::OpenBackend(device, gpu_memory_bytes, cuda_kernels);
+  auto backend = flashmem::kernels::OpenBackend(device, gpu_memory_bytes, cuda_kernels, gpu_kv_reserve_bytes);
   if (!backend.ok()) {
     std::fprintf(stderr, "flashmem-worker: %s\n", std::string(backend.status().message()).c_str());
     return 1;

@@ -1,0 +1,70 @@
+#include "kernels/kv_reserve.h"
+
+namespace flashmem::kernels {
+
+KvReserve::KvReserve(int64_t slots, int64_t page_bytes)
+    : page_bytes_(page_bytes), version_(slots, 0), call_(slots, 0), referenced_(slots, 0) {
+  free_.reserve(slots);
+  for (int64_t s = slots - 1; s >= 0; --s) free_.push_back(s);  // handed out from slot 0 up
+}
+
+void KvReserve::Begin() {
+  ++call_clock_;
+  uploads_.clear();
+  call_hits_ = 0;
+}
+
+int64_t KvReserve::TakeSlot() {
+  if (!free_.empty()) {
+    const int64_t s = free_.back();
+    free_.pop_back();
+    return s;
+  }
+  // Two sweeps at most: the first clears every second chance it passes.
+  for (int64_t step = 0, n = slots(); step < 2 * n; ++step) {
+    const int64_t s = hand_;
+    hand_ = (hand_ + 1) % n;
+    if (call_[s] == call_clock_) continue;  // this call reads it
+    if (referenced_[s]) {
+      referenced_[s] = 0;
+      continue;
+    }
+    return s;
+  }
+  return -1;
+}
+
+int64_t KvReserve::Place(const KvPage& page) {
+  int64_t s = page.device_slot.load(std::memory_order_relaxed);
+  if (s >= 0 && s < slots() && version_[s] == page.version) {
+    if (call_[s] != call_clock_) {
+      ++hits_;
+      ++call_hits_;
+    }
+  } else {
+    s = TakeSlot();
+    if (s < 0) return -1;
+    version_[s] = page.version;
+    page.device_slot.store(s, std::memory_order_relaxed);
+    uploads_.push_back({page.bytes, s});
+    ++uploaded_;
+  }
+  call_[s] = call_clock_;
+  referenced_[s] = 1;
+  return s;
+}
+
+void KvReserve::Abort() {
+  for (const Upload& u : uploads_) {
+    version_[u.slot] = 0;
+    call_[u.slot] = 0;
+    referenced_[u.slot] = 0;
+    free_.push_back(u.slot);
+  }
+  uploaded_ -= static_cast<int64_t>(uploads_.size());
+  hits_ -= call_hits_;
+  uploads_.clear();
+  call_hits_ = 0;
+}
+
+}  // namespace flashmem::kernels

@@ -1,0 +1,122 @@
+// The KV reserve's bookkeeping (kernels/kv_reserve.h): which pages a call must upload, where they
+// go, and that a copy is never trusted once its page changed.
+#include "kernels/kv_reserve.h"
+
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace flashmem::kernels {
+namespace {
+
+struct Pages {
+  explicit Pages(int n) : bytes(n), page(n) {
+    for (int i = 0; i < n; ++i) {
+      page[i].bytes = &bytes[i];
+      page[i].entries = 64;
+      page[i].version = NewKvPageVersion();
+    }
+  }
+  std::vector<uint8_t> bytes;  // one byte a page stands for its bytes
+  std::vector<KvPage> page;
+};
+
+TEST(KvReserve, UploadsAPageOnceThenFindsItInPlace) {
+  KvReserve r(4, 37376);
+  Pages p(3);
+  r.Begin();
+  const int64_t s0 = r.Place(p.page[0]), s1 = r.Place(p.page[1]);
+  EXPECT_EQ(r.Place(p.page[0]), s0);  // twice in one call: one upload
+  ASSERT_EQ(r.uploads().size(), 2u);
+  EXPECT_EQ(r.uploads()[0].bytes, p.page[0].bytes);
+  EXPECT_EQ(r.uploads()[0].slot, s0);
+  EXPECT_EQ(r.uploads()[1].slot, s1);
+  EXPECT_NE(s0, s1);
+  EXPECT_EQ(p.page[0].device_slot.load(), s0);
+  r.Begin();
+  EXPECT_EQ(r.Place(p.page[0]), s0);
+  EXPECT_EQ(r.Place(p.page[1]), s1);
+  EXPECT_TRUE(r.uploads().empty());
+  EXPECT_EQ(r.hits(), 2);
+  EXPECT_EQ(r.uploaded(), 2);
+  EXPECT_EQ(r.used(), 2);
+}
+
+TEST(KvReserve, AWrittenPageIsUploadedAgain) {
+  KvReserve r(4, 64);
+  Pages p(1);
+  r.Begin();
+  r.Place(p.page[0]);
+  p.page[0].version = NewKvPageVersion();  // what EntryPages does on every write
+  r.Begin();
+  r.Place(p.page[0]);
+  ASSERT_EQ(r.uploads().size(), 1u);
+  EXPECT_EQ(r.uploads()[0].bytes, p.page[0].bytes);
+  EXPECT_EQ(r.hits(), 0);
+  EXPECT_EQ(r.uploaded(), 2);
+}
+
+TEST(KvReserve, ASlotHandedToAnotherPageIsNotTrustedForTheFirst) {
+  KvReserve r(1, 64);
+  Pages p(2);
+  r.Begin();
+  const int64_t s = r.Place(p.page[0]);
+  r.Begin();
+  EXPECT_EQ(r.Place(p.page[1]), s);  // the only slot, reclaimed
+  EXPECT_EQ(p.page[0].device_slot.load(), s);  // page 0 still names it...
+  r.Begin();
+  EXPECT_EQ(r.Place(p.page[0]), s);  // ...but its copy is gone: uploaded again
+  EXPECT_EQ(r.uploads().size(), 1u);
+}
+
+TEST(KvReserve, ACallLargerThanTheReserveIsRefusedAndAbortForgetsItsSlots) {
+  KvReserve r(2, 64);
+  Pages p(3);
+  r.Begin();
+  r.Place(p.page[0]);
+  r.Begin();
+  EXPECT_GE(r.Place(p.page[1]), 0);
+  EXPECT_GE(r.Place(p.page[2]), 0);  // takes page 0's slot (not used by this call)
+  EXPECT_EQ(r.Place(p.page[0]), -1);  // both slots are this call's
+  r.Abort();
+  EXPECT_EQ(r.used(), 0);  // the call's copies were never written
+  EXPECT_EQ(r.uploaded(), 1);
+  r.Begin();
+  r.Place(p.page[1]);
+  EXPECT_EQ(r.uploads().size(), 1u);  // not trusted after the abort
+}
+
+TEST(KvReserve, ClockGivesRecentlyUsedPagesASecondChance) {
+  KvReserve r(3, 64);
+  Pages p(4);
+  for (int i = 0; i < 3; ++i) {
+    r.Begin();
+    r.Place(p.page[i]);
+  }
+  // Every slot is referenced: the hand clears them all, then takes the first (page 0's).
+  r.Begin();
+  const int64_t s3 = r.Place(p.page[3]);
+  EXPECT_EQ(s3, p.page[0].device_slot.load());
+  // Page 1 used again; the next newcomer passes it over for page 2's slot.
+  r.Begin();
+  r.Place(p.page[1]);
+  r.Begin();
+  p.page[0].version = NewKvPageVersion();
+  const int64_t s0 = r.Place(p.page[0]);
+  EXPECT_EQ(s0, p.page[2].device_slot.load());
+  r.Begin();
+  r.Place(p.page[1]);
+  EXPECT_TRUE(r.uploads().empty());
+}
+
+TEST(KvReserve, AnEmptyReserveRefusesEveryPage) {
+  KvReserve r;
+  Pages p(1);
+  r.Begin();
+  EXPECT_EQ(r.Place(p.page[0]), -1);
+  EXPECT_TRUE(r.uploads().empty());
+}
+
+}  // namespace
+}  // namespace flashmem::kernels
