@@ -62,6 +62,13 @@ void Backend::SparseAttentionRecords(const float* q, int64_t heads, int64_t dim,
   SparseAttention(q, heads, dim, rows, sink, softmax_scale, out);
 }
 
+void Backend::IndexScoresSlots(const float* q, const float* w, int64_t heads, int64_t dim,
+                               std::span<const KvSlot> keys, float* scores) const {
+  std::vector<const float*> rows(keys.size());
+  for (size_t t = 0; t < keys.size(); ++t) rows[t] = keys[t].row;
+  IndexScores(q, w, heads, dim, rows, scores);
+}
+
 void Backend::SparseAttentionRows(std::span<const AttentionRow> rows, int64_t heads, int64_t dim, int64_t rope_dims,
                                   const float* sink, float softmax_scale) const {
   for (const AttentionRow& r : rows) SparseAttentionRecords(r.q, heads, dim, rope_dims, r.slots, sink, softmax_scale, r.out);

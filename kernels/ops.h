@@ -46,10 +46,11 @@ using CandidateIndex = int32_t;
 // codes followed by its rope_dims bf16 values, `scales` at its UE8M0 bytes, one per 64 codes —
 // in a page the two live apart), an fp32 row, or neither: a masked slot.
 //
-// A record may also name its page (`page`, `entry`): the page's bytes in the paged layout
-// (64 entries' data, then their scales) and a version that changes with every write. A device
-// backend keeps copies of such pages in its KV reserve and uploads a page only when the version
-// it holds is not the page's current one; a slot without a page is staged on every call.
+// A slot may also name its page (`page`, `entry`): the page's bytes (records: the paged layout,
+// 64 entries' data then their scales; fp32 rows: entries x dim floats) and a version that changes
+// with every write. A device backend keeps copies of such pages in its KV reserve and uploads a
+// page only when the version it holds is not the page's current one; a slot without a page is
+// staged on every call.
 struct KvPage;
 struct KvSlot {
   const uint8_t* record = nullptr;
@@ -67,6 +68,7 @@ struct KvSlot {
 // backend checks the copy's version before trusting it.
 struct KvPage {
   const uint8_t* bytes = nullptr;
+  int64_t size = 0;  // bytes
   int64_t entries = 0;
   uint64_t version = 0;
   mutable std::atomic<int64_t> device_slot{-1};
@@ -154,6 +156,12 @@ class Backend {
   // row's records together and attend over them in one launch.
   virtual void SparseAttentionRows(std::span<const AttentionRow> rows, int64_t heads, int64_t dim, int64_t rope_dims,
                                    const float* sink, float softmax_scale) const;
+
+  // IndexScores over keys held as fp32 rows in pages (KvSlot::row; a masked slot is a zero key):
+  // the same scores. The default calls IndexScores on the rows; a device backend can keep the
+  // pages (KvSlot::page) in its KV reserve instead of staging every key on every call.
+  virtual void IndexScoresSlots(const float* q, const float* w, int64_t heads, int64_t dim,
+                                std::span<const KvSlot> keys, float* scores) const;
 
   // The indices of the k largest scores (at most scores.size()), descending, equal scores in
   // ascending index order (kernels/topk.h: the indexer's candidate list; bf16 scores tie often).

@@ -125,6 +125,12 @@ void ProfilingBackend::IndexScores(const float* q, const float* w, int64_t heads
   inner_.IndexScores(q, w, heads, dim, keys, scores);
   Record(OpKind::kIndexScores, t.seconds(), keys.size());
 }
+void ProfilingBackend::IndexScoresSlots(const float* q, const float* w, int64_t heads, int64_t dim,
+                                        std::span<const KvSlot> keys, float* scores) const {
+  Timer t;
+  inner_.IndexScoresSlots(q, w, heads, dim, keys, scores);
+  Record(OpKind::kIndexScores, t.seconds(), keys.size());
+}
 std::vector<int32_t> ProfilingBackend::TopK(std::span<const float> scores, int64_t k) const {
   Timer t;
   std::vector<int32_t> out = inner_.TopK(scores, k);

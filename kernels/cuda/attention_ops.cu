@@ -114,10 +114,12 @@ __global__ void SparseAttnKernel(const float* q, int64_t heads, int64_t dim, Row
 }
 
 // One half-warp per key (CPU dot order); idle half-warps compute a dummy key and write nothing.
+// Key t is row t of `keys`, or row key_rows[t] when key_rows is given (keys in the KV reserve).
 __global__ void IndexScoresKernel(const float* q, const float* w, int64_t heads, int64_t dim, const float* keys,
-                                  int64_t n, float* scores) {
+                                  const int32_t* key_rows, int64_t n, float* scores) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 16) + threadIdx.x / 16;
-  const float* k = keys + (t < n ? t : n - 1) * dim;
+  const int64_t row = t < n ? t : n - 1;
+  const float* k = keys + (key_rows ? static_cast<int64_t>(key_rows[row]) : row) * dim;
   float sum = 0.0f;
   for (int64_t h = 0; h < heads; ++h) {
     const float d = RoundBf16(HalfWarpDot(q + h * dim, Plain{k}, dim));
@@ -161,7 +163,14 @@ cudaError_t PagedSparseAttentionFp8(const float* q, int64_t batch, int64_t heads
 cudaError_t IndexScores(const float* q, const float* w, int64_t heads, int64_t dim, const float* keys, int64_t n,
                         float* scores, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  IndexScoresKernel<<<Blocks(n, 16), 256, 0, stream>>>(q, w, heads, dim, keys, n, scores);
+  IndexScoresKernel<<<Blocks(n, 16), 256, 0, stream>>>(q, w, heads, dim, keys, nullptr, n, scores);
+  return cudaGetLastError();
+}
+
+cudaError_t IndexScoresRows(const float* q, const float* w, int64_t heads, int64_t dim, const float* keys,
+                            const int32_t* key_rows, int64_t n, float* scores, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  IndexScoresKernel<<<Blocks(n, 16), 256, 0, stream>>>(q, w, heads, dim, keys, key_rows, n, scores);
   return cudaGetLastError();
 }
 

@@ -127,7 +127,8 @@ class CudaBackendImpl final : public Backend {
   ~CudaBackendImpl() override {
     (void)cudaSetDevice(device_);
     for (auto& [key, r] : resident_) (void)cudaFree(r.mem);
-    if (kv_dev_) (void)cudaFree(kv_dev_);
+    for (DeviceReserve* r : {&records_, &keys_})
+      if (r->dev) (void)cudaFree(r->dev);
     if (dev_) (void)cudaFree(dev_);
     if (host_) (void)cudaFreeHost(host_);
     (void)cudaStreamDestroy(stream_);
@@ -288,106 +289,16 @@ class CudaBackendImpl final : public Backend {
         entries * cuda::kRecordBytes);
   }
 
-  // Attention over the KV reserve (records only, every one naming its page; the caller checked
-  // the shapes): the pages the reserve lacks — new, or written since their copy — are gathered
-  // into the pinned buffer, uploaded with the op's inputs and scattered into their slots by one
-  // kernel; then one attention launch reads the reserve in place. False (nothing done) when a slot
-  // has no page, there is no reserve, or this call's pages do not fit in it: the caller stages.
-  bool AttendFromReserve(std::span<const AttentionRow> rows, int64_t heads, const float* sink,
-                         float softmax_scale) const {
-    int64_t page_entries = 0;
-    for (const AttentionRow& r : rows)
-      for (const KvSlot& s : r.slots) {
-        if (!s.record) continue;
-        if (!s.page || !s.page->bytes || s.entry < 0 || s.entry >= s.page->entries) return false;
-        if (page_entries == 0) page_entries = s.page->entries;
-        if (s.page->entries != page_entries) return false;
-      }
-    if (page_entries == 0) return false;  // nothing but masked slots: the staging path is as cheap
-    absl::MutexLock lock(&mu_);
-    if (!health_.ok()) return true;  // a failed backend does nothing (as Launch)
-    if (!KvReserveLocked(page_entries)) return false;
-    op_clock_ = clock_ + 1;
-    const int64_t b = static_cast<int64_t>(rows.size());
-    int64_t n = 1;
-    for (const AttentionRow& r : rows) n = std::max<int64_t>(n, static_cast<int64_t>(r.slots.size()));
-    std::vector<int32_t> idx(b * n, -1);
-    kv_.Begin();
-    for (int64_t i = 0; i < b; ++i)
-      for (size_t j = 0; j < rows[i].slots.size(); ++j)
-        if (const KvSlot& s = rows[i].slots[j]; s.record) {
-          const int64_t slot = kv_.Place(*s.page);
-          if (slot < 0) {
-            kv_.Abort();
-            return false;
-          }
-          idx[i * n + static_cast<int64_t>(j)] = static_cast<int32_t>(slot * page_entries + s.entry);
-        }
-    const int64_t page_bytes = kv_.page_bytes(), ups = static_cast<int64_t>(kv_.uploads().size());
-    std::vector<const uint8_t*> up_src(ups);
-    std::vector<int32_t> up_slot(ups);
-    for (int64_t u = 0; u < ups; ++u) {
-      up_src[u] = kv_.uploads()[u].bytes;
-      up_slot[u] = static_cast<int32_t>(kv_.uploads()[u].slot);
-    }
-    const bool tensor_cores = !exact_ && fast_attention_ && heads % cuda::kFastAttentionHeads == 0;
-    const int64_t row_bytes = heads * cuda::kRecordDim * 4;
-    Frame f;
-    const size_t dq = f.In(rows[0].q, row_bytes);
-    for (int64_t i = 1; i < b; ++i) f.In(rows[i].q, row_bytes);
-    const size_t di = f.In(idx.data(), b * n * 4), dsink = f.In(sink, heads * 4);
-    const size_t dslot = f.In(up_slot.data(), ups * 4);
-    const size_t dup = f.Scratch(ups * page_bytes), dout = f.Scratch(b * row_bytes);  // the uploads first: filled
-    const size_t dws = tensor_cores ? f.Scratch(cuda::PagedSparseAttentionFp8FastWorkspace(b, heads, n)) : 0;
-    for (int64_t i = 0; i < b; ++i) f.Download(dout + i * row_bytes, rows[i].out, row_bytes);
-    const absl::Status st = RunLocked(
-        f,
-        [&](Dev d) {
-          cudaError_t e = cuda::ScatterPages(d.at<uint8_t>(dup), ups, page_bytes, d.at<int32_t>(dslot), kv_dev_, stream_);
-          if (e != cudaSuccess) return e;
-          if (tensor_cores)
-            return cuda::PagedSparseAttentionFp8Fast(d.at(dq), b, heads, kv_dev_, page_entries, d.at<int32_t>(di), n,
-                                                     d.at(dsink), softmax_scale, d.at(dout), d.at<void>(dws), stream_);
-          return cuda::PagedSparseAttentionFp8(d.at(dq), b, heads, kv_dev_, page_entries, d.at<int32_t>(di), n,
-                                               d.at(dsink), softmax_scale, d.at(dout), stream_);
-        },
-        [&](char* host_scratch) {
-          GatherPagesHost(up_src, page_bytes, reinterpret_cast<uint8_t*>(host_scratch + f.Resolve(dup) - f.in_bytes()));
-        },
-        ups * page_bytes);
-    if (!st.ok()) {
-      kv_.Abort();
-      Fail(st);
-    }
-    return true;
-  }
-
-  // The KV reserve for pages of `page_entries` records, allocated on first use from the budget
-  // not in use (never evicting weights for it); false when there is none (turned off, too
-  // little budget left, the allocation failed) or it holds pages of another size.
-  bool KvReserveLocked(int64_t page_entries) const {
-    const int64_t page_bytes = page_entries * cuda::kRecordBytes;
-    if (kv_dev_) return kv_.page_bytes() == page_bytes;
-    if (kv_tried_) return false;
-    kv_tried_ = true;
-    const int64_t bytes = std::min(kv_reserve_bytes_, budget_ - used_);
-    // Entry numbers are int32 in the kernels.
-    const int64_t slots = std::min<int64_t>(bytes / page_bytes, INT32_MAX / page_entries);
-    if (slots < kMinKvReserveSlots) return false;
-    if (cudaMalloc(&kv_dev_, static_cast<size_t>(slots * page_bytes)) != cudaSuccess) {
-      (void)cudaGetLastError();  // not sticky: attention stages instead
-      kv_dev_ = nullptr;
-      return false;
-    }
-    used_ += slots * page_bytes;
-    kv_ = KvReserve(slots, page_bytes);
-    return true;
-  }
-  static constexpr int64_t kMinKvReserveSlots = 2;
-
   void IndexScores(const float* q, const float* w, int64_t heads, int64_t dim, std::span<const float* const> keys,
                    float* scores) const override {
     KeyScoring(q, w, heads, dim, keys, scores, /*logits=*/false);
+  }
+
+  // Keys from the keys reserve when every slot is an fp32 row naming its page (and they fit);
+  // otherwise staged (Backend's default: IndexScores over the rows).
+  void IndexScoresSlots(const float* q, const float* w, int64_t heads, int64_t dim, std::span<const KvSlot> keys,
+                        float* scores) const override {
+    if (!ScoreFromReserve(q, w, heads, dim, keys, scores)) Backend::IndexScoresSlots(q, w, heads, dim, keys, scores);
   }
 
   // Radix select on the device (cuda::TopK): the same list as the host's heap select. Below
@@ -475,6 +386,179 @@ class CudaBackendImpl final : public Backend {
   using LaunchFn = std::function<cudaError_t(Dev)>;
   using FillFn = std::function<void(char*)>;
 
+  // The KV reserve: device copies of the pages slots name (KvSlot::page), one array of page slots
+  // for the main KV's records and one for the indexer's fp32 keys, each half of the reserve's
+  // budget, allocated on first use from the budget not in use then (weights are never evicted
+  // for it). A call Places its pages; those the reserve lacks — new, or written since their copy —
+  // are gathered into the pinned buffer, go up with the op's inputs and are scattered into their
+  // slots by one kernel before the op's kernel reads the reserve in place.
+  struct DeviceReserve {
+    KvReserve book;
+    uint8_t* dev = nullptr;
+    bool tried = false;
+  };
+
+  // The reserve for pages of `page_bytes`; false when there is none (turned off, too little
+  // budget left, the allocation failed) or it holds pages of another size.
+  bool ReserveLocked(DeviceReserve& r, int64_t page_bytes, int64_t page_entries) const {
+    if (r.dev) return r.book.page_bytes() == page_bytes;
+    if (r.tried) return false;
+    r.tried = true;
+    const int64_t bytes = std::min(kv_reserve_bytes_ / 2, budget_ - used_);
+    // Entry numbers are int32 in the kernels.
+    const int64_t slots = std::min<int64_t>(bytes / page_bytes, INT32_MAX / page_entries);
+    if (slots < 2) return false;
+    if (cudaMalloc(&r.dev, static_cast<size_t>(slots * page_bytes)) != cudaSuccess) {
+      (void)cudaGetLastError();  // not sticky: the op stages instead
+      r.dev = nullptr;
+      return false;
+    }
+    used_ += slots * page_bytes;
+    r.book = KvReserve(slots, page_bytes);
+    return true;
+  }
+
+  // The entries of every non-masked slot (each must name a page of `page_bytes` and `entries`
+  // entries) placed in the reserve: out[j] = its entry number there (-1 masked). False, nothing
+  // planned, when a page does not fit (the caller stages the call).
+  bool PlaceLocked(DeviceReserve& r, std::span<const KvSlot* const> slots, int64_t entries, int32_t* out) const {
+    r.book.Begin();
+    for (size_t j = 0; j < slots.size(); ++j) {
+      if (!slots[j]) {
+        out[j] = -1;
+        continue;
+      }
+      const int64_t at = r.book.Place(*slots[j]->page);
+      if (at < 0) {
+        r.book.Abort();
+        return false;
+      }
+      out[j] = static_cast<int32_t>(at * entries + slots[j]->entry);
+    }
+    return true;
+  }
+
+  // The uploads a book planned, as a frame's inputs (their slots) and its first scratch (their
+  // bytes, filled on the host): staged before any other Scratch of the frame.
+  struct Uploads {
+    std::vector<const uint8_t*> src;
+    std::vector<int32_t> slot;
+    size_t dslot = 0, dup = 0;
+  };
+  static Uploads StageUploads(const DeviceReserve& r, Frame& f) {
+    Uploads u;
+    for (const KvReserve::Upload& p : r.book.uploads()) {
+      u.src.push_back(p.bytes);
+      u.slot.push_back(static_cast<int32_t>(p.slot));
+    }
+    u.dslot = f.In(u.slot.data(), u.slot.size() * 4);
+    u.dup = f.Scratch(u.src.size() * r.book.page_bytes());
+    return u;
+  }
+
+  // An op over reserve pages: the planned pages up with the inputs and into their slots, then
+  // `op`. On failure the plan is forgotten (its copies may not have landed).
+  absl::Status RunWithUploadsLocked(DeviceReserve& r, const Frame& f, const Uploads& u, const LaunchFn& op) const {
+    const int64_t page_bytes = r.book.page_bytes(), ups = static_cast<int64_t>(u.src.size());
+    const absl::Status st = RunLocked(
+        f,
+        [&](Dev d) {
+          const cudaError_t e =
+              cuda::ScatterPages(d.at<uint8_t>(u.dup), ups, page_bytes, d.at<int32_t>(u.dslot), r.dev, stream_);
+          return e != cudaSuccess ? e : op(d);
+        },
+        [&](char* host_scratch) {
+          GatherPagesHost(u.src, page_bytes, reinterpret_cast<uint8_t*>(host_scratch + f.Resolve(u.dup) - f.in_bytes()));
+        },
+        ups * page_bytes);
+    if (!st.ok()) r.book.Abort();
+    return st;
+  }
+
+  // Attention over the records reserve (records only, each naming its page; the caller checked
+  // the shapes), one launch for every row. False (nothing done) when a slot has no page, there
+  // is no reserve, or this call's pages do not fit in it: the caller stages.
+  bool AttendFromReserve(std::span<const AttentionRow> rows, int64_t heads, const float* sink,
+                         float softmax_scale) const {
+    int64_t page_entries = 0;
+    const int64_t b = static_cast<int64_t>(rows.size());
+    int64_t n = 1;
+    for (const AttentionRow& r : rows) {
+      n = std::max<int64_t>(n, static_cast<int64_t>(r.slots.size()));
+      for (const KvSlot& s : r.slots) {
+        if (!s.record) continue;
+        if (!s.page || !s.page->bytes || s.entry < 0 || s.entry >= s.page->entries) return false;
+        if (page_entries == 0) page_entries = s.page->entries;
+        if (s.page->entries != page_entries || s.page->size != page_entries * cuda::kRecordBytes) return false;
+      }
+    }
+    if (page_entries == 0) return false;  // nothing but masked slots: the staging path is as cheap
+    std::vector<const KvSlot*> slots(b * n, nullptr);
+    for (int64_t i = 0; i < b; ++i)
+      for (size_t j = 0; j < rows[i].slots.size(); ++j)
+        if (rows[i].slots[j].record) slots[i * n + static_cast<int64_t>(j)] = &rows[i].slots[j];
+    absl::MutexLock lock(&mu_);
+    if (!health_.ok()) return true;  // a failed backend does nothing (as Launch)
+    if (!ReserveLocked(records_, page_entries * cuda::kRecordBytes, page_entries)) return false;
+    op_clock_ = clock_ + 1;
+    std::vector<int32_t> idx(b * n);
+    if (!PlaceLocked(records_, slots, page_entries, idx.data())) return false;
+    const bool tensor_cores = !exact_ && fast_attention_ && heads % cuda::kFastAttentionHeads == 0;
+    const int64_t row_bytes = heads * cuda::kRecordDim * 4;
+    Frame f;
+    const size_t dq = f.In(rows[0].q, row_bytes);
+    for (int64_t i = 1; i < b; ++i) f.In(rows[i].q, row_bytes);
+    const size_t di = f.In(idx.data(), b * n * 4), dsink = f.In(sink, heads * 4);
+    const Uploads up = StageUploads(records_, f);
+    const size_t dout = f.Scratch(b * row_bytes);
+    const size_t dws = tensor_cores ? f.Scratch(cuda::PagedSparseAttentionFp8FastWorkspace(b, heads, n)) : 0;
+    for (int64_t i = 0; i < b; ++i) f.Download(dout + i * row_bytes, rows[i].out, row_bytes);
+    const uint8_t* pages = records_.dev;
+    const absl::Status st = RunWithUploadsLocked(records_, f, up, [&](Dev d) {
+      if (tensor_cores)
+        return cuda::PagedSparseAttentionFp8Fast(d.at(dq), b, heads, pages, page_entries, d.at<int32_t>(di), n,
+                                                 d.at(dsink), softmax_scale, d.at(dout), d.at<void>(dws), stream_);
+      return cuda::PagedSparseAttentionFp8(d.at(dq), b, heads, pages, page_entries, d.at<int32_t>(di), n, d.at(dsink),
+                                           softmax_scale, d.at(dout), stream_);
+    });
+    Fail(st);
+    return true;
+  }
+
+  bool ScoreFromReserve(const float* q, const float* w, int64_t heads, int64_t dim, std::span<const KvSlot> keys,
+                        float* scores) const {
+    const int64_t n = static_cast<int64_t>(keys.size());
+    if (n == 0) return false;
+    int64_t page_entries = 0;
+    std::vector<const KvSlot*> slots(n);
+    for (int64_t t = 0; t < n; ++t) {
+      const KvSlot& s = keys[t];
+      // A masked key (a zero row) or a record: staged.
+      if (!s.row || !s.page || !s.page->bytes || s.entry < 0 || s.entry >= s.page->entries) return false;
+      if (page_entries == 0) page_entries = s.page->entries;
+      if (s.page->entries != page_entries || s.page->size != page_entries * dim * 4) return false;
+      slots[t] = &s;
+    }
+    absl::MutexLock lock(&mu_);
+    if (!health_.ok()) return true;
+    if (!ReserveLocked(keys_, page_entries * dim * 4, page_entries)) return false;
+    op_clock_ = clock_ + 1;
+    std::vector<int32_t> rows(n);
+    if (!PlaceLocked(keys_, slots, page_entries, rows.data())) return false;
+    Frame f;
+    const size_t dq = f.In(q, heads * dim * 4), dw = f.In(w, heads * 4), dr = f.In(rows.data(), n * 4);
+    const Uploads up = StageUploads(keys_, f);
+    const size_t dout = f.Scratch(n * 4);
+    f.Download(dout, scores, n * 4);
+    const float* base = reinterpret_cast<const float*>(keys_.dev);
+    Fail(RunWithUploadsLocked(keys_, f, up, [&](Dev d) {
+      return cuda::IndexScoresRows(d.at(dq), d.at(dw), heads, dim, base, d.at<int32_t>(dr), n, d.at(dout), stream_);
+    }));
+    return true;
+  }
+
+
+
   void Launch(const Frame& f, const LaunchFn& launch, const FillFn& fill = nullptr, size_t fill_bytes = 0) const {
     absl::MutexLock lock(&mu_);
     if (!health_.ok()) return;
@@ -503,7 +587,10 @@ class CudaBackendImpl final : public Backend {
       used_ += static_cast<int64_t>(want);
     }
     char* h = static_cast<char*>(host_);
-    for (const Frame::Copy& c : f.ins()) std::memcpy(h + c.off, c.host, c.bytes);
+    std::vector<HostCopy> copies;
+    copies.reserve(std::max(f.ins().size(), f.outs().size()));
+    for (const Frame::Copy& c : f.ins()) copies.push_back({h + c.off, c.host, c.bytes});
+    CopyAll(copies);
     if (fill) fill(h + f.in_bytes());
     const size_t up = f.in_bytes() + fill_bytes;
     if (up) FM_CUDA_TRY(cudaMemcpyAsync(dev_, h, up, cudaMemcpyHostToDevice, stream_), "copy to device");
@@ -513,7 +600,9 @@ class CudaBackendImpl final : public Backend {
                                   cudaMemcpyDeviceToHost, stream_),
                   "copy to host");
     FM_CUDA_TRY(cudaStreamSynchronize(stream_), "stream synchronize");
-    for (const Frame::Back& b : f.outs()) std::memcpy(b.host, h + f.Resolve(b.off), b.bytes);
+    copies.clear();
+    for (const Frame::Back& b : f.outs()) copies.push_back({b.host, h + f.Resolve(b.off), b.bytes});
+    CopyAll(copies);
     return absl::OkStatus();
   }
 
@@ -881,9 +970,7 @@ class CudaBackendImpl final : public Backend {
   mutable uint64_t clock_ = 0;
   mutable uint64_t op_clock_ = 1;  // clock_ at the start of the op in progress
   mutable absl::node_hash_map<const void*, Resident> resident_;  // node map: stable pointers
-  mutable uint8_t* kv_dev_ = nullptr;  // the KV reserve's slots (kv_.slots() pages), once allocated
-  mutable bool kv_tried_ = false;
-  mutable KvReserve kv_;
+  mutable DeviceReserve records_, keys_;  // the KV reserve: main KV records, indexer keys
 };
 
 }  // namespace

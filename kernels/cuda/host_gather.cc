@@ -1,6 +1,8 @@
 #include "kernels/cuda/host_gather.h"
 
+#include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "kernels/cuda/device_ops.h"
 
@@ -28,6 +30,24 @@ void GatherRecords(std::span<const uint8_t* const> data, std::span<const uint8_t
     std::memcpy(page + static_cast<size_t>(entry[j]) * kData, data[j], kData);
     std::memcpy(page + static_cast<size_t>(entries) * kData + static_cast<size_t>(entry[j]) * kScales, scales[j], kScales);
   }
+}
+
+void CopyAll(std::span<const HostCopy> copies) {
+  size_t total = 0;
+  for (const HostCopy& c : copies) total += c.bytes;
+  if (total <= (size_t{1} << 20)) {
+    for (const HostCopy& c : copies) std::memcpy(c.dst, c.src, c.bytes);
+    return;
+  }
+  constexpr size_t kPiece = size_t{256} << 10;
+  std::vector<HostCopy> pieces;
+  pieces.reserve(total / kPiece + copies.size());
+  for (const HostCopy& c : copies)
+    for (size_t off = 0; off < c.bytes; off += kPiece)
+      pieces.push_back({static_cast<char*>(c.dst) + off, static_cast<const char*>(c.src) + off, std::min(kPiece, c.bytes - off)});
+  const int64_t n = static_cast<int64_t>(pieces.size());
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) std::memcpy(pieces[i].dst, pieces[i].src, pieces[i].bytes);
 }
 
 void GatherPagesHost(std::span<const uint8_t* const> pages, int64_t page_bytes, uint8_t* dst) {

@@ -3,6 +3,7 @@
 // "Model level"); large gathers are spread over the host's cores (OpenMP).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <span>
 
@@ -17,6 +18,16 @@ void GatherRows(std::span<const float* const> rows, int64_t dim, const int32_t* 
 // j with entry[j] >= 0; spread over the host's cores past ~1 MB.
 void GatherRecords(std::span<const uint8_t* const> data, std::span<const uint8_t* const> scales, const int32_t* entry,
                    int64_t entries, uint8_t* page);
+
+// Copies between pageable and pinned memory (an op's inputs and outputs): spread over the host's
+// cores past ~1 MB in all, a large copy in pieces (a batch-64 attention moves 8 MB of queries
+// each way; one core copies ~5-10 GB/s).
+struct HostCopy {
+  void* dst;
+  const void* src;
+  size_t bytes;
+};
+void CopyAll(std::span<const HostCopy> copies);
 
 // Whole pages end to end: pages[j] (page_bytes each) to dst + j * page_bytes; spread over the
 // host's cores past ~1 MB.

@@ -4,6 +4,7 @@
 // faked) without a CUDA device; the device-selection errors are checked everywhere.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -476,7 +477,7 @@ TEST_F(CudaOps, AttentionReadsNamedPagesFromTheKvReserve) {
   auto fast = FastBackend(false);
   ASSERT_TRUE(fast.ok()) << fast.status();
   cuda::CudaBackendOptions small_opt;
-  small_opt.kv_reserve_bytes = 3 * 64 * cuda::kRecordBytes;  // three pages
+  small_opt.kv_reserve_bytes = 2 * 3 * 64 * cuda::kRecordBytes;  // three record pages (half is the keys')
   auto small = cuda::NewCudaBackend(small_opt);
   ASSERT_TRUE(small.ok()) << small.status();
   for (const Backend* be : {static_cast<const Backend*>(gpu_), static_cast<const Backend*>(fast->get()),
@@ -508,6 +509,84 @@ TEST_F(CudaOps, AttentionReadsNamedPagesFromTheKvReserve) {
       EXPECT_TRUE(same(attend(*be, slots, false), fresh)) << what << ", after a new version";
       std::copy(original.begin(), original.end(), bytes[0].begin());
       pages[0]->version = kernels::NewKvPageVersion();
+    }
+  }
+}
+
+// The indexer's keys, fp32 rows in pages that name themselves, are scored from the KV reserve's
+// key half: the same scores as IndexScores over the staged rows, a page re-uploaded only when its
+// version changes (bytes changed under the old version keep serving the copy: the reserve was
+// read), and a call over more pages than the reserve holds staged.
+TEST_F(CudaOps, IndexScoresReadNamedKeyPagesFromTheKvReserve) {
+  const int64_t heads = 64, dim = 128, num_pages = 20, per_page = 64;
+  std::vector<std::vector<float>> keys(num_pages);
+  std::vector<std::unique_ptr<kernels::KvPage>> pages;
+  for (int64_t p = 0; p < num_pages; ++p) {
+    keys[p] = Random(per_page * dim, 120 + static_cast<uint32_t>(p), 1.0f);
+    pages.push_back(std::make_unique<kernels::KvPage>());
+    pages[p]->bytes = reinterpret_cast<const uint8_t*>(keys[p].data());
+    pages[p]->size = per_page * dim * 4;
+    pages[p]->entries = per_page;
+    pages[p]->version = kernels::NewKvPageVersion();
+  }
+  const std::vector<float> q = Random(heads * dim, 141, 1.0f), w = Random(heads, 142, 0.5f);
+  // Keys t of the first `count`, in the indexer's order, or shuffled.
+  auto slots_of = [&](int64_t count, bool shuffled) {
+    std::vector<kernels::KvSlot> slots(count);
+    std::vector<int64_t> order(count);
+    for (int64_t t = 0; t < count; ++t) order[t] = t;
+    if (shuffled) std::shuffle(order.begin(), order.end(), std::mt19937(143));
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t t = order[i], p = t / per_page, e = t % per_page;
+      slots[i].row = keys[p].data() + e * dim;
+      slots[i].page = pages[p].get();
+      slots[i].entry = static_cast<int32_t>(e);
+    }
+    return slots;
+  };
+  auto staged = [&](const Backend& be, const std::vector<kernels::KvSlot>& slots) {
+    std::vector<const float*> rows;
+    for (const kernels::KvSlot& s : slots) rows.push_back(s.row);
+    std::vector<float> out = Poisoned(slots.size());
+    be.IndexScores(q.data(), w.data(), heads, dim, rows, out.data());
+    return out;
+  };
+  auto paged = [&](const Backend& be, const std::vector<kernels::KvSlot>& slots) {
+    std::vector<float> out = Poisoned(slots.size());
+    be.IndexScoresSlots(q.data(), w.data(), heads, dim, slots, out.data());
+    EXPECT_TRUE(be.Health().ok()) << be.Health();
+    return out;
+  };
+  cuda::CudaBackendOptions small_opt;
+  small_opt.kv_reserve_bytes = 2 * 4 * per_page * dim * 4;  // four key pages
+  auto small = cuda::NewCudaBackend(small_opt);
+  ASSERT_TRUE(small.ok()) << small.status();
+  for (const Backend* be : {static_cast<const Backend*>(gpu_), static_cast<const Backend*>(small->get())}) {
+    const bool tiny = be == small->get();
+    for (int64_t count : {int64_t{1}, int64_t{200}, num_pages * per_page}) {
+      for (bool shuffled : {false, true}) {
+        const std::string what = std::string(tiny ? "4-page reserve, " : "") + std::to_string(count) + " keys" + (shuffled ? ", shuffled" : "");
+        const std::vector<kernels::KvSlot> slots = slots_of(count, shuffled);
+        const std::vector<float> want = staged(*be, slots), got = paged(*be, slots), again = paged(*be, slots);
+        EXPECT_EQ(std::memcmp(got.data(), want.data(), got.size() * 4), 0) << what;
+        EXPECT_EQ(std::memcmp(again.data(), want.data(), got.size() * 4), 0) << what << ", pages found in place";
+        std::vector<float> host = Poisoned(count);
+        cpu().IndexScoresSlots(q.data(), w.data(), heads, dim, slots, host.data());
+        EXPECT_LE(RelErr(got, host), kBf16Tol) << what;
+        // Page 0 rewritten under its old version, then announced.
+        const std::vector<float> original = keys[0];
+        for (float& v : keys[0]) v = -v;
+        const std::vector<float> stale = paged(*be, slots), fresh = staged(*be, slots);
+        EXPECT_NE(std::memcmp(fresh.data(), want.data(), fresh.size() * 4), 0) << what << ": key page 0 is read";
+        const bool fits = !tiny || count <= 4 * per_page;
+        EXPECT_EQ(std::memcmp(stale.data(), (fits ? want : fresh).data(), stale.size() * 4), 0)
+            << what << (fits ? ": the reserve's copy" : ": staged");
+        pages[0]->version = kernels::NewKvPageVersion();
+        const std::vector<float> renewed = paged(*be, slots);
+        EXPECT_EQ(std::memcmp(renewed.data(), fresh.data(), fresh.size() * 4), 0) << what << ", after a new version";
+        std::copy(original.begin(), original.end(), keys[0].begin());
+        pages[0]->version = kernels::NewKvPageVersion();
+      }
     }
   }
 }

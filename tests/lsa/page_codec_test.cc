@@ -347,13 +347,19 @@ TEST(EntryPagesTest, SlotsNameTheirPageAndEveryWriteGivesItANewVersion) {
   EXPECT_EQ(back.page, a.page);
   EXPECT_EQ(back.page->bytes, back.record - f.entry_data_offset(5));
   EXPECT_EQ(std::memcmp(bytes.data(), back.page->bytes, bytes.size()), 0);
-  // A stream that turns to fp32 rows hands out rows, not pages.
+  EXPECT_EQ(a.page->size, f.page_bytes());
+  // A stream of fp32 rows (here: one that fell back) names its pages as rows: 64 x dim floats.
   std::vector<float> odd(values.begin(), values.begin() + 512);
   odd[1] = 0.3f;
   pages.Append(odd.data());
   ASSERT_FALSE(pages.encoded());
-  EXPECT_EQ(pages.Slot(5).page, nullptr);
-  EXPECT_NE(pages.Slot(5).row, nullptr);
+  const kernels::KvSlot row = pages.Slot(5);
+  ASSERT_NE(row.row, nullptr);
+  EXPECT_EQ(row.record, nullptr);
+  EXPECT_EQ(row.page, a.page);
+  EXPECT_EQ(row.page->size, 64 * 512 * 4);
+  EXPECT_EQ(reinterpret_cast<const float*>(row.page->bytes) + 5 * 512, row.row);
+  EXPECT_TRUE(fresh(row.page->version));
 }
 
 }  // namespace

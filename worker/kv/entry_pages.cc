@@ -23,7 +23,8 @@ int64_t EntryPages::resident_pages() const {
 
 void EntryPages::Touch(int64_t page) {
   kernels::KvPage& m = *page_meta_[page];
-  m.bytes = encoded_ && pages_[page] ? Bytes(page) : nullptr;
+  m.bytes = pages_[page] ? Bytes(page) : nullptr;
+  m.size = page_bytes();
   m.entries = kEntriesPerPage;
   m.version = kernels::NewKvPageVersion();
 }
@@ -62,11 +63,11 @@ kernels::KvSlot EntryPages::Slot(int64_t i) const {
   if (encoded_) {
     s.record = Bytes(page) + format_.entry_data_offset(e);
     s.scales = Bytes(page) + format_.entry_scales_offset(e);
-    s.page = page_meta_[page].get();
-    s.entry = static_cast<int32_t>(e);
   } else {
     s.row = pages_[page].get() + e * format_.dim;
   }
+  s.page = page_meta_[page].get();
+  s.entry = static_cast<int32_t>(e);
   return s;
 }
 

@@ -53,8 +53,8 @@ class EntryPages {
   // fp32 streams only: the entry's row in place, or nullptr while its page is evicted.
   const float* Row(int64_t i) const;
   bool RowResident(int64_t i) const { return resident(i / kEntriesPerPage); }
-  // The entry as an attention slot (its record in place with its page, or its fp32 row); masked
-  // while evicted.
+  // The entry as a slot (its record in place, or its fp32 row, with its page); masked while
+  // evicted.
   kernels::KvSlot Slot(int64_t i) const;
   bool resident(int64_t page) const { return pages_[page] != nullptr; }
   int64_t resident_pages() const;
@@ -86,7 +86,7 @@ class EntryPages {
   bool fell_back_ = false;
   int64_t size_ = 0;
   std::vector<std::unique_ptr<float[]>> pages_;
-  // One per page, at a stable address (attention slots point at it): encoded pages only.
+  // One per page, at a stable address (slots point at it).
   std::vector<std::unique_ptr<kernels::KvPage>> page_meta_;
 };
 

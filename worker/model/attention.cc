@@ -118,18 +118,18 @@ void Indexer::Scores(const float* q, const float* weights, const kv::EntryPages&
                      const Residency& residency, std::vector<float>* scores) const {
   const int64_t n = keys.size();
   // Only visible chunks are scored (LSA Level 2); the rest get -inf and are never picked.
-  std::vector<const float*> rows;
+  std::vector<kernels::KvSlot> slots;
   std::vector<int64_t> at;
-  rows.reserve(n);
+  slots.reserve(n);
   at.reserve(n);
   for (int64_t t = 0; t < n; ++t) {
     if (!residency.Visible(t)) continue;
-    rows.push_back(keys.Row(t));
+    slots.push_back(keys.Slot(t));
     at.push_back(t);
   }
   scores->assign(n, -std::numeric_limits<float>::infinity());
-  std::vector<float> visible(rows.size());
-  be_.IndexScores(q, weights, n_local_heads_, args_.index_head_dim, rows, visible.data());
+  std::vector<float> visible(slots.size());
+  be_.IndexScoresSlots(q, weights, n_local_heads_, args_.index_head_dim, slots, visible.data());
   if (comm_ && comm_->size() > 1) {  // each rank scored its own heads: the sum, in bf16 as the reference's
     comm_->AllReduceSum(visible.data(), static_cast<int64_t>(visible.size()));
     for (float& v : visible) v = num::RoundBf16(v);
