@@ -64,9 +64,21 @@ void Backend::SparseAttentionRecords(const float* q, int64_t heads, int64_t dim,
 
 void Backend::IndexScoresSlots(const float* q, const float* w, int64_t heads, int64_t dim,
                                std::span<const KvSlot> keys, float* scores) const {
+  const std::vector<float> zero(dim, 0.0f);  // a masked key
   std::vector<const float*> rows(keys.size());
-  for (size_t t = 0; t < keys.size(); ++t) rows[t] = keys[t].row;
+  for (size_t t = 0; t < keys.size(); ++t) rows[t] = keys[t].row ? keys[t].row : zero.data();
   IndexScores(q, w, heads, dim, rows, scores);
+}
+
+void Backend::IndexScoresBatch(std::span<const IndexScoreRow> rows, int64_t heads, int64_t dim) const {
+  for (const IndexScoreRow& r : rows) IndexScoresSlots(r.q, r.w, heads, dim, r.keys, r.scores);
+}
+
+std::vector<std::vector<int32_t>> Backend::TopKBatch(std::span<const std::span<const float>> scores, int64_t k) const {
+  std::vector<std::vector<int32_t>> out;
+  out.reserve(scores.size());
+  for (std::span<const float> s : scores) out.push_back(TopK(s, k));
+  return out;
 }
 
 void Backend::SparseAttentionRows(std::span<const AttentionRow> rows, int64_t heads, int64_t dim, int64_t rope_dims,

@@ -84,6 +84,15 @@ struct AttentionRow {
   float* out = nullptr;
 };
 
+// One query row of a batched index scoring (Backend::IndexScoresBatch): q [heads, dim], head
+// weights w [heads], its keys (as IndexScoresSlots), scores [keys.size()].
+struct IndexScoreRow {
+  const float* q = nullptr;
+  const float* w = nullptr;
+  std::span<const KvSlot> keys;
+  float* scores = nullptr;
+};
+
 // One routed expert of an MoE layer and the token rows sent to it (Backend::RoutedExperts).
 struct ExpertWork {
   const WeightMatrix* w1 = nullptr;  // gate projection [inter, dim]
@@ -162,6 +171,15 @@ class Backend {
   // pages (KvSlot::page) in its KV reserve instead of staging every key on every call.
   virtual void IndexScoresSlots(const float* q, const float* w, int64_t heads, int64_t dim,
                                 std::span<const KvSlot> keys, float* scores) const;
+
+  // IndexScoresSlots for several query rows at once (a decode step's rows of different sessions),
+  // each over its own keys: the same scores as one call per row, which is the default.
+  virtual void IndexScoresBatch(std::span<const IndexScoreRow> rows, int64_t heads, int64_t dim) const;
+
+  // TopK of several rows of scores (k clamped to each row's size): the same lists as one call per
+  // row, which is the default.
+  virtual std::vector<std::vector<int32_t>> TopKBatch(std::span<const std::span<const float>> scores,
+                                                      int64_t k) const;
 
   // The indices of the k largest scores (at most scores.size()), descending, equal scores in
   // ascending index order (kernels/topk.h: the indexer's candidate list; bf16 scores tie often).

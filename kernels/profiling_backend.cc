@@ -131,6 +131,22 @@ void ProfilingBackend::IndexScoresSlots(const float* q, const float* w, int64_t 
   inner_.IndexScoresSlots(q, w, heads, dim, keys, scores);
   Record(OpKind::kIndexScores, t.seconds(), keys.size());
 }
+void ProfilingBackend::IndexScoresBatch(std::span<const IndexScoreRow> rows, int64_t heads, int64_t dim) const {
+  Timer t;
+  inner_.IndexScoresBatch(rows, heads, dim);
+  size_t keys = 0;
+  for (const IndexScoreRow& r : rows) keys += r.keys.size();
+  Record(OpKind::kIndexScores, t.seconds(), keys);  // one call for the batch; its keys summed
+}
+std::vector<std::vector<int32_t>> ProfilingBackend::TopKBatch(std::span<const std::span<const float>> scores,
+                                                              int64_t k) const {
+  Timer t;
+  std::vector<std::vector<int32_t>> out = inner_.TopKBatch(scores, k);
+  size_t n = 0;
+  for (std::span<const float> s : scores) n += s.size();
+  Record(OpKind::kTopK, t.seconds(), n);
+  return out;
+}
 std::vector<int32_t> ProfilingBackend::TopK(std::span<const float> scores, int64_t k) const {
   Timer t;
   std::vector<int32_t> out = inner_.TopK(scores, k);

@@ -114,12 +114,17 @@ __global__ void SparseAttnKernel(const float* q, int64_t heads, int64_t dim, Row
 }
 
 // One half-warp per key (CPU dot order); idle half-warps compute a dummy key and write nothing.
-// Key t is row t of `keys`, or row key_rows[t] when key_rows is given (keys in the KV reserve).
+// Key t is row t of `keys`, or row key_rows[t] when key_rows is given (keys in the KV reserve),
+// scored by query 0, or query query_of[t] when given (several rows' keys in one launch).
 __global__ void IndexScoresKernel(const float* q, const float* w, int64_t heads, int64_t dim, const float* keys,
-                                  const int32_t* key_rows, int64_t n, float* scores) {
+                                  const int32_t* key_rows, const int32_t* query_of, int64_t n, float* scores) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 16) + threadIdx.x / 16;
   const int64_t row = t < n ? t : n - 1;
   const float* k = keys + (key_rows ? static_cast<int64_t>(key_rows[row]) : row) * dim;
+  if (query_of) {
+    q += static_cast<int64_t>(query_of[row]) * heads * dim;
+    w += static_cast<int64_t>(query_of[row]) * heads;
+  }
   float sum = 0.0f;
   for (int64_t h = 0; h < heads; ++h) {
     const float d = RoundBf16(HalfWarpDot(q + h * dim, Plain{k}, dim));
@@ -163,14 +168,15 @@ cudaError_t PagedSparseAttentionFp8(const float* q, int64_t batch, int64_t heads
 cudaError_t IndexScores(const float* q, const float* w, int64_t heads, int64_t dim, const float* keys, int64_t n,
                         float* scores, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  IndexScoresKernel<<<Blocks(n, 16), 256, 0, stream>>>(q, w, heads, dim, keys, nullptr, n, scores);
+  IndexScoresKernel<<<Blocks(n, 16), 256, 0, stream>>>(q, w, heads, dim, keys, nullptr, nullptr, n, scores);
   return cudaGetLastError();
 }
 
 cudaError_t IndexScoresRows(const float* q, const float* w, int64_t heads, int64_t dim, const float* keys,
-                            const int32_t* key_rows, int64_t n, float* scores, cudaStream_t stream) {
+                            const int32_t* key_rows, const int32_t* query_of, int64_t n, float* scores,
+                            cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  IndexScoresKernel<<<Blocks(n, 16), 256, 0, stream>>>(q, w, heads, dim, keys, key_rows, n, scores);
+  IndexScoresKernel<<<Blocks(n, 16), 256, 0, stream>>>(q, w, heads, dim, keys, key_rows, query_of, n, scores);
   return cudaGetLastError();
 }
 

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <string>
 #include <functional>
+#include <limits>
 #include <vector>
 
 #include "absl/container/node_hash_map.h"
@@ -298,7 +299,39 @@ class CudaBackendImpl final : public Backend {
   // otherwise staged (Backend's default: IndexScores over the rows).
   void IndexScoresSlots(const float* q, const float* w, int64_t heads, int64_t dim, std::span<const KvSlot> keys,
                         float* scores) const override {
-    if (!ScoreFromReserve(q, w, heads, dim, keys, scores)) Backend::IndexScoresSlots(q, w, heads, dim, keys, scores);
+    const IndexScoreRow row{q, w, keys, scores};
+    if (!ScoreFromReserve(std::span<const IndexScoreRow>(&row, 1), heads, dim))
+      Backend::IndexScoresSlots(q, w, heads, dim, keys, scores);
+  }
+
+  // Every row in one launch when all keys can come from the reserve; else row by row.
+  void IndexScoresBatch(std::span<const IndexScoreRow> rows, int64_t heads, int64_t dim) const override {
+    if (!ScoreFromReserve(rows, heads, dim)) Backend::IndexScoresBatch(rows, heads, dim);
+  }
+
+  // Rows of equal length k or more, padded with -inf to the longest (a pad ranks after every
+  // score, -inf ones included, since ties go to the lower index): one radix select for all of
+  // them, once the batch has kTopKMinKeys scores. Otherwise row by row.
+  std::vector<std::vector<int32_t>> TopKBatch(std::span<const std::span<const float>> scores,
+                                              int64_t k) const override {
+    const int64_t b = static_cast<int64_t>(scores.size());
+    int64_t n_max = 0, n_min = INT64_MAX;
+    for (std::span<const float> s : scores) {
+      n_max = std::max<int64_t>(n_max, static_cast<int64_t>(s.size()));
+      n_min = std::min<int64_t>(n_min, static_cast<int64_t>(s.size()));
+    }
+    if (b < 2 || k < 1 || k > cuda::kTopKMaxK || n_min < k || b * n_max < kTopKMinKeys)
+      return Backend::TopKBatch(scores, k);
+    std::vector<float> padded(b * n_max, -std::numeric_limits<float>::infinity());
+    for (int64_t i = 0; i < b; ++i) std::copy(scores[i].begin(), scores[i].end(), padded.begin() + i * n_max);
+    std::vector<int32_t> flat(b * k);
+    Frame f;
+    const size_t ds = f.In(padded.data(), padded.size() * 4), dout = f.Scratch(b * k * 4);
+    f.Download(dout, flat.data(), b * k * 4);
+    Launch(f, [&](Dev d) { return cuda::TopK(d.at(ds), b, n_max, k, d.at<int32_t>(dout), stream_); });
+    std::vector<std::vector<int32_t>> out(b);
+    for (int64_t i = 0; i < b; ++i) out[i].assign(flat.begin() + i * k, flat.begin() + (i + 1) * k);
+    return out;
   }
 
   // Radix select on the device (cuda::TopK): the same list as the host's heap select. Below
@@ -525,39 +558,52 @@ class CudaBackendImpl final : public Backend {
     return true;
   }
 
-  bool ScoreFromReserve(const float* q, const float* w, int64_t heads, int64_t dim, std::span<const KvSlot> keys,
-                        float* scores) const {
-    const int64_t n = static_cast<int64_t>(keys.size());
+  // Every row's keys from the keys reserve, scored in one launch; false (nothing done) when a key
+  // is masked or not an fp32 row naming its page, or they do not fit: the caller stages.
+  bool ScoreFromReserve(std::span<const IndexScoreRow> rows, int64_t heads, int64_t dim) const {
+    int64_t n = 0, page_entries = 0;
+    for (const IndexScoreRow& r : rows) n += static_cast<int64_t>(r.keys.size());
     if (n == 0) return false;
-    int64_t page_entries = 0;
-    std::vector<const KvSlot*> slots(n);
-    for (int64_t t = 0; t < n; ++t) {
-      const KvSlot& s = keys[t];
-      // A masked key (a zero row) or a record: staged.
-      if (!s.row || !s.page || !s.page->bytes || s.entry < 0 || s.entry >= s.page->entries) return false;
-      if (page_entries == 0) page_entries = s.page->entries;
-      if (s.page->entries != page_entries || s.page->size != page_entries * dim * 4) return false;
-      slots[t] = &s;
-    }
+    std::vector<const KvSlot*> slots;
+    std::vector<int32_t> query_of;
+    slots.reserve(n);
+    query_of.reserve(n);
+    for (size_t i = 0; i < rows.size(); ++i)
+      for (const KvSlot& s : rows[i].keys) {
+        if (!s.row || !s.page || !s.page->bytes || s.entry < 0 || s.entry >= s.page->entries) return false;
+        if (page_entries == 0) page_entries = s.page->entries;
+        if (s.page->entries != page_entries || s.page->size != page_entries * dim * 4) return false;
+        slots.push_back(&s);
+        query_of.push_back(static_cast<int32_t>(i));
+      }
     absl::MutexLock lock(&mu_);
     if (!health_.ok()) return true;
     if (!ReserveLocked(keys_, page_entries * dim * 4, page_entries)) return false;
     op_clock_ = clock_ + 1;
-    std::vector<int32_t> rows(n);
-    if (!PlaceLocked(keys_, slots, page_entries, rows.data())) return false;
+    std::vector<int32_t> key_rows(n);
+    if (!PlaceLocked(keys_, slots, page_entries, key_rows.data())) return false;
     Frame f;
-    const size_t dq = f.In(q, heads * dim * 4), dw = f.In(w, heads * 4), dr = f.In(rows.data(), n * 4);
+    std::vector<float> q(rows.size() * heads * dim), w(rows.size() * heads);
+    for (size_t i = 0; i < rows.size(); ++i) {
+      std::copy_n(rows[i].q, heads * dim, q.begin() + i * heads * dim);
+      std::copy_n(rows[i].w, heads, w.begin() + i * heads);
+    }
+    const size_t dq = f.In(q.data(), q.size() * 4), dw = f.In(w.data(), w.size() * 4), dr = f.In(key_rows.data(), n * 4),
+                 dqo = f.In(query_of.data(), n * 4);
     const Uploads up = StageUploads(keys_, f);
     const size_t dout = f.Scratch(n * 4);
-    f.Download(dout, scores, n * 4);
+    int64_t at = 0;
+    for (const IndexScoreRow& r : rows) {
+      if (!r.keys.empty()) f.Download(dout + at * 4, r.scores, r.keys.size() * 4);
+      at += static_cast<int64_t>(r.keys.size());
+    }
     const float* base = reinterpret_cast<const float*>(keys_.dev);
     Fail(RunWithUploadsLocked(keys_, f, up, [&](Dev d) {
-      return cuda::IndexScoresRows(d.at(dq), d.at(dw), heads, dim, base, d.at<int32_t>(dr), n, d.at(dout), stream_);
+      return cuda::IndexScoresRows(d.at(dq), d.at(dw), heads, dim, base, d.at<int32_t>(dr), d.at<int32_t>(dqo), n,
+                                   d.at(dout), stream_);
     }));
     return true;
   }
-
-
 
   void Launch(const Frame& f, const LaunchFn& launch, const FillFn& fill = nullptr, size_t fill_bytes = 0) const {
     absl::MutexLock lock(&mu_);

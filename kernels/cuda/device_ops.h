@@ -97,9 +97,11 @@ cudaError_t IndexScores(const float* q, const float* w, int64_t heads, int64_t d
                         int64_t n, float* scores, cudaStream_t stream);
 cudaError_t IndexerLogits(const float* q, const float* w, int64_t heads, int64_t dim, const float* keys,
                           const uint8_t* valid, int64_t n, float* logits, cudaStream_t stream);
-// IndexScores over keys scattered in an array of rows: key t is row key_rows[t] of `keys`.
+// IndexScores over keys scattered in an array of rows: key t is row key_rows[t] of `keys`, scored
+// by query query_of[t] of q [queries, heads, dim] and w [queries, heads] (query_of null: query 0).
 cudaError_t IndexScoresRows(const float* q, const float* w, int64_t heads, int64_t dim, const float* keys,
-                            const int32_t* key_rows, int64_t n, float* scores, cudaStream_t stream);
+                            const int32_t* key_rows, const int32_t* query_of, int64_t n, float* scores,
+                            cudaStream_t stream);
 
 // mHC for `n` tokens (x [n, hc, dim]); post [n, hc], comb [n, hc, hc], y [n, dim].
 cudaError_t HcPre(const float* x, int64_t n, const float* fn, const float* base, const float* scale,

@@ -436,6 +436,7 @@ TEST_F(CudaOps, AttentionReadsNamedPagesFromTheKvReserve) {
     bytes[p] = RandomRecordPage(64, 100 + static_cast<uint32_t>(p));
     pages.push_back(std::make_unique<kernels::KvPage>());
     pages[p]->bytes = bytes[p].data();
+    pages[p]->size = 64 * cuda::kRecordBytes;
     pages[p]->entries = 64;
     pages[p]->version = kernels::NewKvPageVersion();
   }
@@ -907,6 +908,86 @@ TEST_F(CudaOps, BitIdenticalToTheCpuReference) {
 // Top-k on the device (a radix select) gives the host's list exactly: bf16 scores tie often and
 // ties go by index, -inf (invisible chunks) ranks last, -0 equals +0, k from 1 to the device's
 // limit, odd lengths; past the limit or below the size worth a round trip the host answers.
+// Several rows' top-k in one call (a decode step's sessions, contexts of different lengths):
+// the host's list for every row, -inf and signed-zero ties included; rows padded to the longest
+// with -inf never pick a pad. Batches the device does not take (a row shorter than k, too few
+// scores in all) give the same lists row by row.
+TEST_F(CudaOps, TopKOfSeveralRowsEqualsTheHostsLists) {
+  const float inf = std::numeric_limits<float>::infinity();
+  std::vector<std::vector<float>> rows;
+  for (int64_t n : {2048, 3001, 2048, 5000, 2500}) {
+    std::vector<float> s = Random(n, static_cast<uint32_t>(200 + n + rows.size()), 1.0f);
+    for (int64_t i = 0; i < n; i += 3) s[i] = -inf;  // LSA's hidden chunks
+    for (int64_t i = 1; i < n; i += 89) s[i] = i % 2 ? 0.0f : -0.0f;
+    rows.push_back(std::move(s));
+  }
+  rows[2].assign(2048, -inf);  // a row of -inf only: its first k indices
+  std::vector<std::span<const float>> lists(rows.begin(), rows.end());
+  for (int64_t k : {1, 512, 2048}) {
+    const auto got = gpu_->TopKBatch(lists, k);
+    ASSERT_EQ(got.size(), rows.size());
+    for (size_t r = 0; r < rows.size(); ++r) EXPECT_EQ(got[r], TopKIndices(rows[r], k)) << "k " << k << " row " << r;
+  }
+  // A row shorter than k, and a batch too small for the device: row by row, the same lists.
+  const std::vector<float> short_row = Random(100, 301, 1.0f);
+  lists.push_back(short_row);
+  auto got = gpu_->TopKBatch(lists, 512);
+  for (size_t r = 0; r < lists.size(); ++r) EXPECT_EQ(got[r], TopKIndices(lists[r], 512)) << "row " << r;
+  const std::vector<float> a = Random(1000, 302, 1.0f), b = Random(1000, 303, 1.0f);
+  const std::span<const float> small[] = {a, b};
+  got = gpu_->TopKBatch(small, 10);
+  EXPECT_EQ(got[0], TopKIndices(a, 10));
+  EXPECT_EQ(got[1], TopKIndices(b, 10));
+  EXPECT_TRUE(gpu_->TopKBatch(std::span<const std::span<const float>>(), 10).empty());
+}
+
+// Several rows' index scores in one call: each row's scores as IndexScoresSlots alone, whether
+// every key comes from the reserve (one launch) or one row has a masked key (row by row).
+TEST_F(CudaOps, IndexScoresOfSeveralRowsEqualOneCallPerRow) {
+  const int64_t heads = 64, dim = 128, per_page = 64;
+  const std::vector<int64_t> lengths = {130, 1, 640, 0, 333};
+  std::vector<std::vector<float>> keys;
+  std::vector<std::unique_ptr<kernels::KvPage>> pages;
+  std::vector<std::vector<kernels::KvSlot>> slots(lengths.size());
+  for (size_t r = 0; r < lengths.size(); ++r)
+    for (int64_t t = 0; t < lengths[r]; ++t) {
+      if (t % per_page == 0) {
+        keys.push_back(Random(per_page * dim, 400 + static_cast<uint32_t>(keys.size()), 1.0f));
+        pages.push_back(std::make_unique<kernels::KvPage>());
+        pages.back()->bytes = reinterpret_cast<const uint8_t*>(keys.back().data());
+        pages.back()->size = per_page * dim * 4;
+        pages.back()->entries = per_page;
+        pages.back()->version = kernels::NewKvPageVersion();
+      }
+      const int64_t e = t % per_page;
+      slots[r].push_back({nullptr, nullptr, keys.back().data() + e * dim, pages.back().get(), static_cast<int32_t>(e)});
+    }
+  std::vector<std::vector<float>> q, w;
+  for (size_t r = 0; r < lengths.size(); ++r) {
+    q.push_back(Random(heads * dim, 500 + static_cast<uint32_t>(r), 1.0f));
+    w.push_back(Random(heads, 600 + static_cast<uint32_t>(r), 0.5f));
+  }
+  for (bool with_masked : {false, true}) {
+    if (with_masked) slots[4][7] = kernels::KvSlot();  // a zero key: this batch goes row by row
+    std::vector<std::vector<float>> got(lengths.size()), alone(lengths.size());
+    std::vector<kernels::IndexScoreRow> rows;
+    for (size_t r = 0; r < lengths.size(); ++r) {
+      got[r] = Poisoned(lengths[r]);
+      alone[r] = Poisoned(lengths[r]);
+      rows.push_back({q[r].data(), w[r].data(), slots[r], got[r].data()});
+    }
+    gpu_->IndexScoresBatch(rows, heads, dim);
+    ASSERT_TRUE(gpu_->Health().ok()) << gpu_->Health();
+    for (size_t r = 0; r < lengths.size(); ++r) {
+      gpu_->IndexScoresSlots(q[r].data(), w[r].data(), heads, dim, slots[r], alone[r].data());
+      EXPECT_EQ(std::memcmp(got[r].data(), alone[r].data(), got[r].size() * 4), 0) << "row " << r << (with_masked ? " (masked key)" : "");
+      std::vector<float> host = Poisoned(lengths[r]);
+      cpu().IndexScoresSlots(q[r].data(), w[r].data(), heads, dim, slots[r], host.data());
+      EXPECT_LE(RelErr(got[r], host), kBf16Tol) << "row " << r;
+    }
+  }
+}
+
 TEST_F(CudaOps, TopKEqualsTheHostsList) {
   const float inf = std::numeric_limits<float>::infinity();
   for (int64_t n : {4096, 5003, 16384, 65537}) {

@@ -62,6 +62,28 @@ TEST(ProfilingBackend, ForwardsResultsUnchangedAndCountsCallsAndItems) {
   EXPECT_EQ(o2, r2);
   EXPECT_EQ(prof.Stats(OpKind::kSparseAttention).calls, 1u);
   EXPECT_EQ(prof.Stats(OpKind::kSparseAttention).items, 3u);
+  // Index scores and top-k of several rows: one call each, items summed; results as if alone.
+  prof.Reset();
+  const auto keys = Random(3 * 16, 7), hw = Random(2, 8);
+  const KvSlot k1[] = {{nullptr, nullptr, keys.data()}, {nullptr, nullptr, keys.data() + 16}},
+               k2[] = {{nullptr, nullptr, keys.data() + 32}};
+  std::vector<float> s1(2), s2(1), t1(2), t2(1);
+  const IndexScoreRow srows[] = {{q.data(), hw.data(), k1, s1.data()}, {q2.data(), hw.data(), k2, s2.data()}};
+  prof.IndexScoresBatch(srows, 2, 16);
+  CpuBackend().IndexScoresSlots(q.data(), hw.data(), 2, 16, k1, t1.data());
+  CpuBackend().IndexScoresSlots(q2.data(), hw.data(), 2, 16, k2, t2.data());
+  EXPECT_EQ(s1, t1);
+  EXPECT_EQ(s2, t2);
+  EXPECT_EQ(prof.Stats(OpKind::kIndexScores).calls, 1u);
+  EXPECT_EQ(prof.Stats(OpKind::kIndexScores).items, 3u);
+  const std::vector<float> sa = {0.5f, 2.0f, -1.0f}, sb = {3.0f, 3.0f};
+  const std::span<const float> lists[] = {sa, sb};
+  const auto top = prof.TopKBatch(lists, 2);
+  ASSERT_EQ(top.size(), 2u);
+  EXPECT_EQ(top[0], (std::vector<int32_t>{1, 0}));
+  EXPECT_EQ(top[1], (std::vector<int32_t>{0, 1}));
+  EXPECT_EQ(prof.Stats(OpKind::kTopK).calls, 1u);
+  EXPECT_EQ(prof.Stats(OpKind::kTopK).items, 5u);
   prof.Reset();
   EXPECT_EQ(prof.Stats(OpKind::kLinear).calls, 0u);
   EXPECT_STREQ(prof.name(), CpuBackend().name());

@@ -116,25 +116,41 @@ void Indexer::Queries(const float* qr, const float* x, std::span<const TokenRow>
 
 void Indexer::Scores(const float* q, const float* weights, const kv::EntryPages& keys,
                      const Residency& residency, std::vector<float>* scores) const {
-  const int64_t n = keys.size();
+  const ScoreQuery one{q, weights, &keys, &residency, scores};
+  ScoresBatch(std::span<const ScoreQuery>(&one, 1));
+}
+
+void Indexer::ScoresBatch(std::span<const ScoreQuery> queries) const {
+  const size_t m = queries.size();
   // Only visible chunks are scored (LSA Level 2); the rest get -inf and are never picked.
-  std::vector<kernels::KvSlot> slots;
-  std::vector<int64_t> at;
-  slots.reserve(n);
-  at.reserve(n);
-  for (int64_t t = 0; t < n; ++t) {
-    if (!residency.Visible(t)) continue;
-    slots.push_back(keys.Slot(t));
-    at.push_back(t);
+  std::vector<std::vector<kernels::KvSlot>> slots(m);
+  std::vector<std::vector<int64_t>> at(m);
+  std::vector<int64_t> offset(m + 1, 0);
+  for (size_t i = 0; i < m; ++i) {
+    const kv::EntryPages& keys = *queries[i].keys;
+    const int64_t n = keys.size();
+    slots[i].reserve(n);
+    at[i].reserve(n);
+    for (int64_t t = 0; t < n; ++t) {
+      if (!queries[i].residency->Visible(t)) continue;
+      slots[i].push_back(keys.Slot(t));
+      at[i].push_back(t);
+    }
+    offset[i + 1] = offset[i] + static_cast<int64_t>(slots[i].size());
   }
-  scores->assign(n, -std::numeric_limits<float>::infinity());
-  std::vector<float> visible(slots.size());
-  be_.IndexScoresSlots(q, weights, n_local_heads_, args_.index_head_dim, slots, visible.data());
+  std::vector<float> visible(offset[m]);
+  std::vector<kernels::IndexScoreRow> rows(m);
+  for (size_t i = 0; i < m; ++i) rows[i] = {queries[i].q, queries[i].weights, slots[i], visible.data() + offset[i]};
+  be_.IndexScoresBatch(rows, n_local_heads_, args_.index_head_dim);
   if (comm_ && comm_->size() > 1) {  // each rank scored its own heads: the sum, in bf16 as the reference's
     comm_->AllReduceSum(visible.data(), static_cast<int64_t>(visible.size()));
     for (float& v : visible) v = num::RoundBf16(v);
   }
-  for (size_t i = 0; i < at.size(); ++i) (*scores)[at[i]] = visible[i];
+  for (size_t i = 0; i < m; ++i) {
+    std::vector<float>& scores = *queries[i].scores;
+    scores.assign(queries[i].keys->size(), -std::numeric_limits<float>::infinity());
+    for (size_t j = 0; j < at[i].size(); ++j) scores[at[i][j]] = visible[offset[i] + static_cast<int64_t>(j)];
+  }
 }
 
 // ---- Attention -------------------------------------------------------------------------------
@@ -194,6 +210,35 @@ void Attention::Candidates(const TokenRow& row, const LayerState& ls,
   }
 }
 
+void Attention::AfterSelection(const TokenRow& row, const float* x_row, const float* iq_row, const float* iw_row,
+                               const std::vector<float>& scores, std::vector<int32_t>* selected) const {
+  LayerState& ls = row.state->layers[layer_];
+  Residency& res = row.state->residency;
+  if (!res.dense()) {
+    while (!selected->empty() && !res.Visible(selected->back())) selected->pop_back();
+    if (res.measure_agreement && !row.prefill() && !selected->empty()) {
+      const Residency all;
+      std::vector<float> full;
+      indexer_->Scores(iq_row, iw_row, ls.index_keys, all, &full);
+      const auto ref = be_.TopK(full, args_.index_topk);
+      int64_t hit = 0;
+      for (int32_t t : ref) hit += std::find(selected->begin(), selected->end(), t) != selected->end();
+      res.agreement_sum += static_cast<double>(hit) / static_cast<double>(ref.size());
+      res.agreement_count++;
+    }
+  }
+  for (int32_t t : *selected)
+    if (!ls.compressed.RowResident(t)) res.missing_rows++;  // the pager failed its guarantee
+  if (row.state->capture.enabled && static_cast<int64_t>(row.state->capture.x[csa_index_].size()) == args_.dim) {
+    std::copy(x_row, x_row + args_.dim, row.state->capture.x[csa_index_].begin());
+    row.state->capture.pos = row.pos;
+  }
+  if (row.trace) {
+    row.trace->indexer_scores[csa_index_] = scores;
+    row.trace->indexer_topk[csa_index_] = *selected;
+  }
+}
+
 void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* out) const {
   const int64_t n = static_cast<int64_t>(rows.size());
   const int64_t D = args_.head_dim, rd = args_.rope_head_dim, H = n_local_heads_;
@@ -220,69 +265,60 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
     indexer_->Queries(qr.data(), x, rows, &iq, &iw);
     indexer_->compressor().Project(x, n, &ikv, &iscore);
   }
-  // Sequential part, token by token in position order: state updates, then attention.
-  std::vector<float> o(n * H * D), entry(D), ientry(args_.index_head_dim), scores;
-  std::vector<int32_t> selected;
+  // Sequential part, token by token in position order: state updates, then index scoring, top-k
+  // and attention. Rows go in batches (one backend call each: a device runs them in one launch)
+  // of distinct sessions: a session's next row writes KV its pending row reads (the window slot it
+  // overwrites is still in that row's window; the index key it appends), so a batch runs before
+  // such a row's writes. A decode step's rows are one batch; a prompt's rows go one at a time.
+  std::vector<float> o(n * H * D), entry(D), ientry(args_.index_head_dim);
   const int64_t cw = compressor_ ? ckv.size() / n : 0, iw_ = indexer_ ? ikv.size() / n : 0;
   const float softmax_scale = 1.0f / std::sqrt(static_cast<float>(D));
-  // Rows are attended in batches (one backend call: a device runs them in one launch) of
-  // distinct sessions: a session's next row writes KV its pending row attends (the window slot it
-  // overwrites is still in that row's window), so a batch is run before such a row's writes.
-  std::vector<std::vector<kernels::KvSlot>> slots;  // the pending rows' slot lists, reused batch after batch
-  std::vector<kernels::AttentionRow> pending;
-  std::vector<const SessionState*> pending_sessions;
-  auto attend = [&] {
-    if (pending.empty()) return;
-    be_.SparseAttentionRows(pending, H, D, rd, w_.attn_sink.data(), softmax_scale);
-    pending.clear();
-    pending_sessions.clear();
+  std::vector<int64_t> batch;                       // the pending rows (indices into `rows`)
+  std::vector<std::vector<float>> scores;           // their index scores, reused batch after batch
+  std::vector<std::vector<kernels::KvSlot>> slots;  // their slot lists, likewise
+  std::vector<kernels::AttentionRow> attention_rows;
+  auto run_batch = [&] {
+    const size_t m = batch.size();
+    if (m == 0) return;
+    if (scores.size() < m) scores.resize(m);
+    if (slots.size() < m) slots.resize(m);
+    std::vector<std::vector<int32_t>> selected(m);
+    if (indexer_) {
+      const int64_t ih = indexer_->n_local_heads(), ihd = args_.index_head_dim;
+      std::vector<Indexer::ScoreQuery> queries(m);
+      for (size_t j = 0; j < m; ++j) {
+        const int64_t i = batch[j];
+        queries[j] = {iq.data() + i * ih * ihd, iw.data() + i * ih, &rows[i].state->layers[layer_].index_keys,
+                      &rows[i].state->residency, &scores[j]};
+      }
+      indexer_->ScoresBatch(queries);
+      std::vector<std::span<const float>> lists(scores.begin(), scores.begin() + static_cast<int64_t>(m));
+      selected = be_.TopKBatch(lists, args_.index_topk);
+      for (size_t j = 0; j < m; ++j) AfterSelection(rows[batch[j]], x + batch[j] * args_.dim, iq.data() + batch[j] * ih * ihd,
+                                                    iw.data() + batch[j] * ih, scores[j], &selected[j]);
+    }
+    attention_rows.clear();
+    for (size_t j = 0; j < m; ++j) {
+      const int64_t i = batch[j];
+      Candidates(rows[i], rows[i].state->layers[layer_], selected[j], &slots[j]);
+      attention_rows.push_back({q.data() + i * H * D, slots[j], o.data() + i * H * D});
+    }
+    be_.SparseAttentionRows(attention_rows, H, D, rd, w_.attn_sink.data(), softmax_scale);
+    batch.clear();
   };
   for (int64_t i = 0; i < n; ++i) {
     const TokenRow& row = rows[i];
-    if (std::find(pending_sessions.begin(), pending_sessions.end(), row.state) != pending_sessions.end()) attend();
+    if (std::any_of(batch.begin(), batch.end(), [&](int64_t j) { return rows[j].state == row.state; })) run_batch();
     LayerState& ls = row.state->layers[layer_];
     ls.window.Overwrite(row.pos % W, kv.data() + i * D);
     if (compressor_ && compressor_->Update(ls.compressor, ckv.data() + i * cw, cscore.data() + i * cw, row.pos, entry.data()))
       ls.compressed.Append(entry.data());
-    selected.clear();
-    if (indexer_) {
-      if (indexer_->compressor().Update(ls.index_compressor, ikv.data() + i * iw_, iscore.data() + i * iw_, row.pos, ientry.data()))
-        ls.index_keys.Append(ientry.data());
-      const int64_t ih = indexer_->n_local_heads(), ihd = args_.index_head_dim;
-      Residency& res = row.state->residency;
-      indexer_->Scores(iq.data() + i * ih * ihd, iw.data() + i * ih, ls.index_keys, res, &scores);
-      selected = be_.TopK(scores, args_.index_topk);
-      if (!res.dense()) {
-        while (!selected.empty() && !res.Visible(selected.back())) selected.pop_back();
-        if (res.measure_agreement && !row.prefill() && !selected.empty()) {
-          const Residency all;
-          std::vector<float> full;
-          indexer_->Scores(iq.data() + i * ih * ihd, iw.data() + i * ih, ls.index_keys, all, &full);
-          const auto ref = be_.TopK(full, args_.index_topk);
-          int64_t hit = 0;
-          for (int32_t t : ref) hit += std::find(selected.begin(), selected.end(), t) != selected.end();
-          res.agreement_sum += static_cast<double>(hit) / static_cast<double>(ref.size());
-          res.agreement_count++;
-        }
-      }
-      for (int32_t t : selected)
-        if (!ls.compressed.RowResident(t)) res.missing_rows++;  // the pager failed its guarantee
-      if (row.state->capture.enabled && static_cast<int64_t>(row.state->capture.x[csa_index_].size()) == args_.dim) {
-        std::copy(x + i * args_.dim, x + (i + 1) * args_.dim, row.state->capture.x[csa_index_].begin());
-        row.state->capture.pos = row.pos;
-      }
-      if (row.trace) {
-        row.trace->indexer_scores[csa_index_] = scores;
-        row.trace->indexer_topk[csa_index_] = selected;
-      }
-    }
-    if (slots.size() <= pending.size()) slots.emplace_back();
-    std::vector<kernels::KvSlot>& row_slots = slots[pending.size()];
-    Candidates(row, ls, selected, &row_slots);
-    pending.push_back({q.data() + i * H * D, row_slots, o.data() + i * H * D});
-    pending_sessions.push_back(row.state);
+    if (indexer_ && indexer_->compressor().Update(ls.index_compressor, ikv.data() + i * iw_, iscore.data() + i * iw_,
+                                                  row.pos, ientry.data()))
+      ls.index_keys.Append(ientry.data());
+    batch.push_back(i);
   }
-  attend();
+  run_batch();
   be_.Rope(o.data(), n * H, D, D - rd, rd, cs.data(), sn.data(), H, /*inverse=*/true);
   // Grouped low-rank output projection: z_g = wo_a[g] · o_g (bf16 einsum), y = wo_b · z.
   const int64_t O = args_.o_lora_rank, G = n_local_groups_, gin = H * D / G;

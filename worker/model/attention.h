@@ -64,6 +64,15 @@ class Indexer {
   // bf16 scores of the complete keys visible under `residency` for one query (-inf elsewhere).
   void Scores(const float* q, const float* weights, const kv::EntryPages& keys,
               const Residency& residency, std::vector<float>* scores) const;
+  // Scores for several queries (rows of different sessions) in one backend call.
+  struct ScoreQuery {
+    const float* q = nullptr;
+    const float* weights = nullptr;
+    const kv::EntryPages* keys = nullptr;
+    const Residency* residency = nullptr;
+    std::vector<float>* scores = nullptr;
+  };
+  void ScoresBatch(std::span<const ScoreQuery> queries) const;
   const Compressor& compressor() const { return compressor_; }
   int64_t n_local_heads() const { return n_local_heads_; }
   // Moves this module's weights to where the backend computes (Backend::Prepare).
@@ -94,6 +103,10 @@ class Attention {
   // compressed entries), as held: FP8 records in place; evicted or past-the-end slots masked.
   void Candidates(const TokenRow& row, const LayerState& ls, std::span<const int32_t> selected,
                   std::vector<kernels::KvSlot>* slots) const;
+  // After the indexer's top-k of one row: drops picks LSA hides, counts what the pager missed, and
+  // records what the row's session asked for (agreement, the memory indexer's capture, a trace).
+  void AfterSelection(const TokenRow& row, const float* x_row, const float* iq_row, const float* iw_row,
+                      const std::vector<float>& scores, std::vector<int32_t>* selected) const;
 
   const ModelArgs& args_;
   const AttentionWeights& w_;
