@@ -62,16 +62,15 @@ void Backend::SparseAttentionRecords(const float* q, int64_t heads, int64_t dim,
   SparseAttention(q, heads, dim, rows, sink, softmax_scale, out);
 }
 
-void Backend::IndexScoresSlots(const float* q, const float* w, int64_t heads, int64_t dim,
-                               std::span<const KvSlot> keys, float* scores) const {
-  const std::vector<float> zero(dim, 0.0f);  // a masked key
-  std::vector<const float*> rows(keys.size());
-  for (size_t t = 0; t < keys.size(); ++t) rows[t] = keys[t].row ? keys[t].row : zero.data();
-  IndexScores(q, w, heads, dim, rows, scores);
-}
-
 void Backend::IndexScoresBatch(std::span<const IndexScoreRow> rows, int64_t heads, int64_t dim) const {
-  for (const IndexScoreRow& r : rows) IndexScoresSlots(r.q, r.w, heads, dim, r.keys, r.scores);
+  const std::vector<float> zero(dim, 0.0f);
+  std::vector<const float*> keys;
+  for (const IndexScoreRow& r : rows) {
+    keys.clear();
+    for (const KeyRun& run : r.keys)
+      for (int64_t j = 0; j < run.count; ++j) keys.push_back(run.rows ? run.rows + j * dim : zero.data());
+    if (!keys.empty()) IndexScores(r.q, r.w, heads, dim, keys, r.scores);
+  }
 }
 
 std::vector<std::vector<int32_t>> Backend::TopKBatch(std::span<const std::span<const float>> scores, int64_t k) const {

@@ -84,12 +84,22 @@ struct AttentionRow {
   float* out = nullptr;
 };
 
+// Keys of an index scoring held in pages: `count` consecutive fp32 rows of the scoring's dim from
+// `rows` (null: zero keys), entries [entry, entry + count) of `page` (null: not paged; a device
+// backend then stages them on every call).
+struct KeyRun {
+  const float* rows = nullptr;
+  int64_t count = 0;
+  const KvPage* page = nullptr;
+  int32_t entry = 0;
+};
+
 // One query row of a batched index scoring (Backend::IndexScoresBatch): q [heads, dim], head
-// weights w [heads], its keys (as IndexScoresSlots), scores [keys.size()].
+// weights w [heads], its keys as runs, scores: one per key, the runs' keys in order.
 struct IndexScoreRow {
   const float* q = nullptr;
   const float* w = nullptr;
-  std::span<const KvSlot> keys;
+  std::span<const KeyRun> keys;
   float* scores = nullptr;
 };
 
@@ -166,14 +176,10 @@ class Backend {
   virtual void SparseAttentionRows(std::span<const AttentionRow> rows, int64_t heads, int64_t dim, int64_t rope_dims,
                                    const float* sink, float softmax_scale) const;
 
-  // IndexScores over keys held as fp32 rows in pages (KvSlot::row; a masked slot is a zero key):
-  // the same scores. The default calls IndexScores on the rows; a device backend can keep the
-  // pages (KvSlot::page) in its KV reserve instead of staging every key on every call.
-  virtual void IndexScoresSlots(const float* q, const float* w, int64_t heads, int64_t dim,
-                                std::span<const KvSlot> keys, float* scores) const;
-
-  // IndexScoresSlots for several query rows at once (a decode step's rows of different sessions),
-  // each over its own keys: the same scores as one call per row, which is the default.
+  // IndexScores for several query rows at once (a decode step's rows of different sessions), each
+  // over its own keys held in pages: the same scores as IndexScores over each row's keys, which is
+  // the default. A device backend can keep the pages (KeyRun::page) in its KV reserve instead of
+  // staging every key on every call.
   virtual void IndexScoresBatch(std::span<const IndexScoreRow> rows, int64_t heads, int64_t dim) const;
 
   // TopK of several rows of scores (k clamped to each row's size): the same lists as one call per

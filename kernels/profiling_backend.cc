@@ -125,17 +125,12 @@ void ProfilingBackend::IndexScores(const float* q, const float* w, int64_t heads
   inner_.IndexScores(q, w, heads, dim, keys, scores);
   Record(OpKind::kIndexScores, t.seconds(), keys.size());
 }
-void ProfilingBackend::IndexScoresSlots(const float* q, const float* w, int64_t heads, int64_t dim,
-                                        std::span<const KvSlot> keys, float* scores) const {
-  Timer t;
-  inner_.IndexScoresSlots(q, w, heads, dim, keys, scores);
-  Record(OpKind::kIndexScores, t.seconds(), keys.size());
-}
 void ProfilingBackend::IndexScoresBatch(std::span<const IndexScoreRow> rows, int64_t heads, int64_t dim) const {
   Timer t;
   inner_.IndexScoresBatch(rows, heads, dim);
   size_t keys = 0;
-  for (const IndexScoreRow& r : rows) keys += r.keys.size();
+  for (const IndexScoreRow& r : rows)
+    for (const KeyRun& run : r.keys) keys += static_cast<size_t>(run.count);
   Record(OpKind::kIndexScores, t.seconds(), keys);  // one call for the batch; its keys summed
 }
 std::vector<std::vector<int32_t>> ProfilingBackend::TopKBatch(std::span<const std::span<const float>> scores,

@@ -49,8 +49,6 @@ class ProfilingBackend final : public Backend {
                            const float* sink, float softmax_scale) const override;
   void IndexScoresBatch(std::span<const IndexScoreRow> rows, int64_t heads, int64_t dim) const override;
   std::vector<std::vector<int32_t>> TopKBatch(std::span<const std::span<const float>> scores, int64_t k) const override;
-  void IndexScoresSlots(const float* q, const float* w, int64_t heads, int64_t dim, std::span<const KvSlot> keys,
-                        float* scores) const override;
   void IndexScores(const float* q, const float* w, int64_t heads, int64_t dim, std::span<const float* const> keys,
                    float* scores) const override;
   std::vector<int32_t> TopK(std::span<const float> scores, int64_t k) const override;

@@ -295,15 +295,6 @@ class CudaBackendImpl final : public Backend {
     KeyScoring(q, w, heads, dim, keys, scores, /*logits=*/false);
   }
 
-  // Keys from the keys reserve when every slot is an fp32 row naming its page (and they fit);
-  // otherwise staged (Backend's default: IndexScores over the rows).
-  void IndexScoresSlots(const float* q, const float* w, int64_t heads, int64_t dim, std::span<const KvSlot> keys,
-                        float* scores) const override {
-    const IndexScoreRow row{q, w, keys, scores};
-    if (!ScoreFromReserve(std::span<const IndexScoreRow>(&row, 1), heads, dim))
-      Backend::IndexScoresSlots(q, w, heads, dim, keys, scores);
-  }
-
   // Every row in one launch when all keys can come from the reserve; else row by row.
   void IndexScoresBatch(std::span<const IndexScoreRow> rows, int64_t heads, int64_t dim) const override {
     if (!ScoreFromReserve(rows, heads, dim)) Backend::IndexScoresBatch(rows, heads, dim);
@@ -451,26 +442,6 @@ class CudaBackendImpl final : public Backend {
     return true;
   }
 
-  // The entries of every non-masked slot (each must name a page of `page_bytes` and `entries`
-  // entries) placed in the reserve: out[j] = its entry number there (-1 masked). False, nothing
-  // planned, when a page does not fit (the caller stages the call).
-  bool PlaceLocked(DeviceReserve& r, std::span<const KvSlot* const> slots, int64_t entries, int32_t* out) const {
-    r.book.Begin();
-    for (size_t j = 0; j < slots.size(); ++j) {
-      if (!slots[j]) {
-        out[j] = -1;
-        continue;
-      }
-      const int64_t at = r.book.Place(*slots[j]->page);
-      if (at < 0) {
-        r.book.Abort();
-        return false;
-      }
-      out[j] = static_cast<int32_t>(at * entries + slots[j]->entry);
-    }
-    return true;
-  }
-
   // The uploads a book planned, as a frame's inputs (their slots) and its first scratch (their
   // bytes, filled on the host): staged before any other Scratch of the frame.
   struct Uploads {
@@ -526,16 +497,29 @@ class CudaBackendImpl final : public Backend {
       }
     }
     if (page_entries == 0) return false;  // nothing but masked slots: the staging path is as cheap
-    std::vector<const KvSlot*> slots(b * n, nullptr);
-    for (int64_t i = 0; i < b; ++i)
-      for (size_t j = 0; j < rows[i].slots.size(); ++j)
-        if (rows[i].slots[j].record) slots[i * n + static_cast<int64_t>(j)] = &rows[i].slots[j];
     absl::MutexLock lock(&mu_);
     if (!health_.ok()) return true;  // a failed backend does nothing (as Launch)
     if (!ReserveLocked(records_, page_entries * cuda::kRecordBytes, page_entries)) return false;
     op_clock_ = clock_ + 1;
-    std::vector<int32_t> idx(b * n);
-    if (!PlaceLocked(records_, slots, page_entries, idx.data())) return false;
+    std::vector<int32_t> idx(b * n, -1);
+    records_.book.Begin();
+    for (int64_t i = 0; i < b; ++i) {
+      const KvPage* last = nullptr;  // the window's slots come a page at a time: placed once
+      int64_t slot = -1;
+      for (size_t j = 0; j < rows[i].slots.size(); ++j) {
+        const KvSlot& s = rows[i].slots[j];
+        if (!s.record) continue;
+        if (s.page != last) {
+          slot = records_.book.Place(*s.page);
+          if (slot < 0) {
+            records_.book.Abort();
+            return false;
+          }
+          last = s.page;
+        }
+        idx[i * n + static_cast<int64_t>(j)] = static_cast<int32_t>(slot * page_entries + s.entry);
+      }
+    }
     const bool tensor_cores = !exact_ && fast_attention_ && heads % cuda::kFastAttentionHeads == 0;
     const int64_t row_bytes = heads * cuda::kRecordDim * 4;
     Frame f;
@@ -558,44 +542,57 @@ class CudaBackendImpl final : public Backend {
     return true;
   }
 
-  // Every row's keys from the keys reserve, scored in one launch; false (nothing done) when a key
-  // is masked or not an fp32 row naming its page, or they do not fit: the caller stages.
+  // Every row's keys from the keys reserve, scored in one launch; false (nothing done) when a run
+  // has no rows or names no page of entries x dim floats, or they do not fit: the caller stages.
+  // Host work is per run (a page's keys), not per key, but for the two index arrays.
   bool ScoreFromReserve(std::span<const IndexScoreRow> rows, int64_t heads, int64_t dim) const {
     int64_t n = 0, page_entries = 0;
-    for (const IndexScoreRow& r : rows) n += static_cast<int64_t>(r.keys.size());
-    if (n == 0) return false;
-    std::vector<const KvSlot*> slots;
-    std::vector<int32_t> query_of;
-    slots.reserve(n);
-    query_of.reserve(n);
-    for (size_t i = 0; i < rows.size(); ++i)
-      for (const KvSlot& s : rows[i].keys) {
-        if (!s.row || !s.page || !s.page->bytes || s.entry < 0 || s.entry >= s.page->entries) return false;
-        if (page_entries == 0) page_entries = s.page->entries;
-        if (s.page->entries != page_entries || s.page->size != page_entries * dim * 4) return false;
-        slots.push_back(&s);
-        query_of.push_back(static_cast<int32_t>(i));
+    for (const IndexScoreRow& r : rows)
+      for (const KeyRun& run : r.keys) {
+        if (!run.rows || !run.page || !run.page->bytes || run.entry < 0 || run.count < 0 ||
+            run.entry + run.count > run.page->entries)
+          return false;
+        if (page_entries == 0) page_entries = run.page->entries;
+        if (run.page->entries != page_entries || run.page->size != page_entries * dim * 4) return false;
+        n += run.count;
       }
+    if (n == 0) return false;
     absl::MutexLock lock(&mu_);
     if (!health_.ok()) return true;
     if (!ReserveLocked(keys_, page_entries * dim * 4, page_entries)) return false;
     op_clock_ = clock_ + 1;
-    std::vector<int32_t> key_rows(n);
-    if (!PlaceLocked(keys_, slots, page_entries, key_rows.data())) return false;
-    Frame f;
+    std::vector<int32_t> key_rows(n), query_of(n);
+    keys_.book.Begin();
+    int64_t k = 0;
+    for (size_t i = 0; i < rows.size(); ++i)
+      for (const KeyRun& run : rows[i].keys) {
+        const int64_t slot = keys_.book.Place(*run.page);
+        if (slot < 0) {
+          keys_.book.Abort();
+          return false;
+        }
+        const int32_t first = static_cast<int32_t>(slot * page_entries + run.entry);
+        for (int64_t j = 0; j < run.count; ++j, ++k) {
+          key_rows[k] = first + static_cast<int32_t>(j);
+          query_of[k] = static_cast<int32_t>(i);
+        }
+      }
     std::vector<float> q(rows.size() * heads * dim), w(rows.size() * heads);
     for (size_t i = 0; i < rows.size(); ++i) {
       std::copy_n(rows[i].q, heads * dim, q.begin() + i * heads * dim);
       std::copy_n(rows[i].w, heads, w.begin() + i * heads);
     }
-    const size_t dq = f.In(q.data(), q.size() * 4), dw = f.In(w.data(), w.size() * 4), dr = f.In(key_rows.data(), n * 4),
-                 dqo = f.In(query_of.data(), n * 4);
+    Frame f;
+    const size_t dq = f.In(q.data(), q.size() * 4), dw = f.In(w.data(), w.size() * 4),
+                 dr = f.In(key_rows.data(), n * 4), dqo = f.In(query_of.data(), n * 4);
     const Uploads up = StageUploads(keys_, f);
     const size_t dout = f.Scratch(n * 4);
     int64_t at = 0;
     for (const IndexScoreRow& r : rows) {
-      if (!r.keys.empty()) f.Download(dout + at * 4, r.scores, r.keys.size() * 4);
-      at += static_cast<int64_t>(r.keys.size());
+      int64_t count = 0;
+      for (const KeyRun& run : r.keys) count += run.count;
+      if (count > 0) f.Download(dout + at * 4, r.scores, count * 4);
+      at += count;
     }
     const float* base = reinterpret_cast<const float*>(keys_.dev);
     Fail(RunWithUploadsLocked(keys_, f, up, [&](Dev d) {

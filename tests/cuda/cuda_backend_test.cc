@@ -514,79 +514,100 @@ TEST_F(CudaOps, AttentionReadsNamedPagesFromTheKvReserve) {
   }
 }
 
+// Key pages for the index-scoring tests: `count` pages of 64 random fp32 keys of `dim`, each
+// with its KvPage (as EntryPages holds them).
+struct KeyPages {
+  KeyPages(int64_t count, int64_t dim, uint32_t seed) {
+    for (int64_t p = 0; p < count; ++p) {
+      keys.push_back(Random(64 * dim, seed + static_cast<uint32_t>(p), 1.0f));
+      pages.push_back(std::make_unique<kernels::KvPage>());
+      pages[p]->bytes = reinterpret_cast<const uint8_t*>(keys[p].data());
+      pages[p]->size = 64 * dim * 4;
+      pages[p]->entries = 64;
+      pages[p]->version = kernels::NewKvPageVersion();
+    }
+    this->dim = dim;
+  }
+  kernels::KeyRun Run(int64_t page, int64_t first, int64_t count) const {
+    return {keys[page].data() + first * dim, count, pages[page].get(), static_cast<int32_t>(first)};
+  }
+  std::vector<std::vector<float>> keys;
+  std::vector<std::unique_ptr<kernels::KvPage>> pages;
+  int64_t dim = 0;
+};
+
+// IndexScores over the runs' keys, staged (the reference path on this backend).
+std::vector<float> StagedScores(const Backend& be, const float* q, const float* w, int64_t heads, int64_t dim,
+                                const std::vector<kernels::KeyRun>& runs) {
+  std::vector<const float*> rows;
+  for (const kernels::KeyRun& r : runs)
+    for (int64_t j = 0; j < r.count; ++j) rows.push_back(r.rows + j * dim);
+  std::vector<float> out = Poisoned(rows.size());
+  be.IndexScores(q, w, heads, dim, rows, out.data());
+  return out;
+}
+
 // The indexer's keys, fp32 rows in pages that name themselves, are scored from the KV reserve's
 // key half: the same scores as IndexScores over the staged rows, a page re-uploaded only when its
 // version changes (bytes changed under the old version keep serving the copy: the reserve was
 // read), and a call over more pages than the reserve holds staged.
 TEST_F(CudaOps, IndexScoresReadNamedKeyPagesFromTheKvReserve) {
-  const int64_t heads = 64, dim = 128, num_pages = 20, per_page = 64;
-  std::vector<std::vector<float>> keys(num_pages);
-  std::vector<std::unique_ptr<kernels::KvPage>> pages;
-  for (int64_t p = 0; p < num_pages; ++p) {
-    keys[p] = Random(per_page * dim, 120 + static_cast<uint32_t>(p), 1.0f);
-    pages.push_back(std::make_unique<kernels::KvPage>());
-    pages[p]->bytes = reinterpret_cast<const uint8_t*>(keys[p].data());
-    pages[p]->size = per_page * dim * 4;
-    pages[p]->entries = per_page;
-    pages[p]->version = kernels::NewKvPageVersion();
-  }
+  const int64_t heads = 64, dim = 128, num_pages = 20;
+  KeyPages kp(num_pages, dim, 120);
   const std::vector<float> q = Random(heads * dim, 141, 1.0f), w = Random(heads, 142, 0.5f);
-  // Keys t of the first `count`, in the indexer's order, or shuffled.
-  auto slots_of = [&](int64_t count, bool shuffled) {
-    std::vector<kernels::KvSlot> slots(count);
-    std::vector<int64_t> order(count);
-    for (int64_t t = 0; t < count; ++t) order[t] = t;
-    if (shuffled) std::shuffle(order.begin(), order.end(), std::mt19937(143));
-    for (int64_t i = 0; i < count; ++i) {
-      const int64_t t = order[i], p = t / per_page, e = t % per_page;
-      slots[i].row = keys[p].data() + e * dim;
-      slots[i].page = pages[p].get();
-      slots[i].entry = static_cast<int32_t>(e);
+  // The first `count` keys as runs of whole pages in order, or split at entry 17 with the pages
+  // in reverse order.
+  auto runs_of = [&](int64_t count, bool split) {
+    std::vector<kernels::KeyRun> runs;
+    for (int64_t i = 0; i * 64 < count; ++i) {
+      const int64_t p = split ? (count - 1) / 64 - i : i, len = std::min<int64_t>(64, count - p * 64);
+      if (split && len > 17) {
+        runs.push_back(kp.Run(p, 17, len - 17));
+        runs.push_back(kp.Run(p, 0, 17));
+      } else {
+        runs.push_back(kp.Run(p, 0, len));
+      }
     }
-    return slots;
+    return runs;
   };
-  auto staged = [&](const Backend& be, const std::vector<kernels::KvSlot>& slots) {
-    std::vector<const float*> rows;
-    for (const kernels::KvSlot& s : slots) rows.push_back(s.row);
-    std::vector<float> out = Poisoned(slots.size());
-    be.IndexScores(q.data(), w.data(), heads, dim, rows, out.data());
-    return out;
-  };
-  auto paged = [&](const Backend& be, const std::vector<kernels::KvSlot>& slots) {
-    std::vector<float> out = Poisoned(slots.size());
-    be.IndexScoresSlots(q.data(), w.data(), heads, dim, slots, out.data());
+  auto paged = [&](const Backend& be, const std::vector<kernels::KeyRun>& runs) {
+    int64_t n = 0;
+    for (const kernels::KeyRun& r : runs) n += r.count;
+    std::vector<float> out = Poisoned(n);
+    const kernels::IndexScoreRow row{q.data(), w.data(), runs, out.data()};
+    be.IndexScoresBatch(std::span<const kernels::IndexScoreRow>(&row, 1), heads, dim);
     EXPECT_TRUE(be.Health().ok()) << be.Health();
     return out;
   };
   cuda::CudaBackendOptions small_opt;
-  small_opt.kv_reserve_bytes = 2 * 4 * per_page * dim * 4;  // four key pages
+  small_opt.kv_reserve_bytes = 2 * 4 * 64 * dim * 4;  // four key pages
   auto small = cuda::NewCudaBackend(small_opt);
   ASSERT_TRUE(small.ok()) << small.status();
   for (const Backend* be : {static_cast<const Backend*>(gpu_), static_cast<const Backend*>(small->get())}) {
     const bool tiny = be == small->get();
-    for (int64_t count : {int64_t{1}, int64_t{200}, num_pages * per_page}) {
-      for (bool shuffled : {false, true}) {
-        const std::string what = std::string(tiny ? "4-page reserve, " : "") + std::to_string(count) + " keys" + (shuffled ? ", shuffled" : "");
-        const std::vector<kernels::KvSlot> slots = slots_of(count, shuffled);
-        const std::vector<float> want = staged(*be, slots), got = paged(*be, slots), again = paged(*be, slots);
+    for (int64_t count : {int64_t{1}, int64_t{200}, num_pages * 64}) {
+      for (bool split : {false, true}) {
+        const std::string what = std::string(tiny ? "4-page reserve, " : "") + std::to_string(count) + " keys" + (split ? ", split runs" : "");
+        const std::vector<kernels::KeyRun> runs = runs_of(count, split);
+        const std::vector<float> want = StagedScores(*be, q.data(), w.data(), heads, dim, runs);
+        const std::vector<float> got = paged(*be, runs), again = paged(*be, runs);
         EXPECT_EQ(std::memcmp(got.data(), want.data(), got.size() * 4), 0) << what;
         EXPECT_EQ(std::memcmp(again.data(), want.data(), got.size() * 4), 0) << what << ", pages found in place";
-        std::vector<float> host = Poisoned(count);
-        cpu().IndexScoresSlots(q.data(), w.data(), heads, dim, slots, host.data());
+        const std::vector<float> host = StagedScores(cpu(), q.data(), w.data(), heads, dim, runs);
         EXPECT_LE(RelErr(got, host), kBf16Tol) << what;
-        // Page 0 rewritten under its old version, then announced.
-        const std::vector<float> original = keys[0];
-        for (float& v : keys[0]) v = -v;
-        const std::vector<float> stale = paged(*be, slots), fresh = staged(*be, slots);
+        // The page holding key 0 rewritten under its old version, then announced.
+        const std::vector<float> original = kp.keys[0];
+        for (float& v : kp.keys[0]) v = -v;
+        const std::vector<float> stale = paged(*be, runs), fresh = StagedScores(*be, q.data(), w.data(), heads, dim, runs);
         EXPECT_NE(std::memcmp(fresh.data(), want.data(), fresh.size() * 4), 0) << what << ": key page 0 is read";
-        const bool fits = !tiny || count <= 4 * per_page;
+        const bool fits = !tiny || count <= 4 * 64;
         EXPECT_EQ(std::memcmp(stale.data(), (fits ? want : fresh).data(), stale.size() * 4), 0)
             << what << (fits ? ": the reserve's copy" : ": staged");
-        pages[0]->version = kernels::NewKvPageVersion();
-        const std::vector<float> renewed = paged(*be, slots);
+        kp.pages[0]->version = kernels::NewKvPageVersion();
+        const std::vector<float> renewed = paged(*be, runs);
         EXPECT_EQ(std::memcmp(renewed.data(), fresh.data(), fresh.size() * 4), 0) << what << ", after a new version";
-        std::copy(original.begin(), original.end(), keys[0].begin());
-        pages[0]->version = kernels::NewKvPageVersion();
+        std::copy(original.begin(), original.end(), kp.keys[0].begin());
+        kp.pages[0]->version = kernels::NewKvPageVersion();
       }
     }
   }
@@ -941,48 +962,42 @@ TEST_F(CudaOps, TopKOfSeveralRowsEqualsTheHostsLists) {
   EXPECT_TRUE(gpu_->TopKBatch(std::span<const std::span<const float>>(), 10).empty());
 }
 
-// Several rows' index scores in one call: each row's scores as IndexScoresSlots alone, whether
-// every key comes from the reserve (one launch) or one row has a masked key (row by row).
+// Several rows' index scores in one call: each row's scores as that row alone, whether every
+// key comes from the reserve (one launch) or one row has a run of zero keys (row by row).
 TEST_F(CudaOps, IndexScoresOfSeveralRowsEqualOneCallPerRow) {
-  const int64_t heads = 64, dim = 128, per_page = 64;
+  const int64_t heads = 64, dim = 128;
+  KeyPages kp(30, dim, 400);
+  // Row r: its own pages, the last one partly written (as a session's newest keys).
   const std::vector<int64_t> lengths = {130, 1, 640, 0, 333};
-  std::vector<std::vector<float>> keys;
-  std::vector<std::unique_ptr<kernels::KvPage>> pages;
-  std::vector<std::vector<kernels::KvSlot>> slots(lengths.size());
+  std::vector<std::vector<kernels::KeyRun>> runs(lengths.size());
+  int64_t next_page = 0;
   for (size_t r = 0; r < lengths.size(); ++r)
-    for (int64_t t = 0; t < lengths[r]; ++t) {
-      if (t % per_page == 0) {
-        keys.push_back(Random(per_page * dim, 400 + static_cast<uint32_t>(keys.size()), 1.0f));
-        pages.push_back(std::make_unique<kernels::KvPage>());
-        pages.back()->bytes = reinterpret_cast<const uint8_t*>(keys.back().data());
-        pages.back()->size = per_page * dim * 4;
-        pages.back()->entries = per_page;
-        pages.back()->version = kernels::NewKvPageVersion();
-      }
-      const int64_t e = t % per_page;
-      slots[r].push_back({nullptr, nullptr, keys.back().data() + e * dim, pages.back().get(), static_cast<int32_t>(e)});
-    }
+    for (int64_t t = 0; t < lengths[r]; t += 64) runs[r].push_back(kp.Run(next_page++, 0, std::min<int64_t>(64, lengths[r] - t)));
   std::vector<std::vector<float>> q, w;
   for (size_t r = 0; r < lengths.size(); ++r) {
     q.push_back(Random(heads * dim, 500 + static_cast<uint32_t>(r), 1.0f));
     w.push_back(Random(heads, 600 + static_cast<uint32_t>(r), 0.5f));
   }
-  for (bool with_masked : {false, true}) {
-    if (with_masked) slots[4][7] = kernels::KvSlot();  // a zero key: this batch goes row by row
+  for (bool with_zero_keys : {false, true}) {
+    if (with_zero_keys) runs[4].push_back({nullptr, 5, nullptr, 0});  // five zero keys: this batch goes row by row
     std::vector<std::vector<float>> got(lengths.size()), alone(lengths.size());
     std::vector<kernels::IndexScoreRow> rows;
     for (size_t r = 0; r < lengths.size(); ++r) {
-      got[r] = Poisoned(lengths[r]);
-      alone[r] = Poisoned(lengths[r]);
-      rows.push_back({q[r].data(), w[r].data(), slots[r], got[r].data()});
+      int64_t n = 0;
+      for (const kernels::KeyRun& run : runs[r]) n += run.count;
+      got[r] = Poisoned(n);
+      alone[r] = Poisoned(n);
+      rows.push_back({q[r].data(), w[r].data(), runs[r], got[r].data()});
     }
     gpu_->IndexScoresBatch(rows, heads, dim);
     ASSERT_TRUE(gpu_->Health().ok()) << gpu_->Health();
     for (size_t r = 0; r < lengths.size(); ++r) {
-      gpu_->IndexScoresSlots(q[r].data(), w[r].data(), heads, dim, slots[r], alone[r].data());
-      EXPECT_EQ(std::memcmp(got[r].data(), alone[r].data(), got[r].size() * 4), 0) << "row " << r << (with_masked ? " (masked key)" : "");
-      std::vector<float> host = Poisoned(lengths[r]);
-      cpu().IndexScoresSlots(q[r].data(), w[r].data(), heads, dim, slots[r], host.data());
+      const kernels::IndexScoreRow one{q[r].data(), w[r].data(), runs[r], alone[r].data()};
+      gpu_->IndexScoresBatch(std::span<const kernels::IndexScoreRow>(&one, 1), heads, dim);
+      EXPECT_EQ(std::memcmp(got[r].data(), alone[r].data(), got[r].size() * 4), 0) << "row " << r << (with_zero_keys ? " (zero keys)" : "");
+      std::vector<float> host = Poisoned(got[r].size());
+      const kernels::IndexScoreRow on_cpu{q[r].data(), w[r].data(), runs[r], host.data()};
+      cpu().IndexScoresBatch(std::span<const kernels::IndexScoreRow>(&on_cpu, 1), heads, dim);
       EXPECT_LE(RelErr(got[r], host), kBf16Tol) << "row " << r;
     }
   }

@@ -65,13 +65,14 @@ TEST(ProfilingBackend, ForwardsResultsUnchangedAndCountsCallsAndItems) {
   // Index scores and top-k of several rows: one call each, items summed; results as if alone.
   prof.Reset();
   const auto keys = Random(3 * 16, 7), hw = Random(2, 8);
-  const KvSlot k1[] = {{nullptr, nullptr, keys.data()}, {nullptr, nullptr, keys.data() + 16}},
-               k2[] = {{nullptr, nullptr, keys.data() + 32}};
+  const KeyRun k1[] = {{keys.data(), 2}}, k2[] = {{keys.data() + 32, 1}};
   std::vector<float> s1(2), s2(1), t1(2), t2(1);
   const IndexScoreRow srows[] = {{q.data(), hw.data(), k1, s1.data()}, {q2.data(), hw.data(), k2, s2.data()}};
   prof.IndexScoresBatch(srows, 2, 16);
-  CpuBackend().IndexScoresSlots(q.data(), hw.data(), 2, 16, k1, t1.data());
-  CpuBackend().IndexScoresSlots(q2.data(), hw.data(), 2, 16, k2, t2.data());
+  const float* kr1[] = {keys.data(), keys.data() + 16};
+  const float* kr2[] = {keys.data() + 32};
+  CpuBackend().IndexScores(q.data(), hw.data(), 2, 16, kr1, t1.data());
+  CpuBackend().IndexScores(q2.data(), hw.data(), 2, 16, kr2, t2.data());
   EXPECT_EQ(s1, t1);
   EXPECT_EQ(s2, t2);
   EXPECT_EQ(prof.Stats(OpKind::kIndexScores).calls, 1u);

@@ -71,6 +71,17 @@ kernels::KvSlot EntryPages::Slot(int64_t i) const {
   return s;
 }
 
+kernels::KeyRun EntryPages::Run(int64_t first, int64_t count) const {
+  const int64_t page = first / kEntriesPerPage, e = first % kEntriesPerPage;
+  kernels::KeyRun run;
+  run.count = count;
+  if (encoded_ || !pages_[page]) return run;
+  run.rows = pages_[page].get() + e * format_.dim;
+  run.page = page_meta_[page].get();
+  run.entry = static_cast<int32_t>(e);
+  return run;
+}
+
 bool EntryPages::ReadRow(int64_t i, float* out) const {
   const int64_t page = i / kEntriesPerPage, e = i % kEntriesPerPage;
   if (!pages_[page]) return false;

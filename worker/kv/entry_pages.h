@@ -56,6 +56,9 @@ class EntryPages {
   // The entry as a slot (its record in place, or its fp32 row, with its page); masked while
   // evicted.
   kernels::KvSlot Slot(int64_t i) const;
+  // Entries [first, first + count) of one page of an fp32 stream as keys to score: the rows in
+  // place with their page, or zero keys (rows null) while the page is evicted or the stream encoded.
+  kernels::KeyRun Run(int64_t first, int64_t count) const;
   bool resident(int64_t page) const { return pages_[page] != nullptr; }
   int64_t resident_pages() const;
 

@@ -122,34 +122,49 @@ void Indexer::Scores(const float* q, const float* weights, const kv::EntryPages&
 
 void Indexer::ScoresBatch(std::span<const ScoreQuery> queries) const {
   const size_t m = queries.size();
-  // Only visible chunks are scored (LSA Level 2); the rest get -inf and are never picked.
-  std::vector<std::vector<kernels::KvSlot>> slots(m);
+  // Only visible chunks are scored (LSA Level 2); the rest get -inf and are never picked. Keys go
+  // to the backend as runs within a page (where each run starts in `at`), not one by one.
+  std::vector<std::vector<kernels::KeyRun>> runs(m);
   std::vector<std::vector<int64_t>> at(m);
   std::vector<int64_t> offset(m + 1, 0);
   for (size_t i = 0; i < m; ++i) {
     const kv::EntryPages& keys = *queries[i].keys;
+    const Residency& res = *queries[i].residency;
     const int64_t n = keys.size();
-    slots[i].reserve(n);
-    at[i].reserve(n);
-    for (int64_t t = 0; t < n; ++t) {
-      if (!queries[i].residency->Visible(t)) continue;
-      slots[i].push_back(keys.Slot(t));
-      at[i].push_back(t);
+    int64_t visible = 0;
+    for (int64_t p0 = 0; p0 < n; p0 += kv::kEntriesPerPage) {
+      const int64_t p1 = std::min(n, p0 + kv::kEntriesPerPage);
+      for (int64_t t = p0; t < p1;) {
+        if (!res.Visible(t)) {
+          ++t;
+          continue;
+        }
+        int64_t u = t + 1;
+        while (u < p1 && res.Visible(u)) ++u;
+        runs[i].push_back(keys.Run(t, u - t));
+        at[i].push_back(t);
+        visible += u - t;
+        t = u;
+      }
     }
-    offset[i + 1] = offset[i] + static_cast<int64_t>(slots[i].size());
+    offset[i + 1] = offset[i] + visible;
   }
-  std::vector<float> visible(offset[m]);
+  std::vector<float> scored(offset[m]);
   std::vector<kernels::IndexScoreRow> rows(m);
-  for (size_t i = 0; i < m; ++i) rows[i] = {queries[i].q, queries[i].weights, slots[i], visible.data() + offset[i]};
+  for (size_t i = 0; i < m; ++i) rows[i] = {queries[i].q, queries[i].weights, runs[i], scored.data() + offset[i]};
   be_.IndexScoresBatch(rows, n_local_heads_, args_.index_head_dim);
   if (comm_ && comm_->size() > 1) {  // each rank scored its own heads: the sum, in bf16 as the reference's
-    comm_->AllReduceSum(visible.data(), static_cast<int64_t>(visible.size()));
-    for (float& v : visible) v = num::RoundBf16(v);
+    comm_->AllReduceSum(scored.data(), static_cast<int64_t>(scored.size()));
+    for (float& v : scored) v = num::RoundBf16(v);
   }
   for (size_t i = 0; i < m; ++i) {
     std::vector<float>& scores = *queries[i].scores;
     scores.assign(queries[i].keys->size(), -std::numeric_limits<float>::infinity());
-    for (size_t j = 0; j < at[i].size(); ++j) scores[at[i][j]] = visible[offset[i] + static_cast<int64_t>(j)];
+    const float* from = scored.data() + offset[i];
+    for (size_t r = 0; r < runs[i].size(); ++r) {
+      std::copy_n(from, runs[i][r].count, scores.begin() + at[i][r]);
+      from += runs[i][r].count;
+    }
   }
 }
 
