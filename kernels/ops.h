@@ -76,6 +76,20 @@ struct KvPage {
 // A fresh page version (thread-safe; never 0, never repeated in the process).
 uint64_t NewKvPageVersion();
 
+// What a device backend's KV reserve (device copies of KV pages) holds and has done, per kind of
+// page; zeros where there is none.
+struct KvReserveStats {
+  struct Kind {
+    int64_t slots = 0;    // page copies it can hold (0: not allocated)
+    int64_t held = 0;     // page copies it holds
+    int64_t hits = 0;     // pages an op found in place (summed over ops)
+    int64_t uploads = 0;  // pages sent to it: new, or written since their copy
+    int64_t bytes = 0;    // device memory it takes
+  };
+  Kind records;  // the main KV's FP8 record pages
+  Kind keys;     // the indexer's fp32 key pages
+};
+
 // One query token of a batched sparse attention (Backend::SparseAttentionRows): q and out are
 // [heads, dim], `slots` what it attends.
 struct AttentionRow {
@@ -186,6 +200,9 @@ class Backend {
   // row, which is the default.
   virtual std::vector<std::vector<int32_t>> TopKBatch(std::span<const std::span<const float>> scores,
                                                       int64_t k) const;
+
+  // The KV reserve's state (thread-safe; for metrics). The default: none.
+  virtual KvReserveStats ReserveStats() const { return {}; }
 
   // The indices of the k largest scores (at most scores.size()), descending, equal scores in
   // ascending index order (kernels/topk.h: the indexer's candidate list; bf16 scores tie often).

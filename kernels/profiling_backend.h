@@ -48,6 +48,7 @@ class ProfilingBackend final : public Backend {
   void SparseAttentionRows(std::span<const AttentionRow> rows, int64_t heads, int64_t dim, int64_t rope_dims,
                            const float* sink, float softmax_scale) const override;
   void IndexScoresBatch(std::span<const IndexScoreRow> rows, int64_t heads, int64_t dim) const override;
+  KvReserveStats ReserveStats() const override { return inner_.ReserveStats(); }
   std::vector<std::vector<int32_t>> TopKBatch(std::span<const std::span<const float>> scores, int64_t k) const override;
   void IndexScores(const float* q, const float* w, int64_t heads, int64_t dim, std::span<const float* const> keys,
                    float* scores) const override;

@@ -295,6 +295,21 @@ class CudaBackendImpl final : public Backend {
     KeyScoring(q, w, heads, dim, keys, scores, /*logits=*/false);
   }
 
+  KvReserveStats ReserveStats() const override {
+    absl::MutexLock lock(&mu_);
+    auto kind = [](const DeviceReserve& r) {
+      KvReserveStats::Kind k;
+      if (!r.dev) return k;
+      k.slots = r.book.slots();
+      k.held = r.book.used();
+      k.hits = r.book.hits();
+      k.uploads = r.book.uploaded();
+      k.bytes = r.book.slots() * r.book.page_bytes();
+      return k;
+    };
+    return {kind(records_), kind(keys_)};
+  }
+
   // Every row in one launch when all keys can come from the reserve; else row by row.
   void IndexScoresBatch(std::span<const IndexScoreRow> rows, int64_t heads, int64_t dim) const override {
     if (!ScoreFromReserve(rows, heads, dim)) Backend::IndexScoresBatch(rows, heads, dim);

@@ -511,6 +511,14 @@ TEST_F(CudaOps, AttentionReadsNamedPagesFromTheKvReserve) {
       std::copy(original.begin(), original.end(), bytes[0].begin());
       pages[0]->version = kernels::NewKvPageVersion();
     }
+    // What the metrics show: the reserve's size, its copies, hits and uploads.
+    const kernels::KvReserveStats st = be->ReserveStats();
+    EXPECT_EQ(st.records.slots, tiny ? 3 : st.records.bytes / (64 * cuda::kRecordBytes)) << be->name();
+    EXPECT_EQ(st.records.bytes, st.records.slots * 64 * cuda::kRecordBytes);
+    EXPECT_GT(st.records.uploads, 0) << be->name();
+    EXPECT_GT(st.records.hits, 0) << be->name();
+    EXPECT_GT(st.records.held, 0);
+    EXPECT_LE(st.records.held, st.records.slots);
   }
 }
 
@@ -610,6 +618,12 @@ TEST_F(CudaOps, IndexScoresReadNamedKeyPagesFromTheKvReserve) {
         kp.pages[0]->version = kernels::NewKvPageVersion();
       }
     }
+    const kernels::KvReserveStats st = be->ReserveStats();
+    if (tiny) EXPECT_EQ(st.keys.slots, 4);
+    EXPECT_EQ(st.keys.bytes, st.keys.slots * 64 * dim * 4);
+    EXPECT_GT(st.keys.uploads, 0);
+    EXPECT_GT(st.keys.hits, 0);
+    EXPECT_LE(st.keys.held, st.keys.slots);
   }
 }
 

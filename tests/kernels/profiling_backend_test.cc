@@ -88,6 +88,8 @@ TEST(ProfilingBackend, ForwardsResultsUnchangedAndCountsCallsAndItems) {
   prof.Reset();
   EXPECT_EQ(prof.Stats(OpKind::kLinear).calls, 0u);
   EXPECT_STREQ(prof.name(), CpuBackend().name());
+  EXPECT_EQ(prof.ReserveStats().records.slots, 0);  // the CPU holds no device copies
+  EXPECT_EQ(prof.ReserveStats().keys.uploads, 0);
 }
 
 }  // namespace

@@ -125,6 +125,8 @@ TEST(TpGroup, ARankLossMovesTheSessionWithIdenticalTokens) {
     EXPECT_GT(Gauge(metrics, "flashmem_kv_pages_recalled"), 0) << metrics;
     EXPECT_LT(Gauge(metrics, "flashmem_kv_resident_bytes"), Gauge(metrics, "flashmem_kv_dense_bytes")) << metrics;
     EXPECT_GE(Gauge(metrics, "flashmem_worker_tokens{kind=\"decode\"}"), 59) << metrics;
+    // CPU ranks hold no device copies of KV pages: the reserve's gauges are there, at zero.
+    EXPECT_NE(metrics.find("flashmem_gpu_kv_reserve_uploads{kind=\"records\"} 0"), std::string::npos) << metrics;
   }
   // The same with the serving group's follower rank SIGKILLed after the 12th token (the stream may
   // have ended by then; the next Generate then finds the group broken).

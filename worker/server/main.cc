@@ -327,7 +327,21 @@ int main(int argc, char** argv) {
     auto& kv_bf16 = gauge("flashmem_kv_pages_sent_bf16", "pages off their format's grid, sent as bf16 (none expected)");
     auto& kv_fp32 = gauge("flashmem_kv_streams_fp32", "KV streams held as fp32 rows after an entry off the FP8 grid (none expected)");
     auto& kv_over = gauge("flashmem_kv_over_budget_steps", "steps whose needed pages alone exceeded --kv-budget-bytes");
-    metrics->RefreshEvery(std::chrono::milliseconds(200), [&] {
+    // The CUDA backend's KV reserve (--gpu-kv-reserve-bytes; docs/architecture.md): zeros on the CPU.
+    struct ReserveGauges {
+      prometheus::Gauge *held, *slots, *hits, *uploads, *bytes;
+    };
+    auto& reserve_pages = metrics->GaugeFamily("flashmem_gpu_kv_reserve_pages", "KV page copies in GPU memory, by kind (records: main KV; keys: indexer) and state (held, slots)");
+    auto& reserve_hits = metrics->GaugeFamily("flashmem_gpu_kv_reserve_hits", "pages ops found in GPU memory, by kind");
+    auto& reserve_uploads = metrics->GaugeFamily("flashmem_gpu_kv_reserve_uploads", "pages sent to GPU memory (new, or written since their copy), by kind");
+    auto& reserve_bytes = metrics->GaugeFamily("flashmem_gpu_kv_reserve_bytes", "GPU memory the KV reserve takes, by kind");
+    auto reserve_gauges = [&](const char* kind) {
+      return ReserveGauges{&reserve_pages.Add({{"kind", kind}, {"state", "held"}}), &reserve_pages.Add({{"kind", kind}, {"state", "slots"}}),
+                           &reserve_hits.Add({{"kind", kind}}), &reserve_uploads.Add({{"kind", kind}}), &reserve_bytes.Add({{"kind", kind}})};
+    };
+    const ReserveGauges reserve_records = reserve_gauges("records"), reserve_keys = reserve_gauges("keys");
+    // The reserve gauges by value: the refresh outlives this block (the other names are references).
+    metrics->RefreshEvery(std::chrono::milliseconds(200), [&, reserve_records, reserve_keys] {
       const auto st = scheduler.stats();
       sessions.Set(static_cast<double>(scheduler.sessions()));
       batch.Set(static_cast<double>(st.max_batch_rows));
@@ -345,6 +359,14 @@ int main(int argc, char** argv) {
       lsa_churn.Set(st.lsa_churn_count ? st.lsa_churn_jaccard_sum / st.lsa_churn_count : 1.0);
       lsa_fraction.Set(st.lsa_total_pages ? static_cast<double>(st.lsa_visible_pages) / st.lsa_total_pages : 1.0);
       lsa_agree.Set(st.lsa_agreement_count ? st.lsa_agreement_sum / st.lsa_agreement_count : -1.0);
+      const flashmem::kernels::KvReserveStats rs = be.ReserveStats();
+      for (const auto& [g, k] : {std::pair{&reserve_records, &rs.records}, std::pair{&reserve_keys, &rs.keys}}) {
+        g->held->Set(static_cast<double>(k->held));
+        g->slots->Set(static_cast<double>(k->slots));
+        g->hits->Set(static_cast<double>(k->hits));
+        g->uploads->Set(static_cast<double>(k->uploads));
+        g->bytes->Set(static_cast<double>(k->bytes));
+      }
       if (pager) {
         const auto ps = pager->stats();
         kv_resident.Set(static_cast<double>(ps.resident_bytes));
