@@ -1169,6 +1169,48 @@ TEST(HostGather, RecordsLandInThePageLayout) {
   }
 }
 
+// The copies every op makes to and from the pinned buffer (CopyAll: in 256 KB pieces over the
+// host's cores past 1 MB) and the KV reserve's page gather: every byte lands where it should,
+// none beyond. Runs without a GPU.
+TEST(HostGather, CopiesAndPagesLandWhereTheyShould) {
+  for (size_t total : {size_t{3000}, size_t{5} << 20}) {  // under and over the 1 MB threshold
+    std::mt19937 g(static_cast<uint32_t>(total));
+    std::vector<uint8_t> src(total);
+    for (uint8_t& b : src) b = static_cast<uint8_t>(g());
+    std::vector<uint8_t> dst(total + 64, 0xee);
+    // Pieces of odd sizes (one of 3 MB: split), to scattered places, in reverse order.
+    std::vector<cuda::HostCopy> copies;
+    size_t at = 0;
+    for (size_t len : {size_t{1}, size_t{777}, total / 2 + 13}) {
+      if (at + len > total) break;
+      copies.push_back({dst.data() + 32 + (total - at - len), src.data() + at, len});
+      at += len;
+    }
+    copies.push_back({dst.data() + 32, src.data() + at, total - at});
+    cuda::CopyAll(copies);
+    for (const cuda::HostCopy& c : copies)
+      ASSERT_EQ(std::memcmp(c.dst, c.src, c.bytes), 0) << total << " bytes, a copy of " << c.bytes;
+    for (int i = 0; i < 32; ++i) {
+      ASSERT_EQ(dst[i], 0xee) << "before the first byte";
+      ASSERT_EQ(dst[32 + total + i], 0xee) << "past the last byte";
+    }
+  }
+  for (int64_t count : {int64_t{3}, int64_t{40}}) {  // 40 x 37,376 B: over the threshold
+    const int64_t page = 64 * cuda::kRecordBytes;
+    std::vector<std::vector<uint8_t>> pages;
+    std::vector<const uint8_t*> from;
+    for (int64_t p = 0; p < count; ++p) {
+      pages.push_back(RandomRecordPage(64, 900 + static_cast<uint32_t>(p)));
+      from.push_back(pages.back().data());
+    }
+    std::reverse(from.begin(), from.end());
+    std::vector<uint8_t> dst(count * page + 16, 0xee);
+    cuda::GatherPagesHost(from, page, dst.data());
+    for (int64_t p = 0; p < count; ++p) ASSERT_EQ(std::memcmp(dst.data() + p * page, from[p], page), 0) << p;
+    for (int i = 0; i < 16; ++i) ASSERT_EQ(dst[count * page + i], 0xee);
+  }
+}
+
 TEST(DeviceLayout, DequantizedFp8WeightIsExactInBf16) {
   const WeightMatrix w = RandomWeight(WeightFormat::kFp8Block128, 200, 384, 7);
   const std::vector<uint16_t> bits = cuda::DequantizeFp8ToBf16(w);
