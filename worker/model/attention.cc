@@ -273,7 +273,17 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
   be_.HeadRmsNormBf16(q.data(), n * H, D, args_.norm_eps);
   be_.Rope(q.data(), n * H, D, D - rd, rd, cs.data(), sn.data(), H, false);
   be_.Rope(kv.data(), n, D, D - rd, rd, cs.data(), sn.data(), 1, false);
-  for (int64_t i = 0; i < n; ++i) be_.Fp8RoundTrip(kv.data() + i * D, D - rd, 64);
+  // The FP8 round trip of every row's nope dims in one call (a decode step's rows: one call, not
+  // one per session): blocks of 64 never straddle two rows when the nope dims fill whole blocks.
+  const int64_t nope = D - rd;
+  if (nope % 64 == 0 && n > 1) {
+    std::vector<float> nopes(n * nope);
+    for (int64_t i = 0; i < n; ++i) std::copy_n(kv.data() + i * D, nope, nopes.data() + i * nope);
+    be_.Fp8RoundTrip(nopes.data(), n * nope, 64);
+    for (int64_t i = 0; i < n; ++i) std::copy_n(nopes.data() + i * nope, nope, kv.data() + i * D);
+  } else {
+    for (int64_t i = 0; i < n; ++i) be_.Fp8RoundTrip(kv.data() + i * D, nope, 64);
+  }
   std::vector<float> ckv, cscore, iq, iw, ikv, iscore;
   if (compressor_) compressor_->Project(x, n, &ckv, &cscore);
   if (indexer_) {
