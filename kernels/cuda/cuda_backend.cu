@@ -261,28 +261,15 @@ class CudaBackendImpl final : public Backend {
           data[at] = s.record;
           scales[at] = s.scales;
         }
-    const bool tensor_cores = !exact_ && fast_attention_ && heads % cuda::kFastAttentionHeads == 0;
     // One page of them; the tensor-core kernel reads the page in 16-byte pieces (an even count).
     const int64_t entries = std::max<int64_t>((valid + 1) / 2 * 2, 2);
-    const int64_t row_bytes = heads * dim * 4;  // dim 512: a multiple of the frame's alignment, so the q rows lie end to end
-    static_assert(cuda::kRecordDim * 4 % kAlign == 0, "q rows of one frame lie end to end");
     Frame f;
-    const size_t dq = f.In(rows[0].q, row_bytes);
-    for (int64_t i = 1; i < b; ++i) f.In(rows[i].q, row_bytes);
-    const size_t di = f.In(idx.data(), b * n * 4), dsink = f.In(sink, heads * 4);
-    const size_t dpage = f.Scratch(entries * cuda::kRecordBytes), dout = f.Scratch(b * row_bytes);
-    const size_t dws = tensor_cores ? f.Scratch(cuda::PagedSparseAttentionFp8FastWorkspace(b, heads, n)) : 0;
-    for (int64_t i = 0; i < b; ++i) f.Download(dout + i * row_bytes, rows[i].out, row_bytes);
+    AttentionArrays a = AttentionInputs(f, rows, heads, idx, sink);
+    const size_t dpage = f.Scratch(entries * cuda::kRecordBytes);
+    AttentionOutputs(f, rows, heads, n, &a);
     Launch(
         f,
-        [&](Dev d) {
-          if (tensor_cores)
-            return cuda::PagedSparseAttentionFp8Fast(d.at(dq), b, heads, d.at<uint8_t>(dpage), entries,
-                                                     d.at<int32_t>(di), n, d.at(dsink), softmax_scale, d.at(dout),
-                                                     d.at<void>(dws), stream_);
-          return cuda::PagedSparseAttentionFp8(d.at(dq), b, heads, d.at<uint8_t>(dpage), entries, d.at<int32_t>(di), n,
-                                               d.at(dsink), softmax_scale, d.at(dout), stream_);
-        },
+        [&](Dev d) { return AttentionKernel(d, a, b, heads, d.at<uint8_t>(dpage), entries, n, softmax_scale); },
         [&](char* host_scratch) {  // records straight into the pinned buffer (over the host's cores)
           GatherRecords(data, scales, idx.data(), entries,
                         reinterpret_cast<uint8_t*>(host_scratch + f.Resolve(dpage) - f.in_bytes()));
@@ -494,6 +481,55 @@ class CudaBackendImpl final : public Backend {
     return st;
   }
 
+  // Whether entries [entry, entry + count) of `page` can be read from a reserve of pages of
+  // `entry_bytes` an entry: in memory, in range, and of the one page size of this op
+  // (`page_entries`, taken from its first page).
+  static bool ReservablePage(const KvPage* page, int64_t entry, int64_t count, int64_t entry_bytes,
+                             int64_t* page_entries) {
+    if (!page || !page->bytes || entry < 0 || count < 0 || entry + count > page->entries) return false;
+    if (*page_entries == 0) *page_entries = page->entries;
+    return page->entries == *page_entries && page->size == *page_entries * entry_bytes;
+  }
+
+  // The arrays of an attention over paged records, in a frame the staging and the reserve paths
+  // share: every row's queries, the entry numbers idx [rows, n] and the sink as inputs; after the
+  // caller's first scratch (the pages it fills, AttentionInputs then that then AttentionOutputs),
+  // the outputs — each row's copied back to its `out` — and the tensor-core workspace.
+  struct AttentionArrays {
+    size_t dq = 0, di = 0, dsink = 0, dout = 0, dws = 0;
+  };
+  static AttentionArrays AttentionInputs(Frame& f, std::span<const AttentionRow> rows, int64_t heads,
+                                         const std::vector<int32_t>& idx, const float* sink) {
+    const int64_t row_bytes = heads * cuda::kRecordDim * 4;
+    static_assert(cuda::kRecordDim * 4 % kAlign == 0, "q rows of one frame lie end to end");
+    AttentionArrays a;
+    a.dq = f.In(rows[0].q, row_bytes);
+    for (size_t i = 1; i < rows.size(); ++i) f.In(rows[i].q, row_bytes);
+    a.di = f.In(idx.data(), idx.size() * 4);
+    a.dsink = f.In(sink, heads * 4);
+    return a;
+  }
+  void AttentionOutputs(Frame& f, std::span<const AttentionRow> rows, int64_t heads, int64_t n,
+                        AttentionArrays* a) const {
+    const int64_t b = static_cast<int64_t>(rows.size()), row_bytes = heads * cuda::kRecordDim * 4;
+    a->dout = f.Scratch(b * row_bytes);
+    if (TensorCoreAttention(heads)) a->dws = f.Scratch(cuda::PagedSparseAttentionFp8FastWorkspace(b, heads, n));
+    for (int64_t i = 0; i < b; ++i) f.Download(a->dout + i * row_bytes, rows[i].out, row_bytes);
+  }
+  // Fast mode, where the heads fill the warpgroup MMA's 64 rows: the tensor-core kernel.
+  bool TensorCoreAttention(int64_t heads) const {
+    return !exact_ && fast_attention_ && heads % cuda::kFastAttentionHeads == 0;
+  }
+  // The paged kernel over `pages` (page_entries records a page) for the frame's rows.
+  cudaError_t AttentionKernel(Dev d, const AttentionArrays& a, int64_t b, int64_t heads, const uint8_t* pages,
+                              int64_t page_entries, int64_t n, float softmax_scale) const {
+    if (TensorCoreAttention(heads))
+      return cuda::PagedSparseAttentionFp8Fast(d.at(a.dq), b, heads, pages, page_entries, d.at<int32_t>(a.di), n,
+                                               d.at(a.dsink), softmax_scale, d.at(a.dout), d.at<void>(a.dws), stream_);
+    return cuda::PagedSparseAttentionFp8(d.at(a.dq), b, heads, pages, page_entries, d.at<int32_t>(a.di), n,
+                                         d.at(a.dsink), softmax_scale, d.at(a.dout), stream_);
+  }
+
   // Attention over the records reserve (records only, each naming its page; the caller checked
   // the shapes), one launch for every row. False (nothing done) when a slot has no page, there
   // is no reserve, or this call's pages do not fit in it: the caller stages.
@@ -504,12 +540,8 @@ class CudaBackendImpl final : public Backend {
     int64_t n = 1;
     for (const AttentionRow& r : rows) {
       n = std::max<int64_t>(n, static_cast<int64_t>(r.slots.size()));
-      for (const KvSlot& s : r.slots) {
-        if (!s.record) continue;
-        if (!s.page || !s.page->bytes || s.entry < 0 || s.entry >= s.page->entries) return false;
-        if (page_entries == 0) page_entries = s.page->entries;
-        if (s.page->entries != page_entries || s.page->size != page_entries * cuda::kRecordBytes) return false;
-      }
+      for (const KvSlot& s : r.slots)
+        if (s.record && !ReservablePage(s.page, s.entry, 1, cuda::kRecordBytes, &page_entries)) return false;
     }
     if (page_entries == 0) return false;  // nothing but masked slots: the staging path is as cheap
     absl::MutexLock lock(&mu_);
@@ -535,25 +567,13 @@ class CudaBackendImpl final : public Backend {
         idx[i * n + static_cast<int64_t>(j)] = static_cast<int32_t>(slot * page_entries + s.entry);
       }
     }
-    const bool tensor_cores = !exact_ && fast_attention_ && heads % cuda::kFastAttentionHeads == 0;
-    const int64_t row_bytes = heads * cuda::kRecordDim * 4;
     Frame f;
-    const size_t dq = f.In(rows[0].q, row_bytes);
-    for (int64_t i = 1; i < b; ++i) f.In(rows[i].q, row_bytes);
-    const size_t di = f.In(idx.data(), b * n * 4), dsink = f.In(sink, heads * 4);
+    AttentionArrays a = AttentionInputs(f, rows, heads, idx, sink);
     const Uploads up = StageUploads(records_, f);
-    const size_t dout = f.Scratch(b * row_bytes);
-    const size_t dws = tensor_cores ? f.Scratch(cuda::PagedSparseAttentionFp8FastWorkspace(b, heads, n)) : 0;
-    for (int64_t i = 0; i < b; ++i) f.Download(dout + i * row_bytes, rows[i].out, row_bytes);
-    const uint8_t* pages = records_.dev;
-    const absl::Status st = RunWithUploadsLocked(records_, f, up, [&](Dev d) {
-      if (tensor_cores)
-        return cuda::PagedSparseAttentionFp8Fast(d.at(dq), b, heads, pages, page_entries, d.at<int32_t>(di), n,
-                                                 d.at(dsink), softmax_scale, d.at(dout), d.at<void>(dws), stream_);
-      return cuda::PagedSparseAttentionFp8(d.at(dq), b, heads, pages, page_entries, d.at<int32_t>(di), n, d.at(dsink),
-                                           softmax_scale, d.at(dout), stream_);
-    });
-    Fail(st);
+    AttentionOutputs(f, rows, heads, n, &a);
+    Fail(RunWithUploadsLocked(records_, f, up, [&](Dev d) {
+      return AttentionKernel(d, a, b, heads, records_.dev, page_entries, n, softmax_scale);
+    }));
     return true;
   }
 
@@ -564,11 +584,7 @@ class CudaBackendImpl final : public Backend {
     int64_t n = 0, page_entries = 0;
     for (const IndexScoreRow& r : rows)
       for (const KeyRun& run : r.keys) {
-        if (!run.rows || !run.page || !run.page->bytes || run.entry < 0 || run.count < 0 ||
-            run.entry + run.count > run.page->entries)
-          return false;
-        if (page_entries == 0) page_entries = run.page->entries;
-        if (run.page->entries != page_entries || run.page->size != page_entries * dim * 4) return false;
+        if (!run.rows || !ReservablePage(run.page, run.entry, run.count, dim * 4, &page_entries)) return false;
         n += run.count;
       }
     if (n == 0) return false;

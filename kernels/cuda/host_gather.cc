@@ -7,12 +7,15 @@
 #include "kernels/cuda/device_ops.h"
 
 namespace flashmem::kernels::cuda {
+namespace {
+// Below ~1 MB a single core's memcpy beats waking the team.
+constexpr size_t kParallelBytes = size_t{1} << 20;
+}  // namespace
 
 void GatherRows(std::span<const float* const> rows, int64_t dim, const int32_t* slot, float* dst, bool zero_null) {
   const int64_t n = static_cast<int64_t>(rows.size());
   const size_t bytes = static_cast<size_t>(dim) * sizeof(float);
-  // Below ~1 MB a single core's memcpy beats waking the team.
-#pragma omp parallel for schedule(static) if (static_cast<size_t>(n) * bytes > (size_t{1} << 20))
+#pragma omp parallel for schedule(static) if (static_cast<size_t>(n) * bytes > kParallelBytes)
   for (int64_t j = 0; j < n; ++j) {
     float* to = dst + static_cast<int64_t>(slot ? slot[j] : j) * dim;
     if (rows[j]) std::memcpy(to, rows[j], bytes);
@@ -24,7 +27,7 @@ void GatherRecords(std::span<const uint8_t* const> data, std::span<const uint8_t
                    int64_t entries, uint8_t* page) {
   constexpr size_t kData = kRecordData, kScales = kRecordScales;
   const int64_t n = static_cast<int64_t>(data.size());
-#pragma omp parallel for schedule(static) if (static_cast<size_t>(n) * (kData + kScales) > (size_t{1} << 20))
+#pragma omp parallel for schedule(static) if (static_cast<size_t>(n) * (kData + kScales) > kParallelBytes)
   for (int64_t j = 0; j < n; ++j) {
     if (entry[j] < 0) continue;
     std::memcpy(page + static_cast<size_t>(entry[j]) * kData, data[j], kData);
@@ -35,7 +38,7 @@ void GatherRecords(std::span<const uint8_t* const> data, std::span<const uint8_t
 void CopyAll(std::span<const HostCopy> copies) {
   size_t total = 0;
   for (const HostCopy& c : copies) total += c.bytes;
-  if (total <= (size_t{1} << 20)) {
+  if (total <= kParallelBytes) {
     for (const HostCopy& c : copies) std::memcpy(c.dst, c.src, c.bytes);
     return;
   }
@@ -51,9 +54,10 @@ void CopyAll(std::span<const HostCopy> copies) {
 }
 
 void GatherPagesHost(std::span<const uint8_t* const> pages, int64_t page_bytes, uint8_t* dst) {
-  const int64_t n = static_cast<int64_t>(pages.size());
-#pragma omp parallel for schedule(static) if (static_cast<size_t>(n) * static_cast<size_t>(page_bytes) > (size_t{1} << 20))
-  for (int64_t j = 0; j < n; ++j) std::memcpy(dst + j * page_bytes, pages[j], static_cast<size_t>(page_bytes));
+  std::vector<HostCopy> copies;
+  copies.reserve(pages.size());
+  for (size_t j = 0; j < pages.size(); ++j) copies.push_back({dst + j * page_bytes, pages[j], static_cast<size_t>(page_bytes)});
+  CopyAll(copies);
 }
 
 }  // namespace flashmem::kernels::cuda
