@@ -238,8 +238,9 @@ class Backend {
   virtual void RoutedExperts(std::span<const ExpertWork> experts, const float* x, int64_t n, int64_t dim,
                              float swiglu_limit, float* y) const;
 
-  // hc_head: pre = sigmoid(mixes * scale + base) + hc_eps; y = bf16(sum_i pre_i x_i).
-  virtual void HcHead(const float* x, const float* fn, const float* base, float scale, int hc,
+  // hc_head for n tokens: x [n, hc, dim], y [n, dim]; per token pre = sigmoid(mixes * scale +
+  // base) + hc_eps; y = bf16(sum_i pre_i x_i) (a batch's last rows go through the head together).
+  virtual void HcHead(const float* x, int64_t n, const float* fn, const float* base, float scale, int hc,
                       int64_t dim, float norm_eps, float hc_eps, float* y) const = 0;
 };
 

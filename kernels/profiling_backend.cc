@@ -167,11 +167,11 @@ void ProfilingBackend::HcPost(const float* f, const float* residual, const float
   inner_.HcPost(f, residual, post, comb, n, hc, dim, out);
   Record(OpKind::kHcPost, t.seconds(), n);
 }
-void ProfilingBackend::HcHead(const float* x, const float* fn, const float* base, float scale, int hc, int64_t dim,
-                              float norm_eps, float hc_eps, float* y) const {
+void ProfilingBackend::HcHead(const float* x, int64_t n, const float* fn, const float* base, float scale, int hc,
+                              int64_t dim, float norm_eps, float hc_eps, float* y) const {
   Timer t;
-  inner_.HcHead(x, fn, base, scale, hc, dim, norm_eps, hc_eps, y);
-  Record(OpKind::kHcHead, t.seconds(), 1);
+  inner_.HcHead(x, n, fn, base, scale, hc, dim, norm_eps, hc_eps, y);
+  Record(OpKind::kHcHead, t.seconds(), n);
 }
 
 void ProfilingBackend::RoutedExperts(std::span<const ExpertWork> experts, const float* x, int64_t n, int64_t dim,

@@ -59,8 +59,8 @@ class ProfilingBackend final : public Backend {
              int iters, float norm_eps, float hc_eps, float* y, float* post, float* comb) const override;
   void HcPost(const float* f, const float* residual, const float* post, const float* comb, int64_t n, int hc,
               int64_t dim, float* out) const override;
-  void HcHead(const float* x, const float* fn, const float* base, float scale, int hc, int64_t dim, float norm_eps,
-              float hc_eps, float* y) const override;
+  void HcHead(const float* x, int64_t n, const float* fn, const float* base, float scale, int hc, int64_t dim,
+              float norm_eps, float hc_eps, float* y) const override;
   void RoutedExperts(std::span<const ExpertWork> experts, const float* x, int64_t n, int64_t dim, float swiglu_limit,
                      float* y) const override;
 

@@ -317,8 +317,15 @@ class CpuBackendImpl final : public Backend {
   }
 
  public:
-  void HcHead(const float* x, const float* fn, const float* base, float scale, int hc,
+  void HcHead(const float* x, int64_t n, const float* fn, const float* base, float scale, int hc,
               int64_t dim, float norm_eps, float hc_eps, float* y) const override {
+    for (int64_t t = 0; t < n; ++t)
+      HcHeadToken(x + t * hc * dim, fn, base, scale, hc, dim, norm_eps, hc_eps, y + t * dim);
+  }
+
+ private:
+  void HcHeadToken(const float* x, const float* fn, const float* base, float scale, int hc,
+                   int64_t dim, float norm_eps, float hc_eps, float* y) const {
     const int64_t k = hc * dim;
     const float rs = 1.0f / std::sqrt(Dot(x, x, k) / static_cast<float>(k) + norm_eps);
     std::vector<float> pre(hc);

@@ -381,18 +381,19 @@ class CudaBackendImpl final : public Backend {
     });
   }
 
-  void HcHead(const float* x, const float* fn, const float* base, float scale, int hc, int64_t dim, float norm_eps,
-              float hc_eps, float* y) const override {
+  void HcHead(const float* x, int64_t n, const float* fn, const float* base, float scale, int hc, int64_t dim,
+              float norm_eps, float hc_eps, float* y) const override {
+    if (n == 0) return;
     absl::MutexLock lock(&mu_);
     if (!health_.ok()) return;
     op_clock_ = clock_ + 1;
     auto dfn = ArrayOnDevice(fn, static_cast<size_t>(hc) * hc * dim);
     if (!dfn.ok()) return Fail(dfn.status());
     Frame f;
-    const size_t dx = f.In(x, hc * dim * 4), db = f.In(base, hc * 4), dy = f.Scratch(dim * 4);
-    f.Download(dy, y, dim * 4);
+    const size_t dx = f.In(x, n * hc * dim * 4), db = f.In(base, hc * 4), dy = f.Scratch(n * dim * 4);
+    f.Download(dy, y, n * dim * 4);
     Fail(RunLocked(f, [&](Dev d) {
-      return cuda::HcHead(d.at(dx), *dfn, d.at(db), scale, hc, dim, norm_eps, hc_eps, d.at(dy), stream_);
+      return cuda::HcHead(d.at(dx), n, *dfn, d.at(db), scale, hc, dim, norm_eps, hc_eps, d.at(dy), stream_);
     }));
   }
 

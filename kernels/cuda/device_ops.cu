@@ -381,10 +381,13 @@ __global__ void HcPostKernel(const float* f, const float* residual, const float*
   out[id] = RoundBf16(s);
 }
 
+// One block per token.
 __global__ void __launch_bounds__(kHcThreads) HcHeadKernel(const float* x, const float* fn, const float* base,
                                                            float scale, int hc, int64_t dim, float norm_eps,
                                                            float hc_eps, float* y) {
   const int64_t k = hc * dim;
+  x += blockIdx.x * k;
+  y += blockIdx.x * dim;
   extern __shared__ __align__(16) float hc_smem[];
   __shared__ float pre[kMaxHc], mixes[kMaxHc];
   StagedMixes(x, fn, k, hc, norm_eps, hc_smem, hc_smem + HcRound4(k), mixes);
@@ -489,16 +492,17 @@ cudaError_t HcPost(const float* f, const float* residual, const float* post, con
   return cudaGetLastError();
 }
 
-cudaError_t HcHead(const float* x, const float* fn, const float* base, float scale, int hc, int64_t dim,
+cudaError_t HcHead(const float* x, int64_t n, const float* fn, const float* base, float scale, int hc, int64_t dim,
                    float norm_eps, float hc_eps, float* y, cudaStream_t stream) {
   if (hc > kMaxHc) return cudaErrorInvalidValue;
+  if (n == 0) return cudaSuccess;
   const int64_t tile = HcTile(hc * dim, hc);
   if (tile == 0) return cudaErrorInvalidValue;
   const size_t smem = static_cast<size_t>(HcRound4(hc * dim) + hc * tile) * sizeof(float);
   if (cudaError_t e = cudaFuncSetAttribute(HcHeadKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
       e != cudaSuccess)
     return e;
-  HcHeadKernel<<<1, kHcThreads, smem, stream>>>(x, fn, base, scale, hc, dim, norm_eps, hc_eps, y);
+  HcHeadKernel<<<static_cast<unsigned>(n), kHcThreads, smem, stream>>>(x, fn, base, scale, hc, dim, norm_eps, hc_eps, y);
   return cudaGetLastError();
 }
 

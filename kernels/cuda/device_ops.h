@@ -109,7 +109,8 @@ cudaError_t HcPre(const float* x, int64_t n, const float* fn, const float* base,
                   float* comb, cudaStream_t stream);
 cudaError_t HcPost(const float* f, const float* residual, const float* post, const float* comb,
                    int64_t n, int hc, int64_t dim, float* out, cudaStream_t stream);
-cudaError_t HcHead(const float* x, const float* fn, const float* base, float scale, int hc,
+// hc_head for `n` tokens (x [n, hc, dim], y [n, dim]), one block each.
+cudaError_t HcHead(const float* x, int64_t n, const float* fn, const float* base, float scale, int hc,
                    int64_t dim, float norm_eps, float hc_eps, float* y, cudaStream_t stream);
 
 // ---- the 584-byte FP8 KV record (spec §4.1), paged: a page of B entries holds B x 576 data bytes

@@ -664,9 +664,9 @@ TEST_F(CudaOps, HyperConnections) {
     cpu().HcPost(f.data(), x.data(), pa.data(), ca.data(), n, hc, dim, oa.data());
     gpu_->HcPost(f.data(), x.data(), pa.data(), ca.data(), n, hc, dim, ob.data());
     EXPECT_LE(RelErr(ob, oa), 1e-6) << dim;
-    std::vector<float> ha = Poisoned(dim), hb = ha;
-    cpu().HcHead(x.data(), fn.data(), base.data(), 0.7f, hc, dim, 1e-6f, 1e-6f, ha.data());
-    gpu_->HcHead(x.data(), fn.data(), base.data(), 0.7f, hc, dim, 1e-6f, 1e-6f, hb.data());
+    std::vector<float> ha = Poisoned(n * dim), hb = ha;
+    cpu().HcHead(x.data(), n, fn.data(), base.data(), 0.7f, hc, dim, 1e-6f, 1e-6f, ha.data());
+    gpu_->HcHead(x.data(), n, fn.data(), base.data(), 0.7f, hc, dim, 1e-6f, 1e-6f, hb.data());
     EXPECT_LE(RelErr(hb, ha), kBf16Tol) << dim;
   }
 }
@@ -687,10 +687,10 @@ TEST_F(CudaOps, HyperConnectionMixesStagedStayBitIdentical) {
       EXPECT_EQ(ya, yb) << "y dim " << dim << " n " << n;
       EXPECT_EQ(pa, pb) << "post dim " << dim << " n " << n;
       EXPECT_EQ(ca, cb) << "comb dim " << dim << " n " << n;
-      std::vector<float> ha = Poisoned(dim), hb = ha;
-      cpu().HcHead(x.data(), fn.data(), base.data(), 0.7f, hc, dim, 1e-6f, 1e-6f, ha.data());
-      gpu_->HcHead(x.data(), fn.data(), base.data(), 0.7f, hc, dim, 1e-6f, 1e-6f, hb.data());
-      EXPECT_EQ(ha, hb) << "head dim " << dim;
+      std::vector<float> ha = Poisoned(n * dim), hb = ha;  // every token's head row, one call
+      cpu().HcHead(x.data(), n, fn.data(), base.data(), 0.7f, hc, dim, 1e-6f, 1e-6f, ha.data());
+      gpu_->HcHead(x.data(), n, fn.data(), base.data(), 0.7f, hc, dim, 1e-6f, 1e-6f, hb.data());
+      EXPECT_EQ(ha, hb) << "head dim " << dim << " n " << n;
     }
   EXPECT_TRUE(gpu_->Health().ok()) << gpu_->Health();
 }

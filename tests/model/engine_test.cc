@@ -112,9 +112,47 @@ TEST_F(Engine, DecodeRowsOfDifferentSessionsAttendTogether) {
                                  {sb.get(), std::span<const int32_t>(&nb, 1), &ob, nullptr}};
   ASSERT_TRUE((*tf)->Forward(step).ok());
   EXPECT_EQ(prof.Stats(kernels::OpKind::kSparseAttention).calls, static_cast<uint64_t>(L));
+  EXPECT_EQ(prof.Stats(kernels::OpKind::kHcHead).calls, 1u);  // both rows through the head at once
+  EXPECT_EQ(prof.Stats(kernels::OpKind::kHcHead).items, 2u);
   auto a2 = a;
   a2.push_back(na);
   EXPECT_EQ(oa, Feed(a2, {20, 1}));  // the same logits as the session alone
+}
+
+// Blocks that rows of different sessions complete in one step are finished together (one call
+// per op for the step, not one per session), and every session gets what it gets alone.
+TEST_F(Engine, BlocksCompletedInOneStepAreFinishedTogether) {
+  kernels::ProfilingBackend prof(TestBackend());
+  auto tf = Transformer::Load(loaded_->dir, prof);
+  ASSERT_TRUE(tf.ok()) << tf.status();
+  const auto& args = (*tf)->args();
+  int64_t csa = 0;
+  for (int64_t l = 0; l < args.n_layers; ++l) csa += args.ratio(l) == 4;
+  ASSERT_GT(csa, 0) << "the test model needs a CSA layer";
+  // Decoding at positions 23 and 19: both rows complete a block of 4 (and so a key of the indexer).
+  const auto a = Prompt(23, args.vocab_size, 7), b = Prompt(19, args.vocab_size, 8);
+  auto sa = (*tf)->NewSession(), sb = (*tf)->NewSession();
+  std::vector<float> oa, ob;
+  std::vector<BatchItem> prompts = {{sa.get(), a, &oa, nullptr}, {sb.get(), b, &ob, nullptr}};
+  ASSERT_TRUE((*tf)->Forward(prompts).ok());
+  prof.Reset();
+  const int32_t na = 11, nb = 12;
+  std::vector<BatchItem> step = {{sa.get(), std::span<const int32_t>(&na, 1), &oa, nullptr},
+                                 {sb.get(), std::span<const int32_t>(&nb, 1), &ob, nullptr}};
+  ASSERT_TRUE((*tf)->Forward(step).ok());
+  // Per CSA layer: the indexer's queries, then the two new keys in one call (not one per row).
+  EXPECT_EQ(prof.Stats(kernels::OpKind::kHadamard).calls, static_cast<uint64_t>(2 * csa));
+  EXPECT_EQ(prof.Stats(kernels::OpKind::kHadamard).items, static_cast<uint64_t>(2 * csa * (args.index_n_heads + 1)));
+  auto a2 = a, b2 = b;
+  a2.push_back(na);
+  b2.push_back(nb);
+  EXPECT_EQ(oa, Feed(a2, {23, 1}));
+  EXPECT_EQ(ob, Feed(b2, {19, 1}));
+  for (int64_t l = 0; l < args.n_layers; ++l)
+    if (args.ratio(l) == 4) {  // the new keys were appended: 24 / 4 and 20 / 4 complete blocks
+      EXPECT_EQ(sa->layers[l].index_keys.size(), 6) << "layer " << l;
+      EXPECT_EQ(sb->layers[l].index_keys.size(), 5) << "layer " << l;
+    }
 }
 
 TEST_F(Engine, BadBatchesAreRejected) {
@@ -245,9 +283,9 @@ class RecordingBackend final : public kernels::Backend {
               float* out) const override {
     cpu_.HcPost(f, r, post, comb, n, hc, d, out);
   }
-  void HcHead(const float* x, const float* fn, const float* base, float scale, int hc, int64_t d, float ne, float he,
-              float* y) const override {
-    cpu_.HcHead(x, fn, base, scale, hc, d, ne, he, y);
+  void HcHead(const float* x, int64_t n, const float* fn, const float* base, float scale, int hc, int64_t d, float ne,
+              float he, float* y) const override {
+    cpu_.HcHead(x, n, fn, base, scale, hc, d, ne, he, y);
   }
   size_t prepared() const { return prepared_.size(); }
   int64_t linears() const { return linears_; }

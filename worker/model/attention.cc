@@ -25,6 +25,17 @@ void RowAngles(const RotaryTable& rope, std::span<const TokenRow> rows, int64_t 
 
 }  // namespace
 
+void RoundTripNopeFp8(const kernels::Backend& be, float* x, int64_t rows, int64_t dim, int64_t nope) {
+  if (nope % 64 == 0 && rows > 1) {  // blocks of 64 never straddle two rows: one call for all
+    std::vector<float> nopes(rows * nope);
+    for (int64_t i = 0; i < rows; ++i) std::copy_n(x + i * dim, nope, nopes.data() + i * nope);
+    be.Fp8RoundTrip(nopes.data(), rows * nope, 64);
+    for (int64_t i = 0; i < rows; ++i) std::copy_n(nopes.data() + i * nope, nope, x + i * dim);
+  } else {
+    for (int64_t i = 0; i < rows; ++i) be.Fp8RoundTrip(x + i * dim, nope, 64);
+  }
+}
+
 // ---- Compressor ------------------------------------------------------------------------------
 
 Compressor::Compressor(const ModelArgs& args, const CompressorWeights& w, int ratio,
@@ -41,8 +52,8 @@ void Compressor::Project(const float* x, int64_t n, std::vector<float>* kv,
   be_.Linear(w_.wgate, x, n, score->data(), Rounding::kNone);
 }
 
-bool Compressor::Update(CompressorState& st, const float* kv, const float* score, int64_t pos,
-                        float* out) const {
+bool Compressor::Pool(CompressorState& st, const float* kv, const float* score, int64_t pos,
+                      float* c) const {
   const int64_t d = head_dim_, r = ratio_;
   const int64_t width = (overlap_ ? 2 : 1) * d;  // row width of the state
   const int64_t slot = (overlap_ ? r : 0) + pos % r;
@@ -55,7 +66,6 @@ bool Compressor::Update(CompressorState& st, const float* kv, const float* score
   // Per-dimension softmax over the candidates of the block, then the weighted sum (fp32).
   // Overlap: rows 0..r-1 (previous block) give their first half, rows r..2r-1 their second.
   const int64_t n_cand = overlap_ ? 2 * r : r;
-  std::vector<float> c(d);
   std::vector<float> s(n_cand), v(n_cand);
   for (int64_t e = 0; e < d; ++e) {
     for (int64_t j = 0; j < n_cand; ++j) {
@@ -74,18 +84,26 @@ bool Compressor::Update(CompressorState& st, const float* kv, const float* score
     std::copy(st.kv.begin() + r * width, st.kv.end(), st.kv.begin());
     std::copy(st.score.begin() + r * width, st.score.end(), st.score.begin());
   }
-  be_.RmsNorm(c.data(), w_.norm.data(), 1, d, args_.norm_eps, out);
-  const int64_t rd = args_.rope_head_dim;
-  std::vector<float> cs(rd / 2), sn(rd / 2);
-  rope_.Angles(pos + 1 - r, cs.data(), sn.data());  // the block's first token
-  be_.Rope(out, 1, d, d - rd, rd, cs.data(), sn.data(), 1, false);
-  if (rotate_) {
-    be_.Hadamard(out, 1, d);
-    be_.Fp4RoundTrip(out, d, 32);
-  } else {
-    be_.Fp8RoundTrip(out, d - rd, 64);
-  }
   return true;
+}
+
+void Compressor::Finish(const float* pooled, std::span<const int64_t> block_starts, float* out) const {
+  const int64_t m = static_cast<int64_t>(block_starts.size()), d = head_dim_, rd = args_.rope_head_dim;
+  if (m == 0) return;
+  be_.RmsNorm(pooled, w_.norm.data(), m, d, args_.norm_eps, out);
+  std::vector<float> cs(m * (rd / 2)), sn(m * (rd / 2));
+  for (int64_t i = 0; i < m; ++i) rope_.Angles(block_starts[i], cs.data() + i * (rd / 2), sn.data() + i * (rd / 2));
+  be_.Rope(out, m, d, d - rd, rd, cs.data(), sn.data(), 1, false);
+  if (rotate_) {
+    be_.Hadamard(out, m, d);
+    if (d % 32 == 0) {
+      be_.Fp4RoundTrip(out, m * d, 32);  // blocks of 32 never straddle two rows
+    } else {
+      for (int64_t i = 0; i < m; ++i) be_.Fp4RoundTrip(out + i * d, d, 32);
+    }
+  } else {
+    RoundTripNopeFp8(be_, out, m, d, d - rd);
+  }
 }
 
 // ---- Indexer ---------------------------------------------------------------------------------
@@ -274,16 +292,8 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
   be_.Rope(q.data(), n * H, D, D - rd, rd, cs.data(), sn.data(), H, false);
   be_.Rope(kv.data(), n, D, D - rd, rd, cs.data(), sn.data(), 1, false);
   // The FP8 round trip of every row's nope dims in one call (a decode step's rows: one call, not
-  // one per session): blocks of 64 never straddle two rows when the nope dims fill whole blocks.
-  const int64_t nope = D - rd;
-  if (nope % 64 == 0 && n > 1) {
-    std::vector<float> nopes(n * nope);
-    for (int64_t i = 0; i < n; ++i) std::copy_n(kv.data() + i * D, nope, nopes.data() + i * nope);
-    be_.Fp8RoundTrip(nopes.data(), n * nope, 64);
-    for (int64_t i = 0; i < n; ++i) std::copy_n(nopes.data() + i * nope, nope, kv.data() + i * D);
-  } else {
-    for (int64_t i = 0; i < n; ++i) be_.Fp8RoundTrip(kv.data() + i * D, nope, 64);
-  }
+  // one per session).
+  RoundTripNopeFp8(be_, kv.data(), n, D, D - rd);
   std::vector<float> ckv, cscore, iq, iw, ikv, iscore;
   if (compressor_) compressor_->Project(x, n, &ckv, &cscore);
   if (indexer_) {
@@ -295,8 +305,24 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
   // of distinct sessions: a session's next row writes KV its pending row reads (the window slot it
   // overwrites is still in that row's window; the index key it appends), so a batch runs before
   // such a row's writes. A decode step's rows are one batch; a prompt's rows go one at a time.
-  std::vector<float> o(n * H * D), entry(D), ientry(args_.index_head_dim);
+  std::vector<float> o(n * H * D);
   const int64_t cw = compressor_ ? ckv.size() / n : 0, iw_ = indexer_ ? ikv.size() / n : 0;
+  // Blocks the pending rows completed, finished together (one call per op for a step's rows, not
+  // one per session) and appended before the batch that reads them runs.
+  struct Completed {
+    std::vector<float> pooled;
+    std::vector<int64_t> starts;
+    std::vector<kv::EntryPages*> to;
+    void Flush(const Compressor& comp) {
+      if (starts.empty()) return;
+      std::vector<float> entries(pooled.size());
+      comp.Finish(pooled.data(), starts, entries.data());
+      for (size_t j = 0; j < to.size(); ++j) to[j]->Append(entries.data() + j * comp.head_dim());
+      pooled.clear();
+      starts.clear();
+      to.clear();
+    }
+  } completed, index_completed;
   const float softmax_scale = 1.0f / std::sqrt(static_cast<float>(D));
   std::vector<int64_t> batch;                       // the pending rows (indices into `rows`)
   std::vector<std::vector<float>> scores;           // their index scores, reused batch after batch
@@ -305,6 +331,8 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
   auto run_batch = [&] {
     const size_t m = batch.size();
     if (m == 0) return;
+    if (compressor_) completed.Flush(*compressor_);
+    if (indexer_) index_completed.Flush(indexer_->compressor());
     if (scores.size() < m) scores.resize(m);
     if (slots.size() < m) slots.resize(m);
     std::vector<std::vector<int32_t>> selected(m);
@@ -336,11 +364,22 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
     if (std::any_of(batch.begin(), batch.end(), [&](int64_t j) { return rows[j].state == row.state; })) run_batch();
     LayerState& ls = row.state->layers[layer_];
     ls.window.Overwrite(row.pos % W, kv.data() + i * D);
-    if (compressor_ && compressor_->Update(ls.compressor, ckv.data() + i * cw, cscore.data() + i * cw, row.pos, entry.data()))
-      ls.compressed.Append(entry.data());
-    if (indexer_ && indexer_->compressor().Update(ls.index_compressor, ikv.data() + i * iw_, iscore.data() + i * iw_,
-                                                  row.pos, ientry.data()))
-      ls.index_keys.Append(ientry.data());
+    auto pool = [&](const Compressor& comp, CompressorState& st, const float* kv_row, const float* score_row,
+                    kv::EntryPages* to, Completed* done) {
+      const size_t at = done->pooled.size();
+      done->pooled.resize(at + comp.head_dim());
+      if (!comp.Pool(st, kv_row, score_row, row.pos, done->pooled.data() + at)) {
+        done->pooled.resize(at);
+        return;
+      }
+      done->starts.push_back(row.pos + 1 - comp.ratio());  // the block's first position
+      done->to.push_back(to);
+    };
+    if (compressor_)
+      pool(*compressor_, ls.compressor, ckv.data() + i * cw, cscore.data() + i * cw, &ls.compressed, &completed);
+    if (indexer_)
+      pool(indexer_->compressor(), ls.index_compressor, ikv.data() + i * iw_, iscore.data() + i * iw_, &ls.index_keys,
+           &index_completed);
     batch.push_back(i);
   }
   run_batch();

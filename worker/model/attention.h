@@ -27,6 +27,10 @@ struct TokenRow {
   bool prefill() const { return chunk_start == 0 && chunk_len > 1; }
 };
 
+// In place FP8 round trip (blocks of 64) of the first `nope` of each of `rows` rows of `dim`: one
+// backend call for all rows when the blocks fill whole rows' nope dims, else one per row.
+void RoundTripNopeFp8(const kernels::Backend& be, float* x, int64_t rows, int64_t dim, int64_t nope);
+
 // Gated pooling of `ratio` tokens into one entry (overlapping windows of 2*ratio when ratio 4).
 class Compressor {
  public:
@@ -34,9 +38,14 @@ class Compressor {
              bool rotate, const RotaryTable& rope, const kernels::Backend& be);
   // kv and gate-score projections (fp32) of n input rows: [n, coff*head_dim] each.
   void Project(const float* x, int64_t n, std::vector<float>* kv, std::vector<float>* score) const;
-  // Feeds one token at `pos`; when its block completes, writes the finished entry (bf16 values,
-  // normed, roped at the block's first position, FP8- or Hadamard+FP4-rounded) and returns true.
-  bool Update(CompressorState& st, const float* kv, const float* score, int64_t pos, float* out) const;
+  // Feeds one token at `pos`; when its block completes, writes the block's pooled row (head_dim
+  // bf16 values, before the norm) to `pooled` and returns true.
+  bool Pool(CompressorState& st, const float* kv, const float* score, int64_t pos, float* pooled) const;
+  // Finishes m pooled rows [m, head_dim] into entries `out` (bf16 values: normed, roped at each
+  // block's first position, FP8- or Hadamard+FP4-rounded), one backend call per op for all rows.
+  // `block_starts[i]`: the first position of row i's block.
+  void Finish(const float* pooled, std::span<const int64_t> block_starts, float* out) const;
+  int64_t head_dim() const { return head_dim_; }
   int ratio() const { return ratio_; }
   // Moves this module's weights to where the backend computes (Backend::Prepare).
   absl::Status Prepare() const;

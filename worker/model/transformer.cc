@@ -36,14 +36,14 @@ void Block::Forward(std::vector<float>& X, std::span<const TokenRow> rows,
 
 // ---- ParallelHead ----------------------------------------------------------------------------
 
-void ParallelHead::Forward(const float* X, float* logits, std::vector<float>* head_input) const {
+void ParallelHead::Forward(const float* X, int64_t n, float* logits, std::vector<float>* head_input) const {
   const int64_t d = args_.dim;
-  std::vector<float> u(d), xn(d);
-  be_.HcHead(X, hc_.fn.data(), hc_.base.data(), hc_.scale[0], args_.hc_mult, d, args_.norm_eps,
+  std::vector<float> u(n * d), xn(n * d);
+  be_.HcHead(X, n, hc_.fn.data(), hc_.base.data(), hc_.scale[0], args_.hc_mult, d, args_.norm_eps,
              args_.hc_eps, u.data());
-  be_.RmsNorm(u.data(), norm_.data(), 1, d, args_.norm_eps, xn.data());
+  be_.RmsNorm(u.data(), norm_.data(), n, d, args_.norm_eps, xn.data());
   if (head_input) *head_input = xn;
-  be_.Linear(head_, xn.data(), 1, logits, kernels::Rounding::kNone);  // fp32 logits
+  be_.Linear(head_, xn.data(), n, logits, kernels::Rounding::kNone);  // fp32 logits
 }
 
 // ---- Transformer -----------------------------------------------------------------------------
@@ -143,22 +143,46 @@ absl::Status Transformer::Forward(std::span<BatchItem> batch) const {
     for (int64_t i = 0; i < n; ++i)
       if (trace_rows[i]) trace_rows[i]->block_out[l].assign(X.begin() + i * hc * d, X.begin() + (i + 1) * hc * d);
   }
+  // The head, for every item that asks for logits or a trace: their last rows in one call per op
+  // (one pass over the head's weights for the batch, not one per item).
+  std::vector<size_t> heads;  // items through the head
+  std::vector<float> H;       // their last rows' residuals [m, hc, d]
   int64_t row = 0;
-  for (BatchItem& it : batch) {
+  for (size_t b = 0; b < batch.size(); ++b) {
+    BatchItem& it = batch[b];
     const int64_t last = row + static_cast<int64_t>(it.tokens.size()) - 1;
     if (it.logits || it.trace) {
-      std::vector<float> logits(w_.head.rows);
-      head_->Forward(X.data() + last * hc * d, logits.data(), it.trace ? &it.trace->head_input : nullptr);
-      if (comm_) {  // vocab-split head: every rank gets the whole vocabulary's logits
-        std::vector<float> all(logits.size() * comm_->size());
-        comm_->AllGather(logits.data(), static_cast<int64_t>(logits.size()), all.data());
-        logits = std::move(all);
-      }
-      if (it.trace) it.trace->hidden_hc.assign(X.begin() + last * hc * d, X.begin() + (last + 1) * hc * d);
-      if (it.logits) *it.logits = std::move(logits);
+      heads.push_back(b);
+      H.insert(H.end(), X.begin() + last * hc * d, X.begin() + (last + 1) * hc * d);
     }
     it.state->position += static_cast<int64_t>(it.tokens.size());
     row = last + 1;
+  }
+  const int64_t m = static_cast<int64_t>(heads.size()), vl = w_.head.rows;
+  if (m > 0) {
+    std::vector<float> logits(m * vl), head_input;
+    head_->Forward(H.data(), m, logits.data(), &head_input);
+    std::vector<float> all;  // vocab-split head: every rank gets the whole vocabulary's logits
+    if (comm_) {
+      all.resize(logits.size() * comm_->size());
+      comm_->AllGather(logits.data(), static_cast<int64_t>(logits.size()), all.data());
+    }
+    for (int64_t j = 0; j < m; ++j) {
+      BatchItem& it = batch[heads[j]];
+      std::vector<float> mine;
+      if (comm_) {  // rank r's block holds its slice of every row: row j is at r * m * vl + j * vl
+        mine.reserve(vl * comm_->size());
+        for (int r = 0; r < comm_->size(); ++r)
+          mine.insert(mine.end(), all.begin() + (r * m + j) * vl, all.begin() + (r * m + j + 1) * vl);
+      } else {
+        mine.assign(logits.begin() + j * vl, logits.begin() + (j + 1) * vl);
+      }
+      if (it.trace) {
+        it.trace->head_input.assign(head_input.begin() + j * d, head_input.begin() + (j + 1) * d);
+        it.trace->hidden_hc.assign(H.begin() + j * hc * d, H.begin() + (j + 1) * hc * d);
+      }
+      if (it.logits) *it.logits = std::move(mine);
+    }
   }
   // A device backend's failure inside an op (memory budget, lost device) or a failed collective
   // makes the pass invalid.

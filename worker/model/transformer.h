@@ -41,9 +41,9 @@ class ParallelHead {
   ParallelHead(const ModelArgs& args, const WeightMatrix& head, const std::vector<float>& norm,
                const HcHeadWeights& hc, const kernels::Backend& be)
       : args_(args), head_(head), norm_(norm), hc_(hc), be_(be) {}
-  // X: [hc, dim] of one position -> logits [local vocab] (fp32); head_input receives the
-  // normed vector multiplied by the head (when non-null).
-  void Forward(const float* X, float* logits, std::vector<float>* head_input) const;
+  // X: [n, hc, dim] of n positions -> logits [n, local vocab] (fp32), one call per op for all of
+  // them; head_input receives the [n, dim] normed vectors multiplied by the head (when non-null).
+  void Forward(const float* X, int64_t n, float* logits, std::vector<float>* head_input) const;
   absl::Status Prepare() const { return be_.Prepare(head_); }
 
  private:
