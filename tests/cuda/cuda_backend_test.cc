@@ -1114,10 +1114,11 @@ TEST(CudaBackendErrors, BudgetTooSmallIsAClearStickyError) {
 // Fast mode's operand for FP8 weights: values x block scale in bf16, exactly.
 // The whole routed-expert layer on the device (one staging round trip): bit-identical to the CPU's
 // per-expert Linear calls with the exact kernels, within bf16 rounding in both fast modes — per
-// expert (mixed formats, or more than 16 rows) and grouped (all FP4, decode-sized).
+// expert (mixed formats, or FP4 experts past 64 rows) and grouped (all FP4: ~27 rows an expert at
+// n = 40, more than one pass of 8 rows over each expert's weights).
 TEST_F(CudaOps, RoutedExpertsOnTheDeviceMatchTheCpu) {
   for (bool mixed : {true, false})
-  for (int64_t n : {1, 5, 40}) {
+  for (int64_t n : {1, 5, 40, 150}) {
     const int64_t dim = 256, inter = 384;
     const ExpertLayer layer = RandomExperts(n, dim, inter, static_cast<uint32_t>(200 + n), mixed);
     const std::vector<float> x = Random(n * dim, 300 + n, 1.0f), y0 = Random(n * dim, 400 + n, 0.5f);

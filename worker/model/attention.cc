@@ -115,7 +115,7 @@ Indexer::Indexer(const ModelArgs& args, const IndexerWeights& w, const RotaryTab
       compressor_(args, w.compressor, 4, args.index_head_dim, /*rotate=*/true, rope, be) {}
 
 void Indexer::Queries(const float* qr, const float* x, std::span<const TokenRow> rows,
-                      std::vector<float>* q, std::vector<float>* weights) const {
+                      Scratch* q, std::vector<float>* weights) const {
   const int64_t n = static_cast<int64_t>(rows.size());
   const int64_t hd = args_.index_head_dim, rd = args_.rope_head_dim, h = n_local_heads_;
   q->resize(n * h * hd);
@@ -167,7 +167,7 @@ void Indexer::ScoresBatch(std::span<const ScoreQuery> queries) const {
     }
     offset[i + 1] = offset[i] + visible;
   }
-  std::vector<float> scored(offset[m]);
+  Scratch scored(offset[m]);
   std::vector<kernels::IndexScoreRow> rows(m);
   for (size_t i = 0; i < m; ++i) rows[i] = {queries[i].q, queries[i].weights, runs[i], scored.data() + offset[i]};
   be_.IndexScoresBatch(rows, n_local_heads_, args_.index_head_dim);
@@ -277,12 +277,12 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
   const int64_t D = args_.head_dim, rd = args_.rope_head_dim, H = n_local_heads_;
   const int64_t W = args_.window_size, Q = args_.q_lora_rank;
   // Queries: q = wq_b(q_norm(wq_a(x))), per-head RMS (no weight), RoPE on the last rd dims.
-  std::vector<float> qa(n * Q), qr(n * Q), q(n * H * D);
+  Scratch qa(n * Q), qr(n * Q), q(n * H * D);
   be_.Linear(w_.wq_a, x, n, qa.data(), Rounding::kBf16);
   be_.RmsNorm(qa.data(), w_.q_norm.data(), n, Q, args_.norm_eps, qr.data());
   be_.Linear(w_.wq_b, qr.data(), n, q.data(), Rounding::kBf16);
   // Window entries: kv = kv_norm(wkv(x)), RoPE, FP8 round trip of the nope dims.
-  std::vector<float> kv_raw(n * D), kv(n * D);
+  Scratch kv_raw(n * D), kv(n * D);
   be_.Linear(w_.wkv, x, n, kv_raw.data(), Rounding::kBf16);
   be_.RmsNorm(kv_raw.data(), w_.kv_norm.data(), n, D, args_.norm_eps, kv.data());
   // Every token's rows in one call per op (the angles differ per token, one set per row group).
@@ -294,7 +294,8 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
   // The FP8 round trip of every row's nope dims in one call (a decode step's rows: one call, not
   // one per session).
   RoundTripNopeFp8(be_, kv.data(), n, D, D - rd);
-  std::vector<float> ckv, cscore, iq, iw, ikv, iscore;
+  std::vector<float> ckv, cscore, iw, ikv, iscore;
+  Scratch iq;
   if (compressor_) compressor_->Project(x, n, &ckv, &cscore);
   if (indexer_) {
     indexer_->Queries(qr.data(), x, rows, &iq, &iw);
@@ -305,7 +306,7 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
   // of distinct sessions: a session's next row writes KV its pending row reads (the window slot it
   // overwrites is still in that row's window; the index key it appends), so a batch runs before
   // such a row's writes. A decode step's rows are one batch; a prompt's rows go one at a time.
-  std::vector<float> o(n * H * D);
+  Scratch o(n * H * D);
   const int64_t cw = compressor_ ? ckv.size() / n : 0, iw_ = indexer_ ? ikv.size() / n : 0;
   // Blocks the pending rows completed, finished together (one call per op for a step's rows, not
   // one per session) and appended before the batch that reads them runs.
@@ -386,7 +387,7 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
   be_.Rope(o.data(), n * H, D, D - rd, rd, cs.data(), sn.data(), H, /*inverse=*/true);
   // Grouped low-rank output projection: z_g = wo_a[g] · o_g (bf16 einsum), y = wo_b · z.
   const int64_t O = args_.o_lora_rank, G = n_local_groups_, gin = H * D / G;
-  std::vector<float> og(n * gin), zg(n * O), z(n * G * O);
+  Scratch og(n * gin), zg(n * O), z(n * G * O);
   for (int64_t g = 0; g < G; ++g) {
     for (int64_t i = 0; i < n; ++i)
       std::copy(o.begin() + i * H * D + g * gin, o.begin() + i * H * D + (g + 1) * gin, og.begin() + i * gin);

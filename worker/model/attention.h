@@ -10,6 +10,7 @@
 #include "worker/parallel/communicator.h"
 #include "worker/model/config.h"
 #include "worker/model/rope.h"
+#include "worker/model/scratch.h"
 #include "worker/model/state.h"
 #include "worker/model/weights.h"
 
@@ -69,7 +70,7 @@ class Indexer {
           const kernels::Backend& be, const parallel::Communicator* comm = nullptr);
   // Queries (roped, Hadamard-rotated, FP4-rounded) [n, heads*head_dim] and head weights [n, heads].
   void Queries(const float* qr, const float* x, std::span<const TokenRow> rows,
-               std::vector<float>* q, std::vector<float>* weights) const;
+               Scratch* q, std::vector<float>* weights) const;
   // bf16 scores of the complete keys visible under `residency` for one query (-inf elsewhere).
   void Scores(const float* q, const float* weights, const kv::EntryPages& keys,
               const Residency& residency, std::vector<float>* scores) const;

@@ -64,7 +64,17 @@ void Gate::Route(const float* x, std::span<const int32_t> tokens, std::vector<in
 }
 
 void Expert::Forward(const float* x, int64_t n, const float* weights, float* out) const {
-  kernels::ExpertMlp(be_, w_.w1, w_.w3, w_.w2, x, n, weights, args_.swiglu_limit, out);
+  // One backend op for the whole MLP (a device keeps gate, up and the SwiGLU on the device): the
+  // expert over every row, added to zeros — 0 + bf16(w2·h) is the MLP's output exactly.
+  kernels::ExpertWork all;
+  all.w1 = &w_.w1;
+  all.w3 = &w_.w3;
+  all.w2 = &w_.w2;
+  all.rows.resize(n);
+  std::iota(all.rows.begin(), all.rows.end(), 0);
+  if (weights) all.weights.assign(weights, weights + n);
+  std::fill_n(out, n * args_.dim, 0.0f);
+  be_.RoutedExperts(std::span<const kernels::ExpertWork>(&all, 1), x, n, args_.dim, args_.swiglu_limit, out);
 }
 
 MoE::MoE(const ModelArgs& args, const MoEWeights& w, int64_t layer, const kernels::Backend& be,
@@ -107,7 +117,7 @@ void MoE::Forward(const float* x, std::span<const int32_t> tokens,
   }
   std::vector<float> y(n * d, 0.0f);  // fp32 accumulator of the routed sum
   be_.RoutedExperts(work, x, n, d, args_.swiglu_limit, y.data());
-  std::vector<float> ys;
+  Scratch ys;
   // Tensor parallel: each rank summed its own experts; the routed sum is all-reduced (fp32) before
   // the shared expert, which every rank holds, is added.
   if (comm_ && comm_->size() > 1) comm_->AllReduceSum(y.data(), n * d);

@@ -9,6 +9,7 @@
 #include "kernels/ops.h"
 #include "worker/parallel/communicator.h"
 #include "worker/model/config.h"
+#include "worker/model/scratch.h"
 #include "worker/model/state.h"
 #include "worker/model/weights.h"
 
@@ -35,7 +36,7 @@ class Expert {
   Expert(const ModelArgs& args, const ExpertWeights& w, const kernels::Backend& be)
       : args_(args), w_(w), be_(be) {}
   // out[n, dim] (bf16 values) = w2(bf16(silu(min(w1 x, L)) * clamp(w3 x, ±L) * weight)).
-  // `weights` may be null (shared expert).
+  // `weights` may be null (shared expert). One Backend::RoutedExperts call.
   void Forward(const float* x, int64_t n, const float* weights, float* out) const;
   // Moves this module's weights to where the backend computes (Backend::Prepare).
   absl::Status Prepare() const;

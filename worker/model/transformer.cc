@@ -14,19 +14,19 @@ Block::Block(const ModelArgs& args, const BlockWeights& w, int64_t layer, const 
              const parallel::Communicator* comm)
     : args_(args), w_(w), be_(be), attn_(args, w.attn, layer, be, comm), ffn_(args, w.ffn, layer, be, comm) {}
 
-void Block::Forward(std::vector<float>& X, std::span<const TokenRow> rows,
+void Block::Forward(Scratch& X, std::span<const TokenRow> rows,
                     std::span<const int32_t> tokens, std::span<ForwardTrace* const> trace_rows) const {
   const int64_t n = static_cast<int64_t>(rows.size()), d = args_.dim;
   const int hc = args_.hc_mult;
-  std::vector<float> u(n * d), xn(n * d), f(n * d), post(n * hc), comb(n * hc * hc);
+  Scratch u(n * d), xn(n * d), f(n * d), post(n * hc), comb(n * hc * hc), next(X.size());
   auto sublayer = [&](const std::vector<float>& fn, const std::vector<float>& base,
                       const std::vector<float>& scale, const std::vector<float>& norm, auto&& body) {
     be_.HcPre(X.data(), n, fn.data(), base.data(), scale.data(), hc, d, args_.hc_sinkhorn_iters, args_.norm_eps,
               args_.hc_eps, u.data(), post.data(), comb.data());
     be_.RmsNorm(u.data(), norm.data(), n, d, args_.norm_eps, xn.data());
     body();
-    const std::vector<float> res = X;  // HcPost writes X from the residual it reads
-    be_.HcPost(f.data(), res.data(), post.data(), comb.data(), n, hc, d, X.data());
+    be_.HcPost(f.data(), X.data(), post.data(), comb.data(), n, hc, d, next.data());  // out must not be X
+    X.swap(next);
   };
   sublayer(w_.hc_attn_fn, w_.hc_attn_base, w_.hc_attn_scale, w_.attn_norm,
            [&] { attn_.Forward(xn.data(), rows, f.data()); });
@@ -38,7 +38,8 @@ void Block::Forward(std::vector<float>& X, std::span<const TokenRow> rows,
 
 void ParallelHead::Forward(const float* X, int64_t n, float* logits, std::vector<float>* head_input) const {
   const int64_t d = args_.dim;
-  std::vector<float> u(n * d), xn(n * d);
+  Scratch u(n * d);
+  std::vector<float> xn(n * d);
   be_.HcHead(X, n, hc_.fn.data(), hc_.base.data(), hc_.scale[0], args_.hc_mult, d, args_.norm_eps,
              args_.hc_eps, u.data());
   be_.RmsNorm(u.data(), norm_.data(), n, d, args_.norm_eps, xn.data());
@@ -135,7 +136,7 @@ absl::Status Transformer::Forward(std::span<BatchItem> batch) const {
     if (tokens[i] >= v0 && tokens[i] < v0 + w_.embed.rows)
       std::copy_n(w_.embed.values.begin() + (tokens[i] - v0) * d, d, E.begin() + i * d);
   if (comm_) comm_->AllReduceSum(E.data(), n * d);
-  std::vector<float> X(n * hc * d);
+  Scratch X(n * hc * d);
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = 0; j < hc; ++j) std::copy_n(E.begin() + i * d, d, X.begin() + (i * hc + j) * d);
   for (int64_t l = 0; l < args_.n_layers; ++l) {
@@ -146,7 +147,7 @@ absl::Status Transformer::Forward(std::span<BatchItem> batch) const {
   // The head, for every item that asks for logits or a trace: their last rows in one call per op
   // (one pass over the head's weights for the batch, not one per item).
   std::vector<size_t> heads;  // items through the head
-  std::vector<float> H;       // their last rows' residuals [m, hc, d]
+  Scratch H;                  // their last rows' residuals [m, hc, d]
   int64_t row = 0;
   for (size_t b = 0; b < batch.size(); ++b) {
     BatchItem& it = batch[b];
@@ -160,7 +161,11 @@ absl::Status Transformer::Forward(std::span<BatchItem> batch) const {
   }
   const int64_t m = static_cast<int64_t>(heads.size()), vl = w_.head.rows;
   if (m > 0) {
-    std::vector<float> logits(m * vl), head_input;
+    // The batch's logits (33 MB at 64 rows of V4's vocabulary) in a buffer this thread keeps: a
+    // fresh one would be mapped and faulted in page by page every step.
+    thread_local Scratch logits;
+    logits.resize(m * vl);
+    std::vector<float> head_input;
     head_->Forward(H.data(), m, logits.data(), &head_input);
     std::vector<float> all;  // vocab-split head: every rank gets the whole vocabulary's logits
     if (comm_) {
@@ -169,19 +174,19 @@ absl::Status Transformer::Forward(std::span<BatchItem> batch) const {
     }
     for (int64_t j = 0; j < m; ++j) {
       BatchItem& it = batch[heads[j]];
-      std::vector<float> mine;
+      std::vector<float> mine;  // an item's own vector is refilled in place (no new allocation)
+      std::vector<float>& to = it.logits ? *it.logits : mine;
       if (comm_) {  // rank r's block holds its slice of every row: row j is at r * m * vl + j * vl
-        mine.reserve(vl * comm_->size());
+        to.clear();
         for (int r = 0; r < comm_->size(); ++r)
-          mine.insert(mine.end(), all.begin() + (r * m + j) * vl, all.begin() + (r * m + j + 1) * vl);
+          to.insert(to.end(), all.begin() + (r * m + j) * vl, all.begin() + (r * m + j + 1) * vl);
       } else {
-        mine.assign(logits.begin() + j * vl, logits.begin() + (j + 1) * vl);
+        to.assign(logits.begin() + j * vl, logits.begin() + (j + 1) * vl);
       }
       if (it.trace) {
         it.trace->head_input.assign(head_input.begin() + j * d, head_input.begin() + (j + 1) * d);
         it.trace->hidden_hc.assign(H.begin() + j * hc * d, H.begin() + (j + 1) * hc * d);
       }
-      if (it.logits) *it.logits = std::move(mine);
     }
   }
   // A device backend's failure inside an op (memory budget, lost device) or a failed collective

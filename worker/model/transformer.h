@@ -23,7 +23,7 @@ class Block {
   Block(const ModelArgs& args, const BlockWeights& w, int64_t layer, const kernels::Backend& be,
         const parallel::Communicator* comm = nullptr);
   // X: [n, hc, dim] residual streams (bf16 values), updated in place.
-  void Forward(std::vector<float>& X, std::span<const TokenRow> rows,
+  void Forward(Scratch& X, std::span<const TokenRow> rows,
                std::span<const int32_t> tokens, std::span<ForwardTrace* const> trace_rows) const;
   // Moves this module's weights to where the backend computes (Backend::Prepare).
   absl::Status Prepare() const;
