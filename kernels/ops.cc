@@ -37,6 +37,62 @@ void ExpertMlp(const Backend& be, const WeightMatrix& w1, const WeightMatrix& w3
   be.Linear(w2, h.data(), m, out, Rounding::kBf16);
 }
 
+RowOp RowOp::HeadRmsNormBf16(int64_t dim, float eps) {
+  RowOp op;
+  op.kind = Kind::kHeadRmsNormBf16;
+  op.width = dim;
+  op.eps = eps;
+  return op;
+}
+
+RowOp RowOp::Rope(int64_t stride, int64_t offset, int64_t rope_dims, const float* cos, const float* sin,
+                  int64_t rows_per_angle, bool inverse) {
+  RowOp op;
+  op.kind = Kind::kRope;
+  op.width = stride;
+  op.offset = offset;
+  op.rope_dims = rope_dims;
+  op.cos = cos;
+  op.sin = sin;
+  op.rows_per_angle = rows_per_angle;
+  op.inverse = inverse;
+  return op;
+}
+
+RowOp RowOp::Hadamard(int64_t dim) {
+  RowOp op;
+  op.kind = Kind::kHadamard;
+  op.width = dim;
+  return op;
+}
+
+RowOp RowOp::Fp4RoundTrip(int64_t block) {
+  RowOp op;
+  op.kind = Kind::kFp4RoundTrip;
+  op.width = block;
+  return op;
+}
+
+void ApplyRowOps(const Backend& be, float* x, int64_t n, std::span<const RowOp> ops) {
+  for (const RowOp& op : ops) {
+    const int64_t rows = op.width > 0 ? n / op.width : 0;
+    switch (op.kind) {
+      case RowOp::Kind::kHeadRmsNormBf16: be.HeadRmsNormBf16(x, rows, op.width, op.eps); break;
+      case RowOp::Kind::kRope:
+        be.Rope(x, rows, op.width, op.offset, op.rope_dims, op.cos, op.sin, op.rows_per_angle, op.inverse);
+        break;
+      case RowOp::Kind::kHadamard: be.Hadamard(x, rows, op.width); break;
+      case RowOp::Kind::kFp4RoundTrip: be.Fp4RoundTrip(x, n, op.width); break;
+    }
+  }
+}
+
+void Backend::LinearThen(const WeightMatrix& w, const float* x, int64_t n, float* y, Rounding out,
+                         std::span<const RowOp> then) const {
+  Linear(w, x, n, y, out);
+  ApplyRowOps(*this, y, n * w.rows, then);
+}
+
 uint64_t NewKvPageVersion() {
   static std::atomic<uint64_t> next{1};
   return next.fetch_add(1, std::memory_order_relaxed);
@@ -82,7 +138,10 @@ std::vector<std::vector<int32_t>> Backend::TopKBatch(std::span<const std::span<c
 
 void Backend::SparseAttentionRows(std::span<const AttentionRow> rows, int64_t heads, int64_t dim, int64_t rope_dims,
                                   const float* sink, float softmax_scale) const {
-  for (const AttentionRow& r : rows) SparseAttentionRecords(r.q, heads, dim, rope_dims, r.slots, sink, softmax_scale, r.out);
+  for (const AttentionRow& r : rows) {
+    SparseAttentionRecords(r.q, heads, dim, rope_dims, r.slots, sink, softmax_scale, r.out);
+    ApplyRowOps(*this, r.out, heads * dim, r.then);
+  }
 }
 
 void Backend::RoutedExperts(std::span<const ExpertWork> experts, const float* x, int64_t n, int64_t dim,

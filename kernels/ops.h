@@ -90,12 +90,36 @@ struct KvReserveStats {
   Kind keys;     // the indexer's fp32 key pages
 };
 
+// An in-place op on the values an op has just written (Backend::LinearThen, AttentionRow::then):
+// the Backend method of the same name over those values, run where they are — a device backend
+// runs it before they come back, instead of sending them up and down again for it.
+struct RowOp {
+  enum class Kind { kHeadRmsNormBf16, kRope, kHadamard, kFp4RoundTrip };
+  Kind kind = Kind::kHadamard;
+  // The values as rows of `width` (the op's values are a multiple of it): the head dim
+  // (HeadRmsNormBf16), the stride (Rope), the dim (Hadamard), the block (Fp4RoundTrip).
+  int64_t width = 0;
+  float eps = 0;  // HeadRmsNormBf16
+  // Rope: as Backend::Rope over the rows of `width`, angle set r / rows_per_angle for row r.
+  int64_t offset = 0, rope_dims = 0, rows_per_angle = 1;
+  const float* cos = nullptr;
+  const float* sin = nullptr;
+  bool inverse = false;
+
+  static RowOp HeadRmsNormBf16(int64_t dim, float eps);
+  static RowOp Rope(int64_t stride, int64_t offset, int64_t rope_dims, const float* cos, const float* sin,
+                    int64_t rows_per_angle, bool inverse);
+  static RowOp Hadamard(int64_t dim);
+  static RowOp Fp4RoundTrip(int64_t block);
+};
+
 // One query token of a batched sparse attention (Backend::SparseAttentionRows): q and out are
-// [heads, dim], `slots` what it attends.
+// [heads, dim], `slots` what it attends; `then` runs on its out afterwards.
 struct AttentionRow {
   const float* q = nullptr;
   std::span<const KvSlot> slots;
   float* out = nullptr;
+  std::span<const RowOp> then;
 };
 
 // Keys of an index scoring held in pages: `count` consecutive fp32 rows of the scoring's dim from
@@ -143,6 +167,10 @@ class Backend {
   // acc += dot_block · s_x · s_w (K blocks of 128 for FP8, 32 for FP4). Dense: fp32 dot.
   virtual void Linear(const WeightMatrix& w, const float* x, int64_t n, float* y,
                       Rounding out) const = 0;
+  // Linear, then `then` in order on y's n * w.rows values: the same values as those calls, which
+  // is the default (a device backend runs them before y comes back).
+  virtual void LinearThen(const WeightMatrix& w, const float* x, int64_t n, float* y, Rounding out,
+                          std::span<const RowOp> then) const;
 
   // y = bf16(weight * x / sqrt(mean(x^2) + eps)) per row of `dim` (reference RMSNorm).
   virtual void RmsNorm(const float* x, const float* weight, int64_t n, int64_t dim, float eps,
@@ -184,9 +212,10 @@ class Backend {
                                       float* out) const;
 
   // SparseAttentionRecords for several query tokens at once (a decode step's rows of different
-  // sessions: no row's slots are written while the batch runs), each with its own slots; the same
-  // results as one call per row. The default makes those calls; a device backend can stage every
-  // row's records together and attend over them in one launch.
+  // sessions: no row's slots are written while the batch runs), each with its own slots, then
+  // each row's `then` on its out; the same results as those calls row by row, which is the
+  // default. A device backend can stage every row's records together and attend over them, and
+  // run the rows' `then`, in one launch each.
   virtual void SparseAttentionRows(std::span<const AttentionRow> rows, int64_t heads, int64_t dim, int64_t rope_dims,
                                    const float* sink, float softmax_scale) const;
 
@@ -243,6 +272,9 @@ class Backend {
   virtual void HcHead(const float* x, int64_t n, const float* fn, const float* base, float scale, int hc,
                       int64_t dim, float norm_eps, float hc_eps, float* y) const = 0;
 };
+
+// Runs `ops` in order on the n values at x through be's own in-place ops (RowOp's meaning).
+void ApplyRowOps(const Backend& be, float* x, int64_t n, std::span<const RowOp> ops);
 
 // The exact CPU reference backend (kernels/cpu).
 const Backend& CpuBackend();

@@ -66,6 +66,13 @@ void ProfilingBackend::Linear(const WeightMatrix& w, const float* x, int64_t n, 
   inner_.Linear(w, x, n, y, out);
   Record(OpKind::kLinear, t.seconds(), n);
 }
+// Counted as a Linear (the ops after it ride in the same call).
+void ProfilingBackend::LinearThen(const WeightMatrix& w, const float* x, int64_t n, float* y, Rounding out,
+                                  std::span<const RowOp> then) const {
+  Timer t;
+  inner_.LinearThen(w, x, n, y, out, then);
+  Record(OpKind::kLinear, t.seconds(), n);
+}
 void ProfilingBackend::RmsNorm(const float* x, const float* weight, int64_t n, int64_t dim, float eps, float* y) const {
   Timer t;
   inner_.RmsNorm(x, weight, n, dim, eps, y);

@@ -156,7 +156,15 @@ class CudaBackendImpl final : public Backend {
   void Linear(const WeightMatrix& w, const float* x, int64_t n, float* y, Rounding out) const override {
     absl::MutexLock lock(&mu_);
     op_clock_ = clock_ + 1;
-    Fail(LinearLocked(w, x, n, y, out));
+    Fail(LinearLocked(w, x, n, y, out, {}));
+  }
+
+  // y's ops run on the device before y comes back: one round trip instead of one per op.
+  void LinearThen(const WeightMatrix& w, const float* x, int64_t n, float* y, Rounding out,
+                  std::span<const RowOp> then) const override {
+    absl::MutexLock lock(&mu_);
+    op_clock_ = clock_ + 1;
+    Fail(LinearLocked(w, x, n, y, out, then));
   }
 
   void RmsNorm(const float* x, const float* weight, int64_t n, int64_t dim, float eps, float* y) const override {
@@ -244,8 +252,10 @@ class CudaBackendImpl final : public Backend {
                            return std::any_of(r.slots.begin(), r.slots.end(), [](const KvSlot& s) { return s.row != nullptr; });
                          });
     if (!records) {  // the decoding default, row by row (not Backend::SparseAttentionRows: it calls back here)
-      for (const AttentionRow& r : rows)
+      for (const AttentionRow& r : rows) {
         Backend::SparseAttentionRecords(r.q, heads, dim, rope_dims, r.slots, sink, softmax_scale, r.out);
+        ApplyRowOps(*this, r.out, heads * dim, r.then);
+      }
       return;
     }
     const int64_t b = static_cast<int64_t>(rows.size());
@@ -270,9 +280,17 @@ class CudaBackendImpl final : public Backend {
     AttentionArrays a = AttentionInputs(f, rows, heads, idx, sink);
     const size_t dpage = f.Scratch(entries * cuda::kRecordBytes);
     AttentionOutputs(f, rows, heads, n, &a);
+    auto ops = StageAttentionRowOps(f, rows, heads);
+    if (!ops.ok()) {
+      absl::MutexLock lock(&mu_);
+      return Fail(ops.status());
+    }
     Launch(
         f,
-        [&](Dev d) { return AttentionKernel(d, a, b, heads, d.at<uint8_t>(dpage), entries, n, softmax_scale); },
+        [&](Dev d) {
+          const cudaError_t e = AttentionKernel(d, a, b, heads, d.at<uint8_t>(dpage), entries, n, softmax_scale);
+          return e != cudaSuccess ? e : EnqueueAttentionRowOps(d, a, rows, heads, *ops);
+        },
         [&](char* host_scratch) {  // records straight into the pinned buffer (over the host's cores)
           GatherRecords(data, scales, idx.data(), entries,
                         reinterpret_cast<uint8_t*>(host_scratch + f.Resolve(dpage) - f.in_bytes()));
@@ -575,8 +593,15 @@ class CudaBackendImpl final : public Backend {
     AttentionArrays a = AttentionInputs(f, rows, heads, idx, sink);
     const Uploads up = StageUploads(records_, f);
     AttentionOutputs(f, rows, heads, n, &a);
+    auto ops = StageAttentionRowOps(f, rows, heads);
+    if (!ops.ok()) {
+      records_.book.Abort();
+      Fail(ops.status());
+      return true;
+    }
     Fail(RunWithUploadsLocked(records_, f, up, [&](Dev d) {
-      return AttentionKernel(d, a, b, heads, records_.dev, page_entries, n, softmax_scale);
+      const cudaError_t e = AttentionKernel(d, a, b, heads, records_.dev, page_entries, n, softmax_scale);
+      return e != cudaSuccess ? e : EnqueueAttentionRowOps(d, a, rows, heads, *ops);
     }));
     return true;
   }
@@ -781,16 +806,134 @@ class CudaBackendImpl final : public Backend {
     return static_cast<const float*>(r->mem);
   }
 
-  absl::Status LinearLocked(const WeightMatrix& w, const float* x, int64_t n, float* y, Rounding out) const {
+  absl::Status LinearLocked(const WeightMatrix& w, const float* x, int64_t n, float* y, Rounding out,
+                            std::span<const RowOp> then) const {
     if (!health_.ok() || n == 0) return absl::OkStatus();
     FM_CUDA_TRY(cudaSetDevice(device_), "cudaSetDevice");
     FM_ASSIGN_OR_RETURN(const DeviceWeight* dw, WeightOnDevice(w));
     const int64_t k = w.cols, m = w.rows, ld = (n + 3) / 4 * 4;
     Frame f;
     const size_t dx = f.In(x, n * k * 4), dy = f.Scratch(ld * m * 4);
+    FM_ASSIGN_OR_RETURN(const RowOpInputs ops, StageRowOps(f, then, n * m));
     const LinearScratch s = AddLinearScratch(f, ld, k);
     f.Download(dy, y, n * m * 4);
-    return RunLocked(f, [&](Dev d) { return EnqueueLinear(*dw, d.at(dx), n, ld, d.at(dy), out, s.At(d)); });
+    return RunLocked(f, [&](Dev d) {
+      const cudaError_t e = EnqueueLinear(*dw, d.at(dx), n, ld, d.at(dy), out, s.At(d));
+      return e != cudaSuccess ? e : EnqueueRowOps(d, d.at(dy), n * m, then, ops);
+    });
+  }
+
+  // RowOps on a frame's device array: their angle arrays (RoPE) as the frame's inputs, checked.
+  struct RowOpInputs {
+    std::vector<size_t> cos, sin;  // per op; RoPE only
+  };
+  static absl::StatusOr<RowOpInputs> StageRowOps(Frame& f, std::span<const RowOp> ops, int64_t values) {
+    RowOpInputs in;
+    in.cos.resize(ops.size());
+    in.sin.resize(ops.size());
+    for (size_t i = 0; i < ops.size(); ++i) {
+      const RowOp& op = ops[i];
+      if (op.width <= 0 || values % op.width != 0)
+        return absl::InvalidArgumentError(
+            absl::StrCat("then[", i, "].width = ", op.width, " does not divide the op's ", values, " values"));
+      if (op.kind == RowOp::Kind::kHadamard && (op.width & (op.width - 1)) != 0)
+        return absl::InvalidArgumentError(absl::StrCat("then[", i, "].width = ", op.width, ": Hadamard needs a power of two"));
+      if (op.kind != RowOp::Kind::kRope) continue;
+      if (op.rope_dims <= 0 || op.rope_dims % 2 != 0 || op.offset < 0 || op.offset + op.rope_dims > op.width ||
+          op.rows_per_angle <= 0 || !op.cos || !op.sin)
+        return absl::InvalidArgumentError(absl::StrCat("then[", i, "]: RoPE of ", op.rope_dims, " dims at offset ", op.offset,
+                                                       " in rows of ", op.width, ", ", op.rows_per_angle,
+                                                       " rows an angle set, needs its cos and sin"));
+      const int64_t rows = values / op.width;
+      const size_t angles = (rows + op.rows_per_angle - 1) / op.rows_per_angle * (op.rope_dims / 2) * 4;
+      in.cos[i] = f.In(op.cos, angles);
+      in.sin[i] = f.In(op.sin, angles);
+    }
+    return in;
+  }
+  cudaError_t EnqueueRowOps(Dev d, float* y, int64_t values, std::span<const RowOp> ops, const RowOpInputs& in) const {
+    for (size_t i = 0; i < ops.size(); ++i) {
+      const RowOp& op = ops[i];
+      const int64_t rows = values / op.width;
+      cudaError_t e = cudaSuccess;
+      switch (op.kind) {
+        case RowOp::Kind::kHeadRmsNormBf16: e = cuda::HeadRmsNormBf16(y, rows, op.width, op.eps, stream_); break;
+        case RowOp::Kind::kRope:
+          e = cuda::Rope(y, rows, op.width, op.offset, op.rope_dims, d.at(in.cos[i]), d.at(in.sin[i]), op.rows_per_angle,
+                         op.inverse, stream_);
+          break;
+        case RowOp::Kind::kHadamard: e = cuda::Hadamard(y, rows, op.width, stream_); break;
+        case RowOp::Kind::kFp4RoundTrip: e = cuda::RoundTrip(y, values, op.width, /*fp8=*/false, stream_); break;
+      }
+      if (e != cudaSuccess) return e;
+    }
+    return cudaSuccess;
+  }
+
+  // The attention rows' `then` on the frame's outputs (AttentionOutputs: [rows, heads, 512] end to
+  // end). Rows whose ops differ only in their angles — a decode step's — take one launch per op,
+  // their angles sent end to end; otherwise each row's ops run on its own output.
+  struct AttentionRowOps {
+    bool merged = false;
+    std::vector<RowOp> ops;                      // merged: the rows' ops, angles from `angles`
+    std::vector<std::vector<float>> angles;      // merged: per op, cos then sin, row after row
+    std::vector<RowOpInputs> inputs;             // merged: one; else one per row
+  };
+  static absl::StatusOr<AttentionRowOps> StageAttentionRowOps(Frame& f, std::span<const AttentionRow> rows,
+                                                              int64_t heads) {
+    const int64_t per_row = heads * cuda::kRecordDim;
+    AttentionRowOps p;
+    bool any = false, same = true;
+    for (const AttentionRow& r : rows) {
+      any = any || !r.then.empty();
+      same = same && r.then.size() == rows[0].then.size();
+    }
+    if (!any) return p;
+    for (size_t i = 0; same && i < rows[0].then.size(); ++i) {
+      const RowOp& a = rows[0].then[i];
+      for (const AttentionRow& r : rows) {
+        const RowOp& b = r.then[i];
+        same = same && b.kind == a.kind && b.width == a.width && b.eps == a.eps && b.offset == a.offset &&
+               b.rope_dims == a.rope_dims && b.rows_per_angle == a.rows_per_angle && b.inverse == a.inverse;
+      }
+      if (a.kind == RowOp::Kind::kRope)
+        same = same && a.width > 0 && a.rows_per_angle > 0 && per_row % a.width == 0 && (per_row / a.width) % a.rows_per_angle == 0;
+    }
+    if (!same) {
+      for (const AttentionRow& r : rows) {
+        FM_ASSIGN_OR_RETURN(RowOpInputs in, StageRowOps(f, r.then, per_row));
+        p.inputs.push_back(std::move(in));
+      }
+      return p;
+    }
+    p.merged = true;
+    p.ops.assign(rows[0].then.begin(), rows[0].then.end());
+    p.angles.resize(p.ops.size());
+    for (size_t i = 0; i < p.ops.size(); ++i) {
+      const RowOp& op = p.ops[i];
+      if (op.kind != RowOp::Kind::kRope || !op.cos || !op.sin) continue;
+      const int64_t count = per_row / op.width / op.rows_per_angle * (op.rope_dims / 2);  // a row's angles
+      std::vector<float>& a = p.angles[i];
+      a.resize(2 * count * rows.size());
+      for (size_t j = 0; j < rows.size(); ++j) {
+        std::copy_n(rows[j].then[i].cos, count, a.begin() + j * count);
+        std::copy_n(rows[j].then[i].sin, count, a.begin() + (rows.size() + j) * count);
+      }
+      p.ops[i].cos = a.data();
+      p.ops[i].sin = a.data() + count * rows.size();
+    }
+    FM_ASSIGN_OR_RETURN(RowOpInputs in, StageRowOps(f, p.ops, per_row * static_cast<int64_t>(rows.size())));
+    p.inputs.push_back(std::move(in));
+    return p;
+  }
+  cudaError_t EnqueueAttentionRowOps(Dev d, const AttentionArrays& a, std::span<const AttentionRow> rows, int64_t heads,
+                                     const AttentionRowOps& p) const {
+    const int64_t per_row = heads * cuda::kRecordDim;
+    if (p.merged) return EnqueueRowOps(d, d.at(a.dout), per_row * static_cast<int64_t>(rows.size()), p.ops, p.inputs[0]);
+    for (size_t j = 0; j < p.inputs.size(); ++j)
+      if (cudaError_t e = EnqueueRowOps(d, d.at(a.dout) + j * per_row, per_row, rows[j].then, p.inputs[j]); e != cudaSuccess)
+        return e;
+    return cudaSuccess;
   }
 
   // Device scratch of one EnqueueLinear of up to `ld` rows against k inputs.

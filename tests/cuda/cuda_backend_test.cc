@@ -422,6 +422,79 @@ TEST_F(CudaOps, RowsAttendedTogetherEqualOneCallPerRow) {
   }
 }
 
+// Ops that ride on an op's output (LinearThen, AttentionRow::then) run on the device before it
+// comes back: the same bits as the separate calls, on both backends (and, exact, the CPU's).
+// Attention rows whose ops differ only in their angles run them merged; a batch with one row
+// without ops runs them row by row. A malformed op is a clear, sticky error.
+TEST_F(CudaOps, OpsAfterAnOpRunOnTheDeviceWithTheSameBits) {
+  auto fast = FastBackend(false);
+  ASSERT_TRUE(fast.ok()) << fast.status();
+  const int64_t heads = 4, dim = 128, n = 3;
+  const WeightMatrix w = RandomWeight(WeightFormat::kFp8Block128, heads * dim, 256, 91);
+  const std::vector<float> x = Random(n * 256, 92, 1.0f), cs = Random(n * 32, 93, 1.0f), sn = Random(n * 32, 94, 1.0f);
+  const kernels::RowOp then[] = {kernels::RowOp::HeadRmsNormBf16(dim, 1e-6f),
+                                 kernels::RowOp::Rope(dim, dim - 64, 64, cs.data(), sn.data(), heads, false),
+                                 kernels::RowOp::Hadamard(dim), kernels::RowOp::Fp4RoundTrip(32)};
+  auto separate = [&](const Backend& be) {
+    std::vector<float> y = Poisoned(n * heads * dim);
+    be.Linear(w, x.data(), n, y.data(), Rounding::kBf16);
+    be.HeadRmsNormBf16(y.data(), n * heads, dim, 1e-6f);
+    be.Rope(y.data(), n * heads, dim, dim - 64, 64, cs.data(), sn.data(), heads, false);
+    be.Hadamard(y.data(), n * heads, dim);
+    be.Fp4RoundTrip(y.data(), n * heads * dim, 32);
+    return y;
+  };
+  const std::vector<float> host = separate(cpu());
+  for (const Backend* be : {static_cast<const Backend*>(gpu_), static_cast<const Backend*>(fast->get())}) {
+    std::vector<float> got = Poisoned(n * heads * dim);
+    be->LinearThen(w, x.data(), n, got.data(), Rounding::kBf16, then);
+    ASSERT_TRUE(be->Health().ok()) << be->Health();
+    const std::vector<float> want = separate(*be);
+    EXPECT_EQ(std::memcmp(got.data(), want.data(), got.size() * 4), 0) << be->name() << ": LinearThen";
+    if (be == gpu_) EXPECT_EQ(std::memcmp(got.data(), host.data(), got.size() * 4), 0) << "exact LinearThen vs the CPU";
+  }
+  // Attention rows, each output's RoPE undone with its own angles.
+  const int64_t ah = 64, entries = 300, b = 5;
+  const std::vector<uint8_t> page = RandomRecordPage(entries, 95);
+  const std::vector<float> sink = Random(ah, 96, 1.0f), acs = Random(b * 32, 97, 1.0f), asn = Random(b * 32, 98, 1.0f);
+  const float scale = 1.0f / std::sqrt(512.0f);
+  std::vector<std::vector<kernels::KvSlot>> slots(b);
+  std::vector<std::vector<float>> q(b);
+  std::vector<kernels::RowOp> inverse(b);
+  for (int64_t i = 0; i < b; ++i) {
+    slots[i] = RecordSlots(page, entries, 30 + 50 * i);
+    q[i] = Random(ah * 512, 99 + static_cast<uint32_t>(i), 1.0f);
+    inverse[i] = kernels::RowOp::Rope(512, 448, 64, acs.data() + i * 32, asn.data() + i * 32, ah, true);
+  }
+  for (bool all : {true, false})  // all rows with ops (merged), or row 2 without (row by row)
+    for (const Backend* be : {static_cast<const Backend*>(gpu_), static_cast<const Backend*>(fast->get())}) {
+      std::vector<std::vector<float>> got(b, Poisoned(ah * 512)), want(b, Poisoned(ah * 512));
+      std::vector<AttentionRow> with(b), without(b);
+      for (int64_t i = 0; i < b; ++i) {
+        const bool ops = all || i != 2;
+        with[i] = {q[i].data(), slots[i], got[i].data(),
+                   ops ? std::span<const kernels::RowOp>(&inverse[i], 1) : std::span<const kernels::RowOp>()};
+        without[i] = {q[i].data(), slots[i], want[i].data()};
+      }
+      be->SparseAttentionRows(with, ah, 512, 64, sink.data(), scale);
+      be->SparseAttentionRows(without, ah, 512, 64, sink.data(), scale);
+      for (int64_t i = 0; i < b; ++i)
+        if (all || i != 2) be->Rope(want[i].data(), ah, 512, 448, 64, acs.data() + i * 32, asn.data() + i * 32, ah, true);
+      ASSERT_TRUE(be->Health().ok()) << be->Health();
+      for (int64_t i = 0; i < b; ++i)
+        EXPECT_EQ(std::memcmp(got[i].data(), want[i].data(), got[i].size() * 4), 0)
+            << be->name() << (all ? " merged" : " row by row") << ", row " << i;
+    }
+  cuda::CudaBackendOptions opt;
+  auto bad = cuda::NewCudaBackend(opt);
+  ASSERT_TRUE(bad.ok());
+  const kernels::RowOp zero[] = {kernels::RowOp::Hadamard(0)};
+  std::vector<float> y = Poisoned(n * heads * dim);
+  (*bad)->LinearThen(w, x.data(), n, y.data(), Rounding::kBf16, zero);
+  EXPECT_EQ((*bad)->Health().code(), absl::StatusCode::kInvalidArgument) << (*bad)->Health();
+  EXPECT_NE((*bad)->Health().message().find("then[0].width"), std::string::npos) << (*bad)->Health();
+}
+
 // Pages the worker names (KvSlot::page) are read from the backend's KV reserve: uploaded when new
 // or written, found in place after. The results are the staged path's bit for bit (the same
 // kernels over the same records). A page whose bytes change under the same version keeps serving

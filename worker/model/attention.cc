@@ -119,12 +119,12 @@ void Indexer::Queries(const float* qr, const float* x, std::span<const TokenRow>
   const int64_t n = static_cast<int64_t>(rows.size());
   const int64_t hd = args_.index_head_dim, rd = args_.rope_head_dim, h = n_local_heads_;
   q->resize(n * h * hd);
-  be_.Linear(w_.wq_b, qr, n, q->data(), Rounding::kBf16);
   std::vector<float> cs, sn;
   RowAngles(rope_, rows, rd, &cs, &sn);
-  be_.Rope(q->data(), n * h, hd, hd - rd, rd, cs.data(), sn.data(), h, false);
-  be_.Hadamard(q->data(), n * h, hd);
-  be_.Fp4RoundTrip(q->data(), n * h * hd, 32);
+  // wq_b, RoPE, Hadamard and the FP4 round trip in one backend call (a device keeps q between them).
+  const kernels::RowOp then[] = {kernels::RowOp::Rope(hd, hd - rd, rd, cs.data(), sn.data(), h, false),
+                                 kernels::RowOp::Hadamard(hd), kernels::RowOp::Fp4RoundTrip(32)};
+  be_.LinearThen(w_.wq_b, qr, n, q->data(), Rounding::kBf16, then);
   weights->resize(n * h);
   be_.Linear(w_.weights_proj, x, n, weights->data(), Rounding::kBf16);
   const float scale = static_cast<float>(std::pow(static_cast<double>(hd), -0.5) *
@@ -277,19 +277,20 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
   const int64_t D = args_.head_dim, rd = args_.rope_head_dim, H = n_local_heads_;
   const int64_t W = args_.window_size, Q = args_.q_lora_rank;
   // Queries: q = wq_b(q_norm(wq_a(x))), per-head RMS (no weight), RoPE on the last rd dims.
+  // Every token's rows in one call per op (the angles differ per token, one set per row group).
+  std::vector<float> cs, sn;
+  RowAngles(rope_, rows, rd, &cs, &sn);
   Scratch qa(n * Q), qr(n * Q), q(n * H * D);
   be_.Linear(w_.wq_a, x, n, qa.data(), Rounding::kBf16);
   be_.RmsNorm(qa.data(), w_.q_norm.data(), n, Q, args_.norm_eps, qr.data());
-  be_.Linear(w_.wq_b, qr.data(), n, q.data(), Rounding::kBf16);
+  // wq_b, the per-head RMS and RoPE in one backend call (a device keeps q between them).
+  const kernels::RowOp q_then[] = {kernels::RowOp::HeadRmsNormBf16(D, args_.norm_eps),
+                                   kernels::RowOp::Rope(D, D - rd, rd, cs.data(), sn.data(), H, false)};
+  be_.LinearThen(w_.wq_b, qr.data(), n, q.data(), Rounding::kBf16, q_then);
   // Window entries: kv = kv_norm(wkv(x)), RoPE, FP8 round trip of the nope dims.
   Scratch kv_raw(n * D), kv(n * D);
   be_.Linear(w_.wkv, x, n, kv_raw.data(), Rounding::kBf16);
   be_.RmsNorm(kv_raw.data(), w_.kv_norm.data(), n, D, args_.norm_eps, kv.data());
-  // Every token's rows in one call per op (the angles differ per token, one set per row group).
-  std::vector<float> cs, sn;
-  RowAngles(rope_, rows, rd, &cs, &sn);
-  be_.HeadRmsNormBf16(q.data(), n * H, D, args_.norm_eps);
-  be_.Rope(q.data(), n * H, D, D - rd, rd, cs.data(), sn.data(), H, false);
   be_.Rope(kv.data(), n, D, D - rd, rd, cs.data(), sn.data(), 1, false);
   // The FP8 round trip of every row's nope dims in one call (a decode step's rows: one call, not
   // one per session).
@@ -329,6 +330,7 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
   std::vector<std::vector<float>> scores;           // their index scores, reused batch after batch
   std::vector<std::vector<kernels::KvSlot>> slots;  // their slot lists, likewise
   std::vector<kernels::AttentionRow> attention_rows;
+  std::vector<kernels::RowOp> inverse_rope;         // each pending row's
   auto run_batch = [&] {
     const size_t m = batch.size();
     if (m == 0) return;
@@ -352,10 +354,15 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
                                                     iw.data() + batch[j] * ih, scores[j], &selected[j]);
     }
     attention_rows.clear();
+    if (inverse_rope.size() < m) inverse_rope.resize(m);
     for (size_t j = 0; j < m; ++j) {
       const int64_t i = batch[j];
       Candidates(rows[i], rows[i].state->layers[layer_], selected[j], &slots[j]);
-      attention_rows.push_back({q.data() + i * H * D, slots[j], o.data() + i * H * D});
+      // The output's RoPE undone with the row's own angles, where the output is.
+      inverse_rope[j] = kernels::RowOp::Rope(D, D - rd, rd, cs.data() + i * (rd / 2), sn.data() + i * (rd / 2), H,
+                                             /*inverse=*/true);
+      attention_rows.push_back({q.data() + i * H * D, slots[j], o.data() + i * H * D,
+                                std::span<const kernels::RowOp>(&inverse_rope[j], 1)});
     }
     be_.SparseAttentionRows(attention_rows, H, D, rd, w_.attn_sink.data(), softmax_scale);
     batch.clear();
@@ -384,7 +391,6 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
     batch.push_back(i);
   }
   run_batch();
-  be_.Rope(o.data(), n * H, D, D - rd, rd, cs.data(), sn.data(), H, /*inverse=*/true);
   // Grouped low-rank output projection: z_g = wo_a[g] · o_g (bf16 einsum), y = wo_b · z.
   const int64_t O = args_.o_lora_rank, G = n_local_groups_, gin = H * D / G;
   Scratch og(n * gin), zg(n * O), z(n * G * O);
