@@ -87,6 +87,18 @@ void ApplyRowOps(const Backend& be, float* x, int64_t n, std::span<const RowOp> 
   }
 }
 
+void Backend::LinearGroups(std::span<const WeightMatrix> w, const float* x, int64_t n, float* y, Rounding out) const {
+  const int64_t G = static_cast<int64_t>(w.size());
+  if (G == 0 || n == 0) return;
+  const int64_t k = w[0].cols, m = w[0].rows;
+  std::vector<float> xg(n * k), yg(n * m);
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t i = 0; i < n; ++i) std::copy_n(x + (i * G + g) * k, k, xg.begin() + i * k);
+    Linear(w[g], xg.data(), n, yg.data(), out);
+    for (int64_t i = 0; i < n; ++i) std::copy_n(yg.begin() + i * m, m, y + (i * G + g) * m);
+  }
+}
+
 void Backend::LinearThen(const WeightMatrix& w, const float* x, int64_t n, float* y, Rounding out,
                          std::span<const RowOp> then) const {
   Linear(w, x, n, y, out);

@@ -167,6 +167,11 @@ class Backend {
   // acc += dot_block · s_x · s_w (K blocks of 128 for FP8, 32 for FP4). Dense: fp32 dot.
   virtual void Linear(const WeightMatrix& w, const float* x, int64_t n, float* y,
                       Rounding out) const = 0;
+  // A grouped projection (the reference's einsum over groups, wo_a): x [n, G * k] -> y [n, G * m]
+  // for G = w.size() weights of one shape [m, k]: group g's m columns of y are its k columns of x
+  // times w[g]ᵀ. The same values as a Linear per group on the gathered columns, which is the
+  // default (a device backend stages x once and runs every group in one call).
+  virtual void LinearGroups(std::span<const WeightMatrix> w, const float* x, int64_t n, float* y, Rounding out) const;
   // Linear, then `then` in order on y's n * w.rows values: the same values as those calls, which
   // is the default (a device backend runs them before y comes back).
   virtual void LinearThen(const WeightMatrix& w, const float* x, int64_t n, float* y, Rounding out,

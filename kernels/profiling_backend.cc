@@ -66,6 +66,13 @@ void ProfilingBackend::Linear(const WeightMatrix& w, const float* x, int64_t n, 
   inner_.Linear(w, x, n, y, out);
   Record(OpKind::kLinear, t.seconds(), n);
 }
+// Counted as one Linear.
+void ProfilingBackend::LinearGroups(std::span<const WeightMatrix> w, const float* x, int64_t n, float* y,
+                                    Rounding out) const {
+  Timer t;
+  inner_.LinearGroups(w, x, n, y, out);
+  Record(OpKind::kLinear, t.seconds(), n);
+}
 // Counted as a Linear (the ops after it ride in the same call).
 void ProfilingBackend::LinearThen(const WeightMatrix& w, const float* x, int64_t n, float* y, Rounding out,
                                   std::span<const RowOp> then) const {

@@ -34,6 +34,7 @@ class ProfilingBackend final : public Backend {
   absl::Status Prepare(const WeightMatrix& w) const override { return inner_.Prepare(w); }
 
   void Linear(const WeightMatrix& w, const float* x, int64_t n, float* y, Rounding out) const override;
+  void LinearGroups(std::span<const WeightMatrix> w, const float* x, int64_t n, float* y, Rounding out) const override;
   void LinearThen(const WeightMatrix& w, const float* x, int64_t n, float* y, Rounding out,
                   std::span<const RowOp> then) const override;
   void RmsNorm(const float* x, const float* weight, int64_t n, int64_t dim, float eps, float* y) const override;

@@ -127,6 +127,9 @@ class CudaBackendImpl final : public Backend {
       fast_dense_ = s.find("dense") != std::string::npos;
       fast_attention_ = s.find("attn") != std::string::npos;
     }
+    // Diagnostics: FLASHMEM_CUDA_FUSED=0 runs LinearGroups, LinearThen and the attention rows'
+    // `then` as separate ops (the Backend defaults), to measure what running them together saves.
+    if (const char* p = std::getenv("FLASHMEM_CUDA_FUSED")) fused_ = std::string(p) != "0";
   }
   ~CudaBackendImpl() override {
     (void)cudaSetDevice(device_);
@@ -159,9 +162,19 @@ class CudaBackendImpl final : public Backend {
     Fail(LinearLocked(w, x, n, y, out, {}));
   }
 
+  // x staged once; per group its columns gathered on the device, the group's Linear (the path
+  // LinearLocked takes, so the same values), its rows placed in y's columns; y back once.
+  void LinearGroups(std::span<const WeightMatrix> w, const float* x, int64_t n, float* y, Rounding out) const override {
+    if (!fused_) return Backend::LinearGroups(w, x, n, y, out);
+    absl::MutexLock lock(&mu_);
+    op_clock_ = clock_ + 1;
+    Fail(LinearGroupsLocked(w, x, n, y, out));
+  }
+
   // y's ops run on the device before y comes back: one round trip instead of one per op.
   void LinearThen(const WeightMatrix& w, const float* x, int64_t n, float* y, Rounding out,
                   std::span<const RowOp> then) const override {
+    if (!fused_) return Backend::LinearThen(w, x, n, y, out, then);
     absl::MutexLock lock(&mu_);
     op_clock_ = clock_ + 1;
     Fail(LinearLocked(w, x, n, y, out, then));
@@ -260,6 +273,13 @@ class CudaBackendImpl final : public Backend {
     }
     const int64_t b = static_cast<int64_t>(rows.size());
     if (b == 0) return;
+    if (!fused_ && std::any_of(rows.begin(), rows.end(), [](const AttentionRow& r) { return !r.then.empty(); })) {
+      std::vector<AttentionRow> plain(rows.begin(), rows.end());
+      for (AttentionRow& r : plain) r.then = {};
+      SparseAttentionRows(plain, heads, dim, rope_dims, sink, softmax_scale);
+      for (const AttentionRow& r : rows) ApplyRowOps(*this, r.out, heads * dim, r.then);
+      return;
+    }
     if (AttendFromReserve(rows, heads, sink, softmax_scale)) return;
     int64_t n = 1;  // a row with no slots attends the sink alone, as one with only masked slots
     for (const AttentionRow& r : rows) n = std::max<int64_t>(n, static_cast<int64_t>(r.slots.size()));
@@ -823,6 +843,37 @@ class CudaBackendImpl final : public Backend {
     });
   }
 
+  absl::Status LinearGroupsLocked(std::span<const WeightMatrix> w, const float* x, int64_t n, float* y,
+                                  Rounding out) const {
+    if (!health_.ok() || n == 0 || w.empty()) return absl::OkStatus();
+    const int64_t G = static_cast<int64_t>(w.size()), k = w[0].cols, m = w[0].rows, ld = (n + 3) / 4 * 4;
+    for (int64_t g = 1; g < G; ++g)
+      if (w[g].rows != m || w[g].cols != k)
+        return absl::InvalidArgumentError(absl::StrCat("LinearGroups: w[", g, "] is [", w[g].rows, ", ", w[g].cols,
+                                                       "], w[0] [", m, ", ", k, "]"));
+    FM_CUDA_TRY(cudaSetDevice(device_), "cudaSetDevice");
+    std::vector<const DeviceWeight*> dw(G);
+    for (int64_t g = 0; g < G; ++g) {
+      FM_ASSIGN_OR_RETURN(dw[g], WeightOnDevice(w[g]));
+    }
+    Frame f;
+    const size_t dx = f.In(x, n * G * k * 4), xg = f.Scratch(ld * k * 4), yg = f.Scratch(ld * m * 4),
+                 dy = f.Scratch(n * G * m * 4);
+    const LinearScratch s = AddLinearScratch(f, ld, k);
+    f.Download(dy, y, n * G * m * 4);
+    return RunLocked(f, [&](Dev d) {
+      for (int64_t g = 0; g < G; ++g) {
+        cudaError_t e = cudaMemcpy2DAsync(d.at(xg), k * 4, d.at(dx) + g * k, G * k * 4, k * 4, n, cudaMemcpyDeviceToDevice,
+                                          stream_);
+        if (e == cudaSuccess) e = EnqueueLinear(*dw[g], d.at(xg), n, ld, d.at(yg), out, s.At(d));
+        if (e == cudaSuccess)
+          e = cudaMemcpy2DAsync(d.at(dy) + g * m, G * m * 4, d.at(yg), m * 4, m * 4, n, cudaMemcpyDeviceToDevice, stream_);
+        if (e != cudaSuccess) return e;
+      }
+      return cudaSuccess;
+    });
+  }
+
   // RowOps on a frame's device array: their angle arrays (RoPE) as the frame's inputs, checked.
   struct RowOpInputs {
     std::vector<size_t> cos, sin;  // per op; RoPE only
@@ -1184,7 +1235,7 @@ class CudaBackendImpl final : public Backend {
   const bool exact_;
   const bool fp8_tc_;  // fast-fp8: FP8 tensor cores from 16 tokens (else bf16 ones on dequantized weights)
   const int64_t kv_reserve_bytes_;
-  bool fast_gemv_ = true, fast_lt_ = true, fast_dense_ = true, fast_attention_ = true;
+  bool fast_gemv_ = true, fast_lt_ = true, fast_dense_ = true, fast_attention_ = true, fused_ = true;
   mutable LtContext lt_;
   mutable absl::Mutex mu_;
   mutable absl::Status health_;

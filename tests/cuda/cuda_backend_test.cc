@@ -422,6 +422,51 @@ TEST_F(CudaOps, RowsAttendedTogetherEqualOneCallPerRow) {
   }
 }
 
+// A grouped projection (wo_a) in one call: every group's Linear on its columns, the same bits as a
+// Linear per group on gathered columns — exact (and the CPU's) and fast, dense bf16 groups as
+// V4's wo_a and FP8 ones, 1 and 5 rows; groups of different shapes are a clear error.
+TEST_F(CudaOps, LinearGroupsEqualALinearPerGroup) {
+  auto fast = FastBackend(false);
+  ASSERT_TRUE(fast.ok()) << fast.status();
+  const int64_t G = 3, k = 256, m = 128;
+  for (WeightFormat format : {WeightFormat::kDense, WeightFormat::kFp8Block128})
+    for (int64_t n : {1, 5}) {
+      std::vector<WeightMatrix> w;
+      for (int64_t g = 0; g < G; ++g) w.push_back(RandomWeight(format, m, k, 120 + static_cast<uint32_t>(g)));
+      const std::vector<float> x = Random(n * G * k, 130 + static_cast<uint32_t>(n), 1.0f);
+      auto per_group = [&](const Backend& be) {
+        std::vector<float> y = Poisoned(n * G * m), xg(n * k), yg(n * m);
+        for (int64_t g = 0; g < G; ++g) {
+          for (int64_t i = 0; i < n; ++i) std::copy_n(x.begin() + (i * G + g) * k, k, xg.begin() + i * k);
+          be.Linear(w[g], xg.data(), n, yg.data(), Rounding::kBf16);
+          for (int64_t i = 0; i < n; ++i) std::copy_n(yg.begin() + i * m, m, y.begin() + (i * G + g) * m);
+        }
+        return y;
+      };
+      const std::vector<float> host = per_group(cpu());
+      for (const Backend* be : {static_cast<const Backend*>(gpu_), static_cast<const Backend*>(fast->get())}) {
+        std::vector<float> got = Poisoned(n * G * m);
+        be->LinearGroups(w, x.data(), n, got.data(), Rounding::kBf16);
+        ASSERT_TRUE(be->Health().ok()) << be->Health();
+        const std::vector<float> want = per_group(*be);
+        const std::string what = std::string(be->name()) + " n " + std::to_string(n) +
+                                 (format == WeightFormat::kDense ? " dense" : " fp8");
+        EXPECT_EQ(std::memcmp(got.data(), want.data(), got.size() * 4), 0) << what;
+        if (be == gpu_) EXPECT_EQ(std::memcmp(got.data(), host.data(), got.size() * 4), 0) << what << " vs the CPU";
+      }
+    }
+  cuda::CudaBackendOptions opt;
+  auto bad = cuda::NewCudaBackend(opt);
+  ASSERT_TRUE(bad.ok());
+  const std::vector<WeightMatrix> mixed = {RandomWeight(WeightFormat::kDense, m, k, 140),
+                                           RandomWeight(WeightFormat::kDense, m, 128, 141)};
+  const std::vector<float> x = Random(2 * k, 142, 1.0f);
+  std::vector<float> y = Poisoned(2 * m);
+  (*bad)->LinearGroups(mixed, x.data(), 1, y.data(), Rounding::kBf16);
+  EXPECT_EQ((*bad)->Health().code(), absl::StatusCode::kInvalidArgument) << (*bad)->Health();
+  EXPECT_NE((*bad)->Health().message().find("w[1]"), std::string::npos) << (*bad)->Health();
+}
+
 // Ops that ride on an op's output (LinearThen, AttentionRow::then) run on the device before it
 // comes back: the same bits as the separate calls, on both backends (and, exact, the CPU's).
 // Attention rows whose ops differ only in their angles run them merged; a batch with one row
