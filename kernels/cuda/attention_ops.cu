@@ -180,6 +180,25 @@ cudaError_t IndexScoresRows(const float* q, const float* w, int64_t heads, int64
   return cudaGetLastError();
 }
 
+namespace {
+__global__ void ExpandKeyRunsKernel(const int32_t* first, const int32_t* query, const int32_t* start,
+                                    const int32_t* count, int32_t* key_rows, int32_t* query_of) {
+  const int64_t r = blockIdx.x;
+  for (int32_t j = threadIdx.x; j < count[r]; j += blockDim.x) {
+    key_rows[start[r] + j] = first[r] + j;
+    query_of[start[r] + j] = query[r];
+  }
+}
+}  // namespace
+
+cudaError_t ExpandKeyRuns(const int32_t* first, const int32_t* query, const int32_t* start, const int32_t* count,
+                          int64_t runs, int32_t* key_rows, int32_t* query_of, cudaStream_t stream) {
+  if (runs == 0) return cudaSuccess;
+  if (runs > INT32_MAX) return cudaErrorInvalidValue;
+  ExpandKeyRunsKernel<<<static_cast<unsigned>(runs), 64, 0, stream>>>(first, query, start, count, key_rows, query_of);
+  return cudaGetLastError();
+}
+
 cudaError_t IndexerLogits(const float* q, const float* w, int64_t heads, int64_t dim, const float* keys,
                           const uint8_t* valid, int64_t n, float* logits, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;

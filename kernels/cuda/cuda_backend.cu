@@ -628,7 +628,8 @@ class CudaBackendImpl final : public Backend {
 
   // Every row's keys from the keys reserve, scored in one launch; false (nothing done) when a run
   // has no rows or names no page of entries x dim floats, or they do not fit: the caller stages.
-  // Host work is per run (a page's keys), not per key, but for the two index arrays.
+  // Host work and upload are per run (a page's keys), not per key: the kernel's per-key index
+  // arrays are expanded on the device (at a batch of 64 and 64K tokens, 1M keys: 8 MB of them).
   bool ScoreFromReserve(std::span<const IndexScoreRow> rows, int64_t heads, int64_t dim) const {
     int64_t n = 0, page_entries = 0;
     for (const IndexScoreRow& r : rows)
@@ -641,22 +642,24 @@ class CudaBackendImpl final : public Backend {
     if (!health_.ok()) return true;
     if (!ReserveLocked(keys_, page_entries * dim * 4, page_entries)) return false;
     op_clock_ = clock_ + 1;
-    std::vector<int32_t> key_rows(n), query_of(n);
+    std::vector<int32_t> first, query, start, count;  // per run
     keys_.book.Begin();
     int64_t k = 0;
     for (size_t i = 0; i < rows.size(); ++i)
       for (const KeyRun& run : rows[i].keys) {
+        if (run.count == 0) continue;
         const int64_t slot = keys_.book.Place(*run.page);
         if (slot < 0) {
           keys_.book.Abort();
           return false;
         }
-        const int32_t first = static_cast<int32_t>(slot * page_entries + run.entry);
-        for (int64_t j = 0; j < run.count; ++j, ++k) {
-          key_rows[k] = first + static_cast<int32_t>(j);
-          query_of[k] = static_cast<int32_t>(i);
-        }
+        first.push_back(static_cast<int32_t>(slot * page_entries + run.entry));
+        query.push_back(static_cast<int32_t>(i));
+        start.push_back(static_cast<int32_t>(k));
+        count.push_back(static_cast<int32_t>(run.count));
+        k += run.count;
       }
+    const int64_t runs = static_cast<int64_t>(first.size());
     std::vector<float> q(rows.size() * heads * dim), w(rows.size() * heads);
     for (size_t i = 0; i < rows.size(); ++i) {
       std::copy_n(rows[i].q, heads * dim, q.begin() + i * heads * dim);
@@ -664,9 +667,10 @@ class CudaBackendImpl final : public Backend {
     }
     Frame f;
     const size_t dq = f.In(q.data(), q.size() * 4), dw = f.In(w.data(), w.size() * 4),
-                 dr = f.In(key_rows.data(), n * 4), dqo = f.In(query_of.data(), n * 4);
+                 dfirst = f.In(first.data(), runs * 4), dquery = f.In(query.data(), runs * 4),
+                 dstart = f.In(start.data(), runs * 4), dcount = f.In(count.data(), runs * 4);
     const Uploads up = StageUploads(keys_, f);
-    const size_t dout = f.Scratch(n * 4);
+    const size_t dout = f.Scratch(n * 4), dr = f.Scratch(n * 4), dqo = f.Scratch(n * 4);
     int64_t at = 0;
     for (const IndexScoreRow& r : rows) {
       int64_t count = 0;
@@ -676,8 +680,11 @@ class CudaBackendImpl final : public Backend {
     }
     const float* base = reinterpret_cast<const float*>(keys_.dev);
     Fail(RunWithUploadsLocked(keys_, f, up, [&](Dev d) {
-      return cuda::IndexScoresRows(d.at(dq), d.at(dw), heads, dim, base, d.at<int32_t>(dr), d.at<int32_t>(dqo), n,
-                                   d.at(dout), stream_);
+      const cudaError_t e = cuda::ExpandKeyRuns(d.at<int32_t>(dfirst), d.at<int32_t>(dquery), d.at<int32_t>(dstart),
+                                                d.at<int32_t>(dcount), runs, d.at<int32_t>(dr), d.at<int32_t>(dqo), stream_);
+      return e != cudaSuccess ? e
+                              : cuda::IndexScoresRows(d.at(dq), d.at(dw), heads, dim, base, d.at<int32_t>(dr),
+                                                      d.at<int32_t>(dqo), n, d.at(dout), stream_);
     }));
     return true;
   }

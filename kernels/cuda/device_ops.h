@@ -102,6 +102,11 @@ cudaError_t IndexerLogits(const float* q, const float* w, int64_t heads, int64_t
 cudaError_t IndexScoresRows(const float* q, const float* w, int64_t heads, int64_t dim, const float* keys,
                             const int32_t* key_rows, const int32_t* query_of, int64_t n, float* scores,
                             cudaStream_t stream);
+// IndexScoresRows' two arrays from runs of consecutive rows (a page's keys): run r's count[r] keys
+// are keys start[r], start[r] + 1, ..., rows first[r], first[r] + 1, ... of `keys`, scored by
+// query query[r]. One block a run: the host sends a run's 16 bytes instead of its keys' 8 each.
+cudaError_t ExpandKeyRuns(const int32_t* first, const int32_t* query, const int32_t* start, const int32_t* count,
+                          int64_t runs, int32_t* key_rows, int32_t* query_of, cudaStream_t stream);
 
 // mHC for `n` tokens (x [n, hc, dim]); post [n, hc], comb [n, hc, hc], y [n, dim].
 cudaError_t HcPre(const float* x, int64_t n, const float* fn, const float* base, const float* scale,

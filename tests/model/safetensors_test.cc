@@ -36,8 +36,18 @@ void ExpectError(const absl::StatusOr<std::unique_ptr<SafetensorsFile>>& r, cons
   EXPECT_NE(std::string(r.status().message()).find(needle), std::string::npos) << r.status().message();
 }
 
+// Removes a test's directory when the test ends, passed or not.
+struct RemovedAtExit {
+  std::string dir;
+  ~RemovedAtExit() {
+    std::error_code ec;
+    std::filesystem::remove_all(dir, ec);
+  }
+};
+
 TEST(Safetensors, ReadsWhatItWrites) {
   const std::string dir = TempDir("st_rw");
+  const RemovedAtExit cleanup{dir};
   std::vector<TensorToWrite> t = {{"a", DType::kF32, {2, 2}, std::vector<uint8_t>(16, 0)},
                                   {"b", DType::kBF16, {3}, std::vector<uint8_t>(6, 1)},
                                   {"c", DType::kI64, {1}, std::vector<uint8_t>(8, 2)}};
@@ -54,6 +64,7 @@ TEST(Safetensors, ReadsWhatItWrites) {
 
 TEST(Safetensors, HostileFiles) {
   const std::string dir = TempDir("st_hostile");
+  const RemovedAtExit cleanup{dir};
   {  // truncated: shorter than the header length field
     std::ofstream(dir + "/t.safetensors", std::ios::binary) << "abc";
     ExpectError(SafetensorsFile::Open(dir + "/t.safetensors"), "truncated");
@@ -87,6 +98,10 @@ class CheckpointHostile : public ::testing::Test {
     args_ = SmallVocabTiny(3);
     dir_ = WriteModel(args_, "ckpt_hostile");
     tensors_ = ReadAll(dir_ + "/model.safetensors");
+  }
+  void TearDown() override {
+    std::error_code ec;
+    std::filesystem::remove_all(dir_, ec);
   }
   absl::Status LoadWith(const std::vector<TensorToWrite>& t) {
     EXPECT_TRUE(WriteSafetensors(dir_ + "/model.safetensors", t).ok());
