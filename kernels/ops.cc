@@ -38,40 +38,18 @@ void ExpertMlp(const Backend& be, const WeightMatrix& w1, const WeightMatrix& w3
 }
 
 RowOp RowOp::HeadRmsNormBf16(int64_t dim, float eps) {
-  RowOp op;
-  op.kind = Kind::kHeadRmsNormBf16;
-  op.width = dim;
-  op.eps = eps;
-  return op;
+  return {.kind = Kind::kHeadRmsNormBf16, .width = dim, .eps = eps};
 }
 
 RowOp RowOp::Rope(int64_t stride, int64_t offset, int64_t rope_dims, const float* cos, const float* sin,
                   int64_t rows_per_angle, bool inverse) {
-  RowOp op;
-  op.kind = Kind::kRope;
-  op.width = stride;
-  op.offset = offset;
-  op.rope_dims = rope_dims;
-  op.cos = cos;
-  op.sin = sin;
-  op.rows_per_angle = rows_per_angle;
-  op.inverse = inverse;
-  return op;
+  return {.kind = Kind::kRope, .width = stride, .offset = offset, .rope_dims = rope_dims,
+          .rows_per_angle = rows_per_angle, .cos = cos, .sin = sin, .inverse = inverse};
 }
 
-RowOp RowOp::Hadamard(int64_t dim) {
-  RowOp op;
-  op.kind = Kind::kHadamard;
-  op.width = dim;
-  return op;
-}
+RowOp RowOp::Hadamard(int64_t dim) { return {.kind = Kind::kHadamard, .width = dim}; }
 
-RowOp RowOp::Fp4RoundTrip(int64_t block) {
-  RowOp op;
-  op.kind = Kind::kFp4RoundTrip;
-  op.width = block;
-  return op;
-}
+RowOp RowOp::Fp4RoundTrip(int64_t block) { return {.kind = Kind::kFp4RoundTrip, .width = block}; }
 
 void ApplyRowOps(const Backend& be, float* x, int64_t n, std::span<const RowOp> ops) {
   for (const RowOp& op : ops) {
