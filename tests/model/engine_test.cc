@@ -3,6 +3,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <random>
 #include <set>
 #include <sstream>
 
@@ -154,6 +155,45 @@ TEST_F(Engine, BlocksCompletedInOneStepAreFinishedTogether) {
       EXPECT_EQ(sa->layers[l].index_keys.size(), 6) << "layer " << l;
       EXPECT_EQ(sb->layers[l].index_keys.size(), 5) << "layer " << l;
     }
+}
+
+// LSA Level 2: index scoring hides exactly the chunks the session's Residency hides (-inf) and
+// scores the rest — a page selected or not, the covered boundary inside a page or at its start.
+TEST_F(Engine, IndexScoresHideExactlyWhatResidencyHides) {
+  const auto& args = tf_->args();
+  int64_t l = 0;
+  while (l < args.n_layers && args.ratio(l) != 4) ++l;
+  ASSERT_LT(l, args.n_layers) << "the test model needs a CSA layer";
+  auto s = tf_->NewSession();
+  std::vector<float> logits;
+  const auto p = Prompt(300, args.vocab_size, 9);  // 75 index keys: a full page and 11 more
+  std::vector<BatchItem> prompt = {{s.get(), p, &logits, nullptr}};
+  ASSERT_TRUE(tf_->Forward(prompt).ok());
+  const kv::EntryPages& keys = s->layers[l].index_keys;
+  ASSERT_EQ(keys.size(), 75);
+  const model::RotaryTable rope = model::RotaryTable::ForLayer(args, 4);
+  const model::Indexer indexer(args, *tf_->weights().layers[l].attn.indexer, rope, kernels::CpuBackend());
+  const int64_t h = indexer.n_local_heads(), hd = args.index_head_dim;
+  std::mt19937 g(10);
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  std::vector<float> q(h * hd), w(h);
+  for (float& v : q) v = d(g);
+  for (float& v : w) v = d(g);
+  struct Case {
+    int64_t covered;
+    std::vector<uint8_t> selected;
+  };
+  for (const Case& c : {Case{-1, {}}, Case{70, {1, 0}}, Case{70, {0, 1}}, Case{20, {0}}, Case{64, {0}}, Case{75, {0, 0}}}) {
+    model::Residency res;
+    res.covered_chunks = c.covered;
+    res.page_selected = c.selected;
+    std::vector<float> scores;
+    indexer.Scores(q.data(), w.data(), keys, res, &scores);
+    ASSERT_EQ(scores.size(), 75u);
+    for (int64_t t = 0; t < 75; ++t)
+      EXPECT_EQ(std::isinf(scores[t]) && scores[t] < 0, !res.Visible(t))
+          << "covered " << c.covered << ", chunk " << t << ": " << scores[t];
+  }
 }
 
 TEST_F(Engine, BadBatchesAreRejected) {

@@ -152,18 +152,14 @@ void Indexer::ScoresBatch(std::span<const ScoreQuery> queries) const {
     int64_t visible = 0;
     for (int64_t p0 = 0; p0 < n; p0 += kv::kEntriesPerPage) {
       const int64_t p1 = std::min(n, p0 + kv::kEntriesPerPage);
-      for (int64_t t = p0; t < p1;) {
-        if (!res.Visible(t)) {
-          ++t;
-          continue;
-        }
-        int64_t u = t + 1;
-        while (u < p1 && res.Visible(u)) ++u;
-        runs[i].push_back(keys.Run(t, u - t));
-        at[i].push_back(t);
-        visible += u - t;
-        t = u;
-      }
+      // Visibility goes by page, but for the chunks past the covered ones (Residency::Visible): a
+      // page's visible keys are all of it or its tail from the first uncovered chunk — one run,
+      // found without asking per key (1M keys a layer at batch 64 and 64K tokens).
+      const int64_t t = res.PageVisible(p0 / kv::kEntriesPerPage) ? p0 : std::max(p0, res.covered_chunks);
+      if (t >= p1) continue;
+      runs[i].push_back(keys.Run(t, p1 - t));
+      at[i].push_back(t);
+      visible += p1 - t;
     }
     offset[i + 1] = offset[i] + visible;
   }

@@ -79,6 +79,7 @@ class Transformer {
   Transformer& operator=(const Transformer&) = delete;
 
   const ModelArgs& args() const { return args_; }
+  const ModelWeights& weights() const { return w_; }
   std::unique_ptr<SessionState> NewSession() const { return std::make_unique<SessionState>(args_); }
 
   // Runs every item's tokens through the model in one pass (rows of all items share the
