@@ -673,10 +673,10 @@ class CudaBackendImpl final : public Backend {
     const size_t dout = f.Scratch(n * 4), dr = f.Scratch(n * 4), dqo = f.Scratch(n * 4);
     int64_t at = 0;
     for (const IndexScoreRow& r : rows) {
-      int64_t count = 0;
-      for (const KeyRun& run : r.keys) count += run.count;
-      if (count > 0) f.Download(dout + at * 4, r.scores, count * 4);
-      at += count;
+      int64_t row_keys = 0;
+      for (const KeyRun& run : r.keys) row_keys += run.count;
+      if (row_keys > 0) f.Download(dout + at * 4, r.scores, row_keys * 4);
+      at += row_keys;
     }
     const float* base = reinterpret_cast<const float*>(keys_.dev);
     Fail(RunWithUploadsLocked(keys_, f, up, [&](Dev d) {

@@ -148,12 +148,15 @@ absl::Status Transformer::Forward(std::span<BatchItem> batch) const {
   // (one pass over the head's weights for the batch, not one per item).
   std::vector<size_t> heads;  // items through the head
   Scratch H;                  // their last rows' residuals [m, hc, d]
+  H.reserve(batch.size() * hc * d);
+  bool traced = false;        // some item records the head's input
   int64_t row = 0;
   for (size_t b = 0; b < batch.size(); ++b) {
     BatchItem& it = batch[b];
     const int64_t last = row + static_cast<int64_t>(it.tokens.size()) - 1;
     if (it.logits || it.trace) {
       heads.push_back(b);
+      traced = traced || it.trace;
       H.insert(H.end(), X.begin() + last * hc * d, X.begin() + (last + 1) * hc * d);
     }
     it.state->position += static_cast<int64_t>(it.tokens.size());
@@ -166,7 +169,7 @@ absl::Status Transformer::Forward(std::span<BatchItem> batch) const {
     thread_local Scratch logits;
     logits.resize(m * vl);
     std::vector<float> head_input;
-    head_->Forward(H.data(), m, logits.data(), &head_input);
+    head_->Forward(H.data(), m, logits.data(), traced ? &head_input : nullptr);
     std::vector<float> all;  // vocab-split head: every rank gets the whole vocabulary's logits
     if (comm_) {
       all.resize(logits.size() * comm_->size());
@@ -174,14 +177,15 @@ absl::Status Transformer::Forward(std::span<BatchItem> batch) const {
     }
     for (int64_t j = 0; j < m; ++j) {
       BatchItem& it = batch[heads[j]];
-      std::vector<float> mine;  // an item's own vector is refilled in place (no new allocation)
-      std::vector<float>& to = it.logits ? *it.logits : mine;
-      if (comm_) {  // rank r's block holds its slice of every row: row j is at r * m * vl + j * vl
-        to.clear();
-        for (int r = 0; r < comm_->size(); ++r)
-          to.insert(to.end(), all.begin() + (r * m + j) * vl, all.begin() + (r * m + j + 1) * vl);
-      } else {
-        to.assign(logits.begin() + j * vl, logits.begin() + (j + 1) * vl);
+      if (it.logits) {  // the item's own vector, refilled in place (no new allocation)
+        std::vector<float>& to = *it.logits;
+        if (comm_) {  // rank r's block holds its slice of every row: row j is at r * m * vl + j * vl
+          to.clear();
+          for (int r = 0; r < comm_->size(); ++r)
+            to.insert(to.end(), all.begin() + (r * m + j) * vl, all.begin() + (r * m + j + 1) * vl);
+        } else {
+          to.assign(logits.begin() + j * vl, logits.begin() + (j + 1) * vl);
+        }
       }
       if (it.trace) {
         it.trace->head_input.assign(head_input.begin() + j * d, head_input.begin() + (j + 1) * d);
