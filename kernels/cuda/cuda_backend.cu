@@ -40,6 +40,11 @@ absl::Status CudaError(cudaError_t e, const char* what) {
   } while (0)
 
 constexpr size_t kAlign = 256;
+// Fast mode runs an FP8 Linear of this many rows or more on the bf16 tensor cores (dequantized
+// weight): kernel_bench on the H200, 4096 x 4096, GEMV against tensor cores + activation quant:
+// 4 rows 50.9 / 26.7 µs, 8 rows 85.3 / 25.0 µs, 16 rows 19.3 + 7 µs; at 1 and 2 rows cuBLASLt
+// finds no algorithm and the GEMV (24.2, 32.6 µs) is the only path.
+constexpr int64_t kTensorCoreMinRows = 4;
 // The most rows of one FP4 expert that RoutedExperts runs in its grouped launch (each 8 rows one
 // more pass over the expert's weights; past this, one launch per matrix costs less).
 constexpr int64_t kGroupedFp4Rows = 64;
@@ -118,7 +123,7 @@ class CudaBackendImpl final : public Backend {
         exact_(exact),
         fp8_tc_(!exact && fp8_tc),
         kv_reserve_bytes_(kv_reserve_bytes < 0 ? budget / 4 : kv_reserve_bytes) {
-    // Diagnostics: FLASHMEM_CUDA_FAST_PATHS (comma list of gemv, lt, dense, attn; default all) narrows
+    // Diagnostics: FLASHMEM_CUDA_FAST_PATHS (comma list of gemv, lt, dense, attn, index; default all) narrows
     // which fast-mode paths run, to tell which one moves a result.
     if (const char* p = std::getenv("FLASHMEM_CUDA_FAST_PATHS")) {
       const std::string s = p;
@@ -126,6 +131,7 @@ class CudaBackendImpl final : public Backend {
       fast_lt_ = s.find("lt") != std::string::npos;
       fast_dense_ = s.find("dense") != std::string::npos;
       fast_attention_ = s.find("attn") != std::string::npos;
+      fast_index_ = s.find("index") != std::string::npos;
     }
     // Diagnostics: FLASHMEM_CUDA_FUSED=0 runs LinearGroups, LinearThen and the attention rows'
     // `then` as separate ops (the Backend defaults), to measure what running them together saves.
@@ -670,7 +676,9 @@ class CudaBackendImpl final : public Backend {
                  dfirst = f.In(first.data(), runs * 4), dquery = f.In(query.data(), runs * 4),
                  dstart = f.In(start.data(), runs * 4), dcount = f.In(count.data(), runs * 4);
     const Uploads up = StageUploads(keys_, f);
-    const size_t dout = f.Scratch(n * 4), dr = f.Scratch(n * 4), dqo = f.Scratch(n * 4);
+    // Fast mode: the tensor cores straight over the runs; exact: per-key arrays for the CPU-order kernel.
+    const bool mma = !exact_ && fast_index_ && cuda::IndexScoresMmaSupports(heads, dim);
+    const size_t dout = f.Scratch(n * 4), dr = mma ? 0 : f.Scratch(n * 4), dqo = mma ? 0 : f.Scratch(n * 4);
     int64_t at = 0;
     for (const IndexScoreRow& r : rows) {
       int64_t row_keys = 0;
@@ -680,6 +688,10 @@ class CudaBackendImpl final : public Backend {
     }
     const float* base = reinterpret_cast<const float*>(keys_.dev);
     Fail(RunWithUploadsLocked(keys_, f, up, [&](Dev d) {
+      if (mma)
+        return cuda::IndexScoresRunsMma(d.at(dq), d.at(dw), heads, dim, base, d.at<int32_t>(dfirst),
+                                        d.at<int32_t>(dquery), d.at<int32_t>(dstart), d.at<int32_t>(dcount), runs,
+                                        d.at(dout), stream_);
       const cudaError_t e = cuda::ExpandKeyRuns(d.at<int32_t>(dfirst), d.at<int32_t>(dquery), d.at<int32_t>(dstart),
                                                 d.at<int32_t>(dcount), runs, d.at<int32_t>(dr), d.at<int32_t>(dqo), stream_);
       return e != cudaSuccess ? e
@@ -1010,7 +1022,7 @@ class CudaBackendImpl final : public Backend {
 
   // y = x · wᵀ on the device (x: n rows; y: room for ld ≥ n rows, n · rows written), enqueued on
   // the stream; every Linear takes this path choice. Exact mode: the bit-exact kernel. Fast mode,
-  // quantized weights with k % 128 == 0: from 16 tokens an FP8 weight runs on the bf16 tensor cores
+  // quantized weights with k % 128 == 0: from 4 tokens an FP8 weight runs on the bf16 tensor cores
   // on exactly dequantized operands (or, fast-fp8, cuBLASLt's FP8 tensor cores); otherwise the
   // decode GEMV. Dense bf16 weights of 4M values and more: cuBLASLt bf16 (smaller ones are
   // launch-bound and keep the exact kernel). A shape cuBLASLt refuses falls through to the next.
@@ -1022,7 +1034,7 @@ class CudaBackendImpl final : public Backend {
       return e != cudaSuccess || out != Rounding::kBf16 ? e : cuda::RoundToBf16(y, n * m, stream_);
     };
     if (!exact_ && quantized && k % 128 == 0) {
-      if (fast_lt_ && w.format == WeightFormat::kFp8Block128 && n >= 16 && w.dequant_bf16) {
+      if (fast_lt_ && w.format == WeightFormat::kFp8Block128 && n >= kTensorCoreMinRows && w.dequant_bf16) {
         DeviceWeight view;
         view.rows = m;
         view.cols = k;
@@ -1242,7 +1254,7 @@ class CudaBackendImpl final : public Backend {
   const bool exact_;
   const bool fp8_tc_;  // fast-fp8: FP8 tensor cores from 16 tokens (else bf16 ones on dequantized weights)
   const int64_t kv_reserve_bytes_;
-  bool fast_gemv_ = true, fast_lt_ = true, fast_dense_ = true, fast_attention_ = true, fused_ = true;
+  bool fast_gemv_ = true, fast_lt_ = true, fast_dense_ = true, fast_attention_ = true, fast_index_ = true, fused_ = true;
   mutable LtContext lt_;
   mutable absl::Mutex mu_;
   mutable absl::Status health_;

@@ -108,6 +108,16 @@ cudaError_t IndexScoresRows(const float* q, const float* w, int64_t heads, int64
 cudaError_t ExpandKeyRuns(const int32_t* first, const int32_t* query, const int32_t* start, const int32_t* count,
                           int64_t runs, int32_t* key_rows, int32_t* query_of, cudaStream_t stream);
 
+// Fast mode's IndexScoresRows over the same runs, on the tensor cores (index_scores_mma.cu):
+// bf16 operands (q and keys rounded to nearest even; exact for the model's FP4-grid values), fp32
+// sums in another order than the CPU's, the CPU's roundings of each head's term and of the score.
+// For dim == kIndexScoresMmaDim and heads 16, 32, 64 or 128 (IndexScoresMmaSupports).
+inline constexpr int64_t kIndexScoresMmaDim = 128;
+bool IndexScoresMmaSupports(int64_t heads, int64_t dim);
+cudaError_t IndexScoresRunsMma(const float* q, const float* w, int64_t heads, int64_t dim, const float* keys,
+                               const int32_t* first, const int32_t* query, const int32_t* start,
+                               const int32_t* count, int64_t runs, float* scores, cudaStream_t stream);
+
 // mHC for `n` tokens (x [n, hc, dim]); post [n, hc], comb [n, hc, hc], y [n, dim].
 cudaError_t HcPre(const float* x, int64_t n, const float* fn, const float* base, const float* scale,
                   int hc, int64_t dim, int iters, float norm_eps, float hc_eps, float* y, float* post,

@@ -263,7 +263,7 @@ int main(int argc, char** argv) {
       deq.cols = s.cols;
       deq.dense_bf16 = true;
       deq.values = DeviceRandomBytes(size_t(s.rows) * s.cols * 2);  // timing only: the values do not matter
-      for (int64_t n : quick ? std::vector<int64_t>{64, 4096} : std::vector<int64_t>{16, 64, 512, 4096}) {
+      for (int64_t n : quick ? std::vector<int64_t>{64, 4096} : std::vector<int64_t>{1, 2, 4, 8, 16, 64, 512, 4096}) {
         float* x = DeviceRandomFloats(n * s.cols, 1.0f);
         __nv_bfloat16* xb = nullptr;
         float* y = nullptr;
@@ -401,6 +401,49 @@ int main(int argc, char** argv) {
                     2.0 * keys_n * heads * dim / us2 / 1e6, Pct(bytes / us2 / 1e3, hbm, "HBM")});
     for (void* p : {static_cast<void*>(q), static_cast<void*>(w), static_cast<void*>(keys), static_cast<void*>(out),
                     static_cast<void*>(valid)})
+      CHECK_CUDA(cudaFree(p));
+  }
+
+  // ---- the same scores over key runs (pages of 64 keys) of a batch of queries, as a decode step
+  // scores them from the KV reserve: the exact kernel (per-key arrays expanded on the device) and
+  // fast mode's tensor cores. b = 64 x 16,384 keys is a 64K-token context (compression 4) --------
+  for (int64_t b : quick ? std::vector<int64_t>{64} : std::vector<int64_t>{8, 64}) {  // keys past L2's 60 MB
+    const int64_t heads = 64, dim = 128, per_query = 16384, runs = b * per_query / 64;
+    const int64_t keys_n = b * per_query;
+    float *q = DeviceRandomFloats(b * heads * dim, 1.0f), *w = DeviceRandomFloats(b * heads, 0.5f),
+          *keys = DeviceRandomFloats(keys_n * dim, 1.0f), *out;
+    std::vector<int32_t> first(runs), query(runs), start(runs), count(runs, 64);
+    for (int64_t r = 0; r < runs; ++r) {
+      const int64_t page = (r * 7919) % runs;  // pages scattered over the reserve
+      first[r] = static_cast<int32_t>(page * 64);
+      query[r] = static_cast<int32_t>(r / (per_query / 64));
+      start[r] = static_cast<int32_t>(r * 64);
+    }
+    int32_t *dfirst, *dquery, *dstart, *dcount, *dr, *dqo;
+    for (auto [d, h] : {std::pair{&dfirst, &first}, std::pair{&dquery, &query}, std::pair{&dstart, &start},
+                        std::pair{&dcount, &count}}) {
+      CHECK_CUDA(cudaMalloc(d, runs * 4));
+      CHECK_CUDA(cudaMemcpy(*d, h->data(), runs * 4, cudaMemcpyHostToDevice));
+    }
+    CHECK_CUDA(cudaMalloc(&dr, keys_n * 4));
+    CHECK_CUDA(cudaMalloc(&dqo, keys_n * 4));
+    CHECK_CUDA(cudaMalloc(&out, keys_n * 4));
+    const double bytes = keys_n * dim * 4.0 + b * heads * dim * 4.0 + keys_n * 4.0;
+    const std::string shape = std::to_string(b) + " x " + std::to_string(per_query) + " keys, 64 heads";
+    const double exact_us = TimeUs([&](int) {
+      CHECK_CUDA(cu::ExpandKeyRuns(dfirst, dquery, dstart, dcount, runs, dr, dqo, nullptr));
+      CHECK_CUDA(cu::IndexScoresRows(q, w, heads, dim, keys, dr, dqo, keys_n, out, nullptr));
+    }, 10, 2);
+    rows.push_back({"lightning-indexer scores over key runs (exact)", shape, exact_us, bytes / exact_us / 1e3,
+                    2.0 * keys_n * heads * dim / exact_us / 1e6, Pct(bytes / exact_us / 1e3, hbm, "HBM")});
+    const double mma_us = TimeUs([&](int) {
+      CHECK_CUDA(cu::IndexScoresRunsMma(q, w, heads, dim, keys, dfirst, dquery, dstart, dcount, runs, out, nullptr));
+    });
+    rows.push_back({"lightning-indexer scores over key runs (fast: mma.sync bf16)", shape, mma_us, bytes / mma_us / 1e3,
+                    2.0 * keys_n * heads * dim / mma_us / 1e6, Pct(bytes / mma_us / 1e3, hbm, "HBM")});
+    for (void* p : {static_cast<void*>(q), static_cast<void*>(w), static_cast<void*>(keys), static_cast<void*>(out),
+                    static_cast<void*>(dfirst), static_cast<void*>(dquery), static_cast<void*>(dstart),
+                    static_cast<void*>(dcount), static_cast<void*>(dr), static_cast<void*>(dqo)})
       CHECK_CUDA(cudaFree(p));
   }
 

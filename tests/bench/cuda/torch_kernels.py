@@ -77,6 +77,17 @@ for nk in ([16384] if quick else [16384, 65536]):
     us = time_us(lambda _: (torch.relu(keys @ q.t()) * w).sum(-1))
     rows.append(("torch indexer scores (bf16)", f"{nk} keys, 64 heads", us, nk * 256 / us / 1e3, 2 * nk * 64 * 128 / us / 1e6))
 
+# The same for a decode step's batch: 64 queries, each over its own 16,384 keys (a 64K-token context;
+# kernel_bench's "over key runs" rows), keys in bf16 (ours reads them as fp32: twice the bytes).
+b, nk = 64, 16384
+q = torch.randn(b, 64, 128, device=dev, dtype=torch.bfloat16)
+w = torch.randn(b, 64, 1, device=dev, dtype=torch.bfloat16)
+keys = torch.randn(b, nk, 128, device=dev, dtype=torch.bfloat16)
+us = time_us(lambda _: (torch.relu(torch.bmm(q, keys.transpose(1, 2))) * w).sum(1))
+rows.append(("torch indexer scores, batched (bf16)", f"{b} x {nk} keys, 64 heads", us, b * nk * 256 / us / 1e3,
+             2 * b * nk * 64 * 128 / us / 1e6))
+del q, w, keys
+
 # Top-k of the indexer scores (the candidate list): torch.topk, sorted, on one row.
 for nk in ([16384] if quick else [16384, 65536]):
     for k in (512, 2048):

@@ -1,0 +1,336 @@
+// The indexer's scoring and top-k on the CUDA backend against the CPU reference: keys read from
+// the KV reserve's key pages, several rows in one launch, fast mode's tensor cores, and the radix
+// select's lists against the host's. GPU cases skip (never faked) without a CUDA device.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "kernels/cuda/cuda_backend.h"
+#include "kernels/cuda/device_ops.h"
+#include "kernels/numerics.h"
+#include "kernels/ops.h"
+#include "tests/cuda/cuda_test_util.h"
+
+namespace flashmem::kernels {
+namespace {
+
+// Key pages for the index-scoring tests: `count` pages of 64 random fp32 keys of `dim`, each
+// with its KvPage (as EntryPages holds them).
+struct KeyPages {
+  KeyPages(int64_t count, int64_t dim, uint32_t seed) {
+    for (int64_t p = 0; p < count; ++p) {
+      keys.push_back(Random(64 * dim, seed + static_cast<uint32_t>(p), 1.0f));
+      pages.push_back(std::make_unique<kernels::KvPage>());
+      pages[p]->bytes = reinterpret_cast<const uint8_t*>(keys[p].data());
+      pages[p]->size = 64 * dim * 4;
+      pages[p]->entries = 64;
+      pages[p]->version = kernels::NewKvPageVersion();
+    }
+    this->dim = dim;
+  }
+  kernels::KeyRun Run(int64_t page, int64_t first, int64_t count) const {
+    return {keys[page].data() + first * dim, count, pages[page].get(), static_cast<int32_t>(first)};
+  }
+  std::vector<std::vector<float>> keys;
+  std::vector<std::unique_ptr<kernels::KvPage>> pages;
+  int64_t dim = 0;
+};
+
+// IndexScores over the runs' keys, staged (the reference path on this backend).
+std::vector<float> StagedScores(const Backend& be, const float* q, const float* w, int64_t heads, int64_t dim,
+                                const std::vector<kernels::KeyRun>& runs) {
+  std::vector<const float*> rows;
+  for (const kernels::KeyRun& r : runs)
+    for (int64_t j = 0; j < r.count; ++j) rows.push_back(r.rows + j * dim);
+  std::vector<float> out = Poisoned(rows.size());
+  be.IndexScores(q, w, heads, dim, rows, out.data());
+  return out;
+}
+
+
+// The indexer's keys, fp32 rows in pages that name themselves, are scored from the KV reserve's
+// key half: the same scores as IndexScores over the staged rows, a page re-uploaded only when its
+// version changes (bytes changed under the old version keep serving the copy: the reserve was
+// read), and a call over more pages than the reserve holds staged.
+TEST_F(CudaOps, IndexScoresReadNamedKeyPagesFromTheKvReserve) {
+  const int64_t heads = 64, dim = 128, num_pages = 20;
+  KeyPages kp(num_pages, dim, 120);
+  const std::vector<float> q = Random(heads * dim, 141, 1.0f), w = Random(heads, 142, 0.5f);
+  // The first `count` keys as runs of whole pages in order, or split at entry 17 with the pages
+  // in reverse order.
+  auto runs_of = [&](int64_t count, bool split) {
+    std::vector<kernels::KeyRun> runs;
+    for (int64_t i = 0; i * 64 < count; ++i) {
+      const int64_t p = split ? (count - 1) / 64 - i : i, len = std::min<int64_t>(64, count - p * 64);
+      if (split && len > 17) {
+        runs.push_back(kp.Run(p, 17, len - 17));
+        runs.push_back(kp.Run(p, 0, 17));
+      } else {
+        runs.push_back(kp.Run(p, 0, len));
+      }
+    }
+    return runs;
+  };
+  auto paged = [&](const Backend& be, const std::vector<kernels::KeyRun>& runs) {
+    int64_t n = 0;
+    for (const kernels::KeyRun& r : runs) n += r.count;
+    std::vector<float> out = Poisoned(n);
+    const kernels::IndexScoreRow row{q.data(), w.data(), runs, out.data()};
+    be.IndexScoresBatch(std::span<const kernels::IndexScoreRow>(&row, 1), heads, dim);
+    EXPECT_TRUE(be.Health().ok()) << be.Health();
+    return out;
+  };
+  cuda::CudaBackendOptions small_opt;
+  small_opt.kv_reserve_bytes = 2 * 4 * 64 * dim * 4;  // four key pages
+  auto small = cuda::NewCudaBackend(small_opt);
+  ASSERT_TRUE(small.ok()) << small.status();
+  for (const Backend* be : {static_cast<const Backend*>(gpu_), static_cast<const Backend*>(small->get())}) {
+    const bool tiny = be == small->get();
+    for (int64_t count : {int64_t{1}, int64_t{200}, num_pages * 64}) {
+      for (bool split : {false, true}) {
+        const std::string what = std::string(tiny ? "4-page reserve, " : "") + std::to_string(count) + " keys" + (split ? ", split runs" : "");
+        const std::vector<kernels::KeyRun> runs = runs_of(count, split);
+        const std::vector<float> want = StagedScores(*be, q.data(), w.data(), heads, dim, runs);
+        const std::vector<float> got = paged(*be, runs), again = paged(*be, runs);
+        EXPECT_EQ(std::memcmp(got.data(), want.data(), got.size() * 4), 0) << what;
+        EXPECT_EQ(std::memcmp(again.data(), want.data(), got.size() * 4), 0) << what << ", pages found in place";
+        const std::vector<float> host = StagedScores(cpu(), q.data(), w.data(), heads, dim, runs);
+        EXPECT_LE(RelErr(got, host), kBf16Tol) << what;
+        // The page holding key 0 rewritten under its old version, then announced.
+        const std::vector<float> original = kp.keys[0];
+        for (float& v : kp.keys[0]) v = -v;
+        const std::vector<float> stale = paged(*be, runs), fresh = StagedScores(*be, q.data(), w.data(), heads, dim, runs);
+        EXPECT_NE(std::memcmp(fresh.data(), want.data(), fresh.size() * 4), 0) << what << ": key page 0 is read";
+        const bool fits = !tiny || count <= 4 * 64;
+        EXPECT_EQ(std::memcmp(stale.data(), (fits ? want : fresh).data(), stale.size() * 4), 0)
+            << what << (fits ? ": the reserve's copy" : ": staged");
+        kp.pages[0]->version = kernels::NewKvPageVersion();
+        const std::vector<float> renewed = paged(*be, runs);
+        EXPECT_EQ(std::memcmp(renewed.data(), fresh.data(), fresh.size() * 4), 0) << what << ", after a new version";
+        std::copy(original.begin(), original.end(), kp.keys[0].begin());
+        kp.pages[0]->version = kernels::NewKvPageVersion();
+      }
+    }
+    const kernels::KvReserveStats st = be->ReserveStats();
+    if (tiny) EXPECT_EQ(st.keys.slots, 4);
+    EXPECT_EQ(st.keys.bytes, st.keys.slots * 64 * dim * 4);
+    EXPECT_GT(st.keys.uploads, 0);
+    EXPECT_GT(st.keys.hits, 0);
+    EXPECT_LE(st.keys.held, st.keys.slots);
+  }
+}
+
+TEST_F(CudaOps, IndexerScoresAndLogits) {
+  const int64_t heads = 4, dim = 128, rows = 500;
+  const std::vector<float> q = Random(heads * dim, 21, 1.0f), keys = Random(rows * dim, 22, 1.0f),
+                           w = Random(heads, 23, 0.5f);
+  for (int64_t n : {0, 1, 300}) {
+    std::vector<const float*> k(n);
+    for (int64_t t = 0; t < n; ++t) k[t] = keys.data() + (t * 7 % rows) * dim;
+    std::vector<float> a = Poisoned(n), b = a;
+    cpu().IndexScores(q.data(), w.data(), heads, dim, k, a.data());
+    gpu_->IndexScores(q.data(), w.data(), heads, dim, k, b.data());
+    EXPECT_LE(RelErr(b, a), kBf16Tol) << n;
+    for (int64_t t = 0; t < n; t += 5) k[t] = nullptr;  // null keys score 0 in the logits
+    a = b = Poisoned(n);
+    cpu().IndexerLogits(q.data(), w.data(), heads, dim, k, a.data());
+    gpu_->IndexerLogits(q.data(), w.data(), heads, dim, k, b.data());
+    EXPECT_LE(RelErr(b, a), kFp32Tol) << n;
+  }
+}
+
+// Page recall in one launch from mapped pinned host memory: every byte lands where it should.
+// Top-k on the device (a radix select) gives the host's list exactly: bf16 scores tie often and
+// ties go by index, -inf (invisible chunks) ranks last, -0 equals +0, k from 1 to the device's
+// limit, odd lengths; past the limit or below the size worth a round trip the host answers.
+// Several rows' top-k in one call (a decode step's sessions, contexts of different lengths):
+// the host's list for every row, -inf and signed-zero ties included; rows padded to the longest
+// with -inf never pick a pad. Batches the device does not take (a row shorter than k, too few
+// scores in all) give the same lists row by row.
+TEST_F(CudaOps, TopKOfSeveralRowsEqualsTheHostsLists) {
+  const float inf = std::numeric_limits<float>::infinity();
+  std::vector<std::vector<float>> rows;
+  for (int64_t n : {2048, 3001, 2048, 5000, 2500}) {
+    std::vector<float> s = Random(n, static_cast<uint32_t>(200 + n + rows.size()), 1.0f);
+    for (int64_t i = 0; i < n; i += 3) s[i] = -inf;  // LSA's hidden chunks
+    for (int64_t i = 1; i < n; i += 89) s[i] = i % 2 ? 0.0f : -0.0f;
+    rows.push_back(std::move(s));
+  }
+  rows[2].assign(2048, -inf);  // a row of -inf only: its first k indices
+  std::vector<std::span<const float>> lists(rows.begin(), rows.end());
+  for (int64_t k : {1, 512, 2048}) {
+    const auto got = gpu_->TopKBatch(lists, k);
+    ASSERT_EQ(got.size(), rows.size());
+    for (size_t r = 0; r < rows.size(); ++r) EXPECT_EQ(got[r], TopKIndices(rows[r], k)) << "k " << k << " row " << r;
+  }
+  // A row shorter than k, and a batch too small for the device: row by row, the same lists.
+  const std::vector<float> short_row = Random(100, 301, 1.0f);
+  lists.push_back(short_row);
+  auto got = gpu_->TopKBatch(lists, 512);
+  for (size_t r = 0; r < lists.size(); ++r) EXPECT_EQ(got[r], TopKIndices(lists[r], 512)) << "row " << r;
+  const std::vector<float> a = Random(1000, 302, 1.0f), b = Random(1000, 303, 1.0f);
+  const std::span<const float> small[] = {a, b};
+  got = gpu_->TopKBatch(small, 10);
+  EXPECT_EQ(got[0], TopKIndices(a, 10));
+  EXPECT_EQ(got[1], TopKIndices(b, 10));
+  EXPECT_TRUE(gpu_->TopKBatch(std::span<const std::span<const float>>(), 10).empty());
+}
+
+// Several rows' index scores in one call: each row's scores as that row alone, whether every
+// key comes from the reserve (one launch) or one row has a run of zero keys (row by row).
+TEST_F(CudaOps, IndexScoresOfSeveralRowsEqualOneCallPerRow) {
+  const int64_t heads = 64, dim = 128;
+  KeyPages kp(30, dim, 400);
+  // Row r: its own pages, the last one partly written (as a session's newest keys).
+  const std::vector<int64_t> lengths = {130, 1, 640, 0, 333};
+  std::vector<std::vector<kernels::KeyRun>> runs(lengths.size());
+  int64_t next_page = 0;
+  for (size_t r = 0; r < lengths.size(); ++r)
+    for (int64_t t = 0; t < lengths[r]; t += 64) runs[r].push_back(kp.Run(next_page++, 0, std::min<int64_t>(64, lengths[r] - t)));
+  std::vector<std::vector<float>> q, w;
+  for (size_t r = 0; r < lengths.size(); ++r) {
+    q.push_back(Random(heads * dim, 500 + static_cast<uint32_t>(r), 1.0f));
+    w.push_back(Random(heads, 600 + static_cast<uint32_t>(r), 0.5f));
+  }
+  for (bool with_zero_keys : {false, true}) {
+    if (with_zero_keys) runs[4].push_back({nullptr, 5, nullptr, 0});  // five zero keys: this batch goes row by row
+    std::vector<std::vector<float>> got(lengths.size()), alone(lengths.size());
+    std::vector<kernels::IndexScoreRow> rows;
+    for (size_t r = 0; r < lengths.size(); ++r) {
+      int64_t n = 0;
+      for (const kernels::KeyRun& run : runs[r]) n += run.count;
+      got[r] = Poisoned(n);
+      alone[r] = Poisoned(n);
+      rows.push_back({q[r].data(), w[r].data(), runs[r], got[r].data()});
+    }
+    gpu_->IndexScoresBatch(rows, heads, dim);
+    ASSERT_TRUE(gpu_->Health().ok()) << gpu_->Health();
+    for (size_t r = 0; r < lengths.size(); ++r) {
+      const kernels::IndexScoreRow one{q[r].data(), w[r].data(), runs[r], alone[r].data()};
+      gpu_->IndexScoresBatch(std::span<const kernels::IndexScoreRow>(&one, 1), heads, dim);
+      EXPECT_EQ(std::memcmp(got[r].data(), alone[r].data(), got[r].size() * 4), 0) << "row " << r << (with_zero_keys ? " (zero keys)" : "");
+      std::vector<float> host = Poisoned(got[r].size());
+      const kernels::IndexScoreRow on_cpu{q[r].data(), w[r].data(), runs[r], host.data()};
+      cpu().IndexScoresBatch(std::span<const kernels::IndexScoreRow>(&on_cpu, 1), heads, dim);
+      EXPECT_LE(RelErr(got[r], host), kBf16Tol) << "row " << r;
+    }
+  }
+}
+
+TEST_F(CudaOps, TopKEqualsTheHostsList) {
+  const float inf = std::numeric_limits<float>::infinity();
+  for (int64_t n : {4096, 5003, 16384, 65537}) {
+    std::vector<float> s = Random(n, static_cast<uint32_t>(31 + n), 1.0f);
+    for (int64_t i = 0; i < n; i += 3) s[i] = -inf;
+    for (int64_t i = 1; i < n; i += 97) s[i] = i % 2 ? 0.0f : -0.0f;
+    for (int64_t k : {1, 7, 512, 2048, 3000}) EXPECT_EQ(gpu_->TopK(s, k), TopKIndices(s, k)) << "n " << n << " k " << k;
+  }
+  std::vector<float> same(6000, 0.25f);  // all tied: the first k indices
+  EXPECT_EQ(gpu_->TopK(same, 100), TopKIndices(same, 100));
+  std::vector<float> few(8192, -inf);  // fewer finite scores than k: the -inf ones follow by index
+  few[8000] = 1.0f;
+  few[3] = 2.0f;
+  EXPECT_EQ(gpu_->TopK(few, 10), TopKIndices(few, 10));
+  EXPECT_EQ(gpu_->TopK(few, 10)[0], 3);
+  EXPECT_EQ(gpu_->TopK(few, 10)[2], 0);
+  EXPECT_TRUE(gpu_->TopK(few, 0).empty());
+  EXPECT_EQ(gpu_->TopK(std::vector<float>(5000, 1.0f), 9000).size(), 5000u);  // k past n: all of them
+
+  // The launcher: three rows at once into a poisoned output; bad sizes are refused.
+  const int64_t rows = 3, n = 10001, k = 333;  // rows 1 and 2 start unaligned: the scalar loads
+  std::vector<float> all = Random(rows * n, 77, 1.0f);
+  float* d_s = nullptr;
+  int32_t* d_out = nullptr;
+  ASSERT_EQ(cudaMalloc(&d_s, all.size() * 4), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&d_out, rows * k * 4), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(d_s, all.data(), all.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemset(d_out, 0xff, rows * k * 4), cudaSuccess);
+  ASSERT_EQ(cuda::TopK(d_s, rows, n, k, d_out, nullptr), cudaSuccess);
+  std::vector<int32_t> got(rows * k);
+  ASSERT_EQ(cudaMemcpy(got.data(), d_out, got.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+  for (int64_t r = 0; r < rows; ++r)
+    EXPECT_EQ(std::vector<int32_t>(got.begin() + r * k, got.begin() + (r + 1) * k),
+              TopKIndices(std::span<const float>(all.data() + r * n, n), k))
+        << "row " << r;
+  EXPECT_EQ(cuda::TopK(d_s, 1, n, cuda::kTopKMaxK + 1, d_out, nullptr), cudaErrorInvalidValue);
+  EXPECT_EQ(cuda::TopK(d_s, 1, 10, 11, d_out, nullptr), cudaErrorInvalidValue);
+  cudaFree(d_s);
+  cudaFree(d_out);
+}
+
+// Fast mode scores a page's run of keys on the tensor cores (cuda::IndexScoresRunsMma). On
+// bf16-grid queries and keys — the model's are FP4 values times power-of-two scales — only the
+// summation order differs from the CPU: each head's bf16-rounded dot product may land one bf16
+// step away, so each score is within 2^-6 of the sum of its heads' |terms| plus one bf16 step of
+// itself, and most are bit-identical. Runs start mid-page, end mid-page and switch queries inside
+// a block (past 4,096 runs a block takes several); heads 16, 64 and 128; heads 4 (not
+// supported) keeps the exact kernel, bit-identical to the exact backend.
+TEST_F(CudaOps, FastModeScoresKeyRunsOnTheTensorCores) {
+  const int64_t dim = 128, num_pages = 40;
+  KeyPages kp(num_pages, dim, 700);
+  auto fast = FastBackend(false);
+  ASSERT_TRUE(fast.ok()) << fast.status();
+  for (int64_t heads : {int64_t{16}, int64_t{64}, int64_t{128}, int64_t{4}}) {
+    for (int64_t queries : {int64_t{3}, int64_t{70}}) {
+      const int64_t runs_per_query = queries > 3 ? 63 : 9;  // 70 x 63 = 4,410 runs: two a block
+      std::vector<std::vector<kernels::KeyRun>> runs(queries);
+      std::vector<std::vector<float>> q, w, got(queries), host(queries), exact(queries);
+      std::vector<kernels::IndexScoreRow> rows, on_cpu, on_exact;
+      for (int64_t r = 0; r < queries; ++r) {
+        int64_t n = 0;
+        for (int64_t j = 0; j < runs_per_query; ++j) {
+          const int64_t entry = (r * 7 + j * 3) % 64, count = 1 + (r + 5 * j) % (64 - entry);
+          runs[r].push_back(kp.Run((r + j) % num_pages, entry, count));
+          n += count;
+        }
+        q.push_back(Random(heads * dim, 800 + static_cast<uint32_t>(r), 1.0f));
+        w.push_back(Random(heads, 900 + static_cast<uint32_t>(r), 0.5f));
+        got[r] = host[r] = exact[r] = Poisoned(n);
+      }
+      for (int64_t r = 0; r < queries; ++r) {
+        rows.push_back({q[r].data(), w[r].data(), runs[r], got[r].data()});
+        on_cpu.push_back({q[r].data(), w[r].data(), runs[r], host[r].data()});
+        on_exact.push_back({q[r].data(), w[r].data(), runs[r], exact[r].data()});
+      }
+      (*fast)->IndexScoresBatch(rows, heads, dim);
+      ASSERT_TRUE((*fast)->Health().ok()) << (*fast)->Health();
+      cpu().IndexScoresBatch(on_cpu, heads, dim);
+      gpu_->IndexScoresBatch(on_exact, heads, dim);
+      const std::string what = std::to_string(heads) + " heads, " + std::to_string(queries) + " queries";
+      if (!cuda::IndexScoresMmaSupports(heads, dim)) {
+        for (int64_t r = 0; r < queries; ++r)
+          EXPECT_EQ(std::memcmp(got[r].data(), exact[r].data(), got[r].size() * 4), 0) << what << ", row " << r;
+        continue;
+      }
+      int64_t same = 0, total = 0;
+      for (int64_t r = 0; r < queries; ++r) {
+        int64_t t = 0;
+        for (const kernels::KeyRun& run : runs[r])
+          for (int64_t j = 0; j < run.count; ++j, ++t) {
+            const float* key = run.rows + j * dim;
+            double terms = 0;
+            for (int64_t h = 0; h < heads; ++h) {
+              double dot = 0;
+              for (int64_t d = 0; d < dim; ++d) dot += static_cast<double>(q[r][h * dim + d]) * key[d];
+              terms += std::fabs(std::max(dot, 0.0) * w[r][h]);
+            }
+            const double bound = terms / 64 + std::fabs(host[r][t]) / 128 + 1e-30;
+            ASSERT_FALSE(std::isnan(got[r][t])) << what << ", row " << r << " key " << t << " not written";
+            EXPECT_LE(std::fabs(got[r][t] - host[r][t]), bound) << what << ", row " << r << " key " << t;
+            same += got[r][t] == host[r][t];
+            ++total;
+          }
+      }
+      EXPECT_GE(static_cast<double>(same) / total, 0.9) << what << ": " << same << " of " << total << " identical";
+    }
+  }
+}
+
+}  // namespace
+}  // namespace flashmem::kernels

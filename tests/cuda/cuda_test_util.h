@@ -1,0 +1,82 @@
+// Helpers shared by the CUDA op tests (cuda_backend_test.cc, cuda_index_test.cc): random bf16-grid
+// inputs, NaN-poisoned outputs, relative errors, and the CudaOps fixture whose GPU cases skip
+// (never faked) without a CUDA device.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <random>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "gtest/gtest.h"
+#include "kernels/cuda/cuda_backend.h"
+#include "kernels/numerics.h"
+#include "kernels/ops.h"
+
+namespace flashmem::kernels {
+
+inline constexpr double kFp32Tol = 1e-5, kBf16Tol = 4e-3;
+
+inline std::vector<float> Random(size_t n, uint32_t seed, float std) {
+  std::mt19937 g(seed);
+  std::normal_distribution<float> d(0.0f, std);
+  std::vector<float> v(n);
+  for (float& x : v) x = num::RoundBf16(d(g));
+  return v;
+}
+inline std::vector<float> Poisoned(size_t n) { return std::vector<float>(n, std::numeric_limits<float>::quiet_NaN()); }
+
+// ||a - ref|| / ||ref||; any NaN in `a` where ref has none (an unwritten output) gives +inf.
+inline double RelErr(const std::vector<float>& a, const std::vector<float>& ref) {
+  EXPECT_EQ(a.size(), ref.size());
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size() && i < ref.size(); ++i) {
+    if (std::isnan(a[i]) != std::isnan(ref[i])) return std::numeric_limits<double>::infinity();
+    if (std::isnan(ref[i])) continue;
+    num += (static_cast<double>(a[i]) - ref[i]) * (static_cast<double>(a[i]) - ref[i]);
+    den += static_cast<double>(ref[i]) * ref[i];
+  }
+  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+// A backend in fast mode (fp8_tc: fast-fp8).
+inline absl::StatusOr<std::unique_ptr<Backend>> FastBackend(bool fp8_tc) {
+  cuda::CudaBackendOptions opt;
+  opt.exact = false;
+  opt.fp8_tensor_cores = fp8_tc;
+  return cuda::NewCudaBackend(opt);
+}
+
+// The fraction of values bit-identical to the reference.
+inline double FracIdentical(const std::vector<float>& a, const std::vector<float>& ref) {
+  size_t same = 0;
+  for (size_t i = 0; i < a.size() && i < ref.size(); ++i) same += a[i] == ref[i];
+  return ref.empty() ? 1.0 : static_cast<double>(same) / ref.size();
+}
+
+class CudaOps : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    if (cuda::DeviceCount() == 0) return;
+    auto be = cuda::NewCudaBackend({});
+    ASSERT_TRUE(be.ok()) << be.status();
+    gpu_ = be->release();
+  }
+  static void TearDownTestSuite() {
+    delete gpu_;
+    gpu_ = nullptr;
+  }
+  void SetUp() override {
+    if (!gpu_) GTEST_SKIP() << "no CUDA device";
+  }
+  void TearDown() override {
+    if (gpu_) EXPECT_TRUE(gpu_->Health().ok()) << gpu_->Health();
+  }
+  const Backend& cpu() const { return CpuBackend(); }
+  static inline Backend* gpu_ = nullptr;
+};
+
+}  // namespace flashmem::kernels
