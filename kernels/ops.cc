@@ -126,6 +126,33 @@ std::vector<std::vector<int32_t>> Backend::TopKBatch(std::span<const std::span<c
   return out;
 }
 
+std::vector<std::vector<int32_t>> Backend::IndexTopKBatch(std::span<const IndexSelectRow> rows, int64_t heads,
+                                                          int64_t dim, int64_t k) const {
+  std::vector<int64_t> offset(rows.size() + 1, 0);
+  for (size_t i = 0; i < rows.size(); ++i) {
+    offset[i + 1] = offset[i];
+    for (const KeyRun& run : rows[i].keys) offset[i + 1] += run.count;
+  }
+  std::vector<float> scored(offset.back());
+  std::vector<IndexScoreRow> score_rows(rows.size());
+  for (size_t i = 0; i < rows.size(); ++i)
+    score_rows[i] = {rows[i].q, rows[i].w, rows[i].keys, scored.data() + offset[i]};
+  IndexScoresBatch(score_rows, heads, dim);
+  std::vector<std::vector<float>> lists(rows.size());
+  std::vector<std::span<const float>> spans(rows.size());
+  for (size_t i = 0; i < rows.size(); ++i) {
+    lists[i].assign(rows[i].length, -std::numeric_limits<float>::infinity());
+    const float* from = scored.data() + offset[i];
+    for (size_t r = 0; r < rows[i].keys.size(); ++r) {
+      std::copy_n(from, rows[i].keys[r].count, lists[i].begin() + rows[i].at[r]);
+      from += rows[i].keys[r].count;
+    }
+    if (rows[i].list) std::copy(lists[i].begin(), lists[i].end(), rows[i].list);
+    spans[i] = lists[i];
+  }
+  return TopKBatch(spans, k);
+}
+
 void Backend::SparseAttentionRows(std::span<const AttentionRow> rows, int64_t heads, int64_t dim, int64_t rope_dims,
                                   const float* sink, float softmax_scale) const {
   for (const AttentionRow& r : rows) {

@@ -141,6 +141,17 @@ struct IndexScoreRow {
   float* scores = nullptr;
 };
 
+// One query row of Backend::IndexTopKBatch: its key runs scored into a list of `length` scores,
+// run r's keys at positions at[r], at[r] + 1, ...; every other position is -inf.
+struct IndexSelectRow {
+  const float* q = nullptr;
+  const float* w = nullptr;
+  std::span<const KeyRun> keys;
+  std::span<const int64_t> at;  // one a run
+  int64_t length = 0;
+  float* list = nullptr;  // optional: receives the whole list (`length` floats), as top-k saw it
+};
+
 // One routed expert of an MoE layer and the token rows sent to it (Backend::RoutedExperts).
 struct ExpertWork {
   const WeightMatrix* w1 = nullptr;  // gate projection [inter, dim]
@@ -234,6 +245,12 @@ class Backend {
   // row, which is the default.
   virtual std::vector<std::vector<int32_t>> TopKBatch(std::span<const std::span<const float>> scores,
                                                       int64_t k) const;
+
+  // The indexer's candidate lists: each row's scores (IndexScoresBatch) placed in its list, then
+  // the top k of every list (TopKBatch). The default is those two calls; a device backend keeps
+  // the lists where they were scored.
+  virtual std::vector<std::vector<int32_t>> IndexTopKBatch(std::span<const IndexSelectRow> rows, int64_t heads,
+                                                           int64_t dim, int64_t k) const;
 
   // The KV reserve's state (thread-safe; for metrics). The default: none.
   virtual KvReserveStats ReserveStats() const { return {}; }

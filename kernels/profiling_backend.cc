@@ -9,7 +9,7 @@ namespace flashmem::kernels {
 const char* OpName(OpKind op) {
   static constexpr const char* kNames[] = {"Linear", "RmsNorm", "HeadRmsNormBf16", "Rope", "Fp8RoundTrip",
                                            "Fp4RoundTrip", "Hadamard", "SparseAttention", "IndexScores",
-                                           "TopK", "IndexerLogits", "HcPre", "HcPost", "HcHead", "RoutedExperts"};
+                                           "TopK", "IndexTopK", "IndexerLogits", "HcPre", "HcPost", "HcHead", "RoutedExperts"};
   static_assert(sizeof(kNames) / sizeof(kNames[0]) == static_cast<int>(OpKind::kCount));
   return kNames[static_cast<int>(op)];
 }
@@ -154,6 +154,16 @@ std::vector<std::vector<int32_t>> ProfilingBackend::TopKBatch(std::span<const st
   size_t n = 0;
   for (std::span<const float> s : scores) n += s.size();
   Record(OpKind::kTopK, t.seconds(), n);
+  return out;
+}
+std::vector<std::vector<int32_t>> ProfilingBackend::IndexTopKBatch(std::span<const IndexSelectRow> rows, int64_t heads,
+                                                                   int64_t dim, int64_t k) const {
+  Timer t;
+  std::vector<std::vector<int32_t>> out = inner_.IndexTopKBatch(rows, heads, dim, k);
+  size_t keys = 0;
+  for (const IndexSelectRow& r : rows)
+    for (const KeyRun& run : r.keys) keys += static_cast<size_t>(run.count);
+  Record(OpKind::kIndexTopK, t.seconds(), keys);  // scores and top-k of the batch in one call
   return out;
 }
 std::vector<int32_t> ProfilingBackend::TopK(std::span<const float> scores, int64_t k) const {

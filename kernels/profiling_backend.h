@@ -16,7 +16,7 @@ namespace flashmem::kernels {
 
 enum class OpKind : int {
   kLinear, kRmsNorm, kHeadRmsNorm, kRope, kFp8RoundTrip, kFp4RoundTrip, kHadamard,
-  kSparseAttention, kIndexScores, kTopK, kIndexerLogits, kHcPre, kHcPost, kHcHead, kRoutedExperts, kCount
+  kSparseAttention, kIndexScores, kTopK, kIndexTopK, kIndexerLogits, kHcPre, kHcPost, kHcHead, kRoutedExperts, kCount
 };
 const char* OpName(OpKind op);
 
@@ -53,6 +53,8 @@ class ProfilingBackend final : public Backend {
   void IndexScoresBatch(std::span<const IndexScoreRow> rows, int64_t heads, int64_t dim) const override;
   KvReserveStats ReserveStats() const override { return inner_.ReserveStats(); }
   std::vector<std::vector<int32_t>> TopKBatch(std::span<const std::span<const float>> scores, int64_t k) const override;
+  std::vector<std::vector<int32_t>> IndexTopKBatch(std::span<const IndexSelectRow> rows, int64_t heads, int64_t dim,
+                                                   int64_t k) const override;
   void IndexScores(const float* q, const float* w, int64_t heads, int64_t dim, std::span<const float* const> keys,
                    float* scores) const override;
   std::vector<int32_t> TopK(std::span<const float> scores, int64_t k) const override;

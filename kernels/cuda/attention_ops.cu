@@ -1,5 +1,7 @@
 // Sparse MQA with the attention sink (fp32 rows and paged 584-B FP8 records) and the two indexer
 // scorers of the CUDA backend.
+#include <algorithm>
+
 #include "kernels/cuda/device_math.cuh"
 #include "kernels/cuda/device_ops.h"
 
@@ -190,6 +192,20 @@ __global__ void ExpandKeyRunsKernel(const int32_t* first, const int32_t* query, 
   }
 }
 }  // namespace
+
+namespace {
+__global__ void FillFloatsKernel(float* p, int64_t n, float value) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    p[i] = value;
+}
+}  // namespace
+
+cudaError_t FillFloats(float* p, int64_t n, float value, cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  FillFloatsKernel<<<static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 4096)), 256, 0, stream>>>(p, n, value);
+  return cudaGetLastError();
+}
 
 cudaError_t ExpandKeyRuns(const int32_t* first, const int32_t* query, const int32_t* start, const int32_t* count,
                           int64_t runs, int32_t* key_rows, int32_t* query_of, cudaStream_t stream) {

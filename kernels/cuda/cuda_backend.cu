@@ -349,6 +349,33 @@ class CudaBackendImpl final : public Backend {
     if (!ScoreFromReserve(rows, heads, dim)) Backend::IndexScoresBatch(rows, heads, dim);
   }
 
+  // Fast mode: scores and top-k in one round trip (ScoreFromReserve with a ListSelect) when every
+  // list has k or more entries and the keys come from the reserve; otherwise the two ops.
+  std::vector<std::vector<int32_t>> IndexTopKBatch(std::span<const IndexSelectRow> rows, int64_t heads, int64_t dim,
+                                                   int64_t k) const override {
+    const int64_t b = static_cast<int64_t>(rows.size());
+    int64_t length = 0, shortest = INT64_MAX;
+    for (const IndexSelectRow& r : rows) {
+      length = std::max(length, r.length);
+      shortest = std::min(shortest, r.length);
+    }
+    const bool fused = !exact_ && fast_index_ && cuda::IndexScoresMmaSupports(heads, dim) && b > 0 && k >= 1 &&
+                       k <= cuda::kTopKMaxK && shortest >= k && b * length <= INT32_MAX;
+    if (fused) {
+      std::vector<IndexScoreRow> score_rows(b);
+      for (int64_t i = 0; i < b; ++i) score_rows[i] = {rows[i].q, rows[i].w, rows[i].keys, nullptr};
+      std::vector<int32_t> picked;
+      const ListSelect select{rows, length, k, &picked};
+      if (ScoreFromReserve(score_rows, heads, dim, &select)) {
+        std::vector<std::vector<int32_t>> out(b);
+        if (picked.size() != static_cast<size_t>(b * k)) return out;  // a failed backend did nothing
+        for (int64_t i = 0; i < b; ++i) out[i].assign(picked.begin() + i * k, picked.begin() + (i + 1) * k);
+        return out;
+      }
+    }
+    return Backend::IndexTopKBatch(rows, heads, dim, k);
+  }
+
   // Rows of equal length k or more, padded with -inf to the longest (a pad ranks after every
   // score, -inf ones included, since ties go to the lower index): one radix select for all of
   // them, once the batch has kTopKMinKeys scores. Otherwise row by row.
@@ -636,7 +663,19 @@ class CudaBackendImpl final : public Backend {
   // has no rows or names no page of entries x dim floats, or they do not fit: the caller stages.
   // Host work and upload are per run (a page's keys), not per key: the kernel's per-key index
   // arrays are expanded on the device (at a batch of 64 and 64K tokens, 1M keys: 8 MB of them).
-  bool ScoreFromReserve(std::span<const IndexScoreRow> rows, int64_t heads, int64_t dim) const {
+  //
+  // With `select` (fast mode only: the tensor-core kernel writes each run where its keys sit),
+  // the scores land in lists of select->length a row, -inf where no run is, and the radix select
+  // picks each list's top k on the device: only the picks come back (and the lists rows ask for),
+  // not every score to be sent up again for top-k.
+  struct ListSelect {
+    std::span<const IndexSelectRow> rows;
+    int64_t length = 0;  // the longest list; shorter ones are padded with -inf
+    int64_t k = 0;
+    std::vector<int32_t>* picked = nullptr;  // [rows, k]
+  };
+  bool ScoreFromReserve(std::span<const IndexScoreRow> rows, int64_t heads, int64_t dim,
+                        const ListSelect* select = nullptr) const {
     int64_t n = 0, page_entries = 0;
     for (const IndexScoreRow& r : rows)
       for (const KeyRun& run : r.keys) {
@@ -661,7 +700,8 @@ class CudaBackendImpl final : public Backend {
         }
         first.push_back(static_cast<int32_t>(slot * page_entries + run.entry));
         query.push_back(static_cast<int32_t>(i));
-        start.push_back(static_cast<int32_t>(k));
+        const int64_t r = static_cast<int64_t>(&run - rows[i].keys.data());
+        start.push_back(static_cast<int32_t>(select ? i * select->length + select->rows[i].at[r] : k));
         count.push_back(static_cast<int32_t>(run.count));
         k += run.count;
       }
@@ -678,16 +718,36 @@ class CudaBackendImpl final : public Backend {
     const Uploads up = StageUploads(keys_, f);
     // Fast mode: the tensor cores straight over the runs; exact: per-key arrays for the CPU-order kernel.
     const bool mma = !exact_ && fast_index_ && cuda::IndexScoresMmaSupports(heads, dim);
-    const size_t dout = f.Scratch(n * 4), dr = mma ? 0 : f.Scratch(n * 4), dqo = mma ? 0 : f.Scratch(n * 4);
-    int64_t at = 0;
-    for (const IndexScoreRow& r : rows) {
-      int64_t row_keys = 0;
-      for (const KeyRun& run : r.keys) row_keys += run.count;
-      if (row_keys > 0) f.Download(dout + at * 4, r.scores, row_keys * 4);
-      at += row_keys;
+    const int64_t b = static_cast<int64_t>(rows.size()), outs = select ? b * select->length : n;
+    const size_t dout = f.Scratch(outs * 4), dr = mma ? 0 : f.Scratch(n * 4), dqo = mma ? 0 : f.Scratch(n * 4);
+    size_t dpicked = 0;
+    if (select) {
+      dpicked = f.Scratch(b * select->k * 4);
+      select->picked->resize(b * select->k);
+      f.Download(dpicked, select->picked->data(), b * select->k * 4);
+      for (int64_t i = 0; i < b; ++i)
+        if (select->rows[i].list)
+          f.Download(dout + i * select->length * 4, select->rows[i].list, select->rows[i].length * 4);
+    } else {
+      int64_t at = 0;
+      for (const IndexScoreRow& r : rows) {
+        int64_t row_keys = 0;
+        for (const KeyRun& run : r.keys) row_keys += run.count;
+        if (row_keys > 0) f.Download(dout + at * 4, r.scores, row_keys * 4);
+        at += row_keys;
+      }
     }
     const float* base = reinterpret_cast<const float*>(keys_.dev);
     Fail(RunWithUploadsLocked(keys_, f, up, [&](Dev d) {
+      if (select) {
+        cudaError_t e = cuda::FillFloats(d.at(dout), outs, -std::numeric_limits<float>::infinity(), stream_);
+        if (e == cudaSuccess)
+          e = cuda::IndexScoresRunsMma(d.at(dq), d.at(dw), heads, dim, base, d.at<int32_t>(dfirst),
+                                       d.at<int32_t>(dquery), d.at<int32_t>(dstart), d.at<int32_t>(dcount), runs,
+                                       d.at(dout), stream_);
+        return e != cudaSuccess ? e
+                                : cuda::TopK(d.at(dout), b, select->length, select->k, d.at<int32_t>(dpicked), stream_);
+      }
       if (mma)
         return cuda::IndexScoresRunsMma(d.at(dq), d.at(dw), heads, dim, base, d.at<int32_t>(dfirst),
                                         d.at<int32_t>(dquery), d.at<int32_t>(dstart), d.at<int32_t>(dcount), runs,

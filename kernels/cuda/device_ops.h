@@ -108,6 +108,9 @@ cudaError_t IndexScoresRows(const float* q, const float* w, int64_t heads, int64
 cudaError_t ExpandKeyRuns(const int32_t* first, const int32_t* query, const int32_t* start, const int32_t* count,
                           int64_t runs, int32_t* key_rows, int32_t* query_of, cudaStream_t stream);
 
+// p[0, n) = value.
+cudaError_t FillFloats(float* p, int64_t n, float value, cudaStream_t stream);
+
 // Fast mode's IndexScoresRows over the same runs, on the tensor cores (index_scores_mma.cu):
 // bf16 operands (q and keys rounded to nearest even; exact for the model's FP4-grid values), fp32
 // sums in another order than the CPU's, the CPU's roundings of each head's term and of the score.

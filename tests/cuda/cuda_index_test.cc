@@ -332,5 +332,66 @@ TEST_F(CudaOps, FastModeScoresKeyRunsOnTheTensorCores) {
   }
 }
 
+// Fast mode's IndexTopKBatch keeps the scores on the device: each row's runs scored into its list
+// (-inf where no run is, shorter lists padded), the radix select over the lists, only the picks
+// (and the lists rows ask for) back. The same picks and lists as the two ops it fuses on this
+// backend (IndexScoresBatch, placement, TopKBatch), and the picks are the host's top-k of the
+// lists. A row shorter than k sends the batch through the two ops, with the same answer.
+TEST_F(CudaOps, FastModeIndexTopKEqualsScoresThenTopK) {
+  const int64_t heads = 64, dim = 128, k = 100;
+  KeyPages kp(24, dim, 1300);
+  auto fast = FastBackend(false);
+  ASSERT_TRUE(fast.ok()) << fast.status();
+  const Backend& be = **fast;
+  for (bool short_row : {false, true}) {
+    const std::vector<int64_t> lengths = {640, 300, short_row ? 50 : 1000, 128};
+    std::vector<std::vector<kernels::KeyRun>> runs(lengths.size());
+    std::vector<std::vector<int64_t>> at(lengths.size());
+    std::vector<std::vector<float>> q, w;
+    for (size_t r = 0; r < lengths.size(); ++r) {
+      // Every other page of the list is a run (the rest stay -inf); the last run ends mid-page.
+      for (int64_t p0 = 0; p0 < lengths[r]; p0 += 64)
+        if ((p0 / 64) % 2 == 0 || p0 + 64 >= lengths[r]) {
+          const int64_t first = p0 == 0 ? 5 : 0, count = std::min<int64_t>(64, lengths[r] - p0) - first;
+          runs[r].push_back(kp.Run((r * 5 + p0 / 64) % 24, first, count));
+          at[r].push_back(p0 + first);
+        }
+      q.push_back(Random(heads * dim, 1400 + static_cast<uint32_t>(r), 1.0f));
+      w.push_back(Random(heads, 1500 + static_cast<uint32_t>(r), 0.5f));
+    }
+    std::vector<std::vector<float>> lists(lengths.size());
+    std::vector<kernels::IndexSelectRow> rows;
+    for (size_t r = 0; r < lengths.size(); ++r) {
+      lists[r] = Poisoned(lengths[r]);
+      rows.push_back({q[r].data(), w[r].data(), runs[r], at[r], lengths[r], r % 2 ? lists[r].data() : nullptr});
+    }
+    const std::vector<std::vector<int32_t>> got = be.IndexTopKBatch(rows, heads, dim, k);
+    ASSERT_TRUE(be.Health().ok()) << be.Health();
+    // The two ops it fuses.
+    std::vector<std::vector<float>> want_lists(lengths.size());
+    std::vector<std::span<const float>> spans;
+    for (size_t r = 0; r < lengths.size(); ++r) {
+      int64_t n = 0;
+      for (const kernels::KeyRun& run : runs[r]) n += run.count;
+      std::vector<float> scored = Poisoned(n);
+      const kernels::IndexScoreRow one{q[r].data(), w[r].data(), runs[r], scored.data()};
+      be.IndexScoresBatch(std::span<const kernels::IndexScoreRow>(&one, 1), heads, dim);
+      want_lists[r].assign(lengths[r], -std::numeric_limits<float>::infinity());
+      for (size_t j = 0, from = 0; j < runs[r].size(); from += runs[r][j].count, ++j)
+        std::copy_n(scored.begin() + static_cast<int64_t>(from), runs[r][j].count, want_lists[r].begin() + at[r][j]);
+      spans.push_back(want_lists[r]);
+    }
+    const std::vector<std::vector<int32_t>> want = be.TopKBatch(spans, k);
+    ASSERT_EQ(got.size(), lengths.size());
+    for (size_t r = 0; r < lengths.size(); ++r) {
+      const std::string what = std::string(short_row ? "with a short row, " : "") + "row " + std::to_string(r);
+      EXPECT_EQ(got[r], want[r]) << what;
+      EXPECT_EQ(got[r], TopKIndices(want_lists[r], k)) << what << ": the host's top-k of the list";
+      if (r % 2) EXPECT_EQ(std::memcmp(lists[r].data(), want_lists[r].data(), lengths[r] * 4), 0) << what << ": list";
+      else EXPECT_TRUE(std::isnan(lists[r][0])) << what << ": a list nobody asked for is not written";
+    }
+  }
+}
+
 }  // namespace
 }  // namespace flashmem::kernels

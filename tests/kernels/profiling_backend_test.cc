@@ -1,4 +1,5 @@
 // ProfilingBackend forwards every op unchanged and counts what it forwarded.
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -85,6 +86,22 @@ TEST(ProfilingBackend, ForwardsResultsUnchangedAndCountsCallsAndItems) {
   EXPECT_EQ(top[1], (std::vector<int32_t>{0, 1}));
   EXPECT_EQ(prof.Stats(OpKind::kTopK).calls, 1u);
   EXPECT_EQ(prof.Stats(OpKind::kTopK).items, 5u);
+  // Scores placed in lists then top-k (the default IndexTopKBatch): row 1's run sits at 3 of a list
+  // of 5, the other positions -inf; row 0 asks for its list.
+  prof.Reset();
+  const int64_t at1[] = {0}, at2[] = {3};
+  std::vector<float> list1(2, -7.0f);
+  const IndexSelectRow sel[] = {{q.data(), hw.data(), k1, at1, 2, list1.data()}, {q2.data(), hw.data(), k2, at2, 5, nullptr}};
+  const auto picked = prof.IndexTopKBatch(sel, 2, 16, 2);
+  EXPECT_EQ(list1, t1);
+  const float inf = std::numeric_limits<float>::infinity();
+  const std::vector<float> full2 = {-inf, -inf, -inf, t2[0], -inf};
+  ASSERT_EQ(picked.size(), 2u);
+  EXPECT_EQ(picked[0], TopKIndices(t1, 2));
+  EXPECT_EQ(picked[1], TopKIndices(full2, 2));
+  EXPECT_EQ(picked[1][0], 3);
+  EXPECT_EQ(prof.Stats(OpKind::kIndexTopK).calls, 1u);
+  EXPECT_EQ(prof.Stats(OpKind::kIndexTopK).items, 3u);
   prof.Reset();
   EXPECT_EQ(prof.Stats(OpKind::kLinear).calls, 0u);
   EXPECT_STREQ(prof.name(), CpuBackend().name());

@@ -138,13 +138,12 @@ void Indexer::Scores(const float* q, const float* weights, const kv::EntryPages&
   ScoresBatch(std::span<const ScoreQuery>(&one, 1));
 }
 
-void Indexer::ScoresBatch(std::span<const ScoreQuery> queries) const {
+Indexer::VisibleRuns Indexer::Visible(std::span<const ScoreQuery> queries) const {
   const size_t m = queries.size();
   // Only visible chunks are scored (LSA Level 2); the rest get -inf and are never picked. Keys go
   // to the backend as runs within a page (where each run starts in `at`), not one by one.
-  std::vector<std::vector<kernels::KeyRun>> runs(m);
-  std::vector<std::vector<int64_t>> at(m);
-  std::vector<int64_t> offset(m + 1, 0);
+  VisibleRuns v{std::vector<std::vector<kernels::KeyRun>>(m), std::vector<std::vector<int64_t>>(m),
+                std::vector<int64_t>(m + 1, 0)};
   for (size_t i = 0; i < m; ++i) {
     const kv::EntryPages& keys = *queries[i].keys;
     const Residency& res = *queries[i].residency;
@@ -157,29 +156,61 @@ void Indexer::ScoresBatch(std::span<const ScoreQuery> queries) const {
       // found without asking per key (1M keys a layer at batch 64 and 64K tokens).
       const int64_t t = res.PageVisible(p0 / kv::kEntriesPerPage) ? p0 : std::max(p0, res.covered_chunks);
       if (t >= p1) continue;
-      runs[i].push_back(keys.Run(t, p1 - t));
-      at[i].push_back(t);
+      v.runs[i].push_back(keys.Run(t, p1 - t));
+      v.at[i].push_back(t);
       visible += p1 - t;
     }
-    offset[i + 1] = offset[i] + visible;
+    v.offset[i + 1] = v.offset[i] + visible;
   }
-  Scratch scored(offset[m]);
+  return v;
+}
+
+void Indexer::ScoresBatch(std::span<const ScoreQuery> queries) const {
+  const size_t m = queries.size();
+  const VisibleRuns v = Visible(queries);
+  Scratch scored(v.offset[m]);
   std::vector<kernels::IndexScoreRow> rows(m);
-  for (size_t i = 0; i < m; ++i) rows[i] = {queries[i].q, queries[i].weights, runs[i], scored.data() + offset[i]};
+  for (size_t i = 0; i < m; ++i) rows[i] = {queries[i].q, queries[i].weights, v.runs[i], scored.data() + v.offset[i]};
   be_.IndexScoresBatch(rows, n_local_heads_, args_.index_head_dim);
   if (comm_ && comm_->size() > 1) {  // each rank scored its own heads: the sum, in bf16 as the reference's
     comm_->AllReduceSum(scored.data(), static_cast<int64_t>(scored.size()));
-    for (float& v : scored) v = num::RoundBf16(v);
+    for (float& s : scored) s = num::RoundBf16(s);
   }
   for (size_t i = 0; i < m; ++i) {
     std::vector<float>& scores = *queries[i].scores;
     scores.assign(queries[i].keys->size(), -std::numeric_limits<float>::infinity());
-    const float* from = scored.data() + offset[i];
-    for (size_t r = 0; r < runs[i].size(); ++r) {
-      std::copy_n(from, runs[i][r].count, scores.begin() + at[i][r]);
-      from += runs[i][r].count;
+    const float* from = scored.data() + v.offset[i];
+    for (size_t r = 0; r < v.runs[i].size(); ++r) {
+      std::copy_n(from, v.runs[i][r].count, scores.begin() + v.at[i][r]);
+      from += v.runs[i][r].count;
     }
   }
+}
+
+std::vector<std::vector<int32_t>> Indexer::SelectBatch(std::span<const ScoreQuery> queries, int64_t k) const {
+  const size_t m = queries.size();
+  if (comm_ && comm_->size() > 1) {  // the scores are summed over the ranks before top-k
+    std::vector<std::vector<float>> own(m);
+    std::vector<ScoreQuery> with(queries.begin(), queries.end());
+    for (size_t i = 0; i < m; ++i)
+      if (!with[i].scores) with[i].scores = &own[i];
+    ScoresBatch(with);
+    std::vector<std::span<const float>> lists(m);
+    for (size_t i = 0; i < m; ++i) lists[i] = *with[i].scores;
+    return be_.TopKBatch(lists, k);
+  }
+  const VisibleRuns v = Visible(queries);
+  std::vector<kernels::IndexSelectRow> rows(m);
+  for (size_t i = 0; i < m; ++i) {
+    const int64_t length = queries[i].keys->size();
+    float* list = nullptr;
+    if (queries[i].scores) {
+      queries[i].scores->resize(length);
+      list = queries[i].scores->data();
+    }
+    rows[i] = {queries[i].q, queries[i].weights, v.runs[i], v.at[i], length, list};
+  }
+  return be_.IndexTopKBatch(rows, n_local_heads_, args_.index_head_dim, k);
 }
 
 // ---- Attention -------------------------------------------------------------------------------
@@ -346,12 +377,11 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
       std::vector<Indexer::ScoreQuery> queries(m);
       for (size_t j = 0; j < m; ++j) {
         const int64_t i = batch[j];
+        // The scores come back only for a traced row (AfterSelection records them).
         queries[j] = {iq.data() + i * ih * ihd, iw.data() + i * ih, &rows[i].state->layers[layer_].index_keys,
-                      &rows[i].state->residency, &scores[j]};
+                      &rows[i].state->residency, rows[i].trace ? &scores[j] : nullptr};
       }
-      indexer_->ScoresBatch(queries);
-      std::vector<std::span<const float>> lists(scores.begin(), scores.begin() + static_cast<int64_t>(m));
-      selected = be_.TopKBatch(lists, args_.index_topk);
+      selected = indexer_->SelectBatch(queries, args_.index_topk);
       for (size_t j = 0; j < m; ++j) AfterSelection(rows[batch[j]], x + batch[j] * args_.dim, iq.data() + batch[j] * ih * ihd,
                                                     iw.data() + batch[j] * ih, scores[j], &selected[j]);
     }

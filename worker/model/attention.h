@@ -83,6 +83,10 @@ class Indexer {
     std::vector<float>* scores = nullptr;
   };
   void ScoresBatch(std::span<const ScoreQuery> queries) const;
+  // The top-k candidate list of each query (Backend::TopK's rule over its scores), in one backend
+  // call when there is no tensor-parallel group (Backend::IndexTopKBatch: a device keeps the
+  // scores); a query's scores are filled only where `scores` is not null.
+  std::vector<std::vector<int32_t>> SelectBatch(std::span<const ScoreQuery> queries, int64_t k) const;
   const Compressor& compressor() const { return compressor_; }
   int64_t n_local_heads() const { return n_local_heads_; }
   // Moves this module's weights to where the backend computes (Backend::Prepare).
@@ -96,6 +100,15 @@ class Indexer {
   const parallel::Communicator* comm_;
   int64_t n_local_heads_;
   Compressor compressor_;
+
+  // The keys of each query that its residency shows, as runs within a page: run r of query i
+  // starts at key at[i][r].
+  struct VisibleRuns {
+    std::vector<std::vector<kernels::KeyRun>> runs;
+    std::vector<std::vector<int64_t>> at;
+    std::vector<int64_t> offset;  // query i's keys start at offset[i] when laid end to end
+  };
+  VisibleRuns Visible(std::span<const ScoreQuery> queries) const;
 };
 
 class Attention {
@@ -114,7 +127,8 @@ class Attention {
   void Candidates(const TokenRow& row, const LayerState& ls, std::span<const int32_t> selected,
                   std::vector<kernels::KvSlot>* slots) const;
   // After the indexer's top-k of one row: drops picks LSA hides, counts what the pager missed, and
-  // records what the row's session asked for (agreement, the memory indexer's capture, a trace).
+  // records what the row's session asked for (agreement, the memory indexer's capture, a trace;
+  // `scores` are the row's index scores when it is traced, and read only then).
   void AfterSelection(const TokenRow& row, const float* x_row, const float* iq_row, const float* iw_row,
                       const std::vector<float>& scores, std::vector<int32_t>* selected) const;
 
