@@ -77,6 +77,13 @@ void Backend::LinearGroups(std::span<const WeightMatrix> w, const float* x, int6
   }
 }
 
+void Backend::LinearArgmax(const WeightMatrix& w, const float* x, int64_t n, int32_t* index) const {
+  std::vector<float> y(static_cast<size_t>(n * w.rows));
+  Linear(w, x, n, y.data(), Rounding::kNone);
+  for (int64_t i = 0; i < n; ++i)
+    index[i] = ArgmaxIndex(std::span<const float>(y.data() + i * w.rows, static_cast<size_t>(w.rows)));
+}
+
 void Backend::LinearThen(const WeightMatrix& w, const float* x, int64_t n, float* y, Rounding out,
                          std::span<const RowOp> then) const {
   Linear(w, x, n, y, out);

@@ -74,6 +74,11 @@ void ProfilingBackend::LinearGroups(std::span<const WeightMatrix> w, const float
   Record(OpKind::kLinear, t.seconds(), n);
 }
 // Counted as a Linear (the ops after it ride in the same call).
+void ProfilingBackend::LinearArgmax(const WeightMatrix& w, const float* x, int64_t n, int32_t* index) const {
+  Timer t;
+  inner_.LinearArgmax(w, x, n, index);
+  Record(OpKind::kLinear, t.seconds(), n);
+}
 void ProfilingBackend::LinearThen(const WeightMatrix& w, const float* x, int64_t n, float* y, Rounding out,
                                   std::span<const RowOp> then) const {
   Timer t;

@@ -21,4 +21,17 @@ inline std::vector<int32_t> TopKIndices(std::span<const float> scores, int64_t k
   return idx;
 }
 
+// Greedy decoding's pick: the first index of the largest value, NaN skipped (0 when every value is
+// NaN or there are none). Backend::LinearArgmax gives this on every backend.
+inline int32_t ArgmaxIndex(std::span<const float> v) {
+  int32_t best = 0;
+  bool found = false;
+  for (size_t i = 0; i < v.size(); ++i)
+    if (!(v[i] != v[i]) && (!found || v[i] > v[best])) {
+      best = static_cast<int32_t>(i);
+      found = true;
+    }
+  return best;
+}
+
 }  // namespace flashmem::kernels

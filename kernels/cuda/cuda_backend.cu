@@ -186,6 +186,13 @@ class CudaBackendImpl final : public Backend {
     Fail(LinearLocked(w, x, n, y, out, then));
   }
 
+  // The head's logits stay on the device; only each row's pick comes back.
+  void LinearArgmax(const WeightMatrix& w, const float* x, int64_t n, int32_t* index) const override {
+    absl::MutexLock lock(&mu_);
+    op_clock_ = clock_ + 1;
+    Fail(LinearArgmaxLocked(w, x, n, index));
+  }
+
   void RmsNorm(const float* x, const float* weight, int64_t n, int64_t dim, float eps, float* y) const override {
     Frame f;
     const size_t dx = f.In(x, n * dim * 4), dw = f.In(weight, dim * 4), dy = f.Scratch(n * dim * 4);
@@ -919,6 +926,21 @@ class CudaBackendImpl final : public Backend {
     return RunLocked(f, [&](Dev d) {
       const cudaError_t e = EnqueueLinear(*dw, d.at(dx), n, ld, d.at(dy), out, s.At(d));
       return e != cudaSuccess ? e : EnqueueRowOps(d, d.at(dy), n * m, then, ops);
+    });
+  }
+
+  absl::Status LinearArgmaxLocked(const WeightMatrix& w, const float* x, int64_t n, int32_t* index) const {
+    if (!health_.ok() || n == 0) return absl::OkStatus();
+    FM_CUDA_TRY(cudaSetDevice(device_), "cudaSetDevice");
+    FM_ASSIGN_OR_RETURN(const DeviceWeight* dw, WeightOnDevice(w));
+    const int64_t k = w.cols, m = w.rows, ld = (n + 3) / 4 * 4;
+    Frame f;
+    const size_t dx = f.In(x, n * k * 4), dy = f.Scratch(ld * m * 4), didx = f.Scratch(n * 4);
+    const LinearScratch s = AddLinearScratch(f, ld, k);
+    f.Download(didx, index, n * 4);
+    return RunLocked(f, [&](Dev d) {
+      const cudaError_t e = EnqueueLinear(*dw, d.at(dx), n, ld, d.at(dy), Rounding::kNone, s.At(d));
+      return e != cudaSuccess ? e : cuda::ArgmaxRows(d.at(dy), n, m, d.at<int32_t>(didx), stream_);
     });
   }
 

@@ -177,6 +177,10 @@ cudaError_t ScatterPages(const uint8_t* src, int64_t count, int64_t page_bytes, 
 inline constexpr int64_t kTopKMaxK = 2048;
 cudaError_t TopK(const float* scores, int64_t rows, int64_t n, int64_t k, int32_t* out, cudaStream_t stream);
 
+// Greedy decoding's pick of each of `rows` rows of n values: out[r] = the first index of row r's
+// largest value, NaN skipped, 0 when all are NaN (kernels/topk.h's ArgmaxIndex). One block a row.
+cudaError_t ArgmaxRows(const float* values, int64_t rows, int64_t n, int32_t* out, cudaStream_t stream);
+
 }  // namespace flashmem::kernels::cuda
 
 #include <cuda_bf16.h>

@@ -154,7 +154,55 @@ __global__ void __launch_bounds__(kThreads) TopKKernel(const float* scores, int6
   }
 }
 
+// (value, index) pairs: a beats b when a has a value and b none, or a larger value, or the same
+// value at a lower index. found == false is "no value yet" (NaN or nothing scanned).
+struct Pick {
+  float v;
+  int32_t i;
+  bool found;
+};
+__device__ __forceinline__ Pick Better(Pick a, Pick b) {
+  if (!b.found) return a;
+  if (!a.found) return b;
+  return (a.v > b.v || (a.v == b.v && a.i < b.i)) ? a : b;
+}
+
+constexpr int kArgmaxThreads = 1024;
+
+__global__ void __launch_bounds__(kArgmaxThreads) ArgmaxKernel(const float* values, int64_t n, int32_t* out) {
+  const float* row = values + static_cast<int64_t>(blockIdx.x) * n;
+  Pick p{0.0f, 0, false};
+  for (int64_t j = threadIdx.x; j < n; j += kArgmaxThreads) {  // increasing j: a later equal never wins
+    const float v = row[j];
+    if (v == v && (!p.found || v > p.v)) p = {v, static_cast<int32_t>(j), true};
+  }
+  for (int off = 16; off > 0; off >>= 1) {
+    const Pick o{__shfl_down_sync(0xffffffffu, p.v, off), __shfl_down_sync(0xffffffffu, p.i, off),
+                 __shfl_down_sync(0xffffffffu, p.found, off) != 0};
+    p = Better(p, o);
+  }
+  __shared__ Pick warp_best[kArgmaxThreads / 32];
+  if (threadIdx.x % 32 == 0) warp_best[threadIdx.x / 32] = p;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    p = warp_best[threadIdx.x];
+    for (int off = 16; off > 0; off >>= 1) {
+      const Pick o{__shfl_down_sync(0xffffffffu, p.v, off), __shfl_down_sync(0xffffffffu, p.i, off),
+                   __shfl_down_sync(0xffffffffu, p.found, off) != 0};
+      p = Better(p, o);
+    }
+    if (threadIdx.x == 0) out[blockIdx.x] = p.found ? p.i : 0;
+  }
+}
+
 }  // namespace
+
+cudaError_t ArgmaxRows(const float* values, int64_t rows, int64_t n, int32_t* out, cudaStream_t stream) {
+  if (rows <= 0) return cudaSuccess;
+  if (n > INT32_MAX || rows > INT32_MAX) return cudaErrorInvalidValue;
+  ArgmaxKernel<<<static_cast<unsigned>(rows), kArgmaxThreads, 0, stream>>>(values, n, out);
+  return cudaGetLastError();
+}
 
 cudaError_t TopK(const float* scores, int64_t rows, int64_t n, int64_t k, int32_t* out, cudaStream_t stream) {
   if (rows <= 0 || n <= 0 || k <= 0) return cudaSuccess;

@@ -10,6 +10,8 @@
 // runs the memory indexer (`indexer init` from the model unless --indexer) on that state; its
 // page choices are therefore arbitrary but its budget (KMAX, tail) is the released one, so the
 // step reads what LSA would read. Quality is measured elsewhere (lsa_bench, golden tests).
+// Each step feeds every session its greedy pick (BatchItem::greedy: a GPU keeps the logits);
+// --logits brings the logits back and picks on the host instead.
 //
 //   model_bench --model DIR [--device cuda:0 --cuda-kernels fast] --batch 1,8,64
 //               --context 8192,65536,262144 [--policy dense,lsa] [--steps 4] [--profile] [--json OUT]
@@ -114,6 +116,10 @@ int main(int argc, char** argv) {
   app.add_option("--warmup", warmup, "untimed decode steps first (the first LSA set lands after step 1)");
   app.add_option("--max-state-gb", max_state_gb, "skip configurations whose sessions need more host memory");
   app.add_flag("--profile", profile, "print the time per op of the timed steps");
+  bool host_logits = false;
+  app.add_flag("--logits", host_logits,
+               "bring every row's logits back and pick the next token on the host (what a sampler with a "
+               "temperature needs); default: greedy picks made where the head runs (BatchItem::greedy)");
   app.add_option("--json", json_out, "write the results as JSON");
   parallel::GroupOptions group;
   int tp_timeout_s = 600;
@@ -199,6 +205,7 @@ int main(int argc, char** argv) {
                                                             /*apply_at_boundary=*/false));
         std::vector<int32_t> tokens(batch);
         std::vector<std::vector<float>> logits(batch);
+        std::vector<int32_t> picks(batch);
         for (int64_t b = 0; b < batch; ++b) tokens[b] = static_cast<int32_t>((b * 7919 + 13) % a.vocab_size);
         double timed = 0;
         for (int64_t step = 0; step < warmup + steps; ++step) {
@@ -208,7 +215,8 @@ int main(int argc, char** argv) {
           }
           std::vector<model::BatchItem> items;
           for (int64_t b = 0; b < batch; ++b)
-            items.push_back({states[b].get(), std::span<const int32_t>(&tokens[b], 1), &logits[b], nullptr});
+            items.push_back({states[b].get(), std::span<const int32_t>(&tokens[b], 1),
+                             host_logits ? &logits[b] : nullptr, nullptr, host_logits ? nullptr : &picks[b]});
           const auto t0 = std::chrono::steady_clock::now();
           for (int64_t b = 0; b < static_cast<int64_t>(lsa.size()); ++b) lsa[b]->BeforeStep(*states[b], true);
           if (auto st = (*tf)->Forward(items); !st.ok()) {
@@ -217,8 +225,7 @@ int main(int argc, char** argv) {
           }
           for (int64_t b = 0; b < static_cast<int64_t>(lsa.size()); ++b) lsa[b]->AfterStep(*states[b], true);
           if (step >= warmup) timed += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-          for (int64_t b = 0; b < batch; ++b)
-            tokens[b] = static_cast<int32_t>(std::max_element(logits[b].begin(), logits[b].end()) - logits[b].begin());
+          for (int64_t b = 0; b < batch; ++b) tokens[b] = host_logits ? kernels::ArgmaxIndex(logits[b]) : picks[b];
         }
         Row r;
         r.policy = policy;

@@ -1,6 +1,6 @@
-// The indexer's scoring and top-k on the CUDA backend against the CPU reference: keys read from
-// the KV reserve's key pages, several rows in one launch, fast mode's tensor cores, and the radix
-// select's lists against the host's. GPU cases skip (never faked) without a CUDA device.
+// The indexer's scoring and top-k, and greedy decoding's pick, on the CUDA backend against the CPU
+// reference: keys read from the KV reserve's key pages, several rows in one launch, fast mode's
+// tensor cores, the radix select's lists against the host's, the head's argmax on the device. GPU cases skip (never faked) without a CUDA device.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -389,6 +389,43 @@ TEST_F(CudaOps, FastModeIndexTopKEqualsScoresThenTopK) {
       EXPECT_EQ(got[r], TopKIndices(want_lists[r], k)) << what << ": the host's top-k of the list";
       if (r % 2) EXPECT_EQ(std::memcmp(lists[r].data(), want_lists[r].data(), lengths[r] * 4), 0) << what << ": list";
       else EXPECT_TRUE(std::isnan(lists[r][0])) << what << ": a list nobody asked for is not written";
+    }
+  }
+}
+
+// Greedy decoding's pick from the head, on the device (Backend::LinearArgmax: only the picks come
+// back): ArgmaxIndex of the same backend's Linear, exact and fast (a dense bf16 head of 4M values
+// and more takes cuBLASLt there), with rows 0 and 7 of the weight equal (an exact tie: the lower
+// index wins) and 1, 3 and 64 rows of x.
+TEST_F(CudaOps, LinearArgmaxEqualsTheArgmaxOfItsLinear) {
+  const int64_t vocab = 1031, dim = 4096;  // 4.2M weights: fast mode's cuBLASLt bf16 path
+  WeightMatrix w;
+  w.format = WeightFormat::kDense;
+  w.rows = vocab;
+  w.cols = dim;
+  w.values = Random(vocab * dim, 1600, 0.05f);
+  std::copy_n(w.values.begin(), dim, w.values.begin() + 7 * dim);
+  auto fast = FastBackend(false);
+  ASSERT_TRUE(fast.ok()) << fast.status();
+  for (const Backend* be : {static_cast<const Backend*>(gpu_), static_cast<const Backend*>(fast->get())}) {
+    for (int64_t n : {int64_t{1}, int64_t{3}, int64_t{64}}) {
+      std::vector<float> x = Random(n * dim, 1700 + static_cast<uint32_t>(n), 1.0f);
+      // Row 0 of x points along weight row 0 (= row 7): the tie is the pick.
+      for (int64_t d = 0; d < dim; ++d) x[d] = w.values[d] * 40.0f;
+      std::vector<float> y = Poisoned(n * vocab);
+      be->Linear(w, x.data(), n, y.data(), Rounding::kNone);
+      std::vector<int32_t> picks(n, -1);
+      be->LinearArgmax(w, x.data(), n, picks.data());
+      ASSERT_TRUE(be->Health().ok()) << be->Health();
+      for (int64_t i = 0; i < n; ++i)
+        EXPECT_EQ(picks[i], ArgmaxIndex(std::span<const float>(y.data() + i * vocab, vocab)))
+            << (be == gpu_ ? "exact" : "fast") << ", n " << n << ", row " << i;
+      EXPECT_EQ(picks[0], 0) << "rows 0 and 7 tie: the lower index";
+      if (be == gpu_) {  // exact: the CPU's picks too
+        std::vector<int32_t> host(n, -1);
+        cpu().LinearArgmax(w, x.data(), n, host.data());
+        EXPECT_EQ(picks, host) << "n " << n;
+      }
     }
   }
 }

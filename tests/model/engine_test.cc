@@ -3,6 +3,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <random>
 #include <set>
 #include <sstream>
@@ -118,6 +119,43 @@ TEST_F(Engine, DecodeRowsOfDifferentSessionsAttendTogether) {
   auto a2 = a;
   a2.push_back(na);
   EXPECT_EQ(oa, Feed(a2, {20, 1}));  // the same logits as the session alone
+}
+
+// An item may ask for the greedy pick of its last token instead of (or with) its logits. Asked for
+// alone, it goes through the head on its own (Backend::LinearArgmax: a device sends back the
+// pick, not the vocabulary); the pick is ArgmaxIndex of the logits the same session would get.
+TEST_F(Engine, GreedyPicksEqualTheArgmaxOfTheLogits) {
+  kernels::ProfilingBackend prof(TestBackend());
+  auto tf = Transformer::Load(loaded_->dir, prof);
+  ASSERT_TRUE(tf.ok()) << tf.status();
+  const int64_t V = (*tf)->args().vocab_size;
+  const auto a = Prompt(7, V, 31), b = Prompt(5, V, 32), c = Prompt(6, V, 33);
+  auto sa = (*tf)->NewSession(), sb = (*tf)->NewSession(), sc = (*tf)->NewSession(), twin = (*tf)->NewSession();
+  std::vector<float> oa, ob, oc, otwin;
+  std::vector<BatchItem> prompts = {{sa.get(), a, &oa, nullptr}, {sb.get(), b, &ob, nullptr},
+                                    {sc.get(), c, &oc, nullptr}, {twin.get(), b, &otwin, nullptr}};
+  ASSERT_TRUE((*tf)->Forward(prompts).ok());
+  prof.Reset();
+  const int32_t na = 3, nb = 4, nc = 5;
+  int32_t pick_a = -1, pick_b = -1;
+  oa.clear();
+  std::vector<BatchItem> step = {{sa.get(), std::span<const int32_t>(&na, 1), &oa, nullptr, &pick_a},
+                                 {sb.get(), std::span<const int32_t>(&nb, 1), nullptr, nullptr, &pick_b},
+                                 {sc.get(), std::span<const int32_t>(&nc, 1), &oc, nullptr}};
+  ASSERT_TRUE((*tf)->Forward(step).ok());
+  EXPECT_EQ(prof.Stats(kernels::OpKind::kHcHead).calls, 2u);  // the items with logits, then the pick alone
+  EXPECT_EQ(prof.Stats(kernels::OpKind::kHcHead).items, 3u);
+  ASSERT_EQ(static_cast<int64_t>(oa.size()), V);
+  EXPECT_EQ(pick_a, kernels::ArgmaxIndex(oa));
+  BatchItem alone{twin.get(), std::span<const int32_t>(&nb, 1), &otwin, nullptr};
+  ASSERT_TRUE((*tf)->Forward(std::span<BatchItem>(&alone, 1)).ok());
+  EXPECT_EQ(pick_b, kernels::ArgmaxIndex(otwin));
+  EXPECT_EQ(sb->position, twin->position);
+  // The shared rule: first of equal maxima, NaN skipped.
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_EQ(kernels::ArgmaxIndex(std::vector<float>{nan, 1.0f, 3.0f, 3.0f}), 2);
+  EXPECT_EQ(kernels::ArgmaxIndex(std::vector<float>{nan, nan}), 0);
+  EXPECT_EQ(kernels::ArgmaxIndex(std::vector<float>{-5.0f, -1.0f, nan, -1.0f}), 1);
 }
 
 // Blocks that rows of different sessions complete in one step are finished together (one call

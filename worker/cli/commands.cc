@@ -113,8 +113,12 @@ absl::Status Generate(const GenerateOptions& in) {
   }
   std::vector<std::vector<float>> rows;  // dumped logits rows
   std::vector<float> logits;
+  // Greedy decoding with nothing dumped takes the pick where the head ran (BatchItem::greedy):
+  // the vocabulary's logits stay on a GPU.
+  const bool pick_only = sampling.temperature <= 0.0f && opt.dump_path.empty() && opt.force.empty();
+  int32_t pick = 0;
   auto step = [&](std::span<const int32_t> tokens, bool decode) -> absl::Status {
-    BatchItem item{session.get(), tokens, &logits, nullptr};
+    BatchItem item{session.get(), tokens, pick_only ? nullptr : &logits, nullptr, pick_only ? &pick : nullptr};
     if (lsa_session) lsa_session->BeforeStep(*session, decode);
     FM_RETURN_IF_ERROR(tf->Forward(std::span<BatchItem>(&item, 1)));
     if (lsa_session) lsa_session->AfterStep(*session, decode);
@@ -132,7 +136,9 @@ absl::Status Generate(const GenerateOptions& in) {
   std::optional<tokenizer::Tokenizer::StreamDecoder> decoder;
   if (tok) decoder.emplace(*tok);
   for (int64_t i = 0; i < n; ++i) {
-    const int32_t next = opt.force.empty() ? model::SampleToken(logits, sampling, static_cast<uint64_t>(i)) : opt.force[i];
+    const int32_t next = pick_only       ? pick
+                         : opt.force.empty() ? model::SampleToken(logits, sampling, static_cast<uint64_t>(i))
+                                             : opt.force[i];
     fed.push_back(next);
     if (!opt.quiet && leader) { std::printf("%d ", next); std::fflush(stdout); }
     if (decoder && next < tok->vocab_size()) {

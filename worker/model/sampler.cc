@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/topk.h"
 
 namespace flashmem::model {
 
@@ -27,7 +28,7 @@ double UniformAt(uint64_t seed, uint64_t step) {
 
 int32_t SampleToken(std::span<const float> logits, const SamplingOptions& o, uint64_t step) {
   const int32_t n = static_cast<int32_t>(logits.size());
-  if (o.temperature <= 0.0f) return static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+  if (o.temperature <= 0.0f) return kernels::ArgmaxIndex(logits);  // the rule BatchItem::greedy follows
   // Softmax at temperature (double for a stable sum), highest first (ties: lower id first).
   const float mx = *std::max_element(logits.begin(), logits.end());
   std::vector<double> p(n);

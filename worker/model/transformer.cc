@@ -5,6 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
 #include "kernels/numerics.h"
+#include "kernels/topk.h"
 
 namespace flashmem::model {
 
@@ -36,15 +37,25 @@ void Block::Forward(Scratch& X, std::span<const TokenRow> rows,
 
 // ---- ParallelHead ----------------------------------------------------------------------------
 
-void ParallelHead::Forward(const float* X, int64_t n, float* logits, std::vector<float>* head_input) const {
+std::vector<float> ParallelHead::Normed(const float* X, int64_t n) const {
   const int64_t d = args_.dim;
   Scratch u(n * d);
   std::vector<float> xn(n * d);
   be_.HcHead(X, n, hc_.fn.data(), hc_.base.data(), hc_.scale[0], args_.hc_mult, d, args_.norm_eps,
              args_.hc_eps, u.data());
   be_.RmsNorm(u.data(), norm_.data(), n, d, args_.norm_eps, xn.data());
-  if (head_input) *head_input = xn;
+  return xn;
+}
+
+void ParallelHead::Forward(const float* X, int64_t n, float* logits, std::vector<float>* head_input) const {
+  std::vector<float> xn = Normed(X, n);
   be_.Linear(head_, xn.data(), n, logits, kernels::Rounding::kNone);  // fp32 logits
+  if (head_input) *head_input = std::move(xn);
+}
+
+void ParallelHead::Argmax(const float* X, int64_t n, int32_t* index) const {
+  const std::vector<float> xn = Normed(X, n);
+  be_.LinearArgmax(head_, xn.data(), n, index);
 }
 
 // ---- Transformer -----------------------------------------------------------------------------
@@ -146,21 +157,31 @@ absl::Status Transformer::Forward(std::span<BatchItem> batch) const {
   }
   // The head, for every item that asks for logits or a trace: their last rows in one call per op
   // (one pass over the head's weights for the batch, not one per item).
-  std::vector<size_t> heads;  // items through the head
-  Scratch H;                  // their last rows' residuals [m, hc, d]
+  // Items that want only a greedy pick (one rank) go through the head apart: their logits stay
+  // where the head ran.
+  std::vector<size_t> heads, picks;  // items through the head: with logits, with only a pick
+  Scratch H, P;                      // their last rows' residuals [m, hc, d]
   H.reserve(batch.size() * hc * d);
-  bool traced = false;        // some item records the head's input
+  bool traced = false;  // some item records the head's input
   int64_t row = 0;
   for (size_t b = 0; b < batch.size(); ++b) {
     BatchItem& it = batch[b];
     const int64_t last = row + static_cast<int64_t>(it.tokens.size()) - 1;
-    if (it.logits || it.trace) {
+    if (it.logits || it.trace || (it.greedy && comm_)) {
       heads.push_back(b);
       traced = traced || it.trace;
       H.insert(H.end(), X.begin() + last * hc * d, X.begin() + (last + 1) * hc * d);
+    } else if (it.greedy) {
+      picks.push_back(b);
+      P.insert(P.end(), X.begin() + last * hc * d, X.begin() + (last + 1) * hc * d);
     }
     it.state->position += static_cast<int64_t>(it.tokens.size());
     row = last + 1;
+  }
+  if (!picks.empty()) {
+    std::vector<int32_t> index(picks.size());
+    head_->Argmax(P.data(), static_cast<int64_t>(picks.size()), index.data());
+    for (size_t j = 0; j < picks.size(); ++j) *batch[picks[j]].greedy = index[j];
   }
   const int64_t m = static_cast<int64_t>(heads.size()), vl = w_.head.rows;
   if (m > 0) {
@@ -175,10 +196,11 @@ absl::Status Transformer::Forward(std::span<BatchItem> batch) const {
       all.resize(logits.size() * comm_->size());
       comm_->AllGather(logits.data(), static_cast<int64_t>(logits.size()), all.data());
     }
+    std::vector<float> gathered;  // a picked row's whole vocabulary (TP) when the item takes no logits
     for (int64_t j = 0; j < m; ++j) {
       BatchItem& it = batch[heads[j]];
-      if (it.logits) {  // the item's own vector, refilled in place (no new allocation)
-        std::vector<float>& to = *it.logits;
+      if (it.logits || (it.greedy && comm_)) {  // the item's own vector, refilled in place (no new allocation)
+        std::vector<float>& to = it.logits ? *it.logits : gathered;
         if (comm_) {  // rank r's block holds its slice of every row: row j is at r * m * vl + j * vl
           to.clear();
           for (int r = 0; r < comm_->size(); ++r)
@@ -186,6 +208,9 @@ absl::Status Transformer::Forward(std::span<BatchItem> batch) const {
         } else {
           to.assign(logits.begin() + j * vl, logits.begin() + (j + 1) * vl);
         }
+        if (it.greedy) *it.greedy = kernels::ArgmaxIndex(to);
+      } else if (it.greedy) {
+        *it.greedy = kernels::ArgmaxIndex(std::span<const float>(logits.data() + j * vl, static_cast<size_t>(vl)));
       }
       if (it.trace) {
         it.trace->head_input.assign(head_input.begin() + j * d, head_input.begin() + (j + 1) * d);

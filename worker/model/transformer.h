@@ -44,9 +44,14 @@ class ParallelHead {
   // X: [n, hc, dim] of n positions -> logits [n, local vocab] (fp32), one call per op for all of
   // them; head_input receives the [n, dim] normed vectors multiplied by the head (when non-null).
   void Forward(const float* X, int64_t n, float* logits, std::vector<float>* head_input) const;
+  // The same rows' greedy picks (Backend::LinearArgmax): index[i] = ArgmaxIndex of row i's logits.
+  void Argmax(const float* X, int64_t n, int32_t* index) const;
   absl::Status Prepare() const { return be_.Prepare(head_); }
 
  private:
+  // hc_head and the final norm: X [n, hc, dim] -> the head's input [n, dim].
+  std::vector<float> Normed(const float* X, int64_t n) const;
+
   const ModelArgs& args_;
   const WeightMatrix& head_;
   const std::vector<float>& norm_;
@@ -60,6 +65,9 @@ struct BatchItem {
   std::span<const int32_t> tokens;      // consumed at positions state->position, ...
   std::vector<float>* logits = nullptr;  // logits of the last token (null: not needed)
   ForwardTrace* trace = nullptr;         // components of the last token (null: not needed)
+  // The last token's greedy pick, kernels::ArgmaxIndex of its logits (null: not needed). Asked
+  // for without logits or a trace, on one rank, only the pick comes back from the backend.
+  int32_t* greedy = nullptr;
 };
 
 class Transformer {
