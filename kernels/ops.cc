@@ -151,8 +151,9 @@ std::vector<std::vector<int32_t>> Backend::IndexTopKBatch(std::span<const IndexS
     lists[i].assign(rows[i].length, -std::numeric_limits<float>::infinity());
     const float* from = scored.data() + offset[i];
     for (size_t r = 0; r < rows[i].keys.size(); ++r) {
-      std::copy_n(from, rows[i].keys[r].count, lists[i].begin() + rows[i].at[r]);
-      from += rows[i].keys[r].count;
+      const int64_t at = r < rows[i].at.size() ? rows[i].at[r] : -1, count = rows[i].keys[r].count;
+      if (at >= 0 && at + count <= rows[i].length) std::copy_n(from, count, lists[i].begin() + at);  // never outside
+      from += count;
     }
     if (rows[i].list) std::copy(lists[i].begin(), lists[i].end(), rows[i].list);
     spans[i] = lists[i];

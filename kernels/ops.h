@@ -142,7 +142,8 @@ struct IndexScoreRow {
 };
 
 // One query row of Backend::IndexTopKBatch: its key runs scored into a list of `length` scores,
-// run r's keys at positions at[r], at[r] + 1, ...; every other position is -inf.
+// run r's keys at positions at[r], at[r] + 1, ...; every other position is -inf. One `at` a run,
+// each run inside the list (a device backend fails with InvalidArgument otherwise).
 struct IndexSelectRow {
   const float* q = nullptr;
   const float* w = nullptr;

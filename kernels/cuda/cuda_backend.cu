@@ -362,9 +362,19 @@ class CudaBackendImpl final : public Backend {
                                                    int64_t k) const override {
     const int64_t b = static_cast<int64_t>(rows.size());
     int64_t length = 0, shortest = INT64_MAX;
-    for (const IndexSelectRow& r : rows) {
+    for (int64_t i = 0; i < b; ++i) {
+      const IndexSelectRow& r = rows[i];
       length = std::max(length, r.length);
       shortest = std::min(shortest, r.length);
+      bool inside = r.at.size() == r.keys.size();
+      for (size_t j = 0; inside && j < r.keys.size(); ++j)
+        inside = r.at[j] >= 0 && r.keys[j].count >= 0 && r.at[j] + r.keys[j].count <= r.length;
+      if (!inside) {  // the kernel would write outside the row's list
+        absl::MutexLock lock(&mu_);
+        Fail(absl::InvalidArgumentError(absl::StrCat("IndexTopKBatch: rows[", i, "]: ", r.at.size(), " run starts for ",
+                                                     r.keys.size(), " runs, or a run outside its list of ", r.length)));
+        return std::vector<std::vector<int32_t>>(b);
+      }
     }
     const bool fused = !exact_ && fast_index_ && cuda::IndexScoresMmaSupports(heads, dim) && b > 0 && k >= 1 &&
                        k <= cuda::kTopKMaxK && shortest >= k && b * length <= INT32_MAX;

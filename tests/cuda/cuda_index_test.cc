@@ -391,6 +391,18 @@ TEST_F(CudaOps, FastModeIndexTopKEqualsScoresThenTopK) {
       else EXPECT_TRUE(std::isnan(lists[r][0])) << what << ": a list nobody asked for is not written";
     }
   }
+  // A run past the end of its list (the kernel would write outside it): a clear, sticky error.
+  auto other = FastBackend(false);
+  ASSERT_TRUE(other.ok()) << other.status();
+  const int64_t past[] = {60};
+  const kernels::KeyRun run[] = {kp.Run(0, 0, 10)};
+  const std::vector<float> q0 = Random(heads * dim, 1800, 1.0f), w0 = Random(heads, 1801, 0.5f);
+  const kernels::IndexSelectRow bad[] = {{q0.data(), w0.data(), run, past, 64, nullptr}};
+  const auto none = (*other)->IndexTopKBatch(bad, heads, dim, 5);
+  EXPECT_EQ(none.size(), 1u);
+  EXPECT_TRUE(none[0].empty());
+  EXPECT_EQ((*other)->Health().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE((*other)->Health().message().find("rows[0]"), std::string::npos) << (*other)->Health();
 }
 
 // Greedy decoding's pick from the head, on the device (Backend::LinearArgmax: only the picks come

@@ -102,6 +102,13 @@ TEST(ProfilingBackend, ForwardsResultsUnchangedAndCountsCallsAndItems) {
   EXPECT_EQ(picked[1][0], 3);
   EXPECT_EQ(prof.Stats(OpKind::kIndexTopK).calls, 1u);
   EXPECT_EQ(prof.Stats(OpKind::kIndexTopK).items, 3u);
+  // A run past the end of its list is not written outside it (the CPU cannot fail; a device does).
+  const int64_t past[] = {4};
+  std::vector<float> list2(5, -7.0f);
+  const IndexSelectRow outside[] = {{q.data(), hw.data(), k1, past, 5, list2.data()}};
+  const auto kept = prof.IndexTopKBatch(outside, 2, 16, 2);
+  ASSERT_EQ(kept.size(), 1u);
+  EXPECT_EQ(list2, std::vector<float>(5, -inf));
   prof.Reset();
   EXPECT_EQ(prof.Stats(OpKind::kLinear).calls, 0u);
   EXPECT_STREQ(prof.name(), CpuBackend().name());
