@@ -114,7 +114,7 @@ cudaError_t FillFloats(float* p, int64_t n, float value, cudaStream_t stream);
 // Fast mode's IndexScoresRows over the same runs, on the tensor cores (index_scores_mma.cu):
 // bf16 operands (q and keys rounded to nearest even; exact for the model's FP4-grid values), fp32
 // sums in another order than the CPU's, the CPU's roundings of each head's term and of the score.
-// For dim == kIndexScoresMmaDim and heads 16, 32, 64 or 128 (IndexScoresMmaSupports).
+// For dim == kIndexScoresMmaDim and 1 to 128 heads (IndexScoresMmaSupports; a warp takes 16).
 inline constexpr int64_t kIndexScoresMmaDim = 128;
 bool IndexScoresMmaSupports(int64_t heads, int64_t dim);
 cudaError_t IndexScoresRunsMma(const float* q, const float* w, int64_t heads, int64_t dim, const float* keys,

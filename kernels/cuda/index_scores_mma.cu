@@ -36,14 +36,15 @@ __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
 // One head's part of a key's score, rounded as the CPU rounds it.
 __device__ __forceinline__ float Term(float dot, float w) { return RoundBf16(fmaxf(RoundBf16(dot), 0.0f) * w); }
 
-// Warp w owns heads [16w, 16w + 16) (the MMA's M); a block walks runs [r0, r1) of one or more
-// queries, its A fragments reloaded when the query changes, each run in tiles of 64 keys.
+// Warp w owns heads [16w, 16w + 16) (the MMA's M; heads past `heads` are zero rows with weight
+// 0, which add 0); a block walks runs [r0, r1) of one or more queries, its A fragments reloaded
+// when the query changes, each run in tiles of 64 keys.
 template <int kWarps>
 __global__ void __launch_bounds__(kWarps * 32) IndexScoresRunsMmaKernel(
-    const float* __restrict__ q, const float* __restrict__ w, const float* __restrict__ keys,
+    const float* __restrict__ q, const float* __restrict__ w, int heads, const float* __restrict__ keys,
     const int32_t* __restrict__ first, const int32_t* __restrict__ query, const int32_t* __restrict__ start,
     const int32_t* __restrict__ count, int64_t runs, int runs_per_block, float* __restrict__ scores) {
-  constexpr int kHeads = kWarps * 16, kThreads = kWarps * 32;
+  constexpr int kThreads = kWarps * 32;
   __shared__ __align__(16) uint32_t tile[kTileKeys * kRowWords];
   __shared__ float partial[kWarps][kTileKeys];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -57,20 +58,24 @@ __global__ void __launch_bounds__(kWarps * 32) IndexScoresRunsMmaKernel(
     const int qi = query[r];
     if (qi != current) {  // the same for the whole block
       current = qi;
-      const float* lo = q + (static_cast<int64_t>(qi) * kHeads + h) * kDim;
+      const bool has_lo = h < heads, has_hi = h + 8 < heads;
+      const float* lo = q + (static_cast<int64_t>(qi) * heads + h) * kDim;
       const float* hi = lo + 8 * kDim;
+      const float2 zero = make_float2(0.0f, 0.0f);
 #pragma unroll
       for (int ks = 0; ks < kDim / 16; ++ks) {
         const int c = ks * 16 + 2 * t;
-        const float2 x0 = *reinterpret_cast<const float2*>(lo + c), x1 = *reinterpret_cast<const float2*>(hi + c);
-        const float2 x2 = *reinterpret_cast<const float2*>(lo + c + 8), x3 = *reinterpret_cast<const float2*>(hi + c + 8);
+        const float2 x0 = has_lo ? *reinterpret_cast<const float2*>(lo + c) : zero;
+        const float2 x1 = has_hi ? *reinterpret_cast<const float2*>(hi + c) : zero;
+        const float2 x2 = has_lo ? *reinterpret_cast<const float2*>(lo + c + 8) : zero;
+        const float2 x3 = has_hi ? *reinterpret_cast<const float2*>(hi + c + 8) : zero;
         a[ks][0] = PackBf16(x0.x, x0.y);
         a[ks][1] = PackBf16(x1.x, x1.y);
         a[ks][2] = PackBf16(x2.x, x2.y);
         a[ks][3] = PackBf16(x3.x, x3.y);
       }
-      w_lo = w[static_cast<int64_t>(qi) * kHeads + h];
-      w_hi = w[static_cast<int64_t>(qi) * kHeads + h + 8];
+      w_lo = has_lo ? w[static_cast<int64_t>(qi) * heads + h] : 0.0f;
+      w_hi = has_hi ? w[static_cast<int64_t>(qi) * heads + h + 8] : 0.0f;
     }
     const int64_t key0 = first[r], out0 = start[r];
     const int n = count[r];
@@ -124,7 +129,7 @@ __global__ void __launch_bounds__(kWarps * 32) IndexScoresRunsMmaKernel(
 }
 
 template <int kWarps>
-cudaError_t LaunchRuns(const float* q, const float* w, const float* keys, const int32_t* first, const int32_t* query,
+cudaError_t LaunchRuns(const float* q, const float* w, int heads, const float* keys, const int32_t* first, const int32_t* query,
                        const int32_t* start, const int32_t* count, int64_t runs, float* scores, cudaStream_t stream) {
   // A few runs a block once there are many (fewer reloads of a query's 32 KB), while the grid
   // still gives every SM several blocks.
@@ -132,27 +137,24 @@ cudaError_t LaunchRuns(const float* q, const float* w, const float* keys, const 
   const int64_t blocks = (runs + per - 1) / per;
   if (blocks > INT32_MAX) return cudaErrorInvalidValue;
   IndexScoresRunsMmaKernel<kWarps><<<static_cast<unsigned>(blocks), kWarps * 32, 0, stream>>>(
-      q, w, keys, first, query, start, count, runs, per, scores);
+      q, w, heads, keys, first, query, start, count, runs, per, scores);
   return cudaGetLastError();
 }
 
 }  // namespace
 
-bool IndexScoresMmaSupports(int64_t heads, int64_t dim) {
-  return dim == kDim && (heads == 16 || heads == 32 || heads == 64 || heads == 128);
-}
+bool IndexScoresMmaSupports(int64_t heads, int64_t dim) { return dim == kDim && heads >= 1 && heads <= 128; }
 
 cudaError_t IndexScoresRunsMma(const float* q, const float* w, int64_t heads, int64_t dim, const float* keys,
                                const int32_t* first, const int32_t* query, const int32_t* start,
                                const int32_t* count, int64_t runs, float* scores, cudaStream_t stream) {
   if (!IndexScoresMmaSupports(heads, dim)) return cudaErrorInvalidValue;
   if (runs == 0) return cudaSuccess;
-  switch (heads) {
-    case 16: return LaunchRuns<1>(q, w, keys, first, query, start, count, runs, scores, stream);
-    case 32: return LaunchRuns<2>(q, w, keys, first, query, start, count, runs, scores, stream);
-    case 64: return LaunchRuns<4>(q, w, keys, first, query, start, count, runs, scores, stream);
-    default: return LaunchRuns<8>(q, w, keys, first, query, start, count, runs, scores, stream);
-  }
+  const int h = static_cast<int>(heads);  // in warps of 16 heads, rounded up to 1, 2, 4 or 8 warps
+  if (heads <= 16) return LaunchRuns<1>(q, w, h, keys, first, query, start, count, runs, scores, stream);
+  if (heads <= 32) return LaunchRuns<2>(q, w, h, keys, first, query, start, count, runs, scores, stream);
+  if (heads <= 64) return LaunchRuns<4>(q, w, h, keys, first, query, start, count, runs, scores, stream);
+  return LaunchRuns<8>(q, w, h, keys, first, query, start, count, runs, scores, stream);
 }
 
 }  // namespace flashmem::kernels::cuda

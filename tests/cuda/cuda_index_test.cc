@@ -269,14 +269,15 @@ TEST_F(CudaOps, TopKEqualsTheHostsList) {
 // summation order differs from the CPU: each head's bf16-rounded dot product may land one bf16
 // step away, so each score is within 2^-6 of the sum of its heads' |terms| plus one bf16 step of
 // itself, and most are bit-identical. Runs start mid-page, end mid-page and switch queries inside
-// a block (past 4,096 runs a block takes several); heads 16, 64 and 128; heads 4 (not
-// supported) keeps the exact kernel, bit-identical to the exact backend.
+// a block (past 4,096 runs a block takes several); heads 16, 64 and 128, and 4 and 40 (warps
+// padded with zero heads); 136 heads (past the kernel's 128) keep the exact kernel, bit-identical
+// to the exact backend.
 TEST_F(CudaOps, FastModeScoresKeyRunsOnTheTensorCores) {
   const int64_t dim = 128, num_pages = 40;
   KeyPages kp(num_pages, dim, 700);
   auto fast = FastBackend(false);
   ASSERT_TRUE(fast.ok()) << fast.status();
-  for (int64_t heads : {int64_t{16}, int64_t{64}, int64_t{128}, int64_t{4}}) {
+  for (int64_t heads : {int64_t{16}, int64_t{64}, int64_t{128}, int64_t{4}, int64_t{40}, int64_t{136}}) {
     for (int64_t queries : {int64_t{3}, int64_t{70}}) {
       const int64_t runs_per_query = queries > 3 ? 63 : 9;  // 70 x 63 = 4,410 runs: two a block
       std::vector<std::vector<kernels::KeyRun>> runs(queries);
