@@ -133,6 +133,15 @@ std::vector<std::vector<int32_t>> Backend::TopKBatch(std::span<const std::span<c
   return out;
 }
 
+void PlaceRuns(const float* scored, std::span<const KeyRun> runs, std::span<const int64_t> at, std::span<float> list) {
+  const int64_t length = static_cast<int64_t>(list.size());
+  for (size_t r = 0; r < runs.size(); ++r) {
+    const int64_t start = r < at.size() ? at[r] : -1, count = runs[r].count;
+    if (start >= 0 && count >= 0 && start + count <= length) std::copy_n(scored, count, list.begin() + start);
+    scored += count;
+  }
+}
+
 std::vector<std::vector<int32_t>> Backend::IndexTopKBatch(std::span<const IndexSelectRow> rows, int64_t heads,
                                                           int64_t dim, int64_t k) const {
   std::vector<int64_t> offset(rows.size() + 1, 0);
@@ -149,12 +158,7 @@ std::vector<std::vector<int32_t>> Backend::IndexTopKBatch(std::span<const IndexS
   std::vector<std::span<const float>> spans(rows.size());
   for (size_t i = 0; i < rows.size(); ++i) {
     lists[i].assign(rows[i].length, -std::numeric_limits<float>::infinity());
-    const float* from = scored.data() + offset[i];
-    for (size_t r = 0; r < rows[i].keys.size(); ++r) {
-      const int64_t at = r < rows[i].at.size() ? rows[i].at[r] : -1, count = rows[i].keys[r].count;
-      if (at >= 0 && at + count <= rows[i].length) std::copy_n(from, count, lists[i].begin() + at);  // never outside
-      from += count;
-    }
+    PlaceRuns(scored.data() + offset[i], rows[i].keys, rows[i].at, lists[i]);
     if (rows[i].list) std::copy(lists[i].begin(), lists[i].end(), rows[i].list);
     spans[i] = lists[i];
   }

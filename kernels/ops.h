@@ -153,6 +153,11 @@ struct IndexSelectRow {
   float* list = nullptr;  // optional: receives the whole list (`length` floats), as top-k saw it
 };
 
+// Scores of key runs laid end to end (`scored`) into a list: run r's at list[at[r]], ... The
+// positions no run covers keep their values; a run outside the list (or without its `at`) is
+// skipped, never written outside it.
+void PlaceRuns(const float* scored, std::span<const KeyRun> runs, std::span<const int64_t> at, std::span<float> list);
+
 // One routed expert of an MoE layer and the token rows sent to it (Backend::RoutedExperts).
 struct ExpertWork {
   const WeightMatrix* w1 = nullptr;  // gate projection [inter, dim]

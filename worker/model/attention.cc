@@ -179,11 +179,7 @@ void Indexer::ScoresBatch(std::span<const ScoreQuery> queries) const {
   for (size_t i = 0; i < m; ++i) {
     std::vector<float>& scores = *queries[i].scores;
     scores.assign(queries[i].keys->size(), -std::numeric_limits<float>::infinity());
-    const float* from = scored.data() + v.offset[i];
-    for (size_t r = 0; r < v.runs[i].size(); ++r) {
-      std::copy_n(from, v.runs[i][r].count, scores.begin() + v.at[i][r]);
-      from += v.runs[i][r].count;
-    }
+    kernels::PlaceRuns(scored.data() + v.offset[i], v.runs[i], v.at[i], scores);
   }
 }
 

@@ -199,19 +199,17 @@ absl::Status Transformer::Forward(std::span<BatchItem> batch) const {
     std::vector<float> gathered;  // a picked row's whole vocabulary (TP) when the item takes no logits
     for (int64_t j = 0; j < m; ++j) {
       BatchItem& it = batch[heads[j]];
-      if (it.logits || (it.greedy && comm_)) {  // the item's own vector, refilled in place (no new allocation)
-        std::vector<float>& to = it.logits ? *it.logits : gathered;
-        if (comm_) {  // rank r's block holds its slice of every row: row j is at r * m * vl + j * vl
-          to.clear();
-          for (int r = 0; r < comm_->size(); ++r)
-            to.insert(to.end(), all.begin() + (r * m + j) * vl, all.begin() + (r * m + j + 1) * vl);
-        } else {
-          to.assign(logits.begin() + j * vl, logits.begin() + (j + 1) * vl);
-        }
-        if (it.greedy) *it.greedy = kernels::ArgmaxIndex(to);
-      } else if (it.greedy) {
-        *it.greedy = kernels::ArgmaxIndex(std::span<const float>(logits.data() + j * vl, static_cast<size_t>(vl)));
+      std::span<const float> full(logits.data() + j * vl, static_cast<size_t>(vl));  // row j's logits
+      if (comm_ && (it.logits || it.greedy)) {  // rank r's block holds its slice of every row at r * m * vl + j * vl
+        std::vector<float>& to = it.logits ? *it.logits : gathered;  // refilled in place (no new allocation)
+        to.clear();
+        for (int r = 0; r < comm_->size(); ++r)
+          to.insert(to.end(), all.begin() + (r * m + j) * vl, all.begin() + (r * m + j + 1) * vl);
+        full = to;
+      } else if (it.logits) {
+        it.logits->assign(full.begin(), full.end());
       }
+      if (it.greedy) *it.greedy = kernels::ArgmaxIndex(full);
       if (it.trace) {
         it.trace->head_input.assign(head_input.begin() + j * d, head_input.begin() + (j + 1) * d);
         it.trace->hidden_hc.assign(H.begin() + j * hc * d, H.begin() + (j + 1) * hc * d);
