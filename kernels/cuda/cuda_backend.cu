@@ -17,6 +17,7 @@
 #include "common/status.h"
 #include "kernels/cuda/device_ops.h"
 #include "kernels/cuda/host_gather.h"
+#include "kernels/activation_pool.h"
 #include "kernels/kv_reserve.h"
 
 namespace flashmem::kernels::cuda {
@@ -805,22 +806,50 @@ class CudaBackendImpl final : public Backend {
       capacity_ = want;
       used_ += static_cast<int64_t>(want);
     }
+    // Inputs and outputs in page-locked activation memory (kernels/activation_pool.h) go straight
+    // between the caller's buffer and the device; the rest through the staging buffer: copied
+    // there, then up in one transfer per run of adjacent staged arrays.
+    const ActivationPool* pinned = InstalledActivationPool();
+    auto direct = [&](const void* p, size_t bytes) { return pinned && bytes > 0 && pinned->Contains(p, bytes); };
     char* h = static_cast<char*>(host_);
+    char* dev = static_cast<char*>(dev_);
     std::vector<HostCopy> copies;
     copies.reserve(std::max(f.ins().size(), f.outs().size()));
-    for (const Frame::Copy& c : f.ins()) copies.push_back({h + c.off, c.host, c.bytes});
+    for (const Frame::Copy& c : f.ins())
+      if (!direct(c.host, c.bytes)) copies.push_back({h + c.off, c.host, c.bytes});
     CopyAll(copies);
     if (fill) fill(h + f.in_bytes());
-    const size_t up = f.in_bytes() + fill_bytes;
-    if (up) FM_CUDA_TRY(cudaMemcpyAsync(dev_, h, up, cudaMemcpyHostToDevice, stream_), "copy to device");
-    FM_CUDA_TRY(launch(Dev{static_cast<char*>(dev_), &f}), "kernel launch");
+    size_t run = 0;       // start of the staged run being collected
+    bool staged = false;  // whether one is
+    auto send_run = [&](size_t end) {
+      const cudaError_t e = staged && end > run ? cudaMemcpyAsync(dev + run, h + run, end - run, cudaMemcpyHostToDevice, stream_)
+                                                : cudaSuccess;
+      staged = false;
+      return e;
+    };
+    for (const Frame::Copy& c : f.ins()) {
+      if (direct(c.host, c.bytes)) {
+        FM_CUDA_TRY(send_run(c.off), "copy to device");
+        FM_CUDA_TRY(cudaMemcpyAsync(dev + c.off, c.host, c.bytes, cudaMemcpyHostToDevice, stream_), "copy to device");
+      } else if (!staged) {
+        run = c.off;
+        staged = true;
+      }
+    }
+    if (fill_bytes && !staged) {
+      run = f.in_bytes();
+      staged = true;
+    }
+    FM_CUDA_TRY(send_run(f.in_bytes() + fill_bytes), "copy to device");
+    FM_CUDA_TRY(launch(Dev{dev, &f}), "kernel launch");
     for (const Frame::Back& b : f.outs())
-      FM_CUDA_TRY(cudaMemcpyAsync(h + f.Resolve(b.off), static_cast<char*>(dev_) + f.Resolve(b.off), b.bytes,
+      FM_CUDA_TRY(cudaMemcpyAsync(direct(b.host, b.bytes) ? b.host : h + f.Resolve(b.off), dev + f.Resolve(b.off), b.bytes,
                                   cudaMemcpyDeviceToHost, stream_),
                   "copy to host");
     FM_CUDA_TRY(cudaStreamSynchronize(stream_), "stream synchronize");
     copies.clear();
-    for (const Frame::Back& b : f.outs()) copies.push_back({b.host, h + f.Resolve(b.off), b.bytes});
+    for (const Frame::Back& b : f.outs())
+      if (!direct(b.host, b.bytes)) copies.push_back({b.host, h + f.Resolve(b.off), b.bytes});
     CopyAll(copies);
     return absl::OkStatus();
   }
@@ -1360,6 +1389,24 @@ class CudaBackendImpl final : public Backend {
   mutable DeviceReserve records_, keys_;  // the KV reserve: main KV records, indexer keys
 };
 
+// The process's activation memory becomes page-locked blocks (kernels/activation_pool.h), up to
+// `bytes` (0: none), unless a pool is installed already. FLASHMEM_CUDA_PINNED=0 leaves the heap, to
+// measure what the direct copies save.
+void InstallPinnedActivations(int64_t bytes) {
+  if (bytes == 0 || InstalledActivationPool()) return;
+  if (const char* p = std::getenv("FLASHMEM_CUDA_PINNED"); p && std::string(p) == "0") return;
+  ActivationPoolOptions o;
+  o.capacity_bytes = static_cast<size_t>(bytes);
+  // Portable: page-locked for every device's context, so any backend of the process copies from it.
+  auto* pool = new ActivationPool(
+      [](size_t n) -> void* {
+        void* p = nullptr;
+        return cudaHostAlloc(&p, n, cudaHostAllocPortable) == cudaSuccess ? p : nullptr;
+      },
+      o);
+  if (!InstallActivationPool(pool)) delete pool;  // another thread installed one first
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Backend>> NewCudaBackend(const CudaBackendOptions& options) {
@@ -1378,6 +1425,9 @@ absl::StatusOr<std::unique_ptr<Backend>> NewCudaBackend(const CudaBackendOptions
   if (budget > static_cast<int64_t>(free_b))
     return absl::InvalidArgumentError(absl::StrCat("memory_budget_bytes: ", budget, " exceeds the ", free_b,
                                                    " bytes free on cuda:", options.device));
+  if (options.pinned_activation_bytes < 0)
+    return absl::InvalidArgumentError(absl::StrCat("pinned_activation_bytes: ", options.pinned_activation_bytes, " < 0"));
+  InstallPinnedActivations(options.pinned_activation_bytes);
   cudaStream_t stream = nullptr;
   FM_RETURN_IF_ERROR(CudaError(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate"));
   return std::unique_ptr<Backend>(new CudaBackendImpl(options.device, stream, budget, options.exact,

@@ -1,6 +1,7 @@
 // The CUDA sm_90 backend: every op of kernels/ops.h on one GPU. Callers keep the host-array
-// interface of Backend: each op stages its inputs through one pinned buffer (one host->device copy),
-// runs its kernels on the backend's stream and copies its outputs back. Weights (and the big
+// interface of Backend: each op sends its inputs up (straight from page-locked activation memory,
+// the rest through one pinned staging buffer), runs its kernels on the backend's stream and copies
+// its outputs back. Weights (and the big
 // constant hyper-connection matrices) are uploaded once, in compact form (FP8 1 B, FP4 0.5 B,
 // dense bf16 2 B per value), and stay resident within the memory budget.
 // Thread-safe: ops from several threads (the decode loop, LSA scoring) run one at a time.
@@ -42,6 +43,10 @@ struct CudaBackendOptions {
   // are never evicted for it); -1: a quarter of the budget; 0: none (every call stages its
   // records). A call whose pages do not fit stages them as without a reserve.
   int64_t kv_reserve_bytes = -1;
+  // Page-locked host memory for the model's activations (model::Scratch; kernels/activation_pool.h),
+  // which the ops then copy to and from the device directly instead of through the staging buffer.
+  // Process-wide: the first backend created installs it, for the process's life. 0: none.
+  int64_t pinned_activation_bytes = int64_t{1} << 30;
 };
 
 absl::StatusOr<std::unique_ptr<Backend>> NewCudaBackend(const CudaBackendOptions& options);

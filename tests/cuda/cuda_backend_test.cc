@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "kernels/activation_pool.h"
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/cuda/device_ops.h"
 #include "kernels/cuda/host_gather.h"
@@ -20,6 +21,7 @@
 #include "kernels/numerics.h"
 #include "kernels/ops.h"
 #include "tests/cuda/cuda_test_util.h"
+#include "worker/model/scratch.h"
 
 namespace flashmem::kernels {
 namespace {
@@ -600,6 +602,61 @@ TEST_F(CudaOps, HyperConnections) {
     cpu().HcHead(x.data(), n, fn.data(), base.data(), 0.7f, hc, dim, 1e-6f, 1e-6f, ha.data());
     gpu_->HcHead(x.data(), n, fn.data(), base.data(), 0.7f, hc, dim, 1e-6f, 1e-6f, hb.data());
     EXPECT_LE(RelErr(hb, ha), kBf16Tol) << dim;
+  }
+}
+
+// Arrays in page-locked activation memory (the pool the backend installs; model::Scratch takes
+// it) go straight between the caller's buffer and the device, the others through the staging
+// buffer, in runs of adjacent staged inputs. Every mix gives the all-staged path's bits.
+TEST_F(CudaOps, PinnedActivationsCopyStraightAndGiveTheStagedBits) {
+  ActivationPool* pool = InstalledActivationPool();
+  if (!pool) GTEST_SKIP() << "no activation pool (FLASHMEM_CUDA_PINNED=0)";
+  const int hc = 4;
+  const int64_t dim = 4096, n = 8, k = hc * dim, mix = (2 + hc) * hc;
+  const std::vector<float> x = Random(n * k, 41, 1.0f), fn = Random(mix * k, 42, 0.02f), base = Random(mix, 43, 0.5f),
+                           scale = Random(3, 44, 0.5f), f = Random(n * dim, 45, 1.0f);
+  auto same = [](const float* a, const std::vector<float>& ref) {
+    return std::memcmp(a, ref.data(), ref.size() * 4) == 0;
+  };
+  // All staged (std::vector is heap memory).
+  std::vector<float> y0 = Poisoned(n * dim), p0 = Poisoned(n * hc), c0 = Poisoned(n * hc * hc), o0 = Poisoned(n * k);
+  gpu_->HcPre(x.data(), n, fn.data(), base.data(), scale.data(), hc, dim, 20, 1e-6f, 1e-6f, y0.data(), p0.data(), c0.data());
+  gpu_->HcPost(f.data(), x.data(), p0.data(), c0.data(), n, hc, dim, o0.data());
+  ASSERT_TRUE(gpu_->Health().ok());
+  ASSERT_FALSE(std::isnan(o0[0]));
+
+  model::Scratch xs(x.begin(), x.end()), fs(f.begin(), f.end()), ys(n * dim, NAN), os(n * k, NAN);
+  for (const model::Scratch* a : {&xs, &fs, &ys, &os}) ASSERT_TRUE(pool->Contains(a->data(), a->size() * 4));
+  ASSERT_FALSE(pool->Contains(p0.data(), p0.size() * 4));
+  std::vector<float> p1 = Poisoned(n * hc), c1 = Poisoned(n * hc * hc);
+  // x and y straight, post and comb staged.
+  gpu_->HcPre(xs.data(), n, fn.data(), base.data(), scale.data(), hc, dim, 20, 1e-6f, 1e-6f, ys.data(), p1.data(), c1.data());
+  EXPECT_TRUE(same(ys.data(), y0));
+  EXPECT_EQ(p1, p0);
+  EXPECT_EQ(c1, c0);
+  // f straight, then one staged run (residual, post, comb); the output straight.
+  gpu_->HcPost(fs.data(), x.data(), p0.data(), c0.data(), n, hc, dim, os.data());
+  EXPECT_TRUE(same(os.data(), o0));
+  // f staged, the residual straight, post and comb staged; the output staged.
+  std::vector<float> o2 = Poisoned(n * k);
+  gpu_->HcPost(f.data(), xs.data(), p0.data(), c0.data(), n, hc, dim, o2.data());
+  EXPECT_EQ(o2, o0);
+  // A Linear both ways round, exact and fast.
+  const WeightMatrix w = RandomWeight(WeightFormat::kFp8Block128, 512, 4096, 46);
+  const int64_t rows = 16;
+  model::Scratch xl(fs.begin(), fs.begin() + rows * 4096), yl(rows * 512, NAN);
+  const std::vector<float> xv(xl.begin(), xl.end());
+  auto fast = FastBackend(false);
+  ASSERT_TRUE(fast.ok()) << fast.status();
+  for (const Backend* be : {static_cast<const Backend*>(gpu_), static_cast<const Backend*>(fast->get())}) {
+    std::vector<float> y_staged = Poisoned(rows * 512), y_out = Poisoned(rows * 512);
+    be->Linear(w, xv.data(), rows, y_staged.data(), Rounding::kBf16);
+    be->Linear(w, xl.data(), rows, y_out.data(), Rounding::kBf16);  // input straight
+    EXPECT_EQ(y_out, y_staged) << be->name();
+    std::fill(yl.begin(), yl.end(), NAN);
+    be->Linear(w, xv.data(), rows, yl.data(), Rounding::kBf16);  // output straight
+    EXPECT_TRUE(same(yl.data(), y_staged)) << be->name();
+    EXPECT_TRUE(be->Health().ok()) << be->Health();
   }
 }
 

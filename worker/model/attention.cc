@@ -44,8 +44,7 @@ Compressor::Compressor(const ModelArgs& args, const CompressorWeights& w, int ra
     : args_(args), w_(w), ratio_(ratio), head_dim_(head_dim), overlap_(ratio == 4),
       rotate_(rotate), rope_(rope), be_(be) {}
 
-void Compressor::Project(const float* x, int64_t n, std::vector<float>* kv,
-                         std::vector<float>* score) const {
+void Compressor::Project(const float* x, int64_t n, Scratch* kv, Scratch* score) const {
   kv->resize(n * w_.wkv.rows);
   score->resize(n * w_.wgate.rows);
   be_.Linear(w_.wkv, x, n, kv->data(), Rounding::kNone);  // the reference runs these in fp32
@@ -115,7 +114,7 @@ Indexer::Indexer(const ModelArgs& args, const IndexerWeights& w, const RotaryTab
       compressor_(args, w.compressor, 4, args.index_head_dim, /*rotate=*/true, rope, be) {}
 
 void Indexer::Queries(const float* qr, const float* x, std::span<const TokenRow> rows,
-                      Scratch* q, std::vector<float>* weights) const {
+                      Scratch* q, Scratch* weights) const {
   const int64_t n = static_cast<int64_t>(rows.size());
   const int64_t hd = args_.index_head_dim, rd = args_.rope_head_dim, h = n_local_heads_;
   q->resize(n * h * hd);
@@ -324,8 +323,7 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
   // The FP8 round trip of every row's nope dims in one call (a decode step's rows: one call, not
   // one per session).
   RoundTripNopeFp8(be_, kv.data(), n, D, D - rd);
-  std::vector<float> ckv, cscore, iw, ikv, iscore;
-  Scratch iq;
+  Scratch ckv, cscore, iw, ikv, iscore, iq;
   if (compressor_) compressor_->Project(x, n, &ckv, &cscore);
   if (indexer_) {
     indexer_->Queries(qr.data(), x, rows, &iq, &iw);

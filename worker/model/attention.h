@@ -38,7 +38,7 @@ class Compressor {
   Compressor(const ModelArgs& args, const CompressorWeights& w, int ratio, int64_t head_dim,
              bool rotate, const RotaryTable& rope, const kernels::Backend& be);
   // kv and gate-score projections (fp32) of n input rows: [n, coff*head_dim] each.
-  void Project(const float* x, int64_t n, std::vector<float>* kv, std::vector<float>* score) const;
+  void Project(const float* x, int64_t n, Scratch* kv, Scratch* score) const;
   // Feeds one token at `pos`; when its block completes, writes the block's pooled row (head_dim
   // bf16 values, before the norm) to `pooled` and returns true.
   bool Pool(CompressorState& st, const float* kv, const float* score, int64_t pos, float* pooled) const;
@@ -70,7 +70,7 @@ class Indexer {
           const kernels::Backend& be, const parallel::Communicator* comm = nullptr);
   // Queries (roped, Hadamard-rotated, FP4-rounded) [n, heads*head_dim] and head weights [n, heads].
   void Queries(const float* qr, const float* x, std::span<const TokenRow> rows,
-               Scratch* q, std::vector<float>* weights) const;
+               Scratch* q, Scratch* weights) const;
   // bf16 scores of the complete keys visible under `residency` for one query (-inf elsewhere).
   void Scores(const float* q, const float* weights, const kv::EntryPages& keys,
               const Residency& residency, std::vector<float>* scores) const;

@@ -115,7 +115,7 @@ void MoE::Forward(const float* x, std::span<const int32_t> tokens,
     wk.w2 = &ew.w2;
     work.push_back(std::move(wk));
   }
-  std::vector<float> y(n * d, 0.0f);  // fp32 accumulator of the routed sum
+  Scratch y(n * d, 0.0f);  // fp32 accumulator of the routed sum
   be_.RoutedExperts(work, x, n, d, args_.swiglu_limit, y.data());
   Scratch ys;
   // Tensor parallel: each rank summed its own experts; the routed sum is all-reduced (fp32) before
