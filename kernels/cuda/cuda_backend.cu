@@ -996,6 +996,28 @@ class CudaBackendImpl final : public Backend {
     for (int64_t g = 0; g < G; ++g) {
       FM_ASSIGN_OR_RETURN(dw[g], WeightOnDevice(w[g]));
     }
+    // Dense bf16 groups on the tensor cores: x to bf16 once, each group's GEMM reading its columns
+    // and writing its outputs in place (cuBLASLt with leading dimensions G*k and G*m), one bf16
+    // rounding at the end — instead of gathering and placing every group's columns. cuBLASLt's
+    // algorithms assume 256-byte aligned operands: groups whose offsets are not take the path below.
+    bool strided = (k * 2) % 256 == 0 && (m * 4) % 256 == 0;
+    for (int64_t g = 0; g < G; ++g) strided = strided && DenseOnTensorCores(*dw[g], n);
+    if (strided) {
+      Frame f;
+      const size_t dx = f.In(x, n * G * k * 4), xb = f.Scratch(ld * G * k * 2), dy = f.Scratch(ld * G * m * 4);
+      f.Download(dy, y, n * G * m * 4);
+      bool refused = false;
+      const absl::Status st = RunLocked(f, [&](Dev d) {
+        auto* xbf = d.at<__nv_bfloat16>(xb);
+        cudaError_t e = cuda::F32ToBf16Rows(d.at(dx), n, G * k, ld, xbf, stream_);
+        for (int64_t g = 0; g < G && e == cudaSuccess; ++g)
+          e = cuda::LinearBf16Lt(lt_, *dw[g], xbf + g * k, ld, d.at(dy) + g * m, stream_, G * k, G * m);
+        refused = e == cudaErrorNotSupported;
+        if (refused) return cudaSuccess;  // nothing written that the path below does not rewrite
+        return e != cudaSuccess || out != Rounding::kBf16 ? e : cuda::RoundToBf16(d.at(dy), ld * G * m, stream_);
+      });
+      if (!st.ok() || !refused) return st;
+    }
     Frame f;
     const size_t dx = f.In(x, n * G * k * 4), xg = f.Scratch(ld * k * 4), yg = f.Scratch(ld * m * 4),
                  dy = f.Scratch(n * G * m * 4);
@@ -1147,6 +1169,16 @@ class CudaBackendImpl final : public Backend {
   // on exactly dequantized operands (or, fast-fp8, cuBLASLt's FP8 tensor cores); otherwise the
   // decode GEMV. Dense bf16 weights of 4M values and more: cuBLASLt bf16 (smaller ones are
   // launch-bound and keep the exact kernel). A shape cuBLASLt refuses falls through to the next.
+  // Fast mode runs a dense weight whose values are all bf16 on cuBLASLt's bf16 GEMM (x rounded to
+  // bf16: the model's inputs to them, RMSNorm outputs and attention outputs, are bf16 already;
+  // fp32 sums in another order): a big one (the head, wo_a's groups) always, a small one (the
+  // router, the compressors' projections, the indexer's head weights) from kTensorCoreMinRows
+  // rows — the exact kernel walks k in the CPU's order and took ~255 µs at 64 rows on the H200.
+  bool DenseOnTensorCores(const DeviceWeight& w, int64_t n) const {
+    return !exact_ && fast_dense_ && w.format == WeightFormat::kDense && w.dense_bf16 &&
+           (w.rows * w.cols >= (int64_t{1} << 22) || n >= kTensorCoreMinRows);
+  }
+
   cudaError_t EnqueueLinear(const DeviceWeight& w, const float* x, int64_t n, int64_t ld, float* y, Rounding out,
                             const LinearScratch::Ptrs& s) const {
     const int64_t k = w.cols, m = w.rows;
@@ -1177,7 +1209,7 @@ class CudaBackendImpl final : public Backend {
         return e != cudaSuccess ? e : cuda::LinearDecode(w, s.qx, s.qs, n, y, out, stream_);
       }
     }
-    if (!exact_ && fast_dense_ && !quantized && w.dense_bf16 && m * k >= (int64_t{1} << 22)) {
+    if (DenseOnTensorCores(w, n)) {
       cudaError_t e = cuda::F32ToBf16Rows(x, n, k, ld, s.qb, stream_);
       if (e == cudaSuccess) e = cuda::LinearBf16Lt(lt_, w, s.qb, ld, y, stream_);
       if (e != cudaErrorNotSupported) return rounded(e);

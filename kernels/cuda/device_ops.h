@@ -205,7 +205,8 @@ class LtContext {
  private:
   friend cudaError_t LinearFp8Lt(LtContext&, const DeviceWeight&, const float*, const uint8_t*, const float*,
                                  int64_t, void*, LtOutput, cudaStream_t);
-  friend cudaError_t LinearBf16Lt(LtContext&, const DeviceWeight&, const __nv_bfloat16*, int64_t, float*, cudaStream_t);
+  friend cudaError_t LinearBf16Lt(LtContext&, const DeviceWeight&, const __nv_bfloat16*, int64_t, float*, cudaStream_t,
+                                  int64_t, int64_t);
   Impl* impl_;
 };
 
@@ -231,8 +232,10 @@ cudaError_t Bf16ToF32(const __nv_bfloat16* in, int64_t count, float* out, cudaSt
 // tensor cores, bf16 operands (weights whose values are all bf16, dense_bf16), fp32 accumulation
 // and output; tokens % 4 == 0 (x padded by F32ToBf16Rows). Not bit-identical to the exact fp32
 // dot products (different summation order). cudaErrorNotSupported when cuBLASLt has no algorithm.
+// ldx / ldy: the elements from one token's x / y row to the next (0: w.cols / w.rows), for a
+// weight reading some columns of x and writing some of y (LinearGroups); operands 256-byte aligned.
 cudaError_t LinearBf16Lt(LtContext& ctx, const DeviceWeight& w, const __nv_bfloat16* x, int64_t tokens, float* y,
-                         cudaStream_t stream);
+                         cudaStream_t stream, int64_t ldx = 0, int64_t ldy = 0);
 // A FP8 weight dequantized to bf16 bits (values x block scale; exact), [rows][cols].
 std::vector<uint16_t> DequantizeFp8ToBf16(const WeightMatrix& w);
 // act_quant then dequantize into bf16: out[t][i] = xq[t][i] * xs[t][i / 128] (exact in bf16), rows

@@ -286,13 +286,20 @@ cudaError_t LinearFp8Lt(LtContext& ctx, const DeviceWeight& w, const float* lt_s
 }
 
 cudaError_t LinearBf16Lt(LtContext& ctx, const DeviceWeight& w, const __nv_bfloat16* x, int64_t tokens, float* y,
-                         cudaStream_t stream) {
-  if (w.format != WeightFormat::kDense || !w.dense_bf16 || tokens % 4 != 0) return cudaErrorInvalidValue;
+                         cudaStream_t stream, int64_t ldx, int64_t ldy) {
+  if (ldx == 0) ldx = w.cols;
+  if (ldy == 0) ldy = w.rows;
+  if (w.format != WeightFormat::kDense || !w.dense_bf16 || tokens % 4 != 0 || ldx < w.cols || ldy < w.rows)
+    return cudaErrorInvalidValue;
   cudaError_t e = ctx.Init();
   if (e != cudaSuccess) return e;
   LtContext::Impl& c = *ctx.impl_;
   std::lock_guard<std::mutex> lock(c.mu);
-  const auto key = std::make_tuple(1, w.rows, w.cols, tokens);
+  // Kinds: 1 contiguous; 2 + the leading dimensions apart (kind 1's key has no room for them).
+  const bool contiguous = ldx == w.cols && ldy == w.rows;
+  if (!contiguous && (tokens >= (int64_t{1} << 20) || ldx >= (int64_t{1} << 22) || ldy >= (int64_t{1} << 21)))
+    return cudaErrorNotSupported;  // past what the plan's key holds: the caller's other path
+  const auto key = std::make_tuple(contiguous ? 1 : 2, w.rows, w.cols, contiguous ? tokens : tokens | (ldx << 20) | (ldy << 42));
   auto it = c.plans.find(key);
   if (it == c.plans.end()) {
     Plan p;
@@ -301,8 +308,8 @@ cudaError_t LinearBf16Lt(LtContext& ctx, const DeviceWeight& w, const __nv_bfloa
     ok = ok && Lt().cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta) == CUBLAS_STATUS_SUCCESS;
     ok = ok && Lt().cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb) == CUBLAS_STATUS_SUCCESS;
     ok = ok && Lt().cublasLtMatrixLayoutCreate(&p.a, CUDA_R_16BF, w.cols, w.rows, w.cols) == CUBLAS_STATUS_SUCCESS;
-    ok = ok && Lt().cublasLtMatrixLayoutCreate(&p.b, CUDA_R_16BF, w.cols, tokens, w.cols) == CUBLAS_STATUS_SUCCESS;
-    ok = ok && Lt().cublasLtMatrixLayoutCreate(&p.d, CUDA_R_32F, w.rows, tokens, w.rows) == CUBLAS_STATUS_SUCCESS;
+    ok = ok && Lt().cublasLtMatrixLayoutCreate(&p.b, CUDA_R_16BF, w.cols, tokens, ldx) == CUBLAS_STATUS_SUCCESS;
+    ok = ok && Lt().cublasLtMatrixLayoutCreate(&p.d, CUDA_R_32F, w.rows, tokens, ldy) == CUBLAS_STATUS_SUCCESS;
     if (!ChooseAlgorithm(c, p, ok, "bf16")) return cudaErrorNotSupported;
     it = c.plans.emplace(key, p).first;
   }
