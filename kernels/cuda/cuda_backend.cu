@@ -124,7 +124,7 @@ class CudaBackendImpl final : public Backend {
         exact_(exact),
         fp8_tc_(!exact && fp8_tc),
         kv_reserve_bytes_(kv_reserve_bytes < 0 ? budget / 4 : kv_reserve_bytes) {
-    // Diagnostics: FLASHMEM_CUDA_FAST_PATHS (comma list of gemv, lt, dense, attn, index; default all) narrows
+    // Diagnostics: FLASHMEM_CUDA_FAST_PATHS (comma list of gemv, lt, dense, attn, index, hc; default all) narrows
     // which fast-mode paths run, to tell which one moves a result.
     if (const char* p = std::getenv("FLASHMEM_CUDA_FAST_PATHS")) {
       const std::string s = p;
@@ -133,6 +133,7 @@ class CudaBackendImpl final : public Backend {
       fast_dense_ = s.find("dense") != std::string::npos;
       fast_attention_ = s.find("attn") != std::string::npos;
       fast_index_ = s.find("index") != std::string::npos;
+      fast_hc_ = s.find("hc") != std::string::npos;
     }
     // Diagnostics: FLASHMEM_CUDA_FUSED=0 runs LinearGroups, LinearThen and the attention rows'
     // `then` as separate ops (the Backend defaults), to measure what running them together saves.
@@ -452,10 +453,17 @@ class CudaBackendImpl final : public Backend {
     Frame f;
     const size_t dx = f.In(x, n * hc * dim * 4), db = f.In(base, mix * 4), ds = f.In(scale, 3 * 4);
     const size_t dy = f.Scratch(n * dim * 4), dp = f.Scratch(n * hc * 4), dc = f.Scratch(n * hc * hc * 4);
+    // Fast mode: the mixes' sums split over blocks (one block per token, the exact kernel's, leaves
+    // most SMs idle and waits on its loads).
+    const int64_t splits = !exact_ && fast_hc_ ? cuda::HcPreFastSplits(n, hc, dim) : 0;
+    const size_t dpart = f.Scratch(std::max<int64_t>(splits, 1) * n * (mix + 1) * 4);
     f.Download(dy, y, n * dim * 4);
     f.Download(dp, post, n * hc * 4);
     f.Download(dc, comb, n * hc * hc * 4);
     Fail(RunLocked(f, [&](Dev d) {
+      if (splits > 0)
+        return cuda::HcPreFast(d.at(dx), n, *dfn, d.at(db), d.at(ds), hc, dim, iters, norm_eps, hc_eps, d.at(dpart),
+                               d.at(dy), d.at(dp), d.at(dc), stream_);
       return cuda::HcPre(d.at(dx), n, *dfn, d.at(db), d.at(ds), hc, dim, iters, norm_eps, hc_eps, d.at(dy), d.at(dp),
                          d.at(dc), stream_);
     }));
@@ -1305,7 +1313,8 @@ class CudaBackendImpl final : public Backend {
 
   // The grouped form of RoutedExpertsLocked (fast mode, decode-sized): the experts' rows laid end
   // to end, one gather, one act_quant, one grouped GEMV for w1 and w3, one SwiGLU, one act_quant,
-  // one grouped GEMV for w2, then the scatter-adds in expert order (the order of the fp32 sum).
+  // one grouped GEMV for w2, then one scatter-add summing each token's rows in expert order (the
+  // order of the fp32 sum).
   // `plans`: the non-empty experts, validated, weights on the device (RoutedExpertsLocked).
   absl::Status RoutedExpertsGroupedLocked(std::span<const ExpertPlan> plans, const float* x, int64_t n, int64_t dim,
                                           float limit, float* y, WeightFormat format) const {
@@ -1325,8 +1334,11 @@ class CudaBackendImpl final : public Backend {
     }
     const int64_t M = static_cast<int64_t>(rows.size()), E = static_cast<int64_t>(plans.size());
     Frame f;
+    std::vector<int32_t> offsets, order;  // each token's rows in expert order: one scatter-add launch
+    cuda::OrderRowsByTarget(rows, n, &offsets, &order);
     const size_t dx = f.In(x, n * dim * 4), dy = f.In(y, n * dim * 4), drows = f.In(rows.data(), M * 4),
-                 dwts = f.In(wts.data(), M * 4);
+                 dwts = f.In(wts.data(), M * 4), doff = f.In(offsets.data(), (n + 1) * 4),
+                 dord = f.In(order.data(), M * 4);
     const size_t table_bytes = 3 * E * sizeof(cuda::GemvGroup);
     const size_t dtab = f.Scratch(table_bytes);  // first scratch: filled on the host (fill below)
     const size_t xs = f.Scratch(M * dim * 4), qx = f.Scratch(M * dim * 4), qs = f.Scratch(M * (dim / 128) * 4),
@@ -1360,9 +1372,8 @@ class CudaBackendImpl final : public Backend {
           if (e == cudaSuccess) e = cuda::SwiGlu(d.at(g), d.at(u), M, inter, d.at(dwts), limit, d.at(h), stream_);
           if (e == cudaSuccess) e = cuda::QuantizeActivations(d.at(h), M, inter, d.at(qh), d.at(qhs), stream_);
           if (e == cudaSuccess) e = cuda::LinearDecodeGrouped(tab + 2 * E, static_cast<int>(E), dim, max_m, inter, fp8, Rounding::kBf16, stream_);
-          for (int64_t i = 0; i < E && e == cudaSuccess; ++i)
-            e = cuda::ScatterAddRows(d.at(out) + first[i] * dim, d.at<int32_t>(drows) + first[i], plans[i].m, dim,
-                                     d.at(dy), stream_);
+          if (e == cudaSuccess)
+            e = cuda::ScatterAddOrdered(d.at(out), d.at<int32_t>(doff), d.at<int32_t>(dord), n, dim, d.at(dy), stream_);
           return e;
         },
         table, table_bytes);
@@ -1407,7 +1418,8 @@ class CudaBackendImpl final : public Backend {
   const bool exact_;
   const bool fp8_tc_;  // fast-fp8: FP8 tensor cores from 16 tokens (else bf16 ones on dequantized weights)
   const int64_t kv_reserve_bytes_;
-  bool fast_gemv_ = true, fast_lt_ = true, fast_dense_ = true, fast_attention_ = true, fast_index_ = true, fused_ = true;
+  bool fast_gemv_ = true, fast_lt_ = true, fast_dense_ = true, fast_attention_ = true, fast_index_ = true, fast_hc_ = true,
+       fused_ = true;
   mutable LtContext lt_;
   mutable absl::Mutex mu_;
   mutable absl::Status health_;

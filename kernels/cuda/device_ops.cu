@@ -310,29 +310,18 @@ __device__ float StagedMixes(const float* x, const float* rows, int64_t k, int c
   return rs;
 }
 
-// One block per token: mixes (StagedMixes), then thread 0 runs the small Sinkhorn as the CPU
-// does, then y.
-__global__ void __launch_bounds__(kHcThreads) HcPreKernel(const float* x, const float* fn, const float* base,
-                                                          const float* scale, int hc, int64_t dim, int iters,
-                                                          float norm_eps, float hc_eps, float* y, float* post_out,
-                                                          float* comb_out) {
-  const int64_t k = hc * dim;
-  const float* xt = x + blockIdx.x * k;
-  extern __shared__ __align__(16) float hc_smem[];
-  __shared__ float mixes[(2 + kMaxHc) * kMaxHc];
-  __shared__ float pre[kMaxHc];
-  StagedMixes(xt, fn, k, (2 + hc) * hc, norm_eps, hc_smem, hc_smem + HcRound4(k), mixes);
-  __syncthreads();
-  // The Sinkhorn is a chain of dependent divisions: thread i of the first warp owns row i (and
-  // column i) of the hc x hc matrix, with each row's and column's arithmetic exactly the CPU's,
-  // on a shared copy written out once.
-  __shared__ float comb[kMaxHc * kMaxHc];
+// pre, post and comb from a token's mixes, by the first warp: the Sinkhorn is a chain of dependent
+// divisions, so thread i owns row i (and column i) of the hc x hc matrix, with each row's and
+// column's arithmetic exactly the CPU's, on a shared copy (comb) the caller writes out. Every
+// thread of the block calls it; the caller synchronizes after.
+__device__ void HcWeights(const float* mixes, const float* base, const float* scale, int hc, int iters, float hc_eps,
+                          float* pre, float* post_out, float* comb) {
   if (threadIdx.x < 32) {
     const int i = threadIdx.x;
     const bool mine = i < hc;
     if (mine) {
       pre[i] = Sigmoid(mixes[i] * scale[0] + base[i]) + hc_eps;
-      post_out[blockIdx.x * hc + i] = 2.0f * Sigmoid(mixes[hc + i] * scale[1] + base[hc + i]);
+      post_out[i] = 2.0f * Sigmoid(mixes[hc + i] * scale[1] + base[hc + i]);  // the token's
       float* row = comb + i * hc;
       float mx = -INFINITY;
       for (int j = 0; j < hc; ++j) {
@@ -361,12 +350,90 @@ __global__ void __launch_bounds__(kHcThreads) HcPreKernel(const float* x, const 
       __syncwarp();
     }
   }
+}
+
+// One block per token: mixes (StagedMixes), then thread 0 runs the small Sinkhorn as the CPU
+// does, then y.
+__global__ void __launch_bounds__(kHcThreads) HcPreKernel(const float* x, const float* fn, const float* base,
+                                                          const float* scale, int hc, int64_t dim, int iters,
+                                                          float norm_eps, float hc_eps, float* y, float* post_out,
+                                                          float* comb_out) {
+  const int64_t k = hc * dim;
+  const float* xt = x + blockIdx.x * k;
+  extern __shared__ __align__(16) float hc_smem[];
+  __shared__ float mixes[(2 + kMaxHc) * kMaxHc];
+  __shared__ float pre[kMaxHc];
+  StagedMixes(xt, fn, k, (2 + hc) * hc, norm_eps, hc_smem, hc_smem + HcRound4(k), mixes);
+  __syncthreads();
+  __shared__ float comb[kMaxHc * kMaxHc];
+  HcWeights(mixes, base, scale, hc, iters, hc_eps, pre, post_out + blockIdx.x * hc, comb);
   __syncthreads();
   if (threadIdx.x < hc * hc) comb_out[blockIdx.x * hc * hc + threadIdx.x] = comb[threadIdx.x];
   for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
     float acc = 0.0f;
     for (int i = 0; i < hc; ++i) acc += pre[i] * hc_smem[i * dim + d];  // the staged x
     y[blockIdx.x * dim + d] = RoundBf16(acc);
+  }
+}
+
+// Fast mode's HcPre (hc = 4, V4's): the mixes' sums split over blocks (each a slice of k for one
+// token, every thread a column at a time against all 24 rows), the partial sums and sums of
+// squares combined by a second kernel that runs the same weights and y as HcPreKernel. Another
+// summation order than the CPU's (whose one block per token waits ~100 us on its loads).
+constexpr int kHcFastThreads = 256, kHcFastHc = 4, kHcFastMixes = (2 + kHcFastHc) * kHcFastHc;
+
+__global__ void __launch_bounds__(kHcFastThreads) HcMixesSplitKernel(const float* x, const float* fn, int64_t k,
+                                                                     int64_t chunk, float* partial) {
+  const int64_t t = blockIdx.y, begin = blockIdx.x * chunk, end = min(k, begin + chunk);
+  const float* xt = x + t * k;
+  float acc[kHcFastMixes + 1] = {};  // the mixes, then the sum of squares
+  for (int64_t i = begin + threadIdx.x; i < end; i += kHcFastThreads) {
+    const float xi = __ldg(xt + i);
+    acc[kHcFastMixes] += xi * xi;
+#pragma unroll
+    for (int m = 0; m < kHcFastMixes; ++m) acc[m] += __ldg(fn + m * k + i) * xi;
+  }
+  __shared__ float sums[kHcFastThreads / 32][kHcFastMixes + 1];
+#pragma unroll
+  for (int m = 0; m <= kHcFastMixes; ++m) {
+    float v = acc[m];
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if ((threadIdx.x & 31) == 0) sums[threadIdx.x / 32][m] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x <= kHcFastMixes) {
+    float v = 0.0f;
+    for (int w = 0; w < kHcFastThreads / 32; ++w) v += sums[w][threadIdx.x];
+    partial[(t * gridDim.x + blockIdx.x) * (kHcFastMixes + 1) + threadIdx.x] = v;
+  }
+}
+
+__global__ void __launch_bounds__(kHcFastThreads) HcFinishKernel(const float* x, const float* partial, int splits,
+                                                                 const float* base, const float* scale, int64_t dim,
+                                                                 int iters, float norm_eps, float hc_eps, float* y,
+                                                                 float* post_out, float* comb_out) {
+  constexpr int hc = kHcFastHc;
+  const int64_t t = blockIdx.x, k = hc * dim;
+  __shared__ float sums[kHcFastMixes + 1], mixes[kHcFastMixes], pre[hc], comb[hc * hc];
+  if (threadIdx.x <= kHcFastMixes) {
+    float v = 0.0f;
+    for (int s = 0; s < splits; ++s) v += partial[(t * splits + s) * (kHcFastMixes + 1) + threadIdx.x];
+    sums[threadIdx.x] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x < kHcFastMixes) {
+    const float rs = 1.0f / sqrtf(sums[kHcFastMixes] / static_cast<float>(k) + norm_eps);
+    mixes[threadIdx.x] = sums[threadIdx.x] * rs;
+  }
+  __syncthreads();
+  HcWeights(mixes, base, scale, hc, iters, hc_eps, pre, post_out + t * hc, comb);
+  __syncthreads();
+  if (threadIdx.x < hc * hc) comb_out[t * hc * hc + threadIdx.x] = comb[threadIdx.x];
+  const float* xt = x + t * k;
+  for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
+    float acc = 0.0f;
+    for (int i = 0; i < hc; ++i) acc += pre[i] * xt[i * dim + d];
+    y[t * dim + d] = RoundBf16(acc);
   }
 }
 
@@ -484,6 +551,27 @@ cudaError_t HcPre(const float* x, int64_t n, const float* fn, const float* base,
   return cudaGetLastError();
 }
 
+int64_t HcPreFastSplits(int64_t n, int hc, int64_t dim) {
+  if (hc != kHcFastHc || n == 0) return 0;
+  // ~2 blocks per SM of 132 over the tokens, each slice at least a pass of the block's threads.
+  const int64_t k = hc * dim, by_sms = (264 + n - 1) / n, by_k = (k + kHcFastThreads - 1) / kHcFastThreads;
+  return std::max<int64_t>(1, std::min<int64_t>({by_sms, by_k, 64}));
+}
+
+cudaError_t HcPreFast(const float* x, int64_t n, const float* fn, const float* base, const float* scale, int hc,
+                      int64_t dim, int iters, float norm_eps, float hc_eps, float* partial, float* y, float* post,
+                      float* comb, cudaStream_t stream) {
+  const int64_t splits = HcPreFastSplits(n, hc, dim);
+  if (splits == 0) return n == 0 ? cudaSuccess : cudaErrorInvalidValue;
+  const int64_t k = hc * dim, chunk = (k + splits - 1) / splits;
+  HcMixesSplitKernel<<<dim3(static_cast<unsigned>(splits), static_cast<unsigned>(n)), kHcFastThreads, 0, stream>>>(
+      x, fn, k, chunk, partial);
+  HcFinishKernel<<<static_cast<unsigned>(n), kHcFastThreads, 0, stream>>>(x, partial, static_cast<int>(splits), base,
+                                                                          scale, dim, iters, norm_eps, hc_eps, y,
+                                                                          post, comb);
+  return cudaGetLastError();
+}
+
 cudaError_t HcPost(const float* f, const float* residual, const float* post, const float* comb, int64_t n, int hc,
                    int64_t dim, float* out, cudaStream_t stream) {
   const int64_t total = n * hc * dim;
@@ -540,7 +628,38 @@ __global__ void ScatterAddKernel(const float* out, const int32_t* rows, int64_t 
   y[static_cast<int64_t>(rows[r]) * dim + c] += out[id];
 }
 
+// Each output value sums its row's contributions in the listed order: the same fp32 additions as
+// one ScatterAddKernel launch per expert.
+__global__ void ScatterAddOrderedKernel(const float* out, const int32_t* offsets, const int32_t* order, int64_t n,
+                                        int64_t dim, float* y) {
+  const int64_t id = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (id >= n * dim) return;
+  const int64_t r = id / dim, c = id % dim;
+  const int32_t end = offsets[r + 1];
+  if (offsets[r] == end) return;
+  float acc = y[id];
+  for (int32_t j = offsets[r]; j < end; ++j) acc += out[static_cast<int64_t>(order[j]) * dim + c];
+  y[id] = acc;
+}
+
 }  // namespace
+
+cudaError_t ScatterAddOrdered(const float* out, const int32_t* offsets, const int32_t* order, int64_t n, int64_t dim,
+                              float* y, cudaStream_t stream) {
+  if (n * dim == 0) return cudaSuccess;
+  ScatterAddOrderedKernel<<<Blocks(n * dim, 256), 256, 0, stream>>>(out, offsets, order, n, dim, y);
+  return cudaGetLastError();
+}
+
+void OrderRowsByTarget(std::span<const int32_t> rows, int64_t n, std::vector<int32_t>* offsets,
+                       std::vector<int32_t>* order) {
+  offsets->assign(n + 1, 0);
+  for (int32_t r : rows) ++(*offsets)[r + 1];
+  for (int64_t r = 0; r < n; ++r) (*offsets)[r + 1] += (*offsets)[r];
+  order->resize(rows.size());
+  std::vector<int32_t> next(offsets->begin(), offsets->end() - 1);
+  for (size_t i = 0; i < rows.size(); ++i) (*order)[next[rows[i]]++] = static_cast<int32_t>(i);
+}
 
 cudaError_t GatherRows(const float* x, const int32_t* rows, int64_t m, int64_t dim, float* out, cudaStream_t stream) {
   if (m * dim == 0) return cudaSuccess;

@@ -84,6 +84,15 @@ cudaError_t SwiGlu(const float* gate, const float* up, int64_t m, int64_t inter,
                    float* h, cudaStream_t stream);
 cudaError_t ScatterAddRows(const float* out, const int32_t* rows, int64_t m, int64_t dim, float* y,
                            cudaStream_t stream);
+// The scatter-adds of rows laid end to end with repeats (a layer's experts, each expert's rows
+// distinct), in one launch: y[r] += out[i] for every i with rows[i] == r, in increasing i — the
+// same fp32 additions as ScatterAddRows expert by expert. offsets [n + 1] and order [M] list each
+// target row's i's (OrderRowsByTarget).
+cudaError_t ScatterAddOrdered(const float* out, const int32_t* offsets, const int32_t* order, int64_t n, int64_t dim,
+                              float* y, cudaStream_t stream);
+// The lists ScatterAddOrdered reads, from rows[i] in [0, n) (checked by the caller).
+void OrderRowsByTarget(std::span<const int32_t> rows, int64_t n, std::vector<int32_t>* offsets,
+                       std::vector<int32_t>* order);
 
 // Sparse MQA of `batch` query tokens, each with `n` candidate slots: kv [rows, dim] fp32 in
 // device memory, idx [batch, n] row numbers (-1 masked), q/out [batch, heads, dim]; dim <= 1024.
@@ -125,6 +134,14 @@ cudaError_t IndexScoresRunsMma(const float* q, const float* w, int64_t heads, in
 cudaError_t HcPre(const float* x, int64_t n, const float* fn, const float* base, const float* scale,
                   int hc, int64_t dim, int iters, float norm_eps, float hc_eps, float* y, float* post,
                   float* comb, cudaStream_t stream);
+// Fast mode's HcPre (hc = 4 only): the mixes' sums split over blocks, then combined — another
+// summation order than the CPU's, the same weights and y from the mixes. partial: room for
+// n * HcPreFastSplits(n, hc, dim) * ((2 + hc) * hc + 1) floats. HcPreFastSplits is 0 for a shape it
+// does not take.
+int64_t HcPreFastSplits(int64_t n, int hc, int64_t dim);
+cudaError_t HcPreFast(const float* x, int64_t n, const float* fn, const float* base, const float* scale, int hc,
+                      int64_t dim, int iters, float norm_eps, float hc_eps, float* partial, float* y, float* post,
+                      float* comb, cudaStream_t stream);
 cudaError_t HcPost(const float* f, const float* residual, const float* post, const float* comb,
                    int64_t n, int hc, int64_t dim, float* out, cudaStream_t stream);
 // hc_head for `n` tokens (x [n, hc, dim], y [n, dim]), one block each.

@@ -605,6 +605,32 @@ TEST_F(CudaOps, HyperConnections) {
   }
 }
 
+// Fast mode's HcPre (hc 4): the mixes' sums split over blocks — another order than the CPU's, so
+// the weights within fp32 rounding and y within bf16 rounding; other hc take the exact kernel.
+TEST_F(CudaOps, FastModeHcPreSplitsTheMixesWithinRounding) {
+  auto fast = FastBackend(false);
+  ASSERT_TRUE(fast.ok()) << fast.status();
+  for (int hc : {4, 2})
+    for (int64_t dim : {256, 4096})
+      for (int64_t n : {1, 3, 64}) {
+        const int64_t k = hc * dim, mix = (2 + hc) * hc;
+        const std::vector<float> x = Random(n * k, 51 + n, 1.0f), fn = Random(mix * k, 52, 0.02f),
+                                 base = Random(mix, 53, 0.5f), scale = Random(3, 54, 0.5f);
+        std::vector<float> ya = Poisoned(n * dim), yb = ya, pa = Poisoned(n * hc), pb = pa, ca = Poisoned(n * hc * hc),
+                           cb = ca;
+        cpu().HcPre(x.data(), n, fn.data(), base.data(), scale.data(), hc, dim, 20, 1e-6f, 1e-6f, ya.data(), pa.data(),
+                    ca.data());
+        (*fast)->HcPre(x.data(), n, fn.data(), base.data(), scale.data(), hc, dim, 20, 1e-6f, 1e-6f, yb.data(),
+                       pb.data(), cb.data());
+        const std::string what = "hc " + std::to_string(hc) + " dim " + std::to_string(dim) + " n " + std::to_string(n);
+        EXPECT_LE(RelErr(yb, ya), kBf16Tol) << what;
+        EXPECT_LE(RelErr(pb, pa), 1e-5) << what;
+        EXPECT_LE(RelErr(cb, ca), 1e-5) << what;
+        EXPECT_GE(FracIdentical(yb, ya), 0.9) << what;  // bf16 outputs: a few flip
+      }
+  EXPECT_TRUE((*fast)->Health().ok()) << (*fast)->Health();
+}
+
 // Arrays in page-locked activation memory (the pool the backend installs; model::Scratch takes
 // it) go straight between the caller's buffer and the device, the others through the staging
 // buffer, in runs of adjacent staged inputs. Every mix gives the all-staged path's bits.
@@ -1020,6 +1046,53 @@ TEST_F(CudaOps, RoutedExpertsOnTheDeviceMatchTheCpu) {
   std::vector<float> x = Random(2 * 256, 1, 1.0f), y(2 * 256, 0.0f);
   (*be)->RoutedExperts(bad.work, x.data(), 2, 256, 10.0f, y.data());
   EXPECT_EQ((*be)->Health().code(), absl::StatusCode::kInvalidArgument) << (*be)->Health();
+}
+
+// The grouped MoE's one scatter-add (each token's rows summed in expert order) against one
+// ScatterAddRows launch per expert: the same fp32 additions, so the same bits; rows no expert took
+// keep theirs.
+TEST_F(CudaOps, OrderedScatterAddEqualsOneLaunchPerExpert) {
+  const int64_t n = 37, dim = 300;
+  std::mt19937 g(7);
+  std::vector<int32_t> rows, first;  // experts' rows end to end, each expert's distinct
+  for (int e = 0; e < 9; ++e) {
+    first.push_back(static_cast<int32_t>(rows.size()));
+    for (int32_t r = 0; r < n; ++r)
+      if (g() % 3 == 0 && r != 5) rows.push_back(r);  // row 5: no expert
+  }
+  first.push_back(static_cast<int32_t>(rows.size()));
+  const int64_t M = static_cast<int64_t>(rows.size());
+  const std::vector<float> out = Random(M * dim, 71, 3.0f), y0 = Random(n * dim, 72, 1.0f);
+  std::vector<int32_t> offsets, order;
+  cuda::OrderRowsByTarget(rows, n, &offsets, &order);
+  ASSERT_EQ(offsets.size(), static_cast<size_t>(n + 1));
+  ASSERT_EQ(offsets.back(), M);
+  for (int64_t r = 0; r < n; ++r)
+    for (int32_t j = offsets[r]; j < offsets[r + 1]; ++j) {
+      EXPECT_EQ(rows[order[j]], r);
+      if (j > offsets[r]) EXPECT_LT(order[j - 1], order[j]);  // increasing: expert order
+    }
+  auto* d_out = static_cast<float*>(Upload(out.data(), out.size() * 4));
+  auto* d_rows = static_cast<int32_t*>(Upload(rows.data(), rows.size() * 4));
+  auto* d_off = static_cast<int32_t*>(Upload(offsets.data(), offsets.size() * 4));
+  auto* d_ord = static_cast<int32_t*>(Upload(order.data(), order.size() * 4));
+  auto* y_each = static_cast<float*>(Upload(y0.data(), y0.size() * 4));
+  auto* y_once = static_cast<float*>(Upload(y0.data(), y0.size() * 4));
+  for (size_t e = 0; e + 1 < first.size(); ++e)
+    ASSERT_EQ(cuda::ScatterAddRows(d_out + first[e] * dim, d_rows + first[e], first[e + 1] - first[e], dim, y_each, nullptr),
+              cudaSuccess);
+  ASSERT_EQ(cuda::ScatterAddOrdered(d_out, d_off, d_ord, n, dim, y_once, nullptr), cudaSuccess);
+  std::vector<float> a(n * dim), b(n * dim);
+  ASSERT_EQ(cudaMemcpy(a.data(), y_each, a.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(b.data(), y_once, b.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+  EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * 4), 0);
+  EXPECT_EQ(std::memcmp(b.data() + 5 * dim, y0.data() + 5 * dim, dim * 4), 0);
+  int64_t taken = 0;  // a row some expert took: changed
+  while (offsets[taken + 1] == offsets[taken]) ++taken;
+  EXPECT_NE(std::memcmp(b.data() + taken * dim, y0.data() + taken * dim, dim * 4), 0);
+  for (void* p : {static_cast<void*>(d_out), static_cast<void*>(d_rows), static_cast<void*>(d_off),
+                  static_cast<void*>(d_ord), static_cast<void*>(y_each), static_cast<void*>(y_once)})
+    cudaFree(p);
 }
 
 // The host gather that stages records (no GPU needed): every listed record lands at its entry in
