@@ -732,13 +732,25 @@ class CudaBackendImpl final : public Backend {
         k += run.count;
       }
     const int64_t runs = static_cast<int64_t>(first.size());
-    std::vector<float> q(rows.size() * heads * dim), w(rows.size() * heads);
+    // The rows' queries [rows][heads * dim] go up as they are (slices of one activation buffer: one
+    // transfer) when a row fills whole alignment units; else gathered here first.
+    const size_t q_bytes = static_cast<size_t>(heads * dim) * 4;
+    const bool q_in_place = q_bytes % kAlign == 0;
+    std::vector<float> q(q_in_place ? 0 : rows.size() * heads * dim), w(rows.size() * heads);
     for (size_t i = 0; i < rows.size(); ++i) {
-      std::copy_n(rows[i].q, heads * dim, q.begin() + i * heads * dim);
+      if (!q_in_place) std::copy_n(rows[i].q, heads * dim, q.begin() + i * heads * dim);
       std::copy_n(rows[i].w, heads, w.begin() + i * heads);
     }
     Frame f;
-    const size_t dq = f.In(q.data(), q.size() * 4), dw = f.In(w.data(), w.size() * 4),
+    size_t dq = 0;
+    if (q_in_place)
+      for (size_t i = 0; i < rows.size(); ++i) {
+        const size_t off = f.In(rows[i].q, q_bytes);
+        if (i == 0) dq = off;
+      }
+    else
+      dq = f.In(q.data(), q.size() * 4);
+    const size_t dw = f.In(w.data(), w.size() * 4),
                  dfirst = f.In(first.data(), runs * 4), dquery = f.In(query.data(), runs * 4),
                  dstart = f.In(start.data(), runs * 4), dcount = f.In(count.data(), runs * 4);
     const Uploads up = StageUploads(keys_, f);
@@ -815,8 +827,7 @@ class CudaBackendImpl final : public Backend {
       used_ += static_cast<int64_t>(want);
     }
     // Inputs and outputs in page-locked activation memory (kernels/activation_pool.h) go straight
-    // between the caller's buffer and the device; the rest through the staging buffer: copied
-    // there, then up in one transfer per run of adjacent staged arrays.
+    // between the caller's buffer and the device; the rest through the staging buffer.
     const ActivationPool* pinned = InstalledActivationPool();
     auto direct = [&](const void* p, size_t bytes) { return pinned && bytes > 0 && pinned->Contains(p, bytes); };
     char* h = static_cast<char*>(host_);
@@ -827,33 +838,51 @@ class CudaBackendImpl final : public Backend {
       if (!direct(c.host, c.bytes)) copies.push_back({h + c.off, c.host, c.bytes});
     CopyAll(copies);
     if (fill) fill(h + f.in_bytes());
-    size_t run = 0;       // start of the staged run being collected
-    bool staged = false;  // whether one is
-    auto send_run = [&](size_t end) {
-      const cudaError_t e = staged && end > run ? cudaMemcpyAsync(dev + run, h + run, end - run, cudaMemcpyHostToDevice, stream_)
-                                                : cudaSuccess;
-      staged = false;
-      return e;
+    // One transfer per run of arrays adjacent on both sides (a batch's attention rows are slices
+    // of one activation buffer: 64 rows' queries are one copy, not 64 at ~2.7 µs each). A staged
+    // input's transfer takes its alignment padding along, so adjacent staged inputs merge too. A run
+    // stays inside one host allocation: two pool blocks can lie end to end, and a copy across
+    // both fails (invalid argument).
+    struct Transfer {
+      char* dst;
+      const char* src;
+      size_t bytes;
+      bool pinned;  // the host side is a pool block (else the staging buffer)
     };
-    for (const Frame::Copy& c : f.ins()) {
+    auto add = [&](std::vector<Transfer>& v, void* dst, const void* src, size_t bytes, bool is_pinned, bool up) {
+      char* d = static_cast<char*>(dst);
+      const char* s = static_cast<const char*>(src);
+      if (bytes == 0) return;
+      if (!v.empty()) {
+        Transfer& t = v.back();
+        const bool adjacent = t.dst + t.bytes == d && t.src + t.bytes == s && t.pinned == is_pinned;
+        if (adjacent && (!is_pinned || pinned->Contains(up ? t.src : t.dst, t.bytes + bytes))) {
+          t.bytes += bytes;
+          return;
+        }
+      }
+      v.push_back({d, s, bytes, is_pinned});
+    };
+    std::vector<Transfer> ups, downs;
+    for (size_t i = 0; i < f.ins().size(); ++i) {
+      const Frame::Copy& c = f.ins()[i];
       if (direct(c.host, c.bytes)) {
-        FM_CUDA_TRY(send_run(c.off), "copy to device");
-        FM_CUDA_TRY(cudaMemcpyAsync(dev + c.off, c.host, c.bytes, cudaMemcpyHostToDevice, stream_), "copy to device");
-      } else if (!staged) {
-        run = c.off;
-        staged = true;
+        add(ups, dev + c.off, c.host, c.bytes, true, true);
+      } else {
+        const size_t end = i + 1 < f.ins().size() ? f.ins()[i + 1].off : f.in_bytes();
+        add(ups, dev + c.off, h + c.off, end - c.off, false, true);
       }
     }
-    if (fill_bytes && !staged) {
-      run = f.in_bytes();
-      staged = true;
-    }
-    FM_CUDA_TRY(send_run(f.in_bytes() + fill_bytes), "copy to device");
+    add(ups, dev + f.in_bytes(), h + f.in_bytes(), fill_bytes, false, true);
+    for (const Transfer& t : ups)
+      FM_CUDA_TRY(cudaMemcpyAsync(t.dst, t.src, t.bytes, cudaMemcpyHostToDevice, stream_), "copy to device");
     FM_CUDA_TRY(launch(Dev{dev, &f}), "kernel launch");
-    for (const Frame::Back& b : f.outs())
-      FM_CUDA_TRY(cudaMemcpyAsync(direct(b.host, b.bytes) ? b.host : h + f.Resolve(b.off), dev + f.Resolve(b.off), b.bytes,
-                                  cudaMemcpyDeviceToHost, stream_),
-                  "copy to host");
+    for (const Frame::Back& b : f.outs()) {
+      const bool straight = direct(b.host, b.bytes);
+      add(downs, straight ? b.host : h + f.Resolve(b.off), dev + f.Resolve(b.off), b.bytes, straight, false);
+    }
+    for (const Transfer& t : downs)
+      FM_CUDA_TRY(cudaMemcpyAsync(t.dst, t.src, t.bytes, cudaMemcpyDeviceToHost, stream_), "copy to host");
     FM_CUDA_TRY(cudaStreamSynchronize(stream_), "stream synchronize");
     copies.clear();
     for (const Frame::Back& b : f.outs())

@@ -350,6 +350,19 @@ TEST_F(CudaOps, RowsAttendedTogetherEqualOneCallPerRow) {
         for (int64_t i = 0; i < b; ++i) rows[i] = {q[i].data(), slots[i], got[i].data()};
         be->SparseAttentionRows(rows, heads, 512, 64, sink.data(), scale);
         ASSERT_TRUE(be->Health().ok()) << be->Health();
+        // The rows' queries and outputs as slices of two activation buffers (page-locked: copied
+        // straight, the adjacent slices in one transfer each way): the same bits.
+        model::Scratch qs(b * heads * 512), os(b * heads * 512, NAN);
+        for (int64_t i = 0; i < b; ++i) {
+          std::copy(q[i].begin(), q[i].end(), qs.begin() + i * heads * 512);
+          rows[i].q = qs.data() + i * heads * 512;
+          rows[i].out = os.data() + i * heads * 512;
+        }
+        be->SparseAttentionRows(rows, heads, 512, 64, sink.data(), scale);
+        ASSERT_TRUE(be->Health().ok()) << be->Health();
+        for (int64_t i = 0; i < b; ++i)
+          EXPECT_EQ(std::memcmp(os.data() + i * heads * 512, got[i].data(), heads * 512 * 4), 0)
+              << be->name() << " b " << b << " row " << i << " from activation buffers";
         for (int64_t i = 0; i < b; ++i) {
           be->SparseAttentionRecords(q[i].data(), heads, 512, 64, slots[i], sink.data(), scale, alone[i].data());
           std::vector<float> host = Poisoned(heads * 512);

@@ -16,6 +16,7 @@
 #include "kernels/numerics.h"
 #include "kernels/ops.h"
 #include "tests/cuda/cuda_test_util.h"
+#include "worker/model/scratch.h"
 
 namespace flashmem::kernels {
 namespace {
@@ -211,6 +212,20 @@ TEST_F(CudaOps, IndexScoresOfSeveralRowsEqualOneCallPerRow) {
     }
     gpu_->IndexScoresBatch(rows, heads, dim);
     ASSERT_TRUE(gpu_->Health().ok()) << gpu_->Health();
+    // The queries as slices of one activation buffer (page-locked: one transfer): the same bits.
+    model::Scratch qs(lengths.size() * heads * dim);
+    std::vector<std::vector<float>> from_slices(lengths.size());
+    std::vector<kernels::IndexScoreRow> slice_rows = rows;
+    for (size_t r = 0; r < lengths.size(); ++r) {
+      std::copy(q[r].begin(), q[r].end(), qs.begin() + r * heads * dim);
+      from_slices[r] = Poisoned(got[r].size());
+      slice_rows[r].q = qs.data() + r * heads * dim;
+      slice_rows[r].scores = from_slices[r].data();
+    }
+    gpu_->IndexScoresBatch(slice_rows, heads, dim);
+    ASSERT_TRUE(gpu_->Health().ok()) << gpu_->Health();
+    for (size_t r = 0; r < lengths.size(); ++r)
+      EXPECT_EQ(std::memcmp(from_slices[r].data(), got[r].data(), got[r].size() * 4), 0) << "row " << r << " from slices";
     for (size_t r = 0; r < lengths.size(); ++r) {
       const kernels::IndexScoreRow one{q[r].data(), w[r].data(), runs[r], alone[r].data()};
       gpu_->IndexScoresBatch(std::span<const kernels::IndexScoreRow>(&one, 1), heads, dim);

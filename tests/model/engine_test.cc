@@ -452,10 +452,10 @@ TEST(Expert, SwigluClampAtLimit) {
   w.w1.values[0] = 16.0f;
   w.w3.values[0] = -32.0f;
   w.w2.values[0] = 1.0f;  // out[0] = h[0]
-  std::vector<float> x(128, 0.0f), out(128);
+  std::vector<float> x(128, 0.0f), out(128, 0.0f);
   x[0] = 1.0f;
   model::Expert e(a, w, TestBackend());
-  e.Forward(x.data(), 1, nullptr, out.data());
+  e.AddTo(x.data(), 1, out.data());  // onto zeros: the MLP's output
   // out[0] = w2 · h with h = bf16(silu(g) * u) re-quantized to FP8 per 128 (one nonzero: exact).
   auto expected = [](float g, float u) {
     const float h = num::RoundBf16(g / (1.0f + std::exp(-g)) * u);
@@ -465,8 +465,10 @@ TEST(Expert, SwigluClampAtLimit) {
   EXPECT_EQ(out[0], expected(10.0f, -10.0f));  // -96: both clamps fired
   a.swiglu_limit = 0.0f;  // no clamp
   model::Expert e2(a, w, TestBackend());
-  e2.Forward(x.data(), 1, nullptr, out.data());
-  EXPECT_EQ(out[0], expected(16.0f, -32.0f));
+  out.assign(128, 0.5f);
+  e2.AddTo(x.data(), 1, out.data());  // added to what is there
+  EXPECT_EQ(out[0], 0.5f + expected(16.0f, -32.0f));
+  EXPECT_EQ(out[1], 0.5f);
   EXPECT_LT(out[0], -400.0f);
 }
 

@@ -63,18 +63,16 @@ void Gate::Route(const float* x, std::span<const int32_t> tokens, std::vector<in
   }
 }
 
-void Expert::Forward(const float* x, int64_t n, const float* weights, float* out) const {
+void Expert::AddTo(const float* x, int64_t n, float* y) const {
   // One backend op for the whole MLP (a device keeps gate, up and the SwiGLU on the device): the
-  // expert over every row, added to zeros — 0 + bf16(w2·h) is the MLP's output exactly.
+  // expert over every row, its bf16 output added into y.
   kernels::ExpertWork all;
   all.w1 = &w_.w1;
   all.w3 = &w_.w3;
   all.w2 = &w_.w2;
   all.rows.resize(n);
   std::iota(all.rows.begin(), all.rows.end(), 0);
-  if (weights) all.weights.assign(weights, weights + n);
-  std::fill_n(out, n * args_.dim, 0.0f);
-  be_.RoutedExperts(std::span<const kernels::ExpertWork>(&all, 1), x, n, args_.dim, args_.swiglu_limit, out);
+  be_.RoutedExperts(std::span<const kernels::ExpertWork>(&all, 1), x, n, args_.dim, args_.swiglu_limit, y);
 }
 
 MoE::MoE(const ModelArgs& args, const MoEWeights& w, int64_t layer, const kernels::Backend& be,
@@ -117,13 +115,12 @@ void MoE::Forward(const float* x, std::span<const int32_t> tokens,
   }
   Scratch y(n * d, 0.0f);  // fp32 accumulator of the routed sum
   be_.RoutedExperts(work, x, n, d, args_.swiglu_limit, y.data());
-  Scratch ys;
   // Tensor parallel: each rank summed its own experts; the routed sum is all-reduced (fp32) before
-  // the shared expert, which every rank holds, is added.
+  // the shared expert, which every rank holds, is added: y + bf16(shared), one fp32 addition, as
+  // the reference's routed + shared.
   if (comm_ && comm_->size() > 1) comm_->AllReduceSum(y.data(), n * d);
-  ys.resize(n * d);
-  shared_.Forward(x, n, nullptr, ys.data());
-  for (int64_t i = 0; i < n * d; ++i) out[i] = num::RoundBf16(y[i] + ys[i]);
+  shared_.AddTo(x, n, y.data());
+  for (int64_t i = 0; i < n * d; ++i) out[i] = num::RoundBf16(y[i]);
 }
 
 }  // namespace flashmem::model

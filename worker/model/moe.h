@@ -35,9 +35,9 @@ class Expert {
  public:
   Expert(const ModelArgs& args, const ExpertWeights& w, const kernels::Backend& be)
       : args_(args), w_(w), be_(be) {}
-  // out[n, dim] (bf16 values) = w2(bf16(silu(min(w1 x, L)) * clamp(w3 x, ±L) * weight)).
-  // `weights` may be null (shared expert). One Backend::RoutedExperts call.
-  void Forward(const float* x, int64_t n, const float* weights, float* out) const;
+  // y[n, dim] += w2(bf16(silu(min(w1 x, L)) * clamp(w3 x, ±L))), the MLP's bf16 output added in
+  // fp32 (the shared expert: weight 1). One Backend::RoutedExperts call.
+  void AddTo(const float* x, int64_t n, float* y) const;
   // Moves this module's weights to where the backend computes (Backend::Prepare).
   absl::Status Prepare() const;
 
