@@ -151,6 +151,24 @@ TEST_F(Engine, GreedyPicksEqualTheArgmaxOfTheLogits) {
   ASSERT_TRUE((*tf)->Forward(std::span<BatchItem>(&alone, 1)).ok());
   EXPECT_EQ(pick_b, kernels::ArgmaxIndex(otwin));
   EXPECT_EQ(sb->position, twin->position);
+  // A step of greedy picks only (the head reads every row in place): each the argmax of the
+  // logits a third session with the same history gets.
+  auto third = (*tf)->NewSession();
+  std::vector<float> othird;
+  BatchItem third_prompt{third.get(), b, &othird, nullptr};
+  ASSERT_TRUE((*tf)->Forward(std::span<BatchItem>(&third_prompt, 1)).ok());
+  BatchItem third_step{third.get(), std::span<const int32_t>(&nb, 1), &othird, nullptr};
+  ASSERT_TRUE((*tf)->Forward(std::span<BatchItem>(&third_step, 1)).ok());
+  const int32_t t2 = 9, t3 = 11;  // the twin takes another token: rows told apart
+  int32_t next_twin = -1, next_b = -1;
+  std::vector<BatchItem> picks_only = {{twin.get(), std::span<const int32_t>(&t3, 1), nullptr, nullptr, &next_twin},
+                                       {sb.get(), std::span<const int32_t>(&t2, 1), nullptr, nullptr, &next_b}};
+  ASSERT_TRUE((*tf)->Forward(picks_only).ok());
+  BatchItem third_next{third.get(), std::span<const int32_t>(&t2, 1), &othird, nullptr};
+  ASSERT_TRUE((*tf)->Forward(std::span<BatchItem>(&third_next, 1)).ok());
+  EXPECT_EQ(next_b, kernels::ArgmaxIndex(othird));
+  EXPECT_GE(next_twin, 0);
+  EXPECT_LT(next_twin, V);
   // The shared rule: first of equal maxima, NaN skipped.
   const float nan = std::numeric_limits<float>::quiet_NaN();
   EXPECT_EQ(kernels::ArgmaxIndex(std::vector<float>{nan, 1.0f, 3.0f, 3.0f}), 2);
