@@ -7,8 +7,24 @@
 
 namespace flashmem::kernels {
 
-ActivationPool::ActivationPool(Source source, ActivationPoolOptions options)
-    : source_(std::move(source)), options_(options) {}
+ActivationPool::ActivationPool(Source source, Release release, ActivationPoolOptions options)
+    : source_(std::move(source)), release_(std::move(release)), options_(options) {}
+
+bool ActivationPool::MakeRoom(size_t bytes) {
+  while (held_ + bytes > options_.capacity_bytes) {
+    // The largest size with a cached block.
+    auto largest = free_.end();
+    for (auto it = free_.begin(); it != free_.end(); ++it)
+      if (!it->second.empty() && (largest == free_.end() || it->first > largest->first)) largest = it;
+    if (largest == free_.end()) return false;  // every block is in use
+    void* p = largest->second.back();
+    largest->second.pop_back();
+    blocks_.erase(reinterpret_cast<uintptr_t>(p));
+    held_ -= largest->first;
+    release_(p, largest->first);
+  }
+  return true;
+}
 
 void* ActivationPool::Allocate(size_t bytes) {
   if (bytes < options_.min_bytes || bytes > options_.max_bytes || bytes == 0) return nullptr;
@@ -19,7 +35,7 @@ void* ActivationPool::Allocate(size_t bytes) {
     p = it->second.back();
     it->second.pop_back();
   } else {
-    if (held_ + size > options_.capacity_bytes) return nullptr;
+    if (!MakeRoom(size)) return nullptr;
     p = source_(size);
     if (!p) return nullptr;
     blocks_[reinterpret_cast<uintptr_t>(p)] = Block{size, false};

@@ -3,9 +3,9 @@
 // from the caller's buffer: no copy through the backend's pinned staging buffer on the host, which
 // was a third of a batch-64 Linear's time on the H200 (docs/benchmarks.md, "Model level").
 //
-// The pool never gives memory back to its source (page-locking is slow: cudaMallocHost takes
-// ~0.5 s a GiB), and once installed it stays for the process's life: buffers it gave out can
-// outlive the backend that installed it.
+// The pool keeps freed blocks for reuse (page-locking is slow: cudaMallocHost takes ~0.5 s a GiB)
+// and gives cached ones back only to make room under its capacity. Once installed it stays for the
+// process's life: buffers it gave out can outlive the backend that installed it.
 #pragma once
 
 #include <cstddef>
@@ -32,21 +32,27 @@ struct ActivationPoolOptions {
 };
 
 // A caching allocator of blocks taken from `source` in power-of-two sizes; a freed block is kept
-// for the next allocation of its size. Thread-safe.
+// for the next allocation of its size. When a new block would pass the capacity, cached blocks of
+// other sizes go back to the source first (largest first): a long prompt's big blocks do not
+// keep the decode steps' sizes out. Thread-safe.
 class ActivationPool {
  public:
   // Returns `bytes` of memory, or nullptr when it has none.
   using Source = std::function<void*(size_t bytes)>;
-  ActivationPool(Source source, ActivationPoolOptions options = {});
+  // Gives a block back to the source (its address and size).
+  using Release = std::function<void(void* p, size_t bytes)>;
+  ActivationPool(Source source, Release release, ActivationPoolOptions options = {});
   ActivationPool(const ActivationPool&) = delete;
   ActivationPool& operator=(const ActivationPool&) = delete;
 
   // A block of at least `bytes`, or nullptr when the pool declines: the size is outside
-  // [min_bytes, max_bytes], the capacity would be exceeded, or the source failed.
+  // [min_bytes, max_bytes], the blocks in use leave no room under the capacity, or the source
+  // failed.
   void* Allocate(size_t bytes);
   // Takes back a block Allocate returned; false (and nothing done) when p is not one.
   bool Free(void* p);
-  // Whether [p, p + bytes) lies inside one of the pool's blocks (in use or cached).
+  // Whether [p, p + bytes) lies inside one of the pool's blocks (in use or cached; a block given
+  // back to the source is no longer one).
   bool Contains(const void* p, size_t bytes) const;
 
   size_t held_bytes() const;    // taken from the source
@@ -58,7 +64,11 @@ class ActivationPool {
     size_t bytes = 0;
     bool in_use = false;
   };
+  // Gives cached blocks back until `bytes` more fit under the capacity; false when they cannot.
+  bool MakeRoom(size_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
   const Source source_;
+  const Release release_;
   const ActivationPoolOptions options_;
   mutable absl::Mutex mu_;
   absl::btree_map<uintptr_t, Block> blocks_ ABSL_GUARDED_BY(mu_);          // by start address

@@ -1476,7 +1476,7 @@ void InstallPinnedActivations(int64_t bytes) {
         void* p = nullptr;
         return cudaHostAlloc(&p, n, cudaHostAllocPortable) == cudaSuccess ? p : nullptr;
       },
-      o);
+      [](void* p, size_t) { (void)cudaFreeHost(p); }, o);
   if (!InstallActivationPool(pool)) delete pool;  // another thread installed one first
 }
 

@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdint>
+#include <algorithm>
 #include <cstdlib>
 #include <vector>
 
@@ -14,10 +15,10 @@
 namespace flashmem::kernels {
 namespace {
 
-// A source that counts what it gives out (and never takes it back, like the real one).
+// A source that counts what it gives out and takes back.
 struct CountingSource {
-  std::vector<void*> given;
-  size_t bytes = 0;
+  std::vector<void*> given;  // not taken back yet
+  size_t bytes = 0, released = 0;
   bool fail = false;
   ActivationPool::Source fn() {
     return [this](size_t n) -> void* {
@@ -26,6 +27,14 @@ struct CountingSource {
       given.push_back(p);
       bytes += n;
       return p;
+    };
+  }
+  ActivationPool::Release release() {
+    return [this](void* p, size_t n) {
+      given.erase(std::find(given.begin(), given.end(), p));
+      std::free(p);
+      bytes -= n;
+      ++released;
     };
   }
   ~CountingSource() {
@@ -43,7 +52,7 @@ ActivationPoolOptions Small() {
 
 TEST(ActivationPool, ReusesAFreedBlockOfTheSameSize) {
   CountingSource src;
-  ActivationPool pool(src.fn(), Small());
+  ActivationPool pool(src.fn(), src.release(), Small());
   void* a = pool.Allocate(5000);  // an 8 KiB block
   ASSERT_NE(a, nullptr);
   EXPECT_EQ(pool.held_bytes(), 8192u);
@@ -64,7 +73,7 @@ TEST(ActivationPool, ReusesAFreedBlockOfTheSameSize) {
 
 TEST(ActivationPool, DeclinesSizesOutsideItsRangeAndPastItsCapacity) {
   CountingSource src;
-  ActivationPool pool(src.fn(), Small());
+  ActivationPool pool(src.fn(), src.release(), Small());
   EXPECT_EQ(pool.Allocate(0), nullptr);
   EXPECT_EQ(pool.Allocate(4095), nullptr);        // below min_bytes
   EXPECT_EQ(pool.Allocate((512 << 10) + 1), nullptr);  // above max_bytes
@@ -82,9 +91,46 @@ TEST(ActivationPool, DeclinesSizesOutsideItsRangeAndPastItsCapacity) {
   EXPECT_TRUE(pool.Free(held[1]));
 }
 
+// Past the capacity, cached blocks of other sizes go back to the source (largest first) to make
+// room for a size the cache lacks; blocks in use never do.
+TEST(ActivationPool, GivesBackCachedBlocksToMakeRoomForOtherSizes) {
+  CountingSource src;
+  ActivationPool pool(src.fn(), src.release(), Small());  // 1 MiB
+  void* big = pool.Allocate(512 << 10);
+  void* mid = pool.Allocate(256 << 10);
+  void* small = pool.Allocate(128 << 10);
+  ASSERT_TRUE(big && mid && small);
+  EXPECT_EQ(pool.held_bytes(), size_t{896} << 10);
+  EXPECT_TRUE(pool.Free(big));
+  EXPECT_TRUE(pool.Free(mid));
+  // 256 KB more would pass 1 MiB: the cached 512 KB block goes (the largest), the cached 256 KB
+  // one serves the request without a new block.
+  void* again = pool.Allocate(200 << 10);
+  EXPECT_EQ(again, mid);
+  EXPECT_EQ(src.released, 0u);  // a cached block of the size: nothing to give back
+  void* other = pool.Allocate(64 << 10);  // 896 + 64 <= 1024: a new block, no room needed
+  ASSERT_NE(other, nullptr);
+  EXPECT_EQ(src.released, 0u);
+  void* more = pool.Allocate(100 << 10);  // a 128 KB block: 960 + 128 > 1024, so the cached 512 KB goes
+  ASSERT_NE(more, nullptr);
+  EXPECT_EQ(src.released, 1u);
+  EXPECT_FALSE(pool.Contains(big, 16));  // no longer the pool's
+  EXPECT_EQ(pool.held_bytes(), size_t{576} << 10);
+  // Every block in use: no room, nothing given back.
+  void* huge = pool.Allocate(512 << 10);  // 576 + 512 > 1024 and no cached block
+  EXPECT_EQ(huge, nullptr);
+  EXPECT_EQ(src.released, 1u);
+  for (void* p : {again, small, other, more}) EXPECT_TRUE(pool.Free(p));
+  EXPECT_EQ(pool.in_use_bytes(), 0u);
+  void* fits = pool.Allocate(512 << 10);  // now the cached 256 and 128 go (largest first) as needed
+  ASSERT_NE(fits, nullptr);
+  EXPECT_LE(pool.held_bytes(), size_t{1} << 20);
+  EXPECT_TRUE(pool.Free(fits));
+}
+
 TEST(ActivationPool, FreeTakesOnlyItsOwnBlocksOnce) {
   CountingSource src;
-  ActivationPool pool(src.fn(), Small());
+  ActivationPool pool(src.fn(), src.release(), Small());
   void* a = pool.Allocate(4096);
   ASSERT_NE(a, nullptr);
   int on_stack = 0;
@@ -98,7 +144,7 @@ TEST(ActivationPool, FreeTakesOnlyItsOwnBlocksOnce) {
 
 TEST(ActivationPool, ContainsOnlyRangesInsideOneBlock) {
   CountingSource src;
-  ActivationPool pool(src.fn(), Small());
+  ActivationPool pool(src.fn(), src.release(), Small());
   char* a = static_cast<char*>(pool.Allocate(4096));
   ASSERT_NE(a, nullptr);
   EXPECT_TRUE(pool.Contains(a, 4096));
@@ -116,10 +162,10 @@ TEST(ActivationPool, ScratchTakesTheInstalledPoolsMemory) {
   // Allocated before the installation: the heap, freed there afterwards.
   model::Scratch before(1 << 16);
   static CountingSource src;  // the installed pool lives until the process ends
-  static ActivationPool* pool = new ActivationPool(src.fn(), Small());
+  static ActivationPool* pool = new ActivationPool(src.fn(), src.release(), Small());
   ASSERT_TRUE(InstallActivationPool(pool));
   CountingSource other;
-  ActivationPool second(other.fn(), Small());
+  ActivationPool second(other.fn(), other.release(), Small());
   EXPECT_FALSE(InstallActivationPool(&second));  // the first installation stays
   EXPECT_EQ(InstalledActivationPool(), pool);
   EXPECT_FALSE(pool->Contains(before.data(), before.size() * 4));
