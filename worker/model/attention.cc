@@ -358,9 +358,44 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
   std::vector<std::vector<kernels::KvSlot>> slots;  // their slot lists, likewise
   std::vector<kernels::AttentionRow> attention_rows;
   std::vector<kernels::RowOp> inverse_rope;         // each pending row's
+  // The pending rows' compressor steps (the row into its session's block, and the block's pooling
+  // when the row completes it), run at the start of their batch: a batch's rows are distinct
+  // sessions, so the steps are independent, and they run over the host's cores when several
+  // blocks complete (a CSA block's softmax pooling is ~4K exps, every fourth step for every row).
+  struct PoolStep {
+    const Compressor* comp;
+    CompressorState* st;
+    const float* kv_row;
+    const float* score_row;
+    int64_t pos;
+    kv::EntryPages* to;
+    Completed* done;
+    size_t at = 0;  // the pooled row in `done`, for a step that completes a block
+  };
+  std::vector<PoolStep> pool_steps;
+  auto run_pool_steps = [&] {
+    int64_t completing = 0;
+    for (PoolStep& p : pool_steps) {  // the completed blocks' rows in row order, as one by one
+      if (!p.comp->Completes(p.pos)) continue;
+      ++completing;
+      p.at = p.done->pooled.size();
+      p.done->pooled.resize(p.at + p.comp->head_dim());
+      p.done->starts.push_back(p.pos + 1 - p.comp->ratio());  // the block's first position
+      p.done->to.push_back(p.to);
+    }
+    const int64_t steps = static_cast<int64_t>(pool_steps.size());
+#pragma omp parallel for schedule(dynamic) if (completing >= 4)
+    for (int64_t k = 0; k < steps; ++k) {
+      const PoolStep& p = pool_steps[k];
+      p.comp->Pool(*p.st, p.kv_row, p.score_row, p.pos,
+                   p.comp->Completes(p.pos) ? p.done->pooled.data() + p.at : nullptr);
+    }
+    pool_steps.clear();
+  };
   auto run_batch = [&] {
     const size_t m = batch.size();
     if (m == 0) return;
+    run_pool_steps();
     if (compressor_) completed.Flush(*compressor_);
     if (indexer_) index_completed.Flush(indexer_->compressor());
     if (scores.size() < m) scores.resize(m);
@@ -398,22 +433,12 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
     if (std::any_of(batch.begin(), batch.end(), [&](int64_t j) { return rows[j].state == row.state; })) run_batch();
     LayerState& ls = row.state->layers[layer_];
     ls.window.Overwrite(row.pos % W, kv.data() + i * D);
-    auto pool = [&](const Compressor& comp, CompressorState& st, const float* kv_row, const float* score_row,
-                    kv::EntryPages* to, Completed* done) {
-      const size_t at = done->pooled.size();
-      done->pooled.resize(at + comp.head_dim());
-      if (!comp.Pool(st, kv_row, score_row, row.pos, done->pooled.data() + at)) {
-        done->pooled.resize(at);
-        return;
-      }
-      done->starts.push_back(row.pos + 1 - comp.ratio());  // the block's first position
-      done->to.push_back(to);
-    };
     if (compressor_)
-      pool(*compressor_, ls.compressor, ckv.data() + i * cw, cscore.data() + i * cw, &ls.compressed, &completed);
+      pool_steps.push_back({&*compressor_, &ls.compressor, ckv.data() + i * cw, cscore.data() + i * cw, row.pos,
+                            &ls.compressed, &completed});
     if (indexer_)
-      pool(indexer_->compressor(), ls.index_compressor, ikv.data() + i * iw_, iscore.data() + i * iw_, &ls.index_keys,
-           &index_completed);
+      pool_steps.push_back({&indexer_->compressor(), &ls.index_compressor, ikv.data() + i * iw_,
+                            iscore.data() + i * iw_, row.pos, &ls.index_keys, &index_completed});
     batch.push_back(i);
   }
   run_batch();

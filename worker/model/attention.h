@@ -42,6 +42,8 @@ class Compressor {
   // Feeds one token at `pos`; when its block completes, writes the block's pooled row (head_dim
   // bf16 values, before the norm) to `pooled` and returns true.
   bool Pool(CompressorState& st, const float* kv, const float* score, int64_t pos, float* pooled) const;
+  // Whether the row at `pos` completes a block (Pool then writes `pooled`; otherwise it may be null).
+  bool Completes(int64_t pos) const { return (pos + 1) % ratio_ == 0; }
   // Finishes m pooled rows [m, head_dim] into entries `out` (bf16 values: normed, roped at each
   // block's first position, FP8- or Hadamard+FP4-rounded), one backend call per op for all rows.
   // `block_starts[i]`: the first position of row i's block.
