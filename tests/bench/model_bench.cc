@@ -16,6 +16,9 @@
 //   model_bench --model DIR [--device cuda:0 --cuda-kernels fast] --batch 1,8,64
 //               --context 8192,65536,262144 [--policy dense,lsa] [--steps 4] [--profile] [--json OUT]
 //
+// --device null runs the steps on a backend that computes nothing (tests/bench/null_backend.h): the
+// step time is then the host's own work around the ops, which a device backend's step hides.
+//
 // Tensor parallel (issue 8): one process per rank with --tp-size N --tp-rank R --tp-leader
 // HOST:PORT (--device cuda puts rank R on cuda:R); every rank builds the same synthetic states
 // and rank 0 prints. "comm" is the share of the step spent in the group's collectives.
@@ -28,6 +31,7 @@
 
 #include "CLI/CLI.hpp"
 #include "tests/bench/bench_util.h"
+#include "tests/bench/null_backend.h"
 #include "absl/strings/str_format.h"
 #include "kernels/device.h"
 #include "kernels/ops.h"
@@ -104,7 +108,7 @@ int main(int argc, char** argv) {
   bool profile = false;
   app.add_option("--model", model_dir)->required();
   app.add_option("--indexer", indexer_dir, "memory indexer (default: indexer init from the model)");
-  app.add_option("--device", device, "cpu or cuda:N");
+  app.add_option("--device", device, "cpu, cuda:N, or null (no computation: the host's own work)");
   app.add_option("--cuda-kernels", cuda_kernels, "exact, fast or fast-fp8");
   app.add_option("--gpu-memory-bytes", gpu_memory_bytes);
   app.add_option("--gpu-kv-reserve-bytes", gpu_kv_reserve_bytes, "KV reserve (-1: a quarter of the budget; 0: none)");
@@ -135,12 +139,15 @@ int main(int argc, char** argv) {
   // The other ranks compute but print nothing, unless FLASHMEM_BENCH_ALL_RANKS is set (to compare ranks' profiles).
   if (!leader && std::getenv("FLASHMEM_BENCH_ALL_RANKS") == nullptr) std::freopen("/dev/null", "w", stdout);
 
-  auto handle = kernels::OpenBackend(device, gpu_memory_bytes, cuda_kernels, gpu_kv_reserve_bytes);
+  const bool null_device = device == "null";
+  if (null_device && group.size > 1) { std::fprintf(stderr, "--device null runs one rank\n"); return 2; }
+  auto handle = kernels::OpenBackend(null_device ? "cpu" : device, gpu_memory_bytes, cuda_kernels, gpu_kv_reserve_bytes);
   if (!handle.ok()) { std::fprintf(stderr, "%s\n", std::string(handle.status().message()).c_str()); return 2; }
-  auto comm = parallel::ConnectGroup(group, device);
+  auto comm = parallel::ConnectGroup(group, null_device ? "cpu" : device);
   if (!comm.ok()) { std::fprintf(stderr, "tensor parallel: %s\n", std::string(comm.status().message()).c_str()); return 2; }
   parallel::TimedCommunicator timed_comm(**comm);
-  kernels::ProfilingBackend prof(*handle->backend);
+  static const bench::NullBackend null_backend;
+  kernels::ProfilingBackend prof(null_device ? static_cast<const kernels::Backend&>(null_backend) : *handle->backend);
   const auto t_load = std::chrono::steady_clock::now();
   auto tf = model::Transformer::Load(model_dir, prof, model::ShardSpec{group.rank, group.size}, nullptr,
                                      group.size > 1 ? &timed_comm : nullptr);
