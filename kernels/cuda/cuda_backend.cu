@@ -358,6 +358,12 @@ class CudaBackendImpl final : public Backend {
     if (!ScoreFromReserve(rows, heads, dim)) Backend::IndexScoresBatch(rows, heads, dim);
   }
 
+  // Fast mode scores key runs on the tensor cores (kernels/cuda/index_scores_mma.cu) for the head
+  // counts and dims its kernel takes.
+  bool IndexScoresOnTensorCores(int64_t heads, int64_t dim) const {
+    return !exact_ && fast_index_ && cuda::IndexScoresMmaSupports(heads, dim);
+  }
+
   // Fast mode: scores and top-k in one round trip (ScoreFromReserve with a ListSelect) when every
   // list has k or more entries and the keys come from the reserve; otherwise the two ops.
   std::vector<std::vector<int32_t>> IndexTopKBatch(std::span<const IndexSelectRow> rows, int64_t heads, int64_t dim,
@@ -378,7 +384,7 @@ class CudaBackendImpl final : public Backend {
         return std::vector<std::vector<int32_t>>(b);
       }
     }
-    const bool fused = !exact_ && fast_index_ && cuda::IndexScoresMmaSupports(heads, dim) && b > 0 && k >= 1 &&
+    const bool fused = IndexScoresOnTensorCores(heads, dim) && b > 0 && k >= 1 &&
                        k <= cuda::kTopKMaxK && shortest >= k && b * length <= INT32_MAX;
     if (fused) {
       std::vector<IndexScoreRow> score_rows(b);
@@ -755,7 +761,7 @@ class CudaBackendImpl final : public Backend {
                  dstart = f.In(start.data(), runs * 4), dcount = f.In(count.data(), runs * 4);
     const Uploads up = StageUploads(keys_, f);
     // Fast mode: the tensor cores straight over the runs; exact: per-key arrays for the CPU-order kernel.
-    const bool mma = !exact_ && fast_index_ && cuda::IndexScoresMmaSupports(heads, dim);
+    const bool mma = IndexScoresOnTensorCores(heads, dim);
     const int64_t b = static_cast<int64_t>(rows.size()), outs = select ? b * select->length : n;
     const size_t dout = f.Scratch(outs * 4), dr = mma ? 0 : f.Scratch(n * 4), dqo = mma ? 0 : f.Scratch(n * 4);
     size_t dpicked = 0;
@@ -830,12 +836,15 @@ class CudaBackendImpl final : public Backend {
     // between the caller's buffer and the device; the rest through the staging buffer.
     const ActivationPool* pinned = InstalledActivationPool();
     auto direct = [&](const void* p, size_t bytes) { return pinned && bytes > 0 && pinned->Contains(p, bytes); };
+    std::vector<char> in_direct(f.ins().size()), out_direct(f.outs().size());  // looked up once each
+    for (size_t i = 0; i < f.ins().size(); ++i) in_direct[i] = direct(f.ins()[i].host, f.ins()[i].bytes);
+    for (size_t i = 0; i < f.outs().size(); ++i) out_direct[i] = direct(f.outs()[i].host, f.outs()[i].bytes);
     char* h = static_cast<char*>(host_);
     char* dev = static_cast<char*>(dev_);
     std::vector<HostCopy> copies;
     copies.reserve(std::max(f.ins().size(), f.outs().size()));
-    for (const Frame::Copy& c : f.ins())
-      if (!direct(c.host, c.bytes)) copies.push_back({h + c.off, c.host, c.bytes});
+    for (size_t i = 0; i < f.ins().size(); ++i)
+      if (!in_direct[i]) copies.push_back({h + f.ins()[i].off, f.ins()[i].host, f.ins()[i].bytes});
     CopyAll(copies);
     if (fill) fill(h + f.in_bytes());
     // One transfer per run of arrays adjacent on both sides (a batch's attention rows are slices
@@ -866,7 +875,7 @@ class CudaBackendImpl final : public Backend {
     std::vector<Transfer> ups, downs;
     for (size_t i = 0; i < f.ins().size(); ++i) {
       const Frame::Copy& c = f.ins()[i];
-      if (direct(c.host, c.bytes)) {
+      if (in_direct[i]) {
         add(ups, dev + c.off, c.host, c.bytes, true, true);
       } else {
         const size_t end = i + 1 < f.ins().size() ? f.ins()[i + 1].off : f.in_bytes();
@@ -877,16 +886,18 @@ class CudaBackendImpl final : public Backend {
     for (const Transfer& t : ups)
       FM_CUDA_TRY(cudaMemcpyAsync(t.dst, t.src, t.bytes, cudaMemcpyHostToDevice, stream_), "copy to device");
     FM_CUDA_TRY(launch(Dev{dev, &f}), "kernel launch");
-    for (const Frame::Back& b : f.outs()) {
-      const bool straight = direct(b.host, b.bytes);
-      add(downs, straight ? b.host : h + f.Resolve(b.off), dev + f.Resolve(b.off), b.bytes, straight, false);
+    for (size_t i = 0; i < f.outs().size(); ++i) {
+      const Frame::Back& b = f.outs()[i];
+      add(downs, out_direct[i] ? b.host : h + f.Resolve(b.off), dev + f.Resolve(b.off), b.bytes, out_direct[i], false);
     }
     for (const Transfer& t : downs)
       FM_CUDA_TRY(cudaMemcpyAsync(t.dst, t.src, t.bytes, cudaMemcpyDeviceToHost, stream_), "copy to host");
     FM_CUDA_TRY(cudaStreamSynchronize(stream_), "stream synchronize");
     copies.clear();
-    for (const Frame::Back& b : f.outs())
-      if (!direct(b.host, b.bytes)) copies.push_back({b.host, h + f.Resolve(b.off), b.bytes});
+    for (size_t i = 0; i < f.outs().size(); ++i) {
+      const Frame::Back& b = f.outs()[i];
+      if (!out_direct[i]) copies.push_back({b.host, h + f.Resolve(b.off), b.bytes});
+    }
     CopyAll(copies);
     return absl::OkStatus();
   }
@@ -1200,12 +1211,6 @@ class CudaBackendImpl final : public Backend {
     return {f.Scratch(ld * k * 4), f.Scratch(ld * (k / 128 + 1) * 4), f.Scratch(ld * k * 2), f.Scratch(ld * k)};
   }
 
-  // y = x · wᵀ on the device (x: n rows; y: room for ld ≥ n rows, n · rows written), enqueued on
-  // the stream; every Linear takes this path choice. Exact mode: the bit-exact kernel. Fast mode,
-  // quantized weights with k % 128 == 0: from 4 tokens an FP8 weight runs on the bf16 tensor cores
-  // on exactly dequantized operands (or, fast-fp8, cuBLASLt's FP8 tensor cores); otherwise the
-  // decode GEMV. Dense bf16 weights of 4M values and more: cuBLASLt bf16 (smaller ones are
-  // launch-bound and keep the exact kernel). A shape cuBLASLt refuses falls through to the next.
   // Fast mode runs a dense weight whose values are all bf16 on cuBLASLt's bf16 GEMM (x rounded to
   // bf16: the model's inputs to them, RMSNorm outputs and attention outputs, are bf16 already;
   // fp32 sums in another order): a big one (the head, wo_a's groups) always, a small one (the
@@ -1216,6 +1221,12 @@ class CudaBackendImpl final : public Backend {
            (w.rows * w.cols >= (int64_t{1} << 22) || n >= kTensorCoreMinRows);
   }
 
+  // y = x · wᵀ on the device (x: n rows; y: room for ld ≥ n rows, n · rows written), enqueued on
+  // the stream; every Linear takes this path choice. Exact mode: the bit-exact kernel. Fast mode,
+  // quantized weights with k % 128 == 0: from 4 tokens an FP8 weight runs on the bf16 tensor cores
+  // on exactly dequantized operands (or, fast-fp8, cuBLASLt's FP8 tensor cores); otherwise the
+  // decode GEMV. Dense bf16 weights: cuBLASLt bf16 where DenseOnTensorCores says so, else the exact
+  // kernel. A shape cuBLASLt refuses falls through to the next.
   cudaError_t EnqueueLinear(const DeviceWeight& w, const float* x, int64_t n, int64_t ld, float* y, Rounding out,
                             const LinearScratch::Ptrs& s) const {
     const int64_t k = w.cols, m = w.rows;

@@ -352,8 +352,20 @@ __device__ void HcWeights(const float* mixes, const float* base, const float* sc
   }
 }
 
-// One block per token: mixes (StagedMixes), then thread 0 runs the small Sinkhorn as the CPU
-// does, then y.
+// A token's comb out and y = bf16(sum_i pre[i] * x_i), after HcWeights (xt: the token's hc rows of
+// dim, staged or in global memory).
+__device__ void HcOutputs(const float* xt, const float* pre, const float* comb, int hc, int64_t dim, float* y,
+                          float* comb_out) {
+  if (threadIdx.x < hc * hc) comb_out[threadIdx.x] = comb[threadIdx.x];
+  for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
+    float acc = 0.0f;
+    for (int i = 0; i < hc; ++i) acc += pre[i] * xt[i * dim + d];
+    y[d] = RoundBf16(acc);
+  }
+}
+
+// One block per token: mixes (StagedMixes), then the first warp runs the small Sinkhorn as the
+// CPU does (HcWeights), then y.
 __global__ void __launch_bounds__(kHcThreads) HcPreKernel(const float* x, const float* fn, const float* base,
                                                           const float* scale, int hc, int64_t dim, int iters,
                                                           float norm_eps, float hc_eps, float* y, float* post_out,
@@ -368,12 +380,7 @@ __global__ void __launch_bounds__(kHcThreads) HcPreKernel(const float* x, const 
   __shared__ float comb[kMaxHc * kMaxHc];
   HcWeights(mixes, base, scale, hc, iters, hc_eps, pre, post_out + blockIdx.x * hc, comb);
   __syncthreads();
-  if (threadIdx.x < hc * hc) comb_out[blockIdx.x * hc * hc + threadIdx.x] = comb[threadIdx.x];
-  for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
-    float acc = 0.0f;
-    for (int i = 0; i < hc; ++i) acc += pre[i] * hc_smem[i * dim + d];  // the staged x
-    y[blockIdx.x * dim + d] = RoundBf16(acc);
-  }
+  HcOutputs(hc_smem, pre, comb, hc, dim, y + blockIdx.x * dim, comb_out + blockIdx.x * hc * hc);  // the staged x
 }
 
 // Fast mode's HcPre (hc = 4, V4's): the mixes' sums split over blocks (each a slice of k for one
@@ -428,13 +435,7 @@ __global__ void __launch_bounds__(kHcFastThreads) HcFinishKernel(const float* x,
   __syncthreads();
   HcWeights(mixes, base, scale, hc, iters, hc_eps, pre, post_out + t * hc, comb);
   __syncthreads();
-  if (threadIdx.x < hc * hc) comb_out[t * hc * hc + threadIdx.x] = comb[threadIdx.x];
-  const float* xt = x + t * k;
-  for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
-    float acc = 0.0f;
-    for (int i = 0; i < hc; ++i) acc += pre[i] * xt[i * dim + d];
-    y[t * dim + d] = RoundBf16(acc);
-  }
+  HcOutputs(x + t * k, pre, comb, hc, dim, y + t * dim, comb_out + t * hc * hc);
 }
 
 __global__ void HcPostKernel(const float* f, const float* residual, const float* post, const float* comb,
