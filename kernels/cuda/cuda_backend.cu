@@ -974,9 +974,12 @@ class CudaBackendImpl final : public Backend {
     const bool fp8 = !exact_ && w.format == WeightFormat::kFp8Block128;
     const std::vector<float> lt_scales = fp8 && fp8_tc_ ? BlockScalesForLt(w) : std::vector<float>();
     const std::vector<uint16_t> deq = fp8 && !fp8_tc_ ? DequantizeFp8ToBf16(w) : std::vector<uint16_t>();
-    const void* parts[4] = {enc.values.data(), w.scales.data(), lt_scales.data(), deq.data()};
-    const size_t sizes[4] = {enc.values.size(), w.scales.size() * 4, lt_scales.size() * 4, deq.size() * 2};
-    FM_ASSIGN_OR_RETURN(Resident * r, Upload(w.values.data(), fp, parts, sizes, w.scales.empty() ? 1 : (fp8 ? 4 : 2), "a weight"));
+    // FP4 in fast mode also keeps its scales as E8M0 bytes (+1/16 of the codes' bytes): what the
+    // decode GEMV reads.
+    const std::vector<uint8_t> exps = !exact_ ? cuda::ScaleExponents(w) : std::vector<uint8_t>();
+    const void* parts[5] = {enc.values.data(), w.scales.data(), lt_scales.data(), deq.data(), exps.data()};
+    const size_t sizes[5] = {enc.values.size(), w.scales.size() * 4, lt_scales.size() * 4, deq.size() * 2, exps.size()};
+    FM_ASSIGN_OR_RETURN(Resident * r, Upload(w.values.data(), fp, parts, sizes, w.scales.empty() ? 1 : 5, "a weight"));
     DeviceWeight& dw = r->weight;
     dw.format = w.format;
     dw.rows = w.rows;
@@ -988,6 +991,7 @@ class CudaBackendImpl final : public Backend {
     char* part3 = static_cast<char*>(r->mem) + AlignUp(sizes[0]) + AlignUp(sizes[1]);
     dw.lt_scales = lt_scales.empty() ? nullptr : reinterpret_cast<const float*>(part3);
     dw.dequant_bf16 = deq.empty() ? nullptr : part3 + AlignUp(sizes[2]);
+    dw.scale_exps = exps.empty() ? nullptr : reinterpret_cast<const uint8_t*>(part3 + AlignUp(sizes[2]) + AlignUp(sizes[3]));
     return &dw;
   }
 
@@ -1373,6 +1377,16 @@ class CudaBackendImpl final : public Backend {
       max_m = std::max(max_m, p.m);
     }
     const int64_t M = static_cast<int64_t>(rows.size()), E = static_cast<int64_t>(plans.size());
+    const bool fp8 = format == WeightFormat::kFp8Block128;
+    // FP4 on the tensor cores reads each launch's scale bytes when every one of its weights has
+    // them, and its tokens as f16 in the MMA's order (QuantizeActivationsMmaF16).
+    bool up_bytes = !fp8, down_bytes = !fp8;
+    for (const ExpertPlan& p : plans) {
+      up_bytes = up_bytes && p.w1->scale_exps && p.w3->scale_exps;
+      down_bytes = down_bytes && p.w2->scale_exps;
+    }
+    const cuda::GemvInputs up_in{up_bytes, !fp8 && cuda::GroupedFp4OnTensorCores(max_m, dim, up_bytes)};
+    const cuda::GemvInputs down_in{down_bytes, !fp8 && cuda::GroupedFp4OnTensorCores(max_m, inter, down_bytes)};
     Frame f;
     std::vector<int32_t> offsets, order;  // each token's rows in expert order: one scatter-add launch
     cuda::OrderRowsByTarget(rows, n, &offsets, &order);
@@ -1392,26 +1406,34 @@ class CudaBackendImpl final : public Backend {
       for (int64_t i = 0; i < E; ++i) {
         const ExpertPlan& p = plans[i];
         const int64_t r0 = first[i];
-        auto group = [&](const DeviceWeight* w, const float* xq, const float* xsc, int64_t k, float* yo) {
+        // Token rows from r0 on: fp32 grid values, or f16 ones in the same scratch (GemvInputs).
+        auto group = [&](const DeviceWeight* w, size_t q, size_t qsc, int64_t k, float* yo) {
           return cuda::GemvGroup{static_cast<const uint8_t*>(w->values), w->scales, w->scale_cols, w->rows, k,
-                                 xq, xsc, p.m, yo};
+                                 at(q) + r0 * k, at(qsc) + r0 * (k / 128), p.m, yo, w->scale_exps,
+                                 reinterpret_cast<const uint16_t*>(at(q)) + r0 * k};
         };
-        t[i] = group(p.w1, at(qx) + r0 * dim, at(qs) + r0 * (dim / 128), dim, at(g) + r0 * inter);
-        t[E + i] = group(p.w3, at(qx) + r0 * dim, at(qs) + r0 * (dim / 128), dim, at(u) + r0 * inter);
-        t[2 * E + i] = group(p.w2, at(qh) + r0 * inter, at(qhs) + r0 * (inter / 128), inter, at(out) + r0 * dim);
+        t[i] = group(p.w1, qx, qs, dim, at(g) + r0 * inter);
+        t[E + i] = group(p.w3, qx, qs, dim, at(u) + r0 * inter);
+        t[2 * E + i] = group(p.w2, qh, qhs, inter, at(out) + r0 * dim);
       }
     };
-    const bool fp8 = format == WeightFormat::kFp8Block128;
     return RunLocked(
         f,
         [&](Dev d) {
           const auto* tab = d.at<cuda::GemvGroup>(dtab);
           cudaError_t e = cuda::GatherRows(d.at(dx), d.at<int32_t>(drows), M, dim, d.at(xs), stream_);
-          if (e == cudaSuccess) e = cuda::QuantizeActivations(d.at(xs), M, dim, d.at(qx), d.at(qs), stream_);
-          if (e == cudaSuccess) e = cuda::LinearDecodeGrouped(tab, static_cast<int>(2 * E), inter, max_m, dim, fp8, Rounding::kBf16, stream_);
+          auto quantize = [&](size_t in, int64_t k, size_t q, size_t qsc, bool f16) {
+            return f16 ? cuda::QuantizeActivationsMmaF16(d.at(in), M, k, d.at<uint16_t>(q), d.at(qsc), stream_)
+                       : cuda::QuantizeActivations(d.at(in), M, k, d.at(q), d.at(qsc), stream_);
+          };
+          if (e == cudaSuccess) e = quantize(xs, dim, qx, qs, up_in.f16_activations);
+          if (e == cudaSuccess)
+            e = cuda::LinearDecodeGrouped(tab, static_cast<int>(2 * E), inter, max_m, dim, fp8, Rounding::kBf16, stream_, up_in);
           if (e == cudaSuccess) e = cuda::SwiGlu(d.at(g), d.at(u), M, inter, d.at(dwts), limit, d.at(h), stream_);
-          if (e == cudaSuccess) e = cuda::QuantizeActivations(d.at(h), M, inter, d.at(qh), d.at(qhs), stream_);
-          if (e == cudaSuccess) e = cuda::LinearDecodeGrouped(tab + 2 * E, static_cast<int>(E), dim, max_m, inter, fp8, Rounding::kBf16, stream_);
+          if (e == cudaSuccess) e = quantize(h, inter, qh, qhs, down_in.f16_activations);
+          if (e == cudaSuccess)
+            e = cuda::LinearDecodeGrouped(tab + 2 * E, static_cast<int>(E), dim, max_m, inter, fp8, Rounding::kBf16,
+                                          stream_, down_in);
           if (e == cudaSuccess)
             e = cuda::ScatterAddOrdered(d.at(out), d.at<int32_t>(doff), d.at<int32_t>(dord), n, dim, d.at(dy), stream_);
           return e;

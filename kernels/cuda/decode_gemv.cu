@@ -2,6 +2,8 @@
 // so each weight byte is read once per step with 16-byte loads and dequantised in registers.
 // Sums are reordered for speed: results match the CPU reference within fp32 rounding (the
 // bit-exact path is cuda::Linear).
+#include <algorithm>
+
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 
@@ -122,31 +124,45 @@ __device__ __forceinline__ uint32_t HighBytesToHalf2(uint32_t bytes) {
   return r;
 }
 // Weights reach a warp through shared memory: 16 rows x 8 groups (2 KB) per stage, a ring of two
-// stages, copied with 16-byte cp.async (every lane a contiguous piece of a row) and read back with
+// (Fp4Stages), copied with 16-byte cp.async (every lane a contiguous piece of a row) and read back with
 // ldmatrix, whose 8x8 b16 layout hands lane (g, t) exactly word t of a row's group. Loading the
 // words straight from global memory (16 rows x 4 bytes per instruction) was bound by L1 requests
 // (87% of L1 throughput, 28% of DRAM). A ring of four, or 64 registers for four blocks per SM,
 // measured slower (58-60 against 51 us for a layer).
 constexpr int kStageGroups = 8;
 constexpr int kStageRowBytes = kStageGroups * 16 + 16;  // padded: ldmatrix rows fall in distinct banks
-constexpr int kStageBytes = 16 * kStageRowBytes + 16 * kStageGroups * 4;  // weights, then scales
-constexpr int kStages = 2;
-constexpr int kWarpStageBytes = kStages * kStageBytes;
+
+// The scales ride in each stage after its weights: fp32 (4 B a group) or, when the weight has
+// them (DeviceWeight::scale_exps), the checkpoint's E8M0 bytes, a quarter of the scale bytes
+// (kExp). A ring of three stages with the bytes measured slower than two (43.7-47.9 against
+// 42.7-46.9 us a layer at one token; at 8 tokens it costs a block per SM: 1,711 against 1,293).
+template <bool kExp>
+struct Fp4Stages {
+  static constexpr int kScaleBytes = kExp ? 1 : 4;
+  static constexpr int kBytes = 16 * kStageRowBytes + 16 * kStageGroups * kScaleBytes;  // one stage
+};
+constexpr int kRing = 2;
+// The float 2^(b - 127) of E8M0 byte b in [1, 254] (ScaleExponents checked the range).
+__device__ __forceinline__ float E8m0Scale(uint32_t b) { return __uint_as_float(b << 23); }
 
 // Shared memory of a block: T staged token rows of k + 32 halves (the pad spreads the tokens'
-// reads over the banks), their block scales, the k-halves' partial sums and the warps' stages.
+// reads over the banks), their block scales, the k-halves' partial sums and the warps' rings of
+// kRing stages.
 __host__ __device__ constexpr int64_t Fp4StageLd(int64_t k) { return k + 32; }
 __host__ __device__ constexpr int64_t Fp4ScaleFloats(int64_t tokens, int64_t k) { return (tokens * (k / 128) + 3) / 4 * 4; }
-template <int T>
+template <int T, bool kExp>
 __host__ __device__ constexpr size_t Fp4SmemBytes(int64_t k) {
   return static_cast<size_t>(T) * Fp4StageLd(k) * 2 + Fp4ScaleFloats(T, k) * 4 + kMmaTiles * 32 * 4 * 4 +
-         static_cast<size_t>(kWarps) * kWarpStageBytes;
+         static_cast<size_t>(kWarps) * kRing * Fp4Stages<kExp>::kBytes;
 }
 
 // Stage: rows [r0, r0 + 16) x groups [j, j + 8) of the weights and their scales; rows past
-// `rows` and groups past `j_end` read as zeros. Every lane issues 4 + 4 copies.
-__device__ __forceinline__ void LoadStage(const uint8_t* w, const float* ws, int64_t scale_cols, int64_t rows, int64_t k,
-                                          int64_t r0, int64_t j, int64_t j_end, unsigned char* stage, int lane) {
+// `rows` and groups past `j_end` read as zeros. Every lane issues 4 + 4 copies (4 + 1 with the
+// scale bytes: a lane copies 4 of a row's 8, j and j_end being multiples of 4 when k % 256 == 0).
+template <bool kExp>
+__device__ __forceinline__ void LoadStage(const uint8_t* w, const float* ws, const uint8_t* wexp, int64_t scale_cols,
+                                          int64_t rows, int64_t k, int64_t r0, int64_t j, int64_t j_end,
+                                          unsigned char* stage, int lane) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int idx = lane + 32 * i, row = idx / kStageGroups, piece = idx % kStageGroups;
@@ -154,20 +170,31 @@ __device__ __forceinline__ void LoadStage(const uint8_t* w, const float* ws, int
     const uint8_t* src = ok ? w + (r0 + row) * (k / 2) + (j + piece) * 16 : w;
     CopyAsync16(stage + row * kStageRowBytes + piece * 16, src, ok ? 16 : 0);
   }
-  float* sc = reinterpret_cast<float*>(stage + 16 * kStageRowBytes);
+  unsigned char* sc = stage + 16 * kStageRowBytes;
   const int row = lane / 2, part = (lane % 2) * 4;
+  if constexpr (kExp) {
+    const bool ok = r0 + row < rows && j + part < j_end;
+    CopyAsync4(sc + row * kStageGroups + part, ok ? wexp + (r0 + row) * scale_cols + j + part : wexp, ok ? 4 : 0);
+  } else {
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const bool ok = r0 + row < rows && j + part + i < j_end;
-    CopyAsync4(sc + row * kStageGroups + part + i, ok ? ws + (r0 + row) * scale_cols + j + part + i : ws, ok ? 4 : 0);
+    for (int i = 0; i < 4; ++i) {
+      const bool ok = r0 + row < rows && j + part + i < j_end;
+      CopyAsync4(sc + (row * kStageGroups + part + i) * 4, ok ? ws + (r0 + row) * scale_cols + j + part + i : ws,
+                 ok ? 4 : 0);
+    }
   }
 }
 
-template <int T>
-__device__ __forceinline__ void Fp4RowsMma(const uint8_t* w, const float* ws, int64_t scale_cols, int64_t rows,
-                                           int64_t k, const float* xq, const float* xs, int64_t n, float* y, bool round,
-                                           int64_t row0, int64_t t0, unsigned char* smem) {
+// Activations come as QuantizeActivations' fp32 grid values (xq), converted while staged, or
+// (kHalves) as QuantizeActivationsMmaF16's f16 in the MMA's column order (xh), copied as they are
+// with cp.async: half the bytes, no conversion, every copy in flight at once.
+template <int T, bool kExp, bool kHalves>
+__device__ __forceinline__ void Fp4RowsMma(const uint8_t* w, const float* ws, const uint8_t* wexp, int64_t scale_cols,
+                                           int64_t rows, int64_t k, const float* xq, const uint16_t* xh_in,
+                                           const float* xs, int64_t n, float* y, bool round, int64_t row0, int64_t t0,
+                                           unsigned char* smem) {
   static_assert(T <= 8, "one MMA n-tile of tokens");
+  constexpr int kStageBytes = Fp4Stages<kExp>::kBytes;
   const int nt = static_cast<int>(n - t0 < T ? n - t0 : T);
   const int64_t ld = Fp4StageLd(k), blocks = k / 128;
   __half* xh = reinterpret_cast<__half*>(smem);
@@ -179,11 +206,11 @@ __device__ __forceinline__ void Fp4RowsMma(const uint8_t* w, const float* ws, in
   const int tile = warp % kMmaTiles, khalf = warp / kMmaTiles;
   const int64_t groups = k / 32, j_begin = khalf * (groups / 2), j_end = khalf ? groups : groups / 2;
   const int64_t r0 = row0 + tile * 16;
-  unsigned char* my_stages = stages + warp * kWarpStageBytes;
+  unsigned char* my_stages = stages + warp * kRing * kStageBytes;
 #pragma unroll
-  for (int st = 0; st < kStages - 1; ++st) {
+  for (int st = 0; st < kRing - 1; ++st) {
     const int64_t j = j_begin + st * kStageGroups;
-    if (j < j_end) LoadStage(w, ws, scale_cols, rows, k, r0, j, j_end, my_stages + st * kStageBytes, lane);
+    if (j < j_end) LoadStage<kExp>(w, ws, wexp, scale_cols, rows, k, r0, j, j_end, my_stages + st * kStageBytes, lane);
     CommitAsync();
   }
   // Launched as a programmatic dependent (LaunchGrouped): the weights above stream while the
@@ -194,29 +221,44 @@ __device__ __forceinline__ void Fp4RowsMma(const uint8_t* w, const float* ws, in
 
   for (int64_t i = threadIdx.x; i < nt * (k / 8); i += blockDim.x) {
     const int64_t tk = i / (k / 8), c = (i - tk * (k / 8)) * 8;
-    const float4 v0 = __ldg(reinterpret_cast<const float4*>(xq + (t0 + tk) * k + c));
-    const float4 v1 = __ldg(reinterpret_cast<const float4*>(xq + (t0 + tk) * k + c + 4));
-    const __half2 h[4] = {__floats2half2_rn(v0.x, v0.z), __floats2half2_rn(v0.y, v0.w), __floats2half2_rn(v1.x, v1.z),
-                          __floats2half2_rn(v1.y, v1.w)};
-    *reinterpret_cast<uint4*>(xh + tk * ld + c) = *reinterpret_cast<const uint4*>(h);
+    if constexpr (kHalves) {
+      CopyAsync16(xh + tk * ld + c, xh_in + (t0 + tk) * k + c);
+    } else {
+      const float4 v0 = __ldg(reinterpret_cast<const float4*>(xq + (t0 + tk) * k + c));
+      const float4 v1 = __ldg(reinterpret_cast<const float4*>(xq + (t0 + tk) * k + c + 4));
+      const __half2 h[4] = {__floats2half2_rn(v0.x, v0.z), __floats2half2_rn(v0.y, v0.w),
+                            __floats2half2_rn(v1.x, v1.z), __floats2half2_rn(v1.y, v1.w)};
+      *reinterpret_cast<uint4*>(xh + tk * ld + c) = *reinterpret_cast<const uint4*>(h);
+    }
   }
   for (int64_t i = threadIdx.x; i < nt * blocks; i += blockDim.x) xss[i] = xs[t0 * blocks + i];
+  if constexpr (kHalves) {
+    CommitAsync();
+    WaitAsync<0>();  // this thread's copies (and the first weight stages, long issued)
+  }
   __syncthreads();
 
   const bool tok = g < nt;  // this lane's B column is a real token
   const __half* xrow = xh + g * ld + 8 * t;
   const int tok0 = 2 * t, tok1 = 2 * t + 1;  // this lane's accumulator columns
   const int mat = lane / 8;                  // the 8x8 matrix this lane addresses in ldmatrix
-  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  // Each group's sum times its weight scales goes into blk; a 128-column block's total is scaled
+  // by the tokens' activation scales once (powers of two: exact) and added to acc.
+  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f}, blk[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   for (int64_t j = j_begin, st = 0; j < j_end; j += kStageGroups, ++st) {
-    unsigned char* stage = my_stages + (st % kStages) * kStageBytes;
-    const int64_t ahead = j + (kStages - 1) * kStageGroups;
+    unsigned char* stage = my_stages + (st % kRing) * kStageBytes;
+    const int64_t ahead = j + (kRing - 1) * kStageGroups;
     if (ahead < j_end)
-      LoadStage(w, ws, scale_cols, rows, k, r0, ahead, j_end, my_stages + ((st + kStages - 1) % kStages) * kStageBytes, lane);
+      LoadStage<kExp>(w, ws, wexp, scale_cols, rows, k, r0, ahead, j_end,
+                      my_stages + ((st + kRing - 1) % kRing) * kStageBytes, lane);
     CommitAsync();
-    WaitAsync<kStages - 1>();
+    WaitAsync<kRing - 1>();
     __syncwarp();
-    const float* sc = reinterpret_cast<const float*>(stage + 16 * kStageRowBytes);
+    const unsigned char* sc = stage + 16 * kStageRowBytes;
+    auto scale = [&](int r, int gr) {
+      if constexpr (kExp) return E8m0Scale(sc[r * kStageGroups + gr]);
+      else return reinterpret_cast<const float*>(sc)[r * kStageGroups + gr];
+    };
 #pragma unroll
     for (int jj = 0; jj < kStageGroups; jj += 2) {
       if (j + jj >= j_end) break;
@@ -239,15 +281,23 @@ __device__ __forceinline__ void Fp4RowsMma(const uint8_t* w, const float* ws, in
         const uint32_t b0[2] = {xb.x, xb.y}, b1[2] = {xb.z, xb.w};
         MmaF16(c, a0, b0);
         MmaF16(c, a1, b1);
-        const float sa = sc[g * kStageGroups + jj + h], sb = sc[(g + 8) * kStageGroups + jj + h];
-        const float x0 = tok0 < nt ? xss[tok0 * blocks + jg / 4] : 0.0f, x1 = tok1 < nt ? xss[tok1 * blocks + jg / 4] : 0.0f;
-        acc[0] += c[0] * (sa * x0);
-        acc[1] += c[1] * (sa * x1);
-        acc[2] += c[2] * (sb * x0);
-        acc[3] += c[3] * (sb * x1);
+        const float sa = scale(g, jj + h), sb = scale(g + 8, jj + h);
+        blk[0] += c[0] * sa;
+        blk[1] += c[1] * sa;
+        blk[2] += c[2] * sb;
+        blk[3] += c[3] * sb;
+        if (((jg + 1) & 3) == 0 || jg + 1 == j_end) {  // the 128-column block's activation scales, once
+          const float x0 = tok0 < nt ? xss[tok0 * blocks + jg / 4] : 0.0f;
+          const float x1 = tok1 < nt ? xss[tok1 * blocks + jg / 4] : 0.0f;
+          acc[0] += blk[0] * x0;
+          acc[1] += blk[1] * x1;
+          acc[2] += blk[2] * x0;
+          acc[3] += blk[3] * x1;
+          blk[0] = blk[1] = blk[2] = blk[3] = 0.0f;
+        }
       }
     }
-    __syncwarp();  // this stage is refilled on the next iteration
+    __syncwarp();  // this stage is refilled kRing - 1 iterations on
   }
   WaitAsync<0>();
   // The second k half hands its sums to the first, which writes the rows.
@@ -268,29 +318,31 @@ __device__ __forceinline__ void Fp4RowsMma(const uint8_t* w, const float* ws, in
   }
 }
 
-template <int T>
-__global__ void __launch_bounds__(kWarps * 32) DecodeFp4Kernel(const uint8_t* w, const float* ws, int64_t scale_cols,
-                                                               int64_t rows, int64_t k, const float* xq, const float* xs,
-                                                               int64_t n, float* y, bool round) {
+template <int T, bool kExp>
+__global__ void __launch_bounds__(kWarps * 32) DecodeFp4Kernel(const uint8_t* w, const float* ws, const uint8_t* wexp,
+                                                               int64_t scale_cols, int64_t rows, int64_t k,
+                                                               const float* xq, const float* xs, int64_t n, float* y,
+                                                               bool round) {
   extern __shared__ __align__(16) unsigned char fp4_smem[];
-  Fp4RowsMma<T>(w, ws, scale_cols, rows, k, xq, xs, n, y, round, static_cast<int64_t>(blockIdx.x) * kFp4Rows,
-                static_cast<int64_t>(blockIdx.y) * T, fp4_smem);
+  Fp4RowsMma<T, kExp, false>(w, ws, wexp, scale_cols, rows, k, xq, nullptr, xs, n, y, round,
+                             static_cast<int64_t>(blockIdx.x) * kFp4Rows, static_cast<int64_t>(blockIdx.y) * T, fp4_smem);
 }
 
-template <int T>
+template <int T, bool kExp, bool kHalves>
 __global__ void __launch_bounds__(kWarps * 32) GroupedFp4Kernel(const GemvGroup* groups, bool round) {
   extern __shared__ __align__(16) unsigned char fp4_smem[];
   const GemvGroup g = groups[blockIdx.z];
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kFp4Rows, t0 = static_cast<int64_t>(blockIdx.y) * T;
   if (row0 >= g.rows || t0 >= g.n) return;  // the whole block: before any barrier
-  Fp4RowsMma<T>(g.w, g.ws, g.scale_cols, g.rows, g.k, g.xq, g.xs, g.n, g.y, round, row0, t0, fp4_smem);
+  Fp4RowsMma<T, kExp, kHalves>(g.w, g.ws, g.wexp, g.scale_cols, g.rows, g.k, g.xq, g.xh, g.xs, g.n, g.y, round, row0,
+                               t0, fp4_smem);
 }
 
 // Shared memory of the FP4 tensor-core path for T tokens of k activations; 0 when it does not fit
 // or k is not a whole number of 128-column blocks (the generic path runs).
-template <int T>
+template <int T, bool kExp>
 size_t Fp4Smem(int64_t k) {
-  const size_t bytes = Fp4SmemBytes<T>(k);
+  const size_t bytes = Fp4SmemBytes<T, kExp>(k);
   return k % 128 == 0 && bytes <= 200u * 1024u ? bytes : 0;
 }
 
@@ -320,16 +372,62 @@ __global__ void GroupedGemvKernel(const GemvGroup* groups, bool round) {
   GemvRow<T, kFp8>(g.w, g.ws, g.scale_cols, g.rows, g.k, g.xq, g.xs, g.n, g.y, round, o, t0);
 }
 
+// A grid of about one wave takes as long as its busiest SM. When an SM could hold more of its
+// blocks than the even share (ceil(blocks / SMs)), the shared memory is padded so it holds only
+// that share: with the scale bytes a block needs 49 KB at one token and an SM would take 4 of the
+// 384 blocks of a layer's w1/w3 launch, leaving others 2 (46.2 against 43.1 us a layer).
+template <typename K>
+size_t EvenWaveSmem(K kernel, size_t smem, int64_t blocks) {
+  struct Sm { int count = 0, bytes = 0, reserved = 0, per_block = 0; };
+  static const Sm sm = [] {
+    Sm m;
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&m.count, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&m.bytes, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&m.reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&m.per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
+      m.count = 0;
+    return m;
+  }();
+  int resident = 0;
+  if (sm.count == 0 || cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, kWarps * 32, smem) != cudaSuccess)
+    return smem;
+  const int64_t share = (blocks + sm.count - 1) / sm.count;
+  if (share <= 0 || share >= resident) return smem;
+  const size_t padded = static_cast<size_t>(sm.bytes / share - sm.reserved);
+  return std::min(std::max(smem, padded), static_cast<size_t>(sm.per_block));
+}
+
+template <int T, bool kExp, bool kHalves>
+cudaError_t LaunchGroupedFp4(const GemvGroup* groups, int count, int64_t max_rows, int64_t max_n, size_t smem,
+                             bool round, cudaStream_t stream) {
+  const auto kernel = GroupedFp4Kernel<T, kExp, kHalves>;
+  if (cudaError_t e = AllowSmem(kernel, smem); e != cudaSuccess) return e;
+  const dim3 grid(static_cast<unsigned>((max_rows + kFp4Rows - 1) / kFp4Rows), static_cast<unsigned>((max_n + T - 1) / T),
+                  static_cast<unsigned>(count));
+  if (const size_t even = EvenWaveSmem(kernel, smem, int64_t{grid.x} * grid.y * grid.z); even != smem) {
+    smem = even;
+    if (cudaError_t e = AllowSmem(kernel, smem); e != cudaSuccess) return e;
+  }
+  // A programmatic dependent of the kernel before it (see Fp4RowsMma).
+  return LaunchAsDependent(kernel, grid, dim3(kWarps * 32), smem, stream, groups, round);
+}
+
 template <int T>
 cudaError_t LaunchGrouped(const GemvGroup* groups, int count, int64_t max_rows, int64_t max_n, int64_t max_k, bool fp8,
-                          bool round, cudaStream_t stream) {
-  if (const size_t smem = fp8 ? 0 : Fp4Smem<T>(max_k); smem > 0) {
-    if (cudaError_t e = AllowSmem(GroupedFp4Kernel<T>, smem); e != cudaSuccess) return e;
-    const dim3 grid(static_cast<unsigned>((max_rows + kFp4Rows - 1) / kFp4Rows), static_cast<unsigned>((max_n + T - 1) / T),
-                    static_cast<unsigned>(count));
-    // A programmatic dependent of the kernel before it (see Fp4RowsMma).
-    return LaunchAsDependent(GroupedFp4Kernel<T>, grid, dim3(kWarps * 32), smem, stream, groups, round);
+                          bool round, GemvInputs in, cudaStream_t stream) {
+  if (!fp8) {
+    if (const size_t smem = in.scale_bytes ? Fp4Smem<T, true>(max_k) : Fp4Smem<T, false>(max_k); smem > 0) {
+      if (in.scale_bytes)
+        return in.f16_activations ? LaunchGroupedFp4<T, true, true>(groups, count, max_rows, max_n, smem, round, stream)
+                                  : LaunchGroupedFp4<T, true, false>(groups, count, max_rows, max_n, smem, round, stream);
+      return in.f16_activations ? LaunchGroupedFp4<T, false, true>(groups, count, max_rows, max_n, smem, round, stream)
+                                : LaunchGroupedFp4<T, false, false>(groups, count, max_rows, max_n, smem, round, stream);
+    }
   }
+  // The generic GEMV reads fp32 scales and fp32 activations.
+  if (in.scale_bytes || in.f16_activations) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>((max_rows + kWarps - 1) / kWarps), static_cast<unsigned>((max_n + T - 1) / T),
                   static_cast<unsigned>(count));
   if (fp8) GroupedGemvKernel<T, true><<<grid, kWarps * 32, 0, stream>>>(groups, round);
@@ -340,12 +438,16 @@ cudaError_t LaunchGrouped(const GemvGroup* groups, int count, int64_t max_rows, 
 template <int T>
 cudaError_t Launch(const DeviceWeight& w, const float* xq, const float* xs, int64_t n, float* y, bool round,
                    cudaStream_t stream) {
-  if (const size_t smem = w.format == WeightFormat::kFp4Group32 ? Fp4Smem<T>(w.cols) : 0; smem > 0) {
-    if (cudaError_t e = AllowSmem(DecodeFp4Kernel<T>, smem); e != cudaSuccess) return e;
-    const dim3 grid(static_cast<unsigned>((w.rows + kFp4Rows - 1) / kFp4Rows), static_cast<unsigned>((n + T - 1) / T));
-    DecodeFp4Kernel<T><<<grid, kWarps * 32, smem, stream>>>(static_cast<const uint8_t*>(w.values), w.scales, w.scale_cols,
-                                                              w.rows, w.cols, xq, xs, n, y, round);
-    return cudaGetLastError();
+  if (w.format == WeightFormat::kFp4Group32) {
+    const bool bytes = w.scale_exps != nullptr;
+    if (const size_t smem = bytes ? Fp4Smem<T, true>(w.cols) : Fp4Smem<T, false>(w.cols); smem > 0) {
+      const auto kernel = bytes ? DecodeFp4Kernel<T, true> : DecodeFp4Kernel<T, false>;
+      if (cudaError_t e = AllowSmem(kernel, smem); e != cudaSuccess) return e;
+      const dim3 grid(static_cast<unsigned>((w.rows + kFp4Rows - 1) / kFp4Rows), static_cast<unsigned>((n + T - 1) / T));
+      kernel<<<grid, kWarps * 32, smem, stream>>>(static_cast<const uint8_t*>(w.values), w.scales, w.scale_exps,
+                                                  w.scale_cols, w.rows, w.cols, xq, xs, n, y, round);
+      return cudaGetLastError();
+    }
   }
   const dim3 grid(static_cast<unsigned>((w.rows + kWarps - 1) / kWarps), static_cast<unsigned>((n + T - 1) / T));
   if (w.format == WeightFormat::kFp8Block128)
@@ -360,14 +462,21 @@ cudaError_t Launch(const DeviceWeight& w, const float* xq, const float* xs, int6
 }  // namespace
 
 cudaError_t LinearDecodeGrouped(const GemvGroup* groups, int count, int64_t max_rows, int64_t max_n, int64_t max_k,
-                                bool fp8, Rounding out, cudaStream_t stream) {
+                                bool fp8, Rounding out, cudaStream_t stream, GemvInputs in) {
   if (count == 0 || max_rows == 0 || max_n == 0) return cudaSuccess;
-  if (count > 65535) return cudaErrorInvalidValue;
+  if (count > 65535 || (in.scale_bytes && (fp8 || max_k % 256 != 0))) return cudaErrorInvalidValue;
   const bool round = out == Rounding::kBf16;
-  if (max_n == 1) return LaunchGrouped<1>(groups, count, max_rows, max_n, max_k, fp8, round, stream);
-  if (max_n == 2) return LaunchGrouped<2>(groups, count, max_rows, max_n, max_k, fp8, round, stream);
-  if (max_n <= 4) return LaunchGrouped<4>(groups, count, max_rows, max_n, max_k, fp8, round, stream);
-  return LaunchGrouped<8>(groups, count, max_rows, max_n, max_k, fp8, round, stream);
+  if (max_n == 1) return LaunchGrouped<1>(groups, count, max_rows, max_n, max_k, fp8, round, in, stream);
+  if (max_n == 2) return LaunchGrouped<2>(groups, count, max_rows, max_n, max_k, fp8, round, in, stream);
+  if (max_n <= 4) return LaunchGrouped<4>(groups, count, max_rows, max_n, max_k, fp8, round, in, stream);
+  return LaunchGrouped<8>(groups, count, max_rows, max_n, max_k, fp8, round, in, stream);
+}
+
+bool GroupedFp4OnTensorCores(int64_t max_n, int64_t max_k, bool scale_bytes) {
+  if (max_n <= 1) return (scale_bytes ? Fp4Smem<1, true>(max_k) : Fp4Smem<1, false>(max_k)) > 0;
+  if (max_n <= 2) return (scale_bytes ? Fp4Smem<2, true>(max_k) : Fp4Smem<2, false>(max_k)) > 0;
+  if (max_n <= 4) return (scale_bytes ? Fp4Smem<4, true>(max_k) : Fp4Smem<4, false>(max_k)) > 0;
+  return (scale_bytes ? Fp4Smem<8, true>(max_k) : Fp4Smem<8, false>(max_k)) > 0;
 }
 
 cudaError_t LinearDecode(const DeviceWeight& w, const float* xq, const float* xs, int64_t n, float* y, Rounding out,

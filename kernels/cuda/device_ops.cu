@@ -4,6 +4,8 @@
 #include <cmath>
 #include <cstring>
 
+#include <cuda_fp16.h>
+
 #include "kernels/cuda/device_math.cuh"
 #include "kernels/cuda/device_ops.h"
 #include "kernels/numerics.h"
@@ -16,8 +18,20 @@ int64_t DeviceWeight::bytes() const {
   if (format == WeightFormat::kFp4Group32) v /= 2;
   int64_t s = 0;
   if (format == WeightFormat::kFp8Block128) s = ((rows + 127) / 128) * scale_cols * 4;
-  if (format == WeightFormat::kFp4Group32) s = rows * scale_cols * 4;
+  if (format == WeightFormat::kFp4Group32) s = rows * scale_cols * (scale_exps ? 1 : 4);
   return v + s;
+}
+
+std::vector<uint8_t> ScaleExponents(const WeightMatrix& w) {
+  if (w.format != WeightFormat::kFp4Group32 || w.cols % 256 != 0) return {};
+  std::vector<uint8_t> exps(w.scales.size());
+  for (size_t i = 0; i < w.scales.size(); ++i) {
+    const uint32_t bits = std::bit_cast<uint32_t>(w.scales[i]);
+    const uint32_t b = bits >> 23;  // sign 0 and a zero mantissa: 2^(b - 127)
+    if ((bits & 0x7fffffu) != 0 || b == 0 || b >= 255) return {};
+    exps[i] = static_cast<uint8_t>(b);
+  }
+  return exps;
 }
 
 namespace {
@@ -69,6 +83,22 @@ __global__ void QuantizeActKernel(const float* x, int64_t blocks, float* xq, flo
   for (int j = 0; j < 4; ++j) v[j] = xb[lane + 32 * j];
   const float scale = QuantizeWarpBlock128(v);
   for (int j = 0; j < 4; ++j) xq[b * 128 + lane + 32 * j] = v[j];
+  if (lane == 0) xs[b] = scale;
+}
+
+// QuantizeActKernel's grid values as f16 bits, columns 1 and 2 (and 5 and 6) of every 8 swapped.
+__global__ void QuantizeActMmaF16Kernel(const float* x, int64_t blocks, uint16_t* xh, float* xs) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (b >= blocks) return;
+  const int lane = threadIdx.x & 31;
+  const float* xb = x + b * 128;
+  float v[4];
+  for (int j = 0; j < 4; ++j) v[j] = xb[lane + 32 * j];
+  const float scale = QuantizeWarpBlock128(v);
+  for (int j = 0; j < 4; ++j) {
+    const int c = lane + 32 * j, at = (c & ~3) | ((c & 1) << 1) | ((c >> 1) & 1);
+    xh[b * 128 + at] = __half_as_ushort(__float2half_rn(v[j]));
+  }
   if (lane == 0) xs[b] = scale;
 }
 
@@ -475,6 +505,14 @@ cudaError_t QuantizeActivations(const float* x, int64_t n, int64_t k, float* xq,
   const int64_t blocks = n * (k / 128);
   if (blocks == 0) return cudaSuccess;
   QuantizeActKernel<<<Blocks(blocks, 8), 256, 0, stream>>>(x, blocks, xq, xs);
+  return cudaGetLastError();
+}
+
+cudaError_t QuantizeActivationsMmaF16(const float* x, int64_t n, int64_t k, uint16_t* xh, float* xs,
+                                      cudaStream_t stream) {
+  const int64_t blocks = n * (k / 128);
+  if (blocks == 0) return cudaSuccess;
+  QuantizeActMmaF16Kernel<<<Blocks(blocks, 8), 256, 0, stream>>>(x, blocks, xh, xs);
   return cudaGetLastError();
 }
 

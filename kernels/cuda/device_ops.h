@@ -28,9 +28,19 @@ struct DeviceWeight {
   // FP8 only, fast mode: values x block scale as bf16 [rows][cols] (exact: an e4m3 value times a
   // power of two fits bf16), the operand of the tensor-core path from 16 tokens.
   const void* dequant_bf16 = nullptr;
-  // Bytes of values + scales (what one pass over the weight reads).
+  // FP4 only, fast mode: every scale as its E8M0 byte b (scale 2^(b - 127)), the checkpoint's own
+  // form and a quarter of the fp32 bytes, which is what the decode GEMV reads (null when a scale
+  // is not such a power of two, or cols % 256 != 0: ScaleExponents).
+  const uint8_t* scale_exps = nullptr;
+  // Bytes of values + scales (what one pass over the weight reads; the decode GEMV reads the
+  // scale bytes when there are any).
   int64_t bytes() const;
 };
+
+// The E8M0 byte of every FP4 group scale (WeightMatrix::scales order), or an empty vector when one
+// is not 2^(b - 127) with b in [1, 254] (the GEMV builds the float from the byte's bits), or the
+// weight is not FP4 with cols % 256 == 0 (each warp's half of a row starts on a 4-byte boundary).
+std::vector<uint8_t> ScaleExponents(const WeightMatrix& w);
 
 // Host-side encoding of a WeightMatrix into the DeviceWeight layout: values bytes, then scales.
 struct EncodedWeight {
@@ -42,6 +52,10 @@ EncodedWeight EncodeWeight(const WeightMatrix& w);
 // act_quant: xq = e4m3 grid values (fp32), xs = pow2 scale per 128 block; k % 128 == 0.
 cudaError_t QuantizeActivations(const float* x, int64_t n, int64_t k, float* xq, float* xs,
                                 cudaStream_t stream);
+// The same grid values as f16 bits (exact: |v| <= 448 on the e4m3 grid) in the FP4 decode GEMV's
+// MMA column order — each 8 columns stored 0 2 1 3 4 6 5 7 — which its blocks copy as they are.
+cudaError_t QuantizeActivationsMmaF16(const float* x, int64_t n, int64_t k, uint16_t* xh, float* xs,
+                                      cudaStream_t stream);
 // y[n, rows] = x · Wᵀ. Quantized formats take xq/xs from QuantizeActivations; dense takes x in xq.
 cudaError_t Linear(const DeviceWeight& w, const float* xq, const float* xs, int64_t n, float* y,
                    Rounding out, cudaStream_t stream);
@@ -61,12 +75,24 @@ struct GemvGroup {
   const float* xs;   // [n][k / 128] scales
   int64_t n;
   float* y;          // [n][rows]
+  const uint8_t* wexp = nullptr;  // FP4: the scales as E8M0 bytes (DeviceWeight::scale_exps)
+  const uint16_t* xh = nullptr;   // FP4: the tokens as QuantizeActivationsMmaF16 gives them, [n][k]
+};
+// What the groups of a grouped launch carry besides w, ws, xq and xs (every group alike).
+struct GemvInputs {
+  bool scale_bytes = false;      // wexp, read instead of ws (FP4, k % 256 == 0)
+  bool f16_activations = false;  // xh, read instead of xq (FP4)
 };
 // LinearDecode for `count` matrices of one format in one launch (groups: a device array). The
 // routed experts of an MoE layer: each expert's w1 and w3 in one launch, then every w2. max_rows,
 // max_n and max_k bound every group's rows, n and k (they size the grid and the shared memory).
+// `in` says which optional inputs the FP4 tensor-core path reads; the generic path (FP8, or FP4
+// when GroupedFp4OnTensorCores is false) takes neither and refuses them (cudaErrorInvalidValue).
 cudaError_t LinearDecodeGrouped(const GemvGroup* groups, int count, int64_t max_rows, int64_t max_n, int64_t max_k,
-                                bool fp8, Rounding out, cudaStream_t stream);
+                                bool fp8, Rounding out, cudaStream_t stream, GemvInputs in = {});
+// Whether FP4 groups of up to max_n tokens and k = max_k run on the tensor cores (their staged
+// tokens fit in shared memory, k % 128 == 0).
+bool GroupedFp4OnTensorCores(int64_t max_n, int64_t max_k, bool scale_bytes);
 
 cudaError_t RmsNorm(const float* x, const float* weight, int64_t n, int64_t dim, float eps, float* y,
                     cudaStream_t stream);

@@ -919,6 +919,69 @@ TEST_F(CudaOps, FastDecodeGemvWithinFp32Rounding) {
       }
 }
 
+// FP4 scales read as the checkpoint's E8M0 bytes and tokens read as f16 in the MMA's order (fast
+// mode's grouped MoE) give the fp32 scales' and tokens' bits, alone and grouped, one to 13 tokens.
+TEST_F(CudaOps, Fp4ScaleBytesAndHalfTokensGiveTheFp32Bits) {
+  uint32_t seed = 500;
+  for (int64_t cols : {256, 2048, 4096})
+    for (int64_t n : {1, 2, 3, 8, 13}) {
+      const int64_t rows = 200;
+      const WeightMatrix w = RandomWeight(WeightFormat::kFp4Group32, rows, cols, ++seed);
+      const std::vector<uint8_t> exps = cuda::ScaleExponents(w);
+      ASSERT_EQ(exps.size(), w.scales.size());
+      const cuda::DeviceWeight dw = DeviceCopy(w);
+      cuda::DeviceWeight dwb = dw;
+      dwb.scale_exps = static_cast<const uint8_t*>(Upload(exps.data(), exps.size()));
+      EXPECT_EQ(dwb.bytes(), rows * cols / 2 + rows * (cols / 32));
+      const std::vector<float> x = Random(n * cols, ++seed, 1.5f);
+      float* dx = static_cast<float*>(Upload(x.data(), x.size() * 4));
+      float *xq = nullptr, *xs = nullptr, *xs2 = nullptr, *y = nullptr;
+      uint16_t* xh = nullptr;
+      const int64_t parts = 6;  // fp32 alone, bytes alone, grouped bytes + fp32 tokens, + f16 tokens (2 groups)
+      ASSERT_EQ(cudaMalloc(&xq, x.size() * 4), cudaSuccess);
+      ASSERT_EQ(cudaMalloc(&xh, x.size() * 2), cudaSuccess);
+      ASSERT_EQ(cudaMalloc(&xs, n * (cols / 128) * 4), cudaSuccess);
+      ASSERT_EQ(cudaMalloc(&xs2, n * (cols / 128) * 4), cudaSuccess);
+      ASSERT_EQ(cudaMalloc(&y, parts * n * rows * 4), cudaSuccess);
+      ASSERT_EQ(cudaMemset(y, 0xff, parts * n * rows * 4), cudaSuccess);  // NaN poison
+      ASSERT_EQ(cuda::QuantizeActivations(dx, n, cols, xq, xs, nullptr), cudaSuccess);
+      ASSERT_EQ(cuda::QuantizeActivationsMmaF16(dx, n, cols, xh, xs2, nullptr), cudaSuccess);
+      ASSERT_EQ(cuda::LinearDecode(dw, xq, xs, n, y, Rounding::kNone, nullptr), cudaSuccess);
+      ASSERT_EQ(cuda::LinearDecode(dwb, xq, xs, n, y + n * rows, Rounding::kNone, nullptr), cudaSuccess);
+      const auto* codes = static_cast<const uint8_t*>(dw.values);
+      const cuda::GemvGroup groups[4] = {
+          {codes, dw.scales, dw.scale_cols, rows, cols, xq, xs, n, y + 2 * n * rows, dwb.scale_exps},
+          {codes, dw.scales, dw.scale_cols, rows, cols, xq, xs, n, y + 3 * n * rows, dwb.scale_exps},
+          {codes, dw.scales, dw.scale_cols, rows, cols, nullptr, xs2, n, y + 4 * n * rows, dwb.scale_exps, xh},
+          {codes, dw.scales, dw.scale_cols, rows, cols, nullptr, xs2, n, y + 5 * n * rows, dwb.scale_exps, xh}};
+      auto* dgroups = static_cast<const cuda::GemvGroup*>(Upload(groups, sizeof groups));
+      ASSERT_TRUE(cuda::GroupedFp4OnTensorCores(n, cols, true));
+      ASSERT_EQ(cuda::LinearDecodeGrouped(dgroups, 2, rows, n, cols, false, Rounding::kNone, nullptr, {true, false}),
+                cudaSuccess);
+      ASSERT_EQ(cuda::LinearDecodeGrouped(dgroups + 2, 2, rows, n, cols, false, Rounding::kNone, nullptr, {true, true}),
+                cudaSuccess);
+      // FP8 (the generic GEMV) cannot take scale bytes or f16 tokens: refused, never misread.
+      EXPECT_EQ(cuda::LinearDecodeGrouped(dgroups, 2, rows, n, cols, true, Rounding::kNone, nullptr, {true, false}),
+                cudaErrorInvalidValue);
+      EXPECT_EQ(cuda::LinearDecodeGrouped(dgroups, 2, rows, n, cols, true, Rounding::kNone, nullptr, {false, true}),
+                cudaErrorInvalidValue);
+      std::vector<float> got(parts * n * rows), s1(n * (cols / 128)), s2(s1.size());
+      ASSERT_EQ(cudaMemcpy(got.data(), y, got.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+      ASSERT_EQ(cudaMemcpy(s1.data(), xs, s1.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+      ASSERT_EQ(cudaMemcpy(s2.data(), xs2, s2.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+      for (const void* p : {dw.values, static_cast<const void*>(dw.scales), static_cast<const void*>(dwb.scale_exps),
+                            static_cast<const void*>(dx), static_cast<const void*>(xq), static_cast<const void*>(xh),
+                            static_cast<const void*>(xs), static_cast<const void*>(xs2), static_cast<const void*>(y),
+                            static_cast<const void*>(dgroups)})
+        cudaFree(const_cast<void*>(p));
+      EXPECT_EQ(s1, s2);
+      for (float v : got) ASSERT_FALSE(std::isnan(v)) << "cols " << cols << " n " << n;
+      for (int64_t part = 1; part < parts; ++part)
+        EXPECT_EQ(std::memcmp(got.data(), got.data() + part * n * rows, n * rows * 4), 0)
+            << "part " << part << " cols " << cols << " n " << n;
+    }
+}
+
 // The kernels add in the CPU reference's order (dot products, K blocks, online softmax) and both
 // backends round exp through double: outputs are bit-identical, not merely close.
 TEST_F(CudaOps, BitIdenticalToTheCpuReference) {
@@ -1207,6 +1270,27 @@ TEST(DeviceLayout, EncodeWeightGivesTheReferenceCodes) {
   ASSERT_EQ(p.values.size(), 16u);
   for (int c = 0; c < 32; ++c)
     EXPECT_EQ((p.values[c / 2] >> ((c & 1) * 4)) & 15, num::EncodeE2m1(f.values[c])) << "nibble " << c;
+}
+
+TEST(DeviceLayout, ScaleExponentsAreTheE8m0BytesOrNone) {
+  WeightMatrix w = RandomWeight(WeightFormat::kFp4Group32, 3, 256, 11);
+  const std::vector<uint8_t> exps = cuda::ScaleExponents(w);
+  ASSERT_EQ(exps.size(), w.scales.size());
+  for (size_t i = 0; i < exps.size(); ++i) EXPECT_EQ(std::ldexp(1.0f, exps[i] - 127), w.scales[i]) << i;
+  auto without = [&](float scale) {
+    WeightMatrix v = w;
+    v.scales[5] = scale;
+    return cuda::ScaleExponents(v).empty();
+  };
+  EXPECT_TRUE(without(0.75f));                     // not a power of two
+  EXPECT_TRUE(without(-0.5f));                     // negative
+  EXPECT_TRUE(without(0.0f));                      // E8M0 has no zero
+  EXPECT_TRUE(without(std::ldexp(1.0f, -127)));    // subnormal: byte 0's float bits would read 0
+  EXPECT_TRUE(without(std::numeric_limits<float>::infinity()));  // byte 255 is E8M0's NaN
+  EXPECT_FALSE(without(std::ldexp(1.0f, 127)));    // byte 254, the largest
+  EXPECT_FALSE(without(std::ldexp(1.0f, -126)));   // byte 1, the smallest
+  EXPECT_TRUE(cuda::ScaleExponents(RandomWeight(WeightFormat::kFp4Group32, 3, 128, 12)).empty());  // cols % 256
+  EXPECT_TRUE(cuda::ScaleExponents(RandomWeight(WeightFormat::kFp8Block128, 3, 256, 13)).empty());
 }
 
 // cuBLASLt is dlopen'ed by fast mode, not linked (it broke civetweb's port-0 binding when loaded

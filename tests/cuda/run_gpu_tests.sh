@@ -31,5 +31,5 @@ suite golden_test.cuda FLASHMEM_TEST_DEVICE=cuda:0 -- tests/golden_test
 suite golden_test.cuda-fast FLASHMEM_TEST_DEVICE=cuda:0 FLASHMEM_TEST_CUDA_KERNELS=fast -- tests/golden_test
 suite engine_test.cuda FLASHMEM_TEST_DEVICE=cuda:0 -- tests/engine_test
 [ -x .gpu/run/tests/lsa_engine_test ] && suite lsa_engine_test.cuda FLASHMEM_TEST_DEVICE=cuda:0 -- tests/lsa_engine_test
-suite indexer_golden_test.cuda FLASHMEM_TEST_DEVICE=cuda:0 -- tests/indexer_golden_test
+[ -x .gpu/run/tests/indexer_golden_test ] && suite indexer_golden_test.cuda FLASHMEM_TEST_DEVICE=cuda:0 -- tests/indexer_golden_test
 exit $fail

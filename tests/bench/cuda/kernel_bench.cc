@@ -2,7 +2,8 @@
 // copy bandwidth, cuBLAS bf16 GEMM rate). Times are CUDA-event medians over many launches after a
 // warm-up; inputs are random (never zeros) and rotated across copies larger than L2 where a kernel
 // streams weights. Prints a markdown table (docs/benchmarks.md records it with the command).
-//   kernel_bench [--quick]
+//   kernel_bench [--quick] [--only SECTION]   (sections: linear moe attention index topk recall
+//                                              elementwise hc; the ceilings always run)
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -132,10 +133,23 @@ std::string Pct(double v, double limit, const char* what) {
   return b;
 }
 
+std::string only;  // --only: the one section to run (empty: all)
+bool Want(const char* section) { return only.empty() || only == section; }
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+  bool quick = false;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--quick") == 0) {
+      quick = true;
+    } else if (std::strcmp(argv[i], "--only") == 0 && i + 1 < argc) {
+      only = argv[++i];
+    } else {
+      std::fprintf(stderr, "usage: kernel_bench [--quick] [--only SECTION]; unknown argument '%s'\n", argv[i]);
+      return 2;
+    }
+  }
   cudaDeviceProp prop{};
   CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
   std::printf("device: %s, %d SMs, L2 %d MB\n", prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20);
@@ -174,178 +188,239 @@ int main(int argc, char** argv) {
   cublasDestroy(blas);
 
   // ---- Linear (FP8 block-128 and FP4 group-32 weights) at decode and prefill sizes -----------
-  struct LinShape { WeightFormat f; int64_t rows, cols; const char* name; };
-  for (LinShape s : {LinShape{WeightFormat::kFp8Block128, 4096, 4096, "FP8 wq_b-like"},
-                     LinShape{WeightFormat::kFp4Group32, 2048, 4096, "FP4 expert w1"}}) {
-    const bool fp8 = s.f == WeightFormat::kFp8Block128;
-    const int64_t value_bytes = fp8 ? s.rows * s.cols : s.rows * s.cols / 2;
-    const int64_t scale_cols = fp8 ? (s.cols + 127) / 128 : s.cols / 32;
-    const int64_t scale_count = fp8 ? ((s.rows + 127) / 128) * scale_cols : s.rows * scale_cols;
-    const int copies = static_cast<int>(std::max<int64_t>(2, (int64_t{256} << 20) / value_bytes));  // > L2
-    std::vector<cu::DeviceWeight> ws(copies);
-    for (auto& w : ws) {
-      w.format = s.f;
-      w.rows = s.rows;
-      w.cols = s.cols;
-      w.values = DeviceRandomBytes(value_bytes, fp8 ? 1 : 0);
-      w.scales = DeviceRandomFloats(scale_count, 0, true);
-      w.scale_cols = scale_cols;
-    }
-    for (int64_t n : quick ? std::vector<int64_t>{1, 64} : std::vector<int64_t>{1, 2, 4, 8, 32, 64, 4096}) {
-      float* x = DeviceRandomFloats(n * s.cols, 1.0f);
-      float *xq, *xs, *y;
-      CHECK_CUDA(cudaMalloc(&xq, n * s.cols * 4));
-      CHECK_CUDA(cudaMalloc(&xs, n * (s.cols / 128) * 4));
-      CHECK_CUDA(cudaMalloc(&y, n * s.rows * 4));
-      const double us = TimeUs([&](int i) {
-        CHECK_CUDA(cu::QuantizeActivations(x, n, s.cols, xq, xs, nullptr));
-        CHECK_CUDA(cu::Linear(ws[i % copies], xq, xs, n, y, Rounding::kBf16, nullptr));
-      }, n >= 4096 ? 5 : 50, n >= 4096 ? 1 : 5);
-      const double bytes = static_cast<double>(ws[0].bytes()) + n * s.cols * 4.0 * 3 + n * s.rows * 4.0;
-      const double gbs = bytes / us / 1e3, tf = 2.0 * n * s.rows * s.cols / us / 1e6;
-      const std::string shape = std::to_string(n) + "x" + std::to_string(s.cols) + " -> " + std::to_string(s.rows);
-      rows.push_back({std::string("Linear (exact) ") + s.name, shape, us, gbs, tf,
-                      n >= 4096 ? Pct(tf, bf16_tflops, "bf16 GEMM") : Pct(gbs, hbm, "HBM")});
-      if (n <= 64) {
-        const double fus = TimeUs([&](int i) {
-          CHECK_CUDA(cu::QuantizeActivations(x, n, s.cols, xq, xs, nullptr));
-          CHECK_CUDA(cu::LinearDecode(ws[i % copies], xq, xs, n, y, Rounding::kBf16, nullptr));
-        });
-        const double fgbs = bytes / fus / 1e3;
-        rows.push_back({std::string("Linear decode (fast, + act quant) ") + s.name, shape, fus, fgbs, 2.0 * n * s.rows * s.cols / fus / 1e6,
-                        Pct(fgbs, hbm, "HBM")});
-        const double gus = TimeUs([&](int i) {
-          CHECK_CUDA(cu::LinearDecode(ws[i % copies], xq, xs, n, y, Rounding::kBf16, nullptr));
-        });
-        rows.push_back({std::string("Linear decode GEMV alone ") + s.name, shape, gus, bytes / gus / 1e3,
-                        2.0 * n * s.rows * s.cols / gus / 1e6, Pct(bytes / gus / 1e3, hbm, "HBM")});
+  if (Want("linear")) {
+    struct LinShape { WeightFormat f; int64_t rows, cols; const char* name; };
+    for (LinShape s : {LinShape{WeightFormat::kFp8Block128, 4096, 4096, "FP8 wq_b-like"},
+                       LinShape{WeightFormat::kFp4Group32, 2048, 4096, "FP4 expert w1"}}) {
+      const bool fp8 = s.f == WeightFormat::kFp8Block128;
+      const int64_t value_bytes = fp8 ? s.rows * s.cols : s.rows * s.cols / 2;
+      const int64_t scale_cols = fp8 ? (s.cols + 127) / 128 : s.cols / 32;
+      const int64_t scale_count = fp8 ? ((s.rows + 127) / 128) * scale_cols : s.rows * scale_cols;
+      const int copies = static_cast<int>(std::max<int64_t>(2, (int64_t{256} << 20) / value_bytes));  // > L2
+      std::vector<cu::DeviceWeight> ws(copies);
+      for (auto& w : ws) {
+        w.format = s.f;
+        w.rows = s.rows;
+        w.cols = s.cols;
+        w.values = DeviceRandomBytes(value_bytes, fp8 ? 1 : 0);
+        w.scales = DeviceRandomFloats(scale_count, 0, true);
+        w.scale_cols = scale_cols;
       }
-      for (void* p : {static_cast<void*>(x), static_cast<void*>(xq), static_cast<void*>(xs), static_cast<void*>(y)})
-        CHECK_CUDA(cudaFree(p));
-    }
-    if (fp8) {  // cuBLASLt block-scaled FP8 (the fast mode's prefill path)
-      cu::LtContext lt;
-      float* lt_scales = DeviceRandomFloats(((s.rows + 127) / 128) * ((s.cols / 128 + 3) / 4 * 4), 0, true);
-      for (int64_t n : quick ? std::vector<int64_t>{64, 4096} : std::vector<int64_t>{16, 64, 512, 4096}) {
+      for (int64_t n : quick ? std::vector<int64_t>{1, 64} : std::vector<int64_t>{1, 2, 4, 8, 32, 64, 4096}) {
         float* x = DeviceRandomFloats(n * s.cols, 1.0f);
-        uint8_t* codes = nullptr;
-        float* st = nullptr;
-        float* yb = nullptr;  // fp32 out, as the backend runs it
-        CHECK_CUDA(cudaMalloc(&codes, n * s.cols));
-        CHECK_CUDA(cudaMalloc(&st, n * (s.cols / 128) * 4));
-        CHECK_CUDA(cudaMalloc(&yb, n * s.rows * 4));
-        CHECK_CUDA(cu::QuantizeActivationsFp8(x, n, s.cols, codes, st, n, nullptr));
-        if (cu::LinearFp8Lt(lt, ws[0], lt_scales, codes, st, n, yb, cu::LtOutput::kF32, nullptr) != cudaSuccess) {
-          std::printf("cuBLASLt refused %lldx%lld -> %lld: %s\n", static_cast<long long>(n), static_cast<long long>(s.cols),
-                      static_cast<long long>(s.rows), lt.last_error().c_str());
-          for (void* p : {static_cast<void*>(x), static_cast<void*>(codes), static_cast<void*>(st), static_cast<void*>(yb)})
-            CHECK_CUDA(cudaFree(p));
-          continue;
+        float *xq, *xs, *y;
+        CHECK_CUDA(cudaMalloc(&xq, n * s.cols * 4));
+        CHECK_CUDA(cudaMalloc(&xs, n * (s.cols / 128) * 4));
+        CHECK_CUDA(cudaMalloc(&y, n * s.rows * 4));
+        const double us = TimeUs([&](int i) {
+          CHECK_CUDA(cu::QuantizeActivations(x, n, s.cols, xq, xs, nullptr));
+          CHECK_CUDA(cu::Linear(ws[i % copies], xq, xs, n, y, Rounding::kBf16, nullptr));
+        }, n >= 4096 ? 5 : 50, n >= 4096 ? 1 : 5);
+        const double bytes = static_cast<double>(ws[0].bytes()) + n * s.cols * 4.0 * 3 + n * s.rows * 4.0;
+        const double gbs = bytes / us / 1e3, tf = 2.0 * n * s.rows * s.cols / us / 1e6;
+        const std::string shape = std::to_string(n) + "x" + std::to_string(s.cols) + " -> " + std::to_string(s.rows);
+        rows.push_back({std::string("Linear (exact) ") + s.name, shape, us, gbs, tf,
+                        n >= 4096 ? Pct(tf, bf16_tflops, "bf16 GEMM") : Pct(gbs, hbm, "HBM")});
+        if (n <= 64) {
+          const double fus = TimeUs([&](int i) {
+            CHECK_CUDA(cu::QuantizeActivations(x, n, s.cols, xq, xs, nullptr));
+            CHECK_CUDA(cu::LinearDecode(ws[i % copies], xq, xs, n, y, Rounding::kBf16, nullptr));
+          });
+          const double fgbs = bytes / fus / 1e3;
+          rows.push_back({std::string("Linear decode (fast, + act quant) ") + s.name, shape, fus, fgbs, 2.0 * n * s.rows * s.cols / fus / 1e6,
+                          Pct(fgbs, hbm, "HBM")});
+          const double gus = TimeUs([&](int i) {
+            CHECK_CUDA(cu::LinearDecode(ws[i % copies], xq, xs, n, y, Rounding::kBf16, nullptr));
+          });
+          rows.push_back({std::string("Linear decode GEMV alone ") + s.name, shape, gus, bytes / gus / 1e3,
+                          2.0 * n * s.rows * s.cols / gus / 1e6, Pct(bytes / gus / 1e3, hbm, "HBM")});
         }
-        const double gus = TimeUs([&](int i) {
-          CHECK_CUDA(cu::LinearFp8Lt(lt, ws[i % copies], lt_scales, codes, st, n, yb, cu::LtOutput::kF32, nullptr));
-        }, n >= 4096 ? 20 : 50);
-        const double qus = TimeUs([&](int) { CHECK_CUDA(cu::QuantizeActivationsFp8(x, n, s.cols, codes, st, n, nullptr)); });
-        const double tf = 2.0 * n * s.rows * s.cols / gus / 1e6;
-        const double bytes = static_cast<double>(ws[0].bytes()) + n * s.cols + n * s.rows * 2.0;
-        rows.push_back({std::string("cuBLASLt FP8 block-scaled ") + s.name,
-                        std::to_string(n) + "x" + std::to_string(s.cols) + " -> " + std::to_string(s.rows) +
-                            " (+" + std::to_string(static_cast<int>(qus)) + " us act quant)",
-                        gus, bytes / gus / 1e3, tf, n >= 512 ? Pct(tf, bf16_tflops, "bf16 GEMM") : Pct(bytes / gus / 1e3, hbm, "HBM")});
-        for (void* p : {static_cast<void*>(x), static_cast<void*>(codes), static_cast<void*>(st), static_cast<void*>(yb)})
+        for (void* p : {static_cast<void*>(x), static_cast<void*>(xq), static_cast<void*>(xs), static_cast<void*>(y)})
           CHECK_CUDA(cudaFree(p));
       }
-      CHECK_CUDA(cudaFree(lt_scales));
-      // The fast mode's path from 16 tokens: the weight dequantized to bf16 (2 B per value), act_quant
-      // into bf16, the bf16 tensor cores with fp32 sums (the reference's product up to summation order).
-      cu::DeviceWeight deq;
-      deq.rows = s.rows;
-      deq.cols = s.cols;
-      deq.dense_bf16 = true;
-      deq.values = DeviceRandomBytes(size_t(s.rows) * s.cols * 2);  // timing only: the values do not matter
-      for (int64_t n : quick ? std::vector<int64_t>{64, 4096} : std::vector<int64_t>{1, 2, 4, 8, 16, 64, 512, 4096}) {
-        float* x = DeviceRandomFloats(n * s.cols, 1.0f);
-        __nv_bfloat16* xb = nullptr;
-        float* y = nullptr;
-        CHECK_CUDA(cudaMalloc(&xb, n * s.cols * 2));
-        CHECK_CUDA(cudaMalloc(&y, n * s.rows * 4));
-        CHECK_CUDA(cu::QuantizeActivationsBf16(x, n, s.cols, n, xb, nullptr));
-        if (cu::LinearBf16Lt(lt, deq, xb, n, y, nullptr) != cudaSuccess) {
-          std::printf("cuBLASLt bf16 refused %lld tokens: %s\n", static_cast<long long>(n), lt.last_error().c_str());
-        } else {
-          const double gus = TimeUs([&](int) { CHECK_CUDA(cu::LinearBf16Lt(lt, deq, xb, n, y, nullptr)); }, n >= 4096 ? 20 : 50);
-          const double qus = TimeUs([&](int) { CHECK_CUDA(cu::QuantizeActivationsBf16(x, n, s.cols, n, xb, nullptr)); });
+      if (fp8) {  // cuBLASLt block-scaled FP8 (the fast mode's prefill path)
+        cu::LtContext lt;
+        float* lt_scales = DeviceRandomFloats(((s.rows + 127) / 128) * ((s.cols / 128 + 3) / 4 * 4), 0, true);
+        for (int64_t n : quick ? std::vector<int64_t>{64, 4096} : std::vector<int64_t>{16, 64, 512, 4096}) {
+          float* x = DeviceRandomFloats(n * s.cols, 1.0f);
+          uint8_t* codes = nullptr;
+          float* st = nullptr;
+          float* yb = nullptr;  // fp32 out, as the backend runs it
+          CHECK_CUDA(cudaMalloc(&codes, n * s.cols));
+          CHECK_CUDA(cudaMalloc(&st, n * (s.cols / 128) * 4));
+          CHECK_CUDA(cudaMalloc(&yb, n * s.rows * 4));
+          CHECK_CUDA(cu::QuantizeActivationsFp8(x, n, s.cols, codes, st, n, nullptr));
+          if (cu::LinearFp8Lt(lt, ws[0], lt_scales, codes, st, n, yb, cu::LtOutput::kF32, nullptr) != cudaSuccess) {
+            std::printf("cuBLASLt refused %lldx%lld -> %lld: %s\n", static_cast<long long>(n), static_cast<long long>(s.cols),
+                        static_cast<long long>(s.rows), lt.last_error().c_str());
+            for (void* p : {static_cast<void*>(x), static_cast<void*>(codes), static_cast<void*>(st), static_cast<void*>(yb)})
+              CHECK_CUDA(cudaFree(p));
+            continue;
+          }
+          const double gus = TimeUs([&](int i) {
+            CHECK_CUDA(cu::LinearFp8Lt(lt, ws[i % copies], lt_scales, codes, st, n, yb, cu::LtOutput::kF32, nullptr));
+          }, n >= 4096 ? 20 : 50);
+          const double qus = TimeUs([&](int) { CHECK_CUDA(cu::QuantizeActivationsFp8(x, n, s.cols, codes, st, n, nullptr)); });
           const double tf = 2.0 * n * s.rows * s.cols / gus / 1e6;
-          const double bytes = s.rows * s.cols * 2.0 + n * s.cols * 2.0 + n * s.rows * 4.0;
-          rows.push_back({std::string("bf16 tensor cores on dequantized FP8 (fast) ") + s.name,
-                          std::to_string(n) + "x" + std::to_string(s.cols) + " -> " + std::to_string(s.rows) + " (+" +
-                              std::to_string(static_cast<int>(qus)) + " us act quant)",
-                          gus, bytes / gus / 1e3, tf,
-                          n >= 512 ? Pct(tf, bf16_tflops, "bf16 GEMM") : Pct(bytes / gus / 1e3, hbm, "HBM")});
+          const double bytes = static_cast<double>(ws[0].bytes()) + n * s.cols + n * s.rows * 2.0;
+          rows.push_back({std::string("cuBLASLt FP8 block-scaled ") + s.name,
+                          std::to_string(n) + "x" + std::to_string(s.cols) + " -> " + std::to_string(s.rows) +
+                              " (+" + std::to_string(static_cast<int>(qus)) + " us act quant)",
+                          gus, bytes / gus / 1e3, tf, n >= 512 ? Pct(tf, bf16_tflops, "bf16 GEMM") : Pct(bytes / gus / 1e3, hbm, "HBM")});
+          for (void* p : {static_cast<void*>(x), static_cast<void*>(codes), static_cast<void*>(st), static_cast<void*>(yb)})
+            CHECK_CUDA(cudaFree(p));
         }
-        for (void* p : {static_cast<void*>(x), static_cast<void*>(xb), static_cast<void*>(y)}) CHECK_CUDA(cudaFree(p));
+        CHECK_CUDA(cudaFree(lt_scales));
+        // The fast mode's path from 16 tokens: the weight dequantized to bf16 (2 B per value), act_quant
+        // into bf16, the bf16 tensor cores with fp32 sums (the reference's product up to summation order).
+        cu::DeviceWeight deq;
+        deq.rows = s.rows;
+        deq.cols = s.cols;
+        deq.dense_bf16 = true;
+        deq.values = DeviceRandomBytes(size_t(s.rows) * s.cols * 2);  // timing only: the values do not matter
+        for (int64_t n : quick ? std::vector<int64_t>{64, 4096} : std::vector<int64_t>{1, 2, 4, 8, 16, 64, 512, 4096}) {
+          float* x = DeviceRandomFloats(n * s.cols, 1.0f);
+          __nv_bfloat16* xb = nullptr;
+          float* y = nullptr;
+          CHECK_CUDA(cudaMalloc(&xb, n * s.cols * 2));
+          CHECK_CUDA(cudaMalloc(&y, n * s.rows * 4));
+          CHECK_CUDA(cu::QuantizeActivationsBf16(x, n, s.cols, n, xb, nullptr));
+          if (cu::LinearBf16Lt(lt, deq, xb, n, y, nullptr) != cudaSuccess) {
+            std::printf("cuBLASLt bf16 refused %lld tokens: %s\n", static_cast<long long>(n), lt.last_error().c_str());
+          } else {
+            const double gus = TimeUs([&](int) { CHECK_CUDA(cu::LinearBf16Lt(lt, deq, xb, n, y, nullptr)); }, n >= 4096 ? 20 : 50);
+            const double qus = TimeUs([&](int) { CHECK_CUDA(cu::QuantizeActivationsBf16(x, n, s.cols, n, xb, nullptr)); });
+            const double tf = 2.0 * n * s.rows * s.cols / gus / 1e6;
+            const double bytes = s.rows * s.cols * 2.0 + n * s.cols * 2.0 + n * s.rows * 4.0;
+            rows.push_back({std::string("bf16 tensor cores on dequantized FP8 (fast) ") + s.name,
+                            std::to_string(n) + "x" + std::to_string(s.cols) + " -> " + std::to_string(s.rows) + " (+" +
+                                std::to_string(static_cast<int>(qus)) + " us act quant)",
+                            gus, bytes / gus / 1e3, tf,
+                            n >= 512 ? Pct(tf, bf16_tflops, "bf16 GEMM") : Pct(bytes / gus / 1e3, hbm, "HBM")});
+          }
+          for (void* p : {static_cast<void*>(x), static_cast<void*>(xb), static_cast<void*>(y)}) CHECK_CUDA(cudaFree(p));
+        }
+        CHECK_CUDA(cudaFree(const_cast<void*>(deq.values)));
       }
-      CHECK_CUDA(cudaFree(const_cast<void*>(deq.values)));
-    }
-    for (auto& w : ws) {
-      CHECK_CUDA(cudaFree(const_cast<void*>(w.values)));
-      CHECK_CUDA(cudaFree(const_cast<float*>(w.scales)));
+      for (auto& w : ws) {
+        CHECK_CUDA(cudaFree(const_cast<void*>(w.values)));
+        CHECK_CUDA(cudaFree(const_cast<float*>(w.scales)));
+      }
     }
   }
 
   // ---- MoE layer: the routed experts' FP4 GEMVs grouped in two launches (fast mode, decode) -------
-  // V4-Flash expert shapes (dim 4096, inter 2048): w1 and w3 of every active expert in one launch,
-  // then every w2; bytes = the FP4 weights and their scales, each read once.
-  for (auto [experts, tokens] : {std::pair<int, int>{6, 1}, std::pair<int, int>{16, 4}}) {
-    const int64_t dim = 4096, inter = 2048;
-    std::vector<cu::GemvGroup> up(2 * experts), down(experts);
-    std::vector<void*> owned;
-    auto fp4 = [&](int64_t rows, int64_t k) {
-      void* w = DeviceRandomBytes(size_t(rows) * k / 2);
-      float* s = DeviceRandomFloats(size_t(rows) * (k / 32), 0, true);
-      owned.push_back(w);
-      owned.push_back(s);
-      return std::pair<const uint8_t*, const float*>(static_cast<const uint8_t*>(w), s);
-    };
-    float* xq = DeviceRandomFloats(size_t(tokens) * dim, 1.0f);
-    float* xs = DeviceRandomFloats(size_t(tokens) * (dim / 128), 0, true);
-    float* hq = DeviceRandomFloats(size_t(tokens) * inter, 1.0f);
-    float* hs = DeviceRandomFloats(size_t(tokens) * (inter / 128), 0, true);
-    float* y = nullptr;
-    CHECK_CUDA(cudaMalloc(&y, size_t(3) * experts * tokens * dim * 4));
-    for (int e = 0; e < experts; ++e) {
-      for (int j = 0; j < 2; ++j) {
-        auto [w, s] = fp4(inter, dim);
-        up[j * experts + e] = {w, s, dim / 32, inter, dim, xq, xs, tokens, y + (size_t(j) * experts + e) * tokens * inter};
-      }
-      auto [w, s] = fp4(dim, inter);
-      down[e] = {w, s, inter / 32, dim, inter, hq, hs, tokens, y + (size_t(2) * experts + e) * tokens * dim};
+  // V4-Flash expert shapes (dim 4096, inter 2048) out of its 256 experts: w1 and w3 of every
+  // active expert in one launch, then every w2; bytes = the FP4 codes and their scales, each read
+  // once — fp32 scales, or the checkpoint's E8M0 bytes as fast mode uploads them. Routings: one
+  // token (6 experts), 16 experts x 4 tokens, and a batch of 64 tokens each routed to 6 of the
+  // 256 at random (~200 experts touched, 1-6 tokens each: what a batch-64 decode step reads).
+  if (Want("moe")) {
+    const int64_t dim = 4096, inter = 2048, pool = 256, mat_codes = dim * inter / 2, mat_groups = dim * inter / 32;
+    uint8_t* codes = nullptr;  // [pool][3][mat_codes]: w1, w3, w2
+    CHECK_CUDA(cudaMalloc(&codes, size_t(pool) * 3 * mat_codes));
+    {
+      void* block = DeviceRandomBytes(size_t(mat_codes));
+      for (int64_t m = 0; m < pool * 3; ++m)
+        CHECK_CUDA(cudaMemcpy(codes + m * mat_codes, block, mat_codes, cudaMemcpyDeviceToDevice));
+      CHECK_CUDA(cudaFree(block));
     }
-    cu::GemvGroup *dup = nullptr, *ddown = nullptr;
-    CHECK_CUDA(cudaMalloc(&dup, up.size() * sizeof(cu::GemvGroup)));
-    CHECK_CUDA(cudaMalloc(&ddown, down.size() * sizeof(cu::GemvGroup)));
-    CHECK_CUDA(cudaMemcpy(dup, up.data(), up.size() * sizeof(cu::GemvGroup), cudaMemcpyHostToDevice));
-    CHECK_CUDA(cudaMemcpy(ddown, down.data(), down.size() * sizeof(cu::GemvGroup), cudaMemcpyHostToDevice));
-    auto layer = [&](cudaStream_t s) {  // w1 and w3 of every expert, then every w2
-      CHECK_CUDA(cu::LinearDecodeGrouped(dup, 2 * experts, inter, tokens, dim, false, Rounding::kBf16, s));
-      CHECK_CUDA(cu::LinearDecodeGrouped(ddown, experts, dim, tokens, inter, false, Rounding::kBf16, s));
-    };
-    const double bytes = 3.0 * experts * (dim * inter / 2.0 + dim * inter / 32.0 * 4);
-    const double flop = 2.0 * 3 * experts * tokens * dim * inter;
-    const std::string shape = std::to_string(experts) + " experts x " + std::to_string(tokens) + " tok, 4096 <-> 2048";
-    auto add = [&](const char* name, double us) {
-      rows.push_back({name, shape, us, bytes / us / 1e3, flop / us / 1e6, Pct(bytes / us / 1e3, hbm, "HBM")});
-    };
-    add("MoE routed experts, FP4, grouped GEMV (2 launches)", TimeUs([&](int) { layer(nullptr); }));
-    add("same, graph replays back to back (no host launch latency per layer)", TimeGraphUs(layer));
-    for (void* p : owned) CHECK_CUDA(cudaFree(p));
-    for (void* p : {static_cast<void*>(xq), static_cast<void*>(xs), static_cast<void*>(hq), static_cast<void*>(hs),
-                    static_cast<void*>(y), static_cast<void*>(dup), static_cast<void*>(ddown)})
+    std::vector<uint8_t> exps_h(size_t(pool) * 3 * mat_groups);
+    std::vector<float> scales_h(exps_h.size());
+    for (size_t i = 0; i < exps_h.size(); ++i) {
+      exps_h[i] = static_cast<uint8_t>(118 + rng() % 7);  // 2^-9 .. 2^-3
+      scales_h[i] = std::ldexp(1.0f, exps_h[i] - 127);
+    }
+    uint8_t* exps = nullptr;
+    float* scales = nullptr;
+    CHECK_CUDA(cudaMalloc(&exps, exps_h.size()));
+    CHECK_CUDA(cudaMalloc(&scales, scales_h.size() * 4));
+    CHECK_CUDA(cudaMemcpy(exps, exps_h.data(), exps_h.size(), cudaMemcpyHostToDevice));
+    CHECK_CUDA(cudaMemcpy(scales, scales_h.data(), scales_h.size() * 4, cudaMemcpyHostToDevice));
+    struct Routing { const char* shape; std::vector<int> tokens_of; };  // tokens per expert of the pool
+    std::vector<Routing> routings;
+    routings.push_back({"6 experts x 1 tok", std::vector<int>(pool, 0)});
+    for (int e = 0; e < 6; ++e) routings.back().tokens_of[e * 41] = 1;
+    routings.push_back({"16 experts x 4 tok", std::vector<int>(pool, 0)});
+    for (int e = 0; e < 16; ++e) routings.back().tokens_of[e * 16] = 4;
+    routings.push_back({"64 tok, top-6 of 256 experts", std::vector<int>(pool, 0)});
+    for (int t = 0; t < 64; ++t) {
+      std::vector<int> picked;
+      while (picked.size() < 6) {
+        const int e = static_cast<int>(rng() % pool);
+        if (std::find(picked.begin(), picked.end(), e) == picked.end()) picked.push_back(e);
+      }
+      for (int e : picked) ++routings.back().tokens_of[e];
+    }
+    for (const Routing& r : routings) {
+      std::vector<int64_t> active;
+      int64_t m = 0, max_n = 0;
+      for (int64_t e = 0; e < pool; ++e)
+        if (r.tokens_of[e] > 0) {
+          active.push_back(e);
+          m += r.tokens_of[e];
+          max_n = std::max<int64_t>(max_n, r.tokens_of[e]);
+        }
+      const int64_t E = static_cast<int64_t>(active.size());
+      float* xq = DeviceRandomFloats(size_t(m) * dim, 1.0f);  // every expert's rows end to end
+      float* xs = DeviceRandomFloats(size_t(m) * (dim / 128), 0, true);
+      float* hq = DeviceRandomFloats(size_t(m) * inter, 1.0f);
+      float* hs = DeviceRandomFloats(size_t(m) * (inter / 128), 0, true);
+      uint16_t *xh = nullptr, *hh = nullptr;  // the same tokens as f16 in the MMA's order (fast mode's form)
+      float* junk = nullptr;
+      CHECK_CUDA(cudaMalloc(&xh, size_t(m) * dim * 2));
+      CHECK_CUDA(cudaMalloc(&hh, size_t(m) * inter * 2));
+      CHECK_CUDA(cudaMalloc(&junk, size_t(m) * (dim / 128) * 4));
+      CHECK_CUDA(cu::QuantizeActivationsMmaF16(xq, m, dim, xh, junk, nullptr));
+      CHECK_CUDA(cu::QuantizeActivationsMmaF16(hq, m, inter, hh, junk, nullptr));
+      float* y = nullptr;
+      CHECK_CUDA(cudaMalloc(&y, size_t(m) * (2 * inter + dim) * 4));
+      std::vector<cu::GemvGroup> tab(3 * E);
+      for (int64_t i = 0, r0 = 0; i < E; r0 += r.tokens_of[active[i]], ++i) {
+        const int64_t n = r.tokens_of[active[i]];
+        auto group = [&](int mat, int64_t rows_n, int64_t k, const float* x, const uint16_t* x16, const float* x_s,
+                         float* out) {
+          const int64_t at = active[i] * 3 + mat;
+          return cu::GemvGroup{codes + at * mat_codes, scales + at * mat_groups, k / 32, rows_n, k, x, x_s, n, out,
+                               exps + at * mat_groups, x16};
+        };
+        tab[i] = group(0, inter, dim, xq + r0 * dim, xh + r0 * dim, xs + r0 * (dim / 128), y + r0 * inter);
+        tab[E + i] = group(1, inter, dim, xq + r0 * dim, xh + r0 * dim, xs + r0 * (dim / 128), y + (m + r0) * inter);
+        tab[2 * E + i] = group(2, dim, inter, hq + r0 * inter, hh + r0 * inter, hs + r0 * (inter / 128),
+                               y + 2 * m * inter + r0 * dim);
+      }
+      cu::GemvGroup* dtab = nullptr;
+      CHECK_CUDA(cudaMalloc(&dtab, tab.size() * sizeof(cu::GemvGroup)));
+      CHECK_CUDA(cudaMemcpy(dtab, tab.data(), tab.size() * sizeof(cu::GemvGroup), cudaMemcpyHostToDevice));
+      const double flop = 2.0 * 3 * m * dim * inter;
+      const std::string shape = std::string(r.shape) + " (" + std::to_string(E) + " experts, max " +
+                                std::to_string(max_n) + " tok), 4096 <-> 2048";
+      // fp32 scales and tokens (before 2026-12); E8M0 scale bytes; and with f16 tokens (fast mode now).
+      for (cu::GemvInputs in : {cu::GemvInputs{false, false}, cu::GemvInputs{true, false}, cu::GemvInputs{true, true}}) {
+        auto layer = [&](cudaStream_t s) {  // w1 and w3 of every expert, then every w2
+          CHECK_CUDA(cu::LinearDecodeGrouped(dtab, 2 * E, inter, max_n, dim, false, Rounding::kBf16, s, in));
+          CHECK_CUDA(cu::LinearDecodeGrouped(dtab + 2 * E, E, dim, max_n, inter, false, Rounding::kBf16, s, in));
+        };
+        const double bytes = 3.0 * E * (mat_codes + mat_groups * (in.scale_bytes ? 1.0 : 4.0));
+        auto add = [&](std::string name, double us) {
+          rows.push_back({name + (in.scale_bytes ? ", E8M0 scale bytes" : ", fp32 scales") +
+                              (in.f16_activations ? ", f16 tokens" : ", fp32 tokens"),
+                          shape, us, bytes / us / 1e3, flop / us / 1e6, Pct(bytes / us / 1e3, hbm, "HBM")});
+        };
+        add("MoE routed experts, FP4, grouped GEMV (2 launches)", TimeUs([&](int) { layer(nullptr); }));
+        add("same, graph replays back to back", TimeGraphUs(layer));
+      }
+      for (void* p : {static_cast<void*>(xq), static_cast<void*>(xs), static_cast<void*>(hq), static_cast<void*>(hs),
+                      static_cast<void*>(xh), static_cast<void*>(hh), static_cast<void*>(junk), static_cast<void*>(y),
+                      static_cast<void*>(dtab)})
+        CHECK_CUDA(cudaFree(p));
+    }
+    for (void* p : {static_cast<void*>(codes), static_cast<void*>(exps), static_cast<void*>(scales)})
       CHECK_CUDA(cudaFree(p));
   }
 
   // ---- sparse MQA over paged 584-B FP8 records (V4-Flash: h_q 64, 128 window + 512 CSA slots) ---
-  {
+  if (Want("attention")) {
     const int64_t heads = 64, n = 640, B = 64, pages = 4096, entries = pages * B;  // 153 MB of records
     uint8_t* recs = static_cast<uint8_t*>(DeviceRandomBytes(size_t(pages) * B * cu::kRecordBytes, 1));
     // Scale bytes stay in a sane range: rewrite every page's scale area.
@@ -384,99 +459,105 @@ int main(int argc, char** argv) {
   }
 
   // ---- lightning-indexer scores and memory-indexer logits over a long history -----------------
-  for (int64_t keys_n : quick ? std::vector<int64_t>{16384} : std::vector<int64_t>{16384, 65536}) {
-    const int64_t heads = 64, dim = 128;
-    float *q = DeviceRandomFloats(heads * dim, 1.0f), *w = DeviceRandomFloats(heads, 0.5f),
-          *keys = DeviceRandomFloats(keys_n * dim, 1.0f), *out;
-    uint8_t* valid = static_cast<uint8_t*>(DeviceRandomBytes(keys_n));
-    CHECK_CUDA(cudaMalloc(&out, keys_n * 4));
-    const double us = TimeUs([&](int) { CHECK_CUDA(cu::IndexScores(q, w, heads, dim, keys, keys_n, out, nullptr)); });
-    const double bytes = keys_n * dim * 4.0;
-    rows.push_back({"lightning-indexer scores", std::to_string(keys_n) + " keys, 64 heads", us, bytes / us / 1e3,
-                    2.0 * keys_n * heads * dim / us / 1e6, Pct(bytes / us / 1e3, hbm, "HBM")});
-    const double us2 = TimeUs([&](int) {
-      CHECK_CUDA(cu::IndexerLogits(q, w, heads, dim, keys, valid, keys_n, out, nullptr));
-    });
-    rows.push_back({"memory-indexer logits", std::to_string(keys_n) + " keys, 64 heads", us2, bytes / us2 / 1e3,
-                    2.0 * keys_n * heads * dim / us2 / 1e6, Pct(bytes / us2 / 1e3, hbm, "HBM")});
-    for (void* p : {static_cast<void*>(q), static_cast<void*>(w), static_cast<void*>(keys), static_cast<void*>(out),
-                    static_cast<void*>(valid)})
-      CHECK_CUDA(cudaFree(p));
+  if (Want("index")) {
+    for (int64_t keys_n : quick ? std::vector<int64_t>{16384} : std::vector<int64_t>{16384, 65536}) {
+      const int64_t heads = 64, dim = 128;
+      float *q = DeviceRandomFloats(heads * dim, 1.0f), *w = DeviceRandomFloats(heads, 0.5f),
+            *keys = DeviceRandomFloats(keys_n * dim, 1.0f), *out;
+      uint8_t* valid = static_cast<uint8_t*>(DeviceRandomBytes(keys_n));
+      CHECK_CUDA(cudaMalloc(&out, keys_n * 4));
+      const double us = TimeUs([&](int) { CHECK_CUDA(cu::IndexScores(q, w, heads, dim, keys, keys_n, out, nullptr)); });
+      const double bytes = keys_n * dim * 4.0;
+      rows.push_back({"lightning-indexer scores", std::to_string(keys_n) + " keys, 64 heads", us, bytes / us / 1e3,
+                      2.0 * keys_n * heads * dim / us / 1e6, Pct(bytes / us / 1e3, hbm, "HBM")});
+      const double us2 = TimeUs([&](int) {
+        CHECK_CUDA(cu::IndexerLogits(q, w, heads, dim, keys, valid, keys_n, out, nullptr));
+      });
+      rows.push_back({"memory-indexer logits", std::to_string(keys_n) + " keys, 64 heads", us2, bytes / us2 / 1e3,
+                      2.0 * keys_n * heads * dim / us2 / 1e6, Pct(bytes / us2 / 1e3, hbm, "HBM")});
+      for (void* p : {static_cast<void*>(q), static_cast<void*>(w), static_cast<void*>(keys), static_cast<void*>(out),
+                      static_cast<void*>(valid)})
+        CHECK_CUDA(cudaFree(p));
+    }
   }
 
   // ---- the same scores over key runs (pages of 64 keys) of a batch of queries, as a decode step
   // scores them from the KV reserve: the exact kernel (per-key arrays expanded on the device) and
   // fast mode's tensor cores. b = 64 x 16,384 keys is a 64K-token context (compression 4) --------
-  for (int64_t b : quick ? std::vector<int64_t>{64} : std::vector<int64_t>{8, 64}) {  // keys past L2's 60 MB
-    const int64_t heads = 64, dim = 128, per_query = 16384, runs = b * per_query / 64;
-    const int64_t keys_n = b * per_query;
-    float *q = DeviceRandomFloats(b * heads * dim, 1.0f), *w = DeviceRandomFloats(b * heads, 0.5f),
-          *keys = DeviceRandomFloats(keys_n * dim, 1.0f), *out;
-    std::vector<int32_t> first(runs), query(runs), start(runs), count(runs, 64);
-    for (int64_t r = 0; r < runs; ++r) {
-      const int64_t page = (r * 7919) % runs;  // pages scattered over the reserve
-      first[r] = static_cast<int32_t>(page * 64);
-      query[r] = static_cast<int32_t>(r / (per_query / 64));
-      start[r] = static_cast<int32_t>(r * 64);
+  if (Want("index")) {
+    for (int64_t b : quick ? std::vector<int64_t>{64} : std::vector<int64_t>{8, 64}) {  // keys past L2's 60 MB
+      const int64_t heads = 64, dim = 128, per_query = 16384, runs = b * per_query / 64;
+      const int64_t keys_n = b * per_query;
+      float *q = DeviceRandomFloats(b * heads * dim, 1.0f), *w = DeviceRandomFloats(b * heads, 0.5f),
+            *keys = DeviceRandomFloats(keys_n * dim, 1.0f), *out;
+      std::vector<int32_t> first(runs), query(runs), start(runs), count(runs, 64);
+      for (int64_t r = 0; r < runs; ++r) {
+        const int64_t page = (r * 7919) % runs;  // pages scattered over the reserve
+        first[r] = static_cast<int32_t>(page * 64);
+        query[r] = static_cast<int32_t>(r / (per_query / 64));
+        start[r] = static_cast<int32_t>(r * 64);
+      }
+      int32_t *dfirst, *dquery, *dstart, *dcount, *dr, *dqo;
+      for (auto [d, h] : {std::pair{&dfirst, &first}, std::pair{&dquery, &query}, std::pair{&dstart, &start},
+                          std::pair{&dcount, &count}}) {
+        CHECK_CUDA(cudaMalloc(d, runs * 4));
+        CHECK_CUDA(cudaMemcpy(*d, h->data(), runs * 4, cudaMemcpyHostToDevice));
+      }
+      CHECK_CUDA(cudaMalloc(&dr, keys_n * 4));
+      CHECK_CUDA(cudaMalloc(&dqo, keys_n * 4));
+      CHECK_CUDA(cudaMalloc(&out, keys_n * 4));
+      const double bytes = keys_n * dim * 4.0 + b * heads * dim * 4.0 + keys_n * 4.0;
+      const std::string shape = std::to_string(b) + " x " + std::to_string(per_query) + " keys, 64 heads";
+      const double exact_us = TimeUs([&](int) {
+        CHECK_CUDA(cu::ExpandKeyRuns(dfirst, dquery, dstart, dcount, runs, dr, dqo, nullptr));
+        CHECK_CUDA(cu::IndexScoresRows(q, w, heads, dim, keys, dr, dqo, keys_n, out, nullptr));
+      }, 10, 2);
+      rows.push_back({"lightning-indexer scores over key runs (exact)", shape, exact_us, bytes / exact_us / 1e3,
+                      2.0 * keys_n * heads * dim / exact_us / 1e6, Pct(bytes / exact_us / 1e3, hbm, "HBM")});
+      const double mma_us = TimeUs([&](int) {
+        CHECK_CUDA(cu::IndexScoresRunsMma(q, w, heads, dim, keys, dfirst, dquery, dstart, dcount, runs, out, nullptr));
+      });
+      rows.push_back({"lightning-indexer scores over key runs (fast: mma.sync bf16)", shape, mma_us, bytes / mma_us / 1e3,
+                      2.0 * keys_n * heads * dim / mma_us / 1e6, Pct(bytes / mma_us / 1e3, hbm, "HBM")});
+      for (void* p : {static_cast<void*>(q), static_cast<void*>(w), static_cast<void*>(keys), static_cast<void*>(out),
+                      static_cast<void*>(dfirst), static_cast<void*>(dquery), static_cast<void*>(dstart),
+                      static_cast<void*>(dcount), static_cast<void*>(dr), static_cast<void*>(dqo)})
+        CHECK_CUDA(cudaFree(p));
     }
-    int32_t *dfirst, *dquery, *dstart, *dcount, *dr, *dqo;
-    for (auto [d, h] : {std::pair{&dfirst, &first}, std::pair{&dquery, &query}, std::pair{&dstart, &start},
-                        std::pair{&dcount, &count}}) {
-      CHECK_CUDA(cudaMalloc(d, runs * 4));
-      CHECK_CUDA(cudaMemcpy(*d, h->data(), runs * 4, cudaMemcpyHostToDevice));
-    }
-    CHECK_CUDA(cudaMalloc(&dr, keys_n * 4));
-    CHECK_CUDA(cudaMalloc(&dqo, keys_n * 4));
-    CHECK_CUDA(cudaMalloc(&out, keys_n * 4));
-    const double bytes = keys_n * dim * 4.0 + b * heads * dim * 4.0 + keys_n * 4.0;
-    const std::string shape = std::to_string(b) + " x " + std::to_string(per_query) + " keys, 64 heads";
-    const double exact_us = TimeUs([&](int) {
-      CHECK_CUDA(cu::ExpandKeyRuns(dfirst, dquery, dstart, dcount, runs, dr, dqo, nullptr));
-      CHECK_CUDA(cu::IndexScoresRows(q, w, heads, dim, keys, dr, dqo, keys_n, out, nullptr));
-    }, 10, 2);
-    rows.push_back({"lightning-indexer scores over key runs (exact)", shape, exact_us, bytes / exact_us / 1e3,
-                    2.0 * keys_n * heads * dim / exact_us / 1e6, Pct(bytes / exact_us / 1e3, hbm, "HBM")});
-    const double mma_us = TimeUs([&](int) {
-      CHECK_CUDA(cu::IndexScoresRunsMma(q, w, heads, dim, keys, dfirst, dquery, dstart, dcount, runs, out, nullptr));
-    });
-    rows.push_back({"lightning-indexer scores over key runs (fast: mma.sync bf16)", shape, mma_us, bytes / mma_us / 1e3,
-                    2.0 * keys_n * heads * dim / mma_us / 1e6, Pct(bytes / mma_us / 1e3, hbm, "HBM")});
-    for (void* p : {static_cast<void*>(q), static_cast<void*>(w), static_cast<void*>(keys), static_cast<void*>(out),
-                    static_cast<void*>(dfirst), static_cast<void*>(dquery), static_cast<void*>(dstart),
-                    static_cast<void*>(dcount), static_cast<void*>(dr), static_cast<void*>(dqo)})
-      CHECK_CUDA(cudaFree(p));
   }
 
   // ---- top-k of the indexer scores (radix select + sort of the winners, one block per row), and
   // the host's heap select (kernels/topk.h) on the same scores, what the model ran before --------
-  for (int64_t keys_n : {int64_t{16384}, int64_t{65536}}) {
-    std::vector<float> host_s(keys_n);
-    for (float& v : host_s) v = static_cast<float>(rng() % 4096) / 512.0f - 4.0f;  // ties, as bf16 scores have
-    float* s = nullptr;
-    int32_t* out = nullptr;
-    CHECK_CUDA(cudaMalloc(&s, keys_n * 4));
-    CHECK_CUDA(cudaMemcpy(s, host_s.data(), keys_n * 4, cudaMemcpyHostToDevice));
-    CHECK_CUDA(cudaMalloc(&out, cu::kTopKMaxK * 4));
-    for (int64_t k : {int64_t{512}, cu::kTopKMaxK}) {
-      const double us = TimeUs([&](int) { CHECK_CUDA(cu::TopK(s, 1, keys_n, k, out, nullptr)); });
-      std::vector<double> host_us;
-      for (int r = 0; r < 20; ++r) {
-        const auto t0 = std::chrono::steady_clock::now();
-        const auto top = flashmem::kernels::TopKIndices(host_s, k);
-        host_us.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
-        if (top.size() != static_cast<size_t>(k)) std::abort();
+  if (Want("topk")) {
+    for (int64_t keys_n : {int64_t{16384}, int64_t{65536}}) {
+      std::vector<float> host_s(keys_n);
+      for (float& v : host_s) v = static_cast<float>(rng() % 4096) / 512.0f - 4.0f;  // ties, as bf16 scores have
+      float* s = nullptr;
+      int32_t* out = nullptr;
+      CHECK_CUDA(cudaMalloc(&s, keys_n * 4));
+      CHECK_CUDA(cudaMemcpy(s, host_s.data(), keys_n * 4, cudaMemcpyHostToDevice));
+      CHECK_CUDA(cudaMalloc(&out, cu::kTopKMaxK * 4));
+      for (int64_t k : {int64_t{512}, cu::kTopKMaxK}) {
+        const double us = TimeUs([&](int) { CHECK_CUDA(cu::TopK(s, 1, keys_n, k, out, nullptr)); });
+        std::vector<double> host_us;
+        for (int r = 0; r < 20; ++r) {
+          const auto t0 = std::chrono::steady_clock::now();
+          const auto top = flashmem::kernels::TopKIndices(host_s, k);
+          host_us.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
+          if (top.size() != static_cast<size_t>(k)) std::abort();
+        }
+        std::sort(host_us.begin(), host_us.end());
+        rows.push_back({"indexer top-k (radix select)", std::to_string(keys_n) + " scores, k=" + std::to_string(k), us,
+                        keys_n * 4.0 / us / 1e3, 0.0,
+                        "host heap select " + std::to_string(static_cast<int>(host_us[host_us.size() / 2])) + " us"});
       }
-      std::sort(host_us.begin(), host_us.end());
-      rows.push_back({"indexer top-k (radix select)", std::to_string(keys_n) + " scores, k=" + std::to_string(k), us,
-                      keys_n * 4.0 / us / 1e3, 0.0,
-                      "host heap select " + std::to_string(static_cast<int>(host_us[host_us.size() / 2])) + " us"});
+      CHECK_CUDA(cudaFree(s));
+      CHECK_CUDA(cudaFree(out));
     }
-    CHECK_CUDA(cudaFree(s));
-    CHECK_CUDA(cudaFree(out));
   }
 
   // ---- page recall host -> GPU: 4096 scattered 37,376-byte pages (CSA main-KV) ------------------
-  {
+  if (Want("recall")) {
     const int64_t page = 37376, pages = 8192, picked = 4096;
     uint8_t* host = nullptr;
     CHECK_CUDA(cudaHostAlloc(&host, pages * page, cudaHostAllocMapped));
@@ -510,7 +591,7 @@ int main(int argc, char** argv) {
   }
 
   // ---- element-wise and norm ops at a decode batch of 64 (flash dims) --------------------------
-  {
+  if (Want("elementwise")) {
     const int64_t n = 64, dim = 4096;
     float *x = DeviceRandomFloats(n * dim, 1.0f), *wt = DeviceRandomFloats(dim, 1.0f), *y;
     CHECK_CUDA(cudaMalloc(&y, n * dim * 4));
@@ -525,23 +606,25 @@ int main(int argc, char** argv) {
 
   // ---- hyper-connection mixes (mHC, exact: the CPU's dot order) at V4-Flash's hc 4, dim 4096 ---
   // bytes: the (2 + hc) * hc rows of hc * dim fp32 weights + each token's hc * dim input.
-  for (int64_t n : {1, 64}) {
-    const int hc = 4;
-    const int64_t dim = 4096, k = hc * dim, mix = (2 + hc) * hc;
-    float *x = DeviceRandomFloats(n * k, 1.0f), *fn = DeviceRandomFloats(mix * k, 0.01f),
-          *base = DeviceRandomFloats(mix, 0.1f), *scale = DeviceRandomFloats(3, 0.1f), *y, *post, *comb;
-    CHECK_CUDA(cudaMalloc(&y, n * dim * 4));
-    CHECK_CUDA(cudaMalloc(&post, n * hc * 4));
-    CHECK_CUDA(cudaMalloc(&comb, n * hc * hc * 4));
-    const double us = TimeUs([&](int) {
-      CHECK_CUDA(cu::HcPre(x, n, fn, base, scale, hc, dim, 20, 1e-6f, 1e-6f, y, post, comb, nullptr));
-    });
-    const double bytes = 4.0 * (mix * k + n * k);
-    rows.push_back({"hc_pre (mixes + 20 Sinkhorn iterations), exact", std::to_string(n) + " tok, hc 4 x 4096", us,
-                    bytes / us / 1e3, 0, Pct(bytes / us / 1e3, hbm, "HBM")});
-    for (void* p : {static_cast<void*>(x), static_cast<void*>(fn), static_cast<void*>(base), static_cast<void*>(scale),
-                    static_cast<void*>(y), static_cast<void*>(post), static_cast<void*>(comb)})
-      CHECK_CUDA(cudaFree(p));
+  if (Want("hc")) {
+    for (int64_t n : {1, 64}) {
+      const int hc = 4;
+      const int64_t dim = 4096, k = hc * dim, mix = (2 + hc) * hc;
+      float *x = DeviceRandomFloats(n * k, 1.0f), *fn = DeviceRandomFloats(mix * k, 0.01f),
+            *base = DeviceRandomFloats(mix, 0.1f), *scale = DeviceRandomFloats(3, 0.1f), *y, *post, *comb;
+      CHECK_CUDA(cudaMalloc(&y, n * dim * 4));
+      CHECK_CUDA(cudaMalloc(&post, n * hc * 4));
+      CHECK_CUDA(cudaMalloc(&comb, n * hc * hc * 4));
+      const double us = TimeUs([&](int) {
+        CHECK_CUDA(cu::HcPre(x, n, fn, base, scale, hc, dim, 20, 1e-6f, 1e-6f, y, post, comb, nullptr));
+      });
+      const double bytes = 4.0 * (mix * k + n * k);
+      rows.push_back({"hc_pre (mixes + 20 Sinkhorn iterations), exact", std::to_string(n) + " tok, hc 4 x 4096", us,
+                      bytes / us / 1e3, 0, Pct(bytes / us / 1e3, hbm, "HBM")});
+      for (void* p : {static_cast<void*>(x), static_cast<void*>(fn), static_cast<void*>(base), static_cast<void*>(scale),
+                      static_cast<void*>(y), static_cast<void*>(post), static_cast<void*>(comb)})
+        CHECK_CUDA(cudaFree(p));
+    }
   }
   Print();
   return 0;
