@@ -24,6 +24,7 @@
 // and rank 0 prints. "comm" is the share of the step spent in the group's collectives.
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -33,6 +34,7 @@
 #include "tests/bench/bench_util.h"
 #include "tests/bench/null_backend.h"
 #include "absl/strings/str_format.h"
+#include "kernels/activation_pool.h"
 #include "kernels/device.h"
 #include "kernels/ops.h"
 #include "kernels/numerics.h"
@@ -147,6 +149,13 @@ int main(int argc, char** argv) {
   if (!comm.ok()) { std::fprintf(stderr, "tensor parallel: %s\n", std::string(comm.status().message()).c_str()); return 2; }
   parallel::TimedCommunicator timed_comm(**comm);
   static const bench::NullBackend null_backend;
+  if (null_device) {
+    // Activations from a caching pool, as a GPU backend's page-locked one: without it every op's
+    // scratch would be fresh heap pages, and their first-touch faults would count as host work.
+    static kernels::ActivationPool heap_pool([](size_t bytes) { return std::aligned_alloc(4096, bytes); },
+                                             [](void* p, size_t) { std::free(p); });
+    kernels::InstallActivationPool(&heap_pool);
+  }
   kernels::ProfilingBackend prof(null_device ? static_cast<const kernels::Backend&>(null_backend) : *handle->backend);
   const auto t_load = std::chrono::steady_clock::now();
   auto tf = model::Transformer::Load(model_dir, prof, model::ShardSpec{group.rank, group.size}, nullptr,
