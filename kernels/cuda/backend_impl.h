@@ -1,0 +1,462 @@
+// The CUDA backend's class, internal to kernels/cuda: NewCudaBackend (cuda_backend.h) makes one.
+// Its members are defined in three files: cuda_backend.cu (staging and transfers, resident
+// weights, norms, RoPE, mHC), backend_linear.cu (Linear and the routed experts) and
+// backend_attention.cu (sparse attention, the KV reserve, index scores, top-k).
+#pragma once
+
+#include "kernels/cuda/cuda_backend.h"
+
+#include <cuda_runtime.h>
+#include <xxhash.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "absl/container/node_hash_map.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "common/status.h"
+#include "kernels/cuda/device_ops.h"
+#include "kernels/cuda/host_gather.h"
+#include "kernels/activation_pool.h"
+#include "kernels/kv_reserve.h"
+
+namespace flashmem::kernels::cuda::internal {
+
+inline absl::Status CudaError(cudaError_t e, const char* what) {
+  if (e == cudaSuccess) return absl::OkStatus();
+  return absl::InternalError(absl::StrCat("CUDA ", what, ": ", cudaGetErrorString(e)));
+}
+
+#define FM_CUDA_TRY(expr, what)                           \
+  do {                                                    \
+    absl::Status fm_st_ = CudaError((expr), what);        \
+    if (!fm_st_.ok()) return fm_st_;                      \
+  } while (0)
+
+constexpr size_t kAlign = 256;
+// Fast mode runs an FP8 Linear of this many rows or more on the bf16 tensor cores (dequantized
+// weight): kernel_bench on the H200, 4096 x 4096, GEMV against tensor cores + activation quant:
+// 4 rows 50.9 / 26.7 µs, 8 rows 85.3 / 25.0 µs, 16 rows 19.3 + 7 µs; at 1 and 2 rows cuBLASLt
+// finds no algorithm and the GEMV (24.2, 32.6 µs) is the only path.
+constexpr int64_t kTensorCoreMinRows = 4;
+// The most rows of one FP4 expert that RoutedExperts runs in its grouped launch (each 8 rows one
+// more pass over the expert's weights; past this, one launch per matrix costs less).
+constexpr int64_t kGroupedFp4Rows = 64;
+inline size_t AlignUp(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
+
+// The arrays of one op: inputs copied up in one transfer, device-only scratch, outputs copied back.
+class Frame {
+ public:
+  size_t In(const void* src, size_t bytes) {
+    const size_t off = in_end_;
+    ins_.push_back({src, off, bytes});
+    in_end_ = AlignUp(in_end_ + bytes);
+    return off;
+  }
+  // Scratch and outputs live after every input; offsets are relative to the scratch start and
+  // resolved by Base() once all inputs are known.
+  size_t Scratch(size_t bytes) {
+    const size_t off = scratch_end_;
+    scratch_end_ = AlignUp(scratch_end_ + bytes);
+    return kScratchTag | off;
+  }
+  void Download(size_t off, void* dst, size_t bytes) { outs_.push_back({dst, off, bytes}); }
+  size_t Resolve(size_t off) const { return (off & kScratchTag) ? in_end_ + (off & ~kScratchTag) : off; }
+  size_t total() const { return in_end_ + scratch_end_; }
+  size_t in_bytes() const { return in_end_; }
+
+  struct Copy {
+    const void* host;
+    size_t off, bytes;
+  };
+  struct Back {
+    void* host;
+    size_t off, bytes;
+  };
+  const std::vector<Copy>& ins() const { return ins_; }
+  const std::vector<Back>& outs() const { return outs_; }
+
+ private:
+  static constexpr size_t kScratchTag = size_t{1} << 62;
+  std::vector<Copy> ins_;
+  std::vector<Back> outs_;
+  size_t in_end_ = 0, scratch_end_ = 0;
+};
+
+// Device pointers of a frame's arrays during a launch.
+struct Dev {
+  char* base;
+  const Frame* frame;
+  template <typename T = float>
+  T* at(size_t off) const { return reinterpret_cast<T*>(base + frame->Resolve(off)); }
+};
+
+struct Resident {
+  void* mem = nullptr;
+  int64_t bytes = 0;
+  uint64_t fingerprint = 0;
+  uint64_t last_use = 0;
+  DeviceWeight weight;
+};
+
+// A fingerprint of an array from its size and up to 64 sampled values: a host buffer freed and
+// reused at the same address by other data is noticed and uploaded again.
+inline uint64_t Fingerprint(const float* p, size_t count, uint64_t seed) {
+  float sample[64];
+  const size_t m = std::min<size_t>(64, count);
+  for (size_t i = 0; i < m; ++i) sample[i] = p[count <= 64 ? i : (i * (count - 1)) / 63];
+  return XXH3_64bits_withSeed(sample, m * sizeof(float), seed ^ count);
+}
+
+class CudaBackendImpl final : public Backend {
+ public:
+  CudaBackendImpl(int device, cudaStream_t stream, int64_t budget, bool exact, bool fp8_tc, int64_t kv_reserve_bytes)
+      : device_(device),
+        stream_(stream),
+        budget_(budget),
+        exact_(exact),
+        fp8_tc_(!exact && fp8_tc),
+        kv_reserve_bytes_(kv_reserve_bytes < 0 ? budget / 4 : kv_reserve_bytes) {
+    // Diagnostics: FLASHMEM_CUDA_FAST_PATHS (comma list of gemv, lt, dense, attn, index, hc; default all) narrows
+    // which fast-mode paths run, to tell which one moves a result.
+    if (const char* p = std::getenv("FLASHMEM_CUDA_FAST_PATHS")) {
+      const std::string s = p;
+      fast_gemv_ = s.find("gemv") != std::string::npos;
+      fast_lt_ = s.find("lt") != std::string::npos;
+      fast_dense_ = s.find("dense") != std::string::npos;
+      fast_attention_ = s.find("attn") != std::string::npos;
+      fast_index_ = s.find("index") != std::string::npos;
+      fast_hc_ = s.find("hc") != std::string::npos;
+    }
+    // Diagnostics: FLASHMEM_CUDA_FUSED=0 runs LinearGroups, LinearThen and the attention rows'
+    // `then` as separate ops (the Backend defaults), to measure what running them together saves.
+    if (const char* p = std::getenv("FLASHMEM_CUDA_FUSED")) fused_ = std::string(p) != "0";
+  }
+  ~CudaBackendImpl() override {
+    (void)cudaSetDevice(device_);
+    for (auto& [key, r] : resident_) (void)cudaFree(r.mem);
+    for (DeviceReserve* r : {&records_, &keys_})
+      if (r->dev) (void)cudaFree(r->dev);
+    if (dev_) (void)cudaFree(dev_);
+    if (host_) (void)cudaFreeHost(host_);
+    (void)cudaStreamDestroy(stream_);
+  }
+
+  const char* name() const override { return exact_ ? "cuda" : (fp8_tc_ ? "cuda-fast-fp8" : "cuda-fast"); }
+
+  absl::Status Health() const override;
+
+  absl::Status Prepare(const WeightMatrix& w) const override;
+
+  void Linear(const WeightMatrix& w, const float* x, int64_t n, float* y, Rounding out) const override;
+
+  // x staged once; per group its columns gathered on the device, the group's Linear (the path
+  // LinearLocked takes, so the same values), its rows placed in y's columns; y back once.
+  void LinearGroups(std::span<const WeightMatrix> w, const float* x, int64_t n, float* y, Rounding out) const override;
+
+  // y's ops run on the device before y comes back: one round trip instead of one per op.
+  void LinearThen(const WeightMatrix& w, const float* x, int64_t n, float* y, Rounding out,
+                  std::span<const RowOp> then) const override;
+
+  // The head's logits stay on the device; only each row's pick comes back.
+  void LinearArgmax(const WeightMatrix& w, const float* x, int64_t n, int32_t* index) const override;
+
+  void RmsNorm(const float* x, const float* weight, int64_t n, int64_t dim, float eps, float* y) const override;
+
+  void HeadRmsNormBf16(float* q, int64_t heads, int64_t dim, float eps) const override;
+
+  void Rope(float* x, int64_t rows, int64_t stride, int64_t offset, int64_t rope_dims, const float* cos,
+            const float* sin, int64_t rows_per_angle, bool inverse) const override;
+
+  void Fp8RoundTrip(float* x, int64_t n, int64_t block) const override { RoundTripOp(x, n, block, true); }
+  void Fp4RoundTrip(float* x, int64_t n, int64_t block) const override { RoundTripOp(x, n, block, false); }
+
+  void Hadamard(float* x, int64_t rows, int64_t dim) const override;
+
+  void SparseAttention(const float* q, int64_t heads, int64_t dim, std::span<const float* const> kv_rows,
+                       const float* sink, float softmax_scale, float* out) const override;
+
+  // The records as the worker holds them (584 B an entry against 2,048 for an fp32 row) staged
+  // into one page of `valid` entries — data, then scales: the paged layout — and attended in
+  // place: exact mode by the paged kernel that runs SparseAttention's numerics (bit for bit the
+  // same result); fast mode, where the heads fill the warpgroup MMA's 64 rows, by the tensor-core
+  // kernel (sums reordered, within bf16 rounding; splits of the slots fill the SMs). Slots of
+  // another shape, or fp32 rows (a stream that fell back), take the decoding default.
+  void SparseAttentionRecords(const float* q, int64_t heads, int64_t dim, int64_t rope_dims,
+                              std::span<const KvSlot> slots, const float* sink, float softmax_scale,
+                              float* out) const override;
+
+  // Every row's records staged into one page (data, then scales: the paged layout), the rows'
+  // slot lists padded to the longest with masked slots, and one launch for the batch.
+  void SparseAttentionRows(std::span<const AttentionRow> rows, int64_t heads, int64_t dim, int64_t rope_dims,
+                           const float* sink, float softmax_scale) const override;
+
+  void IndexScores(const float* q, const float* w, int64_t heads, int64_t dim, std::span<const float* const> keys,
+                   float* scores) const override;
+
+  KvReserveStats ReserveStats() const override;
+
+  // Every row in one launch when all keys can come from the reserve; else row by row.
+  void IndexScoresBatch(std::span<const IndexScoreRow> rows, int64_t heads, int64_t dim) const override {
+    if (!ScoreFromReserve(rows, heads, dim)) Backend::IndexScoresBatch(rows, heads, dim);
+  }
+
+  // Fast mode scores key runs on the tensor cores (kernels/cuda/index_scores_mma.cu) for the head
+  // counts and dims its kernel takes.
+  bool IndexScoresOnTensorCores(int64_t heads, int64_t dim) const {
+    return !exact_ && fast_index_ && cuda::IndexScoresMmaSupports(heads, dim);
+  }
+
+  // Fast mode: scores and top-k in one round trip (ScoreFromReserve with a ListSelect) when every
+  // list has k or more entries and the keys come from the reserve; otherwise the two ops.
+  std::vector<std::vector<int32_t>> IndexTopKBatch(std::span<const IndexSelectRow> rows, int64_t heads, int64_t dim,
+                                                   int64_t k) const override;
+
+  // Rows of equal length k or more, padded with -inf to the longest (a pad ranks after every
+  // score, -inf ones included, since ties go to the lower index): one radix select for all of
+  // them, once the batch has kTopKMinKeys scores. Otherwise row by row.
+  std::vector<std::vector<int32_t>> TopKBatch(std::span<const std::span<const float>> scores,
+                                              int64_t k) const override;
+
+  // Radix select on the device (cuda::TopK): the same list as the host's heap select. Below
+  // kTopKMinKeys keys the op's fixed cost (staging round trip plus ~30 µs of kernel) is about
+  // the host's own time — an estimate from kernel_bench, not a measured crossover — and past
+  // kTopKMaxK winners one block cannot sort them: both stay on the host.
+  static constexpr int64_t kTopKMinKeys = 4096;
+  std::vector<int32_t> TopK(std::span<const float> scores, int64_t k) const override;
+
+  void IndexerLogits(const float* q, const float* w, int64_t heads, int64_t dim, std::span<const float* const> keys,
+                     float* logits) const override;
+
+  void HcPre(const float* x, int64_t n, const float* fn, const float* base, const float* scale, int hc, int64_t dim,
+             int iters, float norm_eps, float hc_eps, float* y, float* post, float* comb) const override;
+
+  void HcPost(const float* fx, const float* residual, const float* post, const float* comb, int64_t n, int hc,
+              int64_t dim, float* out) const override;
+
+  void HcHead(const float* x, int64_t n, const float* fn, const float* base, float scale, int hc, int64_t dim,
+              float norm_eps, float hc_eps, float* y) const override;
+
+  void RoutedExperts(std::span<const ExpertWork> experts, const float* x, int64_t n, int64_t dim, float swiglu_limit,
+                     float* y) const override;
+
+ private:
+  void Fail(const absl::Status& st) const {
+    if (!st.ok() && health_.ok()) health_ = st;
+  }
+
+  using LaunchFn = std::function<cudaError_t(Dev)>;
+  using FillFn = std::function<void(char*)>;
+
+  // The KV reserve: device copies of the pages slots name (KvSlot::page), one array of page slots
+  // for the main KV's records and one for the indexer's fp32 keys, each half of the reserve's
+  // budget, allocated on first use from the budget not in use then (weights are never evicted
+  // for it). A call Places its pages; those the reserve lacks — new, or written since their copy —
+  // are gathered into the pinned buffer, go up with the op's inputs and are scattered into their
+  // slots by one kernel before the op's kernel reads the reserve in place.
+  struct DeviceReserve {
+    KvReserve book;
+    uint8_t* dev = nullptr;
+    bool tried = false;
+  };
+
+  // The reserve for pages of `page_bytes`; false when there is none (turned off, too little
+  // budget left, the allocation failed) or it holds pages of another size.
+  bool ReserveLocked(DeviceReserve& r, int64_t page_bytes, int64_t page_entries) const;
+
+  // The uploads a book planned, as a frame's inputs (their slots) and its first scratch (their
+  // bytes, filled on the host): staged before any other Scratch of the frame.
+  struct Uploads {
+    std::vector<const uint8_t*> src;
+    std::vector<int32_t> slot;
+    size_t dslot = 0, dup = 0;
+  };
+  static Uploads StageUploads(const DeviceReserve& r, Frame& f);
+
+  // An op over reserve pages: the planned pages up with the inputs and into their slots, then
+  // `op`. On failure the plan is forgotten (its copies may not have landed).
+  absl::Status RunWithUploadsLocked(DeviceReserve& r, const Frame& f, const Uploads& u, const LaunchFn& op) const;
+
+  // Whether entries [entry, entry + count) of `page` can be read from a reserve of pages of
+  // `entry_bytes` an entry: in memory, in range, and of the one page size of this op
+  // (`page_entries`, taken from its first page).
+  static bool ReservablePage(const KvPage* page, int64_t entry, int64_t count, int64_t entry_bytes,
+                             int64_t* page_entries);
+
+  // The arrays of an attention over paged records, in a frame the staging and the reserve paths
+  // share: every row's queries, the entry numbers idx [rows, n] and the sink as inputs; after the
+  // caller's first scratch (the pages it fills, AttentionInputs then that then AttentionOutputs),
+  // the outputs — each row's copied back to its `out` — and the tensor-core workspace.
+  struct AttentionArrays {
+    size_t dq = 0, di = 0, dsink = 0, dout = 0, dws = 0;
+  };
+  static AttentionArrays AttentionInputs(Frame& f, std::span<const AttentionRow> rows, int64_t heads,
+                                         const std::vector<int32_t>& idx, const float* sink);
+  void AttentionOutputs(Frame& f, std::span<const AttentionRow> rows, int64_t heads, int64_t n,
+                        AttentionArrays* a) const;
+  // Fast mode, where the heads fill the warpgroup MMA's 64 rows: the tensor-core kernel.
+  bool TensorCoreAttention(int64_t heads) const {
+    return !exact_ && fast_attention_ && heads % cuda::kFastAttentionHeads == 0;
+  }
+  // The paged kernel over `pages` (page_entries records a page) for the frame's rows.
+  cudaError_t AttentionKernel(Dev d, const AttentionArrays& a, int64_t b, int64_t heads, const uint8_t* pages,
+                              int64_t page_entries, int64_t n, float softmax_scale) const;
+
+  // Attention over the records reserve (records only, each naming its page; the caller checked
+  // the shapes), one launch for every row. False (nothing done) when a slot has no page, there
+  // is no reserve, or this call's pages do not fit in it: the caller stages.
+  bool AttendFromReserve(std::span<const AttentionRow> rows, int64_t heads, const float* sink,
+                         float softmax_scale) const;
+
+  // Every row's keys from the keys reserve, scored in one launch; false (nothing done) when a run
+  // has no rows or names no page of entries x dim floats, or they do not fit: the caller stages.
+  // Host work and upload are per run (a page's keys), not per key: the kernel's per-key index
+  // arrays are expanded on the device (at a batch of 64 and 64K tokens, 1M keys: 8 MB of them).
+  //
+  // With `select` (fast mode only: the tensor-core kernel writes each run where its keys sit),
+  // the scores land in lists of select->length a row, -inf where no run is, and the radix select
+  // picks each list's top k on the device: only the picks come back (and the lists rows ask for),
+  // not every score to be sent up again for top-k.
+  struct ListSelect {
+    std::span<const IndexSelectRow> rows;
+    int64_t length = 0;  // the longest list; shorter ones are padded with -inf
+    int64_t k = 0;
+    std::vector<int32_t>* picked = nullptr;  // [rows, k]
+  };
+  bool ScoreFromReserve(std::span<const IndexScoreRow> rows, int64_t heads, int64_t dim,
+                        const ListSelect* select = nullptr) const;
+
+  void Launch(const Frame& f, const LaunchFn& launch, const FillFn& fill = nullptr, size_t fill_bytes = 0) const;
+
+  // Inputs (and the first `fill_bytes` of scratch, written by `fill` straight into the pinned
+  // buffer) up in one copy, launch, outputs back, sync.
+  absl::Status RunLocked(const Frame& f, const LaunchFn& launch, const FillFn& fill = nullptr,
+                         size_t fill_bytes = 0) const;
+
+  // Makes room for `bytes` more within the budget, evicting the least recently used residents.
+  absl::Status Reserve(int64_t bytes, const char* what) const;
+
+  absl::StatusOr<Resident*> Upload(const void* key, uint64_t fp, const void* const* parts, const size_t* sizes,
+                                   int nparts, const char* what) const;
+
+  absl::StatusOr<const DeviceWeight*> WeightOnDevice(const WeightMatrix& w) const;
+
+  absl::StatusOr<const float*> ArrayOnDevice(const float* p, size_t count) const;
+
+  absl::Status LinearLocked(const WeightMatrix& w, const float* x, int64_t n, float* y, Rounding out,
+                            std::span<const RowOp> then) const;
+
+  absl::Status LinearArgmaxLocked(const WeightMatrix& w, const float* x, int64_t n, int32_t* index) const;
+
+  absl::Status LinearGroupsLocked(std::span<const WeightMatrix> w, const float* x, int64_t n, float* y,
+                                  Rounding out) const;
+
+  // RowOps on a frame's device array: their angle arrays (RoPE) as the frame's inputs, checked.
+  struct RowOpInputs {
+    std::vector<size_t> cos, sin;  // per op; RoPE only
+  };
+  static absl::StatusOr<RowOpInputs> StageRowOps(Frame& f, std::span<const RowOp> ops, int64_t values);
+  cudaError_t EnqueueRowOps(Dev d, float* y, int64_t values, std::span<const RowOp> ops, const RowOpInputs& in) const;
+
+  // The attention rows' `then` on the frame's outputs (AttentionOutputs: [rows, heads, 512] end to
+  // end). Rows whose ops differ only in their angles — a decode step's — take one launch per op,
+  // their angles sent end to end; otherwise each row's ops run on its own output.
+  struct AttentionRowOps {
+    bool merged = false;
+    std::vector<RowOp> ops;                      // merged: the rows' ops, angles from `angles`
+    std::vector<std::vector<float>> angles;      // merged: per op, cos then sin, row after row
+    std::vector<RowOpInputs> inputs;             // merged: one; else one per row
+  };
+  static absl::StatusOr<AttentionRowOps> StageAttentionRowOps(Frame& f, std::span<const AttentionRow> rows,
+                                                              int64_t heads);
+  cudaError_t EnqueueAttentionRowOps(Dev d, const AttentionArrays& a, std::span<const AttentionRow> rows, int64_t heads,
+                                     const AttentionRowOps& p) const;
+
+  // Device scratch of one EnqueueLinear of up to `ld` rows against k inputs.
+  struct LinearScratch {
+    size_t qx, qs, qb, q8;
+    struct Ptrs {
+      float *qx, *qs;
+      __nv_bfloat16* qb;
+      uint8_t* q8;
+    };
+    Ptrs At(Dev d) const { return {d.at(qx), d.at(qs), d.at<__nv_bfloat16>(qb), d.at<uint8_t>(q8)}; }
+  };
+  static LinearScratch AddLinearScratch(Frame& f, int64_t ld, int64_t k) {
+    return {f.Scratch(ld * k * 4), f.Scratch(ld * (k / 128 + 1) * 4), f.Scratch(ld * k * 2), f.Scratch(ld * k)};
+  }
+
+  // Fast mode runs a dense weight whose values are all bf16 on cuBLASLt's bf16 GEMM (x rounded to
+  // bf16: the model's inputs to them, RMSNorm outputs and attention outputs, are bf16 already;
+  // fp32 sums in another order): a big one (the head, wo_a's groups) always, a small one (the
+  // router, the compressors' projections, the indexer's head weights) from kTensorCoreMinRows
+  // rows — the exact kernel walks k in the CPU's order and took ~255 µs at 64 rows on the H200.
+  bool DenseOnTensorCores(const DeviceWeight& w, int64_t n) const;
+
+  // y = x · wᵀ on the device (x: n rows; y: room for ld ≥ n rows, n · rows written), enqueued on
+  // the stream; every Linear takes this path choice. Exact mode: the bit-exact kernel. Fast mode,
+  // quantized weights with k % 128 == 0: from 4 tokens an FP8 weight runs on the bf16 tensor cores
+  // on exactly dequantized operands (or, fast-fp8, cuBLASLt's FP8 tensor cores); otherwise the
+  // decode GEMV. Dense bf16 weights: cuBLASLt bf16 where DenseOnTensorCores says so, else the exact
+  // kernel. A shape cuBLASLt refuses falls through to the next.
+  cudaError_t EnqueueLinear(const DeviceWeight& w, const float* x, int64_t n, int64_t ld, float* y, Rounding out,
+                            const LinearScratch::Ptrs& s) const;
+
+  // One expert's part of a routed-experts call: its work, its weights on the device, its rows and
+  // its buffers in the staging frame.
+  struct ExpertPlan {
+    const ExpertWork* e;
+    const DeviceWeight *w1, *w3, *w2;
+    int64_t m, ld, inter;
+    size_t rows, wts, xs, gate, up, h, out;
+    bool weighted;
+  };
+
+  // The whole routed-expert layer in one staging round trip: x and y up once, every expert's
+  // gather, w1/w3, SwiGLU, w2 and scatter-add on the device in expert order, y back.
+  absl::Status RoutedExpertsLocked(std::span<const ExpertWork> experts, const float* x, int64_t n, int64_t dim,
+                                   float limit, float* y) const;
+
+  // The grouped form of RoutedExpertsLocked (fast mode, decode-sized): the experts' rows laid end
+  // to end, one gather, one act_quant, one grouped GEMV for w1 and w3, one SwiGLU, one act_quant,
+  // one grouped GEMV for w2, then one scatter-add summing each token's rows in expert order (the
+  // order of the fp32 sum).
+  // `plans`: the non-empty experts, validated, weights on the device (RoutedExpertsLocked).
+  absl::Status RoutedExpertsGroupedLocked(std::span<const ExpertPlan> plans, const float* x, int64_t n, int64_t dim,
+                                          float limit, float* y, WeightFormat format) const;
+
+  // A bf16-rounded Linear on device arrays (the path LinearLocked would take): x [m][k], y with
+  // room for ld >= m rows (the tensor-core path writes ld); qx/qs/qb quantization scratch.
+  void RoundTripOp(float* x, int64_t n, int64_t block, bool fp8) const;
+
+  void KeyScoring(const float* q, const float* w, int64_t heads, int64_t dim, std::span<const float* const> keys,
+                  float* out, bool logits) const;
+
+  const int device_;
+  const cudaStream_t stream_;
+  const int64_t budget_;
+  const bool exact_;
+  const bool fp8_tc_;  // fast-fp8: FP8 tensor cores from 16 tokens (else bf16 ones on dequantized weights)
+  const int64_t kv_reserve_bytes_;
+  bool fast_gemv_ = true, fast_lt_ = true, fast_dense_ = true, fast_attention_ = true, fast_index_ = true, fast_hc_ = true,
+       fused_ = true;
+  mutable LtContext lt_;
+  mutable absl::Mutex mu_;
+  mutable absl::Status health_;
+  mutable void* dev_ = nullptr;   // staging, device side
+  mutable void* host_ = nullptr;  // staging, pinned host side
+  mutable size_t capacity_ = 0;
+  mutable int64_t used_ = 0;
+  mutable uint64_t clock_ = 0;
+  mutable uint64_t op_clock_ = 1;  // clock_ at the start of the op in progress
+  mutable absl::node_hash_map<const void*, Resident> resident_;  // node map: stable pointers
+  mutable DeviceReserve records_, keys_;  // the KV reserve: main KV records, indexer keys
+};
+
+}  // namespace flashmem::kernels::cuda::internal

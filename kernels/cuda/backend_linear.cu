@@ -1,0 +1,372 @@
+// CudaBackendImpl: Linear in every form (groups, fused row ops, argmax) and the routed experts.
+#include "kernels/cuda/backend_impl.h"
+
+namespace flashmem::kernels::cuda::internal {
+
+void CudaBackendImpl::Linear(const WeightMatrix& w, const float* x, int64_t n, float* y, Rounding out) const {
+  absl::MutexLock lock(&mu_);
+  op_clock_ = clock_ + 1;
+  Fail(LinearLocked(w, x, n, y, out, {}));
+}
+
+void CudaBackendImpl::LinearGroups(std::span<const WeightMatrix> w, const float* x, int64_t n, float* y,
+                                   Rounding out) const {
+  if (!fused_) return Backend::LinearGroups(w, x, n, y, out);
+  absl::MutexLock lock(&mu_);
+  op_clock_ = clock_ + 1;
+  Fail(LinearGroupsLocked(w, x, n, y, out));
+}
+
+void CudaBackendImpl::LinearThen(const WeightMatrix& w, const float* x, int64_t n, float* y, Rounding out,
+                                 std::span<const RowOp> then) const {
+  if (!fused_) return Backend::LinearThen(w, x, n, y, out, then);
+  absl::MutexLock lock(&mu_);
+  op_clock_ = clock_ + 1;
+  Fail(LinearLocked(w, x, n, y, out, then));
+}
+
+void CudaBackendImpl::LinearArgmax(const WeightMatrix& w, const float* x, int64_t n, int32_t* index) const {
+  absl::MutexLock lock(&mu_);
+  op_clock_ = clock_ + 1;
+  Fail(LinearArgmaxLocked(w, x, n, index));
+}
+
+void CudaBackendImpl::RoutedExperts(std::span<const ExpertWork> experts, const float* x, int64_t n, int64_t dim,
+                                    float swiglu_limit, float* y) const {
+  absl::MutexLock lock(&mu_);
+  if (!health_.ok() || n == 0 || experts.empty()) return;
+  op_clock_ = clock_ + 1;
+  Fail(RoutedExpertsLocked(experts, x, n, dim, swiglu_limit, y));
+}
+
+absl::Status CudaBackendImpl::LinearLocked(const WeightMatrix& w, const float* x, int64_t n, float* y, Rounding out,
+                                           std::span<const RowOp> then) const {
+  if (!health_.ok() || n == 0) return absl::OkStatus();
+  FM_CUDA_TRY(cudaSetDevice(device_), "cudaSetDevice");
+  FM_ASSIGN_OR_RETURN(const DeviceWeight* dw, WeightOnDevice(w));
+  const int64_t k = w.cols, m = w.rows, ld = (n + 3) / 4 * 4;
+  Frame f;
+  const size_t dx = f.In(x, n * k * 4), dy = f.Scratch(ld * m * 4);
+  FM_ASSIGN_OR_RETURN(const RowOpInputs ops, StageRowOps(f, then, n * m));
+  const LinearScratch s = AddLinearScratch(f, ld, k);
+  f.Download(dy, y, n * m * 4);
+  return RunLocked(f, [&](Dev d) {
+    const cudaError_t e = EnqueueLinear(*dw, d.at(dx), n, ld, d.at(dy), out, s.At(d));
+    return e != cudaSuccess ? e : EnqueueRowOps(d, d.at(dy), n * m, then, ops);
+  });
+}
+
+absl::Status CudaBackendImpl::LinearArgmaxLocked(const WeightMatrix& w, const float* x, int64_t n,
+                                                 int32_t* index) const {
+  if (!health_.ok() || n == 0) return absl::OkStatus();
+  FM_CUDA_TRY(cudaSetDevice(device_), "cudaSetDevice");
+  FM_ASSIGN_OR_RETURN(const DeviceWeight* dw, WeightOnDevice(w));
+  const int64_t k = w.cols, m = w.rows, ld = (n + 3) / 4 * 4;
+  Frame f;
+  const size_t dx = f.In(x, n * k * 4), dy = f.Scratch(ld * m * 4), didx = f.Scratch(n * 4);
+  const LinearScratch s = AddLinearScratch(f, ld, k);
+  f.Download(didx, index, n * 4);
+  return RunLocked(f, [&](Dev d) {
+    const cudaError_t e = EnqueueLinear(*dw, d.at(dx), n, ld, d.at(dy), Rounding::kNone, s.At(d));
+    return e != cudaSuccess ? e : cuda::ArgmaxRows(d.at(dy), n, m, d.at<int32_t>(didx), stream_);
+  });
+}
+
+absl::Status CudaBackendImpl::LinearGroupsLocked(std::span<const WeightMatrix> w, const float* x, int64_t n, float* y,
+                                                 Rounding out) const {
+  if (!health_.ok() || n == 0 || w.empty()) return absl::OkStatus();
+  const int64_t G = static_cast<int64_t>(w.size()), k = w[0].cols, m = w[0].rows, ld = (n + 3) / 4 * 4;
+  for (int64_t g = 1; g < G; ++g)
+    if (w[g].rows != m || w[g].cols != k)
+      return absl::InvalidArgumentError(absl::StrCat("LinearGroups: w[", g, "] is [", w[g].rows, ", ", w[g].cols,
+                                                     "], w[0] [", m, ", ", k, "]"));
+  FM_CUDA_TRY(cudaSetDevice(device_), "cudaSetDevice");
+  std::vector<const DeviceWeight*> dw(G);
+  for (int64_t g = 0; g < G; ++g) {
+    FM_ASSIGN_OR_RETURN(dw[g], WeightOnDevice(w[g]));
+  }
+  // Dense bf16 groups on the tensor cores: x to bf16 once, each group's GEMM reading its columns
+  // and writing its outputs in place (cuBLASLt with leading dimensions G*k and G*m), one bf16
+  // rounding at the end — instead of gathering and placing every group's columns. cuBLASLt's
+  // algorithms assume 256-byte aligned operands: groups whose offsets are not take the path below.
+  bool strided = (k * 2) % 256 == 0 && (m * 4) % 256 == 0;
+  for (int64_t g = 0; g < G; ++g) strided = strided && DenseOnTensorCores(*dw[g], n);
+  if (strided) {
+    Frame f;
+    const size_t dx = f.In(x, n * G * k * 4), xb = f.Scratch(ld * G * k * 2), dy = f.Scratch(ld * G * m * 4);
+    f.Download(dy, y, n * G * m * 4);
+    bool refused = false;
+    const absl::Status st = RunLocked(f, [&](Dev d) {
+      auto* xbf = d.at<__nv_bfloat16>(xb);
+      cudaError_t e = cuda::F32ToBf16Rows(d.at(dx), n, G * k, ld, xbf, stream_);
+      for (int64_t g = 0; g < G && e == cudaSuccess; ++g)
+        e = cuda::LinearBf16Lt(lt_, *dw[g], xbf + g * k, ld, d.at(dy) + g * m, stream_, G * k, G * m);
+      refused = e == cudaErrorNotSupported;
+      if (refused) return cudaSuccess;  // nothing written that the path below does not rewrite
+      return e != cudaSuccess || out != Rounding::kBf16 ? e : cuda::RoundToBf16(d.at(dy), ld * G * m, stream_);
+    });
+    if (!st.ok() || !refused) return st;
+  }
+  Frame f;
+  const size_t dx = f.In(x, n * G * k * 4), xg = f.Scratch(ld * k * 4), yg = f.Scratch(ld * m * 4),
+               dy = f.Scratch(n * G * m * 4);
+  const LinearScratch s = AddLinearScratch(f, ld, k);
+  f.Download(dy, y, n * G * m * 4);
+  return RunLocked(f, [&](Dev d) {
+    for (int64_t g = 0; g < G; ++g) {
+      cudaError_t e = cudaMemcpy2DAsync(d.at(xg), k * 4, d.at(dx) + g * k, G * k * 4, k * 4, n, cudaMemcpyDeviceToDevice,
+                                        stream_);
+      if (e == cudaSuccess) e = EnqueueLinear(*dw[g], d.at(xg), n, ld, d.at(yg), out, s.At(d));
+      if (e == cudaSuccess)
+        e = cudaMemcpy2DAsync(d.at(dy) + g * m, G * m * 4, d.at(yg), m * 4, m * 4, n, cudaMemcpyDeviceToDevice, stream_);
+      if (e != cudaSuccess) return e;
+    }
+    return cudaSuccess;
+  });
+}
+
+auto CudaBackendImpl::StageRowOps(Frame& f, std::span<const RowOp> ops, int64_t values) -> absl::StatusOr<RowOpInputs> {
+  RowOpInputs in;
+  in.cos.resize(ops.size());
+  in.sin.resize(ops.size());
+  for (size_t i = 0; i < ops.size(); ++i) {
+    const RowOp& op = ops[i];
+    if (op.width <= 0 || values % op.width != 0)
+      return absl::InvalidArgumentError(
+          absl::StrCat("then[", i, "].width = ", op.width, " does not divide the op's ", values, " values"));
+    if (op.kind == RowOp::Kind::kHadamard && (op.width & (op.width - 1)) != 0)
+      return absl::InvalidArgumentError(absl::StrCat("then[", i, "].width = ", op.width, ": Hadamard needs a power of two"));
+    if (op.kind != RowOp::Kind::kRope) continue;
+    if (op.rope_dims <= 0 || op.rope_dims % 2 != 0 || op.offset < 0 || op.offset + op.rope_dims > op.width ||
+        op.rows_per_angle <= 0 || !op.cos || !op.sin)
+      return absl::InvalidArgumentError(absl::StrCat("then[", i, "]: RoPE of ", op.rope_dims, " dims at offset ", op.offset,
+                                                     " in rows of ", op.width, ", ", op.rows_per_angle,
+                                                     " rows an angle set, needs its cos and sin"));
+    const int64_t rows = values / op.width;
+    const size_t angles = (rows + op.rows_per_angle - 1) / op.rows_per_angle * (op.rope_dims / 2) * 4;
+    in.cos[i] = f.In(op.cos, angles);
+    in.sin[i] = f.In(op.sin, angles);
+  }
+  return in;
+}
+
+cudaError_t CudaBackendImpl::EnqueueRowOps(Dev d, float* y, int64_t values, std::span<const RowOp> ops,
+                                           const RowOpInputs& in) const {
+  for (size_t i = 0; i < ops.size(); ++i) {
+    const RowOp& op = ops[i];
+    const int64_t rows = values / op.width;
+    cudaError_t e = cudaSuccess;
+    switch (op.kind) {
+      case RowOp::Kind::kHeadRmsNormBf16: e = cuda::HeadRmsNormBf16(y, rows, op.width, op.eps, stream_); break;
+      case RowOp::Kind::kRope:
+        e = cuda::Rope(y, rows, op.width, op.offset, op.rope_dims, d.at(in.cos[i]), d.at(in.sin[i]), op.rows_per_angle,
+                       op.inverse, stream_);
+        break;
+      case RowOp::Kind::kHadamard: e = cuda::Hadamard(y, rows, op.width, stream_); break;
+      case RowOp::Kind::kFp4RoundTrip: e = cuda::RoundTrip(y, values, op.width, /*fp8=*/false, stream_); break;
+    }
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
+}
+
+bool CudaBackendImpl::DenseOnTensorCores(const DeviceWeight& w, int64_t n) const {
+  return !exact_ && fast_dense_ && w.format == WeightFormat::kDense && w.dense_bf16 &&
+         (w.rows * w.cols >= (int64_t{1} << 22) || n >= kTensorCoreMinRows);
+}
+
+cudaError_t CudaBackendImpl::EnqueueLinear(const DeviceWeight& w, const float* x, int64_t n, int64_t ld, float* y,
+                                           Rounding out, const LinearScratch::Ptrs& s) const {
+  const int64_t k = w.cols, m = w.rows;
+  const bool quantized = w.format != WeightFormat::kDense;
+  auto rounded = [&](cudaError_t e) {
+    return e != cudaSuccess || out != Rounding::kBf16 ? e : cuda::RoundToBf16(y, n * m, stream_);
+  };
+  if (!exact_ && quantized && k % 128 == 0) {
+    if (fast_lt_ && w.format == WeightFormat::kFp8Block128 && n >= kTensorCoreMinRows && w.dequant_bf16) {
+      DeviceWeight view;
+      view.rows = m;
+      view.cols = k;
+      view.dense_bf16 = true;
+      view.values = w.dequant_bf16;
+      cudaError_t e = cuda::QuantizeActivationsBf16(x, n, k, ld, s.qb, stream_);
+      if (e == cudaSuccess) e = cuda::LinearBf16Lt(lt_, view, s.qb, ld, y, stream_);
+      if (e != cudaErrorNotSupported) return rounded(e);
+    }
+    if (fast_lt_ && w.format == WeightFormat::kFp8Block128 && n >= 16 && w.lt_scales) {
+      // FP8 tensor cores (fast-fp8): ~14 bits kept while summing a 128-block (relative error ~1e-4
+      // against fp32 sums), which moved dsv4-tiny-c's golden caches past their tolerance.
+      cudaError_t e = cuda::QuantizeActivationsFp8(x, n, k, s.q8, s.qs, ld, stream_);
+      if (e == cudaSuccess) e = cuda::LinearFp8Lt(lt_, w, w.lt_scales, s.q8, s.qs, ld, y, cuda::LtOutput::kF32, stream_);
+      if (e != cudaErrorNotSupported) return rounded(e);
+    }
+    if (fast_gemv_) {
+      const cudaError_t e = cuda::QuantizeActivations(x, n, k, s.qx, s.qs, stream_);
+      return e != cudaSuccess ? e : cuda::LinearDecode(w, s.qx, s.qs, n, y, out, stream_);
+    }
+  }
+  if (DenseOnTensorCores(w, n)) {
+    cudaError_t e = cuda::F32ToBf16Rows(x, n, k, ld, s.qb, stream_);
+    if (e == cudaSuccess) e = cuda::LinearBf16Lt(lt_, w, s.qb, ld, y, stream_);
+    if (e != cudaErrorNotSupported) return rounded(e);
+  }
+  if (!quantized) return cuda::Linear(w, x, x, n, y, out, stream_);
+  const cudaError_t e = cuda::QuantizeActivations(x, n, k, s.qx, s.qs, stream_);
+  return e != cudaSuccess ? e : cuda::Linear(w, s.qx, s.qs, n, y, out, stream_);
+}
+
+absl::Status CudaBackendImpl::RoutedExpertsLocked(std::span<const ExpertWork> experts, const float* x, int64_t n,
+                                                  int64_t dim, float limit, float* y) const {
+  FM_CUDA_TRY(cudaSetDevice(device_), "cudaSetDevice");
+  std::vector<ExpertPlan> plans;
+  Frame f;
+  const size_t dx = f.In(x, n * dim * 4), dy = f.In(y, n * dim * 4);
+  int64_t max_ld = 0, max_k = dim;
+  for (size_t i = 0; i < experts.size(); ++i) {
+    const ExpertWork& e = experts[i];
+    if (e.rows.empty()) continue;
+    if (!e.w1 || !e.w2 || !e.w3 || e.w1->cols != dim || e.w3->cols != dim || e.w3->rows != e.w1->rows ||
+        e.w2->rows != dim || e.w2->cols != e.w1->rows || (!e.weights.empty() && e.weights.size() != e.rows.size()))
+      return absl::InvalidArgumentError(absl::StrCat("RoutedExperts: experts[", i, "] has inconsistent shapes"));
+    for (int32_t r : e.rows)
+      if (r < 0 || r >= n) return absl::InvalidArgumentError(absl::StrCat("RoutedExperts: experts[", i, "].rows has ", r));
+    ExpertPlan p;
+    p.e = &e;
+    FM_ASSIGN_OR_RETURN(p.w1, WeightOnDevice(*e.w1));
+    FM_ASSIGN_OR_RETURN(p.w3, WeightOnDevice(*e.w3));
+    FM_ASSIGN_OR_RETURN(p.w2, WeightOnDevice(*e.w2));
+    p.m = static_cast<int64_t>(e.rows.size());
+    p.ld = (p.m + 3) / 4 * 4;
+    p.inter = e.w1->rows;
+    p.rows = f.In(e.rows.data(), p.m * 4);
+    p.weighted = !e.weights.empty();
+    p.wts = p.weighted ? f.In(e.weights.data(), p.m * 4) : 0;
+    plans.push_back(p);
+    max_ld = std::max(max_ld, p.ld);
+    max_k = std::max(max_k, p.inter);
+  }
+  if (plans.empty()) return absl::OkStatus();
+  // Decode-sized layers in fast mode: every expert's w1 and w3 in one grouped GEMV launch, then
+  // every w2 (all experts of one quantized format). FP8 experts up to 16 rows each (from 16 rows
+  // one expert's matrices go faster through the tensor cores, EnqueueLinear); FP4 experts up to
+  // kGroupedFp4Rows (EnqueueLinear would run the same GEMV kernel, one launch per matrix: at
+  // 16 experts x 24 rows, a batch of 64, that was 1.7 ms a layer).
+  bool grouped = !exact_ && fast_gemv_ && dim % 128 == 0;
+  for (const ExpertPlan& p : plans)
+    grouped = grouped && p.m <= (p.w1->format == WeightFormat::kFp4Group32 ? kGroupedFp4Rows : 16) &&
+              p.inter % 128 == 0 && p.inter == plans[0].inter &&
+              p.w1->format != WeightFormat::kDense &&
+              p.w1->format == plans[0].w1->format && p.w3->format == p.w1->format && p.w2->format == p.w1->format;
+  if (grouped) return RoutedExpertsGroupedLocked(plans, x, n, dim, limit, y, plans[0].w1->format);
+  for (ExpertPlan& p : plans) {
+    p.xs = f.Scratch(p.ld * dim * 4);
+    p.gate = f.Scratch(p.ld * p.inter * 4);
+    p.up = f.Scratch(p.ld * p.inter * 4);
+    p.h = f.Scratch(p.ld * p.inter * 4);
+    p.out = f.Scratch(p.ld * dim * 4);
+  }
+  const LinearScratch scratch = AddLinearScratch(f, max_ld, max_k);
+  f.Download(dy, y, n * dim * 4);
+  return RunLocked(f, [&](Dev d) {
+    for (const ExpertPlan& p : plans) {
+      const int32_t* rows = d.at<int32_t>(p.rows);
+      cudaError_t e = cuda::GatherRows(d.at(dx), rows, p.m, dim, d.at(p.xs), stream_);
+      auto linear = [&](const DeviceWeight& w, const float* in, float* out) {
+        return EnqueueLinear(w, in, p.m, p.ld, out, Rounding::kBf16, scratch.At(d));
+      };
+      if (e == cudaSuccess) e = linear(*p.w1, d.at(p.xs), d.at(p.gate));
+      if (e == cudaSuccess) e = linear(*p.w3, d.at(p.xs), d.at(p.up));
+      if (e == cudaSuccess)
+        e = cuda::SwiGlu(d.at(p.gate), d.at(p.up), p.m, p.inter, p.weighted ? d.at(p.wts) : nullptr, limit, d.at(p.h),
+                         stream_);
+      if (e == cudaSuccess) e = linear(*p.w2, d.at(p.h), d.at(p.out));
+      if (e == cudaSuccess) e = cuda::ScatterAddRows(d.at(p.out), rows, p.m, dim, d.at(dy), stream_);
+      if (e != cudaSuccess) return e;
+    }
+    return cudaSuccess;
+  });
+}
+
+absl::Status CudaBackendImpl::RoutedExpertsGroupedLocked(std::span<const ExpertPlan> plans, const float* x, int64_t n,
+                                                         int64_t dim, float limit, float* y,
+                                                         WeightFormat format) const {
+  // The experts' rows end to end: plans[i]'s start at first[i]; one intermediate size (the
+  // caller checked).
+  std::vector<int64_t> first;
+  std::vector<int32_t> rows;
+  std::vector<float> wts;
+  const int64_t inter = plans[0].inter;
+  int64_t max_m = 0;
+  for (const ExpertPlan& p : plans) {
+    const ExpertWork& e = *p.e;
+    first.push_back(static_cast<int64_t>(rows.size()));
+    rows.insert(rows.end(), e.rows.begin(), e.rows.end());
+    for (size_t r = 0; r < e.rows.size(); ++r) wts.push_back(e.weights.empty() ? 1.0f : e.weights[r]);  // x * 1 == x
+    max_m = std::max(max_m, p.m);
+  }
+  const int64_t M = static_cast<int64_t>(rows.size()), E = static_cast<int64_t>(plans.size());
+  const bool fp8 = format == WeightFormat::kFp8Block128;
+  // FP4 on the tensor cores reads each launch's scale bytes when every one of its weights has
+  // them, and its tokens as f16 in the MMA's order (QuantizeActivationsMmaF16).
+  bool up_bytes = !fp8, down_bytes = !fp8;
+  for (const ExpertPlan& p : plans) {
+    up_bytes = up_bytes && p.w1->scale_exps && p.w3->scale_exps;
+    down_bytes = down_bytes && p.w2->scale_exps;
+  }
+  const cuda::GemvInputs up_in{up_bytes, !fp8 && cuda::GroupedFp4OnTensorCores(max_m, dim, up_bytes)};
+  const cuda::GemvInputs down_in{down_bytes, !fp8 && cuda::GroupedFp4OnTensorCores(max_m, inter, down_bytes)};
+  Frame f;
+  std::vector<int32_t> offsets, order;  // each token's rows in expert order: one scatter-add launch
+  cuda::OrderRowsByTarget(rows, n, &offsets, &order);
+  const size_t dx = f.In(x, n * dim * 4), dy = f.In(y, n * dim * 4), drows = f.In(rows.data(), M * 4),
+               dwts = f.In(wts.data(), M * 4), doff = f.In(offsets.data(), (n + 1) * 4),
+               dord = f.In(order.data(), M * 4);
+  const size_t table_bytes = 3 * E * sizeof(cuda::GemvGroup);
+  const size_t dtab = f.Scratch(table_bytes);  // first scratch: filled on the host (fill below)
+  const size_t xs = f.Scratch(M * dim * 4), qx = f.Scratch(M * dim * 4), qs = f.Scratch(M * (dim / 128) * 4),
+               g = f.Scratch(M * inter * 4), u = f.Scratch(M * inter * 4), h = f.Scratch(M * inter * 4),
+               qh = f.Scratch(M * inter * 4), qhs = f.Scratch(M * (inter / 128) * 4), out = f.Scratch(M * dim * 4);
+  f.Download(dy, y, n * dim * 4);
+  auto table = [&](char* host_scratch) {  // device pointers: dev_ is allocated before the fill
+    char* base = static_cast<char*>(dev_);
+    auto at = [&](size_t off) { return reinterpret_cast<float*>(base + f.Resolve(off)); };
+    auto* t = reinterpret_cast<cuda::GemvGroup*>(host_scratch + f.Resolve(dtab) - f.in_bytes());
+    for (int64_t i = 0; i < E; ++i) {
+      const ExpertPlan& p = plans[i];
+      const int64_t r0 = first[i];
+      // Token rows from r0 on: fp32 grid values, or f16 ones in the same scratch (GemvInputs).
+      auto group = [&](const DeviceWeight* w, size_t q, size_t qsc, int64_t k, float* yo) {
+        return cuda::GemvGroup{static_cast<const uint8_t*>(w->values), w->scales, w->scale_cols, w->rows, k,
+                               at(q) + r0 * k, at(qsc) + r0 * (k / 128), p.m, yo, w->scale_exps,
+                               reinterpret_cast<const uint16_t*>(at(q)) + r0 * k};
+      };
+      t[i] = group(p.w1, qx, qs, dim, at(g) + r0 * inter);
+      t[E + i] = group(p.w3, qx, qs, dim, at(u) + r0 * inter);
+      t[2 * E + i] = group(p.w2, qh, qhs, inter, at(out) + r0 * dim);
+    }
+  };
+  return RunLocked(
+      f,
+      [&](Dev d) {
+        const auto* tab = d.at<cuda::GemvGroup>(dtab);
+        cudaError_t e = cuda::GatherRows(d.at(dx), d.at<int32_t>(drows), M, dim, d.at(xs), stream_);
+        auto quantize = [&](size_t in, int64_t k, size_t q, size_t qsc, bool f16) {
+          return f16 ? cuda::QuantizeActivationsMmaF16(d.at(in), M, k, d.at<uint16_t>(q), d.at(qsc), stream_)
+                     : cuda::QuantizeActivations(d.at(in), M, k, d.at(q), d.at(qsc), stream_);
+        };
+        if (e == cudaSuccess) e = quantize(xs, dim, qx, qs, up_in.f16_activations);
+        if (e == cudaSuccess)
+          e = cuda::LinearDecodeGrouped(tab, static_cast<int>(2 * E), inter, max_m, dim, fp8, Rounding::kBf16, stream_, up_in);
+        if (e == cudaSuccess) e = cuda::SwiGlu(d.at(g), d.at(u), M, inter, d.at(dwts), limit, d.at(h), stream_);
+        if (e == cudaSuccess) e = quantize(h, inter, qh, qhs, down_in.f16_activations);
+        if (e == cudaSuccess)
+          e = cuda::LinearDecodeGrouped(tab + 2 * E, static_cast<int>(E), dim, max_m, inter, fp8, Rounding::kBf16,
+                                        stream_, down_in);
+        if (e == cudaSuccess)
+          e = cuda::ScatterAddOrdered(d.at(out), d.at<int32_t>(doff), d.at<int32_t>(dord), n, dim, d.at(dy), stream_);
+        return e;
+      },
+      table, table_bytes);
+}
+
+}  // namespace flashmem::kernels::cuda::internal
