@@ -221,6 +221,7 @@ auto CudaBackendImpl::StageUploads(const DeviceReserve& r, Frame& f) -> Uploads 
 absl::Status CudaBackendImpl::RunWithUploadsLocked(DeviceReserve& r, const Frame& f, const Uploads& u,
                                                    const LaunchFn& op) const {
   const int64_t page_bytes = r.book.page_bytes(), ups = static_cast<int64_t>(u.src.size());
+  phase_op_ = &op.target_type();  // FLASHMEM_CUDA_PHASES: named after the op, not this wrapper
   const absl::Status st = RunLocked(
       f,
       [&](Dev d) {

@@ -23,6 +23,7 @@
 #include "common/status.h"
 #include "kernels/cuda/device_ops.h"
 #include "kernels/cuda/host_gather.h"
+#include "kernels/cuda/op_phases.h"
 #include "kernels/activation_pool.h"
 #include "kernels/kv_reserve.h"
 
@@ -457,6 +458,8 @@ class CudaBackendImpl final : public Backend {
   mutable uint64_t op_clock_ = 1;  // clock_ at the start of the op in progress
   mutable absl::node_hash_map<const void*, Resident> resident_;  // node map: stable pointers
   mutable DeviceReserve records_, keys_;  // the KV reserve: main KV records, indexer keys
+  const std::unique_ptr<OpPhases> phases_ = OpPhases::FromEnv();  // FLASHMEM_CUDA_PHASES (diagnostics)
+  mutable const std::type_info* phase_op_ = nullptr;  // the op a wrapping launch runs (RunWithUploadsLocked)
 };
 
 }  // namespace flashmem::kernels::cuda::internal

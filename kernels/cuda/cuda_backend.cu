@@ -1,5 +1,7 @@
 #include "kernels/cuda/cuda_backend.h"
 
+#include <utility>
+
 #include "kernels/cuda/backend_impl.h"
 
 namespace flashmem::kernels::cuda {
@@ -124,6 +126,7 @@ void CudaBackendImpl::Launch(const Frame& f, const LaunchFn& launch, const FillF
 
 absl::Status CudaBackendImpl::RunLocked(const Frame& f, const LaunchFn& launch, const FillFn& fill,
                                         size_t fill_bytes) const {
+  const std::type_info* named = std::exchange(phase_op_, nullptr);  // FLASHMEM_CUDA_PHASES
   FM_CUDA_TRY(cudaSetDevice(device_), "cudaSetDevice");
   const size_t total = std::max<size_t>(f.total(), kAlign);
   if (total > capacity_) {
@@ -149,12 +152,16 @@ absl::Status CudaBackendImpl::RunLocked(const Frame& f, const LaunchFn& launch, 
   for (size_t i = 0; i < f.outs().size(); ++i) out_direct[i] = direct(f.outs()[i].host, f.outs()[i].bytes);
   char* h = static_cast<char*>(host_);
   char* dev = static_cast<char*>(dev_);
+  OpPhases::Marks marks;  // FLASHMEM_CUDA_PHASES
+  if (phases_) marks.begin = OpPhases::Clock::now();
   std::vector<HostCopy> copies;
   copies.reserve(std::max(f.ins().size(), f.outs().size()));
   for (size_t i = 0; i < f.ins().size(); ++i)
     if (!in_direct[i]) copies.push_back({h + f.ins()[i].off, f.ins()[i].host, f.ins()[i].bytes});
   CopyAll(copies);
+  if (phases_) marks.staged = OpPhases::Clock::now();
   if (fill) fill(h + f.in_bytes());
+  if (phases_) marks.filled = OpPhases::Clock::now();
   // One transfer per run of arrays adjacent on both sides (a batch's attention rows are slices
   // of one activation buffer: 64 rows' queries are one copy, not 64 at ~2.7 µs each). A staged
   // input's transfer takes its alignment padding along, so adjacent staged inputs merge too. A run
@@ -191,22 +198,38 @@ absl::Status CudaBackendImpl::RunLocked(const Frame& f, const LaunchFn& launch, 
     }
   }
   add(ups, dev + f.in_bytes(), h + f.in_bytes(), fill_bytes, false, true);
-  for (const Transfer& t : ups)
+  if (phases_) FM_CUDA_TRY(cudaEventRecord(phases_->event(0), stream_), "event");
+  for (const Transfer& t : ups) {
     FM_CUDA_TRY(cudaMemcpyAsync(t.dst, t.src, t.bytes, cudaMemcpyHostToDevice, stream_), "copy to device");
+    marks.up_bytes += t.bytes;
+  }
+  if (phases_) FM_CUDA_TRY(cudaEventRecord(phases_->event(1), stream_), "event");
   FM_CUDA_TRY(launch(Dev{dev, &f}), "kernel launch");
+  if (phases_) FM_CUDA_TRY(cudaEventRecord(phases_->event(2), stream_), "event");
   for (size_t i = 0; i < f.outs().size(); ++i) {
     const Frame::Back& b = f.outs()[i];
     add(downs, out_direct[i] ? b.host : h + f.Resolve(b.off), dev + f.Resolve(b.off), b.bytes, out_direct[i], false);
   }
-  for (const Transfer& t : downs)
+  for (const Transfer& t : downs) {
     FM_CUDA_TRY(cudaMemcpyAsync(t.dst, t.src, t.bytes, cudaMemcpyDeviceToHost, stream_), "copy to host");
+    marks.down_bytes += t.bytes;
+  }
+  if (phases_) {
+    FM_CUDA_TRY(cudaEventRecord(phases_->event(3), stream_), "event");
+    marks.enqueued = OpPhases::Clock::now();
+  }
   FM_CUDA_TRY(cudaStreamSynchronize(stream_), "stream synchronize");
+  if (phases_) marks.waited = OpPhases::Clock::now();
   copies.clear();
   for (size_t i = 0; i < f.outs().size(); ++i) {
     const Frame::Back& b = f.outs()[i];
     if (!out_direct[i]) copies.push_back({b.host, h + f.Resolve(b.off), b.bytes});
   }
   CopyAll(copies);
+  if (phases_) {
+    marks.end = OpPhases::Clock::now();
+    phases_->Add(OpPhases::OpName(named ? *named : launch.target_type()), marks);
+  }
   return absl::OkStatus();
 }
 

@@ -17,6 +17,7 @@
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/cuda/device_ops.h"
 #include "kernels/cuda/host_gather.h"
+#include "kernels/cuda/op_phases.h"
 #include "kernels/device.h"
 #include "kernels/numerics.h"
 #include "kernels/ops.h"
@@ -1291,6 +1292,18 @@ TEST(DeviceLayout, ScaleExponentsAreTheE8m0BytesOrNone) {
   EXPECT_FALSE(without(std::ldexp(1.0f, -126)));   // byte 1, the smallest
   EXPECT_TRUE(cuda::ScaleExponents(RandomWeight(WeightFormat::kFp4Group32, 3, 128, 12)).empty());  // cols % 256
   EXPECT_TRUE(cuda::ScaleExponents(RandomWeight(WeightFormat::kFp8Block128, 3, 256, 13)).empty());
+}
+
+TEST(OpPhases, NamesTheMemberALaunchWasWrittenIn) {
+  using cuda::OpPhases;
+  EXPECT_EQ(OpPhases::OpNameFromMangled(
+                "ZNK8flashmem7kernels4cuda8internal15CudaBackendImpl19SparseAttentionRowsESt4spanIKNS0_12AttentionRowE"
+                "Lm18446744073709551615EEllPKffEUlNS2_3DevEE_"),
+            "SparseAttentionRows");
+  EXPECT_EQ(OpPhases::OpNameFromMangled("Z4mainEUlvE_"), "?");                  // not a backend member
+  EXPECT_EQ(OpPhases::OpNameFromMangled("ZN15CudaBackendImpl99Short"), "?");    // length past the end
+  EXPECT_EQ(OpPhases::OpNameFromMangled("ZN15CudaBackendImpl"), "?");
+  EXPECT_EQ(OpPhases::OpNameFromMangled(""), "?");
 }
 
 // cuBLASLt is dlopen'ed by fast mode, not linked (it broke civetweb's port-0 binding when loaded
