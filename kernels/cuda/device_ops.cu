@@ -73,21 +73,11 @@ namespace {
 
 unsigned Blocks(int64_t n, int64_t per) { return static_cast<unsigned>((n + per - 1) / per); }
 
-// One warp per 128-element block: amax, pow2 scale, e4m3 grid values.
-__global__ void QuantizeActKernel(const float* x, int64_t blocks, float* xq, float* xs) {
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
-  if (b >= blocks) return;
-  const int lane = threadIdx.x & 31;
-  const float* xb = x + b * 128;
-  float v[4];
-  for (int j = 0; j < 4; ++j) v[j] = xb[lane + 32 * j];
-  const float scale = QuantizeWarpBlock128(v);
-  for (int j = 0; j < 4; ++j) xq[b * 128 + lane + 32 * j] = v[j];
-  if (lane == 0) xs[b] = scale;
-}
-
-// QuantizeActKernel's grid values as f16 bits, columns 1 and 2 (and 5 and 6) of every 8 swapped.
-__global__ void QuantizeActMmaF16Kernel(const float* x, int64_t blocks, uint16_t* xh, float* xs) {
+// One warp per 128-element block: amax, pow2 scale, e4m3 grid values — as fp32 (float out), or as
+// f16 bits in the FP4 decode GEMV's MMA order (uint16_t out: columns 1 and 2, and 5 and 6, of every
+// 8 swapped; exact, |v| <= 448).
+template <typename Out>
+__global__ void QuantizeActKernel(const float* x, int64_t blocks, Out* xq, float* xs) {
   const int64_t b = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   if (b >= blocks) return;
   const int lane = threadIdx.x & 31;
@@ -96,8 +86,11 @@ __global__ void QuantizeActMmaF16Kernel(const float* x, int64_t blocks, uint16_t
   for (int j = 0; j < 4; ++j) v[j] = xb[lane + 32 * j];
   const float scale = QuantizeWarpBlock128(v);
   for (int j = 0; j < 4; ++j) {
-    const int c = lane + 32 * j, at = (c & ~3) | ((c & 1) << 1) | ((c >> 1) & 1);
-    xh[b * 128 + at] = __half_as_ushort(__float2half_rn(v[j]));
+    const int c = lane + 32 * j;
+    if constexpr (sizeof(Out) == 4)
+      xq[b * 128 + c] = v[j];
+    else
+      xq[b * 128 + ((c & ~3) | ((c & 1) << 1) | ((c >> 1) & 1))] = __half_as_ushort(__float2half_rn(v[j]));
   }
   if (lane == 0) xs[b] = scale;
 }
@@ -512,7 +505,7 @@ cudaError_t QuantizeActivationsMmaF16(const float* x, int64_t n, int64_t k, uint
                                       cudaStream_t stream) {
   const int64_t blocks = n * (k / 128);
   if (blocks == 0) return cudaSuccess;
-  QuantizeActMmaF16Kernel<<<Blocks(blocks, 8), 256, 0, stream>>>(x, blocks, xh, xs);
+  QuantizeActKernel<<<Blocks(blocks, 8), 256, 0, stream>>>(x, blocks, xh, xs);
   return cudaGetLastError();
 }
 
