@@ -56,21 +56,6 @@ void EntryPages::Overwrite(int64_t i, const float* row) {
   if (pages_[i / kEntriesPerPage]) Write(i / kEntriesPerPage, i % kEntriesPerPage, row);
 }
 
-kernels::KvSlot EntryPages::Slot(int64_t i) const {
-  const int64_t page = i / kEntriesPerPage, e = i % kEntriesPerPage;
-  kernels::KvSlot s;
-  if (!pages_[page]) return s;
-  if (encoded_) {
-    s.record = Bytes(page) + format_.entry_data_offset(e);
-    s.scales = Bytes(page) + format_.entry_scales_offset(e);
-  } else {
-    s.row = pages_[page].get() + e * format_.dim;
-  }
-  s.page = page_meta_[page].get();
-  s.entry = static_cast<int32_t>(e);
-  return s;
-}
-
 kernels::KeyRun EntryPages::Run(int64_t first, int64_t count) const {
   const int64_t page = first / kEntriesPerPage, e = first % kEntriesPerPage;
   kernels::KeyRun run;

@@ -93,4 +93,20 @@ class EntryPages {
   std::vector<std::unique_ptr<kernels::KvPage>> page_meta_;
 };
 
+// Inline: a decode step's attention asks for every slot of every row (26K a layer at batch 64).
+inline kernels::KvSlot EntryPages::Slot(int64_t i) const {
+  const int64_t page = i / kEntriesPerPage, e = i % kEntriesPerPage;
+  kernels::KvSlot s;
+  if (!pages_[page]) return s;
+  if (encoded_) {
+    s.record = Bytes(page) + format_.entry_data_offset(e);
+    s.scales = Bytes(page) + format_.entry_scales_offset(e);
+  } else {
+    s.row = pages_[page].get() + e * format_.dim;
+  }
+  s.page = page_meta_[page].get();
+  s.entry = static_cast<int32_t>(e);
+  return s;
+}
+
 }  // namespace flashmem::kv

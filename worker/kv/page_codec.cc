@@ -11,8 +11,8 @@
 namespace flashmem::kv {
 namespace {
 
-constexpr int64_t kFp8Block = 64;  // nope dims a UE8M0 scale covers (the model's Fp8RoundTrip block)
-constexpr int64_t kFp4Block = 32;  // index dims a UE8M0 scale covers (the model's Fp4RoundTrip block)
+constexpr int64_t kFp8Block = PageFormat::kFp8ScaleBlock;
+constexpr int64_t kFp4Block = PageFormat::kFp4ScaleBlock;
 
 bool SameBits(float a, float b) { return std::bit_cast<uint32_t>(a) == std::bit_cast<uint32_t>(b); }
 
@@ -81,16 +81,6 @@ PageFormat PageFormat::IndexKeys(int64_t dim) {
   f.kind = Kind::kMxfp4;
   f.dim = dim;
   return f;
-}
-
-int64_t PageFormat::data_bytes_per_entry() const {
-  return kind == Kind::kFp8Record ? nope_dims() + 2 * rope_dims : (dim + 1) / 2;
-}
-
-int64_t PageFormat::scale_bytes_per_entry() const {
-  if (kind == Kind::kMxfp4) return (dim + kFp4Block - 1) / kFp4Block;
-  const int64_t blocks = (nope_dims() + kFp8Block - 1) / kFp8Block;
-  return (blocks + 7) / 8 * 8;  // 7 scales + 1 pad at 448 nope dims
 }
 
 int64_t EncodeEntry(const PageFormat& f, const float* v, uint8_t* data, uint8_t* scales) {

@@ -36,9 +36,17 @@ struct PageFormat {
   // Indexer keys of `dim` values (128 in the released models; a last block may be partial).
   static PageFormat IndexKeys(int64_t dim);
 
+  static constexpr int64_t kFp8ScaleBlock = 64;  // nope dims a UE8M0 scale covers (the model's Fp8RoundTrip block)
+  static constexpr int64_t kFp4ScaleBlock = 32;  // index dims a UE8M0 scale covers (the model's Fp4RoundTrip block)
+
   int64_t nope_dims() const { return kind == Kind::kFp8Record ? dim - rope_dims : 0; }
-  int64_t data_bytes_per_entry() const;   // 576 (main, 512 dims) / 64 (index, 128 dims)
-  int64_t scale_bytes_per_entry() const;  // 8 (7 scales + 1 pad) / 4
+  // 576 (main, 512 dims) / 64 (index, 128 dims). Inline: a decode step asks it for every slot.
+  int64_t data_bytes_per_entry() const { return kind == Kind::kFp8Record ? nope_dims() + 2 * rope_dims : (dim + 1) / 2; }
+  // 8 (7 scales + 1 pad) / 4
+  int64_t scale_bytes_per_entry() const {
+    if (kind == Kind::kMxfp4) return (dim + kFp4ScaleBlock - 1) / kFp4ScaleBlock;
+    return ((nope_dims() + kFp8ScaleBlock - 1) / kFp8ScaleBlock + 7) / 8 * 8;  // 7 scales + 1 pad at 448 nope dims
+  }
   int64_t entry_bytes() const { return data_bytes_per_entry() + scale_bytes_per_entry(); }
   int64_t page_bytes() const { return entries * entry_bytes(); }
   // Where entry e's data and scale bytes sit in a page.

@@ -64,21 +64,30 @@ bool Compressor::Pool(CompressorState& st, const float* kv, const float* score, 
   if ((pos + 1) % r != 0) return false;
   // Per-dimension softmax over the candidates of the block, then the weighted sum (fp32).
   // Overlap: rows 0..r-1 (previous block) give their first half, rows r..2r-1 their second.
+  // Candidate by candidate over contiguous dims (each dim's max, sum and weighted sum still take
+  // the candidates in order, so every dim's arithmetic is unchanged); it walked a column at a
+  // time, 2 KB strides, before.
   const int64_t n_cand = overlap_ ? 2 * r : r;
-  std::vector<float> s(n_cand), v(n_cand);
-  for (int64_t e = 0; e < d; ++e) {
-    for (int64_t j = 0; j < n_cand; ++j) {
-      const int64_t col = overlap_ ? (j < r ? e : d + e) : e;
-      s[j] = st.score[j * width + col];
-      v[j] = st.kv[j * width + col];
-    }
-    const float mx = *std::max_element(s.begin(), s.end());
-    float sum = 0.0f;
-    for (int64_t j = 0; j < n_cand; ++j) sum += (s[j] = std::exp(s[j] - mx));
-    float acc = 0.0f;
-    for (int64_t j = 0; j < n_cand; ++j) acc += v[j] * (s[j] / sum);
-    c[e] = num::RoundBf16(acc);  // kv.to(bf16) before the norm
+  auto at = [&](const std::vector<float>& rows, int64_t j) {
+    return rows.data() + j * width + (overlap_ && j >= r ? d : 0);
+  };
+  std::vector<float> mx(at(st.score, 0), at(st.score, 0) + d), sum(d, 0.0f), acc(d, 0.0f), p(n_cand * d);
+  for (int64_t j = 1; j < n_cand; ++j) {
+    const float* sj = at(st.score, j);
+    for (int64_t e = 0; e < d; ++e)
+      if (mx[e] < sj[e]) mx[e] = sj[e];  // std::max_element's first largest
   }
+  for (int64_t j = 0; j < n_cand; ++j) {
+    const float* sj = at(st.score, j);
+    float* pj = p.data() + j * d;
+    for (int64_t e = 0; e < d; ++e) sum[e] += (pj[e] = std::exp(sj[e] - mx[e]));
+  }
+  for (int64_t j = 0; j < n_cand; ++j) {
+    const float* vj = at(st.kv, j);
+    const float* pj = p.data() + j * d;
+    for (int64_t e = 0; e < d; ++e) acc[e] += vj[e] * (pj[e] / sum[e]);
+  }
+  for (int64_t e = 0; e < d; ++e) c[e] = num::RoundBf16(acc[e]);  // kv.to(bf16) before the norm
   if (overlap_) {  // the current block becomes the previous one
     std::copy(st.kv.begin() + r * width, st.kv.end(), st.kv.begin());
     std::copy(st.score.begin() + r * width, st.score.end(), st.score.begin());
