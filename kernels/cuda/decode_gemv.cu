@@ -3,6 +3,7 @@
 // Sums are reordered for speed: results match the CPU reference within fp32 rounding (the
 // bit-exact path is cuda::Linear).
 #include <algorithm>
+#include <type_traits>
 
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
@@ -414,11 +415,27 @@ cudaError_t LaunchGroupedFp4(const GemvGroup* groups, int count, int64_t max_row
   return LaunchAsDependent(kernel, grid, dim3(kWarps * 32), smem, stream, groups, round);
 }
 
+// The token tile T of a launch of n >= 1 tokens — 1, 2, 4, or 8 (more take several tiles of 8) —
+// handed to f as std::integral_constant<int, T>.
+template <typename F>
+auto WithTokenTile(int64_t n, F&& f) {
+  if (n <= 1) return f(std::integral_constant<int, 1>());
+  if (n == 2) return f(std::integral_constant<int, 2>());
+  if (n <= 4) return f(std::integral_constant<int, 4>());
+  return f(std::integral_constant<int, 8>());
+}
+
+// Fp4Smem with the scale form chosen at run time.
+template <int T>
+size_t Fp4SmemFor(int64_t k, bool scale_bytes) {
+  return scale_bytes ? Fp4Smem<T, true>(k) : Fp4Smem<T, false>(k);
+}
+
 template <int T>
 cudaError_t LaunchGrouped(const GemvGroup* groups, int count, int64_t max_rows, int64_t max_n, int64_t max_k, bool fp8,
                           bool round, GemvInputs in, cudaStream_t stream) {
   if (!fp8) {
-    if (const size_t smem = in.scale_bytes ? Fp4Smem<T, true>(max_k) : Fp4Smem<T, false>(max_k); smem > 0) {
+    if (const size_t smem = Fp4SmemFor<T>(max_k, in.scale_bytes); smem > 0) {
       if (in.scale_bytes)
         return in.f16_activations ? LaunchGroupedFp4<T, true, true>(groups, count, max_rows, max_n, smem, round, stream)
                                   : LaunchGroupedFp4<T, true, false>(groups, count, max_rows, max_n, smem, round, stream);
@@ -440,7 +457,7 @@ cudaError_t Launch(const DeviceWeight& w, const float* xq, const float* xs, int6
                    cudaStream_t stream) {
   if (w.format == WeightFormat::kFp4Group32) {
     const bool bytes = w.scale_exps != nullptr;
-    if (const size_t smem = bytes ? Fp4Smem<T, true>(w.cols) : Fp4Smem<T, false>(w.cols); smem > 0) {
+    if (const size_t smem = Fp4SmemFor<T>(w.cols, bytes); smem > 0) {
       const auto kernel = bytes ? DecodeFp4Kernel<T, true> : DecodeFp4Kernel<T, false>;
       if (cudaError_t e = AllowSmem(kernel, smem); e != cudaSuccess) return e;
       const dim3 grid(static_cast<unsigned>((w.rows + kFp4Rows - 1) / kFp4Rows), static_cast<unsigned>((n + T - 1) / T));
@@ -466,17 +483,13 @@ cudaError_t LinearDecodeGrouped(const GemvGroup* groups, int count, int64_t max_
   if (count == 0 || max_rows == 0 || max_n == 0) return cudaSuccess;
   if (count > 65535 || (in.scale_bytes && (fp8 || max_k % 256 != 0))) return cudaErrorInvalidValue;
   const bool round = out == Rounding::kBf16;
-  if (max_n == 1) return LaunchGrouped<1>(groups, count, max_rows, max_n, max_k, fp8, round, in, stream);
-  if (max_n == 2) return LaunchGrouped<2>(groups, count, max_rows, max_n, max_k, fp8, round, in, stream);
-  if (max_n <= 4) return LaunchGrouped<4>(groups, count, max_rows, max_n, max_k, fp8, round, in, stream);
-  return LaunchGrouped<8>(groups, count, max_rows, max_n, max_k, fp8, round, in, stream);
+  return WithTokenTile(max_n, [&](auto t) {
+    return LaunchGrouped<decltype(t)::value>(groups, count, max_rows, max_n, max_k, fp8, round, in, stream);
+  });
 }
 
 bool GroupedFp4OnTensorCores(int64_t max_n, int64_t max_k, bool scale_bytes) {
-  if (max_n <= 1) return (scale_bytes ? Fp4Smem<1, true>(max_k) : Fp4Smem<1, false>(max_k)) > 0;
-  if (max_n <= 2) return (scale_bytes ? Fp4Smem<2, true>(max_k) : Fp4Smem<2, false>(max_k)) > 0;
-  if (max_n <= 4) return (scale_bytes ? Fp4Smem<4, true>(max_k) : Fp4Smem<4, false>(max_k)) > 0;
-  return (scale_bytes ? Fp4Smem<8, true>(max_k) : Fp4Smem<8, false>(max_k)) > 0;
+  return WithTokenTile(max_n, [&](auto t) { return Fp4SmemFor<decltype(t)::value>(max_k, scale_bytes) > 0; });
 }
 
 cudaError_t LinearDecode(const DeviceWeight& w, const float* xq, const float* xs, int64_t n, float* y, Rounding out,
@@ -484,10 +497,7 @@ cudaError_t LinearDecode(const DeviceWeight& w, const float* xq, const float* xs
   if (w.format == WeightFormat::kDense || w.cols % 128 != 0) return cudaErrorInvalidValue;
   if (n == 0 || w.rows == 0) return cudaSuccess;
   const bool round = out == Rounding::kBf16;
-  if (n == 1) return Launch<1>(w, xq, xs, n, y, round, stream);
-  if (n == 2) return Launch<2>(w, xq, xs, n, y, round, stream);
-  if (n <= 4) return Launch<4>(w, xq, xs, n, y, round, stream);
-  return Launch<8>(w, xq, xs, n, y, round, stream);
+  return WithTokenTile(n, [&](auto t) { return Launch<decltype(t)::value>(w, xq, xs, n, y, round, stream); });
 }
 
 }  // namespace flashmem::kernels::cuda
