@@ -78,10 +78,16 @@ struct GemvGroup {
   const uint8_t* wexp = nullptr;  // FP4: the scales as E8M0 bytes (DeviceWeight::scale_exps)
   const uint16_t* xh = nullptr;   // FP4: the tokens as QuantizeActivationsMmaF16 gives them, [n][k]
 };
+// How the FP4 tensor-core kernel's blocks share a matrix (decode_gemv.cu, Fp4Blocking): 64 rows a
+// block with k split between two warps, or 128 rows with each warp over all of k (k % 512 == 0;
+// otherwise split). Both give the same bits. kByShape splits k when the grid would be about one
+// wave; kernel_bench and the tests ask for each.
+enum class Fp4Blocks : uint8_t { kByShape, kSplitK, kWholeK };
 // What the groups of a grouped launch carry besides w, ws, xq and xs (every group alike).
 struct GemvInputs {
   bool scale_bytes = false;      // wexp, read instead of ws (FP4, k % 256 == 0)
   bool f16_activations = false;  // xh, read instead of xq (FP4)
+  Fp4Blocks blocks = Fp4Blocks::kByShape;
 };
 // LinearDecode for `count` matrices of one format in one launch (groups: a device array). The
 // routed experts of an MoE layer: each expert's w1 and w3 in one launch, then every w2. max_rows,

@@ -921,7 +921,8 @@ TEST_F(CudaOps, FastDecodeGemvWithinFp32Rounding) {
 }
 
 // FP4 scales read as the checkpoint's E8M0 bytes and tokens read as f16 in the MMA's order (fast
-// mode's grouped MoE) give the fp32 scales' and tokens' bits, alone and grouped, one to 13 tokens.
+// mode's grouped MoE) give the fp32 scales' and tokens' bits, alone and grouped, one to 13 tokens;
+// so do blocks with k split between warps and blocks whose warps take all of k (Fp4Blocks).
 TEST_F(CudaOps, Fp4ScaleBytesAndHalfTokensGiveTheFp32Bits) {
   uint32_t seed = 500;
   for (int64_t cols : {256, 2048, 4096})
@@ -938,7 +939,9 @@ TEST_F(CudaOps, Fp4ScaleBytesAndHalfTokensGiveTheFp32Bits) {
       float* dx = static_cast<float*>(Upload(x.data(), x.size() * 4));
       float *xq = nullptr, *xs = nullptr, *xs2 = nullptr, *y = nullptr;
       uint16_t* xh = nullptr;
-      const int64_t parts = 6;  // fp32 alone, bytes alone, grouped bytes + fp32 tokens, + f16 tokens (2 groups)
+      // fp32 alone, bytes alone, grouped (2 groups each): bytes + fp32 tokens, + f16 tokens; one group
+      // each: f16 tokens with k split, with whole k; fp32 scales and tokens with whole k
+      const int64_t parts = 9;
       ASSERT_EQ(cudaMalloc(&xq, x.size() * 4), cudaSuccess);
       ASSERT_EQ(cudaMalloc(&xh, x.size() * 2), cudaSuccess);
       ASSERT_EQ(cudaMalloc(&xs, n * (cols / 128) * 4), cudaSuccess);
@@ -950,16 +953,29 @@ TEST_F(CudaOps, Fp4ScaleBytesAndHalfTokensGiveTheFp32Bits) {
       ASSERT_EQ(cuda::LinearDecode(dw, xq, xs, n, y, Rounding::kNone, nullptr), cudaSuccess);
       ASSERT_EQ(cuda::LinearDecode(dwb, xq, xs, n, y + n * rows, Rounding::kNone, nullptr), cudaSuccess);
       const auto* codes = static_cast<const uint8_t*>(dw.values);
-      const cuda::GemvGroup groups[4] = {
+      const cuda::GemvGroup groups[7] = {
           {codes, dw.scales, dw.scale_cols, rows, cols, xq, xs, n, y + 2 * n * rows, dwb.scale_exps},
           {codes, dw.scales, dw.scale_cols, rows, cols, xq, xs, n, y + 3 * n * rows, dwb.scale_exps},
           {codes, dw.scales, dw.scale_cols, rows, cols, nullptr, xs2, n, y + 4 * n * rows, dwb.scale_exps, xh},
-          {codes, dw.scales, dw.scale_cols, rows, cols, nullptr, xs2, n, y + 5 * n * rows, dwb.scale_exps, xh}};
+          {codes, dw.scales, dw.scale_cols, rows, cols, nullptr, xs2, n, y + 5 * n * rows, dwb.scale_exps, xh},
+          {codes, dw.scales, dw.scale_cols, rows, cols, nullptr, xs2, n, y + 6 * n * rows, dwb.scale_exps, xh},
+          {codes, dw.scales, dw.scale_cols, rows, cols, nullptr, xs2, n, y + 7 * n * rows, dwb.scale_exps, xh},
+          {codes, dw.scales, dw.scale_cols, rows, cols, xq, xs, n, y + 8 * n * rows}};
       auto* dgroups = static_cast<const cuda::GemvGroup*>(Upload(groups, sizeof groups));
       ASSERT_TRUE(cuda::GroupedFp4OnTensorCores(n, cols, true));
       ASSERT_EQ(cuda::LinearDecodeGrouped(dgroups, 2, rows, n, cols, false, Rounding::kNone, nullptr, {true, false}),
                 cudaSuccess);
       ASSERT_EQ(cuda::LinearDecodeGrouped(dgroups + 2, 2, rows, n, cols, false, Rounding::kNone, nullptr, {true, true}),
+                cudaSuccess);
+      using cuda::Fp4Blocks;
+      ASSERT_EQ(cuda::LinearDecodeGrouped(dgroups + 4, 1, rows, n, cols, false, Rounding::kNone, nullptr,
+                                          {true, true, Fp4Blocks::kSplitK}),
+                cudaSuccess);
+      ASSERT_EQ(cuda::LinearDecodeGrouped(dgroups + 5, 1, rows, n, cols, false, Rounding::kNone, nullptr,
+                                          {true, true, Fp4Blocks::kWholeK}),
+                cudaSuccess);
+      ASSERT_EQ(cuda::LinearDecodeGrouped(dgroups + 6, 1, rows, n, cols, false, Rounding::kNone, nullptr,
+                                          {false, false, Fp4Blocks::kWholeK}),
                 cudaSuccess);
       // FP8 (the generic GEMV) cannot take scale bytes or f16 tokens: refused, never misread.
       EXPECT_EQ(cuda::LinearDecodeGrouped(dgroups, 2, rows, n, cols, true, Rounding::kNone, nullptr, {true, false}),

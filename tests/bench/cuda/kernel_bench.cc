@@ -313,8 +313,9 @@ int main(int argc, char** argv) {
   // V4-Flash expert shapes (dim 4096, inter 2048) out of its 256 experts: w1 and w3 of every
   // active expert in one launch, then every w2; bytes = the FP4 codes and their scales, each read
   // once — fp32 scales, or the checkpoint's E8M0 bytes as fast mode uploads them. Routings: one
-  // token (6 experts), 16 experts x 4 tokens, and a batch of 64 tokens each routed to 6 of the
-  // 256 at random (~200 experts touched, 1-6 tokens each: what a batch-64 decode step reads).
+  // token (6 experts), 16 experts x 4 tokens, and batches of 64 and 8 tokens each routed to 6 of
+  // the 256 at random (~200 experts touched, 1-6 tokens each: what a batch-64 decode step reads;
+  // ~45 experts, 1-2 tokens each, at batch 8).
   if (Want("moe")) {
     const int64_t dim = 4096, inter = 2048, pool = 256, mat_codes = dim * inter / 2, mat_groups = dim * inter / 32;
     uint8_t* codes = nullptr;  // [pool][3][mat_codes]: w1, w3, w2
@@ -343,14 +344,17 @@ int main(int argc, char** argv) {
     for (int e = 0; e < 6; ++e) routings.back().tokens_of[e * 41] = 1;
     routings.push_back({"16 experts x 4 tok", std::vector<int>(pool, 0)});
     for (int e = 0; e < 16; ++e) routings.back().tokens_of[e * 16] = 4;
-    routings.push_back({"64 tok, top-6 of 256 experts", std::vector<int>(pool, 0)});
-    for (int t = 0; t < 64; ++t) {
-      std::vector<int> picked;
-      while (picked.size() < 6) {
-        const int e = static_cast<int>(rng() % pool);
-        if (std::find(picked.begin(), picked.end(), e) == picked.end()) picked.push_back(e);
+    for (int batch : {64, 8}) {  // 64 first: its routing draws the same numbers as before
+      routings.push_back({batch == 8 ? "8 tok, top-6 of 256 experts" : "64 tok, top-6 of 256 experts",
+                          std::vector<int>(pool, 0)});
+      for (int t = 0; t < batch; ++t) {
+        std::vector<int> picked;
+        while (picked.size() < 6) {
+          const int e = static_cast<int>(rng() % pool);
+          if (std::find(picked.begin(), picked.end(), e) == picked.end()) picked.push_back(e);
+        }
+        for (int e : picked) ++routings.back().tokens_of[e];
       }
-      for (int e : picked) ++routings.back().tokens_of[e];
     }
     for (const Routing& r : routings) {
       std::vector<int64_t> active;
@@ -395,8 +399,11 @@ int main(int argc, char** argv) {
       const double flop = 2.0 * 3 * m * dim * inter;
       const std::string shape = std::string(r.shape) + " (" + std::to_string(E) + " experts, max " +
                                 std::to_string(max_n) + " tok), 4096 <-> 2048";
-      // fp32 scales and tokens (before 2026-12); E8M0 scale bytes; and with f16 tokens (fast mode now).
-      for (cu::GemvInputs in : {cu::GemvInputs{false, false}, cu::GemvInputs{true, false}, cu::GemvInputs{true, true}}) {
+      // fp32 scales and tokens (before 2026-11-30 evening); E8M0 scale bytes and f16 tokens (fast
+      // mode) with k split between a block's warps and with each warp over all of k (Fp4Blocks).
+      using cu::Fp4Blocks;
+      for (cu::GemvInputs in : {cu::GemvInputs{false, false}, cu::GemvInputs{true, true, Fp4Blocks::kSplitK},
+                                cu::GemvInputs{true, true, Fp4Blocks::kWholeK}}) {
         auto layer = [&](cudaStream_t s) {  // w1 and w3 of every expert, then every w2
           CHECK_CUDA(cu::LinearDecodeGrouped(dtab, 2 * E, inter, max_n, dim, false, Rounding::kBf16, s, in));
           CHECK_CUDA(cu::LinearDecodeGrouped(dtab + 2 * E, E, dim, max_n, inter, false, Rounding::kBf16, s, in));
@@ -404,7 +411,10 @@ int main(int argc, char** argv) {
         const double bytes = 3.0 * E * (mat_codes + mat_groups * (in.scale_bytes ? 1.0 : 4.0));
         auto add = [&](std::string name, double us) {
           rows.push_back({name + (in.scale_bytes ? ", E8M0 scale bytes" : ", fp32 scales") +
-                              (in.f16_activations ? ", f16 tokens" : ", fp32 tokens"),
+                              (in.f16_activations ? ", f16 tokens" : ", fp32 tokens") +
+                              (in.blocks == Fp4Blocks::kSplitK   ? ", k split"
+                               : in.blocks == Fp4Blocks::kWholeK ? ", whole k a warp"
+                                                                 : ""),
                           shape, us, bytes / us / 1e3, flop / us / 1e6, Pct(bytes / us / 1e3, hbm, "HBM")});
         };
         add("MoE routed experts, FP4, grouped GEMV (2 launches)", TimeUs([&](int) { layer(nullptr); }));
