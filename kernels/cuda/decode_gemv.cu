@@ -152,7 +152,11 @@ __device__ __forceinline__ float E8m0Scale(uint32_t b) { return __uint_as_float(
 //   whole k (k % 512 == 0): 128 rows a block, each warp one 16-row tile over all of k — a
 //   pipeline twice as long (one fill a warp instead of two) and the staged tokens serve twice the
 //   rows. The k halves' sums are still kept apart and added last, so both give the same bits.
-//   A batch-64 layer of V4-Flash's experts: 1,062 -> 1,011 us (kernel_bench).
+//   A batch-64 layer of V4-Flash's experts: 1,062 -> 1,002 us (kernel_bench).
+// What bounds the kernel now is the integer pipe (the decode), not bytes in flight: tokens read
+// from L1 instead of staged (so the weight ring could be deeper) were slower at every shape, and
+// weights laid out as contiguous per-stage tiles changed nothing (docs/benchmarks.md, "MoE, sixth
+// session").
 template <bool kSplitKHalves>
 struct Fp4Blocking {
   static constexpr bool kSplitK = kSplitKHalves;
