@@ -303,6 +303,38 @@ class Backend {
   // base) + hc_eps; y = bf16(sum_i pre_i x_i) (a batch's last rows go through the head together).
   virtual void HcHead(const float* x, int64_t n, const float* fn, const float* base, float scale, int hc,
                       int64_t dim, float norm_eps, float hc_eps, float* y) const = 0;
+
+  // Device residency of an activation buffer that only ops read and write (the residual stream
+  // between layers): a hint, nothing on the CPU. Between HoldOnDevice(p, count) and
+  // ReleaseFromDevice(p, ...) the caller neither reads nor writes p[0, count) itself, so a device
+  // backend may keep its latest values on the device alone — ops reading any part of it read the
+  // device copy, ops writing it leave their result there — instead of sending them back after
+  // every op and up again before the next. SyncToHost(p) brings the latest values back to p (the
+  // hold stays); ReleaseFromDevice ends the hold, bringing them back first when `keep` (without
+  // it they are dropped: the buffer is dead). Release a hold before its buffer is freed; a hold
+  // over a range another hold overlaps replaces that one (its values dropped).
+  virtual void HoldOnDevice(float* /*p*/, int64_t /*count*/) const {}
+  virtual void SyncToHost(float* /*p*/) const {}
+  virtual void ReleaseFromDevice(float* /*p*/, bool /*keep*/) const {}
+};
+
+// Holds a Scratch-like buffer on the device for this object's life (Backend::HoldOnDevice), and
+// releases whatever buffer `buf` owns when it ends — so buffers swapped between holders (the
+// residual stream's X and next) stay covered. Declare it after the buffer.
+template <typename Buffer>
+class DeviceHold {
+ public:
+  DeviceHold(const Backend& be, Buffer& buf) : be_(be), buf_(buf) { be_.HoldOnDevice(buf_.data(), Count()); }
+  ~DeviceHold() { be_.ReleaseFromDevice(buf_.data(), false); }
+  DeviceHold(const DeviceHold&) = delete;
+  DeviceHold& operator=(const DeviceHold&) = delete;
+  // The latest values in buf's memory (the hold stays).
+  void Sync() const { be_.SyncToHost(buf_.data()); }
+
+ private:
+  int64_t Count() const { return static_cast<int64_t>(buf_.size()); }
+  const Backend& be_;
+  Buffer& buf_;
 };
 
 // Runs `ops` in order on the n values at x through be's own in-place ops (RowOp's meaning).

@@ -29,6 +29,9 @@ struct OpStats {
 class ProfilingBackend final : public Backend {
  public:
   explicit ProfilingBackend(const Backend& inner) : inner_(inner) {}
+  void HoldOnDevice(float* p, int64_t count) const override { inner_.HoldOnDevice(p, count); }
+  void SyncToHost(float* p) const override { inner_.SyncToHost(p); }
+  void ReleaseFromDevice(float* p, bool keep) const override { inner_.ReleaseFromDevice(p, keep); }
   const char* name() const override { return inner_.name(); }
   absl::Status Health() const override { return inner_.Health(); }
   absl::Status Prepare(const WeightMatrix& w) const override { return inner_.Prepare(w); }

@@ -142,6 +142,8 @@ class CudaBackendImpl final : public Backend {
   ~CudaBackendImpl() override {
     (void)cudaSetDevice(device_);
     for (auto& [key, r] : resident_) (void)cudaFree(r.mem);
+    for (const Held& h : held_) (void)cudaFree(h.dev);
+    for (const auto& [bytes, mem] : spare_twins_) (void)cudaFree(mem);
     for (DeviceReserve* r : {&records_, &keys_})
       if (r->dev) (void)cudaFree(r->dev);
     if (dev_) (void)cudaFree(dev_);
@@ -247,7 +249,32 @@ class CudaBackendImpl final : public Backend {
   void RoutedExperts(std::span<const ExpertWork> experts, const float* x, int64_t n, int64_t dim, float swiglu_limit,
                      float* y) const override;
 
+  // Held buffers (Backend::HoldOnDevice) live in device twins: RunLocked reads an op's input from
+  // the twin when the twin is current and writes an output wholly inside a held buffer to it,
+  // device to device, instead of over PCIe. Honoured by every op's staged inputs and outputs;
+  // an op's host-side work (TopK below 4,096 scores, the Backend defaults that run on the host)
+  // reads the host buffer, so hold only what goes to staged ops (the residual stream: HcPre,
+  // HcPost, HcHead, RmsNorm).
+  void HoldOnDevice(float* p, int64_t count) const override;
+  void SyncToHost(float* p) const override;
+  void ReleaseFromDevice(float* p, bool keep) const override;
+
  private:
+  struct Held {
+    char* host = nullptr;
+    size_t bytes = 0;
+    char* dev = nullptr;         // the twin
+    bool host_current = true;    // p's memory holds the latest values
+    bool dev_current = false;    // the twin does
+  };
+  // The held buffer [p, p + bytes) lies wholly inside, or nullptr.
+  Held* HeldContaining(const void* p, size_t bytes) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Brings every held buffer that [p, p + bytes) overlaps without lying inside back to the host;
+  // `written`: the range is about to be written on the host side, so their twins go stale.
+  absl::Status SyncCrossingLocked(const void* p, size_t bytes, bool written) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status SyncHeldLocked(Held& h) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void DropHeldLocked(size_t i) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
   void Fail(const absl::Status& st) const {
     if (!st.ok() && health_.ok()) health_ = st;
   }
@@ -457,6 +484,8 @@ class CudaBackendImpl final : public Backend {
   mutable uint64_t clock_ = 0;
   mutable uint64_t op_clock_ = 1;  // clock_ at the start of the op in progress
   mutable absl::node_hash_map<const void*, Resident> resident_;  // node map: stable pointers
+  mutable std::vector<Held> held_;                                 // a few: the residual stream
+  mutable std::vector<std::pair<size_t, char*>> spare_twins_;      // twins of released holds, reused
   mutable DeviceReserve records_, keys_;  // the KV reserve: main KV records, indexer keys
   const std::unique_ptr<OpPhases> phases_ = OpPhases::FromEnv();  // FLASHMEM_CUDA_PHASES (diagnostics)
   mutable const std::type_info* phase_op_ = nullptr;  // the op a wrapping launch runs (RunWithUploadsLocked)

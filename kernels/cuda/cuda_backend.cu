@@ -150,6 +150,23 @@ absl::Status CudaBackendImpl::RunLocked(const Frame& f, const LaunchFn& launch, 
   std::vector<char> in_direct(f.ins().size()), out_direct(f.outs().size());  // looked up once each
   for (size_t i = 0; i < f.ins().size(); ++i) in_direct[i] = direct(f.ins()[i].host, f.ins()[i].bytes);
   for (size_t i = 0; i < f.outs().size(); ++i) out_direct[i] = direct(f.outs()[i].host, f.outs()[i].bytes);
+  // Held buffers (HoldOnDevice): an input wholly inside one whose twin is current comes from the
+  // twin, an output wholly inside one goes to it; a range crossing a held buffer's edge first
+  // brings that buffer back to the host and then moves as usual.
+  std::vector<Held*> in_held(f.ins().size()), out_held(f.outs().size());
+  if (!held_.empty()) {
+    for (size_t i = 0; i < f.ins().size(); ++i) {
+      const Frame::Copy& c = f.ins()[i];
+      Held* h = HeldContaining(c.host, c.bytes);
+      if (h && h->dev_current) in_held[i] = h;
+      if (!h) FM_RETURN_IF_ERROR(SyncCrossingLocked(c.host, c.bytes, false));
+    }
+    for (size_t i = 0; i < f.outs().size(); ++i) {
+      const Frame::Back& b = f.outs()[i];
+      out_held[i] = HeldContaining(b.host, b.bytes);
+      if (!out_held[i]) FM_RETURN_IF_ERROR(SyncCrossingLocked(b.host, b.bytes, true));
+    }
+  }
   char* h = static_cast<char*>(host_);
   char* dev = static_cast<char*>(dev_);
   OpPhases::Marks marks;  // FLASHMEM_CUDA_PHASES
@@ -157,7 +174,7 @@ absl::Status CudaBackendImpl::RunLocked(const Frame& f, const LaunchFn& launch, 
   std::vector<HostCopy> copies;
   copies.reserve(std::max(f.ins().size(), f.outs().size()));
   for (size_t i = 0; i < f.ins().size(); ++i)
-    if (!in_direct[i]) copies.push_back({h + f.ins()[i].off, f.ins()[i].host, f.ins()[i].bytes});
+    if (!in_direct[i] && !in_held[i]) copies.push_back({h + f.ins()[i].off, f.ins()[i].host, f.ins()[i].bytes});
   CopyAll(copies);
   if (phases_) marks.staged = OpPhases::Clock::now();
   if (fill) fill(h + f.in_bytes());
@@ -190,6 +207,7 @@ absl::Status CudaBackendImpl::RunLocked(const Frame& f, const LaunchFn& launch, 
   std::vector<Transfer> ups, downs;
   for (size_t i = 0; i < f.ins().size(); ++i) {
     const Frame::Copy& c = f.ins()[i];
+    if (in_held[i]) continue;
     if (in_direct[i]) {
       add(ups, dev + c.off, c.host, c.bytes, true, true);
     } else {
@@ -203,11 +221,34 @@ absl::Status CudaBackendImpl::RunLocked(const Frame& f, const LaunchFn& launch, 
     FM_CUDA_TRY(cudaMemcpyAsync(t.dst, t.src, t.bytes, cudaMemcpyHostToDevice, stream_), "copy to device");
     marks.up_bytes += t.bytes;
   }
+  for (size_t i = 0; i < f.ins().size(); ++i)
+    if (Held* held = in_held[i]) {
+      const Frame::Copy& c = f.ins()[i];
+      FM_CUDA_TRY(cudaMemcpyAsync(dev + c.off, held->dev + (static_cast<const char*>(c.host) - held->host), c.bytes,
+                                  cudaMemcpyDeviceToDevice, stream_),
+                  "copy from a held buffer");
+    }
+  // An output that covers only part of a held buffer whose twin is stale: the twin takes the
+  // host's values first, so the parts the op does not write stay right.
+  for (size_t i = 0; i < f.outs().size(); ++i)
+    if (Held* held = out_held[i]; held && !held->dev_current && f.outs()[i].bytes < held->bytes) {
+      FM_CUDA_TRY(cudaMemcpyAsync(held->dev, held->host, held->bytes, cudaMemcpyHostToDevice, stream_),
+                  "copy to a held buffer");
+      held->dev_current = true;
+    }
   if (phases_) FM_CUDA_TRY(cudaEventRecord(phases_->event(1), stream_), "event");
   FM_CUDA_TRY(launch(Dev{dev, &f}), "kernel launch");
   if (phases_) FM_CUDA_TRY(cudaEventRecord(phases_->event(2), stream_), "event");
   for (size_t i = 0; i < f.outs().size(); ++i) {
     const Frame::Back& b = f.outs()[i];
+    if (Held* held = out_held[i]) {
+      FM_CUDA_TRY(cudaMemcpyAsync(held->dev + (static_cast<char*>(b.host) - held->host), dev + f.Resolve(b.off),
+                                  b.bytes, cudaMemcpyDeviceToDevice, stream_),
+                  "copy to a held buffer");
+      held->dev_current = true;
+      held->host_current = false;
+      continue;
+    }
     add(downs, out_direct[i] ? b.host : h + f.Resolve(b.off), dev + f.Resolve(b.off), b.bytes, out_direct[i], false);
   }
   for (const Transfer& t : downs) {
@@ -223,7 +264,7 @@ absl::Status CudaBackendImpl::RunLocked(const Frame& f, const LaunchFn& launch, 
   copies.clear();
   for (size_t i = 0; i < f.outs().size(); ++i) {
     const Frame::Back& b = f.outs()[i];
-    if (!out_direct[i]) copies.push_back({b.host, h + f.Resolve(b.off), b.bytes});
+    if (!out_direct[i] && !out_held[i]) copies.push_back({b.host, h + f.Resolve(b.off), b.bytes});
   }
   CopyAll(copies);
   if (phases_) {
@@ -231,6 +272,89 @@ absl::Status CudaBackendImpl::RunLocked(const Frame& f, const LaunchFn& launch, 
     phases_->Add(OpPhases::OpName(named ? *named : launch.target_type()), marks);
   }
   return absl::OkStatus();
+}
+
+auto CudaBackendImpl::HeldContaining(const void* p, size_t bytes) const -> Held* {
+  const char* c = static_cast<const char*>(p);
+  for (Held& h : held_)
+    if (c >= h.host && c + bytes <= h.host + h.bytes) return &h;
+  return nullptr;
+}
+
+absl::Status CudaBackendImpl::SyncHeldLocked(Held& h) const {
+  if (h.host_current) return absl::OkStatus();
+  FM_CUDA_TRY(cudaMemcpyAsync(h.host, h.dev, h.bytes, cudaMemcpyDeviceToHost, stream_), "copy a held buffer back");
+  FM_CUDA_TRY(cudaStreamSynchronize(stream_), "stream synchronize");
+  h.host_current = true;
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackendImpl::SyncCrossingLocked(const void* p, size_t bytes, bool written) const {
+  const char* c = static_cast<const char*>(p);
+  for (Held& h : held_)
+    if (c < h.host + h.bytes && h.host < c + bytes) {
+      FM_RETURN_IF_ERROR(SyncHeldLocked(h));
+      if (written) h.dev_current = false;
+    }
+  return absl::OkStatus();
+}
+
+void CudaBackendImpl::DropHeldLocked(size_t i) const {
+  spare_twins_.push_back({held_[i].bytes, held_[i].dev});
+  held_.erase(held_.begin() + static_cast<std::ptrdiff_t>(i));
+  // A few spares cover the buffers a step holds; the rest go back.
+  constexpr size_t kSpares = 8;
+  while (spare_twins_.size() > kSpares) {
+    (void)cudaFree(spare_twins_.front().second);
+    used_ -= static_cast<int64_t>(spare_twins_.front().first);
+    spare_twins_.erase(spare_twins_.begin());
+  }
+}
+
+void CudaBackendImpl::HoldOnDevice(float* p, int64_t count) const {
+  if (!p || count <= 0) return;
+  absl::MutexLock lock(&mu_);
+  if (!health_.ok()) return;
+  char* c = reinterpret_cast<char*>(p);
+  const size_t bytes = static_cast<size_t>(count) * 4;
+  for (size_t i = held_.size(); i-- > 0;) {
+    if (held_[i].host == c && held_[i].bytes == bytes) return;  // held already
+    if (c < held_[i].host + held_[i].bytes && held_[i].host < c + bytes) DropHeldLocked(i);  // replaced
+  }
+  // A hint: without device memory for the twin the buffer simply moves as before.
+  char* twin = nullptr;
+  for (size_t i = 0; i < spare_twins_.size(); ++i)
+    if (spare_twins_[i].first == bytes) {
+      twin = spare_twins_[i].second;
+      spare_twins_.erase(spare_twins_.begin() + static_cast<std::ptrdiff_t>(i));
+      break;
+    }
+  if (!twin) {
+    if (cudaSetDevice(device_) != cudaSuccess || !Reserve(static_cast<int64_t>(bytes), "a held buffer").ok()) return;
+    if (cudaMalloc(&twin, bytes) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return;
+    }
+    used_ += static_cast<int64_t>(bytes);
+  }
+  held_.push_back({c, bytes, twin, true, false});
+}
+
+void CudaBackendImpl::SyncToHost(float* p) const {
+  absl::MutexLock lock(&mu_);
+  if (!health_.ok()) return;
+  for (Held& h : held_)
+    if (h.host == reinterpret_cast<char*>(p)) return Fail(SyncHeldLocked(h));
+}
+
+void CudaBackendImpl::ReleaseFromDevice(float* p, bool keep) const {
+  absl::MutexLock lock(&mu_);
+  for (size_t i = 0; i < held_.size(); ++i)
+    if (held_[i].host == reinterpret_cast<char*>(p)) {
+      if (keep && health_.ok()) Fail(SyncHeldLocked(held_[i]));
+      DropHeldLocked(i);
+      return;
+    }
 }
 
 absl::Status CudaBackendImpl::Reserve(int64_t bytes, const char* what) const {

@@ -20,6 +20,9 @@ void Block::Forward(Scratch& X, std::span<const TokenRow> rows,
   const int64_t n = static_cast<int64_t>(rows.size()), d = args_.dim;
   const int hc = args_.hc_mult;
   Scratch u(n * d), xn(n * d), f(n * d), post(n * hc), comb(n * hc * hc), next(X.size());
+  // Only ops touch the residual stream's next copy (hc_post writes it, hc_pre and hc_post read it
+  // after the swap) and u (hc_pre -> norm): a device backend keeps them there.
+  const kernels::DeviceHold<Scratch> hold_next(be_, next), hold_u(be_, u);
   auto sublayer = [&](const std::vector<float>& fn, const std::vector<float>& base,
                       const std::vector<float>& scale, const std::vector<float>& norm, auto&& body) {
     be_.HcPre(X.data(), n, fn.data(), base.data(), scale.data(), hc, d, args_.hc_sinkhorn_iters, args_.norm_eps,
@@ -150,8 +153,13 @@ absl::Status Transformer::Forward(std::span<BatchItem> batch) const {
   Scratch X(n * hc * d);
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = 0; j < hc; ++j) std::copy_n(E.begin() + i * d, d, X.begin() + (i * hc + j) * d);
+  // The residual stream stays on a device backend from here to the head; the host reads it only
+  // for traces and the head's gathered rows (synced first).
+  const kernels::DeviceHold<Scratch> hold_x(be_, X);
+  const bool traced_rows = std::any_of(trace_rows.begin(), trace_rows.end(), [](ForwardTrace* t) { return t; });
   for (int64_t l = 0; l < args_.n_layers; ++l) {
     layers_[l]->Forward(X, rows, tokens, trace_rows);
+    if (traced_rows) hold_x.Sync();
     for (int64_t i = 0; i < n; ++i)
       if (trace_rows[i]) trace_rows[i]->block_out[l].assign(X.begin() + i * hc * d, X.begin() + (i + 1) * hc * d);
   }
@@ -164,6 +172,16 @@ absl::Status Transformer::Forward(std::span<BatchItem> batch) const {
   Scratch H, P;                      // their last rows' residuals [m, hc, d]
   H.reserve(batch.size() * hc * d);
   bool traced = false;  // some item records the head's input
+  {
+    // The host reads X below unless every row is a greedy pick the head takes from X itself.
+    int64_t greedy_only = 0;
+    bool through_head = false;
+    for (const BatchItem& it : batch) {
+      through_head = through_head || it.logits || it.trace || (it.greedy && comm_);
+      greedy_only += !(it.logits || it.trace || (it.greedy && comm_)) && it.greedy;
+    }
+    if (through_head || (greedy_only > 0 && greedy_only != n)) hold_x.Sync();
+  }
   int64_t row = 0;
   for (size_t b = 0; b < batch.size(); ++b) {
     BatchItem& it = batch[b];

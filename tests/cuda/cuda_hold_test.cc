@@ -1,0 +1,108 @@
+// Held buffers (Backend::HoldOnDevice) on the CUDA backend: the residual stream's chain of ops
+// keeps its values on the device — the host copy is not written until synced — and every result
+// is the CPU reference's bits (the exact backend); ranges crossing a held buffer's edge, outputs
+// covering part of one, and release with and without its values. Skipped without a GPU.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "kernels/cuda/cuda_backend.h"
+#include "kernels/ops.h"
+#include "tests/cuda/cuda_test_util.h"
+
+namespace flashmem::kernels {
+namespace {
+
+bool AllNan(const float* p, size_t n) {
+  for (size_t i = 0; i < n; ++i)
+    if (!std::isnan(p[i])) return false;
+  return true;
+}
+
+bool SameBits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * 4) == 0;
+}
+
+// Two sublayers of a block, as model::Block runs them: hc_pre -> norm -> (a stand-in body) ->
+// hc_post into `next`, swap. With holds the host never sees next or u until synced.
+TEST_F(CudaOps, HeldResidualStreamStaysOnTheDeviceWithTheSameBits) {
+  const int hc = 4;
+  const int64_t dim = 256, n = 3, k = hc * dim, mix = (2 + hc) * hc;
+  const std::vector<float> x0 = Random(n * k, 71, 1.0f), fn = Random(mix * k, 72, 0.02f), base = Random(mix, 73, 0.5f),
+                           scale = Random(3, 74, 0.5f), norm = Random(dim, 75, 0.1f), body = Random(n * dim, 76, 1.0f);
+  auto run = [&](const Backend& be, bool hold, std::vector<float>* x_out, bool* next_stayed) {
+    std::vector<float> X = x0, next = Poisoned(n * k), u = Poisoned(n * dim), xn = Poisoned(n * dim),
+                       post = Poisoned(n * hc), comb = Poisoned(n * hc * hc), f(n * dim);
+    if (hold) {
+      be.HoldOnDevice(X.data(), n * k);
+      be.HoldOnDevice(next.data(), n * k);
+      be.HoldOnDevice(u.data(), n * dim);
+    }
+    for (int sub = 0; sub < 2; ++sub) {
+      be.HcPre(X.data(), n, fn.data(), base.data(), scale.data(), hc, dim, 20, 1e-6f, 1e-6f, u.data(), post.data(),
+               comb.data());
+      be.RmsNorm(u.data(), norm.data(), n, dim, 1e-6f, xn.data());
+      for (int64_t i = 0; i < n * dim; ++i) f[i] = num::RoundBf16(xn[i] * body[i]);  // the host reads xn: not held
+      be.HcPost(f.data(), X.data(), post.data(), comb.data(), n, hc, dim, next.data());
+      if (sub == 0 && next_stayed) *next_stayed = AllNan(next.data(), next.size()) && AllNan(u.data(), u.size());
+      X.swap(next);
+    }
+    if (hold) {
+      be.SyncToHost(X.data());
+      be.ReleaseFromDevice(X.data(), true);
+      be.ReleaseFromDevice(next.data(), false);
+      be.ReleaseFromDevice(u.data(), false);
+    }
+    *x_out = X;
+  };
+  std::vector<float> want, got, unheld;
+  bool stayed = false;
+  run(cpu(), false, &want, nullptr);
+  run(*gpu_, false, &unheld, nullptr);
+  run(*gpu_, true, &got, &stayed);
+  EXPECT_TRUE(stayed) << "hc_post's output and hc_pre's u reached the host while held";
+  EXPECT_TRUE(SameBits(unheld, want));
+  EXPECT_TRUE(SameBits(got, want)) << "rel err " << RelErr(got, want);
+}
+
+// A buffer of 4 rows with rows 1..2 held: an in-place op over rows 0..1 crosses the edge (the held
+// rows come back first, and the op's result lands on the host), ops inside read what the host
+// or the device last wrote, an op writing only row 1 leaves row 2 as it was; release with `keep`
+// brings the values back, without it the host keeps what it had.
+TEST_F(CudaOps, HeldRangesCrossedOrPartlyWrittenKeepTheirValues) {
+  const int64_t dim = 256, rows = 4;
+  const std::vector<float> init = Random(rows * dim, 81, 1.0f), w = Random(dim, 82, 0.1f);
+  auto run = [&](const Backend& be, bool hold) {
+    std::vector<float> buf = init;
+    float* row = buf.data();
+    if (hold) be.HoldOnDevice(row + dim, 2 * dim);
+    be.Hadamard(row + dim, 2, dim);                              // inside: the result stays on the device
+    be.Hadamard(row, 2, dim);                                    // rows 0..1: crosses the edge
+    be.RmsNorm(row + dim, w.data(), 2, dim, 1e-6f, row);         // reads rows 1..2 (host-written row 1)
+    be.RmsNorm(row + 3 * dim, w.data(), 1, dim, 1e-6f, row + dim);  // writes row 1 only
+    be.Hadamard(row + 2 * dim, 1, dim);                          // row 2 alone, inside
+    if (hold) be.ReleaseFromDevice(row + dim, true);
+    return buf;
+  };
+  const std::vector<float> want = run(cpu(), false), got = run(*gpu_, true);
+  EXPECT_TRUE(SameBits(got, want)) << "rel err " << RelErr(got, want);
+
+  // Dropped: the host keeps its own values (the device's are never copied back).
+  std::vector<float> buf = init;
+  gpu_->HoldOnDevice(buf.data(), rows * dim);
+  gpu_->Hadamard(buf.data(), rows, dim);
+  gpu_->ReleaseFromDevice(buf.data(), false);
+  EXPECT_TRUE(SameBits(buf, init));
+  // A hold over a range another overlaps replaces it; an unknown pointer is ignored.
+  gpu_->HoldOnDevice(buf.data(), rows * dim);
+  gpu_->HoldOnDevice(buf.data() + dim, dim);
+  gpu_->ReleaseFromDevice(buf.data() + dim, false);
+  gpu_->ReleaseFromDevice(buf.data(), true);
+  gpu_->SyncToHost(buf.data() + 2 * dim);
+  EXPECT_TRUE(SameBits(buf, init));
+}
+
+}  // namespace
+}  // namespace flashmem::kernels
