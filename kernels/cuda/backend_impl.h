@@ -117,8 +117,10 @@ inline uint64_t Fingerprint(const float* p, size_t count, uint64_t seed) {
 
 class CudaBackendImpl final : public Backend {
  public:
-  CudaBackendImpl(int device, cudaStream_t stream, int64_t budget, bool exact, bool fp8_tc, int64_t kv_reserve_bytes)
-      : device_(device),
+  CudaBackendImpl(int device, cudaStream_t stream, int64_t budget, bool exact, bool fp8_tc, int64_t kv_reserve_bytes,
+                  int64_t min_hold_bytes)
+      : min_hold_bytes_(min_hold_bytes),
+        device_(device),
         stream_(stream),
         budget_(budget),
         exact_(exact),
@@ -138,6 +140,9 @@ class CudaBackendImpl final : public Backend {
     // Diagnostics: FLASHMEM_CUDA_FUSED=0 runs LinearGroups, LinearThen and the attention rows'
     // `then` as separate ops (the Backend defaults), to measure what running them together saves.
     if (const char* p = std::getenv("FLASHMEM_CUDA_FUSED")) fused_ = std::string(p) != "0";
+    // FLASHMEM_CUDA_HOLD=0 ignores HoldOnDevice (every op moves its arrays over PCIe), to measure
+    // what the held residual stream saves.
+    if (const char* p = std::getenv("FLASHMEM_CUDA_HOLD")) hold_ = std::string(p) != "0";
   }
   ~CudaBackendImpl() override {
     (void)cudaSetDevice(device_);
@@ -466,6 +471,7 @@ class CudaBackendImpl final : public Backend {
   void KeyScoring(const float* q, const float* w, int64_t heads, int64_t dim, std::span<const float* const> keys,
                   float* out, bool logits) const;
 
+  const int64_t min_hold_bytes_;  // CudaBackendOptions::min_hold_bytes
   const int device_;
   const cudaStream_t stream_;
   const int64_t budget_;
@@ -485,6 +491,7 @@ class CudaBackendImpl final : public Backend {
   mutable uint64_t op_clock_ = 1;  // clock_ at the start of the op in progress
   mutable absl::node_hash_map<const void*, Resident> resident_;  // node map: stable pointers
   mutable std::vector<Held> held_;                                 // a few: the residual stream
+  bool hold_ = true;                                               // FLASHMEM_CUDA_HOLD
   mutable std::vector<std::pair<size_t, char*>> spare_twins_;      // twins of released holds, reused
   mutable DeviceReserve records_, keys_;  // the KV reserve: main KV records, indexer keys
   const std::unique_ptr<OpPhases> phases_ = OpPhases::FromEnv();  // FLASHMEM_CUDA_PHASES (diagnostics)

@@ -312,7 +312,7 @@ void CudaBackendImpl::DropHeldLocked(size_t i) const {
 }
 
 void CudaBackendImpl::HoldOnDevice(float* p, int64_t count) const {
-  if (!p || count <= 0) return;
+  if (!p || count <= 0 || !hold_ || count * 4 < min_hold_bytes_) return;
   absl::MutexLock lock(&mu_);
   if (!health_.ok()) return;
   char* c = reinterpret_cast<char*>(p);
@@ -509,11 +509,14 @@ absl::StatusOr<std::unique_ptr<Backend>> NewCudaBackend(const CudaBackendOptions
                                                    " bytes free on cuda:", options.device));
   if (options.pinned_activation_bytes < 0)
     return absl::InvalidArgumentError(absl::StrCat("pinned_activation_bytes: ", options.pinned_activation_bytes, " < 0"));
+  if (options.min_hold_bytes < 0)
+    return absl::InvalidArgumentError(absl::StrCat("min_hold_bytes: ", options.min_hold_bytes, " < 0"));
   InstallPinnedActivations(options.pinned_activation_bytes);
   cudaStream_t stream = nullptr;
   FM_RETURN_IF_ERROR(CudaError(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate"));
   return std::unique_ptr<Backend>(new CudaBackendImpl(options.device, stream, budget, options.exact,
-                                                       options.fp8_tensor_cores, options.kv_reserve_bytes));
+                                                       options.fp8_tensor_cores, options.kv_reserve_bytes,
+                                                       options.min_hold_bytes));
 }
 
 }  // namespace flashmem::kernels::cuda

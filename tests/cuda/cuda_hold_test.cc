@@ -5,7 +5,9 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <algorithm>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "kernels/cuda/cuda_backend.h"
@@ -14,6 +16,18 @@
 
 namespace flashmem::kernels {
 namespace {
+
+// A backend that honours holds of any size (the default skips buffers under 256 KB).
+const Backend& Holding() {
+  static Backend* be = [] {
+    cuda::CudaBackendOptions opt;
+    opt.min_hold_bytes = 0;
+    auto b = cuda::NewCudaBackend(opt);
+    EXPECT_TRUE(b.ok()) << b.status();
+    return b.ok() ? b->release() : nullptr;
+  }();
+  return *be;
+}
 
 bool AllNan(const float* p, size_t n) {
   for (size_t i = 0; i < n; ++i)
@@ -61,7 +75,7 @@ TEST_F(CudaOps, HeldResidualStreamStaysOnTheDeviceWithTheSameBits) {
   bool stayed = false;
   run(cpu(), false, &want, nullptr);
   run(*gpu_, false, &unheld, nullptr);
-  run(*gpu_, true, &got, &stayed);
+  run(Holding(), true, &got, &stayed);
   EXPECT_TRUE(stayed) << "hc_post's output and hc_pre's u reached the host while held";
   EXPECT_TRUE(SameBits(unheld, want));
   EXPECT_TRUE(SameBits(got, want)) << "rel err " << RelErr(got, want);
@@ -86,22 +100,44 @@ TEST_F(CudaOps, HeldRangesCrossedOrPartlyWrittenKeepTheirValues) {
     if (hold) be.ReleaseFromDevice(row + dim, true);
     return buf;
   };
-  const std::vector<float> want = run(cpu(), false), got = run(*gpu_, true);
+  const std::vector<float> want = run(cpu(), false), got = run(Holding(), true);
   EXPECT_TRUE(SameBits(got, want)) << "rel err " << RelErr(got, want);
 
   // Dropped: the host keeps its own values (the device's are never copied back).
+  const Backend& be = Holding();
   std::vector<float> buf = init;
-  gpu_->HoldOnDevice(buf.data(), rows * dim);
-  gpu_->Hadamard(buf.data(), rows, dim);
-  gpu_->ReleaseFromDevice(buf.data(), false);
+  be.HoldOnDevice(buf.data(), rows * dim);
+  be.Hadamard(buf.data(), rows, dim);
+  be.ReleaseFromDevice(buf.data(), false);
   EXPECT_TRUE(SameBits(buf, init));
   // A hold over a range another overlaps replaces it; an unknown pointer is ignored.
-  gpu_->HoldOnDevice(buf.data(), rows * dim);
-  gpu_->HoldOnDevice(buf.data() + dim, dim);
-  gpu_->ReleaseFromDevice(buf.data() + dim, false);
-  gpu_->ReleaseFromDevice(buf.data(), true);
-  gpu_->SyncToHost(buf.data() + 2 * dim);
+  be.HoldOnDevice(buf.data(), rows * dim);
+  be.HoldOnDevice(buf.data() + dim, dim);
+  be.ReleaseFromDevice(buf.data() + dim, false);
+  be.ReleaseFromDevice(buf.data(), true);
+  be.SyncToHost(buf.data() + 2 * dim);
   EXPECT_TRUE(SameBits(buf, init));
+  EXPECT_TRUE(be.Health().ok()) << be.Health();
+}
+
+// The default backend leaves buffers under min_hold_bytes where they are: the op's output
+// reaches the host at once.
+TEST_F(CudaOps, SmallBuffersAreNotHeldByDefault) {
+  const int64_t dim = 256;
+  const std::vector<float> x = Random(2 * dim, 91, 1.0f);
+  std::vector<float> y(2 * dim);
+  std::copy(x.begin(), x.end(), y.begin());
+  gpu_->HoldOnDevice(y.data(), 2 * dim);
+  gpu_->Hadamard(y.data(), 2, dim);  // held, it would leave y as x
+  std::vector<float> want = x;
+  cpu().Hadamard(want.data(), 2, dim);
+  EXPECT_TRUE(SameBits(y, want));
+  gpu_->ReleaseFromDevice(y.data(), false);
+  cuda::CudaBackendOptions bad;
+  bad.min_hold_bytes = -1;
+  auto refused = cuda::NewCudaBackend(bad);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(std::string(refused.status().message()).find("min_hold_bytes"), std::string::npos) << refused.status();
 }
 
 }  // namespace
