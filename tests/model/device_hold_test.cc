@@ -2,7 +2,9 @@
 // with held buffers — between ops a held buffer's host memory is NaN, its values kept aside (the
 // "device"), restored for the op and taken back after it — so a host read of a held buffer without
 // SyncToHost shows as NaN in the logits, and a hold left unreleased is counted. Every result must
-// be the plain CPU backend's bits: prefill, decode steps, a batch, traces and greedy picks.
+// be the plain CPU backend's bits: prefill, decode steps, a batch, traces and greedy picks. The
+// ops the CUDA backend runs whole (staging their inputs) are whole ops here too, so a Backend
+// default that reads an input on the host does not count against the model.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -47,6 +49,22 @@ class HoldingCpuBackend final : public kernels::Backend {
 
   void Linear(const kernels::WeightMatrix& w, const float* x, int64_t n, float* y, kernels::Rounding out) const override {
     Op([&] { cpu_.Linear(w, x, n, y, out); });
+  }
+  // Ops a device backend runs whole (their inputs staged, not read on the host), as the CUDA one.
+  void LinearGroups(std::span<const kernels::WeightMatrix> w, const float* x, int64_t n, float* y,
+                    kernels::Rounding out) const override {
+    Op([&] { cpu_.LinearGroups(w, x, n, y, out); });
+  }
+  void LinearThen(const kernels::WeightMatrix& w, const float* x, int64_t n, float* y, kernels::Rounding out,
+                  std::span<const kernels::RowOp> then) const override {
+    Op([&] { cpu_.LinearThen(w, x, n, y, out, then); });
+  }
+  void LinearArgmax(const kernels::WeightMatrix& w, const float* x, int64_t n, int32_t* index) const override {
+    Op([&] { cpu_.LinearArgmax(w, x, n, index); });
+  }
+  void RoutedExperts(std::span<const kernels::ExpertWork> experts, const float* x, int64_t n, int64_t dim,
+                     float limit, float* y) const override {
+    Op([&] { cpu_.RoutedExperts(experts, x, n, dim, limit, y); });
   }
   void RmsNorm(const float* x, const float* w, int64_t n, int64_t d, float eps, float* y) const override {
     Op([&] { cpu_.RmsNorm(x, w, n, d, eps, y); });
