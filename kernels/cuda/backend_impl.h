@@ -271,6 +271,8 @@ class CudaBackendImpl final : public Backend {
     char* dev = nullptr;         // the twin
     bool host_current = true;    // p's memory holds the latest values
     bool dev_current = false;    // the twin does
+    bool Contains(const char* p, size_t n) const { return p >= host && p + n <= host + bytes; }
+    bool Overlaps(const char* p, size_t n) const { return p < host + bytes && host < p + n; }
   };
   // The held buffer [p, p + bytes) lies wholly inside, or nullptr.
   Held* HeldContaining(const void* p, size_t bytes) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

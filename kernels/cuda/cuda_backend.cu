@@ -277,7 +277,7 @@ absl::Status CudaBackendImpl::RunLocked(const Frame& f, const LaunchFn& launch, 
 auto CudaBackendImpl::HeldContaining(const void* p, size_t bytes) const -> Held* {
   const char* c = static_cast<const char*>(p);
   for (Held& h : held_)
-    if (c >= h.host && c + bytes <= h.host + h.bytes) return &h;
+    if (h.Contains(c, bytes)) return &h;
   return nullptr;
 }
 
@@ -292,7 +292,7 @@ absl::Status CudaBackendImpl::SyncHeldLocked(Held& h) const {
 absl::Status CudaBackendImpl::SyncCrossingLocked(const void* p, size_t bytes, bool written) const {
   const char* c = static_cast<const char*>(p);
   for (Held& h : held_)
-    if (c < h.host + h.bytes && h.host < c + bytes) {
+    if (h.Overlaps(c, bytes)) {
       FM_RETURN_IF_ERROR(SyncHeldLocked(h));
       if (written) h.dev_current = false;
     }
@@ -319,7 +319,7 @@ void CudaBackendImpl::HoldOnDevice(float* p, int64_t count) const {
   const size_t bytes = static_cast<size_t>(count) * 4;
   for (size_t i = held_.size(); i-- > 0;) {
     if (held_[i].host == c && held_[i].bytes == bytes) return;  // held already
-    if (c < held_[i].host + held_[i].bytes && held_[i].host < c + bytes) DropHeldLocked(i);  // replaced
+    if (held_[i].Overlaps(c, bytes)) DropHeldLocked(i);  // replaced
   }
   // A hint: without device memory for the twin the buffer simply moves as before.
   char* twin = nullptr;

@@ -18,6 +18,7 @@ namespace {
 using namespace ptx;
 
 constexpr int kWarps = 8;  // rows per block, one warp each
+int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 __device__ __forceinline__ void DecodeFp8x16(const uint4& raw, float* w) {
   const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
@@ -321,7 +322,7 @@ __device__ __forceinline__ void Fp4RowsMma(const uint8_t* w, const float* ws, co
       LoadMatrices(q, stage + ((mat & 1) * 8 + lane % 8) * kStageRowBytes + (jj + (mat >> 1)) * 16);
     };
     if (j % 4 == 0 && j + kStageGroups <= j_end) {
-      // A whole stage from a block boundary (every stage when k % 256 == 0): straight-line code
+      // A whole stage from a block boundary (every stage when k % 512 == 0): straight-line code
       // with the block ends known, which lets the compiler overlap the groups' loads, decodes and
       // MMAs (the loop below, with its exits, did not: a batch-64 layer 1,242 -> 1,090 us), and the
       // scale bytes read 8 at a time.
@@ -399,8 +400,8 @@ __global__ void __launch_bounds__(kWarps * 32) GroupedFp4Kernel(const GemvGroup*
   const GemvGroup g = groups[blockIdx.z];
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * Blocking::kRows, t0 = static_cast<int64_t>(blockIdx.y) * T;
   if (row0 >= g.rows || t0 >= g.n) return;  // the whole block: before any barrier
-  Fp4RowsMma<T, kExp, kHalves, Blocking>(g.w, g.ws, g.wexp, g.scale_cols, g.rows, g.k, g.xq, g.xh, g.xs, g.n, g.y, round, row0,
-                               t0, fp4_smem);
+  Fp4RowsMma<T, kExp, kHalves, Blocking>(g.w, g.ws, g.wexp, g.scale_cols, g.rows, g.k, g.xq, g.xh, g.xs, g.n, g.y,
+                                         round, row0, t0, fp4_smem);
 }
 
 // Shared memory of the FP4 tensor-core path for T tokens of k activations; 0 when it does not fit
@@ -441,31 +442,13 @@ __global__ void GroupedGemvKernel(const GemvGroup* groups, bool round) {
 // blocks than the even share (ceil(blocks / SMs)), the shared memory is padded so it holds only
 // that share: with the scale bytes a block needs 49 KB at one token and an SM would take 4 of the
 // 384 blocks of a layer's w1/w3 launch, leaving others 2 (46.2 against 43.1 us a layer).
-struct SmLimits {
-  int count = 0, bytes = 0, reserved = 0, per_block = 0;  // count 0: unknown
-};
-const SmLimits& Sm() {
-  static const SmLimits sm = [] {
-    SmLimits m;
-    int dev = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&m.count, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&m.bytes, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&m.reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&m.per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
-      m.count = 0;
-    return m;
-  }();
-  return sm;
-}
-
 template <typename K>
 size_t EvenWaveSmem(K kernel, size_t smem, int64_t blocks) {
-  const SmLimits& sm = Sm();
+  const SmLimits& sm = DeviceSmLimits();
   int resident = 0;
   if (sm.count == 0 || cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, kWarps * 32, smem) != cudaSuccess)
     return smem;
-  const int64_t share = (blocks + sm.count - 1) / sm.count;
+  const int64_t share = CeilDiv(blocks, sm.count);
   if (share <= 0 || share >= resident) return smem;
   const size_t padded = static_cast<size_t>(sm.bytes / share - sm.reserved);
   return std::min(std::max(smem, padded), static_cast<size_t>(sm.per_block));
@@ -476,9 +459,9 @@ size_t EvenWaveSmem(K kernel, size_t smem, int64_t blocks) {
 // one token's six experts took 40.5 us whole-k against 36.7 split).
 bool WholeK(Fp4Blocks asked, int64_t k, int64_t whole_k_blocks) {
   if (k % 512 != 0 || asked == Fp4Blocks::kSplitK) return false;
-  return asked == Fp4Blocks::kWholeK || (Sm().count > 0 && whole_k_blocks >= 2 * int64_t{Sm().count});
+  const int64_t sms = DeviceSmLimits().count;
+  return asked == Fp4Blocks::kWholeK || (sms > 0 && whole_k_blocks >= 2 * sms);
 }
-int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <int T, bool kExp, bool kHalves, typename Blocking>
 cudaError_t LaunchGroupedFp4(const GemvGroup* groups, int count, int64_t max_rows, int64_t max_n, size_t smem,
@@ -536,7 +519,7 @@ cudaError_t LaunchGrouped(const GemvGroup* groups, int count, int64_t max_rows, 
   }
   // The generic GEMV reads fp32 scales and fp32 activations.
   if (in.scale_bytes || in.f16_activations) return cudaErrorInvalidValue;
-  const dim3 grid(static_cast<unsigned>((max_rows + kWarps - 1) / kWarps), static_cast<unsigned>((max_n + T - 1) / T),
+  const dim3 grid(static_cast<unsigned>(CeilDiv(max_rows, kWarps)), static_cast<unsigned>(CeilDiv(max_n, T)),
                   static_cast<unsigned>(count));
   if (fp8) GroupedGemvKernel<T, true><<<grid, kWarps * 32, 0, stream>>>(groups, round);
   else GroupedGemvKernel<T, false><<<grid, kWarps * 32, 0, stream>>>(groups, round);
@@ -563,7 +546,7 @@ cudaError_t Launch(const DeviceWeight& w, const float* xq, const float* xs, int6
                  : launch(Fp4SplitK());
     }
   }
-  const dim3 grid(static_cast<unsigned>((w.rows + kWarps - 1) / kWarps), static_cast<unsigned>((n + T - 1) / T));
+  const dim3 grid(static_cast<unsigned>(CeilDiv(w.rows, kWarps)), static_cast<unsigned>(CeilDiv(n, T)));
   if (w.format == WeightFormat::kFp8Block128)
     DecodeGemvKernel<T, true><<<grid, kWarps * 32, 0, stream>>>(static_cast<const uint8_t*>(w.values), w.scales,
                                                                  w.scale_cols, w.rows, w.cols, xq, xs, n, y, round);

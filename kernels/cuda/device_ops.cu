@@ -34,9 +34,20 @@ std::vector<uint8_t> ScaleExponents(const WeightMatrix& w) {
   return exps;
 }
 
-namespace {
-
-}  // namespace
+const SmLimits& DeviceSmLimits() {
+  static const SmLimits sm = [] {
+    SmLimits m;
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&m.count, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&m.bytes, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&m.reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&m.per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
+      m.count = 0;
+    return m;
+  }();
+  return sm;
+}
 
 EncodedWeight EncodeWeight(const WeightMatrix& w) {
   EncodedWeight enc;

@@ -14,6 +14,13 @@
 
 namespace flashmem::kernels::cuda {
 
+// The current device's SM count and shared-memory limits, read once per process (count 0 when
+// they could not be read): what launchers size their grids by.
+struct SmLimits {
+  int count = 0, bytes = 0, reserved = 0, per_block = 0;  // SMs; shared memory per SM, reserved per block, opt-in max
+};
+const SmLimits& DeviceSmLimits();
+
 // A weight in device memory, compact: kDense as bf16 (when every value is a bf16) or fp32,
 // kFp8Block128 as e4m3 codes (1 B each), kFp4Group32 as e2m1 codes packed two per byte (even
 // column in the low nibble); scales fp32 in the layout of WeightMatrix::scales.

@@ -421,15 +421,7 @@ __global__ void __launch_bounds__(32 * kCombineWarps) CombineKernel(const float*
                                      RoundBf16(acc[i].w / denom));
 }
 
-int SmCount() {
-  static const int count = [] {
-    int dev = 0, sms = 132;
-    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-      sms = 132;
-    return sms;
-  }();
-  return count;
-}
+int SmCount() { return DeviceSmLimits().count > 0 ? DeviceSmLimits().count : 132; }
 
 // Splits per token: as many as keep every SM busy with one block, at most one per chunk.
 int Splits(int64_t batch, int64_t heads, int64_t n) {

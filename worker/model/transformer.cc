@@ -168,28 +168,17 @@ absl::Status Transformer::Forward(std::span<BatchItem> batch) const {
   // Items that want only a greedy pick (one rank) go through the head apart: their logits stay
   // where the head ran.
   std::vector<size_t> heads, picks;  // items through the head: with logits, with only a pick
-  std::vector<int64_t> pick_rows;    // the picks' last rows
-  Scratch H, P;                      // their last rows' residuals [m, hc, d]
-  H.reserve(batch.size() * hc * d);
+  std::vector<int64_t> head_rows, pick_rows;  // their last rows
+  Scratch H, P;                               // those rows' residuals [m, hc, d]
   bool traced = false;  // some item records the head's input
-  {
-    // The host reads X below unless every row is a greedy pick the head takes from X itself.
-    int64_t greedy_only = 0;
-    bool through_head = false;
-    for (const BatchItem& it : batch) {
-      through_head = through_head || it.logits || it.trace || (it.greedy && comm_);
-      greedy_only += !(it.logits || it.trace || (it.greedy && comm_)) && it.greedy;
-    }
-    if (through_head || (greedy_only > 0 && greedy_only != n)) hold_x.Sync();
-  }
   int64_t row = 0;
   for (size_t b = 0; b < batch.size(); ++b) {
     BatchItem& it = batch[b];
     const int64_t last = row + static_cast<int64_t>(it.tokens.size()) - 1;
     if (it.logits || it.trace || (it.greedy && comm_)) {
       heads.push_back(b);
+      head_rows.push_back(last);
       traced = traced || it.trace;
-      H.insert(H.end(), X.begin() + last * hc * d, X.begin() + (last + 1) * hc * d);
     } else if (it.greedy) {
       picks.push_back(b);
       pick_rows.push_back(last);
@@ -197,12 +186,18 @@ absl::Status Transformer::Forward(std::span<BatchItem> batch) const {
     it.state->position += static_cast<int64_t>(it.tokens.size());
     row = last + 1;
   }
+  // A decode step of greedy items picks from every row of X in order: X itself (4 MB at batch 64
+  // not copied, and read by the head's op where a device holds it); otherwise the rows are
+  // gathered on the host, from X synced first.
+  const bool every_row = static_cast<int64_t>(picks.size()) == n;
+  if (!head_rows.empty() || (!picks.empty() && !every_row)) hold_x.Sync();
+  auto gather = [&](const std::vector<int64_t>& rows_of, Scratch& out) {
+    out.reserve(rows_of.size() * hc * d);
+    for (int64_t r : rows_of) out.insert(out.end(), X.begin() + r * hc * d, X.begin() + (r + 1) * hc * d);
+  };
+  gather(head_rows, H);
   if (!picks.empty()) {
-    // A decode step of greedy items picks from every row of X in order: X itself (4 MB at batch
-    // 64 not copied); otherwise the picked rows gathered.
-    const bool every_row = static_cast<int64_t>(picks.size()) == n;
-    if (!every_row)
-      for (int64_t r : pick_rows) P.insert(P.end(), X.begin() + r * hc * d, X.begin() + (r + 1) * hc * d);
+    if (!every_row) gather(pick_rows, P);
     std::vector<int32_t> index(picks.size());
     head_->Argmax(every_row ? X.data() : P.data(), static_cast<int64_t>(picks.size()), index.data());
     for (size_t j = 0; j < picks.size(); ++j) *batch[picks[j]].greedy = index[j];
