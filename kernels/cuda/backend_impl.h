@@ -257,9 +257,10 @@ class CudaBackendImpl final : public Backend {
   // Held buffers (Backend::HoldOnDevice) live in device twins: RunLocked reads an op's input from
   // the twin when the twin is current and writes an output wholly inside a held buffer to it,
   // device to device, instead of over PCIe. Honoured by every op's staged inputs and outputs;
-  // an op's host-side work (TopK below 4,096 scores, the Backend defaults that run on the host)
-  // reads the host buffer, so hold only what goes to staged ops (the residual stream: HcPre,
-  // HcPost, HcHead, RmsNorm).
+  // an op's host-side work reads the host buffer, so hold only what goes to staged ops (the
+  // residual stream, xn, q and the attention output). The Backend defaults this backend falls
+  // back to that read an input on the host (LinearGroups without FLASHMEM_CUDA_FUSED) bring it
+  // back first (SyncForHost).
   void HoldOnDevice(float* p, int64_t count) const override;
   void SyncToHost(float* p) const override;
   void ReleaseFromDevice(float* p, bool keep) const override;
@@ -281,6 +282,8 @@ class CudaBackendImpl final : public Backend {
   absl::Status SyncCrossingLocked(const void* p, size_t bytes, bool written) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status SyncHeldLocked(Held& h) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void DropHeldLocked(size_t i) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Before host code reads [p, p + bytes): every held buffer it overlaps comes back to the host.
+  void SyncForHost(const void* p, size_t bytes) const;
 
   void Fail(const absl::Status& st) const {
     if (!st.ok() && health_.ok()) health_ = st;

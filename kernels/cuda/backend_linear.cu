@@ -11,7 +11,10 @@ void CudaBackendImpl::Linear(const WeightMatrix& w, const float* x, int64_t n, f
 
 void CudaBackendImpl::LinearGroups(std::span<const WeightMatrix> w, const float* x, int64_t n, float* y,
                                    Rounding out) const {
-  if (!fused_) return Backend::LinearGroups(w, x, n, y, out);
+  if (!fused_) {  // the default gathers each group's columns on the host
+    if (!w.empty()) SyncForHost(x, static_cast<size_t>(n * static_cast<int64_t>(w.size()) * w[0].cols) * 4);
+    return Backend::LinearGroups(w, x, n, y, out);
+  }
   absl::MutexLock lock(&mu_);
   op_clock_ = clock_ + 1;
   Fail(LinearGroupsLocked(w, x, n, y, out));

@@ -221,13 +221,31 @@ absl::Status CudaBackendImpl::RunLocked(const Frame& f, const LaunchFn& launch, 
     FM_CUDA_TRY(cudaMemcpyAsync(t.dst, t.src, t.bytes, cudaMemcpyHostToDevice, stream_), "copy to device");
     marks.up_bytes += t.bytes;
   }
-  for (size_t i = 0; i < f.ins().size(); ++i)
-    if (Held* held = in_held[i]) {
-      const Frame::Copy& c = f.ins()[i];
-      FM_CUDA_TRY(cudaMemcpyAsync(dev + c.off, held->dev + (static_cast<const char*>(c.host) - held->host), c.bytes,
-                                  cudaMemcpyDeviceToDevice, stream_),
-                  "copy from a held buffer");
+  // Device-to-device copies from and to held buffers, one per run of adjacent ranges on both sides
+  // within one held buffer (a batch's attention rows: 64 queries are one copy, not 64).
+  struct HeldCopy {
+    const Held* held;
+    char* dst;
+    const char* src;
+    size_t bytes;
+  };
+  auto add_held = [](std::vector<HeldCopy>& v, const Held* held, char* dst, const char* src, size_t bytes) {
+    if (bytes == 0) return;
+    if (!v.empty() && v.back().held == held && v.back().dst + v.back().bytes == dst &&
+        v.back().src + v.back().bytes == src) {
+      v.back().bytes += bytes;
+      return;
     }
+    v.push_back({held, dst, src, bytes});
+  };
+  std::vector<HeldCopy> held_copies;
+  for (size_t i = 0; i < f.ins().size(); ++i)
+    if (const Held* held = in_held[i]) {
+      const Frame::Copy& c = f.ins()[i];
+      add_held(held_copies, held, dev + c.off, held->dev + (static_cast<const char*>(c.host) - held->host), c.bytes);
+    }
+  for (const HeldCopy& c : held_copies)
+    FM_CUDA_TRY(cudaMemcpyAsync(c.dst, c.src, c.bytes, cudaMemcpyDeviceToDevice, stream_), "copy from a held buffer");
   // An output that covers only part of a held buffer whose twin is stale: the twin takes the
   // host's values first, so the parts the op does not write stay right.
   for (size_t i = 0; i < f.outs().size(); ++i)
@@ -239,18 +257,20 @@ absl::Status CudaBackendImpl::RunLocked(const Frame& f, const LaunchFn& launch, 
   if (phases_) FM_CUDA_TRY(cudaEventRecord(phases_->event(1), stream_), "event");
   FM_CUDA_TRY(launch(Dev{dev, &f}), "kernel launch");
   if (phases_) FM_CUDA_TRY(cudaEventRecord(phases_->event(2), stream_), "event");
+  held_copies.clear();
   for (size_t i = 0; i < f.outs().size(); ++i) {
     const Frame::Back& b = f.outs()[i];
     if (Held* held = out_held[i]) {
-      FM_CUDA_TRY(cudaMemcpyAsync(held->dev + (static_cast<char*>(b.host) - held->host), dev + f.Resolve(b.off),
-                                  b.bytes, cudaMemcpyDeviceToDevice, stream_),
-                  "copy to a held buffer");
+      add_held(held_copies, held, held->dev + (static_cast<char*>(b.host) - held->host), dev + f.Resolve(b.off),
+               b.bytes);
       held->dev_current = true;
       held->host_current = false;
       continue;
     }
     add(downs, out_direct[i] ? b.host : h + f.Resolve(b.off), dev + f.Resolve(b.off), b.bytes, out_direct[i], false);
   }
+  for (const HeldCopy& c : held_copies)
+    FM_CUDA_TRY(cudaMemcpyAsync(c.dst, c.src, c.bytes, cudaMemcpyDeviceToDevice, stream_), "copy to a held buffer");
   for (const Transfer& t : downs) {
     FM_CUDA_TRY(cudaMemcpyAsync(t.dst, t.src, t.bytes, cudaMemcpyDeviceToHost, stream_), "copy to host");
     marks.down_bytes += t.bytes;
@@ -338,6 +358,14 @@ void CudaBackendImpl::HoldOnDevice(float* p, int64_t count) const {
     used_ += static_cast<int64_t>(bytes);
   }
   held_.push_back({c, bytes, twin, true, false});
+}
+
+void CudaBackendImpl::SyncForHost(const void* p, size_t bytes) const {
+  absl::MutexLock lock(&mu_);
+  if (!health_.ok() || held_.empty()) return;
+  const char* c = static_cast<const char*>(p);
+  for (Held& h : held_)
+    if (h.Overlaps(c, bytes)) Fail(SyncHeldLocked(h));
 }
 
 void CudaBackendImpl::SyncToHost(float* p) const {

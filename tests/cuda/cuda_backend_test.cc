@@ -219,41 +219,6 @@ TEST_F(CudaOps, SparseAttentionWithSinkAndMaskedSlots) {
 // Attention over FP8 records as the worker holds them (kernels::KvSlot): staged as records and
 // attended by the paged kernel, the same bits as SparseAttention over the decoded rows on the GPU
 // (which is what the model ran before); fp32 rows among the slots take the decoding default.
-// One page of `entries` random FP8 records (no NaN codes; scales 2^-9 .. 2^-2, the KV's range).
-std::vector<uint8_t> RandomRecordPage(int64_t entries, uint32_t seed) {
-  std::mt19937 g(seed);
-  std::vector<uint8_t> page(entries * cuda::kRecordBytes);
-  for (int64_t e = 0; e < entries; ++e) {
-    uint8_t* data = page.data() + e * cuda::kRecordData;
-    uint8_t* scales = page.data() + entries * cuda::kRecordData + e * cuda::kRecordScales;
-    for (int b = 0; b < 7; ++b) scales[b] = static_cast<uint8_t>(118 + g() % 8);
-    scales[7] = 0;
-    for (int d = 0; d < cuda::kRecordNope; ++d) {
-      uint8_t c = static_cast<uint8_t>(g());
-      if ((c & 0x7f) == 0x7f) c ^= 1;  // not NaN
-      data[d] = c;
-    }
-    for (int r = 0; r < cuda::kRecordRope; ++r) {
-      const uint16_t bits = num::FloatToBf16Bits(std::normal_distribution<float>(0, 1)(g));
-      data[cuda::kRecordNope + 2 * r] = bits & 0xff;
-      data[cuda::kRecordNope + 2 * r + 1] = bits >> 8;
-    }
-  }
-  return page;
-}
-
-// Slot j of n: entry (j * 37) % entries of the page, every ninth slot masked.
-std::vector<kernels::KvSlot> RecordSlots(const std::vector<uint8_t>& page, int64_t entries, int64_t n) {
-  std::vector<kernels::KvSlot> slots(n);
-  for (int64_t j = 0; j < n; ++j) {
-    if (j % 9 == 4) continue;
-    const int64_t e = (j * 37) % entries;
-    slots[j].record = page.data() + e * cuda::kRecordData;
-    slots[j].scales = page.data() + entries * cuda::kRecordData + e * cuda::kRecordScales;
-  }
-  return slots;
-}
-
 TEST_F(CudaOps, SparseAttentionOverRecordsEqualsTheDecodedRows) {
   const int64_t heads = 8, entries = 96;
   const std::vector<uint8_t> page = RandomRecordPage(entries, 51);

@@ -1,7 +1,8 @@
 // Held buffers (Backend::HoldOnDevice) on the CUDA backend: the residual stream's chain of ops
 // keeps its values on the device — the host copy is not written until synced — and every result
-// is the CPU reference's bits (the exact backend); ranges crossing a held buffer's edge, outputs
-// covering part of one, and release with and without its values. Skipped without a GPU.
+// is the CPU reference's bits (the exact backend); the attention's held queries and outputs;
+// ranges crossing a held buffer's edge, outputs covering part of one, and release with and
+// without its values. Skipped without a GPU.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -118,6 +119,49 @@ TEST_F(CudaOps, HeldRangesCrossedOrPartlyWrittenKeepTheirValues) {
   be.SyncToHost(buf.data() + 2 * dim);
   EXPECT_TRUE(SameBits(buf, init));
   EXPECT_TRUE(be.Health().ok()) << be.Health();
+}
+
+// The attention's chain as model::Attention runs it with q and o held: q written by an op, each
+// row's query and output a slice of the held buffers (one device-to-device copy each way for
+// the adjacent slices), the output read by the grouped wo_a. The host copies stay as they were
+// (q's original values, o's NaN) and every result has the unheld chain's bits.
+TEST_F(CudaOps, HeldQueriesAndAttentionOutputsStayOnTheDeviceWithTheSameBits) {
+  const int64_t heads = 64, dim = 512, b = 9, entries = 700, groups = 8, rank = 64, width = heads * dim;
+  const std::vector<uint8_t> page = RandomRecordPage(entries, 101);
+  const std::vector<float> q0 = Random(b * width, 102, 1.0f), sink = Random(heads, 103, 1.0f);
+  std::vector<WeightMatrix> wo(groups);
+  for (int64_t g = 0; g < groups; ++g) {
+    wo[g].rows = rank;
+    wo[g].cols = width / groups;
+    wo[g].values = Random(rank * wo[g].cols, 104 + static_cast<uint32_t>(g), 0.02f);
+  }
+  std::vector<std::vector<KvSlot>> slots(b);
+  for (int64_t i = 0; i < b; ++i) slots[i] = RecordSlots(page, entries, i == 2 ? 0 : 100 + 61 * i);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
+  auto run = [&](const Backend& be, bool hold, bool* stayed) {
+    std::vector<float> q = q0, o = Poisoned(b * width), z = Poisoned(b * groups * rank);
+    if (hold) {
+      be.HoldOnDevice(q.data(), b * width);
+      be.HoldOnDevice(o.data(), b * width);
+    }
+    be.Hadamard(q.data(), b * heads, dim);  // stands in for wq_b and its row ops
+    std::vector<AttentionRow> rows(b);
+    for (int64_t i = 0; i < b; ++i) rows[i] = {q.data() + i * width, slots[i], o.data() + i * width};
+    be.SparseAttentionRows(rows, heads, dim, 64, sink.data(), scale);
+    be.LinearGroups(wo, o.data(), b, z.data(), Rounding::kBf16);
+    if (stayed) *stayed = std::memcmp(q.data(), q0.data(), q.size() * 4) == 0 && AllNan(o.data(), o.size());
+    if (hold) {
+      be.ReleaseFromDevice(q.data(), false);
+      be.ReleaseFromDevice(o.data(), false);
+    }
+    return z;
+  };
+  bool stayed = false;
+  const std::vector<float> want = run(*gpu_, false, nullptr), got = run(Holding(), true, &stayed);
+  EXPECT_TRUE(stayed) << "q's or o's device values reached the host while held";
+  EXPECT_TRUE(SameBits(got, want)) << "rel err " << RelErr(got, want);
+  EXPECT_FALSE(AllNan(want.data(), want.size()));
+  EXPECT_TRUE(Holding().Health().ok()) << Holding().Health();
 }
 
 // The default backend leaves buffers under min_hold_bytes where they are: the op's output

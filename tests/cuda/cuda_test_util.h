@@ -1,6 +1,6 @@
-// Helpers shared by the CUDA op tests (cuda_backend_test.cc, cuda_index_test.cc): random bf16-grid
-// inputs, NaN-poisoned outputs, relative errors, and the CudaOps fixture whose GPU cases skip
-// (never faked) without a CUDA device.
+// Helpers shared by the CUDA op tests (cuda_backend_test.cc, cuda_index_test.cc, cuda_hold_test.cc):
+// random bf16-grid inputs, NaN-poisoned outputs, relative errors, pages of FP8 KV records, and the
+// CudaOps fixture whose GPU cases skip (never faked) without a CUDA device.
 #pragma once
 
 #include <cmath>
@@ -13,6 +13,7 @@
 #include "absl/status/statusor.h"
 #include "gtest/gtest.h"
 #include "kernels/cuda/cuda_backend.h"
+#include "kernels/cuda/device_ops.h"
 #include "kernels/numerics.h"
 #include "kernels/ops.h"
 
@@ -55,6 +56,41 @@ inline double FracIdentical(const std::vector<float>& a, const std::vector<float
   size_t same = 0;
   for (size_t i = 0; i < a.size() && i < ref.size(); ++i) same += a[i] == ref[i];
   return ref.empty() ? 1.0 : static_cast<double>(same) / ref.size();
+}
+
+// One page of `entries` random FP8 records (no NaN codes; scales 2^-9 .. 2^-2, the KV's range).
+inline std::vector<uint8_t> RandomRecordPage(int64_t entries, uint32_t seed) {
+  std::mt19937 g(seed);
+  std::vector<uint8_t> page(entries * cuda::kRecordBytes);
+  for (int64_t e = 0; e < entries; ++e) {
+    uint8_t* data = page.data() + e * cuda::kRecordData;
+    uint8_t* scales = page.data() + entries * cuda::kRecordData + e * cuda::kRecordScales;
+    for (int b = 0; b < 7; ++b) scales[b] = static_cast<uint8_t>(118 + g() % 8);
+    scales[7] = 0;
+    for (int d = 0; d < cuda::kRecordNope; ++d) {
+      uint8_t c = static_cast<uint8_t>(g());
+      if ((c & 0x7f) == 0x7f) c ^= 1;  // not NaN
+      data[d] = c;
+    }
+    for (int r = 0; r < cuda::kRecordRope; ++r) {
+      const uint16_t bits = num::FloatToBf16Bits(std::normal_distribution<float>(0, 1)(g));
+      data[cuda::kRecordNope + 2 * r] = bits & 0xff;
+      data[cuda::kRecordNope + 2 * r + 1] = bits >> 8;
+    }
+  }
+  return page;
+}
+
+// Slot j of n: entry (j * 37) % entries of the page, every ninth slot masked.
+inline std::vector<kernels::KvSlot> RecordSlots(const std::vector<uint8_t>& page, int64_t entries, int64_t n) {
+  std::vector<kernels::KvSlot> slots(n);
+  for (int64_t j = 0; j < n; ++j) {
+    if (j % 9 == 4) continue;
+    const int64_t e = (j * 37) % entries;
+    slots[j].record = page.data() + e * cuda::kRecordData;
+    slots[j].scales = page.data() + entries * cuda::kRecordData + e * cuda::kRecordScales;
+  }
+  return slots;
 }
 
 class CudaOps : public ::testing::Test {

@@ -1,7 +1,7 @@
 // The model's use of Backend::HoldOnDevice, checked on the CPU: a backend that acts like a device
 // with held buffers — between ops a held buffer's host memory is NaN, its values kept aside (the
 // "device"), restored for the op and taken back after it — so a host read of a held buffer without
-// SyncToHost shows as NaN in the logits, and a hold left unreleased is counted. Every result must
+// SyncToHost (or after an op wrote it since) shows as NaN in the logits, and a hold left unreleased is counted. Every result must
 // be the plain CPU backend's bits: prefill, decode steps, a batch, traces and greedy picks. The
 // ops the CUDA backend runs whole (staging their inputs) are whole ops here too, so a Backend
 // default that reads an input on the host does not count against the model.
@@ -35,7 +35,10 @@ class HoldingCpuBackend final : public kernels::Backend {
   }
   void SyncToHost(float* p) const override {
     for (Held& h : held_)
-      if (h.p == p) std::memcpy(h.p, h.values.data(), h.values.size() * 4);
+      if (h.p == p) {
+        std::memcpy(h.p, h.values.data(), h.values.size() * 4);
+        h.synced = true;
+      }
   }
   void ReleaseFromDevice(float* p, bool keep) const override {
     for (size_t i = 0; i < held_.size(); ++i)
@@ -112,17 +115,20 @@ class HoldingCpuBackend final : public kernels::Backend {
   struct Held {
     float* p;
     std::vector<float> values;  // the "device" copy
+    bool synced = false;        // the host memory holds the values (SyncToHost) until an op writes them
   };
   static void Poison(Held& h) {
     std::fill(h.p, h.p + h.values.size(), std::numeric_limits<float>::quiet_NaN());
   }
   // An op sees every held buffer's values and leaves its writes in them; between ops the host
-  // memory is NaN.
+  // memory is NaN, except a synced buffer's until an op writes it (as on the CUDA backend).
   template <typename F>
   void Op(F&& run) const {
     for (const Held& h : held_) std::memcpy(h.p, h.values.data(), h.values.size() * 4);
     run();
     for (Held& h : held_) {
+      if (h.synced && std::memcmp(h.values.data(), h.p, h.values.size() * 4) == 0) continue;
+      h.synced = false;
       std::memcpy(h.values.data(), h.p, h.values.size() * 4);
       Poison(h);
     }
@@ -172,12 +178,27 @@ TEST(DeviceHold, TheModelReadsHeldActivationsOnlyThroughOpsOrAfterASync) {
     tok_a = pick_a;
     tok_b = pick_b;
   }
+  // A step that captures each CSA layer's attention input for the memory indexer (LSA arms it
+  // every few steps): the attention reads xn on the host for it.
+  int64_t csa = 0;
+  for (int64_t l = 0; l < (*plain)->args().n_layers; ++l) csa += (*plain)->args().ratio(l) == 4;
+  ASSERT_GT(csa, 0) << "the test model needs a CSA layer";
+  for (model::SessionState* st : {sa.get(), sb.get()}) {
+    st->capture.enabled = true;
+    st->capture.x.assign(csa, std::vector<float>((*plain)->args().dim, 0.0f));
+  }
   BatchItem a{sa.get(), std::span<const int32_t>(&tok_a, 1), &la, nullptr};
   BatchItem b{sb.get(), std::span<const int32_t>(&tok_b, 1), &lb, nullptr};
   ASSERT_TRUE((*plain)->Forward(std::span<BatchItem>(&a, 1)).ok());
   ASSERT_TRUE((*held)->Forward(std::span<BatchItem>(&b, 1)).ok());
   EXPECT_EQ(la, lb);
   for (float v : lb) ASSERT_FALSE(std::isnan(v));
+  EXPECT_EQ(sa->capture.pos, sb->capture.pos);
+  ASSERT_GE(sb->capture.pos, 0);
+  for (int64_t c = 0; c < csa; ++c) {
+    EXPECT_EQ(sa->capture.x[c], sb->capture.x[c]) << "CSA layer " << c;
+    for (float v : sb->capture.x[c]) ASSERT_FALSE(std::isnan(v)) << "CSA layer " << c;
+  }
   // The residual stream and its companions were held, and every hold was released.
   EXPECT_GT(holding.holds(), 0);
   EXPECT_EQ(holding.holds(), holding.releases());

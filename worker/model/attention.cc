@@ -309,6 +309,10 @@ void Attention::AfterSelection(const TokenRow& row, const float* x_row, const fl
   }
 }
 
+bool Attention::ReadsInputOnHost(std::span<const TokenRow> rows) const {
+  return indexer_ && std::any_of(rows.begin(), rows.end(), [](const TokenRow& r) { return r.state->capture.enabled; });
+}
+
 void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* out) const {
   const int64_t n = static_cast<int64_t>(rows.size());
   const int64_t D = args_.head_dim, rd = args_.rope_head_dim, H = n_local_heads_;
@@ -317,7 +321,10 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
   // Every token's rows in one call per op (the angles differ per token, one set per row group).
   std::vector<float> cs, sn;
   RowAngles(rope_, rows, rd, &cs, &sn);
-  Scratch qa(n * Q), qr(n * Q), q(n * H * D);
+  Scratch qa(n * Q), qr(n * Q), q(n * H * D), o(n * H * D);
+  // q and the attention's output o go only from op to op (wq_b's -> the attention -> wo_a's
+  // groups): a device backend keeps them there.
+  const kernels::DeviceHold<Scratch> hold_q(be_, q), hold_o(be_, o);
   be_.Linear(w_.wq_a, x, n, qa.data(), Rounding::kBf16);
   be_.RmsNorm(qa.data(), w_.q_norm.data(), n, Q, args_.norm_eps, qr.data());
   // wq_b, the per-head RMS and RoPE in one backend call (a device keeps q between them).
@@ -343,7 +350,6 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
   // of distinct sessions: a session's next row writes KV its pending row reads (the window slot it
   // overwrites is still in that row's window; the index key it appends), so a batch runs before
   // such a row's writes. A decode step's rows are one batch; a prompt's rows go one at a time.
-  Scratch o(n * H * D);
   const int64_t cw = compressor_ ? ckv.size() / n : 0, iw_ = indexer_ ? ikv.size() / n : 0;
   // Blocks the pending rows completed, finished together (one call per op for a step's rows, not
   // one per session) and appended before the batch that reads them runs.

@@ -120,6 +120,9 @@ class Attention {
             const kernels::Backend& be, const parallel::Communicator* comm = nullptr);
   // x: [n, dim] normed inputs (bf16 values) of the rows; out: [n, dim] (bf16 values).
   void Forward(const float* x, std::span<const TokenRow> rows, float* out) const;
+  // Whether Forward reads x on the host for these rows: a CSA layer copies a capturing row's x
+  // for the memory indexer (x must then be on the host, not held on a device).
+  bool ReadsInputOnHost(std::span<const TokenRow> rows) const;
   // Moves this module's weights to where the backend computes (Backend::Prepare).
   absl::Status Prepare() const;
 

@@ -21,8 +21,11 @@ void Block::Forward(Scratch& X, std::span<const TokenRow> rows,
   const int hc = args_.hc_mult;
   Scratch u(n * d), xn(n * d), f(n * d), post(n * hc), comb(n * hc * hc), next(X.size());
   // Only ops touch the residual stream's next copy (hc_post writes it, hc_pre and hc_post read it
-  // after the swap) and u (hc_pre -> norm): a device backend keeps them there.
-  const kernels::DeviceHold<Scratch> hold_next(be_, next), hold_u(be_, u);
+  // after the swap), u (hc_pre -> norm) and xn (norm -> the sublayer's projections): a device
+  // backend keeps them there. The attention reads xn on the host only for the memory indexer's
+  // capture (ReadsInputOnHost), after a sync.
+  const kernels::DeviceHold<Scratch> hold_next(be_, next), hold_u(be_, u), hold_xn(be_, xn);
+  const bool attn_reads_xn = attn_.ReadsInputOnHost(rows);
   auto sublayer = [&](const std::vector<float>& fn, const std::vector<float>& base,
                       const std::vector<float>& scale, const std::vector<float>& norm, auto&& body) {
     be_.HcPre(X.data(), n, fn.data(), base.data(), scale.data(), hc, d, args_.hc_sinkhorn_iters, args_.norm_eps,
@@ -33,7 +36,10 @@ void Block::Forward(Scratch& X, std::span<const TokenRow> rows,
     X.swap(next);
   };
   sublayer(w_.hc_attn_fn, w_.hc_attn_base, w_.hc_attn_scale, w_.attn_norm,
-           [&] { attn_.Forward(xn.data(), rows, f.data()); });
+           [&] {
+             if (attn_reads_xn) hold_xn.Sync();
+             attn_.Forward(xn.data(), rows, f.data());
+           });
   sublayer(w_.hc_ffn_fn, w_.hc_ffn_base, w_.hc_ffn_scale, w_.ffn_norm,
            [&] { ffn_.Forward(xn.data(), tokens, trace_rows, f.data()); });
 }
