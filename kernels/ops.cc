@@ -173,6 +173,10 @@ void Backend::SparseAttentionRows(std::span<const AttentionRow> rows, int64_t he
   }
 }
 
+void Backend::RoundBf16(const float* x, int64_t n, float* y) const {
+  for (int64_t i = 0; i < n; ++i) y[i] = num::RoundBf16(x[i]);
+}
+
 void Backend::RoutedExperts(std::span<const ExpertWork> experts, const float* x, int64_t n, int64_t dim,
                             float swiglu_limit, float* y) const {
   std::vector<float> xs, out;

@@ -299,6 +299,10 @@ class Backend {
   virtual void RoutedExperts(std::span<const ExpertWork> experts, const float* x, int64_t n, int64_t dim,
                              float swiglu_limit, float* y) const;
 
+  // y[i] = bf16(x[i]) for n values (y may be x): the MoE's fp32 sum rounded as the sublayer's
+  // output. The default runs on the host arrays; a device backend where the arrays are.
+  virtual void RoundBf16(const float* x, int64_t n, float* y) const;
+
   // hc_head for n tokens: x [n, hc, dim], y [n, dim]; per token pre = sigmoid(mixes * scale +
   // base) + hc_eps; y = bf16(sum_i pre_i x_i) (a batch's last rows go through the head together).
   virtual void HcHead(const float* x, int64_t n, const float* fn, const float* base, float scale, int hc,

@@ -9,7 +9,8 @@ namespace flashmem::kernels {
 const char* OpName(OpKind op) {
   static constexpr const char* kNames[] = {"Linear", "RmsNorm", "HeadRmsNormBf16", "Rope", "Fp8RoundTrip",
                                            "Fp4RoundTrip", "Hadamard", "SparseAttention", "IndexScores",
-                                           "TopK", "IndexTopK", "IndexerLogits", "HcPre", "HcPost", "HcHead", "RoutedExperts"};
+                                           "TopK", "IndexTopK", "IndexerLogits", "HcPre", "HcPost", "HcHead", "RoutedExperts",
+                                           "RoundBf16"};
   static_assert(sizeof(kNames) / sizeof(kNames[0]) == static_cast<int>(OpKind::kCount));
   return kNames[static_cast<int>(op)];
 }
@@ -210,6 +211,12 @@ void ProfilingBackend::RoutedExperts(std::span<const ExpertWork> experts, const 
   uint64_t pairs = 0;
   for (const ExpertWork& e : experts) pairs += e.rows.size();
   Record(OpKind::kRoutedExperts, t.seconds(), pairs);
+}
+
+void ProfilingBackend::RoundBf16(const float* x, int64_t n, float* y) const {
+  Timer t;
+  inner_.RoundBf16(x, n, y);
+  Record(OpKind::kRoundBf16, t.seconds(), n);
 }
 
 }  // namespace flashmem::kernels

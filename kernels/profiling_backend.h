@@ -16,7 +16,7 @@ namespace flashmem::kernels {
 
 enum class OpKind : int {
   kLinear, kRmsNorm, kHeadRmsNorm, kRope, kFp8RoundTrip, kFp4RoundTrip, kHadamard,
-  kSparseAttention, kIndexScores, kTopK, kIndexTopK, kIndexerLogits, kHcPre, kHcPost, kHcHead, kRoutedExperts, kCount
+  kSparseAttention, kIndexScores, kTopK, kIndexTopK, kIndexerLogits, kHcPre, kHcPost, kHcHead, kRoutedExperts, kRoundBf16, kCount
 };
 const char* OpName(OpKind op);
 
@@ -72,6 +72,7 @@ class ProfilingBackend final : public Backend {
               float norm_eps, float hc_eps, float* y) const override;
   void RoutedExperts(std::span<const ExpertWork> experts, const float* x, int64_t n, int64_t dim, float swiglu_limit,
                      float* y) const override;
+  void RoundBf16(const float* x, int64_t n, float* y) const override;
 
   OpStats Stats(OpKind op) const;
   void Reset();

@@ -199,7 +199,19 @@ __global__ void FillFloatsKernel(float* p, int64_t n, float value) {
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
     p[i] = value;
 }
+__global__ void RoundBf16Kernel(const float* x, int64_t n, float* y) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    y[i] = RoundBf16(x[i]);
+}
+
 }  // namespace
+
+cudaError_t RoundBf16(const float* x, int64_t n, float* y, cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  RoundBf16Kernel<<<static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 4096)), 256, 0, stream>>>(x, n, y);
+  return cudaGetLastError();
+}
 
 cudaError_t FillFloats(float* p, int64_t n, float value, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;

@@ -254,6 +254,8 @@ class CudaBackendImpl final : public Backend {
   void RoutedExperts(std::span<const ExpertWork> experts, const float* x, int64_t n, int64_t dim, float swiglu_limit,
                      float* y) const override;
 
+  void RoundBf16(const float* x, int64_t n, float* y) const override;
+
   // Held buffers (Backend::HoldOnDevice) live in device twins: RunLocked reads an op's input from
   // the twin when the twin is current and writes an output wholly inside a held buffer to it,
   // device to device, instead of over PCIe. Honoured by every op's staged inputs and outputs;

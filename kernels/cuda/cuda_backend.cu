@@ -101,6 +101,14 @@ void CudaBackendImpl::HcPost(const float* fx, const float* residual, const float
   });
 }
 
+void CudaBackendImpl::RoundBf16(const float* x, int64_t n, float* y) const {
+  if (n <= 0) return;
+  Frame f;
+  const size_t dx = f.In(x, n * 4), dy = f.Scratch(n * 4);
+  f.Download(dy, y, n * 4);
+  Launch(f, [&](Dev d) { return cuda::RoundBf16(d.at(dx), n, d.at(dy), stream_); });
+}
+
 void CudaBackendImpl::HcHead(const float* x, int64_t n, const float* fn, const float* base, float scale, int hc,
                              int64_t dim, float norm_eps, float hc_eps, float* y) const {
   if (n == 0) return;

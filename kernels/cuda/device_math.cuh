@@ -9,7 +9,7 @@ namespace flashmem::kernels::cuda {
 
 __device__ __forceinline__ float RoundBf16(float x) {
   unsigned u = __float_as_uint(x);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return x;
+  if ((u & 0x7fffffffu) > 0x7f800000u) return __uint_as_float(((u >> 16) | 0x40u) << 16);  // quiet NaN, as the host
   u += 0x7fffu + ((u >> 16) & 1u);
   return __uint_as_float(u & 0xffff0000u);
 }

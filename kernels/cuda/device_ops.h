@@ -158,6 +158,8 @@ cudaError_t ExpandKeyRuns(const int32_t* first, const int32_t* query, const int3
 
 // p[0, n) = value.
 cudaError_t FillFloats(float* p, int64_t n, float value, cudaStream_t stream);
+// y[i] = RoundBf16(x[i]) (y may be x).
+cudaError_t RoundBf16(const float* x, int64_t n, float* y, cudaStream_t stream);
 
 // Fast mode's IndexScoresRows over the same runs, on the tensor cores (index_scores_mma.cu):
 // bf16 operands (q and keys rounded to nearest even; exact for the model's FP4-grid values), fp32

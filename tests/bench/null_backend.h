@@ -33,6 +33,7 @@ class NullBackend final : public kernels::Backend {
   void LinearArgmax(const WeightMatrix&, const float*, int64_t n, int32_t* index) const override {
     std::fill_n(index, n, 0);
   }
+  void RoundBf16(const float*, int64_t n, float* y) const override { std::fill_n(y, n, 0.0f); }
   void RmsNorm(const float*, const float*, int64_t n, int64_t dim, float, float* y) const override {
     std::fill_n(y, n * dim, 0.0f);
   }

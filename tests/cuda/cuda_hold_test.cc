@@ -5,9 +5,11 @@
 // without its values. Skipped without a GPU.
 #include <gtest/gtest.h>
 
-#include <cmath>
 #include <algorithm>
+#include <bit>
+#include <cmath>
 #include <cstring>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -161,6 +163,29 @@ TEST_F(CudaOps, HeldQueriesAndAttentionOutputsStayOnTheDeviceWithTheSameBits) {
   EXPECT_TRUE(stayed) << "q's or o's device values reached the host while held";
   EXPECT_TRUE(SameBits(got, want)) << "rel err " << RelErr(got, want);
   EXPECT_FALSE(AllNan(want.data(), want.size()));
+  EXPECT_TRUE(Holding().Health().ok()) << Holding().Health();
+}
+
+// RoundBf16 on the device has the host's bits — ties to even, NaN quieted with its payload's
+// high bits, infinities, overflow to infinity, subnormals, -0 — out of place, and in place on a
+// held buffer (the MoE's sum rounded into the sublayer's output).
+TEST_F(CudaOps, RoundBf16HasTheHostsBits) {
+  std::mt19937 g(111);
+  std::vector<float> x(4099);
+  for (float& v : x) v = std::bit_cast<float>(static_cast<uint32_t>(g()));
+  const uint32_t specials[] = {0x3f808000u, 0x3f818000u, 0x7fc00001u, 0xffa00001u, 0x7f800000u, 0xff800000u,
+                               0x7f7fffffu, 0x00012345u, 0x80000000u, 0x00000000u, 0x3f7fffffu};
+  for (size_t i = 0; i < std::size(specials); ++i) x[7 * i] = std::bit_cast<float>(specials[i]);
+  std::vector<float> want = Poisoned(x.size()), got = Poisoned(x.size());
+  cpu().RoundBf16(x.data(), static_cast<int64_t>(x.size()), want.data());
+  gpu_->RoundBf16(x.data(), static_cast<int64_t>(x.size()), got.data());
+  EXPECT_TRUE(SameBits(got, want));
+  std::vector<float> y = x;
+  Holding().HoldOnDevice(y.data(), static_cast<int64_t>(y.size()));
+  Holding().RoundBf16(y.data(), static_cast<int64_t>(y.size()), y.data());
+  EXPECT_EQ(std::memcmp(y.data(), x.data(), x.size() * 4), 0) << "the held result reached the host unasked";
+  Holding().ReleaseFromDevice(y.data(), true);
+  EXPECT_TRUE(SameBits(y, want));
   EXPECT_TRUE(Holding().Health().ok()) << Holding().Health();
 }
 

@@ -1,9 +1,11 @@
 // The whole model on CUDA against the CPU reference: greedy tokens of the golden tiny-a
 // checkpoint identical, logits of a random `small` checkpoint within tolerance, batching
-// invariance on the device. Skipped (never faked) without a CUDA device. The engine, golden and
-// LSA suites also run on the GPU through FLASHMEM_TEST_DEVICE (tests/cuda/run_gpu_tests.sh).
+// invariance and held activations on the device. Skipped (never faked) without a CUDA device.
+// The engine, golden and LSA suites also run on the GPU through FLASHMEM_TEST_DEVICE
+// (tests/cuda/run_gpu_tests.sh).
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "gtest/gtest.h"
 #include "kernels/cuda/cuda_backend.h"
@@ -138,6 +140,36 @@ TEST_F(CudaModel, FastKernelsSmallLogitsClose) {
   EXPECT_LT(g.worst_relrms, 0.25);
   EXPECT_GT(g.min_cosine, 0.98);
   EXPECT_GE(same, static_cast<int>(a.tokens.size()) - 1);
+  std::filesystem::remove_all(dir);
+}
+
+// Activations held on the device (Backend::HoldOnDevice: the residual stream, xn, q, the attention
+// output, the MoE sum, each sublayer's output) against none held: the same bits, exact and fast.
+// The default threshold skips buffers under 256 KB, so the test models would hold nothing; here
+// every buffer is held, or none (a threshold past any buffer).
+TEST_F(CudaModel, HeldActivationsGiveTheSameBits) {
+  auto args = model::PresetArgs("small");
+  ASSERT_TRUE(args.ok()) << args.status();
+  args->vocab_size = 4096;
+  const std::string dir = WriteModel(*args, "cuda_small_held");
+  const std::vector<int32_t> prompt = Prompt(300, args->vocab_size, 7);
+  for (bool exact : {true, false}) {
+    GreedyRun runs[2];
+    for (int held = 0; held < 2; ++held) {
+      kernels::cuda::CudaBackendOptions opt;
+      opt.exact = exact;
+      opt.min_hold_bytes = held ? 0 : std::numeric_limits<int64_t>::max();
+      auto be = kernels::cuda::NewCudaBackend(opt);
+      ASSERT_TRUE(be.ok()) << be.status();
+      auto tf = Transformer::Load(dir, **be);
+      ASSERT_TRUE(tf.ok()) << tf.status();
+      runs[held] = Greedy(**tf, prompt, 6, held ? &runs[0].tokens : nullptr);
+      EXPECT_TRUE((*be)->Health().ok()) << (*be)->Health();
+    }
+    EXPECT_EQ(runs[0].tokens, runs[1].tokens) << (exact ? "exact" : "fast");
+    const Agreement g = Compare(runs[0], runs[1]);
+    EXPECT_EQ(g.frac_bit_identical, 1.0) << (exact ? "exact" : "fast") << ": worst rel-RMS " << g.worst_relrms;
+  }
   std::filesystem::remove_all(dir);
 }
 

@@ -106,6 +106,7 @@ class HoldingCpuBackend final : public kernels::Backend {
               float he, float* y) const override {
     Op([&] { cpu_.HcHead(x, n, fn, base, scale, hc, d, ne, he, y); });
   }
+  void RoundBf16(const float* x, int64_t n, float* y) const override { Op([&] { cpu_.RoundBf16(x, n, y); }); }
 
   int64_t holds() const { return holds_; }
   int64_t releases() const { return releases_; }

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <optional>
 
 #include "common/status.h"
 #include "kernels/numerics.h"
@@ -118,13 +119,16 @@ void MoE::Forward(const float* x, std::span<const int32_t> tokens,
     work.push_back(std::move(wk));
   }
   Scratch y(n * d, 0.0f);  // fp32 accumulator of the routed sum
-  be_.RoutedExperts(work, x, n, d, args_.swiglu_limit, y.data());
   // Tensor parallel: each rank summed its own experts; the routed sum is all-reduced (fp32) before
   // the shared expert, which every rank holds, is added: y + bf16(shared), one fp32 addition, as
-  // the reference's routed + shared.
-  if (comm_ && comm_->size() > 1) comm_->AllReduceSum(y.data(), n * d);
+  // the reference's routed + shared. On one rank only ops touch y: a device keeps it.
+  const bool tensor_parallel = comm_ && comm_->size() > 1;
+  std::optional<kernels::DeviceHold<Scratch>> hold_y;
+  if (!tensor_parallel) hold_y.emplace(be_, y);
+  be_.RoutedExperts(work, x, n, d, args_.swiglu_limit, y.data());
+  if (tensor_parallel) comm_->AllReduceSum(y.data(), n * d);
   shared_.AddTo(x, n, y.data());
-  for (int64_t i = 0; i < n * d; ++i) out[i] = num::RoundBf16(y[i]);
+  be_.RoundBf16(y.data(), n * d, out);
 }
 
 }  // namespace flashmem::model

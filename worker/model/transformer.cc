@@ -1,6 +1,7 @@
 #include "worker/model/transformer.h"
 
 #include <algorithm>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
@@ -13,7 +14,8 @@ namespace flashmem::model {
 
 Block::Block(const ModelArgs& args, const BlockWeights& w, int64_t layer, const kernels::Backend& be,
              const parallel::Communicator* comm)
-    : args_(args), w_(w), be_(be), attn_(args, w.attn, layer, be, comm), ffn_(args, w.ffn, layer, be, comm) {}
+    : args_(args), w_(w), be_(be), tensor_parallel_(comm && comm->size() > 1), attn_(args, w.attn, layer, be, comm),
+      ffn_(args, w.ffn, layer, be, comm) {}
 
 void Block::Forward(Scratch& X, std::span<const TokenRow> rows,
                     std::span<const int32_t> tokens, std::span<ForwardTrace* const> trace_rows) const {
@@ -21,10 +23,13 @@ void Block::Forward(Scratch& X, std::span<const TokenRow> rows,
   const int hc = args_.hc_mult;
   Scratch u(n * d), xn(n * d), f(n * d), post(n * hc), comb(n * hc * hc), next(X.size());
   // Only ops touch the residual stream's next copy (hc_post writes it, hc_pre and hc_post read it
-  // after the swap), u (hc_pre -> norm) and xn (norm -> the sublayer's projections): a device
-  // backend keeps them there. The attention reads xn on the host only for the memory indexer's
-  // capture (ReadsInputOnHost), after a sync.
+  // after the swap), u (hc_pre -> norm), xn (norm -> the sublayer's projections) and f (the
+  // sublayer's output -> hc_post): a device backend keeps them there. The attention reads xn on
+  // the host only for the memory indexer's capture (ReadsInputOnHost), after a sync; tensor
+  // parallel sublayers all-reduce f on the host, so it is held on one rank only.
   const kernels::DeviceHold<Scratch> hold_next(be_, next), hold_u(be_, u), hold_xn(be_, xn);
+  std::optional<kernels::DeviceHold<Scratch>> hold_f;
+  if (!tensor_parallel_) hold_f.emplace(be_, f);
   const bool attn_reads_xn = attn_.ReadsInputOnHost(rows);
   auto sublayer = [&](const std::vector<float>& fn, const std::vector<float>& base,
                       const std::vector<float>& scale, const std::vector<float>& norm, auto&& body) {

@@ -32,6 +32,7 @@ class Block {
   const ModelArgs& args_;
   const BlockWeights& w_;
   const kernels::Backend& be_;
+  const bool tensor_parallel_;  // sublayers all-reduce their output on the host
   Attention attn_;
   MoE ffn_;
 };
