@@ -11,6 +11,8 @@ KvReserve::KvReserve(int64_t slots, int64_t page_bytes)
 void KvReserve::Begin() {
   ++call_clock_;
   uploads_.clear();
+  patches_.clear();
+  patched_slots_.clear();
   call_hits_ = 0;
 }
 
@@ -36,11 +38,18 @@ int64_t KvReserve::TakeSlot() {
 
 int64_t KvReserve::Place(const KvPage& page) {
   int64_t s = page.device_slot.load(std::memory_order_relaxed);
-  if (s >= 0 && s < slots() && version_[s] == page.version) {
+  const bool own = s >= 0 && s < slots();
+  if (own && version_[s] == page.version) {
     if (call_[s] != call_clock_) {
       ++hits_;
       ++call_hits_;
     }
+  } else if (own && page.before != 0 && version_[s] == page.before) {
+    for (const KvPage::Range& r : page.changed)
+      if (r.bytes > 0) patches_.push_back({page.bytes + r.offset, s, r.offset, r.bytes});
+    patched_slots_.push_back(s);
+    version_[s] = page.version;
+    ++patched_;
   } else {
     s = TakeSlot();
     if (s < 0) return -1;
@@ -55,15 +64,20 @@ int64_t KvReserve::Place(const KvPage& page) {
 }
 
 void KvReserve::Abort() {
-  for (const Upload& u : uploads_) {
-    version_[u.slot] = 0;
-    call_[u.slot] = 0;
-    referenced_[u.slot] = 0;
-    free_.push_back(u.slot);
-  }
+  auto forget = [&](int64_t slot) {
+    version_[slot] = 0;
+    call_[slot] = 0;
+    referenced_[slot] = 0;
+    free_.push_back(slot);
+  };
+  for (const Upload& u : uploads_) forget(u.slot);
+  for (int64_t slot : patched_slots_) forget(slot);
   uploaded_ -= static_cast<int64_t>(uploads_.size());
+  patched_ -= static_cast<int64_t>(patched_slots_.size());
   hits_ -= call_hits_;
   uploads_.clear();
+  patches_.clear();
+  patched_slots_.clear();
   call_hits_ = 0;
 }
 

@@ -26,22 +26,33 @@ class KvReserve {
   int64_t page_bytes() const { return page_bytes_; }
 
   // One call's pages: Begin, Place every page the call reads, then the call uploads
-  // uploads() (page bytes to slot) before it reads; Abort when it does not happen.
+  // uploads() (whole pages to their slots) and patches() (byte ranges into slots) before it
+  // reads; Abort when it does not happen.
   void Begin();
   // The slot holding (or about to hold) `page`'s current bytes; -1 when every slot is taken by
-  // pages of this call (the caller stages this call's pages instead, after Abort).
+  // pages of this call (the caller stages this call's pages instead, after Abort). A page whose
+  // slot holds the version its last write started from (KvPage::before) is patched in place with
+  // the bytes that write changed, not uploaded whole.
   int64_t Place(const KvPage& page);
   struct Upload {
     const uint8_t* bytes;
     int64_t slot;
   };
   const std::vector<Upload>& uploads() const { return uploads_; }
-  // Forgets the slots this call was to fill (their copies were never written).
+  struct Patch {
+    const uint8_t* bytes;  // the page's bytes at `offset`
+    int64_t slot, offset, size;
+  };
+  const std::vector<Patch>& patches() const { return patches_; }
+  // Forgets the slots this call was to fill or patch (their copies may be partly written: none is
+  // trusted again).
   void Abort();
 
-  // Totals since creation: pages found in place, pages uploaded (planned by calls not aborted).
+  // Totals since creation: pages found in place, pages uploaded whole, pages patched (planned by
+  // calls not aborted).
   int64_t hits() const { return hits_; }
   int64_t uploaded() const { return uploaded_; }
+  int64_t patched() const { return patched_; }
   // Slots holding a page copy.
   int64_t used() const { return slots() - static_cast<int64_t>(free_.size()); }
 
@@ -56,7 +67,9 @@ class KvReserve {
   int64_t hand_ = 0;
   uint64_t call_clock_ = 0;
   std::vector<Upload> uploads_;
-  int64_t hits_ = 0, uploaded_ = 0, call_hits_ = 0;
+  std::vector<Patch> patches_;
+  std::vector<int64_t> patched_slots_;  // this call's
+  int64_t hits_ = 0, uploaded_ = 0, patched_ = 0, call_hits_ = 0;
 };
 
 }  // namespace flashmem::kernels

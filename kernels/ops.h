@@ -6,6 +6,7 @@
 // documents whether its output is rounded to bf16, as the reference's bf16 tensors are.
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <span>
@@ -72,6 +73,15 @@ struct KvPage {
   int64_t entries = 0;
   uint64_t version = 0;
   mutable std::atomic<int64_t> device_slot{-1};
+  // The last write when it changed only the byte ranges `changed` (a range of 0 bytes ends the
+  // list) of the page as it was at version `before` (0: not known — a new, evicted or restored
+  // page, or a write that changed more): a copy at version `before` needs only those bytes. A
+  // decode step writes one entry of a session's window page: 584 of its 37,376 bytes.
+  struct Range {
+    int64_t offset = 0, bytes = 0;
+  };
+  uint64_t before = 0;
+  std::array<Range, 2> changed{};
 };
 // A fresh page version (thread-safe; never 0, never repeated in the process).
 uint64_t NewKvPageVersion();
@@ -83,7 +93,8 @@ struct KvReserveStats {
     int64_t slots = 0;    // page copies it can hold (0: not allocated)
     int64_t held = 0;     // page copies it holds
     int64_t hits = 0;     // pages an op found in place (summed over ops)
-    int64_t uploads = 0;  // pages sent to it: new, or written since their copy
+    int64_t uploads = 0;  // pages sent to it whole: new, or written more than once since their copy
+    int64_t patches = 0;  // pages updated in place with the one entry written since their copy
     int64_t bytes = 0;    // device memory it takes
   };
   Kind records;  // the main KV's FP8 record pages

@@ -252,7 +252,23 @@ __global__ void ScatterPagesKernel(const uint8_t* src, int64_t page_bytes, const
   for (int64_t i = threadIdx.x; i < page_bytes / 16; i += blockDim.x) d[i] = s[i];
 }
 
+// One block per piece, 4-byte words (an entry's data and scale bytes: 576 and 8).
+__global__ void ScatterPiecesKernel(const uint8_t* src, const int64_t* from, const int64_t* to, const int32_t* bytes,
+                                    uint8_t* dst) {
+  const uint32_t* s = reinterpret_cast<const uint32_t*>(src + from[blockIdx.x]);
+  uint32_t* d = reinterpret_cast<uint32_t*>(dst + to[blockIdx.x]);
+  for (int i = threadIdx.x; i < bytes[blockIdx.x] / 4; i += blockDim.x) d[i] = s[i];
+}
+
 }  // namespace
+
+cudaError_t ScatterPieces(const uint8_t* src, int64_t count, const int64_t* from, const int64_t* to,
+                          const int32_t* bytes, uint8_t* dst, cudaStream_t stream) {
+  if (count == 0) return cudaSuccess;
+  if (count > INT32_MAX) return cudaErrorInvalidValue;
+  ScatterPiecesKernel<<<static_cast<unsigned>(count), 128, 0, stream>>>(src, from, to, bytes, dst);
+  return cudaGetLastError();
+}
 
 cudaError_t ScatterPages(const uint8_t* src, int64_t count, int64_t page_bytes, const int32_t* slot, uint8_t* dst,
                          cudaStream_t stream) {

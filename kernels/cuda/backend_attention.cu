@@ -109,6 +109,7 @@ KvReserveStats CudaBackendImpl::ReserveStats() const {
     k.held = r.book.used();
     k.hits = r.book.hits();
     k.uploads = r.book.uploaded();
+    k.patches = r.book.patched();
     k.bytes = r.book.slots() * r.book.page_bytes();
     return k;
   };
@@ -209,30 +210,51 @@ bool CudaBackendImpl::ReserveLocked(DeviceReserve& r, int64_t page_bytes, int64_
 
 auto CudaBackendImpl::StageUploads(const DeviceReserve& r, Frame& f) -> Uploads {
   Uploads u;
+  const int64_t page_bytes = r.book.page_bytes();
   for (const KvReserve::Upload& p : r.book.uploads()) {
     u.src.push_back(p.bytes);
     u.slot.push_back(static_cast<int32_t>(p.slot));
   }
+  const int64_t pages_end = static_cast<int64_t>(u.src.size()) * page_bytes;
+  for (const KvReserve::Patch& p : r.book.patches()) {
+    u.patch_copies.push_back({reinterpret_cast<void*>(static_cast<uintptr_t>(u.patch_area)), p.bytes,
+                              static_cast<size_t>(p.size)});
+    u.patch_from.push_back(pages_end + u.patch_area);
+    u.patch_to.push_back(p.slot * page_bytes + p.offset);
+    u.patch_bytes.push_back(static_cast<int32_t>(p.size));
+    u.patch_area += (p.size + 15) / 16 * 16;
+  }
   u.dslot = f.In(u.slot.data(), u.slot.size() * 4);
-  u.dup = f.Scratch(u.src.size() * r.book.page_bytes());
+  u.dfrom = f.In(u.patch_from.data(), u.patch_from.size() * 8);
+  u.dto = f.In(u.patch_to.data(), u.patch_to.size() * 8);
+  u.dbytes = f.In(u.patch_bytes.data(), u.patch_bytes.size() * 4);
+  u.dup = f.Scratch(static_cast<size_t>(u.staged_bytes(page_bytes)));
   return u;
 }
 
 absl::Status CudaBackendImpl::RunWithUploadsLocked(DeviceReserve& r, const Frame& f, const Uploads& u,
                                                    const LaunchFn& op) const {
   const int64_t page_bytes = r.book.page_bytes(), ups = static_cast<int64_t>(u.src.size());
+  const int64_t patches = static_cast<int64_t>(u.patch_bytes.size());
   phase_op_ = &op.target_type();  // FLASHMEM_CUDA_PHASES: named after the op, not this wrapper
   const absl::Status st = RunLocked(
       f,
       [&](Dev d) {
-        const cudaError_t e =
+        cudaError_t e =
             cuda::ScatterPages(d.at<uint8_t>(u.dup), ups, page_bytes, d.at<int32_t>(u.dslot), r.dev, stream_);
+        if (e == cudaSuccess)
+          e = cuda::ScatterPieces(d.at<uint8_t>(u.dup), patches, d.at<int64_t>(u.dfrom), d.at<int64_t>(u.dto),
+                                  d.at<int32_t>(u.dbytes), r.dev, stream_);
         return e != cudaSuccess ? e : op(d);
       },
       [&](char* host_scratch) {
-        GatherPagesHost(u.src, page_bytes, reinterpret_cast<uint8_t*>(host_scratch + f.Resolve(u.dup) - f.in_bytes()));
+        uint8_t* staged = reinterpret_cast<uint8_t*>(host_scratch + f.Resolve(u.dup) - f.in_bytes());
+        GatherPagesHost(u.src, page_bytes, staged);
+        std::vector<HostCopy> copies = u.patch_copies;
+        for (HostCopy& c : copies) c.dst = staged + ups * page_bytes + reinterpret_cast<uintptr_t>(c.dst);
+        CopyAll(copies);
       },
-      ups * page_bytes);
+      u.staged_bytes(page_bytes));
   if (!st.ok()) r.book.Abort();
   return st;
 }

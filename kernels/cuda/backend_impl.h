@@ -310,12 +310,20 @@ class CudaBackendImpl final : public Backend {
   // budget left, the allocation failed) or it holds pages of another size.
   bool ReserveLocked(DeviceReserve& r, int64_t page_bytes, int64_t page_entries) const;
 
-  // The uploads a book planned, as a frame's inputs (their slots) and its first scratch (their
-  // bytes, filled on the host): staged before any other Scratch of the frame.
+  // The uploads and patches a book planned, as a frame's inputs (their slots; the patches'
+  // offsets and sizes) and its first scratch (their bytes, filled on the host: the whole pages,
+  // then the patches each at a 16-byte boundary): staged before any other Scratch of the frame.
   struct Uploads {
     std::vector<const uint8_t*> src;
     std::vector<int32_t> slot;
-    size_t dslot = 0, dup = 0;
+    std::vector<HostCopy> patch_copies;  // dst: offsets from the patches' area (filled at the fill)
+    std::vector<int64_t> patch_from, patch_to;  // bytes within the staged area; within the reserve
+    std::vector<int32_t> patch_bytes;
+    int64_t patch_area = 0;  // bytes
+    size_t dslot = 0, dup = 0, dfrom = 0, dto = 0, dbytes = 0;
+    int64_t staged_bytes(int64_t page_bytes) const {
+      return static_cast<int64_t>(src.size()) * page_bytes + patch_area;
+    }
   };
   static Uploads StageUploads(const DeviceReserve& r, Frame& f);
 

@@ -228,6 +228,12 @@ cudaError_t GatherPages(const uint8_t* const* src, int64_t count, int64_t page_b
 cudaError_t ScatterPages(const uint8_t* src, int64_t count, int64_t page_bytes, const int32_t* slot, uint8_t* dst,
                          cudaStream_t stream);
 
+// Byte ranges into place: piece i, bytes[i] long (a multiple of 4), from src + from[i] to
+// dst + to[i] (device memory; both offsets multiples of 4) — the KV reserve's patches, one entry of
+// a page each.
+cudaError_t ScatterPieces(const uint8_t* src, int64_t count, const int64_t* from, const int64_t* to,
+                          const int32_t* bytes, uint8_t* dst, cudaStream_t stream);
+
 // Top-k of `rows` rows of n scores each: out[r][0..k) = the indices of row r's k largest scores,
 // descending, equal scores in ascending index order (kernels/topk.h's rule, bit for bit; -0 and
 // +0 equal; no NaN). A radix select of the k-th score, then a sort of the k winners in one block

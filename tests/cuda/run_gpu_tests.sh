@@ -25,6 +25,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 suite cuda_backend_test -- tests/cuda_backend_test
 suite cuda_index_test -- tests/cuda_index_test
 suite cuda_hold_test -- tests/cuda_hold_test
+suite cuda_reserve_test -- tests/cuda_reserve_test
 suite cuda_model_test -- tests/cuda_model_test
 grep -E "^tiny-a|^small" "$OUT/cuda_model_test.log"
 [ -x .gpu/run/tests/lsa_engine_test ] || echo "(lsa_engine_test not in this bundle: skipped)"

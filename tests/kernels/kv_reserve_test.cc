@@ -110,6 +110,69 @@ TEST(KvReserve, ClockGivesRecentlyUsedPagesASecondChance) {
   EXPECT_TRUE(r.uploads().empty());
 }
 
+// A page written once since its copy (KvPage::before is the copy's version) is patched in its own
+// slot with the ranges the write changed; written twice, or its slot taken since, it goes whole.
+// Abort forgets a patched slot too (the patch may have landed in part).
+TEST(KvReserve, APageWrittenOnceSinceItsCopyIsPatchedInPlace) {
+  KvReserve r(2, 37376);
+  Pages p(3);
+  r.Begin();
+  const int64_t s0 = r.Place(p.page[0]);
+  auto write = [&](KvPage& page, int64_t e) {  // what EntryPages does for one entry of FP8 records
+    page.before = page.version;
+    page.version = NewKvPageVersion();
+    page.changed = {{{e * 576, 576}, {64 * 576 + e * 8, 8}}};
+  };
+  write(p.page[0], 5);
+  r.Begin();
+  EXPECT_EQ(r.Place(p.page[0]), s0);
+  EXPECT_TRUE(r.uploads().empty());
+  ASSERT_EQ(r.patches().size(), 2u);
+  EXPECT_EQ(r.patches()[0].bytes, p.page[0].bytes + 5 * 576);
+  EXPECT_EQ(r.patches()[0].slot, s0);
+  EXPECT_EQ(r.patches()[0].offset, 5 * 576);
+  EXPECT_EQ(r.patches()[0].size, 576);
+  EXPECT_EQ(r.patches()[1].offset, 64 * 576 + 5 * 8);
+  EXPECT_EQ(r.patches()[1].size, 8);
+  EXPECT_EQ(r.patched(), 1);
+  EXPECT_EQ(r.Place(p.page[0]), s0);  // again in the same call: in place now
+  EXPECT_EQ(r.patches().size(), 2u);
+  r.Begin();
+  r.Place(p.page[0]);
+  EXPECT_TRUE(r.patches().empty());
+  EXPECT_TRUE(r.uploads().empty());
+  // Two writes since the copy: the page goes whole.
+  write(p.page[0], 6);
+  write(p.page[0], 7);
+  r.Begin();
+  const int64_t s0b = r.Place(p.page[0]);
+  EXPECT_TRUE(r.patches().empty());
+  ASSERT_EQ(r.uploads().size(), 1u);
+  EXPECT_EQ(r.uploads()[0].slot, s0b);
+  // Its slot handed to other pages since: whole again, never patched into another page's copy.
+  r.Begin();
+  r.Place(p.page[1]);
+  r.Begin();
+  r.Place(p.page[2]);  // takes page 0's slot (CLOCK)
+  write(p.page[0], 8);
+  r.Begin();
+  r.Place(p.page[0]);
+  EXPECT_TRUE(r.patches().empty());
+  EXPECT_EQ(r.uploads().size(), 1u);
+  // A patch aborted: the slot is forgotten, the page goes whole next time.
+  write(p.page[0], 9);
+  r.Begin();
+  r.Place(p.page[0]);
+  ASSERT_EQ(r.patches().size(), 2u);
+  const int64_t patched = r.patched();
+  r.Abort();
+  EXPECT_EQ(r.patched(), patched - 1);
+  r.Begin();
+  r.Place(p.page[0]);
+  EXPECT_TRUE(r.patches().empty());
+  EXPECT_EQ(r.uploads().size(), 1u);
+}
+
 TEST(KvReserve, AnEmptyReserveRefusesEveryPage) {
   KvReserve r;
   Pages p(1);

@@ -304,6 +304,55 @@ TEST(EntryPagesTest, AttentionOverRecordsInPlaceEqualsTheDecodedRows) {
 // A record's slot names its page for a device backend's KV reserve: the page's bytes in the
 // layout the paged kernel reads, and a version that changes with every write, eviction and
 // restore (so a device copy of older bytes is never used).
+// A write of one entry announces what it changed (KvPage::before / changed, which a device's KV
+// reserve patches its copy with): the page as it was at `before` with those ranges copied in is
+// the page now, for FP8 records and for fp32 rows; a new page, a fall-back to fp32 (every page
+// rewritten), an eviction and a restore announce nothing.
+TEST(EntryPagesTest, AOneEntryWriteAnnouncesTheBytesItChanged) {
+  for (bool encoded : {true, false}) {
+    const PageFormat f = PageFormat::MainKv(512, 64);
+    const std::vector<float> values = MainKvPage(f, 43);
+    EntryPages pages(f, encoded);
+    for (int64_t e = 0; e < 128; ++e) pages.Append(values.data() + (e % 64) * 512);
+    const kernels::KvPage& page = *pages.Slot(70).page;
+    EXPECT_NE(page.before, 0u) << "the append of entry 127 wrote one entry of page 1";
+    for (int64_t e : {0, 37, 63, 64 + 5}) {
+      const int64_t p = e / 64;
+      const kernels::KvPage& m = *pages.Slot(e).page;
+      const std::vector<uint8_t> old(m.bytes, m.bytes + m.size);
+      const uint64_t v = m.version;
+      pages.Overwrite(e, values.data() + ((e * 7 + 3) % 64) * 512);
+      ASSERT_EQ(m.before, v) << "entry " << e;
+      std::vector<uint8_t> patched = old;
+      int64_t bytes = 0;
+      for (const kernels::KvPage::Range& r : m.changed) {
+        ASSERT_GE(r.offset, 0);
+        ASSERT_LE(r.offset + r.bytes, m.size);
+        std::memcpy(patched.data() + r.offset, m.bytes + r.offset, r.bytes);
+        bytes += r.bytes;
+      }
+      EXPECT_EQ(std::memcmp(patched.data(), m.bytes, m.size), 0) << "entry " << e << (encoded ? " records" : " rows");
+      EXPECT_NE(std::memcmp(old.data(), m.bytes, m.size), 0) << "entry " << e << ": the write changed nothing";
+      EXPECT_EQ(bytes, encoded ? f.entry_bytes() : 512 * 4) << "page " << p;
+    }
+    std::vector<uint8_t> bytes;
+    bool as_bf16 = false;
+    ASSERT_TRUE(pages.Serialize(0, &bytes, &as_bf16).ok());
+    pages.Evict(0);
+    EXPECT_EQ(pages.Slot(70).page->before != 0, true);  // page 1 untouched
+    ASSERT_TRUE(pages.Restore(0, bytes).ok());
+    EXPECT_EQ(pages.Slot(5).page->before, 0u);
+    if (encoded) {  // an entry off the grid: every page becomes fp32 rows
+      std::vector<float> odd(values.begin(), values.begin() + 512);
+      odd[1] = 0.3f;
+      pages.Overwrite(70, odd.data());
+      ASSERT_FALSE(pages.encoded());
+      EXPECT_EQ(pages.Slot(70).page->before, 0u);
+      EXPECT_EQ(pages.Slot(5).page->before, 0u);
+    }
+  }
+}
+
 TEST(EntryPagesTest, SlotsNameTheirPageAndEveryWriteGivesItANewVersion) {
   const PageFormat f = PageFormat::MainKv(512, 64);
   const std::vector<float> values = MainKvPage(f, 41);

@@ -27,15 +27,29 @@ void EntryPages::Touch(int64_t page) {
   m.size = page_bytes();
   m.entries = kEntriesPerPage;
   m.version = kernels::NewKvPageVersion();
+  m.before = 0;
+  m.changed = {};
 }
 
 void EntryPages::Write(int64_t page, int64_t e, const float* row) {
+  const uint64_t before = page_meta_[page]->version;
+  const bool was_encoded = encoded_;
   if (encoded_ && EncodeEntry(format_, row, Bytes(page) + format_.entry_data_offset(e),
                               Bytes(page) + format_.entry_scales_offset(e)) >= 0) {
     TurnToFp32();  // this entry is then written below, as fp32
   }
   if (!encoded_) std::copy(row, row + format_.dim, pages_[page].get() + e * format_.dim);
   Touch(page);
+  if (before == 0 || encoded_ != was_encoded) return;  // a new page, or every page rewritten as fp32
+  // Only entry e changed since `before`: a device copy of that version takes just its bytes.
+  kernels::KvPage& m = *page_meta_[page];
+  m.before = before;
+  if (encoded_) {
+    m.changed = {{{format_.entry_data_offset(e), format_.data_bytes_per_entry()},
+                  {format_.entry_scales_offset(e), format_.scale_bytes_per_entry()}}};
+  } else {
+    m.changed = {{{e * format_.dim * 4, format_.dim * 4}, {}}};
+  }
 }
 
 void EntryPages::Append(const float* row) {

@@ -329,15 +329,17 @@ int main(int argc, char** argv) {
     auto& kv_over = gauge("flashmem_kv_over_budget_steps", "steps whose needed pages alone exceeded --kv-budget-bytes");
     // The CUDA backend's KV reserve (--gpu-kv-reserve-bytes; docs/architecture.md): zeros on the CPU.
     struct ReserveGauges {
-      prometheus::Gauge *held, *slots, *hits, *uploads, *bytes;
+      prometheus::Gauge *held, *slots, *hits, *uploads, *patches, *bytes;
     };
     auto& reserve_pages = metrics->GaugeFamily("flashmem_gpu_kv_reserve_pages", "KV page copies in GPU memory, by kind (records: main KV; keys: indexer) and state (held, slots)");
     auto& reserve_hits = metrics->GaugeFamily("flashmem_gpu_kv_reserve_hits", "pages ops found in GPU memory, by kind");
     auto& reserve_uploads = metrics->GaugeFamily("flashmem_gpu_kv_reserve_uploads", "pages sent to GPU memory (new, or written since their copy), by kind");
+    auto& reserve_patches = metrics->GaugeFamily("flashmem_gpu_kv_reserve_patches", "pages updated in GPU memory with only the entry written since their copy, by kind");
     auto& reserve_bytes = metrics->GaugeFamily("flashmem_gpu_kv_reserve_bytes", "GPU memory the KV reserve takes, by kind");
     auto reserve_gauges = [&](const char* kind) {
       return ReserveGauges{&reserve_pages.Add({{"kind", kind}, {"state", "held"}}), &reserve_pages.Add({{"kind", kind}, {"state", "slots"}}),
-                           &reserve_hits.Add({{"kind", kind}}), &reserve_uploads.Add({{"kind", kind}}), &reserve_bytes.Add({{"kind", kind}})};
+                           &reserve_hits.Add({{"kind", kind}}), &reserve_uploads.Add({{"kind", kind}}),
+                           &reserve_patches.Add({{"kind", kind}}), &reserve_bytes.Add({{"kind", kind}})};
     };
     const ReserveGauges reserve_records = reserve_gauges("records"), reserve_keys = reserve_gauges("keys");
     // The reserve gauges by value: the refresh outlives this block (the other names are references).
@@ -365,6 +367,7 @@ int main(int argc, char** argv) {
         g->slots->Set(static_cast<double>(k->slots));
         g->hits->Set(static_cast<double>(k->hits));
         g->uploads->Set(static_cast<double>(k->uploads));
+        g->patches->Set(static_cast<double>(k->patches));
         g->bytes->Set(static_cast<double>(k->bytes));
       }
       if (pager) {
