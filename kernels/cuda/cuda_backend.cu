@@ -254,14 +254,20 @@ absl::Status CudaBackendImpl::RunLocked(const Frame& f, const LaunchFn& launch, 
     }
   for (const HeldCopy& c : held_copies)
     FM_CUDA_TRY(cudaMemcpyAsync(c.dst, c.src, c.bytes, cudaMemcpyDeviceToDevice, stream_), "copy from a held buffer");
-  // An output that covers only part of a held buffer whose twin is stale: the twin takes the
-  // host's values first, so the parts the op does not write stay right.
-  for (size_t i = 0; i < f.outs().size(); ++i)
-    if (Held* held = out_held[i]; held && !held->dev_current && f.outs()[i].bytes < held->bytes) {
+  // Outputs that cover only part of a held buffer whose twin is stale: the twin takes the host's
+  // values first, so the parts the op does not write stay right. Outputs that together cover it
+  // (a batch's attention rows: 64 slices of one buffer; an op's outputs never overlap) need none.
+  for (size_t i = 0; i < f.outs().size(); ++i) {
+    Held* held = out_held[i];
+    if (!held || held->dev_current) continue;
+    size_t covered = 0;
+    for (size_t j = i; j < f.outs().size(); ++j)
+      if (out_held[j] == held) covered += f.outs()[j].bytes;
+    if (covered < held->bytes)
       FM_CUDA_TRY(cudaMemcpyAsync(held->dev, held->host, held->bytes, cudaMemcpyHostToDevice, stream_),
                   "copy to a held buffer");
-      held->dev_current = true;
-    }
+    held->dev_current = true;
+  }
   if (phases_) FM_CUDA_TRY(cudaEventRecord(phases_->event(1), stream_), "event");
   FM_CUDA_TRY(launch(Dev{dev, &f}), "kernel launch");
   if (phases_) FM_CUDA_TRY(cudaEventRecord(phases_->event(2), stream_), "event");

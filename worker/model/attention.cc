@@ -4,6 +4,7 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <optional>
 
 #include "common/status.h"
 #include "kernels/numerics.h"
@@ -340,8 +341,11 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
   // one per session).
   RoundTripNopeFp8(be_, kv.data(), n, D, D - rd);
   Scratch ckv, cscore, iw, ikv, iscore, iq;
+  std::optional<kernels::DeviceHold<Scratch>> hold_iq;  // the indexer's queries: wq_b's -> the scoring
   if (compressor_) compressor_->Project(x, n, &ckv, &cscore);
   if (indexer_) {
+    iq.resize(n * indexer_->n_local_heads() * args_.index_head_dim);  // Queries' size: held before written
+    hold_iq.emplace(be_, iq);
     indexer_->Queries(qr.data(), x, rows, &iq, &iw);
     indexer_->compressor().Project(x, n, &ikv, &iscore);
   }
@@ -460,6 +464,7 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
   // Grouped low-rank output projection: z_g = wo_a[g] · o_g (bf16 einsum), y = wo_b · z.
   const int64_t O = args_.o_lora_rank, G = n_local_groups_;
   Scratch z(n * G * O);
+  const kernels::DeviceHold<Scratch> hold_z(be_, z);  // wo_a's groups -> wo_b
   be_.LinearGroups(wo_a_groups_, o.data(), n, z.data(), Rounding::kBf16);
   if (comm_ && comm_->size() > 1) {  // row-parallel: fp32 partial sums, all-reduced, then bf16
     be_.Linear(w_.wo_b, z.data(), n, out, Rounding::kNone);
