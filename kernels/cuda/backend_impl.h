@@ -143,9 +143,14 @@ class CudaBackendImpl final : public Backend {
     // FLASHMEM_CUDA_HOLD=0 ignores HoldOnDevice (every op moves its arrays over PCIe), to measure
     // what the held residual stream saves.
     if (const char* p = std::getenv("FLASHMEM_CUDA_HOLD")) hold_ = std::string(p) != "0";
+    // FLASHMEM_CUDA_ASYNC=0 makes every op wait for its kernels, as before ops on held buffers
+    // returned at once.
+    if (const char* p = std::getenv("FLASHMEM_CUDA_ASYNC")) async_ = std::string(p) != "0";
   }
   ~CudaBackendImpl() override {
     (void)cudaSetDevice(device_);
+    (void)cudaStreamSynchronize(stream_);  // ops that returned without waiting
+    if (staged_) (void)cudaEventDestroy(staged_);
     for (auto& [key, r] : resident_) (void)cudaFree(r.mem);
     for (const Held& h : held_) (void)cudaFree(h.dev);
     for (const auto& [bytes, mem] : spare_twins_) (void)cudaFree(mem);
@@ -507,6 +512,12 @@ class CudaBackendImpl final : public Backend {
   mutable absl::node_hash_map<const void*, Resident> resident_;  // node map: stable pointers
   mutable std::vector<Held> held_;                                 // a few: the residual stream
   bool hold_ = true;                                               // FLASHMEM_CUDA_HOLD
+  // An op whose every output is held returns without waiting for its kernels (RunLocked): its
+  // uploads out of the staging buffer may then still be in flight, until `staged_` fires; the
+  // next op waits for it before writing the staging buffer. FLASHMEM_CUDA_ASYNC=0: every op waits.
+  bool async_ = true;
+  mutable cudaEvent_t staged_ = nullptr;
+  mutable bool staging_in_flight_ = false;
   mutable std::vector<std::pair<size_t, char*>> spare_twins_;      // twins of released holds, reused
   mutable DeviceReserve records_, keys_;  // the KV reserve: main KV records, indexer keys
   const std::unique_ptr<OpPhases> phases_ = OpPhases::FromEnv();  // FLASHMEM_CUDA_PHASES (diagnostics)

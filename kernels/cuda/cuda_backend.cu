@@ -137,7 +137,11 @@ absl::Status CudaBackendImpl::RunLocked(const Frame& f, const LaunchFn& launch, 
   const std::type_info* named = std::exchange(phase_op_, nullptr);  // FLASHMEM_CUDA_PHASES
   FM_CUDA_TRY(cudaSetDevice(device_), "cudaSetDevice");
   const size_t total = std::max<size_t>(f.total(), kAlign);
+  if (!staged_) FM_CUDA_TRY(cudaEventCreateWithFlags(&staged_, cudaEventDisableTiming), "cudaEventCreate");
   if (total > capacity_) {
+    // Ops that returned without waiting may still read the old staging buffers.
+    FM_CUDA_TRY(cudaStreamSynchronize(stream_), "stream synchronize");
+    staging_in_flight_ = false;
     const size_t want = std::max(total, capacity_ * 2);
     if (dev_) (void)cudaFree(dev_);
     if (host_) (void)cudaFreeHost(host_);
@@ -175,8 +179,16 @@ absl::Status CudaBackendImpl::RunLocked(const Frame& f, const LaunchFn& launch, 
       if (!out_held[i]) FM_RETURN_IF_ERROR(SyncCrossingLocked(b.host, b.bytes, true));
     }
   }
+  // Every output held (on the device): the op need not wait for its kernels — nothing comes back
+  // to the host (not under FLASHMEM_CUDA_PHASES, which times the wait).
+  bool async = async_ && !phases_ && !f.outs().empty();
+  for (size_t i = 0; i < f.outs().size() && async; ++i) async = out_held[i] != nullptr;
   char* h = static_cast<char*>(host_);
   char* dev = static_cast<char*>(dev_);
+  if (staging_in_flight_) {  // the last op's uploads from the staging buffer must have left it
+    FM_CUDA_TRY(cudaEventSynchronize(staged_), "staging event");
+    staging_in_flight_ = false;
+  }
   OpPhases::Marks marks;  // FLASHMEM_CUDA_PHASES
   if (phases_) marks.begin = OpPhases::Clock::now();
   std::vector<HostCopy> copies;
@@ -225,9 +237,11 @@ absl::Status CudaBackendImpl::RunLocked(const Frame& f, const LaunchFn& launch, 
   }
   add(ups, dev + f.in_bytes(), h + f.in_bytes(), fill_bytes, false, true);
   if (phases_) FM_CUDA_TRY(cudaEventRecord(phases_->event(0), stream_), "event");
+  bool direct_up = false;  // an upload straight from the caller's page-locked buffer
   for (const Transfer& t : ups) {
     FM_CUDA_TRY(cudaMemcpyAsync(t.dst, t.src, t.bytes, cudaMemcpyHostToDevice, stream_), "copy to device");
     marks.up_bytes += t.bytes;
+    direct_up = direct_up || t.pinned;
   }
   // Device-to-device copies from and to held buffers, one per run of adjacent ranges on both sides
   // within one held buffer (a batch's attention rows: 64 queries are one copy, not 64).
@@ -268,6 +282,9 @@ absl::Status CudaBackendImpl::RunLocked(const Frame& f, const LaunchFn& launch, 
                   "copy to a held buffer");
     held->dev_current = true;
   }
+  // An op that does not wait: every copy out of host memory is enqueued above, so once this event
+  // fires the staging buffer and the caller's arrays may change (the kernels may still run).
+  if (async) FM_CUDA_TRY(cudaEventRecord(staged_, stream_), "staging event");
   if (phases_) FM_CUDA_TRY(cudaEventRecord(phases_->event(1), stream_), "event");
   FM_CUDA_TRY(launch(Dev{dev, &f}), "kernel launch");
   if (phases_) FM_CUDA_TRY(cudaEventRecord(phases_->event(2), stream_), "event");
@@ -285,6 +302,13 @@ absl::Status CudaBackendImpl::RunLocked(const Frame& f, const LaunchFn& launch, 
   }
   for (const HeldCopy& c : held_copies)
     FM_CUDA_TRY(cudaMemcpyAsync(c.dst, c.src, c.bytes, cudaMemcpyDeviceToDevice, stream_), "copy to a held buffer");
+  if (async) {
+    // An op that read the caller's page-locked arrays in place waits for its uploads; others leave
+    // the staging buffer's to the next op.
+    if (direct_up) FM_CUDA_TRY(cudaEventSynchronize(staged_), "staging event");
+    else staging_in_flight_ = true;
+    return absl::OkStatus();
+  }
   for (const Transfer& t : downs) {
     FM_CUDA_TRY(cudaMemcpyAsync(t.dst, t.src, t.bytes, cudaMemcpyDeviceToHost, stream_), "copy to host");
     marks.down_bytes += t.bytes;
@@ -294,6 +318,7 @@ absl::Status CudaBackendImpl::RunLocked(const Frame& f, const LaunchFn& launch, 
     marks.enqueued = OpPhases::Clock::now();
   }
   FM_CUDA_TRY(cudaStreamSynchronize(stream_), "stream synchronize");
+  staging_in_flight_ = false;
   if (phases_) marks.waited = OpPhases::Clock::now();
   copies.clear();
   for (size_t i = 0; i < f.outs().size(); ++i) {

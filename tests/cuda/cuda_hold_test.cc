@@ -1,8 +1,8 @@
 // Held buffers (Backend::HoldOnDevice) on the CUDA backend: the residual stream's chain of ops
 // keeps its values on the device — the host copy is not written until synced — and every result
-// is the CPU reference's bits (the exact backend); the attention's held queries and outputs;
-// ranges crossing a held buffer's edge, outputs covering part of one, and release with and
-// without its values. Skipped without a GPU.
+// is the CPU reference's bits (the exact backend); the attention's held queries and outputs; ops
+// that do not wait for their kernels; ranges crossing a held buffer's edge, outputs covering part
+// of one, and release with and without its values. Skipped without a GPU.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -164,6 +164,34 @@ TEST_F(CudaOps, HeldQueriesAndAttentionOutputsStayOnTheDeviceWithTheSameBits) {
   EXPECT_TRUE(SameBits(got, want)) << "rel err " << RelErr(got, want);
   EXPECT_FALSE(AllNan(want.data(), want.size()));
   EXPECT_TRUE(Holding().Health().ok()) << Holding().Health();
+}
+
+// Ops whose every output is held return without waiting for their kernels: a run of them, each
+// staging a host array the caller rewrites as soon as the op returns, still gives every op the
+// values it was called with (the next op waits for the last one's uploads before reusing the
+// staging buffer), and the results are the CPU's bits.
+TEST_F(CudaOps, OpsOnHeldOutputsThatDoNotWaitStillReadWhatTheyWereGiven) {
+  const int64_t dim = 512, n = 8, runs = 24;
+  const std::vector<float> x = Random(n * dim, 121, 1.0f);
+  std::vector<float> held_x = x;
+  std::vector<std::vector<float>> outs(runs, Poisoned(n * dim));
+  const Backend& be = Holding();
+  be.HoldOnDevice(held_x.data(), n * dim);
+  for (auto& o : outs) be.HoldOnDevice(o.data(), n * dim);
+  std::vector<float> w(dim);
+  for (int64_t i = 0; i < runs; ++i) {
+    w = Random(dim, 200 + static_cast<uint32_t>(i), 0.5f);  // rewritten the moment the last op returned
+    be.RmsNorm(held_x.data(), w.data(), n, dim, 1e-6f, outs[i].data());
+  }
+  for (auto& o : outs) be.ReleaseFromDevice(o.data(), true);
+  be.ReleaseFromDevice(held_x.data(), false);
+  ASSERT_TRUE(be.Health().ok()) << be.Health();
+  for (int64_t i = 0; i < runs; ++i) {
+    std::vector<float> want(n * dim);
+    const std::vector<float> wi = Random(dim, 200 + static_cast<uint32_t>(i), 0.5f);
+    cpu().RmsNorm(x.data(), wi.data(), n, dim, 1e-6f, want.data());
+    EXPECT_TRUE(SameBits(outs[i], want)) << "op " << i << ": rel err " << RelErr(outs[i], want);
+  }
 }
 
 // RoundBf16 on the device has the host's bits — ties to even, NaN quieted with its payload's
