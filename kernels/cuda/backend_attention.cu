@@ -217,8 +217,7 @@ auto CudaBackendImpl::StageUploads(const DeviceReserve& r, Frame& f) -> Uploads 
   }
   const int64_t pages_end = static_cast<int64_t>(u.src.size()) * page_bytes;
   for (const KvReserve::Patch& p : r.book.patches()) {
-    u.patch_copies.push_back({reinterpret_cast<void*>(static_cast<uintptr_t>(u.patch_area)), p.bytes,
-                              static_cast<size_t>(p.size)});
+    u.patch_src.push_back(p.bytes);
     u.patch_from.push_back(pages_end + u.patch_area);
     u.patch_to.push_back(p.slot * page_bytes + p.offset);
     u.patch_bytes.push_back(static_cast<int32_t>(p.size));
@@ -250,8 +249,9 @@ absl::Status CudaBackendImpl::RunWithUploadsLocked(DeviceReserve& r, const Frame
       [&](char* host_scratch) {
         uint8_t* staged = reinterpret_cast<uint8_t*>(host_scratch + f.Resolve(u.dup) - f.in_bytes());
         GatherPagesHost(u.src, page_bytes, staged);
-        std::vector<HostCopy> copies = u.patch_copies;
-        for (HostCopy& c : copies) c.dst = staged + ups * page_bytes + reinterpret_cast<uintptr_t>(c.dst);
+        std::vector<HostCopy> copies(patches);
+        for (int64_t i = 0; i < patches; ++i)
+          copies[i] = {staged + u.patch_from[i], u.patch_src[i], static_cast<size_t>(u.patch_bytes[i])};
         CopyAll(copies);
       },
       u.staged_bytes(page_bytes));

@@ -265,9 +265,9 @@ class CudaBackendImpl final : public Backend {
   // the twin when the twin is current and writes an output wholly inside a held buffer to it,
   // device to device, instead of over PCIe. Honoured by every op's staged inputs and outputs;
   // an op's host-side work reads the host buffer, so hold only what goes to staged ops (the
-  // residual stream, xn, q and the attention output). The Backend defaults this backend falls
-  // back to that read an input on the host (LinearGroups without FLASHMEM_CUDA_FUSED) bring it
-  // back first (SyncForHost).
+  // model's op-to-op activations: docs/architecture.md, "Held buffers"). The Backend defaults
+  // this backend falls back to that read an input on the host (LinearGroups without
+  // FLASHMEM_CUDA_FUSED) bring it back first (SyncForHost).
   void HoldOnDevice(float* p, int64_t count) const override;
   void SyncToHost(float* p) const override;
   void ReleaseFromDevice(float* p, bool keep) const override;
@@ -321,7 +321,7 @@ class CudaBackendImpl final : public Backend {
   struct Uploads {
     std::vector<const uint8_t*> src;
     std::vector<int32_t> slot;
-    std::vector<HostCopy> patch_copies;  // dst: offsets from the patches' area (filled at the fill)
+    std::vector<const uint8_t*> patch_src;      // the changed bytes in the host page
     std::vector<int64_t> patch_from, patch_to;  // bytes within the staged area; within the reserve
     std::vector<int32_t> patch_bytes;
     int64_t patch_area = 0;  // bytes
@@ -510,7 +510,7 @@ class CudaBackendImpl final : public Backend {
   mutable uint64_t clock_ = 0;
   mutable uint64_t op_clock_ = 1;  // clock_ at the start of the op in progress
   mutable absl::node_hash_map<const void*, Resident> resident_;  // node map: stable pointers
-  mutable std::vector<Held> held_;                                 // a few: the residual stream
+  mutable std::vector<Held> held_;                                 // a few: a step's op-to-op activations
   bool hold_ = true;                                               // FLASHMEM_CUDA_HOLD
   // An op whose every output is held returns without waiting for its kernels (RunLocked): its
   // uploads out of the staging buffer may then still be in flight, until `staged_` fires; the

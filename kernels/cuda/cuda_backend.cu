@@ -401,10 +401,7 @@ void CudaBackendImpl::HoldOnDevice(float* p, int64_t count) const {
 
 void CudaBackendImpl::SyncForHost(const void* p, size_t bytes) const {
   absl::MutexLock lock(&mu_);
-  if (!health_.ok() || held_.empty()) return;
-  const char* c = static_cast<const char*>(p);
-  for (Held& h : held_)
-    if (h.Overlaps(c, bytes)) Fail(SyncHeldLocked(h));
+  if (health_.ok()) Fail(SyncCrossingLocked(p, bytes, /*written=*/false));
 }
 
 void CudaBackendImpl::SyncToHost(float* p) const {

@@ -52,7 +52,7 @@ struct CudaBackendOptions {
   // over PCIe as before. A held buffer's copies become device-to-device copies of a few µs each,
   // which only pay for buffers whose PCIe copies cost more: on the H200 (flash-shape, 8K) batch
   // 64 (4 MB residual stream) went 43.0 -> 38.8 ms a step, batch 8 (512 KB) 14.7 -> 14.6, and
-  // batch 1 (64 KB) 10.1 -> 10.7 (slower).
+  // batch 1 (64 KB) 10.1 -> 10.7 — slower, though within the ~11% two processes differ at batch 1.
   int64_t min_hold_bytes = int64_t{256} << 10;
 };
 
