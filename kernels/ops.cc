@@ -7,6 +7,11 @@
 
 namespace flashmem::kernels {
 
+uint64_t WeightIdentity::Next() {
+  static std::atomic<uint64_t> next{1};
+  return next.fetch_add(1, std::memory_order_relaxed);
+}
+
 namespace {
 
 // The SwiGLU of ExpertMlp (the CUDA SwiGlu kernel computes the same, operation for operation).

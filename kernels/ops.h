@@ -24,6 +24,32 @@ enum class WeightFormat {
   kFp4Group32,   // e2m1 values, one power-of-two scale per 32 input elements of a row
 };
 
+// Which weight matrix this is, for device backends that keep a copy of it (kernels/cuda's resident
+// weights): every matrix made or copied gets an identity never given before; a move takes the
+// values and their identity along. A backend that finds its copy under the values' address
+// still checks the identity, so a matrix freed and another built at the same address is never
+// mistaken for it — without sampling the values of every weight on every op.
+class WeightIdentity {
+ public:
+  WeightIdentity() : id_(Next()) {}
+  WeightIdentity(const WeightIdentity&) : id_(Next()) {}
+  WeightIdentity& operator=(const WeightIdentity&) {
+    id_ = Next();
+    return *this;
+  }
+  WeightIdentity(WeightIdentity&& o) noexcept : id_(o.id_) { o.id_ = Next(); }
+  WeightIdentity& operator=(WeightIdentity&& o) noexcept {
+    id_ = o.id_;
+    o.id_ = Next();
+    return *this;
+  }
+  uint64_t id() const { return id_; }
+
+ private:
+  static uint64_t Next();
+  uint64_t id_;
+};
+
 // A [rows, cols] weight (y = x · Wᵀ) with its values decoded to fp32 (exact: the grids of
 // e4m3/e2m1/bf16 are subsets of fp32) and its block scales.
 struct WeightMatrix {
@@ -32,6 +58,10 @@ struct WeightMatrix {
   int64_t cols = 0;
   std::vector<float> values;  // rows * cols
   std::vector<float> scales;  // kFp8Block128: ceil(rows/128) x ceil(cols/128); kFp4Group32: rows x cols/32
+  // Values and scales must not change in place once an op has used the matrix: a device backend
+  // keeps its copy for this identity (a few sampled values are still compared, but a change
+  // elsewhere would go unnoticed). Build or copy a new matrix instead.
+  WeightIdentity identity;
   int64_t scale_cols() const {
     return format == WeightFormat::kFp8Block128 ? (cols + 127) / 128 : cols / 32;
   }

@@ -106,12 +106,15 @@ struct Resident {
   DeviceWeight weight;
 };
 
-// A fingerprint of an array from its size and up to 64 sampled values: a host buffer freed and
-// reused at the same address by other data is noticed and uploaded again.
-inline uint64_t Fingerprint(const float* p, size_t count, uint64_t seed) {
+// A fingerprint of an array from its size and up to `samples` (<= 64) sampled values: a host
+// buffer freed and reused at the same address by other data is noticed and uploaded again.
+// Weights also carry an identity (WeightIdentity) and sample 8 values: each sample of a big
+// weight is a cache and TLB miss (64 + 64 for values and scales took ~6.4 µs a weight, and a
+// batch-1 step of flash-shape's 8 layers uses ~250 weights).
+inline uint64_t Fingerprint(const float* p, size_t count, uint64_t seed, size_t samples = 64) {
   float sample[64];
-  const size_t m = std::min<size_t>(64, count);
-  for (size_t i = 0; i < m; ++i) sample[i] = p[count <= 64 ? i : (i * (count - 1)) / 63];
+  const size_t m = std::min<size_t>(std::min<size_t>(samples, 64), count);
+  for (size_t i = 0; i < m; ++i) sample[i] = p[count <= m || m < 2 ? i : (i * (count - 1)) / (m - 1)];
   return XXH3_64bits_withSeed(sample, m * sizeof(float), seed ^ count);
 }
 
@@ -146,6 +149,13 @@ class CudaBackendImpl final : public Backend {
     // FLASHMEM_CUDA_ASYNC=0 makes every op wait for its kernels, as before ops on held buffers
     // returned at once.
     if (const char* p = std::getenv("FLASHMEM_CUDA_ASYNC")) async_ = std::string(p) != "0";
+    // FLASHMEM_CUDA_MIN_HOLD=BYTES overrides CudaBackendOptions::min_hold_bytes, to measure the
+    // threshold (a value that is not a whole number >= 0 is ignored).
+    if (const char* p = std::getenv("FLASHMEM_CUDA_MIN_HOLD")) {
+      char* end = nullptr;
+      const long long v = std::strtoll(p, &end, 10);
+      if (end != p && *end == '\0' && v >= 0) min_hold_bytes_ = v;
+    }
   }
   ~CudaBackendImpl() override {
     (void)cudaSetDevice(device_);
@@ -491,7 +501,7 @@ class CudaBackendImpl final : public Backend {
   void KeyScoring(const float* q, const float* w, int64_t heads, int64_t dim, std::span<const float* const> keys,
                   float* out, bool logits) const;
 
-  const int64_t min_hold_bytes_;  // CudaBackendOptions::min_hold_bytes
+  int64_t min_hold_bytes_;  // CudaBackendOptions::min_hold_bytes (FLASHMEM_CUDA_MIN_HOLD)
   const int device_;
   const cudaStream_t stream_;
   const int64_t budget_;

@@ -49,11 +49,12 @@ struct CudaBackendOptions {
   // Process-wide: the first backend created installs it, for the process's life. 0: none.
   int64_t pinned_activation_bytes = int64_t{1} << 30;
   // Backend::HoldOnDevice honoured for buffers of at least this many bytes; smaller ones move
-  // over PCIe as before. A held buffer's copies become device-to-device copies of a few µs each,
-  // which only pay for buffers whose PCIe copies cost more: on the H200 (flash-shape, 8K) batch
-  // 64 (4 MB residual stream) went 43.0 -> 38.8 ms a step, batch 8 (512 KB) 14.7 -> 14.6, and
-  // batch 1 (64 KB) 10.1 -> 10.7 — slower, though within the ~11% two processes differ at batch 1.
-  int64_t min_hold_bytes = int64_t{256} << 10;
+  // over PCIe around every op. 0 (every buffer): since ops whose outputs are all held return
+  // without waiting, holding even batch 1's 16 KB rows pays — on the H200 (flash-shape, 8K,
+  // alternating processes on one host) batch 1 went 11.48 / 9.97 -> 8.71 / 8.92 ms a step and
+  // batch 8 14.67 / 11.94 -> 11.05 / 11.58 against the earlier 256 KB (FLASHMEM_CUDA_MIN_HOLD
+  // overrides it, to measure).
+  int64_t min_hold_bytes = 0;
 };
 
 absl::StatusOr<std::unique_ptr<Backend>> NewCudaBackend(const CudaBackendOptions& options);

@@ -964,6 +964,30 @@ TEST_F(CudaOps, Fp4ScaleBytesAndHalfTokensGiveTheFp32Bits) {
     }
 }
 
+// A matrix built on another's values buffer (same address, same sampled values, other values
+// changed) is a new weight: its identity, not the sampled values, sends it to the device again.
+TEST_F(CudaOps, AWeightBuiltOnAnothersBufferIsUploadedAgain) {
+  WeightMatrix a = RandomWeight(WeightFormat::kDense, 64, 256, 71);
+  const std::vector<float> x = Random(3 * 256, 72, 1.0f);
+  std::vector<float> ya = Poisoned(3 * 64), want_a = ya;
+  gpu_->Linear(a, x.data(), 3, ya.data(), Rounding::kNone);
+  cpu().Linear(a, x.data(), 3, want_a.data(), Rounding::kNone);
+  EXPECT_EQ(ya, want_a);
+  WeightMatrix b;
+  b.format = a.format;
+  b.rows = a.rows;
+  b.cols = a.cols;
+  b.values = std::move(a.values);  // the same buffer
+  const float* at = b.values.data();
+  for (size_t i = 1; i < 64; ++i) b.values[i] = -b.values[i];  // row 0 (the samples are far apart)
+  std::vector<float> yb = Poisoned(3 * 64), want_b = yb;
+  gpu_->Linear(b, x.data(), 3, yb.data(), Rounding::kNone);
+  cpu().Linear(b, x.data(), 3, want_b.data(), Rounding::kNone);
+  EXPECT_EQ(b.values.data(), at);
+  EXPECT_EQ(yb, want_b);
+  EXPECT_NE(yb, ya);
+}
+
 // The kernels add in the CPU reference's order (dot products, K blocks, online softmax) and both
 // backends round exp through double: outputs are bit-identical, not merely close.
 TEST_F(CudaOps, BitIdenticalToTheCpuReference) {

@@ -20,7 +20,8 @@
 namespace flashmem::kernels {
 namespace {
 
-// A backend that honours holds of any size (the default skips buffers under 256 KB).
+// A backend that honours holds of any size (the default since 2026-11-30; named so the tests keep
+// their meaning if the default changes).
 const Backend& Holding() {
   static Backend* be = [] {
     cuda::CudaBackendOptions opt;
@@ -217,19 +218,30 @@ TEST_F(CudaOps, RoundBf16HasTheHostsBits) {
   EXPECT_TRUE(Holding().Health().ok()) << Holding().Health();
 }
 
-// The default backend leaves buffers under min_hold_bytes where they are: the op's output
-// reaches the host at once.
-TEST_F(CudaOps, SmallBuffersAreNotHeldByDefault) {
+// A backend with min_hold_bytes leaves smaller buffers where they are: the op's output reaches
+// the host at once. The default (0) holds every buffer the model asks it to.
+TEST_F(CudaOps, BuffersUnderMinHoldBytesAreNotHeld) {
+  cuda::CudaBackendOptions opt;
+  opt.min_hold_bytes = int64_t{256} << 10;
+  auto made = cuda::NewCudaBackend(opt);
+  ASSERT_TRUE(made.ok()) << made.status();
+  const Backend& thresholded = **made;
   const int64_t dim = 256;
   const std::vector<float> x = Random(2 * dim, 91, 1.0f);
-  std::vector<float> y(2 * dim);
-  std::copy(x.begin(), x.end(), y.begin());
-  gpu_->HoldOnDevice(y.data(), 2 * dim);
-  gpu_->Hadamard(y.data(), 2, dim);  // held, it would leave y as x
   std::vector<float> want = x;
   cpu().Hadamard(want.data(), 2, dim);
+  std::vector<float> y = x;
+  thresholded.HoldOnDevice(y.data(), 2 * dim);
+  thresholded.Hadamard(y.data(), 2, dim);  // held, it would leave y as x
   EXPECT_TRUE(SameBits(y, want));
-  gpu_->ReleaseFromDevice(y.data(), false);
+  thresholded.ReleaseFromDevice(y.data(), false);
+  std::vector<float> z = x;  // the default backend holds it: the host keeps x until the sync
+  gpu_->HoldOnDevice(z.data(), 2 * dim);
+  gpu_->Hadamard(z.data(), 2, dim);
+  EXPECT_TRUE(SameBits(z, x));
+  gpu_->SyncToHost(z.data());
+  EXPECT_TRUE(SameBits(z, want));
+  gpu_->ReleaseFromDevice(z.data(), false);
   cuda::CudaBackendOptions bad;
   bad.min_hold_bytes = -1;
   auto refused = cuda::NewCudaBackend(bad);

@@ -145,8 +145,7 @@ TEST_F(CudaModel, FastKernelsSmallLogitsClose) {
 
 // Activations held on the device (Backend::HoldOnDevice: the residual stream, xn, q, the attention
 // output, the MoE sum, each sublayer's output) against none held: the same bits, exact and fast.
-// The default threshold skips buffers under 256 KB, so the test models would hold nothing; here
-// every buffer is held, or none (a threshold past any buffer).
+// Every buffer is held (min_hold_bytes 0, the default), or none (a threshold past any buffer).
 TEST_F(CudaModel, HeldActivationsGiveTheSameBits) {
   auto args = model::PresetArgs("small");
   ASSERT_TRUE(args.ok()) << args.status();

@@ -22,6 +22,31 @@ std::vector<float> Random(size_t n, uint32_t seed, float std = 1.0f, bool bf16 =
   return v;
 }
 
+// A device backend keys its copy of a weight on the values' address and this identity: every new
+// or copied matrix has one never seen before, and a move hands it over with the values.
+TEST(WeightIdentity, NewAndCopiedMatricesAreOthersAndMovedOnesKeepTheirs) {
+  WeightMatrix a;
+  a.values = {1.0f, 2.0f};
+  const WeightMatrix b;
+  EXPECT_NE(a.identity.id(), b.identity.id());
+  const uint64_t id = a.identity.id();
+  WeightMatrix copy = a;
+  EXPECT_NE(copy.identity.id(), id);
+  EXPECT_EQ(a.identity.id(), id);
+  const float* values = a.values.data();
+  WeightMatrix moved = std::move(a);
+  EXPECT_EQ(moved.identity.id(), id);
+  EXPECT_EQ(moved.values.data(), values);
+  EXPECT_NE(a.identity.id(), id);  // the moved-from matrix is another one now
+  WeightMatrix assigned;
+  assigned = copy;
+  EXPECT_NE(assigned.identity.id(), copy.identity.id());
+  const uint64_t copy_id = copy.identity.id();
+  assigned = std::move(copy);
+  EXPECT_EQ(assigned.identity.id(), copy_id);
+  EXPECT_NE(copy.identity.id(), copy_id);
+}
+
 TEST(Linear, Fp8BlockScaledMatchesHandComputation) {
   // 1 row x K=256 (two act blocks), W = 2 x 256 with per-128x128 scales 2 and 0.5.
   WeightMatrix w;
