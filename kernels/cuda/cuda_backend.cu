@@ -26,11 +26,18 @@ absl::Status CudaBackendImpl::Prepare(const WeightMatrix& w) const {
   return WeightOnDevice(w).status();
 }
 
+// The norm's weight is a model parameter: kept on the device (ArrayOnDevice) rather than staged
+// and uploaded with every call, as HcPre's and HcHead's parameters are.
 void CudaBackendImpl::RmsNorm(const float* x, const float* weight, int64_t n, int64_t dim, float eps, float* y) const {
+  absl::MutexLock lock(&mu_);
+  if (!health_.ok() || n == 0) return;
+  op_clock_ = clock_ + 1;
+  auto dw = ArrayOnDevice(weight, static_cast<size_t>(dim));
+  if (!dw.ok()) return Fail(dw.status());
   Frame f;
-  const size_t dx = f.In(x, n * dim * 4), dw = f.In(weight, dim * 4), dy = f.Scratch(n * dim * 4);
+  const size_t dx = f.In(x, n * dim * 4), dy = f.Scratch(n * dim * 4);
   f.Download(dy, y, n * dim * 4);
-  Launch(f, [&](Dev d) { return cuda::RmsNorm(d.at(dx), d.at(dw), n, dim, eps, d.at(dy), stream_); });
+  Fail(RunLocked(f, [&](Dev d) { return cuda::RmsNorm(d.at(dx), *dw, n, dim, eps, d.at(dy), stream_); }));
 }
 
 void CudaBackendImpl::HeadRmsNormBf16(float* q, int64_t heads, int64_t dim, float eps) const {
@@ -70,8 +77,12 @@ void CudaBackendImpl::HcPre(const float* x, int64_t n, const float* fn, const fl
   const int mix = (2 + hc) * hc;
   auto dfn = ArrayOnDevice(fn, static_cast<size_t>(mix) * hc * dim);
   if (!dfn.ok()) return Fail(dfn.status());
+  auto dbase = ArrayOnDevice(base, static_cast<size_t>(mix));
+  if (!dbase.ok()) return Fail(dbase.status());
+  auto dscale = ArrayOnDevice(scale, 3);
+  if (!dscale.ok()) return Fail(dscale.status());
   Frame f;
-  const size_t dx = f.In(x, n * hc * dim * 4), db = f.In(base, mix * 4), ds = f.In(scale, 3 * 4);
+  const size_t dx = f.In(x, n * hc * dim * 4);
   const size_t dy = f.Scratch(n * dim * 4), dp = f.Scratch(n * hc * 4), dc = f.Scratch(n * hc * hc * 4);
   // Fast mode: the mixes' sums split over blocks (one block per token, the exact kernel's, leaves
   // most SMs idle and waits on its loads).
@@ -82,9 +93,9 @@ void CudaBackendImpl::HcPre(const float* x, int64_t n, const float* fn, const fl
   f.Download(dc, comb, n * hc * hc * 4);
   Fail(RunLocked(f, [&](Dev d) {
     if (splits > 0)
-      return cuda::HcPreFast(d.at(dx), n, *dfn, d.at(db), d.at(ds), hc, dim, iters, norm_eps, hc_eps, d.at(dpart),
+      return cuda::HcPreFast(d.at(dx), n, *dfn, *dbase, *dscale, hc, dim, iters, norm_eps, hc_eps, d.at(dpart),
                              d.at(dy), d.at(dp), d.at(dc), stream_);
-    return cuda::HcPre(d.at(dx), n, *dfn, d.at(db), d.at(ds), hc, dim, iters, norm_eps, hc_eps, d.at(dy), d.at(dp),
+    return cuda::HcPre(d.at(dx), n, *dfn, *dbase, *dscale, hc, dim, iters, norm_eps, hc_eps, d.at(dy), d.at(dp),
                        d.at(dc), stream_);
   }));
 }
