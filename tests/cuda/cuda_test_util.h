@@ -1,8 +1,12 @@
-// Helpers shared by the CUDA op tests (cuda_backend_test.cc, cuda_index_test.cc, cuda_hold_test.cc):
-// random bf16-grid inputs, NaN-poisoned outputs, relative errors, pages of FP8 KV records, and the
+// Helpers shared by the CUDA op tests (cuda_backend_test.cc, cuda_gemm_test.cc, cuda_support_test.cc,
+// cuda_index_test.cc, cuda_hold_test.cc, cuda_reserve_test.cc): random bf16-grid inputs and
+// weights, NaN-poisoned outputs, relative errors, device copies, pages of FP8 KV records, and the
 // CudaOps fixture whose GPU cases skip (never faked) without a CUDA device.
 #pragma once
 
+#include <cuda_runtime.h>
+
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -114,5 +118,98 @@ class CudaOps : public ::testing::Test {
   const Backend& cpu() const { return CpuBackend(); }
   static inline Backend* gpu_ = nullptr;
 };
+
+// A routed-expert layer: FP4 and FP8 experts, rows routed to several experts, one expert without
+// rows; y starts non-zero (the op accumulates).
+struct ExpertLayer {
+  std::vector<WeightMatrix> w;  // 3 per expert: w1, w3, w2
+  std::vector<ExpertWork> work;
+};
+inline ExpertLayer RandomExperts(int64_t n, int64_t dim, int64_t inter, uint32_t seed, bool mixed = true);
+
+inline WeightMatrix RandomWeight(WeightFormat f, int64_t rows, int64_t cols, uint32_t seed, bool bf16 = true) {
+  WeightMatrix w;
+  w.format = f;
+  w.rows = rows;
+  w.cols = cols;
+  std::mt19937 g(seed);
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  std::uniform_int_distribution<int> e(-9, -3);
+  w.values.resize(rows * cols);
+  for (float& v : w.values) {
+    const float x = d(g);
+    switch (f) {
+      case WeightFormat::kDense: v = bf16 ? num::RoundBf16(x * 0.05f) : x * 0.05f; break;
+      case WeightFormat::kFp8Block128: v = num::RoundE4m3(std::clamp(x * 100.0f, -448.0f, 448.0f)); break;
+      case WeightFormat::kFp4Group32: v = num::RoundE2m1(std::clamp(x * 2.0f, -6.0f, 6.0f)); break;
+    }
+  }
+  if (f == WeightFormat::kFp8Block128) w.scales.resize(((rows + 127) / 128) * w.scale_cols());
+  if (f == WeightFormat::kFp4Group32) w.scales.resize(rows * w.scale_cols());
+  for (float& s : w.scales) s = std::ldexp(1.0f, e(g));
+  return w;
+}
+
+inline ExpertLayer RandomExperts(int64_t n, int64_t dim, int64_t inter, uint32_t seed, bool mixed) {
+  ExpertLayer l;
+  const int experts = 4;
+  for (int e = 0; e < experts; ++e) {
+    // mixed: FP4 and FP8 experts (the per-expert path); else all FP4, as V4's routed experts.
+    const WeightFormat f = mixed && e % 2 ? WeightFormat::kFp8Block128 : WeightFormat::kFp4Group32;
+    l.w.push_back(RandomWeight(f, inter, dim, seed + 10 * e));
+    l.w.push_back(RandomWeight(f, inter, dim, seed + 10 * e + 1));
+    l.w.push_back(RandomWeight(f, dim, inter, seed + 10 * e + 2));
+  }
+  std::mt19937 g(seed);
+  for (int e = 0; e < experts; ++e) {
+    ExpertWork w;
+    w.w1 = &l.w[3 * e];
+    w.w3 = &l.w[3 * e + 1];
+    w.w2 = &l.w[3 * e + 2];
+    if (e != 2)  // expert 2 gets no rows
+      for (int64_t r = 0; r < n; ++r)
+        if ((r + e) % 3 != 0 || n == 1) {
+          w.rows.push_back(static_cast<int32_t>(r));
+          w.weights.push_back(0.1f + 0.2f * static_cast<float>(g() % 4));
+        }
+    if (e == 3) w.weights.clear();  // weight 1 (the shared expert's form)
+    l.work.push_back(std::move(w));
+  }
+  return l;
+}
+
+// A device copy of `bytes` host bytes (freed by the caller).
+inline void* Upload(const void* p, size_t bytes) {
+  void* d = nullptr;
+  EXPECT_EQ(cudaMalloc(&d, bytes), cudaSuccess);
+  EXPECT_EQ(cudaMemcpy(d, p, bytes, cudaMemcpyHostToDevice), cudaSuccess);
+  return d;
+}
+
+// A WeightMatrix in the device layout the kernels read (values and scales freed by the caller).
+inline cuda::DeviceWeight DeviceCopy(const WeightMatrix& w) {
+  const cuda::EncodedWeight enc = cuda::EncodeWeight(w);
+  cuda::DeviceWeight dw;
+  dw.format = w.format;
+  dw.rows = w.rows;
+  dw.cols = w.cols;
+  dw.values = Upload(enc.values.data(), enc.values.size());
+  dw.scales = static_cast<const float*>(Upload(w.scales.data(), w.scales.size() * 4));
+  dw.scale_cols = w.scale_cols();
+  return dw;
+}
+
+
+
+// Candidate lists with masked slots, a fully masked block of 64, and none at all.
+inline std::vector<const float*> Slots(const std::vector<float>& kv, int64_t rows, int64_t dim, int64_t n, uint32_t seed) {
+  std::mt19937 g(seed);
+  std::vector<const float*> s(n);
+  for (int64_t j = 0; j < n; ++j) {
+    const bool masked = (j >= 64 && j < 128) || g() % 7 == 0;
+    s[j] = masked ? nullptr : kv.data() + (g() % rows) * dim;
+  }
+  return s;
+}
 
 }  // namespace flashmem::kernels

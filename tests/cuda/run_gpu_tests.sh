@@ -23,6 +23,8 @@ suite() {  # suite NAME ENV... -- PROGRAM ARGS...
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 suite cuda_backend_test -- tests/cuda_backend_test
+suite cuda_gemm_test -- tests/cuda_gemm_test
+suite cuda_support_test -- tests/cuda_support_test
 suite cuda_index_test -- tests/cuda_index_test
 suite cuda_hold_test -- tests/cuda_hold_test
 suite cuda_reserve_test -- tests/cuda_reserve_test
