@@ -491,8 +491,9 @@ absl::StatusOr<Resident*> CudaBackendImpl::Upload(const void* key, uint64_t fp, 
 
 absl::StatusOr<const DeviceWeight*> CudaBackendImpl::WeightOnDevice(const WeightMatrix& w) const {
   constexpr size_t kSamples = 8;  // the identity tells matrices apart; the samples catch gross in-place changes
-  uint64_t fp = Fingerprint(w.values.data(), w.values.size(),
-                            static_cast<uint64_t>(w.format) * 131 + w.rows + (w.identity.id() << 20), kSamples);
+  const uint64_t id = w.identity.id();
+  const uint64_t seed = XXH3_64bits_withSeed(&id, sizeof id, static_cast<uint64_t>(w.format) * 131 + w.rows);
+  uint64_t fp = Fingerprint(w.values.data(), w.values.size(), seed, kSamples);
   if (!w.scales.empty()) fp ^= Fingerprint(w.scales.data(), w.scales.size(), 7, kSamples) * 3;
   auto it = resident_.find(w.values.data());
   if (it != resident_.end() && it->second.fingerprint == fp) {
