@@ -272,7 +272,7 @@ auto CudaBackendImpl::AttentionInputs(Frame& f, std::span<const AttentionRow> ro
   static_assert(cuda::kRecordDim * 4 % kAlign == 0, "q rows of one frame lie end to end");
   AttentionArrays a;
   a.dq = f.In(rows[0].q, row_bytes);
-  for (size_t i = 1; i < rows.size(); ++i) f.In(rows[i].q, row_bytes);
+  for (size_t i = 1; i < rows.size(); ++i) f.InContinued(rows[i].q, row_bytes);
   a.di = f.In(idx.data(), idx.size() * 4);
   a.dsink = f.In(sink, heads * 4);
   return a;
@@ -392,7 +392,7 @@ bool CudaBackendImpl::ScoreFromReserve(std::span<const IndexScoreRow> rows, int6
   size_t dq = 0;
   if (q_in_place)
     for (size_t i = 0; i < rows.size(); ++i) {
-      const size_t off = f.In(rows[i].q, q_bytes);
+      const size_t off = i == 0 ? f.In(rows[i].q, q_bytes) : f.InContinued(rows[i].q, q_bytes);
       if (i == 0) dq = off;
     }
   else

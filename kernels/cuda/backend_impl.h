@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <span>
 #include <limits>
 #include <string>
 #include <vector>
@@ -50,14 +51,28 @@ constexpr int64_t kTensorCoreMinRows = 4;
 // more pass over the expert's weights; past this, one launch per matrix costs less).
 constexpr int64_t kGroupedFp4Rows = 64;
 inline size_t AlignUp(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
+// A held buffer's device twin: its bytes and an alignment unit more, so a kernel that reads an array
+// in place with vector loads past its end (as it may in the staging buffer's padding) stays inside.
+inline size_t TwinBytes(size_t bytes) { return AlignUp(bytes) + kAlign; }
 
 // The arrays of one op: inputs copied up in one transfer, device-only scratch, outputs copied back.
+// An input or output wholly inside a held buffer (Backend::HoldOnDevice) may instead be read or
+// written in place in the buffer's device twin (RunLocked decides, Dev::at resolves): so a kernel
+// must not write an input it was not asked to download into, nor write past an output's bytes.
 class Frame {
  public:
   size_t In(const void* src, size_t bytes) {
     const size_t off = in_end_;
-    ins_.push_back({src, off, bytes});
+    ins_.push_back({src, off, bytes, false});
     in_end_ = AlignUp(in_end_ + bytes);
+    return off;
+  }
+  // An input the kernels read as the continuation of the previous one's array (the rows of a
+  // batch's queries, each its own host slice, one array on the device): read in place only if the
+  // whole array is, with the frame's layout.
+  size_t InContinued(const void* src, size_t bytes) {
+    const size_t off = In(src, bytes);
+    if (ins_.size() > 1) ins_.back().continues = true;
     return off;
   }
   // Scratch and outputs live after every input; offsets are relative to the scratch start and
@@ -65,6 +80,7 @@ class Frame {
   size_t Scratch(size_t bytes) {
     const size_t off = scratch_end_;
     scratch_end_ = AlignUp(scratch_end_ + bytes);
+    scratch_.push_back({off, bytes});
     return kScratchTag | off;
   }
   void Download(size_t off, void* dst, size_t bytes) { outs_.push_back({dst, off, bytes}); }
@@ -75,27 +91,49 @@ class Frame {
   struct Copy {
     const void* host;
     size_t off, bytes;
+    bool continues;  // InContinued
   };
   struct Back {
     void* host;
     size_t off, bytes;
   };
+  struct Slot {  // a Scratch, offset resolved
+    size_t off, bytes;
+  };
   const std::vector<Copy>& ins() const { return ins_; }
   const std::vector<Back>& outs() const { return outs_; }
+  std::vector<Slot> scratch() const {
+    std::vector<Slot> v;
+    for (const Slot& s : scratch_) v.push_back({in_end_ + s.off, s.bytes});
+    return v;
+  }
 
  private:
   static constexpr size_t kScratchTag = size_t{1} << 62;
   std::vector<Copy> ins_;
   std::vector<Back> outs_;
+  std::vector<Slot> scratch_;  // offsets relative to the scratch start
   size_t in_end_ = 0, scratch_end_ = 0;
 };
 
-// Device pointers of a frame's arrays during a launch.
+// Device pointers of a frame's arrays during a launch: in the staging buffer, or in place in a
+// held buffer's twin for the ranges RunLocked redirected.
 struct Dev {
+  struct Redirect {
+    size_t off, bytes;  // resolved frame range
+    char* dev;          // where it lies instead
+  };
   char* base;
   const Frame* frame;
+  const std::vector<Redirect>* redirects = nullptr;
   template <typename T = float>
-  T* at(size_t off) const { return reinterpret_cast<T*>(base + frame->Resolve(off)); }
+  T* at(size_t off) const {
+    const size_t r = frame->Resolve(off);
+    if (redirects)
+      for (const Redirect& x : *redirects)
+        if (r >= x.off && r < x.off + x.bytes) return reinterpret_cast<T*>(x.dev + (r - x.off));
+    return reinterpret_cast<T*>(base + r);
+  }
 };
 
 struct Resident {
@@ -121,7 +159,7 @@ inline uint64_t Fingerprint(const float* p, size_t count, uint64_t seed, size_t 
 class CudaBackendImpl final : public Backend {
  public:
   CudaBackendImpl(int device, cudaStream_t stream, int64_t budget, bool exact, bool fp8_tc, int64_t kv_reserve_bytes,
-                  int64_t min_hold_bytes)
+                  int64_t min_hold_bytes, bool held_in_place)
       : min_hold_bytes_(min_hold_bytes),
         device_(device),
         stream_(stream),
@@ -149,6 +187,10 @@ class CudaBackendImpl final : public Backend {
     // FLASHMEM_CUDA_ASYNC=0 makes every op wait for its kernels, as before ops on held buffers
     // returned at once.
     if (const char* p = std::getenv("FLASHMEM_CUDA_ASYNC")) async_ = std::string(p) != "0";
+    // FLASHMEM_CUDA_IN_PLACE=0 copies held ranges between their twins and the staging buffer around
+    // every op, as before the kernels read and wrote them in place (InPlaceLocked).
+    in_place_ = held_in_place;
+    if (const char* p = std::getenv("FLASHMEM_CUDA_IN_PLACE")) in_place_ = std::string(p) != "0";
     // FLASHMEM_CUDA_MIN_HOLD=BYTES overrides CudaBackendOptions::min_hold_bytes, to measure the
     // threshold (a value that is not a whole number >= 0 is ignored).
     if (const char* p = std::getenv("FLASHMEM_CUDA_MIN_HOLD")) {
@@ -174,6 +216,10 @@ class CudaBackendImpl final : public Backend {
   const char* name() const override { return exact_ ? "cuda" : (fp8_tc_ ? "cuda-fast-fp8" : "cuda-fast"); }
 
   absl::Status Health() const override;
+  HeldTraffic Traffic() const {
+    absl::MutexLock lock(&mu_);
+    return traffic_;
+  }
 
   absl::Status Prepare(const WeightMatrix& w) const override;
 
@@ -299,6 +345,11 @@ class CudaBackendImpl final : public Backend {
   absl::Status SyncCrossingLocked(const void* p, size_t bytes, bool written) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status SyncHeldLocked(Held& h) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void DropHeldLocked(size_t i) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The frame ranges an op's kernels read or write in place in held buffers' twins (see the
+  // definition for the rules); in_place / out_place mark the inputs and outputs they cover.
+  std::vector<Dev::Redirect> InPlaceLocked(const Frame& f, std::span<Held* const> in_held,
+                                           std::span<Held* const> out_held, std::vector<char>* in_place,
+                                           std::vector<char>* out_place) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Before host code reads [p, p + bytes): every held buffer it overlaps comes back to the host.
   void SyncForHost(const void* p, size_t bytes) const;
 
@@ -461,6 +512,13 @@ class CudaBackendImpl final : public Backend {
   // router, the compressors' projections, the indexer's head weights) from kTensorCoreMinRows
   // rows — the exact kernel walks k in the CPU's order and took ~255 µs at 64 rows on the H200.
   bool DenseOnTensorCores(const DeviceWeight& w, int64_t n) const;
+  // The rows EnqueueLinear may write for n tokens: ld = n rounded up to 4 where a cuBLASLt path may
+  // run (it multiplies the padded rows), n where only the GEMV or the exact kernel can. The output
+  // slot is sized by it, so a held output can be written in place when nothing past n is written.
+  int64_t LinearRowsWritten(const DeviceWeight& w, int64_t n) const {
+    const int64_t ld = (n + 3) / 4 * 4;
+    return (!exact_ && n >= kTensorCoreMinRows) || DenseOnTensorCores(w, n) ? ld : n;
+  }
 
   // y = x · wᵀ on the device (x: n rows; y: room for ld ≥ n rows, n · rows written), enqueued on
   // the stream; every Linear takes this path choice. Exact mode: the bit-exact kernel. Fast mode,
@@ -526,6 +584,8 @@ class CudaBackendImpl final : public Backend {
   // uploads out of the staging buffer may then still be in flight, until `staged_` fires; the
   // next op waits for it before writing the staging buffer. FLASHMEM_CUDA_ASYNC=0: every op waits.
   bool async_ = true;
+  bool in_place_ = true;  // CudaBackendOptions::held_in_place, FLASHMEM_CUDA_IN_PLACE
+  mutable HeldTraffic traffic_ ABSL_GUARDED_BY(mu_);
   mutable cudaEvent_t staged_ = nullptr;
   mutable bool staging_in_flight_ = false;
   mutable std::vector<std::pair<size_t, char*>> spare_twins_;      // twins of released holds, reused

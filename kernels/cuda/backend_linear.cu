@@ -49,7 +49,7 @@ absl::Status CudaBackendImpl::LinearLocked(const WeightMatrix& w, const float* x
   FM_ASSIGN_OR_RETURN(const DeviceWeight* dw, WeightOnDevice(w));
   const int64_t k = w.cols, m = w.rows, ld = (n + 3) / 4 * 4;
   Frame f;
-  const size_t dx = f.In(x, n * k * 4), dy = f.Scratch(ld * m * 4);
+  const size_t dx = f.In(x, n * k * 4), dy = f.Scratch(LinearRowsWritten(*dw, n) * m * 4);
   FM_ASSIGN_OR_RETURN(const RowOpInputs ops, StageRowOps(f, then, n * m));
   const LinearScratch s = AddLinearScratch(f, ld, k);
   f.Download(dy, y, n * m * 4);

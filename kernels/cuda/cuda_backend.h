@@ -55,8 +55,24 @@ struct CudaBackendOptions {
   // batch 8 14.67 / 11.94 -> 11.05 / 11.58 against the earlier 256 KB (FLASHMEM_CUDA_MIN_HOLD
   // overrides it, to measure).
   int64_t min_hold_bytes = 0;
+  // Kernels read a held input and write a held output in place in the buffer's device twin, where
+  // the range is laid out there as the op's staging frame lays it out (whole activations, a batch's
+  // rows end to end, aligned); false: every held range is copied between the twin and the staging
+  // buffer around the op (device to device; two or three copies an op at batch 1).
+  // FLASHMEM_CUDA_IN_PLACE=0 overrides it, to measure.
+  bool held_in_place = true;
 };
 
 absl::StatusOr<std::unique_ptr<Backend>> NewCudaBackend(const CudaBackendOptions& options);
+
+// What a CUDA backend's ops did with held buffers since it was created (zeros for any other
+// backend): device-to-device copies between twins and the staging buffer, their bytes, and the
+// ranges read or written in place instead.
+struct HeldTraffic {
+  int64_t copies = 0;
+  int64_t copy_bytes = 0;
+  int64_t in_place = 0;
+};
+HeldTraffic HeldTrafficOf(const Backend& backend);
 
 }  // namespace flashmem::kernels::cuda

@@ -125,8 +125,8 @@ TEST_F(CudaOps, HeldRangesCrossedOrPartlyWrittenKeepTheirValues) {
 }
 
 // The attention's chain as model::Attention runs it with q and o held: q written by an op, each
-// row's query and output a slice of the held buffers (one device-to-device copy each way for
-// the adjacent slices), the output read by the grouped wo_a. The host copies stay as they were
+// row's query and output a slice of the held buffers (the adjacent slices read and written in
+// place, as one array each), the output read by the grouped wo_a. The host copies stay as they were
 // (q's original values, o's NaN) and every result has the unheld chain's bits.
 TEST_F(CudaOps, HeldQueriesAndAttentionOutputsStayOnTheDeviceWithTheSameBits) {
   const int64_t heads = 64, dim = 512, b = 9, entries = 700, groups = 8, rank = 64, width = heads * dim;
@@ -247,6 +247,98 @@ TEST_F(CudaOps, BuffersUnderMinHoldBytesAreNotHeld) {
   auto refused = cuda::NewCudaBackend(bad);
   ASSERT_FALSE(refused.ok());
   EXPECT_NE(std::string(refused.status().message()).find("min_hold_bytes"), std::string::npos) << refused.status();
+}
+
+// Held ranges are read and written in place in their twins (CudaBackendOptions::held_in_place):
+// no device-to-device copy where the frame's layout allows it, a copy where it does not (an
+// output on the range an input is read from in place; a slice off the alignment; a Linear whose
+// tensor-core path writes padded rows past its output), and in every case the CPU's bits with the
+// rest of the held buffer untouched.
+TEST_F(CudaOps, HeldRangesAreReadAndWrittenInPlaceWhereTheLayoutAllows) {
+  const int64_t dim = 256, n = 8, m = 256, k = 512;
+  const std::vector<float> x0 = Random(n * dim, 131, 1.0f), w = Random(dim, 132, 0.1f);
+  const Backend& be = Holding();
+  auto delta = [&](auto op) {
+    const cuda::HeldTraffic a = cuda::HeldTrafficOf(be);
+    op();
+    const cuda::HeldTraffic b = cuda::HeldTrafficOf(be);
+    return cuda::HeldTraffic{b.copies - a.copies, b.copy_bytes - a.copy_bytes, b.in_place - a.in_place};
+  };
+  // RmsNorm from one held buffer into another: both in place.
+  std::vector<float> x = x0, y = Poisoned(n * dim);
+  be.HoldOnDevice(x.data(), n * dim);
+  be.HoldOnDevice(y.data(), n * dim);
+  be.Hadamard(x.data(), n, dim);  // x's twin current (Hadamard in place: input and output one range)
+  const cuda::HeldTraffic norm = delta([&] { be.RmsNorm(x.data(), w.data(), n, dim, 1e-6f, y.data()); });
+  EXPECT_EQ(norm.copies, 0);
+  EXPECT_EQ(norm.in_place, 2);
+  // Rows 2..5 of y rounded into rows 2..5 of x: an output at an aligned offset inside its buffer.
+  const cuda::HeldTraffic part = delta([&] { be.RoundBf16(y.data() + 2 * dim, 4 * dim, x.data() + 2 * dim); });
+  EXPECT_EQ(part.copies, 0);
+  EXPECT_EQ(part.in_place, 2);
+  // In place on itself (y = round(y)): the output lies on the range read in place, so it is staged.
+  const cuda::HeldTraffic alias = delta([&] { be.RoundBf16(y.data(), n * dim, y.data()); });
+  EXPECT_EQ(alias.in_place, 1);
+  EXPECT_EQ(alias.copies, 1);
+  // A slice 16 bytes into the buffer: off the alignment, staged both ways.
+  const cuda::HeldTraffic off = delta([&] { be.RoundBf16(x.data() + 4, 64, y.data() + 4); });
+  EXPECT_EQ(off.in_place, 0);
+  EXPECT_EQ(off.copies, 2);
+  be.ReleaseFromDevice(x.data(), true);
+  be.ReleaseFromDevice(y.data(), true);
+  std::vector<float> cx = x0, cy(n * dim);
+  cpu().Hadamard(cx.data(), n, dim);
+  cpu().RmsNorm(cx.data(), w.data(), n, dim, 1e-6f, cy.data());
+  cpu().RoundBf16(cy.data() + 2 * dim, 4 * dim, cx.data() + 2 * dim);
+  cpu().RoundBf16(cy.data(), n * dim, cy.data());
+  cpu().RoundBf16(cx.data() + 4, 64, cy.data() + 4);
+  EXPECT_TRUE(SameBits(x, cx)) << "rel err " << RelErr(x, cx);
+  EXPECT_TRUE(SameBits(y, cy)) << "rel err " << RelErr(y, cy);
+
+  // A Linear into row 1 of a held [n][m] buffer, at 1 token (exact and fast: the GEMV, n rows
+  // written — in place) and at 5 tokens in fast mode (the tensor cores write 8 rows: staged); the
+  // other rows keep their values.
+  auto fast = FastBackend(false);
+  ASSERT_TRUE(fast.ok()) << fast.status();
+  const WeightMatrix wq = RandomWeight(WeightFormat::kFp8Block128, m, k, 133);
+  const std::vector<float> a = Random(5 * k, 134, 1.0f), y0 = Random(n * m, 135, 1.0f);
+  for (const Backend* b : {&be, static_cast<const Backend*>(fast->get())})
+    for (int64_t tokens : {int64_t{1}, int64_t{5}}) {
+      const bool exact = b == &be, placed = exact || tokens < 4;
+      std::vector<float> out = y0, expect = y0;
+      b->HoldOnDevice(out.data(), n * m);  // its twin is filled from the host before the op writes part of it
+      const cuda::HeldTraffic before = cuda::HeldTrafficOf(*b);
+      b->Linear(wq, a.data(), tokens, out.data() + m, Rounding::kBf16);
+      const cuda::HeldTraffic after = cuda::HeldTrafficOf(*b);
+      b->ReleaseFromDevice(out.data(), true);
+      (exact ? cpu() : *b).Linear(wq, a.data(), tokens, expect.data() + m, Rounding::kBf16);
+      const std::string what = std::string(exact ? "exact, " : "fast, ") + std::to_string(tokens) + " tokens";
+      EXPECT_EQ(after.copies - before.copies, placed ? 0 : 1) << what;
+      EXPECT_TRUE(SameBits(out, expect)) << what << ": rel err " << RelErr(out, expect);
+    }
+
+  // Turned off: the same RmsNorm copies both ranges.
+  cuda::CudaBackendOptions opt;
+  opt.held_in_place = false;
+  auto copying = cuda::NewCudaBackend(opt);
+  ASSERT_TRUE(copying.ok()) << copying.status();
+  std::vector<float> p = x0, q = Poisoned(n * dim);
+  (*copying)->HoldOnDevice(p.data(), n * dim);
+  (*copying)->HoldOnDevice(q.data(), n * dim);
+  (*copying)->Hadamard(p.data(), n, dim);
+  const cuda::HeldTraffic t0 = cuda::HeldTrafficOf(**copying);
+  (*copying)->RmsNorm(p.data(), w.data(), n, dim, 1e-6f, q.data());
+  const cuda::HeldTraffic t1 = cuda::HeldTrafficOf(**copying);
+  EXPECT_EQ(t1.copies - t0.copies, 2);
+  EXPECT_EQ(t1.in_place - t0.in_place, 0);
+  (*copying)->ReleaseFromDevice(q.data(), true);
+  std::vector<float> cp = x0, cq(n * dim);
+  cpu().Hadamard(cp.data(), n, dim);
+  cpu().RmsNorm(cp.data(), w.data(), n, dim, 1e-6f, cq.data());
+  EXPECT_TRUE(SameBits(q, cq));
+  EXPECT_TRUE(be.Health().ok()) << be.Health();
+  EXPECT_TRUE((*copying)->Health().ok()) << (*copying)->Health();
+  EXPECT_EQ(cuda::HeldTrafficOf(cpu()).copies, 0);
 }
 
 }  // namespace
