@@ -73,7 +73,13 @@ absl::Status CudaBackendImpl::RunLocked(const Frame& f, const LaunchFn& launch, 
   for (size_t i = 0; i < f.outs().size() && async; ++i) async = out_held[i] != nullptr;
   char* h = static_cast<char*>(host_);
   char* dev = static_cast<char*>(dev_);
-  if (staging_in_flight_) {  // the last op's uploads from the staging buffer must have left it
+  // The last async op's uploads out of the staging buffer must have left it before this op writes
+  // it; an op that writes none of it (every input held or page-locked) does not wait. (A ring of
+  // four host buffers, letting the host run further ahead, measured the same: 7.29-7.82 against
+  // 7.46 ms at batch 1, 25.0-26.8 against 26.0 at 64.)
+  bool writes_host = fill != nullptr || fill_bytes > 0;
+  for (size_t i = 0; i < f.ins().size() && !writes_host; ++i) writes_host = !in_direct[i] && !in_held[i];
+  if (writes_host && staging_in_flight_) {
     FM_CUDA_TRY(cudaEventSynchronize(staged_), "staging event");
     staging_in_flight_ = false;
   }
@@ -175,7 +181,7 @@ absl::Status CudaBackendImpl::RunLocked(const Frame& f, const LaunchFn& launch, 
   }
   // An op that does not wait: every copy out of host memory is enqueued above, so once this event
   // fires the staging buffer and the caller's arrays may change (the kernels may still run).
-  if (async) FM_CUDA_TRY(cudaEventRecord(staged_, stream_), "staging event");
+  if (async && (writes_host || direct_up)) FM_CUDA_TRY(cudaEventRecord(staged_, stream_), "staging event");
   if (phases_) FM_CUDA_TRY(cudaEventRecord(phases_->event(1), stream_), "event");
   FM_CUDA_TRY(launch(Dev{dev, &f, &redirects}), "kernel launch");
   if (phases_) FM_CUDA_TRY(cudaEventRecord(phases_->event(2), stream_), "event");
@@ -201,7 +207,7 @@ absl::Status CudaBackendImpl::RunLocked(const Frame& f, const LaunchFn& launch, 
     // An op that read the caller's page-locked arrays in place waits for its uploads; others leave
     // the staging buffer's to the next op.
     if (direct_up) FM_CUDA_TRY(cudaEventSynchronize(staged_), "staging event");
-    else staging_in_flight_ = true;
+    else if (writes_host) staging_in_flight_ = true;
     return absl::OkStatus();
   }
   for (const Transfer& t : downs) {

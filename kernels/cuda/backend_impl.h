@@ -517,7 +517,13 @@ class CudaBackendImpl final : public Backend {
   // slot is sized by it, so a held output can be written in place when nothing past n is written.
   int64_t LinearRowsWritten(const DeviceWeight& w, int64_t n) const {
     const int64_t ld = (n + 3) / 4 * 4;
-    return (!exact_ && n >= kTensorCoreMinRows) || DenseOnTensorCores(w, n) ? ld : n;
+    return (!exact_ && n >= kTensorCoreMinRows) || (DenseOnTensorCores(w, n) && !DenseGemvRuns(w, n)) ? ld : n;
+  }
+  // A dense weight DenseOnTensorCores sends to cuBLASLt below its 4-row minimum (the head, wo_a's
+  // groups at batch 1-3) runs cuda::DenseGemv instead: the same bf16 operands, n rows, one launch
+  // for all of a LinearGroups' groups.
+  bool DenseGemvRuns(const DeviceWeight& w, int64_t n) const {
+    return n < kTensorCoreMinRows && DenseOnTensorCores(w, n) && cuda::DenseGemvSupports(w.cols, w.cols);
   }
 
   // y = x · wᵀ on the device (x: n rows; y: room for ld ≥ n rows, n · rows written), enqueued on
@@ -582,7 +588,7 @@ class CudaBackendImpl final : public Backend {
   bool hold_ = true;                                               // FLASHMEM_CUDA_HOLD
   // An op whose every output is held returns without waiting for its kernels (RunLocked): its
   // uploads out of the staging buffer may then still be in flight, until `staged_` fires; the
-  // next op waits for it before writing the staging buffer. FLASHMEM_CUDA_ASYNC=0: every op waits.
+  // next op that writes the staging buffer waits for it. FLASHMEM_CUDA_ASYNC=0: every op waits.
   bool async_ = true;
   bool in_place_ = true;  // CudaBackendOptions::held_in_place, FLASHMEM_CUDA_IN_PLACE
   mutable HeldTraffic traffic_ ABSL_GUARDED_BY(mu_);

@@ -88,6 +88,22 @@ absl::Status CudaBackendImpl::LinearGroupsLocked(std::span<const WeightMatrix> w
   for (int64_t g = 0; g < G; ++g) {
     FM_ASSIGN_OR_RETURN(dw[g], WeightOnDevice(w[g]));
   }
+  // Below cuBLASLt's 4 rows: every group in one GEMV launch, x to bf16 once, n rows written.
+  bool gemv = G <= cuda::DenseGemvGroups::kMax && cuda::DenseGemvSupports(k, G * k);
+  for (int64_t g = 0; g < G; ++g) gemv = gemv && DenseGemvRuns(*dw[g], n);
+  if (gemv) {
+    Frame f;
+    const size_t dx = f.In(x, n * G * k * 4), xb = f.Scratch(n * G * k * 2), dy = f.Scratch(n * G * m * 4);
+    f.Download(dy, y, n * G * m * 4);
+    cuda::DenseGemvGroups groups;
+    for (int64_t g = 0; g < G; ++g) groups.w[g] = static_cast<const uint16_t*>(dw[g]->values);
+    groups.count = static_cast<int>(G);
+    return RunLocked(f, [&](Dev d) {
+      auto* xbf = d.at<__nv_bfloat16>(xb);
+      const cudaError_t e = cuda::F32ToBf16Rows(d.at(dx), n, G * k, n, xbf, stream_);
+      return e != cudaSuccess ? e : cuda::DenseGemv(groups, m, k, xbf, G * k, n, d.at(dy), G * m, out, stream_);
+    });
+  }
   // Dense bf16 groups on the tensor cores: x to bf16 once, each group's GEMM reading its columns
   // and writing its outputs in place (cuBLASLt with leading dimensions G*k and G*m), one bf16
   // rounding at the end — instead of gathering and placing every group's columns. cuBLASLt's
@@ -207,6 +223,13 @@ cudaError_t CudaBackendImpl::EnqueueLinear(const DeviceWeight& w, const float* x
       const cudaError_t e = cuda::QuantizeActivations(x, n, k, s.qx, s.qs, stream_);
       return e != cudaSuccess ? e : cuda::LinearDecode(w, s.qx, s.qs, n, y, out, stream_);
     }
+  }
+  if (DenseGemvRuns(w, n)) {
+    cuda::DenseGemvGroups g;
+    g.w[0] = static_cast<const uint16_t*>(w.values);
+    g.count = 1;
+    const cudaError_t e = cuda::F32ToBf16Rows(x, n, k, n, s.qb, stream_);
+    return e != cudaSuccess ? e : cuda::DenseGemv(g, m, k, s.qb, k, n, y, m, out, stream_);
   }
   if (DenseOnTensorCores(w, n)) {
     cudaError_t e = cuda::F32ToBf16Rows(x, n, k, ld, s.qb, stream_);

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include "kernels/ops.h"
@@ -103,6 +104,19 @@ struct GemvInputs {
 // when GroupedFp4OnTensorCores is false) takes neither and refuses them (cudaErrorInvalidValue).
 cudaError_t LinearDecodeGrouped(const GemvGroup* groups, int count, int64_t max_rows, int64_t max_n, int64_t max_k,
                                 bool fp8, Rounding out, cudaStream_t stream, GemvInputs in = {});
+// Dense bf16 weights of one shape (rows x k each, DeviceWeight::dense_bf16) against n bf16 token
+// rows (dense_gemv.cu): y[t][g * rows + o] = x[t][g * k ..] . w_g[o] for every group g, fp32 sums
+// (in another order than cuBLASLt's), rounded to bf16 with Rounding::kBf16. x's rows are ldx
+// apart (>= count * k), y's ldy (>= count * rows). For a few tokens (fast mode below 4).
+struct DenseGemvGroups {
+  static constexpr int kMax = 32;
+  const uint16_t* w[kMax] = {};
+  int count = 0;
+};
+// Whether DenseGemv takes this k and row stride (16-byte loads: multiples of 8 values).
+bool DenseGemvSupports(int64_t k, int64_t ldx);
+cudaError_t DenseGemv(const DenseGemvGroups& groups, int64_t rows, int64_t k, const __nv_bfloat16* x, int64_t ldx,
+                      int64_t n, float* y, int64_t ldy, Rounding out, cudaStream_t stream);
 // Whether FP4 groups of up to max_n tokens and k = max_k run on the tensor cores (their staged
 // tokens fit in shared memory, k % 128 == 0).
 bool GroupedFp4OnTensorCores(int64_t max_n, int64_t max_k, bool scale_bytes);
@@ -245,11 +259,7 @@ cudaError_t TopK(const float* scores, int64_t rows, int64_t n, int64_t k, int32_
 // largest value, NaN skipped, 0 when all are NaN (kernels/topk.h's ArgmaxIndex). One block a row.
 cudaError_t ArgmaxRows(const float* values, int64_t rows, int64_t n, int32_t* out, cudaStream_t stream);
 
-}  // namespace flashmem::kernels::cuda
 
-#include <cuda_bf16.h>
-
-namespace flashmem::kernels::cuda {
 
 // The output type of LinearFp8Lt: bf16 as cuBLASLt rounds it, or fp32 (rounded by the caller: the
 // backend rounds to nearest even like the CPU reference).

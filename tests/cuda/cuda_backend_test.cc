@@ -255,7 +255,8 @@ TEST_F(CudaOps, RowsAttendedTogetherEqualOneCallPerRow) {
 
 // A grouped projection (wo_a) in one call: every group's Linear on its columns, the same bits as a
 // Linear per group on gathered columns — exact (and the CPU's) and fast, dense bf16 groups as
-// V4's wo_a and FP8 ones, 1 and 5 rows; groups of different shapes are a clear error.
+// V4's wo_a and FP8 ones, 1 and 5 rows, and wo_a-sized dense groups (the GEMV below 4 rows);
+// groups of different shapes are a clear error.
 TEST_F(CudaOps, LinearGroupsEqualALinearPerGroup) {
   auto fast = FastBackend(false);
   ASSERT_TRUE(fast.ok()) << fast.status();
@@ -282,6 +283,22 @@ TEST_F(CudaOps, LinearGroupsEqualALinearPerGroup) {
         if (be == gpu_) EXPECT_EQ(std::memcmp(got.data(), host.data(), got.size() * 4), 0) << what << " vs the CPU";
       }
     }
+  // wo_a's shape class: dense groups of >= 4M values, which fast mode sends to cuBLASLt from 4 rows
+  // and to one grouped GEMV launch below (fp32 sums in another order: within fp32 rounding of the
+  // CPU before the bf16 rounding; here unrounded).
+  {
+    const int64_t big_k = 4096, big_m = 1024;
+    std::vector<WeightMatrix> w;
+    for (int64_t g = 0; g < G; ++g) w.push_back(RandomWeight(WeightFormat::kDense, big_m, big_k, 150 + static_cast<uint32_t>(g)));
+    for (int64_t n : {1, 2, 3, 4}) {
+      const std::vector<float> x = Random(n * G * big_k, 160 + static_cast<uint32_t>(n), 1.0f);
+      std::vector<float> want = Poisoned(n * G * big_m), got = want;
+      cpu().LinearGroups(w, x.data(), n, want.data(), Rounding::kNone);
+      (*fast)->LinearGroups(w, x.data(), n, got.data(), Rounding::kNone);
+      EXPECT_LE(RelErr(got, want), kFp32Tol) << "dense groups of 1024 x 4096, n " << n;
+    }
+    ASSERT_TRUE((*fast)->Health().ok()) << (*fast)->Health();
+  }
   cuda::CudaBackendOptions opt;
   auto bad = cuda::NewCudaBackend(opt);
   ASSERT_TRUE(bad.ok());

@@ -30,8 +30,8 @@ namespace {
 // 16 tokens, FP8 weights on the bf16 tensor cores (dequantized; fp32 sums: fp32-rounding close)
 // or, in fast-fp8, cuBLASLt's block-scaled FP8 GEMM (K blocks padded in the scale layout; ~1e-4);
 // dense bf16 weights through cuBLASLt's bf16 GEMM from 4 tokens, or of >= 4M elements at any count
-// (2048 x 2048; tokens padded to 4): a router's 16 x 4096 at 64 tokens, 7 rows (cuBLASLt may refuse
-// that layout: the exact kernel then).
+// (2048 x 2048; tokens padded to 4; below 4 tokens such a weight runs the dense GEMV instead): a
+// router's 16 x 4096 at 64 tokens, 7 rows (cuBLASLt may refuse that layout: the exact kernel then).
 TEST_F(CudaOps, FastModeLinearWithinBf16Rounding) {
   for (bool fp8_tc : {false, true}) {
   auto fast = FastBackend(fp8_tc);
@@ -43,6 +43,7 @@ TEST_F(CudaOps, FastModeLinearWithinBf16Rounding) {
   struct Shape { int64_t rows, cols, n; };
   for (WeightFormat f : {WeightFormat::kDense, WeightFormat::kFp8Block128, WeightFormat::kFp4Group32})
     for (Shape s : {Shape{384, 1024, 3}, Shape{384, 1024, 40}, Shape{512, 640, 64}, Shape{300, 512, 17}, Shape{1024, 2048, 512}, Shape{2048, 2048, 5},
+                     Shape{2048, 2048, 1}, Shape{2048, 2048, 3},
                      Shape{16, 4096, 64}, Shape{7, 256, 4}})
       for (Rounding r : {Rounding::kNone, Rounding::kBf16}) {
         const WeightMatrix w = RandomWeight(f, s.rows, s.cols, ++seed);

@@ -2,7 +2,7 @@
 // copy bandwidth, cuBLAS bf16 GEMM rate). Times are CUDA-event medians over many launches after a
 // warm-up; inputs are random (never zeros) and rotated across copies larger than L2 where a kernel
 // streams weights. Prints a markdown table (docs/benchmarks.md records it with the command).
-//   kernel_bench [--quick] [--only SECTION]   (sections: linear moe attention index topk recall
+//   kernel_bench [--quick] [--only SECTION]   (sections: linear dense moe attention index topk recall
 //                                              elementwise hc; the ceilings always run)
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -307,6 +307,53 @@ int main(int argc, char** argv) {
         CHECK_CUDA(cudaFree(const_cast<float*>(w.scales)));
       }
     }
+  }
+
+  // ---- wo_a's groups: dense bf16, 8 x (1024 x 4096), a few tokens (fast mode) ---------------------
+  // The grouped dense GEMV (one launch, n rows written) against what fast mode ran below 4 tokens
+  // before: cuBLASLt's bf16 GEMM per group, tokens padded to 4. Bytes: the weights (64 MB), each
+  // read once; three sets in turn, past the L2.
+  if (Want("dense")) {
+    const int64_t G = 8, m = 1024, k = 4096, sets = 3;
+    std::vector<cu::DeviceWeight> w(G * sets);
+    for (auto& d : w) {
+      d.rows = m;
+      d.cols = k;
+      d.dense_bf16 = true;
+      d.values = DeviceRandomFloats(size_t(m) * k / 2, 0.05f);  // m * k bf16 values' bytes
+    }
+    cu::LtContext lt;
+    __nv_bfloat16* xb = nullptr;
+    float* y = nullptr;
+    CHECK_CUDA(cudaMalloc(&xb, 4 * G * k * 2));
+    CHECK_CUDA(cudaMemset(xb, 0x3c, 4 * G * k * 2));
+    CHECK_CUDA(cudaMalloc(&y, 4 * G * m * 4));
+    const double bytes = double(G) * m * k * 2;
+    for (int64_t n : {1, 2, 3}) {
+      auto gemv = [&](int i, cudaStream_t st) {
+        cu::DenseGemvGroups groups;
+        for (int64_t g = 0; g < G; ++g) groups.w[g] = static_cast<const uint16_t*>(w[(i % sets) * G + g].values);
+        groups.count = static_cast<int>(G);
+        CHECK_CUDA(cu::DenseGemv(groups, m, k, xb, G * k, n, y, G * m, Rounding::kBf16, st));
+      };
+      auto padded = [&](int i, cudaStream_t st) {
+        for (int64_t g = 0; g < G; ++g)
+          CHECK_CUDA(cu::LinearBf16Lt(lt, w[(i % sets) * G + g], xb + g * k, 4, y + g * m, st, G * k, G * m));
+      };
+      const std::string shape = std::to_string(n) + " tok x 8 groups of 4096 -> 1024 (64 MB)";
+      for (int v = 0; v < 2; ++v) {
+        auto f = v == 0 ? std::function<void(int, cudaStream_t)>(gemv) : std::function<void(int, cudaStream_t)>(padded);
+        const char* name = v == 0 ? "wo_a groups, dense GEMV (one launch)" : "wo_a groups, cuBLASLt bf16 per group (4 rows)";
+        const double us = TimeUs([&](int i) { f(i, nullptr); });
+        rows.push_back({name, shape, us, bytes / us / 1e3, 2.0 * n * G * m * k / us / 1e6, Pct(bytes / us / 1e3, hbm, "HBM")});
+        const double gus = TimeGraphUs([&](cudaStream_t st) { for (int i = 0; i < sets; ++i) f(i, st); }) / sets;
+        rows.push_back({std::string(name) + ", graph replays", shape, gus, bytes / gus / 1e3, 2.0 * n * G * m * k / gus / 1e6,
+                        Pct(bytes / gus / 1e3, hbm, "HBM")});
+      }
+    }
+    for (auto& d : w) CHECK_CUDA(cudaFree(const_cast<void*>(d.values)));
+    CHECK_CUDA(cudaFree(xb));
+    CHECK_CUDA(cudaFree(y));
   }
 
   // ---- MoE layer: the routed experts' FP4 GEMVs grouped in two launches (fast mode, decode) -------
