@@ -508,9 +508,10 @@ class CudaBackendImpl final : public Backend {
 
   // Fast mode runs a dense weight whose values are all bf16 on cuBLASLt's bf16 GEMM (x rounded to
   // bf16: the model's inputs to them, RMSNorm outputs and attention outputs, are bf16 already;
-  // fp32 sums in another order): a big one (the head, wo_a's groups) always, a small one (the
-  // router, the compressors' projections, the indexer's head weights) from kTensorCoreMinRows
-  // rows — the exact kernel walks k in the CPU's order and took ~255 µs at 64 rows on the H200.
+  // fp32 sums in another order): a big one (the head, wo_a's groups) always — below
+  // kTensorCoreMinRows rows on cuda::DenseGemv (DenseGemvRuns) — a small one (the router, the
+  // compressors' projections, the indexer's head weights) from kTensorCoreMinRows rows — the
+  // exact kernel walks k in the CPU's order and took ~255 µs at 64 rows on the H200.
   bool DenseOnTensorCores(const DeviceWeight& w, int64_t n) const;
   // The rows EnqueueLinear may write for n tokens: ld = n rounded up to 4 where a cuBLASLt path may
   // run (it multiplies the padded rows), n where only the GEMV or the exact kernel can. The output

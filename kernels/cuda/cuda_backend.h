@@ -29,8 +29,8 @@ struct CudaBackendOptions {
   // Linear runs the decode GEMV below 4 tokens (and for FP4); from 4 tokens FP8 weights run on the
   // bf16 tensor cores, dequantized (weights once at upload, activations after act_quant: both exact
   // in bf16) with fp32 accumulation, i.e. the reference's product up to summation order; dense bf16
-  // weights a cuBLASLt bf16 GEMM from 4 tokens, or at any count from 4M elements (the head, wo_a's
-  // groups). Results stay within
+  // weights a cuBLASLt bf16 GEMM from 4 tokens, and below 4 tokens those of 4M elements or more
+  // (the head, wo_a's groups) a dense GEMV on the same bf16 operands. Results stay within
   // the golden tolerances; the other ops stay exact. Costs 2 more bytes per FP8 weight value.
   bool exact = true;
   // With exact = false ("fast-fp8"): FP8 weights from 16 tokens on the FP8 tensor cores instead
