@@ -56,6 +56,14 @@ RowOp RowOp::Hadamard(int64_t dim) { return {.kind = Kind::kHadamard, .width = d
 
 RowOp RowOp::Fp4RoundTrip(int64_t block) { return {.kind = Kind::kFp4RoundTrip, .width = block}; }
 
+RowOp RowOp::RmsNorm(int64_t dim, const float* weight, float eps) {
+  return {.kind = Kind::kRmsNorm, .width = dim, .eps = eps, .weight = weight};
+}
+
+RowOp RowOp::Fp8RoundTripPrefix(int64_t width, int64_t prefix, int64_t block) {
+  return {.kind = Kind::kFp8RoundTrip, .width = width, .prefix = prefix, .block = block};
+}
+
 void ApplyRowOps(const Backend& be, float* x, int64_t n, std::span<const RowOp> ops) {
   for (const RowOp& op : ops) {
     const int64_t rows = op.width > 0 ? n / op.width : 0;
@@ -66,6 +74,17 @@ void ApplyRowOps(const Backend& be, float* x, int64_t n, std::span<const RowOp> 
         break;
       case RowOp::Kind::kHadamard: be.Hadamard(x, rows, op.width); break;
       case RowOp::Kind::kFp4RoundTrip: be.Fp4RoundTrip(x, n, op.width); break;
+      case RowOp::Kind::kRmsNorm: be.RmsNorm(x, op.weight, rows, op.width, op.eps, x); break;
+      case RowOp::Kind::kFp8RoundTrip:
+        if (rows > 1 && op.block > 0 && op.prefix % op.block == 0) {  // blocks never straddle two rows: one call
+          std::vector<float> prefixes(rows * op.prefix);
+          for (int64_t i = 0; i < rows; ++i) std::copy_n(x + i * op.width, op.prefix, prefixes.data() + i * op.prefix);
+          be.Fp8RoundTrip(prefixes.data(), rows * op.prefix, op.block);
+          for (int64_t i = 0; i < rows; ++i) std::copy_n(prefixes.data() + i * op.prefix, op.prefix, x + i * op.width);
+        } else {
+          for (int64_t i = 0; i < rows; ++i) be.Fp8RoundTrip(x + i * op.width, op.prefix, op.block);
+        }
+        break;
     }
   }
 }

@@ -135,12 +135,17 @@ struct KvReserveStats {
 // the Backend method of the same name over those values, run where they are — a device backend
 // runs it before they come back, instead of sending them up and down again for it.
 struct RowOp {
-  enum class Kind { kHeadRmsNormBf16, kRope, kHadamard, kFp4RoundTrip };
+  enum class Kind { kHeadRmsNormBf16, kRope, kHadamard, kFp4RoundTrip, kRmsNorm, kFp8RoundTrip };
   Kind kind = Kind::kHadamard;
   // The values as rows of `width` (the op's values are a multiple of it): the head dim
-  // (HeadRmsNormBf16), the stride (Rope), the dim (Hadamard), the block (Fp4RoundTrip).
+  // (HeadRmsNormBf16), the stride (Rope), the dim (Hadamard, RmsNorm), the block (Fp4RoundTrip),
+  // the row (Fp8RoundTrip).
   int64_t width = 0;
-  float eps = 0;  // HeadRmsNormBf16
+  float eps = 0;  // HeadRmsNormBf16, RmsNorm
+  const float* weight = nullptr;  // RmsNorm: [width], as Backend::RmsNorm's (in place)
+  // Fp8RoundTrip: Backend::Fp8RoundTrip of the first `prefix` values of every row (a whole number
+  // of blocks), as the window KV's nope dims.
+  int64_t prefix = 0, block = 0;
   // Rope: as Backend::Rope over the rows of `width`, angle set r / rows_per_angle for row r.
   int64_t offset = 0, rope_dims = 0, rows_per_angle = 1;
   const float* cos = nullptr;
@@ -152,6 +157,8 @@ struct RowOp {
                     int64_t rows_per_angle, bool inverse);
   static RowOp Hadamard(int64_t dim);
   static RowOp Fp4RoundTrip(int64_t block);
+  static RowOp RmsNorm(int64_t dim, const float* weight, float eps);
+  static RowOp Fp8RoundTripPrefix(int64_t width, int64_t prefix, int64_t block);
 };
 
 // One query token of a batched sparse attention (Backend::SparseAttentionRows): q and out are

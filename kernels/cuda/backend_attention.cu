@@ -461,7 +461,8 @@ auto CudaBackendImpl::StageAttentionRowOps(Frame& f, std::span<const AttentionRo
     for (const AttentionRow& r : rows) {
       const RowOp& b = r.then[i];
       same = same && b.kind == a.kind && b.width == a.width && b.eps == a.eps && b.offset == a.offset &&
-             b.rope_dims == a.rope_dims && b.rows_per_angle == a.rows_per_angle && b.inverse == a.inverse;
+             b.rope_dims == a.rope_dims && b.rows_per_angle == a.rows_per_angle && b.inverse == a.inverse &&
+             b.weight == a.weight && b.prefix == a.prefix && b.block == a.block;
     }
     if (a.kind == RowOp::Kind::kRope)
       same = same && a.width > 0 && a.rows_per_angle > 0 && per_row % a.width == 0 && (per_row / a.width) % a.rows_per_angle == 0;

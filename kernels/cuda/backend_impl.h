@@ -474,6 +474,7 @@ class CudaBackendImpl final : public Backend {
   // RowOps on a frame's device array: their angle arrays (RoPE) as the frame's inputs, checked.
   struct RowOpInputs {
     std::vector<size_t> cos, sin;  // per op; RoPE only
+    std::vector<size_t> weight;    // per op; RmsNorm only
   };
   static absl::StatusOr<RowOpInputs> StageRowOps(Frame& f, std::span<const RowOp> ops, int64_t values);
   cudaError_t EnqueueRowOps(Dev d, float* y, int64_t values, std::span<const RowOp> ops, const RowOpInputs& in) const;

@@ -148,6 +148,7 @@ auto CudaBackendImpl::StageRowOps(Frame& f, std::span<const RowOp> ops, int64_t 
   RowOpInputs in;
   in.cos.resize(ops.size());
   in.sin.resize(ops.size());
+  in.weight.resize(ops.size());
   for (size_t i = 0; i < ops.size(); ++i) {
     const RowOp& op = ops[i];
     if (op.width <= 0 || values % op.width != 0)
@@ -155,6 +156,15 @@ auto CudaBackendImpl::StageRowOps(Frame& f, std::span<const RowOp> ops, int64_t 
           absl::StrCat("then[", i, "].width = ", op.width, " does not divide the op's ", values, " values"));
     if (op.kind == RowOp::Kind::kHadamard && (op.width & (op.width - 1)) != 0)
       return absl::InvalidArgumentError(absl::StrCat("then[", i, "].width = ", op.width, ": Hadamard needs a power of two"));
+    if (op.kind == RowOp::Kind::kRmsNorm) {
+      if (!op.weight) return absl::InvalidArgumentError(absl::StrCat("then[", i, "].weight: RmsNorm needs its weight"));
+      in.weight[i] = f.In(op.weight, op.width * 4);
+    }
+    if (op.kind == RowOp::Kind::kFp8RoundTrip &&
+        (op.block <= 0 || op.prefix < 0 || op.prefix > op.width || op.prefix % op.block != 0))
+      return absl::InvalidArgumentError(absl::StrCat("then[", i, "]: FP8 round trip of ", op.prefix,
+                                                     " values a row of ", op.width, " in blocks of ", op.block,
+                                                     " (a whole number of blocks within the row)"));
     if (op.kind != RowOp::Kind::kRope) continue;
     if (op.rope_dims <= 0 || op.rope_dims % 2 != 0 || op.offset < 0 || op.offset + op.rope_dims > op.width ||
         op.rows_per_angle <= 0 || !op.cos || !op.sin)
@@ -183,6 +193,10 @@ cudaError_t CudaBackendImpl::EnqueueRowOps(Dev d, float* y, int64_t values, std:
         break;
       case RowOp::Kind::kHadamard: e = cuda::Hadamard(y, rows, op.width, stream_); break;
       case RowOp::Kind::kFp4RoundTrip: e = cuda::RoundTrip(y, values, op.width, /*fp8=*/false, stream_); break;
+      case RowOp::Kind::kRmsNorm: e = cuda::RmsNorm(y, d.at(in.weight[i]), rows, op.width, op.eps, y, stream_); break;
+      case RowOp::Kind::kFp8RoundTrip:
+        e = cuda::RoundTripRows(y, rows, op.width, op.prefix, op.block, /*fp8=*/true, stream_);
+        break;
     }
     if (e != cudaSuccess) return e;
   }

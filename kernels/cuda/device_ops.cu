@@ -201,8 +201,9 @@ __global__ void RopeKernel(float* x, int64_t rows, int64_t stride, int64_t offse
   p[2 * i + 1] = RoundBf16(a * s + b * c);
 }
 
-__global__ void RoundTripKernel(float* x, int64_t block, bool fp8) {
-  float* xb = x + blockIdx.x * block;
+// Block b of the first blocks_per_row * block values of each row of `stride` (one row: stride unused).
+__global__ void RoundTripKernel(float* x, int64_t block, int64_t stride, int64_t blocks_per_row, bool fp8) {
+  float* xb = x + (blockIdx.x / blocks_per_row) * stride + (blockIdx.x % blocks_per_row) * block;
   float m = 0.0f;
   for (int64_t i = threadIdx.x; i < block; i += blockDim.x) m = fmaxf(m, fabsf(xb[i]));
   __shared__ float amax[32];
@@ -566,7 +567,17 @@ cudaError_t Rope(float* x, int64_t rows, int64_t stride, int64_t offset, int64_t
 
 cudaError_t RoundTrip(float* x, int64_t n, int64_t block, bool fp8, cudaStream_t stream) {
   if (n / block == 0) return cudaSuccess;
-  RoundTripKernel<<<static_cast<unsigned>(n / block), block >= 256 ? 256 : 32, 0, stream>>>(x, block, fp8);
+  RoundTripKernel<<<static_cast<unsigned>(n / block), block >= 256 ? 256 : 32, 0, stream>>>(x, block, 0, n / block,
+                                                                                            fp8);
+  return cudaGetLastError();
+}
+
+cudaError_t RoundTripRows(float* x, int64_t rows, int64_t stride, int64_t prefix, int64_t block, bool fp8,
+                          cudaStream_t stream) {
+  if (block <= 0 || prefix % block != 0 || prefix > stride) return cudaErrorInvalidValue;
+  if (rows == 0 || prefix == 0) return cudaSuccess;
+  RoundTripKernel<<<static_cast<unsigned>(rows * (prefix / block)), block >= 256 ? 256 : 32, 0, stream>>>(
+      x, block, stride, prefix / block, fp8);
   return cudaGetLastError();
 }
 

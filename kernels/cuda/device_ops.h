@@ -127,6 +127,9 @@ cudaError_t HeadRmsNormBf16(float* q, int64_t heads, int64_t dim, float eps, cud
 cudaError_t Rope(float* x, int64_t rows, int64_t stride, int64_t offset, int64_t rope_dims,
                  const float* cos, const float* sin, int64_t rows_per_angle, bool inverse, cudaStream_t stream);
 cudaError_t RoundTrip(float* x, int64_t n, int64_t block, bool fp8, cudaStream_t stream);
+// RoundTrip of the first `prefix` values (whole blocks) of each of `rows` rows `stride` apart.
+cudaError_t RoundTripRows(float* x, int64_t rows, int64_t stride, int64_t prefix, int64_t block, bool fp8,
+                          cudaStream_t stream);
 cudaError_t Hadamard(float* x, int64_t rows, int64_t dim, cudaStream_t stream);
 
 // The routed-expert pipeline on the device (Backend::RoutedExperts): out[r] = x[rows[r]];

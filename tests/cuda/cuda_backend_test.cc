@@ -342,6 +342,36 @@ TEST_F(CudaOps, OpsAfterAnOpRunOnTheDeviceWithTheSameBits) {
     EXPECT_EQ(std::memcmp(got.data(), want.data(), got.size() * 4), 0) << be->name() << ": LinearThen";
     if (be == gpu_) EXPECT_EQ(std::memcmp(got.data(), host.data(), got.size() * 4), 0) << "exact LinearThen vs the CPU";
   }
+  // The window KV's chain (kv_norm with its weight, RoPE on the last 64 dims, the FP8 round trip
+  // of the 448 nope dims) after wkv, 1 and 3 rows.
+  {
+    const int64_t D = 512, nope = 448;
+    const WeightMatrix wkv = RandomWeight(WeightFormat::kFp8Block128, D, 256, 191);
+    const std::vector<float> norm = Random(D, 192, 0.5f), kcs = Random(3 * 32, 193, 1.0f), ksn = Random(3 * 32, 194, 1.0f);
+    for (int64_t rows : {int64_t{1}, int64_t{3}}) {
+      const kernels::RowOp kv_then[] = {kernels::RowOp::RmsNorm(D, norm.data(), 1e-6f),
+                                        kernels::RowOp::Rope(D, nope, 64, kcs.data(), ksn.data(), 1, false),
+                                        kernels::RowOp::Fp8RoundTripPrefix(D, nope, 64)};
+      auto kv_separate = [&](const Backend& be) {
+        std::vector<float> raw = Poisoned(rows * D), y = Poisoned(rows * D);
+        be.Linear(wkv, x.data(), rows, raw.data(), Rounding::kBf16);
+        be.RmsNorm(raw.data(), norm.data(), rows, D, 1e-6f, y.data());
+        be.Rope(y.data(), rows, D, nope, 64, kcs.data(), ksn.data(), 1, false);
+        for (int64_t i = 0; i < rows; ++i) be.Fp8RoundTrip(y.data() + i * D, nope, 64);
+        return y;
+      };
+      const std::vector<float> kv_host = kv_separate(cpu());
+      for (const Backend* be : {static_cast<const Backend*>(gpu_), static_cast<const Backend*>(fast->get())}) {
+        std::vector<float> got = Poisoned(rows * D);
+        be->LinearThen(wkv, x.data(), rows, got.data(), Rounding::kBf16, kv_then);
+        ASSERT_TRUE(be->Health().ok()) << be->Health();
+        const std::vector<float> want = kv_separate(*be);
+        EXPECT_EQ(std::memcmp(got.data(), want.data(), got.size() * 4), 0) << be->name() << ": window KV, " << rows;
+        if (be == gpu_)
+          EXPECT_EQ(std::memcmp(got.data(), kv_host.data(), got.size() * 4), 0) << "exact window KV vs the CPU, " << rows;
+      }
+    }
+  }
   // Attention rows, each output's RoPE undone with its own angles.
   const int64_t ah = 64, entries = 300, b = 5;
   const std::vector<uint8_t> page = RandomRecordPage(entries, 95);

@@ -120,6 +120,34 @@ TEST(Rope, OneAngleSetPerGroupOfRowsEqualsCallsPerGroup) {
   EXPECT_NE(x, Random(tokens * heads * stride, 11));
 }
 
+// The window KV's row ops after wkv (LinearThen: kv_norm with its weight in place, RoPE, the FP8
+// round trip of each row's nope dims) equal the separate calls, one row and several (the nope
+// dims of several rows gathered into one call).
+TEST(RowOps, RmsNormAndFp8PrefixRoundTripEqualTheSeparateCalls) {
+  const int64_t D = 128, nope = 64, k = 256;
+  WeightMatrix w;
+  w.rows = D;
+  w.cols = k;
+  w.values = Random(D * k, 21, 0.05f);
+  const std::vector<float> norm = Random(D, 22, 0.5f), c = Random(3 * 32, 23), s = Random(3 * 32, 24);
+  for (int64_t rows : {int64_t{1}, int64_t{3}}) {
+    const std::vector<float> x = Random(rows * k, 25);
+    std::vector<float> raw(rows * D), want(rows * D), got(rows * D);
+    be.Linear(w, x.data(), rows, raw.data(), Rounding::kBf16);
+    be.RmsNorm(raw.data(), norm.data(), rows, D, 1e-6f, want.data());
+    be.Rope(want.data(), rows, D, nope, 64, c.data(), s.data(), 1, false);
+    for (int64_t i = 0; i < rows; ++i) be.Fp8RoundTrip(want.data() + i * D, nope, 64);
+    const RowOp then[] = {RowOp::RmsNorm(D, norm.data(), 1e-6f), RowOp::Rope(D, nope, 64, c.data(), s.data(), 1, false),
+                          RowOp::Fp8RoundTripPrefix(D, nope, 64)};
+    be.LinearThen(w, x.data(), rows, got.data(), Rounding::kBf16, then);
+    EXPECT_EQ(got, want) << rows << " rows";
+    std::vector<float> unrounded = raw;  // the round trip changed something (the test can fail)
+    be.RmsNorm(raw.data(), norm.data(), rows, D, 1e-6f, unrounded.data());
+    be.Rope(unrounded.data(), rows, D, nope, 64, c.data(), s.data(), 1, false);
+    EXPECT_NE(got, unrounded);
+  }
+}
+
 TEST(Hadamard, IsOrthonormalSylvester) {
   std::vector<float> e(8, 0.0f);
   e[1] = 1.0f;  // column 1 of H8 / sqrt(8): +,-,+,-,...

@@ -332,14 +332,24 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
   const kernels::RowOp q_then[] = {kernels::RowOp::HeadRmsNormBf16(D, args_.norm_eps),
                                    kernels::RowOp::Rope(D, D - rd, rd, cs.data(), sn.data(), H, false)};
   be_.LinearThen(w_.wq_b, qr.data(), n, q.data(), Rounding::kBf16, q_then);
-  // Window entries: kv = kv_norm(wkv(x)), RoPE, FP8 round trip of the nope dims.
-  Scratch kv_raw(n * D), kv(n * D);
-  be_.Linear(w_.wkv, x, n, kv_raw.data(), Rounding::kBf16);
-  be_.RmsNorm(kv_raw.data(), w_.kv_norm.data(), n, D, args_.norm_eps, kv.data());
-  be_.Rope(kv.data(), n, D, D - rd, rd, cs.data(), sn.data(), 1, false);
-  // The FP8 round trip of every row's nope dims in one call (a decode step's rows: one call, not
-  // one per session).
-  RoundTripNopeFp8(be_, kv.data(), n, D, D - rd);
+  // Window entries: kv = kv_norm(wkv(x)), RoPE, FP8 round trip of the nope dims — in one backend
+  // call when the nope dims are whole FP8 blocks (a device runs them on wkv's output before it
+  // comes back: one round trip instead of four).
+  Scratch kv(n * D);
+  if ((D - rd) % 64 == 0) {
+    const kernels::RowOp kv_then[] = {kernels::RowOp::RmsNorm(D, w_.kv_norm.data(), args_.norm_eps),
+                                      kernels::RowOp::Rope(D, D - rd, rd, cs.data(), sn.data(), 1, false),
+                                      kernels::RowOp::Fp8RoundTripPrefix(D, D - rd, 64)};
+    be_.LinearThen(w_.wkv, x, n, kv.data(), Rounding::kBf16, kv_then);
+  } else {
+    Scratch kv_raw(n * D);
+    be_.Linear(w_.wkv, x, n, kv_raw.data(), Rounding::kBf16);
+    be_.RmsNorm(kv_raw.data(), w_.kv_norm.data(), n, D, args_.norm_eps, kv.data());
+    be_.Rope(kv.data(), n, D, D - rd, rd, cs.data(), sn.data(), 1, false);
+    // The FP8 round trip of every row's nope dims in one call (a decode step's rows: one call, not
+    // one per session).
+    RoundTripNopeFp8(be_, kv.data(), n, D, D - rd);
+  }
   Scratch ckv, cscore, iw, ikv, iscore, iq;
   std::optional<kernels::DeviceHold<Scratch>> hold_iq;  // the indexer's queries: wq_b's -> the scoring
   if (compressor_) compressor_->Project(x, n, &ckv, &cscore);
