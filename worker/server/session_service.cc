@@ -339,8 +339,14 @@ grpc::Status SessionServiceImpl::Generate(grpc::ServerContext* ctx, const v1::Ge
     g.set_last(done);
     if (done) g.set_finish_reason(reason);
     if (done) {  // durable before the client sees the end: another worker can take over from here
-      if (auto st = Persist(r->session_id(), *s); !st.ok())
+      if (auto st = Persist(r->session_id(), *s); !st.ok()) {
+        // The session has moved past this token already: the client gets it (not as the end,
+        // which is not durable), then the error — dropping it made a retry skip it.
+        g.set_last(false);
+        g.clear_finish_reason();
+        (void)w->Write(g);
         return SnapshotError(st);
+      }
     }
     if (!w->Write(g)) {
       (void)scheduler_.StopGeneration(s->scheduler_id);
