@@ -27,14 +27,9 @@ void RowAngles(const RotaryTable& rope, std::span<const TokenRow> rows, int64_t 
 }  // namespace
 
 void RoundTripNopeFp8(const kernels::Backend& be, float* x, int64_t rows, int64_t dim, int64_t nope) {
-  if (nope % 64 == 0 && rows > 1) {  // blocks of 64 never straddle two rows: one call for all
-    std::vector<float> nopes(rows * nope);
-    for (int64_t i = 0; i < rows; ++i) std::copy_n(x + i * dim, nope, nopes.data() + i * nope);
-    be.Fp8RoundTrip(nopes.data(), rows * nope, 64);
-    for (int64_t i = 0; i < rows; ++i) std::copy_n(nopes.data() + i * nope, nope, x + i * dim);
-  } else {
-    for (int64_t i = 0; i < rows; ++i) be.Fp8RoundTrip(x + i * dim, nope, 64);
-  }
+  // The row op's default: the nope dims of every row in one call when they are whole blocks.
+  const kernels::RowOp op = kernels::RowOp::Fp8RoundTripPrefix(dim, nope, 64);
+  kernels::ApplyRowOps(be, x, rows * dim, std::span<const kernels::RowOp>(&op, 1));
 }
 
 // ---- Compressor ------------------------------------------------------------------------------
