@@ -154,17 +154,21 @@ absl::Status CudaBackendImpl::RunLocked(const Frame& f, const LaunchFn& launch, 
     }
     v.push_back({held, dst, src, bytes});
   };
+  auto enqueue_held = [&](const std::vector<HeldCopy>& v, const char* what) -> absl::Status {
+    for (const HeldCopy& c : v) {
+      FM_CUDA_TRY(cudaMemcpyAsync(c.dst, c.src, c.bytes, cudaMemcpyDeviceToDevice, stream_), what);
+      ++traffic_.copies;
+      traffic_.copy_bytes += static_cast<int64_t>(c.bytes);
+    }
+    return absl::OkStatus();
+  };
   std::vector<HeldCopy> held_copies;
   for (size_t i = 0; i < f.ins().size(); ++i)
     if (const Held* held = in_held[i]; held && !in_place[i]) {
       const Frame::Copy& c = f.ins()[i];
       add_held(held_copies, held, dev + c.off, held->dev + (static_cast<const char*>(c.host) - held->host), c.bytes);
     }
-  for (const HeldCopy& c : held_copies) {
-    FM_CUDA_TRY(cudaMemcpyAsync(c.dst, c.src, c.bytes, cudaMemcpyDeviceToDevice, stream_), "copy from a held buffer");
-    ++traffic_.copies;
-    traffic_.copy_bytes += static_cast<int64_t>(c.bytes);
-  }
+  FM_RETURN_IF_ERROR(enqueue_held(held_copies, "copy from a held buffer"));
   // Outputs that cover only part of a held buffer whose twin is stale: the twin takes the host's
   // values first, so the parts the op does not write stay right. Outputs that together cover it
   // (a batch's attention rows: 64 slices of one buffer; an op's outputs never overlap) need none.
@@ -198,11 +202,7 @@ absl::Status CudaBackendImpl::RunLocked(const Frame& f, const LaunchFn& launch, 
     }
     add(downs, out_direct[i] ? b.host : h + f.Resolve(b.off), dev + f.Resolve(b.off), b.bytes, out_direct[i], false);
   }
-  for (const HeldCopy& c : held_copies) {
-    FM_CUDA_TRY(cudaMemcpyAsync(c.dst, c.src, c.bytes, cudaMemcpyDeviceToDevice, stream_), "copy to a held buffer");
-    ++traffic_.copies;
-    traffic_.copy_bytes += static_cast<int64_t>(c.bytes);
-  }
+  FM_RETURN_IF_ERROR(enqueue_held(held_copies, "copy to a held buffer"));
   if (async) {
     // An op that read the caller's page-locked arrays in place waits for its uploads; others leave
     // the staging buffer's to the next op.

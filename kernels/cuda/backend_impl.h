@@ -527,6 +527,10 @@ class CudaBackendImpl final : public Backend {
   bool DenseGemvRuns(const DeviceWeight& w, int64_t n) const {
     return n < kTensorCoreMinRows && DenseOnTensorCores(w, n) && cuda::DenseGemvSupports(w.cols, w.cols);
   }
+  // y = x · wᵀ for weights w of one shape, each on its k columns of x's rows (G · k a row) into its
+  // m of y's (G · m): x to bf16 in xb (n · G · k values), then one cuda::DenseGemv launch.
+  cudaError_t EnqueueDenseGemv(std::span<const DeviceWeight* const> w, const float* x, int64_t n, __nv_bfloat16* xb,
+                               float* y, Rounding out) const;
 
   // y = x · wᵀ on the device (x: n rows; y: room for ld ≥ n rows, n · rows written), enqueued on
   // the stream; every Linear takes this path choice. Exact mode: the bit-exact kernel. Fast mode,

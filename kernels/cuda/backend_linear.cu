@@ -95,14 +95,7 @@ absl::Status CudaBackendImpl::LinearGroupsLocked(std::span<const WeightMatrix> w
     Frame f;
     const size_t dx = f.In(x, n * G * k * 4), xb = f.Scratch(n * G * k * 2), dy = f.Scratch(n * G * m * 4);
     f.Download(dy, y, n * G * m * 4);
-    cuda::DenseGemvGroups groups;
-    for (int64_t g = 0; g < G; ++g) groups.w[g] = static_cast<const uint16_t*>(dw[g]->values);
-    groups.count = static_cast<int>(G);
-    return RunLocked(f, [&](Dev d) {
-      auto* xbf = d.at<__nv_bfloat16>(xb);
-      const cudaError_t e = cuda::F32ToBf16Rows(d.at(dx), n, G * k, n, xbf, stream_);
-      return e != cudaSuccess ? e : cuda::DenseGemv(groups, m, k, xbf, G * k, n, d.at(dy), G * m, out, stream_);
-    });
+    return RunLocked(f, [&](Dev d) { return EnqueueDenseGemv(dw, d.at(dx), n, d.at<__nv_bfloat16>(xb), d.at(dy), out); });
   }
   // Dense bf16 groups on the tensor cores: x to bf16 once, each group's GEMM reading its columns
   // and writing its outputs in place (cuBLASLt with leading dimensions G*k and G*m), one bf16
@@ -208,6 +201,16 @@ bool CudaBackendImpl::DenseOnTensorCores(const DeviceWeight& w, int64_t n) const
          (w.rows * w.cols >= (int64_t{1} << 22) || n >= kTensorCoreMinRows);
 }
 
+cudaError_t CudaBackendImpl::EnqueueDenseGemv(std::span<const DeviceWeight* const> w, const float* x, int64_t n,
+                                              __nv_bfloat16* xb, float* y, Rounding out) const {
+  const int64_t G = static_cast<int64_t>(w.size()), k = w[0]->cols, m = w[0]->rows;
+  cuda::DenseGemvGroups groups;
+  for (int64_t g = 0; g < G; ++g) groups.w[g] = static_cast<const uint16_t*>(w[g]->values);
+  groups.count = static_cast<int>(G);
+  const cudaError_t e = cuda::F32ToBf16Rows(x, n, G * k, n, xb, stream_);
+  return e != cudaSuccess ? e : cuda::DenseGemv(groups, m, k, xb, G * k, n, y, G * m, out, stream_);
+}
+
 cudaError_t CudaBackendImpl::EnqueueLinear(const DeviceWeight& w, const float* x, int64_t n, int64_t ld, float* y,
                                            Rounding out, const LinearScratch::Ptrs& s) const {
   const int64_t k = w.cols, m = w.rows;
@@ -239,11 +242,8 @@ cudaError_t CudaBackendImpl::EnqueueLinear(const DeviceWeight& w, const float* x
     }
   }
   if (DenseGemvRuns(w, n)) {
-    cuda::DenseGemvGroups g;
-    g.w[0] = static_cast<const uint16_t*>(w.values);
-    g.count = 1;
-    const cudaError_t e = cuda::F32ToBf16Rows(x, n, k, n, s.qb, stream_);
-    return e != cudaSuccess ? e : cuda::DenseGemv(g, m, k, s.qb, k, n, y, m, out, stream_);
+    const DeviceWeight* one = &w;
+    return EnqueueDenseGemv(std::span<const DeviceWeight* const>(&one, 1), x, n, s.qb, y, out);
   }
   if (DenseOnTensorCores(w, n)) {
     cudaError_t e = cuda::F32ToBf16Rows(x, n, k, ld, s.qb, stream_);
