@@ -206,6 +206,31 @@ __device__ __forceinline__ void LoadStage(const uint8_t* w, const float* ws, con
   }
 }
 
+// A lane's copies of a whole stage of scale-byte weights (every group of the stage inside the
+// warp's k range, every row of its tile inside the weight), set up once per warp: LoadStage works
+// out each copy's address and bounds per stage in 64-bit arithmetic, ~125 instructions a stage at
+// one token — a third of the kernel's instructions (Nsight Compute, 2026-12-01) — where a whole
+// stage is four pointers apart by a constant stride and advances by a constant.
+struct WholeStageSource {
+  const uint8_t* code;  // the lane's 16-byte piece lane % 8 of row lane / 8 at group j0
+  const uint8_t* exps;  // its 4 scale bytes: row lane / 2, groups j0 + 4 (lane % 2) ..
+  int64_t four_rows;    // bytes between its pieces (rows lane / 8 + 4i)
+
+  __device__ __forceinline__ WholeStageSource(const uint8_t* w, const uint8_t* wexp, int64_t scale_cols, int64_t k,
+                                              int64_t r0, int64_t j0, int lane)
+      : code(w + (r0 + lane / 8) * (k / 2) + (j0 + lane % 8) * 16),
+        exps(wexp + (r0 + lane / 2) * scale_cols + j0 + (lane % 2) * 4),
+        four_rows(4 * (k / 2)) {}
+  // The stage at group j0 + dj.
+  __device__ __forceinline__ void Load(int dj, unsigned char* stage, int lane) const {
+    unsigned char* dst = stage + (lane / 8) * kStageRowBytes + (lane % 8) * 16;
+    const uint8_t* src = code + dj * 16;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) CopyAsync16(dst + i * 4 * kStageRowBytes, src + i * four_rows);
+    CopyAsync4(stage + 16 * kStageRowBytes + lane * 4, exps + dj);
+  }
+};
+
 // Activations come as QuantizeActivations' fp32 grid values (xq), converted while staged, or
 // (kHalves) as QuantizeActivationsMmaF16's f16 in the MMA's column order (xh), copied as they are
 // with cp.async: half the bytes, no conversion, every copy in flight at once.
@@ -229,10 +254,16 @@ __device__ __forceinline__ void Fp4RowsMma(const uint8_t* w, const float* ws, co
   const int64_t groups = k / 32, j_begin = khalf * (groups / 2), j_end = kSplitK && !khalf ? groups / 2 : groups;
   const int64_t r0 = row0 + tile * 16;
   unsigned char* my_stages = stages + warp * kRing * kStageBytes;
+  const WholeStageSource whole(w, kExp ? wexp : w, scale_cols, k, r0, j_begin, lane);
+  const bool whole_rows = kExp && r0 + 16 <= rows;
+  auto load = [&](int64_t j, unsigned char* stage) {  // the stage at group j (< j_end)
+    if (whole_rows && j + kStageGroups <= j_end) whole.Load(static_cast<int>(j - j_begin), stage, lane);
+    else LoadStage<kExp>(w, ws, wexp, scale_cols, rows, k, r0, j, j_end, stage, lane);
+  };
 #pragma unroll
   for (int st = 0; st < kRing - 1; ++st) {
     const int64_t j = j_begin + st * kStageGroups;
-    if (j < j_end) LoadStage<kExp>(w, ws, wexp, scale_cols, rows, k, r0, j, j_end, my_stages + st * kStageBytes, lane);
+    if (j < j_end) load(j, my_stages + st * kStageBytes);
     CommitAsync();
   }
   // Launched as a programmatic dependent (LaunchGrouped): the weights above stream while the
@@ -278,9 +309,7 @@ __device__ __forceinline__ void Fp4RowsMma(const uint8_t* w, const float* ws, co
     }
     unsigned char* stage = my_stages + (st % kRing) * kStageBytes;
     const int64_t ahead = j + (kRing - 1) * kStageGroups;
-    if (ahead < j_end)
-      LoadStage<kExp>(w, ws, wexp, scale_cols, rows, k, r0, ahead, j_end,
-                      my_stages + ((st + kRing - 1) % kRing) * kStageBytes, lane);
+    if (ahead < j_end) load(ahead, my_stages + ((st + kRing - 1) % kRing) * kStageBytes);
     CommitAsync();
     WaitAsync<kRing - 1>();
     __syncwarp();
@@ -392,16 +421,29 @@ __global__ void __launch_bounds__(kWarps * 32) DecodeFp4Kernel(const uint8_t* w,
                                        static_cast<int64_t>(blockIdx.y) * T, fp4_smem);
 }
 
-// No minimum of blocks an SM in the launch bounds: naming one (even 1) let ptxas take 106-141
-// registers (an SM then holds fewer blocks), and 3 (80 registers) spilled at one token.
 template <int T, bool kExp, bool kHalves, typename Blocking>
-__global__ void __launch_bounds__(kWarps * 32) GroupedFp4Kernel(const GemvGroup* groups, bool round) {
+__device__ __forceinline__ void GroupedFp4Block(const GemvGroup* groups, bool round) {
   extern __shared__ __align__(16) unsigned char fp4_smem[];
   const GemvGroup g = groups[blockIdx.z];
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * Blocking::kRows, t0 = static_cast<int64_t>(blockIdx.y) * T;
   if (row0 >= g.rows || t0 >= g.n) return;  // the whole block: before any barrier
   Fp4RowsMma<T, kExp, kHalves, Blocking>(g.w, g.ws, g.wexp, g.scale_cols, g.rows, g.k, g.xq, g.xh, g.xs, g.n, g.y,
                                          round, row0, t0, fp4_smem);
+}
+
+// Whole-k blocks (an SM holds 2): no minimum of blocks an SM in the launch bounds — naming one
+// lets ptxas take every register the minimum leaves (101 -> 127 here), and a batch-64 layer was
+// slower so (1,128 against 1,002 us, sixth session).
+template <int T, bool kExp, bool kHalves, typename Blocking>
+__global__ void __launch_bounds__(kWarps * 32) GroupedFp4Kernel(const GemvGroup* groups, bool round) {
+  GroupedFp4Block<T, kExp, kHalves, Blocking>(groups, round);
+}
+// Split-k blocks: a one-token layer's grids are one wave of 3 blocks an SM, so 3 is named (at
+// most 80 registers): with the whole stages' pointers (WholeStageSource) ptxas otherwise took
+// ~100 and an SM would hold 2.
+template <int T, bool kExp, bool kHalves, typename Blocking>
+__global__ void __launch_bounds__(kWarps * 32, 3) GroupedFp4KernelThreeAnSm(const GemvGroup* groups, bool round) {
+  GroupedFp4Block<T, kExp, kHalves, Blocking>(groups, round);
 }
 
 // Shared memory of the FP4 tensor-core path for T tokens of k activations; 0 when it does not fit
@@ -466,7 +508,10 @@ bool WholeK(Fp4Blocks asked, int64_t k, int64_t whole_k_blocks) {
 template <int T, bool kExp, bool kHalves, typename Blocking>
 cudaError_t LaunchGroupedFp4(const GemvGroup* groups, int count, int64_t max_rows, int64_t max_n, size_t smem,
                              bool round, cudaStream_t stream) {
-  const auto kernel = GroupedFp4Kernel<T, kExp, kHalves, Blocking>;
+  const auto kernel = [] {
+    if constexpr (Blocking::kSplitK) return GroupedFp4KernelThreeAnSm<T, kExp, kHalves, Blocking>;
+    else return GroupedFp4Kernel<T, kExp, kHalves, Blocking>;
+  }();
   if (cudaError_t e = AllowSmem(kernel, smem); e != cudaSuccess) return e;
   const dim3 grid(static_cast<unsigned>(CeilDiv(max_rows, Blocking::kRows)), static_cast<unsigned>(CeilDiv(max_n, T)),
                   static_cast<unsigned>(count));
