@@ -291,8 +291,14 @@ __device__ __forceinline__ void Fp4RowsMma(const uint8_t* w, const float* ws, co
   }
   __syncthreads();
 
-  const bool tok = g < nt;  // this lane's B column is a real token
-  const __half* xrow = xh + g * ld + 8 * t;
+  // This lane's B column: token g, or past the tile's tokens a copy of token 0 — a column whose
+  // sums are never stored (the stores below check the token), read without a predicate: zeroing
+  // the operands and a predicated load cost two instructions a group (Nsight Compute). One token
+  // with whole-k blocks keeps the zeros: ptxas scheduled that kernel worse without them (one
+  // token's layer forced whole-k 38.0 -> 39.4 us replayed, 42.3 -> 46-47 per call).
+  constexpr bool kZeroPastTokens = T == 1 && !Blocking::kSplitK;
+  const bool tok = g < nt;
+  const __half* xrow = xh + (tok ? g : 0) * ld + 8 * t;
   const int tok0 = 2 * t, tok1 = 2 * t + 1;  // this lane's accumulator columns
   const int mat = lane / 8;                  // the 8x8 matrix this lane addresses in ldmatrix
   // Each group's sum times its weight scales goes into blk; a 128-column block's total is scaled
@@ -321,7 +327,7 @@ __device__ __forceinline__ void Fp4RowsMma(const uint8_t* w, const float* ws, co
     // Group jj + h of the stage (words q[2h], q[2h + 1] of an ldmatrix pair) times its weight
     // scales sa, sb (rows g, g + 8); block_end: the last group of a 128-column block.
     auto group = [&](int h, const uint32_t (&q)[4], int64_t jg, bool block_end, float sa, float sb) {
-      const uint4 xb = tok ? *reinterpret_cast<const uint4*>(xrow + 32 * jg) : make_uint4(0, 0, 0, 0);
+      const uint4 xb = kZeroPastTokens && !tok ? make_uint4(0, 0, 0, 0) : *reinterpret_cast<const uint4*>(xrow + 32 * jg);
       uint32_t la, ha, lb, hb;
       E2m1WordToF16High(q[2 * h], la, ha);
       E2m1WordToF16High(q[2 * h + 1], lb, hb);
