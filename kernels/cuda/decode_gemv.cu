@@ -251,18 +251,21 @@ __device__ __forceinline__ void Fp4RowsMma(const uint8_t* w, const float* ws, co
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   constexpr bool kSplitK = Blocking::kSplitK;
   const int tile = kSplitK ? warp % kMmaTiles : warp, khalf = kSplitK ? warp / kMmaTiles : 0;
-  const int64_t groups = k / 32, j_begin = khalf * (groups / 2), j_end = kSplitK && !khalf ? groups / 2 : groups;
+  // Group indices in 32 bits: int64 ones cost 64-bit address math (and a signed division for a
+  // block's index) at every stage.
+  const int groups = static_cast<int>(k / 32), j_begin = khalf * (groups / 2),
+            j_end = kSplitK && !khalf ? groups / 2 : groups;
   const int64_t r0 = row0 + tile * 16;
   unsigned char* my_stages = stages + warp * kRing * kStageBytes;
   const WholeStageSource whole(w, kExp ? wexp : w, scale_cols, k, r0, j_begin, lane);
   const bool whole_rows = kExp && r0 + 16 <= rows;
-  auto load = [&](int64_t j, unsigned char* stage) {  // the stage at group j (< j_end)
-    if (whole_rows && j + kStageGroups <= j_end) whole.Load(static_cast<int>(j - j_begin), stage, lane);
+  auto load = [&](int j, unsigned char* stage) {  // the stage at group j (< j_end)
+    if (whole_rows && j + kStageGroups <= j_end) whole.Load(j - j_begin, stage, lane);
     else LoadStage<kExp>(w, ws, wexp, scale_cols, rows, k, r0, j, j_end, stage, lane);
   };
 #pragma unroll
   for (int st = 0; st < kRing - 1; ++st) {
-    const int64_t j = j_begin + st * kStageGroups;
+    const int j = j_begin + st * kStageGroups;
     if (j < j_end) load(j, my_stages + st * kStageBytes);
     CommitAsync();
   }
@@ -305,8 +308,14 @@ __device__ __forceinline__ void Fp4RowsMma(const uint8_t* w, const float* ws, co
   // by the tokens' activation scales once (powers of two: exact) and added to acc.
   // acc_lo: a whole-k warp's first half (see Fp4Blocking).
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f}, blk[4] = {0.0f, 0.0f, 0.0f, 0.0f}, acc_lo[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  for (int64_t j = j_begin, st = 0; j < j_end; j += kStageGroups, ++st) {
-    if (!kSplitK && j == groups / 2) {
+  // The activation scales of this lane's two accumulator columns (token 0's past the tile's
+  // tokens: those columns are never stored), and its ldmatrix row within a stage.
+  const float* xs0 = xss + (tok0 < nt ? tok0 : 0) * blocks;
+  const float* xs1 = xss + (tok1 < nt ? tok1 : 0) * blocks;
+  const int ldm_lane = ((mat & 1) * 8 + lane % 8) * kStageRowBytes + (mat >> 1) * 16;
+  const unsigned jend = static_cast<unsigned>(j_end);
+  for (unsigned j = j_begin, st = 0; j < jend; j += kStageGroups, ++st) {
+    if (!kSplitK && j == static_cast<unsigned>(groups / 2)) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         acc_lo[e] = acc[e];
@@ -314,7 +323,7 @@ __device__ __forceinline__ void Fp4RowsMma(const uint8_t* w, const float* ws, co
       }
     }
     unsigned char* stage = my_stages + (st % kRing) * kStageBytes;
-    const int64_t ahead = j + (kRing - 1) * kStageGroups;
+    const int ahead = static_cast<int>(j) + (kRing - 1) * kStageGroups;
     if (ahead < j_end) load(ahead, my_stages + ((st + kRing - 1) % kRing) * kStageBytes);
     CommitAsync();
     WaitAsync<kRing - 1>();
@@ -326,7 +335,7 @@ __device__ __forceinline__ void Fp4RowsMma(const uint8_t* w, const float* ws, co
     };
     // Group jj + h of the stage (words q[2h], q[2h + 1] of an ldmatrix pair) times its weight
     // scales sa, sb (rows g, g + 8); block_end: the last group of a 128-column block.
-    auto group = [&](int h, const uint32_t (&q)[4], int64_t jg, bool block_end, float sa, float sb) {
+    auto group = [&](int h, const uint32_t (&q)[4], unsigned jg, bool block_end, float sa, float sb) {
       const uint4 xb = kZeroPastTokens && !tok ? make_uint4(0, 0, 0, 0) : *reinterpret_cast<const uint4*>(xrow + 32 * jg);
       uint32_t la, ha, lb, hb;
       E2m1WordToF16High(q[2 * h], la, ha);
@@ -344,8 +353,7 @@ __device__ __forceinline__ void Fp4RowsMma(const uint8_t* w, const float* ws, co
       blk[2] += c[2] * sb;
       blk[3] += c[3] * sb;
       if (block_end) {  // the 128-column block's activation scales, once
-        const float x0 = tok0 < nt ? xss[tok0 * blocks + jg / 4] : 0.0f;
-        const float x1 = tok1 < nt ? xss[tok1 * blocks + jg / 4] : 0.0f;
+        const float x0 = xs0[jg / 4], x1 = xs1[jg / 4];
         acc[0] += blk[0] * x0;
         acc[1] += blk[1] * x1;
         acc[2] += blk[2] * x0;
@@ -354,9 +362,9 @@ __device__ __forceinline__ void Fp4RowsMma(const uint8_t* w, const float* ws, co
       }
     };
     auto pair = [&](int jj, uint32_t (&q)[4]) {  // word t of rows g and g + 8, groups jj and jj + 1
-      LoadMatrices(q, stage + ((mat & 1) * 8 + lane % 8) * kStageRowBytes + (jj + (mat >> 1)) * 16);
+      LoadMatrices(q, stage + ldm_lane + jj * 16);
     };
-    if (j % 4 == 0 && j + kStageGroups <= j_end) {
+    if (j % 4 == 0 && j + kStageGroups <= jend) {
       // A whole stage from a block boundary (every stage when k % 512 == 0): straight-line code
       // with the block ends known, which lets the compiler overlap the groups' loads, decodes and
       // MMAs (the loop below, with its exits, did not: a batch-64 layer 1,242 -> 1,090 us), and the
@@ -378,14 +386,14 @@ __device__ __forceinline__ void Fp4RowsMma(const uint8_t* w, const float* ws, co
     } else {
 #pragma unroll
       for (int jj = 0; jj < kStageGroups; jj += 2) {
-        if (j + jj >= j_end) break;
+        if (j + jj >= jend) break;
         uint32_t q[4];
         pair(jj, q);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const int64_t jg = j + jj + h;
-          if (jg >= j_end) break;
-          group(h, q, jg, ((jg + 1) & 3) == 0 || jg + 1 == j_end, scale(g, jj + h), scale(g + 8, jj + h));
+          const unsigned jg = j + jj + h;
+          if (jg >= jend) break;
+          group(h, q, jg, ((jg + 1) & 3) == 0 || jg + 1 == jend, scale(g, jj + h), scale(g + 8, jj + h));
         }
       }
     }
