@@ -370,8 +370,8 @@ int main(int argc, char** argv) {
   // V4-Flash expert shapes (dim 4096, inter 2048) out of its 256 experts: w1 and w3 of every
   // active expert in one launch, then every w2; bytes = the FP4 codes and their scales, each read
   // once — fp32 scales, or the checkpoint's E8M0 bytes as fast mode uploads them. Routings: one
-  // token (6 experts), 16 experts x 4 tokens, and batches of 64 and 8 tokens each routed to 6 of
-  // the 256 at random (~200 experts touched, 1-6 tokens each: what a batch-64 decode step reads;
+  // token (6 experts), 16 experts x 4 tokens, 24 experts x 1 token, and batches of 64 and 8
+  // tokens each routed to 6 of the 256 at random (~200 experts touched, 1-6 tokens each: what a batch-64 decode step reads;
   // ~45 experts, 1-2 tokens each, at batch 8).
   if (Want("moe")) {
     const int64_t dim = 4096, inter = 2048, pool = 256, mat_codes = dim * inter / 2, mat_groups = dim * inter / 32;
@@ -401,6 +401,9 @@ int main(int argc, char** argv) {
     for (int e = 0; e < 6; ++e) routings.back().tokens_of[e * 41] = 1;
     routings.push_back({"16 experts x 4 tok", std::vector<int>(pool, 0)});
     for (int e = 0; e < 16; ++e) routings.back().tokens_of[e * 16] = 4;
+    // A batch of 4 with no expert shared: one-token tiles over enough experts for whole-k blocks.
+    routings.push_back({"24 experts x 1 tok", std::vector<int>(pool, 0)});
+    for (int e = 0; e < 24; ++e) routings.back().tokens_of[e * 10] = 1;
     for (int batch : {64, 8}) {  // 64 first: its routing draws the same numbers as before
       routings.push_back({batch == 8 ? "8 tok, top-6 of 256 experts" : "64 tok, top-6 of 256 experts",
                           std::vector<int>(pool, 0)});
