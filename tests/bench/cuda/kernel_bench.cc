@@ -371,8 +371,8 @@ int main(int argc, char** argv) {
   // active expert in one launch, then every w2; bytes = the FP4 codes and their scales, each read
   // once — fp32 scales, or the checkpoint's E8M0 bytes as fast mode uploads them. Routings: one
   // token (6 experts), 16 experts x 4 tokens, 24 experts x 1 token, and batches of 64 and 8
-  // tokens each routed to 6 of the 256 at random (~200 experts touched, 1-6 tokens each: what a batch-64 decode step reads;
-  // ~45 experts, 1-2 tokens each, at batch 8).
+  // tokens each routed to 6 of the 256 at random (~200 experts touched, 1-6 tokens each: what a
+  // batch-64 decode step reads; ~45 experts, 1-2 tokens each, at batch 8).
   if (Want("moe")) {
     const int64_t dim = 4096, inter = 2048, pool = 256, mat_codes = dim * inter / 2, mat_groups = dim * inter / 32;
     uint8_t* codes = nullptr;  // [pool][3][mat_codes]: w1, w3, w2
