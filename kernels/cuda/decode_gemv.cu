@@ -336,7 +336,8 @@ __device__ __forceinline__ void Fp4RowsMma(const uint8_t* w, const float* ws, co
     // Group jj + h of the stage (words q[2h], q[2h + 1] of an ldmatrix pair) times its weight
     // scales sa, sb (rows g, g + 8); block_end: the last group of a 128-column block.
     auto group = [&](int h, const uint32_t (&q)[4], unsigned jg, bool block_end, float sa, float sb) {
-      const uint4 xb = kZeroPastTokens && !tok ? make_uint4(0, 0, 0, 0) : *reinterpret_cast<const uint4*>(xrow + 32 * jg);
+      const uint4 xb =
+          kZeroPastTokens && !tok ? make_uint4(0, 0, 0, 0) : *reinterpret_cast<const uint4*>(xrow + 32 * jg);
       uint32_t la, ha, lb, hb;
       E2m1WordToF16High(q[2 * h], la, ha);
       E2m1WordToF16High(q[2 * h + 1], lb, hb);
