@@ -446,9 +446,9 @@ __device__ __forceinline__ void GroupedFp4Block(const GemvGroup* groups, bool ro
                                          round, row0, t0, fp4_smem);
 }
 
-// Whole-k blocks (an SM holds 2): no minimum of blocks an SM in the launch bounds — naming one
-// lets ptxas take every register the minimum leaves (101 -> 127 here), and a batch-64 layer was
-// slower so (1,128 against 1,002 us, sixth session).
+// Whole-k blocks: no minimum of blocks an SM in the launch bounds — naming one lets ptxas take
+// every register the minimum leaves (2 an SM: 96-104 -> 127 when tried this session), and a
+// batch-64 layer was slower so (1,128 against 1,002 us, sixth session).
 template <int T, bool kExp, bool kHalves, typename Blocking>
 __global__ void __launch_bounds__(kWarps * 32) GroupedFp4Kernel(const GemvGroup* groups, bool round) {
   GroupedFp4Block<T, kExp, kHalves, Blocking>(groups, round);
