@@ -291,12 +291,17 @@ absl::Status CudaBackendImpl::RoutedExpertsLocked(std::span<const ExpertWork> ex
   // one expert's matrices go faster through the tensor cores, EnqueueLinear); FP4 experts up to
   // kGroupedFp4Rows (EnqueueLinear would run the same GEMV kernel, one launch per matrix: at
   // 16 experts x 24 rows, a batch of 64, that was 1.7 ms a layer).
+  // A launch reads every matrix's codes in one layout: all with scale bytes (the decode layout,
+  // fp4_layout.h) or none.
   bool grouped = !exact_ && fast_gemv_ && dim % 128 == 0;
+  const bool bytes = plans[0].w1->scale_exps != nullptr;
   for (const ExpertPlan& p : plans)
     grouped = grouped && p.m <= (p.w1->format == WeightFormat::kFp4Group32 ? kGroupedFp4Rows : 16) &&
               p.inter % 128 == 0 && p.inter == plans[0].inter &&
               p.w1->format != WeightFormat::kDense &&
-              p.w1->format == plans[0].w1->format && p.w3->format == p.w1->format && p.w2->format == p.w1->format;
+              p.w1->format == plans[0].w1->format && p.w3->format == p.w1->format && p.w2->format == p.w1->format &&
+              (p.w1->scale_exps != nullptr) == bytes && (p.w3->scale_exps != nullptr) == bytes &&
+              (p.w2->scale_exps != nullptr) == bytes;
   if (grouped) return RoutedExpertsGroupedLocked(plans, x, n, dim, limit, y, plans[0].w1->format);
   for (ExpertPlan& p : plans) {
     p.xs = f.Scratch(p.ld * dim * 4);
@@ -348,7 +353,7 @@ absl::Status CudaBackendImpl::RoutedExpertsGroupedLocked(std::span<const ExpertP
   const bool fp8 = format == WeightFormat::kFp8Block128;
   // FP4 on the tensor cores reads each launch's scale bytes when every one of its weights has
   // them, and its tokens as f16 in the MMA's order (QuantizeActivationsMmaF16).
-  bool up_bytes = !fp8, down_bytes = !fp8;
+  bool up_bytes = !fp8, down_bytes = !fp8;  // every matrix or none (RoutedExpertsLocked)
   for (const ExpertPlan& p : plans) {
     up_bytes = up_bytes && p.w1->scale_exps && p.w3->scale_exps;
     down_bytes = down_bytes && p.w2->scale_exps;

@@ -3,6 +3,7 @@
 #include <utility>
 
 #include "kernels/cuda/backend_impl.h"
+#include "kernels/cuda/fp4_layout.h"
 
 namespace flashmem::kernels::cuda {
 
@@ -204,15 +205,17 @@ absl::StatusOr<const DeviceWeight*> CudaBackendImpl::WeightOnDevice(const Weight
     it->second.last_use = ++clock_;
     return &it->second.weight;
   }
-  const EncodedWeight enc = EncodeWeight(w);
+  EncodedWeight enc = EncodeWeight(w);
   // Fast mode keeps FP8 weights twice more: in cuBLASLt's FP8 form (fp8_tensor_cores) or
   // dequantized to bf16 for the precise tensor-core path.
   const bool fp8 = !exact_ && w.format == WeightFormat::kFp8Block128;
   const std::vector<float> lt_scales = fp8 && fp8_tc_ ? BlockScalesForLt(w) : std::vector<float>();
   const std::vector<uint16_t> deq = fp8 && !fp8_tc_ ? DequantizeFp8ToBf16(w) : std::vector<uint16_t>();
-  // FP4 in fast mode also keeps its scales as E8M0 bytes (+1/16 of the codes' bytes): what the
-  // decode GEMV reads.
-  const std::vector<uint8_t> exps = !exact_ ? cuda::ScaleExponents(w) : std::vector<uint8_t>();
+  // FP4 in fast mode also keeps its scales as E8M0 bytes (+1/16 of the codes' bytes) and its codes
+  // in the decode layout (fp4_layout.h): what the decode GEMV reads. Only with the GEMV on: without
+  // it the exact kernel reads the codes.
+  const std::vector<uint8_t> exps = !exact_ && fast_gemv_ ? cuda::ScaleExponents(w) : std::vector<uint8_t>();
+  if (!exps.empty()) enc.values = cuda::Fp4CodesInDecodeLayout(enc.values);
   const void* parts[5] = {enc.values.data(), w.scales.data(), lt_scales.data(), deq.data(), exps.data()};
   const size_t sizes[5] = {enc.values.size(), w.scales.size() * 4, lt_scales.size() * 4, deq.size() * 2, exps.size()};
   FM_ASSIGN_OR_RETURN(Resident * r, Upload(w.values.data(), fp, parts, sizes, w.scales.empty() ? 1 : 5, "a weight"));

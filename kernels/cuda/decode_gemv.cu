@@ -10,6 +10,7 @@
 
 #include "kernels/cuda/device_math.cuh"
 #include "kernels/cuda/device_ops.h"
+#include "kernels/cuda/fp4_layout.h"
 #include "kernels/cuda/ptx.cuh"
 
 namespace flashmem::kernels::cuda {
@@ -111,12 +112,9 @@ __device__ __forceinline__ void GemvRow(const uint8_t* w, const float* ws, int64
 // stored per 8 columns as x0 x2 x1 x3 x4 x6 x5 x7 and a lane reads its B operands as one uint4.
 constexpr int kMmaTiles = 4;  // 16-row tiles of a block whose warps w and w + 4 split k
 
-// Word of 8 e2m1 codes (even column in the low nibble) -> the f16 high bytes s.000ee.m.0 of the
-// even columns (lo: columns 0 2 4 6 in bytes 0..3) and of the odd ones (hi), each f16 = value x 2^-14.
-__device__ __forceinline__ void E2m1WordToF16High(uint32_t w, uint32_t& lo, uint32_t& hi) {
-  lo = ((w << 4) & 0x80808080u) | ((w << 1) & 0x0E0E0E0Eu);
-  hi = (w & 0x80808080u) | ((w >> 3) & 0x0E0E0E0Eu);
-}
+// A word of 8 codes -> the f16 high bytes s.000ee.m.0 of its even and odd columns: fp4_layout.h
+// (E2m1WordToF16High; E2m1DecodeLayoutWordToF16High for weights with scale bytes, whose codes the
+// backend uploads in the decode layout).
 // f16 pair (low half from byte `a`, high half from byte `b` of `bytes`), low bytes zero.
 template <int a, int b>
 __device__ __forceinline__ uint32_t HighBytesToHalf2(uint32_t bytes) {
@@ -339,8 +337,13 @@ __device__ __forceinline__ void Fp4RowsMma(const uint8_t* w, const float* ws, co
       const uint4 xb =
           kZeroPastTokens && !tok ? make_uint4(0, 0, 0, 0) : *reinterpret_cast<const uint4*>(xrow + 32 * jg);
       uint32_t la, ha, lb, hb;
-      E2m1WordToF16High(q[2 * h], la, ha);
-      E2m1WordToF16High(q[2 * h + 1], lb, hb);
+      if constexpr (kExp) {  // scale bytes: codes in the decode layout (fp4_layout.h)
+        E2m1DecodeLayoutWordToF16High(q[2 * h], la, ha);
+        E2m1DecodeLayoutWordToF16High(q[2 * h + 1], lb, hb);
+      } else {
+        E2m1WordToF16High(q[2 * h], la, ha);
+        E2m1WordToF16High(q[2 * h + 1], lb, hb);
+      }
       float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       const uint32_t a0[4] = {HighBytesToHalf2<0, 1>(la), HighBytesToHalf2<0, 1>(lb), HighBytesToHalf2<0, 1>(ha),
                               HighBytesToHalf2<0, 1>(hb)};
@@ -591,7 +594,11 @@ cudaError_t Launch(const DeviceWeight& w, const float* xq, const float* xs, int6
                    cudaStream_t stream) {
   if (w.format == WeightFormat::kFp4Group32) {
     const bool bytes = w.scale_exps != nullptr;
-    if (const size_t smem = Fp4SmemFor<T>(w.cols, bytes); smem > 0) {
+    const size_t smem = Fp4SmemFor<T>(w.cols, bytes);
+    // Codes in the decode layout are read by the tensor-core path only (ScaleExponents gives a
+    // weight its bytes only where that path takes its shape).
+    if (bytes && smem == 0) return cudaErrorInvalidValue;
+    if (smem > 0) {
       auto launch = [&](auto blocking) {
         using B = decltype(blocking);
         const auto kernel = bytes ? DecodeFp4Kernel<T, true, B> : DecodeFp4Kernel<T, false, B>;

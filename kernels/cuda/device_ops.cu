@@ -24,6 +24,7 @@ int64_t DeviceWeight::bytes() const {
 
 std::vector<uint8_t> ScaleExponents(const WeightMatrix& w) {
   if (w.format != WeightFormat::kFp4Group32 || w.cols % 256 != 0) return {};
+  if (!GroupedFp4OnTensorCores(8, w.cols, true)) return {};  // the only reader of the bytes
   std::vector<uint8_t> exps(w.scales.size());
   for (size_t i = 0; i < w.scales.size(); ++i) {
     const uint32_t bits = std::bit_cast<uint32_t>(w.scales[i]);

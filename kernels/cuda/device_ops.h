@@ -38,7 +38,9 @@ struct DeviceWeight {
   const void* dequant_bf16 = nullptr;
   // FP4 only, fast mode: every scale as its E8M0 byte b (scale 2^(b - 127)), the checkpoint's own
   // form and a quarter of the fp32 bytes, which is what the decode GEMV reads (null when a scale
-  // is not such a power of two, or cols % 256 != 0: ScaleExponents).
+  // is not such a power of two, or cols % 256 != 0: ScaleExponents). A weight with them has its
+  // codes (`values`) in the decode layout (fp4_layout.h), which only the GEMV's tensor-core path
+  // reads; a GEMV given such a weight in a shape that path does not take refuses it.
   const uint8_t* scale_exps = nullptr;
   // Bytes of values + scales (what one pass over the weight reads; the decode GEMV reads the
   // scale bytes when there are any).
@@ -47,7 +49,8 @@ struct DeviceWeight {
 
 // The E8M0 byte of every FP4 group scale (WeightMatrix::scales order), or an empty vector when one
 // is not 2^(b - 127) with b in [1, 254] (the GEMV builds the float from the byte's bits), or the
-// weight is not FP4 with cols % 256 == 0 (each warp's half of a row starts on a 4-byte boundary).
+// weight is not FP4 with cols % 256 == 0 (each warp's half of a row starts on a 4-byte boundary)
+// or its rows are too long for the decode GEMV's tensor-core path at 8 tokens (the bytes' reader).
 std::vector<uint8_t> ScaleExponents(const WeightMatrix& w);
 
 // Host-side encoding of a WeightMatrix into the DeviceWeight layout: values bytes, then scales.

@@ -15,6 +15,7 @@
 #include "kernels/activation_pool.h"
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/cuda/device_ops.h"
+#include "kernels/cuda/fp4_layout.h"
 #include "kernels/cuda/host_gather.h"
 #include "kernels/cuda/op_phases.h"
 #include "kernels/device.h"
@@ -150,8 +151,10 @@ TEST_F(CudaOps, Fp4ScaleBytesAndHalfTokensGiveTheFp32Bits) {
       const std::vector<uint8_t> exps = cuda::ScaleExponents(w);
       ASSERT_EQ(exps.size(), w.scales.size());
       const cuda::DeviceWeight dw = DeviceCopy(w);
-      cuda::DeviceWeight dwb = dw;
+      cuda::DeviceWeight dwb = dw;  // fast mode's form: scale bytes, codes in the decode layout
       dwb.scale_exps = static_cast<const uint8_t*>(Upload(exps.data(), exps.size()));
+      const std::vector<uint8_t> moved = cuda::Fp4CodesInDecodeLayout(cuda::EncodeWeight(w).values);
+      dwb.values = Upload(moved.data(), moved.size());
       EXPECT_EQ(dwb.bytes(), rows * cols / 2 + rows * (cols / 32));
       const std::vector<float> x = Random(n * cols, ++seed, 1.5f);
       float* dx = static_cast<float*>(Upload(x.data(), x.size() * 4));
@@ -171,13 +174,14 @@ TEST_F(CudaOps, Fp4ScaleBytesAndHalfTokensGiveTheFp32Bits) {
       ASSERT_EQ(cuda::LinearDecode(dw, xq, xs, n, y, Rounding::kNone, nullptr), cudaSuccess);
       ASSERT_EQ(cuda::LinearDecode(dwb, xq, xs, n, y + n * rows, Rounding::kNone, nullptr), cudaSuccess);
       const auto* codes = static_cast<const uint8_t*>(dw.values);
+      const auto* moved_codes = static_cast<const uint8_t*>(dwb.values);
       const cuda::GemvGroup groups[7] = {
-          {codes, dw.scales, dw.scale_cols, rows, cols, xq, xs, n, y + 2 * n * rows, dwb.scale_exps},
-          {codes, dw.scales, dw.scale_cols, rows, cols, xq, xs, n, y + 3 * n * rows, dwb.scale_exps},
-          {codes, dw.scales, dw.scale_cols, rows, cols, nullptr, xs2, n, y + 4 * n * rows, dwb.scale_exps, xh},
-          {codes, dw.scales, dw.scale_cols, rows, cols, nullptr, xs2, n, y + 5 * n * rows, dwb.scale_exps, xh},
-          {codes, dw.scales, dw.scale_cols, rows, cols, nullptr, xs2, n, y + 6 * n * rows, dwb.scale_exps, xh},
-          {codes, dw.scales, dw.scale_cols, rows, cols, nullptr, xs2, n, y + 7 * n * rows, dwb.scale_exps, xh},
+          {moved_codes, dw.scales, dw.scale_cols, rows, cols, xq, xs, n, y + 2 * n * rows, dwb.scale_exps},
+          {moved_codes, dw.scales, dw.scale_cols, rows, cols, xq, xs, n, y + 3 * n * rows, dwb.scale_exps},
+          {moved_codes, dw.scales, dw.scale_cols, rows, cols, nullptr, xs2, n, y + 4 * n * rows, dwb.scale_exps, xh},
+          {moved_codes, dw.scales, dw.scale_cols, rows, cols, nullptr, xs2, n, y + 5 * n * rows, dwb.scale_exps, xh},
+          {moved_codes, dw.scales, dw.scale_cols, rows, cols, nullptr, xs2, n, y + 6 * n * rows, dwb.scale_exps, xh},
+          {moved_codes, dw.scales, dw.scale_cols, rows, cols, nullptr, xs2, n, y + 7 * n * rows, dwb.scale_exps, xh},
           {codes, dw.scales, dw.scale_cols, rows, cols, xq, xs, n, y + 8 * n * rows}};
       auto* dgroups = static_cast<const cuda::GemvGroup*>(Upload(groups, sizeof groups));
       ASSERT_TRUE(cuda::GroupedFp4OnTensorCores(n, cols, true));
@@ -204,7 +208,7 @@ TEST_F(CudaOps, Fp4ScaleBytesAndHalfTokensGiveTheFp32Bits) {
       ASSERT_EQ(cudaMemcpy(got.data(), y, got.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
       ASSERT_EQ(cudaMemcpy(s1.data(), xs, s1.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
       ASSERT_EQ(cudaMemcpy(s2.data(), xs2, s2.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
-      for (const void* p : {dw.values, static_cast<const void*>(dw.scales), static_cast<const void*>(dwb.scale_exps),
+      for (const void* p : {dw.values, dwb.values, static_cast<const void*>(dw.scales), static_cast<const void*>(dwb.scale_exps),
                             static_cast<const void*>(dx), static_cast<const void*>(xq), static_cast<const void*>(xh),
                             static_cast<const void*>(xs), static_cast<const void*>(xs2), static_cast<const void*>(y),
                             static_cast<const void*>(dgroups)})

@@ -16,6 +16,7 @@
 #include "kernels/activation_pool.h"
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/cuda/device_ops.h"
+#include "kernels/cuda/fp4_layout.h"
 #include "kernels/cuda/host_gather.h"
 #include "kernels/cuda/op_phases.h"
 #include "kernels/device.h"
@@ -326,6 +327,8 @@ TEST(DeviceLayout, ScaleExponentsAreTheE8m0BytesOrNone) {
   EXPECT_FALSE(without(std::ldexp(1.0f, 127)));    // byte 254, the largest
   EXPECT_FALSE(without(std::ldexp(1.0f, -126)));   // byte 1, the smallest
   EXPECT_TRUE(cuda::ScaleExponents(RandomWeight(WeightFormat::kFp4Group32, 3, 128, 12)).empty());  // cols % 256
+  // Rows too long for the decode GEMV's tensor-core path at 8 tokens: its bytes would have no reader.
+  EXPECT_TRUE(cuda::ScaleExponents(RandomWeight(WeightFormat::kFp4Group32, 1, 16384, 14)).empty());
   EXPECT_TRUE(cuda::ScaleExponents(RandomWeight(WeightFormat::kFp8Block128, 3, 256, 13)).empty());
 }
 
@@ -363,6 +366,37 @@ TEST(DeviceSelection, BadDevicesAreRefusedByName) {
   } else {
     ASSERT_TRUE(gpu.ok()) << gpu.status();
     EXPECT_STREQ(gpu->backend->name(), "cuda");
+  }
+}
+
+// The decode layout (fast mode's FP4 codes) decodes to the same f16 high bytes as the checkpoint
+// layout, in every byte position of a word (the decode's shifts cross bytes), and those bytes are
+// each code's value x 2^-14 as an f16 with a zero low byte.
+TEST(DeviceLayout, Fp4DecodeLayoutGivesEveryCodesF16) {
+  auto f16 = [](uint32_t high_byte) {  // f16 bits (high_byte << 8) as a float
+    const uint32_t sign = high_byte >> 7, exp = (high_byte >> 2) & 31u, mant = (high_byte & 3u) << 8;
+    const float mag = exp == 0 ? std::ldexp(static_cast<float>(mant), -24)
+                               : std::ldexp(1.0f + static_cast<float>(mant) / 1024.0f, static_cast<int>(exp) - 15);
+    return sign ? -mag : mag;
+  };
+  std::mt19937 rng(3);
+  for (int trial = 0; trial < 4096; ++trial) {
+    uint32_t w = rng();
+    if (trial < 256) w = (w & ~0xFFu) | static_cast<uint32_t>(trial);  // every byte value in byte 0
+    const uint8_t bytes[4] = {static_cast<uint8_t>(w), static_cast<uint8_t>(w >> 8), static_cast<uint8_t>(w >> 16),
+                              static_cast<uint8_t>(w >> 24)};
+    const std::vector<uint8_t> moved = cuda::Fp4CodesInDecodeLayout(bytes);
+    uint32_t m = 0;
+    for (int b = 0; b < 4; ++b) m |= static_cast<uint32_t>(moved[b]) << (8 * b);
+    uint32_t lo = 0, hi = 0, mlo = 0, mhi = 0;
+    cuda::E2m1WordToF16High(w, lo, hi);
+    cuda::E2m1DecodeLayoutWordToF16High(m, mlo, mhi);
+    ASSERT_EQ(mlo, lo) << std::hex << w;
+    ASSERT_EQ(mhi, hi) << std::hex << w;
+    for (int b = 0; b < 4; ++b) {
+      ASSERT_EQ(f16((lo >> (8 * b)) & 0xFFu), std::ldexp(num::E2m1ToFloat(bytes[b] & 15u), -14)) << std::hex << w;
+      ASSERT_EQ(f16((hi >> (8 * b)) & 0xFFu), std::ldexp(num::E2m1ToFloat(bytes[b] >> 4), -14)) << std::hex << w;
+    }
   }
 }
 
