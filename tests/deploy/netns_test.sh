@@ -70,18 +70,21 @@ wait_line() {  # wait_line NAME PATTERN SECONDS
 }
 "$FM" ckpt random --preset tiny --layers 2 --seed 7 --out "$tmp/model" > /dev/null || { log "FAIL model"; exit 1; }
 # Started in the worst order, as Kubernetes may: workers before memtier, memtier before the
-# coordinator. Each waits for what it depends on (--startup-wait-s) instead of exiting.
+# coordinator. Each waits for what it depends on (--startup-wait-s) instead of exiting. The next
+# process starts only once the ones before it say they are waiting: a fixed sleep let a worker
+# still loading its model on a busy CI machine find memtier already up, and never wait.
 # memtier and the workers listen on every address and advertise their own, as in Kubernetes pods.
 for w in w1 w2; do
   start "$w" "$w" "$WORKER" --listen 0.0.0.0:7080 --advertise-host "${ip[$w]}" --model "$tmp/model" \
     --memtier "${ip[mt]}:7300" --coordinator "${ip[coord]}:7000" --metrics-listen 0.0.0.0:7082 --health-listen 0.0.0.0:7081 \
     --startup-wait-s 120
 done
-sleep 3
+check "worker 1 waits for memtier" wait_line w1 "waiting up to .* for memtier" 120
+check "worker 2 waits for memtier" wait_line w2 "waiting up to .* for memtier" 120
 start mt memtier "$MEMTIER" --grpc-listen 0.0.0.0:7300 --ucx-listen 0.0.0.0:7301 --advertise-host "${ip[mt]}" \
   --data-dir "$tmp/mt-data" --ram-bytes 268435456 --coordinator "${ip[coord]}:7000" --health-listen 0.0.0.0:7302 \
   --startup-wait-s 120
-sleep 2
+check "memtier waits for the coordinator" wait_line memtier "waiting up to .* for the coordinator" 60
 start coord coord "$COORD" --listen "${ip[coord]}:7000" --data-dir "$tmp/coord-data" --health-listen "${ip[coord]}:7001" \
   --metrics-listen "${ip[coord]}:7002"
 check "coordinator up" wait_line coord LISTENING 30
