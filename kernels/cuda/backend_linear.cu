@@ -351,15 +351,12 @@ absl::Status CudaBackendImpl::RoutedExpertsGroupedLocked(std::span<const ExpertP
   }
   const int64_t M = static_cast<int64_t>(rows.size()), E = static_cast<int64_t>(plans.size());
   const bool fp8 = format == WeightFormat::kFp8Block128;
-  // FP4 on the tensor cores reads each launch's scale bytes when every one of its weights has
-  // them, and its tokens as f16 in the MMA's order (QuantizeActivationsMmaF16).
-  bool up_bytes = !fp8, down_bytes = !fp8;  // every matrix or none (RoutedExpertsLocked)
-  for (const ExpertPlan& p : plans) {
-    up_bytes = up_bytes && p.w1->scale_exps && p.w3->scale_exps;
-    down_bytes = down_bytes && p.w2->scale_exps;
-  }
-  const cuda::GemvInputs up_in{up_bytes, !fp8 && cuda::GroupedFp4OnTensorCores(max_m, dim, up_bytes)};
-  const cuda::GemvInputs down_in{down_bytes, !fp8 && cuda::GroupedFp4OnTensorCores(max_m, inter, down_bytes)};
+  // FP4 on the tensor cores reads the scale bytes when the weights have them (every matrix or
+  // none: RoutedExpertsLocked groups no mix), and its tokens as f16 in the MMA's order
+  // (QuantizeActivationsMmaF16).
+  const bool bytes = !fp8 && plans[0].w1->scale_exps != nullptr;
+  const cuda::GemvInputs up_in{bytes, !fp8 && cuda::GroupedFp4OnTensorCores(max_m, dim, bytes)};
+  const cuda::GemvInputs down_in{bytes, !fp8 && cuda::GroupedFp4OnTensorCores(max_m, inter, bytes)};
   Frame f;
   std::vector<int32_t> offsets, order;  // each token's rows in expert order: one scatter-add launch
   cuda::OrderRowsByTarget(rows, n, &offsets, &order);

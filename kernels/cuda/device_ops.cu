@@ -202,7 +202,7 @@ __global__ void RopeKernel(float* x, int64_t rows, int64_t stride, int64_t offse
   p[2 * i + 1] = RoundBf16(a * s + b * c);
 }
 
-// Block b of the first blocks_per_row * block values of each row of `stride` (one row: stride unused).
+// Block b of the first blocks_per_row * block values of each row of `stride`.
 __global__ void RoundTripKernel(float* x, int64_t block, int64_t stride, int64_t blocks_per_row, bool fp8) {
   float* xb = x + (blockIdx.x / blocks_per_row) * stride + (blockIdx.x % blocks_per_row) * block;
   float m = 0.0f;
@@ -567,10 +567,7 @@ cudaError_t Rope(float* x, int64_t rows, int64_t stride, int64_t offset, int64_t
 }
 
 cudaError_t RoundTrip(float* x, int64_t n, int64_t block, bool fp8, cudaStream_t stream) {
-  if (n / block == 0) return cudaSuccess;
-  RoundTripKernel<<<static_cast<unsigned>(n / block), block >= 256 ? 256 : 32, 0, stream>>>(x, block, 0, n / block,
-                                                                                            fp8);
-  return cudaGetLastError();
+  return RoundTripRows(x, 1, n, n / block * block, block, fp8, stream);  // the whole blocks of one row
 }
 
 cudaError_t RoundTripRows(float* x, int64_t rows, int64_t stride, int64_t prefix, int64_t block, bool fp8,
