@@ -101,6 +101,10 @@ void Backend::LinearGroups(std::span<const WeightMatrix> w, const float* x, int6
   }
 }
 
+void Backend::LinearMany(std::span<const LinearJob> jobs, const float* x, int64_t n) const {
+  for (const LinearJob& j : jobs) LinearThen(*j.w, x, n, j.y, j.out, j.then);
+}
+
 void Backend::LinearArgmax(const WeightMatrix& w, const float* x, int64_t n, int32_t* index) const {
   std::vector<float> y(static_cast<size_t>(n * w.rows));
   Linear(w, x, n, y.data(), Rounding::kNone);

@@ -215,6 +215,15 @@ struct ExpertWork {
   std::vector<float> weights;        // the routing weight of each row (empty: 1, no multiply)
 };
 
+// One projection of a Backend::LinearMany call: y [n, w->rows] = x · w->ᵀ rounded `out`, then the
+// row ops `then` on y's values (as LinearThen).
+struct LinearJob {
+  const WeightMatrix* w = nullptr;
+  float* y = nullptr;
+  Rounding out = Rounding::kNone;
+  std::span<const RowOp> then;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -241,6 +250,12 @@ class Backend {
   // is the default (a device backend runs them before y comes back).
   virtual void LinearThen(const WeightMatrix& w, const float* x, int64_t n, float* y, Rounding out,
                           std::span<const RowOp> then) const;
+  // Several projections of one input x [n, k] (every job's w->cols == k; outputs never overlap):
+  // the same values as a LinearThen per job in order, which is the default. A device backend
+  // stages x once and runs every job in one call — one wait, where any output comes back to the
+  // host, instead of one per projection (an attention layer's wq_a, wkv and compressor and indexer
+  // projections all read the same normed x).
+  virtual void LinearMany(std::span<const LinearJob> jobs, const float* x, int64_t n) const;
   // index[i] = ArgmaxIndex of row i of x · Wᵀ (fp32, Rounding::kNone): greedy decoding's pick
   // from the head. The default is Linear then the host's scan; a device backend sends back the
   // n picks instead of n rows of the vocabulary (33 MB at 64 rows of V4's).

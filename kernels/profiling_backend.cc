@@ -74,6 +74,12 @@ void ProfilingBackend::LinearGroups(std::span<const WeightMatrix> w, const float
   inner_.LinearGroups(w, x, n, y, out);
   Record(OpKind::kLinear, t.seconds(), n);
 }
+// Counted as one Linear: the projections go to the device in one call.
+void ProfilingBackend::LinearMany(std::span<const LinearJob> jobs, const float* x, int64_t n) const {
+  Timer t;
+  inner_.LinearMany(jobs, x, n);
+  Record(OpKind::kLinear, t.seconds(), n);
+}
 // Counted as a Linear (the ops after it ride in the same call).
 void ProfilingBackend::LinearArgmax(const WeightMatrix& w, const float* x, int64_t n, int32_t* index) const {
   Timer t;

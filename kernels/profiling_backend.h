@@ -38,6 +38,7 @@ class ProfilingBackend final : public Backend {
 
   void Linear(const WeightMatrix& w, const float* x, int64_t n, float* y, Rounding out) const override;
   void LinearGroups(std::span<const WeightMatrix> w, const float* x, int64_t n, float* y, Rounding out) const override;
+  void LinearMany(std::span<const LinearJob> jobs, const float* x, int64_t n) const override;
   void LinearArgmax(const WeightMatrix& w, const float* x, int64_t n, int32_t* index) const override;
   void LinearThen(const WeightMatrix& w, const float* x, int64_t n, float* y, Rounding out,
                   std::span<const RowOp> then) const override;

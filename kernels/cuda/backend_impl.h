@@ -233,6 +233,10 @@ class CudaBackendImpl final : public Backend {
   void LinearThen(const WeightMatrix& w, const float* x, int64_t n, float* y, Rounding out,
                   std::span<const RowOp> then) const override;
 
+  // x staged once, every job's Linear (the path LinearLocked takes) and row ops in one frame: one
+  // wait for the outputs that come back to the host, none when every output is held.
+  void LinearMany(std::span<const LinearJob> jobs, const float* x, int64_t n) const override;
+
   // The head's logits stay on the device; only each row's pick comes back.
   void LinearArgmax(const WeightMatrix& w, const float* x, int64_t n, int32_t* index) const override;
 
@@ -463,6 +467,7 @@ class CudaBackendImpl final : public Backend {
 
   absl::StatusOr<const float*> ArrayOnDevice(const float* p, size_t count) const;
 
+  absl::Status LinearManyLocked(std::span<const LinearJob> jobs, const float* x, int64_t n) const;
   absl::Status LinearLocked(const WeightMatrix& w, const float* x, int64_t n, float* y, Rounding out,
                             std::span<const RowOp> then) const;
 

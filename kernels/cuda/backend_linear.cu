@@ -28,6 +28,13 @@ void CudaBackendImpl::LinearThen(const WeightMatrix& w, const float* x, int64_t 
   Fail(LinearLocked(w, x, n, y, out, then));
 }
 
+void CudaBackendImpl::LinearMany(std::span<const LinearJob> jobs, const float* x, int64_t n) const {
+  if (!fused_) return Backend::LinearMany(jobs, x, n);
+  absl::MutexLock lock(&mu_);
+  op_clock_ = clock_ + 1;
+  Fail(LinearManyLocked(jobs, x, n));
+}
+
 void CudaBackendImpl::LinearArgmax(const WeightMatrix& w, const float* x, int64_t n, int32_t* index) const {
   absl::MutexLock lock(&mu_);
   op_clock_ = clock_ + 1;
@@ -56,6 +63,42 @@ absl::Status CudaBackendImpl::LinearLocked(const WeightMatrix& w, const float* x
   return RunLocked(f, [&](Dev d) {
     const cudaError_t e = EnqueueLinear(*dw, d.at(dx), n, ld, d.at(dy), out, s.At(d));
     return e != cudaSuccess ? e : EnqueueRowOps(d, d.at(dy), n * m, then, ops);
+  });
+}
+
+absl::Status CudaBackendImpl::LinearManyLocked(std::span<const LinearJob> jobs, const float* x, int64_t n) const {
+  if (!health_.ok() || n == 0 || jobs.empty()) return absl::OkStatus();
+  for (size_t j = 0; j < jobs.size(); ++j) {
+    if (!jobs[j].w || !jobs[j].y)
+      return absl::InvalidArgumentError(absl::StrCat("LinearMany: jobs[", j, "] needs its weight and its output"));
+    if (jobs[j].w->cols != jobs[0].w->cols)
+      return absl::InvalidArgumentError(absl::StrCat("LinearMany: jobs[", j, "].w has ", jobs[j].w->cols,
+                                                     " columns, jobs[0].w ", jobs[0].w->cols, " (one input x)"));
+  }
+  FM_CUDA_TRY(cudaSetDevice(device_), "cudaSetDevice");
+  const int64_t k = jobs[0].w->cols, ld = (n + 3) / 4 * 4, J = static_cast<int64_t>(jobs.size());
+  std::vector<const DeviceWeight*> dw(J);
+  std::vector<size_t> dy(J);
+  std::vector<RowOpInputs> ops(J);
+  Frame f;
+  const size_t dx = f.In(x, n * k * 4);
+  for (int64_t j = 0; j < J; ++j) {
+    FM_ASSIGN_OR_RETURN(dw[j], WeightOnDevice(*jobs[j].w));
+    dy[j] = f.Scratch(LinearRowsWritten(*dw[j], n) * dw[j]->rows * 4);
+    absl::StatusOr<RowOpInputs> staged = StageRowOps(f, jobs[j].then, n * dw[j]->rows);
+    if (!staged.ok())
+      return absl::InvalidArgumentError(absl::StrCat("LinearMany: jobs[", j, "]: ", staged.status().message()));
+    ops[j] = *std::move(staged);
+  }
+  const LinearScratch s = AddLinearScratch(f, ld, k);  // reused job after job: one stream orders them
+  for (int64_t j = 0; j < J; ++j) f.Download(dy[j], jobs[j].y, n * dw[j]->rows * 4);
+  return RunLocked(f, [&](Dev d) {
+    for (int64_t j = 0; j < J; ++j) {
+      cudaError_t e = EnqueueLinear(*dw[j], d.at(dx), n, ld, d.at(dy[j]), jobs[j].out, s.At(d));
+      if (e == cudaSuccess) e = EnqueueRowOps(d, d.at(dy[j]), n * dw[j]->rows, jobs[j].then, ops[j]);
+      if (e != cudaSuccess) return e;
+    }
+    return cudaSuccess;
   });
 }
 

@@ -1,8 +1,9 @@
 // Held buffers (Backend::HoldOnDevice) on the CUDA backend: the residual stream's chain of ops
 // keeps its values on the device — the host copy is not written until synced — and every result
 // is the CPU reference's bits (the exact backend); the attention's held queries and outputs; ops
-// that do not wait for their kernels; ranges crossing a held buffer's edge, outputs covering part
-// of one, and release with and without its values. Skipped without a GPU.
+// that do not wait for their kernels; several projections of one input in one call; ranges
+// crossing a held buffer's edge, outputs covering part of one, and release with and without its
+// values. Skipped without a GPU.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -193,6 +194,70 @@ TEST_F(CudaOps, OpsOnHeldOutputsThatDoNotWaitStillReadWhatTheyWereGiven) {
     cpu().RmsNorm(x.data(), wi.data(), n, dim, 1e-6f, want.data());
     EXPECT_TRUE(SameBits(outs[i], want)) << "op " << i << ": rel err " << RelErr(outs[i], want);
   }
+}
+
+// An attention layer's projections of one x in one call (Backend::LinearMany: wq_a into a held
+// buffer, wkv with its chain, a compressor's fp32 projections, the indexer's bf16 weights): the
+// same bits as a LinearThen per job on the same backend — and, exact, the CPU's — at 1 and 5
+// rows; the held output stays on the device until synced. Jobs of another width are a clear error.
+TEST_F(CudaOps, ProjectionsOfOneInputInOneCallEqualTheSeparateCalls) {
+  auto fast = FastBackend(false);
+  ASSERT_TRUE(fast.ok()) << fast.status();
+  const int64_t k = 256, D = 512, nope = 448;
+  const WeightMatrix wq_a = RandomWeight(WeightFormat::kFp8Block128, 384, k, 301),
+                     wkv = RandomWeight(WeightFormat::kFp8Block128, D, k, 302),
+                     ckv = RandomWeight(WeightFormat::kDense, 256, k, 303),
+                     cgate = RandomWeight(WeightFormat::kDense, 256, k, 304),
+                     wproj = RandomWeight(WeightFormat::kDense, 64, k, 305);
+  const std::vector<float> norm = Random(D, 306, 0.5f), cs = Random(5 * 32, 307, 1.0f), sn = Random(5 * 32, 308, 1.0f);
+  for (int64_t n : {int64_t{1}, int64_t{5}}) {
+    const std::vector<float> x = Random(n * k, 310 + static_cast<uint32_t>(n), 1.0f);
+    const kernels::RowOp kv_then[] = {kernels::RowOp::RmsNorm(D, norm.data(), 1e-6f),
+                                      kernels::RowOp::Rope(D, nope, 64, cs.data(), sn.data(), 1, false),
+                                      kernels::RowOp::Fp8RoundTripPrefix(D, nope, 64)};
+    struct Out {
+      std::vector<float> qa, kv, c, g, w;
+    };
+    auto jobs_into = [&](Out& o) {
+      o = {Poisoned(n * 384), Poisoned(n * D), Poisoned(n * 256), Poisoned(n * 256), Poisoned(n * 64)};
+      return std::vector<LinearJob>{{&wq_a, o.qa.data(), Rounding::kBf16, {}},
+                                    {&wkv, o.kv.data(), Rounding::kBf16, kv_then},
+                                    {&ckv, o.c.data(), Rounding::kNone, {}},
+                                    {&cgate, o.g.data(), Rounding::kNone, {}},
+                                    {&wproj, o.w.data(), Rounding::kBf16, {}}};
+    };
+    auto same = [](const Out& a, const Out& b) {
+      return SameBits(a.qa, b.qa) && SameBits(a.kv, b.kv) && SameBits(a.c, b.c) && SameBits(a.g, b.g) &&
+             SameBits(a.w, b.w);
+    };
+    Out host;
+    const std::vector<LinearJob> host_jobs = jobs_into(host);
+    for (const LinearJob& j : host_jobs) cpu().LinearThen(*j.w, x.data(), n, j.y, j.out, j.then);
+    for (const Backend* be : {&Holding(), static_cast<const Backend*>(fast->get())}) {
+      const std::string what = std::string(be->name()) + ", " + std::to_string(n) + " rows";
+      Out want, got;
+      const std::vector<LinearJob> separate = jobs_into(want), together = jobs_into(got);
+      for (const LinearJob& j : separate) be->LinearThen(*j.w, x.data(), n, j.y, j.out, j.then);
+      be->HoldOnDevice(got.qa.data(), n * 384);
+      be->LinearMany(together, x.data(), n);
+      ASSERT_TRUE(be->Health().ok()) << be->Health();
+      EXPECT_TRUE(AllNan(got.qa.data(), got.qa.size())) << what << ": the held output reached the host unasked";
+      be->ReleaseFromDevice(got.qa.data(), true);
+      EXPECT_TRUE(same(got, want)) << what;
+      if (be == &Holding()) EXPECT_TRUE(same(got, host)) << what << " against the CPU";
+    }
+  }
+  cuda::CudaBackendOptions opt;
+  auto bad = cuda::NewCudaBackend(opt);
+  ASSERT_TRUE(bad.ok());
+  const WeightMatrix narrow = RandomWeight(WeightFormat::kDense, 64, 128, 320);
+  const std::vector<float> x = Random(k, 321, 1.0f);
+  std::vector<float> a = Poisoned(384), b = Poisoned(64);
+  const LinearJob mixed[] = {{&wq_a, a.data(), Rounding::kBf16, {}}, {&narrow, b.data(), Rounding::kBf16, {}}};
+  (*bad)->LinearMany(mixed, x.data(), 1);
+  EXPECT_EQ((*bad)->Health().code(), absl::StatusCode::kInvalidArgument) << (*bad)->Health();
+  EXPECT_NE((*bad)->Health().message().find("jobs[1].w"), std::string::npos) << (*bad)->Health();
+  EXPECT_TRUE(AllNan(a.data(), a.size())) << "a refused call wrote an output";
 }
 
 // RoundBf16 on the device has the host's bits — ties to even, NaN quieted with its payload's

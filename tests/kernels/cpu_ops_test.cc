@@ -148,6 +148,27 @@ TEST(RowOps, RmsNormAndFp8PrefixRoundTripEqualTheSeparateCalls) {
   }
 }
 
+// Projections of one input in one call: each job's output is its own LinearThen's, in place in a
+// buffer no other job touches (the default every backend's fused form is tested against).
+TEST(LinearMany, EveryJobEqualsItsOwnLinearThen) {
+  const int64_t k = 128, rows = 3;
+  WeightMatrix a, b;
+  a.rows = 64;
+  b.rows = 32;
+  a.cols = b.cols = k;
+  a.values = Random(64 * k, 31, 0.05f);
+  b.values = Random(32 * k, 32, 0.05f);
+  const std::vector<float> x = Random(rows * k, 33), norm = Random(64, 34, 0.5f);
+  const RowOp then[] = {RowOp::RmsNorm(64, norm.data(), 1e-6f)};
+  std::vector<float> want_a(rows * 64), want_b(rows * 32), got(rows * 96, -7.0f);
+  be.LinearThen(a, x.data(), rows, want_a.data(), Rounding::kBf16, then);
+  be.Linear(b, x.data(), rows, want_b.data(), Rounding::kNone);
+  const LinearJob jobs[] = {{&a, got.data(), Rounding::kBf16, then}, {&b, got.data() + rows * 64, Rounding::kNone, {}}};
+  be.LinearMany(jobs, x.data(), rows);
+  EXPECT_EQ(std::vector<float>(got.begin(), got.begin() + rows * 64), want_a);
+  EXPECT_EQ(std::vector<float>(got.begin() + rows * 64, got.end()), want_b);
+}
+
 TEST(Hadamard, IsOrthonormalSylvester) {
   std::vector<float> e(8, 0.0f);
   e[1] = 1.0f;  // column 1 of H8 / sqrt(8): +,-,+,-,...

@@ -65,6 +65,9 @@ class HoldingCpuBackend final : public kernels::Backend {
   void LinearArgmax(const kernels::WeightMatrix& w, const float* x, int64_t n, int32_t* index) const override {
     Op([&] { cpu_.LinearArgmax(w, x, n, index); });
   }
+  void LinearMany(std::span<const kernels::LinearJob> jobs, const float* x, int64_t n) const override {
+    Op([&] { cpu_.LinearMany(jobs, x, n); });
+  }
   void RoutedExperts(std::span<const kernels::ExpertWork> experts, const float* x, int64_t n, int64_t dim,
                      float limit, float* y) const override {
     Op([&] { cpu_.RoutedExperts(experts, x, n, dim, limit, y); });

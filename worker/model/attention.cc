@@ -40,11 +40,11 @@ Compressor::Compressor(const ModelArgs& args, const CompressorWeights& w, int ra
     : args_(args), w_(w), ratio_(ratio), head_dim_(head_dim), overlap_(ratio == 4),
       rotate_(rotate), rope_(rope), be_(be) {}
 
-void Compressor::Project(const float* x, int64_t n, Scratch* kv, Scratch* score) const {
+void Compressor::ProjectJobs(int64_t n, Scratch* kv, Scratch* score, std::vector<kernels::LinearJob>* jobs) const {
   kv->resize(n * w_.wkv.rows);
   score->resize(n * w_.wgate.rows);
-  be_.Linear(w_.wkv, x, n, kv->data(), Rounding::kNone);  // the reference runs these in fp32
-  be_.Linear(w_.wgate, x, n, score->data(), Rounding::kNone);
+  jobs->push_back({&w_.wkv, kv->data(), Rounding::kNone, {}});  // the reference runs these in fp32
+  jobs->push_back({&w_.wgate, score->data(), Rounding::kNone, {}});
 }
 
 bool Compressor::Pool(CompressorState& st, const float* kv, const float* score, int64_t pos,
@@ -118,22 +118,24 @@ Indexer::Indexer(const ModelArgs& args, const IndexerWeights& w, const RotaryTab
       n_local_heads_(w.weights_proj.rows),
       compressor_(args, w.compressor, 4, args.index_head_dim, /*rotate=*/true, rope, be) {}
 
-void Indexer::Queries(const float* qr, const float* x, std::span<const TokenRow> rows,
-                      Scratch* q, Scratch* weights) const {
-  const int64_t n = static_cast<int64_t>(rows.size());
-  const int64_t hd = args_.index_head_dim, rd = args_.rope_head_dim, h = n_local_heads_;
-  q->resize(n * h * hd);
-  std::vector<float> cs, sn;
-  RowAngles(rope_, rows, rd, &cs, &sn);
-  // wq_b, RoPE, Hadamard and the FP4 round trip in one backend call (a device keeps q between them).
-  const kernels::RowOp then[] = {kernels::RowOp::Rope(hd, hd - rd, rd, cs.data(), sn.data(), h, false),
-                                 kernels::RowOp::Hadamard(hd), kernels::RowOp::Fp4RoundTrip(32)};
-  be_.LinearThen(w_.wq_b, qr, n, q->data(), Rounding::kBf16, then);
-  weights->resize(n * h);
-  be_.Linear(w_.weights_proj, x, n, weights->data(), Rounding::kBf16);
-  const float scale = static_cast<float>(std::pow(static_cast<double>(hd), -0.5) *
+void Indexer::WeightsJob(int64_t n, Scratch* weights, std::vector<kernels::LinearJob>* jobs) const {
+  weights->resize(n * n_local_heads_);
+  jobs->push_back({&w_.weights_proj, weights->data(), Rounding::kBf16, {}});
+}
+
+void Indexer::ScaleWeights(Scratch* weights) const {
+  const float scale = static_cast<float>(std::pow(static_cast<double>(args_.index_head_dim), -0.5) *
                                          std::pow(static_cast<double>(args_.index_n_heads), -0.5));
   for (float& v : *weights) v = num::RoundBf16(v * scale);
+}
+
+void Indexer::QueryJob(int64_t n, const float* cs, const float* sn, Scratch* q, std::array<kernels::RowOp, 3>* then,
+                       std::vector<kernels::LinearJob>* jobs) const {
+  const int64_t hd = args_.index_head_dim, rd = args_.rope_head_dim, h = n_local_heads_;
+  q->resize(n * h * hd);
+  *then = {kernels::RowOp::Rope(hd, hd - rd, rd, cs, sn, h, false), kernels::RowOp::Hadamard(hd),
+           kernels::RowOp::Fp4RoundTrip(32)};
+  jobs->push_back({&w_.wq_b, q->data(), Rounding::kBf16, *then});
 }
 
 void Indexer::Scores(const float* q, const float* weights, const kv::EntryPages& keys,
@@ -313,47 +315,61 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
   const int64_t n = static_cast<int64_t>(rows.size());
   const int64_t D = args_.head_dim, rd = args_.rope_head_dim, H = n_local_heads_;
   const int64_t W = args_.window_size, Q = args_.q_lora_rank;
-  // Queries: q = wq_b(q_norm(wq_a(x))), per-head RMS (no weight), RoPE on the last rd dims.
-  // Every token's rows in one call per op (the angles differ per token, one set per row group).
-  std::vector<float> cs, sn;
+  std::vector<float> cs, sn;  // every row's rotary angles (one set per token)
   RowAngles(rope_, rows, rd, &cs, &sn);
-  Scratch qa(n * Q), qr(n * Q), q(n * H * D), o(n * H * D);
-  // q and the attention's output o go only from op to op (wq_b's -> the attention -> wo_a's
-  // groups): a device backend keeps them there.
-  const kernels::DeviceHold<Scratch> hold_q(be_, q), hold_o(be_, o);
-  be_.Linear(w_.wq_a, x, n, qa.data(), Rounding::kBf16);
-  be_.RmsNorm(qa.data(), w_.q_norm.data(), n, Q, args_.norm_eps, qr.data());
-  // wq_b, the per-head RMS and RoPE in one backend call (a device keeps q between them).
-  const kernels::RowOp q_then[] = {kernels::RowOp::HeadRmsNormBf16(D, args_.norm_eps),
-                                   kernels::RowOp::Rope(D, D - rd, rd, cs.data(), sn.data(), H, false)};
-  be_.LinearThen(w_.wq_b, qr.data(), n, q.data(), Rounding::kBf16, q_then);
-  // Window entries: kv = kv_norm(wkv(x)), RoPE, FP8 round trip of the nope dims — in one backend
-  // call when the nope dims are whole FP8 blocks (a device runs them on wkv's output before it
-  // comes back: one round trip instead of four).
-  Scratch kv(n * D);
-  if ((D - rd) % 64 == 0) {
-    const kernels::RowOp kv_then[] = {kernels::RowOp::RmsNorm(D, w_.kv_norm.data(), args_.norm_eps),
-                                      kernels::RowOp::Rope(D, D - rd, rd, cs.data(), sn.data(), 1, false),
-                                      kernels::RowOp::Fp8RoundTripPrefix(D, D - rd, 64)};
-    be_.LinearThen(w_.wkv, x, n, kv.data(), Rounding::kBf16, kv_then);
+  Scratch qr(n * Q), q(n * H * D), o(n * H * D);
+  // qr, q and the attention's output o go only from op to op (q_norm(wq_a's) -> wq_b's -> the
+  // attention -> wo_a's groups; qr also -> the indexer's wq_b): a device backend keeps them there.
+  const kernels::DeviceHold<Scratch> hold_qr(be_, qr), hold_q(be_, q), hold_o(be_, o);
+  // Every projection of x in one backend call (a device stages x once and waits once for the
+  // outputs the host reads: the window KV row, the compressors' kv and scores, the indexer's
+  // weights): qr = q_norm(wq_a(x)); the window entries kv = kv_norm(wkv(x)), RoPE, FP8 round trip
+  // of the nope dims (on wkv's output before it comes back, when the nope dims are whole FP8
+  // blocks); the compressor's and the indexer's projections.
+  Scratch kv(n * D), kv_raw;
+  Scratch ckv, cscore, iw, ikv, iscore, iq;
+  std::vector<kernels::LinearJob> jobs;
+  const kernels::RowOp qa_then[] = {kernels::RowOp::RmsNorm(Q, w_.q_norm.data(), args_.norm_eps)};
+  jobs.push_back({&w_.wq_a, qr.data(), Rounding::kBf16, qa_then});
+  const bool kv_chain = (D - rd) % 64 == 0;
+  const kernels::RowOp kv_then[] = {kernels::RowOp::RmsNorm(D, w_.kv_norm.data(), args_.norm_eps),
+                                    kernels::RowOp::Rope(D, D - rd, rd, cs.data(), sn.data(), 1, false),
+                                    kernels::RowOp::Fp8RoundTripPrefix(D, D - rd, 64)};
+  if (kv_chain) {
+    jobs.push_back({&w_.wkv, kv.data(), Rounding::kBf16, kv_then});
   } else {
-    Scratch kv_raw(n * D);
-    be_.Linear(w_.wkv, x, n, kv_raw.data(), Rounding::kBf16);
+    kv_raw.resize(n * D);
+    jobs.push_back({&w_.wkv, kv_raw.data(), Rounding::kBf16, {}});
+  }
+  if (compressor_) compressor_->ProjectJobs(n, &ckv, &cscore, &jobs);
+  if (indexer_) {
+    indexer_->WeightsJob(n, &iw, &jobs);
+    indexer_->compressor().ProjectJobs(n, &ikv, &iscore, &jobs);
+  }
+  be_.LinearMany(jobs, x, n);
+  if (!kv_chain) {
     be_.RmsNorm(kv_raw.data(), w_.kv_norm.data(), n, D, args_.norm_eps, kv.data());
     be_.Rope(kv.data(), n, D, D - rd, rd, cs.data(), sn.data(), 1, false);
     // The FP8 round trip of every row's nope dims in one call (a decode step's rows: one call, not
     // one per session).
     RoundTripNopeFp8(be_, kv.data(), n, D, D - rd);
   }
-  Scratch ckv, cscore, iw, ikv, iscore, iq;
+  // Queries: q = wq_b(qr), per-head RMS (no weight), RoPE on the last rd dims (the angles differ
+  // per token, one set per row group); the indexer's queries from the same qr: one backend call (a
+  // device keeps q between the ops).
+  jobs.clear();
+  const kernels::RowOp q_then[] = {kernels::RowOp::HeadRmsNormBf16(D, args_.norm_eps),
+                                   kernels::RowOp::Rope(D, D - rd, rd, cs.data(), sn.data(), H, false)};
+  jobs.push_back({&w_.wq_b, q.data(), Rounding::kBf16, q_then});
   std::optional<kernels::DeviceHold<Scratch>> hold_iq;  // the indexer's queries: wq_b's -> the scoring
-  if (compressor_) compressor_->Project(x, n, &ckv, &cscore);
+  std::array<kernels::RowOp, 3> iq_then;
   if (indexer_) {
-    iq.resize(n * indexer_->n_local_heads() * args_.index_head_dim);  // Queries' size: held before written
+    indexer_->ScaleWeights(&iw);
+    iq.resize(n * indexer_->n_local_heads() * args_.index_head_dim);  // the job's size: held before written
     hold_iq.emplace(be_, iq);
-    indexer_->Queries(qr.data(), x, rows, &iq, &iw);
-    indexer_->compressor().Project(x, n, &ikv, &iscore);
+    indexer_->QueryJob(n, cs.data(), sn.data(), &iq, &iq_then, &jobs);
   }
+  be_.LinearMany(jobs, qr.data(), n);
   // Sequential part, token by token in position order: state updates, then index scoring, top-k
   // and attention. Rows go in batches (one backend call each: a device runs them in one launch)
   // of distinct sessions: a session's next row writes KV its pending row reads (the window slot it

@@ -2,6 +2,7 @@
 // the reference's classes. State lives in SessionState; these classes hold weights only.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <span>
 #include <vector>
@@ -37,8 +38,9 @@ class Compressor {
  public:
   Compressor(const ModelArgs& args, const CompressorWeights& w, int ratio, int64_t head_dim,
              bool rotate, const RotaryTable& rope, const kernels::Backend& be);
-  // kv and gate-score projections (fp32) of n input rows: [n, coff*head_dim] each.
-  void Project(const float* x, int64_t n, Scratch* kv, Scratch* score) const;
+  // kv and gate-score projections (fp32) of n input rows: [n, coff*head_dim] each, sized here and
+  // appended to `jobs` (one Backend::LinearMany with the layer's other projections of x).
+  void ProjectJobs(int64_t n, Scratch* kv, Scratch* score, std::vector<kernels::LinearJob>* jobs) const;
   // Feeds one token at `pos`; when its block completes, writes the block's pooled row (head_dim
   // bf16 values, before the norm) to `pooled` and returns true.
   bool Pool(CompressorState& st, const float* kv, const float* score, int64_t pos, float* pooled) const;
@@ -70,9 +72,15 @@ class Indexer {
   // comm: the tensor-parallel group (null: one rank); index scores are all-reduced before top-k.
   Indexer(const ModelArgs& args, const IndexerWeights& w, const RotaryTable& rope,
           const kernels::Backend& be, const parallel::Communicator* comm = nullptr);
-  // Queries (roped, Hadamard-rotated, FP4-rounded) [n, heads*head_dim] and head weights [n, heads].
-  void Queries(const float* qr, const float* x, std::span<const TokenRow> rows,
-               Scratch* q, Scratch* weights) const;
+  // The head weights' projection of x [n, heads], sized here and appended to `jobs` (one
+  // Backend::LinearMany with the layer's other projections of x); ScaleWeights once it ran.
+  void WeightsJob(int64_t n, Scratch* weights, std::vector<kernels::LinearJob>* jobs) const;
+  void ScaleWeights(Scratch* weights) const;
+  // The queries' projection of qr, the query's low-rank rows, into q [n, heads*head_dim] (sized
+  // here), then RoPE at the rows' angles cs/sn (one set per row), the Hadamard rotation and the
+  // FP4 round trip as its row ops `then` (which must outlive the job); appended to `jobs`.
+  void QueryJob(int64_t n, const float* cs, const float* sn, Scratch* q, std::array<kernels::RowOp, 3>* then,
+                std::vector<kernels::LinearJob>* jobs) const;
   // bf16 scores of the complete keys visible under `residency` for one query (-inf elsewhere).
   void Scores(const float* q, const float* weights, const kv::EntryPages& keys,
               const Residency& residency, std::vector<float>* scores) const;
