@@ -101,6 +101,15 @@ void Backend::LinearGroups(std::span<const WeightMatrix> w, const float* x, int6
   }
 }
 
+void Backend::HcPreThen(const float* x, int64_t n, const float* fn, const float* base, const float* scale, int hc,
+                        int64_t dim, int iters, float norm_eps, float hc_eps, float* y, float* post, float* comb,
+                        std::span<const RowOp> then) const {
+  HcPre(x, n, fn, base, scale, hc, dim, iters, norm_eps, hc_eps, y, post, comb);
+  ApplyRowOps(*this, y, n * dim, then);
+}
+
+void Backend::RowOps(float* x, int64_t values, std::span<const RowOp> ops) const { ApplyRowOps(*this, x, values, ops); }
+
 void Backend::LinearMany(std::span<const LinearJob> jobs, const float* x, int64_t n) const {
   for (const LinearJob& j : jobs) LinearThen(*j.w, x, n, j.y, j.out, j.then);
 }

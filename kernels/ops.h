@@ -250,6 +250,9 @@ class Backend {
   // is the default (a device backend runs them before y comes back).
   virtual void LinearThen(const WeightMatrix& w, const float* x, int64_t n, float* y, Rounding out,
                           std::span<const RowOp> then) const;
+  // `ops` in order on x's `values` values, in place: ApplyRowOps, which is the default (a device
+  // backend runs the chain in one call: a compressor's finishing of its pooled rows).
+  virtual void RowOps(float* x, int64_t values, std::span<const RowOp> ops) const;
   // Several projections of one input x [n, k] (every job's w->cols == k; outputs never overlap):
   // the same values as a LinearThen per job in order, which is the default. A device backend
   // stages x once and runs every job in one call — one wait, where any output comes back to the
@@ -350,6 +353,12 @@ class Backend {
   virtual void HcPre(const float* x, int64_t n, const float* fn, const float* base,
                      const float* scale, int hc, int64_t dim, int iters, float norm_eps,
                      float hc_eps, float* y, float* post, float* comb) const = 0;
+  // HcPre, then `then` in order on y's n * dim values: the same values as those calls, which is
+  // the default (a device backend runs them before y comes back: the sublayer's RMSNorm rides on
+  // hc_pre this way).
+  virtual void HcPreThen(const float* x, int64_t n, const float* fn, const float* base, const float* scale, int hc,
+                         int64_t dim, int iters, float norm_eps, float hc_eps, float* y, float* post, float* comb,
+                         std::span<const RowOp> then) const;
   // Per token: out_j = bf16(post_j * f + sum_i comb[i][j] * residual_i); f [n, dim], residual
   // and out [n, hc, dim] (out must not overlap residual).
   virtual void HcPost(const float* f, const float* residual, const float* post,

@@ -10,7 +10,7 @@ const char* OpName(OpKind op) {
   static constexpr const char* kNames[] = {"Linear", "RmsNorm", "HeadRmsNormBf16", "Rope", "Fp8RoundTrip",
                                            "Fp4RoundTrip", "Hadamard", "SparseAttention", "IndexScores",
                                            "TopK", "IndexTopK", "IndexerLogits", "HcPre", "HcPost", "HcHead", "RoutedExperts",
-                                           "RoundBf16"};
+                                           "RoundBf16", "RowOps"};
   static_assert(sizeof(kNames) / sizeof(kNames[0]) == static_cast<int>(OpKind::kCount));
   return kNames[static_cast<int>(op)];
 }
@@ -196,6 +196,19 @@ void ProfilingBackend::HcPre(const float* x, int64_t n, const float* fn, const f
   Timer t;
   inner_.HcPre(x, n, fn, base, scale, hc, dim, iters, norm_eps, hc_eps, y, post, comb);
   Record(OpKind::kHcPre, t.seconds(), n);
+}
+// Counted as one HcPre (the ops after it ride in the same call).
+void ProfilingBackend::HcPreThen(const float* x, int64_t n, const float* fn, const float* base, const float* scale,
+                                 int hc, int64_t dim, int iters, float norm_eps, float hc_eps, float* y, float* post,
+                                 float* comb, std::span<const RowOp> then) const {
+  Timer t;
+  inner_.HcPreThen(x, n, fn, base, scale, hc, dim, iters, norm_eps, hc_eps, y, post, comb, then);
+  Record(OpKind::kHcPre, t.seconds(), n);
+}
+void ProfilingBackend::RowOps(float* x, int64_t values, std::span<const RowOp> ops) const {
+  Timer t;
+  inner_.RowOps(x, values, ops);
+  Record(OpKind::kRowOps, t.seconds(), ops.empty() || ops[0].width <= 0 ? 0 : values / ops[0].width);
 }
 void ProfilingBackend::HcPost(const float* f, const float* residual, const float* post, const float* comb,
                               int64_t n, int hc, int64_t dim, float* out) const {

@@ -16,7 +16,7 @@ namespace flashmem::kernels {
 
 enum class OpKind : int {
   kLinear, kRmsNorm, kHeadRmsNorm, kRope, kFp8RoundTrip, kFp4RoundTrip, kHadamard,
-  kSparseAttention, kIndexScores, kTopK, kIndexTopK, kIndexerLogits, kHcPre, kHcPost, kHcHead, kRoutedExperts, kRoundBf16, kCount
+  kSparseAttention, kIndexScores, kTopK, kIndexTopK, kIndexerLogits, kHcPre, kHcPost, kHcHead, kRoutedExperts, kRoundBf16, kRowOps, kCount
 };
 const char* OpName(OpKind op);
 
@@ -67,6 +67,10 @@ class ProfilingBackend final : public Backend {
                      float* logits) const override;
   void HcPre(const float* x, int64_t n, const float* fn, const float* base, const float* scale, int hc, int64_t dim,
              int iters, float norm_eps, float hc_eps, float* y, float* post, float* comb) const override;
+  void HcPreThen(const float* x, int64_t n, const float* fn, const float* base, const float* scale, int hc,
+                 int64_t dim, int iters, float norm_eps, float hc_eps, float* y, float* post, float* comb,
+                 std::span<const RowOp> then) const override;
+  void RowOps(float* x, int64_t values, std::span<const RowOp> ops) const override;
   void HcPost(const float* f, const float* residual, const float* post, const float* comb, int64_t n, int hc,
               int64_t dim, float* out) const override;
   void HcHead(const float* x, int64_t n, const float* fn, const float* base, float scale, int hc, int64_t dim,

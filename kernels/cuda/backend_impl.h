@@ -310,6 +310,13 @@ class CudaBackendImpl final : public Backend {
   void HcPre(const float* x, int64_t n, const float* fn, const float* base, const float* scale, int hc, int64_t dim,
              int iters, float norm_eps, float hc_eps, float* y, float* post, float* comb) const override;
 
+  // The row ops (the sublayer's RMSNorm) on y before it comes back.
+  void HcPreThen(const float* x, int64_t n, const float* fn, const float* base, const float* scale, int hc,
+                 int64_t dim, int iters, float norm_eps, float hc_eps, float* y, float* post, float* comb,
+                 std::span<const RowOp> then) const override;
+  // The chain in one call (one staging frame, one wait).
+  void RowOps(float* x, int64_t values, std::span<const RowOp> ops) const override;
+
   void HcPost(const float* fx, const float* residual, const float* post, const float* comb, int64_t n, int hc,
               int64_t dim, float* out) const override;
 
@@ -481,7 +488,9 @@ class CudaBackendImpl final : public Backend {
     std::vector<size_t> cos, sin;  // per op; RoPE only
     std::vector<size_t> weight;    // per op; RmsNorm only
   };
-  static absl::StatusOr<RowOpInputs> StageRowOps(Frame& f, std::span<const RowOp> ops, int64_t values);
+  // `field`: the ops' name in the caller's API, for the errors ("then", "ops").
+  static absl::StatusOr<RowOpInputs> StageRowOps(Frame& f, std::span<const RowOp> ops, int64_t values,
+                                                 const char* field = "then");
   cudaError_t EnqueueRowOps(Dev d, float* y, int64_t values, std::span<const RowOp> ops, const RowOpInputs& in) const;
 
   // The attention rows' `then` on the frame's outputs (AttentionOutputs: [rows, heads, 512] end to

@@ -180,7 +180,8 @@ absl::Status CudaBackendImpl::LinearGroupsLocked(std::span<const WeightMatrix> w
   });
 }
 
-auto CudaBackendImpl::StageRowOps(Frame& f, std::span<const RowOp> ops, int64_t values) -> absl::StatusOr<RowOpInputs> {
+auto CudaBackendImpl::StageRowOps(Frame& f, std::span<const RowOp> ops, int64_t values, const char* field)
+    -> absl::StatusOr<RowOpInputs> {
   RowOpInputs in;
   in.cos.resize(ops.size());
   in.sin.resize(ops.size());
@@ -189,22 +190,22 @@ auto CudaBackendImpl::StageRowOps(Frame& f, std::span<const RowOp> ops, int64_t 
     const RowOp& op = ops[i];
     if (op.width <= 0 || values % op.width != 0)
       return absl::InvalidArgumentError(
-          absl::StrCat("then[", i, "].width = ", op.width, " does not divide the op's ", values, " values"));
+          absl::StrCat(field, "[", i, "].width = ", op.width, " does not divide the op's ", values, " values"));
     if (op.kind == RowOp::Kind::kHadamard && (op.width & (op.width - 1)) != 0)
-      return absl::InvalidArgumentError(absl::StrCat("then[", i, "].width = ", op.width, ": Hadamard needs a power of two"));
+      return absl::InvalidArgumentError(absl::StrCat(field, "[", i, "].width = ", op.width, ": Hadamard needs a power of two"));
     if (op.kind == RowOp::Kind::kRmsNorm) {
-      if (!op.weight) return absl::InvalidArgumentError(absl::StrCat("then[", i, "].weight: RmsNorm needs its weight"));
+      if (!op.weight) return absl::InvalidArgumentError(absl::StrCat(field, "[", i, "].weight: RmsNorm needs its weight"));
       in.weight[i] = f.In(op.weight, op.width * 4);
     }
     if (op.kind == RowOp::Kind::kFp8RoundTrip &&
         (op.block <= 0 || op.prefix < 0 || op.prefix > op.width || op.prefix % op.block != 0))
-      return absl::InvalidArgumentError(absl::StrCat("then[", i, "]: FP8 round trip of ", op.prefix,
+      return absl::InvalidArgumentError(absl::StrCat(field, "[", i, "]: FP8 round trip of ", op.prefix,
                                                      " values a row of ", op.width, " in blocks of ", op.block,
                                                      " (a whole number of blocks within the row)"));
     if (op.kind != RowOp::Kind::kRope) continue;
     if (op.rope_dims <= 0 || op.rope_dims % 2 != 0 || op.offset < 0 || op.offset + op.rope_dims > op.width ||
         op.rows_per_angle <= 0 || !op.cos || !op.sin)
-      return absl::InvalidArgumentError(absl::StrCat("then[", i, "]: RoPE of ", op.rope_dims, " dims at offset ", op.offset,
+      return absl::InvalidArgumentError(absl::StrCat(field, "[", i, "]: RoPE of ", op.rope_dims, " dims at offset ", op.offset,
                                                      " in rows of ", op.width, ", ", op.rows_per_angle,
                                                      " rows an angle set, needs its cos and sin"));
     const int64_t rows = values / op.width;

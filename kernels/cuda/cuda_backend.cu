@@ -72,6 +72,14 @@ void CudaBackendImpl::Hadamard(float* x, int64_t rows, int64_t dim) const {
 void CudaBackendImpl::HcPre(const float* x, int64_t n, const float* fn, const float* base, const float* scale, int hc,
                             int64_t dim, int iters, float norm_eps, float hc_eps, float* y, float* post,
                             float* comb) const {
+  HcPreThen(x, n, fn, base, scale, hc, dim, iters, norm_eps, hc_eps, y, post, comb, {});
+}
+
+void CudaBackendImpl::HcPreThen(const float* x, int64_t n, const float* fn, const float* base, const float* scale,
+                                int hc, int64_t dim, int iters, float norm_eps, float hc_eps, float* y, float* post,
+                                float* comb, std::span<const RowOp> then) const {
+  if (!fused_ && !then.empty()) return Backend::HcPreThen(x, n, fn, base, scale, hc, dim, iters, norm_eps, hc_eps, y,
+                                                          post, comb, then);
   absl::MutexLock lock(&mu_);
   if (!health_.ok() || n == 0) return;
   op_clock_ = clock_ + 1;
@@ -89,16 +97,32 @@ void CudaBackendImpl::HcPre(const float* x, int64_t n, const float* fn, const fl
   // most SMs idle and waits on its loads).
   const int64_t splits = !exact_ && fast_hc_ ? cuda::HcPreFastSplits(n, hc, dim) : 0;
   const size_t dpart = f.Scratch(std::max<int64_t>(splits, 1) * n * (mix + 1) * 4);
+  absl::StatusOr<RowOpInputs> ops = StageRowOps(f, then, n * dim);
+  if (!ops.ok()) return Fail(ops.status());
   f.Download(dy, y, n * dim * 4);
   f.Download(dp, post, n * hc * 4);
   f.Download(dc, comb, n * hc * hc * 4);
   Fail(RunLocked(f, [&](Dev d) {
-    if (splits > 0)
-      return cuda::HcPreFast(d.at(dx), n, *dfn, *dbase, *dscale, hc, dim, iters, norm_eps, hc_eps, d.at(dpart),
-                             d.at(dy), d.at(dp), d.at(dc), stream_);
-    return cuda::HcPre(d.at(dx), n, *dfn, *dbase, *dscale, hc, dim, iters, norm_eps, hc_eps, d.at(dy), d.at(dp),
-                       d.at(dc), stream_);
+    const cudaError_t e =
+        splits > 0 ? cuda::HcPreFast(d.at(dx), n, *dfn, *dbase, *dscale, hc, dim, iters, norm_eps, hc_eps, d.at(dpart),
+                                     d.at(dy), d.at(dp), d.at(dc), stream_)
+                   : cuda::HcPre(d.at(dx), n, *dfn, *dbase, *dscale, hc, dim, iters, norm_eps, hc_eps, d.at(dy),
+                                 d.at(dp), d.at(dc), stream_);
+    return e != cudaSuccess ? e : EnqueueRowOps(d, d.at(dy), n * dim, then, *ops);
   }));
+}
+
+void CudaBackendImpl::RowOps(float* x, int64_t values, std::span<const RowOp> ops) const {
+  if (!fused_) return Backend::RowOps(x, values, ops);
+  absl::MutexLock lock(&mu_);
+  if (!health_.ok() || values == 0 || ops.empty()) return;
+  op_clock_ = clock_ + 1;
+  Frame f;
+  const size_t dx = f.In(x, values * 4);
+  absl::StatusOr<RowOpInputs> in = StageRowOps(f, ops, values, "ops");
+  if (!in.ok()) return Fail(in.status());
+  f.Download(dx, x, values * 4);
+  Fail(RunLocked(f, [&](Dev d) { return EnqueueRowOps(d, d.at(dx), values, ops, *in); }));
 }
 
 void CudaBackendImpl::HcPost(const float* fx, const float* residual, const float* post, const float* comb, int64_t n,

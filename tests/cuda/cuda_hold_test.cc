@@ -1,9 +1,9 @@
 // Held buffers (Backend::HoldOnDevice) on the CUDA backend: the residual stream's chain of ops
 // keeps its values on the device — the host copy is not written until synced — and every result
 // is the CPU reference's bits (the exact backend); the attention's held queries and outputs; ops
-// that do not wait for their kernels; several projections of one input in one call; ranges
-// crossing a held buffer's edge, outputs covering part of one, and release with and without its
-// values. Skipped without a GPU.
+// that do not wait for their kernels; several projections of one input in one call, and chains of
+// row ops on hc_pre and on host rows; ranges crossing a held buffer's edge, outputs covering part
+// of one, and release with and without its values. Skipped without a GPU.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -258,6 +258,100 @@ TEST_F(CudaOps, ProjectionsOfOneInputInOneCallEqualTheSeparateCalls) {
   EXPECT_EQ((*bad)->Health().code(), absl::StatusCode::kInvalidArgument) << (*bad)->Health();
   EXPECT_NE((*bad)->Health().message().find("jobs[1].w"), std::string::npos) << (*bad)->Health();
   EXPECT_TRUE(AllNan(a.data(), a.size())) << "a refused call wrote an output";
+}
+
+// hc_pre with the sublayer's RMSNorm riding on it (HcPreThen), and a compressor's finishing chain
+// on host rows (RowOps: the norm, RoPE, then Hadamard + FP4 or the FP8 round trip of the nope
+// dims) in one call each: the same bits as the separate calls on the same backend and, exact, the
+// CPU's; held mixes stay on the device. A malformed op is a clear error naming `ops`.
+TEST_F(CudaOps, ChainsOnHcPreAndOnHostRowsEqualTheSeparateCalls) {
+  auto fast = FastBackend(false);
+  ASSERT_TRUE(fast.ok()) << fast.status();
+  const int hc = 4;
+  const int64_t dim = 256, n = 3, mix = (2 + hc) * hc;
+  const std::vector<float> x = Random(n * hc * dim, 401, 1.0f), fn = Random(mix * hc * dim, 402, 0.02f),
+                           base = Random(mix, 403, 0.5f), scale = Random(3, 404, 0.5f), norm = Random(dim, 405, 0.1f);
+  const RowOp normed[] = {RowOp::RmsNorm(dim, norm.data(), 1e-6f)};
+  auto separate = [&](const Backend& be, std::vector<float>* y, std::vector<float>* post, std::vector<float>* comb) {
+    std::vector<float> u = Poisoned(n * dim);
+    *y = Poisoned(n * dim);
+    *post = Poisoned(n * hc);
+    *comb = Poisoned(n * hc * hc);
+    be.HcPre(x.data(), n, fn.data(), base.data(), scale.data(), hc, dim, 20, 1e-6f, 1e-6f, u.data(), post->data(),
+             comb->data());
+    be.RmsNorm(u.data(), norm.data(), n, dim, 1e-6f, y->data());
+  };
+  std::vector<float> hy, hp, hcomb;
+  separate(cpu(), &hy, &hp, &hcomb);
+  // Finishing chains over m pooled rows: the indexer's (128 dims, Hadamard + FP4) and the main
+  // compressor's (512 dims, FP8 round trip of the 448 nope dims).
+  const int64_t m = 5;
+  const std::vector<float> cs = Random(m * 32, 406, 1.0f), sn = Random(m * 32, 407, 1.0f);
+  struct Chain {
+    int64_t d;
+    bool rotate;
+  };
+  auto finish_separate = [&](const Backend& be, const Chain& c, const std::vector<float>& pooled,
+                             const std::vector<float>& w) {
+    std::vector<float> out = Poisoned(m * c.d);
+    be.RmsNorm(pooled.data(), w.data(), m, c.d, 1e-6f, out.data());
+    be.Rope(out.data(), m, c.d, c.d - 64, 64, cs.data(), sn.data(), 1, false);
+    if (c.rotate) {
+      be.Hadamard(out.data(), m, c.d);
+      be.Fp4RoundTrip(out.data(), m * c.d, 32);
+    } else {
+      for (int64_t i = 0; i < m; ++i) be.Fp8RoundTrip(out.data() + i * c.d, c.d - 64, 64);
+    }
+    return out;
+  };
+  auto finish_chain = [&](const Backend& be, const Chain& c, const std::vector<float>& pooled,
+                          const std::vector<float>& w) {
+    std::vector<float> out = pooled;
+    std::vector<RowOp> ops = {RowOp::RmsNorm(c.d, w.data(), 1e-6f),
+                              RowOp::Rope(c.d, c.d - 64, 64, cs.data(), sn.data(), 1, false)};
+    if (c.rotate) {
+      ops.push_back(RowOp::Hadamard(c.d));
+      ops.push_back(RowOp::Fp4RoundTrip(32));
+    } else {
+      ops.push_back(RowOp::Fp8RoundTripPrefix(c.d, c.d - 64, 64));
+    }
+    be.RowOps(out.data(), m * c.d, ops);
+    return out;
+  };
+  for (const Backend* be : {&Holding(), static_cast<const Backend*>(fast->get())}) {
+    const std::string what = be->name();
+    std::vector<float> wy, wp, wc;
+    separate(*be, &wy, &wp, &wc);
+    std::vector<float> y = Poisoned(n * dim), post = Poisoned(n * hc), comb = Poisoned(n * hc * hc);
+    be->HoldOnDevice(post.data(), n * hc);
+    be->HoldOnDevice(comb.data(), n * hc * hc);
+    be->HcPreThen(x.data(), n, fn.data(), base.data(), scale.data(), hc, dim, 20, 1e-6f, 1e-6f, y.data(), post.data(),
+                  comb.data(), normed);
+    ASSERT_TRUE(be->Health().ok()) << be->Health();
+    EXPECT_TRUE(AllNan(post.data(), post.size()) && AllNan(comb.data(), comb.size()))
+        << what << ": held mixes reached the host unasked";
+    be->ReleaseFromDevice(post.data(), true);
+    be->ReleaseFromDevice(comb.data(), true);
+    EXPECT_TRUE(SameBits(y, wy) && SameBits(post, wp) && SameBits(comb, wc)) << what << ": HcPreThen";
+    if (be == &Holding()) EXPECT_TRUE(SameBits(y, hy) && SameBits(post, hp) && SameBits(comb, hcomb)) << "vs the CPU";
+    for (const Chain& c : {Chain{128, true}, Chain{512, false}}) {
+      const std::vector<float> pooled = Random(m * c.d, 410 + static_cast<uint32_t>(c.d), 1.0f),
+                               w = Random(c.d, 411 + static_cast<uint32_t>(c.d), 0.5f);
+      const std::vector<float> got = finish_chain(*be, c, pooled, w);
+      ASSERT_TRUE(be->Health().ok()) << be->Health();
+      EXPECT_TRUE(SameBits(got, finish_separate(*be, c, pooled, w))) << what << ": RowOps, " << c.d << " dims";
+      if (be == &Holding())
+        EXPECT_TRUE(SameBits(got, finish_separate(cpu(), c, pooled, w))) << "RowOps vs the CPU, " << c.d << " dims";
+    }
+  }
+  cuda::CudaBackendOptions opt;
+  auto bad = cuda::NewCudaBackend(opt);
+  ASSERT_TRUE(bad.ok());
+  std::vector<float> v = Random(2 * 96, 420, 1.0f);
+  const RowOp not_pow2[] = {RowOp::Hadamard(96)};
+  (*bad)->RowOps(v.data(), static_cast<int64_t>(v.size()), not_pow2);
+  EXPECT_EQ((*bad)->Health().code(), absl::StatusCode::kInvalidArgument) << (*bad)->Health();
+  EXPECT_NE((*bad)->Health().message().find("ops[0].width"), std::string::npos) << (*bad)->Health();
 }
 
 // RoundBf16 on the device has the host's bits — ties to even, NaN quieted with its payload's

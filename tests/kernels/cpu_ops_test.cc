@@ -169,6 +169,30 @@ TEST(LinearMany, EveryJobEqualsItsOwnLinearThen) {
   EXPECT_EQ(std::vector<float>(got.begin() + rows * 64, got.end()), want_b);
 }
 
+// hc_pre with the sublayer's norm as a row op equals hc_pre then RmsNorm; RowOps is ApplyRowOps.
+TEST(RowOps, OnHcPreAndOnRowsEqualTheSeparateCalls) {
+  const int hc = 4;
+  const int64_t dim = 64, n = 2, mix = (2 + hc) * hc;
+  const std::vector<float> x = Random(n * hc * dim, 41), fn = Random(mix * hc * dim, 42, 0.02f),
+                           base = Random(mix, 43, 0.5f), scale = Random(3, 44, 0.5f), norm = Random(dim, 45, 0.1f);
+  std::vector<float> u(n * dim), want(n * dim), post(n * hc), comb(n * hc * hc), got(n * dim), post2(n * hc),
+      comb2(n * hc * hc);
+  be.HcPre(x.data(), n, fn.data(), base.data(), scale.data(), hc, dim, 20, 1e-6f, 1e-6f, u.data(), post.data(),
+           comb.data());
+  be.RmsNorm(u.data(), norm.data(), n, dim, 1e-6f, want.data());
+  const RowOp normed[] = {RowOp::RmsNorm(dim, norm.data(), 1e-6f)};
+  be.HcPreThen(x.data(), n, fn.data(), base.data(), scale.data(), hc, dim, 20, 1e-6f, 1e-6f, got.data(), post2.data(),
+               comb2.data(), normed);
+  EXPECT_EQ(got, want);
+  EXPECT_EQ(post2, post);
+  EXPECT_EQ(comb2, comb);
+  EXPECT_NE(got, u);  // the norm ran
+  std::vector<float> rows = u, normed_rows(n * dim);
+  be.RowOps(rows.data(), n * dim, normed);
+  be.RmsNorm(u.data(), norm.data(), n, dim, 1e-6f, normed_rows.data());
+  EXPECT_EQ(rows, normed_rows);
+}
+
 TEST(Hadamard, IsOrthonormalSylvester) {
   std::vector<float> e(8, 0.0f);
   e[1] = 1.0f;  // column 1 of H8 / sqrt(8): +,-,+,-,...

@@ -101,6 +101,14 @@ class HoldingCpuBackend final : public kernels::Backend {
              int it, float ne, float he, float* y, float* post, float* comb) const override {
     Op([&] { cpu_.HcPre(x, n, fn, base, scale, hc, d, it, ne, he, y, post, comb); });
   }
+  void HcPreThen(const float* x, int64_t n, const float* fn, const float* base, const float* scale, int hc, int64_t d,
+                 int it, float ne, float he, float* y, float* post, float* comb,
+                 std::span<const kernels::RowOp> then) const override {
+    Op([&] { cpu_.HcPreThen(x, n, fn, base, scale, hc, d, it, ne, he, y, post, comb, then); });
+  }
+  void RowOps(float* x, int64_t values, std::span<const kernels::RowOp> ops) const override {
+    Op([&] { cpu_.RowOps(x, values, ops); });
+  }
   void HcPost(const float* f, const float* r, const float* post, const float* comb, int64_t n, int hc, int64_t d,
               float* out) const override {
     Op([&] { cpu_.HcPost(f, r, post, comb, n, hc, d, out); });

@@ -94,17 +94,29 @@ bool Compressor::Pool(CompressorState& st, const float* kv, const float* score, 
 void Compressor::Finish(const float* pooled, std::span<const int64_t> block_starts, float* out) const {
   const int64_t m = static_cast<int64_t>(block_starts.size()), d = head_dim_, rd = args_.rope_head_dim;
   if (m == 0) return;
-  be_.RmsNorm(pooled, w_.norm.data(), m, d, args_.norm_eps, out);
   std::vector<float> cs(m * (rd / 2)), sn(m * (rd / 2));
   for (int64_t i = 0; i < m; ++i) rope_.Angles(block_starts[i], cs.data() + i * (rd / 2), sn.data() + i * (rd / 2));
+  // The norm, RoPE and the rounding as one chain of row ops in one backend call (a device runs
+  // them before the entries come back), where the rounding's blocks fill whole rows.
+  const bool chain = rotate_ ? d % 32 == 0 && (d & (d - 1)) == 0 : (d - rd) % 64 == 0;
+  if (chain) {
+    std::copy_n(pooled, m * d, out);
+    std::vector<kernels::RowOp> ops = {kernels::RowOp::RmsNorm(d, w_.norm.data(), args_.norm_eps),
+                                       kernels::RowOp::Rope(d, d - rd, rd, cs.data(), sn.data(), 1, false)};
+    if (rotate_) {
+      ops.push_back(kernels::RowOp::Hadamard(d));
+      ops.push_back(kernels::RowOp::Fp4RoundTrip(32));
+    } else {
+      ops.push_back(kernels::RowOp::Fp8RoundTripPrefix(d, d - rd, 64));
+    }
+    be_.RowOps(out, m * d, ops);
+    return;
+  }
+  be_.RmsNorm(pooled, w_.norm.data(), m, d, args_.norm_eps, out);
   be_.Rope(out, m, d, d - rd, rd, cs.data(), sn.data(), 1, false);
   if (rotate_) {
     be_.Hadamard(out, m, d);
-    if (d % 32 == 0) {
-      be_.Fp4RoundTrip(out, m * d, 32);  // blocks of 32 never straddle two rows
-    } else {
-      for (int64_t i = 0; i < m; ++i) be_.Fp4RoundTrip(out + i * d, d, 32);
-    }
+    for (int64_t i = 0; i < m; ++i) be_.Fp4RoundTrip(out + i * d, d, 32);  // a block would straddle two rows
   } else {
     RoundTripNopeFp8(be_, out, m, d, d - rd);
   }

@@ -21,21 +21,24 @@ void Block::Forward(Scratch& X, std::span<const TokenRow> rows,
                     std::span<const int32_t> tokens, std::span<ForwardTrace* const> trace_rows) const {
   const int64_t n = static_cast<int64_t>(rows.size()), d = args_.dim;
   const int hc = args_.hc_mult;
-  Scratch u(n * d), xn(n * d), f(n * d), post(n * hc), comb(n * hc * hc), next(X.size());
+  Scratch xn(n * d), f(n * d), post(n * hc), comb(n * hc * hc), next(X.size());
   // Only ops touch the residual stream's next copy (hc_post writes it, hc_pre and hc_post read it
-  // after the swap), u (hc_pre -> norm), xn (norm -> the sublayer's projections) and f (the
-  // sublayer's output -> hc_post): a device backend keeps them there. The attention reads xn on
-  // the host only for the memory indexer's capture (ReadsInputOnHost), after a sync; tensor
-  // parallel sublayers all-reduce f on the host, so it is held on one rank only.
-  const kernels::DeviceHold<Scratch> hold_next(be_, next), hold_u(be_, u), hold_xn(be_, xn);
+  // after the swap), hc_pre's mixes post and comb (-> hc_post), xn (the normed hc_pre output ->
+  // the sublayer's projections) and f (the sublayer's output -> hc_post): a device backend keeps
+  // them there, and hc_pre need not wait for its kernels. The attention reads xn on the host only
+  // for the memory indexer's capture (ReadsInputOnHost), after a sync; tensor parallel sublayers
+  // all-reduce f on the host, so it is held on one rank only.
+  const kernels::DeviceHold<Scratch> hold_next(be_, next), hold_xn(be_, xn), hold_post(be_, post),
+      hold_comb(be_, comb);
   std::optional<kernels::DeviceHold<Scratch>> hold_f;
   if (!tensor_parallel_) hold_f.emplace(be_, f);
   const bool attn_reads_xn = attn_.ReadsInputOnHost(rows);
   auto sublayer = [&](const std::vector<float>& fn, const std::vector<float>& base,
                       const std::vector<float>& scale, const std::vector<float>& norm, auto&& body) {
-    be_.HcPre(X.data(), n, fn.data(), base.data(), scale.data(), hc, d, args_.hc_sinkhorn_iters, args_.norm_eps,
-              args_.hc_eps, u.data(), post.data(), comb.data());
-    be_.RmsNorm(u.data(), norm.data(), n, d, args_.norm_eps, xn.data());
+    // hc_pre's mix of the residual stream, then its RMSNorm in place: one backend call.
+    const kernels::RowOp normed[] = {kernels::RowOp::RmsNorm(d, norm.data(), args_.norm_eps)};
+    be_.HcPreThen(X.data(), n, fn.data(), base.data(), scale.data(), hc, d, args_.hc_sinkhorn_iters, args_.norm_eps,
+                  args_.hc_eps, xn.data(), post.data(), comb.data(), normed);
     body();
     be_.HcPost(f.data(), X.data(), post.data(), comb.data(), n, hc, d, next.data());  // out must not be X
     X.swap(next);
