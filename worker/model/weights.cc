@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/synchronization/mutex.h"
 #include "common/status.h"
 #include "kernels/numerics.h"
 
@@ -282,9 +283,14 @@ class Loader {
     }
     const int64_t le = a.n_routed_experts / ws;
     m.first_local_expert = rk * le;
-    for (int64_t e = rk * le; e < (rk + 1) * le; ++e) {
-      FM_ASSIGN_OR_RETURN(ExpertWeights ew, ExpertTriple(absl::StrCat(p, "ffn.experts.", e, ".")));
-      m.experts.push_back(std::move(ew));
+    // The experts are most of a layer's bytes: decoded in parallel when the layers are not
+    // (LoadWeights runs the layers in parallel; nested regions then get one thread).
+    std::vector<absl::StatusOr<ExpertWeights>> experts(le);
+#pragma omp parallel for schedule(dynamic)
+    for (int64_t i = 0; i < le; ++i) experts[i] = ExpertTriple(absl::StrCat(p, "ffn.experts.", rk * le + i, "."));
+    for (absl::StatusOr<ExpertWeights>& ew : experts) {
+      if (!ew.ok()) return ew.status();
+      m.experts.push_back(*std::move(ew));
     }
     FM_ASSIGN_OR_RETURN(m.shared, ExpertTriple(p + "ffn.shared_experts."));
     return b;
@@ -364,10 +370,22 @@ absl::StatusOr<ModelWeights> LoadWeights(const Checkpoint& ckpt, const ModelArgs
   FM_ASSIGN_OR_RETURN(w.norm, ld.Floats("norm.weight"));
   FM_ASSIGN_OR_RETURN(w.hc_head, ld.HcHead(""));
   const int64_t steps = a.n_layers + a.n_mtp_layers;
+  // Layers decode in parallel (each is independent, and decoding is host work on the mapped
+  // file: single-threaded, a flash-shape checkpoint took over a minute); progress counts the
+  // layers done, in order of completion, and the first failing layer's error is returned.
+  std::vector<absl::StatusOr<BlockWeights>> blocks(a.n_layers);
+  absl::Mutex progress_mu;
+  int64_t done = 0;
+#pragma omp parallel for schedule(dynamic)
   for (int64_t l = 0; l < a.n_layers; ++l) {
-    FM_ASSIGN_OR_RETURN(BlockWeights b, ld.Block(a, l));
-    w.layers.push_back(std::move(b));
-    if (progress) progress(l + 1, steps);
+    blocks[l] = ld.Block(a, l);
+    absl::MutexLock lock(&progress_mu);
+    ++done;
+    if (progress) progress(done, steps);
+  }
+  for (absl::StatusOr<BlockWeights>& b : blocks) {
+    if (!b.ok()) return b.status();
+    w.layers.push_back(*std::move(b));
   }
   for (int64_t l = a.n_layers; l < a.n_layers + a.n_mtp_layers; ++l) {
     MTPWeights m;
