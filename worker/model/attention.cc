@@ -52,10 +52,17 @@ bool Compressor::Pool(CompressorState& st, const float* kv, const float* score, 
   const int64_t d = head_dim_, r = ratio_;
   const int64_t width = (overlap_ ? 2 : 1) * d;  // row width of the state
   const int64_t slot = (overlap_ ? r : 0) + pos % r;
-  const float* ape = w_.ape.data() + (pos % r) * width;
+  // The loops over dims below touch distinct arrays, one dim a lane: `omp simd` vectorizes them
+  // (-O2's cost model does not), each dim's arithmetic the same operations in the same order.
+  const float* __restrict ape = w_.ape.data() + (pos % r) * width;
+  const float* __restrict kv_in = kv;
+  const float* __restrict score_in = score;
+  float* __restrict kv_row = st.kv.data() + slot * width;
+  float* __restrict score_row = st.score.data() + slot * width;
+#pragma omp simd
   for (int64_t e = 0; e < width; ++e) {
-    st.kv[slot * width + e] = kv[e];
-    st.score[slot * width + e] = score[e] + ape[e];
+    kv_row[e] = kv_in[e];
+    score_row[e] = score_in[e] + ape[e];
   }
   if ((pos + 1) % r != 0) return false;
   // Per-dimension softmax over the candidates of the block, then the weighted sum (fp32).
@@ -67,20 +74,24 @@ bool Compressor::Pool(CompressorState& st, const float* kv, const float* score, 
   auto at = [&](const std::vector<float>& rows, int64_t j) {
     return rows.data() + j * width + (overlap_ && j >= r ? d : 0);
   };
-  std::vector<float> mx(at(st.score, 0), at(st.score, 0) + d), sum(d, 0.0f), acc(d, 0.0f), p(n_cand * d);
+  std::vector<float> mx_v(at(st.score, 0), at(st.score, 0) + d), sum_v(d, 0.0f), acc_v(d, 0.0f), p(n_cand * d);
+  float* __restrict mx = mx_v.data();
+  float* __restrict sum = sum_v.data();
+  float* __restrict acc = acc_v.data();
   for (int64_t j = 1; j < n_cand; ++j) {
-    const float* sj = at(st.score, j);
-    for (int64_t e = 0; e < d; ++e)
-      if (mx[e] < sj[e]) mx[e] = sj[e];  // std::max_element's first largest
+    const float* __restrict sj = at(st.score, j);
+#pragma omp simd
+    for (int64_t e = 0; e < d; ++e) mx[e] = mx[e] < sj[e] ? sj[e] : mx[e];  // std::max_element's first largest
   }
   for (int64_t j = 0; j < n_cand; ++j) {
-    const float* sj = at(st.score, j);
-    float* pj = p.data() + j * d;
+    const float* __restrict sj = at(st.score, j);
+    float* __restrict pj = p.data() + j * d;
     for (int64_t e = 0; e < d; ++e) sum[e] += (pj[e] = std::exp(sj[e] - mx[e]));
   }
   for (int64_t j = 0; j < n_cand; ++j) {
-    const float* vj = at(st.kv, j);
-    const float* pj = p.data() + j * d;
+    const float* __restrict vj = at(st.kv, j);
+    const float* __restrict pj = p.data() + j * d;
+#pragma omp simd
     for (int64_t e = 0; e < d; ++e) acc[e] += vj[e] * (pj[e] / sum[e]);
   }
   for (int64_t e = 0; e < d; ++e) c[e] = num::RoundBf16(acc[e]);  // kv.to(bf16) before the norm
@@ -256,37 +267,38 @@ void Attention::Candidates(const TokenRow& row, const LayerState& ls,
                            std::span<const int32_t> selected,
                            std::vector<kernels::KvSlot>* slots) const {
   const int64_t W = args_.window_size, s = row.pos;
-  slots->clear();
-  auto ring = [&](int64_t p) { return ls.window.Slot(p % W); };
-  const kernels::KvSlot masked;
-  // Room for every slot up front (the lists are rebuilt per layer; growing them was ~10% of a
-  // batch-64 step's host time).
-  const int64_t compressed = ratio_ == 0   ? 0
-                             : ratio_ == 4 ? std::max<int64_t>(static_cast<int64_t>(selected.size()), args_.index_topk)
-                                           : (row.prefill() ? row.chunk_len : s + 1) / ratio_;
-  slots->reserve(W + compressed);
-  if (row.prefill()) {  // rows of the whole prompt: max(0, s-W+1) + j, masked past s
-    const int64_t len = std::min(row.chunk_len, W);
-    const int64_t first = std::max<int64_t>(0, s - W + 1);
-    for (int64_t j = 0; j < len; ++j) slots->push_back(first + j <= s ? ring(first + j) : masked);
-  } else if (s >= W - 1) {  // a full ring, oldest first
-    for (int64_t p = s - W + 1; p <= s; ++p) slots->push_back(ring(p));
-  } else {
-    for (int64_t p = 0; p <= s; ++p) slots->push_back(ring(p));
-    slots->resize(W, masked);
+  const int64_t complete = ratio_ == 0 ? 0 : (s + 1) / ratio_;
+  // The list's length, then every slot written in place (masked: the default KvSlot). A list is
+  // rebuilt per row and layer — 327 K slots a batch-64 step of V4-Flash's shape — so no growth and
+  // no per-slot push (push_back was not inlined: ~10% of such a step's host time).
+  int64_t compressed = 0;
+  if (ratio_ == 4) {
+    compressed = row.prefill() ? std::max<int64_t>(static_cast<int64_t>(selected.size()),
+                                                   std::min<int64_t>(args_.index_topk, row.chunk_len / 4))
+                               : static_cast<int64_t>(selected.size());
+  } else if (ratio_ > 0) {
+    compressed = row.prefill() ? row.chunk_len / ratio_ : complete;
   }
-  if (ratio_ == 0) return;
-  const int64_t complete = (s + 1) / ratio_;
+  const int64_t window = row.prefill() ? std::min(row.chunk_len, W) : W;
+  slots->clear();
+  slots->resize(window + compressed);
+  kernels::KvSlot* out = slots->data();
+  auto ring = [&](int64_t p) { return ls.window.Slot(p % W); };
+  if (row.prefill()) {  // rows of the whole prompt: max(0, s-W+1) + j, masked past s
+    const int64_t first = std::max<int64_t>(0, s - W + 1);
+    for (int64_t j = 0; j < window; ++j)
+      if (first + j <= s) out[j] = ring(first + j);
+  } else if (s >= W - 1) {  // a full ring, oldest first
+    for (int64_t j = 0; j < W; ++j) out[j] = ring(s - W + 1 + j);
+  } else {  // positions 0..s, the rest masked
+    for (int64_t p = 0; p <= s; ++p) out[p] = ring(p);
+  }
+  out += window;
   // Entries stay where they are held (FP8 records): the backend reads them in place.
   if (ratio_ == 4) {
-    for (int32_t t : selected) slots->push_back(ls.compressed.Slot(t));
-    if (row.prefill()) {
-      const int64_t k = std::min<int64_t>(args_.index_topk, row.chunk_len / 4);
-      slots->resize(slots->size() + (k - static_cast<int64_t>(selected.size())), masked);
-    }
-  } else {
-    const int64_t n = row.prefill() ? row.chunk_len / ratio_ : complete;
-    for (int64_t j = 0; j < n; ++j) slots->push_back(j < complete ? ls.compressed.Slot(j) : masked);
+    for (size_t j = 0; j < selected.size(); ++j) out[j] = ls.compressed.Slot(selected[j]);  // then masked to k
+  } else if (ratio_ > 0) {
+    for (int64_t j = 0; j < std::min(compressed, complete); ++j) out[j] = ls.compressed.Slot(j);
   }
 }
 
