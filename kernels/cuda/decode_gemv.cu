@@ -3,6 +3,7 @@
 // Sums are reordered for speed: results match the CPU reference within fp32 rounding (the
 // bit-exact path is cuda::Linear).
 #include <algorithm>
+#include <cstdlib>
 #include <type_traits>
 
 #include <cuda_fp16.h>
@@ -36,61 +37,85 @@ __device__ __forceinline__ void DecodeFp8x16(const uint4& raw, float* w) {
   }
 }
 
-// One warp computes output row o for tokens t0 .. t0 + T - 1 (fewer at the end).
-template <int T, bool kFp8>
-__device__ __forceinline__ void GemvRow(const uint8_t* w, const float* ws, int64_t scale_cols, int64_t rows, int64_t k,
-                                        const float* xq, const float* xs, int64_t n, float* y, bool round, int64_t o,
-                                        int64_t t0) {
+// One warp computes output rows o0 .. o0 + R - 1 for tokens t0 .. t0 + T - 1 (fewer at the ends).
+// Each lane reads a token's activations for its piece of k once for all R rows: with one row a
+// warp, the activations' fp32 reads were four times the weight bytes and bound the kernel by L1
+// (Nsight, 1 token x 4096 -> 4096: L1/TEX 80% busy, DRAM 26%, stalls on the L1 scoreboard). A row's
+// sums are the same operations in the same order for every R.
+template <int T, int R, bool kFp8>
+__device__ __forceinline__ void GemvRows(const uint8_t* w, const float* ws, int64_t scale_cols, int64_t rows, int64_t k,
+                                         const float* xq, const float* xs, int64_t n, float* y, bool round, int64_t o0,
+                                         int64_t t0) {
   const int lane = threadIdx.x & 31;
   const int nt = static_cast<int>(n - t0 < T ? n - t0 : T);  // tokens of this tile
+  const int nr = static_cast<int>(rows - o0 < R ? rows - o0 : R);  // rows of this warp
   const int64_t nb = k / 128;
   constexpr int kPer = kFp8 ? 16 : 32;  // weight elements per 16-byte load
-  const uint8_t* wr = w + (kFp8 ? o * k : o * k / 2);
-  float acc[T];
+  // kUnroll 16-byte loads a row in flight per lane before any arithmetic (R * kUnroll in all): the
+  // loop is bound by memory latency otherwise.
+  constexpr int kUnroll = R >= 4 ? 2 : 4;
+  const uint8_t* wr[R];
 #pragma unroll
-  for (int t = 0; t < T; ++t) acc[t] = 0.0f;
-  // kUnroll 16-byte loads in flight per lane before any arithmetic: the loop is bound by memory
-  // latency otherwise.
-  constexpr int kUnroll = 4;
+  for (int r = 0; r < R; ++r) {
+    const int64_t o = o0 + (r < nr ? r : 0);  // rows past the end re-read the first (not stored)
+    wr[r] = w + (kFp8 ? o * k : o * k / 2);
+  }
+  float acc[R][T];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int t = 0; t < T; ++t) acc[r][t] = 0.0f;
   for (int64_t i0 = static_cast<int64_t>(lane) * kPer; i0 < k; i0 += 32 * kPer * kUnroll) {
-    uint4 raw[kUnroll];
+    uint4 raw[R][kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t i = i0 + static_cast<int64_t>(u) * 32 * kPer;
-      raw[u] = i < k ? __ldg(reinterpret_cast<const uint4*>(wr + (kFp8 ? i : i / 2))) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+        raw[r][u] = i < k ? __ldg(reinterpret_cast<const uint4*>(wr[r] + (kFp8 ? i : i / 2))) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t i = i0 + static_cast<int64_t>(u) * 32 * kPer;
       if (i >= k) break;
-      float wf[kPer];
-      if constexpr (kFp8) {
-        DecodeFp8x16(raw[u], wf);
-      } else {
-        const uint32_t words[4] = {raw[u].x, raw[u].y, raw[u].z, raw[u].w};
-#pragma unroll
-        for (int j = 0; j < 32; ++j) wf[j] = E2m1ToFloat((words[j / 8] >> (4 * (j % 8))) & 15u);
-      }
-      const float s_w = kFp8 ? ws[(o / 128) * scale_cols + i / 128] : ws[o * scale_cols + i / 32];
 #pragma unroll
       for (int t = 0; t < T; ++t) {
         if (t >= nt) break;
         const float4* xv = reinterpret_cast<const float4*>(xq + (t0 + t) * k + i);
-        float p = 0.0f;
+        float4 xr[kPer / 4];
 #pragma unroll
-        for (int j = 0; j < kPer / 4; ++j) {
-          const float4 v = __ldg(xv + j);
-          p += wf[4 * j] * v.x + wf[4 * j + 1] * v.y + wf[4 * j + 2] * v.z + wf[4 * j + 3] * v.w;
+        for (int j = 0; j < kPer / 4; ++j) xr[j] = __ldg(xv + j);
+        const float s_x = xs[(t0 + t) * nb + i / 128];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          float wf[kPer];
+          if constexpr (kFp8) {
+            DecodeFp8x16(raw[r][u], wf);
+          } else {
+            const uint32_t words[4] = {raw[r][u].x, raw[r][u].y, raw[r][u].z, raw[r][u].w};
+#pragma unroll
+            for (int j = 0; j < 32; ++j) wf[j] = E2m1ToFloat((words[j / 8] >> (4 * (j % 8))) & 15u);
+          }
+          const int64_t o = o0 + (r < nr ? r : 0);
+          const float s_w = kFp8 ? ws[(o / 128) * scale_cols + i / 128] : ws[o * scale_cols + i / 32];
+          float p = 0.0f;
+#pragma unroll
+          for (int j = 0; j < kPer / 4; ++j) {
+            const float4 v = xr[j];
+            p += wf[4 * j] * v.x + wf[4 * j + 1] * v.y + wf[4 * j + 2] * v.z + wf[4 * j + 3] * v.w;
+          }
+          acc[r][t] += p * (s_x * s_w);
         }
-        acc[t] += p * (xs[(t0 + t) * nb + i / 128] * s_w);
       }
     }
   }
 #pragma unroll
-  for (int t = 0; t < T; ++t) {
-    const float s = WarpSum(acc[t]);
-    if (lane == 0 && t < nt) y[(t0 + t) * rows + o] = round ? RoundBf16(s) : s;
-  }
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int t = 0; t < T; ++t) {
+      const float s = WarpSum(acc[r][t]);
+      if (lane == 0 && t < nt && r < nr) y[(t0 + t) * rows + o0 + r] = round ? RoundBf16(s) : s;
+    }
 }
 
 // ---- FP4 (e2m1, group-32 scales) rows on the tensor cores --------------------------------------
@@ -478,24 +503,32 @@ cudaError_t AllowSmem(K kernel, size_t bytes) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
 }
 
-template <int T, bool kFp8>
+template <int T, int R, bool kFp8>
 __global__ void DecodeGemvKernel(const uint8_t* w, const float* ws, int64_t scale_cols, int64_t rows, int64_t k,
                                  const float* xq, const float* xs, int64_t n, float* y, bool round) {
-  const int64_t o = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int64_t o0 = (static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32) * R;
   const int64_t t0 = static_cast<int64_t>(blockIdx.y) * T;
-  if (o >= rows) return;
-  GemvRow<T, kFp8>(w, ws, scale_cols, rows, k, xq, xs, n, y, round, o, t0);
+  if (o0 >= rows) return;
+  GemvRows<T, R, kFp8>(w, ws, scale_cols, rows, k, xq, xs, n, y, round, o0, t0);
 }
 
 // Many weight matrices in one launch (blockIdx.z picks the group): the experts of an MoE layer,
 // every weight byte read once, enough blocks in flight to keep HBM busy.
-template <int T, bool kFp8>
+template <int T, int R, bool kFp8>
 __global__ void GroupedGemvKernel(const GemvGroup* groups, bool round) {
   const GemvGroup g = groups[blockIdx.z];
-  const int64_t o = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int64_t o0 = (static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32) * R;
   const int64_t t0 = static_cast<int64_t>(blockIdx.y) * T;
-  if (o >= g.rows || t0 >= g.n) return;
-  GemvRow<T, kFp8>(g.w, g.ws, g.scale_cols, g.rows, g.k, g.xq, g.xs, g.n, g.y, round, o, t0);
+  if (o0 >= g.rows || t0 >= g.n) return;
+  GemvRows<T, R, kFp8>(g.w, g.ws, g.scale_cols, g.rows, g.k, g.xq, g.xs, g.n, g.y, round, o0, t0);
+}
+
+// f(std::integral_constant<int, R>()) for R rows a warp (DecodeGemvRowsPerWarp's choice).
+template <typename F>
+auto WithRowsPerWarp(int r, F&& f) {
+  if (r == 4) return f(std::integral_constant<int, 4>());
+  if (r == 2) return f(std::integral_constant<int, 2>());
+  return f(std::integral_constant<int, 1>());
 }
 
 // A grid of about one wave takes as long as its busiest SM. When an SM could hold more of its
@@ -582,11 +615,15 @@ cudaError_t LaunchGrouped(const GemvGroup* groups, int count, int64_t max_rows, 
   }
   // The generic GEMV reads fp32 scales and fp32 activations.
   if (in.scale_bytes || in.f16_activations) return cudaErrorInvalidValue;
-  const dim3 grid(static_cast<unsigned>(CeilDiv(max_rows, kWarps)), static_cast<unsigned>(CeilDiv(max_n, T)),
-                  static_cast<unsigned>(count));
-  if (fp8) GroupedGemvKernel<T, true><<<grid, kWarps * 32, 0, stream>>>(groups, round);
-  else GroupedGemvKernel<T, false><<<grid, kWarps * 32, 0, stream>>>(groups, round);
-  return cudaGetLastError();
+  const int64_t tiles = CeilDiv(max_n, T);
+  return WithRowsPerWarp(DecodeGemvRowsPerWarp(max_rows, tiles * count), [&](auto rpw) {
+    constexpr int R = decltype(rpw)::value;
+    const dim3 grid(static_cast<unsigned>(CeilDiv(max_rows, int64_t{kWarps} * R)), static_cast<unsigned>(tiles),
+                    static_cast<unsigned>(count));
+    if (fp8) GroupedGemvKernel<T, R, true><<<grid, kWarps * 32, 0, stream>>>(groups, round);
+    else GroupedGemvKernel<T, R, false><<<grid, kWarps * 32, 0, stream>>>(groups, round);
+    return cudaGetLastError();
+  });
 }
 
 template <int T>
@@ -613,14 +650,19 @@ cudaError_t Launch(const DeviceWeight& w, const float* xq, const float* xs, int6
                  : launch(Fp4SplitK());
     }
   }
-  const dim3 grid(static_cast<unsigned>(CeilDiv(w.rows, kWarps)), static_cast<unsigned>(CeilDiv(n, T)));
-  if (w.format == WeightFormat::kFp8Block128)
-    DecodeGemvKernel<T, true><<<grid, kWarps * 32, 0, stream>>>(static_cast<const uint8_t*>(w.values), w.scales,
-                                                                 w.scale_cols, w.rows, w.cols, xq, xs, n, y, round);
-  else
-    DecodeGemvKernel<T, false><<<grid, kWarps * 32, 0, stream>>>(static_cast<const uint8_t*>(w.values), w.scales,
-                                                                  w.scale_cols, w.rows, w.cols, xq, xs, n, y, round);
-  return cudaGetLastError();
+  const int64_t tiles = CeilDiv(n, T);
+  return WithRowsPerWarp(DecodeGemvRowsPerWarp(w.rows, tiles), [&](auto rpw) {
+    constexpr int R = decltype(rpw)::value;
+    const dim3 grid(static_cast<unsigned>(CeilDiv(w.rows, int64_t{kWarps} * R)), static_cast<unsigned>(tiles));
+    const auto* codes = static_cast<const uint8_t*>(w.values);
+    if (w.format == WeightFormat::kFp8Block128)
+      DecodeGemvKernel<T, R, true><<<grid, kWarps * 32, 0, stream>>>(codes, w.scales, w.scale_cols, w.rows, w.cols, xq,
+                                                                      xs, n, y, round);
+    else
+      DecodeGemvKernel<T, R, false><<<grid, kWarps * 32, 0, stream>>>(codes, w.scales, w.scale_cols, w.rows, w.cols, xq,
+                                                                       xs, n, y, round);
+    return cudaGetLastError();
+  });
 }
 
 }  // namespace
@@ -633,6 +675,21 @@ cudaError_t LinearDecodeGrouped(const GemvGroup* groups, int count, int64_t max_
   return WithTokenTile(max_n, [&](auto t) {
     return LaunchGrouped<decltype(t)::value>(groups, count, max_rows, max_n, max_k, fp8, round, in, stream);
   });
+}
+
+int DecodeGemvRowsPerWarp(int64_t rows, int64_t blocks_per_row_block) {
+  static const int forced = [] {
+    const char* v = std::getenv("FLASHMEM_DECODE_GEMV_ROWS");
+    const int r = v ? std::atoi(v) : 0;
+    return r == 1 || r == 2 || r == 4 ? r : 0;
+  }();
+  if (forced) return forced;
+  // One block an SM, less a sixteenth: 4096 rows at 4 a warp are 128 blocks on 132 SMs, and
+  // faster than 256 blocks at 2 (more rows share each activation read).
+  const int64_t enough = std::max<int64_t>(DeviceSmLimits().count, 1) * 15 / 16;
+  for (int r : {4, 2})
+    if (CeilDiv(rows, int64_t{kWarps} * r) * std::max<int64_t>(blocks_per_row_block, 1) >= enough) return r;
+  return 1;
 }
 
 bool GroupedFp4OnTensorCores(int64_t max_n, int64_t max_k, bool scale_bytes) {

@@ -123,6 +123,12 @@ cudaError_t DenseGemv(const DenseGemvGroups& groups, int64_t rows, int64_t k, co
 // Whether FP4 groups of up to max_n tokens and k = max_k run on the tensor cores (their staged
 // tokens fit in shared memory, k % 128 == 0).
 bool GroupedFp4OnTensorCores(int64_t max_n, int64_t max_k, bool scale_bytes);
+// Output rows each warp of the generic (CUDA-core) decode GEMV computes — 1, 2 or 4 — for `rows`
+// rows per matrix and `blocks_per_row_block` blocks over the other grid dimensions (token tiles x
+// matrices): the most that still leave about one block an SM (measured: 1 token x 4096 -> 4096
+// 12.3 / 10.2 / 8.5 us at 1 / 2 / 4, 1024 rows fastest at 1). FLASHMEM_DECODE_GEMV_ROWS=1|2|4
+// fixes it (for measurements).
+int DecodeGemvRowsPerWarp(int64_t rows, int64_t blocks_per_row_block);
 
 cudaError_t RmsNorm(const float* x, const float* weight, int64_t n, int64_t dim, float eps, float* y,
                     cudaStream_t stream);

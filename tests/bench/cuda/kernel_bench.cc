@@ -2,7 +2,7 @@
 // copy bandwidth, cuBLAS bf16 GEMM rate). Times are CUDA-event medians over many launches after a
 // warm-up; inputs are random (never zeros) and rotated across copies larger than L2 where a kernel
 // streams weights. Prints a markdown table (docs/benchmarks.md records it with the command).
-//   kernel_bench [--quick] [--only SECTION]   (sections: linear dense moe attention index topk recall
+//   kernel_bench [--quick] [--only SECTION]   (sections: gemv linear dense moe attention index topk recall
 //                                              elementwise hc; the ceilings always run)
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <random>
@@ -186,6 +187,50 @@ int main(int argc, char** argv) {
   CHECK_CUDA(cudaFree(gb));
   CHECK_CUDA(cudaFree(gc));
   cublasDestroy(blas);
+
+  // ---- the FP8 decode GEMV (fast mode below 4 tokens) on V4-Flash's projection shapes, graph
+  // replays over copies of the weight larger than L2, as a step runs them. FLASHMEM_DECODE_GEMV_ROWS
+  // (1, 2, 4) fixes the rows a warp computes; unset, the backend's choice.
+  if (Want("gemv")) {
+    const char* forced = std::getenv("FLASHMEM_DECODE_GEMV_ROWS");
+    const std::string tag = std::string(" (rows a warp: ") + (forced ? forced : "by shape") + ")";
+    struct GemvShape { int64_t rows, cols; const char* name; };
+    for (GemvShape s : {GemvShape{1024, 4096, "wq_a"}, GemvShape{4096, 4096, "4096^2"}, GemvShape{32768, 1024, "wq_b"},
+                        GemvShape{4096, 8192, "wo_b"}, GemvShape{2048, 4096, "shared w1"}}) {
+      const int64_t value_bytes = s.rows * s.cols, scale_cols = s.cols / 128;
+      const int copies = static_cast<int>(std::max<int64_t>(2, (int64_t{256} << 20) / value_bytes));
+      std::vector<cu::DeviceWeight> ws(copies);
+      for (auto& w : ws) {
+        w.format = WeightFormat::kFp8Block128;
+        w.rows = s.rows;
+        w.cols = s.cols;
+        w.values = DeviceRandomBytes(value_bytes, 1);
+        w.scales = DeviceRandomFloats(((s.rows + 127) / 128) * scale_cols, 0, true);
+        w.scale_cols = scale_cols;
+      }
+      for (int64_t n : {1, 2, 3}) {
+        float* x = DeviceRandomFloats(n * s.cols, 1.0f);
+        float *xq, *xs, *y;
+        CHECK_CUDA(cudaMalloc(&xq, n * s.cols * 4));
+        CHECK_CUDA(cudaMalloc(&xs, n * scale_cols * 4));
+        CHECK_CUDA(cudaMalloc(&y, n * s.rows * 4));
+        CHECK_CUDA(cu::QuantizeActivations(x, n, s.cols, xq, xs, nullptr));
+        const double us = TimeGraphUs([&](cudaStream_t st) {
+          for (int i = 0; i < copies; ++i) CHECK_CUDA(cu::LinearDecode(ws[i], xq, xs, n, y, Rounding::kBf16, st));
+        }) / copies;
+        const double bytes = static_cast<double>(ws[0].bytes()) + n * s.cols * 8.0 + n * s.rows * 4.0;
+        rows.push_back({std::string("decode GEMV FP8 ") + s.name + ", graph replays" + tag,
+                        std::to_string(n) + "x" + std::to_string(s.cols) + " -> " + std::to_string(s.rows), us,
+                        bytes / us / 1e3, 2.0 * n * s.rows * s.cols / us / 1e6, Pct(bytes / us / 1e3, hbm, "HBM")});
+        for (void* p : {static_cast<void*>(x), static_cast<void*>(xq), static_cast<void*>(xs), static_cast<void*>(y)})
+          CHECK_CUDA(cudaFree(p));
+      }
+      for (auto& w : ws) {
+        CHECK_CUDA(cudaFree(const_cast<void*>(w.values)));
+        CHECK_CUDA(cudaFree(const_cast<float*>(w.scales)));
+      }
+    }
+  }
 
   // ---- Linear (FP8 block-128 and FP4 group-32 weights) at decode and prefill sizes -----------
   if (Want("linear")) {
