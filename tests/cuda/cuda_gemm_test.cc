@@ -154,54 +154,50 @@ TEST_F(CudaOps, DecodeGemvRowsPerWarpGiveOneRowAWarpsBits) {
   ASSERT_EQ(cuda::DecodeGemvRowsPerWarp(rows2, 1), 2);
   ASSERT_EQ(cuda::DecodeGemvRowsPerWarp(rows2, 2), 4);  // two matrices of a grouped launch
   ASSERT_EQ(cuda::DecodeGemvRowsPerWarp(300, 1), 1);
-  for (WeightFormat f : {WeightFormat::kFp8Block128})
-    for (int64_t rows : {rows4, rows2})
-      for (int64_t n : {1, 2, 3}) {
-        const WeightMatrix w = RandomWeight(f, rows, cols, ++seed);
-        const WeightMatrix first = [&] {  // its first 300 rows: one row a warp
-          WeightMatrix m = w;
-          m.rows = 300;
-          m.values.resize(300 * cols);
-          m.scales.resize(f == WeightFormat::kFp8Block128 ? 3 * (cols / 128) : 300 * (cols / 32));
-          return m;
-        }();
-        const std::vector<float> x = Random(n * cols, ++seed, 1.5f);
-        std::vector<float> want(n * rows);
-        cpu().Linear(w, x.data(), n, want.data(), Rounding::kNone);
-        const cuda::DeviceWeight dw = DeviceCopy(w), dfirst = DeviceCopy(first);
-        float* dx = static_cast<float*>(Upload(x.data(), x.size() * 4));
-        float *xq = nullptr, *xs = nullptr, *y = nullptr;
-        ASSERT_EQ(cudaMalloc(&xq, x.size() * 4), cudaSuccess);
-        ASSERT_EQ(cudaMalloc(&xs, n * (cols / 128) * 4), cudaSuccess);
-        ASSERT_EQ(cudaMalloc(&y, (3 * rows + 300) * n * 4), cudaSuccess);  // alone, grouped x 2, the first rows
-        ASSERT_EQ(cudaMemset(y, 0xff, (3 * rows + 300) * n * 4), cudaSuccess);  // NaN poison
-        ASSERT_EQ(cuda::QuantizeActivations(dx, n, cols, xq, xs, nullptr), cudaSuccess);
-        ASSERT_EQ(cuda::LinearDecode(dw, xq, xs, n, y, Rounding::kNone, nullptr), cudaSuccess);
-        const auto* codes = static_cast<const uint8_t*>(dw.values);
-        const cuda::GemvGroup groups[2] = {{codes, dw.scales, dw.scale_cols, rows, cols, xq, xs, n, y + n * rows},
-                                           {codes, dw.scales, dw.scale_cols, rows, cols, xq, xs, n, y + 2 * n * rows}};
-        auto* dgroups = static_cast<const cuda::GemvGroup*>(Upload(groups, sizeof groups));
-        ASSERT_EQ(cuda::LinearDecodeGrouped(dgroups, 2, rows, n, cols, f == WeightFormat::kFp8Block128,
-                                            Rounding::kNone, nullptr, {}),
-                  cudaSuccess);
-        ASSERT_EQ(cuda::LinearDecode(dfirst, xq, xs, n, y + 3 * n * rows, Rounding::kNone, nullptr), cudaSuccess);
-        std::vector<float> got((3 * rows + 300) * n);
-        ASSERT_EQ(cudaMemcpy(got.data(), y, got.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
-        for (const void* p : {dw.values, static_cast<const void*>(dw.scales), dfirst.values,
-                              static_cast<const void*>(dfirst.scales), static_cast<const void*>(dx),
-                              static_cast<const void*>(xq), static_cast<const void*>(xs), static_cast<const void*>(y),
-                              static_cast<const void*>(dgroups)})
-          cudaFree(const_cast<void*>(p));
-        const std::string where = "format " + std::to_string(static_cast<int>(f)) + " rows " + std::to_string(rows) +
-                                  " n " + std::to_string(n);
-        const std::vector<float> alone(got.begin(), got.begin() + n * rows);
-        EXPECT_LE(RelErr(alone, want), kFp32Tol) << where;
-        for (int g = 1; g <= 2; ++g)
-          EXPECT_EQ(std::memcmp(got.data() + g * n * rows, alone.data(), n * rows * 4), 0) << where << " group " << g;
-        for (int64_t t = 0; t < n; ++t)  // one row a warp, the same rows' bits
-          EXPECT_EQ(std::memcmp(got.data() + 3 * n * rows + t * 300, alone.data() + t * rows, 300 * 4), 0)
-              << where << " token " << t;
-      }
+  for (int64_t rows : {rows4, rows2})
+    for (int64_t n : {1, 2, 3}) {
+      const WeightMatrix w = RandomWeight(WeightFormat::kFp8Block128, rows, cols, ++seed);
+      const WeightMatrix first = [&] {  // its first 300 rows: one row a warp
+        WeightMatrix m = w;
+        m.rows = 300;
+        m.values.resize(300 * cols);
+        m.scales.resize(3 * (cols / 128));  // its first three 128-row blocks
+        return m;
+      }();
+      const std::vector<float> x = Random(n * cols, ++seed, 1.5f);
+      std::vector<float> want(n * rows);
+      cpu().Linear(w, x.data(), n, want.data(), Rounding::kNone);
+      const cuda::DeviceWeight dw = DeviceCopy(w), dfirst = DeviceCopy(first);
+      float* dx = static_cast<float*>(Upload(x.data(), x.size() * 4));
+      float *xq = nullptr, *xs = nullptr, *y = nullptr;
+      ASSERT_EQ(cudaMalloc(&xq, x.size() * 4), cudaSuccess);
+      ASSERT_EQ(cudaMalloc(&xs, n * (cols / 128) * 4), cudaSuccess);
+      ASSERT_EQ(cudaMalloc(&y, (3 * rows + 300) * n * 4), cudaSuccess);  // alone, grouped x 2, the first rows
+      ASSERT_EQ(cudaMemset(y, 0xff, (3 * rows + 300) * n * 4), cudaSuccess);  // NaN poison
+      ASSERT_EQ(cuda::QuantizeActivations(dx, n, cols, xq, xs, nullptr), cudaSuccess);
+      ASSERT_EQ(cuda::LinearDecode(dw, xq, xs, n, y, Rounding::kNone, nullptr), cudaSuccess);
+      const auto* codes = static_cast<const uint8_t*>(dw.values);
+      const cuda::GemvGroup groups[2] = {{codes, dw.scales, dw.scale_cols, rows, cols, xq, xs, n, y + n * rows},
+                                         {codes, dw.scales, dw.scale_cols, rows, cols, xq, xs, n, y + 2 * n * rows}};
+      auto* dgroups = static_cast<const cuda::GemvGroup*>(Upload(groups, sizeof groups));
+      ASSERT_EQ(cuda::LinearDecodeGrouped(dgroups, 2, rows, n, cols, true, Rounding::kNone, nullptr, {}), cudaSuccess);
+      ASSERT_EQ(cuda::LinearDecode(dfirst, xq, xs, n, y + 3 * n * rows, Rounding::kNone, nullptr), cudaSuccess);
+      std::vector<float> got((3 * rows + 300) * n);
+      ASSERT_EQ(cudaMemcpy(got.data(), y, got.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+      for (const void* p : {dw.values, static_cast<const void*>(dw.scales), dfirst.values,
+                            static_cast<const void*>(dfirst.scales), static_cast<const void*>(dx),
+                            static_cast<const void*>(xq), static_cast<const void*>(xs), static_cast<const void*>(y),
+                            static_cast<const void*>(dgroups)})
+        cudaFree(const_cast<void*>(p));
+      const std::string where = "rows " + std::to_string(rows) + " n " + std::to_string(n);
+      const std::vector<float> alone(got.begin(), got.begin() + n * rows);
+      EXPECT_LE(RelErr(alone, want), kFp32Tol) << where;
+      for (int g = 1; g <= 2; ++g)
+        EXPECT_EQ(std::memcmp(got.data() + g * n * rows, alone.data(), n * rows * 4), 0) << where << " group " << g;
+      for (int64_t t = 0; t < n; ++t)  // one row a warp, the same rows' bits
+        EXPECT_EQ(std::memcmp(got.data() + 3 * n * rows + t * 300, alone.data() + t * rows, 300 * 4), 0)
+            << where << " token " << t;
+    }
 }
 
 // FP4 scales read as the checkpoint's E8M0 bytes and tokens read as f16 in the MMA's order (fast
