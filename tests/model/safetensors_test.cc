@@ -5,6 +5,8 @@
 #include <filesystem>
 #include <fstream>
 
+#include <omp.h>
+
 #include "gtest/gtest.h"
 #include "kernels/numerics.h"
 #include "nlohmann/json.hpp"
@@ -165,6 +167,28 @@ TEST_F(CheckpointHostile, NanE4m3WeightIsRejected) {
   auto t = tensors_;
   Find(t, "layers.0.attn.wkv.weight")->bytes[10] = 0x7f;
   ExpectStatus(LoadWith(t), "tensor 'layers.0.attn.wkv.weight': NaN e4m3 code");
+}
+
+TEST_F(CheckpointHostile, LayersPastAFailedOneAreNotDecoded) {
+  // One thread: the layers run in order, so every layer after the failing first one is skipped
+  // (and not reported as done); the first layer's error comes back. Intact, every layer is done.
+  auto t = tensors_;
+  Find(t, "layers.0.attn.wkv.weight")->bytes[10] = 0x7f;
+  const int threads = omp_get_max_threads();
+  omp_set_num_threads(1);
+  auto load = [&](const std::vector<TensorToWrite>& with, std::vector<int64_t>* done) {
+    EXPECT_TRUE(WriteSafetensors(dir_ + "/model.safetensors", with).ok());
+    auto ckpt = Checkpoint::Open(dir_);
+    if (!ckpt.ok()) return ckpt.status();
+    return LoadWeights(**ckpt, args_, {}, [&](int64_t d, int64_t) { done->push_back(d); }).status();
+  };
+  std::vector<int64_t> failed_done, intact_done;
+  const absl::Status failed = load(t, &failed_done), intact = load(tensors_, &intact_done);
+  omp_set_num_threads(threads);
+  ExpectStatus(failed, "tensor 'layers.0.attn.wkv.weight': NaN e4m3 code");
+  EXPECT_TRUE(failed_done.empty()) << failed_done.size() << " layers reported done after layer 0 failed";
+  EXPECT_TRUE(intact.ok()) << intact;
+  EXPECT_EQ(intact_done.size(), static_cast<size_t>(args_.n_layers + args_.n_mtp_layers));
 }
 
 TEST_F(CheckpointHostile, OutOfRangeHashRoute) {

@@ -1,5 +1,6 @@
 #include "worker/model/weights.h"
 
+#include <algorithm>
 #include <array>
 #include <cstring>
 #include <map>
@@ -372,14 +373,27 @@ absl::StatusOr<ModelWeights> LoadWeights(const Checkpoint& ckpt, const ModelArgs
   const int64_t steps = a.n_layers + a.n_mtp_layers;
   // Layers decode in parallel (each is independent, and decoding is host work on the mapped
   // file: single-threaded, a flash-shape checkpoint took over a minute); progress counts the
-  // layers done, in order of completion, and the first failing layer's error is returned.
+  // layers done, in order of completion, and the first failing layer's error is returned. A layer
+  // past one that failed is not decoded (its result could not be returned; a flash-shape layer
+  // is seconds of work): the lowest failing index always runs, as only a lower failure skips it.
   std::vector<absl::StatusOr<BlockWeights>> blocks(a.n_layers);
   absl::Mutex progress_mu;
-  int64_t done = 0;
+  int64_t done = 0, first_failed = a.n_layers;  // both under progress_mu
 #pragma omp parallel for schedule(dynamic)
   for (int64_t l = 0; l < a.n_layers; ++l) {
+    {
+      absl::MutexLock lock(&progress_mu);
+      if (l > first_failed) {
+        blocks[l] = absl::CancelledError(absl::StrCat("layer ", l, ": not decoded after layer ", first_failed, " failed"));
+        continue;
+      }
+    }
     blocks[l] = ld.Block(a, l);
     absl::MutexLock lock(&progress_mu);
+    if (!blocks[l].ok()) {
+      first_failed = std::min(first_failed, l);
+      continue;
+    }
     ++done;
     if (progress) progress(done, steps);
   }
