@@ -437,6 +437,14 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
     size_t at = 0;  // the pooled row in `done`, for a step that completes a block
   };
   std::vector<PoolStep> pool_steps;
+  // The pending rows' window writes (the row's KV into its session's ring: an FP8 record encoded
+  // on the host, ~1-2 us a row), run with the compressor steps: distinct sessions, independent.
+  struct WindowWrite {
+    kv::EntryPages* window;
+    int64_t slot;
+    const float* row;
+  };
+  std::vector<WindowWrite> window_writes;
   auto run_pool_steps = [&] {
     int64_t completing = 0;
     for (PoolStep& p : pool_steps) {  // the completed blocks' rows in row order, as one by one
@@ -447,14 +455,20 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
       p.done->starts.push_back(p.pos + 1 - p.comp->ratio());  // the block's first position
       p.done->to.push_back(p.to);
     }
-    const int64_t steps = static_cast<int64_t>(pool_steps.size());
-#pragma omp parallel for schedule(dynamic) if (completing >= 4)
-    for (int64_t k = 0; k < steps; ++k) {
-      const PoolStep& p = pool_steps[k];
-      p.comp->Pool(*p.st, p.kv_row, p.score_row, p.pos,
-                   p.comp->Completes(p.pos) ? p.done->pooled.data() + p.at : nullptr);
+    const int64_t steps = static_cast<int64_t>(pool_steps.size()), writes = static_cast<int64_t>(window_writes.size());
+#pragma omp parallel if (completing >= 4 || writes >= 8)
+    {
+#pragma omp for schedule(dynamic) nowait
+      for (int64_t k = 0; k < steps; ++k) {
+        const PoolStep& p = pool_steps[k];
+        p.comp->Pool(*p.st, p.kv_row, p.score_row, p.pos,
+                     p.comp->Completes(p.pos) ? p.done->pooled.data() + p.at : nullptr);
+      }
+#pragma omp for schedule(static)
+      for (int64_t k = 0; k < writes; ++k) window_writes[k].window->Overwrite(window_writes[k].slot, window_writes[k].row);
     }
     pool_steps.clear();
+    window_writes.clear();
   };
   auto run_batch = [&] {
     const size_t m = batch.size();
@@ -480,9 +494,13 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
     }
     attention_rows.clear();
     if (inverse_rope.size() < m) inverse_rope.resize(m);
+    // Each row's slot list (640 slots a row at V4-Flash's shape) from its own session's state.
+    const int64_t rows_m = static_cast<int64_t>(m);
+#pragma omp parallel for schedule(static) if (rows_m >= 8)
+    for (int64_t j = 0; j < rows_m; ++j)
+      Candidates(rows[batch[j]], rows[batch[j]].state->layers[layer_], selected[j], &slots[j]);
     for (size_t j = 0; j < m; ++j) {
       const int64_t i = batch[j];
-      Candidates(rows[i], rows[i].state->layers[layer_], selected[j], &slots[j]);
       // The output's RoPE undone with the row's own angles, where the output is.
       inverse_rope[j] = kernels::RowOp::Rope(D, D - rd, rd, cs.data() + i * (rd / 2), sn.data() + i * (rd / 2), H,
                                              /*inverse=*/true);
@@ -496,7 +514,7 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
     const TokenRow& row = rows[i];
     if (std::any_of(batch.begin(), batch.end(), [&](int64_t j) { return rows[j].state == row.state; })) run_batch();
     LayerState& ls = row.state->layers[layer_];
-    ls.window.Overwrite(row.pos % W, kv.data() + i * D);
+    window_writes.push_back({&ls.window, row.pos % W, kv.data() + i * D});
     if (compressor_)
       pool_steps.push_back({&*compressor_, &ls.compressor, ckv.data() + i * cw, cscore.data() + i * cw, row.pos,
                             &ls.compressed, &completed});
