@@ -425,10 +425,9 @@ class CudaBackendImpl final : public Backend {
                                          const std::vector<int32_t>& idx, const float* sink);
   void AttentionOutputs(Frame& f, std::span<const AttentionRow> rows, int64_t heads, int64_t n,
                         AttentionArrays* a) const;
-  // Fast mode, where the heads fill the warpgroup MMA's 64 rows: the tensor-core kernel.
-  bool TensorCoreAttention(int64_t heads) const {
-    return !exact_ && fast_attention_ && heads % cuda::kFastAttentionHeads == 0;
-  }
+  // Fast mode: the tensor-core kernels (the warpgroup MMA's for whole groups of 64 heads, the
+  // few-heads kernel for a tensor-parallel shard's).
+  bool TensorCoreAttention(int64_t /*heads*/) const { return !exact_ && fast_attention_; }
   // The paged kernel over `pages` (page_entries records a page) for the frame's rows.
   cudaError_t AttentionKernel(Dev d, const AttentionArrays& a, int64_t b, int64_t heads, const uint8_t* pages,
                               int64_t page_entries, int64_t n, float softmax_scale) const;

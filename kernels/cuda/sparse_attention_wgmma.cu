@@ -32,6 +32,7 @@
 #include "kernels/cuda/device_math.cuh"
 #include "kernels/cuda/device_ops.h"
 #include "kernels/cuda/ptx.cuh"
+#include "kernels/cuda/sparse_attention_parts.h"
 #include "kernels/cuda/wgmma.cuh"
 
 namespace flashmem::kernels::cuda {
@@ -435,12 +436,27 @@ int Splits(int64_t batch, int64_t heads, int64_t n) {
 
 }  // namespace
 
-int64_t PagedSparseAttentionFp8FastWorkspace(int64_t batch, int64_t heads, int64_t n) {
+}  // namespace flashmem::kernels::cuda
+
+namespace flashmem::kernels::cuda::detail {
+
+int64_t PagedSparseAttentionFp8WideWorkspace(int64_t batch, int64_t heads, int64_t n) {
   const int64_t rows = batch * Splits(batch, heads, n) * heads;
   return rows * (kDim + 2) * static_cast<int64_t>(sizeof(float));
 }
 
-cudaError_t PagedSparseAttentionFp8Fast(const float* q, int64_t batch, int64_t heads, const uint8_t* pages,
+cudaError_t CombineAttentionSplits(const float* part_o, const float* part_m, const float* part_l, int64_t batch,
+                                   int64_t heads, int splits, const float* sink, float softmax_scale, float* out,
+                                   cudaStream_t stream) {
+  // Launched as a programmatic dependent of the attention grid: its launch overlaps that grid's
+  // last blocks instead of following their completion.
+  const int64_t rows_out = batch * heads;
+  return ptx::LaunchAsDependent(CombineKernel, dim3(static_cast<unsigned>((rows_out + kCombineWarps - 1) / kCombineWarps)),
+                           dim3(32 * kCombineWarps), 0, stream, part_o, part_m, part_l, rows_out, heads, splits, sink,
+                           softmax_scale, out);
+}
+
+cudaError_t PagedSparseAttentionFp8Wide(const float* q, int64_t batch, int64_t heads, const uint8_t* pages,
                                         int64_t page_entries, const int32_t* idx, int64_t n, const float* sink,
                                         float softmax_scale, float* out, void* workspace, cudaStream_t stream) {
   if (heads % kHeads != 0 || page_entries <= 0 || n <= 0 || (page_entries * kRecordBytes) % 16 != 0)
@@ -459,12 +475,7 @@ cudaError_t PagedSparseAttentionFp8Fast(const float* q, int64_t batch, int64_t h
                                                      softmax_scale, out, part_o, part_m, part_l);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess || splits == 1) return e;
-  // Launched as a programmatic dependent of the attention grid: its launch overlaps that grid's
-  // last blocks instead of following their completion.
-  const int64_t rows_out = batch * heads;
-  return LaunchAsDependent(CombineKernel, dim3(static_cast<unsigned>((rows_out + kCombineWarps - 1) / kCombineWarps)),
-                           dim3(32 * kCombineWarps), 0, stream, part_o, part_m, part_l, rows_out, heads, splits, sink,
-                           softmax_scale, out);
+  return CombineAttentionSplits(part_o, part_m, part_l, batch, heads, splits, sink, softmax_scale, out, stream);
 }
 
-}  // namespace flashmem::kernels::cuda
+}  // namespace flashmem::kernels::cuda::detail
