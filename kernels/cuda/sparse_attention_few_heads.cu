@@ -1,27 +1,31 @@
 // Sparse MQA with the sink over paged 584-B FP8 records for a few heads: a tensor-parallel shard's
-// share of V4-Flash's 64 (32, 16 or 8 at TP 2, 4, 8), which the warpgroup kernel (M = 64 heads,
-// sparse_attention_wgmma.cu) cannot take. With 16 heads a record carries a quarter of the FLOPs
-// it carries at 64, so this kernel is bound by the bytes it reads and the work of unpacking them,
-// not by the MMAs; it never writes a dequantised tile to shared memory. A block takes 16 heads of
-// one token over a split of its slots (flash-decoding: splits fill the SMs, two blocks an SM; the
-// wide kernel's combine merges them), in chunks of 48 slots gathered by index with cp.async one
-// chunk ahead, and 8 warps, warp w owning the record's 64-dim block w (w < 7: FP8 with scale byte
-// w; w = 7: the bf16 rope dims):
-//   - S = Q·Kᵀ over block w (mma.sync m16n8k16, 6 n-tiles of 8 slots x 4 k-steps): the k order
-//     inside a block is permuted so that a lane's B operand for all 4 k-steps is one 16-byte load
-//     of its slot's codes, converted to bf16 by shifts and masks (the code's bits land in a
-//     bf16's low exponent bits and mantissa: value x 2^-120, exact, subnormals included); Q is
-//     held in registers in the same order, times 2^64, so the partial sums stay normal floats.
-//     Each warp scales its partial S by its block's per-slot scale and leaves it in shared memory.
-//   - The 8 partials are summed in a fixed order, then an online softmax over the chunk; P goes to
-//     shared memory as bf16, its columns in the order the P·V loads want.
-//   - O += P·V over block w's 64 output dims (3 k-steps x 8 n-tiles): P from shared memory
-//     (ldmatrix), times the slots' scales of block w (powers of two: exact in bf16); V's B operand
-//     built from 8-byte loads of 4 slots' codes with byte permutes. Records sit 576 B apart with
-//     32 B more after every pair, which keeps both the QK loads (two slots a quarter-warp) and the
-//     P·V loads (four slots a half-warp) on distinct banks.
-// Sums are reordered against the CPU reference: results agree within bf16 rounding. Scale bytes
-// must lie in 2^-63 .. 2^63 (bytes 64 .. 190; real KV records sit near 2^-8), Q below 2^63.
+// share of V4-Flash's 64 (32, 16 or 8 at TP 2, 4, 8), or a small model's, which the warpgroup
+// kernel (M = 64 heads, sparse_attention_wgmma.cu) cannot take. A block takes 16 heads of one
+// token (fewer are zero rows) over all its slots in one pass, chunks of 64 slots, as the CPU
+// reference does: the reference rounds P to bf16 against the running maximum of that pass, and
+// splitting a token's slots over blocks rounds differently (see FewHeadsSplits). Records are
+// gathered by index with cp.async one chunk ahead; the FP8 codes are converted in registers
+// (never a dequantised tile in shared memory). 16 warps: warp w owns the record's 64-dim block
+// w % 8 (w % 8 < 7: FP8 with scale byte w % 8; 7: the bf16 rope dims) and half w / 8 of every
+// chunk's slots:
+//   - S = Q·Kᵀ over its block (mma.sync m16n8k16, f16 for FP8 blocks: e4m3 -> f16 is exact, one
+//     cvt per two codes; the k order inside a block is permuted so that a lane's B operand for all
+//     4 k-steps is one 16-byte load of its slot's codes). Q sits in registers in the same order,
+//     each row times a power of two that keeps it in f16's range (exact for bf16 values). Each
+//     warp scales its partial S by its block's per-slot scale; blocks 4-7 add theirs onto 0-3's.
+//   - Softmax, one warp a row: the 4 partials summed in a fixed order, the maximum moved a chunk
+//     at a time, P rounded to bf16 (held as f16: exact) in shared memory, its columns in the
+//     order the P·V loads want.
+//   - O += P·V over its block's 64 output dims and its half of the slots: P (ldmatrix) times
+//     2^(e - e_ref) per slot (e its scale byte, e_ref the block's largest so far: exact in f16),
+//     V's B operand built from 8-byte loads of 4 slots' codes with byte permutes. The halves' O
+//     are added once, at the end. Records sit 576 B apart with 32 B more after every pair, which
+//     keeps both the QK loads (two slots a quarter-warp) and the P·V loads (four slots a
+//     half-warp) on distinct banks.
+// Where the time goes (docs/benchmarks.md): ~4 us a chunk, the same with 2, 3 or 4 chunks in
+// flight: the serial chain QK -> softmax -> P·V of a chunk with four block barriers, not memory.
+// Sums are reordered against the CPU reference: results agree within bf16 rounding (and pass the
+// tiny-c golden in fast mode). A scale byte e counts as 2^(e - 127); byte 0 (2^-127) as zero.
 #include <cuda_bf16.h>
 #include <cstdlib>
 #include <algorithm>

@@ -558,7 +558,7 @@ int main(int argc, char** argv) {
           rows.push_back({name, "b=" + std::to_string(batch) + " h=" + std::to_string(heads) + " slots=640", us,
                           bytes / us / 1e3, flop / us / 1e6, Pct(bytes / us / 1e3, hbm, "HBM")});
         };
-        if (heads == 64)
+        if (heads == 64 || batch == 64)
           add("sparse MQA, paged FP8 (exact)", TimeUs([&](int) {
                 CHECK_CUDA(cu::PagedSparseAttentionFp8(q, batch, heads, recs, B, didx, n, sink, 0.044f, out, nullptr));
               }));

@@ -2,7 +2,7 @@
 """The PyTorch equivalents of tests/bench/cuda/kernel_bench on the same machine and shapes.
 
 GEMMs: torch._scaled_mm (FP8 e4m3, per-tensor scales; M padded to 16 as it requires) and bf16
-matmul. Sparse MQA: gather of bf16 KV rows + scaled_dot_product_attention (h_q 64, h_kv 1).
+matmul. Sparse MQA: gather of bf16 KV rows + scaled_dot_product_attention (h_q 64, 16, 8; h_kv 1).
 Indexer scores: bf16 einsum + relu + weighted sum. CUDA-event medians after a warm-up; inputs random
 and weights rotated across copies larger than L2. Prints a markdown table.
     python3 tests/bench/cuda/torch_kernels.py [--quick]
@@ -53,21 +53,23 @@ def gemm_rows(n_out, k, name):
 gemm_rows(4096, 4096, "wq_b-like")
 gemm_rows(2048, 4096, "expert w1 shape")
 
-# Sparse MQA: gather + SDPA over bf16 rows (what a framework does without a paged FP8 kernel).
-entries, heads, n = 4096 * 64, 64, 640
+# Sparse MQA: gather + SDPA over bf16 rows (what a framework does without a paged FP8 kernel); 64
+# heads, and 16 and 8 (a tensor-parallel shard's).
+entries, n = 4096 * 64, 640
 kv = torch.randn(entries, 512, device=dev, dtype=torch.bfloat16)
-for b in ([1, 64] if quick else [1, 8, 32, 64, 128]):
-    idx = torch.randint(0, entries, (b, n), device=dev)
-    q = torch.randn(b, heads, 1, 512, device=dev, dtype=torch.bfloat16)
+for heads in (64, 16, 8):
+    for b in ([1, 64] if quick else [1, 8, 32, 64, 128]):
+        idx = torch.randint(0, entries, (b, n), device=dev)
+        q = torch.randn(b, heads, 1, 512, device=dev, dtype=torch.bfloat16)
 
-    def attn(_):
-        rows_ = kv[idx].unsqueeze(1)  # [b, 1, n, 512]
-        return F.scaled_dot_product_attention(q, rows_.expand(b, heads, n, 512), rows_.expand(b, heads, n, 512),
-                                              scale=0.044)
-    us = time_us(attn)
-    byt = b * n * 1024 + 2 * b * heads * 512 * 2
-    rows.append(("torch gather + SDPA (bf16 rows)", f"b={b} h=64 slots=640", us, byt / us / 1e3,
-                 2 * b * heads * n * 1024 / us / 1e6))
+        def attn(_):
+            rows_ = kv[idx].unsqueeze(1)  # [b, 1, n, 512]
+            return F.scaled_dot_product_attention(q, rows_.expand(b, heads, n, 512), rows_.expand(b, heads, n, 512),
+                                                  scale=0.044)
+        us = time_us(attn)
+        byt = b * n * 1024 + 2 * b * heads * 512 * 2
+        rows.append(("torch gather + SDPA (bf16 rows)", f"b={b} h={heads} slots=640", us, byt / us / 1e3,
+                     2 * b * heads * n * 1024 / us / 1e6))
 
 # Lightning-indexer scores: relu(q . k) weighted over heads.
 for nk in ([16384] if quick else [16384, 65536]):
