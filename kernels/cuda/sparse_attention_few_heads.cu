@@ -431,7 +431,7 @@ bool Wide(int64_t heads) { return heads % kFastAttentionHeads == 0; }
 int64_t PagedSparseAttentionFp8FastWorkspace(int64_t batch, int64_t heads, int64_t n) {
   if (Wide(heads)) return detail::PagedSparseAttentionFp8WideWorkspace(batch, heads, n);
   const int64_t rows = batch * FewHeadsSplits(batch, heads, n) * heads;
-  return rows * (kDim + 2) * static_cast<int64_t>(sizeof(float));
+  return detail::SplitRowsBytes(rows, kDim);
 }
 
 cudaError_t PagedSparseAttentionFp8Fast(const float* q, int64_t batch, int64_t heads, const uint8_t* pages,
@@ -448,16 +448,14 @@ cudaError_t PagedSparseAttentionFp8Fast(const float* q, int64_t batch, int64_t h
   if (configured != cudaSuccess) return configured;
   const int splits = FewHeadsSplits(batch, heads, n);
   const int64_t rows = batch * splits * heads;
-  float* part_o = static_cast<float*>(workspace);
-  float* part_m = part_o + rows * kDim;
-  float* part_l = part_m + rows;
+  const detail::SplitRows part = detail::SplitRowsIn(workspace, rows, kDim);
   const dim3 grid(static_cast<unsigned>(batch), static_cast<unsigned>(splits),
                   static_cast<unsigned>((heads + kRows - 1) / kRows));
   FewHeadsKernel<<<grid, kThreads, kSmem, stream>>>(q, heads, pages, page_entries, idx, n, splits, sink, softmax_scale,
-                                                     out, part_o, part_m, part_l);
+                                                     out, part.o, part.m, part.l);
   const cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess || splits == 1) return e;
-  return detail::CombineAttentionSplits(part_o, part_m, part_l, batch, heads, splits, sink, softmax_scale, out, stream);
+  return detail::CombineAttentionSplits(part.o, part.m, part.l, batch, heads, splits, sink, softmax_scale, out, stream);
 }
 
 }  // namespace flashmem::kernels::cuda

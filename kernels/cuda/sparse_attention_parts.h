@@ -11,6 +11,18 @@
 
 namespace flashmem::kernels::cuda::detail {
 
+// The partial rows in a kernel's workspace: `rows` rows of part_o, then part_m, then part_l.
+struct SplitRows {
+  float* o;
+  float* m;
+  float* l;
+};
+inline SplitRows SplitRowsIn(void* workspace, int64_t rows, int64_t dim) {
+  float* o = static_cast<float*>(workspace);
+  return {o, o + rows * dim, o + rows * dim + rows};
+}
+inline int64_t SplitRowsBytes(int64_t rows, int64_t dim) { return rows * (dim + 2) * static_cast<int64_t>(sizeof(float)); }
+
 // The warpgroup-MMA kernel: heads % 64 == 0.
 int64_t PagedSparseAttentionFp8WideWorkspace(int64_t batch, int64_t heads, int64_t n);
 cudaError_t PagedSparseAttentionFp8Wide(const float* q, int64_t batch, int64_t heads, const uint8_t* pages,

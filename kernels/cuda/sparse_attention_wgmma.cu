@@ -442,7 +442,7 @@ namespace flashmem::kernels::cuda::detail {
 
 int64_t PagedSparseAttentionFp8WideWorkspace(int64_t batch, int64_t heads, int64_t n) {
   const int64_t rows = batch * Splits(batch, heads, n) * heads;
-  return rows * (kDim + 2) * static_cast<int64_t>(sizeof(float));
+  return SplitRowsBytes(rows, kDim);
 }
 
 cudaError_t CombineAttentionSplits(const float* part_o, const float* part_m, const float* part_l, int64_t batch,
@@ -467,15 +467,13 @@ cudaError_t PagedSparseAttentionFp8Wide(const float* q, int64_t batch, int64_t h
   if (configured != cudaSuccess) return configured;
   const int splits = Splits(batch, heads, n);
   const int64_t rows = batch * splits * heads;
-  float* part_o = static_cast<float*>(workspace);
-  float* part_m = part_o + rows * kDim;
-  float* part_l = part_m + rows;
+  const SplitRows part = SplitRowsIn(workspace, rows, kDim);
   const dim3 grid(static_cast<unsigned>(batch), static_cast<unsigned>(splits), static_cast<unsigned>(heads / kHeads));
   AttentionKernel<<<grid, kThreads, kSmem, stream>>>(q, heads, pages, page_entries, idx, n, splits, sink,
-                                                     softmax_scale, out, part_o, part_m, part_l);
+                                                     softmax_scale, out, part.o, part.m, part.l);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess || splits == 1) return e;
-  return CombineAttentionSplits(part_o, part_m, part_l, batch, heads, splits, sink, softmax_scale, out, stream);
+  return CombineAttentionSplits(part.o, part.m, part.l, batch, heads, splits, sink, softmax_scale, out, stream);
 }
 
 }  // namespace flashmem::kernels::cuda::detail
