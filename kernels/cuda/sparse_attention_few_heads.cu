@@ -107,11 +107,14 @@ __device__ __forceinline__ int32_t EntryOf(const int32_t* tok_idx, int64_t n, in
 // A chunk's records (masked and past-the-end slots zero-filled) and entries into a stage: eight
 // threads a record (slot threadIdx.x / 8 with entry e, loaded a chunk ahead), each copying every
 // eighth 16-byte piece.
-__device__ __forceinline__ void GatherChunk(const uint8_t* pages, int page_entries, int32_t e, uint8_t* stage,
-                                            int32_t* ent) {
+// page_shift: log2(page_entries) when that is a power of two (64 in the KV reserve: a shift
+// instead of a 30-instruction division), else -1.
+__device__ __forceinline__ void GatherChunk(const uint8_t* pages, int page_entries, int page_shift, int32_t e,
+                                            uint8_t* stage, int32_t* ent) {
   const int j = threadIdx.x / 8, eighth = threadIdx.x % 8;
   const bool live = e >= 0;
-  const int page_no = live ? e / page_entries : 0, slot = live ? e - page_no * page_entries : 0;
+  const int page_no = !live ? 0 : page_shift >= 0 ? e >> page_shift : e / page_entries;
+  const int slot = live ? e - page_no * page_entries : 0;
   const uint8_t* page = pages + static_cast<int64_t>(page_no) * page_entries * kRecordBytes;
   const uint8_t* src = page + slot * kRecordData;
   uint8_t* dst = stage + RowOffset(j);
@@ -121,6 +124,97 @@ __device__ __forceinline__ void GatherChunk(const uint8_t* pages, int page_entri
     CopyAsync8(stage + kStageData + j * kRecordScales, page + page_entries * kRecordData + slot * kRecordScales,
                live ? 8 : 0);
     ent[j] = e;
+  }
+}
+
+// This warp's partial scores over dim block `blk` for its half of the chunk's slots: n-tile t
+// holds slots 8 t .. 8 t + 7; a lane's B operand is slot 8 t + g, dims 64 blk + 16 c4 + [0, 16).
+// Scaled by the slots' scale bytes (FP8 blocks) and Q's row factors. kRope: the bf16 rope block
+// (a template parameter, so that each form is straight-line code whose tiles interleave).
+template <bool kRope>
+__device__ __forceinline__ void PartialScores(const uint8_t* stage, const uint8_t* scales, const uint32_t (&qa)[4][4],
+                                              const float (&q_undo)[2], int blk, int half, int g, int c4,
+                                              float (&acc)[kHalfTiles][4]) {
+#pragma unroll
+  for (int tt = 0; tt < kHalfTiles; ++tt) {
+    const int t = kHalfTiles * half + tt;
+    acc[tt][0] = acc[tt][1] = acc[tt][2] = acc[tt][3] = 0.0f;
+    const uint8_t* row = stage + RowOffset(8 * t + g);
+    if constexpr (!kRope) {
+      const uint4 v = *reinterpret_cast<const uint4*>(row + 64 * blk + 16 * c4);
+      const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const uint32_t kf[2] = {CodesToF16(words[j]), CodesToF16(words[j] >> 16)};
+        MmaF16(acc[tt], qa[j], kf);
+      }
+    } else {
+      const uint4 v0 = *reinterpret_cast<const uint4*>(row + kRecordNope + 32 * c4);
+      const uint4 v1 = *reinterpret_cast<const uint4*>(row + kRecordNope + 32 * c4 + 16);
+      const uint32_t words[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const uint32_t bf[2] = {words[2 * j], words[2 * j + 1]};
+        MmaBf16(acc[tt], qa[j], bf);
+      }
+    }
+  }
+#pragma unroll
+  for (int tt = 0; tt < kHalfTiles; ++tt) {
+    const int s0 = 8 * (kHalfTiles * half + tt) + 2 * c4;
+    const float f0 = kRope ? 1.0f : ScaleOf(scales[s0 * kRecordScales + blk]);
+    const float f1 = kRope ? 1.0f : ScaleOf(scales[(s0 + 1) * kRecordScales + blk]);
+    acc[tt][0] *= q_undo[0] * f0;
+    acc[tt][1] *= q_undo[0] * f1;
+    acc[tt][2] *= q_undo[1] * f0;
+    acc[tt][3] *= q_undo[1] * f1;
+  }
+}
+
+// O += P·V over dim block `blk`'s 64 output dims and this warp's half of the chunk's slots:
+// n-tile t, column g is dim 64 blk + 8 g + t. FP8 blocks: f16 MMAs with P times 2^(e - e_ref)
+// per slot; the rope block: bf16 MMAs (P's values are bf16).
+template <bool kRope>
+__device__ __forceinline__ void AccumulatePv(const uint8_t* stage, const uint8_t* scales, const uint16_t* p_s,
+                                             int e_ref, int blk, int half, int lane, float (&o)[8][4]) {
+  const int mtx = lane / 8, g = lane / 4, c4 = lane % 4;
+#pragma unroll
+  for (int kk = 0; kk < kHalfSteps; ++kk) {
+    const int ks = kHalfSteps * half + kk;
+    uint32_t pa[4];
+    LoadMatrices(pa, p_s + ((mtx & 1) * 8 + lane % 8) * kPPitch + 16 * ks + (mtx >> 1) * 8);
+    const int s0 = 16 * ks + c4;  // this lane's slots: s0, s0 + 4, s0 + 8, s0 + 12
+    if constexpr (!kRope) {
+      auto factor = [&](int s) { return Pow2F16(static_cast<int>(scales[s * kRecordScales + blk]) - e_ref); };
+      const uint32_t f01 = factor(s0) | (factor(s0 + 4) << 16), f89 = factor(s0 + 8) | (factor(s0 + 12) << 16);
+      pa[0] = MulF16(pa[0], f01);
+      pa[1] = MulF16(pa[1], f01);
+      pa[2] = MulF16(pa[2], f89);
+      pa[3] = MulF16(pa[3], f89);
+      uint2 v[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) v[i] = *reinterpret_cast<const uint2*>(stage + RowOffset(s0 + 4 * i) + 64 * blk + 8 * g);
+#pragma unroll
+      for (int t = 0; t < 8; ++t) {
+        const unsigned sel = (t % 4) | ((4u + t % 4) << 4);
+        const uint32_t vf[2] = {CodesToF16(__byte_perm(t < 4 ? v[0].x : v[0].y, t < 4 ? v[1].x : v[1].y, sel)),
+                                CodesToF16(__byte_perm(t < 4 ? v[2].x : v[2].y, t < 4 ? v[3].x : v[3].y, sel))};
+        MmaF16(o[t], pa, vf);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) pa[i] = F16ToBf16(pa[i]);  // bf16 values: exact
+      uint4 v[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) v[i] = *reinterpret_cast<const uint4*>(stage + RowOffset(s0 + 4 * i) + kRecordNope + 16 * g);
+#pragma unroll
+      for (int t = 0; t < 8; ++t) {
+        auto word = [&](const uint4& x) { return t / 2 == 0 ? x.x : t / 2 == 1 ? x.y : t / 2 == 2 ? x.z : x.w; };
+        const unsigned sel = t % 2 ? 0x7632u : 0x5410u;
+        const uint32_t bf[2] = {__byte_perm(word(v[0]), word(v[1]), sel), __byte_perm(word(v[2]), word(v[3]), sel)};
+        MmaBf16(o[t], pa, bf);
+      }
+    }
   }
 }
 
@@ -147,11 +241,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int blk = warp % kBlocks, half = warp / kBlocks;
   const bool rope = blk == kBlocks - 1;
   const int pe = static_cast<int>(page_entries);  // 32-bit division in the gather
+  const int page_shift = (pe & (pe - 1)) == 0 ? __ffs(pe) - 1 : -1;
 
   const int gj = threadIdx.x / 8;  // the slot this thread gathers
-  GatherChunk(pages, pe, EntryOf(tok_idx, n, c0, gj), stages, ent_s);
+  GatherChunk(pages, pe, page_shift, EntryOf(tok_idx, n, c0, gj), stages, ent_s);
   CommitAsync();
-  if (c0 + 1 < c1) GatherChunk(pages, pe, EntryOf(tok_idx, n, c0 + 1, gj), stages + kStageBytes, ent_s + kChunk);
+  if (c0 + 1 < c1) GatherChunk(pages, pe, page_shift, EntryOf(tok_idx, n, c0 + 1, gj), stages + kStageBytes, ent_s + kChunk);
   CommitAsync();
   int32_t e_ahead = c0 + 2 < c1 ? EntryOf(tok_idx, n, c0 + 2, gj) : -1;  // chunk c + 2's, loaded a chunk ahead
 
@@ -211,37 +306,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     // 8 t + 7; this lane's B operand is slot 8 t + g, dims 64 blk + 16 c4 + [0, 16).
     {
       float acc[kHalfTiles][4];
-#pragma unroll
-      for (int tt = 0; tt < kHalfTiles; ++tt) {
-        const int t = kHalfTiles * half + tt;
-        acc[tt][0] = acc[tt][1] = acc[tt][2] = acc[tt][3] = 0.0f;
-        const uint8_t* row = stage + RowOffset(8 * t + g);
-        if (!rope) {
-          const uint4 v = *reinterpret_cast<const uint4*>(row + 64 * blk + 16 * c4);
-          const uint32_t words[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            const uint32_t kf[2] = {CodesToF16(words[j]), CodesToF16(words[j] >> 16)};
-            MmaF16(acc[tt], qa[j], kf);
-          }
-        } else {
-          const uint4 v0 = *reinterpret_cast<const uint4*>(row + kRecordNope + 32 * c4);
-          const uint4 v1 = *reinterpret_cast<const uint4*>(row + kRecordNope + 32 * c4 + 16);
-          const uint32_t words[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            const uint32_t bf[2] = {words[2 * j], words[2 * j + 1]};
-            MmaBf16(acc[tt], qa[j], bf);
-          }
-        }
-        const int s0 = 8 * t + 2 * c4;
-        const float f0 = rope ? 1.0f : ScaleOf(scales[s0 * kRecordScales + blk]);
-        const float f1 = rope ? 1.0f : ScaleOf(scales[(s0 + 1) * kRecordScales + blk]);
-        acc[tt][0] *= q_undo[0] * f0;
-        acc[tt][1] *= q_undo[0] * f1;
-        acc[tt][2] *= q_undo[1] * f0;
-        acc[tt][3] *= q_undo[1] * f1;
-      }
+      if (rope)
+        PartialScores<true>(stage, scales, qa, q_undo, blk, half, g, c4, acc);
+      else
+        PartialScores<false>(stage, scales, qa, q_undo, blk, half, g, c4, acc);
       // Blocks 0-3 leave their partials; blocks 4-7 add theirs in place (b + 4 onto b: a fixed order).
       if (blk >= kBlocks / 2) BarrierSync(1, kThreads);
 #pragma unroll
@@ -298,7 +366,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     // when a chunk raises it; both halves see the same bytes, so keep the same e_ref).
     {
       float a_lo = alpha_s[g], a_hi = alpha_s[g + 8];
-      const int mtx = lane / 8;
       if (!rope) {
         const unsigned e_lane = max(static_cast<unsigned>(scales[lane * kRecordScales + blk]),
                                     static_cast<unsigned>(scales[(lane + 32) * kRecordScales + blk]));
@@ -318,49 +385,14 @@ __global__ void __launch_bounds__(kThreads, 1)
           o[t][2] *= a_hi;
           o[t][3] *= a_hi;
         }
-#pragma unroll
-      for (int kk = 0; kk < kHalfSteps; ++kk) {
-        const int ks = kHalfSteps * half + kk;
-        uint32_t pa[4];
-        LoadMatrices(pa, p_s + ((mtx & 1) * 8 + lane % 8) * kPPitch + 16 * ks + (mtx >> 1) * 8);
-        const int s0 = 16 * ks + c4;  // this lane's slots: s0, s0 + 4, s0 + 8, s0 + 12
-        if (!rope) {
-          auto factor = [&](int s) { return Pow2F16(static_cast<int>(scales[s * kRecordScales + blk]) - e_ref); };
-          const uint32_t f01 = factor(s0) | (factor(s0 + 4) << 16), f89 = factor(s0 + 8) | (factor(s0 + 12) << 16);
-          pa[0] = MulF16(pa[0], f01);
-          pa[1] = MulF16(pa[1], f01);
-          pa[2] = MulF16(pa[2], f89);
-          pa[3] = MulF16(pa[3], f89);
-          uint2 v[4];
-#pragma unroll
-          for (int i = 0; i < 4; ++i) v[i] = *reinterpret_cast<const uint2*>(stage + RowOffset(s0 + 4 * i) + 64 * blk + 8 * g);
-#pragma unroll
-          for (int t = 0; t < 8; ++t) {
-            const unsigned sel = (t % 4) | ((4u + t % 4) << 4);
-            const uint32_t vf[2] = {CodesToF16(__byte_perm(t < 4 ? v[0].x : v[0].y, t < 4 ? v[1].x : v[1].y, sel)),
-                                    CodesToF16(__byte_perm(t < 4 ? v[2].x : v[2].y, t < 4 ? v[3].x : v[3].y, sel))};
-            MmaF16(o[t], pa, vf);
-          }
-        } else {
-#pragma unroll
-          for (int i = 0; i < 4; ++i) pa[i] = F16ToBf16(pa[i]);  // bf16 values: exact
-          uint4 v[4];
-#pragma unroll
-          for (int i = 0; i < 4; ++i)
-            v[i] = *reinterpret_cast<const uint4*>(stage + RowOffset(s0 + 4 * i) + kRecordNope + 16 * g);
-#pragma unroll
-          for (int t = 0; t < 8; ++t) {
-            auto word = [&](const uint4& x) { return t / 2 == 0 ? x.x : t / 2 == 1 ? x.y : t / 2 == 2 ? x.z : x.w; };
-            const unsigned sel = t % 2 ? 0x7632u : 0x5410u;
-            const uint32_t bf[2] = {__byte_perm(word(v[0]), word(v[1]), sel), __byte_perm(word(v[2]), word(v[3]), sel)};
-            MmaBf16(o[t], pa, bf);
-          }
-        }
-      }
+      if (rope)
+        AccumulatePv<true>(stage, scales, p_s, e_ref, blk, half, lane, o);
+      else
+        AccumulatePv<false>(stage, scales, p_s, e_ref, blk, half, lane, o);
     }
     __syncthreads();  // stage st, P and the partials are free
     if (c + 2 < c1) {
-      GatherChunk(pages, pe, e_ahead, stages + st * kStageBytes, ent_s + st * kChunk);
+      GatherChunk(pages, pe, page_shift, e_ahead, stages + st * kStageBytes, ent_s + st * kChunk);
       e_ahead = c + 3 < c1 ? EntryOf(tok_idx, n, c + 3, gj) : -1;
     }
     CommitAsync();
