@@ -27,10 +27,11 @@
 // Sums are reordered against the CPU reference: results agree within bf16 rounding (and pass the
 // tiny-c golden in fast mode). A scale byte e counts as 2^(e - 127); byte 0 (2^-127) as zero.
 #include <cuda_bf16.h>
-#include <cstdlib>
-#include <algorithm>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
+
+#include <algorithm>
+#include <cstdlib>
 
 #include "kernels/cuda/device_math.cuh"
 #include "kernels/cuda/device_ops.h"
