@@ -227,11 +227,12 @@ cudaError_t PagedSparseAttentionFp8(const float* q, int64_t batch, int64_t heads
                                     int64_t page_entries, const int32_t* idx, int64_t n, const float* sink,
                                     float softmax_scale, float* out, cudaStream_t stream);
 
-// The same attention on the tensor cores (bf16 operands, fp32 accumulation; an even
-// page_entries): every record is read once for all heads of a token and the slots are split
-// over blocks. Heads in whole groups of kFastAttentionHeads run on the warpgroup MMA (sm_90a);
-// any other count (a tensor-parallel shard's 32, 16 or 8) on the few-heads mma.sync kernel, 16
-// heads a block. Agrees with PagedSparseAttentionFp8 within bf16 rounding. `workspace` holds
+// The same attention on the tensor cores (16-bit operands, fp32 accumulation; an even
+// page_entries): every record is read once for all heads of a token. Heads in whole groups of
+// kFastAttentionHeads run on the warpgroup MMA (sm_90a), the slots split over blocks; any other
+// count (a tensor-parallel shard's 32, 16 or 8) on the few-heads mma.sync kernel, 16 heads a
+// block and one pass a token (P rounded to bf16 as the reference rounds it). Agrees with
+// PagedSparseAttentionFp8 within bf16 rounding. `workspace` holds
 // PagedSparseAttentionFp8FastWorkspace(batch, heads, n) bytes of per-split partial results.
 constexpr int64_t kFastAttentionHeads = 64;  // the warpgroup MMA's M: one token's heads a block
 int64_t PagedSparseAttentionFp8FastWorkspace(int64_t batch, int64_t heads, int64_t n);

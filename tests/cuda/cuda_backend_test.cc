@@ -547,8 +547,8 @@ TEST_F(CudaOps, PagedFp8RecordsAttentionMatchesDecodedRows) {
   ASSERT_EQ(cudaMalloc(&d_pages, mem.size()), cudaSuccess);
   ASSERT_EQ(cudaMemcpy(d_pages, mem.data(), mem.size(), cudaMemcpyHostToDevice), cudaSuccess);
   struct Case { int64_t batch, n, heads; };
-  // 64 and 128 heads: the warpgroup kernel; 16, 8, 32, 24 and 1 (tensor-parallel shards and odd
-  // counts): the few-heads kernel, with one split and with many.
+  // 64 and 128 heads: the warpgroup kernel (with one split and with many); 16, 8, 32, 24 and 1
+  // (tensor-parallel shards and odd counts): the few-heads kernel, one block a token and head group.
   for (const Case& c : {Case{3, 640, 64}, Case{1, 37, 64}, Case{5, 200, 128}, Case{70, 130, 64}, Case{64, 640, 16},
                         Case{3, 640, 8}, Case{300, 100, 16}, Case{5, 200, 32}, Case{2, 37, 24}, Case{4, 150, 1}}) {
     const int64_t batch = c.batch, n = c.n, heads = c.heads;
