@@ -2,6 +2,8 @@
 // exactly like its host twin in kernels/numerics.h.
 #pragma once
 
+#include <cuda_bf16.h>
+
 #include <cstdint>
 #include <cstring>
 
@@ -15,6 +17,15 @@ __device__ __forceinline__ float RoundBf16(float x) {
 }
 
 __device__ __forceinline__ float Bf16BitsToFloat(uint16_t b) { return __uint_as_float(static_cast<unsigned>(b) << 16); }
+
+// Two floats rounded to bf16 (nearest even) as one 32-bit MMA operand register: lo in the low
+// half (the lower k index of an mma.sync fragment pair).
+__device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  uint32_t u;
+  memcpy(&u, &v, 4);
+  return u;
+}
 
 // 2^ceil(log2(x)) by the exponent-bit trick, as the reference kernels.
 __device__ __forceinline__ float Pow2Ceil(float x) {

@@ -26,13 +26,6 @@ constexpr int kTileKeys = 64;
 // 68g + t + const, 32 distinct banks.
 constexpr int kRowWords = kDim / 2 + 4;
 
-__device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // lo in the low half: the lower k index
-  uint32_t u;
-  memcpy(&u, &v, 4);
-  return u;
-}
-
 // One head's part of a key's score, rounded as the CPU rounds it.
 __device__ __forceinline__ float Term(float dot, float w) { return RoundBf16(fmaxf(RoundBf16(dot), 0.0f) * w); }
 

@@ -63,10 +63,6 @@ constexpr size_t kSmem = 2 * size_t{kStageBytes} + size_t{kBlocks / 2} * kRows *
 static_assert(kStageBytes % 16 == 0 && kSmem <= 227 * 1024, "one block an SM");
 static_assert(kRows * kOutPitch * 4 <= 2 * kStageBytes, "the result rows fit the stages");
 
-__device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
-  const __nv_bfloat162 b = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&b);
-}
 __device__ __forceinline__ uint32_t PackF16(float lo, float hi) {
   const __half2 h = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&h);

@@ -21,7 +21,9 @@ inline SplitRows SplitRowsIn(void* workspace, int64_t rows, int64_t dim) {
   float* o = static_cast<float*>(workspace);
   return {o, o + rows * dim, o + rows * dim + rows};
 }
-inline int64_t SplitRowsBytes(int64_t rows, int64_t dim) { return rows * (dim + 2) * static_cast<int64_t>(sizeof(float)); }
+inline int64_t SplitRowsBytes(int64_t rows, int64_t dim) {
+  return rows * (dim + 2) * static_cast<int64_t>(sizeof(float));
+}
 
 // The warpgroup-MMA kernel: heads % 64 == 0.
 int64_t PagedSparseAttentionFp8WideWorkspace(int64_t batch, int64_t heads, int64_t n);

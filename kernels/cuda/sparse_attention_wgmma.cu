@@ -66,11 +66,6 @@ __device__ __forceinline__ int32_t SlotEntry(const int32_t* idx, int64_t n, int6
   return s < n ? idx[s] : -1;
 }
 
-__device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
-  const __nv_bfloat162 b = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&b);
-}
-
 // Two producer threads gather one slot's record (18 data pieces of 16 B each, one the scales).
 __device__ __forceinline__ void GatherHalf(const uint8_t* pages, int page_entries, int32_t e, int j, int half,
                                            uint8_t* raw) {
@@ -451,9 +446,10 @@ cudaError_t CombineAttentionSplits(const float* part_o, const float* part_m, con
   // Launched as a programmatic dependent of the attention grid: its launch overlaps that grid's
   // last blocks instead of following their completion.
   const int64_t rows_out = batch * heads;
-  return ptx::LaunchAsDependent(CombineKernel, dim3(static_cast<unsigned>((rows_out + kCombineWarps - 1) / kCombineWarps)),
-                           dim3(32 * kCombineWarps), 0, stream, part_o, part_m, part_l, rows_out, heads, splits, sink,
-                           softmax_scale, out);
+  return ptx::LaunchAsDependent(CombineKernel,
+                                dim3(static_cast<unsigned>((rows_out + kCombineWarps - 1) / kCombineWarps)),
+                                dim3(32 * kCombineWarps), 0, stream, part_o, part_m, part_l, rows_out, heads, splits,
+                                sink, softmax_scale, out);
 }
 
 cudaError_t PagedSparseAttentionFp8Wide(const float* q, int64_t batch, int64_t heads, const uint8_t* pages,
