@@ -1,9 +1,13 @@
 // Sparse MQA with the sink over paged 584-B FP8 records for a few heads: a tensor-parallel shard's
 // share of V4-Flash's 64 (32, 16 or 8 at TP 2, 4, 8), or a small model's, which the warpgroup
 // kernel (M = 64 heads, sparse_attention_wgmma.cu) cannot take. A block takes 16 heads of one
-// token (fewer are zero rows) over all its slots in one pass, chunks of 64 slots, as the CPU
-// reference does: the reference rounds P to bf16 against the running maximum of that pass, and
-// splitting a token's slots over blocks rounds differently (see FewHeadsSplits). Records are
+// token (fewer are zero rows) over a split of its slots, chunks of 64 slots as the CPU reference
+// visits them. The reference rounds P to bf16 against the running maximum of its single pass, so
+// a split must start from that maximum as it stands at the split's first chunk: with more than
+// one split, a maxima pass (the same kernel, kMaxOnly: S alone) writes every chunk's row maxima
+// first, and the attention pass, its programmatic dependent, reduces those before its split
+// (FewHeadsSplits: the splits fill the SMs; a token alone gets the same bits as in a batch that
+// needs no split). Records are
 // gathered by index with cp.async one chunk ahead; the FP8 codes are converted in registers
 // (never a dequantised tile in shared memory). 16 warps: warp w owns the record's 64-dim block
 // w % 8 (w % 8 < 7: FP8 with scale byte w % 8; 7: the bf16 rope dims) and half w / 8 of every
@@ -215,10 +219,15 @@ __device__ __forceinline__ void AccumulatePv(const uint8_t* stage, const uint8_t
   }
 }
 
+// kMaxOnly: the maxima pass — S of every chunk of this split and its per-row maximum into
+// chunk_max[(b * chunks + c) * heads + head], nothing else. Otherwise the attention pass, whose
+// split starts from the maximum of the chunks before it (chunk_max, written by the maxima pass
+// over the same splits; none for split 0).
+template <bool kMaxOnly>
 __global__ void __launch_bounds__(kThreads, 1)
     FewHeadsKernel(const float* q, int64_t heads, const uint8_t* pages, int64_t page_entries, const int32_t* idx,
                    int64_t n, int splits, const float* sink, float scale, float* out, float* part_o, float* part_m,
-                   float* part_l) {
+                   float* part_l, float* chunk_max) {
   extern __shared__ __align__(16) unsigned char smem[];
   uint8_t* stages = smem;
   float* s_part = reinterpret_cast<float*>(smem + 2 * kStageBytes);  // [block % 4][row][kSPitch]
@@ -233,6 +242,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int rows = static_cast<int>(heads - head0 < kRows ? heads - head0 : kRows);
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   const int64_t c0 = split * chunks / splits, c1 = (split + 1) * chunks / splits;  // c0 < c1: splits <= chunks
+  // The attention pass may start as soon as every block of this pass has: it waits for the
+  // maxima themselves (WaitForPrerequisite) before reading them.
+  if constexpr (kMaxOnly) AllowDependents();
   const int32_t* tok_idx = idx + b * n;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c4 = lane % 4;
   const int blk = warp % kBlocks, half = warp / kBlocks;
@@ -285,8 +297,16 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   }
 
-  float m_run = -INFINITY, l_run = 0.0f;  // row `warp` (softmax lanes)
-  int e_ref = 0;                          // FP8 blocks: O's scale byte
+  // Row `warp` (softmax lanes): the running maximum from where the reference's pass has it at
+  // chunk c0 (the maxima of chunks 0 .. c0 - 1), so that P rounds as there.
+  float m_run = -INFINITY, l_run = 0.0f;
+  if (!kMaxOnly && c0 > 0) {
+    WaitForPrerequisite();  // the maxima pass is complete
+    if (warp < rows)
+      for (int64_t c = lane; c < c0; c += 32) m_run = fmaxf(m_run, chunk_max[(b * chunks + c) * heads + head0 + warp]);
+    m_run = WarpMax(m_run);
+  }
+  int e_ref = 0;  // FP8 blocks: O's scale byte
   float o[8][4];
 #pragma unroll
   for (int i = 0; i < 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
@@ -341,27 +361,32 @@ __global__ void __launch_bounds__(kThreads, 1)
         sc[0] = ent[2 * lane] < 0 ? -INFINITY : sum.x;
         sc[1] = ent[2 * lane + 1] < 0 ? -INFINITY : sum.y;
       }
-      const float m_new = fmaxf(m_run, WarpMax(fmaxf(sc[0], sc[1])));
-      const float alpha = m_new == -INFINITY ? 1.0f : expf((m_run - m_new) * scale);
-      l_run *= alpha;
+      if constexpr (kMaxOnly) {
+        const float m_chunk = WarpMax(fmaxf(sc[0], sc[1]));
+        if (lane == 0 && h < rows) chunk_max[(b * chunks + c) * heads + head0 + h] = m_chunk;
+      } else {
+        const float m_new = fmaxf(m_run, WarpMax(fmaxf(sc[0], sc[1])));
+        const float alpha = m_new == -INFINITY ? 1.0f : expf((m_run - m_new) * scale);
+        l_run *= alpha;
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const float p = sc[i] == -INFINITY ? 0.0f : expf((sc[i] - m_new) * scale);
-        l_run += p;
-        const int slot = 2 * lane + i;
-        const __half ph = __float2half_rn(RoundBf16(p));  // P is cast to bf16 before P·V
-        p_s[h * kPPitch + 16 * (slot / 16) + PvColumn(slot % 16)] = *reinterpret_cast<const uint16_t*>(&ph);
+        for (int i = 0; i < 2; ++i) {
+          const float p = sc[i] == -INFINITY ? 0.0f : expf((sc[i] - m_new) * scale);
+          l_run += p;
+          const int slot = 2 * lane + i;
+          const __half ph = __float2half_rn(RoundBf16(p));  // P is cast to bf16 before P·V
+          p_s[h * kPPitch + 16 * (slot / 16) + PvColumn(slot % 16)] = *reinterpret_cast<const uint16_t*>(&ph);
+        }
+        m_run = m_new;
+        if (lane == 0) alpha_s[h] = alpha;
       }
-      m_run = m_new;
-      if (lane == 0) alpha_s[h] = alpha;
     }
-    __syncthreads();
+    if constexpr (!kMaxOnly) __syncthreads();
 
     // O += P·V over block `blk`'s dims and this warp's half of the slots: n-tile t, column g is dim
     // 64 blk + 8 g + t. FP8 blocks: f16 MMAs with P times 2^(e - e_ref), e_ref the largest scale
     // byte of this block so far (O is held in units of 2^(e_ref - 127) and rescaled, exactly,
     // when a chunk raises it; both halves see the same bytes, so keep the same e_ref).
-    {
+    if constexpr (!kMaxOnly) {
       float a_lo = alpha_s[g], a_hi = alpha_s[g + 8];
       if (!rope) {
         const unsigned e_lane = max(static_cast<unsigned>(scales[lane * kRecordScales + blk]),
@@ -395,6 +420,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     CommitAsync();
   }
   WaitAsync<0>();
+  if constexpr (kMaxOnly) return;
 
   // Row sums, then the rows: the two halves' O added in shared memory (the stages are free),
   // then out as whole float4 rows, normalised with the sink (one split) or as partial rows.
@@ -440,27 +466,42 @@ __global__ void __launch_bounds__(kThreads, 1)
   AllowDependents();
 }
 
-// Splits per token: one. The reference rounds P to bf16 against the running maximum of its
-// sequential pass over the slots; a split that starts from its own maximum rounds differently
-// (GoldenC.CachesAfterS1 in fast mode: frac_exact 0.74 against the 0.873 the golden asks, with
-// one split it passes). FLASHMEM_FEW_HEADS_SPLITS=N splits anyway, for measurements only.
-int FewHeadsSplits(int64_t /*batch*/, int64_t /*heads*/, int64_t n) {
+// Splits per token: enough blocks to fill the SMs once (a block takes an SM), at most one a
+// chunk. A split rounds P as the reference's single pass does because it starts from that pass's
+// running maximum at its first chunk, which the maxima pass gives it (GoldenC.CachesAfterS1 in
+// fast mode asks frac_exact 0.873 of the caches; a split starting from its own maximum gave 0.74).
+// FLASHMEM_FEW_HEADS_SPLITS=N (measurements) sets the count instead.
+int FewHeadsSplits(int64_t batch, int64_t heads, int64_t n) {
   static const int forced = [] {
     const char* v = std::getenv("FLASHMEM_FEW_HEADS_SPLITS");
-    return v ? std::atoi(v) : 1;
+    return v ? std::atoi(v) : 0;
+  }();
+  static const int sms = [] {
+    int device = 0, count = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+      return 1;
+    return count;
   }();
   const int64_t chunks = (n + kChunk - 1) / kChunk;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({forced, chunks, kMaxSplits})));
+  const int64_t blocks = batch * ((heads + kRows - 1) / kRows);
+  const int64_t want = forced > 0 ? forced : std::max<int64_t>(1, sms / std::max<int64_t>(1, blocks));
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({want, chunks, kMaxSplits})));
 }
 
 bool Wide(int64_t heads) { return heads % kFastAttentionHeads == 0; }
+
+// The maxima pass's output, after the partial rows in the workspace: [batch][chunks][heads].
+int64_t ChunkMaxBytes(int64_t batch, int64_t heads, int64_t n) {
+  return batch * ((n + kChunk - 1) / kChunk) * heads * static_cast<int64_t>(sizeof(float));
+}
 
 }  // namespace
 
 int64_t PagedSparseAttentionFp8FastWorkspace(int64_t batch, int64_t heads, int64_t n) {
   if (Wide(heads)) return detail::PagedSparseAttentionFp8WideWorkspace(batch, heads, n);
   const int64_t rows = batch * FewHeadsSplits(batch, heads, n) * heads;
-  return detail::SplitRowsBytes(rows, kDim);
+  return detail::SplitRowsBytes(rows, kDim) + ChunkMaxBytes(batch, heads, n);
 }
 
 cudaError_t PagedSparseAttentionFp8Fast(const float* q, int64_t batch, int64_t heads, const uint8_t* pages,
@@ -472,18 +513,36 @@ cudaError_t PagedSparseAttentionFp8Fast(const float* q, int64_t batch, int64_t h
   if (heads <= 0 || page_entries <= 0 || page_entries > INT32_MAX || n <= 0 || (page_entries * kRecordBytes) % 16 != 0)
     return cudaErrorInvalidValue;
   if (batch == 0) return cudaSuccess;
-  static const cudaError_t configured =
-      cudaFuncSetAttribute(FewHeadsKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmem));
+  static const cudaError_t configured = [] {
+    const cudaError_t a = cudaFuncSetAttribute(FewHeadsKernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(kSmem));
+    return a != cudaSuccess ? a
+                            : cudaFuncSetAttribute(FewHeadsKernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                   static_cast<int>(kSmem));
+  }();
   if (configured != cudaSuccess) return configured;
   const int splits = FewHeadsSplits(batch, heads, n);
   const int64_t rows = batch * splits * heads;
   const detail::SplitRows part = detail::SplitRowsIn(workspace, rows, kDim);
-  const dim3 grid(static_cast<unsigned>(batch), static_cast<unsigned>(splits),
-                  static_cast<unsigned>((heads + kRows - 1) / kRows));
-  FewHeadsKernel<<<grid, kThreads, kSmem, stream>>>(q, heads, pages, page_entries, idx, n, splits, sink, softmax_scale,
-                                                     out, part.o, part.m, part.l);
-  const cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess || splits == 1) return e;
+  float* chunk_max = part.l + rows;
+  const unsigned head_groups = static_cast<unsigned>((heads + kRows - 1) / kRows);
+  if (splits == 1) {
+    FewHeadsKernel<false><<<dim3(static_cast<unsigned>(batch), 1, head_groups), kThreads, kSmem, stream>>>(
+        q, heads, pages, page_entries, idx, n, splits, sink, softmax_scale, out, part.o, part.m, part.l, chunk_max);
+    return cudaGetLastError();
+  }
+  // The maxima pass over every split but the last (no split reads the last's maxima), then the
+  // attention pass over all of them, launched as its dependent, then the combine.
+  FewHeadsKernel<true><<<dim3(static_cast<unsigned>(batch), static_cast<unsigned>(splits - 1), head_groups), kThreads,
+                         kSmem, stream>>>(q, heads, pages, page_entries, idx, n, splits, sink, softmax_scale, out,
+                                          part.o, part.m, part.l, chunk_max);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
+  e = ptx::LaunchAsDependent(FewHeadsKernel<false>,
+                             dim3(static_cast<unsigned>(batch), static_cast<unsigned>(splits), head_groups),
+                             dim3(kThreads), kSmem, stream, q, heads, pages, page_entries, idx, n, splits, sink,
+                             softmax_scale, out, part.o, part.m, part.l, chunk_max);
+  if (e != cudaSuccess) return e;
   return detail::CombineAttentionSplits(part.o, part.m, part.l, batch, heads, splits, sink, softmax_scale, out, stream);
 }
 

@@ -537,14 +537,23 @@ int main(int argc, char** argv) {
   // ---- sparse MQA over paged 584-B FP8 records (V4-Flash: h_q 64, 128 window + 512 CSA slots;
   // 16 and 8 heads: a shard of them at tensor-parallel 4 and 8, which reads the same records) ---
   if (Want("attention")) {
-    const int64_t n = 640, B = 64, pages = 4096, entries = pages * B;  // 153 MB of records
+    const int64_t B = 64, pages = 4096, entries = pages * B;  // 153 MB of records
     uint8_t* recs = static_cast<uint8_t*>(DeviceRandomBytes(size_t(pages) * B * cu::kRecordBytes, 1));
     // Scale bytes stay in a sane range: rewrite every page's scale area.
     std::vector<uint8_t> sc(B * cu::kRecordScales, 124);
     for (int64_t p = 0; p < pages; ++p)
       CHECK_CUDA(cudaMemcpy(recs + p * B * cu::kRecordBytes + B * cu::kRecordData, sc.data(), sc.size(), cudaMemcpyHostToDevice));
-    for (int64_t heads : {64, 16, 8})
-      for (int64_t batch : quick ? std::vector<int64_t>{1, 64} : std::vector<int64_t>{1, 8, 32, 64, 128}) {
+    // 640 slots: a CSA layer's top-k 512 and window 128. 8,192: an HCA layer's compressed entries
+    // at a 1M context (ratio 128), where the few-heads kernel splits a token's slots over blocks.
+    struct Shape {
+      int64_t n, heads;
+      std::vector<int64_t> batches;
+    };
+    const std::vector<int64_t> batches = quick ? std::vector<int64_t>{1, 64} : std::vector<int64_t>{1, 8, 32, 64, 128};
+    for (const Shape& shape : {Shape{640, 64, batches}, Shape{640, 16, batches}, Shape{640, 8, batches},
+                               Shape{8192, 16, quick ? std::vector<int64_t>{1} : std::vector<int64_t>{1, 8, 32}}})
+      for (int64_t batch : shape.batches) {
+        const int64_t n = shape.n, heads = shape.heads;
         std::vector<int32_t> idx(batch * n);
         for (auto& i : idx) i = static_cast<int32_t>(rng() % entries);
         int32_t* didx = nullptr;
@@ -555,10 +564,10 @@ int main(int argc, char** argv) {
         const double bytes = batch * n * 584.0 + 2.0 * batch * heads * 512 * 4;
         const double flop = 2.0 * batch * heads * n * (512 + 512);
         auto add = [&](const char* name, double us) {
-          rows.push_back({name, "b=" + std::to_string(batch) + " h=" + std::to_string(heads) + " slots=640", us,
+          rows.push_back({name, "b=" + std::to_string(batch) + " h=" + std::to_string(heads) + " slots=" + std::to_string(n), us,
                           bytes / us / 1e3, flop / us / 1e6, Pct(bytes / us / 1e3, hbm, "HBM")});
         };
-        if (heads == 64 || batch == 64)
+        if (n == 640 && (heads == 64 || batch == 64))
           add("sparse MQA, paged FP8 (exact)", TimeUs([&](int) {
                 CHECK_CUDA(cu::PagedSparseAttentionFp8(q, batch, heads, recs, B, didx, n, sink, 0.044f, out, nullptr));
               }));
