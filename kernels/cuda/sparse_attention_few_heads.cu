@@ -4,10 +4,10 @@
 // token (fewer are zero rows) over a split of its slots, chunks of 64 slots as the CPU reference
 // visits them. The reference rounds P to bf16 against the running maximum of its single pass, so
 // a split must start from that maximum as it stands at the split's first chunk: with more than
-// one split, a maxima pass (the same kernel, kMaxOnly: S alone) writes every chunk's row maxima
-// first, and the attention pass, its programmatic dependent, reduces those before its split
-// (FewHeadsSplits: the splits fill the SMs; a token alone gets the same bits as in a batch that
-// needs no split). Records are
+// one split, a scores pass (the same kernel, Pass::kScores: Q·Kᵀ alone, two blocks an SM) writes
+// every chunk's S and row maxima first, and the attention pass, its programmatic dependent, reads
+// them back, starting from the maxima of the chunks before its split (FewHeadsSplits: the splits
+// fill the SMs; a token alone gets the same bits as in a batch that needs no split). Records are
 // gathered by index with cp.async one chunk ahead; the FP8 codes are converted in registers
 // (never a dequantised tile in shared memory). 16 warps: warp w owns the record's 64-dim block
 // w % 8 (w % 8 < 7: FP8 with scale byte w % 8; 7: the bf16 rope dims) and half w / 8 of every
@@ -219,15 +219,19 @@ __device__ __forceinline__ void AccumulatePv(const uint8_t* stage, const uint8_t
   }
 }
 
-// kMaxOnly: the maxima pass — S of every chunk of this split and its per-row maximum into
-// chunk_max[(b * chunks + c) * heads + head], nothing else. Otherwise the attention pass, whose
-// split starts from the maximum of the chunks before it (chunk_max, written by the maxima pass
-// over the same splits; none for split 0).
-template <bool kMaxOnly>
-__global__ void __launch_bounds__(kThreads, 1)
+// What a launch of the kernel does. kFused: S, the softmax and P·V of each chunk of its split
+// (one split a token: nothing else runs). With more splits, two passes over the same splits:
+// kScores writes every chunk's S (masked slots -inf) to scores[((b * chunks + c) * heads + head)
+// * kChunk + slot] and its row maxima to chunk_max[(b * chunks + c) * heads + head]; kAttend,
+// its programmatic dependent, reads them back — its split starting from the maximum of the
+// chunks before it — for the softmax and P·V (no Q·Kᵀ of its own).
+enum class Pass { kFused, kScores, kAttend };
+
+template <Pass kPass>
+__global__ void __launch_bounds__(kThreads, kPass == Pass::kScores ? 2 : 1)
     FewHeadsKernel(const float* q, int64_t heads, const uint8_t* pages, int64_t page_entries, const int32_t* idx,
                    int64_t n, int splits, const float* sink, float scale, float* out, float* part_o, float* part_m,
-                   float* part_l, float* chunk_max) {
+                   float* part_l, float* chunk_max, float* scores) {
   extern __shared__ __align__(16) unsigned char smem[];
   uint8_t* stages = smem;
   float* s_part = reinterpret_cast<float*>(smem + 2 * kStageBytes);  // [block % 4][row][kSPitch]
@@ -243,8 +247,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   const int64_t c0 = split * chunks / splits, c1 = (split + 1) * chunks / splits;  // c0 < c1: splits <= chunks
   // The attention pass may start as soon as every block of this pass has: it waits for the
-  // maxima themselves (WaitForPrerequisite) before reading them.
-  if constexpr (kMaxOnly) AllowDependents();
+  // scores themselves (WaitForPrerequisite) before reading them.
+  if constexpr (kPass == Pass::kScores) AllowDependents();
   const int32_t* tok_idx = idx + b * n;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c4 = lane % 4;
   const int blk = warp % kBlocks, half = warp / kBlocks;
@@ -263,10 +267,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   // 1: rows g, g + 8) and + {2,3} (registers 2, 3). FP8 blocks: f16, each row times a power of
   // two that brings its largest value in this block to 2^12 .. 2^13 (exact for bf16 values;
   // undone on the partial scores); the rope block: bf16 as it is.
-  uint32_t qa[4][4];
+  uint32_t qa[4][4] = {};
   float q_undo[2] = {1.0f, 1.0f};
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
+  for (int r = 0; r < 2 && kPass != Pass::kAttend; ++r) {
     const int row = g + 8 * r;
     float4 v[4] = {};
     if (row < rows) {
@@ -300,8 +304,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Row `warp` (softmax lanes): the running maximum from where the reference's pass has it at
   // chunk c0 (the maxima of chunks 0 .. c0 - 1), so that P rounds as there.
   float m_run = -INFINITY, l_run = 0.0f;
-  if (!kMaxOnly && c0 > 0) {
-    WaitForPrerequisite();  // the maxima pass is complete
+  if constexpr (kPass == Pass::kAttend) {
+    WaitForPrerequisite();  // the scores pass is complete
     if (warp < rows)
       for (int64_t c = lane; c < c0; c += 32) m_run = fmaxf(m_run, chunk_max[(b * chunks + c) * heads + head0 + warp]);
     m_run = WarpMax(m_run);
@@ -321,7 +325,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     // Partial S over block `blk` for this warp's half of the slots: n-tile t holds slots 8 t ..
     // 8 t + 7; this lane's B operand is slot 8 t + g, dims 64 blk + 16 c4 + [0, 16).
-    {
+    if constexpr (kPass != Pass::kAttend) {
       float acc[kHalfTiles][4];
       if (rope)
         PartialScores<true>(stage, scales, qa, q_undo, blk, half, g, c4, acc);
@@ -342,28 +346,37 @@ __global__ void __launch_bounds__(kThreads, 1)
         *reinterpret_cast<float2*>(at + 8 * kSPitch) = a8;
       }
       if (blk < kBlocks / 2) BarrierArrive(1, kThreads);
+      __syncthreads();
     }
-    __syncthreads();
 
     // Softmax: warp h holds row h, lane u slots 2 u and 2 u + 1; the partials summed in a fixed
-    // order. As the reference: the maximum moves a chunk at a time and P is rounded to bf16.
+    // order (or the scores pass's sums read back). As the reference: the maximum moves a chunk at
+    // a time and P is rounded to bf16.
     {
       const int h = warp;
+      float* s_row = scores + ((b * chunks + c) * heads + head0 + h) * kChunk + 2 * lane;  // kScores, kAttend
       float sc[2];
       {
         float2 sum = make_float2(0, 0);
+        if constexpr (kPass == Pass::kAttend) {
+          if (h < rows) sum = *reinterpret_cast<const float2*>(s_row);
+        } else {
 #pragma unroll
-        for (int w = 0; w < kBlocks / 2; ++w) {
-          const float2 v = *reinterpret_cast<const float2*>(s_part + (w * kRows + h) * kSPitch + 2 * lane);
-          sum.x += v.x;
-          sum.y += v.y;
+          for (int w = 0; w < kBlocks / 2; ++w) {
+            const float2 v = *reinterpret_cast<const float2*>(s_part + (w * kRows + h) * kSPitch + 2 * lane);
+            sum.x += v.x;
+            sum.y += v.y;
+          }
         }
         sc[0] = ent[2 * lane] < 0 ? -INFINITY : sum.x;
         sc[1] = ent[2 * lane + 1] < 0 ? -INFINITY : sum.y;
       }
-      if constexpr (kMaxOnly) {
+      if constexpr (kPass == Pass::kScores) {
         const float m_chunk = WarpMax(fmaxf(sc[0], sc[1]));
-        if (lane == 0 && h < rows) chunk_max[(b * chunks + c) * heads + head0 + h] = m_chunk;
+        if (h < rows) {
+          *reinterpret_cast<float2*>(s_row) = make_float2(sc[0], sc[1]);
+          if (lane == 0) chunk_max[(b * chunks + c) * heads + head0 + h] = m_chunk;
+        }
       } else {
         const float m_new = fmaxf(m_run, WarpMax(fmaxf(sc[0], sc[1])));
         const float alpha = m_new == -INFINITY ? 1.0f : expf((m_run - m_new) * scale);
@@ -380,13 +393,13 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (lane == 0) alpha_s[h] = alpha;
       }
     }
-    if constexpr (!kMaxOnly) __syncthreads();
+    if constexpr (kPass != Pass::kScores) __syncthreads();
 
     // O += P·V over block `blk`'s dims and this warp's half of the slots: n-tile t, column g is dim
     // 64 blk + 8 g + t. FP8 blocks: f16 MMAs with P times 2^(e - e_ref), e_ref the largest scale
     // byte of this block so far (O is held in units of 2^(e_ref - 127) and rescaled, exactly,
     // when a chunk raises it; both halves see the same bytes, so keep the same e_ref).
-    if constexpr (!kMaxOnly) {
+    if constexpr (kPass != Pass::kScores) {
       float a_lo = alpha_s[g], a_hi = alpha_s[g + 8];
       if (!rope) {
         const unsigned e_lane = max(static_cast<unsigned>(scales[lane * kRecordScales + blk]),
@@ -420,7 +433,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     CommitAsync();
   }
   WaitAsync<0>();
-  if constexpr (kMaxOnly) return;
+  if constexpr (kPass == Pass::kScores) return;
 
   // Row sums, then the rows: the two halves' O added in shared memory (the stages are free),
   // then out as whole float4 rows, normalised with the sink (one split) or as partial rows.
@@ -491,17 +504,30 @@ int FewHeadsSplits(int64_t batch, int64_t heads, int64_t n) {
 
 bool Wide(int64_t heads) { return heads % kFastAttentionHeads == 0; }
 
-// The maxima pass's output, after the partial rows in the workspace: [batch][chunks][heads].
-int64_t ChunkMaxBytes(int64_t batch, int64_t heads, int64_t n) {
-  return batch * ((n + kChunk - 1) / kChunk) * heads * static_cast<int64_t>(sizeof(float));
+// Two passes (scores, then attention) when the slots are split; FLASHMEM_FEW_HEADS_PASSES=2
+// (measurements) takes them with one split as well.
+bool TwoPasses(int splits) {
+  static const bool forced = [] {
+    const char* v = std::getenv("FLASHMEM_FEW_HEADS_PASSES");
+    return v != nullptr && std::atoi(v) == 2;
+  }();
+  return splits > 1 || forced;
+}
+
+// The scores pass's output, after the partial rows in the workspace: chunk maxima [batch][chunks]
+// [heads], then S [batch][chunks][heads][kChunk].
+int64_t ScoresFloats(int64_t batch, int64_t heads, int64_t n) {
+  return batch * ((n + kChunk - 1) / kChunk) * heads * (1 + kChunk);
 }
 
 }  // namespace
 
 int64_t PagedSparseAttentionFp8FastWorkspace(int64_t batch, int64_t heads, int64_t n) {
   if (Wide(heads)) return detail::PagedSparseAttentionFp8WideWorkspace(batch, heads, n);
-  const int64_t rows = batch * FewHeadsSplits(batch, heads, n) * heads;
-  return detail::SplitRowsBytes(rows, kDim) + ChunkMaxBytes(batch, heads, n);
+  const int splits = FewHeadsSplits(batch, heads, n);
+  const int64_t rows = batch * splits * heads;
+  return detail::SplitRowsBytes(rows, kDim) +
+         (TwoPasses(splits) ? ScoresFloats(batch, heads, n) * static_cast<int64_t>(sizeof(float)) : 0);
 }
 
 cudaError_t PagedSparseAttentionFp8Fast(const float* q, int64_t batch, int64_t heads, const uint8_t* pages,
@@ -514,35 +540,38 @@ cudaError_t PagedSparseAttentionFp8Fast(const float* q, int64_t batch, int64_t h
     return cudaErrorInvalidValue;
   if (batch == 0) return cudaSuccess;
   static const cudaError_t configured = [] {
-    const cudaError_t a = cudaFuncSetAttribute(FewHeadsKernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               static_cast<int>(kSmem));
-    return a != cudaSuccess ? a
-                            : cudaFuncSetAttribute(FewHeadsKernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                   static_cast<int>(kSmem));
+    for (auto kernel : {FewHeadsKernel<Pass::kFused>, FewHeadsKernel<Pass::kScores>, FewHeadsKernel<Pass::kAttend>}) {
+      const cudaError_t e =
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmem));
+      if (e != cudaSuccess) return e;
+    }
+    return cudaSuccess;
   }();
   if (configured != cudaSuccess) return configured;
   const int splits = FewHeadsSplits(batch, heads, n);
   const int64_t rows = batch * splits * heads;
   const detail::SplitRows part = detail::SplitRowsIn(workspace, rows, kDim);
   float* chunk_max = part.l + rows;
-  const unsigned head_groups = static_cast<unsigned>((heads + kRows - 1) / kRows);
-  if (splits == 1) {
-    FewHeadsKernel<false><<<dim3(static_cast<unsigned>(batch), 1, head_groups), kThreads, kSmem, stream>>>(
-        q, heads, pages, page_entries, idx, n, splits, sink, softmax_scale, out, part.o, part.m, part.l, chunk_max);
+  float* scores = chunk_max + batch * ((n + kChunk - 1) / kChunk) * heads;
+  const dim3 grid(static_cast<unsigned>(batch), static_cast<unsigned>(splits),
+                  static_cast<unsigned>((heads + kRows - 1) / kRows));
+  if (!TwoPasses(splits)) {
+    FewHeadsKernel<Pass::kFused><<<grid, kThreads, kSmem, stream>>>(q, heads, pages, page_entries, idx, n, splits, sink,
+                                                                   softmax_scale, out, part.o, part.m, part.l, nullptr,
+                                                                   nullptr);
     return cudaGetLastError();
   }
-  // The maxima pass over every split but the last (no split reads the last's maxima), then the
-  // attention pass over all of them, launched as its dependent, then the combine.
-  FewHeadsKernel<true><<<dim3(static_cast<unsigned>(batch), static_cast<unsigned>(splits - 1), head_groups), kThreads,
-                         kSmem, stream>>>(q, heads, pages, page_entries, idx, n, splits, sink, softmax_scale, out,
-                                          part.o, part.m, part.l, chunk_max);
+  // The scores pass, then the attention pass over the same splits, launched as its dependent,
+  // then the combine (with more than one split).
+  FewHeadsKernel<Pass::kScores><<<grid, kThreads, kSmem, stream>>>(q, heads, pages, page_entries, idx, n, splits, sink,
+                                                                  softmax_scale, out, part.o, part.m, part.l, chunk_max,
+                                                                  scores);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
-  e = ptx::LaunchAsDependent(FewHeadsKernel<false>,
-                             dim3(static_cast<unsigned>(batch), static_cast<unsigned>(splits), head_groups),
-                             dim3(kThreads), kSmem, stream, q, heads, pages, page_entries, idx, n, splits, sink,
-                             softmax_scale, out, part.o, part.m, part.l, chunk_max);
-  if (e != cudaSuccess) return e;
+  e = ptx::LaunchAsDependent(FewHeadsKernel<Pass::kAttend>, grid, dim3(kThreads), kSmem, stream, q, heads, pages,
+                             page_entries, idx, n, splits, sink, softmax_scale, out, part.o, part.m, part.l, chunk_max,
+                             scores);
+  if (e != cudaSuccess || splits == 1) return e;
   return detail::CombineAttentionSplits(part.o, part.m, part.l, batch, heads, splits, sink, softmax_scale, out, stream);
 }
 
