@@ -4,9 +4,10 @@
 // token (fewer are zero rows) over a split of its slots, chunks of 64 slots as the CPU reference
 // visits them. The reference rounds P to bf16 against the running maximum of its single pass, so
 // a split must start from that maximum as it stands at the split's first chunk: with more than
-// one split, a scores pass (the same kernel, Pass::kScores: Q·Kᵀ alone, two blocks an SM) writes
-// every chunk's S and row maxima first, and the attention pass, its programmatic dependent, reads
-// them back, starting from the maxima of the chunks before its split (FewHeadsSplits: the splits
+// one split, a scores pass (the same kernel, Pass::kScores: Q·Kᵀ alone) writes every chunk's S
+// and row maxima first, and the attention pass, its programmatic dependent, reads them back,
+// starting from the maxima of the chunks before its split; both run two blocks an SM (64
+// registers: the attention pass spills 52 bytes, still faster at long slot lists) (FewHeadsSplits: the splits
 // fill the SMs; a token alone gets the same bits as in a batch that needs no split). Records are
 // gathered by index with cp.async one chunk ahead; the FP8 codes are converted in registers
 // (never a dequantised tile in shared memory). 16 warps: warp w owns the record's 64-dim block
@@ -228,7 +229,7 @@ __device__ __forceinline__ void AccumulatePv(const uint8_t* stage, const uint8_t
 enum class Pass { kFused, kScores, kAttend };
 
 template <Pass kPass>
-__global__ void __launch_bounds__(kThreads, kPass == Pass::kScores ? 2 : 1)
+__global__ void __launch_bounds__(kThreads, kPass == Pass::kFused ? 1 : 2)
     FewHeadsKernel(const float* q, int64_t heads, const uint8_t* pages, int64_t page_entries, const int32_t* idx,
                    int64_t n, int splits, const float* sink, float scale, float* out, float* part_o, float* part_m,
                    float* part_l, float* chunk_max, float* scores) {
@@ -479,8 +480,11 @@ __global__ void __launch_bounds__(kThreads, kPass == Pass::kScores ? 2 : 1)
   AllowDependents();
 }
 
-// Splits per token: enough blocks to fill the SMs once (a block takes an SM), at most one a
-// chunk. A split rounds P as the reference's single pass does because it starts from that pass's
+// Splits per token: the two passes run two blocks an SM, so enough splits for two blocks on
+// every SM, unless that leaves a split fewer than 3 chunks (its prologue, Q and the first two
+// chunks' gathers, then weighs as much as its work): then enough for one block an SM. None when
+// the tokens alone fill more than half the SMs. At most one split a chunk. (H200, 16 heads, graph replays, FLASHMEM_FEW_HEADS_SPLITS swept 1-32: this picks
+// the fastest count or one within 3% at 640 and 8,192 slots, batch 1 to 128; docs/benchmarks.md.) A split rounds P as the reference's single pass does because it starts from that pass's
 // running maximum at its first chunk, which the maxima pass gives it (GoldenC.CachesAfterS1 in
 // fast mode asks frac_exact 0.873 of the caches; a split starting from its own maximum gave 0.74).
 // FLASHMEM_FEW_HEADS_SPLITS=N (measurements) sets the count instead.
@@ -497,8 +501,11 @@ int FewHeadsSplits(int64_t batch, int64_t heads, int64_t n) {
     return count;
   }();
   const int64_t chunks = (n + kChunk - 1) / kChunk;
-  const int64_t blocks = batch * ((heads + kRows - 1) / kRows);
-  const int64_t want = forced > 0 ? forced : std::max<int64_t>(1, sms / std::max<int64_t>(1, blocks));
+  const int64_t blocks = std::max<int64_t>(1, batch * ((heads + kRows - 1) / kRows));
+  int64_t want = std::max<int64_t>(1, 2 * sms / blocks);
+  if (chunks < 3 * want) want = std::max<int64_t>(1, sms / blocks);
+  if (2 * blocks > sms) want = 1;  // one pass a token fills most SMs: two passes only add work
+  if (forced > 0) want = forced;
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({want, chunks, kMaxSplits})));
 }
 

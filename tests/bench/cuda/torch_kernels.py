@@ -54,11 +54,13 @@ gemm_rows(4096, 4096, "wq_b-like")
 gemm_rows(2048, 4096, "expert w1 shape")
 
 # Sparse MQA: gather + SDPA over bf16 rows (what a framework does without a paged FP8 kernel); 64
-# heads, and 16 and 8 (a tensor-parallel shard's).
-entries, n = 4096 * 64, 640
+# heads, and 16 and 8 (a tensor-parallel shard's); 8,192 slots (an HCA layer at a 1M context) at 16.
+entries = 4096 * 64
 kv = torch.randn(entries, 512, device=dev, dtype=torch.bfloat16)
-for heads in (64, 16, 8):
-    for b in ([1, 64] if quick else [1, 8, 32, 64, 128]):
+batches = [1, 64] if quick else [1, 8, 32, 64, 128]
+shapes = [(640, 64, batches), (640, 16, batches), (640, 8, batches), (8192, 16, [1] if quick else [1, 8, 32])]
+for n, heads, bs in shapes:
+    for b in bs:
         idx = torch.randint(0, entries, (b, n), device=dev)
         q = torch.randn(b, heads, 1, 512, device=dev, dtype=torch.bfloat16)
 
@@ -68,7 +70,7 @@ for heads in (64, 16, 8):
                                                   scale=0.044)
         us = time_us(attn)
         byt = b * n * 1024 + 2 * b * heads * 512 * 2
-        rows.append(("torch gather + SDPA (bf16 rows)", f"b={b} h={heads} slots=640", us, byt / us / 1e3,
+        rows.append(("torch gather + SDPA (bf16 rows)", f"b={b} h={heads} slots={n}", us, byt / us / 1e3,
                      2 * b * heads * n * 1024 / us / 1e6))
 
 # Lightning-indexer scores: relu(q . k) weighted over heads.
