@@ -493,13 +493,7 @@ int FewHeadsSplits(int64_t batch, int64_t heads, int64_t n) {
     const char* v = std::getenv("FLASHMEM_FEW_HEADS_SPLITS");
     return v ? std::atoi(v) : 0;
   }();
-  static const int sms = [] {
-    int device = 0, count = 0;
-    if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
-      return 1;
-    return count;
-  }();
+  const int sms = std::max(1, DeviceSmLimits().count);
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   const int64_t blocks = std::max<int64_t>(1, batch * ((heads + kRows - 1) / kRows));
   int64_t want = std::max<int64_t>(1, 2 * sms / blocks);

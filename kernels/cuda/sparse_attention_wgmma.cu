@@ -364,7 +364,9 @@ __global__ void __launch_bounds__(kThreads, 1) AttentionKernel(const float* q, i
 
 // out[b][h] = bf16(sum_s O_s e^{(m_s - m) scale} / (sum_s l_s e^{(m_s - m) scale} + e^{sink - m scale})).
 // One warp per (token, head): lane s holds split s's weight (splits <= 64: two per lane), and each
-// lane merges 16 of the 512 dims, every load of a split independent of the others.
+// lane merges 16 of the 512 dims, every load of a split independent of the others. The weights
+// and the sink's term through ExpF, the reference's exp (a few per row: the fast __expf would add
+// its own error to splits that otherwise round P as the reference does).
 constexpr int kCombineWarps = 4;
 __global__ void __launch_bounds__(32 * kCombineWarps) CombineKernel(const float* part_o, const float* part_m,
                                                                     const float* part_l, int64_t rows, int64_t heads,
@@ -388,12 +390,12 @@ __global__ void __launch_bounds__(32 * kCombineWarps) CombineKernel(const float*
   float w[2], l = 0.0f;
 #pragma unroll
   for (int k = 0; k < 2; ++k) {
-    w[k] = ms[k] == -INFINITY ? 0.0f : __expf((ms[k] - m) * scale);
+    w[k] = ms[k] == -INFINITY ? 0.0f : ExpF((ms[k] - m) * scale);
     l += ls[k] * w[k];
   }
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(0xffffffffu, l, off);
-  const float denom = l + __expf(sink[h] - m * scale);
+  const float denom = l + ExpF(sink[h] - m * scale);
   float4 acc[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) acc[i] = make_float4(0, 0, 0, 0);
