@@ -6,9 +6,9 @@
 // a split must start from that maximum as it stands at the split's first chunk: with more than
 // one split, a scores pass (the same kernel, Pass::kScores: Q·Kᵀ alone) writes every chunk's S
 // and row maxima first, and the attention pass, its programmatic dependent, reads them back,
-// starting from the maxima of the chunks before its split; both run two blocks an SM (64
-// registers: the attention pass spills 52 bytes, still faster at long slot lists) (FewHeadsSplits: the splits
-// fill the SMs; a token alone gets the same bits as in a batch that needs no split). Records are
+// starting from the maxima of the chunks before its split. Both run two blocks an SM (64
+// registers: the attention pass spills 52 bytes, still faster at long slot lists). A token alone
+// gets the same bits as in a batch that needs no split (FewHeadsSplits). Records are
 // gathered by index with cp.async one chunk ahead; the FP8 codes are converted in registers
 // (never a dequantised tile in shared memory). 16 warps: warp w owns the record's 64-dim block
 // w % 8 (w % 8 < 7: FP8 with scale byte w % 8; 7: the bf16 rope dims) and half w / 8 of every
@@ -483,10 +483,12 @@ __global__ void __launch_bounds__(kThreads, kPass == Pass::kFused ? 1 : 2)
 // Splits per token: the two passes run two blocks an SM, so enough splits for two blocks on
 // every SM, unless that leaves a split fewer than 3 chunks (its prologue, Q and the first two
 // chunks' gathers, then weighs as much as its work): then enough for one block an SM. None when
-// the tokens alone fill more than half the SMs. At most one split a chunk. (H200, 16 heads, graph replays, FLASHMEM_FEW_HEADS_SPLITS swept 1-32: this picks
-// the fastest count or one within 3% at 640 and 8,192 slots, batch 1 to 128; docs/benchmarks.md.) A split rounds P as the reference's single pass does because it starts from that pass's
-// running maximum at its first chunk, which the maxima pass gives it (GoldenC.CachesAfterS1 in
-// fast mode asks frac_exact 0.873 of the caches; a split starting from its own maximum gave 0.74).
+// the tokens alone fill more than half the SMs. At most one split a chunk. (H200, 16 heads,
+// graph replays, FLASHMEM_FEW_HEADS_SPLITS swept 2-32: this picks the fastest count or one within
+// 3% at 640 and 8,192 slots, batch 1 to 128; docs/benchmarks.md, "Fifteenth session".)
+// A split rounds P as the reference's single pass does because it starts from that pass's running
+// maximum at its first chunk, which the scores pass gives it (GoldenC.CachesAfterS1 in fast mode
+// asks frac_exact 0.873 of the caches; a split starting from its own maximum gave 0.74).
 // FLASHMEM_FEW_HEADS_SPLITS=N (measurements) sets the count instead.
 int FewHeadsSplits(int64_t batch, int64_t heads, int64_t n) {
   static const int forced = [] {
