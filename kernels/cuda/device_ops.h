@@ -232,10 +232,10 @@ cudaError_t PagedSparseAttentionFp8(const float* q, int64_t batch, int64_t heads
 // kFastAttentionHeads run on the warpgroup MMA (sm_90a), the slots split over blocks; any other
 // count (a tensor-parallel shard's 32, 16 or 8) on the few-heads mma.sync kernel, 16 heads a
 // block, a token's slots split over blocks when the tokens alone leave SMs idle, each split
-// starting from the reference's running maximum (a maxima pass first) so that P rounds to bf16
+// starting from the reference's running maximum (a scores pass first) so that P rounds to bf16
 // as the reference rounds it. Agrees with PagedSparseAttentionFp8 within bf16 rounding.
 // `workspace` holds PagedSparseAttentionFp8FastWorkspace(batch, heads, n) bytes of per-split
-// partial results (and the few-heads kernel's chunk maxima).
+// partial results (and the few-heads kernel's scores and chunk maxima when it splits).
 constexpr int64_t kFastAttentionHeads = 64;  // the warpgroup MMA's M: one token's heads a block
 int64_t PagedSparseAttentionFp8FastWorkspace(int64_t batch, int64_t heads, int64_t n);
 cudaError_t PagedSparseAttentionFp8Fast(const float* q, int64_t batch, int64_t heads, const uint8_t* pages,

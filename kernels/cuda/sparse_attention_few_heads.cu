@@ -57,6 +57,7 @@ constexpr int kThreads = 32 * kWarps;
 constexpr int kMaxSplits = 64;
 constexpr int kHalfTiles = kChunk / 16;  // n-tiles of S (8 slots) in half a chunk
 constexpr int kHalfSteps = kChunk / 32;  // P·V k-steps (16 slots) in half a chunk
+__host__ __device__ constexpr int64_t Chunks(int64_t n) { return (n + kChunk - 1) / kChunk; }
 __host__ __device__ constexpr int RowOffset(int j) { return j * kRecordData + 32 * (j / 2); }
 constexpr int kStageData = RowOffset(kChunk);
 constexpr int kStageBytes = kStageData + kChunk * kRecordScales;
@@ -245,7 +246,7 @@ __global__ void __launch_bounds__(kThreads, kPass == Pass::kFused ? 1 : 2)
 
   const int64_t b = blockIdx.x, split = blockIdx.y, head0 = static_cast<int64_t>(blockIdx.z) * kRows;
   const int rows = static_cast<int>(heads - head0 < kRows ? heads - head0 : kRows);
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  const int64_t chunks = Chunks(n);
   const int64_t c0 = split * chunks / splits, c1 = (split + 1) * chunks / splits;  // c0 < c1: splits <= chunks
   // The attention pass may start as soon as every block of this pass has: it waits for the
   // scores themselves (WaitForPrerequisite) before reading them.
@@ -496,7 +497,7 @@ int FewHeadsSplits(int64_t batch, int64_t heads, int64_t n) {
     return v ? std::atoi(v) : 0;
   }();
   const int sms = std::max(1, DeviceSmLimits().count);
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  const int64_t chunks = Chunks(n);
   const int64_t blocks = std::max<int64_t>(1, batch * ((heads + kRows - 1) / kRows));
   int64_t want = std::max<int64_t>(1, 2 * sms / blocks);
   if (chunks < 3 * want) want = std::max<int64_t>(1, sms / blocks);
@@ -519,9 +520,14 @@ bool TwoPasses(int splits) {
 
 // The scores pass's output, after the partial rows in the workspace: chunk maxima [batch][chunks]
 // [heads], then S [batch][chunks][heads][kChunk].
-int64_t ScoresFloats(int64_t batch, int64_t heads, int64_t n) {
-  return batch * ((n + kChunk - 1) / kChunk) * heads * (1 + kChunk);
+struct ScoreRows {
+  float* chunk_max;
+  float* scores;
+};
+ScoreRows ScoreRowsAfter(float* end_of_split_rows, int64_t batch, int64_t heads, int64_t n) {
+  return {end_of_split_rows, end_of_split_rows + batch * Chunks(n) * heads};
 }
+int64_t ScoresFloats(int64_t batch, int64_t heads, int64_t n) { return batch * Chunks(n) * heads * (1 + kChunk); }
 
 }  // namespace
 
@@ -554,8 +560,7 @@ cudaError_t PagedSparseAttentionFp8Fast(const float* q, int64_t batch, int64_t h
   const int splits = FewHeadsSplits(batch, heads, n);
   const int64_t rows = batch * splits * heads;
   const detail::SplitRows part = detail::SplitRowsIn(workspace, rows, kDim);
-  float* chunk_max = part.l + rows;
-  float* scores = chunk_max + batch * ((n + kChunk - 1) / kChunk) * heads;
+  const ScoreRows sr = ScoreRowsAfter(part.l + rows, batch, heads, n);
   const dim3 grid(static_cast<unsigned>(batch), static_cast<unsigned>(splits),
                   static_cast<unsigned>((heads + kRows - 1) / kRows));
   if (!TwoPasses(splits)) {
@@ -567,13 +572,13 @@ cudaError_t PagedSparseAttentionFp8Fast(const float* q, int64_t batch, int64_t h
   // The scores pass, then the attention pass over the same splits, launched as its dependent,
   // then the combine (with more than one split).
   FewHeadsKernel<Pass::kScores><<<grid, kThreads, kSmem, stream>>>(q, heads, pages, page_entries, idx, n, splits, sink,
-                                                                  softmax_scale, out, part.o, part.m, part.l, chunk_max,
-                                                                  scores);
+                                                                  softmax_scale, out, part.o, part.m, part.l, sr.chunk_max,
+                                                                  sr.scores);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
   e = ptx::LaunchAsDependent(FewHeadsKernel<Pass::kAttend>, grid, dim3(kThreads), kSmem, stream, q, heads, pages,
-                             page_entries, idx, n, splits, sink, softmax_scale, out, part.o, part.m, part.l, chunk_max,
-                             scores);
+                             page_entries, idx, n, splits, sink, softmax_scale, out, part.o, part.m, part.l, sr.chunk_max,
+                             sr.scores);
   if (e != cudaSuccess || splits == 1) return e;
   return detail::CombineAttentionSplits(part.o, part.m, part.l, batch, heads, splits, sink, softmax_scale, out, stream);
 }

@@ -615,7 +615,7 @@ TEST_F(CudaOps, PagedFp8RecordsAttentionMatchesDecodedRows) {
 
 // The few-heads kernel splits a token's slots over more blocks the fewer tokens there are (one
 // block a token and head group fills no GPU). Each split starts from the running maximum the
-// reference's single pass has at its first chunk (the maxima pass), so P rounds to bf16 exactly as
+// reference's single pass has at its first chunk (the scores pass), so P rounds to bf16 exactly as
 // there: a token alone (10 splits of one chunk) gives what it gives in a batch of 264 (one split),
 // but for the order of the fp32 sums — a handful of bf16 ties. A split starting from its own
 // maximum rounds P differently and changes about a fifth of the outputs' last bits.
