@@ -89,10 +89,13 @@ __device__ __forceinline__ uint32_t F16ToBf16(uint32_t a) {
 }
 // 2^x as a float for an integer x in -126 .. 127 (clamped).
 __device__ __forceinline__ float Pow2(int x) { return __uint_as_float(static_cast<uint32_t>(min(max(x + 127, 1), 254)) << 23); }
-// 2^d as f16 bits for d <= 0: subnormal from 2^-15, 0 below 2^-24 (a slot whose scale is that
-// much below the block's largest so far adds under 2^-24 of what that one adds).
-__device__ __forceinline__ uint32_t Pow2F16(int d) {
-  return d >= -14 ? static_cast<uint32_t>(d + 15) << 10 : d >= -24 ? 1u << (d + 24) : 0u;
+// 2^d0 and 2^d1 (d <= 0) as f16x2, d0 low: subnormal from 2^-15, 0 below 2^-24 (a slot whose scale
+// is that much below the block's largest so far adds under 2^-24 of what that one adds). Through
+// the float 2^d and one conversion for both, which is exact down to 2^-24 and rounds 2^-25 to 0.
+__device__ __forceinline__ uint32_t Pow2F16x2(int d0, int d1) {
+  const float f0 = __uint_as_float(static_cast<uint32_t>(max(d0 + 127, 0)) << 23);
+  const float f1 = __uint_as_float(static_cast<uint32_t>(max(d1 + 127, 0)) << 23);
+  return PackF16(f0, f1);
 }
 // UE8M0 scale byte -> 2^(e - 127) (byte 0, a zero-filled slot's, gives 0).
 __device__ __forceinline__ float ScaleOf(uint8_t e) { return __uint_as_float(static_cast<uint32_t>(e) << 23); }
@@ -188,8 +191,8 @@ __device__ __forceinline__ void AccumulatePv(const uint8_t* stage, const uint8_t
     LoadMatrices(pa, p_s + ((mtx & 1) * 8 + lane % 8) * kPPitch + 16 * ks + (mtx >> 1) * 8);
     const int s0 = 16 * ks + c4;  // this lane's slots: s0, s0 + 4, s0 + 8, s0 + 12
     if constexpr (!kRope) {
-      auto factor = [&](int s) { return Pow2F16(static_cast<int>(scales[s * kRecordScales + blk]) - e_ref); };
-      const uint32_t f01 = factor(s0) | (factor(s0 + 4) << 16), f89 = factor(s0 + 8) | (factor(s0 + 12) << 16);
+      auto d = [&](int s) { return static_cast<int>(scales[s * kRecordScales + blk]) - e_ref; };
+      const uint32_t f01 = Pow2F16x2(d(s0), d(s0 + 4)), f89 = Pow2F16x2(d(s0 + 8), d(s0 + 12));
       pa[0] = MulF16(pa[0], f01);
       pa[1] = MulF16(pa[1], f01);
       pa[2] = MulF16(pa[2], f89);
@@ -381,16 +384,20 @@ __global__ void __launch_bounds__(kThreads, kPass == Pass::kFused ? 1 : 2)
         }
       } else {
         const float m_new = fmaxf(m_run, WarpMax(fmaxf(sc[0], sc[1])));
-        const float alpha = m_new == -INFINITY ? 1.0f : expf((m_run - m_new) * scale);
-        l_run *= alpha;
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const float p = sc[i] == -INFINITY ? 0.0f : expf((sc[i] - m_new) * scale);
-          l_run += p;
-          const int slot = 2 * lane + i;
-          const __half ph = __float2half_rn(RoundBf16(p));  // P is cast to bf16 before P·V
-          p_s[h * kPPitch + 16 * (slot / 16) + PvColumn(slot % 16)] = *reinterpret_cast<const uint16_t*>(&ph);
-        }
+        // No branches: with every slot so far masked (m_new -inf) P is exp(-inf) = 0, and alpha 0
+        // scales an O and l that are still 0.
+        const float m_use = m_new == -INFINITY ? 0.0f : m_new;
+        const float alpha = expf((m_run - m_use) * scale);
+        const float p0 = expf((sc[0] - m_use) * scale), p1 = expf((sc[1] - m_use) * scale);
+        l_run = l_run * alpha + p0;
+        l_run += p1;
+        // P is cast to bf16 before P·V (both at once, round to nearest even), held as f16 (exact).
+        const float2 pr = __bfloat1622float2(__floats2bfloat162_rn(p0, p1));
+        const __half2 ph = __floats2half2_rn(pr.x, pr.y);
+        const uint32_t bits = *reinterpret_cast<const uint32_t*>(&ph);
+        uint16_t* p_row = p_s + h * kPPitch + 16 * (lane / 8);  // slots 2 lane, 2 lane + 1: one 16-slot group
+        p_row[PvColumn((2 * lane) % 16)] = static_cast<uint16_t>(bits);
+        p_row[PvColumn((2 * lane + 1) % 16)] = static_cast<uint16_t>(bits >> 16);
         m_run = m_new;
         if (lane == 0) alpha_s[h] = alpha;
       }

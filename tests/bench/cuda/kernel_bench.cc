@@ -2,7 +2,7 @@
 // copy bandwidth, cuBLAS bf16 GEMM rate). Times are CUDA-event medians over many launches after a
 // warm-up; inputs are random (never zeros) and rotated across copies larger than L2 where a kernel
 // streams weights. Prints a markdown table (docs/benchmarks.md records it with the command).
-//   kernel_bench [--quick] [--only SECTION]   (sections: gemv linear dense moe attention index topk recall
+//   kernel_bench [--quick] [--only SECTION] [--attention-shape B,H,SLOTS] [--attention-pages P]   (sections: gemv linear dense moe attention index topk recall
 //                                              elementwise hc; the ceilings always run)
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -136,6 +136,11 @@ std::string Pct(double v, double limit, const char* what) {
 
 std::string only;  // --only: the one section to run (empty: all)
 bool Want(const char* section) { return only.empty() || only == section; }
+// --attention-shape BATCH,HEADS,SLOTS: the attention section runs that shape alone (profiling).
+int64_t shape_batch = 0, shape_heads = 0, shape_slots = 0;
+// --attention-pages P: the records the attention section reads lie in P pages of 64 (default 4,096:
+// 153 MB, past L2; a few pages keep them in L2, which separates the kernel from DRAM).
+int64_t attention_pages = 4096;
 
 }  // namespace
 
@@ -146,8 +151,26 @@ int main(int argc, char** argv) {
       quick = true;
     } else if (std::strcmp(argv[i], "--only") == 0 && i + 1 < argc) {
       only = argv[++i];
+    } else if (std::strcmp(argv[i], "--attention-shape") == 0 && i + 1 < argc) {
+      const char* v = argv[++i];
+      long long b = 0, h = 0, n = 0;
+      if (std::sscanf(v, "%lld,%lld,%lld", &b, &h, &n) != 3 || b <= 0 || h <= 0 || n <= 0) {
+        std::fprintf(stderr, "--attention-shape wants BATCH,HEADS,SLOTS (positive), got '%s'\n", v);
+        return 2;
+      }
+      shape_batch = b, shape_heads = h, shape_slots = n;
+    } else if (std::strcmp(argv[i], "--attention-pages") == 0 && i + 1 < argc) {
+      attention_pages = std::atoll(argv[++i]);
+      if (attention_pages <= 0) {
+        std::fprintf(stderr, "--attention-pages wants a positive page count, got '%s'\n", argv[i]);
+        return 2;
+      }
     } else {
-      std::fprintf(stderr, "usage: kernel_bench [--quick] [--only SECTION]; unknown argument '%s'\n", argv[i]);
+      std::fprintf(stderr,
+                   "usage: kernel_bench [--quick] [--only SECTION] [--attention-shape BATCH,HEADS,SLOTS] [--attention-pages "
+                   "P]; unknown "
+                   "argument '%s'\n",
+                   argv[i]);
       return 2;
     }
   }
@@ -537,7 +560,7 @@ int main(int argc, char** argv) {
   // ---- sparse MQA over paged 584-B FP8 records (V4-Flash: h_q 64, 128 window + 512 CSA slots;
   // 16 and 8 heads: a shard of them at tensor-parallel 4 and 8, which reads the same records) ---
   if (Want("attention")) {
-    const int64_t B = 64, pages = 4096, entries = pages * B;  // 153 MB of records
+    const int64_t B = 64, pages = attention_pages, entries = pages * B;  // 153 MB of records by default
     uint8_t* recs = static_cast<uint8_t*>(DeviceRandomBytes(size_t(pages) * B * cu::kRecordBytes, 1));
     // Scale bytes stay in a sane range: rewrite every page's scale area.
     std::vector<uint8_t> sc(B * cu::kRecordScales, 124);
@@ -550,8 +573,10 @@ int main(int argc, char** argv) {
       std::vector<int64_t> batches;
     };
     const std::vector<int64_t> batches = quick ? std::vector<int64_t>{1, 64} : std::vector<int64_t>{1, 8, 32, 64, 128};
-    for (const Shape& shape : {Shape{640, 64, batches}, Shape{640, 16, batches}, Shape{640, 8, batches},
-                               Shape{8192, 16, quick ? std::vector<int64_t>{1} : std::vector<int64_t>{1, 8, 32}}})
+    std::vector<Shape> shapes = {Shape{640, 64, batches}, Shape{640, 16, batches}, Shape{640, 8, batches},
+                                 Shape{8192, 16, quick ? std::vector<int64_t>{1} : std::vector<int64_t>{1, 8, 32}}};
+    if (shape_batch > 0) shapes = {Shape{shape_slots, shape_heads, {shape_batch}}};
+    for (const Shape& shape : shapes)
       for (int64_t batch : shape.batches) {
         const int64_t n = shape.n, heads = shape.heads;
         std::vector<int32_t> idx(batch * n);
