@@ -516,6 +516,40 @@ TEST_F(CudaOps, AttentionReadsNamedPagesFromTheKvReserve) {
 
 
 
+// `pages` pages of 64 random 584-B records as the KV writer lays them out (FP8 codes, never NaN;
+// scale bytes first_scale .. first_scale + 5 for the FP8 blocks, 0 for the rope block; rope dims
+// bf16 of N(0, 1)) and the fp32 rows they decode to.
+struct RecordPages {
+  std::vector<uint8_t> bytes;
+  std::vector<float> rows;
+};
+RecordPages RandomRecordPages(int64_t pages, uint32_t seed, int first_scale) {
+  const int64_t B = 64, entries = B * pages;
+  std::mt19937 g(seed);
+  RecordPages out{std::vector<uint8_t>(pages * B * cuda::kRecordBytes), std::vector<float>(entries * cuda::kRecordDim)};
+  for (int64_t e = 0; e < entries; ++e) {
+    uint8_t* page = out.bytes.data() + (e / B) * B * cuda::kRecordBytes;
+    uint8_t* data = page + (e % B) * cuda::kRecordData;
+    uint8_t* scales = page + B * cuda::kRecordData + (e % B) * cuda::kRecordScales;
+    float* row = out.rows.data() + e * cuda::kRecordDim;
+    for (int s = 0; s < 7; ++s) scales[s] = static_cast<uint8_t>(first_scale + g() % 6);
+    scales[7] = 0;
+    for (int d = 0; d < cuda::kRecordNope; ++d) {
+      uint8_t c = static_cast<uint8_t>(g());
+      if ((c & 0x7f) == 0x7f) c &= 0xfe;  // no NaN codes
+      data[d] = c;
+      row[d] = num::E4m3ToFloat(c) * num::E8m0ToFloat(scales[d / 64]);
+    }
+    for (int r = 0; r < cuda::kRecordRope; ++r) {
+      const uint16_t bits = num::FloatToBf16Bits(std::normal_distribution<float>(0, 1)(g));
+      data[cuda::kRecordNope + 2 * r] = bits & 0xff;
+      data[cuda::kRecordNope + 2 * r + 1] = bits >> 8;
+      row[cuda::kRecordNope + r] = num::Bf16BitsToFloat(bits);
+    }
+  }
+  return out;
+}
+
 // The paged 584-B FP8 record kernels against the CPU op on the records' decoded rows: the exact
 // kernel and the tensor-core one, on shapes that give one split (the block writes the output) and
 // several (the combine kernel merges them), a partial last chunk, two head groups, masked slots
@@ -523,27 +557,9 @@ TEST_F(CudaOps, AttentionReadsNamedPagesFromTheKvReserve) {
 TEST_F(CudaOps, PagedFp8RecordsAttentionMatchesDecodedRows) {
   const int64_t B = 64, pages = 12, entries = B * pages;
   std::mt19937 g(41);
-  std::vector<uint8_t> mem(pages * B * cuda::kRecordBytes);
-  std::vector<float> rows(entries * cuda::kRecordDim);
-  for (int64_t e = 0; e < entries; ++e) {
-    uint8_t* page = mem.data() + (e / B) * B * cuda::kRecordBytes;
-    uint8_t* data = page + (e % B) * cuda::kRecordData;
-    uint8_t* scales = page + B * cuda::kRecordData + (e % B) * cuda::kRecordScales;
-    for (int s = 0; s < 7; ++s) scales[s] = static_cast<uint8_t>(120 + g() % 6);
-    scales[7] = 0;
-    for (int d = 0; d < cuda::kRecordNope; ++d) {
-      uint8_t c = static_cast<uint8_t>(g());
-      if ((c & 0x7f) == 0x7f) c &= 0xfe;  // no NaN codes
-      data[d] = c;
-      rows[e * 512 + d] = num::E4m3ToFloat(c) * num::E8m0ToFloat(scales[d / 64]);
-    }
-    for (int r = 0; r < cuda::kRecordRope; ++r) {
-      const uint16_t bits = num::FloatToBf16Bits(std::normal_distribution<float>(0, 1)(g));
-      data[cuda::kRecordNope + 2 * r] = bits & 0xff;
-      data[cuda::kRecordNope + 2 * r + 1] = bits >> 8;
-      rows[e * 512 + cuda::kRecordNope + r] = num::Bf16BitsToFloat(bits);
-    }
-  }
+  const RecordPages records = RandomRecordPages(pages, 41, 120);
+  const std::vector<uint8_t>& mem = records.bytes;
+  const std::vector<float>& rows = records.rows;
   uint8_t* d_pages = nullptr;
   ASSERT_EQ(cudaMalloc(&d_pages, mem.size()), cudaSuccess);
   ASSERT_EQ(cudaMemcpy(d_pages, mem.data(), mem.size(), cudaMemcpyHostToDevice), cudaSuccess);
@@ -621,20 +637,8 @@ TEST_F(CudaOps, PagedFp8RecordsAttentionMatchesDecodedRows) {
 // maximum rounds P differently and changes about a fifth of the outputs' last bits.
 TEST_F(CudaOps, FewHeadsSplitsRoundPAsTheSinglePass) {
   const int64_t B = 64, pages = 16, entries = B * pages, heads = 16, n = 640, big = 264;
-  std::vector<uint8_t> mem(pages * B * cuda::kRecordBytes);
+  const std::vector<uint8_t> mem = RandomRecordPages(pages, 7, 118).bytes;
   std::mt19937 g(7);
-  for (int64_t p = 0; p < pages; ++p) {
-    uint8_t* page = mem.data() + p * B * cuda::kRecordBytes;
-    for (int64_t i = 0; i < B * cuda::kRecordData; ++i) {
-      uint8_t c = static_cast<uint8_t>(g());
-      if ((i % cuda::kRecordData) < cuda::kRecordNope && (c & 0x7f) == 0x7f) c &= 0xfe;  // no NaN codes
-      if ((i % cuda::kRecordData) >= cuda::kRecordNope && (i % 2) == 1) c = static_cast<uint8_t>(0x3c + g() % 6);  // bf16 ~1
-      page[i] = c;
-    }
-    for (int64_t e = 0; e < B; ++e)
-      for (int s = 0; s < cuda::kRecordScales; ++s)
-        page[B * cuda::kRecordData + e * cuda::kRecordScales + s] = s < 7 ? static_cast<uint8_t>(118 + g() % 6) : 0;
-  }
   const std::vector<float> q1 = Random(heads * 512, 5, 2.0f), sink = Random(heads, 6, 1.0f);
   std::vector<int32_t> idx1(n);
   for (int32_t& i : idx1) i = g() % 11 == 0 ? -1 : static_cast<int32_t>(g() % entries);
