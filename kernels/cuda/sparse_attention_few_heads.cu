@@ -93,13 +93,10 @@ __device__ __forceinline__ uint32_t F16ToBf16(uint32_t a) {
 // 2^x as a float for an integer x in -126 .. 127 (clamped).
 __device__ __forceinline__ float Pow2(int x) { return __uint_as_float(static_cast<uint32_t>(min(max(x + 127, 1), 254)) << 23); }
 // 2^d0 and 2^d1 (d <= 0) as f16x2, d0 low: subnormal from 2^-15, 0 below 2^-24 (a slot whose scale
-// is that much below the block's largest so far adds under 2^-24 of what that one adds). Through
-// the float 2^d and one conversion for both, which is exact down to 2^-24 and rounds 2^-25 to 0.
-__device__ __forceinline__ uint32_t Pow2F16x2(int d0, int d1) {
-  const float f0 = __uint_as_float(static_cast<uint32_t>(max(d0 + 127, 0)) << 23);
-  const float f1 = __uint_as_float(static_cast<uint32_t>(max(d1 + 127, 0)) << 23);
-  return PackF16(f0, f1);
-}
+// is that much below the block's largest so far adds under 2^-24 of what that one adds). One
+// conversion of the float powers for both: exact down to 2^-24; 2^-25 and below (Pow2's floor,
+// 2^-126, included) round to 0.
+__device__ __forceinline__ uint32_t Pow2F16x2(int d0, int d1) { return PackF16(Pow2(d0), Pow2(d1)); }
 // UE8M0 scale byte -> 2^(e - 127) (byte 0, a zero-filled slot's, gives 0).
 __device__ __forceinline__ float ScaleOf(uint8_t e) { return __uint_as_float(static_cast<uint32_t>(e) << 23); }
 

@@ -2,8 +2,10 @@
 // copy bandwidth, cuBLAS bf16 GEMM rate). Times are CUDA-event medians over many launches after a
 // warm-up; inputs are random (never zeros) and rotated across copies larger than L2 where a kernel
 // streams weights. Prints a markdown table (docs/benchmarks.md records it with the command).
-//   kernel_bench [--quick] [--only SECTION] [--attention-shape B,H,SLOTS] [--attention-pages P]   (sections: gemv linear dense moe attention index topk recall
-//                                              elementwise hc; the ceilings always run)
+//   kernel_bench [--quick] [--only SECTION] [--attention-shape B,H,SLOTS] [--attention-pages P]
+//   (sections: gemv linear dense moe attention index topk recall elementwise hc; the ceilings
+//   always run; --attention-shape runs that attention shape alone, --attention-pages P puts the
+//   records in P pages of 64)
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -167,9 +169,8 @@ int main(int argc, char** argv) {
       }
     } else {
       std::fprintf(stderr,
-                   "usage: kernel_bench [--quick] [--only SECTION] [--attention-shape BATCH,HEADS,SLOTS] [--attention-pages "
-                   "P]; unknown "
-                   "argument '%s'\n",
+                   "usage: kernel_bench [--quick] [--only SECTION] [--attention-shape BATCH,HEADS,SLOTS]\n"
+                   "                    [--attention-pages P]; unknown argument '%s'\n",
                    argv[i]);
       return 2;
     }
