@@ -231,4 +231,30 @@ void Backend::RoutedExperts(std::span<const ExpertWork> experts, const float* x,
   (void)n;
 }
 
+void Backend::RecordError(const absl::Status& st) const {
+  absl::MutexLock lock(&error_mu_);
+  if (error_.ok()) error_ = st;
+}
+
+void Backend::RoutedMoE(const MoeRouter& router, const float* x, int64_t n, int64_t dim, float swiglu_limit, float* y,
+                        int32_t* ids, float* weights) const {
+  if (n == 0) return;
+  if (absl::Status st = ValidateRouter(router, n, dim); !st.ok()) return RecordError(st);
+  const int64_t E = router.gate->rows, k = router.k;
+  std::vector<float> logits(n * E);
+  Linear(*router.gate, x, n, logits.data(), Rounding::kNone);  // the reference's fp32 router
+  std::vector<int32_t> own_ids;
+  std::vector<float> own_weights;
+  if (!ids) {
+    own_ids.resize(n * k);
+    ids = own_ids.data();
+  }
+  if (!weights) {
+    own_weights.resize(n * k);
+    weights = own_weights.data();
+  }
+  RouteFromLogits(router, logits.data(), n, ids, weights);
+  RoutedExperts(GroupByExpert(router, ids, weights, n), x, n, dim, swiglu_limit, y);
+}
+
 }  // namespace flashmem::kernels

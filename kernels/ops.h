@@ -9,10 +9,14 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
+#include "kernels/moe_routing.h"
 #include "kernels/topk.h"
 
 namespace flashmem::kernels {
@@ -230,8 +234,12 @@ class Backend {
   virtual const char* name() const = 0;
 
   // A device backend can fail inside an op (device memory budget exhausted, a lost device): the
-  // first error sticks, later ops do nothing, and every forward returns it. The CPU never fails.
-  virtual absl::Status Health() const { return absl::OkStatus(); }
+  // first error sticks, later ops do nothing, and every forward returns it. The CPU fails only on
+  // an op's bad input that the op checks (RoutedMoE's router): the default returns that error.
+  virtual absl::Status Health() const {
+    absl::MutexLock lock(&error_mu_);
+    return error_;
+  }
   // Moves a weight to where this backend computes (device memory), so that a budget too small
   // shows at load rather than at the first step. Nothing to do on the CPU.
   virtual absl::Status Prepare(const WeightMatrix& /*w*/) const { return absl::OkStatus(); }
@@ -371,6 +379,15 @@ class Backend {
   virtual void RoutedExperts(std::span<const ExpertWork> experts, const float* x, int64_t n, int64_t dim,
                              float swiglu_limit, float* y) const;
 
+  // One MoE layer's routed experts on x [n, dim], routed by `router`: the gate's fp32 logits,
+  // RouteFromLogits, GroupByExpert, then RoutedExperts accumulating into y [n, dim] — the same
+  // values as those calls, which is the default. ids and weights ([n][router.k] each), when not
+  // null, receive the routing. A router ValidateRouter refuses fails the op (Health) and changes
+  // nothing. A device backend routes where the logits are and groups the rows there: the host
+  // waits for nothing (unless it asks for ids or weights).
+  virtual void RoutedMoE(const MoeRouter& router, const float* x, int64_t n, int64_t dim, float swiglu_limit,
+                         float* y, int32_t* ids = nullptr, float* weights = nullptr) const;
+
   // y[i] = bf16(x[i]) for n values (y may be x): the MoE's fp32 sum rounded as the sublayer's
   // output. The default runs on the host arrays; a device backend where the arrays are.
   virtual void RoundBf16(const float* x, int64_t n, float* y) const;
@@ -392,6 +409,14 @@ class Backend {
   virtual void HoldOnDevice(float* /*p*/, int64_t /*count*/) const {}
   virtual void SyncToHost(float* /*p*/) const {}
   virtual void ReleaseFromDevice(float* /*p*/, bool /*keep*/) const {}
+
+ protected:
+  // A default op's bad input: the first one is what Health() returns from then on.
+  void RecordError(const absl::Status& st) const;
+
+ private:
+  mutable absl::Mutex error_mu_;
+  mutable absl::Status error_ ABSL_GUARDED_BY(error_mu_);
 };
 
 // Holds a Scratch-like buffer on the device for this object's life (Backend::HoldOnDevice), and
@@ -418,6 +443,8 @@ void ApplyRowOps(const Backend& be, float* x, int64_t n, std::span<const RowOp> 
 
 // The exact CPU reference backend (kernels/cpu).
 const Backend& CpuBackend();
+// Another instance of it, with a Health of its own (a test of an op's sticky error).
+std::unique_ptr<Backend> NewCpuBackend();
 
 // One expert's MLP on m rows through be's ops: out[m, dim] = bf16(w2·h) with
 // h = bf16(silu(min(bf16(w1·x), L)) * clamp(bf16(w3·x), ±L) * weight) (weights null: 1; silu through

@@ -10,7 +10,7 @@ const char* OpName(OpKind op) {
   static constexpr const char* kNames[] = {"Linear", "RmsNorm", "HeadRmsNormBf16", "Rope", "Fp8RoundTrip",
                                            "Fp4RoundTrip", "Hadamard", "SparseAttention", "IndexScores",
                                            "TopK", "IndexTopK", "IndexerLogits", "HcPre", "HcPost", "HcHead", "RoutedExperts",
-                                           "RoundBf16", "RowOps"};
+                                           "RoundBf16", "RowOps", "RoutedMoE"};
   static_assert(sizeof(kNames) / sizeof(kNames[0]) == static_cast<int>(OpKind::kCount));
   return kNames[static_cast<int>(op)];
 }
@@ -230,6 +230,13 @@ void ProfilingBackend::RoutedExperts(std::span<const ExpertWork> experts, const 
   uint64_t pairs = 0;
   for (const ExpertWork& e : experts) pairs += e.rows.size();
   Record(OpKind::kRoutedExperts, t.seconds(), pairs);
+}
+
+void ProfilingBackend::RoutedMoE(const MoeRouter& router, const float* x, int64_t n, int64_t dim,
+                                 float swiglu_limit, float* y, int32_t* ids, float* weights) const {
+  Timer t;
+  inner_.RoutedMoE(router, x, n, dim, swiglu_limit, y, ids, weights);
+  Record(OpKind::kRoutedMoE, t.seconds(), static_cast<uint64_t>(n * router.k));  // token-expert pairs
 }
 
 void ProfilingBackend::RoundBf16(const float* x, int64_t n, float* y) const {

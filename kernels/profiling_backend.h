@@ -16,7 +16,7 @@ namespace flashmem::kernels {
 
 enum class OpKind : int {
   kLinear, kRmsNorm, kHeadRmsNorm, kRope, kFp8RoundTrip, kFp4RoundTrip, kHadamard,
-  kSparseAttention, kIndexScores, kTopK, kIndexTopK, kIndexerLogits, kHcPre, kHcPost, kHcHead, kRoutedExperts, kRoundBf16, kRowOps, kCount
+  kSparseAttention, kIndexScores, kTopK, kIndexTopK, kIndexerLogits, kHcPre, kHcPost, kHcHead, kRoutedExperts, kRoundBf16, kRowOps, kRoutedMoE, kCount
 };
 const char* OpName(OpKind op);
 
@@ -77,6 +77,8 @@ class ProfilingBackend final : public Backend {
               float norm_eps, float hc_eps, float* y) const override;
   void RoutedExperts(std::span<const ExpertWork> experts, const float* x, int64_t n, int64_t dim, float swiglu_limit,
                      float* y) const override;
+  void RoutedMoE(const MoeRouter& router, const float* x, int64_t n, int64_t dim, float swiglu_limit, float* y,
+                 int32_t* ids, float* weights) const override;
   void RoundBf16(const float* x, int64_t n, float* y) const override;
 
   OpStats Stats(OpKind op) const;

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "kernels/numerics.h"
@@ -344,5 +345,7 @@ const Backend& CpuBackend() {
   static const CpuBackendImpl backend;
   return backend;
 }
+
+std::unique_ptr<Backend> NewCpuBackend() { return std::make_unique<CpuBackendImpl>(); }
 
 }  // namespace flashmem::kernels

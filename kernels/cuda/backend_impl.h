@@ -184,6 +184,9 @@ class CudaBackendImpl final : public Backend {
     // FLASHMEM_CUDA_HOLD=0 ignores HoldOnDevice (every op moves its arrays over PCIe), to measure
     // what the held residual stream saves.
     if (const char* p = std::getenv("FLASHMEM_CUDA_HOLD")) hold_ = std::string(p) != "0";
+    // FLASHMEM_CUDA_DEVICE_ROUTING=0 routes every MoE layer on the host (the logits come back), to
+    // measure what routing on the device saves.
+    if (const char* p = std::getenv("FLASHMEM_CUDA_DEVICE_ROUTING")) device_routing_ = std::string(p) != "0";
     // FLASHMEM_CUDA_ASYNC=0 makes every op wait for its kernels, as before ops on held buffers
     // returned at once.
     if (const char* p = std::getenv("FLASHMEM_CUDA_ASYNC")) async_ = std::string(p) != "0";
@@ -325,6 +328,13 @@ class CudaBackendImpl final : public Backend {
 
   void RoutedExperts(std::span<const ExpertWork> experts, const float* x, int64_t n, int64_t dim, float swiglu_limit,
                      float* y) const override;
+
+  // Fast mode, one rank holding every expert, up to kGroupedFp4Rows tokens: routed and grouped on
+  // the device (backend_moe.cu) — the picks and weights as the host's, the sum bit for bit the
+  // host-routed RoutedExperts' given the same picks. Otherwise (or FLASHMEM_CUDA_DEVICE_ROUTING=0)
+  // the default: the logits come back and the host routes.
+  void RoutedMoE(const MoeRouter& router, const float* x, int64_t n, int64_t dim, float swiglu_limit, float* y,
+                 int32_t* ids, float* weights) const override;
 
   void RoundBf16(const float* x, int64_t n, float* y) const override;
 
@@ -577,6 +587,27 @@ class CudaBackendImpl final : public Backend {
   absl::Status RoutedExpertsGroupedLocked(std::span<const ExpertPlan> plans, const float* x, int64_t n, int64_t dim,
                                           float limit, float* y, WeightFormat format) const;
 
+  // A routed layer's experts as the device routing reads them: every local expert's w1, w3 and w2
+  // as grouped-GEMV groups (cuda::ExpertGroupLayout::templates), on the device. Built once a
+  // layer, kept while none of the device copies it points at has moved (resident_epoch_) and its
+  // matrices are the same ones; a use marks their copies used, as WeightOnDevice would.
+  struct ExpertTable {
+    std::vector<const WeightMatrix*> mats;  // [3][experts]: w1, w3, w2
+    std::vector<uint64_t> identities;       // theirs when built
+    std::vector<Resident*> residents;       // their device copies
+    std::vector<cuda::GemvGroup> templates;
+    Resident* dev = nullptr;                // the templates' device copy
+    uint64_t epoch = 0;
+    WeightFormat format = WeightFormat::kDense;
+    int64_t inter = 0;
+    bool scale_bytes = false;
+    bool routable = false;  // one format, intermediate size and scale form: one grouped launch takes them
+  };
+  absl::StatusOr<const ExpertTable*> ExpertTableLocked(const MoeRouter& r) const;
+  // The device routing (RoutedMoE); false, nothing done, when the shape is not one it takes.
+  absl::StatusOr<bool> RoutedMoELocked(const MoeRouter& r, const float* x, int64_t n, int64_t dim, float limit,
+                                       float* y, int32_t* ids, float* weights) const;
+
   // A bf16-rounded Linear on device arrays (the path LinearLocked would take): x [m][k], y with
   // room for ld >= m rows (the tensor-core path writes ld); qx/qs/qb quantization scratch.
   void RoundTripOp(float* x, int64_t n, int64_t block, bool fp8) const;
@@ -603,6 +634,9 @@ class CudaBackendImpl final : public Backend {
   mutable uint64_t clock_ = 0;
   mutable uint64_t op_clock_ = 1;  // clock_ at the start of the op in progress
   mutable absl::node_hash_map<const void*, Resident> resident_;  // node map: stable pointers
+  mutable uint64_t resident_epoch_ = 0;  // bumped whenever a resident is freed (ExpertTable's check)
+  mutable absl::node_hash_map<const void*, ExpertTable> expert_tables_;  // by MoeRouter::experts.data()
+  bool device_routing_ = true;  // FLASHMEM_CUDA_DEVICE_ROUTING
   mutable std::vector<Held> held_;                                 // a few: a step's op-to-op activations
   bool hold_ = true;                                               // FLASHMEM_CUDA_HOLD
   // An op whose every output is held returns without waiting for its kernels (RunLocked): its

@@ -172,6 +172,7 @@ absl::Status CudaBackendImpl::Reserve(int64_t bytes, const char* what) const {
     (void)cudaFree(lru->second.mem);
     used_ -= lru->second.bytes;
     resident_.erase(lru);
+    ++resident_epoch_;
   }
   if (used_ + bytes > budget_)
     return absl::ResourceExhaustedError(absl::StrCat("CUDA device ", device_, ": ", what, " needs ", bytes,
@@ -191,6 +192,7 @@ absl::StatusOr<Resident*> CudaBackendImpl::Upload(const void* key, uint64_t fp, 
     (void)cudaFree(it->second.mem);
     used_ -= it->second.bytes;
     resident_.erase(it);
+    ++resident_epoch_;
   }
   size_t total = 0;
   for (int i = 0; i < nparts; ++i) total += AlignUp(sizes[i]);

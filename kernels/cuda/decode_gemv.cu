@@ -470,8 +470,13 @@ __device__ __forceinline__ void GroupedFp4Block(const GemvGroup* groups, bool ro
   const GemvGroup g = groups[blockIdx.z];
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * Blocking::kRows, t0 = static_cast<int64_t>(blockIdx.y) * T;
   if (row0 >= g.rows || t0 >= g.n) return;  // the whole block: before any barrier
-  Fp4RowsMma<T, kExp, kHalves, Blocking>(g.w, g.ws, g.wexp, g.scale_cols, g.rows, g.k, g.xq, g.xh, g.xs, g.n, g.y,
-                                         round, row0, t0, fp4_smem);
+  // A group of more tokens than the grid's tiles cover (a launch sized before its groups were
+  // known: RoutedMoE's, grouped on the device) takes its further tiles in turn.
+  for (int64_t t = t0; t < g.n; t += static_cast<int64_t>(gridDim.y) * T) {
+    if (t != t0) __syncthreads();  // every warp done with the last tile's tokens in shared memory
+    Fp4RowsMma<T, kExp, kHalves, Blocking>(g.w, g.ws, g.wexp, g.scale_cols, g.rows, g.k, g.xq, g.xh, g.xs, g.n, g.y,
+                                           round, row0, t, fp4_smem);
+  }
 }
 
 // Whole-k blocks: no minimum of blocks an SM in the launch bounds — naming one lets ptxas take
@@ -520,7 +525,8 @@ __global__ void GroupedGemvKernel(const GemvGroup* groups, bool round) {
   const int64_t o0 = (static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32) * R;
   const int64_t t0 = static_cast<int64_t>(blockIdx.y) * T;
   if (o0 >= g.rows || t0 >= g.n) return;
-  GemvRows<T, R, kFp8>(g.w, g.ws, g.scale_cols, g.rows, g.k, g.xq, g.xs, g.n, g.y, round, o0, t0);
+  for (int64_t t = t0; t < g.n; t += static_cast<int64_t>(gridDim.y) * T)  // as GroupedFp4Block
+    GemvRows<T, R, kFp8>(g.w, g.ws, g.scale_cols, g.rows, g.k, g.xq, g.xs, g.n, g.y, round, o0, t);
 }
 
 // f(std::integral_constant<int, R>()) for R rows a warp (DecodeGemvRowsPerWarp's choice).

@@ -101,8 +101,10 @@ struct GemvInputs {
   Fp4Blocks blocks = Fp4Blocks::kByShape;
 };
 // LinearDecode for `count` matrices of one format in one launch (groups: a device array). The
-// routed experts of an MoE layer: each expert's w1 and w3 in one launch, then every w2. max_rows,
-// max_n and max_k bound every group's rows, n and k (they size the grid and the shared memory).
+// routed experts of an MoE layer: each expert's w1 and w3 in one launch, then every w2. max_rows
+// and max_k bound every group's rows and k; max_n sizes the token tiles (the grid and the shared
+// memory): a group of more tokens takes its further tiles in turn (groups written on the device,
+// whose sizes the host does not know). A group of n = 0 does nothing.
 // `in` says which optional inputs the FP4 tensor-core path reads; the generic path (FP8, or FP4
 // when GroupedFp4OnTensorCores is false) takes neither and refuses them (cudaErrorInvalidValue).
 cudaError_t LinearDecodeGrouped(const GemvGroup* groups, int count, int64_t max_rows, int64_t max_n, int64_t max_k,
@@ -158,6 +160,40 @@ cudaError_t ScatterAddOrdered(const float* out, const int32_t* offsets, const in
 // The lists ScatterAddOrdered reads, from rows[i] in [0, n) (checked by the caller).
 void OrderRowsByTarget(std::span<const int32_t> rows, int64_t n, std::vector<int32_t>* offsets,
                        std::vector<int32_t>* order);
+
+// An MoE layer's routing on the device (moe_routing.cu; Backend::RoutedMoE): the limits of one
+// launch.
+constexpr int64_t kMaxRouteExperts = 1024;  // a layer's experts (one thread each in the grouping)
+constexpr int64_t kMaxRouteK = 32;          // experts a token goes to
+constexpr int64_t kMaxRoutePicks = 2048;    // n * k of one call
+// Each of n tokens' k picks and weights from its logits [n][experts] by RouteFromLogits's rules
+// (kernels/moe_routing.h): the same picks and, but for a last-bit difference of the score
+// functions (rare), the same weights. bias [experts] or null; hash_ids [n][k] or null (a hash
+// layer: taken as the picks, each within 0..experts-1 — the caller's check).
+cudaError_t RouteTokens(const float* logits, int64_t n, int64_t experts, int64_t k, RouterScore score,
+                        const float* bias, const int32_t* hash_ids, float route_scale, int32_t* ids, float* weights,
+                        cudaStream_t stream);
+// Where a routed layer's arrays lie for GroupRoutes: each expert's matrices as grouped-GEMV
+// groups (templates [3][experts]: w1, w3, w2 with w, ws, wexp, scale_cols, rows and k set), the
+// table's groups per matrix (>= the experts a call can pick), and the pipeline's buffers of
+// n * k rows: the quantized tokens (qx, qs: dim wide), w1's and w3's outputs (inter wide), SwiGLU's
+// quantized output (qh, qhs) and w2's output (dim wide).
+struct ExpertGroupLayout {
+  const GemvGroup* templates = nullptr;
+  int64_t experts = 0, groups = 0, dim = 0, inter = 0;
+  const float *qx = nullptr, *qs = nullptr;
+  float *gate = nullptr, *up = nullptr;
+  const float *qh = nullptr, *qhs = nullptr;
+  float* out = nullptr;
+};
+// The picks ids / weights [n][k] grouped by expert on the device: rows / row_weights [n * k] are
+// GroupByExpert's lists end to end (experts in id order, each one's rows in row order); offsets
+// [n + 1] and order [n * k] each token's places in them in expert order (ScatterAddOrdered's
+// lists); table [3][l.groups] the non-empty experts' w1, w3 and w2 groups over their rows of
+// those buffers, then groups of no tokens. Every pick within 0..l.experts-1 (the caller's check).
+cudaError_t GroupRoutes(const int32_t* ids, const float* weights, int64_t n, int64_t k, const ExpertGroupLayout& l,
+                        int32_t* rows, float* row_weights, int32_t* offsets, int32_t* order, GemvGroup* table,
+                        cudaStream_t stream);
 
 // Sparse MQA of `batch` query tokens, each with `n` candidate slots: kv [rows, dim] fp32 in
 // device memory, idx [batch, n] row numbers (-1 masked), q/out [batch, heads, dim]; dim <= 1024.

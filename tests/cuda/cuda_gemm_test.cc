@@ -8,7 +8,9 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <numeric>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -443,6 +445,116 @@ TEST_F(CudaOps, OrderedScatterAddEqualsOneLaunchPerExpert) {
   for (void* p : {static_cast<void*>(d_out), static_cast<void*>(d_rows), static_cast<void*>(d_off),
                   static_cast<void*>(d_ord), static_cast<void*>(y_each), static_cast<void*>(y_once)})
     cudaFree(p);
+}
+
+// A routed layer for RoutedMoE: a fp32 router (the exact kernel computes its logits on both
+// paths), E experts of one format, a bias or a hash layer's picks.
+struct RoutedLayer {
+  WeightMatrix gate;
+  std::vector<WeightMatrix> w;  // 3 an expert: w1, w3, w2
+  std::vector<ExpertMatrices> experts;
+  std::vector<float> bias;
+  std::vector<int32_t> hash;
+  MoeRouter router;
+  RoutedLayer(int64_t E, int64_t k, int64_t n, int64_t dim, int64_t inter, RouterScore score, bool biased, bool hashed,
+              uint32_t seed, bool mixed = false, bool skewed = false) {
+    gate = RandomWeight(WeightFormat::kDense, E, dim, seed, /*bf16=*/false);
+    for (float& v : gate.values) v *= 20.0f;  // logits of a few units: picks far from ties
+    for (int64_t e = 0; e < E; ++e) {
+      const WeightFormat f = mixed && e % 2 ? WeightFormat::kFp8Block128 : WeightFormat::kFp4Group32;
+      w.push_back(RandomWeight(f, inter, dim, seed + 10 * static_cast<uint32_t>(e) + 1));
+      w.push_back(RandomWeight(f, inter, dim, seed + 10 * static_cast<uint32_t>(e) + 2));
+      w.push_back(RandomWeight(f, dim, inter, seed + 10 * static_cast<uint32_t>(e) + 3));
+    }
+    for (int64_t e = 0; e < E; ++e) experts.push_back({&w[3 * e], &w[3 * e + 1], &w[3 * e + 2]});
+    std::mt19937 g(seed);
+    if (biased) bias = Random(E, seed + 7, 0.05f);
+    if (biased && skewed) bias[0] = 100.0f;  // every token picks expert 0
+    if (hashed)
+      for (int64_t i = 0; i < n; ++i) {
+        std::vector<int32_t> all(E);
+        std::iota(all.begin(), all.end(), 0);
+        std::shuffle(all.begin(), all.end(), g);
+        hash.insert(hash.end(), all.begin(), all.begin() + k);
+      }
+    router.gate = &gate;
+    router.bias = bias;
+    router.hash_ids = hash;
+    router.score = score;
+    router.k = k;
+    router.route_scale = 2.5f;
+    router.experts = experts;
+  }
+};
+
+// Fast mode routes on the device: the same picks as the host's rules on the same logits, the
+// weights within an ulp, and the sum bit for bit the host-routed RoutedExperts' given those picks
+// (the grouping, the token tiles — every token on expert 0 at n = 40 over 8 experts: 40 rows
+// where the grid covers 20 — and the scatter-add's order). Against the CPU: within bf16 rounding. Shapes it does not take
+// (past 64 tokens, mixed formats) and the exact kernels fall back to the host's routing: the CPU's
+// bits with the exact kernels. Without ids/weights asked for, the same sum.
+TEST_F(CudaOps, RoutedMoEOnTheDeviceRoutesAsTheHost) {
+  auto fast = FastBackend(false);
+  ASSERT_TRUE(fast.ok()) << fast.status();
+  struct Case {
+    int64_t E, k, n;
+    RouterScore score;
+    bool biased, hashed, mixed, skewed = false;
+  };
+  const int64_t dim = 256, inter = 512;
+  const float limit = 10.0f;
+  uint32_t seed = 500;
+  for (const Case c : {Case{16, 4, 1, RouterScore::kSqrtSoftplus, true, false, false},
+                       Case{48, 6, 5, RouterScore::kSigmoid, false, false, false},
+                       Case{8, 2, 40, RouterScore::kSqrtSoftplus, true, false, false, true},
+                       Case{64, 6, 64, RouterScore::kSoftmax, false, false, false},
+                       Case{32, 3, 7, RouterScore::kSqrtSoftplus, false, true, false},
+                       Case{8, 2, 70, RouterScore::kSigmoid, true, false, false},
+                       Case{8, 2, 6, RouterScore::kSigmoid, true, false, true}}) {
+    const RoutedLayer l(c.E, c.k, c.n, dim, inter, c.score, c.biased, c.hashed, seed += 100, c.mixed,
+                        c.skewed);
+    const std::string what = "E=" + std::to_string(c.E) + " k=" + std::to_string(c.k) + " n=" + std::to_string(c.n);
+    const int64_t M = c.n * c.k;
+    const std::vector<float> x = Random(c.n * dim, seed + 1, 1.0f), y0 = Random(c.n * dim, seed + 2, 0.5f);
+    std::vector<float> y = y0, y_quiet = y0, want = y0;
+    std::vector<int32_t> ids(M, -1), want_ids(M, -2);
+    std::vector<float> wts = Poisoned(M), want_wts = Poisoned(M);
+    (*fast)->RoutedMoE(l.router, x.data(), c.n, dim, limit, y.data(), ids.data(), wts.data());
+    (*fast)->RoutedMoE(l.router, x.data(), c.n, dim, limit, y_quiet.data());
+    ASSERT_TRUE((*fast)->Health().ok()) << (*fast)->Health() << " " << what;
+    EXPECT_EQ(std::memcmp(y.data(), y_quiet.data(), y.size() * 4), 0) << what;
+    // The host's rules on the backend's own logits.
+    std::vector<float> logits(c.n * c.E);
+    (*fast)->Linear(l.gate, x.data(), c.n, logits.data(), Rounding::kNone);
+    RouteFromLogits(l.router, logits.data(), c.n, want_ids.data(), want_wts.data());
+    EXPECT_EQ(ids, want_ids) << what;
+    for (int64_t i = 0; i < M; ++i) EXPECT_NEAR(wts[i], want_wts[i], 2.5e-7 * std::fabs(want_wts[i])) << what << " " << i;
+    (*fast)->RoutedExperts(GroupByExpert(l.router, ids.data(), wts.data(), c.n), x.data(), c.n, dim, limit,
+                           want.data());
+    EXPECT_EQ(std::memcmp(y.data(), want.data(), y.size() * 4), 0) << what;
+    // The CPU, and the exact kernels (the host's routing: its bits).
+    std::vector<float> cpu_y = y0, exact_y = y0;
+    std::vector<int32_t> cpu_ids(M);
+    std::vector<float> cpu_wts(M);
+    cpu().RoutedMoE(l.router, x.data(), c.n, dim, limit, cpu_y.data(), cpu_ids.data(), cpu_wts.data());
+    EXPECT_EQ(ids, cpu_ids) << what;
+    EXPECT_LE(RelErr(y, cpu_y), 2 * kBf16Tol) << what;
+    gpu_->RoutedMoE(l.router, x.data(), c.n, dim, limit, exact_y.data());
+    EXPECT_EQ(exact_y, cpu_y) << what;
+    EXPECT_NE(y, y0) << what;
+  }
+  // A hash pick outside the layer: a clear, sticky error before anything runs.
+  const RoutedLayer l(8, 2, 2, dim, inter, RouterScore::kSigmoid, false, true, 77);
+  std::vector<int32_t> bad = l.hash;
+  bad[3] = 8;
+  MoeRouter r = l.router;
+  r.hash_ids = bad;
+  auto be = FastBackend(false);
+  ASSERT_TRUE(be.ok());
+  std::vector<float> x = Random(2 * dim, 1, 1.0f), y(2 * dim, 0.0f);
+  (*be)->RoutedMoE(r, x.data(), 2, dim, limit, y.data());
+  EXPECT_EQ((*be)->Health().code(), absl::StatusCode::kInvalidArgument) << (*be)->Health();
+  EXPECT_EQ(y, std::vector<float>(2 * dim, 0.0f));
 }
 
 }  // namespace

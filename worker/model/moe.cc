@@ -16,52 +16,26 @@ using kernels::Rounding;
 Gate::Gate(const ModelArgs& args, const GateWeights& w, bool hash, const kernels::Backend& be)
     : args_(args), w_(w), hash_(hash), be_(be) {}
 
-void Gate::Route(const float* x, std::span<const int32_t> tokens, std::vector<int32_t>* ids,
-                 std::vector<float>* weights) const {
-  const int64_t n = static_cast<int64_t>(tokens.size()), E = args_.n_routed_experts;
-  const int64_t k = args_.n_activated_experts;
-  std::vector<float> logits(n * E);
-  be_.Linear(w_.weight, x, n, logits.data(), Rounding::kNone);  // fp32 router
-  ids->resize(n * k);
-  weights->resize(n * k);
-  std::vector<float> scores(E), biased(E);
-  for (int64_t i = 0; i < n; ++i) {
-    const float* lg = logits.data() + i * E;
-    switch (args_.score_func) {
-      case ScoreFunc::kSqrtSoftplus:
-        for (int64_t e = 0; e < E; ++e) {
-          const float sp = lg[e] > 20.0f ? lg[e] : std::log1p(std::exp(lg[e]));  // F.softplus
-          scores[e] = std::sqrt(sp);
-        }
-        break;
-      case ScoreFunc::kSigmoid:
-        for (int64_t e = 0; e < E; ++e) scores[e] = 1.0f / (1.0f + std::exp(-lg[e]));
-        break;
-      case ScoreFunc::kSoftmax: {
-        const float mx = *std::max_element(lg, lg + E);
-        float sum = 0.0f;
-        for (int64_t e = 0; e < E; ++e) sum += (scores[e] = std::exp(lg[e] - mx));
-        for (int64_t e = 0; e < E; ++e) scores[e] /= sum;
-        break;
-      }
-    }
-    int32_t* id = ids->data() + i * k;
-    if (hash_) {
-      std::copy_n(w_.tid2eid.data() + static_cast<int64_t>(tokens[i]) * k, k, id);
-    } else {
-      // The bias shifts selection only; ties keep the lower expert id first.
-      for (int64_t e = 0; e < E; ++e) biased[e] = scores[e] + (w_.bias.empty() ? 0.0f : w_.bias[e]);
-      const std::vector<int32_t> top = kernels::TopKIndices(biased, k);
-      std::copy_n(top.begin(), k, id);
-    }
-    float* wt = weights->data() + i * k;
-    float sum = 0.0f;
-    for (int64_t j = 0; j < k; ++j) sum += (wt[j] = scores[id[j]]);
-    for (int64_t j = 0; j < k; ++j) {
-      if (args_.score_func != ScoreFunc::kSoftmax) wt[j] /= sum;
-      wt[j] *= args_.route_scale;
-    }
+kernels::MoeRouter Gate::Router(std::span<const int32_t> tokens, std::span<const kernels::ExpertMatrices> experts,
+                                int64_t first_expert, std::vector<int32_t>* hash_ids) const {
+  kernels::MoeRouter r;
+  r.gate = &w_.weight;  // fp32 logits
+  r.score = args_.score_func == ScoreFunc::kSqrtSoftplus ? kernels::RouterScore::kSqrtSoftplus
+            : args_.score_func == ScoreFunc::kSigmoid    ? kernels::RouterScore::kSigmoid
+                                                          : kernels::RouterScore::kSoftmax;
+  r.k = args_.n_activated_experts;
+  r.route_scale = args_.route_scale;
+  r.first_expert = first_expert;
+  r.experts = experts;
+  if (hash_) {
+    hash_ids->resize(tokens.size() * r.k);
+    for (size_t i = 0; i < tokens.size(); ++i)
+      std::copy_n(w_.tid2eid.data() + static_cast<int64_t>(tokens[i]) * r.k, r.k, hash_ids->data() + i * r.k);
+    r.hash_ids = *hash_ids;
+  } else {
+    r.bias = w_.bias;  // the bias shifts selection only
   }
+  return r;
 }
 
 void Expert::AddTo(const float* x, int64_t n, float* y) const {
@@ -81,43 +55,22 @@ MoE::MoE(const ModelArgs& args, const MoEWeights& w, int64_t layer, const kernel
     : args_(args), w_(w), layer_(layer), be_(be), comm_(comm),
       gate_(args, w.gate, layer < args.n_layers && args.is_hash_layer(layer), be),
       shared_(args, w.shared, be) {
-  for (const ExpertWeights& e : w.experts) experts_.emplace_back(args, e, be);
+  for (const ExpertWeights& e : w.experts) {
+    experts_.emplace_back(args, e, be);
+    routed_.push_back({&e.w1, &e.w3, &e.w2});
+  }
 }
 
 void MoE::Forward(const float* x, std::span<const int32_t> tokens,
                   std::span<ForwardTrace* const> trace_rows, float* out) const {
   const int64_t n = static_cast<int64_t>(tokens.size()), d = args_.dim;
   const int64_t k = args_.n_activated_experts;
-  std::vector<int32_t> ids;
-  std::vector<float> weights;
-  gate_.Route(x, tokens, &ids, &weights);
-  for (int64_t i = 0; i < n; ++i)
-    if (trace_rows[i]) {
-      trace_rows[i]->moe_experts[layer_].assign(ids.begin() + i * k, ids.begin() + (i + 1) * k);
-      trace_rows[i]->moe_weights[layer_].assign(weights.begin() + i * k, weights.begin() + (i + 1) * k);
-    }
-  // This rank's experts with the rows routed to them, in expert order (the order of the fp32 sum),
-  // each expert's rows in row order: one pass over the picks into per-expert lists (a scan of
-  // every pick per expert was 256 x 64 x 6 comparisons a layer at V4-Flash's batch 64).
-  const int64_t local = static_cast<int64_t>(experts_.size());
-  std::vector<kernels::ExpertWork> by_expert(local);
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < k; ++j) {
-      const int64_t le = ids[i * k + j] - w_.first_local_expert;
-      if (le < 0 || le >= local) continue;  // another rank's expert
-      by_expert[le].rows.push_back(static_cast<int32_t>(i));
-      by_expert[le].weights.push_back(weights[i * k + j]);
-    }
-  std::vector<kernels::ExpertWork> work;
-  for (int64_t le = 0; le < local; ++le) {
-    kernels::ExpertWork& wk = by_expert[le];
-    if (wk.rows.empty()) continue;
-    const ExpertWeights& ew = w_.experts[le];
-    wk.w1 = &ew.w1;
-    wk.w3 = &ew.w3;
-    wk.w2 = &ew.w2;
-    work.push_back(std::move(wk));
-  }
+  std::vector<int32_t> hash_ids;
+  const kernels::MoeRouter router = gate_.Router(tokens, routed_, w_.first_local_expert, &hash_ids);
+  // The routing comes back only for traced rows (a device backend otherwise keeps it).
+  const bool traced = std::any_of(trace_rows.begin(), trace_rows.end(), [](ForwardTrace* t) { return t != nullptr; });
+  std::vector<int32_t> ids(traced ? n * k : 0);
+  std::vector<float> weights(traced ? n * k : 0);
   Scratch y(n * d, 0.0f);  // fp32 accumulator of the routed sum
   // Tensor parallel: each rank summed its own experts; the routed sum is all-reduced (fp32) before
   // the shared expert, which every rank holds, is added: y + bf16(shared), one fp32 addition, as
@@ -125,7 +78,13 @@ void MoE::Forward(const float* x, std::span<const int32_t> tokens,
   const bool tensor_parallel = comm_ && comm_->size() > 1;
   std::optional<kernels::DeviceHold<Scratch>> hold_y;
   if (!tensor_parallel) hold_y.emplace(be_, y);
-  be_.RoutedExperts(work, x, n, d, args_.swiglu_limit, y.data());
+  be_.RoutedMoE(router, x, n, d, args_.swiglu_limit, y.data(), traced ? ids.data() : nullptr,
+                traced ? weights.data() : nullptr);
+  for (int64_t i = 0; i < n; ++i)
+    if (trace_rows[i]) {
+      trace_rows[i]->moe_experts[layer_].assign(ids.begin() + i * k, ids.begin() + (i + 1) * k);
+      trace_rows[i]->moe_weights[layer_].assign(weights.begin() + i * k, weights.begin() + (i + 1) * k);
+    }
   if (tensor_parallel) comm_->AllReduceSum(y.data(), n * d);
   shared_.AddTo(x, n, y.data());
   be_.RoundBf16(y.data(), n * d, out);

@@ -18,9 +18,12 @@ namespace flashmem::model {
 class Gate {
  public:
   Gate(const ModelArgs& args, const GateWeights& w, bool hash, const kernels::Backend& be);
-  // For n rows: expert ids [n, topk] and routing weights [n, topk].
-  void Route(const float* x, std::span<const int32_t> tokens, std::vector<int32_t>* ids,
-             std::vector<float>* weights) const;
+  // The router of n rows for Backend::RoutedMoE (which computes the logits, the picks and their
+  // weights: kernels/moe_routing.h); a hash layer's picks (tid2eid of each token) go in hash_ids,
+  // which the router points into. `experts`: the routed experts this rank holds, from
+  // first_expert on.
+  kernels::MoeRouter Router(std::span<const int32_t> tokens, std::span<const kernels::ExpertMatrices> experts,
+                            int64_t first_expert, std::vector<int32_t>* hash_ids) const;
   // Moves this module's weights to where the backend computes (Backend::Prepare).
   absl::Status Prepare() const;
 
@@ -68,6 +71,7 @@ class MoE {
   const parallel::Communicator* comm_;
   Gate gate_;
   std::vector<Expert> experts_;
+  std::vector<kernels::ExpertMatrices> routed_;  // experts_' matrices, for the router
   Expert shared_;
 };
 

@@ -556,6 +556,42 @@ int main(int argc, char** argv) {
     }
     for (void* p : {static_cast<void*>(codes), static_cast<void*>(exps), static_cast<void*>(scales)})
       CHECK_CUDA(cudaFree(p));
+    // The device routing before those launches (RoutedMoE): a batch's picks from its router
+    // logits (sqrt-softplus, bias) and their grouping into the grouped GEMV's table, V4-Flash's 256
+    // experts, top 6.
+    for (int64_t n : {1, 8, 64}) {
+      const int64_t E = 256, k = 6, M = n * k;
+      float* logits = DeviceRandomFloats(size_t(n) * E, 1.0f);
+      float* bias = DeviceRandomFloats(E, 0.05f);
+      int32_t *ids = nullptr, *rows_d = nullptr, *off = nullptr, *ord = nullptr;
+      float *wts = nullptr, *rw = nullptr;
+      cu::GemvGroup *tmpl = nullptr, *tab = nullptr;
+      CHECK_CUDA(cudaMalloc(&ids, M * 4));
+      CHECK_CUDA(cudaMalloc(&wts, M * 4));
+      CHECK_CUDA(cudaMalloc(&rows_d, M * 4));
+      CHECK_CUDA(cudaMalloc(&rw, M * 4));
+      CHECK_CUDA(cudaMalloc(&off, (n + 1) * 4));
+      CHECK_CUDA(cudaMalloc(&ord, M * 4));
+      CHECK_CUDA(cudaMalloc(&tmpl, 3 * E * sizeof(cu::GemvGroup)));
+      CHECK_CUDA(cudaMemset(tmpl, 0, 3 * E * sizeof(cu::GemvGroup)));
+      const int64_t G = std::min(M, E);
+      CHECK_CUDA(cudaMalloc(&tab, 3 * G * sizeof(cu::GemvGroup)));
+      float* bufs = DeviceRandomFloats(1, 1.0f);  // the layout's buffers: only their addresses are written
+      const cu::ExpertGroupLayout layout{tmpl, E, G, 4096, 2048, bufs, bufs, bufs, bufs, bufs, bufs, bufs};
+      auto route = [&](cudaStream_t s) {
+        CHECK_CUDA(cu::RouteTokens(logits, n, E, k, flashmem::kernels::RouterScore::kSqrtSoftplus, bias, nullptr, 1.5f, ids, wts, s));
+        CHECK_CUDA(cu::GroupRoutes(ids, wts, n, k, layout, rows_d, rw, off, ord, tab, s));
+      };
+      const std::string shape = std::to_string(n) + " tok, top-6 of 256 experts";
+      rows.push_back({"MoE routing on the device (RouteTokens + GroupRoutes)", shape,
+                      TimeUs([&](int) { route(nullptr); }), 0, 0, "2 launches"});
+      rows.push_back({"same, graph replays back to back", shape, TimeGraphUs(route), 0, 0, ""});
+      for (void* p : {static_cast<void*>(logits), static_cast<void*>(bias), static_cast<void*>(ids),
+                      static_cast<void*>(wts), static_cast<void*>(rows_d), static_cast<void*>(rw),
+                      static_cast<void*>(off), static_cast<void*>(ord), static_cast<void*>(tmpl),
+                      static_cast<void*>(tab), static_cast<void*>(bufs)})
+        CHECK_CUDA(cudaFree(p));
+    }
   }
 
   // ---- sparse MQA over paged 584-B FP8 records (V4-Flash: h_q 64, 128 window + 512 CSA slots;
