@@ -142,6 +142,7 @@ struct Resident {
   uint64_t fingerprint = 0;
   uint64_t last_use = 0;
   DeviceWeight weight;
+  bool watched = false;  // an ExpertTable points at it: freeing it bumps resident_epoch_
 };
 
 // A fingerprint of an array from its size and up to `samples` (<= 64) sampled values: a host
@@ -209,6 +210,7 @@ class CudaBackendImpl final : public Backend {
     for (auto& [key, r] : resident_) (void)cudaFree(r.mem);
     for (const Held& h : held_) (void)cudaFree(h.dev);
     for (const auto& [bytes, mem] : spare_twins_) (void)cudaFree(mem);
+    if (route_done_) (void)cudaFree(route_done_);
     for (DeviceReserve* r : {&records_, &keys_})
       if (r->dev) (void)cudaFree(r->dev);
     if (dev_) (void)cudaFree(dev_);
@@ -589,7 +591,8 @@ class CudaBackendImpl final : public Backend {
 
   // A routed layer's experts as the device routing reads them: every local expert's w1, w3 and w2
   // as grouped-GEMV groups (cuda::ExpertGroupLayout::templates), on the device. Built once a
-  // layer, kept while none of the device copies it points at has moved (resident_epoch_) and its
+  // layer, kept while none of the device copies it points at (Resident::watched) has been freed
+  // (resident_epoch_) and its
   // matrices are the same ones; a use marks their copies used, as WeightOnDevice would.
   struct ExpertTable {
     std::vector<const WeightMatrix*> mats;  // [3][experts]: w1, w3, w2
@@ -634,7 +637,8 @@ class CudaBackendImpl final : public Backend {
   mutable uint64_t clock_ = 0;
   mutable uint64_t op_clock_ = 1;  // clock_ at the start of the op in progress
   mutable absl::node_hash_map<const void*, Resident> resident_;  // node map: stable pointers
-  mutable uint64_t resident_epoch_ = 0;  // bumped whenever a resident is freed (ExpertTable's check)
+  mutable uint64_t resident_epoch_ = 0;  // bumped whenever a watched resident is freed (ExpertTable's check)
+  mutable unsigned* route_done_ = nullptr;  // cuda::RouteAndGroup's counter (4 bytes, zeroed once)
   mutable absl::node_hash_map<const void*, ExpertTable> expert_tables_;  // by MoeRouter::experts.data()
   bool device_routing_ = true;  // FLASHMEM_CUDA_DEVICE_ROUTING
   mutable std::vector<Held> held_;                                 // a few: a step's op-to-op activations

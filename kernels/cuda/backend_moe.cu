@@ -1,5 +1,5 @@
 // CudaBackendImpl::RoutedMoE: an MoE layer routed on the device. The router's logits, the picks
-// and weights (cuda::RouteTokens), the rows grouped by expert (cuda::GroupRoutes) and the grouped
+// and weights and the rows grouped by expert (cuda::RouteAndGroup, one launch) and the grouped
 // experts run as one chain of launches, so the host neither waits for the logits nor builds the
 // expert lists: with the MoE's input and sum held (the model holds both on one rank), the call
 // returns without waiting for the device at all.
@@ -59,6 +59,7 @@ absl::StatusOr<const CudaBackendImpl::ExpertTable*> CudaBackendImpl::ExpertTable
       t.mats[j * E + i] = m[j];
       t.identities[j * E + i] = m[j]->identity.id();
       t.residents.push_back(&resident_.find(m[j]->values.data())->second);
+      t.residents.back()->watched = true;
       cuda::GemvGroup& g = t.templates[j * E + i];
       g.w = static_cast<const uint8_t*>(dw->values);
       g.ws = dw->scales;
@@ -82,6 +83,7 @@ absl::StatusOr<const CudaBackendImpl::ExpertTable*> CudaBackendImpl::ExpertTable
   const size_t sizes[1] = {t.templates.size() * sizeof(cuda::GemvGroup)};
   FM_ASSIGN_OR_RETURN(t.dev, Upload(t.templates.data(), XXH3_64bits(t.templates.data(), sizes[0]), parts, sizes, 1,
                                     "an MoE layer's expert table"));
+  t.dev->watched = true;
   t.epoch = resident_epoch_;  // after the uploads above, which may have evicted (and so moved) others
   return &t;
 }
@@ -132,17 +134,19 @@ absl::StatusOr<bool> CudaBackendImpl::RoutedMoELocked(const MoeRouter& r, const 
   if (ids_out) f.Download(dids, ids_out, M * 4);
   if (weights_out) f.Download(dwts, weights_out, M * 4);
   const auto* templates = static_cast<const cuda::GemvGroup*>(t->dev->mem);
+  if (!route_done_) {
+    FM_CUDA_TRY(cudaMalloc(&route_done_, sizeof(unsigned)), "cudaMalloc(routing counter)");
+    FM_CUDA_TRY(cudaMemsetAsync(route_done_, 0, sizeof(unsigned), stream_), "zero the routing counter");
+  }
   FM_RETURN_IF_ERROR(RunLocked(f, [&](Dev d) {
     auto* tab = d.at<cuda::GemvGroup>(dtab);
     cudaError_t e = EnqueueLinear(*gate, d.at(dx), n, ld, d.at(dlogits), Rounding::kNone, s.At(d));
-    if (e == cudaSuccess)
-      e = cuda::RouteTokens(d.at(dlogits), n, E, k, r.score, bias, hashed ? d.at<int32_t>(dhash) : nullptr,
-                            r.route_scale, d.at<int32_t>(dids), d.at(dwts), stream_);
     const cuda::ExpertGroupLayout layout{templates, E, G, dim, inter, d.at(qx), d.at(qs), d.at(g), d.at(u),
                                          d.at(qh), d.at(qhs), d.at(out)};
     if (e == cudaSuccess)
-      e = cuda::GroupRoutes(d.at<int32_t>(dids), d.at(dwts), n, k, layout, d.at<int32_t>(drows), d.at(drw),
-                            d.at<int32_t>(doff), d.at<int32_t>(dord), tab, stream_);
+      e = cuda::RouteAndGroup(d.at(dlogits), n, k, r.score, bias, hashed ? d.at<int32_t>(dhash) : nullptr,
+                              r.route_scale, layout, d.at<int32_t>(dids), d.at(dwts), d.at<int32_t>(drows),
+                              d.at(drw), d.at<int32_t>(doff), d.at<int32_t>(dord), tab, route_done_, stream_);
     // From here as RoutedExpertsGroupedLocked, over every pick's row.
     if (e == cudaSuccess) e = cuda::GatherRows(d.at(dx), d.at<int32_t>(drows), M, dim, d.at(xs), stream_);
     auto quantize = [&](size_t in, int64_t cols, size_t q, size_t qsc, bool f16) {

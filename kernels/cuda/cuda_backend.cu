@@ -171,8 +171,8 @@ absl::Status CudaBackendImpl::Reserve(int64_t bytes, const char* what) const {
     if (lru == resident_.end()) break;
     (void)cudaFree(lru->second.mem);
     used_ -= lru->second.bytes;
+    if (lru->second.watched) ++resident_epoch_;
     resident_.erase(lru);
-    ++resident_epoch_;
   }
   if (used_ + bytes > budget_)
     return absl::ResourceExhaustedError(absl::StrCat("CUDA device ", device_, ": ", what, " needs ", bytes,
@@ -191,8 +191,8 @@ absl::StatusOr<Resident*> CudaBackendImpl::Upload(const void* key, uint64_t fp, 
     }
     (void)cudaFree(it->second.mem);
     used_ -= it->second.bytes;
+    if (it->second.watched) ++resident_epoch_;
     resident_.erase(it);
-    ++resident_epoch_;
   }
   size_t total = 0;
   for (int i = 0; i < nparts; ++i) total += AlignUp(sizes[i]);

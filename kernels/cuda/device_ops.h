@@ -163,21 +163,14 @@ void OrderRowsByTarget(std::span<const int32_t> rows, int64_t n, std::vector<int
 
 // An MoE layer's routing on the device (moe_routing.cu; Backend::RoutedMoE): the limits of one
 // launch.
-constexpr int64_t kMaxRouteExperts = 1024;  // a layer's experts (one thread each in the grouping)
-constexpr int64_t kMaxRouteK = 32;          // experts a token goes to
-constexpr int64_t kMaxRoutePicks = 2048;    // n * k of one call
-// Each of n tokens' k picks and weights from its logits [n][experts] by RouteFromLogits's rules
-// (kernels/moe_routing.h): the same picks and, but for a last-bit difference of the score
-// functions (rare), the same weights. bias [experts] or null; hash_ids [n][k] or null (a hash
-// layer: taken as the picks, each within 0..experts-1 — the caller's check).
-cudaError_t RouteTokens(const float* logits, int64_t n, int64_t experts, int64_t k, RouterScore score,
-                        const float* bias, const int32_t* hash_ids, float route_scale, int32_t* ids, float* weights,
-                        cudaStream_t stream);
-// Where a routed layer's arrays lie for GroupRoutes: each expert's matrices as grouped-GEMV
+constexpr int64_t kMaxRouteExperts = 512;  // a layer's experts (one a thread)
+constexpr int64_t kMaxRouteK = 32;         // experts a token goes to
+constexpr int64_t kMaxRoutePicks = 2048;   // n * k of one call
+// Where a routed layer's arrays lie for RouteAndGroup: each expert's matrices as grouped-GEMV
 // groups (templates [3][experts]: w1, w3, w2 with w, ws, wexp, scale_cols, rows and k set), the
-// table's groups per matrix (>= the experts a call can pick), and the pipeline's buffers of
-// n * k rows: the quantized tokens (qx, qs: dim wide), w1's and w3's outputs (inter wide), SwiGLU's
-// quantized output (qh, qhs) and w2's output (dim wide).
+// table's groups per matrix (>= min(n * k, experts)), and the pipeline's buffers of n * k rows:
+// the quantized tokens (qx, qs: dim wide), w1's and w3's outputs (inter wide), SwiGLU's quantized
+// output (qh, qhs) and w2's output (dim wide).
 struct ExpertGroupLayout {
   const GemvGroup* templates = nullptr;
   int64_t experts = 0, groups = 0, dim = 0, inter = 0;
@@ -186,14 +179,21 @@ struct ExpertGroupLayout {
   const float *qh = nullptr, *qhs = nullptr;
   float* out = nullptr;
 };
-// The picks ids / weights [n][k] grouped by expert on the device: rows / row_weights [n * k] are
-// GroupByExpert's lists end to end (experts in id order, each one's rows in row order); offsets
-// [n + 1] and order [n * k] each token's places in them in expert order (ScatterAddOrdered's
-// lists); table [3][l.groups] the non-empty experts' w1, w3 and w2 groups over their rows of
-// those buffers, then groups of no tokens. Every pick within 0..l.experts-1 (the caller's check).
-cudaError_t GroupRoutes(const int32_t* ids, const float* weights, int64_t n, int64_t k, const ExpertGroupLayout& l,
-                        int32_t* rows, float* row_weights, int32_t* offsets, int32_t* order, GemvGroup* table,
-                        cudaStream_t stream);
+// One launch, a block a token: each of n tokens' k picks and weights from its logits [n][l.experts] by
+// RouteFromLogits's rules (kernels/moe_routing.h) into ids / weights [n][k] — the same picks and,
+// but for a last-bit difference of the score functions (rare) or of softmax's sum (summed in
+// another order), the same weights; bias [experts] or null; hash_ids [n][k] or null (a hash
+// layer: taken as the picks, each within 0..experts-1 — the caller's check). Then the picks
+// grouped by expert: rows / row_weights [n * k] are GroupByExpert's lists end to end (experts in
+// id order, each one's rows in row order); offsets [n + 1] and order [n * k] each token's places
+// in them in expert order (ScatterAddOrdered's lists); table [3][l.groups] the non-empty experts'
+// w1, w3 and w2 groups over their rows of l's buffers, then groups of no tokens — grouped by the
+// last block to finish, which `done` (a device counter, 0 before the launch and left 0 after it)
+// tells; launches sharing a counter must not overlap (one stream).
+cudaError_t RouteAndGroup(const float* logits, int64_t n, int64_t k, RouterScore score, const float* bias,
+                          const int32_t* hash_ids, float route_scale, const ExpertGroupLayout& l, int32_t* ids,
+                          float* weights, int32_t* rows, float* row_weights, int32_t* offsets, int32_t* order,
+                          GemvGroup* table, unsigned* done, cudaStream_t stream);
 
 // Sparse MQA of `batch` query tokens, each with `n` candidate slots: kv [rows, dim] fp32 in
 // device memory, idx [batch, n] row numbers (-1 masked), q/out [batch, heads, dim]; dim <= 1024.
