@@ -589,6 +589,28 @@ class CudaBackendImpl final : public Backend {
   absl::Status RoutedExpertsGroupedLocked(std::span<const ExpertPlan> plans, const float* x, int64_t n, int64_t dim,
                                           float limit, float* y, WeightFormat format) const;
 
+  // The grouped experts' device arrays in a frame, for M rows (every expert's rows end to end):
+  // the gathered tokens, their act_quant (qx, qs), w1's and w3's outputs, SwiGLU's, its act_quant,
+  // w2's outputs.
+  struct GroupedExpertArrays {
+    size_t xs, qx, qs, g, u, h, qh, qhs, out;
+  };
+  static GroupedExpertArrays AddGroupedExpertArrays(Frame& f, int64_t M, int64_t dim, int64_t inter);
+  // The shape of a grouped launch: M rows of n tokens; `groups` groups a matrix in the table (w1's
+  // and w3's, then w2's); tile_n sizes the token tiles (LinearDecodeGrouped's max_n).
+  struct GroupedLaunch {
+    int64_t M, n, groups, dim, inter, tile_n;
+    bool fp8;
+    cuda::GemvInputs up_in, down_in;
+    float limit;
+  };
+  // The grouped experts once their rows are grouped (rows and their weights [M], each token's
+  // places offsets / order, the table [3][groups]): the rows of x gathered, act_quant, every w1 and
+  // w3 in one launch, SwiGLU, act_quant, every w2, the ordered scatter-add into y.
+  cudaError_t EnqueueGroupedExperts(Dev d, const GroupedExpertArrays& a, const GroupedLaunch& l, const float* x,
+                                    const int32_t* rows, const float* row_weights, const int32_t* offsets,
+                                    const int32_t* order, const cuda::GemvGroup* tab, float* y) const;
+
   // A routed layer's experts as the device routing reads them: every local expert's w1, w3 and w2
   // as grouped-GEMV groups (cuda::ExpertGroupLayout::templates), on the device. Built once a
   // layer, kept while none of the device copies it points at (Resident::watched) has been freed

@@ -409,9 +409,8 @@ absl::Status CudaBackendImpl::RoutedExpertsGroupedLocked(std::span<const ExpertP
                dord = f.In(order.data(), M * 4);
   const size_t table_bytes = 3 * E * sizeof(cuda::GemvGroup);
   const size_t dtab = f.Scratch(table_bytes);  // first scratch: filled on the host (fill below)
-  const size_t xs = f.Scratch(M * dim * 4), qx = f.Scratch(M * dim * 4), qs = f.Scratch(M * (dim / 128) * 4),
-               g = f.Scratch(M * inter * 4), u = f.Scratch(M * inter * 4), h = f.Scratch(M * inter * 4),
-               qh = f.Scratch(M * inter * 4), qhs = f.Scratch(M * (inter / 128) * 4), out = f.Scratch(M * dim * 4);
+  const GroupedExpertArrays a = AddGroupedExpertArrays(f, M, dim, inter);
+  const size_t qx = a.qx, qs = a.qs, g = a.g, u = a.u, qh = a.qh, qhs = a.qhs, out = a.out;
   f.Download(dy, y, n * dim * 4);
   auto table = [&](char* host_scratch) {  // device pointers: dev_ is allocated before the fill
     char* base = static_cast<char*>(dev_);
@@ -434,25 +433,48 @@ absl::Status CudaBackendImpl::RoutedExpertsGroupedLocked(std::span<const ExpertP
   return RunLocked(
       f,
       [&](Dev d) {
-        const auto* tab = d.at<cuda::GemvGroup>(dtab);
-        cudaError_t e = cuda::GatherRows(d.at(dx), d.at<int32_t>(drows), M, dim, d.at(xs), stream_);
-        auto quantize = [&](size_t in, int64_t k, size_t q, size_t qsc, bool f16) {
-          return f16 ? cuda::QuantizeActivationsMmaF16(d.at(in), M, k, d.at<uint16_t>(q), d.at(qsc), stream_)
-                     : cuda::QuantizeActivations(d.at(in), M, k, d.at(q), d.at(qsc), stream_);
-        };
-        if (e == cudaSuccess) e = quantize(xs, dim, qx, qs, up_in.f16_activations);
-        if (e == cudaSuccess)
-          e = cuda::LinearDecodeGrouped(tab, static_cast<int>(2 * E), inter, max_m, dim, fp8, Rounding::kBf16, stream_, up_in);
-        if (e == cudaSuccess) e = cuda::SwiGlu(d.at(g), d.at(u), M, inter, d.at(dwts), limit, d.at(h), stream_);
-        if (e == cudaSuccess) e = quantize(h, inter, qh, qhs, down_in.f16_activations);
-        if (e == cudaSuccess)
-          e = cuda::LinearDecodeGrouped(tab + 2 * E, static_cast<int>(E), dim, max_m, inter, fp8, Rounding::kBf16,
-                                        stream_, down_in);
-        if (e == cudaSuccess)
-          e = cuda::ScatterAddOrdered(d.at(out), d.at<int32_t>(doff), d.at<int32_t>(dord), n, dim, d.at(dy), stream_);
-        return e;
+        const GroupedLaunch l{M, n, E, dim, inter, max_m, fp8, up_in, down_in, limit};
+        return EnqueueGroupedExperts(d, a, l, d.at(dx), d.at<int32_t>(drows), d.at(dwts), d.at<int32_t>(doff),
+                                     d.at<int32_t>(dord), d.at<cuda::GemvGroup>(dtab), d.at(dy));
       },
       table, table_bytes);
+}
+
+CudaBackendImpl::GroupedExpertArrays CudaBackendImpl::AddGroupedExpertArrays(Frame& f, int64_t M, int64_t dim,
+                                                                             int64_t inter) {
+  GroupedExpertArrays a;
+  a.xs = f.Scratch(M * dim * 4);
+  a.qx = f.Scratch(M * dim * 4);
+  a.qs = f.Scratch(M * (dim / 128) * 4);
+  a.g = f.Scratch(M * inter * 4);
+  a.u = f.Scratch(M * inter * 4);
+  a.h = f.Scratch(M * inter * 4);
+  a.qh = f.Scratch(M * inter * 4);
+  a.qhs = f.Scratch(M * (inter / 128) * 4);
+  a.out = f.Scratch(M * dim * 4);
+  return a;
+}
+
+cudaError_t CudaBackendImpl::EnqueueGroupedExperts(Dev d, const GroupedExpertArrays& a, const GroupedLaunch& l,
+                                                   const float* x, const int32_t* rows, const float* row_weights,
+                                                   const int32_t* offsets, const int32_t* order,
+                                                   const cuda::GemvGroup* tab, float* y) const {
+  cudaError_t e = cuda::GatherRows(x, rows, l.M, l.dim, d.at(a.xs), stream_);
+  auto quantize = [&](size_t in, int64_t k, size_t q, size_t qsc, bool f16) {
+    return f16 ? cuda::QuantizeActivationsMmaF16(d.at(in), l.M, k, d.at<uint16_t>(q), d.at(qsc), stream_)
+               : cuda::QuantizeActivations(d.at(in), l.M, k, d.at(q), d.at(qsc), stream_);
+  };
+  if (e == cudaSuccess) e = quantize(a.xs, l.dim, a.qx, a.qs, l.up_in.f16_activations);
+  if (e == cudaSuccess)
+    e = cuda::LinearDecodeGrouped(tab, static_cast<int>(2 * l.groups), l.inter, l.tile_n, l.dim, l.fp8,
+                                  Rounding::kBf16, stream_, l.up_in);
+  if (e == cudaSuccess) e = cuda::SwiGlu(d.at(a.g), d.at(a.u), l.M, l.inter, row_weights, l.limit, d.at(a.h), stream_);
+  if (e == cudaSuccess) e = quantize(a.h, l.inter, a.qh, a.qhs, l.down_in.f16_activations);
+  if (e == cudaSuccess)
+    e = cuda::LinearDecodeGrouped(tab + 2 * l.groups, static_cast<int>(l.groups), l.dim, l.tile_n, l.inter, l.fp8,
+                                  Rounding::kBf16, stream_, l.down_in);
+  if (e == cudaSuccess) e = cuda::ScatterAddOrdered(d.at(a.out), offsets, order, l.n, l.dim, y, stream_);
+  return e;
 }
 
 }  // namespace flashmem::kernels::cuda::internal

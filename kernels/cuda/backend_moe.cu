@@ -127,9 +127,7 @@ absl::StatusOr<bool> CudaBackendImpl::RoutedMoELocked(const MoeRouter& r, const 
   const size_t dids = f.Scratch(M * 4), dwts = f.Scratch(M * 4), drows = f.Scratch(M * 4), drw = f.Scratch(M * 4),
                doff = f.Scratch((n + 1) * 4), dord = f.Scratch(M * 4),
                dtab = f.Scratch(3 * G * sizeof(cuda::GemvGroup));
-  const size_t xs = f.Scratch(M * dim * 4), qx = f.Scratch(M * dim * 4), qs = f.Scratch(M * (dim / 128) * 4),
-               g = f.Scratch(M * inter * 4), u = f.Scratch(M * inter * 4), h = f.Scratch(M * inter * 4),
-               qh = f.Scratch(M * inter * 4), qhs = f.Scratch(M * (inter / 128) * 4), out = f.Scratch(M * dim * 4);
+  const GroupedExpertArrays a = AddGroupedExpertArrays(f, M, dim, inter);
   f.Download(dy, y, n * dim * 4);
   if (ids_out) f.Download(dids, ids_out, M * 4);
   if (weights_out) f.Download(dwts, weights_out, M * 4);
@@ -141,29 +139,17 @@ absl::StatusOr<bool> CudaBackendImpl::RoutedMoELocked(const MoeRouter& r, const 
   FM_RETURN_IF_ERROR(RunLocked(f, [&](Dev d) {
     auto* tab = d.at<cuda::GemvGroup>(dtab);
     cudaError_t e = EnqueueLinear(*gate, d.at(dx), n, ld, d.at(dlogits), Rounding::kNone, s.At(d));
-    const cuda::ExpertGroupLayout layout{templates, E, G, dim, inter, d.at(qx), d.at(qs), d.at(g), d.at(u),
-                                         d.at(qh), d.at(qhs), d.at(out)};
+    const cuda::ExpertGroupLayout layout{templates, E, G, dim, inter, d.at(a.qx), d.at(a.qs), d.at(a.g), d.at(a.u),
+                                         d.at(a.qh), d.at(a.qhs), d.at(a.out)};
     if (e == cudaSuccess)
       e = cuda::RouteAndGroup(d.at(dlogits), n, k, r.score, bias, hashed ? d.at<int32_t>(dhash) : nullptr,
                               r.route_scale, layout, d.at<int32_t>(dids), d.at(dwts), d.at<int32_t>(drows),
                               d.at(drw), d.at<int32_t>(doff), d.at<int32_t>(dord), tab, route_done_, stream_);
     // From here as RoutedExpertsGroupedLocked, over every pick's row.
-    if (e == cudaSuccess) e = cuda::GatherRows(d.at(dx), d.at<int32_t>(drows), M, dim, d.at(xs), stream_);
-    auto quantize = [&](size_t in, int64_t cols, size_t q, size_t qsc, bool f16) {
-      return f16 ? cuda::QuantizeActivationsMmaF16(d.at(in), M, cols, d.at<uint16_t>(q), d.at(qsc), stream_)
-                 : cuda::QuantizeActivations(d.at(in), M, cols, d.at(q), d.at(qsc), stream_);
-    };
-    if (e == cudaSuccess) e = quantize(xs, dim, qx, qs, up_in.f16_activations);
+    const GroupedLaunch l{M, n, G, dim, inter, tile_n, fp8, up_in, down_in, limit};
     if (e == cudaSuccess)
-      e = cuda::LinearDecodeGrouped(tab, static_cast<int>(2 * G), inter, tile_n, dim, fp8, Rounding::kBf16, stream_,
-                                    up_in);
-    if (e == cudaSuccess) e = cuda::SwiGlu(d.at(g), d.at(u), M, inter, d.at(drw), limit, d.at(h), stream_);
-    if (e == cudaSuccess) e = quantize(h, inter, qh, qhs, down_in.f16_activations);
-    if (e == cudaSuccess)
-      e = cuda::LinearDecodeGrouped(tab + 2 * G, static_cast<int>(G), dim, tile_n, inter, fp8, Rounding::kBf16,
-                                    stream_, down_in);
-    if (e == cudaSuccess)
-      e = cuda::ScatterAddOrdered(d.at(out), d.at<int32_t>(doff), d.at<int32_t>(dord), n, dim, d.at(dy), stream_);
+      e = EnqueueGroupedExperts(d, a, l, d.at(dx), d.at<int32_t>(drows), d.at(drw), d.at<int32_t>(doff),
+                                d.at<int32_t>(dord), tab, d.at(dy));
     return e;
   }));
   return true;
