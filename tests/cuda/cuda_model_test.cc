@@ -5,6 +5,7 @@
 // (tests/cuda/run_gpu_tests.sh).
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 
 #include "gtest/gtest.h"
@@ -140,6 +141,40 @@ TEST_F(CudaModel, FastKernelsSmallLogitsClose) {
   EXPECT_LT(g.worst_relrms, 0.25);
   EXPECT_GT(g.min_cosine, 0.98);
   EXPECT_GE(same, static_cast<int>(a.tokens.size()) - 1);
+  std::filesystem::remove_all(dir);
+}
+
+// Fast mode routes each MoE layer on the device where it can (one rank, up to 64 tokens, every
+// expert matrix in one form: dim 256 here, so all of them carry their scale bytes); the host's
+// routing (FLASHMEM_CUDA_DEVICE_ROUTING=0) picks the same experts with the same weights, and the
+// grouped experts sum them in the same order: the same logits, token for token — hash layers and
+// scored ones, each layer's expert table, a 300-token prefill (routed on the host either way) and
+// decode steps (on the device).
+TEST_F(CudaModel, DeviceRoutingGivesTheHostRoutingsLogits) {
+  auto args = model::PresetArgs("small");
+  ASSERT_TRUE(args.ok()) << args.status();
+  args->vocab_size = 4096;
+  args->dim = 256;
+  const std::string dir = WriteModel(*args, "cuda_small_routed");
+  const std::vector<int32_t> prompt = Prompt(300, args->vocab_size, 9);
+  GreedyRun runs[2];
+  for (int host = 0; host < 2; ++host) {
+    kernels::cuda::CudaBackendOptions opt;
+    opt.exact = false;
+    setenv("FLASHMEM_CUDA_DEVICE_ROUTING", host ? "0" : "1", 1);  // read when the backend is made
+    auto be = kernels::cuda::NewCudaBackend(opt);
+    unsetenv("FLASHMEM_CUDA_DEVICE_ROUTING");
+    ASSERT_TRUE(be.ok()) << be.status();
+    auto tf = Transformer::Load(dir, **be);
+    ASSERT_TRUE(tf.ok()) << tf.status();
+    runs[host] = Greedy(**tf, prompt, 6, host ? &runs[0].tokens : nullptr);
+    EXPECT_TRUE((*be)->Health().ok()) << (*be)->Health();
+  }
+  const Agreement g = Compare(runs[0], runs[1]);
+  std::printf("small (dim 256), fast kernels: device vs host routing: %.4f of logits bit-identical, worst rel-RMS %.3g\n",
+              g.frac_bit_identical, g.worst_relrms);
+  EXPECT_EQ(runs[0].tokens, runs[1].tokens);
+  EXPECT_EQ(g.frac_bit_identical, 1.0) << "worst rel-RMS " << g.worst_relrms;
   std::filesystem::remove_all(dir);
 }
 
