@@ -1,17 +1,12 @@
 #include "worker/model/moe.h"
 
 #include <algorithm>
-#include <cmath>
 #include <numeric>
 #include <optional>
 
 #include "common/status.h"
-#include "kernels/numerics.h"
-#include "kernels/topk.h"
 
 namespace flashmem::model {
-
-using kernels::Rounding;
 
 Gate::Gate(const ModelArgs& args, const GateWeights& w, bool hash, const kernels::Backend& be)
     : args_(args), w_(w), hash_(hash), be_(be) {}
