@@ -95,9 +95,7 @@ std::vector<ExpertWork> GroupByExpert(const MoeRouter& r, const int32_t* ids, co
   for (int64_t le = 0; le < local; ++le) {
     ExpertWork& wk = by_expert[le];
     if (wk.rows.empty()) continue;
-    wk.w1 = r.experts[le].w1;
-    wk.w3 = r.experts[le].w3;
-    wk.w2 = r.experts[le].w2;
+    static_cast<ExpertMatrices&>(wk) = r.experts[le];
     work.push_back(std::move(wk));
   }
   return work;

@@ -17,7 +17,7 @@ struct ExpertWork;
 // How the router's logits become expert scores (the reference's score_func).
 enum class RouterScore { kSqrtSoftplus, kSigmoid, kSoftmax };
 
-// One routed expert's matrices (the layer's expert first_expert + i is experts[i]).
+// One routed expert's matrices (MoeRouter::experts; ExpertWork adds the rows sent to it).
 struct ExpertMatrices {
   const WeightMatrix* w1 = nullptr;  // gate projection [inter, dim]
   const WeightMatrix* w3 = nullptr;  // up projection [inter, dim]

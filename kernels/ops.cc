@@ -240,6 +240,11 @@ void Backend::RoutedMoE(const MoeRouter& router, const float* x, int64_t n, int6
                         int32_t* ids, float* weights) const {
   if (n == 0) return;
   if (absl::Status st = ValidateRouter(router, n, dim); !st.ok()) return RecordError(st);
+  RoutedMoEOnHost(router, x, n, dim, swiglu_limit, y, ids, weights);
+}
+
+void Backend::RoutedMoEOnHost(const MoeRouter& router, const float* x, int64_t n, int64_t dim, float swiglu_limit,
+                              float* y, int32_t* ids, float* weights) const {
   const int64_t E = router.gate->rows, k = router.k;
   std::vector<float> logits(n * E);
   Linear(*router.gate, x, n, logits.data(), Rounding::kNone);  // the reference's fp32 router

@@ -210,13 +210,11 @@ struct IndexSelectRow {
 // skipped, never written outside it.
 void PlaceRuns(const float* scored, std::span<const KeyRun> runs, std::span<const int64_t> at, std::span<float> list);
 
-// One routed expert of an MoE layer and the token rows sent to it (Backend::RoutedExperts).
-struct ExpertWork {
-  const WeightMatrix* w1 = nullptr;  // gate projection [inter, dim]
-  const WeightMatrix* w3 = nullptr;  // up projection [inter, dim]
-  const WeightMatrix* w2 = nullptr;  // down projection [dim, inter]
-  std::vector<int32_t> rows;         // rows of x routed to this expert
-  std::vector<float> weights;        // the routing weight of each row (empty: 1, no multiply)
+// One routed expert of an MoE layer (its matrices) and the token rows sent to it
+// (Backend::RoutedExperts).
+struct ExpertWork : ExpertMatrices {
+  std::vector<int32_t> rows;   // rows of x routed to this expert
+  std::vector<float> weights;  // the routing weight of each row (empty: 1, no multiply)
 };
 
 // One projection of a Backend::LinearMany call: y [n, w->rows] = x · w->ᵀ rounded `out`, then the
@@ -413,6 +411,10 @@ class Backend {
  protected:
   // A default op's bad input: the first one is what Health() returns from then on.
   void RecordError(const absl::Status& st) const;
+  // RoutedMoE's default once ValidateRouter has passed: the logits through Linear, the routing on
+  // the host, RoutedExperts (a device backend that does not route a call on the device).
+  void RoutedMoEOnHost(const MoeRouter& router, const float* x, int64_t n, int64_t dim, float swiglu_limit, float* y,
+                       int32_t* ids, float* weights) const;
 
  private:
   mutable absl::Mutex error_mu_;

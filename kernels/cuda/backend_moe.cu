@@ -19,9 +19,9 @@ void CudaBackendImpl::RoutedMoE(const MoeRouter& router, const float* x, int64_t
     if (!done.ok()) return Fail(done.status());
     if (*done) return;
   }
-  // Not a shape the device routing takes: the logits come back and the host routes (the default,
-  // through this backend's Linear and RoutedExperts).
-  Backend::RoutedMoE(router, x, n, dim, swiglu_limit, y, ids, weights);
+  // Not a shape the device routing takes: the logits come back and the host routes (the default's
+  // path, through this backend's Linear and RoutedExperts; the router is checked already).
+  RoutedMoEOnHost(router, x, n, dim, swiglu_limit, y, ids, weights);
 }
 
 absl::StatusOr<const CudaBackendImpl::ExpertTable*> CudaBackendImpl::ExpertTableLocked(const MoeRouter& r) const {
