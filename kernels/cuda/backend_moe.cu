@@ -39,14 +39,6 @@ absl::StatusOr<const CudaBackendImpl::ExpertTable*> CudaBackendImpl::ExpertTable
     t.dev->last_use = ++clock_;
     return &t;
   }
-  if (t.dev) {  // the old table's device copy, before its key (the host templates) is freed
-    if (auto it = resident_.find(t.templates.data()); it != resident_.end() && &it->second == t.dev) {
-      (void)cudaFree(it->second.mem);
-      used_ -= it->second.bytes;
-      resident_.erase(it);
-      ++resident_epoch_;
-    }
-  }
   t = ExpertTable();
   t.mats.resize(3 * E);
   t.identities.resize(3 * E);
@@ -81,7 +73,9 @@ absl::StatusOr<const CudaBackendImpl::ExpertTable*> CudaBackendImpl::ExpertTable
                  (i >= 2 * E ? t.mats[i]->cols : t.mats[i]->rows) == t.inter;
   const void* parts[1] = {t.templates.data()};
   const size_t sizes[1] = {t.templates.size() * sizeof(cuda::GemvGroup)};
-  FM_ASSIGN_OR_RETURN(t.dev, Upload(t.templates.data(), XXH3_64bits(t.templates.data(), sizes[0]), parts, sizes, 1,
+  // Keyed by the table (a node: its address is stable), so a rebuilt table's templates replace
+  // the old copy (Upload frees it) instead of leaving it to the LRU.
+  FM_ASSIGN_OR_RETURN(t.dev, Upload(&t, XXH3_64bits(t.templates.data(), sizes[0]), parts, sizes, 1,
                                     "an MoE layer's expert table"));
   t.dev->watched = true;
   t.epoch = resident_epoch_;  // after the uploads above, which may have evicted (and so moved) others
