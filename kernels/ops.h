@@ -132,7 +132,7 @@ struct KvReserveStats {
     int64_t bytes = 0;    // device memory it takes
   };
   Kind records;  // the main KV's FP8 record pages
-  Kind keys;     // the indexer's fp32 key pages
+  Kind keys;     // the indexer's key pages (fp32 rows, or their MXFP4 twins: KeyRun::packed)
 };
 
 // An in-place op on the values an op has just written (Backend::LinearThen, AttentionRow::then):
@@ -176,12 +176,17 @@ struct AttentionRow {
 
 // Keys of an index scoring held in pages: `count` consecutive fp32 rows of the scoring's dim from
 // `rows` (null: zero keys), entries [entry, entry + count) of `page` (null: not paged; a device
-// backend then stages them on every call).
+// backend then stages them on every call). `packed`, when set, is the same page's keys as MXFP4
+// (memtier's form, worker/kv/page_codec.h: every entry's dim / 2 bytes of e2m1 codes, the lower dim
+// in the low nibble, then every entry's dim / 32 UE8M0 scale bytes), holding exactly the values of
+// `rows`: a device backend may keep and read that form instead (68 bytes a key at dim 128
+// against 512). The CPU reads `rows`.
 struct KeyRun {
   const float* rows = nullptr;
   int64_t count = 0;
   const KvPage* page = nullptr;
   int32_t entry = 0;
+  const KvPage* packed = nullptr;
 };
 
 // One query row of a batched index scoring (Backend::IndexScoresBatch): q [heads, dim], head

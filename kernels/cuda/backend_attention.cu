@@ -349,16 +349,25 @@ bool CudaBackendImpl::AttendFromReserve(std::span<const AttentionRow> rows, int6
 
 bool CudaBackendImpl::ScoreFromReserve(std::span<const IndexScoreRow> rows, int64_t heads, int64_t dim,
                                        const ListSelect* select) const {
-  int64_t n = 0, page_entries = 0;
+  // Fast mode reads the keys' MXFP4 twins when every run has one (68 bytes a key against 512:
+  // the reserve holds 7.5x the keys and the kernel reads 7.5x fewer bytes, for the same scores).
+  const bool mma = IndexScoresOnTensorCores(heads, dim);
+  bool packed = mma && packed_keys_;
+  int64_t n = 0, page_entries = 0, packed_entries = 0;
   for (const IndexScoreRow& r : rows)
     for (const KeyRun& run : r.keys) {
       if (!run.rows || !ReservablePage(run.page, run.entry, run.count, dim * 4, &page_entries)) return false;
+      packed = packed && ReservablePage(run.packed, run.entry, run.count, cuda::kIndexKeyMxfp4Bytes, &packed_entries);
       n += run.count;
     }
   if (n == 0) return false;
+  if (packed) page_entries = packed_entries;
+  const int64_t key_bytes = packed ? cuda::kIndexKeyMxfp4Bytes : dim * 4;
+  if (packed && page_entries % 4 != 0) return false;  // the kernel's 16-byte loads
   absl::MutexLock lock(&mu_);
   if (!health_.ok()) return true;
-  if (!ReserveLocked(keys_, page_entries * dim * 4, page_entries)) return false;
+  // One form a reserve: a call in the other form (a stream whose twin was dropped) is staged.
+  if (!ReserveLocked(keys_, page_entries * key_bytes, page_entries)) return false;
   op_clock_ = clock_ + 1;
   std::vector<int32_t> first, query, start, count;  // per run
   keys_.book.Begin();
@@ -366,7 +375,7 @@ bool CudaBackendImpl::ScoreFromReserve(std::span<const IndexScoreRow> rows, int6
   for (size_t i = 0; i < rows.size(); ++i)
     for (const KeyRun& run : rows[i].keys) {
       if (run.count == 0) continue;
-      const int64_t slot = keys_.book.Place(*run.page);
+      const int64_t slot = keys_.book.Place(packed ? *run.packed : *run.page);
       if (slot < 0) {
         keys_.book.Abort();
         return false;
@@ -402,7 +411,6 @@ bool CudaBackendImpl::ScoreFromReserve(std::span<const IndexScoreRow> rows, int6
                dstart = f.In(start.data(), runs * 4), dcount = f.In(count.data(), runs * 4);
   const Uploads up = StageUploads(keys_, f);
   // Fast mode: the tensor cores straight over the runs; exact: per-key arrays for the CPU-order kernel.
-  const bool mma = IndexScoresOnTensorCores(heads, dim);
   const int64_t b = static_cast<int64_t>(rows.size()), outs = select ? b * select->length : n;
   const size_t dout = f.Scratch(outs * 4), dr = mma ? 0 : f.Scratch(n * 4), dqo = mma ? 0 : f.Scratch(n * 4);
   size_t dpicked = 0;
@@ -423,20 +431,22 @@ bool CudaBackendImpl::ScoreFromReserve(std::span<const IndexScoreRow> rows, int6
     }
   }
   const float* base = reinterpret_cast<const float*>(keys_.dev);
+  auto scores_mma = [&](Dev d, float* out) {
+    if (packed)
+      return cuda::IndexScoresRunsMmaMxfp4(d.at(dq), d.at(dw), heads, dim, keys_.dev, page_entries,
+                                           d.at<int32_t>(dfirst), d.at<int32_t>(dquery), d.at<int32_t>(dstart),
+                                           d.at<int32_t>(dcount), runs, out, stream_);
+    return cuda::IndexScoresRunsMma(d.at(dq), d.at(dw), heads, dim, base, d.at<int32_t>(dfirst), d.at<int32_t>(dquery),
+                                    d.at<int32_t>(dstart), d.at<int32_t>(dcount), runs, out, stream_);
+  };
   Fail(RunWithUploadsLocked(keys_, f, up, [&](Dev d) {
     if (select) {
       cudaError_t e = cuda::FillFloats(d.at(dout), outs, -std::numeric_limits<float>::infinity(), stream_);
-      if (e == cudaSuccess)
-        e = cuda::IndexScoresRunsMma(d.at(dq), d.at(dw), heads, dim, base, d.at<int32_t>(dfirst),
-                                     d.at<int32_t>(dquery), d.at<int32_t>(dstart), d.at<int32_t>(dcount), runs,
-                                     d.at(dout), stream_);
+      if (e == cudaSuccess) e = scores_mma(d, d.at(dout));
       return e != cudaSuccess ? e
                               : cuda::TopK(d.at(dout), b, select->length, select->k, d.at<int32_t>(dpicked), stream_);
     }
-    if (mma)
-      return cuda::IndexScoresRunsMma(d.at(dq), d.at(dw), heads, dim, base, d.at<int32_t>(dfirst),
-                                      d.at<int32_t>(dquery), d.at<int32_t>(dstart), d.at<int32_t>(dcount), runs,
-                                      d.at(dout), stream_);
+    if (mma) return scores_mma(d, d.at(dout));
     const cudaError_t e = cuda::ExpandKeyRuns(d.at<int32_t>(dfirst), d.at<int32_t>(dquery), d.at<int32_t>(dstart),
                                               d.at<int32_t>(dcount), runs, d.at<int32_t>(dr), d.at<int32_t>(dqo), stream_);
     return e != cudaSuccess ? e

@@ -188,6 +188,9 @@ class CudaBackendImpl final : public Backend {
     // FLASHMEM_CUDA_DEVICE_ROUTING=0 routes every MoE layer on the host (the logits come back), to
     // measure what routing on the device saves.
     if (const char* p = std::getenv("FLASHMEM_CUDA_DEVICE_ROUTING")) device_routing_ = std::string(p) != "0";
+    // FLASHMEM_CUDA_PACKED_KEYS=0 keeps the indexer's keys as fp32 rows in the reserve (fast mode
+    // reads their MXFP4 twins otherwise), to measure it.
+    if (const char* p = std::getenv("FLASHMEM_CUDA_PACKED_KEYS")) packed_keys_ = std::string(p) != "0";
     // FLASHMEM_CUDA_ASYNC=0 makes every op wait for its kernels, as before ops on held buffers
     // returned at once.
     if (const char* p = std::getenv("FLASHMEM_CUDA_ASYNC")) async_ = std::string(p) != "0";
@@ -384,7 +387,8 @@ class CudaBackendImpl final : public Backend {
   using FillFn = std::function<void(char*)>;
 
   // The KV reserve: device copies of the pages slots name (KvSlot::page), one array of page slots
-  // for the main KV's records and one for the indexer's fp32 keys, each half of the reserve's
+  // for the main KV's records and one for the indexer's keys (fast mode: their MXFP4 twins,
+  // KeyRun::packed, 4,352 bytes a page; else fp32 rows, 32 KB a page), each half of the reserve's
   // budget, allocated on first use from the budget not in use then (weights are never evicted
   // for it). A call Places its pages; those the reserve lacks — new, or written since their copy —
   // are gathered into the pinned buffer, go up with the op's inputs and are scattered into their
@@ -663,6 +667,7 @@ class CudaBackendImpl final : public Backend {
   mutable unsigned* route_done_ = nullptr;  // cuda::RouteAndGroup's counter (4 bytes, zeroed once)
   mutable absl::node_hash_map<const void*, ExpertTable> expert_tables_;  // by MoeRouter::experts.data()
   bool device_routing_ = true;  // FLASHMEM_CUDA_DEVICE_ROUTING
+  bool packed_keys_ = true;     // FLASHMEM_CUDA_PACKED_KEYS
   mutable std::vector<Held> held_;                                 // a few: a step's op-to-op activations
   bool hold_ = true;                                               // FLASHMEM_CUDA_HOLD
   // An op whose every output is held returns without waiting for its kernels (RunLocked): its

@@ -232,6 +232,16 @@ bool IndexScoresMmaSupports(int64_t heads, int64_t dim);
 cudaError_t IndexScoresRunsMma(const float* q, const float* w, int64_t heads, int64_t dim, const float* keys,
                                const int32_t* first, const int32_t* query, const int32_t* start,
                                const int32_t* count, int64_t runs, float* scores, cudaStream_t stream);
+// The same over keys held as MXFP4 pages (KeyRun::packed; memtier's form): `pages` holds pages of
+// `page_entries` keys, each page every key's 64 code bytes then every key's 4 UE8M0 scale bytes;
+// key `first[r] + j` is entry (first[r] + j) % page_entries of page (first[r] + j) / page_entries.
+// A key's values are e2m1 codes times a power of two, which bf16 holds exactly: the operands, and
+// so the scores, are bit for bit those of IndexScoresRunsMma over the keys' fp32 rows.
+inline constexpr int64_t kIndexKeyMxfp4Bytes = kIndexScoresMmaDim / 2 + kIndexScoresMmaDim / 32;  // 68
+cudaError_t IndexScoresRunsMmaMxfp4(const float* q, const float* w, int64_t heads, int64_t dim, const uint8_t* pages,
+                                    int64_t page_entries, const int32_t* first, const int32_t* query,
+                                    const int32_t* start, const int32_t* count, int64_t runs, float* scores,
+                                    cudaStream_t stream);
 
 // mHC for `n` tokens (x [n, hc, dim]); post [n, hc], comb [n, hc, hc], y [n, dim].
 cudaError_t HcPre(const float* x, int64_t n, const float* fn, const float* base, const float* scale,

@@ -16,6 +16,7 @@
 #include "kernels/numerics.h"
 #include "kernels/ops.h"
 #include "tests/cuda/cuda_test_util.h"
+#include "worker/kv/entry_pages.h"
 #include "worker/model/scratch.h"
 
 namespace flashmem::kernels {
@@ -419,6 +420,135 @@ TEST_F(CudaOps, FastModeIndexTopKEqualsScoresThenTopK) {
   EXPECT_TRUE(none[0].empty());
   EXPECT_EQ((*other)->Health().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE((*other)->Health().message().find("rows[0]"), std::string::npos) << (*other)->Health();
+}
+
+// Index keys as the model holds them (kv::EntryPages with its MXFP4 twins, state.h): random
+// values through the FP4 round trip, with the grid's corners — an all-zero block, negative zeros,
+// a block at the smallest scale (a subnormal 2^-127 among its values), large magnitudes.
+std::vector<kv::EntryPages> ModelKeyStreams(int64_t streams, int64_t keys, int64_t dim, uint32_t seed) {
+  std::vector<kv::EntryPages> out;
+  std::mt19937 g(seed);
+  for (int64_t s = 0; s < streams; ++s) {
+    out.emplace_back(kv::PageFormat::IndexKeys(dim), /*encoded=*/false, /*packed_twin=*/true);
+    for (int64_t k = 0; k < keys; ++k) {
+      std::vector<float> x = Random(dim, seed + static_cast<uint32_t>(s * 100003 + k), std::ldexp(1.0f, static_cast<int>(g() % 24) - 12));
+      if (k % 9 == 2) std::fill(x.begin(), x.begin() + 32, 0.0f);
+      if (k % 11 == 5) {
+        std::fill(x.begin() + 32, x.begin() + 64, 0.0f);
+        x[32] = 6.0f * std::ldexp(1.0f, -126);
+        x[33] = std::ldexp(1.0f, -127);
+        x[34] = -std::ldexp(1.0f, -126);
+      }
+      CpuBackend().Fp4RoundTrip(x.data(), dim, 32);
+      if (k % 7 == 3) x[70] = -0.0f;
+      out.back().Append(x.data());
+    }
+    EXPECT_TRUE(out.back().has_packed_twin()) << "stream " << s << ": a key off the FP4 grid";
+  }
+  return out;
+}
+
+// Fast mode holds and reads the keys' MXFP4 twins (68 bytes a key, KeyRun::packed) instead of
+// their fp32 rows: the same scores and picks bit for bit as a backend given the rows alone, for
+// whole pages, split runs and keys appended between calls (the twin patched in place); a reserve
+// of the twins' page size. A call in the form the reserve does not hold, and one past its slots,
+// is staged: the exact kernel's scores (the exact backend's bits).
+TEST_F(CudaOps, FastModeReadsTheKeysMxfp4TwinsWithTheRowsScores) {
+  const int64_t dim = 128, k = 64;
+  std::vector<kv::EntryPages> streams = ModelKeyStreams(5, 600, dim, 2100);
+  auto packed_be = FastBackend(false), rows_be = FastBackend(false);
+  ASSERT_TRUE(packed_be.ok() && rows_be.ok());
+  cuda::CudaBackendOptions tiny_opt;
+  tiny_opt.exact = false;
+  tiny_opt.kv_reserve_bytes = 2 * 6 * 64 * cuda::kIndexKeyMxfp4Bytes;  // six twin pages
+  auto tiny = cuda::NewCudaBackend(tiny_opt);
+  ASSERT_TRUE(tiny.ok()) << tiny.status();
+  for (int64_t heads : {int64_t{64}, int64_t{16}, int64_t{40}}) {
+    for (int round = 0; round < 3; ++round) {
+      const std::string what = std::to_string(heads) + " heads, round " + std::to_string(round);
+      // Each stream's keys as runs within pages: whole pages, or split at entry 13 (round 1).
+      std::vector<std::vector<kernels::KeyRun>> runs(streams.size()), plain(streams.size());
+      std::vector<std::vector<int64_t>> at(streams.size());
+      std::vector<std::vector<float>> q, w;
+      for (size_t r = 0; r < streams.size(); ++r) {
+        const int64_t n = streams[r].size();
+        for (int64_t p0 = 0; p0 < n; p0 += 64) {
+          const int64_t p1 = std::min(n, p0 + 64);
+          if (round == 1 && p1 - p0 > 13) {
+            runs[r].push_back(streams[r].Run(p0 + 13, p1 - p0 - 13));
+            at[r].push_back(p0 + 13);
+            runs[r].push_back(streams[r].Run(p0, 13));
+            at[r].push_back(p0);
+          } else {
+            runs[r].push_back(streams[r].Run(p0, p1 - p0));
+            at[r].push_back(p0);
+          }
+        }
+        for (kernels::KeyRun run : runs[r]) {
+          ASSERT_NE(run.packed, nullptr) << what;
+          run.packed = nullptr;
+          plain[r].push_back(run);
+        }
+        q.push_back(Random(heads * dim, 2200 + static_cast<uint32_t>(r + 10 * round), 1.0f));
+        CpuBackend().Fp4RoundTrip(q.back().data(), heads * dim, 32);  // the model's queries are on the grid too
+        w.push_back(Random(heads, 2300 + static_cast<uint32_t>(r), 0.5f));
+      }
+      auto score = [&](const Backend& be, const std::vector<std::vector<kernels::KeyRun>>& which) {
+        std::vector<std::vector<float>> out(streams.size());
+        std::vector<kernels::IndexScoreRow> rows;
+        for (size_t r = 0; r < streams.size(); ++r) {
+          out[r] = Poisoned(streams[r].size());
+          rows.push_back({q[r].data(), w[r].data(), which[r], out[r].data()});
+        }
+        be.IndexScoresBatch(rows, heads, dim);
+        EXPECT_TRUE(be.Health().ok()) << be.Health();
+        return out;
+      };
+      auto pick = [&](const Backend& be, const std::vector<std::vector<kernels::KeyRun>>& which) {
+        std::vector<kernels::IndexSelectRow> rows;
+        for (size_t r = 0; r < streams.size(); ++r)
+          rows.push_back({q[r].data(), w[r].data(), which[r], at[r], streams[r].size(), nullptr});
+        return be.IndexTopKBatch(rows, heads, dim, k);
+      };
+      const auto want = score(**rows_be, plain), exact = score(*gpu_, plain);
+      const auto got = score(**packed_be, runs), staged = score(**tiny, runs);
+      for (size_t r = 0; r < streams.size(); ++r) {
+        ASSERT_FALSE(std::isnan(got[r][0])) << what;
+        // Run order differs from key order in round 1: compare as the runs lay them out.
+        EXPECT_EQ(std::memcmp(got[r].data(), want[r].data(), want[r].size() * 4), 0) << what << ", stream " << r;
+        EXPECT_EQ(std::memcmp(staged[r].data(), exact[r].data(), want[r].size() * 4), 0)
+            << what << ", stream " << r << ", past the small reserve";
+      }
+      EXPECT_EQ(pick(**packed_be, runs), pick(**rows_be, plain)) << what << ": the picks";
+      // Keys appended to every stream between calls: a new page's first keys, then one key (its
+      // twin's page patched in place: one entry's bytes).
+      for (size_t r = 0; r < streams.size(); ++r) {
+        std::vector<float> x = Random(dim, 2400 + static_cast<uint32_t>(r + 10 * round), 0.7f);
+        CpuBackend().Fp4RoundTrip(x.data(), dim, 32);
+        for (int j = 0; j < (round == 0 && heads == 64 ? 41 : 1); ++j) streams[r].Append(x.data());
+      }
+    }
+  }
+  const KvReserveStats st = (*packed_be)->ReserveStats();
+  EXPECT_GT(st.keys.slots, 0);
+  EXPECT_EQ(st.keys.bytes, st.keys.slots * 64 * cuda::kIndexKeyMxfp4Bytes) << "the reserve holds twin pages";
+  EXPECT_GT(st.keys.patches, 0) << "appended keys patch their twin in place";
+  EXPECT_GT(st.keys.hits, 0);
+  EXPECT_GT((*rows_be)->ReserveStats().keys.slots, 0);
+  EXPECT_EQ((*rows_be)->ReserveStats().keys.bytes, (*rows_be)->ReserveStats().keys.slots * 64 * dim * 4);
+  // Each backend given the other form: staged, the exact backend's scores.
+  const std::vector<float> q0 = Random(64 * dim, 2500, 1.0f), w0 = Random(64, 2501, 0.5f);
+  std::vector<kernels::KeyRun> runs0 = {streams[0].Run(0, 64)}, plain0 = runs0;
+  plain0[0].packed = nullptr;
+  std::vector<float> a = Poisoned(64), b = Poisoned(64), c = Poisoned(64);
+  const kernels::IndexScoreRow ra{q0.data(), w0.data(), runs0, a.data()}, rb{q0.data(), w0.data(), plain0, b.data()},
+      rc{q0.data(), w0.data(), plain0, c.data()};
+  (*packed_be)->IndexScoresBatch(std::span<const kernels::IndexScoreRow>(&rb, 1), 64, dim);
+  (*rows_be)->IndexScoresBatch(std::span<const kernels::IndexScoreRow>(&ra, 1), 64, dim);
+  gpu_->IndexScoresBatch(std::span<const kernels::IndexScoreRow>(&rc, 1), 64, dim);
+  EXPECT_TRUE((*packed_be)->Health().ok() && (*rows_be)->Health().ok());
+  EXPECT_EQ(std::memcmp(a.data(), c.data(), 64 * 4), 0) << "twins on the rows' reserve";
+  EXPECT_EQ(std::memcmp(b.data(), c.data(), 64 * 4), 0) << "rows on the twins' reserve";
 }
 
 // Greedy decoding's pick from the head, on the device (Backend::LinearArgmax: only the picks come

@@ -411,5 +411,88 @@ TEST(EntryPagesTest, SlotsNameTheirPageAndEveryWriteGivesItANewVersion) {
   EXPECT_TRUE(fresh(row.page->version));
 }
 
+// Index keys kept with an MXFP4 twin (packed_twin): each key run names the twin page, whose bytes
+// are always EncodePage of the rows (unwritten entries as zero rows encode), announced like the
+// rows' page (one appended entry: its data and scale bytes, under a fresh version); evicted and
+// restored with the rows; Serialize sends the twin. An off-grid key drops the twin for good.
+TEST(EntryPagesTest, IndexKeysKeepAnMxfp4TwinOfEveryPage) {
+  const PageFormat f = PageFormat::IndexKeys(128);
+  const std::vector<float> values = IndexKeyPage(f, 51);
+  EntryPages keys(f, /*encoded=*/false, /*packed_twin=*/true), plain(f, false);
+  EXPECT_TRUE(keys.has_packed_twin());
+  EXPECT_FALSE(plain.has_packed_twin());
+  EXPECT_EQ(keys.page_bytes(), 64 * 128 * 4 + 64 * 68);
+  EXPECT_EQ(plain.page_bytes(), 64 * 128 * 4);
+  auto twin_is_the_rows = [&](int64_t page) {
+    const kernels::KvPage* twin = keys.Run(page * 64, 1).packed;
+    if (twin == nullptr || twin->bytes == nullptr || twin->size != f.page_bytes() || twin->entries != 64) return false;
+    std::vector<float> rows(f.page_floats(), 0.0f);
+    const int64_t n = std::min<int64_t>(64, keys.size() - page * 64);
+    std::copy_n(keys.Row(page * 64), n * 128, rows.begin());
+    std::vector<uint8_t> want;
+    if (!EncodePage(f, rows, &want).ok()) return false;
+    return std::memcmp(want.data(), twin->bytes, want.size()) == 0;
+  };
+  for (int64_t e = 0; e < 100; ++e) {
+    keys.Append(values.data() + (e % 64) * 128);
+    plain.Append(values.data() + (e % 64) * 128);
+    if (e % 17 == 0 || e == 63 || e == 99) {
+      ASSERT_TRUE(twin_is_the_rows(e / 64)) << "after entry " << e;
+    }
+  }
+  EXPECT_EQ(plain.Run(0, 1).packed, nullptr);
+  const kernels::KeyRun run = keys.Run(70, 5);
+  ASSERT_NE(run.packed, nullptr);
+  EXPECT_NE(run.packed, run.page);
+  EXPECT_EQ(run.entry, 6);
+  EXPECT_EQ(run.rows, keys.Row(70));
+  EXPECT_EQ(run.page->size, 64 * 128 * 4) << "the rows' page: its bytes, not the twin's";
+  EXPECT_EQ(run.packed->size, 64 * 68);
+  // The next append changes entry 36 of page 1: the twin's two byte ranges of it, nothing else.
+  const kernels::KvPage& twin = *run.packed;
+  const std::vector<uint8_t> old(twin.bytes, twin.bytes + twin.size);
+  const uint64_t v = twin.version;
+  keys.Append(values.data() + 9 * 128);
+  ASSERT_EQ(twin.before, v);
+  EXPECT_NE(twin.version, v);
+  std::vector<uint8_t> patched = old;
+  for (const kernels::KvPage::Range& r : twin.changed) std::memcpy(patched.data() + r.offset, twin.bytes + r.offset, r.bytes);
+  EXPECT_EQ(std::memcmp(patched.data(), twin.bytes, twin.size), 0);
+  EXPECT_EQ(twin.changed[0].offset, f.entry_data_offset(36));
+  EXPECT_EQ(twin.changed[0].bytes + twin.changed[1].bytes, f.entry_bytes());
+  // Serialize sends the twin: the bytes the plain stream encodes.
+  std::vector<uint8_t> a, b;
+  bool bf16_a = true, bf16_b = true;
+  ASSERT_TRUE(keys.Serialize(0, &a, &bf16_a).ok());
+  ASSERT_TRUE(plain.Serialize(0, &b, &bf16_b).ok());
+  EXPECT_FALSE(bf16_a);
+  EXPECT_EQ(a, b);
+  // Evicted with the rows (the run names neither), restored with them.
+  const kernels::KvPage* twin0 = keys.Run(0, 1).packed;
+  keys.Evict(0);
+  EXPECT_EQ(twin0->bytes, nullptr);
+  EXPECT_EQ(keys.Run(0, 1).rows, nullptr);
+  EXPECT_EQ(keys.Run(0, 1).packed, nullptr);
+  const uint64_t evicted = twin0->version;
+  ASSERT_TRUE(keys.Restore(0, a).ok());
+  EXPECT_NE(twin0->version, evicted);
+  EXPECT_EQ(twin0->before, 0u);
+  EXPECT_TRUE(twin_is_the_rows(0));
+  // A key off the grid: the twin is dropped for good (runs name none; Serialize still encodes).
+  std::vector<float> odd(values.begin(), values.begin() + 128);
+  odd[5] = 0.3f;
+  keys.Append(odd.data());
+  EXPECT_FALSE(keys.has_packed_twin());
+  EXPECT_TRUE(keys.fell_back_to_fp32());
+  EXPECT_EQ(keys.page_bytes(), 64 * 128 * 4);
+  EXPECT_EQ(keys.Run(0, 1).packed, nullptr);
+  EXPECT_EQ(twin0->bytes, nullptr);
+  EXPECT_TRUE(SameBits(std::vector<float>(keys.Row(101), keys.Row(101) + 128), odd));
+  ASSERT_TRUE(keys.Serialize(0, &a, &bf16_a).ok());
+  EXPECT_EQ(a, b);
+  keys.Append(values.data());
+  EXPECT_EQ(keys.Run(64, 1).packed, nullptr);
+}
+
 }  // namespace
 }  // namespace flashmem::kv

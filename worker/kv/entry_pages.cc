@@ -8,7 +8,8 @@
 
 namespace flashmem::kv {
 
-EntryPages::EntryPages(PageFormat format, bool encoded) : format_(format), encoded_(encoded) {
+EntryPages::EntryPages(PageFormat format, bool encoded, bool packed_twin)
+    : format_(format), encoded_(encoded), twin_(packed_twin && !encoded) {
   format_.entries = kEntriesPerPage;
 }
 
@@ -24,14 +25,57 @@ int64_t EntryPages::resident_pages() const {
 void EntryPages::Touch(int64_t page) {
   kernels::KvPage& m = *page_meta_[page];
   m.bytes = pages_[page] ? Bytes(page) : nullptr;
-  m.size = page_bytes();
+  m.size = encoded_ ? format_.page_bytes() : kEntriesPerPage * format_.dim * 4;  // these bytes alone, not the twin's
   m.entries = kEntriesPerPage;
   m.version = kernels::NewKvPageVersion();
   m.before = 0;
   m.changed = {};
 }
 
+std::unique_ptr<uint8_t[]> EntryPages::NewTwinPage() const {
+  // Every entry as a zero row encodes (what EncodePage gives the fp32 page's unwritten entries).
+  auto bytes = std::make_unique<uint8_t[]>(format_.page_bytes());
+  const std::vector<float> zero(format_.dim, 0.0f);
+  for (int64_t e = 0; e < kEntriesPerPage; ++e)
+    EncodeEntry(format_, zero.data(), bytes.get() + format_.entry_data_offset(e), bytes.get() + format_.entry_scales_offset(e));
+  return bytes;
+}
+
+void EntryPages::TouchTwin(int64_t page) {
+  kernels::KvPage& m = *twin_meta_[page];
+  m.bytes = twin_ && twin_pages_[page] ? twin_pages_[page].get() : nullptr;
+  m.size = format_.page_bytes();
+  m.entries = kEntriesPerPage;
+  m.version = kernels::NewKvPageVersion();
+  m.before = 0;
+  m.changed = {};
+}
+
+bool EntryPages::WriteTwin(int64_t page, int64_t e, const float* row) {
+  uint8_t* bytes = twin_pages_[page].get();
+  const uint64_t before = twin_meta_[page]->version;
+  if (EncodeEntry(format_, row, bytes + format_.entry_data_offset(e), bytes + format_.entry_scales_offset(e)) >= 0)
+    return false;
+  TouchTwin(page);
+  if (before == 0) return true;
+  kernels::KvPage& m = *twin_meta_[page];  // only entry e's bytes changed since `before`
+  m.before = before;
+  m.changed = {{{format_.entry_data_offset(e), format_.data_bytes_per_entry()},
+                {format_.entry_scales_offset(e), format_.scale_bytes_per_entry()}}};
+  return true;
+}
+
+void EntryPages::DropTwin() {
+  twin_ = false;
+  fell_back_ = true;
+  for (size_t p = 0; p < twin_pages_.size(); ++p) {
+    twin_pages_[p].reset();
+    TouchTwin(static_cast<int64_t>(p));
+  }
+}
+
 void EntryPages::Write(int64_t page, int64_t e, const float* row) {
+  if (twin_ && !WriteTwin(page, e, row)) DropTwin();
   const uint64_t before = page_meta_[page]->version;
   const bool was_encoded = encoded_;
   if (encoded_ && EncodeEntry(format_, row, Bytes(page) + format_.entry_data_offset(e),
@@ -56,6 +100,8 @@ void EntryPages::Append(const float* row) {
   if (size_ % kEntriesPerPage == 0) {
     pages_.push_back(NewPage());
     page_meta_.push_back(std::make_unique<kernels::KvPage>());
+    twin_pages_.push_back(twin_ ? NewTwinPage() : nullptr);
+    twin_meta_.push_back(std::make_unique<kernels::KvPage>());
   }
   Write(num_pages() - 1, size_ % kEntriesPerPage, row);
   ++size_;
@@ -64,6 +110,8 @@ void EntryPages::Append(const float* row) {
 void EntryPages::Evict(int64_t page) {
   pages_[page].reset();
   Touch(page);
+  twin_pages_[page].reset();
+  TouchTwin(page);
 }
 
 void EntryPages::Overwrite(int64_t i, const float* row) {
@@ -78,6 +126,7 @@ kernels::KeyRun EntryPages::Run(int64_t first, int64_t count) const {
   run.rows = pages_[page].get() + e * format_.dim;
   run.page = page_meta_[page].get();
   run.entry = static_cast<int32_t>(e);
+  if (twin_) run.packed = twin_meta_[page].get();
   return run;
 }
 
@@ -103,6 +152,10 @@ absl::Status EntryPages::Serialize(int64_t page, std::vector<uint8_t>* out, bool
   *as_bf16 = false;
   if (encoded_) {
     out->assign(Bytes(page), Bytes(page) + format_.page_bytes());
+    return absl::OkStatus();
+  }
+  if (twin_) {  // the page in its format already
+    out->assign(twin_pages_[page].get(), twin_pages_[page].get() + format_.page_bytes());
     return absl::OkStatus();
   }
   const std::span<const float> values(pages_[page].get(), format_.page_floats());
@@ -133,6 +186,16 @@ absl::Status EntryPages::Restore(int64_t page, std::span<const uint8_t> bytes) {
   pages_[page] = NewPage();
   std::copy(values.begin(), values.end(), pages_[page].get());
   Touch(page);
+  if (twin_) {
+    std::vector<uint8_t> packed;
+    if (EncodePage(format_, values, &packed).ok()) {
+      twin_pages_[page] = std::make_unique<uint8_t[]>(packed.size());
+      std::memcpy(twin_pages_[page].get(), packed.data(), packed.size());
+      TouchTwin(page);
+    } else {
+      DropTwin();
+    }
+  }
   return absl::OkStatus();
 }
 
@@ -140,6 +203,9 @@ void EntryPages::AppendEvictedPage() {
   pages_.emplace_back();
   page_meta_.push_back(std::make_unique<kernels::KvPage>());
   Touch(num_pages() - 1);
+  twin_pages_.emplace_back();
+  twin_meta_.push_back(std::make_unique<kernels::KvPage>());
+  TouchTwin(num_pages() - 1);
   size_ += kEntriesPerPage;
 }
 

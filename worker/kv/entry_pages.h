@@ -28,19 +28,27 @@ class EntryPages {
  public:
   EntryPages() = default;
   // Entries of format.dim values, moved to memtier in `format`; `encoded`: held in it too.
-  EntryPages(PageFormat format, bool encoded);
+  // `packed_twin` (fp32 streams): each page is also kept in `format` beside its rows, written with
+  // them — a device backend reads that form (KeyRun::packed: an MXFP4 index key is 68 bytes
+  // against 512 as fp32) and Serialize sends it without encoding again. An entry off the format's
+  // grid drops the twin for good (fell_back_to_fp32() then says so); the rows stay the truth.
+  EntryPages(PageFormat format, bool encoded, bool packed_twin = false);
 
   int64_t dim() const { return format_.dim; }
   const PageFormat& format() const { return format_; }
   bool encoded() const { return encoded_; }
-  // True once an off-grid entry turned an encoded stream into fp32 rows.
+  // True once an off-grid entry turned an encoded stream into fp32 rows, or dropped a twin.
   bool fell_back_to_fp32() const { return fell_back_; }
+  // Whether the pages are also kept in their format (packed_twin, while every entry is on its grid).
+  bool has_packed_twin() const { return twin_; }
   int64_t size() const { return size_; }
   int64_t num_pages() const { return static_cast<int64_t>(pages_.size()); }
   // Pages whose 64 entries are all written (only those can leave the worker).
   int64_t complete_pages() const { return size_ / kEntriesPerPage; }
-  // Memory a resident page holds (and an entry's share of it).
-  int64_t page_bytes() const { return encoded_ ? format_.page_bytes() : kEntriesPerPage * format_.dim * 4; }
+  // Memory a resident page holds, its twin included (and an entry's share of it).
+  int64_t page_bytes() const {
+    return encoded_ ? format_.page_bytes() : kEntriesPerPage * format_.dim * 4 + (twin_ ? format_.page_bytes() : 0);
+  }
   int64_t entry_bytes() const { return page_bytes() / kEntriesPerPage; }
   // Memory the resident pages hold.
   int64_t memory_bytes() const { return resident_pages() * page_bytes(); }
@@ -57,7 +65,8 @@ class EntryPages {
   // evicted.
   kernels::KvSlot Slot(int64_t i) const;
   // Entries [first, first + count) of one page of an fp32 stream as keys to score: the rows in
-  // place with their page, or zero keys (rows null) while the page is evicted or the stream encoded.
+  // place with their page (and its twin, when kept), or zero keys (rows null) while the page is
+  // evicted or the stream encoded.
   kernels::KeyRun Run(int64_t first, int64_t count) const;
   bool resident(int64_t page) const { return pages_[page] != nullptr; }
   int64_t resident_pages() const;
@@ -83,6 +92,12 @@ class EntryPages {
   // After any change to a page (written, allocated, restored, freed): its KvPage shows the
   // current bytes under a fresh version, so a device copy of the old bytes is never used.
   void Touch(int64_t page);
+  // The twin of a page (packed_twin): entry e written from `row` (false: off the grid), and the
+  // page's KvPage after a change. DropTwin frees every twin for good.
+  std::unique_ptr<uint8_t[]> NewTwinPage() const;
+  bool WriteTwin(int64_t page, int64_t e, const float* row);
+  void TouchTwin(int64_t page);
+  void DropTwin();
 
   PageFormat format_;
   bool encoded_ = false;
@@ -91,6 +106,10 @@ class EntryPages {
   std::vector<std::unique_ptr<float[]>> pages_;
   // One per page, at a stable address (slots point at it).
   std::vector<std::unique_ptr<kernels::KvPage>> page_meta_;
+  // packed_twin: each resident page in `format_` (null while evicted), with its own KvPage.
+  bool twin_ = false;
+  std::vector<std::unique_ptr<uint8_t[]>> twin_pages_;
+  std::vector<std::unique_ptr<kernels::KvPage>> twin_meta_;
 };
 
 // Inline: a decode step's attention asks for every slot of every row (26K a layer at batch 64).

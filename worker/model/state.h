@@ -86,8 +86,10 @@ struct SessionState {
         s.compressor.Init(r, a.head_dim);
       }
       if (r == 4) {
-        // fp32 rows: the indexer reads every key every step; MXFP4 in memtier.
-        s.index_keys = kv::EntryPages(kv::PageFormat::IndexKeys(a.index_head_dim), /*encoded=*/false);
+        // fp32 rows: the indexer reads every key every step; MXFP4 in memtier, and kept in that
+        // form beside the rows too (a device backend holds and reads it: 68 B a key, not 512).
+        s.index_keys = kv::EntryPages(kv::PageFormat::IndexKeys(a.index_head_dim), /*encoded=*/false,
+                                      /*packed_twin=*/true);
         s.index_compressor.Init(r, a.index_head_dim);
       }
     }

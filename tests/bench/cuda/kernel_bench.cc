@@ -136,6 +136,12 @@ std::string Pct(double v, double limit, const char* what) {
   return b;
 }
 
+std::string Speedup(double x) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%.2fx", x);
+  return b;
+}
+
 std::string only;  // --only: the one section to run (empty: all)
 bool Want(const char* section) { return only.empty() || only == section; }
 // --attention-shape BATCH,HEADS,SLOTS: the attention section runs that shape alone (profiling).
@@ -712,6 +718,17 @@ int main(int argc, char** argv) {
       });
       rows.push_back({"lightning-indexer scores over key runs (fast: mma.sync bf16)", shape, mma_us, bytes / mma_us / 1e3,
                       2.0 * keys_n * heads * dim / mma_us / 1e6, Pct(bytes / mma_us / 1e3, hbm, "HBM")});
+      // The keys as fast mode holds them in the reserve: MXFP4 pages (KeyRun::packed), 68 B a key.
+      uint8_t* packed = static_cast<uint8_t*>(DeviceRandomBytes(keys_n * cu::kIndexKeyMxfp4Bytes));
+      const double mx_us = TimeUs([&](int) {
+        CHECK_CUDA(cu::IndexScoresRunsMmaMxfp4(q, w, heads, dim, packed, 64, dfirst, dquery, dstart, dcount, runs, out,
+                                               nullptr));
+      });
+      const double mx_bytes = keys_n * static_cast<double>(cu::kIndexKeyMxfp4Bytes) + b * heads * dim * 4.0 + keys_n * 4.0;
+      rows.push_back({"lightning-indexer scores over key runs (fast, MXFP4 key pages)", shape, mx_us,
+                      mx_bytes / mx_us / 1e3, 2.0 * keys_n * heads * dim / mx_us / 1e6,
+                      Pct(mx_bytes / mx_us / 1e3, hbm, "HBM") + "; " + Speedup(mma_us / mx_us) + " the fp32 rows' rate"});
+      CHECK_CUDA(cudaFree(packed));
       for (void* p : {static_cast<void*>(q), static_cast<void*>(w), static_cast<void*>(keys), static_cast<void*>(out),
                       static_cast<void*>(dfirst), static_cast<void*>(dquery), static_cast<void*>(dstart),
                       static_cast<void*>(dcount), static_cast<void*>(dr), static_cast<void*>(dqo)})
