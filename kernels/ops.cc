@@ -64,6 +64,8 @@ RowOp RowOp::Fp8RoundTripPrefix(int64_t width, int64_t prefix, int64_t block) {
   return {.kind = Kind::kFp8RoundTrip, .width = width, .prefix = prefix, .block = block};
 }
 
+RowOp RowOp::ScaleBf16(float scale) { return {.kind = Kind::kScaleBf16, .width = 1, .scale = scale}; }
+
 void ApplyRowOps(const Backend& be, float* x, int64_t n, std::span<const RowOp> ops) {
   for (const RowOp& op : ops) {
     const int64_t rows = op.width > 0 ? n / op.width : 0;
@@ -84,6 +86,9 @@ void ApplyRowOps(const Backend& be, float* x, int64_t n, std::span<const RowOp> 
         } else {
           for (int64_t i = 0; i < rows; ++i) be.Fp8RoundTrip(x + i * op.width, op.prefix, op.block);
         }
+        break;
+      case RowOp::Kind::kScaleBf16:
+        for (int64_t i = 0; i < n; ++i) x[i] = num::RoundBf16(x[i] * op.scale);
         break;
     }
   }

@@ -139,11 +139,11 @@ struct KvReserveStats {
 // the Backend method of the same name over those values, run where they are — a device backend
 // runs it before they come back, instead of sending them up and down again for it.
 struct RowOp {
-  enum class Kind { kHeadRmsNormBf16, kRope, kHadamard, kFp4RoundTrip, kRmsNorm, kFp8RoundTrip };
+  enum class Kind { kHeadRmsNormBf16, kRope, kHadamard, kFp4RoundTrip, kRmsNorm, kFp8RoundTrip, kScaleBf16 };
   Kind kind = Kind::kHadamard;
   // The values as rows of `width` (the op's values are a multiple of it): the head dim
   // (HeadRmsNormBf16), the stride (Rope), the dim (Hadamard, RmsNorm), the block (Fp4RoundTrip),
-  // the row (Fp8RoundTrip).
+  // the row (Fp8RoundTrip), 1 (ScaleBf16).
   int64_t width = 0;
   float eps = 0;  // HeadRmsNormBf16, RmsNorm
   const float* weight = nullptr;  // RmsNorm: [width], as Backend::RmsNorm's (in place)
@@ -155,6 +155,7 @@ struct RowOp {
   const float* cos = nullptr;
   const float* sin = nullptr;
   bool inverse = false;
+  float scale = 1.0f;  // ScaleBf16: every value v becomes RoundBf16(v * scale), the product in fp32
 
   static RowOp HeadRmsNormBf16(int64_t dim, float eps);
   static RowOp Rope(int64_t stride, int64_t offset, int64_t rope_dims, const float* cos, const float* sin,
@@ -163,6 +164,8 @@ struct RowOp {
   static RowOp Fp4RoundTrip(int64_t block);
   static RowOp RmsNorm(int64_t dim, const float* weight, float eps);
   static RowOp Fp8RoundTripPrefix(int64_t width, int64_t prefix, int64_t block);
+  // No Backend method of its own: RoundBf16(v * scale) for every value (the indexer's head weights).
+  static RowOp ScaleBf16(float scale);
 };
 
 // One query token of a batched sparse attention (Backend::SparseAttentionRows): q and out are

@@ -118,14 +118,15 @@ __global__ void SparseAttnKernel(const float* q, int64_t heads, int64_t dim, Row
 // One half-warp per key (CPU dot order); idle half-warps compute a dummy key and write nothing.
 // Key t is row t of `keys`, or row key_rows[t] when key_rows is given (keys in the KV reserve),
 // scored by query 0, or query query_of[t] when given (several rows' keys in one launch).
-__global__ void IndexScoresKernel(const float* q, const float* w, int64_t heads, int64_t dim, const float* keys,
-                                  const int32_t* key_rows, const int32_t* query_of, int64_t n, float* scores) {
+__global__ void IndexScoresKernel(const float* q, const float* w, int64_t w_stride, int64_t heads, int64_t dim,
+                                  const float* keys, const int32_t* key_rows, const int32_t* query_of, int64_t n,
+                                  float* scores) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 16) + threadIdx.x / 16;
   const int64_t row = t < n ? t : n - 1;
   const float* k = keys + (key_rows ? static_cast<int64_t>(key_rows[row]) : row) * dim;
   if (query_of) {
     q += static_cast<int64_t>(query_of[row]) * heads * dim;
-    w += static_cast<int64_t>(query_of[row]) * heads;
+    w += static_cast<int64_t>(query_of[row]) * w_stride;
   }
   float sum = 0.0f;
   for (int64_t h = 0; h < heads; ++h) {
@@ -170,15 +171,16 @@ cudaError_t PagedSparseAttentionFp8(const float* q, int64_t batch, int64_t heads
 cudaError_t IndexScores(const float* q, const float* w, int64_t heads, int64_t dim, const float* keys, int64_t n,
                         float* scores, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  IndexScoresKernel<<<Blocks(n, 16), 256, 0, stream>>>(q, w, heads, dim, keys, nullptr, nullptr, n, scores);
+  IndexScoresKernel<<<Blocks(n, 16), 256, 0, stream>>>(q, w, heads, heads, dim, keys, nullptr, nullptr, n, scores);
   return cudaGetLastError();
 }
 
-cudaError_t IndexScoresRows(const float* q, const float* w, int64_t heads, int64_t dim, const float* keys,
-                            const int32_t* key_rows, const int32_t* query_of, int64_t n, float* scores,
-                            cudaStream_t stream) {
+cudaError_t IndexScoresRows(const float* q, const float* w, int64_t w_stride, int64_t heads, int64_t dim,
+                            const float* keys, const int32_t* key_rows, const int32_t* query_of, int64_t n,
+                            float* scores, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  IndexScoresKernel<<<Blocks(n, 16), 256, 0, stream>>>(q, w, heads, dim, keys, key_rows, query_of, n, scores);
+  if (w_stride < heads) return cudaErrorInvalidValue;
+  IndexScoresKernel<<<Blocks(n, 16), 256, 0, stream>>>(q, w, w_stride, heads, dim, keys, key_rows, query_of, n, scores);
   return cudaGetLastError();
 }
 
@@ -199,17 +201,23 @@ __global__ void FillFloatsKernel(float* p, int64_t n, float value) {
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
     p[i] = value;
 }
-__global__ void RoundBf16Kernel(const float* x, int64_t n, float* y) {
+__global__ void RoundBf16Kernel(const float* x, int64_t n, float scale, float* y) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    y[i] = RoundBf16(x[i]);
+    // A NaN passes unmultiplied: the device's product would be the canonical NaN, where the host's
+    // keeps the operand's payload (RoundBf16 then quiets it the same way on both).
+    y[i] = RoundBf16(x[i] != x[i] ? x[i] : x[i] * scale);
 }
 
 }  // namespace
 
 cudaError_t RoundBf16(const float* x, int64_t n, float* y, cudaStream_t stream) {
+  return ScaleRoundBf16(x, n, 1.0f, y, stream);
+}
+
+cudaError_t ScaleRoundBf16(const float* x, int64_t n, float scale, float* y, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
-  RoundBf16Kernel<<<static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 4096)), 256, 0, stream>>>(x, n, y);
+  RoundBf16Kernel<<<static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 4096)), 256, 0, stream>>>(x, n, scale, y);
   return cudaGetLastError();
 }
 

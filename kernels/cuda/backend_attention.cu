@@ -392,11 +392,8 @@ bool CudaBackendImpl::ScoreFromReserve(std::span<const IndexScoreRow> rows, int6
   // transfer) when a row fills whole alignment units; else gathered here first.
   const size_t q_bytes = static_cast<size_t>(heads * dim) * 4;
   const bool q_in_place = q_bytes % kAlign == 0;
-  std::vector<float> q(q_in_place ? 0 : rows.size() * heads * dim), w(rows.size() * heads);
-  for (size_t i = 0; i < rows.size(); ++i) {
-    if (!q_in_place) std::copy_n(rows[i].q, heads * dim, q.begin() + i * heads * dim);
-    std::copy_n(rows[i].w, heads, w.begin() + i * heads);
-  }
+  std::vector<float> q(q_in_place ? 0 : rows.size() * heads * dim);
+  for (size_t i = 0; !q_in_place && i < rows.size(); ++i) std::copy_n(rows[i].q, heads * dim, q.begin() + i * heads * dim);
   Frame f;
   size_t dq = 0;
   if (q_in_place)
@@ -406,8 +403,17 @@ bool CudaBackendImpl::ScoreFromReserve(std::span<const IndexScoreRow> rows, int6
     }
   else
     dq = f.In(q.data(), q.size() * 4);
-  const size_t dw = f.In(w.data(), w.size() * 4),
-               dfirst = f.In(first.data(), runs * 4), dquery = f.In(query.data(), runs * 4),
+  // The rows' head weights: each row an input (rows held on the device come from there, never
+  // through the host), `w_stride` floats apart as the frame lays them out; read in place when
+  // the held rows lie so.
+  const size_t w_bytes = static_cast<size_t>(heads) * 4;
+  const int64_t w_stride = static_cast<int64_t>(AlignUp(w_bytes) / 4);
+  size_t dw = 0;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const size_t off = i == 0 ? f.In(rows[i].w, w_bytes) : f.InContinued(rows[i].w, w_bytes);
+    if (i == 0) dw = off;
+  }
+  const size_t dfirst = f.In(first.data(), runs * 4), dquery = f.In(query.data(), runs * 4),
                dstart = f.In(start.data(), runs * 4), dcount = f.In(count.data(), runs * 4);
   const Uploads up = StageUploads(keys_, f);
   // Fast mode: the tensor cores straight over the runs; exact: per-key arrays for the CPU-order kernel.
@@ -433,10 +439,10 @@ bool CudaBackendImpl::ScoreFromReserve(std::span<const IndexScoreRow> rows, int6
   const float* base = reinterpret_cast<const float*>(keys_.dev);
   auto scores_mma = [&](Dev d, float* out) {
     if (packed)
-      return cuda::IndexScoresRunsMmaMxfp4(d.at(dq), d.at(dw), heads, dim, keys_.dev, page_entries,
+      return cuda::IndexScoresRunsMmaMxfp4(d.at(dq), d.at(dw), w_stride, heads, dim, keys_.dev, page_entries,
                                            d.at<int32_t>(dfirst), d.at<int32_t>(dquery), d.at<int32_t>(dstart),
                                            d.at<int32_t>(dcount), runs, out, stream_);
-    return cuda::IndexScoresRunsMma(d.at(dq), d.at(dw), heads, dim, base, d.at<int32_t>(dfirst), d.at<int32_t>(dquery),
+    return cuda::IndexScoresRunsMma(d.at(dq), d.at(dw), w_stride, heads, dim, base, d.at<int32_t>(dfirst), d.at<int32_t>(dquery),
                                     d.at<int32_t>(dstart), d.at<int32_t>(dcount), runs, out, stream_);
   };
   Fail(RunWithUploadsLocked(keys_, f, up, [&](Dev d) {
@@ -450,7 +456,7 @@ bool CudaBackendImpl::ScoreFromReserve(std::span<const IndexScoreRow> rows, int6
     const cudaError_t e = cuda::ExpandKeyRuns(d.at<int32_t>(dfirst), d.at<int32_t>(dquery), d.at<int32_t>(dstart),
                                               d.at<int32_t>(dcount), runs, d.at<int32_t>(dr), d.at<int32_t>(dqo), stream_);
     return e != cudaSuccess ? e
-                            : cuda::IndexScoresRows(d.at(dq), d.at(dw), heads, dim, base, d.at<int32_t>(dr),
+                            : cuda::IndexScoresRows(d.at(dq), d.at(dw), w_stride, heads, dim, base, d.at<int32_t>(dr),
                                                     d.at<int32_t>(dqo), n, d.at(dout), stream_);
   }));
   return true;
@@ -472,7 +478,7 @@ auto CudaBackendImpl::StageAttentionRowOps(Frame& f, std::span<const AttentionRo
       const RowOp& b = r.then[i];
       same = same && b.kind == a.kind && b.width == a.width && b.eps == a.eps && b.offset == a.offset &&
              b.rope_dims == a.rope_dims && b.rows_per_angle == a.rows_per_angle && b.inverse == a.inverse &&
-             b.weight == a.weight && b.prefix == a.prefix && b.block == a.block;
+             b.weight == a.weight && b.prefix == a.prefix && b.block == a.block && b.scale == a.scale;
     }
     if (a.kind == RowOp::Kind::kRope)
       same = same && a.width > 0 && a.rows_per_angle > 0 && per_row % a.width == 0 && (per_row / a.width) % a.rows_per_angle == 0;

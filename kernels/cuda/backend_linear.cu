@@ -234,6 +234,7 @@ cudaError_t CudaBackendImpl::EnqueueRowOps(Dev d, float* y, int64_t values, std:
       case RowOp::Kind::kFp8RoundTrip:
         e = cuda::RoundTripRows(y, rows, op.width, op.prefix, op.block, /*fp8=*/true, stream_);
         break;
+      case RowOp::Kind::kScaleBf16: e = cuda::ScaleRoundBf16(y, values, op.scale, y, stream_); break;
     }
     if (e != cudaSuccess) return e;
   }

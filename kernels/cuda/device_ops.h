@@ -208,10 +208,11 @@ cudaError_t IndexScores(const float* q, const float* w, int64_t heads, int64_t d
 cudaError_t IndexerLogits(const float* q, const float* w, int64_t heads, int64_t dim, const float* keys,
                           const uint8_t* valid, int64_t n, float* logits, cudaStream_t stream);
 // IndexScores over keys scattered in an array of rows: key t is row key_rows[t] of `keys`, scored
-// by query query_of[t] of q [queries, heads, dim] and w [queries, heads] (query_of null: query 0).
-cudaError_t IndexScoresRows(const float* q, const float* w, int64_t heads, int64_t dim, const float* keys,
-                            const int32_t* key_rows, const int32_t* query_of, int64_t n, float* scores,
-                            cudaStream_t stream);
+// by query query_of[t] of q [queries, heads, dim] and w [queries, w_stride >= heads] (query_of
+// null: query 0).
+cudaError_t IndexScoresRows(const float* q, const float* w, int64_t w_stride, int64_t heads, int64_t dim,
+                            const float* keys, const int32_t* key_rows, const int32_t* query_of, int64_t n,
+                            float* scores, cudaStream_t stream);
 // IndexScoresRows' two arrays from runs of consecutive rows (a page's keys): run r's count[r] keys
 // are keys start[r], start[r] + 1, ..., rows first[r], first[r] + 1, ... of `keys`, scored by
 // query query[r]. One block a run: the host sends a run's 16 bytes instead of its keys' 8 each.
@@ -222,6 +223,8 @@ cudaError_t ExpandKeyRuns(const int32_t* first, const int32_t* query, const int3
 cudaError_t FillFloats(float* p, int64_t n, float value, cudaStream_t stream);
 // y[i] = RoundBf16(x[i]) (y may be x).
 cudaError_t RoundBf16(const float* x, int64_t n, float* y, cudaStream_t stream);
+// y[i] = RoundBf16(x[i] * scale), the product in fp32 (y may be x): RowOp::ScaleBf16.
+cudaError_t ScaleRoundBf16(const float* x, int64_t n, float scale, float* y, cudaStream_t stream);
 
 // Fast mode's IndexScoresRows over the same runs, on the tensor cores (index_scores_mma.cu):
 // bf16 operands (q and keys rounded to nearest even; exact for the model's FP4-grid values), fp32
@@ -229,8 +232,8 @@ cudaError_t RoundBf16(const float* x, int64_t n, float* y, cudaStream_t stream);
 // For dim == kIndexScoresMmaDim and 1 to 128 heads (IndexScoresMmaSupports; a warp takes 16).
 inline constexpr int64_t kIndexScoresMmaDim = 128;
 bool IndexScoresMmaSupports(int64_t heads, int64_t dim);
-cudaError_t IndexScoresRunsMma(const float* q, const float* w, int64_t heads, int64_t dim, const float* keys,
-                               const int32_t* first, const int32_t* query, const int32_t* start,
+cudaError_t IndexScoresRunsMma(const float* q, const float* w, int64_t w_stride, int64_t heads, int64_t dim,
+                               const float* keys, const int32_t* first, const int32_t* query, const int32_t* start,
                                const int32_t* count, int64_t runs, float* scores, cudaStream_t stream);
 // The same over keys held as MXFP4 pages (KeyRun::packed; memtier's form): `pages` holds pages of
 // `page_entries` keys, each page every key's 64 code bytes then every key's 4 UE8M0 scale bytes;
@@ -238,7 +241,8 @@ cudaError_t IndexScoresRunsMma(const float* q, const float* w, int64_t heads, in
 // A key's values are e2m1 codes times a power of two, which bf16 holds exactly: the operands, and
 // so the scores, are bit for bit those of IndexScoresRunsMma over the keys' fp32 rows.
 inline constexpr int64_t kIndexKeyMxfp4Bytes = kIndexScoresMmaDim / 2 + kIndexScoresMmaDim / 32;  // 68
-cudaError_t IndexScoresRunsMmaMxfp4(const float* q, const float* w, int64_t heads, int64_t dim, const uint8_t* pages,
+cudaError_t IndexScoresRunsMmaMxfp4(const float* q, const float* w, int64_t w_stride, int64_t heads, int64_t dim,
+                                    const uint8_t* pages,
                                     int64_t page_entries, const int32_t* first, const int32_t* query,
                                     const int32_t* start, const int32_t* count, int64_t runs, float* scores,
                                     cudaStream_t stream);

@@ -67,7 +67,7 @@ __device__ __forceinline__ float Term(float dot, float w) { return RoundBf16(fma
 // kPacked: the keys are MXFP4 pages of `page_entries` (keys_mx), not fp32 rows (keys).
 template <int kWarps, bool kPacked>
 __global__ void __launch_bounds__(kWarps * 32) IndexScoresRunsMmaKernel(
-    const float* __restrict__ q, const float* __restrict__ w, int heads, const float* __restrict__ keys,
+    const float* __restrict__ q, const float* __restrict__ w, int64_t w_stride, int heads, const float* __restrict__ keys,
     const uint8_t* __restrict__ keys_mx, int64_t page_entries, const int32_t* __restrict__ first, const int32_t* __restrict__ query, const int32_t* __restrict__ start,
     const int32_t* __restrict__ count, int64_t runs, int runs_per_block, float* __restrict__ scores) {
   constexpr int kThreads = kWarps * 32;
@@ -100,8 +100,8 @@ __global__ void __launch_bounds__(kWarps * 32) IndexScoresRunsMmaKernel(
         a[ks][2] = PackBf16(x2.x, x2.y);
         a[ks][3] = PackBf16(x3.x, x3.y);
       }
-      w_lo = has_lo ? w[static_cast<int64_t>(qi) * heads + h] : 0.0f;
-      w_hi = has_hi ? w[static_cast<int64_t>(qi) * heads + h + 8] : 0.0f;
+      w_lo = has_lo ? w[static_cast<int64_t>(qi) * w_stride + h] : 0.0f;
+      w_hi = has_hi ? w[static_cast<int64_t>(qi) * w_stride + h + 8] : 0.0f;
     }
     const int64_t key0 = first[r], out0 = start[r];
     const int n = count[r];
@@ -179,7 +179,7 @@ __global__ void __launch_bounds__(kWarps * 32) IndexScoresRunsMmaKernel(
 }
 
 template <int kWarps, bool kPacked>
-cudaError_t LaunchRuns(const float* q, const float* w, int heads, const float* keys, const uint8_t* keys_mx,
+cudaError_t LaunchRuns(const float* q, const float* w, int64_t w_stride, int heads, const float* keys, const uint8_t* keys_mx,
                        int64_t page_entries, const int32_t* first, const int32_t* query, const int32_t* start,
                        const int32_t* count, int64_t runs, float* scores, cudaStream_t stream) {
   // A few runs a block once there are many (fewer reloads of a query's 32 KB), while the grid
@@ -188,17 +188,17 @@ cudaError_t LaunchRuns(const float* q, const float* w, int heads, const float* k
   const int64_t blocks = (runs + per - 1) / per;
   if (blocks > INT32_MAX) return cudaErrorInvalidValue;
   IndexScoresRunsMmaKernel<kWarps, kPacked><<<static_cast<unsigned>(blocks), kWarps * 32, 0, stream>>>(
-      q, w, heads, keys, keys_mx, page_entries, first, query, start, count, runs, per, scores);
+      q, w, w_stride, heads, keys, keys_mx, page_entries, first, query, start, count, runs, per, scores);
   return cudaGetLastError();
 }
 
 template <bool kPacked>
-cudaError_t LaunchForHeads(const float* q, const float* w, int64_t heads, const float* keys, const uint8_t* keys_mx,
+cudaError_t LaunchForHeads(const float* q, const float* w, int64_t w_stride, int64_t heads, const float* keys, const uint8_t* keys_mx,
                            int64_t page_entries, const int32_t* first, const int32_t* query, const int32_t* start,
                            const int32_t* count, int64_t runs, float* scores, cudaStream_t stream) {
   const int h = static_cast<int>(heads);  // in warps of 16 heads, rounded up to 1, 2, 4 or 8 warps
   auto launch = [&](auto warps) {
-    return LaunchRuns<decltype(warps)::value, kPacked>(q, w, h, keys, keys_mx, page_entries, first, query, start, count,
+    return LaunchRuns<decltype(warps)::value, kPacked>(q, w, w_stride, h, keys, keys_mx, page_entries, first, query, start, count,
                                                        runs, scores, stream);
   };
   if (heads <= 16) return launch(std::integral_constant<int, 1>{});
@@ -211,23 +211,24 @@ cudaError_t LaunchForHeads(const float* q, const float* w, int64_t heads, const 
 
 bool IndexScoresMmaSupports(int64_t heads, int64_t dim) { return dim == kDim && heads >= 1 && heads <= 128; }
 
-cudaError_t IndexScoresRunsMma(const float* q, const float* w, int64_t heads, int64_t dim, const float* keys,
-                               const int32_t* first, const int32_t* query, const int32_t* start,
+cudaError_t IndexScoresRunsMma(const float* q, const float* w, int64_t w_stride, int64_t heads, int64_t dim,
+                               const float* keys, const int32_t* first, const int32_t* query, const int32_t* start,
                                const int32_t* count, int64_t runs, float* scores, cudaStream_t stream) {
-  if (!IndexScoresMmaSupports(heads, dim)) return cudaErrorInvalidValue;
+  if (!IndexScoresMmaSupports(heads, dim) || w_stride < heads) return cudaErrorInvalidValue;
   if (runs == 0) return cudaSuccess;
-  return LaunchForHeads<false>(q, w, heads, keys, nullptr, 1, first, query, start, count, runs, scores, stream);
+  return LaunchForHeads<false>(q, w, w_stride, heads, keys, nullptr, 1, first, query, start, count, runs, scores, stream);
 }
 
-cudaError_t IndexScoresRunsMmaMxfp4(const float* q, const float* w, int64_t heads, int64_t dim, const uint8_t* pages,
+cudaError_t IndexScoresRunsMmaMxfp4(const float* q, const float* w, int64_t w_stride, int64_t heads, int64_t dim,
+                                    const uint8_t* pages,
                                     int64_t page_entries, const int32_t* first, const int32_t* query,
                                     const int32_t* start, const int32_t* count, int64_t runs, float* scores,
                                     cudaStream_t stream) {
-  if (!IndexScoresMmaSupports(heads, dim) || page_entries < 1) return cudaErrorInvalidValue;
+  if (!IndexScoresMmaSupports(heads, dim) || w_stride < heads || page_entries < 1) return cudaErrorInvalidValue;
   if (runs == 0) return cudaSuccess;
   // Every page (entries x 68 bytes) starts 16-byte aligned only for a multiple of 4 entries.
   if (page_entries % 4 != 0 || reinterpret_cast<uintptr_t>(pages) % 16 != 0) return cudaErrorInvalidValue;
-  return LaunchForHeads<true>(q, w, heads, nullptr, pages, page_entries, first, query, start, count, runs, scores,
+  return LaunchForHeads<true>(q, w, w_stride, heads, nullptr, pages, page_entries, first, query, start, count, runs, scores,
                               stream);
 }
 

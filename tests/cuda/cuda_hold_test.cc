@@ -197,7 +197,8 @@ TEST_F(CudaOps, OpsOnHeldOutputsThatDoNotWaitStillReadWhatTheyWereGiven) {
 }
 
 // An attention layer's projections of one x in one call (Backend::LinearMany: wq_a into a held
-// buffer, wkv with its chain, a compressor's fp32 projections, the indexer's bf16 weights): the
+// buffer, wkv with its chain, a compressor's fp32 projections, the indexer's bf16 weights with
+// their scale as a row op, held too): the
 // same bits as a LinearThen per job on the same backend — and, exact, the CPU's — at 1 and 5
 // rows; the held output stays on the device until synced. Jobs of another width are a clear error.
 TEST_F(CudaOps, ProjectionsOfOneInputInOneCallEqualTheSeparateCalls) {
@@ -215,6 +216,7 @@ TEST_F(CudaOps, ProjectionsOfOneInputInOneCallEqualTheSeparateCalls) {
     const kernels::RowOp kv_then[] = {kernels::RowOp::RmsNorm(D, norm.data(), 1e-6f),
                                       kernels::RowOp::Rope(D, nope, 64, cs.data(), sn.data(), 1, false),
                                       kernels::RowOp::Fp8RoundTripPrefix(D, nope, 64)};
+    const kernels::RowOp w_then[] = {kernels::RowOp::ScaleBf16(static_cast<float>(1.0 / std::sqrt(128.0 * 64.0)))};
     struct Out {
       std::vector<float> qa, kv, c, g, w;
     };
@@ -224,7 +226,7 @@ TEST_F(CudaOps, ProjectionsOfOneInputInOneCallEqualTheSeparateCalls) {
                                     {&wkv, o.kv.data(), Rounding::kBf16, kv_then},
                                     {&ckv, o.c.data(), Rounding::kNone, {}},
                                     {&cgate, o.g.data(), Rounding::kNone, {}},
-                                    {&wproj, o.w.data(), Rounding::kBf16, {}}};
+                                    {&wproj, o.w.data(), Rounding::kBf16, w_then}};
     };
     auto same = [](const Out& a, const Out& b) {
       return SameBits(a.qa, b.qa) && SameBits(a.kv, b.kv) && SameBits(a.c, b.c) && SameBits(a.g, b.g) &&
@@ -239,10 +241,12 @@ TEST_F(CudaOps, ProjectionsOfOneInputInOneCallEqualTheSeparateCalls) {
       const std::vector<LinearJob> separate = jobs_into(want), together = jobs_into(got);
       for (const LinearJob& j : separate) be->LinearThen(*j.w, x.data(), n, j.y, j.out, j.then);
       be->HoldOnDevice(got.qa.data(), n * 384);
+      be->HoldOnDevice(got.w.data(), n * 64);
       be->LinearMany(together, x.data(), n);
       ASSERT_TRUE(be->Health().ok()) << be->Health();
       EXPECT_TRUE(AllNan(got.qa.data(), got.qa.size())) << what << ": the held output reached the host unasked";
       be->ReleaseFromDevice(got.qa.data(), true);
+      be->ReleaseFromDevice(got.w.data(), true);
       EXPECT_TRUE(same(got, want)) << what;
       if (be == &Holding()) EXPECT_TRUE(same(got, host)) << what << " against the CPU";
     }
@@ -375,6 +379,12 @@ TEST_F(CudaOps, RoundBf16HasTheHostsBits) {
   Holding().ReleaseFromDevice(y.data(), true);
   EXPECT_TRUE(SameBits(y, want));
   EXPECT_TRUE(Holding().Health().ok()) << Holding().Health();
+  // The same kernel scaled first (RowOp::ScaleBf16): the host's bits for every value, NaNs too.
+  const RowOp scaled[] = {RowOp::ScaleBf16(0.0110485f)};
+  std::vector<float> s_want = x, s_got = x;
+  cpu().RowOps(s_want.data(), static_cast<int64_t>(x.size()), scaled);
+  gpu_->RowOps(s_got.data(), static_cast<int64_t>(x.size()), scaled);
+  EXPECT_TRUE(SameBits(s_got, s_want));
 }
 
 // A backend with min_hold_bytes leaves smaller buffers where they are: the op's output reaches

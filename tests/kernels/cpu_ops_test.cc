@@ -1,5 +1,7 @@
 // The CPU reference ops against hand-computed values and naive formulas.
+#include <bit>
 #include <cmath>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -167,6 +169,29 @@ TEST(LinearMany, EveryJobEqualsItsOwnLinearThen) {
   be.LinearMany(jobs, x.data(), rows);
   EXPECT_EQ(std::vector<float>(got.begin(), got.begin() + rows * 64), want_a);
   EXPECT_EQ(std::vector<float>(got.begin() + rows * 64, got.end()), want_b);
+}
+
+// RowOp::ScaleBf16 (the indexer's head weights): every value becomes RoundBf16(v * scale), the
+// product in fp32 — signed zeros, ties to even and NaN as RoundBf16 gives them.
+TEST(RowOps, ScaleBf16RoundsEachScaledValue) {
+  const float scale = static_cast<float>(1.0 / std::sqrt(128.0 * 64.0));
+  std::vector<float> x = Random(257, 41, 3.0f);
+  x[0] = -0.0f;
+  x[1] = std::numeric_limits<float>::quiet_NaN();
+  x[2] = num::RoundBf16(1.0f + 0x1p-8f) / scale;  // near a bf16 tie once scaled
+  std::vector<float> got = x;
+  const RowOp op = RowOp::ScaleBf16(scale);
+  be.RowOps(got.data(), static_cast<int64_t>(got.size()), std::span<const RowOp>(&op, 1));
+  for (size_t i = 0; i < x.size(); ++i) {
+    const float want = num::RoundBf16(x[i] * scale);
+    if (std::isnan(want)) {
+      EXPECT_TRUE(std::isnan(got[i])) << i;
+    } else {
+      EXPECT_EQ(std::bit_cast<uint32_t>(got[i]), std::bit_cast<uint32_t>(want)) << i;
+    }
+  }
+  EXPECT_TRUE(std::signbit(got[0]));
+  EXPECT_EQ(op.width, 1);
 }
 
 // hc_pre with the sublayer's norm as a row op equals hc_pre then RmsNorm; RowOps is ApplyRowOps.

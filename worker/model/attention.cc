@@ -141,15 +141,12 @@ Indexer::Indexer(const ModelArgs& args, const IndexerWeights& w, const RotaryTab
       n_local_heads_(w.weights_proj.rows),
       compressor_(args, w.compressor, 4, args.index_head_dim, /*rotate=*/true, rope, be) {}
 
-void Indexer::WeightsJob(int64_t n, Scratch* weights, std::vector<kernels::LinearJob>* jobs) const {
-  weights->resize(n * n_local_heads_);
-  jobs->push_back({&w_.weights_proj, weights->data(), Rounding::kBf16, {}});
-}
-
-void Indexer::ScaleWeights(Scratch* weights) const {
+void Indexer::WeightsJob(int64_t n, Scratch* weights, kernels::RowOp* then, std::vector<kernels::LinearJob>* jobs) const {
   const float scale = static_cast<float>(std::pow(static_cast<double>(args_.index_head_dim), -0.5) *
                                          std::pow(static_cast<double>(args_.index_n_heads), -0.5));
-  for (float& v : *weights) v = num::RoundBf16(v * scale);
+  weights->resize(n * n_local_heads_);
+  *then = kernels::RowOp::ScaleBf16(scale);
+  jobs->push_back({&w_.weights_proj, weights->data(), Rounding::kBf16, std::span<const kernels::RowOp>(then, 1)});
 }
 
 void Indexer::QueryJob(int64_t n, const float* cs, const float* sn, Scratch* q, std::array<kernels::RowOp, 3>* then,
@@ -346,12 +343,14 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
   // attention -> wo_a's groups; qr also -> the indexer's wq_b): a device backend keeps them there.
   const kernels::DeviceHold<Scratch> hold_qr(be_, qr), hold_q(be_, q), hold_o(be_, o);
   // Every projection of x in one backend call (a device stages x once and waits once for the
-  // outputs the host reads: the window KV row, the compressors' kv and scores, the indexer's
-  // weights): qr = q_norm(wq_a(x)); the window entries kv = kv_norm(wkv(x)), RoPE, FP8 round trip
+  // outputs the host reads: the window KV row, the compressors' kv and scores; the indexer's
+  // weights, scaled as a row op, stay with a device): qr = q_norm(wq_a(x)); the window entries kv = kv_norm(wkv(x)), RoPE, FP8 round trip
   // of the nope dims (on wkv's output before it comes back, when the nope dims are whole FP8
   // blocks); the compressor's and the indexer's projections.
   Scratch kv(n * D), kv_raw;
   Scratch ckv, cscore, iw, ikv, iscore, iq;
+  std::optional<kernels::DeviceHold<Scratch>> hold_iw;  // the indexer's head weights: their job -> the scoring
+  kernels::RowOp iw_then;
   std::vector<kernels::LinearJob> jobs;
   const kernels::RowOp qa_then[] = {kernels::RowOp::RmsNorm(Q, w_.q_norm.data(), args_.norm_eps)};
   jobs.push_back({&w_.wq_a, qr.data(), Rounding::kBf16, qa_then});
@@ -367,7 +366,8 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
   }
   if (compressor_) compressor_->ProjectJobs(n, &ckv, &cscore, &jobs);
   if (indexer_) {
-    indexer_->WeightsJob(n, &iw, &jobs);
+    indexer_->WeightsJob(n, &iw, &iw_then, &jobs);
+    hold_iw.emplace(be_, iw);  // sized by the job
     indexer_->compressor().ProjectJobs(n, &ikv, &iscore, &jobs);
   }
   be_.LinearMany(jobs, x, n);
@@ -388,7 +388,6 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
   std::optional<kernels::DeviceHold<Scratch>> hold_iq;  // the indexer's queries: wq_b's -> the scoring
   std::array<kernels::RowOp, 3> iq_then;
   if (indexer_) {
-    indexer_->ScaleWeights(&iw);
     iq.resize(n * indexer_->n_local_heads() * args_.index_head_dim);  // the job's size: held before written
     hold_iq.emplace(be_, iq);
     indexer_->QueryJob(n, cs.data(), sn.data(), &iq, &iq_then, &jobs);

@@ -73,9 +73,10 @@ class Indexer {
   Indexer(const ModelArgs& args, const IndexerWeights& w, const RotaryTable& rope,
           const kernels::Backend& be, const parallel::Communicator* comm = nullptr);
   // The head weights' projection of x [n, heads], sized here and appended to `jobs` (one
-  // Backend::LinearMany with the layer's other projections of x); ScaleWeights once it ran.
-  void WeightsJob(int64_t n, Scratch* weights, std::vector<kernels::LinearJob>* jobs) const;
-  void ScaleWeights(Scratch* weights) const;
+  // Backend::LinearMany with the layer's other projections of x), scaled by
+  // index_head_dim^-0.5 * index_n_heads^-0.5 in bf16 as its row op `then` (which must outlive
+  // the job): only ops read the weights, so a device keeps them.
+  void WeightsJob(int64_t n, Scratch* weights, kernels::RowOp* then, std::vector<kernels::LinearJob>* jobs) const;
   // The queries' projection of qr, the query's low-rank rows, into q [n, heads*head_dim] (sized
   // here), then RoPE at the rows' angles cs/sn (one set per row), the Hadamard rotation and the
   // FP4 round trip as its row ops `then` (which must outlive the job); appended to `jobs`.

@@ -709,19 +709,19 @@ int main(int argc, char** argv) {
       const std::string shape = std::to_string(b) + " x " + std::to_string(per_query) + " keys, 64 heads";
       const double exact_us = TimeUs([&](int) {
         CHECK_CUDA(cu::ExpandKeyRuns(dfirst, dquery, dstart, dcount, runs, dr, dqo, nullptr));
-        CHECK_CUDA(cu::IndexScoresRows(q, w, heads, dim, keys, dr, dqo, keys_n, out, nullptr));
+        CHECK_CUDA(cu::IndexScoresRows(q, w, heads, heads, dim, keys, dr, dqo, keys_n, out, nullptr));
       }, 10, 2);
       rows.push_back({"lightning-indexer scores over key runs (exact)", shape, exact_us, bytes / exact_us / 1e3,
                       2.0 * keys_n * heads * dim / exact_us / 1e6, Pct(bytes / exact_us / 1e3, hbm, "HBM")});
       const double mma_us = TimeUs([&](int) {
-        CHECK_CUDA(cu::IndexScoresRunsMma(q, w, heads, dim, keys, dfirst, dquery, dstart, dcount, runs, out, nullptr));
+        CHECK_CUDA(cu::IndexScoresRunsMma(q, w, heads, heads, dim, keys, dfirst, dquery, dstart, dcount, runs, out, nullptr));
       });
       rows.push_back({"lightning-indexer scores over key runs (fast: mma.sync bf16)", shape, mma_us, bytes / mma_us / 1e3,
                       2.0 * keys_n * heads * dim / mma_us / 1e6, Pct(bytes / mma_us / 1e3, hbm, "HBM")});
       // The keys as fast mode holds them in the reserve: MXFP4 pages (KeyRun::packed), 68 B a key.
       uint8_t* packed = static_cast<uint8_t*>(DeviceRandomBytes(keys_n * cu::kIndexKeyMxfp4Bytes));
       const double mx_us = TimeUs([&](int) {
-        CHECK_CUDA(cu::IndexScoresRunsMmaMxfp4(q, w, heads, dim, packed, 64, dfirst, dquery, dstart, dcount, runs, out,
+        CHECK_CUDA(cu::IndexScoresRunsMmaMxfp4(q, w, heads, heads, dim, packed, 64, dfirst, dquery, dstart, dcount, runs, out,
                                                nullptr));
       });
       const double mx_bytes = keys_n * static_cast<double>(cu::kIndexKeyMxfp4Bytes) + b * heads * dim * 4.0 + keys_n * 4.0;
