@@ -36,4 +36,4 @@ tracked=$(cd "$root" && git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 
 size=$(stat -c %s "$out")
 budget=$((64 * 1024 * 1024))
 echo "$out: $size bytes; with the tracked tree ($tracked bytes) $((size + tracked)) of the $budget the device tool carries"
-[ $((size + tracked)) -le $budget ] || echo "warning: over the carry limit — split the binaries into two bundles" >&2
+[ $((size + tracked)) -le $budget ] || echo "warning: over the carry limit — split the binaries into two bundles, or (one run needs them all) the archive: split -n 2 -d $out ${out%.tar.xz}.part, carried over two warm device calls (docs/benchmarks.md, \"CUDA backend\")" >&2
