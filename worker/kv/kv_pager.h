@@ -51,7 +51,8 @@ struct KvPagerStats {
   uint64_t pages_committed = 0, commit_failures = 0;
   uint64_t committed_bytes = 0;   // page bytes sent to memtier (the compact forms of page_codec.h)
   uint64_t pages_sent_bf16 = 0;   // pages off their format's grid, sent as bf16 instead (none expected)
-  uint64_t streams_fp32 = 0;      // KV streams of the sessions held that fell back to fp32 rows (none expected)
+  uint64_t streams_fp32 = 0;      // KV streams of the sessions held that fell back to fp32 rows, or index
+                                  // keys that dropped their MXFP4 twin (none expected)
   uint64_t pages_evicted = 0, pages_recalled = 0, pages_staged = 0, late_pages = 0;
   double late_seconds = 0;        // time decode steps waited for late pages
   uint64_t over_budget_steps = 0; // steps after which the needed pages alone exceeded the budget

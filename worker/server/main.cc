@@ -325,7 +325,7 @@ int main(int argc, char** argv) {
     auto& kv_committed = gauge("flashmem_kv_pages_committed", "pages acknowledged by memtier");
     auto& kv_commit_bytes = gauge("flashmem_kv_committed_bytes", "page bytes sent to memtier (FP8 records / MXFP4, worker/kv/page_codec.h)");
     auto& kv_bf16 = gauge("flashmem_kv_pages_sent_bf16", "pages off their format's grid, sent as bf16 (none expected)");
-    auto& kv_fp32 = gauge("flashmem_kv_streams_fp32", "KV streams held as fp32 rows after an entry off the FP8 grid (none expected)");
+    auto& kv_fp32 = gauge("flashmem_kv_streams_fp32", "KV streams held as fp32 rows (or index keys without their MXFP4 twin) after an entry off its grid (none expected)");
     auto& kv_over = gauge("flashmem_kv_over_budget_steps", "steps whose needed pages alone exceeded --kv-budget-bytes");
     // The CUDA backend's KV reserve (--gpu-kv-reserve-bytes; docs/architecture.md): zeros on the CPU.
     struct ReserveGauges {
