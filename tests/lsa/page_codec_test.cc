@@ -478,6 +478,32 @@ TEST(EntryPagesTest, IndexKeysKeepAnMxfp4TwinOfEveryPage) {
   EXPECT_NE(twin0->version, evicted);
   EXPECT_EQ(twin0->before, 0u);
   EXPECT_TRUE(twin_is_the_rows(0));
+  EXPECT_EQ(std::memcmp(twin0->bytes, a.data(), a.size()), 0) << "the recalled bytes, as sent";
+  // The bf16 form of an older worker: the twin encoded from its values.
+  std::vector<uint8_t> bf16(f.bf16_page_bytes());
+  num::FloatsToBf16Bytes(keys.Row(0), f.page_floats(), bf16.data());
+  keys.Evict(0);
+  ASSERT_TRUE(keys.Restore(0, bf16).ok());
+  EXPECT_TRUE(twin_is_the_rows(0));
+  // A page with a scale byte of 0 (2^-127: never written by the encoder, nor read by a device)
+  // is not kept as sent: the twin is the values' own encoding (1.0 x 2^-127 is 0.5 x 2^-126).
+  std::vector<uint8_t> tiny(f.page_bytes(), 0);
+  tiny[0] = 0x02;  // entry 0, dim 0: code 1.0
+  for (int64_t e = 0; e < 64; ++e)
+    for (int64_t b = 0; b < 4; ++b) tiny[f.entry_scales_offset(e) + b] = e == 0 && b == 0 ? 0 : 127;
+  EntryPages other(f, false, true);
+  for (int64_t e = 0; e < 64; ++e) other.Append(values.data() + e * 128);
+  other.Evict(0);
+  ASSERT_TRUE(other.Restore(0, tiny).ok());
+  EXPECT_EQ(std::bit_cast<uint32_t>(other.Row(0)[0]), std::bit_cast<uint32_t>(std::ldexp(1.0f, -127)));
+  ASSERT_TRUE(other.has_packed_twin());
+  const kernels::KvPage* t = other.Run(0, 1).packed;
+  ASSERT_NE(t, nullptr);
+  EXPECT_EQ(t->bytes[f.entry_scales_offset(0)], 1) << "2^-126";
+  EXPECT_EQ(t->bytes[0], 0x01) << "e2m1 0.5";
+  std::vector<uint8_t> want;
+  ASSERT_TRUE(EncodePage(f, std::vector<float>(other.Row(0), other.Row(0) + f.page_floats()), &want).ok());
+  EXPECT_EQ(std::memcmp(t->bytes, want.data(), want.size()), 0);
   // A key off the grid: the twin is dropped for good (runs name none; Serialize still encodes).
   std::vector<float> odd(values.begin(), values.begin() + 128);
   odd[5] = 0.3f;

@@ -187,10 +187,16 @@ absl::Status EntryPages::Restore(int64_t page, std::span<const uint8_t> bytes) {
   std::copy(values.begin(), values.end(), pages_[page].get());
   Touch(page);
   if (twin_) {
+    // A recall brings the page in its format: it is the twin as it was sent, unless a scale byte
+    // is one the encoder never writes (0: below UE8M0's normal range, which a device decode does
+    // not take) — then, and for the bf16 form, the twin is encoded from the values.
+    const bool as_sent = static_cast<int64_t>(bytes.size()) == format_.page_bytes() &&
+                         std::none_of(bytes.begin() + format_.entry_scales_offset(0), bytes.end(),
+                                      [](uint8_t b) { return b == 0; });
     std::vector<uint8_t> packed;
-    if (EncodePage(format_, values, &packed).ok()) {
-      twin_pages_[page] = std::make_unique<uint8_t[]>(packed.size());
-      std::memcpy(twin_pages_[page].get(), packed.data(), packed.size());
+    if (as_sent || EncodePage(format_, values, &packed).ok()) {
+      twin_pages_[page] = std::make_unique<uint8_t[]>(format_.page_bytes());
+      std::memcpy(twin_pages_[page].get(), as_sent ? bytes.data() : packed.data(), format_.page_bytes());
       TouchTwin(page);
     } else {
       DropTwin();
