@@ -22,34 +22,44 @@ int64_t EntryPages::resident_pages() const {
   return std::count_if(pages_.begin(), pages_.end(), [](const auto& p) { return p != nullptr; });
 }
 
-void EntryPages::Touch(int64_t page) {
-  kernels::KvPage& m = *page_meta_[page];
-  m.bytes = pages_[page] ? Bytes(page) : nullptr;
-  m.size = encoded_ ? format_.page_bytes() : kEntriesPerPage * format_.dim * 4;  // these bytes alone, not the twin's
+namespace {
+
+// A page's KvPage after any change: its bytes (null: not in memory) under a fresh version, the
+// change not known.
+void Renew(kernels::KvPage& m, const uint8_t* bytes, int64_t size) {
+  m.bytes = bytes;
+  m.size = size;
   m.entries = kEntriesPerPage;
   m.version = kernels::NewKvPageVersion();
   m.before = 0;
   m.changed = {};
+}
+
+}  // namespace
+
+void EntryPages::Touch(int64_t page) { Renew(*page_meta_[page], pages_[page] ? Bytes(page) : nullptr, rows_page_bytes()); }
+
+void EntryPages::EntryChanged(kernels::KvPage& m, uint64_t before, int64_t e) const {
+  m.before = before;
+  m.changed = {{{format_.entry_data_offset(e), format_.data_bytes_per_entry()},
+                {format_.entry_scales_offset(e), format_.scale_bytes_per_entry()}}};
 }
 
 std::unique_ptr<uint8_t[]> EntryPages::NewTwinPage() const {
-  // Every entry as a zero row encodes (what EncodePage gives the fp32 page's unwritten entries).
-  auto bytes = std::make_unique<uint8_t[]>(format_.page_bytes());
+  // Every entry as a zero row encodes (what EncodePage gives the fp32 page's unwritten entries),
+  // encoded once and copied.
   const std::vector<float> zero(format_.dim, 0.0f);
-  for (int64_t e = 0; e < kEntriesPerPage; ++e)
-    EncodeEntry(format_, zero.data(), bytes.get() + format_.entry_data_offset(e), bytes.get() + format_.entry_scales_offset(e));
+  std::vector<uint8_t> data(format_.data_bytes_per_entry()), scales(format_.scale_bytes_per_entry());
+  EncodeEntry(format_, zero.data(), data.data(), scales.data());
+  auto bytes = std::make_unique<uint8_t[]>(format_.page_bytes());
+  for (int64_t e = 0; e < kEntriesPerPage; ++e) {
+    std::copy(data.begin(), data.end(), bytes.get() + format_.entry_data_offset(e));
+    std::copy(scales.begin(), scales.end(), bytes.get() + format_.entry_scales_offset(e));
+  }
   return bytes;
 }
 
-void EntryPages::TouchTwin(int64_t page) {
-  kernels::KvPage& m = *twin_meta_[page];
-  m.bytes = twin_ && twin_pages_[page] ? twin_pages_[page].get() : nullptr;
-  m.size = format_.page_bytes();
-  m.entries = kEntriesPerPage;
-  m.version = kernels::NewKvPageVersion();
-  m.before = 0;
-  m.changed = {};
-}
+void EntryPages::TouchTwin(int64_t page) { Renew(*twin_meta_[page], twin_pages_[page].get(), format_.page_bytes()); }
 
 bool EntryPages::WriteTwin(int64_t page, int64_t e, const float* row) {
   uint8_t* bytes = twin_pages_[page].get();
@@ -57,11 +67,7 @@ bool EntryPages::WriteTwin(int64_t page, int64_t e, const float* row) {
   if (EncodeEntry(format_, row, bytes + format_.entry_data_offset(e), bytes + format_.entry_scales_offset(e)) >= 0)
     return false;
   TouchTwin(page);
-  if (before == 0) return true;
-  kernels::KvPage& m = *twin_meta_[page];  // only entry e's bytes changed since `before`
-  m.before = before;
-  m.changed = {{{format_.entry_data_offset(e), format_.data_bytes_per_entry()},
-                {format_.entry_scales_offset(e), format_.scale_bytes_per_entry()}}};
+  if (before != 0) EntryChanged(*twin_meta_[page], before, e);  // only entry e's bytes changed since `before`
   return true;
 }
 
@@ -87,11 +93,10 @@ void EntryPages::Write(int64_t page, int64_t e, const float* row) {
   if (before == 0 || encoded_ != was_encoded) return;  // a new page, or every page rewritten as fp32
   // Only entry e changed since `before`: a device copy of that version takes just its bytes.
   kernels::KvPage& m = *page_meta_[page];
-  m.before = before;
   if (encoded_) {
-    m.changed = {{{format_.entry_data_offset(e), format_.data_bytes_per_entry()},
-                  {format_.entry_scales_offset(e), format_.scale_bytes_per_entry()}}};
+    EntryChanged(m, before, e);
   } else {
+    m.before = before;
     m.changed = {{{e * format_.dim * 4, format_.dim * 4}, {}}};
   }
 }

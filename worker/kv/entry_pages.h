@@ -46,9 +46,7 @@ class EntryPages {
   // Pages whose 64 entries are all written (only those can leave the worker).
   int64_t complete_pages() const { return size_ / kEntriesPerPage; }
   // Memory a resident page holds, its twin included (and an entry's share of it).
-  int64_t page_bytes() const {
-    return encoded_ ? format_.page_bytes() : kEntriesPerPage * format_.dim * 4 + (twin_ ? format_.page_bytes() : 0);
-  }
+  int64_t page_bytes() const { return rows_page_bytes() + (twin_ ? format_.page_bytes() : 0); }
   int64_t entry_bytes() const { return page_bytes() / kEntriesPerPage; }
   // Memory the resident pages hold.
   int64_t memory_bytes() const { return resident_pages() * page_bytes(); }
@@ -92,6 +90,10 @@ class EntryPages {
   // After any change to a page (written, allocated, restored, freed): its KvPage shows the
   // current bytes under a fresh version, so a device copy of the old bytes is never used.
   void Touch(int64_t page);
+  // A page's own bytes (its KvPage's size): in the format, or fp32 rows; a twin's not included.
+  int64_t rows_page_bytes() const { return encoded_ ? format_.page_bytes() : kEntriesPerPage * format_.dim * 4; }
+  // m announces that only entry e changed since version `before`, in the format's layout.
+  void EntryChanged(kernels::KvPage& m, uint64_t before, int64_t e) const;
   // The twin of a page (packed_twin): entry e written from `row` (false: off the grid), and the
   // page's KvPage after a change. DropTwin frees every twin for good.
   std::unique_ptr<uint8_t[]> NewTwinPage() const;
