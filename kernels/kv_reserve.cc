@@ -14,6 +14,7 @@ void KvReserve::Begin() {
   patches_.clear();
   patched_slots_.clear();
   call_hits_ = 0;
+  call_written_ = 0;
 }
 
 int64_t KvReserve::TakeSlot() {
@@ -36,7 +37,7 @@ int64_t KvReserve::TakeSlot() {
   return -1;
 }
 
-int64_t KvReserve::Place(const KvPage& page) {
+int64_t KvReserve::Place(const KvPage& page, bool writes_changed) {
   int64_t s = page.device_slot.load(std::memory_order_relaxed);
   const bool own = s >= 0 && s < slots();
   if (own && version_[s] == page.version) {
@@ -45,12 +46,16 @@ int64_t KvReserve::Place(const KvPage& page) {
       ++call_hits_;
     }
   } else if (own && page.before != 0 && version_[s] == page.before) {
-    for (const KvPage::Range& r : page.changed)
-      if (r.bytes > 0) patches_.push_back({page.bytes + r.offset, s, r.offset, r.bytes});
+    if (!writes_changed)
+      for (const KvPage::Range& r : page.changed)
+        if (r.bytes > 0) patches_.push_back({page.bytes + r.offset, s, r.offset, r.bytes});
     patched_slots_.push_back(s);
     version_[s] = page.version;
-    ++patched_;
+    ++(writes_changed ? written_ : patched_);
+    call_written_ += writes_changed;
   } else {
+    // Written by the caller: the whole page first (the entry's bytes on the host are the old
+    // ones), the caller's write after it.
     s = TakeSlot();
     if (s < 0) return -1;
     version_[s] = page.version;
@@ -73,12 +78,14 @@ void KvReserve::Abort() {
   for (const Upload& u : uploads_) forget(u.slot);
   for (int64_t slot : patched_slots_) forget(slot);
   uploaded_ -= static_cast<int64_t>(uploads_.size());
-  patched_ -= static_cast<int64_t>(patched_slots_.size());
+  patched_ -= static_cast<int64_t>(patched_slots_.size()) - call_written_;
+  written_ -= call_written_;
   hits_ -= call_hits_;
   uploads_.clear();
   patches_.clear();
   patched_slots_.clear();
   call_hits_ = 0;
+  call_written_ = 0;
 }
 
 }  // namespace flashmem::kernels

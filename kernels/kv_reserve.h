@@ -33,7 +33,9 @@ class KvReserve {
   // pages of this call (the caller stages this call's pages instead, after Abort). A page whose
   // slot holds the version its last write started from (KvPage::before) is patched in place with
   // the bytes that write changed, not uploaded whole.
-  int64_t Place(const KvPage& page);
+  // `writes_changed`: the caller writes the bytes the page's last write changed (KvPage::changed)
+  // into the slot itself, after the call's uploads, instead of their being patched from the host.
+  int64_t Place(const KvPage& page, bool writes_changed = false);
   struct Upload {
     const uint8_t* bytes;
     int64_t slot;
@@ -53,6 +55,8 @@ class KvReserve {
   int64_t hits() const { return hits_; }
   int64_t uploaded() const { return uploaded_; }
   int64_t patched() const { return patched_; }
+  // Pages whose changed bytes their caller wrote in place (Place's writes_changed).
+  int64_t written() const { return written_; }
   // Slots holding a page copy.
   int64_t used() const { return slots() - static_cast<int64_t>(free_.size()); }
 
@@ -69,7 +73,7 @@ class KvReserve {
   std::vector<Upload> uploads_;
   std::vector<Patch> patches_;
   std::vector<int64_t> patched_slots_;  // this call's
-  int64_t hits_ = 0, uploaded_ = 0, patched_ = 0, call_hits_ = 0;
+  int64_t hits_ = 0, uploaded_ = 0, patched_ = 0, written_ = 0, call_hits_ = 0, call_written_ = 0;
 };
 
 }  // namespace flashmem::kernels

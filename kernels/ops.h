@@ -129,6 +129,7 @@ struct KvReserveStats {
     int64_t hits = 0;     // pages an op found in place (summed over ops)
     int64_t uploads = 0;  // pages sent to it whole: new, or written more than once since their copy
     int64_t patches = 0;  // pages updated in place with the one entry written since their copy
+    int64_t written = 0;  // pages whose written entry the device wrote itself (WriteRecords)
     int64_t bytes = 0;    // device memory it takes
   };
   Kind records;  // the main KV's FP8 record pages
@@ -166,6 +167,33 @@ struct RowOp {
   static RowOp Fp8RoundTripPrefix(int64_t width, int64_t prefix, int64_t block);
   // No Backend method of its own: RoundBf16(v * scale) for every value (the indexer's head weights).
   static RowOp ScaleBf16(float scale);
+};
+
+// Where an op writes a KV entry as an FP8 record (Backend::WriteRecords); worker/kv/EntryPages
+// is one for its pages. A device backend that computed the entry's values writes the record
+// itself — into its KV reserve's copy of the page and, later, the host page — instead of sending
+// the values to the host to be encoded there.
+class RecordSink {
+ public:
+  // Where entry i's record goes: its data and scale bytes in the host page, its page and entry
+  // there (its KvPage renewed for a write of that entry alone: a new version, `before` and
+  // `changed`), or false when the entry cannot take a record written elsewhere (its page not in
+  // memory, its stream not held as records, or one that keeps a second form). The caller then
+  // writes these bytes, exactly as WriteOnHost would have.
+  virtual bool BeginRecordWrite(int64_t i, uint8_t** data, uint8_t** scales, const KvPage** page, int32_t* entry) = 0;
+  // Writes entry i from its values on the host (encoded there; values off the record's grid turn
+  // the stream to fp32 rows): the default, and what a device falls back to for such values.
+  virtual void WriteOnHost(int64_t i, const float* row) = 0;
+
+ protected:
+  ~RecordSink() = default;
+};
+
+// One entry to write (Backend::WriteRecords): entry `index` of `sink`, from its `row` of values.
+struct RecordWrite {
+  const float* row = nullptr;
+  RecordSink* sink = nullptr;
+  int64_t index = 0;
 };
 
 // One query token of a batched sparse attention (Backend::SparseAttentionRows): q and out are
@@ -324,6 +352,20 @@ class Backend {
   // run the rows' `then`, in one launch each.
   virtual void SparseAttentionRows(std::span<const AttentionRow> rows, int64_t heads, int64_t dim, int64_t rope_dims,
                                    const float* sink, float softmax_scale) const;
+
+  // Writes each entry's values (dim floats, the last rope_dims of them bf16 values, the rest on
+  // the e4m3 grid of a UE8M0 scale a 64-value block: what the model's round trips leave) into its
+  // sink: the default is sink->WriteOnHost for each, in order (over the host's cores when every
+  // write has a sink of its own). A device backend whose ops made the rows (held: Backend::HoldOnDevice) encodes them
+  // where they are — the same bytes as the host's encoder, bit for bit — into its reserve's copy
+  // of each page and sends them to the host page after the op: until FinishWrites() the host
+  // pages may still hold the previous bytes (the backend's own ops never read them before). A
+  // row off the grid goes to WriteOnHost then, its record on the device made unreadable (NaN
+  // scales) in the meantime.
+  virtual void WriteRecords(std::span<const RecordWrite> writes, int64_t dim, int64_t rope_dims) const;
+  // Every host write an op left pending (WriteRecords) done: call before the host reads or
+  // frees pages such ops wrote (the model does at the end of each forward pass).
+  virtual void FinishWrites() const {}
 
   // IndexScores for several query rows at once (a decode step's rows of different sessions), each
   // over its own keys held in pages: the same scores as IndexScores over each row's keys, which is

@@ -10,7 +10,7 @@ const char* OpName(OpKind op) {
   static constexpr const char* kNames[] = {"Linear", "RmsNorm", "HeadRmsNormBf16", "Rope", "Fp8RoundTrip",
                                            "Fp4RoundTrip", "Hadamard", "SparseAttention", "IndexScores",
                                            "TopK", "IndexTopK", "IndexerLogits", "HcPre", "HcPost", "HcHead", "RoutedExperts",
-                                           "RoundBf16", "RowOps", "RoutedMoE"};
+                                           "RoundBf16", "RowOps", "RoutedMoE", "WriteRecords"};
   static_assert(sizeof(kNames) / sizeof(kNames[0]) == static_cast<int>(OpKind::kCount));
   return kNames[static_cast<int>(op)];
 }
@@ -150,6 +150,11 @@ void ProfilingBackend::IndexScores(const float* q, const float* w, int64_t heads
   Timer t;
   inner_.IndexScores(q, w, heads, dim, keys, scores);
   Record(OpKind::kIndexScores, t.seconds(), keys.size());
+}
+void ProfilingBackend::WriteRecords(std::span<const RecordWrite> writes, int64_t dim, int64_t rope_dims) const {
+  Timer t;
+  inner_.WriteRecords(writes, dim, rope_dims);
+  Record(OpKind::kWriteRecords, t.seconds(), writes.size());
 }
 void ProfilingBackend::IndexScoresBatch(std::span<const IndexScoreRow> rows, int64_t heads, int64_t dim) const {
   Timer t;

@@ -16,7 +16,7 @@ namespace flashmem::kernels {
 
 enum class OpKind : int {
   kLinear, kRmsNorm, kHeadRmsNorm, kRope, kFp8RoundTrip, kFp4RoundTrip, kHadamard,
-  kSparseAttention, kIndexScores, kTopK, kIndexTopK, kIndexerLogits, kHcPre, kHcPost, kHcHead, kRoutedExperts, kRoundBf16, kRowOps, kRoutedMoE, kCount
+  kSparseAttention, kIndexScores, kTopK, kIndexTopK, kIndexerLogits, kHcPre, kHcPost, kHcHead, kRoutedExperts, kRoundBf16, kRowOps, kRoutedMoE, kWriteRecords, kCount
 };
 const char* OpName(OpKind op);
 
@@ -32,6 +32,7 @@ class ProfilingBackend final : public Backend {
   void HoldOnDevice(float* p, int64_t count) const override { inner_.HoldOnDevice(p, count); }
   void SyncToHost(float* p) const override { inner_.SyncToHost(p); }
   void ReleaseFromDevice(float* p, bool keep) const override { inner_.ReleaseFromDevice(p, keep); }
+  void FinishWrites() const override { inner_.FinishWrites(); }
   const char* name() const override { return inner_.name(); }
   absl::Status Health() const override { return inner_.Health(); }
   absl::Status Prepare(const WeightMatrix& w) const override { return inner_.Prepare(w); }
@@ -56,6 +57,7 @@ class ProfilingBackend final : public Backend {
   void SparseAttentionRows(std::span<const AttentionRow> rows, int64_t heads, int64_t dim, int64_t rope_dims,
                            const float* sink, float softmax_scale) const override;
   void IndexScoresBatch(std::span<const IndexScoreRow> rows, int64_t heads, int64_t dim) const override;
+  void WriteRecords(std::span<const RecordWrite> writes, int64_t dim, int64_t rope_dims) const override;
   KvReserveStats ReserveStats() const override { return inner_.ReserveStats(); }
   std::vector<std::vector<int32_t>> TopKBatch(std::span<const std::span<const float>> scores, int64_t k) const override;
   std::vector<std::vector<int32_t>> IndexTopKBatch(std::span<const IndexSelectRow> rows, int64_t heads, int64_t dim,

@@ -42,6 +42,7 @@ void CudaBackendImpl::SparseAttentionRows(std::span<const AttentionRow> rows, in
                          return std::any_of(r.slots.begin(), r.slots.end(), [](const KvSlot& s) { return s.row != nullptr; });
                        });
   if (!records) {  // the decoding default, row by row (not Backend::SparseAttentionRows: it calls back here)
+    FinishWrites();  // it decodes the records on the host
     for (const AttentionRow& r : rows) {
       Backend::SparseAttentionRecords(r.q, heads, dim, rope_dims, r.slots, sink, softmax_scale, r.out);
       ApplyRowOps(*this, r.out, heads * dim, r.then);
@@ -58,6 +59,7 @@ void CudaBackendImpl::SparseAttentionRows(std::span<const AttentionRow> rows, in
     return;
   }
   if (AttendFromReserve(rows, heads, sink, softmax_scale)) return;
+  FinishWrites();  // the records are staged from the host pages
   int64_t n = 1;  // a row with no slots attends the sink alone, as one with only masked slots
   for (const AttentionRow& r : rows) n = std::max<int64_t>(n, static_cast<int64_t>(r.slots.size()));
   std::vector<int32_t> idx(b * n, -1);
@@ -110,6 +112,7 @@ KvReserveStats CudaBackendImpl::ReserveStats() const {
     k.hits = r.book.hits();
     k.uploads = r.book.uploaded();
     k.patches = r.book.patched();
+    k.written = r.book.written();
     k.bytes = r.book.slots() * r.book.page_bytes();
     return k;
   };
@@ -328,6 +331,13 @@ bool CudaBackendImpl::AttendFromReserve(std::span<const AttentionRow> rows, int6
         last = s.page;
       }
       idx[i * n + static_cast<int64_t>(j)] = static_cast<int32_t>(slot * page_entries + s.entry);
+    }
+  }
+  if (UploadsReadPendingLocked(records_)) {  // a page with a record on its way to the host
+    if (absl::Status st = FlushWritesLocked(); !st.ok()) {
+      records_.book.Abort();
+      Fail(st);
+      return true;
     }
   }
   Frame f;

@@ -69,7 +69,7 @@ absl::Status CudaBackendImpl::RunLocked(const Frame& f, const LaunchFn& launch, 
   traffic_.in_place += static_cast<int64_t>(redirects.size());
   // Every output held (on the device): the op need not wait for its kernels — nothing comes back
   // to the host (not under FLASHMEM_CUDA_PHASES, which times the wait).
-  bool async = async_ && !phases_ && !f.outs().empty();
+  bool async = async_ && !phases_ && (!f.outs().empty() || f.delivers_later());
   for (size_t i = 0; i < f.outs().size() && async; ++i) async = out_held[i] != nullptr;
   char* h = static_cast<char*>(host_);
   char* dev = static_cast<char*>(dev_);
@@ -220,6 +220,7 @@ absl::Status CudaBackendImpl::RunLocked(const Frame& f, const LaunchFn& launch, 
   }
   FM_CUDA_TRY(cudaStreamSynchronize(stream_), "stream synchronize");
   staging_in_flight_ = false;
+  ApplyWritesLocked();  // the stream has passed every pending record's copy
   if (phases_) marks.waited = OpPhases::Clock::now();
   copies.clear();
   for (size_t i = 0; i < f.outs().size(); ++i) {

@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/container/node_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
@@ -85,6 +86,10 @@ class Frame {
   }
   void Download(size_t off, void* dst, size_t bytes) { outs_.push_back({dst, off, bytes}); }
   size_t Resolve(size_t off) const { return (off & kScratchTag) ? in_end_ + (off & ~kScratchTag) : off; }
+  // An op without outputs whose results reach the host later by its own copies (WriteRecords'
+  // write-backs): it need not wait for its kernels either.
+  void DeliverLater() { deliver_later_ = true; }
+  bool delivers_later() const { return deliver_later_; }
   size_t total() const { return in_end_ + scratch_end_; }
   size_t in_bytes() const { return in_end_; }
 
@@ -114,6 +119,7 @@ class Frame {
   std::vector<Back> outs_;
   std::vector<Slot> scratch_;  // offsets relative to the scratch start
   size_t in_end_ = 0, scratch_end_ = 0;
+  bool deliver_later_ = false;
 };
 
 // Device pointers of a frame's arrays during a launch: in the staging buffer, or in place in a
@@ -191,6 +197,9 @@ class CudaBackendImpl final : public Backend {
     // FLASHMEM_CUDA_PACKED_KEYS=0 keeps the indexer's keys as fp32 rows in the reserve (fast mode
     // reads their MXFP4 twins otherwise), to measure it.
     if (const char* p = std::getenv("FLASHMEM_CUDA_PACKED_KEYS")) packed_keys_ = std::string(p) != "0";
+    // FLASHMEM_CUDA_DEVICE_RECORDS=0 sends the window's rows to the host to be encoded there (the
+    // default WriteRecords), to measure what encoding them on the device saves.
+    if (const char* p = std::getenv("FLASHMEM_CUDA_DEVICE_RECORDS")) device_records_ = std::string(p) != "0";
     // FLASHMEM_CUDA_ASYNC=0 makes every op wait for its kernels, as before ops on held buffers
     // returned at once.
     if (const char* p = std::getenv("FLASHMEM_CUDA_ASYNC")) async_ = std::string(p) != "0";
@@ -218,6 +227,7 @@ class CudaBackendImpl final : public Backend {
       if (r->dev) (void)cudaFree(r->dev);
     if (dev_) (void)cudaFree(dev_);
     if (host_) (void)cudaFreeHost(host_);
+    if (writeback_) (void)cudaFreeHost(writeback_);
     (void)cudaStreamDestroy(stream_);
   }
 
@@ -342,6 +352,13 @@ class CudaBackendImpl final : public Backend {
                  int32_t* ids, float* weights) const override;
 
   void RoundBf16(const float* x, int64_t n, float* y) const override;
+
+  // Records encoded where the rows are (cuda::EncodeFp8Records: the host encoder's bytes), into
+  // the reserve's copy of each page (placed as the call's write: no patch from the host) and into
+  // a page-locked write-back buffer that reaches the host pages at the next op that waits, or at
+  // FinishWrites (backend_records.cu). FLASHMEM_CUDA_DEVICE_RECORDS=0 takes the default.
+  void WriteRecords(std::span<const RecordWrite> writes, int64_t dim, int64_t rope_dims) const override;
+  void FinishWrites() const override;
 
   // Held buffers (Backend::HoldOnDevice) live in device twins: RunLocked reads an op's input from
   // the twin when the twin is current and writes an output wholly inside a held buffer to it,
@@ -641,6 +658,23 @@ class CudaBackendImpl final : public Backend {
   // room for ld >= m rows (the tensor-core path writes ld); qx/qs/qb quantization scratch.
   void RoundTripOp(float* x, int64_t n, int64_t block, bool fp8) const;
 
+  // WriteRecords' records on their way to the host pages: each write's record, flag and (off the
+  // grid) row in the page-locked write-back buffer, copied there by the stream.
+  struct PendingRecord {
+    RecordSink* sink;
+    int64_t index;
+    uint8_t *data, *scales;  // in the host page
+    size_t record, flag, row;  // offsets in the write-back buffer
+  };
+  // Waits for the stream if anything is pending, then applies it (ApplyWritesLocked).
+  absl::Status FlushWritesLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The pending records into their host pages (the stream has passed their copies): records on
+  // the grid copied in, then rows off it through their sinks' WriteOnHost.
+  void ApplyWritesLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Whether the host bytes a reserve's planned uploads and patches read include a page with a
+  // pending record (then FlushWritesLocked first).
+  bool UploadsReadPendingLocked(const DeviceReserve& r) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
   void KeyScoring(const float* q, const float* w, int64_t heads, int64_t dim, std::span<const float* const> keys,
                   float* out, bool logits) const;
 
@@ -680,6 +714,11 @@ class CudaBackendImpl final : public Backend {
   mutable bool staging_in_flight_ = false;
   mutable std::vector<std::pair<size_t, char*>> spare_twins_;      // twins of released holds, reused
   mutable DeviceReserve records_, keys_;  // the KV reserve: main KV records, indexer keys
+  bool device_records_ = true;            // FLASHMEM_CUDA_DEVICE_RECORDS
+  mutable char* writeback_ = nullptr;     // page-locked: WriteRecords' results on their way
+  mutable size_t writeback_capacity_ = 0, writeback_used_ = 0;
+  mutable std::vector<PendingRecord> pending_records_;
+  mutable absl::flat_hash_set<const uint8_t*> pending_pages_;  // KvPage::bytes of their pages
   const std::unique_ptr<OpPhases> phases_ = OpPhases::FromEnv();  // FLASHMEM_CUDA_PHASES (diagnostics)
   mutable const std::type_info* phase_op_ = nullptr;  // the op a wrapping launch runs (RunWithUploadsLocked)
 };

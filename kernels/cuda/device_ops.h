@@ -308,6 +308,15 @@ cudaError_t GatherPages(const uint8_t* const* src, int64_t count, int64_t page_b
 cudaError_t ScatterPages(const uint8_t* src, int64_t count, int64_t page_bytes, const int32_t* slot, uint8_t* dst,
                          cudaStream_t stream);
 
+// The FP8 record of each of n rows (rows + i * 512: values on the record's grids, as
+// worker/kv/page_codec.h's EncodeEntry takes them) into out + i * 584 (576 data bytes, then 8
+// scale bytes) and, where to_data is given and to_data[i] >= 0, into dst + to_data[i] (the data)
+// and dst + to_scales[i] (the scales): a page's copy in the KV reserve. ok[i] = 1 when every value
+// is on its grid (the bytes are EncodeEntry's, bit for bit); else 0, the record's scale bytes are
+// 0xff (NaN: no reader takes other numbers from it) and the row is copied to bad_rows + i * 512.
+cudaError_t EncodeFp8Records(const float* rows, int64_t n, uint8_t* out, int32_t* ok, float* bad_rows,
+                             const int64_t* to_data, const int64_t* to_scales, uint8_t* dst, cudaStream_t stream);
+
 // Byte ranges into place: piece i, bytes[i] long (a multiple of 4), from src + from[i] to
 // dst + to[i] (device memory; both offsets multiples of 4) — the KV reserve's patches, one entry of
 // a page each.

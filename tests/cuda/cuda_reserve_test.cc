@@ -85,5 +85,114 @@ TEST_F(CudaOps, AnEntryWrittenOnceSinceItsCopyPatchesTheReserve) {
   EXPECT_EQ((*be)->ReserveStats().records.patches, s2.records.patches);
 }
 
+// WriteRecords on the device: the window rows an op made (held there) become their records in
+// the reserve's copy of each page — read by the next attention with no upload or patch — and
+// reach the host pages by FinishWrites, or before any op reads those pages on the host (a staged
+// attention). The bytes are the host encoder's, bit for bit; a row off the grid makes its stream
+// fp32 rows as on the host. Both modes, since exact and fast mode encode alike.
+TEST_F(CudaOps, RecordsWrittenOnTheDeviceAreTheHostEncodersBytes) {
+  for (bool exact : {true, false}) {
+    cuda::CudaBackendOptions o;
+    o.exact = exact;
+    auto be = cuda::NewCudaBackend(o);
+    ASSERT_TRUE(be.ok()) << be.status();
+    const Backend& dev = **be;
+    std::mt19937 g(23);
+    const kv::PageFormat f = kv::PageFormat::MainKv(512, 64);
+    kv::EntryPages on_device(f, true), on_host(f, true);
+    for (int e = 0; e < 128; ++e) {
+      const std::vector<float> row = ModelKvRow(g);
+      on_device.Append(row.data());
+      on_host.Append(row.data());
+    }
+    const int64_t heads = 16;
+    const std::vector<float> q = Random(heads * 512, 29, 1.0f), sink = Random(heads, 31, 1.0f);
+    auto attend = [&](const kv::EntryPages& w, bool staged) {
+      std::vector<KvSlot> slots;
+      for (int64_t j = 0; j < w.size(); ++j) slots.push_back(w.Slot(j));
+      if (staged)
+        for (KvSlot& s : slots) s.page = nullptr;
+      std::vector<float> out = Poisoned(heads * 512);
+      const AttentionRow row{q.data(), slots, out.data()};
+      dev.SparseAttentionRows(std::span<const AttentionRow>(&row, 1), heads, 512, 64, sink.data(), 0.0625f);
+      EXPECT_TRUE(dev.Health().ok()) << dev.Health();
+      return out;
+    };
+    auto same = [](const std::vector<float>& a, const std::vector<float>& b) {
+      return std::memcmp(a.data(), b.data(), a.size() * 4) == 0;
+    };
+    (void)attend(on_device, false);  // both window pages into the reserve
+    // A step's rows as the model makes them, written by an op into a held buffer (so read in
+    // place), with a zero block, signed zeros, e4m3 subnormals and large values among them.
+    auto step = [&](std::span<const int64_t> entries, bool odd_row) {
+      const int64_t n = static_cast<int64_t>(entries.size());
+      std::vector<float> rows(n * 512);
+      for (int64_t i = 0; i < n; ++i) {
+        std::vector<float> r = ModelKvRow(g);
+        if (i == 1) std::fill(r.begin() + 64, r.begin() + 128, 0.0f);
+        if (i == 2) r[3] = -0.0f, r[200] = -0.0f;
+        if (i == 3) {  // a block scaled 2^-40 whose other values are e4m3 subnormals
+          r[128] = 448.0f * std::ldexp(1.0f, -40);
+          for (int j = 129; j < 192; ++j) r[j] = std::ldexp(static_cast<float>(j % 8) * (j % 3 ? 1.0f : -1.0f), -49);
+        }
+        if (i == 4) r[300] = 448.0f * 1024.0f;
+        if (i == 4) CpuBackend().Fp8RoundTrip(r.data() + 256, 64, 64);
+        if (odd_row && i == n - 1) r[5] = std::numeric_limits<float>::infinity();
+        std::copy(r.begin(), r.end(), rows.begin() + i * 512);
+      }
+      dev.HoldOnDevice(rows.data(), n * 512);
+      dev.RoundBf16(rows.data(), n * 512, rows.data());  // an op writes them: the twin is current
+      std::vector<RecordWrite> w_dev, w_host;
+      for (int64_t i = 0; i < n; ++i) {
+        w_dev.push_back({rows.data() + i * 512, &on_device, entries[i]});
+        w_host.push_back({rows.data() + i * 512, &on_host, entries[i]});
+      }
+      dev.WriteRecords(w_dev, 512, 64);
+      dev.ReleaseFromDevice(rows.data(), /*keep=*/true);
+      CpuBackend().WriteRecords(w_host, 512, 64);
+      EXPECT_TRUE(dev.Health().ok()) << dev.Health();
+    };
+    // One entry a page, as a decode step writes the window: written in place in the reserve.
+    const KvReserveStats s0 = dev.ReserveStats();
+    const int64_t one_a_page[] = {10, 100};
+    step(one_a_page, false);
+    const KvReserveStats s1 = dev.ReserveStats();
+    EXPECT_EQ(s1.records.written, s0.records.written + 2);
+    EXPECT_EQ(s1.records.uploads, s0.records.uploads);
+    EXPECT_EQ(s1.records.patches, s0.records.patches);
+    // The attention reads the device's records before the host has them, then the staged path
+    // (records from the host pages: they take the pending bytes first), then the host's stream.
+    const std::vector<float> in_reserve = attend(on_device, false);
+    EXPECT_EQ(dev.ReserveStats().records.uploads, s1.records.uploads) << "the written pages were sent again";
+    EXPECT_TRUE(same(in_reserve, attend(on_device, true))) << "rel err " << RelErr(in_reserve, attend(on_device, true));
+    EXPECT_TRUE(same(in_reserve, attend(on_host, false)));
+    // Several entries a page, special values among them: bytes equal after FinishWrites.
+    const int64_t several[] = {0, 1, 2, 3, 4, 63, 64, 65, 127, 20, 90};
+    step(several, false);
+    dev.FinishWrites();
+    ASSERT_TRUE(on_device.encoded() && on_host.encoded()) << "rows off the grid";
+    for (int64_t p = 0; p < 2; ++p) {
+      const KvPage &a = *on_device.Slot(p * 64).page, &b = *on_host.Slot(p * 64).page;
+      ASSERT_EQ(a.size, b.size);
+      EXPECT_EQ(std::memcmp(a.bytes, b.bytes, a.size), 0) << "page " << p << (exact ? " exact" : " fast");
+    }
+    EXPECT_TRUE(same(attend(on_device, false), attend(on_host, false))) << (exact ? "exact" : "fast");
+    // A row off the grid (an infinity): both streams turn to fp32 rows with the same values.
+    const int64_t last[] = {30, 31};
+    step(last, true);
+    dev.FinishWrites();
+    EXPECT_FALSE(on_device.encoded());
+    EXPECT_FALSE(on_host.encoded());
+    EXPECT_TRUE(on_device.fell_back_to_fp32());
+    std::vector<float> a(512), b(512);
+    for (int64_t e = 0; e < 128; ++e) {
+      ASSERT_TRUE(on_device.ReadRow(e, a.data()) && on_host.ReadRow(e, b.data()));
+      ASSERT_TRUE(same(a, b)) << "entry " << e;
+    }
+    ASSERT_TRUE(on_device.ReadRow(31, a.data()));
+    EXPECT_TRUE(std::isinf(a[5]));
+  }
+}
+
 }  // namespace
 }  // namespace flashmem::kernels

@@ -173,6 +173,49 @@ TEST(KvReserve, APageWrittenOnceSinceItsCopyIsPatchedInPlace) {
   EXPECT_EQ(r.uploads().size(), 1u);
 }
 
+TEST(KvReserve, APageItsCallerWritesIsNeitherPatchedNorTrustedAfterAnAbort) {
+  KvReserve r(2, 37376);
+  Pages p(2);
+  r.Begin();
+  const int64_t s0 = r.Place(p.page[0]);
+  auto write = [&](KvPage& page, int64_t e) {  // EntryPages::BeginRecordWrite
+    page.before = page.version;
+    page.version = NewKvPageVersion();
+    page.changed = {{{e * 576, 576}, {64 * 576 + e * 8, 8}}};
+  };
+  // Written once since its copy, by the caller (a device encoding the entry into the slot): the
+  // slot takes the new version with no patch from the host's bytes (not written yet).
+  write(p.page[0], 5);
+  r.Begin();
+  EXPECT_EQ(r.Place(p.page[0], /*writes_changed=*/true), s0);
+  EXPECT_TRUE(r.patches().empty());
+  EXPECT_TRUE(r.uploads().empty());
+  EXPECT_EQ(r.written(), 1);
+  EXPECT_EQ(r.patched(), 0);
+  r.Begin();
+  EXPECT_EQ(r.Place(p.page[0]), s0);  // the copy is current
+  EXPECT_TRUE(r.patches().empty() && r.uploads().empty());
+  // Not in the reserve: the whole page goes up first (the caller's write lands after it).
+  write(p.page[1], 9);
+  r.Begin();
+  const int64_t s1 = r.Place(p.page[1], true);
+  ASSERT_EQ(r.uploads().size(), 1u);
+  EXPECT_EQ(r.uploads()[0].slot, s1);
+  EXPECT_EQ(r.written(), 1);
+  // Aborted (the write did not happen): the slot is forgotten and the count undone.
+  write(p.page[0], 6);
+  r.Begin();
+  r.Place(p.page[0], true);
+  EXPECT_EQ(r.written(), 2);
+  r.Abort();
+  EXPECT_EQ(r.written(), 1);
+  EXPECT_EQ(r.patched(), 0);
+  r.Begin();
+  r.Place(p.page[0]);
+  EXPECT_TRUE(r.patches().empty());
+  EXPECT_EQ(r.uploads().size(), 1u);
+}
+
 TEST(KvReserve, AnEmptyReserveRefusesEveryPage) {
   KvReserve r;
   Pages p(1);

@@ -353,6 +353,67 @@ TEST(EntryPagesTest, AOneEntryWriteAnnouncesTheBytesItChanged) {
   }
 }
 
+// Backend::WriteRecords: an op writes an entry's record bytes itself (a device backend, where it
+// made the row). BeginRecordWrite hands out the entry's bytes with the page's version renewed for
+// that entry alone; EncodeEntry's bytes written there are the page Overwrite makes. The default
+// op (the host) is Overwrite, and a row off the grid turns the stream to fp32 rows as Overwrite does.
+TEST(EntryPagesTest, AnOpWritesARecordWhereBeginRecordWriteSays) {
+  const PageFormat f = PageFormat::MainKv(512, 64);
+  const std::vector<float> values = MainKvPage(f, 47);
+  EntryPages by_op(f, true), by_host(f, true), by_default(f, true);
+  for (EntryPages* p : {&by_op, &by_host, &by_default})
+    for (int64_t e = 0; e < 100; ++e) p->Append(values.data() + (e % 64) * 512);
+  std::vector<kernels::RecordWrite> writes;
+  for (int64_t e : {3, 64 + 17}) {
+    const float* row = values.data() + ((e * 5 + 1) % 64) * 512;
+    uint8_t *data = nullptr, *scales = nullptr;
+    const kernels::KvPage* page = nullptr;
+    int32_t entry = -1;
+    const uint64_t v = by_op.Slot(e).page->version;
+    ASSERT_TRUE(by_op.BeginRecordWrite(e, &data, &scales, &page, &entry));
+    EXPECT_EQ(page, by_op.Slot(e).page);
+    EXPECT_EQ(entry, e % 64);
+    EXPECT_EQ(page->before, v);
+    EXPECT_NE(page->version, v);
+    EXPECT_EQ(page->changed[0].offset, f.entry_data_offset(e % 64));
+    EXPECT_EQ(page->changed[1].offset, f.entry_scales_offset(e % 64));
+    EXPECT_EQ(data, page->bytes + f.entry_data_offset(e % 64));
+    EXPECT_EQ(scales, page->bytes + f.entry_scales_offset(e % 64));
+    ASSERT_EQ(EncodeEntry(f, row, data, scales), -1);
+    by_host.Overwrite(e, row);
+    writes.push_back({row, &by_default, e});
+  }
+  kernels::CpuBackend().WriteRecords(writes, 512, 64);
+  for (int64_t p = 0; p < 2; ++p) {
+    const kernels::KvPage &a = *by_op.Slot(p * 64).page, &b = *by_host.Slot(p * 64).page,
+                          &c = *by_default.Slot(p * 64).page;
+    EXPECT_EQ(std::memcmp(a.bytes, b.bytes, a.size), 0) << "page " << p;
+    EXPECT_EQ(std::memcmp(c.bytes, b.bytes, c.size), 0) << "page " << p;
+  }
+  // Entries that cannot take a record written elsewhere: unwritten, evicted, fp32 rows.
+  uint8_t *data = nullptr, *scales = nullptr;
+  const kernels::KvPage* page = nullptr;
+  int32_t entry = 0;
+  EXPECT_FALSE(by_op.BeginRecordWrite(100, &data, &scales, &page, &entry));
+  EXPECT_FALSE(by_op.BeginRecordWrite(-1, &data, &scales, &page, &entry));
+  by_op.Evict(0);
+  EXPECT_FALSE(by_op.BeginRecordWrite(5, &data, &scales, &page, &entry));
+  EntryPages rows(f, false);
+  rows.Append(values.data());
+  EXPECT_FALSE(rows.BeginRecordWrite(0, &data, &scales, &page, &entry));
+  // The default on a row off the grid: fp32 rows, as Overwrite.
+  std::vector<float> odd(values.begin(), values.begin() + 512);
+  odd[1] = std::nanf("");
+  const kernels::RecordWrite bad{odd.data(), &by_default, 7};
+  kernels::CpuBackend().WriteRecords(std::span<const kernels::RecordWrite>(&bad, 1), 512, 64);
+  EXPECT_FALSE(by_default.encoded());
+  EXPECT_TRUE(by_default.fell_back_to_fp32());
+  std::vector<float> back(512);
+  ASSERT_TRUE(by_default.ReadRow(7, back.data()));
+  EXPECT_TRUE(std::isnan(back[1]));
+  EXPECT_EQ(back[0], odd[0]);
+}
+
 TEST(EntryPagesTest, SlotsNameTheirPageAndEveryWriteGivesItANewVersion) {
   const PageFormat f = PageFormat::MainKv(512, 64);
   const std::vector<float> values = MainKvPage(f, 41);

@@ -68,6 +68,9 @@ class HoldingCpuBackend final : public kernels::Backend {
   void LinearMany(std::span<const kernels::LinearJob> jobs, const float* x, int64_t n) const override {
     Op([&] { cpu_.LinearMany(jobs, x, n); });
   }
+  void WriteRecords(std::span<const kernels::RecordWrite> writes, int64_t dim, int64_t rope_dims) const override {
+    Op([&] { cpu_.WriteRecords(writes, dim, rope_dims); });
+  }
   void RoutedExperts(std::span<const kernels::ExpertWork> experts, const float* x, int64_t n, int64_t dim,
                      float limit, float* y) const override {
     Op([&] { cpu_.RoutedExperts(experts, x, n, dim, limit, y); });

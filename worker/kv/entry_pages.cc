@@ -123,6 +123,20 @@ void EntryPages::Overwrite(int64_t i, const float* row) {
   if (pages_[i / kEntriesPerPage]) Write(i / kEntriesPerPage, i % kEntriesPerPage, row);
 }
 
+bool EntryPages::BeginRecordWrite(int64_t i, uint8_t** data, uint8_t** scales, const kernels::KvPage** page,
+                                  int32_t* entry) {
+  const int64_t p = i / kEntriesPerPage, e = i % kEntriesPerPage;
+  if (!encoded_ || twin_ || i < 0 || i >= size_ || !pages_[p]) return false;
+  const uint64_t before = page_meta_[p]->version;
+  Touch(p);
+  EntryChanged(*page_meta_[p], before, e);  // the op writes entry e's bytes alone
+  *data = Bytes(p) + format_.entry_data_offset(e);
+  *scales = Bytes(p) + format_.entry_scales_offset(e);
+  *page = page_meta_[p].get();
+  *entry = static_cast<int32_t>(e);
+  return true;
+}
+
 kernels::KeyRun EntryPages::Run(int64_t first, int64_t count) const {
   const int64_t page = first / kEntriesPerPage, e = first % kEntriesPerPage;
   kernels::KeyRun run;

@@ -24,7 +24,7 @@ namespace flashmem::kv {
 
 inline constexpr int64_t kEntriesPerPage = 64;
 
-class EntryPages {
+class EntryPages final : public kernels::RecordSink {
  public:
   EntryPages() = default;
   // Entries of format.dim values, moved to memtier in `format`; `encoded`: held in it too.
@@ -54,6 +54,12 @@ class EntryPages {
   void Append(const float* row);
   // Rewrites written entry i (the sliding window's ring reuses its slots).
   void Overwrite(int64_t i, const float* row);
+  // kernels::RecordSink, for Backend::WriteRecords: entry i of an encoded stream without a twin,
+  // in a page in memory, written by an op (its page's version renewed here for that entry alone);
+  // WriteOnHost is Overwrite.
+  bool BeginRecordWrite(int64_t i, uint8_t** data, uint8_t** scales, const kernels::KvPage** page,
+                        int32_t* entry) override;
+  void WriteOnHost(int64_t i, const float* row) override { Overwrite(i, row); }
   // The entry's values into `out` (dim() floats); false while its page is evicted.
   bool ReadRow(int64_t i, float* out) const;
   // fp32 streams only: the entry's row in place, or nullptr while its page is evicted.

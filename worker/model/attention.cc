@@ -348,6 +348,9 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
   // of the nope dims (on wkv's output before it comes back, when the nope dims are whole FP8
   // blocks); the compressor's and the indexer's projections.
   Scratch kv(n * D), kv_raw;
+  // The window rows wkv's chain makes go only to their records (Backend::WriteRecords): a device
+  // keeps them and encodes them where they are.
+  std::optional<kernels::DeviceHold<Scratch>> hold_kv;
   Scratch ckv, cscore, iw, ikv, iscore, iq;
   std::optional<kernels::DeviceHold<Scratch>> hold_iw;  // the indexer's head weights: their job -> the scoring
   kernels::RowOp iw_then;
@@ -359,6 +362,7 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
                                     kernels::RowOp::Rope(D, D - rd, rd, cs.data(), sn.data(), 1, false),
                                     kernels::RowOp::Fp8RoundTripPrefix(D, D - rd, 64)};
   if (kv_chain) {
+    hold_kv.emplace(be_, kv);
     jobs.push_back({&w_.wkv, kv.data(), Rounding::kBf16, kv_then});
   } else {
     kv_raw.resize(n * D);
@@ -436,14 +440,10 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
     size_t at = 0;  // the pooled row in `done`, for a step that completes a block
   };
   std::vector<PoolStep> pool_steps;
-  // The pending rows' window writes (the row's KV into its session's ring: an FP8 record encoded
-  // on the host, ~1-2 us a row), run with the compressor steps: distinct sessions, independent.
-  struct WindowWrite {
-    kv::EntryPages* window;
-    int64_t slot;
-    const float* row;
-  };
-  std::vector<WindowWrite> window_writes;
+  // The pending rows' window writes (the row's KV into its session's ring as an FP8 record: one
+  // backend call for the batch, on the host ~1-2 us a row; a device encodes the rows it holds),
+  // run with the compressor steps: distinct sessions, independent.
+  std::vector<kernels::RecordWrite> window_writes;
   auto run_pool_steps = [&] {
     int64_t completing = 0;
     for (PoolStep& p : pool_steps) {  // the completed blocks' rows in row order, as one by one
@@ -454,18 +454,13 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
       p.done->starts.push_back(p.pos + 1 - p.comp->ratio());  // the block's first position
       p.done->to.push_back(p.to);
     }
-    const int64_t steps = static_cast<int64_t>(pool_steps.size()), writes = static_cast<int64_t>(window_writes.size());
-#pragma omp parallel if (completing >= 4 || writes >= 8)
-    {
-#pragma omp for schedule(dynamic) nowait
-      for (int64_t k = 0; k < steps; ++k) {
-        const PoolStep& p = pool_steps[k];
-        p.comp->Pool(*p.st, p.kv_row, p.score_row, p.pos,
-                     p.comp->Completes(p.pos) ? p.done->pooled.data() + p.at : nullptr);
-      }
-#pragma omp for schedule(static)
-      for (int64_t k = 0; k < writes; ++k) window_writes[k].window->Overwrite(window_writes[k].slot, window_writes[k].row);
+    const int64_t steps = static_cast<int64_t>(pool_steps.size());
+#pragma omp parallel for schedule(dynamic) if (completing >= 4)
+    for (int64_t k = 0; k < steps; ++k) {
+      const PoolStep& p = pool_steps[k];
+      p.comp->Pool(*p.st, p.kv_row, p.score_row, p.pos, p.comp->Completes(p.pos) ? p.done->pooled.data() + p.at : nullptr);
     }
+    be_.WriteRecords(window_writes, D, rd);
     pool_steps.clear();
     window_writes.clear();
   };
@@ -513,7 +508,7 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
     const TokenRow& row = rows[i];
     if (std::any_of(batch.begin(), batch.end(), [&](int64_t j) { return rows[j].state == row.state; })) run_batch();
     LayerState& ls = row.state->layers[layer_];
-    window_writes.push_back({&ls.window, row.pos % W, kv.data() + i * D});
+    window_writes.push_back({kv.data() + i * D, &ls.window, row.pos % W});
     if (compressor_)
       pool_steps.push_back({&*compressor_, &ls.compressor, ckv.data() + i * cw, cscore.data() + i * cw, row.pos,
                             &ls.compressed, &completed});

@@ -249,6 +249,9 @@ absl::Status Transformer::Forward(std::span<BatchItem> batch) const {
       }
     }
   }
+  // The host's pages take what ops still have on the way (a device's window records) before the
+  // caller reads them (the pager's commits, snapshots) or frees them.
+  be_.FinishWrites();
   // A device backend's failure inside an op (memory budget, lost device) or a failed collective
   // makes the pass invalid.
   FM_RETURN_IF_ERROR(be_.Health());
