@@ -169,10 +169,10 @@ struct RowOp {
   static RowOp ScaleBf16(float scale);
 };
 
-// Where an op writes a KV entry as an FP8 record (Backend::WriteRecords); worker/kv/EntryPages
-// is one for its pages. A device backend that computed the entry's values writes the record
-// itself — into its KV reserve's copy of the page and, later, the host page — instead of sending
-// the values to the host to be encoded there.
+// Where an op writes a KV entry (Backend::WriteRecords); worker/kv/EntryPages is one for its
+// pages. Where the sink holds FP8 records, a device backend that computed the entry's values
+// writes the record itself — into its KV reserve's copy of the page and, later, the host page —
+// instead of sending the values to the host to be encoded there.
 class RecordSink {
  public:
   // Where entry i's record goes: its data and scale bytes in the host page, its page and entry
@@ -353,9 +353,9 @@ class Backend {
   virtual void SparseAttentionRows(std::span<const AttentionRow> rows, int64_t heads, int64_t dim, int64_t rope_dims,
                                    const float* sink, float softmax_scale) const;
 
-  // Writes each entry's values (dim floats, the last rope_dims of them bf16 values, the rest on
-  // the e4m3 grid of a UE8M0 scale a 64-value block: what the model's round trips leave) into its
-  // sink: the default is sink->WriteOnHost for each, in order (over the host's cores when every
+  // Writes each entry's values (dim floats; for a sink of FP8 records the last rope_dims of them
+  // bf16 values, the rest on the e4m3 grid of a UE8M0 scale a 64-value block: what the model's
+  // round trips leave) into its sink: the default is sink->WriteOnHost for each, in order (over the host's cores when every
   // write has a sink of its own). A device backend whose ops made the rows (held: Backend::HoldOnDevice) encodes them
   // where they are — the same bytes as the host's encoder, bit for bit — into its reserve's copy
   // of each page and sends them to the host page after the op: until FinishWrites() the host

@@ -92,6 +92,15 @@ TEST_F(CudaModel, GoldenTinyAGreedyTokensIdentical) {
               a.tokens.size(), g.worst_relrms, g.frac_bit_identical);
   EXPECT_LT(g.worst_relrms, 1e-3);
   EXPECT_TRUE(gpu_->Health().ok()) << gpu_->Health();
+  // Every KV record was written on the device (Backend::WriteRecords): the window's each step,
+  // the compressed entries as their blocks completed — in the reserve's copies, none patched
+  // from the host's bytes.
+  const kernels::KvReserveStats st = gpu_->ReserveStats();
+  std::printf("tiny-a on cuda: record pages written in place %lld, patched %lld, uploaded %lld\n",
+              static_cast<long long>(st.records.written), static_cast<long long>(st.records.patches),
+              static_cast<long long>(st.records.uploads));
+  EXPECT_GE(st.records.written, 48);
+  EXPECT_EQ(st.records.patches, 0);
 }
 
 TEST_F(CudaModel, SmallLogitsWithinTolerance) {

@@ -414,6 +414,39 @@ TEST(EntryPagesTest, AnOpWritesARecordWhereBeginRecordWriteSays) {
   EXPECT_EQ(back[0], odd[0]);
 }
 
+// A compressed entry appended by an op: AppendForWrite, then the op's record (or WriteOnHost) —
+// the same page, rows and twin as Append, a new page included.
+TEST(EntryPagesTest, AnEntryAppendedForAWriteEqualsAnAppend) {
+  const PageFormat main = PageFormat::MainKv(512, 64), keys = PageFormat::IndexKeys(128);
+  const std::vector<float> values = MainKvPage(main, 53), key_values = IndexKeyPage(keys, 59);
+  EntryPages appended(main, true), by_op(main, true);
+  EntryPages key_appended(keys, false, true), key_by_host(keys, false, true);
+  for (int64_t e = 0; e < 70; ++e) {  // the 65th entry opens page 1
+    const float* row = values.data() + (e % 64) * 512;
+    appended.Append(row);
+    const int64_t i = by_op.AppendForWrite();
+    ASSERT_EQ(i, e);
+    uint8_t *data = nullptr, *scales = nullptr;
+    const kernels::KvPage* page = nullptr;
+    int32_t entry = 0;
+    ASSERT_TRUE(by_op.BeginRecordWrite(i, &data, &scales, &page, &entry));
+    ASSERT_EQ(EncodeEntry(main, row, data, scales), -1);
+    const float* key = key_values.data() + (e % 64) * 128;
+    key_appended.Append(key);
+    key_by_host.WriteOnHost(key_by_host.AppendForWrite(), key);
+  }
+  ASSERT_EQ(by_op.size(), 70);
+  for (int64_t p = 0; p < 2; ++p) {
+    const kernels::KvPage &a = *appended.Slot(p * 64).page, &b = *by_op.Slot(p * 64).page;
+    EXPECT_EQ(std::memcmp(a.bytes, b.bytes, a.size), 0) << "page " << p;
+    const kernels::KeyRun ka = key_appended.Run(p * 64, 6), kb = key_by_host.Run(p * 64, 6);
+    EXPECT_EQ(std::memcmp(ka.rows, kb.rows, 6 * 128 * 4), 0) << "key page " << p;
+    ASSERT_TRUE(ka.packed && kb.packed);
+    EXPECT_EQ(std::memcmp(ka.packed->bytes, kb.packed->bytes, ka.packed->size), 0) << "twin " << p;
+  }
+  EXPECT_TRUE(key_by_host.has_packed_twin());
+}
+
 TEST(EntryPagesTest, SlotsNameTheirPageAndEveryWriteGivesItANewVersion) {
   const PageFormat f = PageFormat::MainKv(512, 64);
   const std::vector<float> values = MainKvPage(f, 41);

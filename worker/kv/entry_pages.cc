@@ -101,15 +101,26 @@ void EntryPages::Write(int64_t page, int64_t e, const float* row) {
   }
 }
 
+void EntryPages::AddPage() {
+  pages_.push_back(NewPage());
+  page_meta_.push_back(std::make_unique<kernels::KvPage>());
+  twin_pages_.push_back(twin_ ? NewTwinPage() : nullptr);
+  twin_meta_.push_back(std::make_unique<kernels::KvPage>());
+}
+
 void EntryPages::Append(const float* row) {
-  if (size_ % kEntriesPerPage == 0) {
-    pages_.push_back(NewPage());
-    page_meta_.push_back(std::make_unique<kernels::KvPage>());
-    twin_pages_.push_back(twin_ ? NewTwinPage() : nullptr);
-    twin_meta_.push_back(std::make_unique<kernels::KvPage>());
-  }
+  if (size_ % kEntriesPerPage == 0) AddPage();
   Write(num_pages() - 1, size_ % kEntriesPerPage, row);
   ++size_;
+}
+
+int64_t EntryPages::AppendForWrite() {
+  if (size_ % kEntriesPerPage == 0) {
+    AddPage();
+    Touch(num_pages() - 1);  // a new page: no copy of it anywhere to patch
+    TouchTwin(num_pages() - 1);
+  }
+  return size_++;
 }
 
 void EntryPages::Evict(int64_t page) {

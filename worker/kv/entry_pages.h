@@ -52,6 +52,9 @@ class EntryPages final : public kernels::RecordSink {
   int64_t memory_bytes() const { return resident_pages() * page_bytes(); }
 
   void Append(const float* row);
+  // Appends an entry whose values a write then gives (WriteOnHost, or an op's record through
+  // BeginRecordWrite: Backend::WriteRecords); until then it reads as zero. Its index.
+  int64_t AppendForWrite();
   // Rewrites written entry i (the sliding window's ring reuses its slots).
   void Overwrite(int64_t i, const float* row);
   // kernels::RecordSink, for Backend::WriteRecords: entry i of an encoded stream without a twin,
@@ -90,6 +93,7 @@ class EntryPages final : public kernels::RecordSink {
  private:
   // Page storage: fp32 rows, or the page's bytes (accessed as unsigned char) in encoded streams.
   std::unique_ptr<float[]> NewPage() const;
+  void AddPage();  // a new last page (and its twin), its KvPage not yet valid
   uint8_t* Bytes(int64_t page) const { return reinterpret_cast<uint8_t*>(pages_[page].get()); }
   void TurnToFp32();
   void Write(int64_t page, int64_t e, const float* row);

@@ -111,7 +111,7 @@ void Compressor::Finish(const float* pooled, std::span<const int64_t> block_star
   // them before the entries come back), where the rounding's blocks fill whole rows.
   const bool chain = rotate_ ? d % 32 == 0 && (d & (d - 1)) == 0 : (d - rd) % 64 == 0;
   if (chain) {
-    std::copy_n(pooled, m * d, out);
+    if (out != pooled) std::copy_n(pooled, m * d, out);
     std::vector<kernels::RowOp> ops = {kernels::RowOp::RmsNorm(d, w_.norm.data(), args_.norm_eps),
                                        kernels::RowOp::Rope(d, d - rd, rd, cs.data(), sn.data(), 1, false)};
     if (rotate_) {
@@ -404,16 +404,23 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
   // such a row's writes. A decode step's rows are one batch; a prompt's rows go one at a time.
   const int64_t cw = compressor_ ? ckv.size() / n : 0, iw_ = indexer_ ? ikv.size() / n : 0;
   // Blocks the pending rows completed, finished together (one call per op for a step's rows, not
-  // one per session) and appended before the batch that reads them runs.
+  // one per session) and appended before the batch that reads them runs: finished in place where
+  // a device holds them, then written as entries the host appends (Backend::WriteRecords: a
+  // device encodes FP8 records where they are; the default writes each on the host).
   struct Completed {
     std::vector<float> pooled;
     std::vector<int64_t> starts;
     std::vector<kv::EntryPages*> to;
-    void Flush(const Compressor& comp) {
+    void Flush(const Compressor& comp, const kernels::Backend& be, int64_t rope_dims) {
       if (starts.empty()) return;
-      std::vector<float> entries(pooled.size());
-      comp.Finish(pooled.data(), starts, entries.data());
-      for (size_t j = 0; j < to.size(); ++j) to[j]->Append(entries.data() + j * comp.head_dim());
+      const int64_t d = comp.head_dim();
+      {
+        const kernels::DeviceHold<std::vector<float>> hold(be, pooled);  // the pooled rows -> their entries
+        comp.Finish(pooled.data(), starts, pooled.data());
+        std::vector<kernels::RecordWrite> writes(to.size());
+        for (size_t j = 0; j < to.size(); ++j) writes[j] = {pooled.data() + j * d, to[j], to[j]->AppendForWrite()};
+        be.WriteRecords(writes, d, rope_dims);
+      }
       pooled.clear();
       starts.clear();
       to.clear();
@@ -468,8 +475,8 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
     const size_t m = batch.size();
     if (m == 0) return;
     run_pool_steps();
-    if (compressor_) completed.Flush(*compressor_);
-    if (indexer_) index_completed.Flush(indexer_->compressor());
+    if (compressor_) completed.Flush(*compressor_, be_, rd);
+    if (indexer_) index_completed.Flush(indexer_->compressor(), be_, rd);
     if (scores.size() < m) scores.resize(m);
     if (slots.size() < m) slots.resize(m);
     std::vector<std::vector<int32_t>> selected(m);

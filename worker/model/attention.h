@@ -48,7 +48,7 @@ class Compressor {
   bool Completes(int64_t pos) const { return (pos + 1) % ratio_ == 0; }
   // Finishes m pooled rows [m, head_dim] into entries `out` (bf16 values: normed, roped at each
   // block's first position, FP8- or Hadamard+FP4-rounded), one backend call per op for all rows.
-  // `block_starts[i]`: the first position of row i's block.
+  // `block_starts[i]`: the first position of row i's block. `out` may be `pooled` (in place).
   void Finish(const float* pooled, std::span<const int64_t> block_starts, float* out) const;
   int64_t head_dim() const { return head_dim_; }
   int ratio() const { return ratio_; }
