@@ -366,6 +366,10 @@ class Backend {
   // Every host write an op left pending (WriteRecords) done: call before the host reads or
   // frees pages such ops wrote (the model does at the end of each forward pass).
   virtual void FinishWrites() const {}
+  // How many times the host has waited for the device since the backend was made (an op's
+  // outputs read on the host, a held buffer brought back, pending writes applied; 0 on the CPU):
+  // what a decode step captured as one CUDA graph may do only at its end.
+  virtual int64_t DeviceWaits() const { return 0; }
 
   // IndexScores for several query rows at once (a decode step's rows of different sessions), each
   // over its own keys held in pages: the same scores as IndexScores over each row's keys, which is

@@ -33,6 +33,7 @@ class ProfilingBackend final : public Backend {
   void SyncToHost(float* p) const override { inner_.SyncToHost(p); }
   void ReleaseFromDevice(float* p, bool keep) const override { inner_.ReleaseFromDevice(p, keep); }
   void FinishWrites() const override { inner_.FinishWrites(); }
+  int64_t DeviceWaits() const override { return inner_.DeviceWaits(); }
   const char* name() const override { return inner_.name(); }
   absl::Status Health() const override { return inner_.Health(); }
   absl::Status Prepare(const WeightMatrix& w) const override { return inner_.Prepare(w); }

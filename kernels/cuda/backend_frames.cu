@@ -24,6 +24,7 @@ absl::Status CudaBackendImpl::RunLocked(const Frame& f, const LaunchFn& launch, 
   if (total > capacity_) {
     // Ops that returned without waiting may still read the old staging buffers.
     FM_CUDA_TRY(cudaStreamSynchronize(stream_), "stream synchronize");
+    ++waits_;
     staging_in_flight_ = false;
     const size_t want = std::max(total, capacity_ * 2);
     if (dev_) (void)cudaFree(dev_);
@@ -219,6 +220,7 @@ absl::Status CudaBackendImpl::RunLocked(const Frame& f, const LaunchFn& launch, 
     marks.enqueued = OpPhases::Clock::now();
   }
   FM_CUDA_TRY(cudaStreamSynchronize(stream_), "stream synchronize");
+  ++waits_;
   staging_in_flight_ = false;
   ApplyWritesLocked();  // the stream has passed every pending record's copy
   if (phases_) marks.waited = OpPhases::Clock::now();
@@ -344,6 +346,7 @@ absl::Status CudaBackendImpl::SyncHeldLocked(Held& h) const {
   if (h.host_current) return absl::OkStatus();
   FM_CUDA_TRY(cudaMemcpyAsync(h.host, h.dev, h.bytes, cudaMemcpyDeviceToHost, stream_), "copy a held buffer back");
   FM_CUDA_TRY(cudaStreamSynchronize(stream_), "stream synchronize");
+  ++waits_;
   h.host_current = true;
   return absl::OkStatus();
 }

@@ -359,6 +359,10 @@ class CudaBackendImpl final : public Backend {
   // FinishWrites (backend_records.cu). FLASHMEM_CUDA_DEVICE_RECORDS=0 takes the default.
   void WriteRecords(std::span<const RecordWrite> writes, int64_t dim, int64_t rope_dims) const override;
   void FinishWrites() const override;
+  int64_t DeviceWaits() const override {
+    absl::MutexLock lock(&mu_);
+    return waits_;
+  }
 
   // Held buffers (Backend::HoldOnDevice) live in device twins: RunLocked reads an op's input from
   // the twin when the twin is current and writes an output wholly inside a held buffer to it,
@@ -715,6 +719,7 @@ class CudaBackendImpl final : public Backend {
   mutable std::vector<std::pair<size_t, char*>> spare_twins_;      // twins of released holds, reused
   mutable DeviceReserve records_, keys_;  // the KV reserve: main KV records, indexer keys
   bool device_records_ = true;            // FLASHMEM_CUDA_DEVICE_RECORDS
+  mutable int64_t waits_ = 0;             // DeviceWaits: stream synchronizations
   mutable char* writeback_ = nullptr;     // page-locked: WriteRecords' results on their way
   mutable size_t writeback_capacity_ = 0, writeback_used_ = 0;
   mutable std::vector<PendingRecord> pending_records_;

@@ -139,6 +139,7 @@ void CudaBackendImpl::FinishWrites() const {
 absl::Status CudaBackendImpl::FlushWritesLocked() const {
   if (pending_records_.empty()) return absl::OkStatus();
   FM_CUDA_TRY(cudaStreamSynchronize(stream_), "stream synchronize");
+  ++waits_;
   staging_in_flight_ = false;
   ApplyWritesLocked();
   return absl::OkStatus();

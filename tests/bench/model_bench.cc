@@ -96,6 +96,7 @@ struct Row {
   int64_t batch = 0, context = 0;
   double step_ms = 0, tok_s = 0, score_ms = 0, visible = 1, build_s = 0, comm_share = 0, comm_calls = 0;
   double ops_ms = 0;  // a step's time inside backend ops (the rest: the host's own work, collectives)
+  double waits = 0;   // times a step waited for the device (Backend::DeviceWaits; 0 on the CPU)
   std::string profile;
 };
 
@@ -224,10 +225,12 @@ int main(int argc, char** argv) {
         std::vector<int32_t> picks(batch);
         for (int64_t b = 0; b < batch; ++b) tokens[b] = static_cast<int32_t>((b * 7919 + 13) % a.vocab_size);
         double timed = 0;
+        int64_t waits_before = prof.DeviceWaits();
         for (int64_t step = 0; step < warmup + steps; ++step) {
           if (step == warmup) {
             prof.Reset();
             timed_comm.Reset();
+            waits_before = prof.DeviceWaits();
           }
           std::vector<model::BatchItem> items;
           for (int64_t b = 0; b < batch; ++b)
@@ -252,6 +255,7 @@ int main(int argc, char** argv) {
         r.tok_s = batch * steps / timed;
         r.comm_share = timed_comm.seconds() / timed;
         r.comm_calls = static_cast<double>(timed_comm.calls()) / steps;
+        r.waits = static_cast<double>(prof.DeviceWaits() - waits_before) / steps;
         for (int k = 0; k < static_cast<int>(kernels::OpKind::kCount); ++k)
           r.ops_ms += prof.Stats(static_cast<kernels::OpKind>(k)).seconds * 1e3 / steps;
         if (!lsa.empty()) {
@@ -260,9 +264,10 @@ int main(int argc, char** argv) {
           r.visible = st.covered_pages ? static_cast<double>(st.selected_pages) / st.covered_pages : 1.0;
         }
         if (profile) r.profile = prof.Report();
-        std::printf("%-5s tp %d batch %3lld context %7lld: step %9.2f ms, %9.1f tok/s, comm %4.1f%% (%.0f calls/step)%s (state built in %.1f s)\n",
+        std::printf("%-5s tp %d batch %3lld context %7lld: step %9.2f ms, %9.1f tok/s, comm %4.1f%% (%.0f calls/step), "
+                    "%.1f waits for the device/step%s (state built in %.1f s)\n",
                     policy.c_str(), group.size, static_cast<long long>(batch), static_cast<long long>(context), r.step_ms,
-                    r.tok_s, 100 * r.comm_share, r.comm_calls,
+                    r.tok_s, 100 * r.comm_share, r.comm_calls, r.waits,
                     lsa.empty() ? "" : absl::StrFormat(", selected pages %.3f of covered, Level-1 scoring %.1f ms",
                                                        r.visible, r.score_ms).c_str(),
                     build_s);
@@ -281,6 +286,7 @@ int main(int argc, char** argv) {
                    {"tok_s", r.tok_s}, {"lsa_selected_fraction", r.visible}, {"level1_score_ms", r.score_ms},
                    {"device", device}, {"cuda_kernels", cuda_kernels},
                    {"tp_size", group.size}, {"comm_share", r.comm_share}, {"comm_calls_per_step", r.comm_calls}, {"ops_ms_per_step", r.ops_ms},
+                   {"device_waits_per_step", r.waits},
                    {"profile", r.profile}});
     std::ofstream(json_out) << j.dump(1) << "\n";
   }

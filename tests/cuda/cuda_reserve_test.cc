@@ -147,7 +147,9 @@ TEST_F(CudaOps, RecordsWrittenOnTheDeviceAreTheHostEncodersBytes) {
         w_dev.push_back({rows.data() + i * 512, &on_device, entries[i]});
         w_host.push_back({rows.data() + i * 512, &on_host, entries[i]});
       }
+      const int64_t waits = dev.DeviceWaits();
       dev.WriteRecords(w_dev, 512, 64);
+      EXPECT_EQ(dev.DeviceWaits(), waits) << "WriteRecords waited for the device";
       dev.ReleaseFromDevice(rows.data(), /*keep=*/true);
       CpuBackend().WriteRecords(w_host, 512, 64);
       EXPECT_TRUE(dev.Health().ok()) << dev.Health();
@@ -169,7 +171,11 @@ TEST_F(CudaOps, RecordsWrittenOnTheDeviceAreTheHostEncodersBytes) {
     // Several entries a page, special values among them: bytes equal after FinishWrites.
     const int64_t several[] = {0, 1, 2, 3, 4, 63, 64, 65, 127, 20, 90};
     step(several, false);
+    const int64_t waits = dev.DeviceWaits();
     dev.FinishWrites();
+    EXPECT_EQ(dev.DeviceWaits(), waits + 1) << "FinishWrites waits once for what is pending";
+    dev.FinishWrites();
+    EXPECT_EQ(dev.DeviceWaits(), waits + 1) << "nothing pending: no wait";
     ASSERT_TRUE(on_device.encoded() && on_host.encoded()) << "rows off the grid";
     for (int64_t p = 0; p < 2; ++p) {
       const KvPage &a = *on_device.Slot(p * 64).page, &b = *on_host.Slot(p * 64).page;
