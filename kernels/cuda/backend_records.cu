@@ -14,10 +14,12 @@ namespace flashmem::kernels::cuda::internal {
 
 void CudaBackendImpl::WriteRecords(std::span<const RecordWrite> writes, int64_t dim, int64_t rope_dims) const {
   if (writes.empty()) return;
-  if (!device_records_ || dim != cuda::kRecordDim || rope_dims != cuda::kRecordRope) {
-    for (const RecordWrite& w : writes) SyncForHost(w.row, static_cast<size_t>(dim) * 4);
-    return Backend::WriteRecords(writes, dim, rope_dims);
-  }
+  // The default: each row brought back where the device holds it, then written on the host.
+  auto on_host = [&](std::span<const RecordWrite> w) {
+    for (const RecordWrite& x : w) SyncForHost(x.row, static_cast<size_t>(dim) * 4);
+    Backend::WriteRecords(w, dim, rope_dims);
+  };
+  if (!device_records_ || dim != cuda::kRecordDim || rope_dims != cuda::kRecordRope) return on_host(writes);
   // Where each record goes; an entry that cannot take one written here is written on the host.
   struct Target {
     const RecordWrite* w;
@@ -26,7 +28,7 @@ void CudaBackendImpl::WriteRecords(std::span<const RecordWrite> writes, int64_t 
     int32_t entry;
   };
   std::vector<Target> targets;
-  std::vector<RecordWrite> on_host;
+  std::vector<RecordWrite> host_writes;
   int64_t page_entries = 0;
   for (const RecordWrite& w : writes) {
     Target t{&w, nullptr, nullptr, nullptr, 0};
@@ -35,19 +37,17 @@ void CudaBackendImpl::WriteRecords(std::span<const RecordWrite> writes, int64_t 
       // Not a page the reserve can hold: no copy there to write (a later op uploads it).
       if (!ReservablePage(t.page, t.entry, 1, cuda::kRecordBytes, &page_entries)) targets.back().page = nullptr;
     } else {
-      on_host.push_back(w);
+      host_writes.push_back(w);
     }
   }
-  if (!on_host.empty()) {
-    for (const RecordWrite& w : on_host) SyncForHost(w.row, static_cast<size_t>(dim) * 4);
-    Backend::WriteRecords(on_host, dim, rope_dims);
-  }
+  if (!host_writes.empty()) on_host(host_writes);
   const int64_t m = static_cast<int64_t>(targets.size());
   if (m == 0) return;
   absl::MutexLock lock(&mu_);
   if (!health_.ok()) return;
   // The reserve's copies: each page placed as this call's write (uploaded whole first when the
-  // reserve lacks it; never patched from the host bytes, which are not written yet).
+  // reserve lacks it; never patched from the host bytes, which are not written yet). Read only
+  // while `reserved` holds.
   std::vector<int64_t> to_data(m, -1), to_scales(m, -1);
   bool reserved = page_entries > 0 && ReserveLocked(records_, page_entries * cuda::kRecordBytes, page_entries);
   if (reserved) {
@@ -59,14 +59,12 @@ void CudaBackendImpl::WriteRecords(std::span<const RecordWrite> writes, int64_t 
       if (slot < 0) {
         records_.book.Abort();
         reserved = false;
-        std::fill(to_data.begin(), to_data.end(), -1);
         break;
       }
       const int64_t base = slot * records_.book.page_bytes();
       to_data[k] = base + static_cast<int64_t>(t.entry) * cuda::kRecordData;
       to_scales[k] = base + page_entries * cuda::kRecordData + static_cast<int64_t>(t.entry) * cuda::kRecordScales;
     }
-    if (!reserved) std::fill(to_scales.begin(), to_scales.end(), -1);
   }
   // Uploads read host pages: any with a pending record takes it first.
   if (reserved && UploadsReadPendingLocked(records_)) {
@@ -123,7 +121,7 @@ void CudaBackendImpl::WriteRecords(std::span<const RecordWrite> writes, int64_t 
     const Target& t = targets[k];
     pending_records_.push_back({t.w->sink, t.w->index, t.data, t.scales, at + k * cuda::kRecordBytes,
                                 at + rec_bytes + k * 4, at + rec_bytes + flag_bytes + k * cuda::kRecordDim * 4});
-    pending_pages_.insert(t.page ? t.page->bytes : nullptr);
+    if (t.page) pending_pages_.insert(t.page->bytes);
   }
   // Without a reserve copy written here, a later op would read such a page from the host (a
   // patch or a staged record): it must hold the bytes now.

@@ -1,5 +1,7 @@
 // The main KV's FP8 records written on the device (Backend::WriteRecords): the host encoder's
-// rules (worker/kv/page_codec.cc, EncodeEntry) step for step, so the bytes are the same.
+// rules (worker/kv/page_codec.cc, EncodeEntry) step for step, so the bytes are the same; the number
+// formats are device_math.cuh's twins of kernels/numerics.h.
+#include "kernels/cuda/device_math.cuh"
 #include "kernels/cuda/device_ops.h"
 
 namespace flashmem::kernels::cuda {
@@ -7,22 +9,6 @@ namespace {
 
 constexpr int kThreads = 256;  // 8 warps: 7 nope blocks of 64 values, then the 64 rope values
 static_assert(kRecordNope == 7 * 64 && kRecordRope == 64 && kThreads == 32 * (kRecordNope / 64 + 1));
-
-// num::Pow2Ceil: the smallest power of two >= x (x > 0, finite).
-__device__ float Pow2CeilDev(float x) {
-  const uint32_t bits = __float_as_uint(x);
-  const int e = static_cast<int>((bits >> 23) & 0xff) - 127 + ((bits & 0x7fffffu) != 0 ? 1 : 0);
-  return __uint_as_float(static_cast<uint32_t>(e + 127) << 23);
-}
-
-// num::E4m3ToFloat.
-__device__ float E4m3ToFloatDev(uint32_t c) {
-  const float sign = (c & 0x80) ? -1.0f : 1.0f;
-  const int exp = (c >> 3) & 0xf, man = c & 0x7;
-  if (exp == 0xf && man == 0x7) return __uint_as_float(0x7fc00000u);
-  if (exp == 0) return sign * ldexpf(static_cast<float>(man), -9);
-  return sign * ldexpf(1.0f + static_cast<float>(man) / 8.0f, exp - 7);
-}
 
 // page_codec's E4m3Code: v / s's code straight from the float's bits, true when it decodes back
 // to v bit for bit.
@@ -42,15 +28,7 @@ __device__ bool E4m3CodeDev(float v, float inv_s, float s, uint32_t* code) {
     if (c > 7) return false;
   }
   *code = sign | c;
-  return __float_as_uint(__fmul_rn(E4m3ToFloatDev(*code), s)) == __float_as_uint(v);
-}
-
-// num::FloatToBf16Bits.
-__device__ uint32_t Bf16BitsDev(float x) {
-  uint32_t u = __float_as_uint(x);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return ((u >> 16) | 0x40) & 0xffffu;
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return u >> 16;
+  return __float_as_uint(__fmul_rn(E4m3ToFloat(static_cast<uint8_t>(*code)), s)) == __float_as_uint(v);
 }
 
 __global__ void __launch_bounds__(kThreads)
@@ -73,7 +51,7 @@ __global__ void __launch_bounds__(kThreads)
     float amax = fmaxf(fabsf(x.x), fabsf(x.y));
     for (int o = 16; o > 0; o /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
     good = isfinite(amax);
-    const float s = amax == 0.0f ? 1.0f : Pow2CeilDev(__fdiv_rn(amax, 448.0f));
+    const float s = amax == 0.0f ? 1.0f : Pow2Ceil(__fdiv_rn(amax, 448.0f));
     const uint32_t e = (__float_as_uint(s) >> 23) & 0xff;
     good = good && e != 0 && e != 0xff;
     const float inv = __fdiv_rn(1.0f, s);
@@ -85,9 +63,9 @@ __global__ void __launch_bounds__(kThreads)
     if (td >= 0) *reinterpret_cast<uint16_t*>(dst + td + j) = pair;
     if (lane == 0) scale_bytes[warp] = e;
   } else {  // the rope values as bf16, when they are bf16 values
-    const uint32_t h0 = Bf16BitsDev(x.x), h1 = Bf16BitsDev(x.y);
-    good = (h0 << 16) == __float_as_uint(x.x) && (h1 << 16) == __float_as_uint(x.y);
-    const uint32_t pair = h0 | (h1 << 16);
+    const uint32_t b0 = __float_as_uint(RoundBf16(x.x)), b1 = __float_as_uint(RoundBf16(x.y));
+    good = b0 == __float_as_uint(x.x) && b1 == __float_as_uint(x.y);
+    const uint32_t pair = (b0 >> 16) | (b1 & 0xffff0000u);
     const int at = kRecordNope + 2 * (j - kRecordNope);
     *reinterpret_cast<uint32_t*>(rec + at) = pair;
     if (td >= 0) *reinterpret_cast<uint32_t*>(dst + td + at) = pair;
