@@ -196,6 +196,40 @@ struct RecordWrite {
   int64_t index = 0;
 };
 
+// A gated-pooling compressor's pending block of one session (worker/model's CompressorState):
+// shape.slots() rows of shape.width() fp32 values of projected kv and of gate scores (ape added),
+// and a version unique in the process (NewKvPageVersion), replaced by every write: equal versions
+// mean equal values, so a device backend may keep a copy of the ring and trust it while they match.
+// Whoever writes the arrays outside Backend::PoolSteps renews the version.
+struct PoolRing {
+  float* kv = nullptr;
+  float* score = nullptr;
+  uint64_t* version = nullptr;
+};
+
+// One token of a Backend::PoolSteps call: its projections into its session's ring, and, when it
+// completes a block, the block's pooled row.
+struct PoolStep {
+  PoolRing ring;
+  const float* kv = nullptr;     // [width] the token's kv projection
+  const float* score = nullptr;  // [width] its gate scores, ape not added
+  int64_t pos = 0;               // its position
+  float* pooled = nullptr;       // [head_dim] the pooled row (bf16 values) when (pos + 1) % ratio == 0, else unused
+};
+
+// The compressor a PoolSteps call runs (spec §3.2): blocks of `ratio` tokens pooled into rows of
+// head_dim; overlapping (ratio 4) each block pools 2 x ratio candidates — the previous block's
+// first half of each row and its own second half — from rows of 2 x head_dim; `ape`
+// [ratio][width] is added to the scores by position in the block.
+struct PoolShape {
+  int ratio = 0;
+  int64_t head_dim = 0;
+  bool overlap = false;
+  const float* ape = nullptr;
+  int64_t width() const { return (overlap ? 2 : 1) * head_dim; }
+  int64_t slots() const { return (overlap ? 2 : 1) * static_cast<int64_t>(ratio); }
+};
+
 // One query token of a batched sparse attention (Backend::SparseAttentionRows): q and out are
 // [heads, dim], `slots` what it attends; `then` runs on its out afterwards.
 struct AttentionRow {
@@ -363,8 +397,18 @@ class Backend {
   // row off the grid goes to WriteOnHost then, its record on the device made unreadable (NaN
   // scales) in the meantime.
   virtual void WriteRecords(std::span<const RecordWrite> writes, int64_t dim, int64_t rope_dims) const;
-  // Every host write an op left pending (WriteRecords) done: call before the host reads or
-  // frees pages such ops wrote (the model does at the end of each forward pass).
+  // The compressor's step of each token (PoolShape): its kv row into its ring's slot
+  // (overlap ? ratio : 0) + pos % ratio, its scores there with ape[pos % ratio] added; when it
+  // completes a block, each dim's softmax over the block's candidates (exp through num::ExpF)
+  // weights their kv into the pooled row, rounded to bf16, and (overlap) the block's rows become
+  // the previous block's. Each step renews its ring's version. The default runs the steps on the
+  // host (over its cores when several complete; rings must then be distinct: a repeated ring runs
+  // in order). A device backend whose ops made the rows (held) runs them where they are, on its
+  // copies of the rings, and sends the rows to the host rings after the op: until FinishWrites()
+  // the host rings may still hold the previous values.
+  virtual void PoolSteps(std::span<const PoolStep> steps, const PoolShape& shape) const;
+  // Every host write an op left pending (WriteRecords, PoolSteps) done: call before the host reads or
+  // frees pages or rings such ops wrote (the model does at the end of each forward pass).
   virtual void FinishWrites() const {}
   // How many times the host has waited for the device since the backend was made (an op's
   // outputs read on the host, a held buffer brought back, pending writes applied; 0 on the CPU):

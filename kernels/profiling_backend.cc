@@ -10,7 +10,7 @@ const char* OpName(OpKind op) {
   static constexpr const char* kNames[] = {"Linear", "RmsNorm", "HeadRmsNormBf16", "Rope", "Fp8RoundTrip",
                                            "Fp4RoundTrip", "Hadamard", "SparseAttention", "IndexScores",
                                            "TopK", "IndexTopK", "IndexerLogits", "HcPre", "HcPost", "HcHead", "RoutedExperts",
-                                           "RoundBf16", "RowOps", "RoutedMoE", "WriteRecords"};
+                                           "RoundBf16", "RowOps", "RoutedMoE", "WriteRecords", "PoolSteps"};
   static_assert(sizeof(kNames) / sizeof(kNames[0]) == static_cast<int>(OpKind::kCount));
   return kNames[static_cast<int>(op)];
 }
@@ -155,6 +155,11 @@ void ProfilingBackend::WriteRecords(std::span<const RecordWrite> writes, int64_t
   Timer t;
   inner_.WriteRecords(writes, dim, rope_dims);
   Record(OpKind::kWriteRecords, t.seconds(), writes.size());
+}
+void ProfilingBackend::PoolSteps(std::span<const PoolStep> steps, const PoolShape& shape) const {
+  Timer t;
+  inner_.PoolSteps(steps, shape);
+  Record(OpKind::kPoolSteps, t.seconds(), steps.size());
 }
 void ProfilingBackend::IndexScoresBatch(std::span<const IndexScoreRow> rows, int64_t heads, int64_t dim) const {
   Timer t;

@@ -16,7 +16,7 @@ namespace flashmem::kernels {
 
 enum class OpKind : int {
   kLinear, kRmsNorm, kHeadRmsNorm, kRope, kFp8RoundTrip, kFp4RoundTrip, kHadamard,
-  kSparseAttention, kIndexScores, kTopK, kIndexTopK, kIndexerLogits, kHcPre, kHcPost, kHcHead, kRoutedExperts, kRoundBf16, kRowOps, kRoutedMoE, kWriteRecords, kCount
+  kSparseAttention, kIndexScores, kTopK, kIndexTopK, kIndexerLogits, kHcPre, kHcPost, kHcHead, kRoutedExperts, kRoundBf16, kRowOps, kRoutedMoE, kWriteRecords, kPoolSteps, kCount
 };
 const char* OpName(OpKind op);
 
@@ -59,6 +59,7 @@ class ProfilingBackend final : public Backend {
                            const float* sink, float softmax_scale) const override;
   void IndexScoresBatch(std::span<const IndexScoreRow> rows, int64_t heads, int64_t dim) const override;
   void WriteRecords(std::span<const RecordWrite> writes, int64_t dim, int64_t rope_dims) const override;
+  void PoolSteps(std::span<const PoolStep> steps, const PoolShape& shape) const override;
   KvReserveStats ReserveStats() const override { return inner_.ReserveStats(); }
   std::vector<std::vector<int32_t>> TopKBatch(std::span<const std::span<const float>> scores, int64_t k) const override;
   std::vector<std::vector<int32_t>> IndexTopKBatch(std::span<const IndexSelectRow> rows, int64_t heads, int64_t dim,

@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/container/node_hash_map.h"
 #include "absl/strings/str_cat.h"
@@ -200,6 +201,9 @@ class CudaBackendImpl final : public Backend {
     // FLASHMEM_CUDA_DEVICE_RECORDS=0 sends the window's rows to the host to be encoded there (the
     // default WriteRecords), to measure what encoding them on the device saves.
     if (const char* p = std::getenv("FLASHMEM_CUDA_DEVICE_RECORDS")) device_records_ = std::string(p) != "0";
+    // FLASHMEM_CUDA_DEVICE_POOLING=0 brings the compressors' projections back to pool them on the
+    // host (the default PoolSteps), to measure what pooling on the device saves.
+    if (const char* p = std::getenv("FLASHMEM_CUDA_DEVICE_POOLING")) device_pooling_ = std::string(p) != "0";
     // FLASHMEM_CUDA_ASYNC=0 makes every op wait for its kernels, as before ops on held buffers
     // returned at once.
     if (const char* p = std::getenv("FLASHMEM_CUDA_ASYNC")) async_ = std::string(p) != "0";
@@ -223,6 +227,7 @@ class CudaBackendImpl final : public Backend {
     for (const Held& h : held_) (void)cudaFree(h.dev);
     for (const auto& [bytes, mem] : spare_twins_) (void)cudaFree(mem);
     if (route_done_) (void)cudaFree(route_done_);
+    for (const auto& [host, ring] : rings_) (void)cudaFree(ring.dev);
     for (DeviceReserve* r : {&records_, &keys_})
       if (r->dev) (void)cudaFree(r->dev);
     if (dev_) (void)cudaFree(dev_);
@@ -358,6 +363,15 @@ class CudaBackendImpl final : public Backend {
   // a page-locked write-back buffer that reaches the host pages at the next op that waits, or at
   // FinishWrites (backend_records.cu). FLASHMEM_CUDA_DEVICE_RECORDS=0 takes the default.
   void WriteRecords(std::span<const RecordWrite> writes, int64_t dim, int64_t rope_dims) const override;
+  // The steps run where the projections are held (cuda::PoolSteps: the host's bits), on the
+  // backend's copies of the rings (kept while their versions match), the rows written into each
+  // ring sent to the host ring like WriteRecords' records (backend_pooling.cu). Otherwise, or
+  // FLASHMEM_CUDA_DEVICE_POOLING=0, the default on the host.
+  void PoolSteps(std::span<const PoolStep> steps, const PoolShape& shape) const override;
+  int64_t DevicePoolSteps() const {
+    absl::MutexLock lock(&mu_);
+    return device_pool_steps_;
+  }
   void FinishWrites() const override;
   int64_t DeviceWaits() const override {
     absl::MutexLock lock(&mu_);
@@ -670,6 +684,33 @@ class CudaBackendImpl final : public Backend {
     uint8_t *data, *scales;  // in the host page
     size_t record, flag, row;  // offsets in the write-back buffer
   };
+  // PoolSteps' rows on their way to the host rings: each step's kv row and scores (at `at` in the
+  // write-back buffer) into its ring's `slot`, then (shift) the block's rows moved to the previous
+  // block's, as the host's step does.
+  struct PendingRing {
+    float *kv, *score;
+    int64_t slot, width, ratio;
+    bool shift;
+    size_t at;
+  };
+  // The device's copy of a host ring (PoolRing): its kv rows then its scores, trusted while
+  // `version` is the host ring's.
+  struct DeviceRing {
+    float* dev = nullptr;
+    size_t bytes = 0;
+    uint64_t version = 0;
+    uint64_t last_use = 0;
+  };
+  // PoolSteps on the device; false (nothing done) when the call is not one it runs there.
+  absl::StatusOr<bool> PoolOnDeviceLocked(std::span<const PoolStep> steps, const PoolShape& shape) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A device buffer of `bytes` for a ring, within the rings' share of the budget: an evicted ring's
+  // (least recently used, not used since `since`), or a new one; null when there is no room.
+  float* RingBufferLocked(size_t bytes, uint64_t since) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // `area` bytes of the page-locked write-back buffer for an op's results on their way to the host
+  // (their offset in *at): when full, the pending ones are applied first (a wait) and the buffer
+  // grows, so a step's write-backs soon fit without one.
+  absl::Status WritebackAreaLocked(size_t area, size_t* at) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Waits for the stream if anything is pending, then applies it (ApplyWritesLocked).
   absl::Status FlushWritesLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The pending records into their host pages (the stream has passed their copies): records on
@@ -724,6 +765,12 @@ class CudaBackendImpl final : public Backend {
   mutable size_t writeback_capacity_ = 0, writeback_used_ = 0;
   mutable std::vector<PendingRecord> pending_records_;
   mutable absl::flat_hash_set<const uint8_t*> pending_pages_;  // KvPage::bytes of their pages
+  mutable std::vector<PendingRing> pending_rings_;
+  mutable absl::flat_hash_set<const float*> pending_ring_hosts_;  // their rings' kv arrays
+  mutable absl::flat_hash_map<const float*, DeviceRing> rings_;  // by the host ring's kv array
+  mutable int64_t ring_bytes_ = 0;          // device memory the rings hold (at most budget_ / 16)
+  mutable int64_t device_pool_steps_ = 0;   // steps PoolSteps ran on the device
+  bool device_pooling_ = true;              // FLASHMEM_CUDA_DEVICE_POOLING
   const std::unique_ptr<OpPhases> phases_ = OpPhases::FromEnv();  // FLASHMEM_CUDA_PHASES (diagnostics)
   mutable const std::type_info* phase_op_ = nullptr;  // the op a wrapping launch runs (RunWithUploadsLocked)
 };

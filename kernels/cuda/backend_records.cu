@@ -76,26 +76,11 @@ void CudaBackendImpl::WriteRecords(std::span<const RecordWrite> writes, int64_t 
   // The write-back area: records, then flags, then rows (all of it copied back in one transfer).
   const size_t rec_bytes = AlignUp(static_cast<size_t>(m) * cuda::kRecordBytes), flag_bytes = AlignUp(m * 4);
   const size_t area = rec_bytes + flag_bytes + static_cast<size_t>(m) * cuda::kRecordDim * 4;
-  if (writeback_used_ + area > writeback_capacity_) {
-    if (absl::Status st = FlushWritesLocked(); !st.ok()) {
-      if (reserved) records_.book.Abort();
-      return Fail(st);
-    }
-    if (area > writeback_capacity_) {
-      if (writeback_) (void)cudaFreeHost(writeback_);
-      writeback_ = nullptr;
-      writeback_capacity_ = 0;
-      const size_t want = std::max(area, size_t{1} << 20);
-      if (cudaMallocHost(reinterpret_cast<void**>(&writeback_), want) != cudaSuccess) {
-        writeback_ = nullptr;
-        if (reserved) records_.book.Abort();
-        return Fail(absl::ResourceExhaustedError(
-            absl::StrCat("WriteRecords: cannot allocate ", want, " bytes of page-locked write-back memory")));
-      }
-      writeback_capacity_ = want;
-    }
+  size_t at = 0;
+  if (absl::Status st = WritebackAreaLocked(area, &at); !st.ok()) {
+    if (reserved) records_.book.Abort();
+    return Fail(st);
   }
-  const size_t at = writeback_used_;
   Frame f;
   const size_t drows = f.In(targets[0].w->row, cuda::kRecordDim * 4);
   for (int64_t k = 1; k < m; ++k) f.InContinued(targets[k].w->row, cuda::kRecordDim * 4);
@@ -114,14 +99,20 @@ void CudaBackendImpl::WriteRecords(std::span<const RecordWrite> writes, int64_t 
     if (e != cudaSuccess) return e;
     return cudaMemcpyAsync(wb, d.at<char>(drec), area, cudaMemcpyDeviceToHost, stream_);
   };
-  if (const absl::Status st = reserved ? RunWithUploadsLocked(records_, f, up, op) : RunLocked(f, op); !st.ok())
-    return Fail(st);
-  writeback_used_ += area;
+  // Pending before the run: an op that waits (FLASHMEM_CUDA_ASYNC=0) applies them after its wait,
+  // when the copy above has landed; none applies anything before its launch.
+  const size_t before = pending_records_.size();
+  writeback_used_ = at + AlignUp(area);
   for (int64_t k = 0; k < m; ++k) {
     const Target& t = targets[k];
     pending_records_.push_back({t.w->sink, t.w->index, t.data, t.scales, at + k * cuda::kRecordBytes,
                                 at + rec_bytes + k * 4, at + rec_bytes + flag_bytes + k * cuda::kRecordDim * 4});
     if (t.page) pending_pages_.insert(t.page->bytes);
+  }
+  if (const absl::Status st = reserved ? RunWithUploadsLocked(records_, f, up, op) : RunLocked(f, op); !st.ok()) {
+    pending_records_.resize(before);  // never written: not applied
+    writeback_used_ = at;
+    return Fail(st);
   }
   // Without a reserve copy written here, a later op would read such a page from the host (a
   // patch or a staged record): it must hold the bytes now.
@@ -134,8 +125,32 @@ void CudaBackendImpl::FinishWrites() const {
   Fail(FlushWritesLocked());
 }
 
+absl::Status CudaBackendImpl::WritebackAreaLocked(size_t area, size_t* at) const {
+  area = AlignUp(area);
+  if (writeback_used_ + area > writeback_capacity_) {
+    FM_RETURN_IF_ERROR(FlushWritesLocked());
+    // Grown to twice what was asked for before: a step's write-backs (every layer's records and
+    // rings) soon fit between the waits it has anyway.
+    const size_t want = std::max({area, 2 * writeback_capacity_, size_t{1} << 20});
+    if (want > writeback_capacity_) {
+      if (writeback_) (void)cudaFreeHost(writeback_);
+      writeback_ = nullptr;
+      writeback_capacity_ = 0;
+      if (cudaMallocHost(reinterpret_cast<void**>(&writeback_), want) != cudaSuccess) {
+        (void)cudaGetLastError();
+        writeback_ = nullptr;
+        return absl::ResourceExhaustedError(
+            absl::StrCat("cannot allocate ", want, " bytes of page-locked write-back memory"));
+      }
+      writeback_capacity_ = want;
+    }
+  }
+  *at = writeback_used_;
+  return absl::OkStatus();
+}
+
 absl::Status CudaBackendImpl::FlushWritesLocked() const {
-  if (pending_records_.empty()) return absl::OkStatus();
+  if (pending_records_.empty() && pending_rings_.empty()) return absl::OkStatus();
   FM_CUDA_TRY(cudaStreamSynchronize(stream_), "stream synchronize");
   ++waits_;
   staging_in_flight_ = false;
@@ -144,7 +159,19 @@ absl::Status CudaBackendImpl::FlushWritesLocked() const {
 }
 
 void CudaBackendImpl::ApplyWritesLocked() const {
-  if (pending_records_.empty()) return;
+  if (pending_records_.empty() && pending_rings_.empty()) return;
+  // The rings' rows in the order their steps ran (a ring's later step after its earlier one).
+  for (const PendingRing& p : pending_rings_) {
+    const size_t row = static_cast<size_t>(p.width) * 4;
+    std::memcpy(p.kv + p.slot * p.width, writeback_ + p.at, row);
+    std::memcpy(p.score + p.slot * p.width, writeback_ + p.at + row, row);
+    if (p.shift) {  // the block becomes the previous one
+      std::memmove(p.kv, p.kv + p.ratio * p.width, p.ratio * row);
+      std::memmove(p.score, p.score + p.ratio * p.width, p.ratio * row);
+    }
+  }
+  pending_rings_.clear();
+  pending_ring_hosts_.clear();
   std::vector<const PendingRecord*> off_grid;
   for (const PendingRecord& p : pending_records_) {
     int32_t ok = 0;

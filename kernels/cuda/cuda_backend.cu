@@ -335,4 +335,9 @@ HeldTraffic HeldTrafficOf(const Backend& backend) {
   return impl ? impl->Traffic() : HeldTraffic{};
 }
 
+int64_t DevicePoolStepsOf(const Backend& backend) {
+  const auto* impl = dynamic_cast<const internal::CudaBackendImpl*>(&backend);
+  return impl ? impl->DevicePoolSteps() : 0;
+}
+
 }  // namespace flashmem::kernels::cuda

@@ -74,5 +74,7 @@ struct HeldTraffic {
   int64_t in_place = 0;
 };
 HeldTraffic HeldTrafficOf(const Backend& backend);
+// How many compressor steps (Backend::PoolSteps) a CUDA backend ran on the device; 0 for another.
+int64_t DevicePoolStepsOf(const Backend& backend);
 
 }  // namespace flashmem::kernels::cuda

@@ -317,6 +317,29 @@ cudaError_t ScatterPages(const uint8_t* src, int64_t count, int64_t page_bytes, 
 cudaError_t EncodeFp8Records(const float* rows, int64_t n, uint8_t* out, int32_t* ok, float* bad_rows,
                              const int64_t* to_data, const int64_t* to_scales, uint8_t* dst, cudaStream_t stream);
 
+// Backend::PoolSteps on the device: step i's rows (kv + i * in_stride and score + i * in_stride,
+// `width` values each) into its ring (rings[i], device memory: slots x width kv values, then as
+// many scores) with ape added to the scores, and copied to written + i * 2 * width (the kv row,
+// then the scores as written: the host ring's update); a step with pooled_row[i] >= 0 pools its
+// block into pooled + pooled_row[i] * head_dim and (overlap) moves it to the previous block's
+// rows. The host's arithmetic (kernels/pooling.cc) step for step, so the same bits.
+struct PoolStepsArgs {
+  int64_t steps = 0;
+  int ratio = 0;
+  int64_t head_dim = 0;
+  bool overlap = false;
+  float* const* rings = nullptr;
+  const int64_t* pos = nullptr;
+  const int32_t* pooled_row = nullptr;
+  const float* kv = nullptr;
+  const float* score = nullptr;
+  int64_t in_stride = 0;
+  const float* ape = nullptr;  // [ratio][width]
+  float* pooled = nullptr;
+  float* written = nullptr;
+};
+cudaError_t PoolSteps(const PoolStepsArgs& a, cudaStream_t stream);
+
 // Byte ranges into place: piece i, bytes[i] long (a multiple of 4), from src + from[i] to
 // dst + to[i] (device memory; both offsets multiples of 4) — the KV reserve's patches, one entry of
 // a page each.

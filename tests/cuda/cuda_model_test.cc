@@ -101,6 +101,12 @@ TEST_F(CudaModel, GoldenTinyAGreedyTokensIdentical) {
               static_cast<long long>(st.records.uploads));
   EXPECT_GE(st.records.written, 48);
   EXPECT_EQ(st.records.patches, 0);
+  // And every decode step's compressor steps ran on the device (Backend::PoolSteps): a compressed
+  // layer's two compressors (CSA) or one (HCA), 48 steps each; the prompt's go one at a time on
+  // the host.
+  const int64_t pooled = kernels::cuda::DevicePoolStepsOf(*gpu_);
+  std::printf("tiny-a on cuda: compressor steps run on the device %lld\n", static_cast<long long>(pooled));
+  EXPECT_GE(pooled, 48);
 }
 
 TEST_F(CudaModel, SmallLogitsWithinTolerance) {

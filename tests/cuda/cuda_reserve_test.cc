@@ -1,7 +1,9 @@
 // The KV reserve's patches on the CUDA backend: a page written once since its device copy (a
 // decode step's window entry, a compressed entry appended) is patched in place with the entry
 // the write changed instead of being uploaded whole; attention then reads what the staged path
-// reads, bit for bit. Written twice between reads, the page goes whole. Skipped without a GPU.
+// reads, bit for bit. Written twice between reads, the page goes whole. Also what the device
+// writes into the host's state after an op: KV records (WriteRecords) and compressor rings
+// (PoolSteps). Skipped without a GPU.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -197,6 +199,106 @@ TEST_F(CudaOps, RecordsWrittenOnTheDeviceAreTheHostEncodersBytes) {
     }
     ASSERT_TRUE(on_device.ReadRow(31, a.data()));
     EXPECT_TRUE(std::isinf(a[5]));
+  }
+}
+
+// Sessions' compressor rings as worker/model's CompressorState holds them.
+struct Rings {
+  std::vector<std::vector<float>> kv, score;
+  std::vector<uint64_t> version;
+  Rings(int m, const PoolShape& sh)
+      : kv(m, std::vector<float>(sh.slots() * sh.width(), 0.0f)),
+        score(m, std::vector<float>(sh.slots() * sh.width(), -std::numeric_limits<float>::infinity())),
+        version(m) {
+    for (uint64_t& v : version) v = NewKvPageVersion();
+  }
+  PoolRing ring(int s) { return {kv[s].data(), score[s].data(), &version[s]}; }
+};
+
+// PoolSteps on the device: the projections an op made (held) pooled where they are, on the
+// backend's copies of the rings — the host's pooled rows and rings bit for bit (the rings after
+// FinishWrites), without a wait. Shapes of V4's CSA main and index compressors (ratio 4,
+// overlapping) and of HCA (ratio 128); five sessions a step at staggered positions, so each call
+// mixes completing and pending blocks. Midway a ring written on the host (its version renewed) is
+// uploaded again, and a call whose inputs are on the host runs there after the pending rows land.
+TEST_F(CudaOps, CompressorStepsOnTheDeviceAreTheHostsBits) {
+  struct Case {
+    int ratio;
+    int64_t head_dim;
+    bool overlap;
+  };
+  for (const Case c : {Case{4, 512, true}, Case{4, 128, true}, Case{128, 512, false}}) {
+    SCOPED_TRACE(::testing::Message() << "ratio " << c.ratio << " head_dim " << c.head_dim);
+    auto be = cuda::NewCudaBackend({});
+    ASSERT_TRUE(be.ok()) << be.status();
+    const Backend& dev = **be;
+    const std::vector<float> ape = Random(c.ratio * (c.overlap ? 2 : 1) * c.head_dim, 41, 0.5f);
+    const PoolShape shape{c.ratio, c.head_dim, c.overlap, ape.data()};
+    const int m = 5;
+    const int64_t W = shape.width(), d = c.head_dim;
+    Rings on_device(m, shape), on_host(m, shape);
+    std::vector<float> kv(m * W), score(m * W);  // the op's outputs, held
+    dev.HoldOnDevice(kv.data(), m * W);
+    dev.HoldOnDevice(score.data(), m * W);
+    const int iters = 2 * c.ratio + 3;
+    int64_t pooled_rows = 0;
+    for (int t = 0; t < iters; ++t) {
+      const std::vector<float> kv_src = Random(m * W, 100 + t, 1.0f), score_src = Random(m * W, 500 + t, 2.0f);
+      const bool on_the_host = t == 5;  // this call's inputs are not the device's
+      if (!on_the_host) {
+        dev.RoundBf16(kv_src.data(), m * W, kv.data());  // an op writes them: the twins are current
+        dev.RoundBf16(score_src.data(), m * W, score.data());
+      }
+      int completing = 0;
+      for (int s = 0; s < m; ++s) completing += (t + s + 1) % c.ratio == 0;
+      std::vector<float> pooled_dev(completing * d), pooled_host(completing * d);
+      dev.HoldOnDevice(pooled_dev.data(), completing * d);
+      std::vector<PoolStep> dev_steps, host_steps;
+      int row = 0;
+      for (int s = 0; s < m; ++s) {
+        const int64_t pos = t + s;  // session s is s tokens ahead
+        const bool completes = (pos + 1) % c.ratio == 0;
+        const float* k_in = on_the_host ? kv_src.data() : kv.data();
+        const float* s_in = on_the_host ? score_src.data() : score.data();
+        dev_steps.push_back({on_device.ring(s), k_in + s * W, s_in + s * W, pos,
+                             completes ? pooled_dev.data() + row * d : nullptr});
+        host_steps.push_back({on_host.ring(s), kv_src.data() + s * W, score_src.data() + s * W, pos,
+                              completes ? pooled_host.data() + row * d : nullptr});
+        row += completes;
+      }
+      const int64_t waits = dev.DeviceWaits(), ran = cuda::DevicePoolStepsOf(dev);
+      dev.PoolSteps(dev_steps, shape);
+      if (on_the_host) {
+        EXPECT_EQ(cuda::DevicePoolStepsOf(dev), ran) << "inputs on the host: pooled there";
+      } else {
+        // The first call grows the staging buffer for the rings' uploads (a wait, once).
+        if (t > 0) EXPECT_EQ(dev.DeviceWaits(), waits) << "PoolSteps waited for the device at step " << t;
+        EXPECT_EQ(cuda::DevicePoolStepsOf(dev), ran + m);
+      }
+      CpuBackend().PoolSteps(host_steps, shape);
+      dev.ReleaseFromDevice(pooled_dev.data(), /*keep=*/true);
+      ASSERT_TRUE(dev.Health().ok()) << dev.Health();
+      EXPECT_EQ(std::memcmp(pooled_dev.data(), pooled_host.data(), pooled_dev.size() * 4), 0) << "step " << t;
+      pooled_rows += completing;
+      if (t % 7 == 6 || t == iters - 1 || t == iters / 2) {
+        dev.FinishWrites();
+        for (int s = 0; s < m; ++s) {
+          ASSERT_EQ(std::memcmp(on_device.kv[s].data(), on_host.kv[s].data(), on_host.kv[s].size() * 4), 0)
+              << "ring " << s << " kv at step " << t;
+          ASSERT_EQ(std::memcmp(on_device.score[s].data(), on_host.score[s].data(), on_host.score[s].size() * 4), 0)
+              << "ring " << s << " scores at step " << t;
+        }
+      }
+      if (t == iters / 2) {  // a write elsewhere (a restore): new values, a new version
+        for (Rings* r : {&on_device, &on_host}) {
+          for (float& v : r->score[2]) v = std::isinf(v) ? v : v * 0.5f;
+          r->version[2] = NewKvPageVersion();
+        }
+      }
+    }
+    EXPECT_GE(pooled_rows, 2 * m);
+    dev.ReleaseFromDevice(kv.data(), false);
+    dev.ReleaseFromDevice(score.data(), false);
   }
 }
 

@@ -71,6 +71,9 @@ class HoldingCpuBackend final : public kernels::Backend {
   void WriteRecords(std::span<const kernels::RecordWrite> writes, int64_t dim, int64_t rope_dims) const override {
     Op([&] { cpu_.WriteRecords(writes, dim, rope_dims); });
   }
+  void PoolSteps(std::span<const kernels::PoolStep> steps, const kernels::PoolShape& shape) const override {
+    Op([&] { cpu_.PoolSteps(steps, shape); });
+  }
   void RoutedExperts(std::span<const kernels::ExpertWork> experts, const float* x, int64_t n, int64_t dim,
                      float limit, float* y) const override {
     Op([&] { cpu_.RoutedExperts(experts, x, n, dim, limit, y); });

@@ -47,61 +47,6 @@ void Compressor::ProjectJobs(int64_t n, Scratch* kv, Scratch* score, std::vector
   jobs->push_back({&w_.wgate, score->data(), Rounding::kNone, {}});
 }
 
-bool Compressor::Pool(CompressorState& st, const float* kv, const float* score, int64_t pos,
-                      float* c) const {
-  const int64_t d = head_dim_, r = ratio_;
-  const int64_t width = (overlap_ ? 2 : 1) * d;  // row width of the state
-  const int64_t slot = (overlap_ ? r : 0) + pos % r;
-  // The loops over dims below touch distinct arrays, one dim a lane: `omp simd` vectorizes them
-  // (-O2's cost model does not), each dim's arithmetic the same operations in the same order.
-  const float* __restrict ape = w_.ape.data() + (pos % r) * width;
-  const float* __restrict kv_in = kv;
-  const float* __restrict score_in = score;
-  float* __restrict kv_row = st.kv.data() + slot * width;
-  float* __restrict score_row = st.score.data() + slot * width;
-#pragma omp simd
-  for (int64_t e = 0; e < width; ++e) {
-    kv_row[e] = kv_in[e];
-    score_row[e] = score_in[e] + ape[e];
-  }
-  if ((pos + 1) % r != 0) return false;
-  // Per-dimension softmax over the candidates of the block, then the weighted sum (fp32).
-  // Overlap: rows 0..r-1 (previous block) give their first half, rows r..2r-1 their second.
-  // Candidate by candidate over contiguous dims (each dim's max, sum and weighted sum still take
-  // the candidates in order, so every dim's arithmetic is unchanged); it walked a column at a
-  // time, 2 KB strides, before.
-  const int64_t n_cand = overlap_ ? 2 * r : r;
-  auto at = [&](const std::vector<float>& rows, int64_t j) {
-    return rows.data() + j * width + (overlap_ && j >= r ? d : 0);
-  };
-  std::vector<float> mx_v(at(st.score, 0), at(st.score, 0) + d), sum_v(d, 0.0f), acc_v(d, 0.0f), p(n_cand * d);
-  float* __restrict mx = mx_v.data();
-  float* __restrict sum = sum_v.data();
-  float* __restrict acc = acc_v.data();
-  for (int64_t j = 1; j < n_cand; ++j) {
-    const float* __restrict sj = at(st.score, j);
-#pragma omp simd
-    for (int64_t e = 0; e < d; ++e) mx[e] = mx[e] < sj[e] ? sj[e] : mx[e];  // std::max_element's first largest
-  }
-  for (int64_t j = 0; j < n_cand; ++j) {
-    const float* __restrict sj = at(st.score, j);
-    float* __restrict pj = p.data() + j * d;
-    for (int64_t e = 0; e < d; ++e) sum[e] += (pj[e] = std::exp(sj[e] - mx[e]));
-  }
-  for (int64_t j = 0; j < n_cand; ++j) {
-    const float* __restrict vj = at(st.kv, j);
-    const float* __restrict pj = p.data() + j * d;
-#pragma omp simd
-    for (int64_t e = 0; e < d; ++e) acc[e] += vj[e] * (pj[e] / sum[e]);
-  }
-  for (int64_t e = 0; e < d; ++e) c[e] = num::RoundBf16(acc[e]);  // kv.to(bf16) before the norm
-  if (overlap_) {  // the current block becomes the previous one
-    std::copy(st.kv.begin() + r * width, st.kv.end(), st.kv.begin());
-    std::copy(st.score.begin() + r * width, st.score.end(), st.score.begin());
-  }
-  return true;
-}
-
 void Compressor::Finish(const float* pooled, std::span<const int64_t> block_starts, float* out) const {
   const int64_t m = static_cast<int64_t>(block_starts.size()), d = head_dim_, rd = args_.rope_head_dim;
   if (m == 0) return;
@@ -343,16 +288,27 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
   // attention -> wo_a's groups; qr also -> the indexer's wq_b): a device backend keeps them there.
   const kernels::DeviceHold<Scratch> hold_qr(be_, qr), hold_q(be_, q), hold_o(be_, o);
   // Every projection of x in one backend call (a device stages x once and waits once for the
-  // outputs the host reads: the window KV row, the compressors' kv and scores; the indexer's
-  // weights, scaled as a row op, stay with a device): qr = q_norm(wq_a(x)); the window entries kv = kv_norm(wkv(x)), RoPE, FP8 round trip
-  // of the nope dims (on wkv's output before it comes back, when the nope dims are whole FP8
-  // blocks); the compressor's and the indexer's projections.
+  // outputs the host reads, if any: a decode step's all stay with a device — the window KV rows,
+  // the compressors' kv and scores, the indexer's weights, scaled as a row op): qr =
+  // q_norm(wq_a(x)); the window entries kv = kv_norm(wkv(x)), RoPE, FP8 round trip of the nope
+  // dims (on wkv's output before it comes back, when the nope dims are whole FP8 blocks); the
+  // compressor's and the indexer's projections.
   Scratch kv(n * D), kv_raw;
   // The window rows wkv's chain makes go only to their records (Backend::WriteRecords): a device
   // keeps them and encodes them where they are.
   std::optional<kernels::DeviceHold<Scratch>> hold_kv;
   Scratch ckv, cscore, iw, ikv, iscore, iq;
   std::optional<kernels::DeviceHold<Scratch>> hold_iw;  // the indexer's head weights: their job -> the scoring
+  // The compressors' projections go only to their pooling (Backend::PoolSteps): a device keeps
+  // them and pools where they are — when the rows are one batch (a decode step's: distinct
+  // sessions); a prompt's rows go one at a time, each a PoolSteps call, and stay on the host.
+  std::optional<kernels::DeviceHold<Scratch>> hold_ckv, hold_cscore, hold_ikv, hold_iscore;
+  const bool one_batch = [&] {
+    std::vector<const SessionState*> sessions(rows.size());
+    for (size_t i = 0; i < rows.size(); ++i) sessions[i] = rows[i].state;
+    std::sort(sessions.begin(), sessions.end());
+    return std::adjacent_find(sessions.begin(), sessions.end()) == sessions.end();
+  }();
   kernels::RowOp iw_then;
   std::vector<kernels::LinearJob> jobs;
   const kernels::RowOp qa_then[] = {kernels::RowOp::RmsNorm(Q, w_.q_norm.data(), args_.norm_eps)};
@@ -368,11 +324,15 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
     kv_raw.resize(n * D);
     jobs.push_back({&w_.wkv, kv_raw.data(), Rounding::kBf16, {}});
   }
-  if (compressor_) compressor_->ProjectJobs(n, &ckv, &cscore, &jobs);
+  if (compressor_) {
+    compressor_->ProjectJobs(n, &ckv, &cscore, &jobs);
+    if (one_batch) hold_ckv.emplace(be_, ckv), hold_cscore.emplace(be_, cscore);  // sized by the jobs
+  }
   if (indexer_) {
     indexer_->WeightsJob(n, &iw, &iw_then, &jobs);
     hold_iw.emplace(be_, iw);  // sized by the job
     indexer_->compressor().ProjectJobs(n, &ikv, &iscore, &jobs);
+    if (one_batch) hold_ikv.emplace(be_, ikv), hold_iscore.emplace(be_, iscore);
   }
   be_.LinearMany(jobs, x, n);
   if (!kv_chain) {
@@ -403,80 +363,64 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
   // overwrites is still in that row's window; the index key it appends), so a batch runs before
   // such a row's writes. A decode step's rows are one batch; a prompt's rows go one at a time.
   const int64_t cw = compressor_ ? ckv.size() / n : 0, iw_ = indexer_ ? ikv.size() / n : 0;
-  // Blocks the pending rows completed, finished together (one call per op for a step's rows, not
-  // one per session) and appended before the batch that reads them runs: finished in place where
-  // a device holds them, then written as entries the host appends (Backend::WriteRecords: a
-  // device encodes FP8 records where they are; the default writes each on the host).
-  struct Completed {
-    std::vector<float> pooled;
-    std::vector<int64_t> starts;
+  // The pending rows' compressor steps (Backend::PoolSteps: one call a compressor for a batch —
+  // a batch's rows are distinct sessions, so its steps are independent — run where the
+  // projections are), then the blocks they completed, finished together (one call per op for a
+  // step's rows, not one per session) and appended before the batch that reads them runs:
+  // finished in place where a device holds them, then written as entries the host appends
+  // (Backend::WriteRecords: a device encodes FP8 records where they are; the default writes each
+  // on the host).
+  struct Pooling {
+    std::vector<kernels::PoolStep> steps;
+    std::vector<float> pooled;  // the completed blocks' rows, in step order
+    std::vector<int64_t> starts;  // each completed block's first position
     std::vector<kv::EntryPages*> to;
-    void Flush(const Compressor& comp, const kernels::Backend& be, int64_t rope_dims) {
-      if (starts.empty()) return;
+    void Add(const Compressor& comp, CompressorState& st, const float* kv_row, const float* score_row, int64_t pos,
+             kv::EntryPages* entries) {
+      steps.push_back({st.ring(), kv_row, score_row, pos, nullptr});
+      if (!comp.Completes(pos)) return;
+      starts.push_back(pos + 1 - comp.ratio());
+      to.push_back(entries);
+    }
+    void Run(const Compressor& comp, const kernels::Backend& be, int64_t rope_dims) {
+      if (steps.empty()) return;
       const int64_t d = comp.head_dim();
+      pooled.resize(starts.size() * d);
       {
         const kernels::DeviceHold<std::vector<float>> hold(be, pooled);  // the pooled rows -> their entries
-        comp.Finish(pooled.data(), starts, pooled.data());
-        std::vector<kernels::RecordWrite> writes(to.size());
-        for (size_t j = 0; j < to.size(); ++j) writes[j] = {pooled.data() + j * d, to[j], to[j]->AppendForWrite()};
-        be.WriteRecords(writes, d, rope_dims);
+        size_t c = 0;
+        for (kernels::PoolStep& st : steps)
+          if (comp.Completes(st.pos)) st.pooled = pooled.data() + (c++) * d;
+        be.PoolSteps(steps, comp.Shape());
+        if (!starts.empty()) {
+          comp.Finish(pooled.data(), starts, pooled.data());
+          std::vector<kernels::RecordWrite> writes(to.size());
+          for (size_t j = 0; j < to.size(); ++j) writes[j] = {pooled.data() + j * d, to[j], to[j]->AppendForWrite()};
+          be.WriteRecords(writes, d, rope_dims);
+        }
       }
+      steps.clear();
       pooled.clear();
       starts.clear();
       to.clear();
     }
-  } completed, index_completed;
+  } pooling, index_pooling;
   const float softmax_scale = 1.0f / std::sqrt(static_cast<float>(D));
   std::vector<int64_t> batch;                       // the pending rows (indices into `rows`)
   std::vector<std::vector<float>> scores;           // their index scores, reused batch after batch
   std::vector<std::vector<kernels::KvSlot>> slots;  // their slot lists, likewise
   std::vector<kernels::AttentionRow> attention_rows;
   std::vector<kernels::RowOp> inverse_rope;         // each pending row's
-  // The pending rows' compressor steps (the row into its session's block, and the block's pooling
-  // when the row completes it), run at the start of their batch: a batch's rows are distinct
-  // sessions, so the steps are independent, and they run over the host's cores when several
-  // blocks complete (a CSA block's softmax pooling is ~4K exps, every fourth step for every row).
-  struct PoolStep {
-    const Compressor* comp;
-    CompressorState* st;
-    const float* kv_row;
-    const float* score_row;
-    int64_t pos;
-    kv::EntryPages* to;
-    Completed* done;
-    size_t at = 0;  // the pooled row in `done`, for a step that completes a block
-  };
-  std::vector<PoolStep> pool_steps;
   // The pending rows' window writes (the row's KV into its session's ring as an FP8 record: one
-  // backend call for the batch, on the host ~1-2 us a row; a device encodes the rows it holds),
-  // run with the compressor steps: distinct sessions, independent.
+  // backend call for the batch, on the host ~1-2 us a row; a device encodes the rows it holds).
   std::vector<kernels::RecordWrite> window_writes;
-  auto run_pool_steps = [&] {
-    int64_t completing = 0;
-    for (PoolStep& p : pool_steps) {  // the completed blocks' rows in row order, as one by one
-      if (!p.comp->Completes(p.pos)) continue;
-      ++completing;
-      p.at = p.done->pooled.size();
-      p.done->pooled.resize(p.at + p.comp->head_dim());
-      p.done->starts.push_back(p.pos + 1 - p.comp->ratio());  // the block's first position
-      p.done->to.push_back(p.to);
-    }
-    const int64_t steps = static_cast<int64_t>(pool_steps.size());
-#pragma omp parallel for schedule(dynamic) if (completing >= 4)
-    for (int64_t k = 0; k < steps; ++k) {
-      const PoolStep& p = pool_steps[k];
-      p.comp->Pool(*p.st, p.kv_row, p.score_row, p.pos, p.comp->Completes(p.pos) ? p.done->pooled.data() + p.at : nullptr);
-    }
-    be_.WriteRecords(window_writes, D, rd);
-    pool_steps.clear();
-    window_writes.clear();
-  };
   auto run_batch = [&] {
     const size_t m = batch.size();
     if (m == 0) return;
-    run_pool_steps();
-    if (compressor_) completed.Flush(*compressor_, be_, rd);
-    if (indexer_) index_completed.Flush(indexer_->compressor(), be_, rd);
+    be_.WriteRecords(window_writes, D, rd);
+    window_writes.clear();
+    if (compressor_) pooling.Run(*compressor_, be_, rd);
+    if (indexer_) index_pooling.Run(indexer_->compressor(), be_, rd);
     if (scores.size() < m) scores.resize(m);
     if (slots.size() < m) slots.resize(m);
     std::vector<std::vector<int32_t>> selected(m);
@@ -517,11 +461,10 @@ void Attention::Forward(const float* x, std::span<const TokenRow> rows, float* o
     LayerState& ls = row.state->layers[layer_];
     window_writes.push_back({kv.data() + i * D, &ls.window, row.pos % W});
     if (compressor_)
-      pool_steps.push_back({&*compressor_, &ls.compressor, ckv.data() + i * cw, cscore.data() + i * cw, row.pos,
-                            &ls.compressed, &completed});
+      pooling.Add(*compressor_, ls.compressor, ckv.data() + i * cw, cscore.data() + i * cw, row.pos, &ls.compressed);
     if (indexer_)
-      pool_steps.push_back({&indexer_->compressor(), &ls.index_compressor, ikv.data() + i * iw_,
-                            iscore.data() + i * iw_, row.pos, &ls.index_keys, &index_completed});
+      index_pooling.Add(indexer_->compressor(), ls.index_compressor, ikv.data() + i * iw_, iscore.data() + i * iw_,
+                        row.pos, &ls.index_keys);
     batch.push_back(i);
   }
   run_batch();

@@ -41,10 +41,11 @@ class Compressor {
   // kv and gate-score projections (fp32) of n input rows: [n, coff*head_dim] each, sized here and
   // appended to `jobs` (one Backend::LinearMany with the layer's other projections of x).
   void ProjectJobs(int64_t n, Scratch* kv, Scratch* score, std::vector<kernels::LinearJob>* jobs) const;
-  // Feeds one token at `pos`; when its block completes, writes the block's pooled row (head_dim
-  // bf16 values, before the norm) to `pooled` and returns true.
-  bool Pool(CompressorState& st, const float* kv, const float* score, int64_t pos, float* pooled) const;
-  // Whether the row at `pos` completes a block (Pool then writes `pooled`; otherwise it may be null).
+  // The pooling of Backend::PoolSteps as this compressor runs it (its ratio, head_dim and ape): a
+  // token fed at `pos` goes into its session's block; when the block completes, its pooled row
+  // (head_dim bf16 values, before the norm) comes out.
+  kernels::PoolShape Shape() const { return {ratio_, head_dim_, overlap_, w_.ape.data()}; }
+  // Whether the row at `pos` completes a block (its step then writes a pooled row).
   bool Completes(int64_t pos) const { return (pos + 1) % ratio_ == 0; }
   // Finishes m pooled rows [m, head_dim] into entries `out` (bf16 values: normed, roped at each
   // block's first position, FP8- or Hadamard+FP4-rounded), one backend call per op for all rows.

@@ -15,14 +15,20 @@ namespace flashmem::model {
 
 // Pending block of a gated-pooling compressor: rows [coff*ratio][coff*head_dim] of projected kv
 // and gate scores (scores start at -inf so the first overlapped block sees only its own tokens).
+// `version` names the values (kernels::PoolRing): renew it (Renew) after writing them outside
+// Backend::PoolSteps, so a device's copy of the ring is not trusted any more.
 struct CompressorState {
   std::vector<float> kv;
   std::vector<float> score;
+  uint64_t version = 0;
   void Init(int ratio, int64_t head_dim) {
     const int64_t coff = ratio == 4 ? 2 : 1;
     kv.assign(coff * ratio * coff * head_dim, 0.0f);
     score.assign(coff * ratio * coff * head_dim, -std::numeric_limits<float>::infinity());
+    Renew();
   }
+  void Renew() { version = kernels::NewKvPageVersion(); }
+  kernels::PoolRing ring() { return {kv.data(), score.data(), &version}; }
 };
 
 struct LayerState {

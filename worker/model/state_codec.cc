@@ -193,6 +193,8 @@ absl::StatusOr<std::unique_ptr<SessionState>> DeserializeSessionState(absl::stri
     if (auto st = r.F32s(&l.compressor.score, at + " compressor score"); !st.ok()) return st;
     if (auto st = r.F32s(&l.index_compressor.kv, at + " indexer compressor kv"); !st.ok()) return st;
     if (auto st = r.F32s(&l.index_compressor.score, at + " indexer compressor score"); !st.ok()) return st;
+    l.compressor.Renew();  // new values: a device's copy of the rings (PoolSteps) is not theirs
+    l.index_compressor.Renew();
     const int r_ratio = a.ratio(li);
     const uint64_t want_entries = r_ratio > 0 ? position / r_ratio : 0;
     FM_TRY(n_entries, r.U64(at + " entry count"));

@@ -249,8 +249,9 @@ absl::Status Transformer::Forward(std::span<BatchItem> batch) const {
       }
     }
   }
-  // The host's pages take what ops still have on the way (a device's window records) before the
-  // caller reads them (the pager's commits, snapshots) or frees them.
+  // The host's pages and compressor rings take what ops still have on the way (a device's KV
+  // records and ring rows) before the caller reads them (the pager's commits, snapshots) or frees
+  // them.
   be_.FinishWrites();
   // A device backend's failure inside an op (memory budget, lost device) or a failed collective
   // makes the pass invalid.
